@@ -1,0 +1,1 @@
+"""GPU runtime: SM partitions, SM-bounded kernels and torch references."""
