@@ -1,0 +1,198 @@
+"""GPU checks of the SM-bounded kernels against the plain-torch references.
+
+Fresh random inputs every test, outputs poisoned with NaN before each run, relative error
+||out - ref|| / ||ref|| < 2e-2 (bf16), NaN fails. Skipped without torch or without a CUDA GPU.
+"""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+TOL = 2e-2
+SMS = [16, 132]
+DT = torch.bfloat16
+
+
+def _rel(out, ref):
+    out, ref = out.float(), ref.float()
+    assert not torch.isnan(out).any(), "output has NaN (unwritten or broken)"
+    err = ((out - ref).norm() / ref.norm()).item()
+    assert err < TOL, f"relative error {err:.3e}"
+    return err
+
+
+def _poison(shape, dtype=DT):
+    return torch.full(shape, float("nan"), device="cuda", dtype=dtype)
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    torch.manual_seed(hash(request.node.name) % (2**31))
+
+
+@pytest.mark.parametrize("num_sms", SMS)
+@pytest.mark.parametrize("M,K,N,res", [(128, 4096, 6144, False), (300, 4096, 4096, True), (2048, 1024, 2816, False),
+                                       (1000, 14336, 4096, True)])
+def test_gemm(num_sms, M, K, N, res):
+    from nfsearch.runtime.kernels import IMPLS
+    from nfsearch.runtime.reference import gemm_ref
+
+    a = torch.randn(M, K, device="cuda", dtype=DT)
+    w = torch.randn(K, N, device="cuda", dtype=DT) / K**0.5
+    r = torch.randn(M, N, device="cuda", dtype=DT) if res else None
+    ref = gemm_ref(a, w, residual=r)
+    for impl in ("triton", "torch"):
+        out = _poison((M, N))
+        IMPLS["kqv"][impl](a, w, out, num_sms, residual=r)
+        _rel(out, ref)
+
+
+def _decode_inputs(R, C, HQ, HKV, D):
+    q = torch.randn(R, HQ, D, device="cuda", dtype=DT)
+    k = torch.randn(R, C, HKV, D, device="cuda", dtype=DT)
+    v = torch.randn(R, C, HKV, D, device="cuda", dtype=DT)
+    lens = torch.randint(1, C + 1, (R,), device="cuda", dtype=torch.int32)
+    lens[0] = C
+    lens[-1] = 1
+    return q, k, v, lens
+
+
+@pytest.mark.parametrize("num_sms", [8, 48, 132])
+@pytest.mark.parametrize("R,C", [(64, 1024), (3, 3000), (200, 77)])
+def test_decode_attention(num_sms, R, C):
+    from nfsearch.runtime.kernels import IMPLS
+    from nfsearch.runtime.reference import decode_attention_ref
+
+    q, k, v, lens = _decode_inputs(R, C, 32, 8, 128)
+    ref = decode_attention_ref(q, k, v, lens)
+    for impl in ("triton", "torch"):
+        out = _poison(q.shape)
+        IMPLS["decode_attn"][impl](q, k, v, lens, out, num_sms)
+        _rel(out, ref)
+
+
+@pytest.mark.parametrize("num_sms", SMS)
+@pytest.mark.parametrize("lens", [[1000], [5, 300, 129, 1], [2048, 64, 700]])
+def test_prefill_attention(num_sms, lens):
+    from nfsearch.runtime.kernels import IMPLS
+    from nfsearch.runtime.reference import prefill_attention_ref
+
+    T = sum(lens)
+    q = torch.randn(T, 32, 128, device="cuda", dtype=DT)
+    k = torch.randn(T, 8, 128, device="cuda", dtype=DT)
+    v = torch.randn(T, 8, 128, device="cuda", dtype=DT)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), device="cuda", dtype=torch.int32)
+    ref = prefill_attention_ref(q, k, v, cu)
+    for impl in ("triton", "torch"):
+        out = _poison(q.shape)
+        IMPLS["prefill_attn"][impl](q, k, v, cu, out, num_sms)
+        _rel(out, ref)
+
+
+@pytest.mark.parametrize("num_sms", SMS)
+@pytest.mark.parametrize("fused", [False, True])
+def test_rmsnorm(num_sms, fused):
+    from nfsearch.runtime.kernels import IMPLS
+    from nfsearch.runtime.reference import rmsnorm_ref
+
+    T, H = 777, 4096
+    x = torch.randn(T, H, device="cuda", dtype=DT)
+    w = torch.rand(H, device="cuda", dtype=DT) + 0.5
+    res = torch.randn(T, H, device="cuda", dtype=DT) if fused else None
+    ro_ref = torch.empty(T, H, device="cuda", dtype=DT) if fused else None
+    ref = rmsnorm_ref(x, w, residual=res, residual_out=ro_ref)
+    for impl in ("triton", "torch"):
+        out = _poison((T, H))
+        ro = _poison((T, H)) if fused else None
+        IMPLS["norm1"][impl](x, w, out, num_sms, residual=res, residual_out=ro)
+        _rel(out, ref)
+        if fused:
+            _rel(ro, ro_ref)
+
+
+@pytest.mark.parametrize("num_sms", SMS)
+def test_silu_and_mul(num_sms):
+    from nfsearch.runtime.kernels import IMPLS
+    from nfsearch.runtime.reference import silu_and_mul_ref
+
+    x = torch.randn(1000, 2 * 14336, device="cuda", dtype=DT)
+    ref = silu_and_mul_ref(x)
+    for impl in ("triton", "torch"):
+        out = _poison((1000, 14336))
+        IMPLS["act"][impl](x, out, num_sms)
+        _rel(out, ref)
+
+
+@pytest.mark.parametrize("num_sms", SMS)
+def test_rope_append(num_sms):
+    from nfsearch.runtime.kernels import IMPLS
+    from nfsearch.runtime.reference import rope_append_ref, rope_cos_sin
+
+    HQ, HKV, D, R, C = 32, 8, 128, 64, 512
+    n_dec, n_pre = 64, 300
+    T = n_dec + n_pre
+    qkv = torch.randn(T, (HQ + 2 * HKV) * D, device="cuda", dtype=DT)
+    cos, sin = rope_cos_sin(C, D, device="cuda")
+    pos = torch.cat([torch.randint(0, C, (n_dec,), device="cuda"), torch.arange(n_pre, device="cuda")]).int()
+    slot = torch.cat([torch.randperm(R, device="cuda")[:n_dec], torch.full((n_pre,), -1, device="cuda")]).int()
+    kc0 = torch.randn(R, C, HKV, D, device="cuda", dtype=DT)
+    vc0 = torch.randn(R, C, HKV, D, device="cuda", dtype=DT)
+    kc_ref, vc_ref = kc0.clone(), vc0.clone()
+    q_ref = torch.empty(T, HQ, D, device="cuda", dtype=DT)
+    ko_ref = torch.empty(T, HKV, D, device="cuda", dtype=DT)
+    vo_ref = torch.empty(T, HKV, D, device="cuda", dtype=DT)
+    rope_append_ref(qkv, pos, cos, sin, q_ref, kc_ref, vc_ref, slot, ko_ref, vo_ref)
+    kc, vc = kc0.clone(), vc0.clone()
+    q = _poison((T, HQ, D))
+    ko, vo = _poison((T, HKV, D)), _poison((T, HKV, D))
+    IMPLS["rope_append"]["triton"](qkv, pos, cos, sin, q, kc, vc, slot, num_sms, k_out=ko, v_out=vo)
+    for a, b in [(q, q_ref), (ko, ko_ref), (vo, vo_ref), (kc, kc_ref), (vc, vc_ref)]:
+        _rel(a, b)
+
+
+@pytest.mark.parametrize("mode", ["green", "grid"])
+def test_kernels_in_partitions(mode):
+    """The kernels give the same result when launched on partition streams, disjoint split included."""
+    from nfsearch.runtime.kernels import IMPLS
+    from nfsearch.runtime.partitions import SmPartitions
+    from nfsearch.runtime.reference import decode_attention_ref, gemm_ref
+
+    parts = SmPartitions(mode=mode)
+    try:
+        assert parts.num_sms == torch.cuda.get_device_properties(0).multi_processor_count
+        if mode == "green":
+            assert parts.granularity >= 1 and parts.round(1) == parts.granularity
+        a = torch.randn(512, 4096, device="cuda", dtype=DT)
+        w = torch.randn(4096, 4096, device="cuda", dtype=DT) / 64
+        q, k, v, lens = _decode_inputs(64, 1024, 32, 8, 128)
+        g_ref, d_ref = gemm_ref(a, w), decode_attention_ref(q, k, v, lens)
+        (n1, s1), (n2, s2) = parts.split([84, 48])
+        assert n1 + n2 == parts.num_sms
+        g_out, d_out = _poison((512, 4096)), _poison(q.shape)
+        cur = torch.cuda.current_stream()
+        s1.wait_stream(cur)
+        s2.wait_stream(cur)
+        with torch.cuda.stream(s1):
+            IMPLS["o"]["triton"](a, w, g_out, n1)
+        with torch.cuda.stream(s2):
+            IMPLS["decode_attn"]["triton"](q, k, v, lens, d_out, n2)
+        cur.wait_stream(s1)
+        cur.wait_stream(s2)
+        torch.cuda.synchronize()
+        _rel(g_out, g_ref)
+        _rel(d_out, d_ref)
+        st = parts.stream(20)
+        out = _poison((512, 4096))
+        st.wait_stream(cur)
+        with torch.cuda.stream(st):
+            IMPLS["o"]["triton"](a, w, out, parts.round(20))
+        cur.wait_stream(st)
+        torch.cuda.synchronize()
+        _rel(out, g_ref)
+    finally:
+        parts.close()
