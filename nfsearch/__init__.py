@@ -1,0 +1,3 @@
+"""nfsearch: find and run NanoFlow-style intra-GPU overlap schedules for LLM serving."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from nfsearch.cli import main
+
+main()

@@ -1,0 +1,82 @@
+"""An analytic profile table: kernel times from a roofline model of a GPU, labelled `analytic`.
+
+It lets everything work before a measured table exists. Time of an op on s SMs:
+    max(FLOPs / (peak * s / S / tile_efficiency), bytes / (bandwidth * bw_fraction(s))) + launch
+where bw_fraction(s) is the share of the copy ceiling that a streaming kernel confined to s SMs
+pulls (measured on the lent H100, GPU_FACTS.md) and tile_efficiency counts GEMM tile and wave
+quantisation. Network ops: bytes sent / (bus bandwidth * cta_fraction(s)) + latency.
+"""
+
+import datetime
+import math
+
+import pandas as pd
+
+from nfsearch.ops import Op, layer_ops, op_context, op_work
+from nfsearch.profile import ProfileTable
+from nfsearch.specs import GpuSpec, ModelSpec, Workload
+
+TOKEN_GRID = (64, 128, 256, 384, 512, 640, 768, 1024, 1280, 1536, 2048, 2560, 3072, 4096, 6144, 8192)
+DECODE_CONTEXTS = (256, 512, 1024, 2048, 4096, 8192)
+PROMPT_LENGTHS = (128, 256, 512, 1024, 2048, 4096)
+# share of the copy ceiling reached inside an n-SM partition (Triton streaming read, H100)
+BW_FRACTION = ((8, 0.24), (16, 0.43), (32, 0.71), (48, 0.86), (64, 0.92), (132, 0.98))
+# share of the NCCL bus bandwidth reached with n CTAs (2x H200 all-reduce, 34 MB)
+NET_FRACTION = ((4, 0.38), (8, 0.72), (16, 0.86), (32, 1.0))
+LAUNCH_MS = 0.004
+NET_LATENCY_MS = 0.010
+TILE_M, TILE_N = 128, 256
+
+
+def analytic_profile(model: ModelSpec, workload: Workload, gpu: GpuSpec) -> ProfileTable:
+    rows = []
+    for op in layer_ops(model, workload):
+        for context in _contexts(op, workload):
+            for tokens in TOKEN_GRID:
+                for sms in gpu.sm_grid():
+                    rows.append((op.name, "analytic", tokens, context, sms,
+                                 op_time_ms(op, model, workload, gpu, tokens, context, sms)))
+    meta = {"gpu_name": gpu.name, "gpu_key": gpu.key, "num_sms": gpu.num_sms,
+            "sm_granularity": gpu.sm_granularity, "source": "analytic", "model": model.name,
+            "tp_degree": workload.tp_degree, "peak_tflops": gpu.peak_tflops,
+            "mem_bandwidth_tbps": gpu.mem_bandwidth_tbps, "net_bandwidth_gbps": gpu.net_bandwidth_gbps,
+            "figures_source": gpu.figures_source, "date": datetime.date.today().isoformat()}
+    df = pd.DataFrame(rows, columns=["op", "impl", "num_tokens", "context", "sm_count", "time_ms"])
+    return ProfileTable(df, meta)
+
+
+def op_time_ms(op: Op, model: ModelSpec, workload: Workload, gpu: GpuSpec, tokens: int, context: int,
+               sms: int) -> float:
+    work = op_work(op, model, workload, tokens, context)
+    if op.op_class == "network":
+        rate_bytes_per_ms = gpu.net_bandwidth_gbps * 1e6 * _interp(NET_FRACTION, sms)
+        return work.net_bytes / rate_bytes_per_ms + NET_LATENCY_MS
+    flops_per_ms = gpu.peak_tflops * 1e9 * sms / gpu.num_sms * _tile_efficiency(op, tokens, sms)
+    bytes_per_ms = gpu.mem_bandwidth_tbps * 1e9 * _interp(BW_FRACTION, sms)
+    return max(work.flops / flops_per_ms, work.num_bytes / bytes_per_ms) + LAUNCH_MS
+
+
+def _tile_efficiency(op: Op, tokens: int, sms: int) -> float:
+    if not op.is_gemm:
+        return 1.0
+    m_tiles, n_tiles = math.ceil(tokens / TILE_M), math.ceil(op.gemm_n / TILE_N)
+    tile_eff = tokens / (m_tiles * TILE_M)
+    waves = math.ceil(m_tiles * n_tiles / sms)
+    return tile_eff * (m_tiles * n_tiles) / (waves * sms)
+
+
+def _contexts(op: Op, workload: Workload) -> tuple[int, ...]:
+    if op.name == "decode_attn":
+        return tuple(sorted(set(DECODE_CONTEXTS) | {op_context(op, workload)}))
+    if op.name == "prefill_attn":
+        return tuple(sorted(set(PROMPT_LENGTHS) | {op_context(op, workload)}))
+    return (0,)
+
+
+def _interp(curve, x: float) -> float:
+    if x <= curve[0][0]:
+        return curve[0][1] * x / curve[0][0]
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return curve[-1][1]

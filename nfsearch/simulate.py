@@ -1,0 +1,157 @@
+"""Replay a plan through the cost and interference model, independently of what produced it.
+
+`verify` re-checks the plan against the model's operation graph and its own stated times: nano-ops
+cover every op exactly, every data dependency is declared, dependencies finish before dependants
+start, one op at a time per stream in issue order, and the SMs in use never exceed the GPU's.
+`replay` then runs the plan as the executor would: each stream issues its ops in order, an op starts
+once its stream is free, its dependencies are done and its SMs are free; ops that run beside ops of
+another class progress at the interference model's stretched rate.
+"""
+
+from dataclasses import dataclass
+
+import networkx as nx
+
+from nfsearch.cost import CostModel
+from nfsearch.errors import NfsearchError
+from nfsearch.graph import build_layer, split_layers
+from nfsearch.plan import PlannedOp, Schedule
+from nfsearch.timeline import Span, Timeline
+
+TOLERANCE_MS = 1e-4
+
+
+class PlanInvalid(NfsearchError):
+    """The plan breaks one of its constraints."""
+
+
+@dataclass(frozen=True)
+class Replay:
+    timeline: Timeline
+    stated: Timeline            # the plan's own predicted times
+
+    @property
+    def makespan_ms(self) -> float:
+        return self.timeline.makespan_ms
+
+
+def verify(schedule: Schedule) -> None:
+    _check_graph(schedule)
+    _check_times(schedule)
+
+
+def replay(schedule: Schedule, cost: CostModel) -> Replay:
+    ops = sorted(schedule.nano_ops, key=lambda o: o.order)
+    queues = {s: [o for o in ops if o.stream == s] for s in schedule.streams}
+    num_sms = schedule.gpu["num_sms"]
+    done: dict[str, float] = {}
+    running: dict[str, list] = {}             # id -> [op, remaining fraction, start]
+    spans, now = [], 0.0
+    while len(done) < len(ops):
+        _start_ready(queues, running, done, num_sms, now)
+        if not running:
+            raise PlanInvalid("plan deadlocks: no nano-op can start (a dependency waits on a later op "
+                              "of its own stream, or an op needs more SMs than the GPU has)")
+        rates = _rates(running, cost)
+        step = min(rest / rates[i] for i, (_, rest, _) in running.items())
+        now += step
+        for i, entry in list(running.items()):
+            entry[1] -= step * rates[i]
+            if entry[1] <= 1e-9:
+                op, _, start = running.pop(i)
+                done[i] = now
+                spans.append(_span(op, start, now))
+    label = f"predicted ({cost.profile.label}, {cost.interference.source})"
+    return Replay(Timeline(label, tuple(spans), schedule.num_layers), stated_timeline(schedule))
+
+
+def stated_timeline(schedule: Schedule) -> Timeline:
+    spans = tuple(_span(op, op.start_ms, op.end_ms) for op in schedule.nano_ops)
+    return Timeline(f"stated by solver {schedule.solver.get('name', '?')}", spans, schedule.num_layers)
+
+
+def _start_ready(queues, running, done, num_sms, now) -> None:
+    used = sum(entry[0].sm_count for entry in running.values())
+    heads = sorted((q[0] for q in queues.values() if q and q[0].id not in running and not
+                    any(r[0].stream == q[0].stream for r in running.values())), key=lambda o: o.order)
+    for op in heads:
+        if all(d in done for d in op.deps) and used + op.sm_count <= num_sms:
+            running[op.id] = [op, 1.0, now]
+            used += op.sm_count
+            queues[op.stream].pop(0)
+
+
+def _rates(running, cost: CostModel) -> dict[str, float]:
+    classes = [entry[0].op_class for entry in running.values()]
+    rates = {}
+    for i, (op, _, _) in running.items():
+        others = frozenset(c for c in classes if c != op.op_class)
+        rates[i] = 1.0 / cost.stretched_ms(op.op, op.num_tokens, op.sm_count, others)
+    return rates
+
+
+def _span(op: PlannedOp, start: float, end: float) -> Span:
+    return Span(op.id, op.op, op.layer, op.op_class, op.stream, op.sm_count, op.num_tokens, start, end)
+
+
+def _check_graph(schedule: Schedule) -> None:
+    """Nano-ops must be exactly the model graph's ops split as the plan says, with all data deps."""
+    layer = build_layer(schedule.model, schedule.workload)
+    batches = schedule.nano_batches()
+    missing = sorted(set(layer.nodes) - set(batches))
+    extra = sorted(set(batches) - set(layer.nodes))
+    if missing or extra:
+        raise PlanInvalid(f"plan ops do not match the model's graph (missing: {missing or '-'}, "
+                          f"unknown: {extra or '-'})")
+    sizes = {op: tuple(e - s for s, e in ranges) for op, ranges in batches.items()}
+    for op, ranges in batches.items():
+        if ranges[0][0] != layer.nodes[op]["token_range"][0] or any(
+                a[1] != b[0] for a, b in zip(ranges, ranges[1:])):
+            raise PlanInvalid(f"nano-batches of op {op} do not tile its token range")
+    expected = split_layers(layer, sizes, schedule.num_layers, schedule.workload)
+    by_id = schedule.by_id()
+    if {n.id for n in expected.nodes} != set(by_id):
+        raise PlanInvalid("plan nano-ops differ from its nano-batches in some layer")
+    for u, v in expected.edges:
+        if u.id not in by_id[v.id].deps and not nx.has_path(_dep_graph(schedule), u.id, v.id):
+            raise PlanInvalid(f"plan violates its dependencies: {v.id} needs {u.id}")
+    for op in schedule.nano_ops:
+        if layer.nodes[op.op]["op"].op_class != op.op_class:
+            raise PlanInvalid(f"nano-op {op.id} has class {op.op_class}, the graph says "
+                              f"{layer.nodes[op.op]['op'].op_class}")
+
+
+def _dep_graph(schedule: Schedule) -> nx.DiGraph:
+    cached = getattr(schedule, "_dep_graph_cache", None)
+    if cached is None:
+        cached = nx.DiGraph()
+        cached.add_nodes_from(op.id for op in schedule.nano_ops)
+        cached.add_edges_from((d, op.id) for op in schedule.nano_ops for d in op.deps)
+        ordered = sorted(schedule.nano_ops, key=lambda o: o.order)
+        for stream in schedule.streams:
+            same = [o.id for o in ordered if o.stream == stream]
+            cached.add_edges_from(zip(same, same[1:]))
+        object.__setattr__(schedule, "_dep_graph_cache", cached)
+    return cached
+
+
+def _check_times(schedule: Schedule) -> None:
+    by_id = schedule.by_id()
+    for op in schedule.nano_ops:
+        for dep in op.deps:
+            if by_id[dep].end_ms > op.start_ms + TOLERANCE_MS:
+                raise PlanInvalid(f"plan violates its dependencies: {op.id} starts at {op.start_ms:.4f} ms "
+                                  f"before {dep} ends at {by_id[dep].end_ms:.4f} ms")
+    ordered = sorted(schedule.nano_ops, key=lambda o: o.order)
+    for stream in schedule.streams:
+        same = [o for o in ordered if o.stream == stream]
+        for a, b in zip(same, same[1:]):
+            if b.start_ms + TOLERANCE_MS < a.end_ms:
+                raise PlanInvalid(f"stream {stream} runs {b.id} before {a.id} ends")
+    events = sorted([(o.start_ms, 1, o) for o in schedule.nano_ops] +
+                    [(o.end_ms - TOLERANCE_MS, 0, o) for o in schedule.nano_ops], key=lambda e: (e[0], e[1]))
+    used, num_sms = 0, schedule.gpu["num_sms"]
+    for _, is_start, op in events:
+        used += op.sm_count if is_start else -op.sm_count
+        if used > num_sms:
+            raise PlanInvalid(f"plan uses more than the GPU's {num_sms} SMs when {op.id} starts")
