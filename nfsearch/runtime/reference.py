@@ -63,7 +63,6 @@ def rope_append_ref(qkv, positions, cos, sin, q_out, k_cache, v_cache, slot_mapp
     """Split qkv[T, (Hq+2Hkv)*D] into q/k/v heads, rotate q and k at ``positions``, write q_out[T,Hq,D];
     for tokens with slot_mapping[t] >= 0 write k/v into k_cache/v_cache[slot, positions[t]];
     k_out/v_out[T,Hkv,D] (optional) get every token's rotated k and v."""
-    torch = _torch()
     T = qkv.shape[0]
     HQ, D = q_out.shape[1], q_out.shape[2]
     HKV = k_cache.shape[2]
