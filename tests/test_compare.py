@@ -1,0 +1,88 @@
+"""compare(): span-by-span prediction errors on hand-made timelines with exactly known answers."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from nfsearch.compare import compare, format_table
+from nfsearch.errors import NfsearchError
+from nfsearch.timeline import Span, Timeline
+
+
+def _sequence(label: str, items: list[tuple[str, float]], start: float = 0.0) -> Timeline:
+    spans, now = [], start
+    for span_id, duration in items:
+        layer, rest = span_id.split(".", 1)
+        op = rest.split("#")[0]
+        cls = "memory" if op == "decode_attn" else "compute"
+        spans.append(Span(span_id, op, int(layer[1:]), cls, cls, 64, 128, now, now + duration))
+        now += duration
+    return Timeline(label, tuple(spans), 2)
+
+
+PREDICTED = _sequence("pred", [("L0.kqv#0", 1.0), ("L0.kqv#1", 2.0), ("L0.decode_attn#0", 3.0),
+                               ("L1.kqv#0", 1.5), ("L1.kqv#1", 2.5), ("L1.o#0", 0.25)])
+MEASURED = _sequence("meas", [("L0.kqv#0", 0.5), ("L0.kqv#1", 2.0), ("L0.decode_attn#0", 4.0),
+                              ("L1.kqv#0", 2.0), ("L1.kqv#1", 2.0), ("L1.d#0", 0.5)], start=100.0)
+
+
+def test_errors_exact():
+    cmp = compare(PREDICTED, MEASURED)
+    got = {s.id: (s.predicted_ms, s.measured_ms, s.rel_error) for s in cmp.spans}
+    assert got == {"L0.kqv#0": (1.0, 0.5, 1.0), "L0.kqv#1": (2.0, 2.0, 0.0),
+                   "L0.decode_attn#0": (3.0, 4.0, -0.25), "L1.kqv#0": (1.5, 2.0, -0.25),
+                   "L1.kqv#1": (2.5, 2.0, 0.25)}
+    assert cmp.spans[0].id == "L0.kqv#0"                # measured start order
+    assert cmp.only_predicted == ("L1.o#0",) and cmp.only_measured == ("L1.d#0",)
+    # |errors| sorted: 0, .25, .25, .25, 1 -> median .25; p90 at rank 3.6 -> .25 + .6 * .75
+    assert cmp.median_abs_rel_error == 0.25
+    assert cmp.p90_abs_rel_error == pytest.approx(0.7, abs=1e-12)
+    assert cmp.p90_abs_rel_error == pytest.approx(np.percentile([1, 0, .25, .25, .25], 90), abs=1e-12)
+    assert cmp.predicted_makespan_ms == 10.25 and cmp.measured_makespan_ms == 11.0
+    assert cmp.makespan_rel_error == pytest.approx(-0.75 / 11.0, abs=1e-15)
+
+
+def test_by_op_and_dict():
+    cmp = compare(PREDICTED, MEASURED)
+    rows = {r["op"]: r for r in cmp.by_op()}
+    assert rows["kqv"]["count"] == 4
+    assert rows["kqv"]["predicted_ms"] == 7.0 and rows["kqv"]["measured_ms"] == 6.5
+    assert rows["kqv"]["rel_error"] == pytest.approx(0.5 / 6.5)
+    data = json.loads(json.dumps(cmp.to_dict()))
+    assert data["matched"] == 5 and data["median_abs_rel_error"] == 0.25
+    assert data["spans"][2] == {"id": "L0.decode_attn#0", "op": "decode_attn", "layer": 0,
+                                "op_class": "memory", "predicted_ms": 3.0, "measured_ms": 4.0,
+                                "rel_error": -0.25}
+    assert data["predicted_layer_time_ms"] == 10.25 / 2
+
+
+def test_format_table():
+    text = format_table(compare(PREDICTED, MEASURED))
+    assert "median 25.0%" in text and "p90 70.0%" in text
+    assert "-6.8%" in text                                           # makespan error
+    assert "L0.kqv#0" in text and "+100.0%" in text                  # the worst span first
+    assert "1 only predicted, 1 only measured" in text
+    assert len(text.splitlines()) < 25
+
+
+def test_zero_measured_duration():
+    pred = _sequence("p", [("L0.kqv#0", 1.0), ("L0.o#0", 1.0)])
+    meas = _sequence("m", [("L0.kqv#0", 0.0), ("L0.o#0", 1.0)])
+    cmp = compare(pred, meas)
+    assert math.isinf(cmp.spans[0].rel_error) or math.isinf(cmp.spans[1].rel_error)
+    assert json.loads(json.dumps(cmp.to_dict()))["p90_abs_rel_error"] is None
+    assert "inf" in format_table(cmp)
+
+
+def test_no_common_ids():
+    other = _sequence("gpu run", [("L5.x#0", 1.0)])
+    with pytest.raises(NfsearchError, match="no span ids in common between 'pred' and 'gpu run'"):
+        compare(PREDICTED, other)
+
+
+def test_duplicate_ids():
+    dup = Timeline("dup", PREDICTED.spans + PREDICTED.spans[:1], 2)
+    with pytest.raises(NfsearchError, match="L0.kqv#0 twice"):
+        compare(dup, MEASURED)
