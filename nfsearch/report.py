@@ -130,9 +130,8 @@ def _lighter(color: str, amount: float) -> tuple[float, float, float]:
 
 
 def _figure(timelines: list[Timeline], title: str):
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg   # Agg on this figure only: no pyplot,
+    from matplotlib.figure import Figure                           # no change to the global backend
     from matplotlib.patches import Patch
 
     streams = _streams(timelines)
@@ -142,6 +141,7 @@ def _figure(timelines: list[Timeline], title: str):
     heights = [ROW_IN * len(streams) + 0.55 for _ in timelines]
     top_in, bottom_in = (0.75 if title else 0.5), 0.55
     fig = Figure(figsize=(FIG_WIDTH_IN, sum(heights) + top_in + bottom_in + 0.15 * len(timelines)))
+    FigureCanvasAgg(fig)
     total_h = fig.get_figheight()
     fig.subplots_adjust(left=LEFT, right=RIGHT, top=1 - top_in / total_h, bottom=bottom_in / total_h,
                         hspace=0.55 / (sum(heights) / len(heights)))
