@@ -19,9 +19,13 @@ import time
 
 import torch
 
-from nfsearch.runtime.kernels import decode_attention as dec_mod
-from nfsearch.runtime.kernels import gemm as gemm_mod
+import importlib
+
 from nfsearch.runtime.kernels import IMPLS
+
+# the package re-exports functions under the submodules' names, so fetch the modules explicitly
+dec_mod = importlib.import_module("nfsearch.runtime.kernels.decode_attention")
+gemm_mod = importlib.import_module("nfsearch.runtime.kernels.gemm")
 from nfsearch.runtime.partitions import PartitionError, SmPartitions
 
 DT = torch.bfloat16
@@ -203,9 +207,9 @@ def main():
         log(f"decode SDPA full GPU {t:.4f} ms {kv_bytes / t / 1e9:.2f} TB/s")
         dcfgs = [(64, 4, 3, 4)]
         if not (args.quick or args.skip_sweep):
-            dcfgs = [(bn, w, s, p) for (bn, w, s) in [(32, 4, 3), (32, 4, 4), (64, 4, 2), (64, 4, 3), (64, 4, 4),
-                                                       (64, 8, 3), (128, 8, 2), (16, 4, 4)]
-                     for p in (2, 4, 8)]
+            dcfgs = [(bn, w, s, p) for (bn, w, s) in [(32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 2),
+                                                       (128, 4, 2), (128, 8, 2), (128, 8, 3)]
+                     for p in (3, 4, 6, 8, 16)]
         sweep_mode = "green" if "green" in parts else "grid"
         for sweep_n in (48, 132):
             st, nn = stream_for(sweep_mode, sweep_n)

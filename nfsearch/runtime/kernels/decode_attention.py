@@ -19,7 +19,7 @@ from ._common import HAVE_TRITON, next_pow2, programs, require_triton, tl, torch
 # Defaults; benchmarks/kernels.py sweeps these (see benchmarks/KERNEL_NOTES.md).
 BLOCK_N = 64
 NUM_WARPS = 4
-NUM_STAGES = 3
+NUM_STAGES = 2
 PROGRAMS_PER_SM = 4
 LOG2E = 1.4426950408889634
 
