@@ -12,19 +12,20 @@ from ._common import HAVE_TRITON, programs, require_triton, tl, torch, triton
 # (BM, BN, BK, GROUP_M, num_warps, num_stages, programs_per_sm), chosen by M bucket.
 # Large tiles for large M (compute-bound); smaller tiles for small M so that enough tiles exist
 # to spread over the SMs (small-M GEMMs are weight-bandwidth bound).
+# Picked from the sweep in benchmarks/results/kernels_H100-80GB-HBM3_2026-11-27.json (H100, 132 SMs).
 CONFIGS = {
-    "small": (64, 128, 64, 8, 4, 4, 1),   # M <= 256
-    "medium": (128, 128, 64, 8, 8, 4, 1),  # M <= 1024
-    "large": (128, 256, 64, 8, 8, 3, 1),   # M > 1024
+    "small": (64, 128, 64, 8, 4, 4, 1),    # M <= 256
+    "medium": (128, 128, 64, 8, 8, 4, 1),  # M <= 1024, N < 6144
+    "wide": (128, 256, 64, 8, 8, 4, 1),    # M <= 1024 with N >= 6144, and all M > 1024
 }
 
 
 def pick_config(M: int, N: int, K: int):
     if M <= 256:
         return CONFIGS["small"]
-    if M <= 1024:
+    if M <= 1024 and N < 6144:
         return CONFIGS["medium"]
-    return CONFIGS["large"]
+    return CONFIGS["wide"]
 
 
 if HAVE_TRITON:
