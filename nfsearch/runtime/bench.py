@@ -1,0 +1,48 @@
+"""Ceilings measured on the device in the running process: bf16 cuBLAS GEMM peak and the
+device-to-device copy bandwidth (bytes read + bytes written). The roofline bound uses these."""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+
+def time_ms(fn, iters: int = 20, warmup: int = 3) -> float:
+    """Median time of fn() in ms, CUDA events around each call."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def gemm_peak_tflops(n: int = 8192, iters: int = 20, device: str = "cuda") -> float:
+    """Large bf16 GEMM through cuBLAS (torch.matmul) on random data: 2 n^3 / time."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    c = torch.empty(n, n, device=device, dtype=torch.bfloat16)
+    ms = time_ms(lambda: torch.matmul(a, b, out=c), iters)
+    del a, b, c
+    return 2.0 * n ** 3 / (ms * 1e-3) / 1e12
+
+
+def copy_bandwidth_tbps(num_bytes: int = 1 << 30, iters: int = 20, device: str = "cuda") -> float:
+    """Device-to-device copy of num_bytes: (read + written bytes) / time."""
+    src = torch.randn(num_bytes // 2, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), iters)
+    del src, dst
+    return 2.0 * num_bytes / (ms * 1e-3) / 1e12
+
+
+def ceilings(device: str = "cuda") -> dict:
+    return {"gemm_tflops": gemm_peak_tflops(device=device), "copy_tbps": copy_bandwidth_tbps(device=device),
+            "gemm_shape": "8192^3 bf16 torch.matmul", "copy_bytes": 1 << 30}
