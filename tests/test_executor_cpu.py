@@ -1,0 +1,75 @@
+"""The executor on CPU tensors with the torch impls: nano-batched plan order == sequential reference."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from nfsearch.analytic import analytic_profile  # noqa: E402
+from nfsearch.errors import NfsearchError  # noqa: E402
+from nfsearch.handmade import equal_split_plan, sequential_plan  # noqa: E402
+from nfsearch.problem import make_problem  # noqa: E402
+from nfsearch.runtime import executor  # noqa: E402
+from nfsearch.runtime.model import ModelInstance  # noqa: E402
+from nfsearch.specs import ModelSpec, Workload, load_gpu  # noqa: E402
+
+MODEL = ModelSpec("tiny", 256, 4, 2, 64, 512, 2, 1000)
+# 6 decode requests at context 40, then prompts of 20 and 13 tokens
+WORKLOAD = Workload("tiny", 6, 40, (20, 13))
+
+
+def plan(batches, workload=WORKLOAD, model=MODEL):
+    p = make_problem(model, workload, analytic_profile(model, workload, load_gpu("h100-sxm")), 2,
+                     allow_extrapolation=True)
+    return equal_split_plan(p, batches) if batches else sequential_plan(p)
+
+
+@pytest.mark.parametrize("batches", [0, 2, 3])
+def test_plan_matches_sequential_reference(batches):
+    report, timeline = executor.execute(plan(batches), device="cpu")
+    assert report["correctness"]["passed"], report["correctness"]
+    assert report["correctness"]["max_rel_error"] < 1e-2
+    assert timeline is None and report["gpu"] == "cpu"
+
+
+def test_prompt_split_mid_prompt_is_exact_enough():
+    # 3 nano-batches split both prompts inside (prefix recompute path)
+    s = plan(3)
+    starts = {o.tokens[0] for o in s.nano_ops if o.op == "prefill_attn"}
+    assert starts - {6, 26}, "expected a nano-batch that starts inside a prompt"
+    report, _ = executor.execute(s, device="cpu")
+    errs = [e for e in report["correctness_per_op"] if e["op"] == "prefill_attn"]
+    assert errs and max(e["rel_error"] for e in errs) < 1e-2
+
+
+def test_qkv_bias_and_decode_only_and_prefill_only():
+    biased = ModelSpec("tinyb", 256, 4, 2, 64, 512, 2, 1000, has_qkv_bias=True)
+    for model, workload in ((biased, WORKLOAD), (MODEL, Workload("dec", 8, 16)), (MODEL, Workload("pre", 0, 1, (9, 7)))):
+        report, _ = executor.execute(plan(2, workload, model), device="cpu")
+        assert report["correctness"]["passed"], (model.name, workload.name, report["correctness"])
+
+
+def test_divergence_names_the_first_wrong_op(monkeypatch):
+    original = ModelInstance.op_ug
+    calls = {"n": 0}
+
+    def broken(self, buf, w, layer, a, b, impl, n):
+        original(self, buf, w, layer, a, b, impl, n)
+        calls["n"] += 1
+        if calls["n"] == 2:                       # the plan's second ug nano-op of layer 0
+            buf["ug"][a:b].mul_(1.5)
+
+    monkeypatch.setattr(ModelInstance, "op_ug", broken)
+    with pytest.raises(executor.ExecutionMismatch, match=r"first at L0\.ug \(ug\)"):
+        executor.execute(plan(2), device="cpu")
+    assert issubclass(executor.ExecutionMismatch, NfsearchError)
+
+
+def test_activations_stay_order_one():
+    m = ModelInstance(MODEL, WORKLOAD, 2, device="cpu")
+    bufs = m.new_buffers()
+    for l in range(2):
+        for op in ("norm1", "kqv", "rope_append", "decode_attn", "prefill_attn", "o", "norm2", "ug", "act", "d"):
+            rng = (0, 6) if op == "decode_attn" else (6, 39) if op == "prefill_attn" else (0, 39)
+            m.run(bufs, l, op, *rng, "torch", 0)
+    out = bufs[-1]["out"].float()
+    assert torch.isfinite(out).all() and 0.3 < out.std().item() < 5

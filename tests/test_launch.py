@@ -1,0 +1,168 @@
+"""Plan -> launch list: stream keys, event waits, capacity edges, SM intervals, order (no torch)."""
+
+import itertools
+
+import pytest
+
+from nfsearch import launch
+from nfsearch.analytic import analytic_profile
+from nfsearch.handmade import equal_split_plan, sequential_plan
+from nfsearch.plan import PlannedOp, Schedule
+from nfsearch.problem import make_problem
+from nfsearch.specs import ModelSpec, Workload, load_gpu
+
+MODEL = ModelSpec("tiny", 256, 4, 2, 64, 512, 2, 1000)
+WORKLOAD = Workload("tiny", 6, 40, (20, 13))
+N = 132
+
+
+def op(name, index, stream, order, sms, start, end, deps=(), cls="compute", layer=0, tokens=(0, 8)):
+    return PlannedOp(id=f"L{layer}.{name}#{index}", layer=layer, op=name, index=index, op_class=cls,
+                     tokens=tokens, stream=stream, order=order, sm_count=sms, impl="triton", deps=tuple(deps),
+                     start_ms=start, end_ms=end)
+
+
+def schedule(ops, layers=1):
+    return Schedule(MODEL, WORKLOAD, {"name": "NVIDIA H100 80GB HBM3", "num_sms": N, "sm_granularity": 8},
+                    {"fingerprint": "x"}, layers, tuple(ops), {"layer_time_ms": 1.0})
+
+
+def problem(workload=WORKLOAD, layers=2):
+    return make_problem(MODEL, workload, analytic_profile(MODEL, workload, load_gpu("h100-sxm")), layers,
+                        allow_extrapolation=True)
+
+
+def test_order_and_ids_follow_the_plan():
+    s = equal_split_plan(problem(), 2)
+    ll = launch.build(s)
+    assert [l.id for l in ll.launches] == [o.id for o in sorted(s.nano_ops, key=lambda o: o.order)]
+    assert [l.order for l in ll.launches] == sorted(l.order for l in ll.launches)
+
+
+def test_same_stream_deps_are_implicit_and_cross_stream_deps_wait():
+    ops = [op("a", 0, "x", 0, 64, 0, 1, cls="other"),
+           op("b", 0, "x", 1, 64, 1, 2, deps=["L0.a#0"], cls="other"),
+           op("c", 0, "y", 2, 64, 2, 3, deps=["L0.b#0"])]
+    ll = launch.build(schedule(ops))
+    by = ll.by_id()
+    assert by["L0.b#0"].waits == ()
+    assert by["L0.c#0"].waits == ("L0.b#0",) and by["L0.c#0"].wait_kinds == ("data",)
+    assert by["L0.b#0"].record and not by["L0.a#0"].record and not by["L0.c#0"].record
+
+
+def test_implied_waits_are_pruned():
+    # c (stream y) needs a and b of stream x; waiting for b implies a (same stream, earlier)
+    ops = [op("a", 0, "x", 0, 64, 0, 1, cls="other"), op("b", 0, "x", 1, 64, 1, 2, cls="other"),
+           op("c", 0, "y", 2, 64, 2, 3, deps=["L0.a#0", "L0.b#0"])]
+    assert launch.build(schedule(ops)).by_id()["L0.c#0"].waits == ("L0.b#0",)
+    # d (stream z) needs b and c; c already waited on b, so d waits on c alone
+    ops.append(op("d", 0, "z", 3, 32, 3, 4, deps=["L0.b#0", "L0.c#0"], cls="memory"))
+    assert launch.build(schedule(ops)).by_id()["L0.d#0"].waits == ("L0.c#0",)
+
+
+def test_capacity_edge_between_sequential_ops_that_cannot_share_the_gpu():
+    # a (96 SMs) is predicted to end before b (64 SMs) starts; 96 + 64 > 132: b must wait for a
+    ops = [op("a", 0, "x", 0, 96, 0, 1), op("b", 0, "y", 1, 64, 1, 2, cls="memory")]
+    ll = launch.build(schedule(ops))
+    assert ll.by_id()["L0.b#0"].waits == ("L0.a#0",)
+    assert ll.by_id()["L0.b#0"].wait_kinds == ("capacity",)
+    assert ll.capacity_edges == (("L0.a#0", "L0.b#0"),)
+
+
+def test_no_capacity_edge_when_both_fit():
+    ops = [op("a", 0, "x", 0, 96, 0, 1), op("b", 0, "y", 1, 36, 1, 2, cls="memory")]
+    ll = launch.build(schedule(ops))
+    assert ll.by_id()["L0.b#0"].waits == () and ll.capacity_edges == ()
+
+
+def test_capacity_edge_takes_the_latest_predecessor_per_stream():
+    ops = [op("a", 0, "x", 0, 96, 0, 1), op("a", 1, "x", 1, 96, 1, 2), op("b", 0, "y", 2, 64, 2, 3, cls="memory")]
+    ll = launch.build(schedule(ops))
+    assert ll.by_id()["L0.b#0"].waits == ("L0.a#1",)
+    assert ll.capacity_edges == (("L0.a#1", "L0.b#0"),)
+
+
+def test_predicted_overlap_beyond_capacity_is_noted():
+    ops = [op("a", 0, "x", 0, 96, 0, 2), op("b", 0, "y", 1, 64, 1, 3, cls="memory")]
+    ll = launch.build(schedule(ops))
+    assert any("side by side" in n for n in ll.notes)
+
+
+def test_compute_takes_the_front_and_others_the_back():
+    ops = [op("a", 0, "x", 0, 96, 0, 2), op("b", 0, "y", 1, 36, 0, 2, cls="memory")]
+    ll = launch.build(schedule(ops))
+    a, b = ll.by_id()["L0.a#0"], ll.by_id()["L0.b#0"]
+    assert (a.partition.lo, a.partition.hi) == (0, 96) and a.partition.split == ((96,), 0)
+    assert (b.partition.lo, b.partition.hi) == (96, 132) and b.partition.split == ((96,), 1)
+    assert a.key == "x@sm0-96" and b.key == "y@sm96-132"
+
+
+def test_third_concurrent_op_gets_a_middle_group():
+    ops = [op("a", 0, "x", 0, 64, 0, 2), op("b", 0, "y", 1, 36, 0, 2, cls="memory"),
+           op("c", 0, "z", 2, 24, 0, 2, cls="other")]
+    parts = {l.id: l.partition for l in launch.build(schedule(ops)).launches}
+    for p, q in itertools.combinations(parts.values(), 2):
+        assert not p.overlaps(q)
+    assert parts["L0.c#0"].split == ((72, 24), 1)
+
+
+def test_partition_rounding_and_whole_gpu():
+    ops = [op("a", 0, "x", 0, 12, 0, 1), op("b", 0, "y", 1, 132, 1, 2, deps=["L0.a#0"])]
+    by = launch.build(schedule(ops)).by_id()
+    assert by["L0.a#0"].sms == 16 and by["L0.a#0"].partition.lo == 0
+    assert by["L0.b#0"].partition.is_whole and by["L0.b#0"].partition.split == ((), 0)
+
+
+def test_stream_wait_when_a_plan_stream_changes_interval():
+    # stream x runs a on the back, then b must move (y holds the back when b runs)
+    ops = [op("a", 0, "x", 0, 36, 0, 1, cls="other"), op("m", 0, "y", 1, 36, 1, 3, deps=["L0.a#0"], cls="memory"),
+           op("b", 0, "x", 2, 36, 1, 2, cls="other")]
+    by = launch.build(schedule(ops)).by_id()
+    assert by["L0.a#0"].key != by["L0.b#0"].key
+    assert by["L0.b#0"].waits == ("L0.a#0",) and by["L0.b#0"].wait_kinds == ("stream",)
+    assert not by["L0.b#0"].partition.overlaps(by["L0.m#0"].partition)
+
+
+@pytest.mark.parametrize("batches", [2, 3])
+@pytest.mark.parametrize("workload", [WORKLOAD, Workload("dec", 64, 128), Workload("pre", 0, 1, (32, 48))])
+def test_predicted_corunners_get_disjoint_sms(workload, batches):
+    s = equal_split_plan(problem(workload), batches)
+    ll = launch.build(s)
+    for a, b in itertools.combinations(ll.launches, 2):
+        co = a.start_ms < b.end_ms - 1e-4 and b.start_ms < a.end_ms - 1e-4
+        if co and a.key != b.key and a.sm_count + b.sm_count <= N:
+            assert not a.partition.overlaps(b.partition), (a.id, b.id)
+
+
+def test_every_wait_points_to_an_earlier_launch_and_keeps_all_deps():
+    s = equal_split_plan(problem(), 3)
+    ll = launch.build(s)
+    pos = {l.id: i for i, l in enumerate(ll.launches)}
+    by = ll.by_id()
+    for l in ll.launches:
+        assert all(pos[d] < pos[l.id] for d in l.waits)
+        assert all(by[d].record for d in l.waits)
+    # every plan dep is covered: same key earlier, or reachable through the waits/key order
+    clocks, key_pos, count = {}, {}, {}
+    for l in ll.launches:
+        c = dict(clocks.get(("key", l.key), {}))
+        for d in l.waits:
+            for k, p in clocks[d].items():
+                c[k] = max(c.get(k, 0), p)
+        count[l.key] = count.get(l.key, 0) + 1
+        key_pos[l.id] = count[l.key]
+        c[l.key] = count[l.key]
+        clocks[l.id] = c
+        clocks[("key", l.key)] = c
+    for o in s.nano_ops:
+        for d in o.deps:
+            assert clocks[o.id].get(by[d].key, 0) >= key_pos[d], (d, o.id)
+
+
+def test_sequential_plan_is_one_stream_without_waits():
+    ll = launch.build(sequential_plan(problem()))
+    assert len(ll.keys) == 1 and all(not l.waits for l in ll.launches)
+    seq = launch.sequential_launches(MODEL, WORKLOAD, 2, N, "torch")
+    assert [l.op for l in seq.launches][:3] == ["norm1", "kqv", "rope_append"]
+    assert len(seq.launches) == 2 * 10 and all(l.partition.is_whole for l in seq.launches)
+    assert launch.to_dict(seq)["launches"][0]["key"] == "main@all"
