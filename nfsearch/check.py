@@ -1,0 +1,179 @@
+"""Golden regression: re-solve each golden case and compare with the committed plan.
+
+A cases file (YAML) lists the cases and the tolerance:
+
+    tolerance: 0.02                  # a re-solve may be at most 2% slower than the golden
+    cases:
+      - name: W2
+        model: llama-3-8b            # bundled name or path
+        workload: W2                 # standard id or path
+        profile: default             # "default" (bundled table, else analytic), "analytic", or a path
+        plan: W2.plan.json           # relative to the cases file
+        solver: cpsat
+        time_limit_s: 5
+        threads: 2
+        seed: 0
+
+A case fails when the golden plan is unreadable or invalid, when the new plan fails
+simulate.verify, or when its predicted makespan exceeds the golden's by more than the tolerance.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nfsearch import plan as plan_io
+from nfsearch.analytic import analytic_profile
+from nfsearch.errors import NfsearchError
+from nfsearch.files import read_yaml
+from nfsearch.problem import default_profile, make_problem
+from nfsearch.profile import load as load_profile
+from nfsearch.simulate import verify
+from nfsearch.specs import load_gpu, load_model, load_workload
+
+DEFAULT_TOLERANCE = 0.02
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    name: str
+    ok: bool
+    golden_ms: float | None
+    new_ms: float | None
+    message: str
+    diff: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    cases: tuple[CaseResult, ...]
+    tolerance: float
+    failures: tuple[str, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.cases)
+
+    def report(self) -> str:
+        lines = []
+        for c in self.cases:
+            figures = ""
+            if c.golden_ms is not None and c.new_ms is not None:
+                figures = f" golden {c.golden_ms:.4f} ms, now {c.new_ms:.4f} ms ({c.new_ms / c.golden_ms - 1:+.2%})"
+            lines.append(f"{'ok  ' if c.ok else 'FAIL'} {c.name}:{figures} {c.message}".rstrip())
+            lines += [f"     {d}" for d in c.diff]
+        lines.append(f"{sum(c.ok for c in self.cases)}/{len(self.cases)} golden cases pass "
+                     f"(tolerance {self.tolerance:.1%})")
+        return "\n".join(lines)
+
+
+def load_cases(cases_file: str | Path) -> tuple[list[dict], float]:
+    path = Path(cases_file)
+    if not path.is_file():
+        raise NfsearchError(f"{path}: no such cases file")
+    data = read_yaml(path)
+    if not isinstance(data, dict) or not isinstance(data.get("cases"), list) or not data["cases"]:
+        raise NfsearchError(f"{path}: expected a mapping with a non-empty 'cases' list")
+    for i, case in enumerate(data["cases"]):
+        missing = [k for k in ("name", "model", "workload", "plan") if k not in case]
+        if missing:
+            raise NfsearchError(f"{path}: case {i} lacks {', '.join(missing)}")
+    return data["cases"], float(data.get("tolerance", DEFAULT_TOLERANCE))
+
+
+def problem_for(case: dict, base: Path):
+    model = load_model(_resolve(case["model"], base))
+    workload = load_workload(_resolve(case["workload"], base))
+    ref = case.get("profile", "default")
+    if ref == "default":
+        profile = default_profile(model, workload)
+    elif ref == "analytic":
+        profile = analytic_profile(model, workload, load_gpu(case.get("gpu", "h100-sxm")))
+    else:
+        profile = load_profile(_resolve(ref, base))
+    return make_problem(model, workload, profile, int(case.get("num_layers", 2)))
+
+
+def solve_case(case: dict, base: Path):
+    from nfsearch.search import solve      # late import: search imports the solvers
+    return solve(problem_for(case, base), solver=case.get("solver", "cpsat"),
+                 time_limit_s=float(case.get("time_limit_s", 5)), threads=int(case.get("threads", 2)),
+                 seed=int(case.get("seed", 0)), chunk=int(case.get("chunk", 128)))
+
+
+def run_check(cases_file: str | Path, tolerance: float | None = None, progress=None) -> CheckResult:
+    """Re-solve every golden case; the result says which pass and why the others fail."""
+    cases, file_tol = load_cases(cases_file)
+    tol = file_tol if tolerance is None else float(tolerance)
+    base = Path(cases_file).parent
+    results = []
+    for case in cases:
+        if progress:
+            progress(f"checking {case['name']}")
+        results.append(_check_case(case, base, tol))
+    return CheckResult(tuple(results), tol)
+
+
+def _check_case(case: dict, base: Path, tol: float) -> CaseResult:
+    name = case["name"]
+    try:
+        golden = plan_io.read(base / case["plan"])
+        verify(golden)
+    except NfsearchError as exc:
+        return CaseResult(name, False, None, None, f"golden plan {case['plan']} is unusable: {exc}")
+    golden_ms = float(golden.predicted["makespan_ms"])
+    try:
+        schedule, _ = solve_case(case, base)
+    except NfsearchError as exc:
+        return CaseResult(name, False, golden_ms, None, f"re-solve failed: {exc}")
+    new_ms = float(schedule.predicted["makespan_ms"])
+    try:
+        verify(schedule)
+    except NfsearchError as exc:
+        return CaseResult(name, False, golden_ms, new_ms, f"new plan is invalid: {exc}", plan_diff(golden, schedule))
+    if new_ms > golden_ms * (1 + tol):
+        return CaseResult(name, False, golden_ms, new_ms, f"slower than the golden by more than {tol:.1%}",
+                          plan_diff(golden, schedule))
+    return CaseResult(name, True, golden_ms, new_ms, "")
+
+
+def plan_diff(golden, new) -> tuple[str, ...]:
+    """Readable differences: solver, structure (nano-batch sizes per op), SM counts per nano-op."""
+    lines = []
+    g_solver, n_solver = golden.solver, new.solver
+    for key in ("name", "status", "gap", "note"):
+        if g_solver.get(key) != n_solver.get(key):
+            lines.append(f"solver {key}: {g_solver.get(key)!r} -> {n_solver.get(key)!r}")
+    g_sizes, n_sizes = _sizes(golden), _sizes(new)
+    for op in sorted(set(g_sizes) | set(n_sizes)):
+        if g_sizes.get(op) != n_sizes.get(op):
+            lines.append(f"{op}: nano-batches {g_sizes.get(op)} -> {n_sizes.get(op)}")
+    g_sms = {o.id: o.sm_count for o in golden.nano_ops if o.layer == 0}
+    n_sms = {o.id: o.sm_count for o in new.nano_ops if o.layer == 0}
+    changed = [f"{i} {g_sms[i]}->{n_sms[i]}" for i in sorted(set(g_sms) & set(n_sms)) if g_sms[i] != n_sms[i]]
+    if changed:
+        lines.append("SM counts (layer 0): " + ", ".join(changed[:12]) + (" ..." if len(changed) > 12 else ""))
+    return tuple(lines)
+
+
+def _sizes(schedule) -> dict[str, list[int]]:
+    return {op: [e - s for s, e in ranges] for op, ranges in schedule.nano_batches().items()}
+
+
+def _resolve(ref: str, base: Path) -> str:
+    if ref.endswith((".yaml", ".yml", ".json", ".csv", ".parquet")) and not Path(ref).is_absolute():
+        return str(base / ref)
+    return ref
+
+
+def update_goldens(cases_file: str | Path, progress=None) -> list[str]:
+    """Re-solve every case and overwrite its golden plan (after a deliberate improvement)."""
+    cases, _ = load_cases(cases_file)
+    base, written = Path(cases_file).parent, []
+    for case in cases:
+        if progress:
+            progress(f"solving {case['name']}")
+        schedule, _ = solve_case(case, base)
+        verify(schedule)
+        plan_io.write(schedule, base / case["plan"])
+        written.append(str(base / case["plan"]))
+    return written
