@@ -116,7 +116,7 @@ def from_dict(data: dict, where: str = "plan") -> Schedule:
 
 
 def validate(data: dict, where: str) -> None:
-    validator = jsonschema.Draft202012Validator(_schema())
+    validator = _StrictValidator(_schema())
     error = next(iter(sorted(validator.iter_errors(data), key=lambda e: list(e.path))), None)
     if error is not None:
         location = "/".join(str(p) for p in error.absolute_path) or "(top)"
@@ -154,6 +154,13 @@ def _op_dict(op: PlannedOp) -> dict:
     d["start_ms"] = round(op.start_ms, 6)
     d["end_ms"] = round(op.end_ms, 6)
     return d
+
+
+# JSON Schema counts 2.0 as an integer; a plan's counts and indices must be true integers
+_StrictValidator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _checker, x: isinstance(x, int) and not isinstance(x, bool)))
 
 
 def _schema() -> dict:

@@ -112,6 +112,10 @@ def _check_graph(schedule: Schedule) -> None:
     by_id = schedule.by_id()
     if {n.id for n in expected.nodes} != set(by_id):
         raise PlanInvalid("plan nano-ops differ from its nano-batches in some layer")
+    for n in expected.nodes:
+        if by_id[n.id].tokens != (n.start, n.end):
+            raise PlanInvalid(f"nano-batches of op {n.op} do not tile its token range: {n.id} covers "
+                              f"{list(by_id[n.id].tokens)}, layer 0 says [{n.start}, {n.end}]")
     for u, v in expected.edges:
         if u.id not in by_id[v.id].deps and not nx.has_path(_dep_graph(schedule), u.id, v.id):
             raise PlanInvalid(f"plan violates its dependencies: {v.id} needs {u.id}")

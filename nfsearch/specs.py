@@ -215,7 +215,7 @@ def _build(cls, data: dict, where: str):
         raise NfsearchError(f"{where}: unknown field(s) {', '.join(unknown)}")
     try:
         return cls(**data)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise NfsearchError(f"{where}: {exc}") from None
 
 

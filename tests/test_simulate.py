@@ -1,0 +1,166 @@
+"""Replay on tiny hand-computed cases (fake profile), with exact expected start/end times.
+
+Interference (published NanoFlow curves): an op of class c on a share R of the SMs, beside an op of
+another class, takes max(solo time at its SMs, full-GPU time / P_c(R)), with P_compute(R) = R,
+P_memory(0.3) = 0.5, P_other(0.5) = 0.7. Ops co-run as a fluid: each progresses at 1 / (its current
+time) and rates change whenever an op starts or ends.
+"""
+
+import pytest
+
+from conftest import FAKE_SMS, TINY_MODEL, TINY_WL, fake_profile, fake_time, table_from_points
+from nfsearch.handmade import sequential_plan
+from nfsearch.interference import Interference
+from nfsearch.plan import PlannedOp, Schedule
+from nfsearch.problem import make_problem
+from nfsearch.simulate import PlanInvalid, replay, stated_timeline
+
+EXACT = 1e-9
+
+# fake times (ms) over 128 tokens; decode_attn is keyed by context 512, prefill_attn by prompt 128
+POINTS = {
+    ("decode_attn", 512): {(128, 30): 1.0, (128, 70): 1.0, (128, 100): 1.0},
+    ("prefill_attn", 128): {(128, 50): 0.8, (128, 70): 0.75, (128, 100): 0.5},
+    ("kqv", 0): {(128, 30): 0.5, (128, 70): 0.25, (128, 100): 0.125},
+    ("rope_append", 0): {(128, 30): 0.125, (128, 100): 0.125},
+    ("norm1", 0): {(128, 50): 0.35, (128, 100): 0.35},
+}
+CLASSES = {"decode_attn": "memory", "prefill_attn": "compute", "kqv": "compute", "rope_append": "other",
+           "norm1": "other"}
+
+
+def _cost():
+    return make_problem(TINY_MODEL, TINY_WL, table_from_points(POINTS), num_layers=1).cost
+
+
+def _schedule(*rows) -> Schedule:
+    """rows: (op, stream, sm_count, deps) in issue order; every op over 128 tokens of layer 0."""
+    ops = tuple(PlannedOp(id=f"L0.{op}#0", layer=0, op=op, index=0, op_class=CLASSES[op], tokens=(0, 128),
+                          stream=stream, order=i, sm_count=sms, impl="fake",
+                          deps=tuple(f"L0.{d}#0" for d in deps), start_ms=0.0, end_ms=0.0)
+                for i, (op, stream, sms, deps) in enumerate(rows))
+    return Schedule(TINY_MODEL, TINY_WL, {"name": "Fake GPU", "num_sms": FAKE_SMS, "sm_granularity": 2},
+                    {"fingerprint": "0" * 16, "source": "fake", "label": "fake"}, 1, ops, {}, {"name": "hand"})
+
+
+def _times(schedule):
+    return {s.op: (s.start_ms, s.end_ms) for s in replay(schedule, _cost()).timeline.spans}
+
+
+def _assert_times(got, want):
+    assert set(got) == set(want)
+    for op, (start, end) in want.items():
+        assert got[op][0] == pytest.approx(start, abs=EXACT), op
+        assert got[op][1] == pytest.approx(end, abs=EXACT), op
+
+
+def test_interference_curves_used():
+    i = Interference()
+    assert i.speed("compute", 0.7) == pytest.approx(0.7)
+    assert i.speed("memory", 0.3) == pytest.approx(0.5)
+    assert i.speed("other", 0.5) == pytest.approx(0.7)
+    cost = _cost()
+    assert cost.stretched_ms("decode_attn", 128, 30, frozenset({"compute"})) == pytest.approx(2.0)
+    assert cost.stretched_ms("decode_attn", 128, 30, frozenset({"memory"})) == pytest.approx(1.0)
+    assert cost.stretched_ms("prefill_attn", 128, 70, frozenset({"memory"})) == pytest.approx(0.75)
+
+
+def test_single_op():
+    _assert_times(_times(_schedule(("kqv", "s", 70, ()))), {"kqv": (0.0, 0.25)})
+
+
+def test_memory_op_stretched_beside_compute():
+    # decode on 30 SMs: 1.0 solo, 1.0 / P_mem(0.3) = 2.0 beside compute.
+    # prefill on 70 SMs: 0.75 solo; 0.5 / P_compute(0.7) = 0.714 < 0.75, so not stretched.
+    # 0 .. 0.75: both run; decode does 0.75 / 2.0 = 0.375 of its work.
+    # 0.75 ..  : decode alone at 1.0 ms per op: 0.625 left -> ends 1.375.
+    got = _times(_schedule(("decode_attn", "mem", 30, ()), ("prefill_attn", "cmp", 70, ())))
+    _assert_times(got, {"decode_attn": (0.0, 1.375), "prefill_attn": (0.0, 0.75)})
+
+
+def test_compute_op_stretched_beside_other():
+    # prefill on 50 SMs: 0.8 solo; beside another class 0.5 / P_compute(0.5) = 1.0.
+    # norm1 on 50 SMs: 0.35 solo; beside compute 0.35 / P_other(0.5) = 0.5.
+    # 0 .. 0.5: both; norm1 ends, prefill did 0.5 / 1.0 = half. Then 0.5 left at 0.8 -> +0.4 = 0.9.
+    got = _times(_schedule(("prefill_attn", "cmp", 50, ()), ("norm1", "oth", 50, ())))
+    _assert_times(got, {"prefill_attn": (0.0, 0.9), "norm1": (0.0, 0.5)})
+
+
+def test_same_class_no_stretch():
+    got = _times(_schedule(("prefill_attn", "a", 70, ()), ("kqv", "b", 30, ())))
+    _assert_times(got, {"prefill_attn": (0.0, 0.75), "kqv": (0.0, 0.5)})
+
+
+def test_op_waits_for_free_sms():
+    # 70 + 70 > 100 SMs: the second waits for the first, though on another stream
+    got = _times(_schedule(("prefill_attn", "a", 70, ()), ("decode_attn", "b", 70, ())))
+    _assert_times(got, {"prefill_attn": (0.0, 0.75), "decode_attn": (0.75, 1.75)})
+    got = _times(_schedule(("decode_attn", "b", 70, ()), ("prefill_attn", "a", 70, ())))
+    _assert_times(got, {"decode_attn": (0.0, 1.0), "prefill_attn": (1.0, 1.75)})
+
+
+def test_stream_order_serialises():
+    got = _times(_schedule(("prefill_attn", "a", 30 + 20, ()), ("kqv", "a", 30, ())))
+    _assert_times(got, {"prefill_attn": (0.0, 0.8), "kqv": (0.8, 1.3)})
+
+
+def test_dependencies_and_rate_changes():
+    # rope (other, 30 SMs) alone 0 .. 0.125; then prefill (70) and decode (30) both wait on it,
+    # start together at 0.125 and run as in test_memory_op_stretched_beside_compute.
+    sched = _schedule(("rope_append", "oth", 30, ()), ("prefill_attn", "cmp", 70, ("rope_append",)),
+                      ("decode_attn", "mem", 30, ("rope_append",)))
+    got = _times(sched)
+    _assert_times(got, {"rope_append": (0.0, 0.125), "prefill_attn": (0.125, 0.875),
+                        "decode_attn": (0.125, 1.5)})
+    assert replay(sched, _cost()).makespan_ms == pytest.approx(1.5, abs=EXACT)
+
+
+def test_new_op_starting_midway_keeps_stretch():
+    # decode (30) beside prefill (70) until 0.75 [0.375 done], then beside kqv (70, 0.25 solo;
+    # 0.125 / 0.7 < 0.25 so unstretched) until 1.0 [0.125 more: 0.5 done], then alone: ends 1.5.
+    got = _times(_schedule(("decode_attn", "mem", 30, ()), ("prefill_attn", "cmp", 70, ()),
+                           ("kqv", "cmp", 70, ())))
+    _assert_times(got, {"decode_attn": (0.0, 1.5), "prefill_attn": (0.0, 0.75), "kqv": (0.75, 1.0)})
+
+
+def test_deadlock_is_plan_invalid():
+    # kqv waits on prefill, which is behind kqv on the same stream
+    with pytest.raises(PlanInvalid, match="deadlock"):
+        replay(_schedule(("kqv", "a", 70, ("prefill_attn",)), ("prefill_attn", "a", 70, ())), _cost())
+    with pytest.raises(PlanInvalid, match="deadlock"):
+        replay(_schedule(("kqv", "a", 130, ())), _cost())
+
+
+def test_sequential_plan_is_sum_of_full_gpu_times():
+    problem = make_problem(TINY_MODEL, TINY_WL, fake_profile(), num_layers=2)
+    sched = sequential_plan(problem)
+    layer = problem.layer
+    expected = 0.0
+    for name in layer.nodes:
+        start, end = layer.nodes[name]["token_range"]
+        expected += fake_time(layer.nodes[name]["op"].op_class, name, end - start, FAKE_SMS)
+    # by hand: 256-token ops 2 * (0.0625 + 0.25 + 0.0625 + 0.125 + 0.0625 + 0.5 + 0.0625 + 0.25)
+    #          + decode 1.0 + prefill 0.5 over 128 tokens
+    assert expected == pytest.approx(2 * 1.375 + 1.5)
+    result = replay(sched, problem.cost)
+    assert result.makespan_ms == pytest.approx(2 * expected, abs=EXACT)
+    assert result.timeline.layer_time_ms == pytest.approx(expected, abs=EXACT)
+    assert sched.predicted["makespan_ms"] == pytest.approx(2 * expected, abs=EXACT)
+    assert sched.predicted["sequential_layer_time_ms"] == pytest.approx(expected, abs=EXACT)
+    spans = sorted(result.timeline.spans, key=lambda s: s.start_ms)
+    assert all(a.end_ms == pytest.approx(b.start_ms, abs=EXACT) for a, b in zip(spans, spans[1:]))
+    assert all(s.sm_count == FAKE_SMS and s.stream == "main" for s in spans)
+    # the plan's stated times are its replay
+    stated = stated_timeline(sched).by_id()
+    for s in spans:
+        assert stated[s.id].start_ms == pytest.approx(s.start_ms) and stated[s.id].end_ms == pytest.approx(s.end_ms)
+
+
+def test_sequential_plan_real_model_is_sum_of_solo_times():
+    from nfsearch.problem import default_profile
+    from nfsearch.specs import load_model, load_workload
+    model, w = load_model("llama-3-8b"), load_workload("W2")
+    problem = make_problem(model, w, default_profile(model, w), num_layers=1)
+    total = sum(problem.cost.solo_ms(n, e - s, problem.gpu.num_sms)
+                for n, (s, e) in ((n, problem.layer.nodes[n]["token_range"]) for n in problem.layer.nodes))
+    assert replay(sequential_plan(problem), problem.cost).makespan_ms == pytest.approx(total, rel=1e-9)
