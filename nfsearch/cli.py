@@ -200,3 +200,172 @@ def _gap(gap) -> str:
 def _progress_bar(done: int, total: int, eta_s: float, what: str) -> None:
     click.echo(f"\r  [{done}/{total}] {done / max(total, 1):4.0%} eta {eta_s:5.0f} s  {what[:50]:<50}",
                err=True, nl=done >= total)
+
+
+# ---- run / compare / tune: execute plans on the GPU (nfsearch.runtime.executor) ------------------
+
+def _run_options(f):
+    options = [
+        click.option("--mode", type=click.Choice(["green", "grid"]), default="green", show_default=True,
+                     help="green: SM partitions per launch (green contexts); grid: plain streams, "
+                          "SM-bounded grids only."),
+        click.option("--iters", type=int, default=30, show_default=True, help="Timed graph replays (median)."),
+        click.option("--no-graph", "no_graph", is_flag=True, help="Time eager launches instead of a CUDA graph."),
+        click.option("--force", is_flag=True, help="Run a plan made for another GPU or profile."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@main.command("run")
+@click.option("--schedule", "plan_path", required=True, type=click.Path(), help="Plan JSON.")
+@click.option("--layers", "num_layers", type=int, help="Layers to run (must be the plan's unrolled layers).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output folder (default out/run-<plan>).")
+@click.option("--timeline", "with_timeline", is_flag=True,
+              help="Also measure per-op start/end (eager, events) and write Gantt/Perfetto + measured.json.")
+@click.option("--profile", "profile_path", type=click.Path(), help="Profile the plan must have been made with.")
+@_run_options
+def run_cmd(plan_path, num_layers, out_dir, with_timeline, profile_path, mode, iters, no_graph, force):
+    """Check a plan's output against the sequential reference, time it beside seq-torch and seq-same."""
+    from nfsearch import plan
+    schedule = plan.read(plan_path)
+    if num_layers is not None and num_layers != schedule.num_layers:
+        raise NfsearchError(f"{plan_path}: the plan unrolls {schedule.num_layers} layers, not {num_layers}; "
+                            f"solve it again with --layers {num_layers}")
+    if profile_path:
+        from nfsearch.profile import load
+        fp = load(profile_path).fingerprint()
+        if fp != schedule.profile.get("fingerprint") and not force:
+            raise NfsearchError(f"{plan_path}: made with profile {schedule.profile.get('fingerprint')}, "
+                                f"{profile_path} is {fp} (--force to run anyway)")
+    from nfsearch.runtime.device import require_cuda
+    require_cuda("nfsearch run")
+    check_device(schedule, plan_path, force)
+    out = Path(out_dir or Path("out") / f"run-{Path(plan_path).stem}")
+    out.mkdir(parents=True, exist_ok=True)
+    from nfsearch.runtime import executor
+    report, measured = executor.execute(schedule, mode=mode, iters=iters, use_graph=not no_graph,
+                                        timeline=with_timeline, progress=lambda m: click.echo(f"  {m}", err=True))
+    report["command"] = " ".join(["nfsearch"] + sys.argv[1:])
+    report["plan_path"] = str(plan_path)
+    _write_json(out / "run.json", report)
+    if measured is not None:
+        from nfsearch import report as report_mod
+        from nfsearch.simulate import stated_timeline
+        _write_json(out / "measured.json", timeline_to_dict(measured))
+        try:
+            report_mod.write_all([stated_timeline(schedule), measured], out / "timeline",
+                                 f"{schedule.model.name} {schedule.workload.name} on {report['gpu']}")
+        except ImportError as exc:
+            click.echo(f"note: no Gantt written ({exc}); measured.json has the timeline", err=True)
+    for note in report.get("notes", []):
+        click.echo(f"note: {note}", err=True)
+    click.echo(executor.format_table([report]))
+    click.echo(f"wrote {out / 'run.json'}" + (f", {out / 'measured.json'}" if measured is not None else ""))
+
+
+def check_device(schedule, where: str, force: bool) -> None:
+    """One-line errors for plans this GPU cannot run (another GPU; SM counts it cannot partition)."""
+    import torch
+    props = torch.cuda.get_device_properties(0)
+    sms, name = int(props.multi_processor_count), props.name
+    too_big = [op.id for op in schedule.nano_ops if op.sm_count > sms or op.sm_count < 1]
+    if too_big:
+        raise NfsearchError(f"{where}: nano-op {too_big[0]} asks for more SMs than this {name} has ({sms})")
+    if (schedule.gpu.get("num_sms") != sms or schedule.gpu.get("name") != name) and not force:
+        raise NfsearchError(f"{where}: plan is for {schedule.gpu.get('name')} ({schedule.gpu.get('num_sms')} SMs), "
+                            f"this GPU is {name} ({sms} SMs) (--force to run anyway)")
+
+
+@main.command("compare")
+@click.argument("plan_path", type=click.Path())
+@click.argument("measured_path", type=click.Path())
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the comparison as JSON.")
+@click.option("--worst", type=int, default=5, show_default=True)
+def compare_cmd(plan_path, measured_path, output, worst):
+    """Per-op predicted (the plan's times) vs measured (a run's measured.json) error."""
+    from nfsearch import plan
+    from nfsearch.compare import compare, format_table
+    from nfsearch.files import read_json
+    from nfsearch.simulate import stated_timeline
+    schedule = plan.read(plan_path)
+    measured = timeline_from_dict(read_json(measured_path), measured_path)
+    cmp = compare(stated_timeline(schedule), measured)
+    click.echo(format_table(cmp, worst))
+    if output:
+        _write_json(output, cmp.to_dict())
+
+
+@main.command("tune")
+@workload_options
+@click.option("--plans", "plans_dir", type=click.Path(file_okay=False),
+              help="Candidate plan JSONs (default: solve, plus the hand-made baselines).")
+@click.option("-k", "top_k", type=int, default=3, show_default=True, help="Candidates to run at most.")
+@click.option("--time-limit", "time_limit_s", type=float, default=8.0, show_default=True)
+@click.option("--layers", "num_layers", type=int, default=2, show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Best plan JSON.")
+@_run_options
+def tune_cmd(plans_dir, top_k, time_limit_s, num_layers, output, mode, iters, no_graph, force, **spec):
+    """Run each candidate plan on the GPU and keep the fastest measured one (all are recorded)."""
+    from nfsearch import plan
+    _check_output(output, (".json",))
+    if plans_dir:
+        paths = sorted(Path(plans_dir).glob("*.json"))
+        if not paths:
+            raise NfsearchError(f"{plans_dir}: no plan JSON files")
+        candidates = [(p.stem, plan.read(p)) for p in paths]
+    else:
+        from nfsearch import search
+        model, workload = resolve_specs(**spec)
+        problem = _problem(model, workload, None, num_layers, False)
+        best, _notes = search.solve(problem, time_limit_s=time_limit_s)
+        candidates = [("solved", best)] + sorted(search.baselines(problem).items())
+    candidates = candidates[:max(1, top_k)]
+    from nfsearch.runtime.device import require_cuda
+    require_cuda("nfsearch tune")
+    from nfsearch.runtime import bench, executor
+    results, ceilings = [], None
+    with executor.ExecContext("cuda", mode) as ctx:
+        for name, schedule in candidates:
+            check_device(schedule, name, force)
+            try:
+                report, _ = executor.execute(schedule, ctx=ctx, iters=iters, use_graph=not no_graph,
+                                             with_baselines=not results, ceilings=ceilings)
+                ceilings = ceilings or report.get("ceilings") or bench.ceilings()
+            except NfsearchError as exc:
+                report = {"workload": schedule.workload.name, "error": str(exc)}
+            report["candidate"] = name
+            results.append((report.get("measured_layer_ms", float("inf")), name, schedule, report))
+            click.echo(f"  {name}: {report.get('measured_layer_ms', float('nan')):.4f} ms/layer", err=True)
+    ok = [r for r in results if r[0] != float("inf")]
+    if not ok:
+        raise NfsearchError("no candidate plan ran correctly")
+    best = min(ok, key=lambda r: r[0])
+    plan.write(best[2], output)
+    record = {"best": best[1], "command": " ".join(["nfsearch"] + sys.argv[1:]), "candidates": [r[3] for r in results]}
+    _write_json(Path(output).with_suffix(".tune.json"), record)
+    click.echo(executor.format_table([r[3] for r in results]))
+    click.echo(f"wrote {output} (best: {best[1]}, {best[0]:.4f} ms/layer) and {Path(output).with_suffix('.tune.json')}")
+
+
+def timeline_to_dict(timeline) -> dict:
+    from dataclasses import asdict
+    return {"label": timeline.label, "num_layers": timeline.num_layers, "spans": [asdict(s) for s in timeline.spans]}
+
+
+def timeline_from_dict(data: dict, where: str = "timeline"):
+    from nfsearch.timeline import Span, Timeline
+    data = data.get("timeline", data)
+    try:
+        spans = tuple(Span(**s) for s in data["spans"])
+        return Timeline(data["label"], spans, int(data["num_layers"]))
+    except (KeyError, TypeError) as exc:
+        raise NfsearchError(f"{where}: not a measured timeline ({exc})") from None
+
+
+def _write_json(path, data) -> None:
+    import json
+
+    from nfsearch.files import write_text_atomic
+    write_text_atomic(path, json.dumps(data, indent=1, default=float) + "\n")

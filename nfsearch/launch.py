@@ -24,9 +24,10 @@ Green contexts made from one split of the device are disjoint; two DIFFERENT spl
 physically (the front group of split(96) and the front group of split(36) share 36 SMs). So every
 launch gets an explicit SM interval [lo, hi) of the SM line 0..N, and ops that run at the same time
 must get disjoint intervals. An interval is what one split gives:
-    [0, hi)  -> group 0 of split((hi,))        (a "front" group; hi a multiple of the granularity)
-    [lo, N)  -> group 1 of split((lo,))        (the "remainder" side of split(lo))
-    [lo, hi) -> group 1 of split((lo, hi-lo))  (a middle group)
+    [0, hi)  -> group 0 of split((hi, N-hi))          (a "front" group; hi a multiple of the granularity)
+    [lo, N)  -> group 1 of split((lo, N-lo))          (the "remainder" side of split(lo))
+    [lo, hi) -> group 1 of split((lo, hi-lo, N-hi))   (a middle group)
+(SmPartitions.split rounds every size but the last; the last group takes the remaining SMs.)
     [0, N)   -> the whole GPU: a plain stream, no green context.
 This assumes the driver hands SMs out in one fixed order for every split (granularity-aligned
 groups from the front, remainder last), which is what cuDevSmResourceSplitByCount does on Hopper.
@@ -34,9 +35,11 @@ Placement, nano-op by nano-op in issue order, against the ops already placed:
   compute ops take the lowest free interval (front: a GEMM of 96 SMs gets [0, 96) = front of split(96));
   other classes take the highest free one (back: decode attention of 36 SMs gets [96, 132) = the
   remainder of split(96) = split(132 - 36)).
-"Free" means disjoint from ops predicted to overlap it in time (hard) and, if possible, also from
-ops not ordered before it by the waits (soft: they could co-run if timing drifts). If no interval of
-the asked width is free, the op gets the widest free aligned gap (noted), else shares SMs (noted).
+"Free" means disjoint from the intervals of ops (on other streams) predicted to overlap it in time.
+Ops predicted NOT to overlap may share SMs: if timing drifts and they do co-run, they only slow each
+other; where they could not fit side by side at all, a capacity edge keeps them apart. If no
+interval of the asked width is free (rounding, fragmentation), the op gets the widest free aligned
+gap (noted), else it shares SMs (noted).
 Widths round up to the granularity (a front of 12 SMs is 16; a back side is N - lo, e.g. 36 = 132-96).
 The launch's ``sms`` (interval width) is what an SM-bounded kernel is told to use.
 
@@ -45,7 +48,7 @@ Sequential baselines (``sequential_launches``) are whole ops on one stream and t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from nfsearch.errors import NfsearchError
 
@@ -70,20 +73,23 @@ class Partition:
 
     @property
     def split(self) -> tuple[tuple[int, ...], int]:
-        """(sizes for SmPartitions.split, index of the group), or ((), 0) for the whole GPU."""
+        """(sizes for SmPartitions.split, index of the group), or ((), 0) for the whole GPU.
+
+        SmPartitions.split rounds every size but the last, and the last group takes the rest."""
+        n = self.num_sms
         if self.is_whole:
             return (), 0
         if self.lo == 0:
-            return (self.hi,), 0
-        if self.hi == self.num_sms:
-            return (self.lo,), 1
-        return (self.lo, self.hi - self.lo), 1
+            return (self.hi, n - self.hi), 0
+        if self.hi == n:
+            return (self.lo, n - self.lo), 1
+        return (self.lo, self.hi - self.lo, n - self.hi), 1
 
     @property
     def label(self) -> str:
         return "all" if self.is_whole else f"sm{self.lo}-{self.hi}"
 
-    def overlaps(self, other: "Partition") -> bool:
+    def overlaps(self, other: Partition) -> bool:
         return self.lo < other.hi and other.lo < self.hi
 
 
@@ -153,8 +159,7 @@ def build(schedule, num_sms: int | None = None, granularity: int | None = None,
     by_id = {o.id: o for o in ops}
 
     cap = _capacity_edges(ops, n, notes)
-    hb_clock = _plan_clocks(ops, cap)
-    parts = _place(ops, n, g, hb_clock, notes)
+    parts = _place(ops, n, g, notes)
     keys = {o.id: f"{o.stream}@{parts[o.id].label}" for o in ops}
 
     needs: dict[str, list[tuple[str, str]]] = {}
@@ -229,25 +234,6 @@ def _capacity_edges(ops, n: int, notes: list[str]) -> dict[str, tuple[str, ...]]
     return edges
 
 
-def _plan_clocks(ops, cap) -> dict[str, dict[str, int]]:
-    """Vector clock (plan stream -> ops done on it) of every op just after it ends: what happens
-    before it through stream order, data deps and capacity edges."""
-    clocks: dict[str, dict[str, int]] = {}
-    stream_clock: dict[str, dict[str, int]] = {}
-    pos: dict[str, int] = {}
-    for o in ops:
-        clock = dict(stream_clock.get(o.stream, {}))
-        for d in list(o.deps) + list(cap.get(o.id, ())):
-            for s, p in clocks[d].items():
-                if clock.get(s, 0) < p:
-                    clock[s] = p
-        pos[o.stream] = pos.get(o.stream, 0) + 1
-        clock[o.stream] = pos[o.stream]
-        clocks[o.id] = clock
-        stream_clock[o.stream] = clock
-    return clocks
-
-
 def _prune(ops, keys, needs, by_id) -> dict[str, list[tuple[str, str]]]:
     """Drop waits implied by earlier waits (vector clocks over stream keys)."""
     clocks: dict[str, dict[str, int]] = {}
@@ -276,40 +262,22 @@ def _prune(ops, keys, needs, by_id) -> dict[str, list[tuple[str, str]]]:
     return out
 
 
-def happens_before(clocks: dict[str, dict[str, int]], pos: dict[str, int], stream_of: dict[str, str],
-                   a: str, b: str) -> bool:
-    return clocks[b].get(stream_of[a], 0) >= pos[a]
-
-
 # ---------------------------------------------------------------------------------------------- placement
-def _place(ops, n: int, g: int, hb_clock, notes: list[str]) -> dict[str, Partition]:
+def _place(ops, n: int, g: int, notes: list[str]) -> dict[str, Partition]:
+    """SM interval per op: the first free one on its side, free of ops predicted to overlap it in time."""
     parts: dict[str, Partition] = {}
-    pos: dict[str, int] = {}
-    count: dict[str, int] = {}
-    for o in ops:
-        count[o.stream] = count.get(o.stream, 0) + 1
-        pos[o.id] = count[o.stream]
     placed: list = []
     for o in ops:
         if o.sm_count >= n:
             parts[o.id] = Partition(0, n, n)
             placed.append(o)
             continue
-        hard, soft = [], []
-        for a in placed:
-            if a.stream == o.stream:
-                continue
-            concurrent_pred = a.start_ms < o.end_ms - TOLERANCE_MS and o.start_ms < a.end_ms - TOLERANCE_MS
-            if concurrent_pred:
-                hard.append(parts[a.id])
-            elif hb_clock[o.id].get(a.stream, 0) < pos[a.id]:
-                soft.append(parts[a.id])
-        front = o.op_class in COMPUTE_CLASSES
-        cands = _candidates(o.sm_count, n, g, front)
-        choice = (next((c for c in cands if _free(c, hard + soft)), None)
-                  or next((c for c in cands if _free(c, hard)), None))
+        busy = [parts[a.id] for a in placed if a.stream != o.stream
+                and a.start_ms < o.end_ms - TOLERANCE_MS and o.start_ms < a.end_ms - TOLERANCE_MS]
+        cands = _candidates(o.sm_count, n, g, o.op_class in COMPUTE_CLASSES)
+        choice = next((c for c in cands if _free(c, busy)), None)
         if choice is None:
-            choice = _widest_gap(hard, n, g, front)
+            choice = _widest_gap(busy, n, g, o.op_class in COMPUTE_CLASSES)
             if choice is not None:
                 notes.append(f"{o.id}: no free {o.sm_count}-SM interval beside the ops predicted to run "
                              f"with it; runs on {choice.sms} SMs ({choice.label})")

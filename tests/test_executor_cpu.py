@@ -4,13 +4,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from nfsearch.analytic import analytic_profile  # noqa: E402
-from nfsearch.errors import NfsearchError  # noqa: E402
-from nfsearch.handmade import equal_split_plan, sequential_plan  # noqa: E402
-from nfsearch.problem import make_problem  # noqa: E402
-from nfsearch.runtime import executor  # noqa: E402
-from nfsearch.runtime.model import ModelInstance  # noqa: E402
-from nfsearch.specs import ModelSpec, Workload, load_gpu  # noqa: E402
+from nfsearch.analytic import analytic_profile
+from nfsearch.errors import NfsearchError
+from nfsearch.handmade import equal_split_plan, sequential_plan
+from nfsearch.problem import make_problem
+from nfsearch.runtime import executor
+from nfsearch.runtime.model import ModelInstance
+from nfsearch.specs import ModelSpec, Workload, load_gpu
 
 MODEL = ModelSpec("tiny", 256, 4, 2, 64, 512, 2, 1000)
 # 6 decode requests at context 40, then prompts of 20 and 13 tokens

@@ -92,8 +92,8 @@ def test_compute_takes_the_front_and_others_the_back():
     ops = [op("a", 0, "x", 0, 96, 0, 2), op("b", 0, "y", 1, 36, 0, 2, cls="memory")]
     ll = launch.build(schedule(ops))
     a, b = ll.by_id()["L0.a#0"], ll.by_id()["L0.b#0"]
-    assert (a.partition.lo, a.partition.hi) == (0, 96) and a.partition.split == ((96,), 0)
-    assert (b.partition.lo, b.partition.hi) == (96, 132) and b.partition.split == ((96,), 1)
+    assert (a.partition.lo, a.partition.hi) == (0, 96) and a.partition.split == ((96, 36), 0)
+    assert (b.partition.lo, b.partition.hi) == (96, 132) and b.partition.split == ((96, 36), 1)
     assert a.key == "x@sm0-96" and b.key == "y@sm96-132"
 
 
@@ -103,7 +103,7 @@ def test_third_concurrent_op_gets_a_middle_group():
     parts = {l.id: l.partition for l in launch.build(schedule(ops)).launches}
     for p, q in itertools.combinations(parts.values(), 2):
         assert not p.overlaps(q)
-    assert parts["L0.c#0"].split == ((72, 24), 1)
+    assert parts["L0.c#0"].split == ((72, 24, 36), 1)
 
 
 def test_partition_rounding_and_whole_gpu():

@@ -30,7 +30,6 @@ def gemm_peak_tflops(n: int = 8192, iters: int = 20, device: str = "cuda") -> fl
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     c = torch.empty(n, n, device=device, dtype=torch.bfloat16)
     ms = time_ms(lambda: torch.matmul(a, b, out=c), iters)
-    del a, b, c
     return 2.0 * n ** 3 / (ms * 1e-3) / 1e12
 
 
@@ -39,7 +38,6 @@ def copy_bandwidth_tbps(num_bytes: int = 1 << 30, iters: int = 20, device: str =
     src = torch.randn(num_bytes // 2, device=device, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), iters)
-    del src, dst
     return 2.0 * num_bytes / (ms * 1e-3) / 1e12
 
 
