@@ -115,9 +115,11 @@ def solve(problem: Problem, solver: str = "auto", time_limit_s: float = 10.0, th
     if final is None or (raced is not None and raced.makespan < final.makespan):
         final = raced
     wall = time.perf_counter() - began
+    notes.append(f"search wall time {wall:.2f} s")
 
     baseline, base_name = _best_baseline(problem, chunk)
     note = backend.settings(time_limit_s, threads, seed)
+    # (wall time goes to the notes, not the plan: the same inputs and seed give a byte-identical plan)
     if final is None:
         notes.append(f"stage 2 found no schedule; returning the {base_name} plan")
         return _relabel(baseline, backend.name, wall, time_limit_s, threads, seed,
@@ -130,7 +132,7 @@ def solve(problem: Problem, solver: str = "auto", time_limit_s: float = 10.0, th
     notes.append(f"stage 2: {winner.describe()}: makespan {ours:.4f} ms, gap {final.gap:.2%} "
                  f"({final.status}); replay {replayed:.4f} ms")
     say(notes[-1])
-    solver_info = {"name": backend.name, "status": final.status, "wall_s": round(wall, 3),
+    solver_info = {"name": backend.name, "status": final.status,
                    "gap": round(final.gap, 6), "seed": int(seed), "threads": int(threads),
                    "time_limit_s": float(time_limit_s), "note": note,
                    "bound_ms": round(final.bound / UNITS_PER_MS, 6), "replay_makespan_ms": round(replayed, 6),
@@ -412,7 +414,7 @@ def _best_baseline(problem: Problem, chunk: int) -> tuple[Schedule, str]:
 
 def _relabel(plan: Schedule, solver: str, wall: float, time_limit_s: float, threads: int, seed: int,
              note: str) -> Schedule:
-    info = {"name": solver, "status": "fallback", "wall_s": round(wall, 3), "gap": None, "seed": int(seed),
+    info = {"name": solver, "status": "fallback", "gap": None, "seed": int(seed),
             "threads": int(threads), "time_limit_s": float(time_limit_s), "note": note}
     return Schedule(plan.model, plan.workload, plan.gpu, plan.profile, plan.num_layers, plan.nano_ops,
                     plan.predicted, info)

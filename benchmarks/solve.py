@@ -1,0 +1,75 @@
+"""Benchmark the search on W2 (llama-3-8b, bundled H100 profile): wall time, stage-2 gap, makespans.
+
+    python benchmarks/solve.py [--workload W2] [--time-limit 10] [--threads 2] [--seed 0]
+
+Targets (issue 3): wall <= 10 s on 2 cores, gap <= 1%, makespan below sequential and the best
+equal-split 2-nano-batch plan. Writes benchmarks/results/solve_<date>.json.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nfsearch.problem import default_profile, make_problem  # noqa: E402
+from nfsearch.search import baselines, solve  # noqa: E402
+from nfsearch.simulate import replay, verify  # noqa: E402
+from nfsearch.specs import load_model, load_workload  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workload", default="W2")
+    ap.add_argument("--time-limit", type=float, default=10.0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--solver", default="auto")
+    args = ap.parse_args()
+    workload = load_workload(args.workload)
+    model = load_model(workload.model)
+    problem = make_problem(model, workload, default_profile(model, workload))
+    began = time.perf_counter()
+    schedule, notes = solve(problem, solver=args.solver, time_limit_s=args.time_limit, threads=args.threads,
+                            seed=args.seed)
+    wall = time.perf_counter() - began
+    verify(schedule)
+    base = {k: v.predicted["makespan_ms"] for k, v in baselines(problem).items()}
+    equal = min(v for k, v in base.items() if k.startswith("equal-split"))
+    ours = schedule.predicted["makespan_ms"]
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+        "workload": workload.name, "model": model.name, "profile": problem.profile.label,
+        "num_layers": problem.num_layers, "time_limit_s": args.time_limit, "threads": args.threads,
+        "seed": args.seed,
+        "wall_s": round(wall, 3),
+        "solver": schedule.solver,
+        "gap": schedule.solver.get("gap"),
+        "makespan_ms": round(ours, 6),
+        "replay_makespan_ms": round(replay(schedule, problem.cost).makespan_ms, 6),
+        "sequential_ms": round(base["sequential"], 6),
+        "best_equal_split_2_ms": round(equal, 6),
+        "vs_sequential": round(ours / base["sequential"], 4),
+        "vs_equal_split": round(ours / equal, 4),
+        "notes": notes,
+        "targets": {"wall_le_10s": wall <= 10.0, "gap_le_1pct": (schedule.solver.get("gap") or 1.0) <= 0.01,
+                    "beats_sequential": ours < base["sequential"], "beats_equal_split": ours < equal},
+    }
+    out = Path(__file__).parent / "results" / f"solve_{result['date']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: result[k] for k in ("wall_s", "gap", "makespan_ms", "sequential_ms",
+                                             "best_equal_split_2_ms", "targets")}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
