@@ -176,6 +176,19 @@ def simulate(plan_path, profile_path, out_prefix, allow_extrapolation):
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
+@main.command()
+@click.option("--cases", "cases_file", type=click.Path(), default="tests/golden/cases.yaml", show_default=True,
+              help="Golden cases file (model, workload, profile -> committed golden plan).")
+@click.option("--tolerance", type=float, help="Allowed makespan regression (default: the cases file's).")
+def check(cases_file, tolerance):
+    """Re-solve the golden cases; exit 1 with a diff when a plan is invalid or got worse."""
+    from nfsearch.check import run_check
+    result = run_check(cases_file, tolerance, progress=lambda msg: click.echo(f"  {msg}", err=True))
+    click.echo(result.report())
+    if not result.ok:
+        sys.exit(1)
+
+
 def _problem(model, workload, profile_path, num_layers, allow_extrapolation):
     from nfsearch.problem import default_profile, make_problem
     from nfsearch.profile import load
