@@ -73,3 +73,20 @@ def test_activations_stay_order_one():
             m.run(bufs, l, op, *rng, "torch", 0)
     out = bufs[-1]["out"].float()
     assert torch.isfinite(out).all() and 0.3 < out.std().item() < 5
+
+
+def test_torch_decode_and_prefill_match_the_float_references():
+    from nfsearch.runtime import reference as ref
+    m = ModelInstance(MODEL, WORKLOAD, 1, device="cpu", seed=3)
+    bufs = m.new_buffers()
+    for op, rng in (("norm1", (0, 39)), ("kqv", (0, 39)), ("rope_append", (0, 39)), ("decode_attn", (0, 6)),
+                    ("prefill_attn", (6, 39))):
+        m.run(bufs, 0, op, *rng, "torch", 0)
+    kc, vc = m.kv_cache[0]
+    want = ref.decode_attention_ref(bufs[0]["q"][:6], kc, vc, m.context_lens)
+    got = bufs[0]["attn"][:6]
+    assert ((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
+    cu = torch.tensor([0, 20, 33], dtype=torch.int32)
+    want = ref.prefill_attention_ref(bufs[0]["q"][6:], bufs[0]["k"][6:], bufs[0]["v"][6:], cu)
+    got = bufs[0]["attn"][6:]
+    assert ((got.float() - want.float()).norm() / want.float().norm()) < 1e-2

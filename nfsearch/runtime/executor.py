@@ -20,6 +20,7 @@ from nfsearch.errors import NfsearchError
 from nfsearch.launch import Launch, LaunchList
 from nfsearch.runtime.kernels import IMPLS
 from nfsearch.runtime.model import OP_OUTPUT, ModelInstance, rel_error
+from nfsearch.runtime.partitions import PartitionError
 from nfsearch.timeline import Span, Timeline
 
 TOLERANCE = 2e-2
@@ -51,8 +52,9 @@ class ExecContext:
         self._streams: dict[str, object] = {}
         self._events: dict[str, object] = {}
         self._sm_mismatch_noted = False
+        self._failed_splits: set[str] = set()
         if self.is_cuda:
-            from nfsearch.runtime.partitions import PartitionError, SmPartitions
+            from nfsearch.runtime.partitions import SmPartitions
             idx = self.device.index or 0
             props = torch.cuda.get_device_properties(idx)
             self.gpu_name, self.num_sms = props.name, int(props.multi_processor_count)
@@ -74,7 +76,20 @@ class ExecContext:
         predicted not to co-run). Grid mode and whole-GPU launches: one plain stream per key."""
         if self.mode == "green" and not l.partition.is_whole:
             sizes, group = l.partition.split
-            sms, stream = self.partitions.split(sizes)[group]
+            try:
+                sms, stream = self.partitions.split(sizes)[group]
+            except PartitionError as exc:
+                # seen on H100 for middle groups (a split of the remainder of a split): CUDA error 915
+                # (INVALID_RESOURCE_CONFIGURATION). That interval then runs on a plain stream; its
+                # kernels stay bounded by their grids (num_sms), as in grid mode.
+                if l.partition.label not in self._failed_splits:
+                    self._failed_splits.add(l.partition.label)
+                    self.notes.append(f"no green context for {l.partition.label} (split {sizes}: {exc}); "
+                                      "plain stream with an SM-bounded grid")
+                key = "plain@" + l.partition.label
+                if key not in self._streams:
+                    self._streams[key] = torch.cuda.Stream(device=self.device)
+                return self._streams[key]
             if sms != l.partition.sms and not self._sm_mismatch_noted:
                 self._sm_mismatch_noted = True
                 self.notes.append(f"green group for {l.partition.label} has {sms} SMs, not {l.partition.sms}")
