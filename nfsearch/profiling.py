@@ -1,0 +1,660 @@
+"""The measurement plan of a profile, its checkpoint, and the table built from it (pure Python).
+
+No torch here: the GPU side (nfsearch/runtime/profiler.py) supplies a `measure(point)` function;
+this module decides WHAT is measured and keeps the books:
+
+* `make_plan`: the grid of points per op / impl / tokens / context / SM count, the co-run pairs and
+  the ceilings. The default grid covers the standard workloads W1-W3 (tokens 128..4096 in
+  nano-batches of multiples of 128, decode contexts 1024 and 2048, prompt lengths 256 and 512) in
+  union with what the given workload needs, so one table per model serves all of them.
+* `Checkpoint`: every finished measurement is appended (and flushed) to `<output>.partial.csv`; a
+  killed run started again with the same request continues where it stopped, losing at most the
+  measurement in flight. The file's first line holds the plan's identity (model, device, kernel
+  code, grid, settings); a different request starts afresh.
+* `run_plan`: walks the plan, skips what the checkpoint holds, reports progress with an ETA.
+* `assemble_table`: the ProfileTable (solo rows, co-run rows with co_class) and its metadata.
+* `summarize`: the key numbers (ceilings, GEMM vs cuBLAS, decode bandwidth, co-run ratios).
+
+Co-run points: a compute op (the GEMMs, prefill attention) on n SMs beside decode attention (class
+memory) on the complementary num_sms - n SMs of ONE green-context split (a group of m SMs for decode
+attention, the remainder for the compute op). The measured op is timed while the other side runs
+back to back for the whole window; its row's co_class is the other side's class.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from nfsearch.analytic import BW_FRACTION, _interp
+from nfsearch.errors import NfsearchError
+from nfsearch.ops import Op, layer_ops, op_context, op_work
+from nfsearch.profile import ProfileTable
+from nfsearch.specs import ModelSpec, Workload
+
+FORMAT = 1
+
+# ---------------------------------------------------------------------------------------- the grid
+TOKENS = (128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+DECODE_REQUESTS = (64, 128, 256, 384, 512)
+DECODE_CONTEXTS = (1024, 2048)
+PREFILL_TOKENS = (128,) + tuple(range(256, 3841, 256))
+PROMPT_LENGTHS = (256, 512)
+# co-run splits: decode attention gets a group of m SMs, the compute op the remainder
+CORUN_MEMORY_SMS = (8, 16, 24, 32, 40, 48, 64)
+CORUN_TOKENS = (128, 256, 512, 1024, 2048, 4096)
+CORUN_PREFILL_TOKENS = (128, 256, 512, 1024, 2048, 3840)
+CORUN_COMPUTE_OPS = ("kqv", "o", "ug", "d", "prefill_attn")
+CORUN_MEMORY_OP = "decode_attn"
+
+QUICK_TOKENS = (128, 512, 2048)
+QUICK_DECODE_REQUESTS = (128, 512)
+QUICK_PREFILL_TOKENS = (256, 1536)
+QUICK_CORUN_MEMORY_SMS = (32,)
+QUICK_CORUN_TOKENS = (512, 2048)
+QUICK_CORUN_PREFILL_TOKENS = (256, 1536)
+
+# the other side of a co-run: decode attention over 512 requests at context 1024 (W1/W2's decode
+# part) beside compute ops; the layer's four GEMMs over 1024 tokens, back to back, beside decode.
+MEMORY_BACKGROUND = ("decode_attn", 512, 1024)
+COMPUTE_BACKGROUND = (("kqv", "o", "ug", "d"), 1024)
+PAIR = ("ug", 2048)                       # compute side of the summary's makespan pairs
+
+# ops whose library impl is left out: rope_append's torch impl is the host-syncing reference
+SKIP_IMPLS = {("rope_append", "torch")}
+DEFAULT_IMPLS = {op: ("triton", "torch") for op in
+                 ("norm1", "kqv", "rope_append", "decode_attn", "prefill_attn", "o", "norm2", "ug", "act", "d")}
+
+# the ceilings: a cuBLAS bf16 GEMM of this size and a device-to-device copy of this many bytes
+GEMM_CEILING_N = 8192
+COPY_CEILING_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class Settings:
+    warmup: int = 3
+    repeats: int = 12            # the median of this many timed runs
+    corun_repeats: int = 10
+    pair_repeats: int = 10
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measurement. kind: ceiling | solo | corun | pair.
+
+    corun: `op` on `sm_count` SMs while the other side (class co_class) runs on `partner_sms`.
+    pair: the summary's makespan of PAIR on `sm_count` SMs and MEMORY_BACKGROUND on `partner_sms`.
+    """
+    kind: str
+    op: str
+    impl: str = ""
+    num_tokens: int = 0
+    context: int = 0
+    sm_count: int = 0
+    co_class: str = ""
+    partner_sms: int = 0
+
+    def key(self) -> tuple:
+        return (self.kind, self.op, self.impl, self.num_tokens, self.context, self.sm_count, self.co_class,
+                self.partner_sms)
+
+    def describe(self) -> str:
+        if self.kind == "ceiling":
+            return f"ceiling {self.op}"
+        unit = "req" if self.op == "decode_attn" else "tok"
+        ctx = f" ctx {self.context}" if self.context else ""
+        text = f"{self.op}/{self.impl} {self.num_tokens} {unit}{ctx} @{self.sm_count}"
+        if self.kind == "corun":
+            text += f" beside {self.co_class}@{self.partner_sms}"
+        if self.kind == "pair":
+            text = f"pair {self.op} @{self.sm_count}+{self.partner_sms}"
+        return text
+
+
+@dataclass(frozen=True)
+class Measurement:
+    time_ms: float                  # solo, co-run or makespan time; ceilings: the raw time
+    solo_ms: float | None = None    # corun: the op alone on the same split stream; pair: the compute side
+    partner_ms: float | None = None  # pair: the memory side alone
+
+
+@dataclass
+class Plan:
+    model: ModelSpec
+    tp_degree: int
+    num_sms: int
+    granularity: int
+    is_quick: bool
+    settings: Settings
+    ops: dict[str, Op]              # every op with kernels (measured ones and co-run backgrounds)
+    points: list[Point]
+    grid: dict
+    rotate_bytes: float = 150e6
+
+    def identity(self, device: dict) -> str:
+        """What must match for a checkpoint to be resumed: model, device, kernel code, grid, settings."""
+        text = json.dumps({"format": FORMAT, "model": self.model.to_dict(), "tp": self.tp_degree,
+                           "device": {k: device.get(k) for k in ("gpu_name", "num_sms", "sm_granularity",
+                                                                  "code_version")},
+                           "settings": self.settings.__dict__, "rotate_bytes": self.rotate_bytes,
+                           "points": [p.key() for p in self.points]}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+    def workload(self) -> Workload:
+        """A workload of this plan's TP degree, for op_work."""
+        return Workload("profile", 1, 1, (1,), self.tp_degree)
+
+    def sizes(self, op: str) -> list[tuple[int, int]]:
+        """Every (num_tokens, context) at which `op` runs in this plan, backgrounds included."""
+        out = {(p.num_tokens, p.context) for p in self.points if p.op == op and p.kind in ("solo", "corun")}
+        if any(p.kind == "corun" for p in self.points):
+            if op == MEMORY_BACKGROUND[0]:
+                out.add(MEMORY_BACKGROUND[1:])
+            if op in COMPUTE_BACKGROUND[0]:
+                out.add((COMPUTE_BACKGROUND[1], 0))
+        if any(p.kind == "pair" for p in self.points):
+            if op == PAIR[0]:
+                out.add((PAIR[1], 0))
+            if op == MEMORY_BACKGROUND[0]:
+                out.add(MEMORY_BACKGROUND[1:])
+        return sorted(out)
+
+    def estimate_s(self) -> float:
+        """Rough GPU-side seconds of the whole plan (for the ETA and for planning)."""
+        return sum(point_weight(self, p) for p in self.points)
+
+
+def sm_grid(num_sms: int, granularity: int) -> list[int]:
+    """Partition sizes of the device: multiples of the granularity below num_sms, and num_sms."""
+    return list(range(granularity, num_sms, granularity)) + [num_sms]
+
+
+def make_plan(model: ModelSpec, workload: Workload, num_sms: int, granularity: int, is_quick: bool = False,
+              ops: tuple[str, ...] | None = None, impls: dict[str, tuple[str, ...]] | None = None,
+              settings: Settings | None = None, sm_counts: tuple[int, ...] | None = None) -> Plan:
+    """The measurement plan for `model` on a device of `num_sms` SMs split at `granularity`.
+
+    ops: restrict to these op names (tests); impls: op -> impl names available (default: triton and
+    torch for every op of the runtime); sm_counts: restrict the SM grid (tests).
+    """
+    impls = impls if impls is not None else DEFAULT_IMPLS
+    settings = settings or Settings()
+    # the layer's ops with both attentions present, whatever the workload (the grid covers W1-W3)
+    cover = Workload("cover", 1, 1024, (256,), workload.tp_degree, workload.dtype)
+    layer = {op.name: op for op in layer_ops(model, cover)}
+    runnable = {name: op for name, op in layer.items() if name in impls}
+    chosen = {name: op for name, op in runnable.items() if ops is None or name in ops}
+    unknown = set(ops or ()) - set(layer)
+    if unknown:
+        raise NfsearchError(f"profile: unknown op(s) {', '.join(sorted(unknown))}")
+    if not chosen:
+        raise NfsearchError(f"profile: no measurable op (layer ops: {', '.join(layer)}; kernels for: "
+                            f"{', '.join(sorted(impls))})")
+    grid_sms = sm_grid(num_sms, granularity)
+    if is_quick:
+        grid_sms = sorted({s for s in (2 * granularity, 8 * granularity, num_sms) if s <= num_sms})
+    if sm_counts:
+        grid_sms = sorted(set(sm_counts))
+        bad = [s for s in grid_sms if s not in sm_grid(num_sms, granularity)]
+        if bad:
+            raise NfsearchError(f"profile: SM counts {bad} are not partition sizes of this device")
+
+    def up128(n: int) -> int:
+        return -(-n // 128) * 128
+
+    tokens = set(QUICK_TOKENS if is_quick else TOKENS)
+    if workload.num_tokens > max(tokens):
+        tokens.add(up128(workload.num_tokens))
+    requests = set(QUICK_DECODE_REQUESTS if is_quick else DECODE_REQUESTS)
+    if workload.num_decode > max(requests):
+        requests.add(workload.num_decode)
+    contexts = set() if is_quick else set(DECODE_CONTEXTS)
+    if workload.num_decode:
+        contexts.add(workload.decode_context)
+    contexts = contexts or {1024}
+    prefill_tokens = set(QUICK_PREFILL_TOKENS if is_quick else PREFILL_TOKENS)
+    if workload.num_prefill_tokens > max(prefill_tokens):
+        prefill_tokens.add(up128(workload.num_prefill_tokens))
+    prompts = set() if is_quick else set(PROMPT_LENGTHS)
+    if workload.num_prefill_tokens and "prefill_attn" in layer:
+        prompts.add(op_context(layer["prefill_attn"], workload))
+    prompts = prompts or {512}
+
+    def domain(name: str) -> tuple[list[int], list[int]]:
+        if name == "decode_attn":
+            return sorted(requests), sorted(contexts)
+        if name == "prefill_attn":
+            return sorted(prefill_tokens), sorted(prompts)
+        return sorted(tokens), [0]
+
+    points = [Point("ceiling", "gemm_bf16", "torch", GEMM_CEILING_N), Point("ceiling", "copy", "torch")]
+    for name in chosen:
+        toks, ctxs = domain(name)
+        for impl in impls[name]:
+            if (name, impl) in SKIP_IMPLS:
+                continue
+            for sms in sorted(grid_sms, reverse=True):
+                for ctx in ctxs:
+                    for t in toks:
+                        points.append(Point("solo", name, impl, t, ctx, sms))
+
+    # co-run pairs on one split each: decode attention on m SMs, the compute op on num_sms - m
+    corun_ms_list = [m for m in (QUICK_CORUN_MEMORY_SMS if is_quick else CORUN_MEMORY_SMS)
+                     if m % granularity == 0 and 0 < m <= num_sms // 2]
+    has = lambda name: name in chosen and "triton" in impls[name]
+    bg_ok = has(MEMORY_BACKGROUND[0]) and all(name in runnable and "triton" in impls[name]
+                                              for name in COMPUTE_BACKGROUND[0])
+    corun_ops = [name for name in CORUN_COMPUTE_OPS if has(name)]
+    if bg_ok and (corun_ops or has(CORUN_MEMORY_OP)) and not sm_counts:
+        ctoks = sorted(set(QUICK_CORUN_TOKENS if is_quick else CORUN_TOKENS))
+        ptoks = sorted(set(QUICK_CORUN_PREFILL_TOKENS if is_quick else CORUN_PREFILL_TOKENS))
+        for m in corun_ms_list:
+            n = num_sms - m
+            for name in corun_ops:
+                toks, ctxs = (ptoks, sorted(prompts)) if name == "prefill_attn" else (ctoks, [0])
+                for ctx in ctxs:
+                    for t in toks:
+                        points.append(Point("corun", name, "triton", t, ctx, n, layer[CORUN_MEMORY_OP].op_class, m))
+            if has(CORUN_MEMORY_OP):
+                toks, ctxs = domain(CORUN_MEMORY_OP)
+                for ctx in ctxs:
+                    for t in toks:
+                        points.append(Point("corun", CORUN_MEMORY_OP, "triton", t, ctx, m, "compute", n))
+            if has(PAIR[0]):
+                points.append(Point("pair", PAIR[0], "triton", PAIR[1], 0, n, "", m))
+    grid = {"ops": list(chosen), "sm_counts": sorted(grid_sms), "tokens": sorted(tokens), "decode_requests": sorted(requests),
+            "decode_contexts": sorted(contexts), "prefill_tokens": sorted(prefill_tokens),
+            "prompt_lengths": sorted(prompts), "corun_memory_sms": corun_ms_list if bg_ok else [],
+            "is_quick": is_quick,
+            "covers": ("quick grid" if is_quick else "W1-W3 defaults") + f" + workload {workload.name}"}
+    return Plan(model, workload.tp_degree, num_sms, granularity, is_quick, settings, runnable, points, grid)
+
+
+# ------------------------------------------------------------------------------------ estimates
+def estimate_ms(plan: Plan, op: str, impl: str, num_tokens: int, context: int, sm_count: int) -> float:
+    """A rough roofline time of one call (for the ETA and for sizing co-run windows)."""
+    work = op_work(plan.ops[op], plan.model, plan.workload(), num_tokens, context)
+    flops_per_ms = 650e9 * sm_count / plan.num_sms
+    bytes_per_ms = 2.9e9 * _interp(BW_FRACTION, sm_count)
+    t = max(work.flops / flops_per_ms, work.num_bytes / bytes_per_ms) + 0.006
+    if impl == "torch" and sm_count < plan.num_sms:
+        t *= 1.5
+    return t
+
+
+def point_weight(plan: Plan, p: Point) -> float:
+    """Expected seconds of one point on the GPU, overheads included."""
+    s = plan.settings
+    if p.kind == "ceiling":
+        return 0.5
+    if p.kind == "pair":
+        x = estimate_ms(plan, p.op, "triton", p.num_tokens, 0, p.sm_count)
+        y = estimate_ms(plan, MEMORY_BACKGROUND[0], "triton", MEMORY_BACKGROUND[1], MEMORY_BACKGROUND[2],
+                        p.partner_sms)
+        return 0.02 + (s.warmup + s.pair_repeats) * 2 * (x + y) / 1e3
+    t = estimate_ms(plan, p.op, p.impl, p.num_tokens, p.context, p.sm_count)
+    if p.kind == "solo":
+        return 0.004 + (s.warmup + s.repeats) * t / 1e3
+    # corun: the op alone on the split, then beside the background (up to 2x slower), plus the lead
+    return 0.015 + (s.warmup + s.repeats) * t / 1e3 + (1 + s.corun_repeats) * 2 * t / 1e3
+
+
+def rotation_sets(plan: Plan, op: str, num_tokens: int, context: int, max_sets: int = 64) -> int:
+    """How many input sets to rotate among so that one call's data is out of L2 when it comes back."""
+    nbytes = op_work(plan.ops[op], plan.model, plan.workload(), num_tokens, context).num_bytes
+    return max(1, min(max_sets, math.ceil(plan.rotate_bytes / max(nbytes, 1.0))))
+
+
+# ------------------------------------------------------------------------------------ checkpoint
+CHECKPOINT_MARK = "# nfsearch-profile-checkpoint "
+CHECKPOINT_COLUMNS = ("kind", "op", "impl", "num_tokens", "context", "sm_count", "co_class", "partner_sms",
+                      "time_ms", "solo_ms", "partner_ms")
+
+
+def checkpoint_path(output: str | Path) -> Path:
+    return Path(str(output) + ".partial.csv")
+
+
+class Checkpoint:
+    """Append-only CSV of finished measurements, headed by the plan's identity."""
+
+    def __init__(self, path: str | Path, identity: str, log=None):
+        self.path = Path(path)
+        self.identity = identity
+        self.log = log or (lambda msg: None)
+        self._file = None
+
+    def open(self) -> dict[tuple, Measurement]:
+        """Load what a previous run of the same plan measured, then open the file for appending."""
+        done: dict[tuple, Measurement] = {}
+        if self.path.is_file():
+            text = self.path.read_text()
+            first, _, body = text.partition("\n")
+            header = first[len(CHECKPOINT_MARK):] if first.startswith(CHECKPOINT_MARK) else ""
+            try:
+                same = json.loads(header).get("identity") == self.identity
+            except (ValueError, AttributeError):
+                same = False
+            if same:
+                done = _parse_rows(body)
+                self.log(f"resuming from {self.path}: {len(done)} measurements already done")
+            else:
+                self.log(f"{self.path} belongs to another request (grid, device or code); starting afresh")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # rewrite: drops a line cut short by a kill, so appending starts on a clean line
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            f.write(CHECKPOINT_MARK + json.dumps({"identity": self.identity, "format": FORMAT}) + "\n")
+            w = csv.writer(f)
+            w.writerow(CHECKPOINT_COLUMNS)
+            for key, m in done.items():
+                w.writerow(_row(key, m))
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a", newline="")
+        self._writer = csv.writer(self._file)
+        return done
+
+    def append(self, point: Point, m: Measurement) -> None:
+        self._writer.writerow(_row(point.key(), m))
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+            self._file = None
+
+    def remove(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _row(key: tuple, m: Measurement) -> list:
+    fmt = lambda v: "" if v is None else repr(float(v))
+    return list(key) + [fmt(m.time_ms), fmt(m.solo_ms), fmt(m.partner_ms)]
+
+
+def _parse_rows(body: str) -> dict[tuple, Measurement]:
+    done = {}
+    lines = body.splitlines()
+    if not lines:
+        return done
+    if not body.endswith("\n"):
+        lines = lines[:-1]          # the measurement in flight when the run was killed
+    for rec in csv.reader(io.StringIO("\n".join(lines[1:]))):
+        try:
+            if len(rec) != len(CHECKPOINT_COLUMNS):
+                continue
+            key = (rec[0], rec[1], rec[2], int(rec[3]), int(rec[4]), int(rec[5]), rec[6], int(rec[7]))
+            vals = [float(v) if v else None for v in rec[8:]]
+            if vals[0] is None or not math.isfinite(vals[0]) or vals[0] <= 0:
+                continue
+            done[key] = Measurement(*vals)
+        except ValueError:
+            continue
+    return done
+
+
+# ------------------------------------------------------------------------------------ running
+class Progress:
+    """Done / total / ETA from the points' expected weights, scaled by the measured pace."""
+
+    def __init__(self, plan: Plan, todo: list[Point], callback=None, clock=time.monotonic, every_s: float = 0.5):
+        self.callback = callback
+        self.clock = clock
+        self.every_s = every_s
+        self.total = len(plan.points)
+        self.done = self.total - len(todo)
+        self.weights = {p.key(): point_weight(plan, p) for p in todo}
+        self.left = sum(self.weights.values())
+        self.spent_w = 0.0
+        self.start = clock()
+        self.last = -1e9
+
+    def step(self, point: Point) -> None:
+        self.done += 1
+        w = self.weights.get(point.key(), 0.0)
+        self.left -= w
+        self.spent_w += w
+        now = self.clock()
+        if self.callback and (now - self.last >= self.every_s or self.done >= self.total):
+            self.last = now
+            pace = (now - self.start) / self.spent_w if self.spent_w > 0 else 1.0
+            self.callback(self.done, self.total, max(0.0, self.left * pace), point.describe())
+
+
+def run_plan(plan: Plan, checkpoint: Checkpoint | None, measure, progress=None, log=None,
+             clock=time.monotonic, max_consecutive_failures: int = 25):
+    """Measure every point of the plan not yet in the checkpoint.
+
+    measure(point) -> Measurement. An exception fails that point only (recorded, not checkpointed,
+    retried by the next run); a run of failures in a row (a broken device) aborts.
+    Returns (results: key -> Measurement, failures: key -> message).
+    """
+    log = log or (lambda msg: None)
+    results = checkpoint.open() if checkpoint else {}
+    planned = {p.key() for p in plan.points}
+    results = {k: v for k, v in results.items() if k in planned}
+    todo = [p for p in plan.points if p.key() not in results]
+    prog = Progress(plan, todo, progress, clock)
+    failures: dict[tuple, str] = {}
+    in_a_row = 0
+    try:
+        for point in todo:
+            try:
+                m = measure(point)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:
+                failures[point.key()] = f"{type(exc).__name__}: {exc}"[:300]
+                log(f"failed: {point.describe()}: {failures[point.key()]}")
+                in_a_row += 1
+                if in_a_row >= max_consecutive_failures:
+                    raise NfsearchError(f"profile: {in_a_row} measurements failed in a row (last: "
+                                        f"{failures[point.key()]}); what was measured is kept in "
+                                        f"{checkpoint.path if checkpoint else 'no checkpoint'}") from exc
+                prog.step(point)
+                continue
+            in_a_row = 0
+            if not (m.time_ms > 0 and math.isfinite(m.time_ms)):
+                failures[point.key()] = f"non-positive time {m.time_ms}"
+                prog.step(point)
+                continue
+            results[point.key()] = m
+            if checkpoint:
+                checkpoint.append(point, m)
+            prog.step(point)
+    finally:
+        if checkpoint:
+            checkpoint.close()
+    return results, failures
+
+
+# ------------------------------------------------------------------------------------ the table
+def gpu_key_for(name: str) -> str:
+    """The bundled GPU key of a device name ('h100-sxm' for an H100 SXM, 'h200' for an H200), or ''."""
+    up = name.upper()
+    if "H200" in up:
+        return "h200"
+    if "H100" in up and ("HBM3" in up or "SXM" in up):
+        return "h100-sxm"
+    if "A100" in up and "SXM" in up:
+        return "a100-sxm"
+    return ""                   # not a bundled GPU: the table names it by gpu_name only
+
+
+def ceilings(results: dict[tuple, Measurement]) -> dict:
+    out = {}
+    for key, m in results.items():
+        if key[0] != "ceiling":
+            continue
+        if key[1] == "gemm_bf16":
+            out["peak_tflops"] = round(2.0 * GEMM_CEILING_N ** 3 / m.time_ms / 1e9, 1)
+        elif key[1] == "copy":
+            out["mem_bandwidth_tbps"] = round(2.0 * COPY_CEILING_BYTES / m.time_ms / 1e9, 3)
+    return out
+
+
+def assemble_table(plan: Plan, results: dict[tuple, Measurement], device: dict,
+                   failures: dict | None = None) -> ProfileTable:
+    """The ProfileTable of the measured points.
+
+    The table interpolates on a full tokens x SMs rectangle per (op, impl, co_class, context), so
+    holes (failed points) are cut out: a solo group with a hole is dropped whole (a partial impl
+    would make lookups miss where the other impl could answer); a co-run group keeps, per context,
+    the larger of the rectangles left by removing the SM counts or the token counts that have a
+    hole (outside it the cost model falls back to its interference curve).
+    device: metadata of the device and run (gpu_name, source, versions, date, ...).
+    """
+    groups: dict[tuple, list[Point]] = {}
+    for p in plan.points:
+        if p.kind in ("solo", "corun"):
+            groups.setdefault((p.op, p.impl, p.co_class), []).append(p)
+    rows, dropped = [], []
+    for (op, impl, co), pts in groups.items():
+        missing = [p for p in pts if p.key() not in results]
+        if missing:
+            kept = [] if not co else _largest_rectangles(pts, {p.key() for p in missing})
+            dropped.append({"op": op, "impl": impl, "co_class": co, "missing": len(missing),
+                            "first_missing": missing[0].describe(), "kept": len(kept), "of": len(pts)})
+            pts = kept
+        rows += [(p.op, p.impl, p.num_tokens, p.context, p.sm_count, results[p.key()].time_ms, p.co_class)
+                 for p in pts]
+    if not rows:
+        raise NfsearchError("profile: nothing was measured" + (f" ({len(failures)} failures)" if failures else ""))
+    df = pd.DataFrame(rows, columns=["op", "impl", "num_tokens", "context", "sm_count", "time_ms", "co_class"])
+    meta = dict(device)
+    if not meta.get("gpu_key"):
+        meta.pop("gpu_key", None)
+        if gpu_key_for(meta["gpu_name"]):
+            meta["gpu_key"] = gpu_key_for(meta["gpu_name"])
+    meta.update({"num_sms": plan.num_sms, "sm_granularity": plan.granularity, "model": plan.model.name,
+                 "tp_degree": plan.tp_degree, "grid": plan.grid,
+                 "timing": {"warmup": plan.settings.warmup, "statistic": f"median of {plan.settings.repeats}",
+                            "corun": f"median of {plan.settings.corun_repeats}",
+                            "l2_rotation_bytes": plan.rotate_bytes},
+                 "corun_method": (
+                     "one green-context split per pair: decode_attn on a group of m SMs, the compute op "
+                     "(GEMM or prefill_attn) on the remaining num_sms - m; the timed op runs while the other "
+                     "side runs back to back for the whole window (compute ops beside decode_attn "
+                     f"{MEMORY_BACKGROUND[1]} requests x context {MEMORY_BACKGROUND[2]}; decode_attn beside "
+                     f"the GEMMs {'+'.join(COMPUTE_BACKGROUND[0])} over {COMPUTE_BACKGROUND[1]} tokens); "
+                     "co_class = the other side's class"),
+                 "inputs": ("bf16 random data; norms with the residual add fused; GEMMs without residual; "
+                            "prefill_attn over prompts of length `context` (the last one shorter); "
+                            "decode_attn with every request at the full context")})
+    meta.update(ceilings(results))
+    if "peak_tflops" in meta or "mem_bandwidth_tbps" in meta:
+        meta["figures_source"] = f"{meta.get('source', 'measured')} in this profile run"
+    if dropped:
+        meta["dropped_groups"] = dropped
+    return ProfileTable(df, meta)
+
+
+def _largest_rectangles(pts: list[Point], missing: set) -> list[Point]:
+    """Per context: the points left after removing the SM counts, or else the token counts, with a hole."""
+    kept = []
+    for ctx in sorted({p.context for p in pts}):
+        here = [p for p in pts if p.context == ctx]
+        holes = [p for p in here if p.key() in missing]
+        if not holes:
+            kept += here
+            continue
+        by_sms = [p for p in here if p.sm_count not in {h.sm_count for h in holes}]
+        by_tokens = [p for p in here if p.num_tokens not in {h.num_tokens for h in holes}]
+        kept += max(by_sms, by_tokens, key=len)
+    return kept
+
+
+# ------------------------------------------------------------------------------------ summary
+def summarize(plan: Plan, results: dict[tuple, Measurement], table: ProfileTable, wall_s: float | None = None,
+              command: str | None = None, failures: dict | None = None) -> dict:
+    """Key numbers: ceilings, GEMM vs cuBLAS at the full GPU, decode bandwidth by SM count, co-run ratios."""
+    meta = table.meta
+    solo = {k: m.time_ms for k, m in results.items() if k[0] == "solo"}
+    out = {"gpu": meta["gpu_name"], "gpu_key": meta.get("gpu_key"), "date": meta.get("date"),
+           "source": meta["source"], "model": plan.model.name, "command": command,
+           "wall_s": None if wall_s is None else round(wall_s, 1),
+           "rows": {"total": len(table.rows), "solo": int((table.rows["co_class"] == "").sum()),
+                    "corun": int((table.rows["co_class"] != "").sum())},
+           "ceilings": ceilings(results), "grid": plan.grid, "versions": meta.get("versions"),
+           "failures": len(failures or {}), "dropped_groups": meta.get("dropped_groups", [])}
+    full = plan.num_sms
+    wl = plan.workload()
+    gem = {}
+    for op in ("kqv", "o", "ug", "d"):
+        if op not in plan.grid["ops"]:
+            continue
+        for t in plan.grid["tokens"]:
+            tr, tc = solo.get(("solo", op, "triton", t, 0, full, "", 0)), solo.get(("solo", op, "torch", t, 0, full, "", 0))
+            if tr and tc:
+                fl = op_work(plan.ops[op], plan.model, wl, t, 0).flops
+                gem.setdefault(op, {})[t] = {"triton_ms": round(tr, 4), "cublas_ms": round(tc, 4),
+                                             "triton_tflops": round(fl / tr / 1e9, 1),
+                                             "cublas_tflops": round(fl / tc / 1e9, 1),
+                                             "cublas_over_triton": round(tc / tr, 3)}
+    out["gemm_at_full_gpu"] = gem
+    dec = {}
+    if "decode_attn" in plan.grid["ops"]:
+        for ctx in plan.grid["decode_contexts"]:
+            for r in plan.grid["decode_requests"]:
+                nbytes = op_work(plan.ops["decode_attn"], plan.model, wl, r, ctx).num_bytes
+                for impl in ("triton", "torch"):
+                    for s in plan.grid["sm_counts"]:
+                        t = solo.get(("solo", "decode_attn", impl, r, ctx, s, "", 0))
+                        if t:
+                            dec.setdefault(f"{r}x{ctx}", {}).setdefault(impl, {})[s] = round(nbytes / t / 1e9, 3)
+    out["decode_attn_tbps"] = dec
+    co: dict = {}
+    for k, m in results.items():
+        if k[0] != "corun" or not m.solo_ms:
+            continue
+        _, op, _, _t, _ctx, sms, _cls, partner = k
+        if op != "decode_attn":
+            split = f"compute{sms}+decode{partner}"
+        else:
+            split = f"compute{partner}+decode{sms}"
+        co.setdefault(split, {}).setdefault(op, []).append(m.time_ms / m.solo_ms)
+    out["corun_stretch"] = {split: {op: {"median": round(statistics.median(v), 3), "max": round(max(v), 3),
+                                         "points": len(v)} for op, v in ops.items()} for split, ops in co.items()}
+    pairs = {}
+    for k, m in results.items():
+        if k[0] == "pair" and m.solo_ms and m.partner_ms:
+            pairs[f"{k[1]}{k[3]}@{k[5]} + decode{MEMORY_BACKGROUND[1]}x{MEMORY_BACKGROUND[2]}@{k[7]}"] = {
+                "both_ms": round(m.time_ms, 4), "compute_ms": round(m.solo_ms, 4), "decode_ms": round(m.partner_ms, 4),
+                "vs_sum": round(m.time_ms / (m.solo_ms + m.partner_ms), 3),
+                "vs_max": round(m.time_ms / max(m.solo_ms, m.partner_ms), 3)}
+    out["pairs"] = pairs
+    return out
+
+
+def fake_measure(plan: Plan, seed: int = 0):
+    """A measure(point) of made-up timings (the rough roofline, jittered): for tests only, never a GPU."""
+    import random
+    rng = random.Random(seed)
+
+    def measure(p: Point) -> Measurement:
+        jitter = 1.0 + 0.02 * rng.random()
+        if p.kind == "ceiling":
+            return Measurement((2.0 * GEMM_CEILING_N ** 3 / 700e9 if p.op == "gemm_bf16"
+                                else 2.0 * COPY_CEILING_BYTES / 2.9e9) * jitter)
+        if p.kind == "pair":
+            x = estimate_ms(plan, p.op, "triton", p.num_tokens, 0, p.sm_count)
+            y = estimate_ms(plan, MEMORY_BACKGROUND[0], "triton", *MEMORY_BACKGROUND[1:], p.partner_sms)
+            return Measurement(max(x, y) * 1.1 * jitter, x, y)
+        t = estimate_ms(plan, p.op, p.impl, p.num_tokens, p.context, p.sm_count) * jitter
+        if p.kind == "corun":
+            return Measurement(t * 1.15, t)
+        return Measurement(t)
+
+    return measure
+

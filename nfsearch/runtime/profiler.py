@@ -1,0 +1,529 @@
+"""Measure a profile table on the GPU: `measure_profile(model, workload, ...) -> ProfileTable`.
+
+The plan (which points), the checkpoint and the table assembly live in nfsearch/profiling.py; this
+module times the points:
+
+* every measurement of an impl at sm_count s runs on the green-context stream of s SMs
+  (SmPartitions.stream(s); the full GPU is a plain stream); "triton" impls also get num_sms=s;
+* inputs per op are built once at the largest size and sliced; calls rotate among several input
+  sets (disjoint row windows of one pool, separate weight copies) so that a call's data has left
+  the L2 cache when it comes back;
+* timing: CUDA events between back-to-back calls on the measuring stream, after warm-up; a sleep
+  kernel first lets the host enqueue the calls ahead of the GPU, and the host timestamps are
+  checked afterwards, so launch overhead is not measured as kernel time (retried with a longer
+  lead if it might have been); the statistic is the median;
+* co-run: one split per pair (decode attention on m SMs, the compute op on the remainder); the
+  timed op runs while the other side repeats back to back for the whole window (checked: the
+  background ends after the timed op); the op's time alone on the same split stream is kept too;
+* ceilings: cuBLAS bf16 GEMM 8192^3 and a 1 GiB device-to-device copy (bytes read + written).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import importlib
+import inspect
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from nfsearch import profiling
+from nfsearch.profiling import COMPUTE_BACKGROUND, MEMORY_BACKGROUND, Measurement, Point
+
+MAX_LEAD_MS = 80.0          # solo: the host's head start for `repeats` calls
+MAX_CORUN_LEAD_MS = 1000.0  # co-run: up to hundreds of background calls go in first
+
+
+def measure_profile(model, workload, gpu_id: int = 0, is_quick: bool = False, output=None, progress=None,
+                    ops=None, sm_counts=None, settings=None, log=None):
+    """Measure the profile of `model` (grid covering W1-W3 and `workload`) on CUDA device `gpu_id`.
+
+    output: the table's path; the checkpoint `<output>.partial.csv` and the summary
+    `<output-stem>.summary.json` go beside it, and the table is written there too (then the
+    checkpoint is removed). ops / sm_counts restrict the grid (tests).
+    progress(done, total, eta_s, what) is called as points finish.
+    """
+    import torch
+
+    from nfsearch.runtime.kernels import IMPLS
+    from nfsearch.runtime.partitions import SmPartitions
+
+    log = log or _stderr
+    t_start = time.time()
+    torch.cuda.set_device(gpu_id)
+    torch.manual_seed(0)
+    parts = SmPartitions(gpu_id, mode="green")
+    try:
+        device = device_meta(torch, parts, gpu_id)
+        plan = profiling.make_plan(model, workload, parts.num_sms, parts.granularity, is_quick=is_quick, ops=ops,
+                                   impls={op: tuple(IMPLS[op]) for op in IMPLS}, settings=settings,
+                                   sm_counts=sm_counts)
+        plan.rotate_bytes = 3.0 * device["l2_bytes"]
+        log(f"profile {model.name} on {device['gpu_name']} ({parts.num_sms} SMs, granularity {parts.granularity}): "
+            f"{len(plan.points)} points, ~{plan.estimate_s():.0f} s of GPU work expected")
+        checkpoint = None
+        if output:
+            checkpoint = profiling.Checkpoint(profiling.checkpoint_path(output), plan.identity(device), log)
+        measurer = _Measurer(torch, parts, plan, IMPLS, log)
+        results, failures = profiling.run_plan(plan, checkpoint, measurer, progress, log)
+    finally:
+        parts.close()
+    device["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    table = profiling.assemble_table(plan, results, device, failures)
+    wall = time.time() - t_start
+    summary = profiling.summarize(plan, results, table, wall, " ".join(sys.argv), failures)
+    summary["measure_s"] = round(wall, 1)
+    summary["lead_retries"] = measurer.gap_retries
+    if failures:
+        summary["failure_examples"] = [f"{k}: {v}" for k, v in list(failures.items())[:10]]
+    _print_summary(summary, log)
+    if output:
+        out = Path(output)
+        (out.parent / (out.stem + ".summary.json")).write_text(json.dumps(summary, indent=1, default=str))
+        table.write(out)
+        if not failures and checkpoint:
+            checkpoint.remove()
+    return table
+
+
+def device_meta(torch, parts, gpu_id: int) -> dict:
+    props = torch.cuda.get_device_properties(gpu_id)
+    name = torch.cuda.get_device_name(gpu_id)
+    versions = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    try:
+        import triton
+        versions["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001
+        pass
+    versions["driver"] = _driver_version()
+    return {"gpu_name": name, "gpu_key": profiling.gpu_key_for(name) or None, "num_sms": parts.num_sms,
+            "sm_granularity": parts.granularity, "source": "measured",
+            "l2_bytes": int(getattr(props, "L2_cache_size", 50 << 20)),
+            "memory_bytes": int(props.total_memory), "versions": versions, "code_version": code_version()}
+
+
+def code_version() -> str:
+    """Hash of the kernels and this profiler: a checkpoint from other code is not resumed."""
+    root = Path(__file__).parent
+    h = hashlib.sha256()
+    for p in sorted((root / "kernels").glob("*.py")) + [Path(__file__), root.parent / "profiling.py"]:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _driver_version() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0]
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        from cuda.bindings import driver as cu
+        _, v = cu.cuDriverGetVersion()
+        return f"CUDA driver API {int(v) // 1000}.{int(v) % 1000 // 10}"
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _print_summary(s: dict, log) -> None:
+    c = s["ceilings"]
+    log(f"\n== {s['gpu']}: cuBLAS 8192^3 {c.get('peak_tflops')} TFLOP/s, copy {c.get('mem_bandwidth_tbps')} TB/s; "
+        f"{s['rows']['total']} rows ({s['rows']['corun']} co-run), {s['measure_s']} s, {s['failures']} failures ==")
+    for op, by_t in s["gemm_at_full_gpu"].items():
+        log(f"  {op:>3} triton/cuBLAS TFLOP/s: " + ", ".join(
+            f"{t}: {v['triton_tflops']:.0f}/{v['cublas_tflops']:.0f}" for t, v in by_t.items() if t in (512, 2048, 4096)))
+    for key, by_impl in s["decode_attn_tbps"].items():
+        if key.startswith("512x"):
+            tri = by_impl.get("triton", {})
+            log(f"  decode {key} TB/s triton: " + ", ".join(f"{n}:{v:.2f}" for n, v in tri.items())
+                + f" | SDPA@full {by_impl.get('torch', {}).get(max(tri) if tri else 0, 'n/a')}")
+    for name, v in s["pairs"].items():
+        log(f"  pair {name}: {v['both_ms']:.3f} ms = {v['vs_sum']:.2f}x sum, {v['vs_max']:.2f}x max")
+    for split, ops in s["corun_stretch"].items():
+        log(f"  stretch {split}: " + ", ".join(f"{op} {v['median']:.2f} (max {v['max']:.2f})" for op, v in ops.items()))
+
+
+# ------------------------------------------------------------------------------------ inputs
+class _Inputs:
+    """Inputs of one op, built once at the largest size; fn(impl, tokens, context, sms) -> (call(i), sets)."""
+
+    def __init__(self, torch, plan, op, impls, device="cuda"):
+        self.t = torch
+        self.dev = device
+        self.plan = plan
+        self.op = op
+        self.name = op.name
+        self.impls = impls
+        self.sizes = plan.sizes(op.name) or [(128, 0)]
+        self.dt = torch.bfloat16
+        m, tp = plan.model, plan.tp_degree
+        self.H = m.hidden_size
+        self.HQ = max(1, m.num_heads // tp)
+        self.HKV = max(1, m.num_kv_heads // tp)
+        self.D = m.head_dim
+        self.I = max(1, m.intermediate_size // tp)
+        self._cache = {}
+        self._build()
+
+    # sets to rotate among for (tokens, context), and the pool rows that needs
+    def sets(self, t: int, ctx: int) -> int:
+        return profiling.rotation_sets(self.plan, self.name, t, ctx)
+
+    def rows(self, ctx_filter=None) -> int:
+        return max(self.sets(t, c) * t for t, c in self.sizes if ctx_filter is None or c == ctx_filter)
+
+    def randn(self, *shape, scale=1.0):
+        x = self.t.randn(*shape, device=self.dev, dtype=self.dt)
+        return x.mul_(scale) if scale != 1.0 else x
+
+    def _build(self):
+        t, n = self.t, self.name
+        if self.op.is_gemm:
+            K, N = self.op.gemm_k, self.op.gemm_n
+            nw = max(self.sets(tk, c) for tk, c in self.sizes)
+            self.w = [self.randn(K, N, scale=K ** -0.5) for _ in range(nw)]
+            rows = self.rows()
+            self.a = self.randn(rows, K)
+            self.out = t.empty(rows, N, device=self.dev, dtype=self.dt)
+        elif n in ("norm1", "norm2"):
+            rows = self.rows()
+            self.x, self.res = self.randn(rows, self.H), self.randn(rows, self.H)
+            self.out = t.empty(rows, self.H, device=self.dev, dtype=self.dt)
+            self.res_out = t.empty(rows, self.H, device=self.dev, dtype=self.dt)
+            self.w = t.rand(self.H, device=self.dev, dtype=self.dt) + 0.5
+        elif n == "act":
+            rows = self.rows()
+            self.x = self.randn(rows, 2 * self.I)
+            self.out = t.empty(rows, self.I, device=self.dev, dtype=self.dt)
+        elif n == "rope_append":
+            from nfsearch.runtime.reference import rope_cos_sin
+            rows, C = self.rows(), 16
+            self.qkv = self.randn(rows, (self.HQ + 2 * self.HKV) * self.D)
+            self.q_out = t.empty(rows, self.HQ, self.D, device=self.dev, dtype=self.dt)
+            self.pos = t.randint(0, C, (rows,), device=self.dev, dtype=t.int32)
+            self.slot = t.arange(rows, device=self.dev, dtype=t.int32)       # one cache slot per token
+            self.kc = self.randn(rows, C, self.HKV, self.D)
+            self.vc = self.randn(rows, C, self.HKV, self.D)
+            self.cos, self.sin = rope_cos_sin(C, self.D, device=self.dev)
+        elif n == "decode_attn":
+            rows = self.rows()
+            self.q = self.randn(rows, self.HQ, self.D)
+            self.out = t.empty(rows, self.HQ, self.D, device=self.dev, dtype=self.dt)
+            self.kv = {}
+            for ctx in sorted({c for _, c in self.sizes}):
+                r = self.rows(ctx)
+                self.kv[ctx] = (self.randn(r, ctx, self.HKV, self.D), self.randn(r, ctx, self.HKV, self.D),
+                                t.full((r,), ctx, device=self.dev, dtype=t.int32))
+        elif n == "prefill_attn":
+            rows = self.rows()
+            self.q = self.randn(rows, self.HQ, self.D)
+            self.k, self.v = self.randn(rows, self.HKV, self.D), self.randn(rows, self.HKV, self.D)
+            self.out = t.empty(rows, self.HQ, self.D, device=self.dev, dtype=self.dt)
+        else:
+            raise ValueError(f"no inputs for op {n}")
+
+    def fn(self, impl: str, tok: int, ctx: int, sms: int):
+        f = self.impls[self.name][impl]
+        ns = self.sets(tok, ctx)
+        sl = lambda x, i: x[i * tok:(i + 1) * tok]
+        n = self.name
+        if self.op.is_gemm:
+            sets = [(sl(self.a, i), self.w[i], sl(self.out, i)) for i in range(ns)]
+            return (lambda i: f(*sets[i % ns], sms)), ns
+        if n in ("norm1", "norm2"):
+            sets = [(sl(self.x, i), sl(self.out, i), sl(self.res, i), sl(self.res_out, i)) for i in range(ns)]
+            return (lambda i: f(sets[i % ns][0], self.w, sets[i % ns][1], sms, residual=sets[i % ns][2],
+                                residual_out=sets[i % ns][3])), ns
+        if n == "act":
+            sets = [(sl(self.x, i), sl(self.out, i)) for i in range(ns)]
+            return (lambda i: f(*sets[i % ns], sms)), ns
+        if n == "rope_append":
+            sets = [(sl(self.qkv, i), sl(self.pos, i), sl(self.q_out, i), sl(self.slot, i)) for i in range(ns)]
+            return (lambda i: f(sets[i % ns][0], sets[i % ns][1], self.cos, self.sin, sets[i % ns][2], self.kc,
+                                self.vc, sets[i % ns][3], sms)), ns
+        if n == "decode_attn":
+            kc, vc, lens = self.kv[ctx]
+            sets = [(sl(self.q, i), sl(kc, i), sl(vc, i), lens[:tok], sl(self.out, i)) for i in range(ns)]
+            return (lambda i: f(*sets[i % ns], sms)), ns
+        if n == "prefill_attn":
+            lens = [ctx] * (tok // ctx) + ([tok % ctx] if tok % ctx else [])
+            offsets = [0]
+            for x in lens:
+                offsets.append(offsets[-1] + x)
+            cu_cpu = self.t.tensor(offsets, dtype=self.t.int32)
+            kw = {}
+            if impl == "torch":
+                cu = cu_cpu                  # the library impl reads prompt offsets on the host: no sync
+            else:
+                cu = cu_cpu.to(self.q.device)
+                if "block_table_cache" in inspect.signature(f).parameters:
+                    mod = importlib.import_module(f.__module__)
+                    kw["block_table_cache"] = mod.block_table(cu, tok, mod.BLOCK_M)
+            sets = [(sl(self.q, i), sl(self.k, i), sl(self.v, i), cu, sl(self.out, i)) for i in range(ns)]
+            return (lambda i: f(*sets[i % ns], sms, **kw)), ns
+        raise ValueError(n)
+
+
+# ------------------------------------------------------------------------------------ timing
+class _Measurer:
+    def __init__(self, torch, parts, plan, impls, log, device="cuda"):
+        self.t = torch
+        self.dev = device
+        self.parts = parts
+        self.plan = plan
+        self.impls = impls
+        self.log = log
+        self.inputs: dict[str, _Inputs] = {}
+        self.host_s: dict[tuple, float] = {}      # host seconds to enqueue one call, by (op, impl)
+        self.bg_ms: dict[tuple, float] = {}
+        self.cycles_per_ms = self._calibrate_sleep()
+        self.gap_retries = 0
+
+    def __call__(self, p: Point) -> Measurement:
+        if p.kind == "ceiling":
+            return self._ceiling(p)
+        if p.kind == "solo":
+            fn, ns = self._fn(p.op, p.impl, p.num_tokens, p.context, p.sm_count)
+            stream = self.parts.stream(p.sm_count)
+            if self.parts.round(p.sm_count) != p.sm_count:
+                raise RuntimeError(f"partition of {p.sm_count} SMs rounds to {self.parts.round(p.sm_count)}")
+            return Measurement(statistics.median(self.solo(fn, stream, ns, (p.op, p.impl))))
+        if p.kind == "corun":
+            return self._corun(p)
+        if p.kind == "pair":
+            return self._pair(p)
+        raise ValueError(p.kind)
+
+    # -------------------------------------------------------------- helpers
+    def _inputs(self, op: str) -> _Inputs:
+        if op not in self.inputs:
+            self.inputs[op] = _Inputs(self.t, self.plan, self.plan.ops[op], self.impls, self.dev)
+        return self.inputs[op]
+
+    def _fn(self, op, impl, tok, ctx, sms):
+        return self._inputs(op).fn(impl, tok, ctx, sms)
+
+    def _calibrate_sleep(self) -> float:
+        t = self.t
+        t.cuda._sleep(1000)
+        vals = []
+        for _ in range(3):
+            a, b = t.cuda.Event(enable_timing=True), t.cuda.Event(enable_timing=True)
+            a.record()
+            t.cuda._sleep(2_000_000)
+            b.record()
+            b.synchronize()
+            vals.append(2_000_000 / max(a.elapsed_time(b), 1e-3))
+        return statistics.median(vals)
+
+    def _sleep(self, ms: float) -> None:
+        self.t.cuda._sleep(max(1000, int(ms * self.cycles_per_ms)))
+
+    def _events(self, n):
+        return [self.t.cuda.Event(enable_timing=True) for _ in range(n)]
+
+    def _split(self, m: int):
+        (gm, sm_), (gn, sn) = self.parts.split((m, self.parts.num_sms - m))
+        if gm != m or gn != self.parts.num_sms - m:
+            raise RuntimeError(f"split ({m}, rest) gave {gm} + {gn} SMs")
+        return sm_, sn
+
+    def _ceiling(self, p: Point) -> Measurement:
+        t = self.t
+        if p.op == "gemm_bf16":
+            n = profiling.GEMM_CEILING_N
+            a = [t.randn(n, n, device=self.dev, dtype=t.bfloat16) for _ in range(2)]
+            b = [t.randn(n, n, device=self.dev, dtype=t.bfloat16) for _ in range(2)]
+            c = t.empty(n, n, device=self.dev, dtype=t.bfloat16)
+            fn = lambda i: t.matmul(a[i % 2], b[i % 2], out=c)
+        else:
+            x = t.randn(profiling.COPY_CEILING_BYTES // 2, device=self.dev, dtype=t.bfloat16)
+            y = t.empty_like(x)
+            fn = lambda i: y.copy_(x)
+        times = self.solo(fn, t.cuda.current_stream(), 2, ("ceiling", p.op), warm=3, reps=10)
+        ms = statistics.median(times)
+        del fn
+        t.cuda.empty_cache()
+        self.log(f"ceiling {p.op}: {ms:.4f} ms")
+        return Measurement(ms)
+
+    # -------------------------------------------------------------- solo
+    def solo(self, fn, stream, nsets, host_key, warm=None, reps=None) -> list[float]:
+        """Times (ms) of `reps` back-to-back calls on `stream` after `warm` warm-up calls."""
+        t = self.t
+        warm = self.plan.settings.warmup if warm is None else warm
+        reps = self.plan.settings.repeats if reps is None else reps
+        host = []
+        with t.cuda.stream(stream):
+            for i in range(warm):
+                h = time.perf_counter()
+                fn(i % nsets)
+                host.append(time.perf_counter() - h)
+        per_call = min(host[1:] or host or [1e-4])
+        per_call = min(per_call, self.host_s.get(host_key, per_call))
+        lead = min(MAX_LEAD_MS, 1.3 * reps * per_call * 1e3 + 0.05)
+        for _attempt in range(3):
+            ev = self._events(reps + 2)
+            hk = []
+            with t.cuda.stream(stream):
+                h0 = time.perf_counter()
+                ev[0].record()
+                self._sleep(lead)
+                ev[1].record()
+                for r in range(reps):
+                    fn((warm + r) % nsets)
+                    hk.append(time.perf_counter())
+                    ev[r + 2].record()
+            ev[-1].synchronize()
+            lead_ms = ev[0].elapsed_time(ev[1])
+            times = [ev[r + 1].elapsed_time(ev[r + 2]) for r in range(reps)]
+            self.host_s[host_key] = (hk[-1] - h0) / reps
+            # no gap: call r was enqueued before the GPU could have reached it
+            short, cum = 0.0, lead_ms
+            for r in range(reps):
+                host_ms = (hk[r] - h0) * 1e3
+                short = max(short, host_ms - cum)
+                cum += times[r]
+            if short <= 0:
+                return times
+            self.gap_retries += 1
+            lead = min(MAX_LEAD_MS, lead + 1.5 * short + 0.2)
+        return times
+
+    # -------------------------------------------------------------- co-run
+    def _background(self, kind: str, sms: int):
+        """The other side of a co-run on `sms` SMs: call(i) and its solo time (ms) there."""
+        if kind == "memory":
+            op, tok, ctx = MEMORY_BACKGROUND
+            fn, ns = self._fn(op, "triton", tok, ctx, sms)
+            call = lambda i: fn(i % ns)
+        else:
+            names, tok = COMPUTE_BACKGROUND
+            fns = [self._fn(op, "triton", tok, 0, sms) for op in names]
+
+            def call(i):
+                for f, ns in fns:
+                    f(i % ns)
+        return call
+
+    def _bg_ms(self, kind, sms, stream):
+        key = (kind, sms)
+        if key not in self.bg_ms:
+            call = self._background(kind, sms)
+            self.bg_ms[key] = statistics.median(self.solo(call, stream, 1 << 20, ("bg", kind), warm=2, reps=5))
+        return self.bg_ms[key]
+
+    def _corun(self, p: Point) -> Measurement:
+        t = self.t
+        m = p.partner_sms if p.co_class == "memory" else p.sm_count
+        s_mem, s_cmp = self._split(m)
+        s_x, s_bg = (s_cmp, s_mem) if p.co_class == "memory" else (s_mem, s_cmp)
+        fn, ns = self._fn(p.op, p.impl, p.num_tokens, p.context, p.sm_count)
+        solo = statistics.median(self.solo(fn, s_x, ns, (p.op, p.impl)))
+        bg_call = self._background(p.co_class, p.partner_sms)
+        bg_ms = self._bg_ms(p.co_class, p.partner_sms, s_bg)
+        reps = self.plan.settings.corun_repeats
+        host_x = self.host_s.get((p.op, p.impl), 1e-4)
+        host_bg = self.host_s.get(("bg", p.co_class), 1e-4)
+        k = 2 + math.ceil((1 + reps) * solo * 3.0 / bg_ms)   # background calls: ~3x the timed window
+        extra = 0.0
+        for _attempt in range(4):
+            # The background goes in chunk by chunk, each ahead of the timed call it must cover, so
+            # hundreds of background calls never wait on a full launch queue before the first timed one.
+            target = [1 + math.ceil((k - 1) * (c + 1) / (reps + 1)) for c in range(reps + 1)]
+            lead = min(MAX_CORUN_LEAD_MS, 1.5 * (target[0] * host_bg + 2 * host_x) * 1e3 + 0.2 + extra)
+            ev_pre, ev_go, ev_end = self._events(3)
+            ev = self._events(reps + 1)
+            marks = []                          # (event before a chunk, host time its first call was in)
+            with t.cuda.stream(s_bg):
+                h0 = time.perf_counter()
+                ev_pre.record()
+                self._sleep(lead)
+                bg_call(0)
+                ev_go.record()
+            s_x.wait_event(ev_go)
+            done_bg, hk = 1, []
+            for c in range(reps + 1):
+                if target[c] > done_bg:
+                    with t.cuda.stream(s_bg):
+                        mark = self._events(1)[0]
+                        mark.record()
+                        bg_call(done_bg)
+                        marks.append((mark, time.perf_counter()))
+                        for i in range(done_bg + 1, target[c]):
+                            bg_call(i)
+                        done_bg = target[c]
+                with t.cuda.stream(s_x):
+                    if c == 0:
+                        fn(0)                   # one warm-up under interference
+                        ev[0].record()
+                    else:
+                        fn(c % ns)
+                        hk.append(time.perf_counter())
+                        ev[c].record()
+            with t.cuda.stream(s_bg):
+                ev_end.record()
+            ev[-1].synchronize()
+            ev_end.synchronize()
+            times = [ev[r].elapsed_time(ev[r + 1]) for r in range(reps)]
+            covered = ev[-1].elapsed_time(ev_end) > 0          # background still running at the end
+            # nothing waited on the host: each timed call and each background chunk was enqueued
+            # before the GPU could have reached it (host clock from h0, GPU clock from ev_pre)
+            go = ev_pre.elapsed_time(ev_go)
+            short, cum = 0.0, go
+            for r in range(reps):
+                short = max(short, (hk[r] - h0) * 1e3 - cum)
+                cum += times[r]
+            for mark, h in marks:
+                short = max(short, (h - h0) * 1e3 - ev_pre.elapsed_time(mark))
+            if covered and short <= 0:
+                return Measurement(statistics.median(times), solo)
+            if not covered:
+                k = 2 * k + 2
+            if short > 0:
+                self.gap_retries += 1
+                extra += 1.5 * short + 0.5
+        raise RuntimeError(f"co-run window not covered or not enqueued in time after retries (k={k})")
+
+    # -------------------------------------------------------------- pair makespan (summary)
+    def _pair(self, p: Point) -> Measurement:
+        t = self.t
+        s_mem, s_cmp = self._split(p.partner_sms)
+        fx, nx = self._fn(p.op, "triton", p.num_tokens, 0, p.sm_count)
+        fy, ny = self._fn(MEMORY_BACKGROUND[0], "triton", MEMORY_BACKGROUND[1], MEMORY_BACKGROUND[2], p.partner_sms)
+        tx = statistics.median(self.solo(fx, s_cmp, nx, (p.op, "triton")))
+        ty = statistics.median(self.solo(fy, s_mem, ny, (MEMORY_BACKGROUND[0], "triton")))
+        reps = self.plan.settings.pair_repeats
+        for i in range(2):                      # warm-up, together
+            fx(i)
+            fy(i)
+        t.cuda.synchronize()
+        evs = [self._events(3) for _ in range(reps)]
+        with t.cuda.stream(s_cmp):
+            self._sleep(min(MAX_LEAD_MS, reps * 0.3 + 0.2))
+        for r, (e0, ex, ey) in enumerate(evs):
+            e0.record(s_cmp)
+            s_mem.wait_event(e0)
+            with t.cuda.stream(s_cmp):
+                fx(r % nx)
+            with t.cuda.stream(s_mem):
+                fy(r % ny)
+            ex.record(s_cmp)
+            ey.record(s_mem)
+            s_cmp.wait_event(ey)                # the next pair starts when both are done
+        evs[-1][1].synchronize()
+        evs[-1][2].synchronize()
+        both = [max(e0.elapsed_time(ex), e0.elapsed_time(ey)) for e0, ex, ey in evs]
+        return Measurement(statistics.median(both), tx, ty)
