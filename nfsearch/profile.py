@@ -84,9 +84,16 @@ class ProfileTable:
         if not candidates or (op, candidates[0], co_class) not in self._slices:
             what = f"co-run with {co_class}" if co_class else "solo"
             raise ProfileMiss(f"profile has no {what} rows for op {op}" + (f" impl {impl}" if impl else ""))
-        times = [(self._slices[(op, i, co_class)].lookup(num_tokens, context, sm_count, allow_extrapolation,
-                                                         f"({op}/{i}, {num_tokens} tokens, context {context},"
-                                                         f" {sm_count} SMs)"), i) for i in candidates]
+        times, misses = [], []
+        for i in candidates:
+            what = f"({op}/{i}, {num_tokens} tokens, context {context}, {sm_count} SMs)"
+            try:
+                times.append((self._slices[(op, i, co_class)].lookup(num_tokens, context, sm_count,
+                                                                     allow_extrapolation, what), i))
+            except ProfileMiss as miss:       # another impl may still answer
+                misses.append(miss)
+        if not times:
+            raise misses[0]
         return min(times)
 
     def write(self, path: str | Path) -> None:
