@@ -29,24 +29,18 @@ import networkx as nx
 
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import NanoOp, split_layers
-from nfsearch.handmade import DEFAULT_SHARES, equal_split_plan, predicted_figures, sequential_plan, topo_order
+from nfsearch.handmade import (best_equal_split_plan, list_order, list_schedule, predicted_figures, sequential_plan,
+                              timed, topo_order)
 from nfsearch.plan import PlannedOp, Schedule
 from nfsearch.problem import Problem
 from nfsearch.profile import ProfileMiss
 from nfsearch.simulate import replay, verify
 from nfsearch.solvers.base import Stage2Data, Stage2Result, Task, resolve
 
-UNITS_PER_MS = 10_000             # stage-2 time unit: 0.1 us
+UNITS_PER_MS = 1_000              # stage-2 time unit: 1 us
 MAX_PIECES = 6                    # nano-batches per op at most
 MAX_STAGE1_EVALS = 1500
-STAGE1_KEEP = 6                   # stage-1 structures ranked by the stage-2 warm start
-RACE_CANDIDATES = 2               # of those, how many race in the stage-2 solver
-RACE_SHARE = 0.2                  # share of the time limit each racer gets; the winner gets the rest
 SM_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8)
-BASELINE_SHARES = (DEFAULT_SHARES,
-                   {"compute": 104, "memory": 28, "network": 16, "other": 28},
-                   {"compute": 88, "memory": 44, "network": 24, "other": 44})
-
 Progress = Callable[[str], None] | None
 Sizes = dict[str, tuple[int, ...]]
 
@@ -72,80 +66,136 @@ def solve(problem: Problem, solver: str = "auto", time_limit_s: float = 10.0, th
     notes: list[str] = []
     say = progress or (lambda _msg: None)
 
-    say("stage 1: nano-batch sizes and order")
-    candidates = stage1(problem, chunk, keep=STAGE1_KEEP)
-    if not candidates:
+    # stage 1 + incumbent: every structure of the family at every compute/memory partition, replayed
+    say("stage 1: structures x SM partitions, each replayed")
+    ranked = sweep(problem, chunk)
+    if not ranked:
         raise NfsearchError(f"no nano-batch structure with chunk {chunk} can be timed from the profile")
-    best1 = candidates[0]
-    notes.append(f"stage 1: {best1.describe()} (relaxed makespan {best1.stage1_ms:.4f} ms, "
-                 f"{len(candidates)} structures kept)")
+    inc = ranked[0]
+    notes.append(f"stage 1: {inc.frame.structure.describe()} with overlappers on {inc.memory_sms} SMs: "
+                 f"replay {inc.judge_ms:.4f} ms ({len(ranked)} structures swept)")
     say(notes[-1])
 
-    # stage 2: rank the structures by a solver-free warm start, race the best, refine the winner
-    grid = sm_subset(problem.gpu.num_sms, problem.gpu.sm_grid())
-    pool = []
-    for cand in candidates:
-        data = stage2_data(problem, cand.as_dict(), grid)
-        pool.append((greedy_stage2(data).makespan, len(pool), cand, data))
-    pool.sort(key=lambda x: (x[0], x[1]))
-    # race: the stage-1 best and the best warm starts among split structures (the unsplit one is
-    # what the sequential fallback already covers)
-    split = [x for x in pool if len(x[3].tasks) > problem.num_layers * problem.layer.number_of_nodes()]
-    first = [x for x in split if x[1] == 0]
-    racers = (first + [x for x in split if x[1] != 0])[:RACE_CANDIDATES] or pool[:1]
-    backend, why = resolve(solver, max((p[3] for p in racers), key=lambda d: len(d.tasks)))
-    notes.append(f"stage 2 solver: {why}; SM counts {grid}")
+    # stage 2: the incumbent's structure, SM options near its shares, the incumbent as a full hint
+    durs = Durations(problem)
+    data = stage2_from(problem, inc, durs)
+    backend, why = resolve(solver, data)
+    notes.append(f"stage 2 solver: {why}; {len(data.tasks)} tasks, "
+                 f"{sum(len(t.choices) for t in data.tasks)} (task, SM count) options")
     say(notes[-1])
-    race_limit = time_limit_s * RACE_SHARE if len(racers) > 1 else 0.0
-    results = []
-    for warm, k, cand, data in racers:
-        data = _with_hint(data, greedy_stage2(data))
-        res = backend.run(data, race_limit, threads, seed) if race_limit else None
-        if res is None or res.makespan > warm:
-            res = None if race_limit == 0 else greedy_stage2(data)
-        say(f"stage 2 race: {cand.describe()}: warm start {warm / UNITS_PER_MS:.4f} ms"
-            + (f", solver {res.makespan / UNITS_PER_MS:.4f} ms" if res else ""))
-        results.append((res.makespan if res else warm, k, cand, data, res))
-    results.sort(key=lambda x: (x[0], x[1]))
-    _, _, winner, data, raced = results[0]
-    if raced is not None:
-        data = _with_hint(data, raced)
-    rest = max(time_limit_s - race_limit * len(racers), 0.2 * time_limit_s)
-    final = backend.run(data, rest, threads, seed)
-    if final is None or (raced is not None and raced.makespan < final.makespan):
-        final = raced
+    hint_ms = max(data.hint[i][0] + dict(t.choices)[data.hint[i][1]] for i, t in enumerate(data.tasks))
+    result = backend.run(data, time_limit_s, threads, seed)
+    settings = backend.settings(time_limit_s, threads, seed)
+
+    entries = []                                       # (replay ms, preference, name, plan)
+    solved = None
+    if result is not None:
+        solved = plan_from_result(problem, inc.frame, data, result, durs)
+        entries.append((solved.predicted["makespan_ms"], 0, f"{backend.name} solution", solved))
+        notes.append(f"stage 2: model makespan {result.makespan / UNITS_PER_MS:.4f} ms (hint "
+                     f"{hint_ms / UNITS_PER_MS:.4f}), bound {result.bound / UNITS_PER_MS:.4f}, gap "
+                     f"{result.gap:.2%} ({result.status}); replay {solved.predicted['makespan_ms']:.4f} ms")
+    else:
+        notes.append("stage 2 found no schedule in its limit")
+    say(notes[-1])
+    entries.append((inc.judge_ms, 1, "partition-sweep incumbent", inc.plan))
+    for k, (name, plan) in enumerate(sorted(baselines(problem, chunk).items())):
+        entries.append((plan.predicted["makespan_ms"], 2 + k, f"{name} baseline", plan))
+    ms, _, source, plan = min(entries, key=lambda e: (round(e[0], 9), e[1]))
     wall = time.perf_counter() - began
-    notes.append(f"search wall time {wall:.2f} s")
-
-    baseline, base_name = _best_baseline(problem, chunk)
-    note = backend.settings(time_limit_s, threads, seed)
-    # (wall time goes to the notes, not the plan: the same inputs and seed give a byte-identical plan)
-    if final is None:
-        notes.append(f"stage 2 found no schedule; returning the {base_name} plan")
-        return _relabel(baseline, backend.name, wall, time_limit_s, threads, seed,
-                        f"stage 2 found no schedule; {base_name} plan returned"), notes
-
-    schedule = to_schedule(problem, winner, data, final, backend.name)
-    verify(schedule)
-    replayed = replay(schedule, problem.cost).makespan_ms
-    ours = final.makespan / UNITS_PER_MS
-    notes.append(f"stage 2: {winner.describe()}: makespan {ours:.4f} ms, gap {final.gap:.2%} "
-                 f"({final.status}); replay {replayed:.4f} ms")
+    notes.append(f"plan: {source}, {ms:.4f} ms (replay); search wall time {wall:.2f} s")
     say(notes[-1])
-    solver_info = {"name": backend.name, "status": final.status,
-                   "gap": round(final.gap, 6), "seed": int(seed), "threads": int(threads),
-                   "time_limit_s": float(time_limit_s), "note": note,
-                   "bound_ms": round(final.bound / UNITS_PER_MS, 6), "replay_makespan_ms": round(replayed, 6),
-                   "stage1_makespan_ms": round(winner.stage1_ms, 6), "structure": winner.describe(),
-                   "choice": why}
-    if baseline.predicted["makespan_ms"] < ours - 1e-9:
-        notes.append(f"the search's {ours:.4f} ms is worse than the {base_name} plan's "
-                     f"{baseline.predicted['makespan_ms']:.4f} ms; returning that plan")
-        return _relabel(baseline, backend.name, wall, time_limit_s, threads, seed,
-                        f"search result {ours:.4f} ms worse than {base_name}; {base_name} plan returned"), notes
-    schedule = Schedule(schedule.model, schedule.workload, schedule.gpu, schedule.profile, schedule.num_layers,
-                        schedule.nano_ops, schedule.predicted, solver_info)
+    # (wall time goes to the notes, not the plan: the same inputs and seed give a byte-identical plan)
+    info = {"name": backend.name, "status": result.status if result else "no solution",
+            "gap": round(result.gap, 6) if result else None, "seed": int(seed), "threads": int(threads),
+            "time_limit_s": float(time_limit_s), "note": settings, "source": source, "choice": why}
+    if result is not None:
+        info.update({"model_makespan_ms": round(result.makespan / UNITS_PER_MS, 6),
+                     "bound_ms": round(result.bound / UNITS_PER_MS, 6),
+                     "gap_scope": "stage-2 model of the chosen structure (pessimistic co-run durations, "
+                                  "SM options near the incumbent's)"})
+    if source.endswith("baseline"):
+        info["status"] = "fallback"
+    info.update({"structure": inc.frame.structure.describe(), "memory_sms": inc.memory_sms})
+    schedule = Schedule(plan.model, plan.workload, plan.gpu, plan.profile, plan.num_layers, plan.nano_ops,
+                        plan.predicted, info)
+    verify(schedule)
     return schedule, notes
+
+
+def stage2_from(problem: Problem, cand: "Candidate", durs: "Durations") -> Stage2Data:
+    """The stage-2 model of a candidate's structure: per group the full GPU and the SM counts within
+    OPTION_RADIUS of the candidate's (groups that never overlap keep the full GPU only); the hint is the
+    candidate's issue order timed at the model durations (feasible in the model)."""
+    nano, full = cand.frame.nano, problem.gpu.num_sms
+    order = topo_order(nano)
+    index = {n: i for i, n in enumerate(order)}
+    tasks = []
+    for n in order:
+        g = group_of(n)
+        around = cand.sms[g] if cand.sms[g] < full else None
+        tasks.append(Task(id=n.id, group=g, stream=problem.cost.op_class(n.op),
+                          choices=durs.choices(n.op, n.num_tokens, around)))
+    edges = tuple(sorted((index[u], index[v]) for u, v in nano.edges))
+    issue = [index[n] for n in _nodes_in_issue_order(cand.plan, nano)]
+    sms = [cand.sms[t.group] for t in tasks]
+    dur = [dict(t.choices)[sms[i]] for i, t in enumerate(tasks)]
+    starts = model_timing(len(tasks), edges, [t.stream for t in tasks], issue, sms, dur, full)
+    hint = {i: (starts[i], sms[i]) for i in range(len(tasks))}
+    return Stage2Data(tuple(tasks), edges, full, UNITS_PER_MS, hint)
+
+
+def _nodes_in_issue_order(plan: Schedule, nano: nx.DiGraph) -> list[NanoOp]:
+    by_id = {n.id: n for n in nano.nodes}
+    return [by_id[o.id] for o in sorted(plan.nano_ops, key=lambda o: o.order)]
+
+
+def model_timing(n: int, edges, streams, issue, sms, dur, num_sms: int) -> list[int]:
+    """Integer start times as the executor would run `issue` at fixed durations: each stream issues
+    its ops in order; an op starts once its stream is free, its inputs are done and its SMs are free."""
+    preds: list[list[int]] = [[] for _ in range(n)]
+    for i, j in edges:
+        preds[j].append(i)
+    queues: dict[str, list[int]] = {}
+    for i in issue:
+        queues.setdefault(streams[i], []).append(i)
+    pos = {s: 0 for s in queues}
+    rank = {i: k for k, i in enumerate(issue)}
+    end: dict[int, int] = {}
+    starts = [0] * n
+    running: dict[str, tuple[int, int]] = {}          # stream -> (task, end)
+    now, used, left = 0, 0, n
+    while left:
+        heads = sorted((queues[s][pos[s]] for s in queues if s not in running and pos[s] < len(queues[s])),
+                       key=rank.get)
+        for i in heads:
+            if all(p in end and end[p] <= now for p in preds[i]) and used + sms[i] <= num_sms:
+                starts[i] = now
+                running[streams[i]] = (i, now + dur[i])
+                used += sms[i]
+                pos[streams[i]] += 1
+        if not running:
+            raise NfsearchError("model timing deadlocked (an issue order that breaks a dependency)")
+        now = min(e for _, e in running.values())
+        for s, (i, e) in list(running.items()):
+            if e == now:
+                del running[s]
+                end[i] = e
+                used -= sms[i]
+                left -= 1
+    return starts
+
+
+def plan_from_result(problem: Problem, frame: "Frame", data: Stage2Data, result: Stage2Result,
+                     durs: "Durations") -> Schedule:
+    """The solver's SM counts and order (by start), timed by simulate.replay like every other plan."""
+    order = topo_order(frame.nano)
+    by_idx = dict(enumerate(order))
+    issue = sorted(range(len(data.tasks)), key=lambda i: (result.starts[i], i))
+    cost = problem.cost
+    placement = {by_idx[i]: (data.tasks[i].stream, result.sm_counts[i]) for i in range(len(data.tasks))}
+    return timed(problem, frame.nano, placement, [by_idx[i] for i in issue], {"name": "stage 2"},
+                 durs.plan_profile)
 
 
 # ---------------------------------------------------------------- stage 1
@@ -297,31 +347,7 @@ def relaxed_makespan(problem: Problem, sizes: Sizes) -> tuple[float, dict, nx.Di
     nano = split_layers(problem.layer, sizes, problem.num_layers, problem.workload)
     cost, sms = problem.cost, problem.gpu.num_sms
     dur = {n: cost.solo_ms(n.op, n.num_tokens, sms) for n in nano.nodes}
-    return _list_schedule(nano, dur, lambda n: cost.op_class(n.op))
-
-
-def _list_schedule(nano: nx.DiGraph, dur: dict, stream_of) -> tuple[float, dict, nx.DiGraph]:
-    order = topo_order(nano)
-    rank = {n: i for i, n in enumerate(order)}
-    tail = {}
-    for n in reversed(order):
-        tail[n] = dur[n] + max((tail[s] for s in nano.successors(n)), default=0.0)
-    waiting = {n: nano.in_degree(n) for n in order}
-    ready_at = {n: 0.0 for n in order}
-    ready = [n for n in order if waiting[n] == 0]
-    free: dict[str, float] = {}
-    times = {}
-    while ready:
-        n = min(ready, key=lambda m: (max(ready_at[m], free.get(stream_of(m), 0.0)), -tail[m], rank[m]))
-        ready.remove(n)
-        start = max(ready_at[n], free.get(stream_of(n), 0.0))
-        times[n] = (start, start + dur[n])
-        free[stream_of(n)] = start + dur[n]
-        for s in nano.successors(n):
-            ready_at[s] = max(ready_at[s], start + dur[n])
-            waiting[s] -= 1
-            if waiting[s] == 0:
-                ready.append(s)
+    times = list_schedule(nano, dur, lambda n: cost.op_class(n.op))
     return max(e for _, e in times.values()), times, nano
 
 
@@ -368,116 +394,190 @@ def stage2_data(problem: Problem, sizes: Sizes, grid: list[int] | None = None) -
     return Stage2Data(tasks, edges, problem.gpu.num_sms, UNITS_PER_MS, hint)
 
 
-def _with_hint(data: Stage2Data, result: Stage2Result) -> Stage2Data:
-    hint = {i: (result.starts[i], result.sm_counts[i]) for i in range(len(data.tasks))}
-    return Stage2Data(data.tasks, data.edges, data.num_sms, data.units_per_ms, hint)
-
-
-def to_schedule(problem: Problem, structure: Structure, data: Stage2Data, result: Stage2Result,
-                solver_name: str) -> Schedule:
-    nano = split_layers(problem.layer, structure.as_dict(), problem.num_layers, problem.workload)
-    by_id = {n.id: n for n in nano.nodes}
-    upm = data.units_per_ms
-    issue = sorted(range(len(data.tasks)), key=lambda i: (result.starts[i], i))
-    ops = []
-    for order, i in enumerate(issue):
-        t, n = data.tasks[i], by_id[data.tasks[i].id]
-        sms = result.sm_counts[i]
-        ops.append(PlannedOp(id=n.id, layer=n.layer, op=n.op, index=n.index, op_class=t.stream,
-                             tokens=(n.start, n.end), stream=t.stream, order=order, sm_count=sms,
-                             impl=problem.cost.impl(n.op, n.num_tokens, sms),
-                             deps=tuple(sorted(p.id for p in nano.predecessors(n))),
-                             start_ms=result.starts[i] / upm,
-                             end_ms=(result.starts[i] + result.durations[i]) / upm))
-    return Schedule(problem.model, problem.workload, problem.plan_gpu(), problem.plan_profile(),
-                    problem.num_layers, tuple(ops), predicted_figures(problem, result.makespan / upm),
-                    {"name": solver_name})
-
-
 # ---------------------------------------------------------------- baselines
 
 def baselines(problem: Problem, chunk: int = 128) -> dict[str, Schedule]:
+    """What the search must beat: the sequential plan and the best interleaved equal-split 2-nano-batch
+    plan over a few compute/memory shares (handmade.best_equal_split_plan)."""
     out = {"sequential": sequential_plan(problem)}
-    for k, shares in enumerate(BASELINE_SHARES):
-        try:
-            out[f"equal-split-2 shares#{k}"] = equal_split_plan(problem, 2, shares, chunk)
-        except ProfileMiss:
-            continue
+    try:
+        plan, shares = best_equal_split_plan(problem, 2, chunk)
+        out[f"equal-split-2 memory@{shares['memory']}"] = plan
+    except ProfileMiss:
+        pass
     return out
 
 
-def _best_baseline(problem: Problem, chunk: int) -> tuple[Schedule, str]:
-    plans = baselines(problem, chunk)
-    name = min(plans, key=lambda k: (plans[k].predicted["makespan_ms"], k))
-    return plans[name], name
+# ---------------------------------------------------------------- the partition sweep (stage 1 + incumbent)
+
+OVERLAPPERS = frozenset({"memory", "network"})    # classes that take the small side of a partition
+OPTION_RADIUS = 8                                 # stage-2 SM options: 132 and the incumbent's share +- this
 
 
-def _relabel(plan: Schedule, solver: str, wall: float, time_limit_s: float, threads: int, seed: int,
-             note: str) -> Schedule:
-    info = {"name": solver, "status": "fallback", "gap": None, "seed": int(seed),
-            "threads": int(threads), "time_limit_s": float(time_limit_s), "note": note}
-    return Schedule(plan.model, plan.workload, plan.gpu, plan.profile, plan.num_layers, plan.nano_ops,
-                    plan.predicted, info)
-
-# ---------------------------------------------------------------- stage-2 warm start
-
-def greedy_stage2(data: Stage2Data, max_sweeps: int = 4) -> Stage2Result:
-    """A feasible stage-2 schedule without a solver: serial schedule generation (each task, in DAG
-    order, at its earliest start that fits its stream and the free SMs) with one SM count per group,
-    improved by changing one group's SM count at a time while the makespan drops. Deterministic."""
-    began = time.perf_counter()
-    groups = data.groups()
-    names = sorted(groups)
-    choice = {g: len(data.tasks[groups[g][0]].choices) - 1 for g in names}   # start at the most SMs
-    best = _ssgs(data, choice)
-    # presets: memory and network ops on m SMs, the others on what is left (then refined per group)
-    for m in sorted({sms for t in data.tasks if t.stream in ("memory", "network") for sms, _ in t.choices}):
-        preset = {}
-        for g in names:
-            t = data.tasks[groups[g][0]]
-            cap = m if t.stream in ("memory", "network") else data.num_sms - m
-            fits = [k for k, (sms, _) in enumerate(t.choices) if sms <= cap]
-            preset[g] = fits[-1] if fits else 0
-        trial = _ssgs(data, preset)
-        if trial[0] < best[0]:
-            best, choice = trial, preset
-    for _ in range(max_sweeps):
-        improved = False
-        for g in names:
-            for k in range(len(data.tasks[groups[g][0]].choices)):
-                if k == choice[g]:
-                    continue
-                trial = _ssgs(data, {**choice, g: k})
-                if trial[0] < best[0]:
-                    best, choice, improved = trial, {**choice, g: k}, True
-        if not improved:
-            break
-    makespan, starts = best
-    sms = tuple(data.tasks[i].choices[choice[t.group]][0] for i, t in enumerate(data.tasks))
-    durs = tuple(data.tasks[i].choices[choice[t.group]][1] for i, t in enumerate(data.tasks))
-    return Stage2Result("heuristic", tuple(starts), sms, durs, makespan, 0.0, time.perf_counter() - began)
+@dataclass
+class Frame:
+    """One structure's unrolled nano-op DAG and what the sweep needs from it, computed once."""
+    structure: Structure
+    nano: nx.DiGraph
+    group_overlaps: dict[str, bool]     # group -> some member may run beside an op of the other side
 
 
-def _ssgs(data: Stage2Data, choice: dict) -> tuple[int, list[int]]:
-    preds: list[list[int]] = [[] for _ in data.tasks]
-    for i, j in data.edges:
-        preds[j].append(i)
-    busy: dict[str, list[tuple[int, int]]] = {}
-    usage: list[tuple[int, int, int]] = []          # (start, end, sms) of placed tasks
-    starts, ends = [0] * len(data.tasks), [0] * len(data.tasks)
-    for i, t in enumerate(data.tasks):              # tasks are in DAG (topological) order
-        sms, d = t.choices[choice[t.group]]
-        lane = busy.setdefault(t.stream, [])
-        at = max((ends[p] for p in preds[i]), default=0)
-        candidates = sorted({at} | {e for _, e in lane if e > at} | {e for _, e, _ in usage if e > at})
-        for s in candidates:
-            e = s + d
-            if any(a < e and s < b for a, b in lane):
+@dataclass
+class Candidate:
+    judge_ms: float                     # simulate.replay makespan of the plan
+    frame: Frame
+    memory_sms: int                     # the partition: overlappers get this, their overlap partners the rest
+    sms: dict[str, int]                 # group -> SM count
+    plan: Schedule                      # replay-timed plan
+
+
+def group_of(n: NanoOp) -> str:
+    return f"{n.op}#{n.index}"
+
+
+def make_frame(problem: Problem, structure: Structure) -> Frame:
+    nano = split_layers(problem.layer, structure.as_dict(), problem.num_layers, problem.workload)
+    order = topo_order(nano)
+    idx = {n: i for i, n in enumerate(order)}
+    anc = [0] * len(order)                # bitsets of ancestors
+    for n in order:
+        bits = 0
+        for p in nano.predecessors(n):
+            bits |= anc[idx[p]] | (1 << idx[p])
+        anc[idx[n]] = bits
+    desc = [0] * len(order)
+    for n in reversed(order):
+        bits = 0
+        for s in nano.successors(n):
+            bits |= desc[idx[s]] | (1 << idx[s])
+        desc[idx[n]] = bits
+    small = 0
+    for n in order:
+        if problem.cost.op_class(n.op) in OVERLAPPERS:
+            small |= 1 << idx[n]
+    everything = (1 << len(order)) - 1
+    overlaps: dict[str, bool] = {}
+    for n in order:
+        i = idx[n]
+        other_side = small if problem.cost.op_class(n.op) not in OVERLAPPERS else everything & ~small
+        free = other_side & ~(anc[i] | desc[i] | (1 << i))
+        g = group_of(n)
+        overlaps[g] = overlaps.get(g, False) or bool(free)
+    return Frame(structure, nano, overlaps)
+
+
+class Durations:
+    """Stage-2 model durations in units: solo at the full GPU (nothing fits beside it), else the
+    co-run time against the worst other class of the plan (pessimistic). Cached."""
+
+    def __init__(self, problem: Problem):
+        self.p = problem
+        self.classes = frozenset(problem.cost.op_class(n) for n in problem.layer.nodes)
+        grid = problem.gpu.sm_grid()          # granularity multiples, their complements (a split's back side)
+        self.grid = sorted(set(grid) | {problem.gpu.num_sms - g for g in grid
+                                         if grid[0] <= problem.gpu.num_sms - g < problem.gpu.num_sms})
+        self.cache: dict[tuple, int] = {}
+        self.plan_profile = problem.plan_profile()       # (hashes the table: once per search)
+
+    def units(self, op: str, tokens: int, sms: int) -> int:
+        key = (op, tokens, sms)
+        if key not in self.cache:
+            cost = self.p.cost
+            ms = (cost.solo_ms(op, tokens, sms) if sms == self.p.gpu.num_sms
+                  else cost.stretched_ms(op, tokens, sms, self.classes))
+            self.cache[key] = max(1, math.ceil(ms * UNITS_PER_MS - 1e-6))
+        return self.cache[key]
+
+    def undominated(self, op: str, tokens: int, sms: int) -> int:
+        """The fewest SMs (on the grid, at most `sms`) that run the op no slower than `sms` does."""
+        d = self.units(op, tokens, sms)
+        return next(g for g in self.grid if g <= sms and self.units_or_inf(op, tokens, g) <= d)
+
+    def units_or_inf(self, op: str, tokens: int, sms: int) -> float:
+        try:
+            return self.units(op, tokens, sms)
+        except ProfileMiss:
+            return math.inf
+
+    def choices(self, op: str, tokens: int, around: int | None) -> tuple[tuple[int, int], ...]:
+        """Pareto-filtered (SM count, units): the full GPU and the grid within OPTION_RADIUS of `around`."""
+        full = self.p.gpu.num_sms
+        pool = [g for g in self.grid if g == full or (around is not None and abs(g - around) <= OPTION_RADIUS)]
+        kept, best = [], math.inf
+        for g in sorted(pool):
+            d = self.units_or_inf(op, tokens, g)
+            if d < best:
+                kept.append((g, d))
+                best = d
+        return tuple(kept)
+
+
+def partition_candidate(problem: Problem, frame: Frame, memory_sms: int, durs: Durations) -> Candidate:
+    """Overlappers on `memory_sms`, ops that may run beside them on the rest, the others on the full
+    GPU; issue order from a list schedule at the model durations; timed by simulate.replay."""
+    full, cost = problem.gpu.num_sms, problem.cost
+    sms: dict[str, int] = {}
+    for n in frame.nano.nodes:
+        g = group_of(n)
+        if g in sms:
+            continue
+        want = full
+        if frame.group_overlaps[g]:
+            want = memory_sms if cost.op_class(n.op) in OVERLAPPERS else full - memory_sms
+        sms[g] = durs.undominated(n.op, n.num_tokens, want)
+    dur = {n: durs.units(n.op, n.num_tokens, sms[group_of(n)]) for n in frame.nano.nodes}
+    order = list_order(frame.nano, dur, lambda n: cost.op_class(n.op))
+    placement = {n: (cost.op_class(n.op), sms[group_of(n)]) for n in frame.nano.nodes}
+    plan = timed(problem, frame.nano, placement, order, {"name": "partition-sweep"}, durs.plan_profile)
+    return Candidate(plan.predicted["makespan_ms"], frame, memory_sms, sms, plan)
+
+
+def structure_family(problem: Problem, chunk: int) -> list[Structure]:
+    """Candidate structures: unsplit, k equal pieces (k = 2..4), cuts at the decode/prefill boundary
+    alone or with the decode and/or prefill part halved. Every op is cut at the same token offsets
+    (those inside its range); cuts are multiples of `chunk` from the op's range start."""
+    total = max(problem.layer.nodes[n]["token_range"][1] for n in problem.layer.nodes)
+    dec = problem.workload.num_decode
+    snap = lambda x: int(round(x / chunk)) * chunk
+    cut_sets = [(), *[tuple(snap(total * i / k) for i in range(1, k)) for k in (2, 3, 4)]]
+    if 0 < dec < total:
+        cut_sets += [(dec,), (dec, snap(dec + (total - dec) / 2)), (snap(dec / 2), dec),
+                     (snap(dec / 2), dec, snap(dec + (total - dec) / 2))]
+    out, seen = [], set()
+    for cuts in cut_sets:
+        sizes = _sizes_from_cuts(problem, cuts, chunk)
+        key = tuple(sorted(sizes.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(Structure(tuple((n, sizes[n]) for n in nx.topological_sort(problem.layer)), math.nan))
+    return out
+
+
+def _sizes_from_cuts(problem: Problem, cuts, chunk: int) -> Sizes:
+    sizes = {}
+    for n in problem.layer.nodes:
+        s, e = problem.layer.nodes[n]["token_range"]
+        inner = sorted({c - s for c in cuts if s < c < e and (c - s) % chunk == 0})
+        bounds = [0, *inner, e - s]
+        sizes[n] = tuple(b - a for a, b in zip(bounds, bounds[1:]))
+    return sizes
+
+
+def sweep(problem: Problem, chunk: int) -> list[Candidate]:
+    """Every structure of the family at every partition; each structure's best, best first."""
+    durs = Durations(problem)
+    full = problem.gpu.num_sms
+    shares = [g for g in problem.gpu.sm_grid() if g < full]
+    best: list[Candidate] = []
+    for structure in structure_family(problem, chunk):
+        frame, cands = make_frame(problem, structure), []
+        for m in shares:
+            try:
+                cands.append(partition_candidate(problem, frame, m, durs))
+            except ProfileMiss:
                 continue
-            points = [s] + [a for a, _, _ in usage if s < a < e]
-            if all(sum(q for a, b, q in usage if a <= x < b) + sms <= data.num_sms for x in points):
-                break
-        starts[i], ends[i] = s, s + d
-        lane.append((s, s + d))
-        usage.append((s, s + d, sms))
-    return max(ends), starts
+        if not cands:
+            continue
+        top = min(cands, key=lambda c: (round(c.judge_ms, 9), c.memory_sms))
+        best.append(top)
+    return sorted(best, key=lambda c: (round(c.judge_ms, 9), len(c.plan.nano_ops)))

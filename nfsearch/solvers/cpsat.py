@@ -20,6 +20,18 @@ DET_PER_SECOND = 0.05
 WALL_SAFETY = (3.0, 5.0)          # wall limit = 3 x the time limit + 5 s (a safety net only)
 
 
+def _heads(data: Stage2Data) -> list[int]:
+    """Earliest start of each task with every predecessor at its fastest choice (tasks in DAG order)."""
+    fastest = [min(d for _, d in t.choices) for t in data.tasks]
+    head = [0] * len(data.tasks)
+    preds: dict[int, list[int]] = {}
+    for i, j in data.edges:
+        preds.setdefault(j, []).append(i)
+    for j in range(len(data.tasks)):
+        head[j] = max((head[i] + fastest[i] for i in preds.get(j, ())), default=0)
+    return head
+
+
 class CpSatSolver(Solver):
     name = "cpsat"
 
@@ -76,6 +88,12 @@ class CpSatSolver(Solver):
             model.add(makespan >= end[i])
         model.add(sum(sms * d * pick[t.group, sms] for t in tasks for sms, d in t.choices)
                   <= data.num_sms * makespan)
+        # redundant stream cuts: a stream's ops run one after another, so the makespan covers their
+        # durations plus the shortest path into the stream's first op (a lower bound for every op)
+        head = _heads(data)
+        for stream in sorted({t.stream for t in tasks}):
+            members = [i for i, t in enumerate(tasks) if t.stream == stream]
+            model.add(makespan >= min(head[i] for i in members) + sum(dur[i] for i in members))
 
         # objective
         model.minimize(makespan)
