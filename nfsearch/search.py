@@ -1,23 +1,24 @@
 """The two-stage search: structure (nano-batch sizes and order), then SM counts and start times.
 
-Stage 1 (structure). Nano-batch sizes per op are multiples of `chunk` tokens (the last piece of a
-domain may be a remainder). A structure is scored by a list schedule of the unrolled nano-op DAG with
-interference-free full-GPU solo times, one stream per op class, ops of different streams
-overlapping freely (NanoFlow's stage-1 relaxation); the list scheduler issues the ready nano-op that
-can start first (ties: longest remaining path, then DAG order), so the score is an achievable
-makespan of that relaxation. The search follows the paper's refinement: start from 2 nano-batches
-per op (equal halves, or split at the decode/prefill boundary), move and remove split points, align
-an op's splits with those of the other ops on its token domain, split ops next to compute-stream
-bubbles further, and stop when no move improves. Deterministic: moves are tried in a fixed order.
+Stage 1 + incumbent (`sweep`). A small family of structures (unsplit; k equal pieces; cuts at the
+decode/prefill boundary, alone or with either side halved; cuts are multiples of `chunk`) is crossed
+with every compute/memory SM partition m: memory and network ops get m SMs, the ops that may run
+beside them (incomparable in the nano-op DAG) get the rest, ops that can never overlap get the whole
+GPU (each count replaced by the fewest SMs that are no slower). The issue order comes from a list
+schedule at the stage-2 model durations; every candidate is timed by simulate.replay (the judge),
+and the best one is the incumbent. (The free-overlap relaxation, `stage1`, misranked structures and is
+kept only as a tool.)
 
-Stage 2 (SM allocation) is a CP-SAT (or Gurobi) model over the best stage-1 structures: each
-nano-op picks an SM count (one per nano-op for all layers), durations are co-run times against the
-worst other op class in the plan (solo time at the full GPU, where nothing can run beside it), one
-op at a time per stream, SMs capped at the GPU's. The structures race on a short budget, the best
-one gets the rest. The plan's times are the solver's; simulate.verify checks them and
-simulate.replay re-times the plan independently. The result is never worse than the sequential plan
-or the best equal-split 2-nano-batch plan: if it is, that plan is returned instead (solver note says
-so).
+Stage 2 is a CP-SAT (or Gurobi) model of the incumbent's structure: each nano-op group (same op and
+nano-batch in every layer) picks an SM count among the full GPU and the counts within OPTION_RADIUS of
+the incumbent's; durations are co-run times against the worst other op class in the plan (solo time
+at the full GPU), 1 us units; one op at a time per stream; SMs capped. The incumbent, timed at these
+durations, is a complete hint, so the solver only improves on it; its gap is the one it proves on
+this model. The solver's SM counts and order are then timed by simulate.replay like every other plan.
+
+The plan returned is the best by replay of: the solver's, the incumbent, the sequential plan and the
+best interleaved equal-split 2-nano-batch plan (solver.source says which). Same inputs and seed give
+a byte-identical plan: everything but CP-SAT is deterministic, and CP-SAT stops on deterministic work.
 """
 
 import math
@@ -29,12 +30,12 @@ import networkx as nx
 
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import NanoOp, split_layers
-from nfsearch.handmade import (best_equal_split_plan, list_order, list_schedule, predicted_figures, sequential_plan,
+from nfsearch.handmade import (best_equal_split_plan, list_order, list_schedule, sequential_plan,
                               timed, topo_order)
-from nfsearch.plan import PlannedOp, Schedule
+from nfsearch.plan import Schedule
 from nfsearch.problem import Problem
 from nfsearch.profile import ProfileMiss
-from nfsearch.simulate import replay, verify
+from nfsearch.simulate import verify
 from nfsearch.solvers.base import Stage2Data, Stage2Result, Task, resolve
 
 UNITS_PER_MS = 1_000              # stage-2 time unit: 1 us
@@ -84,7 +85,9 @@ def solve(problem: Problem, solver: str = "auto", time_limit_s: float = 10.0, th
                  f"{sum(len(t.choices) for t in data.tasks)} (task, SM count) options")
     say(notes[-1])
     hint_ms = max(data.hint[i][0] + dict(t.choices)[data.hint[i][1]] for i, t in enumerate(data.tasks))
-    result = backend.run(data, time_limit_s, threads, seed)
+    # CP-SAT stops on deterministic work (reproducible); a wall-clock backend (Gurobi) gets what is left
+    limit = time_limit_s if backend.name == "cpsat" else max(0.2 * time_limit_s, time_limit_s - (time.perf_counter() - began))
+    result = backend.run(data, limit, threads, seed)
     settings = backend.settings(time_limit_s, threads, seed)
 
     entries = []                                       # (replay ms, preference, name, plan)
@@ -192,7 +195,6 @@ def plan_from_result(problem: Problem, frame: "Frame", data: Stage2Data, result:
     order = topo_order(frame.nano)
     by_idx = dict(enumerate(order))
     issue = sorted(range(len(data.tasks)), key=lambda i: (result.starts[i], i))
-    cost = problem.cost
     placement = {by_idx[i]: (data.tasks[i].stream, result.sm_counts[i]) for i in range(len(data.tasks))}
     return timed(problem, frame.nano, placement, [by_idx[i] for i in issue], {"name": "stage 2"},
                  durs.plan_profile)
