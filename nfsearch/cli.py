@@ -143,7 +143,7 @@ def solve(profile_path, solver, time_limit_s, threads, seed, num_layers, chunk, 
     click.echo(f"wrote {output}: layer {p['layer_time_ms']:.3f} ms predicted vs sequential "
                f"{p['sequential_layer_time_ms']:.3f} ms ({p['sequential_layer_time_ms'] / p['layer_time_ms']:.2f}x), "
                f"bound {p['bound_ms']:.3f} ms ({p['bound_ms'] / p['layer_time_ms']:.0%} of bound); "
-               f"solver {schedule.solver.get('name')} {schedule.solver.get('wall_s', 0):.1f} s, "
+               f"solver {schedule.solver.get('name')}, "
                f"gap {_gap(schedule.solver.get('gap'))}; {problem.profile.label}")
 
 
