@@ -252,7 +252,7 @@ def run_cmd(plan_path, num_layers, out_dir, with_timeline, profile_path, mode, i
         if fp != schedule.profile.get("fingerprint") and not force:
             raise NfsearchError(f"{plan_path}: made with profile {schedule.profile.get('fingerprint')}, "
                                 f"{profile_path} is {fp} (--force to run anyway)")
-    from nfsearch.runtime.device import require_cuda
+    from nfsearch.runtime.device import check_device, require_cuda
     require_cuda("nfsearch run")
     check_device(schedule, plan_path, force)
     out = Path(out_dir or Path("out") / f"run-{Path(plan_path).stem}")
@@ -276,19 +276,6 @@ def run_cmd(plan_path, num_layers, out_dir, with_timeline, profile_path, mode, i
         click.echo(f"note: {note}", err=True)
     click.echo(executor.format_table([report]))
     click.echo(f"wrote {out / 'run.json'}" + (f", {out / 'measured.json'}" if measured is not None else ""))
-
-
-def check_device(schedule, where: str, force: bool) -> None:
-    """One-line errors for plans this GPU cannot run (another GPU; SM counts it cannot partition)."""
-    import torch
-    props = torch.cuda.get_device_properties(0)
-    sms, name = int(props.multi_processor_count), props.name
-    too_big = [op.id for op in schedule.nano_ops if op.sm_count > sms or op.sm_count < 1]
-    if too_big:
-        raise NfsearchError(f"{where}: nano-op {too_big[0]} asks for more SMs than this {name} has ({sms})")
-    if (schedule.gpu.get("num_sms") != sms or schedule.gpu.get("name") != name) and not force:
-        raise NfsearchError(f"{where}: plan is for {schedule.gpu.get('name')} ({schedule.gpu.get('num_sms')} SMs), "
-                            f"this GPU is {name} ({sms} SMs) (--force to run anyway)")
 
 
 @main.command("compare")
@@ -335,7 +322,7 @@ def tune_cmd(plans_dir, top_k, time_limit_s, num_layers, output, mode, iters, no
         best, _notes = search.solve(problem, time_limit_s=time_limit_s)
         candidates = [("solved", best)] + sorted(search.baselines(problem).items())
     candidates = candidates[:max(1, top_k)]
-    from nfsearch.runtime.device import require_cuda
+    from nfsearch.runtime.device import check_device, require_cuda
     require_cuda("nfsearch tune")
     from nfsearch.runtime import bench, executor
     results, ceilings = [], None

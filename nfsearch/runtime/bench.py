@@ -8,8 +8,8 @@ import statistics
 import torch
 
 
-def time_ms(fn, iters: int = 20, warmup: int = 3) -> float:
-    """Median time of fn() in ms, CUDA events around each call."""
+def event_times(fn, iters: int = 20, warmup: int = 3) -> list[float]:
+    """Times of fn() in ms over `iters` calls after `warmup`, CUDA events around each call."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -21,7 +21,12 @@ def time_ms(fn, iters: int = 20, warmup: int = 3) -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return times
+
+
+def time_ms(fn, iters: int = 20, warmup: int = 3) -> float:
+    """Median time of fn() in ms, CUDA events around each call."""
+    return statistics.median(event_times(fn, iters, warmup))
 
 
 def gemm_peak_tflops(n: int = 8192, iters: int = 20, device: str = "cuda") -> float:

@@ -13,3 +13,16 @@ def require_cuda(what: str) -> None:
     if not torch.cuda.is_available():
         raise NfsearchError(f"{what} needs a CUDA GPU; none is visible to torch "
                             f"(torch {torch.__version__}) — use --analytic for a roofline table")
+
+
+def check_device(schedule, where: str, force: bool) -> None:
+    """One-line errors for plans this GPU cannot run (another GPU; SM counts it cannot partition)."""
+    import torch
+    props = torch.cuda.get_device_properties(0)
+    sms, name = int(props.multi_processor_count), props.name
+    too_big = [op.id for op in schedule.nano_ops if op.sm_count > sms or op.sm_count < 1]
+    if too_big:
+        raise NfsearchError(f"{where}: nano-op {too_big[0]} asks for more SMs than this {name} has ({sms})")
+    if (schedule.gpu.get("num_sms") != sms or schedule.gpu.get("name") != name) and not force:
+        raise NfsearchError(f"{where}: plan is for {schedule.gpu.get('name')} ({schedule.gpu.get('num_sms')} SMs), "
+                            f"this GPU is {name} ({sms} SMs) (--force to run anyway)")

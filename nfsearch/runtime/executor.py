@@ -18,6 +18,7 @@ import torch
 from nfsearch import launch as launch_mod
 from nfsearch.errors import NfsearchError
 from nfsearch.launch import Launch, LaunchList
+from nfsearch.runtime.bench import event_times
 from nfsearch.runtime.kernels import IMPLS
 from nfsearch.runtime.model import OP_OUTPUT, ModelInstance, rel_error
 from nfsearch.runtime.partitions import PartitionError
@@ -215,17 +216,7 @@ def time_launches(ctx: ExecContext, model: ModelInstance, bufs, ll: LaunchList, 
             note = f"CUDA-graph capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); timed eagerly"
             _sync(ctx)
             graph = None
-    for _ in range(3):
-        fn()
-    _sync(ctx)
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    times = event_times(fn, iters, warmup=3)
     out = {"ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "iters": iters, "how": how}
     if note:
         out["note"] = note
