@@ -17,8 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nfsearch.problem import default_profile, make_problem  # noqa: E402
-from nfsearch.search import baselines, solve  # noqa: E402
+from nfsearch.cost import default_profile, make_problem  # noqa: E402
+from nfsearch.search.baselines import baselines
+from nfsearch.search import solve  # noqa: E402
 from nfsearch.simulate import replay, verify  # noqa: E402
 from nfsearch.specs import load_model, load_workload  # noqa: E402
 

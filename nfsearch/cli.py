@@ -70,7 +70,7 @@ def _lengths(text: str) -> tuple[int, ...]:
 @click.option("--gpu", "gpu_key", default="h100-sxm", show_default=True, help="h100-sxm | h200 | a100-sxm")
 def analyze(gpu_key, **spec):
     """FLOPs, bytes, T_compute, T_mem, T_net, TR, the bound and optimal tokens/s of one layer."""
-    from nfsearch.analysis import roofline
+    from nfsearch.roofline import roofline
     from nfsearch.specs import load_gpu
     model, workload = resolve_specs(**spec)
     gpu = load_gpu(gpu_key)
@@ -103,7 +103,7 @@ def profile(is_analytic, gpu_key, gpu_id, is_quick, output, **spec):
     model, workload = resolve_specs(**spec)
     _check_output(output, (".parquet", ".csv"))
     if is_analytic:
-        from nfsearch.analytic import analytic_profile
+        from nfsearch.roofline import analytic_profile
         from nfsearch.specs import load_gpu
         table = analytic_profile(model, workload, load_gpu(gpu_key))
     else:
@@ -182,7 +182,7 @@ def simulate(plan_path, profile_path, out_prefix, allow_extrapolation):
 @click.option("--tolerance", type=float, help="Allowed makespan regression (default: the cases file's).")
 def check(cases_file, tolerance):
     """Re-solve the golden cases; exit 1 with a diff when a plan is invalid or got worse."""
-    from nfsearch.check import run_check
+    from nfsearch.golden import run_check
     result = run_check(cases_file, tolerance, progress=lambda msg: click.echo(f"  {msg}", err=True))
     click.echo(result.report())
     if not result.ok:
@@ -190,7 +190,7 @@ def check(cases_file, tolerance):
 
 
 def _problem(model, workload, profile_path, num_layers, allow_extrapolation):
-    from nfsearch.problem import default_profile, make_problem
+    from nfsearch.cost import default_profile, make_problem
     from nfsearch.profile import load
     table = load(profile_path) if profile_path else default_profile(model, workload)
     if table.is_analytic:

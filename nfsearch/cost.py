@@ -1,13 +1,49 @@
-"""The cost model: time of a nano-op at an SM count, alone or beside ops of other classes."""
+"""The cost model and the scheduling problem the search works on.
 
+CostModel: time of a nano-op at an SM count, alone or beside ops of other classes. Co-run times
+come from the profile's measured co-run rows where it has them; otherwise from NanoFlow's published
+A100 curves (NANOFLOW.md): an op of class c given a share R of the SMs, while another class runs
+beside it, progresses at P_c(R) of its full-GPU solo speed, so its co-run time is
+max(solo time at its SM count, full-GPU time / P_c(R)); that source is named in every plan.
+
+Problem bundles model, workload, GPU, profile, layer graph and cost model for the search.
+"""
+
+from dataclasses import dataclass
 from functools import lru_cache
+from importlib import resources
+from pathlib import Path
 
 import networkx as nx
 
-from nfsearch.interference import Interference
-from nfsearch.ops import Op, op_context
-from nfsearch.profile import ProfileMiss, ProfileTable
-from nfsearch.specs import Workload
+from nfsearch.errors import NfsearchError
+from nfsearch.graph import Op, build_layer, op_context
+from nfsearch.profile import ProfileMiss, ProfileTable, gpu_from_profile, load
+from nfsearch.roofline import analytic_profile, interp, roofline
+from nfsearch.specs import GpuSpec, ModelSpec, Workload, load_gpu
+
+
+# share R -> normalised speed P(R); GEMM-like compute is linear (P = R)
+PUBLISHED_CURVES = {
+    "compute": ((0.0, 0.0), (1.0, 1.0)),
+    "memory": ((0.0, 0.0), (0.1, 0.25), (0.2, 0.4), (0.3, 0.5), (0.4, 0.6), (0.5, 0.7), (0.6, 0.8),
+               (0.7, 0.85), (0.8, 0.9), (0.9, 0.95), (1.0, 1.0)),
+    "network": ((0.0, 0.0), (0.1, 0.4), (0.2, 0.6), (0.3, 0.7), (0.4, 0.8), (0.5, 0.9), (1.0, 1.0)),
+}
+PUBLISHED_CURVES["other"] = PUBLISHED_CURVES["memory"]
+
+
+@dataclass(frozen=True)
+class Interference:
+    """The default model; `source` says where co-run figures come from."""
+    source: str = "published NanoFlow curves (A100)"
+
+    def speed(self, op_class: str, share: float) -> float:
+        curve = PUBLISHED_CURVES[op_class]
+        return max(1e-6, interp(curve[1:], share) if share > curve[1][0] else curve[1][1] * share / curve[1][0])
+
+    def corun_ms(self, op_class: str, solo_ms: float, full_gpu_ms: float, share: float) -> float:
+        return max(solo_ms, full_gpu_ms / self.speed(op_class, share))
 
 
 class CostModel:
@@ -55,3 +91,52 @@ class CostModel:
         context = op_context(self.ops[op], self.workload)
         return self.profile.time_ms(op, num_tokens, sm_count, context, co_class=co_class,
                                     allow_extrapolation=self.is_extrapolating)
+
+
+@dataclass(frozen=True)
+class Problem:
+    model: ModelSpec
+    workload: Workload
+    gpu: GpuSpec
+    profile: ProfileTable
+    layer: nx.DiGraph
+    cost: CostModel
+    num_layers: int
+
+    @property
+    def bound_ms(self) -> float:
+        return roofline(self.model, self.workload, self.gpu).bound_ms
+
+    def plan_gpu(self) -> dict:
+        return {"name": self.gpu.name, "num_sms": self.gpu.num_sms, "sm_granularity": self.gpu.sm_granularity}
+
+    def plan_profile(self) -> dict:
+        return {"fingerprint": self.profile.fingerprint(), "source": self.profile.meta["source"],
+                "label": self.profile.label, "interference": self.cost.interference.source}
+
+
+def make_problem(model: ModelSpec, workload: Workload, profile: ProfileTable, num_layers: int = 2,
+                 allow_extrapolation: bool = False) -> Problem:
+    if num_layers < 1:
+        raise NfsearchError("num_layers must be at least 1")
+    layer = build_layer(model, workload)
+    gpu = gpu_from_profile(profile)
+    source = "measured co-run table" if profile.has_corun() else Interference().source
+    cost = CostModel(profile, layer, workload, Interference(source), allow_extrapolation)
+    return Problem(model, workload, gpu, profile, layer, cost, num_layers)
+
+
+
+def profiles_dir() -> Path:
+    """The bundled profiles/ folder (in the source tree beside the package)."""
+    return Path(str(resources.files("nfsearch"))).parent / "profiles"
+
+
+def default_profile(model: ModelSpec, workload: Workload, gpu_key: str = "h100-sxm") -> ProfileTable:
+    """The bundled measured table for this GPU and model if there is one, else an analytic one."""
+    folder = profiles_dir() / gpu_key
+    if workload.tp_degree == 1:
+        for name in (f"{model.name}.parquet", f"{model.name}.analytic.parquet"):
+            if (folder / name).is_file():
+                return load(folder / name)
+    return analytic_profile(model, workload, load_gpu(gpu_key))

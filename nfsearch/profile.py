@@ -20,6 +20,7 @@ import pandas as pd
 
 from nfsearch.errors import NfsearchError
 from nfsearch.files import write_atomic
+from nfsearch.specs import GpuSpec, gpu_by_name, load_gpu
 
 COLUMNS = ["op", "impl", "num_tokens", "context", "sm_count", "time_ms"]
 CSV_MARK = "# nfsearch-profile "
@@ -209,3 +210,15 @@ def _outside_scale(tokens_grid, tokens, sms_grid, sms) -> float:
     if sms < sms_grid[0]:
         scale *= sms_grid[0] / sms
     return scale
+
+def gpu_from_profile(profile: ProfileTable) -> GpuSpec:
+    """The GPU a profile was made on, with the profile's own measured rates where it has them."""
+    meta = profile.meta
+    known = load_gpu(meta["gpu_key"]) if meta.get("gpu_key") else gpu_by_name(meta["gpu_name"])
+    base = known or load_gpu("h100-sxm")
+    return GpuSpec(key=meta.get("gpu_key", base.key), name=meta["gpu_name"], num_sms=int(meta["num_sms"]),
+                   sm_granularity=int(meta["sm_granularity"]),
+                   peak_tflops=float(meta.get("peak_tflops", base.peak_tflops)),
+                   mem_bandwidth_tbps=float(meta.get("mem_bandwidth_tbps", base.mem_bandwidth_tbps)),
+                   net_bandwidth_gbps=float(meta.get("net_bandwidth_gbps", base.net_bandwidth_gbps)),
+                   figures_source=meta.get("figures_source", meta["source"]))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from nfsearch.ops import layer_ops, op_context
+from nfsearch.graph import layer_ops, op_context
 from nfsearch.profile import ProfileTable
 from nfsearch.specs import ModelSpec, Workload
 
@@ -67,11 +67,11 @@ def table_from_points(points: dict, num_sms: int = FAKE_SMS) -> ProfileTable:
 
 @pytest.fixture
 def tiny_problem():
-    from nfsearch.problem import make_problem
+    from nfsearch.cost import make_problem
     return make_problem(TINY_MODEL, TINY_WL, fake_profile(), num_layers=2)
 
 
 @pytest.fixture
 def tiny_split_plan(tiny_problem):
-    from nfsearch.handmade import equal_split_plan
+    from nfsearch.search.baselines import equal_split_plan
     return equal_split_plan(tiny_problem, 2)

@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import FIXTURES
-from nfsearch.analysis import layer_work, roofline
+from nfsearch.roofline import layer_work, roofline
 from nfsearch.specs import load_gpu, load_model, load_workload
 
 # workload -> (T_compute ms, T_mem ms) from the GPU_FACTS.md standard-workload table

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nfsearch.check import run_check
+from nfsearch.golden import run_check
 from nfsearch.errors import NfsearchError
 
 GOLDEN = Path(__file__).parent / "golden"

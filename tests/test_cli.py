@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from conftest import FIXTURES, TINY_MODEL, TINY_WL, fake_profile
 from nfsearch import plan
 from nfsearch.cli import main
-from nfsearch.handmade import equal_split_plan, sequential_plan
-from nfsearch.problem import default_profile, make_problem
+from nfsearch.search.baselines import equal_split_plan, sequential_plan
+from nfsearch.cost import default_profile, make_problem
 from nfsearch.profile import load
 from nfsearch.specs import load_model, load_workload
 

@@ -4,10 +4,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from nfsearch.analytic import analytic_profile
+from nfsearch.roofline import analytic_profile
 from nfsearch.errors import NfsearchError
-from nfsearch.handmade import equal_split_plan, sequential_plan
-from nfsearch.problem import make_problem
+from nfsearch.search.baselines import equal_split_plan, sequential_plan
+from nfsearch.cost import make_problem
 from nfsearch.runtime import executor
 from nfsearch.runtime.model import ModelInstance
 from nfsearch.specs import ModelSpec, Workload, load_gpu

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from conftest import TINY_MODEL, TINY_MOE
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import build_layer, first_op, last_op, nano_ranges, read_range, split_layers
-from nfsearch.ops import domain_range
+from nfsearch.graph import domain_range
 from nfsearch.specs import Workload, load_model, load_workload
 
 DENSE_CHAIN = ["norm1", "kqv", "rope_append", "o", "norm2", "ug", "act", "d"]

@@ -4,11 +4,11 @@ import itertools
 
 import pytest
 
-from nfsearch import launch
-from nfsearch.analytic import analytic_profile
-from nfsearch.handmade import equal_split_plan, sequential_plan
+from nfsearch.runtime import launch
+from nfsearch.roofline import analytic_profile
+from nfsearch.search.baselines import equal_split_plan, sequential_plan
 from nfsearch.plan import PlannedOp, Schedule
-from nfsearch.problem import make_problem
+from nfsearch.cost import make_problem
 from nfsearch.specs import ModelSpec, Workload, load_gpu
 
 MODEL = ModelSpec("tiny", 256, 4, 2, 64, 512, 2, 1000)

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from conftest import FIXTURES, TINY_MODEL, TINY_WL, fake_profile
 from nfsearch import plan
 from nfsearch.errors import NfsearchError
-from nfsearch.handmade import equal_split_plan, sequential_plan
-from nfsearch.problem import make_problem
+from nfsearch.search.baselines import equal_split_plan, sequential_plan
+from nfsearch.cost import make_problem
 from nfsearch.simulate import PlanInvalid, replay, verify
 
 SPLIT2 = FIXTURES / "tiny-split2.plan.json"

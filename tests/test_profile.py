@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from conftest import TINY_MODEL, TINY_WL, fake_meta, fake_profile, table_from_points
-from nfsearch.analytic import analytic_profile
+from nfsearch.roofline import analytic_profile
 from nfsearch.errors import NfsearchError
 from nfsearch.profile import CSV_MARK, ProfileMiss, ProfileTable, load
 from nfsearch.specs import load_gpu

@@ -10,12 +10,12 @@ import sys
 
 import pytest
 
-from nfsearch import profiling
+from nfsearch.runtime import measurements as profiling
 from nfsearch.errors import NfsearchError
-from nfsearch.ops import op_context
-from nfsearch.problem import make_problem
+from nfsearch.graph import op_context
+from nfsearch.cost import make_problem
 from nfsearch.profile import load
-from nfsearch.profiling import Checkpoint, Measurement, Point, make_plan, run_plan
+from nfsearch.runtime.measurements import Checkpoint, Measurement, Point, make_plan, run_plan
 from nfsearch.specs import ModelSpec, Workload, load_model, load_workload
 
 LLAMA = load_model("llama-3-8b")
@@ -311,7 +311,7 @@ def test_tiny_model_plan():
 
 
 def test_no_torch_import():
-    code = "import sys, nfsearch.profiling; assert 'torch' not in sys.modules and 'triton' not in sys.modules"
+    code = "import sys, nfsearch.runtime.measurements; assert 'torch' not in sys.modules and 'triton' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -30,8 +30,8 @@ def _timeline(label: str, shift: float = 0.0) -> Timeline:
 
 @pytest.fixture(scope="module")
 def w2_timelines():
-    from nfsearch.handmade import equal_split_plan
-    from nfsearch.problem import default_profile, make_problem
+    from nfsearch.search.baselines import equal_split_plan
+    from nfsearch.cost import default_profile, make_problem
     from nfsearch.simulate import replay
     from nfsearch.specs import load_model, load_workload
     model, workload = load_model("llama-3-8b"), load_workload("W2")

@@ -5,12 +5,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nfsearch import plan as plan_io
-from nfsearch.analytic import analytic_profile
+from nfsearch.roofline import analytic_profile
 from nfsearch.errors import NfsearchError
-from nfsearch.handmade import sequential_plan
-from nfsearch.problem import make_problem
-from nfsearch.search import (UNITS_PER_MS, Durations, baselines, make_frame, model_timing, relaxed_makespan,
-                             sm_choices, sm_subset, solve, stage1, stage2_from, structure_family, sweep)
+from nfsearch.search.baselines import sequential_plan
+from nfsearch.cost import make_problem
+from nfsearch.search.durations import UNITS_PER_MS, Durations
+from nfsearch.search.baselines import baselines
+from nfsearch.search.stage1 import make_frame, structure_family, sweep
+from nfsearch.search.stage2 import model_timing, stage2_from
+from nfsearch.search import solve
 from nfsearch.simulate import replay, verify
 from nfsearch.specs import Workload, load_gpu, load_model
 
@@ -55,32 +58,6 @@ def test_bad_arguments_are_one_line_errors(small):
         solve(small, time_limit_s=0)
     with pytest.raises(NfsearchError, match="unknown solver"):
         solve(small, solver="nope", time_limit_s=1)
-
-
-def test_stage1_prefers_useful_splits_and_respects_chunks(small):
-    structures = stage1(small, chunk=128, keep=3)
-    seq = relaxed_makespan(small, {})[0]
-    assert structures[0].stage1_ms <= seq + 1e-12
-    for s in structures:
-        for op, sizes in s.sizes:
-            start, end = small.layer.nodes[op]["token_range"]
-            assert sum(sizes) == end - start
-            assert all(n % 128 == 0 for n in sizes[:-1])
-
-
-def test_relaxed_makespan_overlaps_streams(small):
-    # unsplit: decode attention (memory) overlaps prefill attention (compute), nothing else
-    ms, times, nano = relaxed_makespan(small, {})
-    solo = sum(small.cost.solo_ms(n.op, n.num_tokens, 132) for n in nano.nodes)
-    assert ms < solo
-
-
-def test_sm_choices_are_pareto_and_full_gpu_is_solo(small):
-    choices = sm_choices(small, "decode_attn", 256, frozenset({"compute", "memory", "other"}))
-    assert [s for s, _ in choices] == sorted(s for s, _ in choices)
-    assert all(a[1] > b[1] for a, b in zip(choices, choices[1:]))
-    assert choices[-1] == (132, max(1, round(small.cost.solo_ms("decode_attn", 256, 132) * UNITS_PER_MS + 0.4999)))
-    assert sm_subset(132, GPU.sm_grid()) == [8, 16, 32, 48, 64, 80, 96, 112, 132]
 
 
 def test_sweep_incumbent_and_its_hint_are_feasible(small):

@@ -9,10 +9,10 @@ time) and rates change whenever an op starts or ends.
 import pytest
 
 from conftest import FAKE_SMS, TINY_MODEL, TINY_WL, fake_profile, fake_time, table_from_points
-from nfsearch.handmade import sequential_plan
-from nfsearch.interference import Interference
+from nfsearch.search.baselines import sequential_plan
+from nfsearch.cost import Interference
 from nfsearch.plan import PlannedOp, Schedule
-from nfsearch.problem import make_problem
+from nfsearch.cost import make_problem
 from nfsearch.simulate import PlanInvalid, replay, stated_timeline
 
 EXACT = 1e-9
@@ -157,7 +157,7 @@ def test_sequential_plan_is_sum_of_full_gpu_times():
 
 
 def test_sequential_plan_real_model_is_sum_of_solo_times():
-    from nfsearch.problem import default_profile
+    from nfsearch.cost import default_profile
     from nfsearch.specs import load_model, load_workload
     model, w = load_model("llama-3-8b"), load_workload("W2")
     problem = make_problem(model, w, default_profile(model, w), num_layers=1)

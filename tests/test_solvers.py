@@ -124,15 +124,14 @@ def test_cpsat_and_gurobi_agree_on_small_w2():
     ok, why = get_solver("gurobi").available()
     if not ok:
         pytest.skip(why)
-    from nfsearch.handmade import equal_sizes
-    from nfsearch.problem import default_profile, make_problem
-    from nfsearch.search import stage2_data
+    from nfsearch.cost import default_profile, make_problem
+    from nfsearch.search.durations import Durations
+    from nfsearch.search.stage1 import sweep
+    from nfsearch.search.stage2 import stage2_from
     from nfsearch.specs import load_model, load_workload
     model, workload = load_model("llama-3-8b"), load_workload("W2")
     problem = make_problem(model, workload, default_profile(model, workload), num_layers=1)
-    sizes = {n: equal_sizes(*problem.layer.nodes[n]["token_range"], 2, 128) for n in problem.layer.nodes}
-    sizes.update({n: (512, 1536) for n in problem.layer.nodes if problem.layer.nodes[n]["token_range"] == (0, 2048)})
-    data = stage2_data(problem, sizes, [64, 132])
+    data = stage2_from(problem, sweep(problem, 512)[0], Durations(problem))
     assert max(gurobi_backend.model_size(data)) <= 2000
     cp = _solve(data, "cpsat", 60)
     gu = _solve(data, "gurobi", 60)

@@ -4,7 +4,7 @@
   (the "torch" impls), captured as one CUDA graph.
 * seq-same: the plan's own kernels (each op's impl as the plan uses it), whole ops at the full GPU,
   one stream, no nano-batching, one CUDA graph.
-Both are launch lists from nfsearch.launch.sequential_launches, so they run through the same
+Both are launch lists from nfsearch.runtime.launch.sequential_launches, so they run through the same
 executor path as the plan.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from nfsearch.launch import LaunchList, sequential_launches
+from nfsearch.runtime.launch import LaunchList, sequential_launches
 
 
 def seq_torch(schedule, num_sms: int, num_layers: int | None = None) -> LaunchList:

@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from nfsearch import launch as launch_mod
+from nfsearch.runtime import launch as launch_mod
 from nfsearch.errors import NfsearchError
-from nfsearch.launch import Launch, LaunchList
+from nfsearch.runtime.launch import Launch, LaunchList
 from nfsearch.runtime.bench import event_times
 from nfsearch.runtime.kernels import IMPLS
 from nfsearch.runtime.model import OP_OUTPUT, ModelInstance, rel_error
@@ -335,7 +335,7 @@ def _base_report(schedule, ctx, ll, correctness) -> dict:
 
 
 def _bound(schedule, ctx, ceilings: dict, measured_ms: float) -> dict:
-    from nfsearch.analysis import roofline
+    from nfsearch.roofline import roofline
     from nfsearch.specs import GpuSpec
     gpu = GpuSpec(key="measured", name=ctx.gpu_name, num_sms=ctx.num_sms, sm_granularity=max(ctx.granularity, 1),
                   peak_tflops=ceilings["gemm_tflops"], mem_bandwidth_tbps=ceilings["copy_tbps"],

@@ -32,8 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-from nfsearch import profiling
-from nfsearch.profiling import COMPUTE_BACKGROUND, MEMORY_BACKGROUND, Measurement, Point
+from nfsearch.runtime import measurements as profiling
+from nfsearch.runtime.measurements import COMPUTE_BACKGROUND, MEMORY_BACKGROUND, Measurement, Point
 
 MAX_LEAD_MS = 80.0          # solo: the host's head start for `repeats` calls
 MAX_CORUN_LEAD_MS = 1000.0  # co-run: up to hundreds of background calls go in first

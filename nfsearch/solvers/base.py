@@ -1,6 +1,6 @@
 """The stage-2 solver interface: data in, a timed SM assignment out, the same for every backend.
 
-Stage 2 (search.py) turns a fixed structure (nano-batch sizes) into `Stage2Data`: one task per
+Stage 2 (search/stage2.py) turns a fixed structure (nano-batch sizes) into `Stage2Data`: one task per
 nano-op of the unrolled layers, its stream, its allowed SM counts with their durations in integer
 time units, the data dependencies, and a feasible hint. A backend implements three steps, kept
 apart so that tests and benchmarks can time or inspect each one:
@@ -9,13 +9,11 @@ apart so that tests and benchmarks can time or inspect each one:
     raw = solver.solve(model, time_limit_s, threads, seed)
     result = solver.extract(model, raw)            -> Stage2Result
 
-`get_solver(name)` gives a backend by name; `resolve(name, data)` also handles "auto" (Gurobi when
-importable, licensed and the model fits its licence, else CP-SAT) and says why in one line.
+The package's `get_solver` and `resolve` pick a backend; this module knows none of them.
 """
 
 from dataclasses import dataclass, field
 
-from nfsearch.errors import NfsearchError
 
 SOLVER_NAMES = ("auto", "cpsat", "gurobi")
 
@@ -87,30 +85,3 @@ class Solver:
     def settings(self, time_limit_s: float, threads: int, seed: int) -> str:
         """One line on how determinism and limits were set (stored in the plan's solver note)."""
         return ""
-
-
-def get_solver(name: str) -> Solver:
-    if name == "cpsat":
-        from nfsearch.solvers.cpsat import CpSatSolver
-        return CpSatSolver()
-    if name == "gurobi":
-        from nfsearch.solvers.gurobi import GurobiSolver
-        return GurobiSolver()
-    raise NfsearchError(f"unknown solver '{name}' (choose one of {', '.join(SOLVER_NAMES)})")
-
-
-def resolve(name: str, data: Stage2Data | None = None) -> tuple[Solver, str]:
-    """The backend to use for `name` ("auto" included) and a one-line reason."""
-    if name not in SOLVER_NAMES:
-        raise NfsearchError(f"unknown solver '{name}' (choose one of {', '.join(SOLVER_NAMES)})")
-    if name != "auto":
-        solver = get_solver(name)
-        ok, why = solver.available(data)
-        if not ok:
-            raise NfsearchError(f"solver {name} is unavailable: {why}")
-        return solver, f"{name} as requested"
-    gurobi = get_solver("gurobi")
-    ok, why = gurobi.available(data)
-    if ok:
-        return gurobi, "auto: gurobi is installed, licensed and the model fits"
-    return get_solver("cpsat"), f"auto: cpsat ({why})"

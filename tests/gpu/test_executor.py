@@ -7,9 +7,9 @@ torch = pytest.importorskip("torch")
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-from nfsearch.analytic import analytic_profile
-from nfsearch.handmade import equal_split_plan
-from nfsearch.problem import make_problem
+from nfsearch.roofline import analytic_profile
+from nfsearch.search.baselines import equal_split_plan
+from nfsearch.cost import make_problem
 from nfsearch.specs import ModelSpec, Workload, load_gpu
 
 MODEL = ModelSpec("small", 1024, 8, 2, 128, 2048, 2, 1000)

@@ -18,7 +18,7 @@ pytestmark = [
 
 
 def test_quick_profile(tmp_path):
-    from nfsearch import profiling
+    from nfsearch.runtime import measurements as profiling
     from nfsearch.profile import load
     from nfsearch.runtime.profiler import measure_profile
     from nfsearch.specs import load_model, load_workload

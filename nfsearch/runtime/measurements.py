@@ -36,9 +36,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from nfsearch.analytic import BW_FRACTION, _interp
+from nfsearch.roofline import BW_FRACTION, interp
 from nfsearch.errors import NfsearchError
-from nfsearch.ops import Op, layer_ops, op_context, op_work
+from nfsearch.graph import Op, layer_ops, op_context, op_work
 from nfsearch.profile import ProfileTable
 from nfsearch.specs import ModelSpec, Workload
 
@@ -47,7 +47,7 @@ FORMAT = 1
 # ---------------------------------------------------------------------------------------- the grid
 TOKENS = (128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 DECODE_REQUESTS = (64, 128, 256, 384, 512)
-DECODE_CONTEXTS = (1024, 2048)
+PROFILED_CONTEXTS = (1024, 2048)       # decode contexts measured (the analytic grid, roofline.DECODE_CONTEXTS, is wider)
 PREFILL_TOKENS = (128,) + tuple(range(256, 3841, 256))
 PROMPT_LENGTHS = (256, 512)
 # co-run splits: decode attention gets a group of m SMs, the compute op the remainder
@@ -218,7 +218,7 @@ def make_plan(model: ModelSpec, workload: Workload, num_sms: int, granularity: i
     requests = set(QUICK_DECODE_REQUESTS if is_quick else DECODE_REQUESTS)
     if workload.num_decode > max(requests):
         requests.add(workload.num_decode)
-    contexts = set() if is_quick else set(DECODE_CONTEXTS)
+    contexts = set() if is_quick else set(PROFILED_CONTEXTS)
     if workload.num_decode:
         contexts.add(workload.decode_context)
     contexts = contexts or {1024}
@@ -285,7 +285,7 @@ def estimate_ms(plan: Plan, op: str, impl: str, num_tokens: int, context: int, s
     """A rough roofline time of one call (for the ETA and for sizing co-run windows)."""
     work = op_work(plan.ops[op], plan.model, plan.workload(), num_tokens, context)
     flops_per_ms = 650e9 * sm_count / plan.num_sms
-    bytes_per_ms = 2.9e9 * _interp(BW_FRACTION, sm_count)
+    bytes_per_ms = 2.9e9 * interp(BW_FRACTION, sm_count)
     t = max(work.flops / flops_per_ms, work.num_bytes / bytes_per_ms) + 0.006
     if impl == "torch" and sm_count < plan.num_sms:
         t *= 1.5

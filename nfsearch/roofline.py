@@ -1,6 +1,8 @@
-"""An analytic profile table: kernel times from a roofline model of a GPU, labelled `analytic`.
+"""The one roofline: the bound of one layer (WORKLOADS.md) and the analytic profile built from it.
 
-It lets everything work before a measured table exists. Time of an op on s SMs:
+`roofline` gives FLOPs, bytes, network bytes, T_compute, T_mem, T_net and the bound of one layer.
+`analytic_profile` is a profile table of kernel times from the same work over a GPU's rates,
+labelled `analytic`, so everything works before a measured table exists. Time of an op on s SMs:
     max(FLOPs / (peak * s / S / tile_efficiency), bytes / (bandwidth * bw_fraction(s))) + launch
 where bw_fraction(s) is the share of the copy ceiling that a streaming kernel confined to s SMs
 pulls (measured on the lent H100, GPU_FACTS.md) and tile_efficiency counts GEMM tile and wave
@@ -9,12 +11,62 @@ quantisation. Network ops: bytes sent / (bus bandwidth * cta_fraction(s)) + late
 
 import datetime
 import math
+from dataclasses import dataclass
 
 import pandas as pd
 
-from nfsearch.ops import Op, layer_ops, op_context, op_work
+from nfsearch.graph import Op, Work, domain_range, layer_ops, op_context, op_work
 from nfsearch.profile import ProfileTable
 from nfsearch.specs import GpuSpec, ModelSpec, Workload
+
+
+@dataclass(frozen=True)
+class Roofline:
+    flops: float
+    num_bytes: float
+    net_bytes: float
+    compute_ms: float
+    mem_ms: float
+    net_ms: float
+    num_tokens: int
+    num_layers: int
+
+    @property
+    def ratio(self) -> float:
+        """TR = T_mem / T_compute."""
+        return self.mem_ms / self.compute_ms
+
+    @property
+    def bound_ms(self) -> float:
+        return max(self.compute_ms, self.mem_ms, self.net_ms)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Optimal throughput: tokens in the batch / (bound x layers)."""
+        return self.num_tokens / (self.bound_ms * 1e-3 * self.num_layers)
+
+
+def layer_work(model: ModelSpec, workload: Workload) -> Work:
+    total = Work()
+    for op in layer_ops(model, workload):
+        start, end = domain_range(op, workload)
+        total = total + op_work(op, model, workload, end - start, op_context(op, workload))
+    return total
+
+
+def roofline(model: ModelSpec, workload: Workload, gpu: GpuSpec) -> Roofline:
+    work = layer_work(model, workload)
+    return Roofline(
+        flops=work.flops,
+        num_bytes=work.num_bytes,
+        net_bytes=work.net_bytes,
+        compute_ms=work.flops / (gpu.peak_tflops * 1e9),
+        mem_ms=work.num_bytes / (gpu.mem_bandwidth_tbps * 1e9),
+        net_ms=work.net_bytes / (gpu.net_bandwidth_gbps * 1e6),
+        num_tokens=workload.num_tokens,
+        num_layers=model.num_layers,
+    )
+
 
 TOKEN_GRID = (64, 128, 256, 384, 512, 640, 768, 1024, 1280, 1536, 2048, 2560, 3072, 4096, 6144, 8192)
 DECODE_CONTEXTS = (256, 512, 1024, 2048, 4096, 8192)
@@ -49,10 +101,10 @@ def op_time_ms(op: Op, model: ModelSpec, workload: Workload, gpu: GpuSpec, token
                sms: int) -> float:
     work = op_work(op, model, workload, tokens, context)
     if op.op_class == "network":
-        rate_bytes_per_ms = gpu.net_bandwidth_gbps * 1e6 * _interp(NET_FRACTION, sms)
+        rate_bytes_per_ms = gpu.net_bandwidth_gbps * 1e6 * interp(NET_FRACTION, sms)
         return work.net_bytes / rate_bytes_per_ms + NET_LATENCY_MS
     flops_per_ms = gpu.peak_tflops * 1e9 * sms / gpu.num_sms * _tile_efficiency(op, tokens, sms)
-    bytes_per_ms = gpu.mem_bandwidth_tbps * 1e9 * _interp(BW_FRACTION, sms)
+    bytes_per_ms = gpu.mem_bandwidth_tbps * 1e9 * interp(BW_FRACTION, sms)
     return max(work.flops / flops_per_ms, work.num_bytes / bytes_per_ms) + LAUNCH_MS
 
 
@@ -73,7 +125,8 @@ def _contexts(op: Op, workload: Workload) -> tuple[int, ...]:
     return (0,)
 
 
-def _interp(curve, x: float) -> float:
+def interp(curve, x: float) -> float:
+    """Piecewise-linear curve ((x, y), ...) at x: through the origin below its first point, flat after its last."""
     if x <= curve[0][0]:
         return curve[0][1] * x / curve[0][0]
     for (x0, y0), (x1, y1) in zip(curve, curve[1:]):

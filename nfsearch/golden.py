@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nfsearch import plan as plan_io
-from nfsearch.analytic import analytic_profile
+from nfsearch.roofline import analytic_profile
 from nfsearch.errors import NfsearchError
 from nfsearch.files import read_yaml
-from nfsearch.problem import default_profile, make_problem
+from nfsearch.cost import default_profile, make_problem
 from nfsearch.profile import load as load_profile
 from nfsearch.simulate import verify
 from nfsearch.specs import load_gpu, load_model, load_workload
@@ -94,7 +94,7 @@ def problem_for(case: dict, base: Path):
 
 
 def solve_case(case: dict, base: Path):
-    from nfsearch.search import solve      # late import: search imports the solvers
+    from nfsearch.search import solve
     return solve(problem_for(case, base), solver=case.get("solver", "cpsat"),
                  time_limit_s=float(case.get("time_limit_s", 5)), threads=int(case.get("threads", 2)),
                  seed=int(case.get("seed", 0)), chunk=int(case.get("chunk", 128)))

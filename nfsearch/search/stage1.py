@@ -1,0 +1,159 @@
+"""Stage 1: nano-batch structures, each crossed with every compute/memory SM partition and replayed.
+
+A small family of structures (unsplit; k equal pieces; cuts at the decode/prefill boundary, alone or
+with either side halved; cuts are multiples of `chunk`) is crossed with every compute/memory SM
+partition m: memory and network ops get m SMs, the ops that may run beside them (incomparable in the
+nano-op DAG) get the rest, ops that can never overlap get the whole GPU (each count replaced by the
+fewest SMs that are no slower). The issue order comes from a list schedule at the stage-2 model
+durations; every candidate is timed by simulate.replay (the judge); the best is stage 2's incumbent.
+"""
+
+from dataclasses import dataclass
+
+import networkx as nx
+
+from nfsearch.cost import Problem
+from nfsearch.graph import NanoOp, split_layers
+from nfsearch.plan import Schedule
+from nfsearch.profile import ProfileMiss
+from nfsearch.search.durations import Durations
+from nfsearch.search.listsched import list_order, timed, topo_order
+
+Sizes = dict[str, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class Structure:
+    sizes: tuple[tuple[str, tuple[int, ...]], ...]    # (op, nano-batch sizes), ops in layer order
+
+    def as_dict(self) -> Sizes:
+        return dict(self.sizes)
+
+    def describe(self) -> str:
+        return ", ".join(f"{op}={'/'.join(map(str, s))}" for op, s in self.sizes if len(s) > 1) or "unsplit"
+
+
+OVERLAPPERS = frozenset({"memory", "network"})    # classes that take the small side of a partition
+
+
+@dataclass
+class Frame:
+    """One structure's unrolled nano-op DAG and what the sweep needs from it, computed once."""
+    structure: Structure
+    nano: nx.DiGraph
+    group_overlaps: dict[str, bool]     # group -> some member may run beside an op of the other side
+
+
+@dataclass
+class Candidate:
+    judge_ms: float                     # simulate.replay makespan of the plan
+    frame: Frame
+    memory_sms: int                     # the partition: overlappers get this, their overlap partners the rest
+    sms: dict[str, int]                 # group -> SM count
+    plan: Schedule                      # replay-timed plan
+
+
+def group_of(n: NanoOp) -> str:
+    return f"{n.op}#{n.index}"
+
+
+def make_frame(problem: Problem, structure: Structure) -> Frame:
+    nano = split_layers(problem.layer, structure.as_dict(), problem.num_layers, problem.workload)
+    order = topo_order(nano)
+    idx = {n: i for i, n in enumerate(order)}
+    anc = [0] * len(order)                # bitsets of ancestors
+    for n in order:
+        bits = 0
+        for p in nano.predecessors(n):
+            bits |= anc[idx[p]] | (1 << idx[p])
+        anc[idx[n]] = bits
+    desc = [0] * len(order)
+    for n in reversed(order):
+        bits = 0
+        for s in nano.successors(n):
+            bits |= desc[idx[s]] | (1 << idx[s])
+        desc[idx[n]] = bits
+    small = 0
+    for n in order:
+        if problem.cost.op_class(n.op) in OVERLAPPERS:
+            small |= 1 << idx[n]
+    everything = (1 << len(order)) - 1
+    overlaps: dict[str, bool] = {}
+    for n in order:
+        i = idx[n]
+        other_side = small if problem.cost.op_class(n.op) not in OVERLAPPERS else everything & ~small
+        free = other_side & ~(anc[i] | desc[i] | (1 << i))
+        g = group_of(n)
+        overlaps[g] = overlaps.get(g, False) or bool(free)
+    return Frame(structure, nano, overlaps)
+
+
+def partition_candidate(problem: Problem, frame: Frame, memory_sms: int, durs: Durations) -> Candidate:
+    """Overlappers on `memory_sms`, ops that may run beside them on the rest, the others on the full
+    GPU; issue order from a list schedule at the model durations; timed by simulate.replay."""
+    full, cost = problem.gpu.num_sms, problem.cost
+    sms: dict[str, int] = {}
+    for n in frame.nano.nodes:
+        g = group_of(n)
+        if g in sms:
+            continue
+        want = full
+        if frame.group_overlaps[g]:
+            want = memory_sms if cost.op_class(n.op) in OVERLAPPERS else full - memory_sms
+        sms[g] = durs.undominated(n.op, n.num_tokens, want)
+    dur = {n: durs.units(n.op, n.num_tokens, sms[group_of(n)]) for n in frame.nano.nodes}
+    order = list_order(frame.nano, dur, lambda n: cost.op_class(n.op))
+    placement = {n: (cost.op_class(n.op), sms[group_of(n)]) for n in frame.nano.nodes}
+    plan = timed(problem, frame.nano, placement, order, {"name": "partition-sweep"}, durs.plan_profile)
+    return Candidate(plan.predicted["makespan_ms"], frame, memory_sms, sms, plan)
+
+
+def structure_family(problem: Problem, chunk: int) -> list[Structure]:
+    """Candidate structures: unsplit, k equal pieces (k = 2..4), cuts at the decode/prefill boundary
+    alone or with the decode and/or prefill part halved. Every op is cut at the same token offsets
+    (those inside its range); cuts are multiples of `chunk` from the op's range start."""
+    total = max(problem.layer.nodes[n]["token_range"][1] for n in problem.layer.nodes)
+    dec = problem.workload.num_decode
+    snap = lambda x: int(round(x / chunk)) * chunk
+    cut_sets = [(), *[tuple(snap(total * i / k) for i in range(1, k)) for k in (2, 3, 4)]]
+    if 0 < dec < total:
+        cut_sets += [(dec,), (dec, snap(dec + (total - dec) / 2)), (snap(dec / 2), dec),
+                     (snap(dec / 2), dec, snap(dec + (total - dec) / 2))]
+    out, seen = [], set()
+    for cuts in cut_sets:
+        sizes = _sizes_from_cuts(problem, cuts, chunk)
+        key = tuple(sorted(sizes.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(Structure(tuple((n, sizes[n]) for n in nx.topological_sort(problem.layer))))
+    return out
+
+
+def _sizes_from_cuts(problem: Problem, cuts, chunk: int) -> Sizes:
+    sizes = {}
+    for n in problem.layer.nodes:
+        s, e = problem.layer.nodes[n]["token_range"]
+        inner = sorted({c - s for c in cuts if s < c < e and (c - s) % chunk == 0})
+        bounds = [0, *inner, e - s]
+        sizes[n] = tuple(b - a for a, b in zip(bounds, bounds[1:]))
+    return sizes
+
+
+def sweep(problem: Problem, chunk: int) -> list[Candidate]:
+    """Every structure of the family at every partition; each structure's best, best first."""
+    durs = Durations(problem)
+    full = problem.gpu.num_sms
+    shares = [g for g in problem.gpu.sm_grid() if g < full]
+    best: list[Candidate] = []
+    for structure in structure_family(problem, chunk):
+        frame, cands = make_frame(problem, structure), []
+        for m in shares:
+            try:
+                cands.append(partition_candidate(problem, frame, m, durs))
+            except ProfileMiss:
+                continue
+        if not cands:
+            continue
+        top = min(cands, key=lambda c: (round(c.judge_ms, 9), c.memory_sms))
+        best.append(top)
+    return sorted(best, key=lambda c: (round(c.judge_ms, 9), len(c.plan.nano_ops)))

@@ -1,0 +1,94 @@
+"""Stage 2: an SM-allocation model of the incumbent's structure, solved by a backend (solvers/).
+
+Each nano-op group (same op and nano-batch in every layer) picks an SM count among the full GPU and
+the counts within OPTION_RADIUS of the incumbent's; durations are co-run times against the worst
+other op class in the plan (solo time at the full GPU), 1 us units; one op at a time per stream; SMs
+capped. The incumbent, timed at these durations, is a complete hint, so the solver only improves on
+it; its gap is the one it proves on this model. The solver's SM counts and order are then timed by
+simulate.replay like every other plan.
+"""
+
+import networkx as nx
+
+from nfsearch.cost import Problem
+from nfsearch.errors import NfsearchError
+from nfsearch.graph import NanoOp
+from nfsearch.plan import Schedule
+from nfsearch.search.durations import UNITS_PER_MS, Durations
+from nfsearch.search.listsched import timed, topo_order
+from nfsearch.search.stage1 import Candidate, Frame, group_of
+from nfsearch.solvers import Stage2Data, Stage2Result, Task
+
+
+def stage2_from(problem: Problem, cand: "Candidate", durs: "Durations") -> Stage2Data:
+    """The stage-2 model of a candidate's structure: per group the full GPU and the SM counts within
+    OPTION_RADIUS of the candidate's (groups that never overlap keep the full GPU only); the hint is the
+    candidate's issue order timed at the model durations (feasible in the model)."""
+    nano, full = cand.frame.nano, problem.gpu.num_sms
+    order = topo_order(nano)
+    index = {n: i for i, n in enumerate(order)}
+    tasks = []
+    for n in order:
+        g = group_of(n)
+        around = cand.sms[g] if cand.sms[g] < full else None
+        tasks.append(Task(id=n.id, group=g, stream=problem.cost.op_class(n.op),
+                          choices=durs.choices(n.op, n.num_tokens, around)))
+    edges = tuple(sorted((index[u], index[v]) for u, v in nano.edges))
+    issue = [index[n] for n in _nodes_in_issue_order(cand.plan, nano)]
+    sms = [cand.sms[t.group] for t in tasks]
+    dur = [dict(t.choices)[sms[i]] for i, t in enumerate(tasks)]
+    starts = model_timing(len(tasks), edges, [t.stream for t in tasks], issue, sms, dur, full)
+    hint = {i: (starts[i], sms[i]) for i in range(len(tasks))}
+    return Stage2Data(tuple(tasks), edges, full, UNITS_PER_MS, hint)
+
+
+def _nodes_in_issue_order(plan: Schedule, nano: nx.DiGraph) -> list[NanoOp]:
+    by_id = {n.id: n for n in nano.nodes}
+    return [by_id[o.id] for o in sorted(plan.nano_ops, key=lambda o: o.order)]
+
+
+def model_timing(n: int, edges, streams, issue, sms, dur, num_sms: int) -> list[int]:
+    """Integer start times as the executor would run `issue` at fixed durations: each stream issues
+    its ops in order; an op starts once its stream is free, its inputs are done and its SMs are free."""
+    preds: list[list[int]] = [[] for _ in range(n)]
+    for i, j in edges:
+        preds[j].append(i)
+    queues: dict[str, list[int]] = {}
+    for i in issue:
+        queues.setdefault(streams[i], []).append(i)
+    pos = {s: 0 for s in queues}
+    rank = {i: k for k, i in enumerate(issue)}
+    end: dict[int, int] = {}
+    starts = [0] * n
+    running: dict[str, tuple[int, int]] = {}          # stream -> (task, end)
+    now, used, left = 0, 0, n
+    while left:
+        heads = sorted((queues[s][pos[s]] for s in queues if s not in running and pos[s] < len(queues[s])),
+                       key=rank.get)
+        for i in heads:
+            if all(p in end and end[p] <= now for p in preds[i]) and used + sms[i] <= num_sms:
+                starts[i] = now
+                running[streams[i]] = (i, now + dur[i])
+                used += sms[i]
+                pos[streams[i]] += 1
+        if not running:
+            raise NfsearchError("model timing deadlocked (an issue order that breaks a dependency)")
+        now = min(e for _, e in running.values())
+        for s, (i, e) in list(running.items()):
+            if e == now:
+                del running[s]
+                end[i] = e
+                used -= sms[i]
+                left -= 1
+    return starts
+
+
+def plan_from_result(problem: Problem, frame: "Frame", data: Stage2Data, result: Stage2Result,
+                     durs: "Durations") -> Schedule:
+    """The solver's SM counts and order (by start), timed by simulate.replay like every other plan."""
+    order = topo_order(frame.nano)
+    by_idx = dict(enumerate(order))
+    issue = sorted(range(len(data.tasks)), key=lambda i: (result.starts[i], i))
+    placement = {by_idx[i]: (data.tasks[i].stream, result.sm_counts[i]) for i in range(len(data.tasks))}
+    return timed(problem, frame.nano, placement, [by_idx[i] for i in issue], {"name": "stage 2"},
+                 durs.plan_profile)
