@@ -18,6 +18,7 @@ import networkx as nx
 
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import Op, build_layer, op_context
+from nfsearch.plan import MAX_NUM_LAYERS, PlanGpu, PlanProfile
 from nfsearch.profile import ProfileMiss, ProfileTable, gpu_from_profile, load
 from nfsearch.roofline import analytic_profile, interp, roofline
 from nfsearch.specs import GpuSpec, ModelSpec, Workload, load_gpu
@@ -107,18 +108,18 @@ class Problem:
     def bound_ms(self) -> float:
         return roofline(self.model, self.workload, self.gpu).bound_ms
 
-    def plan_gpu(self) -> dict:
-        return {"name": self.gpu.name, "num_sms": self.gpu.num_sms, "sm_granularity": self.gpu.sm_granularity}
+    def plan_gpu(self) -> PlanGpu:
+        return PlanGpu(self.gpu.name, self.gpu.num_sms, self.gpu.sm_granularity)
 
-    def plan_profile(self) -> dict:
-        return {"fingerprint": self.profile.fingerprint(), "source": self.profile.meta["source"],
-                "label": self.profile.label, "interference": self.cost.interference.source}
+    def plan_profile(self) -> PlanProfile:
+        return PlanProfile(self.profile.fingerprint(), self.profile.meta["source"], self.profile.label,
+                           self.cost.interference.source)
 
 
 def make_problem(model: ModelSpec, workload: Workload, profile: ProfileTable, num_layers: int = 2,
                  allow_extrapolation: bool = False) -> Problem:
-    if num_layers < 1:
-        raise NfsearchError("num_layers must be at least 1")
+    if not 1 <= num_layers <= MAX_NUM_LAYERS:
+        raise NfsearchError(f"num_layers must be in 1..{MAX_NUM_LAYERS}, not {num_layers}")
     layer = build_layer(model, workload)
     gpu = gpu_from_profile(profile)
     source = "measured co-run table" if profile.has_corun() else Interference().source

@@ -120,12 +120,12 @@ def _check_case(case: dict, base: Path, tol: float) -> CaseResult:
         verify(golden)
     except NfsearchError as exc:
         return CaseResult(name, False, None, None, f"golden plan {case['plan']} is unusable: {exc}")
-    golden_ms = float(golden.predicted["makespan_ms"])
+    golden_ms = golden.predicted.makespan_ms
     try:
         schedule, _ = solve_case(case, base)
     except NfsearchError as exc:
         return CaseResult(name, False, golden_ms, None, f"re-solve failed: {exc}")
-    new_ms = float(schedule.predicted["makespan_ms"])
+    new_ms = schedule.predicted.makespan_ms
     try:
         verify(schedule)
     except NfsearchError as exc:
@@ -141,8 +141,8 @@ def plan_diff(golden, new) -> tuple[str, ...]:
     lines = []
     g_solver, n_solver = golden.solver, new.solver
     for key in ("name", "status", "gap", "note"):
-        if g_solver.get(key) != n_solver.get(key):
-            lines.append(f"solver {key}: {g_solver.get(key)!r} -> {n_solver.get(key)!r}")
+        if getattr(g_solver, key) != getattr(n_solver, key):
+            lines.append(f"solver {key}: {getattr(g_solver, key)!r} -> {getattr(n_solver, key)!r}")
     g_sizes, n_sizes = _sizes(golden), _sizes(new)
     for op in sorted(set(g_sizes) | set(n_sizes)):
         if g_sizes.get(op) != n_sizes.get(op):

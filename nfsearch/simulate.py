@@ -8,6 +8,7 @@ once its stream is free, its dependencies are done and its SMs are free; ops tha
 another class progress at the interference model's stretched rate.
 """
 
+import math
 from dataclasses import dataclass
 
 import networkx as nx
@@ -15,7 +16,7 @@ import networkx as nx
 from nfsearch.cost import CostModel
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import build_layer, split_layers
-from nfsearch.plan import PlannedOp, Schedule
+from nfsearch.plan import PlannedOp, Schedule, check_structure
 from nfsearch.timeline import Span, Timeline
 
 TOLERANCE_MS = 1e-4
@@ -36,38 +37,62 @@ class Replay:
 
 
 def verify(schedule: Schedule) -> None:
+    """Every constraint the executor needs; raises PlanInvalid (or NfsearchError) with one line.
+    The cheap structural checks (caps, ranges, impls, SM grid) come first, before any graph is built."""
+    check_structure(schedule, "plan")
     _check_graph(schedule)
     _check_times(schedule)
+
+
+def check_and_replay(schedule: Schedule, cost: CostModel, is_profile_given: bool) -> Replay:
+    """verify + replay against `cost`. A profile other than the one the plan was made with (another
+    fingerprint) is refused unless the user named it explicitly (`is_profile_given`)."""
+    fingerprint = cost.profile.fingerprint()
+    if fingerprint != schedule.profile.fingerprint and not is_profile_given:
+        raise NfsearchError(f"plan was made with profile {schedule.profile.fingerprint} "
+                            f"({schedule.profile.label}), not {fingerprint} ({cost.profile.label}); "
+                            f"name a profile explicitly to replay it with another")
+    verify(schedule)
+    return replay(schedule, cost)
 
 
 def replay(schedule: Schedule, cost: CostModel) -> Replay:
     ops = sorted(schedule.nano_ops, key=lambda o: o.order)
     queues = {s: [o for o in ops if o.stream == s] for s in schedule.streams}
-    num_sms = schedule.gpu["num_sms"]
+    num_sms = schedule.gpu.num_sms
     done: dict[str, float] = {}
     running: dict[str, list] = {}             # id -> [op, remaining fraction, start]
     spans, now = [], 0.0
-    while len(done) < len(ops):
+    # every step finishes at least one op (the first to end is retired exactly), so len(ops) steps
+    # suffice; the cap only guards that promise
+    for _ in range(len(ops) + 1):
+        if len(done) == len(ops):
+            break
         _start_ready(queues, running, done, num_sms, now)
         if not running:
             raise PlanInvalid("plan deadlocks: no nano-op can start (a dependency waits on a later op "
                               "of its own stream, or an op needs more SMs than the GPU has)")
         rates = _rates(running, cost)
-        step = min(rest / rates[i] for i, (_, rest, _) in running.items())
+        first = min(running, key=lambda i: (running[i][1] / rates[i], running[i][0].order))
+        step = running[first][1] / rates[first]
         now += step
+        if not math.isfinite(now):
+            raise NfsearchError(f"replay time overflowed at nano-op {first} (profile times too large)")
         for i, entry in list(running.items()):
-            entry[1] -= step * rates[i]
+            entry[1] = 0.0 if i == first else entry[1] - step * rates[i]
             if entry[1] <= 1e-9:
                 op, _, start = running.pop(i)
                 done[i] = now
                 spans.append(_span(op, start, now))
+    else:
+        raise PlanInvalid(f"replay did not finish in {len(ops) + 1} steps")
     label = f"predicted ({cost.profile.label}, {cost.interference.source})"
     return Replay(Timeline(label, tuple(spans), schedule.num_layers), stated_timeline(schedule))
 
 
 def stated_timeline(schedule: Schedule) -> Timeline:
     spans = tuple(_span(op, op.start_ms, op.end_ms) for op in schedule.nano_ops)
-    return Timeline(f"stated by solver {schedule.solver.get('name', '?')}", spans, schedule.num_layers)
+    return Timeline(f"stated by solver {schedule.solver.name}", spans, schedule.num_layers)
 
 
 def _start_ready(queues, running, done, num_sms, now) -> None:
@@ -86,7 +111,12 @@ def _rates(running, cost: CostModel) -> dict[str, float]:
     rates = {}
     for i, (op, _, _) in running.items():
         others = frozenset(c for c in classes if c != op.op_class)
-        rates[i] = 1.0 / cost.stretched_ms(op.op, op.num_tokens, op.sm_count, others)
+        time_ms = cost.stretched_ms(op.op, op.num_tokens, op.sm_count, others)
+        # an infinite or NaN time would never finish (replay once looped forever on one)
+        if not (isinstance(time_ms, (int, float)) and math.isfinite(time_ms) and time_ms > 0):
+            raise NfsearchError(f"profile gives nano-op {i} ({op.op}, {op.num_tokens} tokens, {op.sm_count} SMs) "
+                                f"a time of {time_ms!r} ms; times must be finite and positive")
+        rates[i] = 1.0 / time_ms
     return rates
 
 
@@ -154,7 +184,7 @@ def _check_times(schedule: Schedule) -> None:
                 raise PlanInvalid(f"stream {stream} runs {b.id} before {a.id} ends")
     events = sorted([(o.start_ms, 1, o) for o in schedule.nano_ops] +
                     [(o.end_ms - TOLERANCE_MS, 0, o) for o in schedule.nano_ops], key=lambda e: (e[0], e[1]))
-    used, num_sms = 0, schedule.gpu["num_sms"]
+    used, num_sms = 0, schedule.gpu.num_sms
     for _, is_start, op in events:
         used += op.sm_count if is_start else -op.sm_count
         if used > num_sms:

@@ -7,7 +7,7 @@ import pytest
 from nfsearch.runtime import launch
 from nfsearch.roofline import analytic_profile
 from nfsearch.search.baselines import equal_split_plan, sequential_plan
-from nfsearch.plan import PlannedOp, Schedule
+from nfsearch.plan import PlanGpu, PlannedOp, PlanProfile, Predicted, Schedule
 from nfsearch.cost import make_problem
 from nfsearch.specs import ModelSpec, Workload, load_gpu
 
@@ -23,8 +23,8 @@ def op(name, index, stream, order, sms, start, end, deps=(), cls="compute", laye
 
 
 def schedule(ops, layers=1):
-    return Schedule(MODEL, WORKLOAD, {"name": "NVIDIA H100 80GB HBM3", "num_sms": N, "sm_granularity": 8},
-                    {"fingerprint": "x"}, layers, tuple(ops), {"layer_time_ms": 1.0})
+    return Schedule(MODEL, WORKLOAD, PlanGpu("NVIDIA H100 80GB HBM3", N, 8),
+                    PlanProfile("0" * 16, "analytic", "test"), layers, tuple(ops), Predicted(1.0, 1.0, 1.0, 1.0))
 
 
 def problem(workload=WORKLOAD, layers=2):

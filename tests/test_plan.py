@@ -80,9 +80,13 @@ def test_stated_times_are_replay():
 
 def test_write_refuses_invalid_schedule(tmp_path):
     schedule = plan.read(SPLIT2)
-    bad = plan.Schedule(schedule.model, schedule.workload, schedule.gpu, {"fingerprint": "xyz"},
-                        schedule.num_layers, schedule.nano_ops, schedule.predicted, schedule.solver)
-    with pytest.raises(NfsearchError, match="profile"):
+    with pytest.raises(NfsearchError, match="fingerprint"):
+        plan.PlanProfile("xyz", "fake", "bad")
+    # a NaN smuggled past the typed sections' checks is still refused, and nothing is written
+    bad = plan.Schedule(schedule.model, schedule.workload, schedule.gpu, schedule.profile, schedule.num_layers,
+                        schedule.nano_ops, plan.Predicted(1.0, 0.5, 0.5, 0.1), schedule.solver)
+    object.__setattr__(bad.predicted, "bound_ms", float("nan"))
+    with pytest.raises(NfsearchError, match="non-finite"):
         plan.write(bad, tmp_path / "bad.json")
     assert not (tmp_path / "bad.json").exists()
     with pytest.raises(NfsearchError, match="cannot write"):
@@ -138,8 +142,8 @@ def test_schema_violations_one_line(change, where):
     (lambda d: _op(d, "L0.kqv#1").update(id="L0.kqv#0", index=0), "not unique"),
     (lambda d: _op(d, "L0.kqv#0").update(tokens=[5, 5]), "empty token range"),
     (lambda d: _op(d, "L0.kqv#0").update(end_ms=0.0, start_ms=1.0), "ends before"),
-    (lambda d: _op(d, "L0.kqv#0").update(sm_count=101), "outside the plan's layers or SMs"),
-    (lambda d: _set(d, 1, "num_layers"), "outside the plan's layers"),
+    (lambda d: _op(d, "L0.kqv#0").update(sm_count=101), "asks for 101 SMs, the plan's GPU Fake GPU has 100"),
+    (lambda d: _set(d, 1, "num_layers"), "outside the plan's 1 layers"),
     (lambda d: d["model"].update(num_kv_heads=3), "multiple"),
     (lambda d: d["workload"].update(num_decode=0, prefill_lengths=[]), "no tokens"),
 ])
@@ -192,6 +196,7 @@ def _beside_kqv(data, sm_count):
     kqv, norm = _op(data, "L0.kqv#0"), _op(data, "L0.norm1#1")
     assert kqv["sm_count"] == 96 and not norm["deps"]
     norm.update(stream="extra", sm_count=sm_count, start_ms=kqv["start_ms"], end_ms=kqv["start_ms"] + 0.0625)
+    data["streams"].append("extra")
     return data
 
 
@@ -272,7 +277,7 @@ def _still_valid(schedule: plan.Schedule, ref: plan.Schedule) -> str | None:
     if any(not isinstance(v, int) or isinstance(v, bool) for o in schedule.nano_ops
            for v in (o.layer, o.index, o.order, o.sm_count, *o.tokens)):
         return "non-integer count"
-    if any(not 1 <= o.sm_count <= ref.gpu["num_sms"] for o in schedule.nano_ops):
+    if any(not 1 <= o.sm_count <= ref.gpu.num_sms for o in schedule.nano_ops):
         return "bad sm_count"
     reach = nx.DiGraph()
     reach.add_edges_from((d, o.id) for o in schedule.nano_ops for d in o.deps)
@@ -292,7 +297,7 @@ def _still_valid(schedule: plan.Schedule, ref: plan.Schedule) -> str | None:
         if o.end_ms < o.start_ms:
             return "negative duration"
         used = sum(p.sm_count for p in schedule.nano_ops if p.start_ms <= o.start_ms < p.end_ms - TOL)
-        if used > ref.gpu["num_sms"]:
+        if used > ref.gpu.num_sms:
             return "SMs over capacity"
     return None
 

@@ -39,11 +39,11 @@ def solved(small):
 def test_solve_returns_a_valid_plan_no_worse_than_baselines(small, solved):
     schedule, notes = solved
     verify(schedule)
-    ours = schedule.predicted["makespan_ms"]
+    ours = schedule.predicted.makespan_ms
     for name, base in baselines(small).items():
-        assert ours <= base.predicted["makespan_ms"] + 1e-9, name
+        assert ours <= base.predicted.makespan_ms + 1e-9, name
     assert any(k.startswith("equal-split-2") for k in baselines(small))
-    assert schedule.solver["name"] == "cpsat" and notes and all("\n" not in n for n in notes)
+    assert schedule.solver.name == "cpsat" and notes and all("\n" not in n for n in notes)
     # the replay (independent judge) is never slower than the solver's pessimistic times by much
     assert replay(schedule, small.cost).makespan_ms <= ours * 1.05
 
@@ -107,4 +107,4 @@ def test_every_emitted_plan_verifies(num_decode, prompts):
     problem = _problem(num_decode, prompts)
     schedule, _ = solve(problem, solver="cpsat", time_limit_s=0.5, threads=1, seed=0)
     verify(schedule)
-    assert schedule.predicted["makespan_ms"] <= sequential_plan(problem).predicted["makespan_ms"] + 1e-9
+    assert schedule.predicted.makespan_ms <= sequential_plan(problem).predicted.makespan_ms + 1e-9

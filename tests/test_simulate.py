@@ -11,7 +11,7 @@ import pytest
 from conftest import FAKE_SMS, TINY_MODEL, TINY_WL, fake_profile, fake_time, table_from_points
 from nfsearch.search.baselines import sequential_plan
 from nfsearch.cost import Interference
-from nfsearch.plan import PlannedOp, Schedule
+from nfsearch.plan import PlanGpu, PlannedOp, PlanProfile, Schedule, SolverInfo
 from nfsearch.cost import make_problem
 from nfsearch.simulate import PlanInvalid, replay, stated_timeline
 
@@ -39,8 +39,8 @@ def _schedule(*rows) -> Schedule:
                           stream=stream, order=i, sm_count=sms, impl="fake",
                           deps=tuple(f"L0.{d}#0" for d in deps), start_ms=0.0, end_ms=0.0)
                 for i, (op, stream, sms, deps) in enumerate(rows))
-    return Schedule(TINY_MODEL, TINY_WL, {"name": "Fake GPU", "num_sms": FAKE_SMS, "sm_granularity": 2},
-                    {"fingerprint": "0" * 16, "source": "fake", "label": "fake"}, 1, ops, {}, {"name": "hand"})
+    return Schedule(TINY_MODEL, TINY_WL, PlanGpu("Fake GPU", FAKE_SMS, 2),
+                    PlanProfile("0" * 16, "fake", "fake"), 1, ops, None, SolverInfo("hand"))
 
 
 def _times(schedule):
@@ -145,8 +145,8 @@ def test_sequential_plan_is_sum_of_full_gpu_times():
     result = replay(sched, problem.cost)
     assert result.makespan_ms == pytest.approx(2 * expected, abs=EXACT)
     assert result.timeline.layer_time_ms == pytest.approx(expected, abs=EXACT)
-    assert sched.predicted["makespan_ms"] == pytest.approx(2 * expected, abs=EXACT)
-    assert sched.predicted["sequential_layer_time_ms"] == pytest.approx(expected, abs=EXACT)
+    assert sched.predicted.makespan_ms == pytest.approx(2 * expected, abs=EXACT)
+    assert sched.predicted.sequential_layer_time_ms == pytest.approx(expected, abs=EXACT)
     spans = sorted(result.timeline.spans, key=lambda s: s.start_ms)
     assert all(a.end_ms == pytest.approx(b.start_ms, abs=EXACT) for a, b in zip(spans, spans[1:]))
     assert all(s.sm_count == FAKE_SMS and s.stream == "main" for s in spans)

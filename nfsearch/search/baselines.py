@@ -12,7 +12,7 @@ the search must beat: interleaved, the best of a few compute/memory share splits
 
 from nfsearch.cost import Problem
 from nfsearch.graph import split_layers
-from nfsearch.plan import Schedule
+from nfsearch.plan import Schedule, SolverInfo
 from nfsearch.profile import ProfileMiss
 from nfsearch.search.listsched import list_order, timed, topo_order
 
@@ -25,7 +25,7 @@ def sequential_plan(problem: Problem) -> Schedule:
     nano = split_layers(problem.layer, {}, problem.num_layers, problem.workload)
     sms = problem.gpu.num_sms
     placement = {n: ("main", sms) for n in nano.nodes}
-    return timed(problem, nano, placement, topo_order(nano), {"name": "sequential"})
+    return timed(problem, nano, placement, topo_order(nano), SolverInfo("sequential"))
 
 
 # compute/memory share splits tried by best_equal_split_plan: memory (and network, other) ops get m SMs,
@@ -49,7 +49,7 @@ def equal_split_plan(problem: Problem, num_batches: int = 2, shares: dict[str, i
         issue = list_order(nano, dur, lambda n: placement[n][0])
     else:
         raise ValueError(f"unknown order {order!r}")
-    return timed(problem, nano, placement, issue, {"name": f"equal-split-{num_batches}"})
+    return timed(problem, nano, placement, issue, SolverInfo(f"equal-split-{num_batches}"))
 
 
 def best_equal_split_plan(problem: Problem, num_batches: int = 2, chunk: int = 1) -> tuple[Schedule, dict]:
@@ -62,7 +62,7 @@ def best_equal_split_plan(problem: Problem, num_batches: int = 2, chunk: int = 1
         except ProfileMiss as miss:
             misses.append(miss)
             continue
-        if best is None or plan.predicted["makespan_ms"] < best.predicted["makespan_ms"] - 1e-12:
+        if best is None or plan.predicted.makespan_ms < best.predicted.makespan_ms - 1e-12:
             best, best_shares = plan, shares
     if best is None:
         raise misses[0]

@@ -4,7 +4,7 @@ import networkx as nx
 
 from nfsearch.cost import Problem
 from nfsearch.graph import NanoOp
-from nfsearch.plan import PlannedOp, Schedule
+from nfsearch.plan import PlannedOp, PlanProfile, Predicted, Schedule, SolverInfo
 from nfsearch.simulate import replay
 
 
@@ -48,8 +48,8 @@ def topo_order(nano: nx.DiGraph) -> list[NanoOp]:
     return list(nx.lexicographical_topological_sort(nano, key=lambda n: (n.layer, n.index, n.start, n.op)))
 
 
-def timed(problem: Problem, nano: nx.DiGraph, placement: dict, order: list[NanoOp], solver: dict,
-          plan_profile: dict | None = None) -> Schedule:
+def timed(problem: Problem, nano: nx.DiGraph, placement: dict, order: list[NanoOp], solver: SolverInfo,
+          plan_profile: PlanProfile | None = None) -> Schedule:
     """A schedule whose predicted times come from replaying it through the cost model.
     (`plan_profile`: problem.plan_profile(), when the caller already has it: it hashes the table.)"""
     cost = problem.cost
@@ -60,7 +60,7 @@ def timed(problem: Problem, nano: nx.DiGraph, placement: dict, order: list[NanoO
                   deps=tuple(sorted(p.id for p in nano.predecessors(n))), start_ms=0.0, end_ms=0.0)
         for i, n in enumerate(order))
     draft = Schedule(problem.model, problem.workload, problem.plan_gpu(), plan_profile or problem.plan_profile(),
-                     problem.num_layers, ops, {}, solver)
+                     problem.num_layers, ops, None, solver)
     result = replay(draft, cost).timeline
     times = {s.id: (s.start_ms, s.end_ms) for s in result.spans}
     return draft.with_times(times, predicted_figures(problem, result.makespan_ms))
@@ -72,6 +72,6 @@ def sequential_layer_ms(problem: Problem) -> float:
                for name, (start, end) in ((n, problem.layer.nodes[n]["token_range"]) for n in problem.layer.nodes))
 
 
-def predicted_figures(problem: Problem, makespan_ms: float) -> dict:
-    return {"makespan_ms": makespan_ms, "layer_time_ms": makespan_ms / problem.num_layers,
-            "sequential_layer_time_ms": sequential_layer_ms(problem), "bound_ms": problem.bound_ms}
+def predicted_figures(problem: Problem, makespan_ms: float) -> Predicted:
+    return Predicted(makespan_ms=makespan_ms, layer_time_ms=makespan_ms / problem.num_layers,
+                     sequential_layer_time_ms=sequential_layer_ms(problem), bound_ms=problem.bound_ms)

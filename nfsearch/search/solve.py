@@ -5,12 +5,13 @@ Same inputs and seed give a byte-identical plan: everything but CP-SAT is determ
 stops on deterministic work.
 """
 
+import math
 import time
 from typing import Callable
 
 from nfsearch.cost import Problem
 from nfsearch.errors import NfsearchError
-from nfsearch.plan import Schedule
+from nfsearch.plan import Schedule, SolverInfo, check_seed, check_threads, check_time_limit
 from nfsearch.search.baselines import baselines
 from nfsearch.search.durations import UNITS_PER_MS, Durations
 from nfsearch.search.stage1 import sweep
@@ -24,8 +25,12 @@ Progress = Callable[[str], None] | None
 def solve(problem: Problem, solver: str = "auto", time_limit_s: float = 10.0, threads: int = 2, seed: int = 0,
           chunk: int = 128, progress: Progress = None) -> tuple[Schedule, list[str]]:
     """Search a schedule for `problem`; returns it and notes (one line each) on what was done."""
-    if time_limit_s <= 0 or threads < 1 or chunk < 1:
-        raise NfsearchError("time limit must be positive, threads and chunk at least 1")
+    # checked here, not only in the CLI: a NaN limit once reached the plan file as invalid JSON
+    check_time_limit(time_limit_s)
+    check_threads(threads)
+    check_seed(seed)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise NfsearchError(f"chunk must be an integer >= 1, not {chunk!r}")
     began = time.perf_counter()
     notes: list[str] = []
     say = progress or (lambda _msg: None)
@@ -57,32 +62,33 @@ def solve(problem: Problem, solver: str = "auto", time_limit_s: float = 10.0, th
     solved = None
     if result is not None:
         solved = plan_from_result(problem, inc.frame, data, result, durs)
-        entries.append((solved.predicted["makespan_ms"], 0, f"{backend.name} solution", solved))
+        entries.append((solved.predicted.makespan_ms, 0, f"{backend.name} solution", solved))
         notes.append(f"stage 2: model makespan {result.makespan / UNITS_PER_MS:.4f} ms (hint "
-                     f"{hint_ms / UNITS_PER_MS:.4f}), bound {result.bound / UNITS_PER_MS:.4f}, gap "
-                     f"{result.gap:.2%} ({result.status}); replay {solved.predicted['makespan_ms']:.4f} ms")
+                     f"{hint_ms / UNITS_PER_MS:.4f}), model bound {result.bound / UNITS_PER_MS:.4f}, gap "
+                     f"{result.gap:.2%} ({result.status}); replay {solved.predicted.makespan_ms:.4f} ms")
     else:
         notes.append("stage 2 found no schedule in its limit")
     say(notes[-1])
     entries.append((inc.judge_ms, 1, "partition-sweep incumbent", inc.plan))
     for k, (name, plan) in enumerate(sorted(baselines(problem, chunk).items())):
-        entries.append((plan.predicted["makespan_ms"], 2 + k, f"{name} baseline", plan))
+        entries.append((plan.predicted.makespan_ms, 2 + k, f"{name} baseline", plan))
     ms, _, source, plan = min(entries, key=lambda e: (round(e[0], 9), e[1]))
     wall = time.perf_counter() - began
     notes.append(f"plan: {source}, {ms:.4f} ms (replay); search wall time {wall:.2f} s")
     say(notes[-1])
     # (wall time goes to the notes, not the plan: the same inputs and seed give a byte-identical plan)
-    info = {"name": backend.name, "status": result.status if result else "no solution",
-            "gap": round(result.gap, 6) if result else None, "seed": int(seed), "threads": int(threads),
-            "time_limit_s": float(time_limit_s), "note": settings, "source": source, "choice": why}
-    if result is not None:
-        info.update({"model_makespan_ms": round(result.makespan / UNITS_PER_MS, 6),
-                     "bound_ms": round(result.bound / UNITS_PER_MS, 6),
-                     "gap_scope": "stage-2 model of the chosen structure (pessimistic co-run durations, "
-                                  "SM options near the incumbent's)"})
-    if source.endswith("baseline"):
-        info["status"] = "fallback"
-    info.update({"structure": inc.frame.structure.describe(), "memory_sms": inc.memory_sms})
+    status = result.status if result else "no solution"
+    info = SolverInfo(
+        name=backend.name, status="fallback" if source.endswith("baseline") else status,
+        gap=round(result.gap, 6) if result else None, seed=int(seed), threads=int(threads),
+        time_limit_s=float(time_limit_s), note=settings, source=source, choice=why,
+        model_makespan_ms=round(result.makespan / UNITS_PER_MS, 6) if result else None,
+        # (a backend that proved no bound may report -inf; the plan then states none)
+        model_bound_ms=(round(max(0.0, result.bound) / UNITS_PER_MS, 6)
+                        if result and math.isfinite(result.bound) else None),
+        gap_scope=("stage-2 model of the chosen structure (pessimistic co-run durations, "
+                   "SM options near the incumbent's)") if result else None,
+        structure=inc.frame.structure.describe(), memory_sms=inc.memory_sms)
     schedule = Schedule(plan.model, plan.workload, plan.gpu, plan.profile, plan.num_layers, plan.nano_ops,
                         plan.predicted, info)
     verify(schedule)

@@ -14,7 +14,7 @@ import networkx as nx
 
 from nfsearch.cost import Problem
 from nfsearch.graph import NanoOp, split_layers
-from nfsearch.plan import Schedule
+from nfsearch.plan import Schedule, SolverInfo
 from nfsearch.profile import ProfileMiss
 from nfsearch.search.durations import Durations
 from nfsearch.search.listsched import list_order, timed, topo_order
@@ -104,8 +104,8 @@ def partition_candidate(problem: Problem, frame: Frame, memory_sms: int, durs: D
     dur = {n: durs.units(n.op, n.num_tokens, sms[group_of(n)]) for n in frame.nano.nodes}
     order = list_order(frame.nano, dur, lambda n: cost.op_class(n.op))
     placement = {n: (cost.op_class(n.op), sms[group_of(n)]) for n in frame.nano.nodes}
-    plan = timed(problem, frame.nano, placement, order, {"name": "partition-sweep"}, durs.plan_profile)
-    return Candidate(plan.predicted["makespan_ms"], frame, memory_sms, sms, plan)
+    plan = timed(problem, frame.nano, placement, order, SolverInfo("partition-sweep"), durs.plan_profile)
+    return Candidate(plan.predicted.makespan_ms, frame, memory_sms, sms, plan)
 
 
 def structure_family(problem: Problem, chunk: int) -> list[Structure]:

@@ -13,7 +13,7 @@ import networkx as nx
 from nfsearch.cost import Problem
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import NanoOp
-from nfsearch.plan import Schedule
+from nfsearch.plan import Schedule, SolverInfo
 from nfsearch.search.durations import UNITS_PER_MS, Durations
 from nfsearch.search.listsched import timed, topo_order
 from nfsearch.search.stage1 import Candidate, Frame, group_of
@@ -90,5 +90,5 @@ def plan_from_result(problem: Problem, frame: "Frame", data: Stage2Data, result:
     by_idx = dict(enumerate(order))
     issue = sorted(range(len(data.tasks)), key=lambda i: (result.starts[i], i))
     placement = {by_idx[i]: (data.tasks[i].stream, result.sm_counts[i]) for i in range(len(data.tasks))}
-    return timed(problem, frame.nano, placement, [by_idx[i] for i in issue], {"name": "stage 2"},
+    return timed(problem, frame.nano, placement, [by_idx[i] for i in issue], SolverInfo("stage 2"),
                  durs.plan_profile)
