@@ -61,7 +61,7 @@ def main(argv=None) -> int:
             # grid mode first (plain streams: capture is safe), with the baselines; then green mode
             report, _ = executor.execute(schedule, mode="grid", iters=args.iters, ceilings=ceilings,
                                          with_ceilings=False, progress=say)
-            partial = any(o.sm_count < schedule.gpu["num_sms"] for o in schedule.nano_ops)
+            partial = any(o.sm_count < schedule.gpu.num_sms for o in schedule.nano_ops)
             if not args.no_green and partial:
                 try:
                     green, tl = executor.execute(schedule, mode="green", iters=args.iters, timeline=True,

@@ -59,14 +59,14 @@ def run_one(name: str, args) -> dict:
                             seed=args.seed)
     wall = time.perf_counter() - began
     verify(schedule)
-    base = {k: v.predicted["makespan_ms"] for k, v in baselines(problem).items()}
+    base = {k: v.predicted.makespan_ms for k, v in baselines(problem).items()}
     equal = min(v for k, v in base.items() if k.startswith("equal-split"))
-    ours = schedule.predicted["makespan_ms"]
-    gap = schedule.solver.get("gap")
+    ours = schedule.predicted.makespan_ms
+    gap = schedule.solver.gap
     return {
         "workload": workload.name, "model": model.name, "profile": problem.profile.label,
-        "num_layers": problem.num_layers, "wall_s": round(wall, 3), "solver": schedule.solver,
-        "source": schedule.solver.get("source"), "gap": gap,
+        "num_layers": problem.num_layers, "wall_s": round(wall, 3), "solver": schedule.solver.to_dict(),
+        "source": schedule.solver.source, "gap": gap,
         "makespan_ms": round(ours, 6),
         "replay_makespan_ms": round(replay(schedule, problem.cost).makespan_ms, 6),
         "sequential_ms": round(base["sequential"], 6),

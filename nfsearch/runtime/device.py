@@ -23,6 +23,6 @@ def check_device(schedule, where: str, force: bool) -> None:
     too_big = [op.id for op in schedule.nano_ops if op.sm_count > sms or op.sm_count < 1]
     if too_big:
         raise NfsearchError(f"{where}: nano-op {too_big[0]} asks for more SMs than this {name} has ({sms})")
-    if (schedule.gpu.get("num_sms") != sms or schedule.gpu.get("name") != name) and not force:
-        raise NfsearchError(f"{where}: plan is for {schedule.gpu.get('name')} ({schedule.gpu.get('num_sms')} SMs), "
+    if (schedule.gpu.num_sms != sms or schedule.gpu.name != name) and not force:
+        raise NfsearchError(f"{where}: plan is for {schedule.gpu.name} ({schedule.gpu.num_sms} SMs), "
                             f"this GPU is {name} ({sms} SMs) (--force to run anyway)")

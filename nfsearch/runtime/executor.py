@@ -289,7 +289,7 @@ def execute(schedule, *, mode: str = "green", iters: int = 30, use_graph: bool =
         report["plan_run"] = plan_t
         measured = plan_t["ms"] / schedule.num_layers
         report["measured_layer_ms"] = measured
-        pred = schedule.predicted.get("layer_time_ms")
+        pred = schedule.predicted.layer_time_ms if schedule.predicted is not None else None
         report["predicted_layer_ms"] = pred
         report["prediction_error"] = None if pred is None else (pred - measured) / measured
         for name, b in report["baselines"].items():
@@ -326,8 +326,8 @@ def _base_report(schedule, ctx, ll, correctness) -> dict:
         "gpu": ctx.gpu_name, "num_sms": ctx.num_sms, "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "versions": versions, "mode": ctx.mode,
         "model": schedule.model.name, "workload": schedule.workload.name, "num_tokens": schedule.workload.num_tokens,
-        "num_layers": schedule.num_layers, "solver": schedule.solver.get("name"),
-        "plan_profile": schedule.profile.get("label"), "plan_gpu": schedule.gpu.get("name"),
+        "num_layers": schedule.num_layers, "solver": schedule.solver.name,
+        "plan_profile": schedule.profile.label, "plan_gpu": schedule.gpu.name,
         "launches": ll.summary(),
         "correctness": {k: v for k, v in correctness.items() if k != "errors"},
         "correctness_per_op": correctness["errors"], "baselines": {},

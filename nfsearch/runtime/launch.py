@@ -150,8 +150,8 @@ class LaunchList:
 def build(schedule, num_sms: int | None = None, granularity: int | None = None,
           impl_map: dict[str, str] | None = None) -> LaunchList:
     """The launch list of a Schedule (plan order), for a GPU of num_sms SMs (default: the plan's)."""
-    n = int(num_sms or schedule.gpu["num_sms"])
-    g = int(granularity or schedule.gpu.get("sm_granularity", 1) or 1)
+    n = int(num_sms or schedule.gpu.num_sms)
+    g = int(granularity or schedule.gpu.sm_granularity)
     ops = sorted(schedule.nano_ops, key=lambda o: o.order)
     if not ops:
         raise NfsearchError("plan has no nano-ops")
