@@ -9,12 +9,37 @@ Two modes:
   own grid sizes (``num_sms`` argument of the SM-bounded kernels).
 
 ``stream(n)`` gives a cached stream for solo runs on ``n`` SMs (two streams of different sizes
-from ``stream`` may share SMs). ``split(sizes)`` gives streams on DISJOINT SM groups, for co-runs.
+from ``stream`` may share SMs). ``build(layout)`` gives streams on DISJOINT SM groups, one per
+group of a ``nfsearch.layouts.Layout``, for co-runs; ``split(sizes)`` is the same for sizes that
+are rounded to the granularity first (the last group takes the rest). ``layouts()`` lists every
+layout this device can build (``nfsearch.layouts.buildable_layouts``).
+
+How a layout is built (the rules are in ``nfsearch/layouts.py``)
+----------------------------------------------------------------
+``Layout.requests`` lists ((nbGroups, minCount), ...) per level. Level 0 splits the device's SM
+resource with ``cuDevSmResourceSplitByCount``; each later level first makes a green context of the
+previous remainder, asks it for its SM resource (``cuGreenCtxGetDevResource``) and splits that,
+because the driver refuses to split a split's output directly (CUDA error 915). "equal-groups"
+layouts are one call asking for k groups at once. Every group the driver hands back is checked
+against the layout, and the SM count of each green context is read back from the driver
+(``sm_count(stream)``); a layout the device cannot build raises PartitionError.
+
+CUDA graphs across partitions
+-----------------------------
+``capture_graph(work)`` captures work issued on several partition streams into one
+``torch.cuda.CUDAGraph``. The pattern: capture on one plain side stream; record a "fork" event on
+it; every partition stream waits on that event (which pulls it into the same capture); issue each
+stream's work; record a "join" event on each partition stream and make the capture stream wait on
+all of them before the capture ends (a capture with an unjoined stream fails). Each kernel node
+keeps the green context of the stream it was captured on, so replays run on the same partitions.
+Kernels must be compiled (run once eagerly, ``issue_across``) before capture.
 
 torch and cuda.bindings are imported on first use, so importing this module needs neither.
 """
 
 from __future__ import annotations
+
+from nfsearch.layouts import Layout, LayoutError, buildable_layouts, make_layout
 
 
 class PartitionError(RuntimeError):
@@ -35,9 +60,9 @@ def _check(result):
 
 
 class SmPartitions:
-    """SM partitions of one GPU, created lazily and cached per size. Call ``close()`` when done."""
+    """SM partitions of one GPU, created lazily and cached per size/layout. Call ``close()`` when done."""
 
-    def __init__(self, device: int = 0, mode: str = "green"):
+    def __init__(self, device: int = 0, mode: str = "green", max_groups: int = 3):
         if mode not in ("green", "grid"):
             raise ValueError(f"mode must be 'green' or 'grid', not {mode!r}")
         try:
@@ -49,11 +74,13 @@ class SmPartitions:
         self._torch = torch
         self.device = int(device)
         self.mode = mode
+        self.max_groups = int(max_groups)
         props = torch.cuda.get_device_properties(self.device)
         self.num_sms = int(props.multi_processor_count)
         self.granularity = 1
         self._streams: dict[int, object] = {}
         self._splits: dict[tuple, list] = {}
+        self._sms_of: dict[int, int] = {}     # raw stream handle -> SM count the driver reports
         self._handles: list = []  # (kind, handle) to release in close()
         self._closed = False
         if mode == "green":
@@ -80,17 +107,56 @@ class SmPartitions:
             raise PartitionError(f"green contexts unsupported on this GPU/driver: {exc}") from exc
         self.num_sms = int(self._sm_res.sm.smCount)
 
-    def _green_stream(self, resource):
+    def _green_ctx(self, resource):
         cu = self._cu
         desc = _check(cu.cuDevResourceGenerateDesc([resource], 1))
         gctx = _check(cu.cuGreenCtxCreate(desc, self._dev, cu.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM))
         self._handles.append(("ctx", gctx))
+        return gctx
+
+    def _ctx_sm_resource(self, gctx):
+        cu = self._cu
+        return _check(cu.cuGreenCtxGetDevResource(gctx, cu.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
+
+    def _green_stream(self, resource) -> tuple[int, object]:
+        """(SM count the driver reports for the new green context, a torch stream on it)."""
+        cu = self._cu
+        gctx = self._green_ctx(resource)
+        sms = int(self._ctx_sm_resource(gctx).sm.smCount)
         raw = _check(cu.cuGreenCtxStreamCreate(gctx, cu.CUstream_flags.CU_STREAM_NON_BLOCKING, 0))
         self._handles.append(("stream", raw))
-        return self._torch.cuda.ExternalStream(int(raw), device=self.device)
+        stream = self._torch.cuda.ExternalStream(int(raw), device=self.device)
+        self._sms_of[int(stream.cuda_stream)] = sms
+        return sms, stream
 
     def _plain_stream(self):
         return self._torch.cuda.Stream(device=self.device)
+
+    def _build_green(self, layout: Layout) -> list:
+        cu = self._cu
+        res, out = self._sm_res, []
+        levels = layout.requests
+        for level, (nb, count) in enumerate(levels):
+            try:
+                groups, got, rem = _check(cu.cuDevSmResourceSplitByCount(nb, res, 0, count))
+            except PartitionError as exc:
+                raise PartitionError(f"layout {layout.sizes} ({layout.build}): split of level {level} into "
+                                     f"{nb} x {count} SMs failed: {exc}") from exc
+            sizes = [int(g.sm.smCount) for g in groups[:int(got)]]
+            if int(got) != nb or any(s != count for s in sizes):
+                raise PartitionError(f"layout {layout.sizes} ({layout.build}): asked the driver for {nb} x {count} "
+                                     f"SMs at level {level}, got {sizes}")
+            out.extend(self._green_stream(g) for g in groups[:nb])
+            if level == len(levels) - 1:
+                out.append(self._green_stream(rem))
+            else:
+                # a split's remainder cannot be split again; a green context's own resource can
+                res = self._ctx_sm_resource(self._green_ctx(rem))
+        got_sizes = tuple(s for s, _ in out)
+        if got_sizes != layout.sizes:
+            raise PartitionError(f"layout {layout.sizes} ({layout.build}): the driver's green contexts have "
+                                 f"{got_sizes} SMs")
+        return out
 
     # ------------------------------------------------------------------ public API
     def round(self, num_sms: int) -> int:
@@ -98,6 +164,10 @@ class SmPartitions:
         n = max(1, int(num_sms))
         g = self.granularity
         return min(self.num_sms, -(-n // g) * g)
+
+    def layouts(self) -> list[Layout]:
+        """Every layout this device can build, with at most ``max_groups`` groups."""
+        return buildable_layouts(self.num_sms, self.granularity, self.max_groups)
 
     def stream(self, num_sms: int):
         """A cached stream whose work runs on ``round(num_sms)`` SMs (green) or anywhere (grid)."""
@@ -109,37 +179,50 @@ class SmPartitions:
             else:
                 cu = self._cu
                 groups, _nb, _rem = _check(cu.cuDevSmResourceSplitByCount(1, self._sm_res, 0, n))
-                self._streams[n] = self._green_stream(groups[0])
+                self._streams[n] = self._green_stream(groups[0])[1]
         return self._streams[n]
+
+    def build(self, layout) -> list:
+        """Streams on the disjoint groups of a layout: ``[(sms, stream), ...]`` in layout order.
+
+        ``layout`` is a Layout or a tuple of sizes; it must be buildable on this device (PartitionError
+        says why not). The whole GPU is a plain stream. In grid mode the streams are plain and the SM
+        counts are what the kernels should bound themselves to. Cached per layout."""
+        self._check_open()
+        sizes = tuple(layout.sizes) if isinstance(layout, Layout) else tuple(int(s) for s in layout)
+        try:
+            lay = make_layout(sizes, self.num_sms, self.granularity, self.max_groups)
+        except LayoutError as exc:
+            raise PartitionError(f"{exc} on this GPU ({self.num_sms} SMs, granularity {self.granularity})") from exc
+        key = ("layout", lay.sizes)
+        if key not in self._splits:
+            if lay.build == "whole":
+                self._splits[key] = [(self.num_sms, self._plain_stream())]
+            elif self.mode == "grid":
+                self._splits[key] = [(n, self._plain_stream()) for n in lay.sizes]
+            else:
+                self._splits[key] = self._build_green(lay)
+        return self._splits[key]
 
     def split(self, sizes) -> list:
         """Streams on disjoint SM groups: ``[(sms, stream), ...]`` one per requested size.
 
-        Sizes are rounded up to the granularity; the last group takes all remaining SMs. In grid
-        mode the streams are plain and the SM counts are what the kernels should bound themselves to.
-        """
+        Sizes are rounded up to the granularity; the last group takes all remaining SMs. Two-way and
+        three-way splits build (three-way as equal groups asked together, or nested splits)."""
         self._check_open()
         sizes = tuple(int(s) for s in sizes)
         if not sizes:
             raise ValueError("split needs at least one size")
-        if sizes in self._splits:
-            return self._splits[sizes]
+        if len(sizes) == 1:
+            return self.build((self.num_sms,))
         rounded = [self.round(s) for s in sizes[:-1]]
         if sum(rounded) >= self.num_sms:
             raise PartitionError(f"split {sizes} does not fit {self.num_sms} SMs at granularity {self.granularity}")
-        last = self.num_sms - sum(rounded)
-        if self.mode == "grid":
-            out = [(n, self._plain_stream()) for n in rounded] + [(last, self._plain_stream())]
-        else:
-            cu = self._cu
-            out, res = [], self._sm_res
-            for n in rounded:
-                groups, _nb, rem = _check(cu.cuDevSmResourceSplitByCount(1, res, 0, n))
-                out.append((int(groups[0].sm.smCount), self._green_stream(groups[0])))
-                res = rem
-            out.append((int(res.sm.smCount), self._green_stream(res)))
-        self._splits[sizes] = out
-        return out
+        return self.build((*rounded, self.num_sms - sum(rounded)))
+
+    def sm_count(self, stream) -> int:
+        """SMs the driver reports for a green stream's context; the whole GPU for a plain stream."""
+        return self._sms_of.get(int(stream.cuda_stream), self.num_sms)
 
     def close(self):
         """Release all green contexts and streams. Safe to call twice."""
@@ -160,6 +243,7 @@ class SmPartitions:
         self._handles.clear()
         self._streams.clear()
         self._splits.clear()
+        self._sms_of.clear()
 
     def _check_open(self):
         if self._closed:
@@ -173,3 +257,92 @@ class SmPartitions:
 
     def __repr__(self):
         return f"SmPartitions(device={self.device}, mode={self.mode!r}, num_sms={self.num_sms}, granularity={self.granularity})"
+
+
+# ---------------------------------------------------------------------------------------------- across streams
+def issue_across(work) -> None:
+    """Run ``work`` = [(stream, fn), ...]: fork from the current stream, each fn on its stream, join
+    back (the current stream waits for all). The same code runs eagerly and under capture."""
+    import torch
+
+    origin = torch.cuda.current_stream()
+    fork = torch.cuda.Event()
+    fork.record(origin)
+    joins = []
+    for stream, fn in work:
+        stream.wait_event(fork)
+        with torch.cuda.stream(stream):
+            fn()
+        done = torch.cuda.Event()
+        done.record(stream)
+        joins.append(done)
+    for done in joins:
+        origin.wait_event(done)
+
+
+def capture_graph(work, pool=None):
+    """One ``torch.cuda.CUDAGraph`` of ``work`` = [(stream, fn), ...] issued across partition streams
+    (fork/join with events from a plain capture stream; see the module docstring). Replay with
+    ``graph.replay()``; inputs and outputs are the tensors the fns read and write."""
+    import torch
+
+    graph = torch.cuda.CUDAGraph()
+    capture_stream = torch.cuda.Stream()
+    capture_stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.graph(graph, stream=capture_stream, pool=pool):
+        issue_across(work)
+    torch.cuda.current_stream().wait_stream(capture_stream)
+    return graph
+
+
+# ---------------------------------------------------------------------------------------------- observed SMs
+_SMID_KERNEL = None
+
+
+def _smid_kernel():
+    global _SMID_KERNEL
+    if _SMID_KERNEL is None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def smid(out_ptr, spin_ptr, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+            pid = tl.program_id(0)
+            offs = tl.arange(0, BLOCK)
+            acc = offs.to(tl.float32)
+            # spin a few microseconds so that the blocks spread over every SM of the partition
+            for _ in range(ITERS):
+                acc = acc * 0.999 + 1.0
+            ids = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [offs], dtype=tl.int32,
+                                            is_pure=False, pack=1)
+            tl.store(out_ptr + pid + offs, ids, mask=offs < 1)
+            tl.store(spin_ptr + pid * BLOCK + offs, acc)
+
+        _SMID_KERNEL = smid
+    return _SMID_KERNEL
+
+
+def launch_sm_probe(stream, num_blocks: int = 8192, iters: int = 2048):
+    """Enqueue a kernel on ``stream`` whose every block writes the id of the SM it ran on (%smid);
+    returns the int32 tensor of ids (read it after the stream is done). Capturable."""
+    import torch
+
+    kernel = _smid_kernel()
+    with torch.cuda.stream(stream):
+        ids = torch.full((num_blocks,), -1, dtype=torch.int32, device="cuda")
+        spin = torch.empty((num_blocks * 32,), dtype=torch.float32, device="cuda")
+        kernel[(num_blocks,)](ids, spin, ITERS=iters, BLOCK=32, num_warps=1)
+    return ids
+
+
+def observed_sm_ids(stream, num_blocks: int = 8192) -> frozenset[int]:
+    """The SM ids a many-block kernel on ``stream`` ran on (all SMs its partition lets it use)."""
+    import torch
+
+    ids = launch_sm_probe(stream, num_blocks)
+    stream.synchronize()
+    got = ids.cpu()
+    torch.cuda.synchronize()
+    if (got < 0).any():
+        raise PartitionError("the SM probe kernel left blocks unwritten")
+    return frozenset(int(x) for x in got.tolist())
