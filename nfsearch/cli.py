@@ -1,41 +1,118 @@
-"""The command line: one thin command per verb (parse, build config, call the library, write)."""
+"""The command line: one thin command per verb (parse and check flags, call the library, print).
 
+Where outputs go, one rule for every verb: a file named with -o/--out goes exactly there (its folder
+must exist); without it, outputs go into ./out/ (created on demand, ignored by git), named after the
+command's input.
+"""
+
+import math
+import re
 import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from nfsearch.errors import NfsearchError
+from nfsearch.specs import DTYPE_BYTES
+
+OUT_DIR = Path("out")
+MAX_SEED = 2**31 - 1
+MAX_TIME_LIMIT_S = 3600.0
+
+
+class _Interrupted(Exception):
+    """Ctrl-C inside a command; carried past click (which would print its own lines) to main."""
 
 
 class _Group(click.Group):
-    """Errors users can cause: one line on stderr, exit code 2, no traceback."""
+    """Every failure a user can cause is one line `nfsearch: error: ...` on stderr: click's usage errors
+    and NfsearchError exit 2, an interrupt exits 130; never a traceback or click's multi-line usage."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise _Interrupted() from None
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:                 # a caller that handles click's exceptions itself
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name or "nfsearch", complete_var, standalone_mode=False, **extra)
+        except _NO_ARGS_IS_HELP as exc:         # a bare `nfsearch`: show the help, it is not a mistake
+            click.echo(exc.ctx.get_help())
+            sys.exit(0)
+        except click.UsageError as exc:
+            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            _fail(exc.format_message() + where, 2)
+        except click.ClickException as exc:
+            _fail(exc.format_message(), 2)
         except NfsearchError as exc:
-            click.echo(f"nfsearch: error: {exc}", err=True)
-            sys.exit(2)
+            _fail(str(exc), 2)
+        except (_Interrupted, KeyboardInterrupt, click.exceptions.Abort):
+            _fail("interrupted (outputs are written whole or not at all)", 130)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
-@click.group(cls=_Group)
-@click.version_option(package_name="nfsearch")
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+def _fail(message: str, code: int):
+    click.echo("nfsearch: error: " + " ".join(str(message).split()), err=True)
+    sys.exit(code)
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange lets nan through (every comparison with nan is false); this refuses it."""
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+@click.group(name="nfsearch", cls=_Group, context_settings={"help_option_names": ["-h", "--help"],
+                                                            "max_content_width": 100})
+@click.version_option(package_name="nfsearch", help="Print the version and exit.")
 def main():
-    """Find and run NanoFlow-style intra-GPU overlap schedules for LLM serving."""
+    """Find and run NanoFlow-style intra-GPU overlap schedules for LLM serving.
+
+    \b
+    analyze -> profile -> solve -> simulate   (no GPU needed with a bundled or --analytic profile)
+    run, tune, compare                        (on a CUDA GPU)
+    check                                     (re-solve the golden cases)
+
+    Without -o, outputs go into ./out/, named after their input.
+    """
+
+
+# ---- model + workload flags -----------------------------------------------------------------------
+
+# the flags that describe a batch; a named --workload already fixes all of them
+_BATCH_FLAGS = {"num_decode": "--decode", "decode_context": "--context", "prefill": "--prefill",
+                "tp_degree": "--tp", "dtype": "--dtype"}
 
 
 def workload_options(f):
-    """--workload (W1-W5 or a YAML file) or the flags that describe a dense batch."""
+    """--model, and --workload (W1-W5 or a YAML file) or the flags that describe a dense batch."""
     options = [
-        click.option("--model", "model_ref", help="Bundled name, model YAML, or HuggingFace config.json."),
-        click.option("--workload", "workload_ref", help="W1-W5 or a workload YAML file."),
-        click.option("--decode", "num_decode", type=int, help="Decode requests in the batch."),
-        click.option("--context", "decode_context", type=int, default=1024, show_default=True,
-                     help="Average decode context."),
-        click.option("--prefill", "prefill", default="", help="Prompt lengths, comma separated."),
-        click.option("--tp", "tp_degree", type=int, default=1, show_default=True, help="Tensor-parallel degree."),
-        click.option("--dtype", default="bf16", show_default=True),
+        click.option("--model", "model_ref",
+                     help="Bundled name (e.g. llama-3-8b), model YAML, or HuggingFace config.json "
+                          "(default: the workload's model)."),
+        click.option("--workload", "workload_ref",
+                     help="W1-W5 or a workload YAML file; or describe the batch with --decode/--prefill instead."),
+        click.option("--decode", "num_decode", type=click.IntRange(0, 2**20),
+                     help="Decode requests in the batch (instead of --workload)."),
+        click.option("--context", "decode_context", type=click.IntRange(1, 2**22), default=1024, show_default=True,
+                     help="Average context of a decode request, in tokens."),
+        click.option("--prefill", "prefill", default="",
+                     help="Prompt lengths in tokens, comma separated (e.g. 512,512)."),
+        click.option("--tp", "tp_degree", type=click.IntRange(1, 64), default=1, show_default=True,
+                     help="Tensor-parallel degree."),
+        click.option("--dtype", type=click.Choice(sorted(DTYPE_BYTES)), default="bf16", show_default=True,
+                     help="Weight and activation type."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -43,13 +120,19 @@ def workload_options(f):
 
 
 def resolve_specs(model_ref, workload_ref, num_decode, decode_context, prefill, tp_degree, dtype):
+    """The model and workload the flags name; refuses batch flags a named workload would ignore."""
     from nfsearch.specs import load_model, load_workload, workload_from_flags
-    if workload_ref and num_decode is not None:
-        raise NfsearchError("give either --workload or --decode/--prefill flags, not both")
     if workload_ref:
+        ctx = click.get_current_context()
+        given = [flag for name, flag in _BATCH_FLAGS.items()
+                 if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)]
+        if given:
+            raise NfsearchError(f"--workload {workload_ref} fixes the batch, so {', '.join(given)} would be ignored: "
+                                f"drop {'it' if len(given) == 1 else 'them'}, or describe the whole batch with "
+                                f"--decode/--context/--prefill/--tp/--dtype instead of --workload")
         workload = load_workload(workload_ref)
     elif num_decode is not None or prefill:
-        workload = workload_from_flags(num_decode or 0, decode_context, _lengths(prefill), tp_degree, dtype)
+        workload = workload_from_flags(num_decode or 0, decode_context, parse_prefill(prefill), tp_degree, dtype)
     else:
         raise NfsearchError("no workload: give --workload W1..W5|FILE or --decode/--prefill flags")
     model_ref = model_ref or workload.model
@@ -58,25 +141,38 @@ def resolve_specs(model_ref, workload_ref, num_decode, decode_context, prefill, 
     return load_model(model_ref), workload
 
 
-def _lengths(text: str) -> tuple[int, ...]:
+def parse_prefill(text: str) -> tuple[int, ...]:
+    """--prefill's comma-separated prompt lengths, each a positive integer; nothing empty or skipped."""
     try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise NfsearchError(f"--prefill must be comma-separated integers, got '{text}'") from None
+        from nfsearch.specs import parse_lengths
+    except ImportError:                          # older specs without the shared parser
+        parse_lengths = None
+    if parse_lengths is not None:
+        return tuple(parse_lengths(text, "--prefill"))
+    items = [item.strip() for item in text.split(",")]
+    if not all(re.fullmatch(r"[0-9]{1,7}", item) and 0 < int(item) <= 2**22 for item in items):
+        raise NfsearchError(f"--prefill must be comma-separated prompt lengths from 1 to {2**22}, got '{text}'")
+    return tuple(int(item) for item in items)
+
+
+# ---- analyze / profile / solve / simulate / check -------------------------------------------------
+
+_GPU_HELP = "Bundled GPU: h100-sxm, h200 or a100-sxm."
 
 
 @main.command()
 @workload_options
-@click.option("--gpu", "gpu_key", default="h100-sxm", show_default=True, help="h100-sxm | h200 | a100-sxm")
+@click.option("--gpu", "gpu_key", default="h100-sxm", show_default=True, help=_GPU_HELP)
 def analyze(gpu_key, **spec):
-    """FLOPs, bytes, T_compute, T_mem, T_net, TR, the bound and optimal tokens/s of one layer."""
+    """FLOPs, bytes, T_compute, T_mem, T_net, TR, the roofline bound and optimal tokens/s of one layer."""
     from nfsearch.roofline import roofline
     from nfsearch.specs import load_gpu
     model, workload = resolve_specs(**spec)
     gpu = load_gpu(gpu_key)
     r = roofline(model, workload, gpu)
     rows = [("model", model.name), ("workload", f"{workload.name} ({workload.num_tokens} tokens, "
-                                                 f"{workload.num_decode} decode, TP={workload.tp_degree})"),
+                                                 f"{workload.num_decode} decode, TP={workload.tp_degree}, "
+                                                 f"{workload.dtype})"),
             ("gpu", f"{gpu.name}: {gpu.peak_tflops:g} TFLOP/s, {gpu.mem_bandwidth_tbps:g} TB/s, "
                     f"{gpu.net_bandwidth_gbps:g} GB/s net ({gpu.figures_source})"),
             ("FLOPs per layer", f"{r.flops / 1e9:.1f} GFLOP"),
@@ -84,7 +180,7 @@ def analyze(gpu_key, **spec):
             ("network bytes per layer", f"{r.net_bytes / 1e6:.1f} MB"),
             ("T_compute", f"{r.compute_ms:.3f} ms"), ("T_mem", f"{r.mem_ms:.3f} ms"),
             ("T_net", f"{r.net_ms:.3f} ms"), ("TR = T_mem / T_compute", f"{r.ratio:.2f}"),
-            ("bound per layer", f"{r.bound_ms:.3f} ms"),
+            ("roofline bound per layer", f"{r.bound_ms:.3f} ms"),
             ("optimal throughput", f"{r.tokens_per_s:,.0f} tokens/s ({model.num_layers} layers)")]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -93,15 +189,18 @@ def analyze(gpu_key, **spec):
 
 @main.command()
 @workload_options
-@click.option("--analytic", "is_analytic", is_flag=True, help="Roofline table of --gpu instead of measuring.")
-@click.option("--gpu", "gpu_key", default="h100-sxm", show_default=True)
-@click.option("--gpu-id", type=int, default=0, show_default=True)
-@click.option("--quick", "is_quick", is_flag=True, help="Coarse grid.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help=".parquet or .csv")
+@click.option("--analytic", "is_analytic", is_flag=True,
+              help="Write the roofline table of --gpu instead of measuring (no GPU needed).")
+@click.option("--gpu", "gpu_key", default="h100-sxm", show_default=True, help=_GPU_HELP + " Used with --analytic.")
+@click.option("--gpu-id", type=click.IntRange(0, 63), default=0, show_default=True,
+              help="CUDA device to measure on.")
+@click.option("--quick", "is_quick", is_flag=True, help="Coarse grid (fewer SM counts and sizes).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Profile table to write: .parquet or .csv.")
 def profile(is_analytic, gpu_key, gpu_id, is_quick, output, **spec):
     """Write a profile table: measured on the GPU, or --analytic from a roofline model."""
     model, workload = resolve_specs(**spec)
-    _check_output(output, (".parquet", ".csv"))
+    _check_outputs([output], (".parquet", ".csv"))
     if is_analytic:
         from nfsearch.roofline import analytic_profile
         from nfsearch.specs import load_gpu
@@ -116,70 +215,89 @@ def profile(is_analytic, gpu_key, gpu_id, is_quick, output, **spec):
     click.echo(f"wrote {output}: {len(table.rows)} rows, {table.label}, fingerprint {table.fingerprint()}")
 
 
+_TIME_LIMIT = FiniteFloatRange(0.0, MAX_TIME_LIMIT_S, min_open=True)
+
+
 @main.command()
 @workload_options
-@click.option("--profile", "profile_path", type=click.Path(), help="Profile table (default: bundled H100).")
-@click.option("--solver", type=click.Choice(["auto", "cpsat", "gurobi"]), default="auto", show_default=True)
-@click.option("--time-limit", "time_limit_s", type=float, default=8.0, show_default=True, help="Seconds.")
-@click.option("--threads", type=int, default=2, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--layers", "num_layers", type=int, default=2, show_default=True, help="Layers unrolled.")
-@click.option("--chunk", type=int, default=128, show_default=True, help="Nano-batch size granularity.")
-@click.option("--allow-extrapolation", is_flag=True, help="Let the profile answer outside its grid.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@click.option("--profile", "profile_path", type=click.Path(dir_okay=False),
+              help="Profile table (default: the bundled H100 table of the model, else an analytic one).")
+@click.option("--solver", type=click.Choice(["auto", "cpsat", "gurobi"]), default="auto", show_default=True,
+              help="Stage-2 backend; auto takes Gurobi when licensed, else CP-SAT.")
+@click.option("--time-limit", "time_limit_s", type=_TIME_LIMIT, default=8.0, show_default=True,
+              help="Stage-2 time limit in seconds (CP-SAT: deterministic work units of about a second).")
+@click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True,
+              help="Solver threads; fix it with --seed for a reproducible plan.")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+              help="Solver random seed.")
+@click.option("--layers", "num_layers", type=click.IntRange(1, 1000), default=2, show_default=True,
+              help="Layers unrolled, so one layer's tail can overlap the next one's head.")
+@click.option("--chunk", type=click.IntRange(1, 65536), default=128, show_default=True,
+              help="Nano-batch size granularity in tokens.")
+@click.option("--allow-extrapolation", is_flag=True,
+              help="Let the profile answer sizes and SM counts outside its measured grid.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Plan JSON to write (default: out/<model>-<workload>.json).")
 def solve(profile_path, solver, time_limit_s, threads, seed, num_layers, chunk, allow_extrapolation, output,
           **spec):
     """Search a schedule (stage 1 structure, stage 2 SM allocation) and write the plan JSON."""
     from nfsearch import plan, search
     model, workload = resolve_specs(**spec)
-    _check_output(output, (".json",))
+    output = Path(output) if output else _default_out(f"{_slug(model.name)}-{_slug(workload.name)}.json")
+    _check_outputs([output], (".json",), may_create_out=True)
     problem = _problem(model, workload, profile_path, num_layers, allow_extrapolation)
-    schedule, notes = search.solve(problem, solver=solver, time_limit_s=time_limit_s, threads=threads,
-                                   seed=seed, chunk=chunk, progress=lambda msg: click.echo(f"  {msg}", err=True))
-    for note in notes:
-        click.echo(note, err=True)
+    # the stage log goes out live as progress; the returned notes repeat it, so they are not printed
+    schedule, _notes = search.solve(problem, solver=solver, time_limit_s=time_limit_s, threads=threads,
+                                    seed=seed, chunk=chunk, progress=lambda msg: click.echo(f"  {msg}", err=True))
+    _make_out_dir(output)
     plan.write(schedule, output)
     p = schedule.predicted
-    click.echo(f"wrote {output}: layer {p['layer_time_ms']:.3f} ms predicted vs sequential "
-               f"{p['sequential_layer_time_ms']:.3f} ms ({p['sequential_layer_time_ms'] / p['layer_time_ms']:.2f}x), "
-               f"bound {p['bound_ms']:.3f} ms ({p['bound_ms'] / p['layer_time_ms']:.0%} of bound); "
-               f"solver {schedule.solver.get('name')}, "
-               f"gap {_gap(schedule.solver.get('gap'))}; {problem.profile.label}")
+    layer, seq, bound = p.layer_time_ms, p.sequential_layer_time_ms, p.bound_ms
+    click.echo(f"wrote {output}: layer {layer:.3f} ms predicted vs sequential {seq:.3f} ms ({seq / layer:.2f}x); "
+               f"roofline bound {bound:.3f} ms (the plan reaches {bound / layer:.0%} of it); solver "
+               f"{schedule.solver.name}, stage-2 gap {_gap(schedule.solver.gap)}; "
+               f"{problem.profile.label}")
 
 
 @main.command()
-@click.argument("plan_path", type=click.Path())
-@click.option("--profile", "profile_path", type=click.Path(), help="Profile table (default: bundled H100).")
+@click.argument("plan_path", type=click.Path(dir_okay=False))
+@click.option("--profile", "profile_path", type=click.Path(dir_okay=False),
+              help="Replay with this profile table (default: the bundled one; it must be the plan's own "
+                   "unless named here).")
 @click.option("-o", "--output", "out_prefix", type=click.Path(),
-              help="Output prefix for .html, .png, .trace.json (default: beside the plan).")
-@click.option("--allow-extrapolation", is_flag=True)
+              help="Output prefix for .html, .png, .trace.json (default: out/<plan stem>.sim).")
+@click.option("--allow-extrapolation", is_flag=True,
+              help="Let the profile answer sizes and SM counts outside its measured grid.")
 def simulate(plan_path, profile_path, out_prefix, allow_extrapolation):
     """Check a plan's constraints, replay it through the cost model, write Gantt and trace."""
     from nfsearch import plan, report
     from nfsearch.simulate import replay, verify
     schedule = plan.read(plan_path)
+    prefix = _simulate_prefix(plan_path, out_prefix)
+    paths = [prefix.with_name(prefix.name + suffix) for suffix in (".html", ".png", ".trace.json")]
+    _check_outputs(paths, (), may_create_out=out_prefix is None)     # all three before any is written
     verify(schedule)
     problem = _problem(schedule.model, schedule.workload, profile_path, schedule.num_layers, allow_extrapolation)
-    if problem.profile.fingerprint() != schedule.profile["fingerprint"]:
-        click.echo(f"note: plan was made with profile {schedule.profile['fingerprint']}, replaying with "
-                   f"{problem.profile.fingerprint()} ({problem.profile.label})", err=True)
+    _check_profile(schedule, problem.profile, plan_path, is_explicit=profile_path is not None)
     result = replay(schedule, problem.cost)
-    prefix = out_prefix or str(Path(plan_path).with_suffix("")) + ".sim"
-    title = f"{schedule.model.name} {schedule.workload.name} on {schedule.gpu['name']}"
-    paths = report.write_all([result.timeline], prefix, title)
-    seq, bound = schedule.predicted["sequential_layer_time_ms"], schedule.predicted["bound_ms"]
+    title = f"{schedule.model.name} {schedule.workload.name} on {schedule.gpu.name}"
+    _make_out_dir(prefix)
+    written = report.write_all([result.timeline], prefix, title)
+    p = schedule.predicted
+    seq, bound = p.sequential_layer_time_ms, p.bound_ms
     layer = result.timeline.layer_time_ms
     click.echo(f"plan {plan_path}: valid ({len(schedule.nano_ops)} nano-ops, {len(schedule.streams)} streams, "
                f"{schedule.num_layers} layers)")
-    click.echo(f"replayed layer time {layer:.3f} ms (plan states {schedule.predicted['layer_time_ms']:.3f}); "
-               f"sequential {seq:.3f} ms -> {seq / layer:.2f}x; bound {bound:.3f} ms -> {bound / layer:.0%}")
-    click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+    click.echo(f"replayed layer time {layer:.3f} ms (plan states {p.layer_time_ms:.3f}); "
+               f"sequential {seq:.3f} ms -> {seq / layer:.2f}x; roofline bound {bound:.3f} ms -> {bound / layer:.0%}")
+    click.echo("wrote " + ", ".join(str(path) for path in written.values()))
 
 
 @main.command()
-@click.option("--cases", "cases_file", type=click.Path(), default="tests/golden/cases.yaml", show_default=True,
-              help="Golden cases file (model, workload, profile -> committed golden plan).")
-@click.option("--tolerance", type=float, help="Allowed makespan regression (default: the cases file's).")
+@click.option("--cases", "cases_file", type=click.Path(dir_okay=False), default="tests/golden/cases.yaml",
+              show_default=True, help="Golden cases file (model, workload, profile -> committed golden plan).")
+@click.option("--tolerance", type=FiniteFloatRange(0.0, 1.0),
+              help="Allowed makespan regression as a fraction, e.g. 0.02 (default: the cases file's).")
 def check(cases_file, tolerance):
     """Re-solve the golden cases; exit 1 with a diff when a plan is invalid or got worse."""
     from nfsearch.golden import run_check
@@ -189,32 +307,6 @@ def check(cases_file, tolerance):
         sys.exit(1)
 
 
-def _problem(model, workload, profile_path, num_layers, allow_extrapolation):
-    from nfsearch.cost import default_profile, make_problem
-    from nfsearch.profile import load
-    table = load(profile_path) if profile_path else default_profile(model, workload)
-    if table.is_analytic:
-        click.echo(f"note: using the {table.label} (no measured table for {model.name})", err=True)
-    return make_problem(model, workload, table, num_layers, allow_extrapolation)
-
-
-def _check_output(path: str, suffixes: tuple[str, ...]) -> None:
-    if not path.endswith(suffixes):
-        raise NfsearchError(f"{path}: output must end with {' or '.join(suffixes)}")
-    parent = Path(path).parent
-    if not parent.is_dir():
-        raise NfsearchError(f"{path}: cannot write (no directory {parent})")
-
-
-def _gap(gap) -> str:
-    return "n/a" if gap is None else f"{gap:.2%}"
-
-
-def _progress_bar(done: int, total: int, eta_s: float, what: str) -> None:
-    click.echo(f"\r  [{done}/{total}] {done / max(total, 1):4.0%} eta {eta_s:5.0f} s  {what[:50]:<50}",
-               err=True, nl=done >= total)
-
-
 # ---- run / compare / tune: execute plans on the GPU (nfsearch.runtime.executor) ------------------
 
 def _run_options(f):
@@ -222,7 +314,8 @@ def _run_options(f):
         click.option("--mode", type=click.Choice(["green", "grid"]), default="green", show_default=True,
                      help="green: SM partitions per launch (green contexts); grid: plain streams, "
                           "SM-bounded grids only."),
-        click.option("--iters", type=int, default=30, show_default=True, help="Timed graph replays (median)."),
+        click.option("--iters", type=click.IntRange(1, 10000), default=30, show_default=True,
+                     help="Timed graph replays (median)."),
         click.option("--no-graph", "no_graph", is_flag=True, help="Time eager launches instead of a CUDA graph."),
         click.option("--force", is_flag=True, help="Run a plan made for another GPU or profile."),
     ]
@@ -232,12 +325,15 @@ def _run_options(f):
 
 
 @main.command("run")
-@click.option("--schedule", "plan_path", required=True, type=click.Path(), help="Plan JSON.")
-@click.option("--layers", "num_layers", type=int, help="Layers to run (must be the plan's unrolled layers).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output folder (default out/run-<plan>).")
+@click.option("--schedule", "plan_path", required=True, type=click.Path(dir_okay=False), help="Plan JSON to run.")
+@click.option("--layers", "num_layers", type=click.IntRange(1, 1000),
+              help="Layers to run (must be the plan's unrolled layers).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Output folder (default: out/run-<plan stem>).")
 @click.option("--timeline", "with_timeline", is_flag=True,
               help="Also measure per-op start/end (eager, events) and write Gantt/Perfetto + measured.json.")
-@click.option("--profile", "profile_path", type=click.Path(), help="Profile the plan must have been made with.")
+@click.option("--profile", "profile_path", type=click.Path(dir_okay=False),
+              help="Profile the plan must have been made with.")
 @_run_options
 def run_cmd(plan_path, num_layers, out_dir, with_timeline, profile_path, mode, iters, no_graph, force):
     """Check a plan's output against the sequential reference, time it beside seq-torch and seq-same."""
@@ -248,20 +344,23 @@ def run_cmd(plan_path, num_layers, out_dir, with_timeline, profile_path, mode, i
                             f"solve it again with --layers {num_layers}")
     if profile_path:
         from nfsearch.profile import load
-        fp = load(profile_path).fingerprint()
-        if fp != schedule.profile.get("fingerprint") and not force:
-            raise NfsearchError(f"{plan_path}: made with profile {schedule.profile.get('fingerprint')}, "
-                                f"{profile_path} is {fp} (--force to run anyway)")
+        table = load(profile_path)
+        if not force:
+            _check_profile(schedule, table, plan_path, is_explicit=False)
+    out = Path(out_dir) if out_dir else OUT_DIR / f"run-{Path(plan_path).stem}"
+    if out.exists() and not out.is_dir():
+        raise NfsearchError(f"{out}: cannot write (a file is in the way of the output folder)")
+    if out.is_dir():
+        _check_outputs([out / "run.json", out / "measured.json"], ())
     from nfsearch.runtime.device import check_device, require_cuda
     require_cuda("nfsearch run")
     check_device(schedule, plan_path, force)
-    out = Path(out_dir or Path("out") / f"run-{Path(plan_path).stem}")
-    out.mkdir(parents=True, exist_ok=True)
     from nfsearch.runtime import executor
     report, measured = executor.execute(schedule, mode=mode, iters=iters, use_graph=not no_graph,
                                         timeline=with_timeline, progress=lambda m: click.echo(f"  {m}", err=True))
     report["command"] = " ".join(["nfsearch"] + sys.argv[1:])
     report["plan_path"] = str(plan_path)
+    out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "run.json", report)
     if measured is not None:
         from nfsearch import report as report_mod
@@ -279,16 +378,19 @@ def run_cmd(plan_path, num_layers, out_dir, with_timeline, profile_path, mode, i
 
 
 @main.command("compare")
-@click.argument("plan_path", type=click.Path())
-@click.argument("measured_path", type=click.Path())
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the comparison as JSON.")
-@click.option("--worst", type=int, default=5, show_default=True)
+@click.argument("plan_path", type=click.Path(dir_okay=False))
+@click.argument("measured_path", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Also write the comparison as JSON here.")
+@click.option("--worst", type=click.IntRange(0, 10000), default=5, show_default=True,
+              help="How many of the worst-predicted ops to list.")
 def compare_cmd(plan_path, measured_path, output, worst):
     """Per-op predicted (the plan's times) vs measured (a run's measured.json) error."""
     from nfsearch import plan
     from nfsearch.compare import compare, format_table
     from nfsearch.files import read_json
     from nfsearch.simulate import stated_timeline
+    if output:
+        _check_outputs([output], (".json",))
     schedule = plan.read(plan_path)
     measured = timeline_from_dict(read_json(measured_path), measured_path)
     cmp = compare(stated_timeline(schedule), measured)
@@ -300,53 +402,107 @@ def compare_cmd(plan_path, measured_path, output, worst):
 @main.command("tune")
 @workload_options
 @click.option("--plans", "plans_dir", type=click.Path(file_okay=False),
-              help="Candidate plan JSONs (default: solve, plus the hand-made baselines).")
-@click.option("-k", "top_k", type=int, default=3, show_default=True, help="Candidates to run at most.")
-@click.option("--time-limit", "time_limit_s", type=float, default=8.0, show_default=True)
-@click.option("--layers", "num_layers", type=int, default=2, show_default=True)
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Best plan JSON.")
+              help="Folder of candidate plan JSONs (default: solve, plus the hand-made baselines).")
+@click.option("-k", "top_k", type=click.IntRange(1, 100), default=3, show_default=True,
+              help="Candidates to run at most.")
+@click.option("--time-limit", "time_limit_s", type=_TIME_LIMIT, default=8.0, show_default=True,
+              help="Solver time limit in seconds when solving the candidates.")
+@click.option("--layers", "num_layers", type=click.IntRange(1, 1000), default=2, show_default=True,
+              help="Layers unrolled when solving the candidates.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Best plan JSON; every candidate's report goes beside it as <stem>.tune.json.")
 @_run_options
 def tune_cmd(plans_dir, top_k, time_limit_s, num_layers, output, mode, iters, no_graph, force, **spec):
     """Run each candidate plan on the GPU and keep the fastest measured one (all are recorded)."""
-    from nfsearch import plan
-    _check_output(output, (".json",))
+    from nfsearch import tune
+    _check_outputs([output, Path(output).with_suffix(".tune.json")], (".json",))
     if plans_dir:
-        paths = sorted(Path(plans_dir).glob("*.json"))
-        if not paths:
-            raise NfsearchError(f"{plans_dir}: no plan JSON files")
-        candidates = [(p.stem, plan.read(p)) for p in paths]
+        candidates = tune.read_candidates(plans_dir)
     else:
-        from nfsearch import search
         model, workload = resolve_specs(**spec)
         problem = _problem(model, workload, None, num_layers, False)
-        best, _notes = search.solve(problem, time_limit_s=time_limit_s)
-        candidates = [("solved", best)] + sorted(search.baselines(problem).items())
-    candidates = candidates[:max(1, top_k)]
-    from nfsearch.runtime.device import check_device, require_cuda
-    require_cuda("nfsearch tune")
-    from nfsearch.runtime import bench, executor
-    results, ceilings = [], None
-    with executor.ExecContext("cuda", mode) as ctx:
-        for name, schedule in candidates:
-            check_device(schedule, name, force)
-            try:
-                report, _ = executor.execute(schedule, ctx=ctx, iters=iters, use_graph=not no_graph,
-                                             with_baselines=not results, ceilings=ceilings)
-                ceilings = ceilings or report.get("ceilings") or bench.ceilings()
-            except NfsearchError as exc:
-                report = {"workload": schedule.workload.name, "error": str(exc)}
-            report["candidate"] = name
-            results.append((report.get("measured_layer_ms", float("inf")), name, schedule, report))
-            click.echo(f"  {name}: {report.get('measured_layer_ms', float('nan')):.4f} ms/layer", err=True)
-    ok = [r for r in results if r[0] != float("inf")]
-    if not ok:
-        raise NfsearchError("no candidate plan ran correctly")
-    best = min(ok, key=lambda r: r[0])
-    plan.write(best[2], output)
-    record = {"best": best[1], "command": " ".join(["nfsearch"] + sys.argv[1:]), "candidates": [r[3] for r in results]}
-    _write_json(Path(output).with_suffix(".tune.json"), record)
-    click.echo(executor.format_table([r[3] for r in results]))
-    click.echo(f"wrote {output} (best: {best[1]}, {best[0]:.4f} ms/layer) and {Path(output).with_suffix('.tune.json')}")
+        candidates = tune.solved_candidates(problem, time_limit_s, progress=lambda m: click.echo(f"  {m}", err=True))
+    result = tune.run_candidates(candidates[:top_k], mode=mode, iters=iters, use_graph=not no_graph, force=force,
+                                 progress=lambda m: click.echo(f"  {m}", err=True))
+    record = tune.write_result(result, output, " ".join(["nfsearch"] + sys.argv[1:]))
+    from nfsearch.runtime import executor
+    click.echo(executor.format_table([t.report for t in result.trials]))
+    click.echo(f"wrote {output} (best: {result.best.name}, {result.best.measured_layer_ms:.4f} ms/layer) and {record}")
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+
+def _problem(model, workload, profile_path, num_layers, allow_extrapolation):
+    from nfsearch.cost import default_profile, make_problem
+    from nfsearch.profile import load
+    table = load(profile_path) if profile_path else default_profile(model, workload)
+    if table.is_analytic:
+        click.echo(f"note: using the {table.label} (no measured table for {model.name})", err=True)
+    return make_problem(model, workload, table, num_layers, allow_extrapolation)
+
+
+def _check_profile(schedule, table, plan_path, is_explicit: bool) -> None:
+    """A plan's times hold for the profile it was made with: another one is an error unless the user
+    named it (then a note says the times will differ)."""
+    planned, got = schedule.profile.fingerprint, table.fingerprint()
+    if planned == got:
+        return
+    if not is_explicit:
+        raise NfsearchError(f"{plan_path}: made with profile {planned}, but the profile at hand is {got} "
+                            f"({table.label}); name a profile with --profile to use it anyway")
+    click.echo(f"note: plan was made with profile {planned}, replaying with {got} ({table.label})", err=True)
+
+
+def _simulate_prefix(plan_path: str, out_prefix: str | None) -> Path:
+    if out_prefix is None:
+        return OUT_DIR / f"{Path(plan_path).stem}.sim"
+    prefix = Path(out_prefix)
+    # report.write_all reads an existing folder as <folder>/timeline: name the same files here
+    return prefix / "timeline" if prefix.is_dir() else prefix
+
+
+def _default_out(name: str) -> Path:
+    return OUT_DIR / name
+
+
+def _make_out_dir(path: Path) -> None:
+    """Create ./out/ for default outputs (only it: a folder named with -o must already exist)."""
+    if Path(path).parent == OUT_DIR:
+        try:
+            OUT_DIR.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise NfsearchError(f"{OUT_DIR}: cannot create ({exc.strerror})") from None
+
+
+def _check_outputs(paths, suffixes: tuple[str, ...], may_create_out: bool = False) -> None:
+    """Refuse before any work or writing: a wrong suffix, a folder in a file's place, a missing or
+    unwritable folder. Multi-file outputs are all checked here, so none is left half-made."""
+    import os
+    for path in map(Path, paths):
+        if suffixes and not path.name.endswith(suffixes):
+            raise NfsearchError(f"{path}: output must end with {' or '.join(suffixes)}")
+        if path.is_dir():
+            raise NfsearchError(f"{path}: cannot write (a folder is in the way)")
+        parent = path.parent
+        if may_create_out and parent == OUT_DIR and not parent.exists():
+            continue                                             # made on demand by _make_out_dir
+        if not parent.is_dir():
+            raise NfsearchError(f"{path}: cannot write (no directory {parent})")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise NfsearchError(f"{path}: cannot write (no permission in {parent})")
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "plan"
+
+
+def _gap(gap) -> str:
+    return "n/a" if gap is None else f"{gap:.2%}"
+
+
+def _progress_bar(done: int, total: int, eta_s: float, what: str) -> None:
+    click.echo(f"\r  [{done}/{total}] {done / max(total, 1):4.0%} eta {eta_s:5.0f} s  {what[:50]:<50}",
+               err=True, nl=done >= total)
 
 
 def timeline_to_dict(timeline) -> dict:

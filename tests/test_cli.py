@@ -1,15 +1,21 @@
-"""The command line through click's CliRunner: analyze, profile, simulate, and one-line errors."""
+"""The command line through click's CliRunner: analyze, profile, solve, simulate, tune; help text for
+every option; one-line errors (usage and input) with nothing written; where outputs go."""
 
 import json
+import re
+import signal
 import subprocess
 import sys
 
 import pytest
+import click
 from click.testing import CliRunner
 
 from conftest import FIXTURES, TINY_MODEL, TINY_WL, fake_profile
 from nfsearch import plan
+from nfsearch import tune
 from nfsearch.cli import main
+from nfsearch.errors import NfsearchError
 from nfsearch.search.baselines import equal_split_plan, sequential_plan
 from nfsearch.cost import default_profile, make_problem
 from nfsearch.profile import load
@@ -55,7 +61,7 @@ def test_analyze_w2():
     assert float(_field(out, "T_compute").split()[0]) == pytest.approx(1.170, rel=0.01)
     assert float(_field(out, "T_mem").split()[0]) == pytest.approx(1.06, rel=0.03)
     assert float(_field(out, "TR = T_mem / T_compute")) == pytest.approx(0.91, abs=0.02)
-    assert float(_field(out, "bound per layer").split()[0]) == pytest.approx(1.170, rel=0.01)
+    assert float(_field(out, "roofline bound per layer").split()[0]) == pytest.approx(1.170, rel=0.01)
     tps = _field(out, "optimal throughput")
     assert "tokens/s" in tps and int(tps.split()[0].replace(",", "")) == pytest.approx(2048 / 1.1694e-3 / 32,
                                                                                          rel=0.001)
@@ -75,7 +81,7 @@ def test_analyze_model_defaults_to_workload_model_and_flags():
 def test_analyze_hf_config(config, bundled):
     got = _ok(_run("analyze", "--model", config, "--workload", "W2")).stdout
     want = _ok(_run("analyze", "--model", bundled, "--workload", "W2")).stdout
-    for key in ("FLOPs per layer", "bytes per layer", "T_compute", "T_mem", "bound per layer"):
+    for key in ("FLOPs per layer", "bytes per layer", "T_compute", "T_mem", "roofline bound per layer"):
         assert _field(got, key) == _field(want, key)
 
 
@@ -141,16 +147,32 @@ def test_simulate_w2(tmp_path, w2_plans, name):
         {e.get("args", {}).get("id") for e in trace["traceEvents"]}
     assert len([e for e in trace["traceEvents"] if e.get("ph") == "X"]) == len(schedule.nano_ops)
     assert ids
-    stated = schedule.predicted["layer_time_ms"]
+    stated = schedule.predicted.layer_time_ms
     replayed = float(result.stdout.split("replayed layer time")[1].split()[0])
     assert replayed == pytest.approx(stated, abs=1e-3)
 
 
-def test_simulate_default_output_beside_plan(tmp_path):
-    (tmp_path / "p.json").write_text((FIXTURES / "tiny-split2.plan.json").read_text())
+def test_simulate_default_output_in_out_folder(tmp_path, monkeypatch):
+    """Without -o the outputs go into ./out/ (made on demand), named after the plan."""
+    (tmp_path / "plans").mkdir()
+    (tmp_path / "plans" / "p.json").write_text((FIXTURES / "tiny-split2.plan.json").read_text())
     fake_profile().write(tmp_path / "fake.csv")
-    _ok(_run("simulate", tmp_path / "p.json", "--profile", tmp_path / "fake.csv"))
-    assert _files(tmp_path) == ["fake.csv", "p.json", "p.sim.html", "p.sim.png", "p.sim.trace.json"]
+    monkeypatch.chdir(tmp_path)
+    result = _ok(_run("simulate", "plans/p.json", "--profile", "fake.csv"))
+    assert _files(tmp_path / "out") == ["p.sim.html", "p.sim.png", "p.sim.trace.json"]
+    assert _files(tmp_path / "plans") == ["p.json"]
+    assert "wrote out/p.sim.html, out/p.sim.png, out/p.sim.trace.json" in result.stdout
+
+
+def test_simulate_refuses_before_writing_any_output(tmp_path):
+    """-o X when X.html is a folder: refused before X.png (written first by the report) exists."""
+    fake_profile().write(tmp_path / "fake.csv")
+    (tmp_path / "X.html").mkdir()
+    _fails(_run("simulate", TINY_PLAN, "--profile", tmp_path / "fake.csv", "-o", tmp_path / "X"), "X.html")
+    (tmp_path / "X.html").rmdir()
+    (tmp_path / "X.trace.json").mkdir()
+    _fails(_run("simulate", TINY_PLAN, "--profile", tmp_path / "fake.csv", "-o", tmp_path / "X"), "X.trace.json")
+    assert _files(tmp_path) == ["X.trace.json", "fake.csv"]
 
 
 # ---- errors: exit 2, one line, nothing written ----------------------------------------------------
@@ -249,4 +271,231 @@ def test_tiny_fixture_replays_with_its_profile(tmp_path):
     result = _ok(_run("simulate", TINY_PLAN, "--profile", tmp_path / "fake.parquet", "-o", tmp_path / "o"))
     assert "note: plan was made with profile" not in result.output
     schedule = make_problem(TINY_MODEL, TINY_WL, fake_profile(), 2)
-    assert plan.read(TINY_PLAN).profile["fingerprint"] == schedule.profile.fingerprint()
+    assert plan.read(TINY_PLAN).profile.fingerprint == schedule.profile.fingerprint()
+
+
+# ---- usage errors: click's too, one line, exit 2 ----------------------------------------------------
+
+@pytest.mark.parametrize("args,match", [
+    (["analyze", "--bogus"], "no such option '--bogus'"),
+    (["frobnicate"], "no such command 'frobnicate'"),
+    (["simulate"], "missing argument 'plan_path'"),
+    (["profile", "--analytic", "--workload", "W2"], "missing option '-o'"),
+    (["solve", "--workload", "W2", "--solver", "magic"], "'magic' is not one of"),
+    (["solve", "--workload", "W2", "--seed", "x"], "--seed"),
+    (["solve", "--workload", "W2", "--seed", str(2**70)], "--seed"),
+    (["solve", "--workload", "W2", "--seed", "-1"], "--seed"),
+    (["solve", "--workload", "W2", "--threads", "0"], "--threads"),
+    (["solve", "--workload", "W2", "--threads", "257"], "--threads"),
+    (["solve", "--workload", "W2", "--time-limit", "nan"], "--time-limit"),
+    (["solve", "--workload", "W2", "--time-limit", "inf"], "--time-limit"),
+    (["solve", "--workload", "W2", "--time-limit", "0"], "--time-limit"),
+    (["solve", "--workload", "W2", "--time-limit", "3601"], "--time-limit"),
+    (["solve", "--workload", "W2", "--layers", "0"], "--layers"),
+    (["solve", "--workload", "W2", "--layers", "1001"], "--layers"),
+    (["analyze", "--model", "llama-3-8b", "--decode", "8", "--tp", "65"], "--tp"),
+    (["analyze", "--model", "llama-3-8b", "--decode", "8", "--context", "0"], "--context"),
+    (["analyze", "--model", "llama-3-8b", "--decode", str(2**20 + 1)], "--decode"),
+    (["analyze", "--model", "llama-3-8b", "--decode", "8", "--dtype", "fp8"], "'fp8' is not one of"),
+    (["run", "--schedule", TINY_PLAN, "--iters", "0"], "--iters"),
+    (["check", "--tolerance", "nan"], "--tolerance"),
+    (["tune", "--workload", "W2", "-o", "x.json", "-k", "0"], "-k"),
+])
+def test_usage_errors_are_one_line(args, match):
+    result = _run(*args)
+    line = _fails(result, match)
+    assert result.output.strip() == line             # nothing else: no usage block, no "Try ... --help"
+    assert "Usage:" not in result.output
+
+
+def test_usage_error_in_a_real_process():
+    proc = subprocess.run([sys.executable, "-m", "nfsearch", "solve", "--seed", "x"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("nfsearch: error:")
+
+
+def test_bare_command_and_help_are_not_errors():
+    assert "Commands:" in _ok(_run()).stdout
+    assert _ok(_run("--version")).stdout.startswith("nfsearch, version")
+
+
+def _commands():
+    return sorted(main.commands.items())
+
+
+def test_every_verb_is_listed_with_help():
+    names = {name for name, _ in _commands()}
+    assert names == {"analyze", "profile", "solve", "simulate", "check", "run", "compare", "tune"}
+    for name, command in _commands():
+        assert (command.help or "").strip(), name
+        out = _ok(_run(name, "--help")).stdout
+        assert out.startswith(f"Usage: nfsearch {name}"), out
+
+
+@pytest.mark.parametrize("name", ["analyze", "profile", "solve", "simulate", "check", "run", "compare", "tune"])
+def test_every_option_has_help(name):
+    command = main.commands[name]
+    options = [p for p in command.params if isinstance(p, click.Option)]
+    assert options
+    missing = [p.opts[0] for p in options if not (p.help or "").strip()]
+    assert missing == [], f"{name}: options without help: {missing}"
+    text = _ok(_run(name, "--help")).stdout
+    for p in options:
+        assert p.opts[-1] in text
+
+
+# ---- flags a named workload would ignore; prompt lengths -----------------------------------------
+
+@pytest.mark.parametrize("flags,named", [
+    (["--tp", "4", "--context", "99999"], ["--tp", "--context"]),
+    (["--dtype", "fp16"], ["--dtype"]),
+    (["--decode", "8"], ["--decode"]),
+    (["--prefill", "512"], ["--prefill"]),
+    (["--context", "1024"], ["--context"]),          # even a flag equal to its default is not ignored silently
+])
+def test_named_workload_refuses_batch_flags(flags, named):
+    line = _fails(_run("analyze", "--workload", "W2", *flags), "would be ignored")
+    for flag in named:
+        assert flag in line
+
+
+def test_batch_flags_are_applied_without_a_named_workload():
+    base = ["analyze", "--model", "llama-3-70b", "--decode", "256", "--prefill", "512"]
+    tp1 = _ok(_run(*base)).stdout
+    tp4 = _ok(_run(*base, "--tp", "4", "--context", "4096", "--dtype", "fp32")).stdout
+    assert "TP=4" in tp4 and "fp32" in tp4 and "TP=1" in tp1
+    assert float(_field(tp4, "network bytes per layer").split()[0]) > 0
+    assert float(_field(tp1, "network bytes per layer").split()[0]) == 0
+
+
+@pytest.mark.parametrize("text", ["512,,x", "512,", ",", "0", "-5", "5.5", "1e3", "x", "512;512"])
+def test_bad_prefill_is_refused(text):
+    _fails(_run("analyze", "--model", "llama-3-8b", "--decode", "4", "--prefill", text), "prefill")
+
+
+def test_prefill_lengths_are_read_whole():
+    out = _ok(_run("analyze", "--model", "llama-3-8b", "--prefill", "512, 256")).stdout
+    assert "768 tokens" in out and "0 decode" in out
+
+
+# ---- solve: where the plan goes, each line once, no ambiguous "bound" -------------------------------
+
+def _solve_tiny(*extra):
+    return _run("solve", "--model", FIXTURES / "tiny-model.yaml", "--workload", FIXTURES / "tiny-workload.yaml",
+                "--time-limit", "1", *extra)
+
+
+@pytest.fixture(scope="module")
+def fake_csv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("profile") / "fake.csv"
+    fake_profile().write(path)
+    return path
+
+
+def test_solve_default_output_then_simulate(tmp_path, monkeypatch, fake_csv):
+    monkeypatch.chdir(tmp_path)
+    result = _ok(_solve_tiny("--profile", fake_csv))
+    assert _files(tmp_path) == ["out"] and _files(tmp_path / "out") == ["tiny-tiny-mixed256.json"]
+    assert "wrote out/tiny-tiny-mixed256.json" in result.stdout
+    _ok(_run("simulate", "out/tiny-tiny-mixed256.json", "--profile", fake_csv))
+    assert _files(tmp_path / "out") == ["tiny-tiny-mixed256.json", "tiny-tiny-mixed256.sim.html",
+                                        "tiny-tiny-mixed256.sim.png", "tiny-tiny-mixed256.sim.trace.json"]
+
+
+def test_solve_prints_each_line_once_and_names_each_bound(tmp_path, fake_csv):
+    result = _ok(_solve_tiny("--profile", fake_csv, "-o", tmp_path / "p.json"))
+    lines = [line.strip() for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == len(set(lines)), result.output
+    assert any(line.startswith("stage 1") for line in lines) and any("stage 2" in line for line in lines)
+    bounds = re.findall(r"(\S+) bound\b", result.output)
+    assert bounds and set(bounds) <= {"model", "roofline"}, result.output
+    assert "roofline bound" in result.stdout
+    assert _files(tmp_path) == ["p.json"]
+
+
+def test_solve_explicit_output_needs_its_folder(tmp_path, fake_csv):
+    _fails(_solve_tiny("--profile", fake_csv, "-o", tmp_path / "nodir" / "p.json"), "no directory")
+    _fails(_solve_tiny("--profile", fake_csv, "-o", tmp_path / "p.yaml"), ".json")
+    (tmp_path / "d.json").mkdir()
+    _fails(_solve_tiny("--profile", fake_csv, "-o", tmp_path / "d.json"), "is a directory")
+    assert _files(tmp_path) == ["d.json"]
+
+
+# ---- simulate against another profile ---------------------------------------------------------------
+
+def test_simulate_other_profile_needs_explicit_profile(tmp_path, monkeypatch):
+    """TINY_PLAN was made with the fake table; the default (analytic) table of its model is another."""
+    monkeypatch.chdir(tmp_path)
+    line = _fails(_run("simulate", TINY_PLAN), "--profile")
+    assert "made with profile" in line
+    assert _files(tmp_path) == []
+    other = tmp_path / "other.csv"
+    _ok(_run("profile", "--analytic", "--model", FIXTURES / "tiny-model.yaml", "--workload",
+             FIXTURES / "tiny-workload.yaml", "-o", other))
+    result = _ok(_run("simulate", TINY_PLAN, "--profile", other, "--allow-extrapolation", "-o", tmp_path / "x"))
+    assert "note: plan was made with profile" in result.output
+
+
+# ---- interrupts -------------------------------------------------------------------------------------
+
+def test_interrupt_is_one_line_exit_130(tmp_path):
+    """Ctrl-C during a real solve: one error line, exit 130, no traceback, no plan written."""
+    proc = subprocess.Popen([sys.executable, "-m", "nfsearch", "solve", "--workload", "W2", "--time-limit", "30",
+                             "-o", str(tmp_path / "p.json")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        first = proc.stderr.readline()               # the first progress line: the search has begun
+        assert "stage 1" in first, first
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("nfsearch: error:")]
+    assert errors == [err.strip().splitlines()[-1]] and "interrupted" in errors[0]
+    assert _files(tmp_path) == []
+
+
+# ---- tune: the library loop; without CUDA a one-line refusal -------------------------------------
+
+def test_tune_without_cuda_writes_nothing(tmp_path):
+    (tmp_path / "plans").mkdir()
+    (tmp_path / "plans" / "a.json").write_text((FIXTURES / "tiny-split2.plan.json").read_text())
+    pytest.importorskip("torch")
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible")
+    _fails(_run("tune", "--plans", tmp_path / "plans", "-o", tmp_path / "best.json"), "needs a CUDA GPU")
+    assert _files(tmp_path) == ["plans"]
+
+
+def test_tune_candidates_and_pick_best(tmp_path, w2_plans):
+    with pytest.raises(NfsearchError, match="no plan JSON"):
+        tune.read_candidates(tmp_path)
+    with pytest.raises(NfsearchError, match="no such folder"):
+        tune.read_candidates(tmp_path / "absent")
+    candidates = tune.read_candidates(w2_plans)
+    assert [c.name for c in candidates] == ["seq", "split2"]
+    seq, split = candidates
+    trials = [tune.Trial("seq", seq.schedule, 2.0, {"candidate": "seq"}),
+              tune.Trial("split2", split.schedule, 1.5, {"candidate": "split2"}),
+              tune.Trial("broken", split.schedule, None, {"candidate": "broken", "error": "mismatch"})]
+    result = tune.pick_best(trials)
+    assert result.best.name == "split2" and len(result.trials) == 3
+    record = tune.write_result(result, tmp_path / "best.json", "nfsearch tune test")
+    assert record == tmp_path / "best.tune.json"
+    assert plan.read(tmp_path / "best.json").nano_ops == split.schedule.nano_ops
+    assert json.loads(record.read_text())["best"] == "split2"
+    with pytest.raises(NfsearchError, match="no candidate plan ran correctly"):
+        tune.pick_best(trials[2:])
+    with pytest.raises(ValueError):
+        tune.Trial("nan", seq.schedule, float("nan"), {})
+
+
+def test_cli_and_tune_do_not_import_torch():
+    code = "import sys, nfsearch.cli, nfsearch.tune; assert 'torch' not in sys.modules, 'torch imported'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr

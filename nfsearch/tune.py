@@ -1,0 +1,122 @@
+"""Tune: run candidate plans on the GPU and keep the fastest one that measured correct.
+
+The candidates are either plan files from a folder, or the solved plan plus the hand-made baselines of
+one problem. Every candidate's run report is kept (a failed one records its error), so the choice can
+be audited afterwards. The runtime (torch) is imported inside the functions that run plans: reading
+candidates and choosing among measured results work without it.
+"""
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from nfsearch import plan
+from nfsearch.cost import Problem
+from nfsearch.errors import NfsearchError
+from nfsearch.files import write_text_atomic
+from nfsearch.plan import Schedule
+
+Progress = Callable[[str], None] | None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    schedule: Schedule
+
+    def __post_init__(self):
+        if not self.name:
+            raise ValueError("a candidate needs a name")
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One candidate's run: its measured layer time (None when it failed) and its full run report."""
+    name: str
+    schedule: Schedule
+    measured_layer_ms: float | None
+    report: dict
+
+    def __post_init__(self):
+        if self.measured_layer_ms is not None and not (math.isfinite(self.measured_layer_ms)
+                                                       and self.measured_layer_ms > 0):
+            raise ValueError(f"{self.name}: measured layer time must be finite and positive")
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    best: Trial
+    trials: tuple[Trial, ...]
+
+    def __post_init__(self):
+        if self.best not in self.trials:
+            raise ValueError("the best trial must be one of the trials")
+
+
+def read_candidates(plans_dir: str | Path) -> list[Candidate]:
+    """Every *.json plan in `plans_dir`, named by file stem, in name order."""
+    folder = Path(plans_dir)
+    if not folder.is_dir():
+        raise NfsearchError(f"{plans_dir}: no such folder")
+    paths = sorted(folder.glob("*.json"))
+    if not paths:
+        raise NfsearchError(f"{plans_dir}: no plan JSON files")
+    return [Candidate(p.stem, plan.read(p)) for p in paths]
+
+
+def solved_candidates(problem: Problem, time_limit_s: float, progress: Progress = None) -> list[Candidate]:
+    """The searched plan first, then the hand-made baselines it must beat on the GPU too."""
+    from nfsearch.search import solve
+    from nfsearch.search.baselines import baselines
+    best, _notes = solve(problem, time_limit_s=time_limit_s, progress=progress)
+    return [Candidate("solved", best)] + [Candidate(name, s) for name, s in sorted(baselines(problem).items())]
+
+
+def run_candidates(candidates: list[Candidate], *, mode: str = "green", iters: int = 30, use_graph: bool = True,
+                   force: bool = False, progress: Progress = None) -> TuneResult:
+    """Run each candidate on the CUDA GPU (baselines and ceilings measured once, with the first) and
+    return all trials with the fastest correct one. A candidate that fails is recorded, not fatal."""
+    if not candidates:
+        raise NfsearchError("no candidate plans to tune")
+    from nfsearch.runtime.device import check_device, require_cuda
+    require_cuda("nfsearch tune")
+    from nfsearch.runtime import bench, executor
+    say = progress or (lambda _msg: None)
+    trials: list[Trial] = []
+    ceilings = None
+    with executor.ExecContext("cuda", mode) as ctx:
+        for candidate in candidates:
+            check_device(candidate.schedule, candidate.name, force)
+            try:
+                report, _ = executor.execute(candidate.schedule, ctx=ctx, iters=iters, use_graph=use_graph,
+                                             with_baselines=not trials, ceilings=ceilings)
+                ceilings = ceilings or report.get("ceilings") or bench.ceilings()
+                measured = report.get("measured_layer_ms")
+            except NfsearchError as exc:
+                # one wrong or unbuildable candidate must not cost the others their run
+                report, measured = {"workload": candidate.schedule.workload.name, "error": str(exc)}, None
+            report["candidate"] = candidate.name
+            trials.append(Trial(candidate.name, candidate.schedule, measured, report))
+            say(f"{candidate.name}: " + (f"{measured:.4f} ms/layer" if measured is not None
+                                         else f"failed ({report.get('error', 'no time measured')})"))
+    return pick_best(trials)
+
+
+def pick_best(trials: list[Trial]) -> TuneResult:
+    """The fastest trial that measured a time; ties go to the earlier candidate (the solved plan first)."""
+    timed = [t for t in trials if t.measured_layer_ms is not None]
+    if not timed:
+        raise NfsearchError("no candidate plan ran correctly")
+    best = min(timed, key=lambda t: t.measured_layer_ms)
+    return TuneResult(best, tuple(trials))
+
+
+def write_result(result: TuneResult, output: str | Path, command: str) -> Path:
+    """Write the best plan to `output` and every trial's report beside it as <stem>.tune.json."""
+    record_path = Path(output).with_suffix(".tune.json")
+    plan.write(result.best.schedule, output)
+    record = {"best": result.best.name, "command": command, "candidates": [t.report for t in result.trials]}
+    write_text_atomic(record_path, json.dumps(record, indent=1, default=float) + "\n")
+    return record_path
