@@ -103,7 +103,34 @@ def test_third_concurrent_op_gets_a_middle_group():
     parts = {l.id: l.partition for l in launch.build(schedule(ops)).launches}
     for p, q in itertools.combinations(parts.values(), 2):
         assert not p.overlaps(q)
-    assert parts["L0.c#0"].split == ((72, 24, 36), 1)
+    # [72, 96) would leave idle [64, 72): four groups, no buildable layout; c takes the whole gap
+    assert parts["L0.c#0"].split == ((64, 32, 36), 1)
+    assert buildable_layout_of(parts.values()).sizes == (64, 32, 36)
+
+
+def buildable_layout_of(partitions):
+    from nfsearch.layouts import line_layout
+    return line_layout([(p.lo, p.hi) for p in partitions], N, 8, launch.MAX_GROUPS)
+
+
+def test_third_op_that_fits_the_gap_exactly_gets_a_nested_middle_group():
+    ops = [op("a", 0, "x", 0, 64, 0, 2), op("b", 0, "y", 1, 36, 0, 2, cls="memory"),
+           op("c", 0, "z", 2, 32, 0, 2, cls="other")]
+    ll = launch.build(schedule(ops))
+    c = ll.by_id()["L0.c#0"].partition
+    assert (c.lo, c.hi) == (64, 96) and c.split == ((64, 32, 36), 1)
+    assert not ll.notes
+
+
+def test_no_four_way_layout_a_fourth_corunner_shares():
+    ops = [op("a", 0, "x", 0, 32, 0, 2), op("b", 0, "y", 1, 36, 0, 2, cls="memory"),
+           op("c", 0, "z", 2, 16, 0, 2, cls="other"), op("d", 0, "w", 3, 16, 0, 2, cls="other")]
+    ll = launch.build(schedule(ops))
+    by = {l.op: l.partition for l in ll.launches}
+    # c alone at [80, 96) would cut (32, 48, 16, 36): four groups; it takes the whole gap instead
+    assert (by["c"].lo, by["c"].hi) == (32, 96)
+    assert buildable_layout_of([by["a"], by["b"], by["c"]]).sizes == (32, 64, 36)
+    assert any(n.startswith("L0.d#0: shares SMs") for n in ll.notes)
 
 
 def test_partition_rounding_and_whole_gpu():
@@ -121,6 +148,18 @@ def test_stream_wait_when_a_plan_stream_changes_interval():
     assert by["L0.a#0"].key != by["L0.b#0"].key
     assert by["L0.b#0"].waits == ("L0.a#0",) and by["L0.b#0"].wait_kinds == ("stream",)
     assert not by["L0.b#0"].partition.overlaps(by["L0.m#0"].partition)
+
+
+@pytest.mark.parametrize("batches", [2, 3])
+def test_every_set_of_predicted_corunners_is_a_buildable_layout(batches):
+    s = equal_split_plan(problem(), batches)
+    ll = launch.build(s)
+    assert not any("buildable layout" in n for n in ll.notes)
+    for l in ll.launches:
+        at = l.start_ms + launch.TOLERANCE_MS
+        running = [m.partition for m in ll.launches if m.start_ms <= at < m.end_ms - launch.TOLERANCE_MS]
+        if running and not any(p.is_whole for p in running):
+            assert buildable_layout_of(running) is not None, [(p.lo, p.hi) for p in running]
 
 
 @pytest.mark.parametrize("batches", [2, 3])

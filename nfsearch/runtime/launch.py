@@ -26,16 +26,23 @@ launch gets an explicit SM interval [lo, hi) of the SM line 0..N, and ops that r
 must get disjoint intervals. An interval is what one split gives:
     [0, hi)  -> group 0 of split((hi, N-hi))          (a "front" group; hi a multiple of the granularity)
     [lo, N)  -> group 1 of split((lo, N-lo))          (the "remainder" side of split(lo))
-    [lo, hi) -> group 1 of split((lo, hi-lo, N-hi))   (a middle group)
+    [lo, hi) -> group 1 of split((lo, hi-lo, N-hi))   (a middle group: a "nested" layout, the
+                                                       remainder of split(lo) split again)
 (SmPartitions.split rounds every size but the last; the last group takes the remaining SMs.)
     [0, N)   -> the whole GPU: a plain stream, no green context.
-This assumes the driver hands SMs out in one fixed order for every split (granularity-aligned
+Every such split is a layout of nfsearch.layouts (fronts multiples of the granularity, remainder
+last). This assumes the driver hands SMs out in one fixed order for every split (granularity-aligned
 groups from the front, remainder last), which is what cuDevSmResourceSplitByCount does on Hopper.
 Placement, nano-op by nano-op in issue order, against the ops already placed:
   compute ops take the lowest free interval (front: a GEMM of 96 SMs gets [0, 96) = front of split(96));
   other classes take the highest free one (back: decode attention of 36 SMs gets [96, 132) = the
   remainder of split(96) = split(132 - 36)).
-"Free" means disjoint from the intervals of ops (on other streams) predicted to overlap it in time.
+"Free" means disjoint from the intervals of ops (on other streams) predicted to overlap it in time,
+and buildable together: at every instant the op runs, the intervals of the ops running then, cut
+at their ends (idle SMs between them count as groups), must form a layout of
+``layouts.buildable_layouts`` with at most MAX_GROUPS groups (so three ops side by side on
+132 SMs get e.g. (64, 32, 36), never four groups with an idle gap). A free interval that is not
+buildable together is used only when none is (noted).
 Ops predicted NOT to overlap may share SMs: if timing drifts and they do co-run, they only slow each
 other; where they could not fit side by side at all, a capacity edge keeps them apart. If no
 interval of the asked width is free (rounding, fragmentation), the op gets the widest free aligned
@@ -51,9 +58,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nfsearch.errors import NfsearchError
+from nfsearch.layouts import line_layout
 
 TOLERANCE_MS = 1e-4
 COMPUTE_CLASSES = ("compute",)
+MAX_GROUPS = 3          # green-context groups side by side (a nested three-way layout at most)
 
 
 @dataclass(frozen=True)
@@ -272,16 +281,24 @@ def _place(ops, n: int, g: int, notes: list[str]) -> dict[str, Partition]:
             parts[o.id] = Partition(0, n, n)
             placed.append(o)
             continue
-        busy = [parts[a.id] for a in placed if a.stream != o.stream
-                and a.start_ms < o.end_ms - TOLERANCE_MS and o.start_ms < a.end_ms - TOLERANCE_MS]
+        busy_ops = [a for a in placed if a.stream != o.stream
+                    and a.start_ms < o.end_ms - TOLERANCE_MS and o.start_ms < a.end_ms - TOLERANCE_MS]
+        busy = [parts[a.id] for a in busy_ops]
+        corun = _corun_sets(o, busy_ops, parts)
         cands = _candidates(o.sm_count, n, g, o.op_class in COMPUTE_CLASSES)
-        choice = next((c for c in cands if _free(c, busy)), None)
+        choice = next((c for c in cands if _free(c, busy) and _buildable(c, corun, n, g)), None)
         if choice is None:
-            choice = _widest_gap(busy, n, g, o.op_class in COMPUTE_CLASSES)
-            if choice is not None:
+            gap = _widest_gap(busy, n, g, o.op_class in COMPUTE_CLASSES)
+            if gap is not None and _buildable(gap, corun, n, g):
+                choice = gap
                 notes.append(f"{o.id}: no free {o.sm_count}-SM interval beside the ops predicted to run "
                              f"with it; runs on {choice.sms} SMs ({choice.label})")
             else:
+                choice = next((c for c in cands if _free(c, busy)), gap)
+                if choice is not None:
+                    notes.append(f"{o.id}: no interval beside the ops predicted to run with it forms a "
+                                 f"buildable layout of at most {MAX_GROUPS} groups; runs on {choice.label}")
+            if choice is None:
                 choice = cands[0]
                 notes.append(f"{o.id}: shares SMs with ops predicted to run beside it ({choice.label})")
         parts[o.id] = choice
@@ -316,6 +333,26 @@ def _candidates(width: int, n: int, g: int, front: bool) -> list[Partition]:
 
 def _free(p: Partition, busy: list[Partition]) -> bool:
     return not any(p.overlaps(b) for b in busy)
+
+
+def _corun_sets(o, busy_ops, parts) -> list[list[Partition]]:
+    """The intervals of the ops running at each instant of o's window where that set changes (each
+    op in busy_ops overlaps o in time)."""
+    out = []
+    for t in sorted({o.start_ms} | {a.start_ms for a in busy_ops if a.start_ms > o.start_ms}):
+        out.append([parts[a.id] for a in busy_ops
+                    if a.start_ms <= t + TOLERANCE_MS and t < a.end_ms - TOLERANCE_MS])
+    return out
+
+
+def _buildable(p: Partition, corun: list[list[Partition]], n: int, g: int) -> bool:
+    """Whether p beside each co-running set cuts the SM line into a buildable layout. A set that was
+    not buildable without p (an earlier op already had to share SMs) does not hold p back."""
+    for ps in corun:
+        spans = [(q.lo, q.hi) for q in ps]
+        if line_layout(spans + [(p.lo, p.hi)], n, g, MAX_GROUPS) is None and line_layout(spans, n, g, MAX_GROUPS):
+            return False
+    return True
 
 
 def _widest_gap(busy: list[Partition], n: int, g: int, front: bool) -> Partition | None:
