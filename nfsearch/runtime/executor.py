@@ -80,9 +80,8 @@ class ExecContext:
             try:
                 sms, stream = self.partitions.split(sizes)[group]
             except PartitionError as exc:
-                # seen on H100 for middle groups (a split of the remainder of a split): CUDA error 915
-                # (INVALID_RESOURCE_CONFIGURATION). That interval then runs on a plain stream; its
-                # kernels stay bounded by their grids (num_sms), as in grid mode.
+                # middle groups are built as nested splits (SmPartitions.build); a layout the driver
+                # still refuses runs on a plain stream, its kernels bounded by their grids (num_sms).
                 if l.partition.label not in self._failed_splits:
                     self._failed_splits.add(l.partition.label)
                     self.notes.append(f"no green context for {l.partition.label} (split {sizes}: {exc}); "
