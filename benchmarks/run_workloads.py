@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     import torch
 
     from nfsearch import plan
-    from nfsearch.cli import timeline_to_dict
+    from nfsearch.timeline import timeline_to_dict
     from nfsearch.runtime import bench, executor
 
     out = Path(args.out)

@@ -170,11 +170,11 @@ def analyze(gpu_key, **spec):
     model, workload = resolve_specs(**spec)
     gpu = load_gpu(gpu_key)
     r = roofline(model, workload, gpu)
-    rows = [("model", model.name), ("workload", f"{workload.name} ({workload.num_tokens} tokens, "
-                                                 f"{workload.num_decode} decode, TP={workload.tp_degree}, "
-                                                 f"{workload.dtype})"),
-            ("gpu", f"{gpu.name}: {gpu.peak_tflops:g} TFLOP/s, {gpu.mem_bandwidth_tbps:g} TB/s, "
-                    f"{gpu.net_bandwidth_gbps:g} GB/s net ({gpu.figures_source})"),
+    batch = (f"{workload.name} ({workload.num_tokens} tokens, {workload.num_decode} decode, "
+             f"TP={workload.tp_degree}, {workload.dtype})")
+    figures = (f"{gpu.name}: {gpu.peak_tflops:g} TFLOP/s, {gpu.mem_bandwidth_tbps:g} TB/s, "
+               f"{gpu.net_bandwidth_gbps:g} GB/s net ({gpu.figures_source})")
+    rows = [("model", model.name), ("workload", batch), ("gpu", figures),
             ("FLOPs per layer", f"{r.flops / 1e9:.1f} GFLOP"),
             ("bytes per layer", f"{r.num_bytes / 1e9:.3f} GB"),
             ("network bytes per layer", f"{r.net_bytes / 1e6:.1f} MB"),
@@ -365,6 +365,7 @@ def run_cmd(plan_path, num_layers, out_dir, with_timeline, profile_path, mode, i
     if measured is not None:
         from nfsearch import report as report_mod
         from nfsearch.simulate import stated_timeline
+        from nfsearch.timeline import timeline_to_dict
         _write_json(out / "measured.json", timeline_to_dict(measured))
         try:
             report_mod.write_all([stated_timeline(schedule), measured], out / "timeline",
@@ -389,6 +390,7 @@ def compare_cmd(plan_path, measured_path, output, worst):
     from nfsearch.compare import compare, format_table
     from nfsearch.files import read_json
     from nfsearch.simulate import stated_timeline
+    from nfsearch.timeline import timeline_from_dict
     if output:
         _check_outputs([output], (".json",))
     schedule = plan.read(plan_path)
@@ -503,21 +505,6 @@ def _gap(gap) -> str:
 def _progress_bar(done: int, total: int, eta_s: float, what: str) -> None:
     click.echo(f"\r  [{done}/{total}] {done / max(total, 1):4.0%} eta {eta_s:5.0f} s  {what[:50]:<50}",
                err=True, nl=done >= total)
-
-
-def timeline_to_dict(timeline) -> dict:
-    from dataclasses import asdict
-    return {"label": timeline.label, "num_layers": timeline.num_layers, "spans": [asdict(s) for s in timeline.spans]}
-
-
-def timeline_from_dict(data: dict, where: str = "timeline"):
-    from nfsearch.timeline import Span, Timeline
-    data = data.get("timeline", data)
-    try:
-        spans = tuple(Span(**s) for s in data["spans"])
-        return Timeline(data["label"], spans, int(data["num_layers"]))
-    except (KeyError, TypeError) as exc:
-        raise NfsearchError(f"{where}: not a measured timeline ({exc})") from None
 
 
 def _write_json(path, data) -> None:

@@ -40,3 +40,20 @@ class Timeline:
 
     def by_id(self) -> dict[str, Span]:
         return {s.id: s for s in self.spans}
+
+
+def timeline_to_dict(timeline: Timeline) -> dict:
+    """The JSON form of a timeline (a run's measured.json)."""
+    from dataclasses import asdict
+    return {"label": timeline.label, "num_layers": timeline.num_layers, "spans": [asdict(s) for s in timeline.spans]}
+
+
+def timeline_from_dict(data: dict, where: str = "timeline") -> Timeline:
+    """Read timeline_to_dict's form (or a run report holding it under "timeline"); one-line errors."""
+    from nfsearch.errors import NfsearchError
+    data = data.get("timeline", data)
+    try:
+        spans = tuple(Span(**s) for s in data["spans"])
+        return Timeline(data["label"], spans, int(data["num_layers"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise NfsearchError(f"{where}: not a measured timeline ({exc})") from None

@@ -8,9 +8,9 @@ candidates and choosing among measured results work without it.
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from nfsearch import plan
 from nfsearch.cost import Problem

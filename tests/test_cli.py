@@ -7,18 +7,17 @@ import signal
 import subprocess
 import sys
 
-import pytest
 import click
+import pytest
 from click.testing import CliRunner
-
 from conftest import FIXTURES, TINY_MODEL, TINY_WL, fake_profile
-from nfsearch import plan
-from nfsearch import tune
+
+from nfsearch import plan, tune
 from nfsearch.cli import main
-from nfsearch.errors import NfsearchError
-from nfsearch.search.baselines import equal_split_plan, sequential_plan
 from nfsearch.cost import default_profile, make_problem
+from nfsearch.errors import NfsearchError
 from nfsearch.profile import load
+from nfsearch.search.baselines import equal_split_plan, sequential_plan
 from nfsearch.specs import load_model, load_workload
 
 LLAMA_HF = str(FIXTURES / "hf" / "Meta-Llama-3-8B" / "config.json")
