@@ -4,7 +4,10 @@ The mutation tests change valid plans at random and require that reading + verif
 NfsearchError (one line) or the mutated plan is still valid by an independent check below."""
 
 import copy
+import dataclasses
 import json
+import math
+import time
 
 import networkx as nx
 import pytest
@@ -381,3 +384,138 @@ def test_random_json_values_never_traceback(data):
         _load(doc)
     except NfsearchError:
         pass
+
+
+# ---- typed sections ---------------------------------------------------------------------------------
+
+def test_sections_are_typed_and_round_trip():
+    schedule = plan.read(SPLIT2)
+    assert isinstance(schedule.gpu, plan.PlanGpu) and schedule.gpu.num_sms == 100
+    assert isinstance(schedule.profile, plan.PlanProfile) and schedule.profile.source == "fake"
+    assert isinstance(schedule.predicted, plan.Predicted) and schedule.predicted.layer_time_ms == pytest.approx(4.364583)
+    assert isinstance(schedule.solver, plan.SolverInfo) and schedule.solver.name == "equal-split-2"
+    for section in (schedule.gpu, schedule.profile, schedule.predicted, schedule.solver):
+        assert type(section).from_dict(section.to_dict()) == section
+    assert schedule.solver.to_dict() == {"name": "equal-split-2"}      # unset fields are left out
+
+
+def test_solver_bound_renamed_and_old_name_still_read():
+    golden = json.loads((FIXTURES.parent / "golden" / "W3.plan.json").read_text())
+    assert "model_bound_ms" in golden["solver"] and "bound_ms" not in golden["solver"]
+    old = {k: v for k, v in golden["solver"].items() if k != "model_bound_ms"}
+    old["bound_ms"] = 6.098
+    info = plan.SolverInfo.from_dict(old)
+    assert info.model_bound_ms == 6.098 and "bound_ms" not in info.to_dict()
+    assert info.to_dict()["model_bound_ms"] == 6.098
+    with pytest.raises(NfsearchError, match="unknown field"):
+        plan.SolverInfo.from_dict({"name": "x", "bogus": 1})
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: plan.PlanGpu("", 100, 2), "name"),
+    (lambda: plan.PlanGpu("G", 0, 1), "num_sms"),
+    (lambda: plan.PlanGpu("G", 10**9, 8), "num_sms"),
+    (lambda: plan.PlanGpu("G", 100, 101), "sm_granularity"),
+    (lambda: plan.PlanProfile("0" * 16, "guessed", "x"), "source"),
+    (lambda: plan.Predicted(math.nan, 1.0, 1.0, 1.0), "makespan_ms"),
+    (lambda: plan.Predicted(1.0, math.inf, 1.0, 1.0), "layer_time_ms"),
+    (lambda: plan.Predicted(1.0, 1.0, -1.0, 1.0), "sequential_layer_time_ms"),
+    (lambda: plan.SolverInfo("x", time_limit_s=math.nan), "time limit"),
+    (lambda: plan.SolverInfo("x", seed=2**31), "seed"),
+    (lambda: plan.SolverInfo("x", threads=0), "threads"),
+    (lambda: plan.SolverInfo("x", gap=math.inf), "gap"),
+    (lambda: plan.SolverInfo("x", memory_sms=0), "memory_sms"),
+])
+def test_section_checks(make, match):
+    with pytest.raises(NfsearchError, match=match) as err:
+        make()
+    assert "\n" not in str(err.value)
+
+
+def test_sm_grid_includes_the_back_side_of_a_split():
+    gpu = plan.PlanGpu("H100", 132, 8)
+    assert [s for s in range(1, 133) if gpu.is_on_grid(s)] == sorted(
+        {*range(8, 133, 8), *(132 - k for k in range(0, 132, 8))})
+    assert gpu.is_on_grid(100) and gpu.is_on_grid(132) and gpu.is_on_grid(4) and not gpu.is_on_grid(33)
+
+
+def test_runtime_impls_are_known_to_the_plan():
+    pytest.importorskip("torch")
+    from nfsearch.runtime.kernels import IMPLS
+    used = {impl for impls in IMPLS.values() for impl in impls}
+    assert used <= plan.RUNTIME_IMPLS <= plan.KNOWN_IMPLS and used
+    assert plan.NON_MEASURED_IMPLS <= plan.KNOWN_IMPLS
+
+
+# ---- bad plans refused on read and by verify -----------------------------------------------------
+
+def _every_op(field, value):
+    def change(d):
+        for o in d["nano_ops"]:
+            o[field] = value
+    return change
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda d: _op(d, "L0.kqv#0").update(start_ms=math.nan), "start_ms must be a finite number"),
+    (lambda d: _op(d, "L0.kqv#0").update(end_ms=math.inf), "end_ms must be a finite number"),
+    (lambda d: _op(d, "L0.kqv#0").update(start_ms=-1.0), "start_ms"),
+    (lambda d: _op(d, "L0.kqv#0").update(end_ms=_op(d, "L0.kqv#0")["start_ms"]), "stated duration of 0 ms"),
+    (lambda d: _op(d, "L0.kqv#0").update(impl="nonexistent"), "unknown impl 'nonexistent'"),
+    (lambda d: _op(d, "L0.kqv#0").update(sm_count=10**9), "asks for 1000000000 SMs"),
+    (lambda d: d["gpu"].update(num_sms=10**9), "num_sms"),
+    (lambda d: _op(d, "L0.kqv#0").update(sm_count=35), "not on the GPU's partition grid"),
+    (lambda d: _op(d, "L0.kqv#0").update(stream="ghost"), "streams the plan does not list: ghost"),
+    (lambda d: _set(d, 10**9, "num_layers"), "num_layers"),
+    (lambda d: _set(d, math.nan, "predicted", "makespan_ms"), "makespan_ms"),
+    (lambda d: _set(d, math.nan, "solver", "time_limit_s"), "time_limit_s|time limit"),
+    (lambda d: _set(d, 2**70, "solver", "seed"), "seed"),
+    (lambda d: _set(d, [[0, 100], [100, 256]], "nano_batches", "kqv"), "nano_batches' of op kqv"),
+    (lambda d: _set(d, 1, "solver", "bogus"), "solver"),
+])
+def test_bad_plans_refused_one_line(change, match):
+    data = _data()
+    change(data)
+    began = time.perf_counter()
+    with pytest.raises(NfsearchError, match=match) as err:
+        _load(data)
+    assert "\n" not in str(err.value) and time.perf_counter() - began < 5
+
+
+def test_absurd_sizes_refused_before_any_graph_is_built():
+    data = _data()
+    data["num_layers"] = 10**9
+    for o in data["nano_ops"]:
+        o["layer"] = 0 if o["layer"] == 0 else 10**9 - 1
+        o["id"] = f"L{o['layer']}.{o['op']}#{o['index']}"
+    began = time.perf_counter()
+    with pytest.raises(NfsearchError, match="num_layers"):
+        plan.from_dict(data)
+    data = _data()
+    data["nano_ops"] = data["nano_ops"] * (plan.MAX_NANO_OPS // len(data["nano_ops"]) + 1)
+    with pytest.raises(NfsearchError, match="more than the 200000 allowed"):
+        plan.from_dict(data)
+    assert time.perf_counter() - began < 5
+
+
+def test_verify_checks_structure_of_schedules_made_in_code():
+    """verify is the gate for schedules that never went through a file, too."""
+    schedule = plan.read(SPLIT2)
+    ops = list(schedule.nano_ops)
+    ops[0] = dataclasses.replace(ops[0], sm_count=35)
+    with pytest.raises(NfsearchError, match="partition grid"):
+        verify(dataclasses.replace(schedule, nano_ops=tuple(ops)))
+    ops[0] = dataclasses.replace(schedule.nano_ops[0], end_ms=schedule.nano_ops[0].start_ms)
+    with pytest.raises(NfsearchError, match="stated duration"):
+        verify(dataclasses.replace(schedule, nano_ops=tuple(ops)))
+    with pytest.raises(NfsearchError, match="unknown impl"):
+        dataclasses.replace(schedule.nano_ops[0], impl="cuda-magic")
+    with pytest.raises(NfsearchError, match="num_layers"):
+        dataclasses.replace(schedule, num_layers=10**9)
+
+
+def test_to_json_refuses_non_finite():
+    schedule = plan.read(SPLIT2)
+    object.__setattr__(schedule.solver, "gap", math.inf)          # past SolverInfo's own check
+    with pytest.raises(NfsearchError, match="non-finite"):
+        plan.to_json(schedule)

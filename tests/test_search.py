@@ -1,5 +1,8 @@
 """search.solve: valid plans, never worse than the baselines, deterministic; stage 1 and 2 pieces."""
 
+import json
+import time
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -53,11 +56,28 @@ def test_same_seed_gives_byte_identical_plan(small, solved):
     assert plan_io.to_json(again) == plan_io.to_json(solved[0])
 
 
-def test_bad_arguments_are_one_line_errors(small):
-    with pytest.raises(NfsearchError):
-        solve(small, time_limit_s=0)
-    with pytest.raises(NfsearchError, match="unknown solver"):
-        solve(small, solver="nope", time_limit_s=1)
+@pytest.mark.parametrize("kwargs,match", [
+    ({"time_limit_s": 0}, "time limit"), ({"time_limit_s": -1.0}, "time limit"),
+    ({"time_limit_s": float("nan")}, "time limit"), ({"time_limit_s": float("inf")}, "time limit"),
+    ({"seed": -1}, "seed"), ({"seed": 2**31}, "seed"), ({"seed": 2**70}, "seed"), ({"seed": 1.5}, "seed"),
+    ({"threads": 0}, "threads"), ({"threads": 257}, "threads"), ({"threads": True}, "threads"),
+    ({"chunk": 0}, "chunk"), ({"solver": "nope"}, "unknown solver"),
+])
+def test_bad_arguments_are_one_line_errors(small, kwargs, match):
+    began = time.perf_counter()
+    with pytest.raises(NfsearchError, match=match) as err:
+        solve(small, **{"time_limit_s": 1.0, **kwargs})
+    assert "\n" not in str(err.value)
+    if "solver" not in kwargs:
+        assert time.perf_counter() - began < 1.0          # refused before any search work
+
+
+def test_solved_plan_states_the_model_bound_apart_from_the_roofline_bound(solved):
+    schedule, _ = solved
+    data = json.loads(plan_io.to_json(schedule))
+    assert "bound_ms" not in data["solver"] and data["solver"]["model_bound_ms"] == schedule.solver.model_bound_ms
+    assert data["predicted"]["bound_ms"] == round(schedule.predicted.bound_ms, 6)
+    assert schedule.solver.seed == 3 and schedule.solver.threads == 2 and schedule.solver.time_limit_s == 1.0
 
 
 def test_sweep_incumbent_and_its_hint_are_feasible(small):

@@ -6,6 +6,9 @@ P_memory(0.3) = 0.5, P_other(0.5) = 0.7. Ops co-run as a fluid: each progresses 
 time) and rates change whenever an op starts or ends.
 """
 
+import math
+import time
+
 import pytest
 
 from conftest import FAKE_SMS, TINY_MODEL, TINY_WL, fake_profile, fake_time, table_from_points
@@ -13,7 +16,8 @@ from nfsearch.search.baselines import sequential_plan
 from nfsearch.cost import Interference
 from nfsearch.plan import PlanGpu, PlannedOp, PlanProfile, Schedule, SolverInfo
 from nfsearch.cost import make_problem
-from nfsearch.simulate import PlanInvalid, replay, stated_timeline
+from nfsearch.errors import NfsearchError
+from nfsearch.simulate import PlanInvalid, check_and_replay, replay, stated_timeline
 
 EXACT = 1e-9
 
@@ -164,3 +168,61 @@ def test_sequential_plan_real_model_is_sum_of_solo_times():
     total = sum(problem.cost.solo_ms(n, e - s, problem.gpu.num_sms)
                 for n, (s, e) in ((n, problem.layer.nodes[n]["token_range"]) for n in problem.layer.nodes))
     assert replay(sequential_plan(problem), problem.cost).makespan_ms == pytest.approx(total, rel=1e-9)
+
+
+# ---- bad profiles and the plan's own profile -------------------------------------------------------
+
+def _cost_from(points, interference=None):
+    problem = make_problem(TINY_MODEL, TINY_WL, table_from_points(points), num_layers=1)
+    if interference is not None:
+        problem.cost.interference = interference
+    return problem.cost
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_replay_refuses_non_finite_profile_time(bad):
+    """A profile time of inf/NaN once made replay loop forever: now it is refused (by the profile
+    loader, or else by replay) with one line, at once."""
+    points = {**POINTS, ("kqv", 0): {(128, 30): 0.5, (128, 70): bad, (128, 100): 0.125}}
+    began = time.perf_counter()
+    with pytest.raises(NfsearchError) as err:
+        replay(_schedule(("kqv", "s", 70, ())), _cost_from(points))
+    assert "\n" not in str(err.value) and time.perf_counter() - began < 5
+
+
+class _UnboundedCorun(Interference):
+    """An interference model that answers an infinite co-run time: replay must refuse it, not loop."""
+    def corun_ms(self, op_class, solo_ms, full_gpu_ms, share):
+        return math.inf
+
+
+def test_replay_refuses_infinite_corun_time():
+    cost = _cost_from(POINTS, _UnboundedCorun("unbounded"))
+    with pytest.raises(NfsearchError, match="finite and positive") as err:
+        replay(_schedule(("decode_attn", "mem", 30, ()), ("prefill_attn", "cmp", 70, ())), cost)
+    assert "\n" not in str(err.value)
+    # alone (no co-run) the same cost model replays fine
+    assert replay(_schedule(("kqv", "s", 70, ())), cost).makespan_ms == pytest.approx(0.25, abs=EXACT)
+
+
+def test_replay_retires_ops_that_end_together():
+    """Two same-class ops on two streams end at the same instant, then a third follows; each step
+    retires at least the first op to end, exactly, so replay finishes (a step cap guards it)."""
+    points = {**POINTS, ("prefill_attn", 128): {(128, 20): 0.5, (128, 100): 0.5}}
+    got = replay(_schedule(("kqv", "a", 30, ()), ("prefill_attn", "b", 20, ()), ("rope_append", "a", 30, ())),
+                 _cost_from(points))
+    assert sorted((s.op, round(s.start_ms, 9), round(s.end_ms, 9)) for s in got.timeline.spans) == [
+        ("kqv", 0.0, 0.5), ("prefill_attn", 0.0, 0.5), ("rope_append", 0.5, 0.625)]
+
+
+def test_check_and_replay_needs_the_plans_profile_unless_named():
+    problem = make_problem(TINY_MODEL, TINY_WL, fake_profile(), num_layers=2)
+    schedule = sequential_plan(problem)
+    assert check_and_replay(schedule, problem.cost, is_profile_given=False).makespan_ms == pytest.approx(
+        schedule.predicted.makespan_ms, abs=1e-6)
+    other = make_problem(TINY_MODEL, TINY_WL, fake_profile(sms=(10, 50, 100)), num_layers=2)
+    assert other.profile.fingerprint() != schedule.profile.fingerprint
+    with pytest.raises(NfsearchError, match="made with profile .* name a profile explicitly") as err:
+        check_and_replay(schedule, other.cost, is_profile_given=False)
+    assert "\n" not in str(err.value)
+    assert check_and_replay(schedule, other.cost, is_profile_given=True).makespan_ms > 0
