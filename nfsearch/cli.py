@@ -121,7 +121,7 @@ def workload_options(f):
 
 def resolve_specs(model_ref, workload_ref, num_decode, decode_context, prefill, tp_degree, dtype):
     """The model and workload the flags name; refuses batch flags a named workload would ignore."""
-    from nfsearch.specs import load_model, load_workload, workload_from_flags
+    from nfsearch.specs import load_model, load_workload, parse_lengths, workload_from_flags
     if workload_ref:
         ctx = click.get_current_context()
         given = [flag for name, flag in _BATCH_FLAGS.items()
@@ -132,27 +132,13 @@ def resolve_specs(model_ref, workload_ref, num_decode, decode_context, prefill, 
                                 f"--decode/--context/--prefill/--tp/--dtype instead of --workload")
         workload = load_workload(workload_ref)
     elif num_decode is not None or prefill:
-        workload = workload_from_flags(num_decode or 0, decode_context, parse_prefill(prefill), tp_degree, dtype)
+        workload = workload_from_flags(num_decode or 0, decode_context, parse_lengths(prefill, "--prefill"), tp_degree, dtype)
     else:
         raise NfsearchError("no workload: give --workload W1..W5|FILE or --decode/--prefill flags")
     model_ref = model_ref or workload.model
     if not model_ref:
         raise NfsearchError("no model: give --model")
     return load_model(model_ref), workload
-
-
-def parse_prefill(text: str) -> tuple[int, ...]:
-    """--prefill's comma-separated prompt lengths, each a positive integer; nothing empty or skipped."""
-    try:
-        from nfsearch.specs import parse_lengths
-    except ImportError:                          # older specs without the shared parser
-        parse_lengths = None
-    if parse_lengths is not None:
-        return tuple(parse_lengths(text, "--prefill"))
-    items = [item.strip() for item in text.split(",")]
-    if not all(re.fullmatch(r"[0-9]{1,7}", item) and 0 < int(item) <= 2**22 for item in items):
-        raise NfsearchError(f"--prefill must be comma-separated prompt lengths from 1 to {2**22}, got '{text}'")
-    return tuple(int(item) for item in items)
 
 
 # ---- analyze / profile / solve / simulate / check -------------------------------------------------
@@ -163,8 +149,19 @@ _GPU_HELP = "Bundled GPU: h100-sxm, h200 or a100-sxm."
 @main.command()
 @workload_options
 @click.option("--gpu", "gpu_key", default="h100-sxm", show_default=True, help=_GPU_HELP)
-def analyze(gpu_key, **spec):
+@click.option("--pairs", "pairs_path", type=click.Path(dir_okay=False),
+              help="Instead: the pair table of this measured profile (per pair of ops, the best SM split "
+                   "vs the two back to back on the whole GPU); with --tp N > 1, collectives x GEMMs.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="With --pairs: also write the report as JSON.")
+def analyze(gpu_key, pairs_path, json_path, **spec):
     """FLOPs, bytes, T_compute, T_mem, T_net, TR, the roofline bound and optimal tokens/s of one layer."""
+    if pairs_path or json_path:
+        from nfsearch.pairs import analyze_pairs
+        ctx = click.get_current_context()
+        given = tuple(p.opts[0] for p in ctx.command.params if p.name not in ("pairs_path", "json_path", "tp_degree")
+                      and ctx.get_parameter_source(p.name) not in (None, ParameterSource.DEFAULT))
+        click.echo(analyze_pairs(pairs_path, json_path, spec["tp_degree"], given))
+        return
     from nfsearch.roofline import roofline
     from nfsearch.specs import load_gpu
     model, workload = resolve_specs(**spec)
@@ -195,9 +192,11 @@ def analyze(gpu_key, **spec):
 @click.option("--gpu-id", type=click.IntRange(0, 63), default=0, show_default=True,
               help="CUDA device to measure on.")
 @click.option("--quick", "is_quick", is_flag=True, help="Coarse grid (fewer SM counts and sizes).")
+@click.option("--pairs/--no-pairs", "with_pairs", default=True, show_default=True,
+              help="Also measure the pair table (ops launched together on every split; see analyze --pairs).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Profile table to write: .parquet or .csv.")
-def profile(is_analytic, gpu_key, gpu_id, is_quick, output, **spec):
+def profile(is_analytic, gpu_key, gpu_id, is_quick, with_pairs, output, **spec):
     """Write a profile table: measured on the GPU, or --analytic from a roofline model."""
     model, workload = resolve_specs(**spec)
     _check_outputs([output], (".parquet", ".csv"))
@@ -210,7 +209,7 @@ def profile(is_analytic, gpu_key, gpu_id, is_quick, output, **spec):
         require_cuda("nfsearch profile")
         from nfsearch.runtime.profiler import measure_profile
         table = measure_profile(model, workload, gpu_id=gpu_id, is_quick=is_quick, output=output,
-                                progress=_progress_bar)
+                                progress=_progress_bar, with_pairs=with_pairs)
     table.write(output)
     click.echo(f"wrote {output}: {len(table.rows)} rows, {table.label}, fingerprint {table.fingerprint()}")
 
@@ -271,15 +270,16 @@ def solve(profile_path, solver, time_limit_s, threads, seed, num_layers, chunk, 
 def simulate(plan_path, profile_path, out_prefix, allow_extrapolation):
     """Check a plan's constraints, replay it through the cost model, write Gantt and trace."""
     from nfsearch import plan, report
-    from nfsearch.simulate import replay, verify
+    from nfsearch.simulate import check_and_replay
     schedule = plan.read(plan_path)
     prefix = _simulate_prefix(plan_path, out_prefix)
     paths = [prefix.with_name(prefix.name + suffix) for suffix in (".html", ".png", ".trace.json")]
     _check_outputs(paths, (), may_create_out=out_prefix is None)     # all three before any is written
-    verify(schedule)
     problem = _problem(schedule.model, schedule.workload, profile_path, schedule.num_layers, allow_extrapolation)
-    _check_profile(schedule, problem.profile, plan_path, is_explicit=profile_path is not None)
-    result = replay(schedule, problem.cost)
+    result = check_and_replay(schedule, problem.cost, is_profile_given=profile_path is not None)
+    if problem.profile.fingerprint() != schedule.profile.fingerprint:
+        click.echo(f"note: plan was made with profile {schedule.profile.fingerprint}, replaying with "
+                   f"{problem.profile.fingerprint()} ({problem.profile.label})", err=True)
     title = f"{schedule.model.name} {schedule.workload.name} on {schedule.gpu.name}"
     _make_out_dir(prefix)
     written = report.write_all([result.timeline], prefix, title)
@@ -346,7 +346,7 @@ def run_cmd(plan_path, num_layers, out_dir, with_timeline, profile_path, mode, i
         from nfsearch.profile import load
         table = load(profile_path)
         if not force:
-            _check_profile(schedule, table, plan_path, is_explicit=False)
+            _check_profile(schedule, table, plan_path)
     out = Path(out_dir) if out_dir else OUT_DIR / f"run-{Path(plan_path).stem}"
     if out.exists() and not out.is_dir():
         raise NfsearchError(f"{out}: cannot write (a file is in the way of the output folder)")
@@ -443,16 +443,12 @@ def _problem(model, workload, profile_path, num_layers, allow_extrapolation):
     return make_problem(model, workload, table, num_layers, allow_extrapolation)
 
 
-def _check_profile(schedule, table, plan_path, is_explicit: bool) -> None:
-    """A plan's times hold for the profile it was made with: another one is an error unless the user
-    named it (then a note says the times will differ)."""
+def _check_profile(schedule, table, plan_path) -> None:
+    """`run --profile P`: the plan must have been made with P (its times hold for P only)."""
     planned, got = schedule.profile.fingerprint, table.fingerprint()
-    if planned == got:
-        return
-    if not is_explicit:
-        raise NfsearchError(f"{plan_path}: made with profile {planned}, but the profile at hand is {got} "
-                            f"({table.label}); name a profile with --profile to use it anyway")
-    click.echo(f"note: plan was made with profile {planned}, replaying with {got} ({table.label})", err=True)
+    if planned != got:
+        raise NfsearchError(f"{plan_path}: made with profile {planned}, {table.label} is {got} "
+                            f"(--force to run anyway)")
 
 
 def _simulate_prefix(plan_path: str, out_prefix: str | None) -> Path:

@@ -426,7 +426,7 @@ def test_solve_explicit_output_needs_its_folder(tmp_path, fake_csv):
 def test_simulate_other_profile_needs_explicit_profile(tmp_path, monkeypatch):
     """TINY_PLAN was made with the fake table; the default (analytic) table of its model is another."""
     monkeypatch.chdir(tmp_path)
-    line = _fails(_run("simulate", TINY_PLAN), "--profile")
+    line = _fails(_run("simulate", TINY_PLAN), "name a profile explicitly")
     assert "made with profile" in line
     assert _files(tmp_path) == []
     other = tmp_path / "other.csv"
