@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from nfsearch.errors import NfsearchError
-from nfsearch.specs import ModelSpec, Workload
+from nfsearch.specs import ModelSpec, Workload, check_fits
 
 
 OP_CLASSES = ("compute", "memory", "network", "other")
@@ -47,7 +47,11 @@ class Work:
 
 
 def layer_ops(model: ModelSpec, workload: Workload) -> list[Op]:
-    """The layer's ops in data-flow order (each feeds the next; both attentions feed O)."""
+    """The layer's ops in data-flow order (each feeds the next; both attentions feed O).
+
+    Every path from a model and a workload to ops, graphs, profiles and rooflines passes here, so
+    this is where the pair is checked (TP divides the heads, contexts fit a sliding window)."""
+    check_fits(model, workload)
     tp = workload.tp_degree
     q, kv, hidden = _shard(model.q_size, tp), _shard(model.kv_size, tp), model.hidden_size
     inter = _shard(model.intermediate_size, tp)

@@ -13,20 +13,132 @@ import bisect
 import hashlib
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from nfsearch.errors import NfsearchError
-from nfsearch.files import write_atomic
-from nfsearch.specs import GpuSpec, gpu_by_name, load_gpu
+from nfsearch.files import MAX_INPUT_BYTES, parse_json, read_text, shown, write_atomic
+from nfsearch.specs import (
+    MAX_CONTEXT,
+    MAX_SMS,
+    MAX_TP,
+    GpuSpec,
+    Name,
+    Rate,
+    Text,
+    bounded_int,
+    describe,
+    gpu_by_name,
+    load_gpu,
+)
 
 COLUMNS = ["op", "impl", "num_tokens", "context", "sm_count", "time_ms"]
+KEY_COLUMNS = COLUMNS[:5] + ["co_class"]
 CSV_MARK = "# nfsearch-profile "
 PARQUET_KEY = b"nfsearch-profile"
 REQUIRED_META = ("gpu_name", "num_sms", "sm_granularity", "source")
 SOURCES = ("measured", "analytic", "fake")
+MAX_ROWS = 2**22
+MAX_TIME_MS = 1e5               # 100 s for one kernel: beyond it a time is a unit or parse error
+MAX_LABEL_CHARS = 64            # op, impl and co_class names
+
+
+class ProfileMeta(BaseModel):
+    """The metadata a table must carry, and the types of the optional keys code reads.
+    Other keys (grid, versions, notes of a measured run) travel along unchecked."""
+    model_config = ConfigDict(extra="allow")
+    gpu_name: Name
+    num_sms: bounded_int(1, MAX_SMS)
+    sm_granularity: bounded_int(1, MAX_SMS)
+    source: Literal[SOURCES]
+    gpu_key: Name | None = None
+    peak_tflops: Rate | None = None
+    mem_bandwidth_tbps: Rate | None = None
+    net_bandwidth_gbps: Rate | None = None
+    figures_source: Text | None = None
+    model: Name | None = None
+    tp_degree: bounded_int(1, MAX_TP) | None = None
+
+
+def check_meta(meta) -> ProfileMeta:
+    if not isinstance(meta, dict):
+        raise NfsearchError("profile metadata must be a JSON object")
+    absent = [k for k in REQUIRED_META if k not in meta]
+    if absent:
+        raise NfsearchError(f"profile metadata lacks {', '.join(absent)}")
+    try:
+        info = ProfileMeta.model_validate(meta)
+    except ValidationError as exc:
+        raise NfsearchError(f"profile metadata: {describe(exc)}") from None
+    if info.sm_granularity > info.num_sms:
+        raise NfsearchError(f"profile metadata: sm_granularity {info.sm_granularity} exceeds num_sms "
+                            f"{info.num_sms}")
+    return info
+
+
+def check_rows(rows: pd.DataFrame, num_sms: int) -> pd.DataFrame:
+    """The rows with checked dtypes and ranges, exact duplicates dropped, sorted by key.
+
+    Two rows with one key (op, impl, num_tokens, context, sm_count, co_class) and different times
+    are refused: which one is right cannot be told here."""
+    if not isinstance(rows, pd.DataFrame):
+        raise NfsearchError("profile rows must be a table")
+    missing = [c for c in COLUMNS if c not in rows.columns]
+    if missing:
+        raise NfsearchError(f"profile table lacks column(s) {', '.join(missing)}")
+    unknown = [shown(c, 30) for c in rows.columns if c not in KEY_COLUMNS + ["time_ms"]]
+    if unknown:
+        raise NfsearchError(f"profile table has unknown column(s) {', '.join(unknown)}")
+    if len(rows) == 0:
+        raise NfsearchError("profile table has no rows")
+    if len(rows) > MAX_ROWS:
+        raise NfsearchError(f"profile table has {len(rows)} rows, more than {MAX_ROWS}")
+    rows = rows.reset_index(drop=True).copy()
+    if "co_class" not in rows.columns:
+        rows["co_class"] = ""
+    rows["co_class"] = rows["co_class"].where(rows["co_class"].notna(), "")
+    for col in ("op", "impl", "co_class"):
+        values = rows[col]
+        if not values.map(lambda v: isinstance(v, str)).all():
+            raise NfsearchError(f"profile column {col} must hold text")
+        may_be_empty = col == "co_class"          # "" marks a solo row
+        bad = ~values.map(lambda v, ok_empty=may_be_empty: v.isprintable() and len(v) <= MAX_LABEL_CHARS
+                          and (bool(v) or ok_empty))
+        if bad.any():
+            raise NfsearchError(f"profile column {col} has a bad name {shown(values[bad].iloc[0], 40)!r} "
+                                f"(empty, unprintable or over {MAX_LABEL_CHARS} characters)")
+    rows["co_class"] = rows["co_class"].astype(str)
+    for col, low, high in (("num_tokens", 1, MAX_CONTEXT), ("context", 0, MAX_CONTEXT),
+                           ("sm_count", 1, num_sms)):
+        values = rows[col]
+        if not pd.api.types.is_integer_dtype(values) or pd.api.types.is_bool_dtype(values):
+            raise NfsearchError(f"profile column {col} must hold integers (has {values.dtype})")
+        out = (values < low) | (values > high)
+        if out.any():
+            raise NfsearchError(f"profile column {col} has {values[out].iloc[0]} outside {low}..{high}")
+        rows[col] = values.astype("int64")
+    times = rows["time_ms"]
+    if not pd.api.types.is_numeric_dtype(times) or pd.api.types.is_bool_dtype(times):
+        raise NfsearchError(f"profile column time_ms must hold numbers (has {times.dtype})")
+    times = times.astype("float64")
+    bad = ~(times.map(math.isfinite) & (times > 0) & (times <= MAX_TIME_MS))
+    if bad.any():
+        raise NfsearchError(f"profile time_ms {times[bad].iloc[0]!r} is not a positive finite time up to "
+                            f"{MAX_TIME_MS:g} ms (row {int(bad.idxmax())})")
+    rows["time_ms"] = times
+    rows = rows[COLUMNS + ["co_class"]].drop_duplicates()     # (this column order is hashed)
+    clash = rows.duplicated(KEY_COLUMNS, keep=False)
+    if clash.any():
+        first = rows[clash].sort_values(KEY_COLUMNS).iloc[0]
+        raise NfsearchError(f"profile has rows with one key and different times: {first.op}/{first.impl} "
+                            f"{first.num_tokens} tokens, context {first.context}, {first.sm_count} SMs"
+                            + (f", beside {first.co_class}" if first.co_class else ""))
+    return rows.sort_values(KEY_COLUMNS).reset_index(drop=True)
 
 
 class ProfileMiss(NfsearchError):
@@ -35,29 +147,14 @@ class ProfileMiss(NfsearchError):
 
 @dataclass
 class ProfileTable:
+    """A checked table (see check_rows, check_meta); `info` is the metadata's typed view."""
     rows: pd.DataFrame
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        missing = [c for c in COLUMNS if c not in self.rows.columns]
-        if missing:
-            raise NfsearchError(f"profile table lacks column(s) {', '.join(missing)}")
-        absent = [k for k in REQUIRED_META if k not in self.meta]
-        if absent:
-            raise NfsearchError(f"profile metadata lacks {', '.join(absent)}")
-        if self.meta["source"] not in SOURCES:
-            raise NfsearchError(f"profile source must be one of {', '.join(SOURCES)}")
-        rows = self.rows.copy()
-        if "co_class" not in rows.columns:
-            rows["co_class"] = ""
-        rows["co_class"] = rows["co_class"].fillna("").astype(str)
-        for col in ("num_tokens", "context", "sm_count"):
-            rows[col] = rows[col].astype("int64")
-        rows["time_ms"] = rows["time_ms"].astype("float64")
-        if (rows["time_ms"] <= 0).any() or rows["time_ms"].isna().any():
-            raise NfsearchError("profile table has non-positive or missing times")
-        self.rows = rows.sort_values(COLUMNS[:5] + ["co_class"]).reset_index(drop=True)
-        self._slices = {key: _Grid(df) for key, df in self.rows.groupby(["op", "impl", "co_class"])}
+        self.info = check_meta(self.meta)
+        self.rows = check_rows(self.rows, self.info.num_sms)
+        self._slices = {key: ProfileGrid(df) for key, df in self.rows.groupby(["op", "impl", "co_class"])}
 
     @property
     def is_analytic(self) -> bool:
@@ -122,40 +219,66 @@ class ProfileTable:
 def load(path: str | Path) -> ProfileTable:
     path = Path(path)
     if not path.is_file():
-        raise NfsearchError(f"{path}: no such profile file")
+        raise NfsearchError(f"{shown(path)}: no such profile file")
+    if path.suffix not in (".parquet", ".csv"):
+        raise NfsearchError(f"{shown(path)}: a profile is a .csv or .parquet file")
+    if path.stat().st_size > MAX_INPUT_BYTES:
+        raise NfsearchError(f"{shown(path)}: larger than {MAX_INPUT_BYTES // 2**20} MiB")
     try:
-        if path.suffix == ".parquet":
-            return _read_parquet(path)
-        if path.suffix == ".csv":
-            return _read_csv(path)
+        rows, meta = _read_parquet(path) if path.suffix == ".parquet" else _read_csv(path)
     except NfsearchError:
         raise
     except Exception as exc:  # pandas/pyarrow raise many types for a bad file
-        raise NfsearchError(f"{path}: not a readable profile table ({type(exc).__name__})") from None
-    raise NfsearchError(f"{path}: a profile is a .csv or .parquet file")
+        raise NfsearchError(f"{shown(path)}: not a readable profile table ({type(exc).__name__})") from None
+    try:
+        return ProfileTable(rows, meta)
+    except NfsearchError as exc:
+        raise NfsearchError(f"{shown(path)}: {exc}") from None
 
 
-def _read_csv(path: Path) -> ProfileTable:
-    text = path.read_text()
-    first, _, body = text.partition("\n")
+def _read_csv(path: Path) -> tuple[pd.DataFrame, dict]:
+    first, _, body = read_text(path).partition("\n")
     if not first.startswith(CSV_MARK):
-        raise NfsearchError(f"{path}: missing the '{CSV_MARK.strip()} {{...}}' metadata line")
-    meta = json.loads(first[len(CSV_MARK):])
+        raise NfsearchError(f"{shown(path)}: missing the '{CSV_MARK.strip()} {{...}}' metadata line")
+    meta = _parse_meta(first[len(CSV_MARK):], path)
     rows = pd.read_csv(io.StringIO(body), keep_default_na=False, dtype={"co_class": str})
-    return ProfileTable(rows, meta)
+    return rows, meta
 
 
-def _read_parquet(path: Path) -> ProfileTable:
+def _read_parquet(path: Path) -> tuple[pd.DataFrame, dict]:
     import pyarrow.parquet as pq
-    table = pq.read_table(path)
-    raw = (table.schema.metadata or {}).get(PARQUET_KEY)
+    source = pq.ParquetFile(path)
+    if source.metadata.num_rows > MAX_ROWS:
+        raise NfsearchError(f"{shown(path)}: {source.metadata.num_rows} rows, more than {MAX_ROWS}")
+    raw = (source.schema_arrow.metadata or {}).get(PARQUET_KEY)
     if raw is None:
-        raise NfsearchError(f"{path}: parquet file has no nfsearch-profile metadata")
-    return ProfileTable(table.to_pandas(), json.loads(raw))
+        raise NfsearchError(f"{shown(path)}: parquet file has no nfsearch-profile metadata")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise NfsearchError(f"{shown(path)}: profile metadata is not UTF-8 text") from None
+    meta = _parse_meta(text, path)
+    return source.read().to_pandas(), meta
 
 
-class _Grid:
-    """Times of one (op, impl, co_class) over a grid of contexts x tokens x SM counts."""
+def _parse_meta(text: str, path: Path) -> dict:
+    """The metadata JSON: an object, or one line saying what is wrong with it."""
+    try:
+        return parse_json(text, f"{shown(path)}: profile metadata")
+    except NfsearchError as exc:
+        if "expected a JSON object" in str(exc):
+            raise NfsearchError(f"{shown(path)}: profile metadata must be a JSON object") from None
+        raise
+
+
+class ProfileGrid:
+    """Times of one (op, impl, co_class) over a grid of contexts x tokens x SM counts, and their
+    interpolation: linear in the context, bilinear in tokens and SM counts between grid points.
+
+    With extrapolation allowed, a point outside the grid in tokens or context takes the nearest
+    edge (times above the token grid grow linearly with tokens). SM counts are never extrapolated
+    below the table's smallest: the table's SM grid is what the device partitions into, and a
+    share below it is not one the executor builds."""
 
     def __init__(self, df: pd.DataFrame):
         self.points = {(int(r.context), int(r.num_tokens), int(r.sm_count)): float(r.time_ms)
@@ -165,16 +288,19 @@ class _Grid:
         self.sms = {c: sorted({s for cc, _, s in self.points if cc == c}) for c in self.contexts}
 
     def lookup(self, tokens: int, context: int, sms: int, extrapolate: bool, what: str) -> float:
-        lo, hi, w = _bracket(self.contexts, context, extrapolate, f"context {context} outside the table for {what}")
+        lo, hi, w = bracket(self.contexts, context, extrapolate, f"context {context} outside the table for {what}")
         if lo == hi:
-            return self._at_context(lo, tokens, sms, extrapolate, what)
-        a = self._at_context(lo, tokens, sms, extrapolate, what)
-        b = self._at_context(hi, tokens, sms, extrapolate, what)
+            return self.at_context(lo, tokens, sms, extrapolate, what)
+        a = self.at_context(lo, tokens, sms, extrapolate, what)
+        b = self.at_context(hi, tokens, sms, extrapolate, what)
         return a + (b - a) * w
 
-    def _at_context(self, c: int, tokens: int, sms: int, extrapolate: bool, what: str) -> float:
-        t0, t1, wt = _bracket(self.tokens[c], tokens, extrapolate, f"no profile entry for {what}")
-        s0, s1, ws = _bracket(self.sms[c], sms, extrapolate, f"no profile entry for {what}")
+    def at_context(self, c: int, tokens: int, sms: int, extrapolate: bool, what: str) -> float:
+        t0, t1, wt = bracket(self.tokens[c], tokens, extrapolate, f"no profile entry for {what}")
+        if sms < self.sms[c][0]:
+            raise ProfileMiss(f"no profile entry for {what} (the table's smallest SM count is "
+                              f"{self.sms[c][0]}; fewer SMs are never extrapolated)")
+        s0, s1, ws = bracket(self.sms[c], sms, extrapolate, f"no profile entry for {what}")
         corners = {}
         for t in {t0, t1}:
             for s in {s0, s1}:
@@ -184,10 +310,11 @@ class _Grid:
         at_s0 = corners[(t0, s0)] + (corners[(t1, s0)] - corners[(t0, s0)]) * wt
         at_s1 = corners[(t0, s1)] + (corners[(t1, s1)] - corners[(t0, s1)]) * wt
         time = at_s0 + (at_s1 - at_s0) * ws
-        return time * _outside_scale(self.tokens[c], tokens, self.sms[c], sms)
+        top = self.tokens[c][-1]
+        return time * (tokens / top if tokens > top else 1.0)
 
 
-def _bracket(grid: list[int], x: int, extrapolate: bool, message: str) -> tuple[int, int, float]:
+def bracket(grid: list[int], x: int, extrapolate: bool, message: str) -> tuple[int, int, float]:
     """Neighbours lo <= x <= hi on the grid and the weight of hi; clamps to the edge if allowed."""
     if x < grid[0] or x > grid[-1]:
         if not extrapolate:
@@ -202,23 +329,14 @@ def _bracket(grid: list[int], x: int, extrapolate: bool, message: str) -> tuple[
     return lo, hi, (x - lo) / (hi - lo)
 
 
-def _outside_scale(tokens_grid, tokens, sms_grid, sms) -> float:
-    """Beyond the table: time grows linearly with tokens above it and as 1/SMs below it."""
-    scale = 1.0
-    if tokens > tokens_grid[-1]:
-        scale *= tokens / tokens_grid[-1]
-    if sms < sms_grid[0]:
-        scale *= sms_grid[0] / sms
-    return scale
-
 def gpu_from_profile(profile: ProfileTable) -> GpuSpec:
     """The GPU a profile was made on, with the profile's own measured rates where it has them."""
-    meta = profile.meta
-    known = load_gpu(meta["gpu_key"]) if meta.get("gpu_key") else gpu_by_name(meta["gpu_name"])
+    info = profile.info
+    known = load_gpu(info.gpu_key) if info.gpu_key else gpu_by_name(info.gpu_name)
     base = known or load_gpu("h100-sxm")
-    return GpuSpec(key=meta.get("gpu_key", base.key), name=meta["gpu_name"], num_sms=int(meta["num_sms"]),
-                   sm_granularity=int(meta["sm_granularity"]),
-                   peak_tflops=float(meta.get("peak_tflops", base.peak_tflops)),
-                   mem_bandwidth_tbps=float(meta.get("mem_bandwidth_tbps", base.mem_bandwidth_tbps)),
-                   net_bandwidth_gbps=float(meta.get("net_bandwidth_gbps", base.net_bandwidth_gbps)),
-                   figures_source=meta.get("figures_source", meta["source"]))
+    return GpuSpec(key=info.gpu_key or base.key, name=info.gpu_name, num_sms=info.num_sms,
+                   sm_granularity=info.sm_granularity,
+                   peak_tflops=info.peak_tflops or base.peak_tflops,
+                   mem_bandwidth_tbps=info.mem_bandwidth_tbps or base.mem_bandwidth_tbps,
+                   net_bandwidth_gbps=info.net_bandwidth_gbps or base.net_bandwidth_gbps,
+                   figures_source=info.figures_source or info.source)

@@ -2,40 +2,97 @@
 
 A model comes from a bundled name, a YAML file or a HuggingFace config.json; a workload from a
 standard id (W1-W5), a YAML file or flags; a GPU from a bundled name.
+
+Each field's type carries its bounds (pydantic `Annotated` types); every construction validates
+the values strictly against them (an int field takes no bool, float or string; a float field no
+inf/nan) and `__post_init__` adds the checks that span fields. Loaders validate the raw mapping
+with the same types first, so an unknown or missing key, or a bad value, is one line naming the
+file and the key. The bounds keep every later loop and product finite and quick.
 """
 
-from dataclasses import dataclass, field, fields, asdict
+import re
+from dataclasses import MISSING, asdict, dataclass, fields
+from functools import cache
 from importlib import resources
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError, create_model
 
 from nfsearch.errors import NfsearchError
-from nfsearch.files import read_json, read_yaml
+from nfsearch.files import read_json, read_yaml, shown
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+# Upper bounds on what a spec may say (far above any real model, GPU or batch).
+MAX_HIDDEN = 2**20
+MAX_HEADS = 4096
+MAX_HEAD_DIM = 2**14
+MAX_INTERMEDIATE = 2**22
+MAX_LAYERS = 10**4
+MAX_VOCAB = 2**24
+MAX_EXPERTS = 4096
+MAX_TOKENS = 2**20          # tokens in one dense batch (decode requests + prompt tokens)
+MAX_CONTEXT = 2**22         # a decode context or a prompt length
+MAX_TP = 1024
+MAX_SMS = 4096
+MAX_RATE = 1e9              # TFLOP/s, TB/s or GB/s
+MAX_NAME_CHARS = 256
+
+
+def _check_text(text: str) -> str:
+    if not text.isprintable():          # also catches lone surrogates (unicode category Cs)
+        raise ValueError("must be printable unicode text")
+    return text
+
+
+def bounded_int(low: int, high: int):
+    """An int type for pydantic: no bool, float or string, low <= value <= high."""
+    return Annotated[int, Strict(), Field(ge=low, le=high)]
+
+
+Name = Annotated[str, Strict(), Field(min_length=1, max_length=MAX_NAME_CHARS), AfterValidator(_check_text)]
+Text = Annotated[str, Strict(), Field(max_length=4 * MAX_NAME_CHARS), AfterValidator(_check_text)]
+Rate = Annotated[float, Strict(), Field(gt=0, le=MAX_RATE, allow_inf_nan=False)]
+Dtype = Literal[tuple(DTYPE_BYTES)]
+
+
+class SpecError(NfsearchError):
+    """A spec that fails validation; `detail` is the message without the spec's label."""
+
+    def __init__(self, label: str, detail: str):
+        super().__init__(f"{label}: {detail}")
+        self.detail = detail
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    name: str
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    num_layers: int
-    vocab_size: int
-    num_experts: int = 0
-    num_experts_per_token: int = 0
-    has_qkv_bias: bool = False
+    name: Name
+    hidden_size: bounded_int(1, MAX_HIDDEN)
+    num_heads: bounded_int(1, MAX_HEADS)
+    num_kv_heads: bounded_int(1, MAX_HEADS)
+    head_dim: bounded_int(1, MAX_HEAD_DIM)
+    intermediate_size: bounded_int(1, MAX_INTERMEDIATE)
+    num_layers: bounded_int(1, MAX_LAYERS)
+    vocab_size: bounded_int(1, MAX_VOCAB)
+    num_experts: bounded_int(0, MAX_EXPERTS) = 0
+    num_experts_per_token: bounded_int(0, MAX_EXPERTS) = 0
+    has_qkv_bias: Annotated[bool, Strict()] = False
+    # Attention sees at most this many recent keys (Mistral); 0: the whole context.
+    sliding_window: bounded_int(0, MAX_CONTEXT) = 0
 
     def __post_init__(self):
-        for f in ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
-                  "num_layers", "vocab_size"):
-            _require(getattr(self, f) > 0, f"model {self.name}: {f} must be positive")
-        _require(self.num_heads % self.num_kv_heads == 0,
-                 f"model {self.name}: num_heads must be a multiple of num_kv_heads")
-        _require(self.num_experts >= 0 and 0 <= self.num_experts_per_token <= self.num_experts,
-                 f"model {self.name}: need 0 <= num_experts_per_token <= num_experts")
+        _validate_fields(self, "model")
+        label = f"model {self.name}"
+        _require(self.num_heads % self.num_kv_heads == 0, label,
+                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.num_experts:
+            _require(1 <= self.num_experts_per_token <= self.num_experts, label,
+                     f"need 1 <= num_experts_per_token ({self.num_experts_per_token}) <= num_experts "
+                     f"({self.num_experts})")
+        else:
+            _require(self.num_experts_per_token == 0, label,
+                     "num_experts_per_token is set but num_experts is 0")
 
     @property
     def is_moe(self) -> bool:
@@ -50,31 +107,31 @@ class ModelSpec:
         return self.num_kv_heads * self.head_dim
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if not self.sliding_window:       # the plan schema's model section lists it only when set
+            del data["sliding_window"]
+        return data
 
 
 @dataclass(frozen=True)
 class Workload:
     """One dense batch: decode requests (one token each) followed by prefill prompts."""
-    name: str
-    num_decode: int
-    decode_context: int
-    prefill_lengths: tuple[int, ...] = ()
-    tp_degree: int = 1
-    dtype: str = "bf16"
-    model: str | None = None
+    name: Name
+    num_decode: bounded_int(0, MAX_TOKENS)
+    decode_context: bounded_int(0, MAX_CONTEXT)
+    prefill_lengths: Annotated[tuple[bounded_int(1, MAX_CONTEXT), ...], Field(max_length=MAX_TOKENS)] = ()
+    tp_degree: bounded_int(1, MAX_TP) = 1
+    dtype: Dtype = "bf16"
+    model: Name | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "prefill_lengths", tuple(int(n) for n in self.prefill_lengths))
-        _require(self.num_decode >= 0, f"workload {self.name}: num_decode must be >= 0")
-        _require(self.num_decode == 0 or self.decode_context > 0,
-                 f"workload {self.name}: decode_context must be positive")
-        _require(all(n > 0 for n in self.prefill_lengths),
-                 f"workload {self.name}: prompt lengths must be positive")
-        _require(self.num_tokens > 0, f"workload {self.name}: the batch has no tokens")
-        _require(self.tp_degree >= 1, f"workload {self.name}: tp_degree must be >= 1")
-        _require(self.dtype in DTYPE_BYTES,
-                 f"workload {self.name}: dtype must be one of {', '.join(DTYPE_BYTES)}")
+        _validate_fields(self, "workload")
+        label = f"workload {self.name}"
+        _require(self.num_decode == 0 or self.decode_context > 0, label,
+                 "decode_context must be positive when there are decode requests")
+        _require(self.num_tokens > 0, label, "the batch has no tokens")
+        _require(self.num_tokens <= MAX_TOKENS, label,
+                 f"the batch has {self.num_tokens} tokens, more than {MAX_TOKENS}")
 
     @property
     def num_prefill_tokens(self) -> int:
@@ -104,24 +161,47 @@ class Workload:
 
 @dataclass(frozen=True)
 class GpuSpec:
-    key: str
-    name: str
-    num_sms: int
-    sm_granularity: int
-    peak_tflops: float
-    mem_bandwidth_tbps: float
-    net_bandwidth_gbps: float
-    figures_source: str = "estimate"
+    key: Name
+    name: Name
+    num_sms: bounded_int(1, MAX_SMS)
+    sm_granularity: bounded_int(1, MAX_SMS)
+    peak_tflops: Rate
+    mem_bandwidth_tbps: Rate
+    net_bandwidth_gbps: Rate
+    figures_source: Text = "estimate"
 
     def __post_init__(self):
-        _require(self.num_sms > 0 and self.sm_granularity > 0, f"gpu {self.key}: bad SM figures")
-        _require(self.peak_tflops > 0 and self.mem_bandwidth_tbps > 0 and self.net_bandwidth_gbps > 0,
-                 f"gpu {self.key}: rates must be positive")
+        _validate_fields(self, "gpu")
+        _require(self.sm_granularity <= self.num_sms, f"gpu {self.key}",
+                 f"sm_granularity ({self.sm_granularity}) exceeds num_sms ({self.num_sms})")
 
     def sm_grid(self) -> list[int]:
         """SM counts a partition can have: multiples of the granularity, and the whole GPU."""
         grid = list(range(self.sm_granularity, self.num_sms, self.sm_granularity))
         return grid + [self.num_sms]
+
+
+def check_fits(model: ModelSpec, workload: Workload) -> None:
+    """What a model and a workload must agree on; graph.layer_ops calls it, so every caller does.
+
+    Tensor parallelism splits attention heads (query and key/value) evenly over the GPUs. Sliding-
+    window attention is refused rather than capped where the window is shorter than the context:
+    the kernels and the profile attend over the whole context, so a capped cost would not be the
+    cost of what runs (a decode context equal to the window costs what a longer one would)."""
+    tp = workload.tp_degree
+    for what, count in (("attention heads", model.num_heads), ("key/value heads", model.num_kv_heads)):
+        if count % tp:
+            raise NfsearchError(f"model {model.name}'s {count} {what} are not divisible by TP={tp} "
+                                f"(workload {workload.name})")
+    window = model.sliding_window
+    if window and workload.num_decode and workload.decode_context > window:
+        raise NfsearchError(f"model {model.name} attends at most its sliding window of {window} tokens; "
+                            f"decode context {workload.decode_context} is longer (sliding-window attention"
+                            f" is not modelled: give a context <= {window}, which costs the same)")
+    if window and any(n > window for n in workload.prefill_lengths):
+        raise NfsearchError(f"model {model.name} attends at most its sliding window of {window} tokens; "
+                            f"a prompt of {max(workload.prefill_lengths)} tokens is longer (sliding-window "
+                            "prefill is not modelled)")
 
 
 def bundled_names(kind: str) -> list[str]:
@@ -133,43 +213,91 @@ def load_model(ref: str) -> ModelSpec:
     """A bundled model name, a YAML path, or a HuggingFace config.json path."""
     path = Path(ref)
     if ref.endswith(".json"):
-        return model_from_hf_config(read_json(path), name=path.parent.name or path.stem)
+        return model_from_hf_config(read_json(path), hf_model_name(path), shown(ref))
     if ref.endswith((".yaml", ".yml")):
-        return _build(ModelSpec, read_yaml(path), f"model file {ref}")
+        return _build(ModelSpec, read_yaml(path), f"model file {shown(ref)}")
     if ref in bundled_names("models"):
         data = read_yaml(resources.files("nfsearch") / "models" / f"{ref}.yaml")
         return _build(ModelSpec, data, f"model {ref}")
-    raise NfsearchError(f"unknown model '{ref}' (bundled: {', '.join(bundled_names('models'))};"
+    raise NfsearchError(f"unknown model '{shown(ref)}' (bundled: {', '.join(bundled_names('models'))};"
                         " or give a .yaml or HuggingFace config.json path)")
+
+
+def hf_model_name(path: Path) -> str:
+    """A HuggingFace config's model name from its path: the folder of a file named exactly
+    config.json where the path names a folder ('' for './config.json' or '/config.json'), else
+    the file name without .config.json or .json ('foo.config.json' is 'foo', whatever its folder)."""
+    if path.name == "config.json":
+        folder = path.parent.name
+        return folder if folder not in ("", ".", "..") else ""
+    return path.name[:-len(".config.json")] if path.name.endswith(".config.json") else path.stem
 
 
 HF_FAMILIES = ("llama", "mistral", "mixtral", "qwen2")
 
 
-def model_from_hf_config(cfg: dict, name: str) -> ModelSpec:
-    model_type = str(cfg.get("model_type", ""))
+class HfConfig(BaseModel):
+    """The fields of a HuggingFace config.json that a ModelSpec needs (others are ignored)."""
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_type: Literal[HF_FAMILIES]
+    hidden_size: bounded_int(1, MAX_HIDDEN)
+    num_attention_heads: bounded_int(1, MAX_HEADS)
+    num_key_value_heads: bounded_int(1, MAX_HEADS) | None = None
+    head_dim: bounded_int(1, MAX_HEAD_DIM) | None = None
+    intermediate_size: bounded_int(1, MAX_INTERMEDIATE)
+    num_hidden_layers: bounded_int(1, MAX_LAYERS)
+    vocab_size: bounded_int(1, MAX_VOCAB)
+    num_local_experts: bounded_int(0, MAX_EXPERTS) | None = None
+    num_experts_per_tok: bounded_int(0, MAX_EXPERTS) | None = None
+    attention_bias: Annotated[bool, Strict()] | None = None
+    sliding_window: bounded_int(0, MAX_CONTEXT) | None = None
+    use_sliding_window: Annotated[bool, Strict()] | None = None
+    max_position_embeddings: bounded_int(1, 2 ** 40) | None = None
+    name_or_path: Annotated[str, Strict()] | None = Field(None, alias="_name_or_path")
+
+
+def model_from_hf_config(cfg: dict, name: str, where: str = "config.json") -> ModelSpec:
+    if not isinstance(cfg, dict):
+        raise NfsearchError(f"{where}: expected a JSON object")
+    model_type = cfg.get("model_type")
     if model_type not in HF_FAMILIES:
-        raise NfsearchError(f"config.json: model_type '{model_type}' is not supported "
+        raise NfsearchError(f"{where}: model_type '{shown(model_type)}' is not supported "
                             f"(supported: {', '.join(HF_FAMILIES)})")
     try:
-        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-        return ModelSpec(
-            name=str(cfg.get("_name_or_path") or name),
-            hidden_size=hidden,
-            num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads", heads)),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_layers=int(cfg["num_hidden_layers"]),
-            vocab_size=int(cfg["vocab_size"]),
-            num_experts=int(cfg.get("num_local_experts", 0)),
-            num_experts_per_token=int(cfg.get("num_experts_per_tok", 0)),
-            has_qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
-        )
-    except KeyError as exc:
-        raise NfsearchError(f"config.json: missing field {exc.args[0]}") from None
-    except (TypeError, ValueError) as exc:
-        raise NfsearchError(f"config.json: bad value ({exc})") from None
+        hf = HfConfig.model_validate(cfg)
+    except ValidationError as exc:
+        raise NfsearchError(f"{where}: {describe(exc)}") from None
+    head_dim = hf.head_dim
+    if head_dim is None:
+        if hf.hidden_size % hf.num_attention_heads:
+            raise NfsearchError(f"{where}: hidden_size {hf.hidden_size} is not a multiple of "
+                                f"num_attention_heads {hf.num_attention_heads} (and head_dim is not given)")
+        head_dim = hf.hidden_size // hf.num_attention_heads
+    # Qwen2 configs carry a window they do not use unless use_sliding_window is set; a window at
+    # least as long as the model's longest context changes nothing.
+    window = hf.sliding_window or 0
+    if model_type == "qwen2" and not hf.use_sliding_window:
+        window = 0
+    if hf.max_position_embeddings is not None and window >= hf.max_position_embeddings:
+        window = 0
+    data = dict(
+        name=hf.name_or_path or name or model_type,        # a name that says nothing: the family
+        hidden_size=hf.hidden_size,
+        num_heads=hf.num_attention_heads,
+        num_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
+        head_dim=head_dim,
+        intermediate_size=hf.intermediate_size,
+        num_layers=hf.num_hidden_layers,
+        vocab_size=hf.vocab_size,
+        num_experts=hf.num_local_experts or 0,
+        num_experts_per_token=(hf.num_experts_per_tok or 0) if hf.num_local_experts else 0,
+        has_qkv_bias=model_type == "qwen2" or bool(hf.attention_bias),
+        sliding_window=window,
+    )
+    return _build(ModelSpec, data, where, names={"name": "_name_or_path (or the file's name)",
+                                                        "num_heads": "num_attention_heads",
+                                                        "num_kv_heads": "num_key_value_heads",
+                                                        "num_layers": "num_hidden_layers"})
 
 
 def standard_workloads() -> dict[str, dict]:
@@ -179,46 +307,146 @@ def standard_workloads() -> dict[str, dict]:
 def load_workload(ref: str) -> Workload:
     """A standard id (W1-W5) or a YAML path."""
     if ref.endswith((".yaml", ".yml")):
-        return _build(Workload, read_yaml(ref), f"workload file {ref}")
+        return _build(Workload, read_yaml(ref), f"workload file {shown(ref)}")
     table = standard_workloads()
     if ref.upper() in table:
-        return _build(Workload, table[ref.upper()], f"workload {ref}")
-    raise NfsearchError(f"unknown workload '{ref}' (standard: {', '.join(table)}; or a .yaml path)")
+        return _build(Workload, table[ref.upper()], f"workload {ref.upper()}")
+    raise NfsearchError(f"unknown workload '{shown(ref)}' (standard: {', '.join(table)}; or a .yaml path)")
+
+
+FLAG_NAMES = {"num_decode": "--decode", "decode_context": "--context", "prefill_lengths": "--prefill",
+              "tp_degree": "--tp", "dtype": "--dtype"}
 
 
 def workload_from_flags(num_decode: int, decode_context: int, prefill_lengths: tuple[int, ...],
                         tp_degree: int, dtype: str) -> Workload:
-    name = f"custom d{num_decode}x{decode_context}+p{sum(prefill_lengths)} tp{tp_degree}"
-    return Workload(name, num_decode, decode_context, tuple(prefill_lengths), tp_degree, dtype)
+    values = {"name": "custom", "num_decode": num_decode, "decode_context": decode_context,
+              "prefill_lengths": tuple(prefill_lengths) if isinstance(prefill_lengths, (list, tuple))
+              else prefill_lengths, "tp_degree": tp_degree, "dtype": dtype}
+    checked = _check_mapping(Workload, values, "flags", FLAG_NAMES)
+    values["name"] = (f"custom d{num_decode}x{decode_context}+p{sum(checked['prefill_lengths'])} "
+                      f"tp{tp_degree}")
+    return _build(Workload, values, "flags", FLAG_NAMES)
+
+
+MAX_LENGTH_DIGITS = 8
+
+
+def parse_lengths(text: str, flag: str = "--prefill") -> tuple[int, ...]:
+    """Prompt lengths from comma-separated text ('512,512'; '' gives none). Only ASCII digits are
+    taken: int() would also take '1_000', '٥' and ' +5 '."""
+    if not text.strip():
+        return ()
+    pieces = text.split(",")
+    if len(pieces) > MAX_TOKENS:
+        raise NfsearchError(f"{flag}: more than {MAX_TOKENS} lengths")
+    lengths = []
+    for piece in pieces:
+        if not re.fullmatch(rf"\s*[0-9]{{1,{MAX_LENGTH_DIGITS}}}\s*", piece, flags=re.ASCII):
+            raise NfsearchError(f"{flag} must be comma-separated positive integers, got '{shown(text)}' "
+                                f"(bad item '{shown(piece.strip(), 20)}')")
+        lengths.append(int(piece))
+    if min(lengths) <= 0:
+        raise NfsearchError(f"{flag}: lengths must be positive, got '{shown(text)}'")
+    return tuple(lengths)
 
 
 def load_gpu(key: str) -> GpuSpec:
-    table = read_yaml(resources.files("nfsearch") / "gpus" / "standard.yaml")
+    table = _gpu_table()
     if key not in table:
-        raise NfsearchError(f"unknown GPU '{key}' (known: {', '.join(table)})")
+        raise NfsearchError(f"unknown GPU '{shown(key)}' (known: {', '.join(table)})")
+    if not isinstance(table[key], dict):
+        raise NfsearchError(f"gpu {key}: expected a mapping of its figures")
     return _build(GpuSpec, {"key": key, **table[key]}, f"gpu {key}")
 
 
 def gpu_by_name(name: str) -> GpuSpec | None:
     """The bundled GPU whose device name matches (e.g. 'NVIDIA H100 80GB HBM3'), if any."""
-    table = read_yaml(resources.files("nfsearch") / "gpus" / "standard.yaml")
-    for key, row in table.items():
-        if row["name"] == name:
+    for key, row in _gpu_table().items():
+        if isinstance(row, dict) and row.get("name") == name:
             return load_gpu(key)
     return None
 
 
-def _build(cls, data: dict, where: str):
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise NfsearchError(f"{where}: unknown field(s) {', '.join(unknown)}")
+def _gpu_table() -> dict:
+    return read_yaml(resources.files("nfsearch") / "gpus" / "standard.yaml")
+
+
+# ---- validation --------------------------------------------------------------------------------
+
+@cache
+def _checker(cls) -> type[BaseModel]:
+    """A pydantic model of the dataclass's fields (types, bounds, defaults); unknown keys refused."""
+    spec = {}
+    for f in fields(cls):
+        default = f.default if f.default is not MISSING else ...
+        spec[f.name] = (f.type, default)
+    return create_model(f"{cls.__name__}Fields", __config__=ConfigDict(extra="forbid"), **spec)
+
+
+def _validate_fields(spec, kind: str) -> None:
+    """Check a spec's field values against their types and bounds, storing the validated values
+    (a list of prompt lengths becomes a tuple)."""
+    values = {f.name: getattr(spec, f.name) for f in fields(spec)}
     try:
-        return cls(**data)
-    except (TypeError, ValueError) as exc:
-        raise NfsearchError(f"{where}: {exc}") from None
+        checked = _checker(type(spec)).model_validate(values)
+    except ValidationError as exc:
+        name = values.get("name")
+        label = f"{kind} {name}" if isinstance(name, str) and name.isprintable() else kind
+        raise SpecError(shown(label, 60), describe(exc)) from None
+    for key in values:
+        object.__setattr__(spec, key, getattr(checked, key))
 
 
-def _require(ok: bool, message: str) -> None:
+def _check_mapping(cls, data, where: str, names: dict | None = None) -> dict:
+    if not isinstance(data, dict):
+        raise NfsearchError(f"{where}: expected a mapping of {cls.__name__} fields")
+    try:
+        return _checker(cls).model_validate(data).model_dump()
+    except ValidationError as exc:
+        raise NfsearchError(f"{where}: {describe(exc, names)}") from None
+
+
+def _build(cls, data: dict, where: str, names: dict | None = None):
+    """A spec from a raw mapping (a file's, the flags'): one line naming `where` on any problem."""
+    checked = _check_mapping(cls, data, where, names)
+    try:
+        return cls(**checked)
+    except SpecError as exc:
+        raise NfsearchError(f"{where}: {exc.detail}") from None
+
+
+def describe(exc: ValidationError, names: dict | None = None) -> str:
+    """The first problem of a pydantic ValidationError on one line, keys as the user wrote them."""
+    errors = exc.errors(include_url=False)
+    # an unknown key first: it is often the misspelling of a key reported missing
+    first = min(errors, key=lambda e: e["type"] != "extra_forbidden")
+    loc = list(first["loc"])
+    if loc and names and loc[0] in names:
+        loc[0] = names[loc[0]]
+    where = "".join(f"[{x}]" if isinstance(x, int) else f".{shown(x, 40)}" for x in loc).lstrip(".") or "value"
+    kind, message = first["type"], first["msg"]
+    if kind == "missing":
+        text = f"missing field {where}"
+    elif kind == "extra_forbidden":
+        text = f"unknown field {where}"
+    else:
+        got_text = _shown_input(first.get("input"))
+        message = re.sub(r"^(Input|String|Tuple|List|Dictionary) should ", "should ", message)
+        message = re.sub(r"^Value error, ", "", message)
+        text = f"{where} {message} (got {got_text})"
+    more = len(errors) - 1
+    return text + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+
+
+def _shown_input(value) -> str:
+    if isinstance(value, (dict, list, tuple, set)):
+        return f"a {type(value).__name__}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**30:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"  # str() may refuse it
+    return shown(repr(value), 40)
+
+
+def _require(ok: bool, label: str, detail: str) -> None:
     if not ok:
-        raise NfsearchError(message)
+        raise SpecError(label, detail)
