@@ -5,7 +5,9 @@ cover every op exactly, every data dependency is declared, dependencies finish b
 start, one op at a time per stream in issue order, and the SMs in use never exceed the GPU's.
 `replay` then runs the plan as the executor would: each stream issues its ops in order, an op starts
 once its stream is free, its dependencies are done and its SMs are free; ops that run beside ops of
-another class progress at the interference model's stretched rate.
+another class progress at the interference model's stretched rate; ops of one class side by side
+never together go faster than the whole GPU would run them one after another (the class's ceiling).
+Times that are not finite and positive are refused; every replay step retires an op, so it ends.
 """
 
 import math
@@ -107,6 +109,9 @@ def _start_ready(queues, running, done, num_sms, now) -> None:
 
 
 def _rates(running, cost: CostModel) -> dict[str, float]:
+    """Each running op's progress per ms: 1 / its time beside the other classes running, and ops of
+    one class together never faster than the whole GPU running them back to back (the class's
+    ceiling: two bandwidth-bound ops on 64 SMs each do not get twice the memory bandwidth)."""
     classes = [entry[0].op_class for entry in running.values()]
     rates = {}
     for i, (op, _, _) in running.items():
@@ -117,6 +122,17 @@ def _rates(running, cost: CostModel) -> dict[str, float]:
             raise NfsearchError(f"profile gives nano-op {i} ({op.op}, {op.num_tokens} tokens, {op.sm_count} SMs) "
                                 f"a time of {time_ms!r} ms; times must be finite and positive")
         rates[i] = 1.0 / time_ms
+    by_class: dict[str, list[str]] = {}
+    for i, (op, _, _) in running.items():
+        by_class.setdefault(op.op_class, []).append(i)
+    for same in by_class.values():
+        if len(same) < 2:
+            continue
+        # the share of the whole GPU's speed on this op that each op's rate amounts to
+        used = sum(rates[i] * cost.solo_ms(running[i][0].op, running[i][0].num_tokens, cost.num_sms) for i in same)
+        if used > 1.0:
+            for i in same:
+                rates[i] /= used
     return rates
 
 

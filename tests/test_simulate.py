@@ -208,7 +208,7 @@ def test_replay_refuses_infinite_corun_time():
 def test_replay_retires_ops_that_end_together():
     """Two same-class ops on two streams end at the same instant, then a third follows; each step
     retires at least the first op to end, exactly, so replay finishes (a step cap guards it)."""
-    points = {**POINTS, ("prefill_attn", 128): {(128, 20): 0.5, (128, 100): 0.5}}
+    points = {**POINTS, ("prefill_attn", 128): {(128, 20): 0.5, (128, 100): 0.125}}
     got = replay(_schedule(("kqv", "a", 30, ()), ("prefill_attn", "b", 20, ()), ("rope_append", "a", 30, ())),
                  _cost_from(points))
     assert sorted((s.op, round(s.start_ms, 9), round(s.end_ms, 9)) for s in got.timeline.spans) == [
@@ -226,3 +226,12 @@ def test_check_and_replay_needs_the_plans_profile_unless_named():
         check_and_replay(schedule, other.cost, is_profile_given=False)
     assert "\n" not in str(err.value)
     assert check_and_replay(schedule, other.cost, is_profile_given=True).makespan_ms > 0
+
+
+def test_same_class_side_by_side_capped_at_the_whole_gpu():
+    # rope_append (0.125 ms) and norm1 (0.35 ms), class other, take the same time on 30/50 SMs as on
+    # all 100: side by side each would use the whole GPU's speed, so together they run at half rate.
+    # rope ends at 0.25 (norm1 has done 0.25 / 0.7 of its work); norm1 then alone: ends 0.475, the
+    # same as back to back on the whole GPU.
+    got = _times(_schedule(("rope_append", "a", 30, ()), ("norm1", "b", 50, ())))
+    _assert_times(got, {"rope_append": (0.0, 0.25), "norm1": (0.0, 0.475)})
