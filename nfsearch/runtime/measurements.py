@@ -3,22 +3,35 @@
 No torch here: the GPU side (nfsearch/runtime/profiler.py) supplies a `measure(point)` function;
 this module decides WHAT is measured and keeps the books:
 
-* `make_plan`: the grid of points per op / impl / tokens / context / SM count, the co-run pairs and
-  the ceilings. The default grid covers the standard workloads W1-W3 (tokens 128..4096 in
+* `make_plan`: the grid of points per op / impl / tokens / context / SM count, the co-run rows, the
+  pair table's points and the ceilings. The default grid covers the standard workloads W1-W3 (tokens 128..4096 in
   nano-batches of multiples of 128, decode contexts 1024 and 2048, prompt lengths 256 and 512) in
   union with what the given workload needs, so one table per model serves all of them.
 * `Checkpoint`: every finished measurement is appended (and flushed) to `<output>.partial.csv`; a
   killed run started again with the same request continues where it stopped, losing at most the
   measurement in flight. The file's first line holds the plan's identity (model, device, kernel
   code, grid, settings); a different request starts afresh.
-* `run_plan`: walks the plan, skips what the checkpoint holds, reports progress with an ETA.
-* `assemble_table`: the ProfileTable (solo rows, co-run rows with co_class) and its metadata.
-* `summarize`: the key numbers (ceilings, GEMM vs cuBLAS, decode bandwidth, co-run ratios).
+* `run_plan`: walks the plan, skips what the checkpoint holds, reports progress with an ETA; a
+  failed point is counted and skipped, and a run of failures on a device that no longer answers
+  stops the walk (what was measured is still assembled).
+* `assemble_table`: the ProfileTable (solo rows, co-run rows with co_class) and its metadata, the
+  pair table under meta["pairs"] (nfsearch/pairs.py reads and reports it).
+* `summarize`: the key numbers (ceilings, GEMM vs cuBLAS, decode bandwidth, co-run ratios, pairs).
 
 Co-run points: a compute op (the GEMMs, prefill attention) on n SMs beside decode attention (class
 memory) on the complementary num_sms - n SMs of ONE green-context split (a group of m SMs for decode
 attention, the remainder for the compute op). The measured op is timed while the other side runs
 back to back for the whole window; its row's co_class is the other side's class.
+
+Pair points (kind "pair", the pair table): two ops of different classes the search may overlap,
+launched together on the two sides of ONE two-way green-context split, at every split on the
+partition grid: the smaller side gets m SMs (m = granularity, 2 x granularity, ... <= num_sms / 2),
+the other side the rest, in both orientations. Families (`pair_families`): each GEMM x decode
+attention, x prefill attention, x each small op (at the GEMM's token count; ops with identical work,
+such as norm2 beside norm1, once), x each collective when the runtime has one; decode x prefill
+attention. Each side runs its fastest impl on its partition (measured in the same run); the point
+records both sides' co-run times, the makespan, each side alone on its partition and on the whole
+GPU, and the SM clock (see nfsearch/pairs.py for the columns and profiler.py for the method).
 """
 
 from __future__ import annotations
@@ -31,18 +44,19 @@ import math
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from nfsearch import pairs as pair_table
 from nfsearch.roofline import BW_FRACTION, interp
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import Op, layer_ops, op_context, op_work
 from nfsearch.profile import ProfileTable
 from nfsearch.specs import ModelSpec, Workload
 
-FORMAT = 1
+FORMAT = 2        # 2: pair points with both sides' sizes, checkpoint rows with the pair's detail
 
 # ---------------------------------------------------------------------------------------- the grid
 TOKENS = (128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
@@ -68,7 +82,16 @@ QUICK_CORUN_PREFILL_TOKENS = (256, 1536)
 # part) beside compute ops; the layer's four GEMMs over 1024 tokens, back to back, beside decode.
 MEMORY_BACKGROUND = ("decode_attn", 512, 1024)
 COMPUTE_BACKGROUND = (("kqv", "o", "ug", "d"), 1024)
-PAIR = ("ug", 2048)                       # compute side of the summary's makespan pairs
+
+# the pair table's sizes: GEMMs (and small ops, collectives beside them) over these tokens; decode
+# attention (requests, context); prefill attention (tokens, prompt length)
+PAIR_GEMM_TOKENS = (512, 2048)
+PAIR_DECODE = ((256, 1024), (512, 1024))
+PAIR_PREFILL = ((1536, 512),)
+QUICK_PAIR_GEMM_TOKENS = (2048,)
+QUICK_PAIR_DECODE = ((512, 1024),)
+QUICK_PAIR_MINORITY_SMS = (16, 48)       # quick: the smaller side of a split gets one of these
+PAIR_WARMUP = 2                          # pair launches before the timed ones
 
 # ops whose library impl is left out: rope_append's torch impl is the host-syncing reference
 SKIP_IMPLS = {("rope_append", "torch")}
@@ -87,13 +110,19 @@ class Settings:
     corun_repeats: int = 10
     pair_repeats: int = 10
 
+    def __post_init__(self):
+        if self.warmup < 0 or min(self.repeats, self.corun_repeats, self.pair_repeats) < 1:
+            raise ValueError(f"bad profile settings {self}")
+
 
 @dataclass(frozen=True)
 class Point:
     """One measurement. kind: ceiling | solo | corun | pair.
 
     corun: `op` on `sm_count` SMs while the other side (class co_class) runs on `partner_sms`.
-    pair: the summary's makespan of PAIR on `sm_count` SMs and MEMORY_BACKGROUND on `partner_sms`.
+    pair: `op` (num_tokens, context) on `sm_count` SMs and `partner_op` (partner_tokens,
+    partner_context) on `partner_sms`, launched together on one split; impl "" (each side runs its
+    fastest impl on its partition, chosen when measured); co_class is the partner's class.
     """
     kind: str
     op: str
@@ -103,10 +132,13 @@ class Point:
     sm_count: int = 0
     co_class: str = ""
     partner_sms: int = 0
+    partner_op: str = ""
+    partner_tokens: int = 0
+    partner_context: int = 0
 
     def key(self) -> tuple:
         return (self.kind, self.op, self.impl, self.num_tokens, self.context, self.sm_count, self.co_class,
-                self.partner_sms)
+                self.partner_sms, self.partner_op, self.partner_tokens, self.partner_context)
 
     def describe(self) -> str:
         if self.kind == "ceiling":
@@ -117,15 +149,48 @@ class Point:
         if self.kind == "corun":
             text += f" beside {self.co_class}@{self.partner_sms}"
         if self.kind == "pair":
-            text = f"pair {self.op} @{self.sm_count}+{self.partner_sms}"
+            text = (f"pair {self.side_a().describe()} @{self.sm_count} + {self.side_b().describe()} "
+                    f"@{self.partner_sms}")
         return text
+
+    def side_a(self) -> pair_table.PairSide:
+        return pair_table.PairSide(self.op, "", self.num_tokens, self.context)
+
+    def side_b(self) -> pair_table.PairSide:
+        return pair_table.PairSide(self.partner_op, self.co_class, self.partner_tokens, self.partner_context)
+
+
+@dataclass(frozen=True)
+class PairDetail:
+    """What a pair point measured beyond its makespan (times in ms; clocks in MHz, None if unknown)."""
+    impl_a: str
+    impl_b: str
+    corun_a_ms: float
+    corun_b_ms: float
+    full_a_ms: float
+    full_b_ms: float
+    sm_clock_mhz: float | None = None
+    nvml_sm_clock_mhz: float | None = None
+
+    def __post_init__(self):
+        for v in (self.corun_a_ms, self.corun_b_ms, self.full_a_ms, self.full_b_ms):
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"pair detail needs positive finite times, got {self}")
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PairDetail":
+        return cls(**json.loads(text))
 
 
 @dataclass(frozen=True)
 class Measurement:
-    time_ms: float                  # solo, co-run or makespan time; ceilings: the raw time
-    solo_ms: float | None = None    # corun: the op alone on the same split stream; pair: the compute side
-    partner_ms: float | None = None  # pair: the memory side alone
+    time_ms: float                  # solo, co-run or pair makespan time; ceilings: the raw time
+    solo_ms: float | None = None    # corun: the op alone on the same split stream; pair: side A alone on its partition
+    partner_ms: float | None = None  # pair: side B alone on its partition
+    pair: PairDetail | None = None  # pair: the rest of what was measured
 
 
 @dataclass
@@ -140,6 +205,11 @@ class Plan:
     points: list[Point]
     grid: dict
     rotate_bytes: float = 150e6
+    impls: dict[str, tuple[str, ...]] = field(default_factory=dict)   # op -> impl names measured
+
+    def pair_impls(self, op: str) -> tuple[str, ...]:
+        """The impls a pair side chooses among (the fastest alone on its partition runs)."""
+        return tuple(i for i in self.impls.get(op, ()) if (op, i) not in SKIP_IMPLS)
 
     def identity(self, device: dict) -> str:
         """What must match for a checkpoint to be resumed: model, device, kernel code, grid, settings."""
@@ -156,22 +226,21 @@ class Plan:
 
     def sizes(self, op: str) -> list[tuple[int, int]]:
         """Every (num_tokens, context) at which `op` runs in this plan, backgrounds included."""
-        out = {(p.num_tokens, p.context) for p in self.points if p.op == op and p.kind in ("solo", "corun")}
+        out = {(p.num_tokens, p.context) for p in self.points if p.op == op and p.kind in ("solo", "corun", "pair")}
+        out |= {(p.partner_tokens, p.partner_context) for p in self.points if p.kind == "pair" and p.partner_op == op}
         if any(p.kind == "corun" for p in self.points):
             if op == MEMORY_BACKGROUND[0]:
                 out.add(MEMORY_BACKGROUND[1:])
             if op in COMPUTE_BACKGROUND[0]:
                 out.add((COMPUTE_BACKGROUND[1], 0))
-        if any(p.kind == "pair" for p in self.points):
-            if op == PAIR[0]:
-                out.add((PAIR[1], 0))
-            if op == MEMORY_BACKGROUND[0]:
-                out.add(MEMORY_BACKGROUND[1:])
         return sorted(out)
 
     def estimate_s(self) -> float:
         """Rough GPU-side seconds of the whole plan (for the ETA and for planning)."""
-        return sum(point_weight(self, p) for p in self.points)
+        return sum(point_weight(self, p) for p in self.points) + pair_solo_estimate_s(self)
+
+    def pair_points(self) -> list[Point]:
+        return [p for p in self.points if p.kind == "pair"]
 
 
 def sm_grid(num_sms: int, granularity: int) -> list[int]:
@@ -181,11 +250,14 @@ def sm_grid(num_sms: int, granularity: int) -> list[int]:
 
 def make_plan(model: ModelSpec, workload: Workload, num_sms: int, granularity: int, is_quick: bool = False,
               ops: tuple[str, ...] | None = None, impls: dict[str, tuple[str, ...]] | None = None,
-              settings: Settings | None = None, sm_counts: tuple[int, ...] | None = None) -> Plan:
+              settings: Settings | None = None, sm_counts: tuple[int, ...] | None = None,
+              with_pairs: bool = True, pair_minority_sms: tuple[int, ...] | None = None) -> Plan:
     """The measurement plan for `model` on a device of `num_sms` SMs split at `granularity`.
 
-    ops: restrict to these op names (tests); impls: op -> impl names available (default: triton and
-    torch for every op of the runtime); sm_counts: restrict the SM grid (tests).
+    ops: restrict to these op names (tests); impls: op -> impl names available (the profiler passes
+    the runtime's registry, nfsearch.runtime.kernels.IMPLS; default: triton and torch for every op);
+    sm_counts: restrict the SM grid (tests); with_pairs: measure the pair table;
+    pair_minority_sms: restrict the pair splits to these sizes of the smaller side (tests).
     """
     impls = impls if impls is not None else DEFAULT_IMPLS
     settings = settings or Settings()
@@ -270,14 +342,89 @@ def make_plan(model: ModelSpec, workload: Workload, num_sms: int, granularity: i
                 for ctx in ctxs:
                     for t in toks:
                         points.append(Point("corun", CORUN_MEMORY_OP, "triton", t, ctx, m, "compute", n))
-            if has(PAIR[0]):
-                points.append(Point("pair", PAIR[0], "triton", PAIR[1], 0, n, "", m))
+    pair_fams: list[tuple[pair_table.PairSide, pair_table.PairSide]] = []
+    pair_splits_list: list[tuple[int, int]] = []
+    if with_pairs:
+        pair_fams = pair_families(model, layer, chosen, impls, is_quick)
+        minority = pair_minority_sms if pair_minority_sms is not None else (
+            QUICK_PAIR_MINORITY_SMS if is_quick else None)
+        pair_splits_list = pair_splits(num_sms, granularity, minority)
+        for a, b in pair_fams:
+            for sa, sb in pair_splits_list:
+                points.append(Point("pair", a.op, "", a.num_tokens, a.context, sa, b.op_class, sb,
+                                    b.op, b.num_tokens, b.context))
     grid = {"ops": list(chosen), "sm_counts": sorted(grid_sms), "tokens": sorted(tokens), "decode_requests": sorted(requests),
             "decode_contexts": sorted(contexts), "prefill_tokens": sorted(prefill_tokens),
             "prompt_lengths": sorted(prompts), "corun_memory_sms": corun_ms_list if bg_ok else [],
             "is_quick": is_quick,
+            "pair_families": [f"{a.describe()} x {b.describe()}" for a, b in pair_fams],
+            "pair_splits": [list(x) for x in pair_splits_list],
             "covers": ("quick grid" if is_quick else "W1-W3 defaults") + f" + workload {workload.name}"}
-    return Plan(model, workload.tp_degree, num_sms, granularity, is_quick, settings, runnable, points, grid)
+    return Plan(model, workload.tp_degree, num_sms, granularity, is_quick, settings, runnable, points, grid,
+                impls={name: tuple(impls[name]) for name in runnable})
+
+
+def pair_splits(num_sms: int, granularity: int, minority: tuple[int, ...] | None = None) -> list[tuple[int, int]]:
+    """(SMs of side A, SMs of side B) of every two-way split on the partition grid, both orientations.
+
+    The smaller side gets m = granularity, 2 x granularity, ... up to half the device (one green
+    group of m SMs), the other side the remainder; each split is listed with A small and with A large
+    (once when the two halves are equal). minority: only these m.
+    """
+    out = []
+    for m in range(granularity, num_sms // 2 + 1, granularity):
+        if minority is not None and m not in minority:
+            continue
+        out.append((m, num_sms - m))
+        if num_sms - m != m:
+            out.append((num_sms - m, m))
+    return out
+
+
+def pair_families(model: ModelSpec, layer: dict[str, Op], chosen: dict[str, Op], impls: dict[str, tuple[str, ...]],
+                  is_quick: bool = False) -> list[tuple[pair_table.PairSide, pair_table.PairSide]]:
+    """The pairs of op classes the search may overlap, at the pair table's sizes (side A first).
+
+    Each GEMM x decode attention (every PAIR_DECODE size), x prefill attention (PAIR_PREFILL), x each
+    small op ("other" class, same token count; one of ops with identical work), x each collective
+    ("network" class, same token count); decode x prefill attention. Only ops in `chosen` with an
+    impl to run; a GEMM's sizes are PAIR_GEMM_TOKENS (QUICK_ in quick mode).
+    """
+    def runnable(op: Op) -> bool:
+        return op.name in chosen and any((op.name, i) not in SKIP_IMPLS for i in impls.get(op.name, ()))
+
+    ops = [op for op in layer.values() if runnable(op)]
+    gemms = [op for op in ops if op.is_gemm and op.op_class == "compute"]
+    decodes = [op for op in ops if op.op_class == "memory" and op.domain == "decode"]
+    prefills = [op for op in ops if op.op_class == "compute" and op.domain == "prefill" and not op.is_gemm]
+    nets = [op for op in ops if op.op_class == "network"]
+    smalls: list[Op] = []
+    probe = Workload("probe", 1, 1, (1,))
+    for op in ops:
+        if op.op_class != "other" or op.is_gemm:
+            continue
+        # a small op with the same work and impls as one already taken (norm2 beside norm1) is the
+        # same kernel on the same shapes: measured once
+        sig = lambda o: ([op_work(o, model, probe, n, 0) for n in (128, 4096)], tuple(impls[o.name]))
+        try:
+            if any(sig(op) == sig(s) for s in smalls):
+                continue
+        except ValueError:            # an op without a work model: keep it
+            pass
+        smalls.append(op)
+    gemm_tokens = QUICK_PAIR_GEMM_TOKENS if is_quick else PAIR_GEMM_TOKENS
+    decode_sizes = QUICK_PAIR_DECODE if is_quick else PAIR_DECODE
+    side = lambda op, t, c=0: pair_table.PairSide(op.name, op.op_class, t, c)
+    out = []
+    for g in gemms:
+        for t in gemm_tokens:
+            out += [(side(g, t), side(d, r, c)) for d in decodes for r, c in decode_sizes]
+            out += [(side(g, t), side(p, pt, pc)) for p in prefills for pt, pc in PAIR_PREFILL]
+            out += [(side(g, t), side(s, t)) for s in smalls]
+            out += [(side(g, t), side(n, t)) for n in nets]
+    out += [(side(d, r, c), side(p, pt, pc)) for d in decodes for r, c in decode_sizes
+            for p in prefills for pt, pc in PAIR_PREFILL]
+    return out
 
 
 # ------------------------------------------------------------------------------------ estimates
@@ -298,15 +445,33 @@ def point_weight(plan: Plan, p: Point) -> float:
     if p.kind == "ceiling":
         return 0.5
     if p.kind == "pair":
-        x = estimate_ms(plan, p.op, "triton", p.num_tokens, 0, p.sm_count)
-        y = estimate_ms(plan, MEMORY_BACKGROUND[0], "triton", MEMORY_BACKGROUND[1], MEMORY_BACKGROUND[2],
-                        p.partner_sms)
-        return 0.02 + (s.warmup + s.pair_repeats) * 2 * (x + y) / 1e3
+        # launched together: the makespan, stretched by interference, per launch (solos: pair_solo_estimate_s)
+        x = estimate_ms(plan, p.op, "triton", p.num_tokens, p.context, p.sm_count)
+        y = estimate_ms(plan, p.partner_op, "triton", p.partner_tokens, p.partner_context, p.partner_sms)
+        return PAIR_OVERHEAD_S + (PAIR_WARMUP + s.pair_repeats) * 1.3 * max(x, y) / 1e3
     t = estimate_ms(plan, p.op, p.impl, p.num_tokens, p.context, p.sm_count)
     if p.kind == "solo":
         return 0.004 + (s.warmup + s.repeats) * t / 1e3
     # corun: the op alone on the split, then beside the background (up to 2x slower), plus the lead
     return 0.015 + (s.warmup + s.repeats) * t / 1e3 + (1 + s.corun_repeats) * 2 * t / 1e3
+
+
+PAIR_OVERHEAD_S = 0.025     # host side of one pair point: events, launches, the lead, the checks
+
+
+def pair_solo_estimate_s(plan: Plan) -> float:
+    """Seconds of the solo runs behind the pair table: every impl of each side on its partition and on
+    the whole GPU, once per distinct (op, impl, size, SM count) (the profiler caches them)."""
+    s = plan.settings
+    keys = set()
+    for p in plan.pair_points():
+        for op, t, c, sms in ((p.op, p.num_tokens, p.context, p.sm_count),
+                              (p.partner_op, p.partner_tokens, p.partner_context, p.partner_sms)):
+            for impl in plan.pair_impls(op):
+                keys.add((op, impl, t, c, sms))
+                keys.add((op, impl, t, c, plan.num_sms))
+    return sum(0.004 + (s.warmup + s.repeats) * estimate_ms(plan, op, impl, t, c, sms) / 1e3
+               for op, impl, t, c, sms in keys)
 
 
 def rotation_sets(plan: Plan, op: str, num_tokens: int, context: int, max_sets: int = 64) -> int:
@@ -318,7 +483,8 @@ def rotation_sets(plan: Plan, op: str, num_tokens: int, context: int, max_sets: 
 # ------------------------------------------------------------------------------------ checkpoint
 CHECKPOINT_MARK = "# nfsearch-profile-checkpoint "
 CHECKPOINT_COLUMNS = ("kind", "op", "impl", "num_tokens", "context", "sm_count", "co_class", "partner_sms",
-                      "time_ms", "solo_ms", "partner_ms")
+                      "partner_op", "partner_tokens", "partner_context", "time_ms", "solo_ms", "partner_ms", "pair")
+_NUM_KEY = 11
 
 
 def checkpoint_path(output: str | Path) -> Path:
@@ -380,7 +546,7 @@ class Checkpoint:
 
 def _row(key: tuple, m: Measurement) -> list:
     fmt = lambda v: "" if v is None else repr(float(v))
-    return list(key) + [fmt(m.time_ms), fmt(m.solo_ms), fmt(m.partner_ms)]
+    return list(key) + [fmt(m.time_ms), fmt(m.solo_ms), fmt(m.partner_ms), m.pair.to_json() if m.pair else ""]
 
 
 def _parse_rows(body: str) -> dict[tuple, Measurement]:
@@ -394,12 +560,16 @@ def _parse_rows(body: str) -> dict[tuple, Measurement]:
         try:
             if len(rec) != len(CHECKPOINT_COLUMNS):
                 continue
-            key = (rec[0], rec[1], rec[2], int(rec[3]), int(rec[4]), int(rec[5]), rec[6], int(rec[7]))
-            vals = [float(v) if v else None for v in rec[8:]]
+            key = (rec[0], rec[1], rec[2], int(rec[3]), int(rec[4]), int(rec[5]), rec[6], int(rec[7]),
+                   rec[8], int(rec[9]), int(rec[10]))
+            vals = [float(v) if v else None for v in rec[_NUM_KEY:_NUM_KEY + 3]]
             if vals[0] is None or not math.isfinite(vals[0]) or vals[0] <= 0:
                 continue
-            done[key] = Measurement(*vals)
-        except ValueError:
+            detail = PairDetail.from_json(rec[_NUM_KEY + 3]) if rec[_NUM_KEY + 3] else None
+            if key[0] == "pair" and (detail is None or vals[1] is None or vals[2] is None):
+                continue
+            done[key] = Measurement(*vals, pair=detail)
+        except (ValueError, TypeError):
             continue
     return done
 
@@ -432,13 +602,26 @@ class Progress:
             self.callback(self.done, self.total, max(0.0, self.left * pace), point.describe())
 
 
+@dataclass
+class RunResult:
+    """What a walk of the plan gave: measurements, failed points (key -> message), why it stopped early."""
+    results: dict[tuple, Measurement]
+    failures: dict[tuple, str]
+    stopped: str = ""               # "" when every point was tried
+
+    def __iter__(self):              # results, failures = run_plan(...)
+        return iter((self.results, self.failures))
+
+
 def run_plan(plan: Plan, checkpoint: Checkpoint | None, measure, progress=None, log=None,
-             clock=time.monotonic, max_consecutive_failures: int = 25):
+             clock=time.monotonic, max_consecutive_failures: int = 25, is_healthy=None) -> RunResult:
     """Measure every point of the plan not yet in the checkpoint.
 
     measure(point) -> Measurement. An exception fails that point only (recorded, not checkpointed,
-    retried by the next run); a run of failures in a row (a broken device) aborts.
-    Returns (results: key -> Measurement, failures: key -> message).
+    retried by a resumed run). After `max_consecutive_failures` in a row the device is asked
+    (`is_healthy()`, when given): if it still answers, the walk goes on (one broken kernel or split
+    fails its own points, not the profile); if it does not, or no check is given, the walk stops and
+    the result says why: what was measured is kept (and in the checkpoint).
     """
     log = log or (lambda msg: None)
     results = checkpoint.open() if checkpoint else {}
@@ -447,6 +630,7 @@ def run_plan(plan: Plan, checkpoint: Checkpoint | None, measure, progress=None, 
     todo = [p for p in plan.points if p.key() not in results]
     prog = Progress(plan, todo, progress, clock)
     failures: dict[tuple, str] = {}
+    stopped = ""
     in_a_row = 0
     try:
         for point in todo:
@@ -458,17 +642,24 @@ def run_plan(plan: Plan, checkpoint: Checkpoint | None, measure, progress=None, 
                 failures[point.key()] = f"{type(exc).__name__}: {exc}"[:300]
                 log(f"failed: {point.describe()}: {failures[point.key()]}")
                 in_a_row += 1
+                prog.step(point)
                 if in_a_row >= max_consecutive_failures:
-                    raise NfsearchError(f"profile: {in_a_row} measurements failed in a row (last: "
-                                        f"{failures[point.key()]}); what was measured is kept in "
-                                        f"{checkpoint.path if checkpoint else 'no checkpoint'}") from exc
+                    if is_healthy is not None and _answers(is_healthy):
+                        log(f"{in_a_row} failures in a row, the device still answers: going on")
+                        in_a_row = 0
+                        continue
+                    stopped = (f"stopped after {in_a_row} failed measurements in a row (last: "
+                               f"{failures[point.key()]}); {len(plan.points) - prog.done} points "
+                               f"not tried")
+                    log(stopped)
+                    break
+                continue
+            if not (m.time_ms > 0 and math.isfinite(m.time_ms)):
+                failures[point.key()] = f"non-positive time {m.time_ms}"
+                in_a_row += 1
                 prog.step(point)
                 continue
             in_a_row = 0
-            if not (m.time_ms > 0 and math.isfinite(m.time_ms)):
-                failures[point.key()] = f"non-positive time {m.time_ms}"
-                prog.step(point)
-                continue
             results[point.key()] = m
             if checkpoint:
                 checkpoint.append(point, m)
@@ -476,7 +667,14 @@ def run_plan(plan: Plan, checkpoint: Checkpoint | None, measure, progress=None, 
     finally:
         if checkpoint:
             checkpoint.close()
-    return results, failures
+    return RunResult(results, failures, stopped)
+
+
+def _answers(is_healthy) -> bool:
+    try:
+        return bool(is_healthy())
+    except Exception:  # noqa: BLE001 - a device that raises does not answer
+        return False
 
 
 # ------------------------------------------------------------------------------------ the table
@@ -505,7 +703,7 @@ def ceilings(results: dict[tuple, Measurement]) -> dict:
 
 
 def assemble_table(plan: Plan, results: dict[tuple, Measurement], device: dict,
-                   failures: dict | None = None) -> ProfileTable:
+                   failures: dict | None = None, stopped: str = "") -> ProfileTable:
     """The ProfileTable of the measured points.
 
     The table interpolates on a full tokens x SMs rectangle per (op, impl, co_class, context), so
@@ -519,6 +717,8 @@ def assemble_table(plan: Plan, results: dict[tuple, Measurement], device: dict,
     for p in plan.points:
         if p.kind in ("solo", "corun"):
             groups.setdefault((p.op, p.impl, p.co_class), []).append(p)
+    points = pair_points_of(plan, results)
+    pair_failures = [k for k in (failures or {}) if k[0] == "pair"]
     rows, dropped = [], []
     for (op, impl, co), pts in groups.items():
         missing = [p for p in pts if p.key() not in results]
@@ -530,7 +730,8 @@ def assemble_table(plan: Plan, results: dict[tuple, Measurement], device: dict,
         rows += [(p.op, p.impl, p.num_tokens, p.context, p.sm_count, results[p.key()].time_ms, p.co_class)
                  for p in pts]
     if not rows:
-        raise NfsearchError("profile: nothing was measured" + (f" ({len(failures)} failures)" if failures else ""))
+        raise NfsearchError("profile: nothing was measured" + (f" ({len(failures)} failures)" if failures else "")
+                            + (f"; {stopped}" if stopped else ""))
     df = pd.DataFrame(rows, columns=["op", "impl", "num_tokens", "context", "sm_count", "time_ms", "co_class"])
     meta = dict(device)
     if not meta.get("gpu_key"):
@@ -541,6 +742,7 @@ def assemble_table(plan: Plan, results: dict[tuple, Measurement], device: dict,
                  "tp_degree": plan.tp_degree, "grid": plan.grid,
                  "timing": {"warmup": plan.settings.warmup, "statistic": f"median of {plan.settings.repeats}",
                             "corun": f"median of {plan.settings.corun_repeats}",
+                            "pair": f"median of {plan.settings.pair_repeats} launches together",
                             "l2_rotation_bytes": plan.rotate_bytes},
                  "corun_method": (
                      "one green-context split per pair: decode_attn on a group of m SMs, the compute op "
@@ -553,11 +755,52 @@ def assemble_table(plan: Plan, results: dict[tuple, Measurement], device: dict,
                             "prefill_attn over prompts of length `context` (the last one shorter); "
                             "decode_attn with every request at the full context")})
     meta.update(ceilings(results))
+    if plan.pair_points():
+        by_key = {p.key(): p for p in plan.pair_points()}
+        meta["pairs"] = pair_table.pairs_meta(
+            points, PAIR_METHOD, len(pair_failures),
+            [f"{by_key[k].describe()}: {(failures or {})[k]}" for k in pair_failures if k in by_key])
+    if failures:
+        meta["failures"] = len(failures)
+    if stopped:
+        meta["stopped"] = stopped
     if "peak_tflops" in meta or "mem_bandwidth_tbps" in meta:
         meta["figures_source"] = f"{meta.get('source', 'measured')} in this profile run"
     if dropped:
         meta["dropped_groups"] = dropped
     return ProfileTable(df, meta)
+
+
+PAIR_METHOD = (
+    "one two-way green-context split per point (SmPartitions.split: a group of the smaller side's SMs, "
+    "the remainder for the other side); each side runs its fastest impl alone on its partition (median "
+    "of `repeats` back-to-back calls on that split's stream, measured first, as is the fastest impl on "
+    "the whole GPU); then both are launched together: a common start event on side A's stream that side "
+    "B's stream waits on, one call per side, an end event on each stream, the next launch after both "
+    "ends; a sleep kernel first lets the host enqueue every launch ahead of the GPU (checked against "
+    f"host timestamps, retried with a longer lead); {PAIR_WARMUP} launches of warm-up, then "
+    "`pair_repeats` timed: corun_a/b = median of start -> that side's end, makespan = median of start -> "
+    "the later end; sm_clock_mhz = cycles of a spin kernel on side A's stream right after the timed "
+    "launches over its event time; nvml_sm_clock_mhz = NVML's SM clock then (None without NVML)")
+
+
+def pair_points_of(plan: Plan, results: dict[tuple, Measurement]) -> list[pair_table.PairPoint]:
+    """The pair table's points measured in `results` (a point of the plan without its measurement is left out)."""
+    out = []
+    for p in plan.pair_points():
+        m = results.get(p.key())
+        if m is None or m.pair is None or m.solo_ms is None or m.partner_ms is None:
+            continue
+        d = m.pair
+        a = pair_table.PairSide(p.op, plan.ops[p.op].op_class, p.num_tokens, p.context)
+        b = pair_table.PairSide(p.partner_op, plan.ops[p.partner_op].op_class, p.partner_tokens, p.partner_context)
+        try:
+            out.append(pair_table.PairPoint(a, b, d.impl_a, d.impl_b, p.sm_count, p.partner_sms, d.corun_a_ms,
+                                            d.corun_b_ms, m.time_ms, m.solo_ms, m.partner_ms, d.full_a_ms,
+                                            d.full_b_ms, d.sm_clock_mhz, d.nvml_sm_clock_mhz))
+        except ValueError:            # a measurement that cannot be a time: left out
+            continue
+    return out
 
 
 def _largest_rectangles(pts: list[Point], missing: set) -> list[Point]:
@@ -595,22 +838,24 @@ def summarize(plan: Plan, results: dict[tuple, Measurement], table: ProfileTable
         if op not in plan.grid["ops"]:
             continue
         for t in plan.grid["tokens"]:
-            tr, tc = solo.get(("solo", op, "triton", t, 0, full, "", 0)), solo.get(("solo", op, "torch", t, 0, full, "", 0))
+            at = {impl: solo.get(Point("solo", op, impl, t, 0, full).key()) for impl in plan.impls.get(op, ())}
+            tr, tc = at.get("triton"), at.get("torch")
             if tr and tc:
                 fl = op_work(plan.ops[op], plan.model, wl, t, 0).flops
                 gem.setdefault(op, {})[t] = {"triton_ms": round(tr, 4), "cublas_ms": round(tc, 4),
                                              "triton_tflops": round(fl / tr / 1e9, 1),
                                              "cublas_tflops": round(fl / tc / 1e9, 1),
-                                             "cublas_over_triton": round(tc / tr, 3)}
+                                             "cublas_over_triton": round(tc / tr, 3),
+                                             "tflops": {i: round(fl / v / 1e9, 1) for i, v in at.items() if v}}
     out["gemm_at_full_gpu"] = gem
     dec = {}
     if "decode_attn" in plan.grid["ops"]:
         for ctx in plan.grid["decode_contexts"]:
             for r in plan.grid["decode_requests"]:
                 nbytes = op_work(plan.ops["decode_attn"], plan.model, wl, r, ctx).num_bytes
-                for impl in ("triton", "torch"):
+                for impl in plan.impls.get("decode_attn", ()):
                     for s in plan.grid["sm_counts"]:
-                        t = solo.get(("solo", "decode_attn", impl, r, ctx, s, "", 0))
+                        t = solo.get(Point("solo", "decode_attn", impl, r, ctx, s).key())
                         if t:
                             dec.setdefault(f"{r}x{ctx}", {}).setdefault(impl, {})[s] = round(nbytes / t / 1e9, 3)
     out["decode_attn_tbps"] = dec
@@ -618,7 +863,7 @@ def summarize(plan: Plan, results: dict[tuple, Measurement], table: ProfileTable
     for k, m in results.items():
         if k[0] != "corun" or not m.solo_ms:
             continue
-        _, op, _, _t, _ctx, sms, _cls, partner = k
+        _, op, _, _t, _ctx, sms, _cls, partner = k[:8]
         if op != "decode_attn":
             split = f"compute{sms}+decode{partner}"
         else:
@@ -626,14 +871,14 @@ def summarize(plan: Plan, results: dict[tuple, Measurement], table: ProfileTable
         co.setdefault(split, {}).setdefault(op, []).append(m.time_ms / m.solo_ms)
     out["corun_stretch"] = {split: {op: {"median": round(statistics.median(v), 3), "max": round(max(v), 3),
                                          "points": len(v)} for op, v in ops.items()} for split, ops in co.items()}
-    pairs = {}
-    for k, m in results.items():
-        if k[0] == "pair" and m.solo_ms and m.partner_ms:
-            pairs[f"{k[1]}{k[3]}@{k[5]} + decode{MEMORY_BACKGROUND[1]}x{MEMORY_BACKGROUND[2]}@{k[7]}"] = {
-                "both_ms": round(m.time_ms, 4), "compute_ms": round(m.solo_ms, 4), "decode_ms": round(m.partner_ms, 4),
-                "vs_sum": round(m.time_ms / (m.solo_ms + m.partner_ms), 3),
-                "vs_max": round(m.time_ms / max(m.solo_ms, m.partner_ms), 3)}
-    out["pairs"] = pairs
+    points = pair_table.points_from_meta(meta)
+    num_pair_failures = int((meta.get("pairs") or {}).get("failures", 0))
+    out["pairs"] = pair_table.make_report(points, False, meta["gpu_name"], num_failures=num_pair_failures).to_dict()
+    out["rows"]["pair_points"] = len(points)
+    if any(pair_table.is_network_family(p.a, p.b) for p in points):
+        out["pairs_network"] = pair_table.make_report(points, True, meta["gpu_name"]).to_dict()
+    if meta.get("stopped"):
+        out["stopped"] = meta["stopped"]
     return out
 
 
@@ -648,9 +893,14 @@ def fake_measure(plan: Plan, seed: int = 0):
             return Measurement((2.0 * GEMM_CEILING_N ** 3 / 700e9 if p.op == "gemm_bf16"
                                 else 2.0 * COPY_CEILING_BYTES / 2.9e9) * jitter)
         if p.kind == "pair":
-            x = estimate_ms(plan, p.op, "triton", p.num_tokens, 0, p.sm_count)
-            y = estimate_ms(plan, MEMORY_BACKGROUND[0], "triton", *MEMORY_BACKGROUND[1:], p.partner_sms)
-            return Measurement(max(x, y) * 1.1 * jitter, x, y)
+            est = lambda op, t, c, s: estimate_ms(plan, op, "triton", t, c, s)
+            x, y = est(p.op, p.num_tokens, p.context, p.sm_count), est(p.partner_op, p.partner_tokens,
+                                                                        p.partner_context, p.partner_sms)
+            fx, fy = (est(p.op, p.num_tokens, p.context, plan.num_sms),
+                      est(p.partner_op, p.partner_tokens, p.partner_context, plan.num_sms))
+            ia, ib = plan.pair_impls(p.op)[0], plan.pair_impls(p.partner_op)[0]
+            detail = PairDetail(ia, ib, x * 1.1 * jitter, y * 1.1 * jitter, fx, fy, 1755.0, None)
+            return Measurement(max(x, y) * 1.1 * jitter, x, y, detail)
         t = estimate_ms(plan, p.op, p.impl, p.num_tokens, p.context, p.sm_count) * jitter
         if p.kind == "corun":
             return Measurement(t * 1.15, t)

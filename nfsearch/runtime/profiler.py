@@ -1,7 +1,7 @@
 """Measure a profile table on the GPU: `measure_profile(model, workload, ...) -> ProfileTable`.
 
-The plan (which points), the checkpoint and the table assembly live in nfsearch/profiling.py; this
-module times the points:
+The plan (which points), the checkpoint and the table assembly live in
+nfsearch/runtime/measurements.py; this module times the points:
 
 * every measurement of an impl at sm_count s runs on the green-context stream of s SMs
   (SmPartitions.stream(s); the full GPU is a plain stream); "triton" impls also get num_sms=s;
@@ -15,7 +15,17 @@ module times the points:
 * co-run: one split per pair (decode attention on m SMs, the compute op on the remainder); the
   timed op runs while the other side repeats back to back for the whole window (checked: the
   background ends after the timed op); the op's time alone on the same split stream is kept too;
+* pairs (the pair table): one two-way split per point; each side's impls are timed alone on its side
+  of the split and on the whole GPU (cached per op, size and SM count), the fastest runs; then both
+  sides are launched together (a start event on A's stream that B's stream waits on, one call each,
+  an end event per stream; the next launch waits for both), `pair_repeats` times after a lead that
+  lets the host enqueue all of them; the SM clock is read right after (a spin kernel's cycles over
+  its event time, and NVML's reading when pynvml is there);
 * ceilings: cuBLAS bf16 GEMM 8192^3 and a 1 GiB device-to-device copy (bytes read + written).
+
+Every point is measured on its own: an exception fails that point (recorded in the table's metadata
+and the summary), not the profile; a run of failures stops the profile only when the device no
+longer answers, and what was measured is still written.
 """
 
 from __future__ import annotations
@@ -37,16 +47,19 @@ from nfsearch.runtime.measurements import COMPUTE_BACKGROUND, MEMORY_BACKGROUND,
 
 MAX_LEAD_MS = 80.0          # solo: the host's head start for `repeats` calls
 MAX_CORUN_LEAD_MS = 1000.0  # co-run: up to hundreds of background calls go in first
+CLOCK_CYCLES = 1_000_000    # the spin kernel that reads the SM clock (~0.5 ms at 2 GHz)
 
 
 def measure_profile(model, workload, gpu_id: int = 0, is_quick: bool = False, output=None, progress=None,
-                    ops=None, sm_counts=None, settings=None, log=None):
+                    ops=None, sm_counts=None, settings=None, log=None, with_pairs: bool = True,
+                    pair_minority_sms=None):
     """Measure the profile of `model` (grid covering W1-W3 and `workload`) on CUDA device `gpu_id`.
 
     output: the table's path; the checkpoint `<output>.partial.csv` and the summary
     `<output-stem>.summary.json` go beside it, and the table is written there too (then the
-    checkpoint is removed). ops / sm_counts restrict the grid (tests).
-    progress(done, total, eta_s, what) is called as points finish.
+    checkpoint is removed, unless the run stopped early on a device that no longer answered: a
+    second run resumes it). ops / sm_counts / pair_minority_sms restrict the grid (tests);
+    with_pairs: measure the pair table. progress(done, total, eta_s, what) is called as points finish.
     """
     import torch
 
@@ -62,19 +75,22 @@ def measure_profile(model, workload, gpu_id: int = 0, is_quick: bool = False, ou
         device = device_meta(torch, parts, gpu_id)
         plan = profiling.make_plan(model, workload, parts.num_sms, parts.granularity, is_quick=is_quick, ops=ops,
                                    impls={op: tuple(IMPLS[op]) for op in IMPLS}, settings=settings,
-                                   sm_counts=sm_counts)
+                                   sm_counts=sm_counts, with_pairs=with_pairs, pair_minority_sms=pair_minority_sms)
         plan.rotate_bytes = 3.0 * device["l2_bytes"]
         log(f"profile {model.name} on {device['gpu_name']} ({parts.num_sms} SMs, granularity {parts.granularity}): "
-            f"{len(plan.points)} points, ~{plan.estimate_s():.0f} s of GPU work expected")
+            f"{len(plan.points)} points ({len(plan.pair_points())} pair points), ~{plan.estimate_s():.0f} s "
+            f"of GPU work expected; impls: " + ", ".join(f"{op} {'/'.join(v)}" for op, v in plan.impls.items()))
         checkpoint = None
         if output:
             checkpoint = profiling.Checkpoint(profiling.checkpoint_path(output), plan.identity(device), log)
         measurer = _Measurer(torch, parts, plan, IMPLS, log)
-        results, failures = profiling.run_plan(plan, checkpoint, measurer, progress, log)
+        run = profiling.run_plan(plan, checkpoint, measurer, progress, log, is_healthy=measurer.is_healthy)
     finally:
         parts.close()
+    results, failures = run.results, run.failures
     device["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    table = profiling.assemble_table(plan, results, device, failures)
+    device["nvml_clock"] = measurer.nvml_note
+    table = profiling.assemble_table(plan, results, device, failures, run.stopped)
     wall = time.time() - t_start
     summary = profiling.summarize(plan, results, table, wall, " ".join(sys.argv), failures)
     summary["measure_s"] = round(wall, 1)
@@ -86,8 +102,8 @@ def measure_profile(model, workload, gpu_id: int = 0, is_quick: bool = False, ou
         out = Path(output)
         (out.parent / (out.stem + ".summary.json")).write_text(json.dumps(summary, indent=1, default=str))
         table.write(out)
-        if not failures and checkpoint:
-            checkpoint.remove()
+        if checkpoint and not run.stopped:
+            checkpoint.remove()          # a finished profile leaves no checkpoint (failed points included)
     return table
 
 
@@ -111,7 +127,8 @@ def code_version() -> str:
     """Hash of the kernels and this profiler: a checkpoint from other code is not resumed."""
     root = Path(__file__).parent
     h = hashlib.sha256()
-    for p in sorted((root / "kernels").glob("*.py")) + [Path(__file__), root.parent / "profiling.py"]:
+    kernels = sorted((root / "kernels").glob("*.py")) + sorted((root / "kernels").glob("*.cu"))
+    for p in kernels + [Path(__file__), Path(profiling.__file__), Path(profiling.pair_table.__file__)]:
         h.update(p.name.encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
@@ -149,8 +166,15 @@ def _print_summary(s: dict, log) -> None:
             tri = by_impl.get("triton", {})
             log(f"  decode {key} TB/s triton: " + ", ".join(f"{n}:{v:.2f}" for n, v in tri.items())
                 + f" | SDPA@full {by_impl.get('torch', {}).get(max(tri) if tri else 0, 'n/a')}")
-    for name, v in s["pairs"].items():
-        log(f"  pair {name}: {v['both_ms']:.3f} ms = {v['vs_sum']:.2f}x sum, {v['vs_max']:.2f}x max")
+    pairs = s.get("pairs") or {}
+    for f in pairs.get("families", []):
+        log(f"  pair {f['family']}: best {f['best_sms_a']}+{f['best_sms_b']} {f['makespan_ms']:.4f} ms vs "
+            f"back to back {f['back_to_back_ms']:.4f} ({f['ratio']:.2f}x){' PAYS' if f['pays'] else ''}")
+    if pairs.get("num_families"):
+        log(f"  overlap pays in {pairs['num_paying']} of {pairs['num_families']} pair families "
+            f"({pairs['fraction_paying']:.0%}); {pairs['failures']} pair points failed")
+    if s.get("stopped"):
+        log(f"  STOPPED EARLY: {s['stopped']}")
     for split, ops in s["corun_stretch"].items():
         log(f"  stretch {split}: " + ", ".join(f"{op} {v['median']:.2f} (max {v['max']:.2f})" for op, v in ops.items()))
 
@@ -290,6 +314,16 @@ class _Measurer:
         self.bg_ms: dict[tuple, float] = {}
         self.cycles_per_ms = self._calibrate_sleep()
         self.gap_retries = 0
+        self.fastest: dict[tuple, tuple[str, float] | str] = {}   # pair sides: (impl, ms) or why none ran
+        self._nvml_ok: bool | None = None
+        self.nvml_note = "not read"
+
+    def is_healthy(self) -> bool:
+        """Whether the device still runs work and returns results (after a run of failures)."""
+        t = self.t
+        t.cuda.synchronize()
+        x = t.ones(4, device=self.dev)
+        return float((x + 1).sum().item()) == 8.0
 
     def __call__(self, p: Point) -> Measurement:
         if p.kind == "ceiling":
@@ -497,33 +531,113 @@ class _Measurer:
                 extra += 1.5 * short + 0.5
         raise RuntimeError(f"co-run window not covered or not enqueued in time after retries (k={k})")
 
-    # -------------------------------------------------------------- pair makespan (summary)
+    # -------------------------------------------------------------- the pair table
     def _pair(self, p: Point) -> Measurement:
+        """Side A (p.op) on p.sm_count SMs and side B (p.partner_op) on the other p.partner_sms SMs of
+        one split, each with its fastest impl there, launched together (see the module docstring)."""
+        full = self.parts.num_sms
+        is_a_small = p.sm_count <= p.partner_sms
+        s_small, s_big = self._split(p.sm_count if is_a_small else p.partner_sms)
+        s_a, s_b = (s_small, s_big) if is_a_small else (s_big, s_small)
+        side_a = (p.op, p.num_tokens, p.context)
+        side_b = (p.partner_op, p.partner_tokens, p.partner_context)
+        impl_a, part_a = self._fastest(*side_a, p.sm_count, s_a)
+        impl_b, part_b = self._fastest(*side_b, p.partner_sms, s_b)
+        full_a = self._fastest(*side_a, full, self.parts.stream(full))[1]
+        full_b = self._fastest(*side_b, full, self.parts.stream(full))[1]
+        fa, na = self._fn(p.op, impl_a, p.num_tokens, p.context, p.sm_count)
+        fb, nb = self._fn(p.partner_op, impl_b, p.partner_tokens, p.partner_context, p.partner_sms)
+        co_a, co_b, makespan, clock = self._together(fa, na, s_a, fb, nb, s_b)
+        detail = profiling.PairDetail(impl_a, impl_b, co_a, co_b, full_a, full_b, clock, self._nvml_clock())
+        return Measurement(makespan, part_a, part_b, detail)
+
+    def _fastest(self, op: str, tok: int, ctx: int, sms: int, stream) -> tuple[str, float]:
+        """The impl of `op` fastest alone on `stream` (sms SMs) and its time; cached. Impls that fail
+        are skipped (and said once); none running fails every point that needs this side."""
+        key = (op, tok, ctx, sms)
+        if key not in self.fastest:
+            times, errors = {}, []
+            for impl in self.plan.pair_impls(op):
+                try:
+                    fn, ns = self._fn(op, impl, tok, ctx, sms)
+                    ms = statistics.median(self.solo(fn, stream, ns, (op, impl)))
+                    if not (math.isfinite(ms) and ms > 0):
+                        raise RuntimeError(f"time {ms}")
+                    times[impl] = ms
+                except Exception as exc:  # noqa: BLE001 - this impl cannot run here; the others may
+                    errors.append(f"{impl}: {type(exc).__name__}: {exc}"[:200])
+                    self.log(f"pair side {op}/{impl} {tok} x {ctx} on {sms} SMs failed alone: {errors[-1]}")
+            self.fastest[key] = min(times.items(), key=lambda kv: kv[1]) if times else (
+                f"no impl of {op} ran alone at {tok} x {ctx} on {sms} SMs ({'; '.join(errors) or 'none registered'})")
+        got = self.fastest[key]
+        if isinstance(got, str):
+            raise RuntimeError(got)
+        return got
+
+    def _together(self, fa, na, s_a, fb, nb, s_b) -> tuple[float, float, float, float | None]:
+        """Median times (ms) from a common start to A's end, to B's end, to the later end; the SM clock (MHz)."""
         t = self.t
-        s_mem, s_cmp = self._split(p.partner_sms)
-        fx, nx = self._fn(p.op, "triton", p.num_tokens, 0, p.sm_count)
-        fy, ny = self._fn(MEMORY_BACKGROUND[0], "triton", MEMORY_BACKGROUND[1], MEMORY_BACKGROUND[2], p.partner_sms)
-        tx = statistics.median(self.solo(fx, s_cmp, nx, (p.op, "triton")))
-        ty = statistics.median(self.solo(fy, s_mem, ny, (MEMORY_BACKGROUND[0], "triton")))
         reps = self.plan.settings.pair_repeats
-        for i in range(2):                      # warm-up, together
-            fx(i)
-            fy(i)
+        warm = profiling.PAIR_WARMUP
+
+        def launch(i, start, end_a, end_b):
+            start.record(s_a)
+            s_b.wait_event(start)
+            with t.cuda.stream(s_a):
+                fa(i % na)
+            with t.cuda.stream(s_b):
+                fb(i % nb)
+            end_a.record(s_a)
+            end_b.record(s_b)
+            s_a.wait_event(end_b)                # the next launch starts when both have ended
+
+        host = []
+        for i in range(warm):                    # under interference; also the host's time per launch
+            evs = self._events(3)
+            h = time.perf_counter()
+            launch(i, *evs)
+            host.append(time.perf_counter() - h)
         t.cuda.synchronize()
-        evs = [self._events(3) for _ in range(reps)]
-        with t.cuda.stream(s_cmp):
-            self._sleep(min(MAX_LEAD_MS, reps * 0.3 + 0.2))
-        for r, (e0, ex, ey) in enumerate(evs):
-            e0.record(s_cmp)
-            s_mem.wait_event(e0)
-            with t.cuda.stream(s_cmp):
-                fx(r % nx)
-            with t.cuda.stream(s_mem):
-                fy(r % ny)
-            ex.record(s_cmp)
-            ey.record(s_mem)
-            s_cmp.wait_event(ey)                # the next pair starts when both are done
-        evs[-1][1].synchronize()
-        evs[-1][2].synchronize()
-        both = [max(e0.elapsed_time(ex), e0.elapsed_time(ey)) for e0, ex, ey in evs]
-        return Measurement(statistics.median(both), tx, ty)
+        per_launch = min(host[1:] or host or [1e-4])
+        lead = min(MAX_CORUN_LEAD_MS, 1.5 * reps * per_launch * 1e3 + 0.2)
+        for _attempt in range(4):
+            ev_pre, c0, c1 = self._events(3)
+            starts, ends_a, ends_b = self._events(reps), self._events(reps), self._events(reps)
+            hk = []
+            with t.cuda.stream(s_a):
+                h0 = time.perf_counter()
+                ev_pre.record()
+                self._sleep(lead)
+            for r in range(reps):
+                launch(warm + r, starts[r], ends_a[r], ends_b[r])
+                hk.append(time.perf_counter())
+            with t.cuda.stream(s_a):
+                c0.record()
+                t.cuda._sleep(CLOCK_CYCLES)
+                c1.record()
+            c1.synchronize()
+            t.cuda.synchronize()
+            co_a = [starts[r].elapsed_time(ends_a[r]) for r in range(reps)]
+            co_b = [starts[r].elapsed_time(ends_b[r]) for r in range(reps)]
+            # each launch was enqueued before the GPU reached its start (host clock from h0, GPU from ev_pre)
+            short = max((hk[r] - h0) * 1e3 - ev_pre.elapsed_time(starts[r]) for r in range(reps))
+            if short <= 0:
+                spin_ms = c0.elapsed_time(c1)
+                clock = round(CLOCK_CYCLES / spin_ms / 1e3, 1) if spin_ms > 0 else None
+                both = [max(x, y) for x, y in zip(co_a, co_b)]
+                return statistics.median(co_a), statistics.median(co_b), statistics.median(both), clock
+            self.gap_retries += 1
+            lead = min(MAX_CORUN_LEAD_MS, lead + 1.5 * short + 0.5)
+        raise RuntimeError(f"pair launches not enqueued ahead of the GPU after retries (short by {short:.3f} ms)")
+
+    def _nvml_clock(self) -> float | None:
+        """NVML's SM clock (MHz) now, through torch.cuda.clock_rate (needs pynvml); None without it."""
+        if self._nvml_ok is False:
+            return None
+        try:
+            mhz = float(self.t.cuda.clock_rate(self.t.cuda.current_device()))
+            self._nvml_ok, self.nvml_note = True, "torch.cuda.clock_rate (NVML)"
+            return mhz if math.isfinite(mhz) and mhz > 0 else None
+        except Exception as exc:  # noqa: BLE001 - no pynvml, no permission, an old torch: no NVML reading
+            self._nvml_ok, self.nvml_note = False, f"unavailable ({type(exc).__name__})"
+            return None
