@@ -32,7 +32,9 @@ must get disjoint intervals. An interval is what one split gives:
     [0, N)   -> the whole GPU: a plain stream, no green context.
 Every such split is a layout of nfsearch.layouts (fronts multiples of the granularity, remainder
 last). This assumes the driver hands SMs out in one fixed order for every split (granularity-aligned
-groups from the front, remainder last), which is what cuDevSmResourceSplitByCount does on Hopper.
+groups from the front, remainder last). Measured on an H100 (nfsearch/layouts.py) that holds only
+in part: groups asked together interleave SMs, and 1869 of 18915 line-disjoint interval pairs from
+different layouts shared SMs, so co-runners built from different splits may overlap physically.
 Placement, nano-op by nano-op in issue order, against the ops already placed:
   compute ops take the lowest free interval (front: a GEMM of 96 SMs gets [0, 96) = front of split(96));
   other classes take the highest free one (back: decode attention of 36 SMs gets [96, 132) = the
