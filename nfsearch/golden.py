@@ -74,10 +74,35 @@ def load_cases(cases_file: str | Path) -> tuple[list[dict], float]:
     if not isinstance(data, dict) or not isinstance(data.get("cases"), list) or not data["cases"]:
         raise NfsearchError(f"{path}: expected a mapping with a non-empty 'cases' list")
     for i, case in enumerate(data["cases"]):
+        if not isinstance(case, dict):
+            raise NfsearchError(f"{path}: case {i} is not a mapping")
         missing = [k for k in ("name", "model", "workload", "plan") if k not in case]
         if missing:
             raise NfsearchError(f"{path}: case {i} lacks {', '.join(missing)}")
-    return data["cases"], float(data.get("tolerance", DEFAULT_TOLERANCE))
+        _check_case_types(case, f"{path}: case {i}")
+    tolerance = data.get("tolerance", DEFAULT_TOLERANCE)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance <= 1:
+        raise NfsearchError(f"{path}: tolerance must be a number in 0..1, not {tolerance!r}")
+    return data["cases"], float(tolerance)
+
+
+# case keys and their types (the search checks the values themselves: seeds, threads, limits)
+_CASE_TYPES = {"name": str, "model": str, "workload": str, "plan": str, "profile": str, "gpu": str,
+               "solver": str, "time_limit_s": (int, float), "threads": int, "seed": int, "chunk": int,
+               "num_layers": int}
+
+
+_KIND_NAMES = {"time_limit_s": "a number", "threads": "an integer", "seed": "an integer", "chunk": "an integer",
+               "num_layers": "an integer"}
+
+
+def _check_case_types(case: dict, where: str) -> None:
+    for key, value in case.items():
+        kind = _CASE_TYPES.get(key)
+        if kind is None:
+            raise NfsearchError(f"{where}: unknown key {key!r} (known: {', '.join(_CASE_TYPES)})")
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise NfsearchError(f"{where}: {key} must be {_KIND_NAMES.get(key, 'a string')}, not {value!r}")
 
 
 def problem_for(case: dict, base: Path):
@@ -90,14 +115,14 @@ def problem_for(case: dict, base: Path):
         profile = analytic_profile(model, workload, load_gpu(case.get("gpu", "h100-sxm")))
     else:
         profile = load_profile(_resolve(ref, base))
-    return make_problem(model, workload, profile, int(case.get("num_layers", 2)))
+    return make_problem(model, workload, profile, case.get("num_layers", 2))
 
 
 def solve_case(case: dict, base: Path):
     from nfsearch.search import solve
     return solve(problem_for(case, base), solver=case.get("solver", "cpsat"),
-                 time_limit_s=float(case.get("time_limit_s", 5)), threads=int(case.get("threads", 2)),
-                 seed=int(case.get("seed", 0)), chunk=int(case.get("chunk", 128)))
+                 time_limit_s=float(case.get("time_limit_s", 5)), threads=case.get("threads", 2),
+                 seed=case.get("seed", 0), chunk=case.get("chunk", 128))
 
 
 def run_check(cases_file: str | Path, tolerance: float | None = None, progress=None) -> CheckResult:

@@ -53,3 +53,18 @@ def test_bad_cases_file(tmp_path):
     (tmp_path / "c.yaml").write_text("cases: []\n")
     with pytest.raises(NfsearchError):
         run_check(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("extra,match", [
+    ("seed: abc", "seed must be an integer"), ("threads: 2.5", "threads must be an integer"),
+    ("time_limit_s: fast", "time_limit_s must be a number"), ("num_layers: true", "num_layers"),
+    ("colour: red", "unknown key 'colour'"),
+])
+def test_bad_case_values_are_one_line_errors(tmp_path, extra, match):
+    (tmp_path / "c.yaml").write_text(f"cases:\n  - {{name: W1, model: llama-3-8b, workload: W1, plan: p.json, {extra}}}\n")
+    with pytest.raises(NfsearchError, match=match) as err:
+        run_check(tmp_path / "c.yaml")
+    assert "\n" not in str(err.value)
+    (tmp_path / "t.yaml").write_text("tolerance: .nan\ncases:\n  - {name: W1, model: m, workload: W1, plan: p.json}\n")
+    with pytest.raises(NfsearchError, match="tolerance"):
+        run_check(tmp_path / "t.yaml")
