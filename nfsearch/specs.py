@@ -215,10 +215,10 @@ def load_model(ref: str) -> ModelSpec:
     if ref.endswith(".json"):
         return model_from_hf_config(read_json(path), hf_model_name(path), shown(ref))
     if ref.endswith((".yaml", ".yml")):
-        return _build(ModelSpec, read_yaml(path), f"model file {shown(ref)}")
+        return spec_from_dict(ModelSpec, read_yaml(path), f"model file {shown(ref)}")
     if ref in bundled_names("models"):
         data = read_yaml(resources.files("nfsearch") / "models" / f"{ref}.yaml")
-        return _build(ModelSpec, data, f"model {ref}")
+        return spec_from_dict(ModelSpec, data, f"model {ref}")
     raise NfsearchError(f"unknown model '{shown(ref)}' (bundled: {', '.join(bundled_names('models'))};"
                         " or give a .yaml or HuggingFace config.json path)")
 
@@ -294,7 +294,7 @@ def model_from_hf_config(cfg: dict, name: str, where: str = "config.json") -> Mo
         has_qkv_bias=model_type == "qwen2" or bool(hf.attention_bias),
         sliding_window=window,
     )
-    return _build(ModelSpec, data, where, names={"name": "_name_or_path (or the file's name)",
+    return spec_from_dict(ModelSpec, data, where, names={"name": "_name_or_path (or the file's name)",
                                                         "num_heads": "num_attention_heads",
                                                         "num_kv_heads": "num_key_value_heads",
                                                         "num_layers": "num_hidden_layers"})
@@ -307,10 +307,10 @@ def standard_workloads() -> dict[str, dict]:
 def load_workload(ref: str) -> Workload:
     """A standard id (W1-W5) or a YAML path."""
     if ref.endswith((".yaml", ".yml")):
-        return _build(Workload, read_yaml(ref), f"workload file {shown(ref)}")
+        return spec_from_dict(Workload, read_yaml(ref), f"workload file {shown(ref)}")
     table = standard_workloads()
     if ref.upper() in table:
-        return _build(Workload, table[ref.upper()], f"workload {ref.upper()}")
+        return spec_from_dict(Workload, table[ref.upper()], f"workload {ref.upper()}")
     raise NfsearchError(f"unknown workload '{shown(ref)}' (standard: {', '.join(table)}; or a .yaml path)")
 
 
@@ -326,7 +326,7 @@ def workload_from_flags(num_decode: int, decode_context: int, prefill_lengths: t
     checked = _check_mapping(Workload, values, "flags", FLAG_NAMES)
     values["name"] = (f"custom d{num_decode}x{decode_context}+p{sum(checked['prefill_lengths'])} "
                       f"tp{tp_degree}")
-    return _build(Workload, values, "flags", FLAG_NAMES)
+    return spec_from_dict(Workload, values, "flags", FLAG_NAMES)
 
 
 MAX_LENGTH_DIGITS = 8
@@ -357,7 +357,7 @@ def load_gpu(key: str) -> GpuSpec:
         raise NfsearchError(f"unknown GPU '{shown(key)}' (known: {', '.join(table)})")
     if not isinstance(table[key], dict):
         raise NfsearchError(f"gpu {key}: expected a mapping of its figures")
-    return _build(GpuSpec, {"key": key, **table[key]}, f"gpu {key}")
+    return spec_from_dict(GpuSpec, {"key": key, **table[key]}, f"gpu {key}")
 
 
 def gpu_by_name(name: str) -> GpuSpec | None:
@@ -407,8 +407,9 @@ def _check_mapping(cls, data, where: str, names: dict | None = None) -> dict:
         raise NfsearchError(f"{where}: {describe(exc, names)}") from None
 
 
-def _build(cls, data: dict, where: str, names: dict | None = None):
-    """A spec from a raw mapping (a file's, the flags'): one line naming `where` on any problem."""
+def spec_from_dict(cls, data: dict, where: str, names: dict | None = None):
+    """A spec (ModelSpec, Workload, GpuSpec) from a raw mapping, a file's or the flags': one line
+    naming `where` and the key on any problem; `names` renames keys in messages (flag names)."""
     checked = _check_mapping(cls, data, where, names)
     try:
         return cls(**checked)

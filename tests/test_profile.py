@@ -7,6 +7,8 @@ import re
 
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from conftest import TINY_MODEL, TINY_WL, fake_meta, fake_profile, table_from_points
 
 from nfsearch.errors import NfsearchError
@@ -356,3 +358,38 @@ def test_solve_with_extrapolation_on_w2_does_not_crash():
     assert durs.undominated("kqv", 512, 128) <= 128
     # beyond the token grid it does extrapolate
     assert problem.cost.solo_ms("kqv", 8192, 132) > problem.cost.solo_ms("kqv", 4096, 132)
+
+
+# ---- fuzz: a mutated cell or metadata value gives a table or one NfsearchError line ----------------
+
+ODD_CELLS = st.sampled_from(["", "abc", "nan", "inf", "-1", "0", "1e300", "1.5", "True", "9" * 400, "\u00e9",
+                             '"a,b"', "x\ny", "128", "  7 ", "-0", "1e-320"])
+ODD_META = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
+                     st.floats(), st.text(max_size=6), st.lists(st.integers(), max_size=2))
+
+
+FUZZ_TABLE = fake_profile(tokens=(16, 64), sms=(10, 50, 100))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(row=st.integers(min_value=0, max_value=40), col=st.integers(min_value=0, max_value=6), cell=ODD_CELLS,
+       meta_key=st.sampled_from(["gpu_name", "num_sms", "sm_granularity", "source", "gpu_key", "peak_tflops",
+                                 "tp_degree", None]), meta_value=ODD_META)
+def test_fuzz_profile_cells(tmp_path, row, col, cell, meta_key, meta_value):
+    lines = FUZZ_TABLE.to_csv().splitlines()
+    meta = dict(FUZZ_TABLE.meta)
+    if meta_key:
+        meta[meta_key] = meta_value
+    body = [ln.split(",") for ln in lines[2:]]
+    body[row % len(body)][col % len(body[0])] = cell
+    path = tmp_path / "fuzz.csv"
+    text = CSV_MARK + json.dumps(meta) + "\n" + lines[1] + "\n" + "\n".join(",".join(r) for r in body) + "\n"
+    path.write_text(text)
+    try:
+        back = load(path)
+    except NfsearchError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert back.rows["time_ms"].between(0, 1e5, inclusive="right").all()
+    assert back.rows["sm_count"].between(1, back.info.num_sms).all()
+    assert not back.rows.duplicated(["op", "impl", "num_tokens", "context", "sm_count", "co_class"]).any()

@@ -6,26 +6,17 @@ import os
 import time
 
 import pytest
-from conftest import FIXTURES, TINY_MODEL
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from conftest import FIXTURES, TINY_MODEL
 from nfsearch import files
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import build_layer, layer_ops
 from nfsearch.roofline import roofline
-from nfsearch.specs import (
-    GpuSpec,
-    ModelSpec,
-    Workload,
-    bundled_names,
-    check_fits,
-    gpu_by_name,
-    load_gpu,
-    load_model,
-    load_workload,
-    model_from_hf_config,
-    parse_lengths,
-    workload_from_flags,
-)
+from nfsearch.specs import (GpuSpec, ModelSpec, Workload, bundled_names, check_fits, gpu_by_name, load_gpu,
+                            load_model, load_workload, model_from_hf_config, parse_lengths, spec_from_dict,
+                            workload_from_flags)
 
 LLAMA_HF = FIXTURES / "hf" / "Meta-Llama-3-8B" / "config.json"
 MIXTRAL_HF = FIXTURES / "hf" / "Mixtral-8x7B-v0.1" / "config.json"
@@ -506,3 +497,56 @@ def test_bad_gpu_rows_are_one_line(monkeypatch, row, match):
 
 def test_small_models_still_build():
     assert build_layer(TINY_MODEL, Workload("w", 8, 64, (8,))).number_of_nodes() > 0
+
+
+def test_sliding_window_models_round_trip_through_plans():
+    from nfsearch import plan
+    from nfsearch.cost import make_problem
+    from nfsearch.roofline import analytic_profile
+    from nfsearch.search.baselines import sequential_plan
+    mistral, w2 = load_model(str(MISTRAL_HF)), load_workload("W2")
+    problem = make_problem(mistral, w2, analytic_profile(mistral, w2, load_gpu("h100-sxm")), num_layers=1)
+    back = plan.from_dict(json.loads(plan.to_json(sequential_plan(problem))))
+    assert back.model == mistral and back.model.sliding_window == 4096
+
+
+# ---- fuzz: any value in any field gives a spec or one NfsearchError line ------------------------------
+
+ODD_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70), st.sampled_from([0, 1, -1, 2**20, 2**31]),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8), st.sampled_from(["512", "bf16", "\ud800"]),
+    st.lists(st.integers(min_value=-5, max_value=5000), max_size=4), st.dictionaries(st.text(max_size=3), st.integers(),
+                                                                                     max_size=2))
+
+
+FUZZ_BASES = {"model": load_model("mixtral-8x7b").to_dict(), "workload": load_workload("W2").to_dict(),
+              "hf": json.loads(MISTRAL_HF.read_text()),
+              "gpu": {k: v for k, v in vars(load_gpu("h100-sxm")).items() if k != "key"}}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(["model", "workload", "hf", "gpu"]), key=st.integers(min_value=0, max_value=20),
+       value=ODD_VALUES, drop=st.booleans())
+def test_fuzz_spec_fields(kind, key, value, drop):
+    base = FUZZ_BASES[kind]
+    keys = sorted(base) + ["bogus"]
+    name = keys[key % len(keys)]
+    data = dict(base)
+    if drop and name in data:
+        del data[name]
+    else:
+        data[name] = value
+    build = {"model": lambda: spec_from_dict(ModelSpec, data, "fuzz"), "workload": lambda: spec_from_dict(Workload, data, "fuzz"),
+             "hf": lambda: model_from_hf_config(data, "fuzz"),
+             "gpu": lambda: spec_from_dict(GpuSpec, {"key": "g", **data}, "fuzz")}[kind]
+    try:
+        spec = build()
+    except NfsearchError as exc:
+        message = str(exc)
+        assert "\n" not in message and message.isprintable()
+        return
+    if isinstance(spec, ModelSpec):
+        assert 1 <= spec.num_layers <= 10**4 and spec.num_heads % spec.num_kv_heads == 0
+        assert all(type(v) in (int, bool, str) for v in spec.to_dict().values())
+    if isinstance(spec, Workload):
+        assert 0 < spec.num_tokens <= 2**20 and all(type(n) is int and n > 0 for n in spec.prefill_lengths)
