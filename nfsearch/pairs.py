@@ -100,7 +100,7 @@ class PairPoint:
                 *(None if v is None else round(float(v), 1) for v in (self.sm_clock_mhz, self.nvml_sm_clock_mhz))]
 
     @classmethod
-    def from_row(cls, row) -> "PairPoint":
+    def from_row(cls, row) -> PairPoint:
         r = dict(zip(PAIR_COLUMNS, row))
         return cls(PairSide(str(r["op_a"]), str(r["class_a"]), int(r["tokens_a"]), int(r["context_a"])),
                    PairSide(str(r["op_b"]), str(r["class_b"]), int(r["tokens_b"]), int(r["context_b"])),

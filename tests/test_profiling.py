@@ -10,11 +10,11 @@ import sys
 
 import pytest
 
-from nfsearch.runtime import measurements as profiling
+from nfsearch.cost import make_problem
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import op_context
-from nfsearch.cost import make_problem
 from nfsearch.profile import load
+from nfsearch.runtime import measurements as profiling
 from nfsearch.runtime.measurements import Checkpoint, Measurement, Point, make_plan, run_plan
 from nfsearch.specs import ModelSpec, Workload, load_model, load_workload
 

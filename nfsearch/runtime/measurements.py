@@ -50,10 +50,10 @@ from pathlib import Path
 import pandas as pd
 
 from nfsearch import pairs as pair_table
-from nfsearch.roofline import BW_FRACTION, interp
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import Op, layer_ops, op_context, op_work
 from nfsearch.profile import ProfileTable
+from nfsearch.roofline import BW_FRACTION, interp
 from nfsearch.specs import ModelSpec, Workload
 
 FORMAT = 2        # 2: pair points with both sides' sizes, checkpoint rows with the pair's detail
@@ -181,7 +181,7 @@ class PairDetail:
         return json.dumps(self.__dict__, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "PairDetail":
+    def from_json(cls, text: str) -> PairDetail:
         return cls(**json.loads(text))
 
 
@@ -638,7 +638,7 @@ def run_plan(plan: Plan, checkpoint: Checkpoint | None, measure, progress=None, 
                 m = measure(point)
             except (KeyboardInterrupt, SystemExit):
                 raise
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any error fails this point only
                 failures[point.key()] = f"{type(exc).__name__}: {exc}"[:300]
                 log(f"failed: {point.describe()}: {failures[point.key()]}")
                 in_a_row += 1

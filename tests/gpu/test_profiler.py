@@ -1,7 +1,8 @@
-"""GPU: a tiny --quick profile runs end to end and gives sane, positive times.
+"""GPU: a tiny --quick profile runs end to end and gives sane, positive times; a tiny pair table too.
 
 Skipped without torch or a CUDA GPU. Restricted to three ops (a GEMM, both attentions) and the quick
-grid, co-run pairs and ceilings included, so it takes well under a minute.
+grid, co-run rows and ceilings included, so it takes well under a minute; the pair test measures one
+pair family (a GEMM beside decode attention) on one split in both orientations.
 """
 
 import json
@@ -18,15 +19,16 @@ pytestmark = [
 
 
 def test_quick_profile(tmp_path):
-    from nfsearch.runtime import measurements as profiling
     from nfsearch.profile import load
+    from nfsearch.runtime import measurements as profiling
     from nfsearch.runtime.profiler import measure_profile
     from nfsearch.specs import load_model, load_workload
 
     out = tmp_path / "quick.csv"
     seen = []
     table = measure_profile(load_model("llama-3-8b"), load_workload("W2"), is_quick=True, output=str(out),
-                            ops=("kqv", "decode_attn", "prefill_attn"), progress=lambda *a: seen.append(a))
+                            ops=("kqv", "decode_attn", "prefill_attn"), progress=lambda *a: seen.append(a),
+                            with_pairs=False)
     meta, rows = table.meta, table.rows
     assert meta["source"] == "measured"
     name = torch.cuda.get_device_name(0)
@@ -64,3 +66,37 @@ def test_quick_profile(tmp_path):
     assert summary["rows"]["total"] == len(rows) and summary["failures"] == 0
     assert summary["ceilings"]["peak_tflops"] == meta["peak_tflops"]
     assert seen and seen[-1][0] == seen[-1][1]
+
+
+def test_tiny_pair_measurement(tmp_path):
+    from nfsearch import pairs
+    from nfsearch.profile import load
+    from nfsearch.runtime import measurements as profiling
+    from nfsearch.runtime.kernels import IMPLS
+    from nfsearch.runtime.profiler import measure_profile
+    from nfsearch.specs import load_model, load_workload
+
+    full = torch.cuda.get_device_properties(0).multi_processor_count
+    out = tmp_path / "pairs.csv"
+    measure_profile(load_model("llama-3-8b"), load_workload("W2"), is_quick=True, output=str(out),
+                    ops=("kqv", "decode_attn"), sm_counts=(full,), pair_minority_sms=(32,))
+    meta = load(out).meta
+    points = pairs.points_from_meta(meta)
+    assert meta["pairs"]["failures"] == 0, meta["pairs"]["failure_examples"]
+    assert sorted((p.sms_a, p.sms_b) for p in points) == [(32, full - 32), (full - 32, 32)]
+    for p in points:
+        assert (p.a.op, p.a.num_tokens, p.b.op, p.b.num_tokens, p.b.context) == ("kqv", 2048, "decode_attn", 512, 1024)
+        times = [getattr(p, n) for n in ("corun_a_ms", "corun_b_ms", "makespan_ms", "part_a_ms", "part_b_ms",
+                                         "full_a_ms", "full_b_ms")]
+        assert all(0 < t < 100 and math.isfinite(t) for t in times)
+        assert p.makespan_ms >= max(p.corun_a_ms, p.corun_b_ms) * (1 - 1e-6)
+        # beside another kernel a side is not much faster than alone on the same SMs
+        assert p.corun_a_ms > 0.7 * p.part_a_ms and p.corun_b_ms > 0.7 * p.part_b_ms
+        assert p.impl_a in IMPLS["kqv"] and p.impl_b in IMPLS["decode_attn"]    # registered impls ran
+        if p.sm_clock_mhz is not None:
+            assert 300 < p.sm_clock_mhz < 3500
+    small = next(p for p in points if p.sms_a == 32)
+    assert small.part_a_ms > 1.5 * small.full_a_ms       # the GEMM on 32 SMs is far slower than on all
+    text = pairs.analyze_pairs(str(out))
+    assert "kqv 2048 tok x decode_attn 512 req ctx 1024" in text
+    assert not profiling.checkpoint_path(out).exists()
