@@ -86,3 +86,33 @@ def test_duplicate_ids():
     dup = Timeline("dup", PREDICTED.spans + PREDICTED.spans[:1], 2)
     with pytest.raises(NfsearchError, match="L0.kqv#0 twice"):
         compare(dup, MEASURED)
+
+
+# ---- the timeline JSON form (a run's measured.json) --------------------------------------------------
+
+def test_timeline_json_round_trip():
+    from nfsearch.timeline import timeline_from_dict, timeline_to_dict
+    data = json.loads(json.dumps(timeline_to_dict(MEASURED)))
+    assert timeline_from_dict(data) == MEASURED
+    assert timeline_from_dict({"timeline": data, "gpu": "x"}) == MEASURED       # inside a run report
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda d: d["spans"][0].update(start_ms=math.nan), "start_ms must be a finite number"),
+    (lambda d: d["spans"][0].update(end_ms=math.inf), "end_ms must be a finite number"),
+    (lambda d: d["spans"][1].update(end_ms=0.0), "ends before it starts"),
+    (lambda d: d["spans"][0].update(layer="0"), "layer must be an integer"),
+    (lambda d: d["spans"][0].update(sm_count=-1), "sm_count"),
+    (lambda d: d["spans"][0].update(colour="red"), "not a measured timeline"),
+    (lambda d: d.update(num_layers=0), "num_layers"),
+    (lambda d: d.update(num_layers=2.5), "num_layers"),
+    (lambda d: d.update(spans="x"), "spans must be a list"),
+    (lambda d: d.pop("label"), "not a measured timeline"),
+])
+def test_bad_timelines_refused_one_line(change, match):
+    from nfsearch.timeline import timeline_from_dict, timeline_to_dict
+    data = json.loads(json.dumps(timeline_to_dict(MEASURED)))
+    change(data)
+    with pytest.raises(NfsearchError, match=match) as err:
+        timeline_from_dict(data, "m.json")
+    assert "\n" not in str(err.value) and str(err.value).startswith("m.json: ")
