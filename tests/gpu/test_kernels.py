@@ -1,7 +1,8 @@
 """GPU checks of the SM-bounded kernels against the plain-torch references.
 
 Fresh random inputs every test, outputs poisoned with NaN before each run, relative error
-||out - ref|| / ||ref|| < 2e-2 (bf16), NaN fails. Skipped without torch or without a CUDA GPU.
+||out - ref|| / ||ref|| < 2e-2 (bf16), NaN fails. Every impl in IMPLS is checked (triton, torch, and
+the TMA / flash / CuPy raw-CUDA ones). Skipped without torch or without a CUDA GPU.
 """
 
 import pytest
@@ -16,6 +17,12 @@ pytestmark = [
 TOL = 2e-2
 SMS = [16, 132]
 DT = torch.bfloat16
+
+
+def _impls(op):
+    from nfsearch.runtime.kernels import IMPLS
+
+    return list(IMPLS[op])
 
 
 def _rel(out, ref):
@@ -35,9 +42,9 @@ def _seed(request):
     torch.manual_seed(hash(request.node.name) % (2**31))
 
 
-@pytest.mark.parametrize("num_sms", SMS)
+@pytest.mark.parametrize("num_sms", SMS + [100, 124])
 @pytest.mark.parametrize("M,K,N,res", [(128, 4096, 6144, False), (300, 4096, 4096, True), (2048, 1024, 2816, False),
-                                       (1000, 14336, 4096, True)])
+                                       (1000, 14336, 4096, True), (512, 4096, 6144, False), (4096, 4096, 4096, True)])
 def test_gemm(num_sms, M, K, N, res):
     from nfsearch.runtime.kernels import IMPLS
     from nfsearch.runtime.reference import gemm_ref
@@ -46,9 +53,29 @@ def test_gemm(num_sms, M, K, N, res):
     w = torch.randn(K, N, device="cuda", dtype=DT) / K**0.5
     r = torch.randn(M, N, device="cuda", dtype=DT) if res else None
     ref = gemm_ref(a, w, residual=r)
-    for impl in ("triton", "torch"):
+    for impl in _impls("kqv"):
+        for _ in range(2):  # twice: the stream-K counters must be left at zero by the first launch
+            out = _poison((M, N))
+            IMPLS["kqv"][impl](a, w, out, num_sms, residual=r)
+            _rel(out, ref)
+
+
+@pytest.mark.parametrize("num_sms", [8, 48, 100, 132])
+@pytest.mark.parametrize("cfg", ["big", "big_sk", "mid"])
+@pytest.mark.parametrize("M,K,N", [(512, 4096, 6144), (2048, 14336, 4096), (77, 512, 384)])
+def test_gemm_tma_configs(num_sms, cfg, M, K, N):
+    """Every table config, data-parallel and stream-K regions, any SM count."""
+    from nfsearch.runtime.kernels import gemm_tma
+    from nfsearch.runtime.kernels.gemm_tma import CONFIGS
+    from nfsearch.runtime.reference import gemm_ref
+
+    a = torch.randn(M, K, device="cuda", dtype=DT)
+    w = torch.randn(K, N, device="cuda", dtype=DT) / K**0.5
+    ref = gemm_ref(a, w)
+    for sk in (True, False):
+        c = CONFIGS[cfg][:6] + (sk,) + CONFIGS[cfg][7:]
         out = _poison((M, N))
-        IMPLS["kqv"][impl](a, w, out, num_sms, residual=r)
+        gemm_tma(a, w, out, num_sms, config=c)
         _rel(out, ref)
 
 
@@ -70,10 +97,27 @@ def test_decode_attention(num_sms, R, C):
 
     q, k, v, lens = _decode_inputs(R, C, 32, 8, 128)
     ref = decode_attention_ref(q, k, v, lens)
-    for impl in ("triton", "torch"):
+    for impl in _impls("decode_attn"):
         out = _poison(q.shape)
         IMPLS["decode_attn"][impl](q, k, v, lens, out, num_sms)
         _rel(out, ref)
+
+
+@pytest.mark.parametrize("num_sms", [16, 48])
+@pytest.mark.parametrize("pps", [1, 2, 4])
+def test_decode_tma_never_reads_past_context(num_sms, pps):
+    """Cache rows past each request's context hold NaN: the TMA kernel must not let them in."""
+    from nfsearch.runtime.kernels import decode_attention_tma
+    from nfsearch.runtime.reference import decode_attention_ref
+
+    q, k, v, lens = _decode_inputs(40, 700, 32, 8, 128)
+    ref = decode_attention_ref(q, k, v, lens)
+    pos = torch.arange(700, device="cuda")[None, :] >= lens[:, None].long()
+    k[pos] = float("nan")
+    v[pos] = float("nan")
+    out = _poison(q.shape)
+    decode_attention_tma(q, k, v, lens, out, num_sms, programs_per_sm=pps)
+    _rel(out, ref)
 
 
 @pytest.mark.parametrize("num_sms", SMS)
@@ -88,10 +132,26 @@ def test_prefill_attention(num_sms, lens):
     v = torch.randn(T, 8, 128, device="cuda", dtype=DT)
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), device="cuda", dtype=torch.int32)
     ref = prefill_attention_ref(q, k, v, cu)
-    for impl in ("triton", "torch"):
-        out = _poison(q.shape)
-        IMPLS["prefill_attn"][impl](q, k, v, cu, out, num_sms)
-        _rel(out, ref)
+    for impl in _impls("prefill_attn"):
+        for offsets in ((cu, cu.cpu()) if impl in ("torch", "flash") else (cu,)):  # device and host offsets
+            out = _poison(q.shape)
+            IMPLS["prefill_attn"][impl](q, k, v, offsets, out, num_sms)
+            _rel(out, ref)
+
+
+def test_prefill_sdpa_flash_only():
+    from nfsearch.runtime.kernels import prefill_attention_sdpa
+    from nfsearch.runtime.reference import prefill_attention_ref
+
+    lens = [700, 3, 1100]
+    T = sum(lens)
+    q = torch.randn(T, 32, 128, device="cuda", dtype=DT)
+    k = torch.randn(T, 8, 128, device="cuda", dtype=DT)
+    v = torch.randn(T, 8, 128, device="cuda", dtype=DT)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), device="cuda", dtype=torch.int32)
+    out = _poison(q.shape)
+    prefill_attention_sdpa(q, k, v, cu, out, 132)
+    _rel(out, prefill_attention_ref(q, k, v, cu))
 
 
 @pytest.mark.parametrize("num_sms", SMS)
@@ -106,7 +166,7 @@ def test_rmsnorm(num_sms, fused):
     res = torch.randn(T, H, device="cuda", dtype=DT) if fused else None
     ro_ref = torch.empty(T, H, device="cuda", dtype=DT) if fused else None
     ref = rmsnorm_ref(x, w, residual=res, residual_out=ro_ref)
-    for impl in ("triton", "torch"):
+    for impl in _impls("norm1"):
         out = _poison((T, H))
         ro = _poison((T, H)) if fused else None
         IMPLS["norm1"][impl](x, w, out, num_sms, residual=res, residual_out=ro)
@@ -122,7 +182,7 @@ def test_silu_and_mul(num_sms):
 
     x = torch.randn(1000, 2 * 14336, device="cuda", dtype=DT)
     ref = silu_and_mul_ref(x)
-    for impl in ("triton", "torch"):
+    for impl in _impls("act"):
         out = _poison((1000, 14336))
         IMPLS["act"][impl](x, out, num_sms)
         _rel(out, ref)
@@ -147,12 +207,19 @@ def test_rope_append(num_sms):
     ko_ref = torch.empty(T, HKV, D, device="cuda", dtype=DT)
     vo_ref = torch.empty(T, HKV, D, device="cuda", dtype=DT)
     rope_append_ref(qkv, pos, cos, sin, q_ref, kc_ref, vc_ref, slot, ko_ref, vo_ref)
-    kc, vc = kc0.clone(), vc0.clone()
-    q = _poison((T, HQ, D))
-    ko, vo = _poison((T, HKV, D)), _poison((T, HKV, D))
-    IMPLS["rope_append"]["triton"](qkv, pos, cos, sin, q, kc, vc, slot, num_sms, k_out=ko, v_out=vo)
-    for a, b in [(q, q_ref), (ko, ko_ref), (vo, vo_ref), (kc, kc_ref), (vc, vc_ref)]:
-        _rel(a, b)
+    for impl in [i for i in _impls("rope_append") if i != "torch"]:  # "torch" is the reference itself
+        kc, vc = kc0.clone(), vc0.clone()
+        q = _poison((T, HQ, D))
+        ko, vo = _poison((T, HKV, D)), _poison((T, HKV, D))
+        IMPLS["rope_append"][impl](qkv, pos, cos, sin, q, kc, vc, slot, num_sms, k_out=ko, v_out=vo)
+        for a, b in [(q, q_ref), (ko, ko_ref), (vo, vo_ref), (kc, kc_ref), (vc, vc_ref)]:
+            _rel(a, b)
+        # without k_out/v_out: only the caches and q are written
+        kc, vc = kc0.clone(), vc0.clone()
+        q = _poison((T, HQ, D))
+        IMPLS["rope_append"][impl](qkv, pos, cos, sin, q, kc, vc, slot, num_sms)
+        for a, b in [(q, q_ref), (kc, kc_ref), (vc, vc_ref)]:
+            _rel(a, b)
 
 
 @pytest.mark.parametrize("mode", ["green", "grid"])
@@ -177,15 +244,30 @@ def test_kernels_in_partitions(mode):
         cur = torch.cuda.current_stream()
         s1.wait_stream(cur)
         s2.wait_stream(cur)
-        with torch.cuda.stream(s1):
-            IMPLS["o"]["triton"](a, w, g_out, n1)
+        for gi, di in [("triton", "triton"), ("tma", "tma")]:
+            g_out, d_out = _poison((512, 4096)), _poison(q.shape)
+            s1.wait_stream(cur)
+            s2.wait_stream(cur)
+            with torch.cuda.stream(s1):
+                IMPLS["o"][gi](a, w, g_out, n1)
+            with torch.cuda.stream(s2):
+                IMPLS["decode_attn"][di](q, k, v, lens, d_out, n2)
+            cur.wait_stream(s1)
+            cur.wait_stream(s2)
+            torch.cuda.synchronize()
+            _rel(g_out, g_ref)
+            _rel(d_out, d_ref)
+        # the CuPy kernels launch on torch's current stream, so they run inside the partition too
+        from nfsearch.runtime.reference import silu_and_mul_ref
+
+        x = torch.randn(300, 2 * 1024, device="cuda", dtype=DT)
+        x_out = _poison((300, 1024))
+        s2.wait_stream(cur)
         with torch.cuda.stream(s2):
-            IMPLS["decode_attn"]["triton"](q, k, v, lens, d_out, n2)
-        cur.wait_stream(s1)
+            IMPLS["act"]["cuda"](x, x_out, n2)
         cur.wait_stream(s2)
         torch.cuda.synchronize()
-        _rel(g_out, g_ref)
-        _rel(d_out, d_ref)
+        _rel(x_out, silu_and_mul_ref(x))
         st = parts.stream(20)
         out = _poison((512, 4096))
         st.wait_stream(cur)

@@ -1,8 +1,18 @@
 """SM-bounded kernels of one transformer layer, and the library kernels beside them.
 
-``IMPLS[op][impl]`` is a callable; ``impl`` is ``"triton"`` (ours: persistent grid sized by the
-``num_sms`` argument) or ``"torch"`` (cuBLAS / SDPA / torch ops on the full GPU; ``num_sms`` ignored).
-Call signatures by op:
+``IMPLS[op][impl]`` is a callable; ``impl`` is one of
+
+* ``"triton"``: ours, pointer-based Triton, persistent grid sized by the ``num_sms`` argument;
+* ``"torch"``: cuBLAS / SDPA / torch ops on the full GPU (``num_sms`` ignored);
+* ``"tma"`` (kqv, o, ug, d, decode_attn): Triton with TMA tensor descriptors; the GEMM runs exactly
+  ``num_sms`` persistent programs with a stream-K tail (whole waves on any partition), decode
+  attention streams K/V through TMA into shared memory (``gemm_tma``, ``decode_tma``);
+* ``"flash"`` (prefill_attn): torch's FlashAttention-2 varlen kernel, one launch for all prompts,
+  no host sync when ``cu_seqlens`` is on the GPU (``prefill_flash``);
+* ``"cuda"`` (norm1, norm2, act, rope_append): raw CUDA kernels (``small_ops.cu``) compiled by
+  NVRTC through ``cupy.RawModule`` and launched on torch's current stream (``small_ops_cuda``).
+
+See benchmarks/KERNEL_NOTES.md for which impl wins where. Call signatures by op:
 
 * ``norm1``, ``norm2``: ``f(x, weight, out, num_sms, eps=1e-5, residual=None, residual_out=None)``
 * ``kqv``, ``o``, ``ug``, ``d``: ``f(a, w, out, num_sms, residual=None)``  (out = a @ w (+ residual))
@@ -12,7 +22,7 @@ Call signatures by op:
 * ``prefill_attn``: ``f(q, k, v, cu_seqlens, out, num_sms, scale=None)``
 * ``act``: ``f(x, out, num_sms)``  (SiLU-and-mul, [T, 2I] -> [T, I])
 
-Importing this package needs neither triton nor a GPU; calling a "triton" impl without triton
+Importing this package needs neither triton, cupy nor a GPU; calling a "triton" impl without triton
 raises a RuntimeError that says so.
 """
 
@@ -22,24 +32,30 @@ from ._common import HAVE_TRITON
 from .decode_attention import decode_attention, decode_attention_torch
 from .gemm import gemm, gemm_torch
 from .prefill_attention import prefill_attention, prefill_attention_torch
+from .decode_tma import decode_attention_tma
+from .gemm_tma import gemm_tma
+from .prefill_flash import prefill_attention_flash, prefill_attention_sdpa
 from .small_ops import (rmsnorm, rmsnorm_torch, rope_append, rope_append_torch, silu_and_mul,
                         silu_and_mul_torch)
+from .small_ops_cuda import rmsnorm_cuda, rope_append_cuda, silu_and_mul_cuda
 
 OPS = ("norm1", "kqv", "rope_append", "decode_attn", "prefill_attn", "o", "norm2", "ug", "act", "d")
 
 IMPLS: dict[str, dict[str, object]] = {
-    "norm1": {"triton": rmsnorm, "torch": rmsnorm_torch},
-    "kqv": {"triton": gemm, "torch": gemm_torch},
-    "rope_append": {"triton": rope_append, "torch": rope_append_torch},
-    "decode_attn": {"triton": decode_attention, "torch": decode_attention_torch},
-    "prefill_attn": {"triton": prefill_attention, "torch": prefill_attention_torch},
-    "o": {"triton": gemm, "torch": gemm_torch},
-    "norm2": {"triton": rmsnorm, "torch": rmsnorm_torch},
-    "ug": {"triton": gemm, "torch": gemm_torch},
-    "act": {"triton": silu_and_mul, "torch": silu_and_mul_torch},
-    "d": {"triton": gemm, "torch": gemm_torch},
+    "norm1": {"triton": rmsnorm, "torch": rmsnorm_torch, "cuda": rmsnorm_cuda},
+    "kqv": {"triton": gemm, "torch": gemm_torch, "tma": gemm_tma},
+    "rope_append": {"triton": rope_append, "torch": rope_append_torch, "cuda": rope_append_cuda},
+    "decode_attn": {"triton": decode_attention, "torch": decode_attention_torch, "tma": decode_attention_tma},
+    "prefill_attn": {"triton": prefill_attention, "torch": prefill_attention_torch, "flash": prefill_attention_flash},
+    "o": {"triton": gemm, "torch": gemm_torch, "tma": gemm_tma},
+    "norm2": {"triton": rmsnorm, "torch": rmsnorm_torch, "cuda": rmsnorm_cuda},
+    "ug": {"triton": gemm, "torch": gemm_torch, "tma": gemm_tma},
+    "act": {"triton": silu_and_mul, "torch": silu_and_mul_torch, "cuda": silu_and_mul_cuda},
+    "d": {"triton": gemm, "torch": gemm_torch, "tma": gemm_tma},
 }
 
-__all__ = ["HAVE_TRITON", "IMPLS", "OPS", "decode_attention", "decode_attention_torch", "gemm", "gemm_torch",
+__all__ = ["HAVE_TRITON", "IMPLS", "OPS", "decode_attention", "decode_attention_tma", "decode_attention_torch", "gemm",
+           "gemm_tma", "gemm_torch", "prefill_attention_flash", "prefill_attention_sdpa", "rmsnorm_cuda",
+           "rope_append_cuda", "silu_and_mul_cuda",
            "prefill_attention", "prefill_attention_torch", "rmsnorm", "rmsnorm_torch", "rope_append",
            "rope_append_torch", "silu_and_mul", "silu_and_mul_torch"]

@@ -17,7 +17,8 @@ A, W tiles come in through TMA descriptors (host ``TensorDescriptor``; the launc
 tensor maps, no device allocation); the output (and residual) tile goes out through TMA too. Partial
 tiles go through plain fp32 stores/loads (.cg, L2).
 
-Config tuple: ``(BM, BN, BK, GROUP_M, num_warps, num_stages, stream_k, flatten)``.
+Config tuple: ``(BM, BN, BK, GROUP_M, num_warps, num_stages, stream_k, flatten)``; ``flatten`` is
+ignored now (tl.range(flatten=True) on the tile loop did not help in the first H100 sweep).
 """
 
 from __future__ import annotations
@@ -33,17 +34,25 @@ except Exception:  # noqa: BLE001
     HAVE_TMA = False
 
 # Defaults by shape; benchmarks/kernel_bench.py sweeps alternatives (see benchmarks/KERNEL_NOTES.md).
-BIG = (128, 256, 64, 8, 8, 3, True, False)
+# H100 runs 1-2 (2026-11-27): data-parallel 128x256x64 / 8 warps / 3 stages reached 0.97-0.99x cuBLAS
+# at M >= 2048 (UG M=4096: 0.90-0.95). The stream-K region runs 2-2.5x slower per K step than the
+# data-parallel loop (as a while loop in run 1 and as a for loop in run 2: cause not found), so no
+# default uses it; small M takes 128x128 tiles. Table set from the run-2 sweep, not re-timed as a table.
+BIG = (128, 256, 64, 8, 8, 3, False, False)
+BIG_SK = (128, 256, 64, 8, 8, 3, True, False)
 MID = (128, 128, 64, 8, 8, 4, True, False)
-CONFIGS = {"big": BIG, "mid": MID}
+MID_DP = (128, 128, 64, 8, 8, 4, False, False)
+CONFIGS = {"big": BIG, "big_sk": BIG_SK, "mid": MID, "mid_dp": MID_DP}
 
 
 def pick_config(M: int, N: int, K: int, num_sms: int):
-    """The config table: 128x256 tiles where there are enough of them, 128x128 for small M x N."""
+    """The config table: data-parallel 128x256 tiles where there are at least half a wave of them
+    (KQV M=512: 96 tiles, 0.80x cuBLAS vs 0.68 with 128x128), data-parallel 128x128 below that
+    (O/D M=512: 64 tiles, 0.70/0.81 vs 0.58)."""
     tiles_big = -(-M // BIG[0]) * -(-N // BIG[1])
-    if tiles_big >= 2 * num_sms:
+    if 2 * tiles_big >= num_sms:
         return BIG
-    return MID
+    return MID_DP
 
 
 if HAVE_TRITON:
@@ -66,15 +75,15 @@ if HAVE_TRITON:
 
     @triton.jit
     def _gemm_tma_kernel(a_desc, b_desc, c_desc, r_desc, ws_ptr, cnt_ptr, M, N, K,
-                         NP, DP_TILES, SK_TILES, IPP,
+                         NP, DP_TILES, SK_TILES, IPP, NSEG,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                         HAS_RES: tl.constexpr, STAGES: tl.constexpr, FLATTEN: tl.constexpr):
+                         HAS_RES: tl.constexpr, STAGES: tl.constexpr):
         pid = tl.program_id(0)
         num_pid_m = tl.cdiv(M, BM)
         num_pid_n = tl.cdiv(N, BN)
         kt = tl.cdiv(K, BK)
         # ---- data-parallel region: whole tiles, strided over the programs
-        for tile in tl.range(pid, DP_TILES, NP, flatten=FLATTEN):
+        for tile in range(pid, DP_TILES, NP):
             pm, pn = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
             om = pm * BM
             on = pn * BN
@@ -93,37 +102,38 @@ if HAVE_TRITON:
             rm = tl.arange(0, BM)
             rn = tl.arange(0, BN)
             tile_off = rm[:, None] * BN + rn[None, :]
-            while it < end:
-                lt = it // kt
-                k0 = it - lt * kt
-                k1 = tl.minimum(kt, k0 + (end - it))
-                pm, pn = _tile_coords(DP_TILES + lt, num_pid_m, num_pid_n, GROUP_M)
-                om = pm * BM
-                on = pn * BN
-                acc = tl.zeros((BM, BN), dtype=tl.float32)
-                for ki in tl.range(k0, k1, num_stages=STAGES):
-                    a = a_desc.load([om, ki * BK])
-                    b = b_desc.load([ki * BK, on])
-                    acc = tl.dot(a, b, acc)
-                if (k0 == 0) & (k1 == kt):
-                    _epilogue(acc, c_desc, r_desc, om, on, HAS_RES)
-                else:
-                    slot = pid * 2 + tl.where(lt == first_lt, 0, 1)
-                    tl.store(ws_ptr + slot.to(tl.int64) * (BM * BN) + tile_off, acc, cache_modifier=".cg")
-                    tl.debug_barrier()
-                    prev = tl.atomic_add(cnt_ptr + lt, k1 - k0, sem="acq_rel", scope="gpu")
-                    tl.debug_barrier()
-                    if prev + (k1 - k0) == kt:  # last to arrive: add the other programs' partials
-                        q_lo = (lt * kt) // IPP
-                        q_hi = ((lt + 1) * kt - 1) // IPP
-                        for q in range(q_lo, q_hi + 1):
-                            if q != pid:
-                                qslot = q * 2 + tl.where(lt == (q * IPP) // kt, 0, 1)
-                                acc += tl.load(ws_ptr + qslot.to(tl.int64) * (BM * BN) + tile_off,
-                                               cache_modifier=".cg")
-                        tl.atomic_xchg(cnt_ptr + lt, 0)  # ready for the next launch
+            for _seg in range(0, NSEG):  # a for loop (not while): Triton pipelines the K loop inside it
+                if it < end:
+                    lt = it // kt
+                    k0 = it - lt * kt
+                    k1 = tl.minimum(kt, k0 + (end - it))
+                    pm, pn = _tile_coords(DP_TILES + lt, num_pid_m, num_pid_n, GROUP_M)
+                    om = pm * BM
+                    on = pn * BN
+                    acc = tl.zeros((BM, BN), dtype=tl.float32)
+                    for ki in tl.range(k0, k1, num_stages=STAGES):
+                        a = a_desc.load([om, ki * BK])
+                        b = b_desc.load([ki * BK, on])
+                        acc = tl.dot(a, b, acc)
+                    if (k0 == 0) & (k1 == kt):
                         _epilogue(acc, c_desc, r_desc, om, on, HAS_RES)
-                it = lt * kt + k1
+                    else:
+                        slot = pid * 2 + tl.where(lt == first_lt, 0, 1)
+                        tl.store(ws_ptr + slot.to(tl.int64) * (BM * BN) + tile_off, acc, cache_modifier=".cg")
+                        tl.debug_barrier()
+                        prev = tl.atomic_add(cnt_ptr + lt, k1 - k0, sem="acq_rel", scope="gpu")
+                        tl.debug_barrier()
+                        if prev + (k1 - k0) == kt:  # last to arrive: add the other programs' partials
+                            q_lo = (lt * kt) // IPP
+                            q_hi = ((lt + 1) * kt - 1) // IPP
+                            for q in range(q_lo, q_hi + 1):
+                                if q != pid:
+                                    qslot = q * 2 + tl.where(lt == (q * IPP) // kt, 0, 1)
+                                    acc += tl.load(ws_ptr + qslot.to(tl.int64) * (BM * BN) + tile_off,
+                                                   cache_modifier=".cg")
+                            tl.atomic_xchg(cnt_ptr + lt, 0)  # ready for the next launch
+                            _epilogue(acc, c_desc, r_desc, om, on, HAS_RES)
+                    it = lt * kt + k1
 
 
 _WS: dict = {}
@@ -180,7 +190,7 @@ def gemm_tma(a, w, out, num_sms: int, residual=None, config=None):
 
         return gemm(a, w, out, num_sms, residual=residual)
     cfg = config or pick_config(M, N, K, num_sms)
-    BM, BN, BK, GM, warps, stages, _sk, flatten = cfg
+    BM, BN, BK, GM, warps, stages = cfg[:6]
     NP, dp_tiles, sk_tiles, ipp = plan_split(M, N, K, num_sms, cfg)
     ws, cnt = _workspace(a.device, torch.cuda.current_stream(a.device).cuda_stream,
                          NP * 2 * BM * BN if sk_tiles else 1, sk_tiles)
@@ -189,25 +199,8 @@ def gemm_tma(a, w, out, num_sms: int, residual=None, config=None):
     c_d = TensorDescriptor.from_tensor(out, [BM, BN])
     r_d = TensorDescriptor.from_tensor(residual, [BM, BN]) if residual is not None else c_d
     _gemm_tma_kernel[(NP,)](a_d, b_d, c_d, r_d, ws, cnt, M, N, K, NP, dp_tiles, sk_tiles, max(ipp, 1),
+                            -(-max(ipp, 1) // -(-K // BK)) + 1,
                             BM=BM, BN=BN, BK=BK, GROUP_M=GM, HAS_RES=residual is not None, STAGES=stages,
-                            FLATTEN=flatten, num_warps=warps, num_stages=stages)
+                            num_warps=warps, num_stages=stages)
     return out
 
-
-def gemm_cublas_sm(a, w, out, num_sms: int, residual=None):
-    """cuBLAS through torch with the cuBLASLt SM-count target set to ``num_sms`` (carveout = SMs - n)
-    for this call; on the full GPU the same as torch.matmul."""
-    total = torch.cuda.get_device_properties(a.device).multi_processor_count
-    carve = max(0, total - int(num_sms)) if num_sms else 0
-    setter = getattr(torch._C, "_set_sm_carveout_experimental", None)
-    if carve and setter is not None:
-        setter(carve)
-    try:
-        if residual is None:
-            torch.matmul(a, w, out=out)
-        else:
-            torch.addmm(residual, a, w, out=out)
-    finally:
-        if carve and setter is not None:
-            setter(None)
-    return out
