@@ -206,4 +206,6 @@ def _unique_keys(pairs: list) -> dict:
 
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
+    if "integer string conversion" in text:      # Python's int() digit limit
+        return "a number with thousands of digits"
     return shown(text.splitlines()[0], 160) if text else type(exc).__name__
