@@ -84,7 +84,9 @@ def measure_profile(model, workload, gpu_id: int = 0, is_quick: bool = False, ou
         if output:
             checkpoint = profiling.Checkpoint(profiling.checkpoint_path(output), plan.identity(device), log)
         measurer = _Measurer(torch, parts, plan, IMPLS, log)
+        device["smi_before"] = _smi_clocks(gpu_id)
         run = profiling.run_plan(plan, checkpoint, measurer, progress, log, is_healthy=measurer.is_healthy)
+        device["smi_after"] = _smi_clocks(gpu_id)
     finally:
         parts.close()
     results, failures = run.results, run.failures
@@ -148,6 +150,20 @@ def _driver_version() -> str:
         return f"CUDA driver API {int(v) // 1000}.{int(v) % 1000 // 10}"
     except Exception:  # noqa: BLE001
         return "unknown"
+
+
+def _smi_clocks(gpu_id: int) -> dict | None:
+    """nvidia-smi's SM clock, its maximum and the power draw now (once before and once after the run:
+    too slow to ask per point); None where nvidia-smi does not answer."""
+    fields = ("clocks.sm", "clocks.max.sm", "power.draw", "temperature.gpu")
+    try:
+        out = subprocess.run(["nvidia-smi", "-i", str(gpu_id), f"--query-gpu={','.join(fields)}",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20,
+                             check=False)
+        values = [v.strip() for v in out.stdout.strip().splitlines()[0].split(",")]
+        return {k: float(v) for k, v in zip(fields, values) if v and v.replace(".", "", 1).isdigit()} or None
+    except Exception:  # noqa: BLE001 - no nvidia-smi, no permission, an odd output: nothing recorded
+        return None
 
 
 def _stderr(msg: str) -> None:
