@@ -59,7 +59,7 @@ _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 def _fail(message: str, code: int):
-    click.echo("nfsearch: error: " + " ".join(str(message).split()), err=True)
+    _echo("nfsearch: error: " + " ".join(str(message).split()), err=True)
     sys.exit(code)
 
 
@@ -160,7 +160,7 @@ def analyze(gpu_key, pairs_path, json_path, **spec):
         ctx = click.get_current_context()
         given = tuple(p.opts[0] for p in ctx.command.params if p.name not in ("pairs_path", "json_path", "tp_degree")
                       and ctx.get_parameter_source(p.name) not in (None, ParameterSource.DEFAULT))
-        click.echo(analyze_pairs(pairs_path, json_path, spec["tp_degree"], given))
+        _echo(analyze_pairs(pairs_path, json_path, spec["tp_degree"], given))
         return
     from nfsearch.roofline import roofline
     from nfsearch.specs import load_gpu
@@ -181,7 +181,7 @@ def analyze(gpu_key, pairs_path, json_path, **spec):
             ("optimal throughput", f"{r.tokens_per_s:,.0f} tokens/s ({model.num_layers} layers)")]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        click.echo(f"{key:<{width}}  {value}")
+        _echo(f"{key:<{width}}  {value}")
 
 
 @main.command()
@@ -211,7 +211,7 @@ def profile(is_analytic, gpu_key, gpu_id, is_quick, with_pairs, output, **spec):
         table = measure_profile(model, workload, gpu_id=gpu_id, is_quick=is_quick, output=output,
                                 progress=_progress_bar, with_pairs=with_pairs)
     table.write(output)
-    click.echo(f"wrote {output}: {len(table.rows)} rows, {table.label}, fingerprint {table.fingerprint()}")
+    _echo(f"wrote {output}: {len(table.rows)} rows, {table.label}, fingerprint {table.fingerprint()}")
 
 
 _TIME_LIMIT = FiniteFloatRange(0.0, MAX_TIME_LIMIT_S, min_open=True)
@@ -242,17 +242,19 @@ def solve(profile_path, solver, time_limit_s, threads, seed, num_layers, chunk, 
     """Search a schedule (stage 1 structure, stage 2 SM allocation) and write the plan JSON."""
     from nfsearch import plan, search
     model, workload = resolve_specs(**spec)
-    output = Path(output) if output else _default_out(f"{_slug(model.name)}-{_slug(workload.name)}.json")
+    if output is None:
+        output = str(OUT_DIR / f"{_slug(model.name)}-{_slug(workload.name)}.json")
     _check_outputs([output], (".json",), may_create_out=True)
+    output = Path(output)
     problem = _problem(model, workload, profile_path, num_layers, allow_extrapolation)
     # the stage log goes out live as progress; the returned notes repeat it, so they are not printed
     schedule, _notes = search.solve(problem, solver=solver, time_limit_s=time_limit_s, threads=threads,
-                                    seed=seed, chunk=chunk, progress=lambda msg: click.echo(f"  {msg}", err=True))
+                                    seed=seed, chunk=chunk, progress=lambda msg: _echo(f"  {msg}", err=True))
     _make_out_dir(output)
     plan.write(schedule, output)
     p = schedule.predicted
     layer, seq, bound = p.layer_time_ms, p.sequential_layer_time_ms, p.bound_ms
-    click.echo(f"wrote {output}: layer {layer:.3f} ms predicted vs sequential {seq:.3f} ms ({seq / layer:.2f}x); "
+    _echo(f"wrote {output}: layer {layer:.3f} ms predicted vs sequential {seq:.3f} ms ({seq / layer:.2f}x); "
                f"roofline bound {bound:.3f} ms (the plan reaches {bound / layer:.0%} of it); solver "
                f"{schedule.solver.name}, stage-2 gap {_gap(schedule.solver.gap)}; "
                f"{problem.profile.label}")
@@ -272,13 +274,17 @@ def simulate(plan_path, profile_path, out_prefix, allow_extrapolation):
     from nfsearch import plan, report
     from nfsearch.simulate import check_and_replay
     schedule = plan.read(plan_path)
+    if out_prefix is not None:
+        if not out_prefix:
+            raise NfsearchError("output prefix is empty")
+        _check_outputs([out_prefix + ".html"], ())               # a name that cannot be printed, as given
     prefix = _simulate_prefix(plan_path, out_prefix)
     paths = [prefix.with_name(prefix.name + suffix) for suffix in (".html", ".png", ".trace.json")]
     _check_outputs(paths, (), may_create_out=out_prefix is None)     # all three before any is written
     problem = _problem(schedule.model, schedule.workload, profile_path, schedule.num_layers, allow_extrapolation)
     result = check_and_replay(schedule, problem.cost, is_profile_given=profile_path is not None)
     if problem.profile.fingerprint() != schedule.profile.fingerprint:
-        click.echo(f"note: plan was made with profile {schedule.profile.fingerprint}, replaying with "
+        _echo(f"note: plan was made with profile {schedule.profile.fingerprint}, replaying with "
                    f"{problem.profile.fingerprint()} ({problem.profile.label})", err=True)
     title = f"{schedule.model.name} {schedule.workload.name} on {schedule.gpu.name}"
     _make_out_dir(prefix)
@@ -286,11 +292,11 @@ def simulate(plan_path, profile_path, out_prefix, allow_extrapolation):
     p = schedule.predicted
     seq, bound = p.sequential_layer_time_ms, p.bound_ms
     layer = result.timeline.layer_time_ms
-    click.echo(f"plan {plan_path}: valid ({len(schedule.nano_ops)} nano-ops, {len(schedule.streams)} streams, "
+    _echo(f"plan {plan_path}: valid ({len(schedule.nano_ops)} nano-ops, {len(schedule.streams)} streams, "
                f"{schedule.num_layers} layers)")
-    click.echo(f"replayed layer time {layer:.3f} ms (plan states {p.layer_time_ms:.3f}); "
+    _echo(f"replayed layer time {layer:.3f} ms (plan states {p.layer_time_ms:.3f}); "
                f"sequential {seq:.3f} ms -> {seq / layer:.2f}x; roofline bound {bound:.3f} ms -> {bound / layer:.0%}")
-    click.echo("wrote " + ", ".join(str(path) for path in written.values()))
+    _echo("wrote " + ", ".join(str(path) for path in written.values()))
 
 
 @main.command()
@@ -301,8 +307,8 @@ def simulate(plan_path, profile_path, out_prefix, allow_extrapolation):
 def check(cases_file, tolerance):
     """Re-solve the golden cases; exit 1 with a diff when a plan is invalid or got worse."""
     from nfsearch.golden import run_check
-    result = run_check(cases_file, tolerance, progress=lambda msg: click.echo(f"  {msg}", err=True))
-    click.echo(result.report())
+    result = run_check(cases_file, tolerance, progress=lambda msg: _echo(f"  {msg}", err=True))
+    _echo(result.report())
     if not result.ok:
         sys.exit(1)
 
@@ -347,7 +353,9 @@ def run_cmd(plan_path, num_layers, out_dir, with_timeline, profile_path, mode, i
         table = load(profile_path)
         if not force:
             _check_profile(schedule, table, plan_path)
-    out = Path(out_dir) if out_dir else OUT_DIR / f"run-{Path(plan_path).stem}"
+    if out_dir is not None and not out_dir.strip():
+        raise NfsearchError("--out is empty")
+    out = Path(out_dir) if out_dir is not None else OUT_DIR / f"run-{Path(plan_path).stem}"
     if out.exists() and not out.is_dir():
         raise NfsearchError(f"{out}: cannot write (a file is in the way of the output folder)")
     if out.is_dir():
@@ -357,7 +365,7 @@ def run_cmd(plan_path, num_layers, out_dir, with_timeline, profile_path, mode, i
     check_device(schedule, plan_path, force)
     from nfsearch.runtime import executor
     report, measured = executor.execute(schedule, mode=mode, iters=iters, use_graph=not no_graph,
-                                        timeline=with_timeline, progress=lambda m: click.echo(f"  {m}", err=True))
+                                        timeline=with_timeline, progress=lambda m: _echo(f"  {m}", err=True))
     report["command"] = " ".join(["nfsearch"] + sys.argv[1:])
     report["plan_path"] = str(plan_path)
     out.mkdir(parents=True, exist_ok=True)
@@ -371,11 +379,11 @@ def run_cmd(plan_path, num_layers, out_dir, with_timeline, profile_path, mode, i
             report_mod.write_all([stated_timeline(schedule), measured], out / "timeline",
                                  f"{schedule.model.name} {schedule.workload.name} on {report['gpu']}")
         except ImportError as exc:
-            click.echo(f"note: no Gantt written ({exc}); measured.json has the timeline", err=True)
+            _echo(f"note: no Gantt written ({exc}); measured.json has the timeline", err=True)
     for note in report.get("notes", []):
-        click.echo(f"note: {note}", err=True)
-    click.echo(executor.format_table([report]))
-    click.echo(f"wrote {out / 'run.json'}" + (f", {out / 'measured.json'}" if measured is not None else ""))
+        _echo(f"note: {note}", err=True)
+    _echo(executor.format_table([report]))
+    _echo(f"wrote {out / 'run.json'}" + (f", {out / 'measured.json'}" if measured is not None else ""))
 
 
 @main.command("compare")
@@ -391,13 +399,13 @@ def compare_cmd(plan_path, measured_path, output, worst):
     from nfsearch.files import read_json
     from nfsearch.simulate import stated_timeline
     from nfsearch.timeline import timeline_from_dict
-    if output:
+    if output is not None:
         _check_outputs([output], (".json",))
     schedule = plan.read(plan_path)
     measured = timeline_from_dict(read_json(measured_path), measured_path)
     cmp = compare(stated_timeline(schedule), measured)
-    click.echo(format_table(cmp, worst))
-    if output:
+    _echo(format_table(cmp, worst))
+    if output is not None:
         _write_json(output, cmp.to_dict())
 
 
@@ -423,13 +431,13 @@ def tune_cmd(plans_dir, top_k, time_limit_s, num_layers, output, mode, iters, no
     else:
         model, workload = resolve_specs(**spec)
         problem = _problem(model, workload, None, num_layers, False)
-        candidates = tune.solved_candidates(problem, time_limit_s, progress=lambda m: click.echo(f"  {m}", err=True))
+        candidates = tune.solved_candidates(problem, time_limit_s, progress=lambda m: _echo(f"  {m}", err=True))
     result = tune.run_candidates(candidates[:top_k], mode=mode, iters=iters, use_graph=not no_graph, force=force,
-                                 progress=lambda m: click.echo(f"  {m}", err=True))
+                                 progress=lambda m: _echo(f"  {m}", err=True))
     record = tune.write_result(result, output, " ".join(["nfsearch"] + sys.argv[1:]))
     from nfsearch.runtime import executor
-    click.echo(executor.format_table([t.report for t in result.trials]))
-    click.echo(f"wrote {output} (best: {result.best.name}, {result.best.measured_layer_ms:.4f} ms/layer) and {record}")
+    _echo(executor.format_table([t.report for t in result.trials]))
+    _echo(f"wrote {output} (best: {result.best.name}, {result.best.measured_layer_ms:.4f} ms/layer) and {record}")
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -439,7 +447,7 @@ def _problem(model, workload, profile_path, num_layers, allow_extrapolation):
     from nfsearch.profile import load
     table = load(profile_path) if profile_path else default_profile(model, workload)
     if table.is_analytic:
-        click.echo(f"note: using the {table.label} (no measured table for {model.name})", err=True)
+        _echo(f"note: using the {table.label} (no measured table for {model.name})", err=True)
     return make_problem(model, workload, table, num_layers, allow_extrapolation)
 
 
@@ -459,10 +467,6 @@ def _simulate_prefix(plan_path: str, out_prefix: str | None) -> Path:
     return prefix / "timeline" if prefix.is_dir() else prefix
 
 
-def _default_out(name: str) -> Path:
-    return OUT_DIR / name
-
-
 def _make_out_dir(path: Path) -> None:
     """Create ./out/ for default outputs (only it: a folder named with -o must already exist)."""
     if Path(path).parent == OUT_DIR:
@@ -476,7 +480,20 @@ def _check_outputs(paths, suffixes: tuple[str, ...], may_create_out: bool = Fals
     """Refuse before any work or writing: a wrong suffix, a folder in a file's place, a missing or
     unwritable folder. Multi-file outputs are all checked here, so none is left half-made."""
     import os
-    for path in map(Path, paths):
+    for given in paths:
+        text = str(given)
+        if not text:
+            raise NfsearchError("output path is empty")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            # (bytes that are not UTF-8 in a file name: they could not even be printed back)
+            raise NfsearchError(f"{_printable(text)}: output name is not valid UTF-8") from None
+        if text.endswith(("/", os.sep)):
+            raise NfsearchError(f"{text}: output names a folder, not a file")
+        path = Path(text)
+        if len(path.name.encode()) > 255:
+            raise NfsearchError(f"{text[:60]}...: output file name is too long")
         if suffixes and not path.name.endswith(suffixes):
             raise NfsearchError(f"{path}: output must end with {' or '.join(suffixes)}")
         if path.is_dir():
@@ -490,6 +507,15 @@ def _check_outputs(paths, suffixes: tuple[str, ...], may_create_out: bool = Fals
             raise NfsearchError(f"{path}: cannot write (no permission in {parent})")
 
 
+def _printable(text: str) -> str:
+    """Text safe to print: file names may carry undecodable bytes (surrogates) that stdout refuses."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _echo(text: str, err: bool = False, nl: bool = True) -> None:
+    click.echo(_printable(text), err=err, nl=nl)
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "plan"
 
@@ -499,7 +525,7 @@ def _gap(gap) -> str:
 
 
 def _progress_bar(done: int, total: int, eta_s: float, what: str) -> None:
-    click.echo(f"\r  [{done}/{total}] {done / max(total, 1):4.0%} eta {eta_s:5.0f} s  {what[:50]:<50}",
+    _echo(f"\r  [{done}/{total}] {done / max(total, 1):4.0%} eta {eta_s:5.0f} s  {what[:50]:<50}",
                err=True, nl=done >= total)
 
 

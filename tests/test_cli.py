@@ -498,3 +498,13 @@ def test_cli_and_tune_do_not_import_torch():
     code = "import sys, nfsearch.cli, nfsearch.tune; assert 'torch' not in sys.modules, 'torch imported'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("output,match", [("", "empty"), ("a.json/", "names a folder"),
+                                          ("p\udc80.json", "not valid UTF-8")])
+def test_bad_output_names_are_refused(tmp_path, monkeypatch, fake_csv, output, match):
+    monkeypatch.chdir(tmp_path)
+    _fails(_solve_tiny("--profile", fake_csv, "-o", output), match)
+    _fails(_run("simulate", TINY_PLAN, "--profile", fake_csv, "-o", output.removesuffix(".json")),
+           "empty" if not output else "")
+    assert _files(tmp_path) == []
