@@ -87,6 +87,7 @@ class Case:
     check: Callable | None = None       # check(stdout, new_files, case_dir_name) -> problem or None
     mode: str = "fork"                  # fork | subprocess (a real interpreter)
     entry: str = "module"               # subprocess only: "module" (python -m nfsearch) | "script" (nfsearch)
+    interrupt_after_s: float | None = None   # send SIGINT (Ctrl-C) this long after the start
 
     def command(self, limit: int = 60) -> str:
         parts = []
@@ -525,7 +526,7 @@ def _plan_mutations() -> list[tuple]:
     m.append(_set("solver.name", "Łódź", VALID))
     for v in ("zzzz", "", None, "0123456789abcdeF", 5):
         m.append(_set("profile.fingerprint", v, BAD))
-    m.append(_set("profile.fingerprint", "0123456789abcdef", ANY))
+    m.append(_set("profile.fingerprint", "0123456789abcdef", BAD))   # another profile's plan: needs --profile
     m.append(_set("profile.source", "guessed", BAD))
     m.append(_set("schema_version", 2, BAD))
     m.append(_set("schema_version", "1", BAD))
@@ -906,7 +907,17 @@ def fam_model_hf(rng: random.Random, n: int) -> list[Case]:
         hf_case("head-dim-null", VALID, {"head_dim": None}),
         hf_case("deep-nesting", BAD, extra_files={"cfg/config.json": nested_json(100_000)}),
         hf_case("solve-ok", VALID, args=["solve", "--model", "cfg/config.json", *SMALL_WL, *SOLVE_FAST, "-o", "p.json"]),
+        hf_case("mistral-ok", VALID, name="Mistral-7B-v0.1"),
+        hf_case("mistral-context-beyond-window", ANY, name="Mistral-7B-v0.1",
+                args=_analyze("--model", "cfg/config.json", "--decode", "64", "--context", "8192")),
+        hf_case("mistral-solve-beyond-window", ANY, name="Mistral-7B-v0.1",
+                args=["solve", "--model", "cfg/config.json", "--decode", "64", "--context", "8192", *SOLVE_FAST,
+                      "-o", "p.json"]),
+        hf_case("mistral-window-null", VALID, {"sliding_window": None}, name="Mistral-7B-v0.1"),
     ]
+    for value in (-1, "x", 1.5, 2 ** 70, True, Raw(HUGE_DIGITS), 0):
+        cases.append(hf_case(f"mistral-window={_short(value)}", ANY if value == 0 else BAD, {"sliding_window": value},
+                             name="Mistral-7B-v0.1"))
     for i in range(n):
         key = _pick(rng, ["hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
                           "num_hidden_layers", "vocab_size", "head_dim", "model_type", "num_local_experts",
@@ -1168,6 +1179,15 @@ def fam_profiles(rng: random.Random, n: int) -> list[Case]:
                     files={**plan, **files}, needs_gpu=True)
 
     cases = [prof_case("unchanged", VALID, fmt, None, verb) for fmt in ("csv", "parquet") for verb in ("simulate", "solve")]
+    analytic = str(BUNDLED_PROFILE.with_name("llama-3-8b.analytic.parquet"))
+    cases += [
+        Case(f, "solve bundled analytic", VALID, ["solve", "--workload", "W1", "--profile", analytic, *SOLVE_FAST,
+                                                  "-o", "out.json"], timeout_s=40),
+        Case(f, "simulate bundled analytic", VALID, ["simulate", "plan.json", "--profile", analytic, "-o", "sim"],
+             files=plan),
+        Case(f, "simulate another profile without --profile", BAD, ["simulate", "plan.json", "-o", "sim"],
+             files={"plan.json": Maker(lambda b: dump_json(_with_fingerprint(b.plan("solved-W1"))))}),
+    ]
     cases += [
         prof_case("num_sms abc", BAD, "csv", _meta_set("num_sms", "abc"), "simulate"),
         prof_case("inf time", BAD, "csv", _rows_set("time_ms", float("inf"), which="all", op="kqv"), "simulate"),
@@ -1202,6 +1222,94 @@ def fam_profiles(rng: random.Random, n: int) -> list[Case]:
         r = rng.random()
         verb = "simulate" if r < 0.75 else ("solve" if r < 0.9 else "run")
         cases.append(prof_case(f"{name} #{i}", validity, fmt, mutate, verb))
+    return cases
+
+
+def _with_fingerprint(plan: dict, fingerprint: str = "0123456789abcdef") -> dict:
+    plan["profile"]["fingerprint"] = fingerprint
+    return plan
+
+
+def fam_interrupt(rng: random.Random, n: int) -> list[Case]:
+    """Ctrl-C part way: exit 130 (or finish), and never a half-written output or a temp file."""
+    f = "interrupt"
+    plan = {"plan.json": Maker(lambda b: dump_json(b.plan("W2")))}
+    cases = []
+    for i in range(max(n, 4)):
+        kind = i % 4
+        at = round(rng.uniform(0.05, 0.5 if kind == 2 else 1.5), 2)
+        if kind == 0:
+            args = ["solve", "--workload", "W2", "--time-limit", "3", "-o", "p.json"]
+            files = {}
+        elif kind == 1:
+            args = ["simulate", "plan.json", "-o", "sim"]
+            files = plan
+        elif kind == 2:
+            args = ["profile", "--analytic", "--workload", "W3", "-o", "a.parquet"]
+            files = {}
+        else:
+            args = ["solve", "--workload", "W1", "--time-limit", "1"]        # default output into out/
+            files = {}
+        cases.append(Case(f, f"{args[0]}-at-{at}s-{i}", ANY, args, files=files, interrupt_after_s=at, timeout_s=40))
+    return cases
+
+
+def fam_scale(rng: random.Random, n: int) -> list[Case]:
+    """Sizes a user may try that are legal-looking but large: bounded time, no crash."""
+    f = "scale"
+    ones = ",".join(["1"] * 5000)
+
+    def many_ops(base):
+        plan = base.plan("solved-W1")
+        plan["nano_ops"] = plan["nano_ops"] * 1000
+        return dump_json(plan)
+
+    def own_streams(base):
+        plan = base.plan("W2")
+        for op in plan["nano_ops"]:
+            op["stream"] = f"s{op['order']}"
+        plan["streams"] = sorted({op["stream"] for op in plan["nano_ops"]})
+        return dump_json(plan)
+
+    big_model = {**LLAMA_YAML, "hidden_size": 10 ** 6, "intermediate_size": 4 * 10 ** 6, "head_dim": 31250}
+    cases = [
+        Case(f, "analyze-5000-prompts", ANY, _analyze("--model", "llama-3-8b", "--decode", "64", "--prefill", ones)),
+        Case(f, "solve-2000-prompts", ANY, ["solve", "--model", "llama-3-8b", "--decode", "64", "--prefill",
+                                            ",".join(["1"] * 2000), *SOLVE_FAST, "-o", "p.json"], timeout_s=60),
+        Case(f, "workload-100k-prompts", ANY, _analyze("--workload", "w.yaml"),
+             files={"w.yaml": dump_yaml({**SMALL_WORKLOAD, "prefill_lengths": [1] * 100_000})}, timeout_s=60),
+        Case(f, "solve-layers-64", ANY, ["solve", "--workload", "W1", "--layers", "64", *SOLVE_FAST, "-o", "p.json"],
+             timeout_s=60),
+        Case(f, "solve-chunk-1", ANY, ["solve", "--workload", "W2", "--chunk", "1", *SOLVE_FAST, "-o", "p.json"],
+             timeout_s=60),
+        Case(f, "solve-decode-100k", ANY, ["solve", "--model", "llama-3-8b", "--decode", "100000", *SOLVE_FAST,
+                                           "-o", "p.json"], timeout_s=60),
+        Case(f, "analyze-context-1e7", ANY, _analyze("--model", "llama-3-8b", "--decode", "64", "--context",
+                                                     str(10 ** 7))),
+        Case(f, "analyze-decode-1e6", ANY, _analyze("--model", "llama-3-8b", "--decode", str(10 ** 6))),
+        Case(f, "simulate-18k-duplicate-ops", BAD, ["simulate", "plan.json", "-o", "sim"],
+             files={"plan.json": Maker(many_ops)}, timeout_s=60),
+        Case(f, "simulate-own-stream-per-op", ANY, ["simulate", "plan.json", "-o", "sim"],
+             files={"plan.json": Maker(own_streams)}),
+        Case(f, "analyze-model-1e6-layers", ANY, _analyze("--model", "m.yaml", "--workload", "W2"),
+             files={"m.yaml": dump_yaml({**LLAMA_YAML, "num_layers": 10 ** 6})}),
+        Case(f, "solve-model-hidden-1e6", ANY, ["solve", "--model", "m.yaml", *SMALL_WL, *SOLVE_FAST, "-o", "p.json"],
+             files={"m.yaml": dump_yaml(big_model)}, timeout_s=60),
+        Case(f, "profile-model-hidden-1e6", ANY, ["profile", "--analytic", "--model", "m.yaml", *SMALL_WL, "-o", "p.csv"],
+             files={"m.yaml": dump_yaml(big_model)}, timeout_s=60),
+        Case(f, "unicode-input-names", VALID, _analyze("--model", "模型 ł.yaml", "--workload", "wł 負荷.yaml"),
+             files={"模型 ł.yaml": dump_yaml(LLAMA_YAML), "wł 負荷.yaml": dump_yaml(SMALL_WORKLOAD)}),
+        Case(f, "unicode-plan-name", VALID, ["simulate", "plän 計画.json"],
+             files={"plän 計画.json": Maker(lambda b: dump_json(b.plan("solved-W1")))}),
+    ]
+    for i in range(n):
+        d = rng.choice([1, 7, 129, 4097, 65536])
+        c = rng.choice([1, 100, 1023, 8192, 131072])
+        p = ",".join(str(rng.choice([1, 17, 512, 4096, 32768])) for _ in range(rng.randint(0, 6)))
+        args = ["solve", "--model", "llama-3-8b", "--decode", str(d), "--context", str(c), *SOLVE_FAST, "-o", "p.json"]
+        if p:
+            args += ["--prefill", p]
+        cases.append(Case(f, f"solve-d{d}-c{c}-p{len(p.split(','))}-{i}", ANY, args, timeout_s=60))
     return cases
 
 
@@ -1356,6 +1464,8 @@ FAMILIES: dict[str, tuple[Callable, float]] = {
     "check": (fam_check, 0.01),
     "run-tune": (fam_run_tune, 0.03),
     "entry": (fam_entry, 0.0),
+    "interrupt": (fam_interrupt, 0.01),
+    "scale": (fam_scale, 0.02),
 }
 
 
@@ -1498,6 +1608,7 @@ class _Job:
         self.start = time.monotonic()
         self.proc = None
         self.pid = None
+        self.is_interrupted = False
         folder.mkdir(parents=True)
         if case.mode == "fork":
             pid = os.fork()
@@ -1566,6 +1677,13 @@ def run_cases(cases: list[Case], workdir: Path, jobs: int | None = None, base: B
             rc = job.poll()
             timed_out = False
             elapsed = time.monotonic() - job.start
+            if rc is None and job.case.interrupt_after_s is not None and not job.is_interrupted \
+                    and elapsed > job.case.interrupt_after_s:
+                try:
+                    os.killpg(job.pid, signal.SIGINT)      # what Ctrl-C in a terminal sends
+                except (ProcessLookupError, PermissionError):
+                    pass
+                job.is_interrupted = True
             if rc is None and elapsed > job.case.timeout_s * timeout_scale:
                 job.kill()
                 rc, timed_out = None, True
@@ -1618,6 +1736,10 @@ def classify(result: Result, case_dir: str = "") -> Result:
             fails.append("accepted-bad")
         if case.validity == VALID and rc != 0 and not (case.needs_gpu and rc == 2) and "traceback" not in fails:
             fails.append("rejected-good")
+        stray = [p for p in result.new_files if _is_stray(p)]
+        if rc == 0 and stray:
+            fails.append("wrong-output")
+            detail.append(f"stray files {stray[:3]}")
         if case.validity == VALID and rc == 0 and case.check is not None:
             problem = case.check(result.stdout, result.new_files, case_dir)
             if problem:
@@ -1626,6 +1748,12 @@ def classify(result: Result, case_dir: str = "") -> Result:
     result.failures = fails
     result.detail = "; ".join(detail)
     return result
+
+
+def _is_stray(path: str) -> bool:
+    """A temporary or checkpoint file a finished command must not leave (.NAME.xxxx, *.partial*, *.tmp)."""
+    name = os.path.basename(path)
+    return (name.startswith(".") and name.count(".") >= 2) or ".partial" in name or name.endswith((".tmp", "~"))
 
 
 def error_format_problem(stderr: str) -> str | None:
