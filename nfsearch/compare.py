@@ -88,13 +88,21 @@ class Comparison:
         }
 
 
-def compare(predicted: Timeline, measured: Timeline) -> Comparison:
+def compare(predicted: Timeline, measured: Timeline, allow_extra_measured: bool = False) -> Comparison:
+    """Span-by-span errors. A measurement may lack predicted spans (only_predicted); spans the
+    prediction does not have mean it is of another plan, refused unless `allow_extra_measured`."""
     pred, meas = _ids(predicted, "predicted"), _ids(measured, "measured")
     common = set(pred) & set(meas)
     if not common:
         raise NfsearchError(
             f"no span ids in common between '{predicted.label}' and '{measured.label}' "
             f"(predicted ids look like {_example(pred)}, measured ones like {_example(meas)})")
+    extra = sorted(set(meas) - common)
+    if extra and not allow_extra_measured:
+        raise NfsearchError(f"measured timeline '{measured.label}' has {len(extra)} span(s) the prediction "
+                            f"'{predicted.label}' lacks (e.g. {', '.join(extra[:2])}): a run of another plan?")
+    if measured.makespan_ms <= 0:
+        raise NfsearchError(f"measured timeline '{measured.label}' spans no time (makespan 0 ms)")
     order = sorted(common, key=lambda i: (meas[i].start_ms, i))
     spans = tuple(SpanError(i, pred[i].op, pred[i].layer, pred[i].op_class,
                             pred[i].duration_ms, meas[i].duration_ms) for i in order)

@@ -29,7 +29,7 @@ MEASURED = _sequence("meas", [("L0.kqv#0", 0.5), ("L0.kqv#1", 2.0), ("L0.decode_
 
 
 def test_errors_exact():
-    cmp = compare(PREDICTED, MEASURED)
+    cmp = compare(PREDICTED, MEASURED, allow_extra_measured=True)
     got = {s.id: (s.predicted_ms, s.measured_ms, s.rel_error) for s in cmp.spans}
     assert got == {"L0.kqv#0": (1.0, 0.5, 1.0), "L0.kqv#1": (2.0, 2.0, 0.0),
                    "L0.decode_attn#0": (3.0, 4.0, -0.25), "L1.kqv#0": (1.5, 2.0, -0.25),
@@ -45,7 +45,7 @@ def test_errors_exact():
 
 
 def test_by_op_and_dict():
-    cmp = compare(PREDICTED, MEASURED)
+    cmp = compare(PREDICTED, MEASURED, allow_extra_measured=True)
     rows = {r["op"]: r for r in cmp.by_op()}
     assert rows["kqv"]["count"] == 4
     assert rows["kqv"]["predicted_ms"] == 7.0 and rows["kqv"]["measured_ms"] == 6.5
@@ -59,7 +59,7 @@ def test_by_op_and_dict():
 
 
 def test_format_table():
-    text = format_table(compare(PREDICTED, MEASURED))
+    text = format_table(compare(PREDICTED, MEASURED, allow_extra_measured=True))
     assert "median 25.0%" in text and "p90 70.0%" in text
     assert "-6.8%" in text                                           # makespan error
     assert "L0.kqv#0" in text and "+100.0%" in text                  # the worst span first
@@ -85,7 +85,22 @@ def test_no_common_ids():
 def test_duplicate_ids():
     dup = Timeline("dup", PREDICTED.spans + PREDICTED.spans[:1], 2)
     with pytest.raises(NfsearchError, match="L0.kqv#0 twice"):
-        compare(dup, MEASURED)
+        compare(dup, MEASURED, allow_extra_measured=True)
+
+
+def test_measured_spans_the_prediction_lacks_are_refused():
+    with pytest.raises(NfsearchError, match="1 span\\(s\\) the prediction 'pred' lacks \\(e.g. L1.d#0\\)") as err:
+        compare(PREDICTED, MEASURED)
+    assert "\n" not in str(err.value)
+    # a measurement that lacks some predicted spans is fine
+    cmp = compare(PREDICTED, _sequence("part", [("L0.kqv#0", 0.5), ("L0.kqv#1", 2.0)]))
+    assert cmp.only_predicted == ("L0.decode_attn#0", "L1.kqv#0", "L1.kqv#1", "L1.o#0") and not cmp.only_measured
+
+
+def test_measurement_of_no_time_is_refused():
+    zero = _sequence("zero", [("L0.kqv#0", 0.0), ("L0.kqv#1", 0.0)])
+    with pytest.raises(NfsearchError, match="spans no time"):
+        compare(PREDICTED, zero)
 
 
 # ---- the timeline JSON form (a run's measured.json) --------------------------------------------------
