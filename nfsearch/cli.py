@@ -8,6 +8,7 @@ command's input.
 import math
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -250,8 +251,8 @@ def solve(profile_path, solver, time_limit_s, threads, seed, num_layers, chunk, 
     # the stage log goes out live as progress; the returned notes repeat it, so they are not printed
     schedule, _notes = search.solve(problem, solver=solver, time_limit_s=time_limit_s, threads=threads,
                                     seed=seed, chunk=chunk, progress=lambda msg: _echo(f"  {msg}", err=True))
-    _make_out_dir(output)
-    plan.write(schedule, output)
+    with _all_or_none([output]):
+        plan.write(schedule, output)
     p = schedule.predicted
     layer, seq, bound = p.layer_time_ms, p.sequential_layer_time_ms, p.bound_ms
     _echo(f"wrote {output}: layer {layer:.3f} ms predicted vs sequential {seq:.3f} ms ({seq / layer:.2f}x); "
@@ -287,8 +288,8 @@ def simulate(plan_path, profile_path, out_prefix, allow_extrapolation):
         _echo(f"note: plan was made with profile {schedule.profile.fingerprint}, replaying with "
                    f"{problem.profile.fingerprint()} ({problem.profile.label})", err=True)
     title = f"{schedule.model.name} {schedule.workload.name} on {schedule.gpu.name}"
-    _make_out_dir(prefix)
-    written = report.write_all([result.timeline], prefix, title)
+    with _all_or_none(paths):
+        written = report.write_all([result.timeline], prefix, title)
     p = schedule.predicted
     seq, bound = p.sequential_layer_time_ms, p.bound_ms
     layer = result.timeline.layer_time_ms
@@ -434,7 +435,8 @@ def tune_cmd(plans_dir, top_k, time_limit_s, num_layers, output, mode, iters, no
         candidates = tune.solved_candidates(problem, time_limit_s, progress=lambda m: _echo(f"  {m}", err=True))
     result = tune.run_candidates(candidates[:top_k], mode=mode, iters=iters, use_graph=not no_graph, force=force,
                                  progress=lambda m: _echo(f"  {m}", err=True))
-    record = tune.write_result(result, output, " ".join(["nfsearch"] + sys.argv[1:]))
+    with _all_or_none([Path(output), Path(output).with_suffix(".tune.json")]):
+        record = tune.write_result(result, output, " ".join(["nfsearch"] + sys.argv[1:]))
     from nfsearch.runtime import executor
     _echo(executor.format_table([t.report for t in result.trials]))
     _echo(f"wrote {output} (best: {result.best.name}, {result.best.measured_layer_ms:.4f} ms/layer) and {record}")
@@ -467,13 +469,27 @@ def _simulate_prefix(plan_path: str, out_prefix: str | None) -> Path:
     return prefix / "timeline" if prefix.is_dir() else prefix
 
 
-def _make_out_dir(path: Path) -> None:
-    """Create ./out/ for default outputs (only it: a folder named with -o must already exist)."""
-    if Path(path).parent == OUT_DIR:
+@contextmanager
+def _all_or_none(paths):
+    """Write a command's output files together: each is written atomically, and when the writing
+    stops part-way (an error, Ctrl-C) the ones made so far are removed, with ./out/ if it was made here."""
+    paths = [Path(p) for p in paths]
+    existed = {p for p in paths if p.exists()}
+    made_out = not OUT_DIR.exists() and any(p.parent == OUT_DIR for p in paths)
+    if made_out:
         try:
-            OUT_DIR.mkdir(exist_ok=True)
+            OUT_DIR.mkdir()
         except OSError as exc:
             raise NfsearchError(f"{OUT_DIR}: cannot create ({exc.strerror})") from None
+    try:
+        yield
+    except BaseException:
+        for path in paths:
+            if path not in existed:
+                path.unlink(missing_ok=True)
+        if made_out and OUT_DIR.is_dir() and not any(OUT_DIR.iterdir()):
+            OUT_DIR.rmdir()
+        raise
 
 
 def _check_outputs(paths, suffixes: tuple[str, ...], may_create_out: bool = False) -> None:

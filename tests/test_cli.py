@@ -508,3 +508,25 @@ def test_bad_output_names_are_refused(tmp_path, monkeypatch, fake_csv, output, m
     _fails(_run("simulate", TINY_PLAN, "--profile", fake_csv, "-o", output.removesuffix(".json")),
            "empty" if not output else "")
     assert _files(tmp_path) == []
+
+
+def test_simulate_writes_all_outputs_or_none(tmp_path, monkeypatch, fake_csv):
+    """Ctrl-C arrives after the report wrote its PNG and HTML but before the trace (delivered there
+    on purpose; test_interrupt_is_one_line_exit_130 sends a real SIGINT): the files made so far and
+    the out/ folder made for them are removed."""
+    from nfsearch import report
+    monkeypatch.chdir(tmp_path)
+    real = report.perfetto_trace
+
+    def trace_then_fail(timelines, path):
+        assert _files(tmp_path / "out") == ["p.sim.html", "p.sim.png"]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "perfetto_trace", trace_then_fail)
+    (tmp_path / "p.json").write_text((FIXTURES / "tiny-split2.plan.json").read_text())
+    result = _run("simulate", "p.json", "--profile", fake_csv)
+    assert result.exit_code == 130 and "interrupted" in result.output
+    assert _files(tmp_path) == ["p.json"]
+    monkeypatch.setattr(report, "perfetto_trace", real)
+    _ok(_run("simulate", "p.json", "--profile", fake_csv))
+    assert _files(tmp_path / "out") == ["p.sim.html", "p.sim.png", "p.sim.trace.json"]
