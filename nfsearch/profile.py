@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from nfsearch.errors import NfsearchError
 from nfsearch.files import MAX_INPUT_BYTES, parse_json, read_text, shown, write_atomic
+from nfsearch.graph import OP_CLASSES
 from nfsearch.specs import (
     MAX_CONTEXT,
     MAX_SMS,
@@ -113,6 +114,10 @@ def check_rows(rows: pd.DataFrame, num_sms: int) -> pd.DataFrame:
             raise NfsearchError(f"profile column {col} has a bad name {shown(values[bad].iloc[0], 40)!r} "
                                 f"(empty, unprintable or over {MAX_LABEL_CHARS} characters)")
     rows["co_class"] = rows["co_class"].astype(str)
+    unknown_class = ~rows["co_class"].isin(("",) + OP_CLASSES)
+    if unknown_class.any():
+        raise NfsearchError(f"profile column co_class has {shown(rows['co_class'][unknown_class].iloc[0], 40)!r}, "
+                            f"not an op class ({', '.join(OP_CLASSES)}) or empty")
     for col, low, high in (("num_tokens", 1, MAX_CONTEXT), ("context", 0, MAX_CONTEXT),
                            ("sm_count", 1, num_sms)):
         values = rows[col]
