@@ -53,6 +53,7 @@ def layer_ops(model: ModelSpec, workload: Workload) -> list[Op]:
     this is where the pair is checked (TP divides the heads, contexts fit a sliding window)."""
     check_fits(model, workload)
     tp = workload.tp_degree
+    tp_shard(model, tp)          # the FFN split too: check_fits covers the heads only
     q, kv, hidden = _shard(model.q_size, tp), _shard(model.kv_size, tp), model.hidden_size
     inter = _shard(model.intermediate_size, tp)
     ops = [Op("norm1", "other", "all"),
@@ -110,6 +111,55 @@ def op_work(op: Op, model: ModelSpec, workload: Workload, num_tokens: int, conte
         volume = b * n * hidden
         return Work(0.0, 2.0 * volume, 2.0 * (tp - 1) / tp * volume)
     raise ValueError(f"no work model for op {op.name}")
+
+
+@dataclass(frozen=True)
+class TpShard:
+    """What one of `tp_degree` GPUs holds of a layer under Megatron-style tensor parallelism.
+
+    KQV and UG are column-parallel (each GPU computes its heads' q/k/v and its slice of gate and up),
+    O and D row-parallel (each GPU multiplies its slice of the reduction dimension and the partial
+    sums are all-reduced after O and after D). Shapes are [rows, cols] of the `x @ W` weights."""
+    tp_degree: int
+    num_heads: int               # query heads on one GPU
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    intermediate_size: int       # I / tp: this GPU's slice of gate (and of up)
+
+    def __post_init__(self):
+        if min(self.tp_degree, self.num_heads, self.num_kv_heads, self.head_dim, self.hidden_size,
+               self.intermediate_size) < 1:
+            raise ValueError(f"TpShard sizes must be positive: {self}")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def weight_shapes(self) -> dict[str, tuple[int, int]]:
+        h, i = self.hidden_size, self.intermediate_size
+        return {"wqkv": (h, self.q_size + 2 * self.kv_size), "wo": (self.q_size, h),
+                "wug": (h, 2 * i), "wd": (i, h)}
+
+    def collectives(self) -> tuple[str, ...]:
+        """The layer's network ops, in order (none on one GPU)."""
+        return ("allreduce_o", "allreduce_d") if self.tp_degree > 1 else ()
+
+
+def tp_shard(model: ModelSpec, tp_degree: int) -> TpShard:
+    """One GPU's share of a layer; refuses head, KV-head or FFN sizes that TP does not divide."""
+    if tp_degree < 1:
+        raise NfsearchError(f"TP degree must be at least 1, not {tp_degree}")
+    for what, count in (("attention heads", model.num_heads), ("key/value heads", model.num_kv_heads),
+                        ("FFN columns (intermediate_size)", model.intermediate_size)):
+        if count % tp_degree:
+            raise NfsearchError(f"model {model.name}'s {count} {what} are not divisible by TP={tp_degree}")
+    return TpShard(tp_degree, model.num_heads // tp_degree, model.num_kv_heads // tp_degree, model.head_dim,
+                   model.hidden_size, model.intermediate_size // tp_degree)
 
 
 def op_inter(model: ModelSpec, tp: int) -> int:

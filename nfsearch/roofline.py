@@ -7,6 +7,13 @@ labelled `analytic`, so everything works before a measured table exists. Time of
 where bw_fraction(s) is the share of the copy ceiling that a streaming kernel confined to s SMs
 pulls (measured on the lent H100, GPU_FACTS.md) and tile_efficiency counts GEMM tile and wave
 quantisation. Network ops: bytes sent / (bus bandwidth * cta_fraction(s)) + latency.
+
+Network ops also get co-run rows (co_class compute, memory, other): their time beside another class's
+op on the rest of the GPU, from NET_CORUN_FRACTION (all-reduce beside a GEMM in the other green
+context, measured on 2 and 4 H100s, GPU_FACTS.md "Tensor parallel"). Without them the cost model
+would fall back to NanoFlow's A100 network curve and apply it over a solo time that is already
+SM-limited (a 16-SM all-reduce would cost 2.3x its full-GPU time where 1.3x was measured): the double
+penalty that kept every TP plan sequential.
 """
 
 import datetime
@@ -76,6 +83,10 @@ BW_FRACTION = ((8, 0.24), (16, 0.43), (32, 0.71), (48, 0.86), (64, 0.92), (132, 
 # share of the NCCL bus bandwidth reached with n CTAs (2x H200 all-reduce, 34 MB)
 NET_FRACTION = ((4, 0.38), (8, 0.72), (16, 0.86), (32, 1.0))
 LAUNCH_MS = 0.004
+# share of the full-GPU all-reduce speed kept beside a GEMM on the other SMs, n CTAs / SMs (median of
+# TP=2 and TP=4, default and 16-CTA communicators, 2048 x 8192 bf16, GPU_FACTS.md "Tensor parallel")
+NET_CORUN_FRACTION = ((8, 0.54), (16, 0.75), (24, 0.84))
+CO_CLASSES = ("compute", "memory", "other")
 NET_LATENCY_MS = 0.010
 TILE_M, TILE_N = 128, 256
 
@@ -86,14 +97,20 @@ def analytic_profile(model: ModelSpec, workload: Workload, gpu: GpuSpec) -> Prof
         for context in _contexts(op, workload):
             for tokens in TOKEN_GRID:
                 for sms in gpu.sm_grid():
-                    rows.append((op.name, "analytic", tokens, context, sms,
-                                 op_time_ms(op, model, workload, gpu, tokens, context, sms)))
+                    solo_ms = op_time_ms(op, model, workload, gpu, tokens, context, sms)
+                    rows.append((op.name, "analytic", tokens, context, sms, solo_ms, ""))
+                    if op.op_class == "network" and sms < gpu.num_sms:
+                        corun = net_corun_ms(op, model, workload, gpu, tokens, sms)
+                        rows += [(op.name, "analytic", tokens, context, sms, max(solo_ms, corun), c)
+                                 for c in CO_CLASSES]
     meta = {"gpu_name": gpu.name, "gpu_key": gpu.key, "num_sms": gpu.num_sms,
             "sm_granularity": gpu.sm_granularity, "source": "analytic", "model": model.name,
             "tp_degree": workload.tp_degree, "peak_tflops": gpu.peak_tflops,
             "mem_bandwidth_tbps": gpu.mem_bandwidth_tbps, "net_bandwidth_gbps": gpu.net_bandwidth_gbps,
             "figures_source": gpu.figures_source, "date": datetime.date.today().isoformat()}
-    df = pd.DataFrame(rows, columns=["op", "impl", "num_tokens", "context", "sm_count", "time_ms"])
+    if workload.tp_degree > 1:
+        meta["corun_source"] = "analytic network co-run rows (NET_CORUN_FRACTION, GPU_FACTS.md)"
+    df = pd.DataFrame(rows, columns=["op", "impl", "num_tokens", "context", "sm_count", "time_ms", "co_class"])
     return ProfileTable(df, meta)
 
 
@@ -106,6 +123,12 @@ def op_time_ms(op: Op, model: ModelSpec, workload: Workload, gpu: GpuSpec, token
     flops_per_ms = gpu.peak_tflops * 1e9 * sms / gpu.num_sms * _tile_efficiency(op, tokens, sms)
     bytes_per_ms = gpu.mem_bandwidth_tbps * 1e9 * interp(BW_FRACTION, sms)
     return max(work.flops / flops_per_ms, work.num_bytes / bytes_per_ms) + LAUNCH_MS
+
+
+def net_corun_ms(op: Op, model: ModelSpec, workload: Workload, gpu: GpuSpec, tokens: int, sms: int) -> float:
+    """A network op on `sms` SMs while another class's op runs on the rest of the GPU."""
+    work = op_work(op, model, workload, tokens, 0)
+    return work.net_bytes / (gpu.net_bandwidth_gbps * 1e6 * interp(NET_CORUN_FRACTION, sms)) + NET_LATENCY_MS
 
 
 def _tile_efficiency(op: Op, tokens: int, sms: int) -> float:
