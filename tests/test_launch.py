@@ -40,8 +40,9 @@ def test_order_and_ids_follow_the_plan():
 
 
 def test_same_stream_deps_are_implicit_and_cross_stream_deps_wait():
-    ops = [op("a", 0, "x", 0, 64, 0, 1, cls="other"),
-           op("b", 0, "x", 1, 64, 1, 2, deps=["L0.a#0"], cls="other"),
+    # a and b take [96, 132) of (96, 36), c [0, 64) of (64, 68): other streams
+    ops = [op("a", 0, "x", 0, 36, 0, 1, cls="other"),
+           op("b", 0, "x", 1, 36, 1, 2, deps=["L0.a#0"], cls="other"),
            op("c", 0, "y", 2, 64, 2, 3, deps=["L0.b#0"])]
     ll = launch.build(schedule(ops))
     by = ll.by_id()
@@ -52,12 +53,19 @@ def test_same_stream_deps_are_implicit_and_cross_stream_deps_wait():
 
 def test_implied_waits_are_pruned():
     # c (stream y) needs a and b of stream x; waiting for b implies a (same stream, earlier)
-    ops = [op("a", 0, "x", 0, 64, 0, 1, cls="other"), op("b", 0, "x", 1, 64, 1, 2, cls="other"),
+    ops = [op("a", 0, "x", 0, 36, 0, 1, cls="other"), op("b", 0, "x", 1, 36, 1, 2, cls="other"),
            op("c", 0, "y", 2, 64, 2, 3, deps=["L0.a#0", "L0.b#0"])]
     assert launch.build(schedule(ops)).by_id()["L0.c#0"].waits == ("L0.b#0",)
     # d (stream z) needs b and c; c already waited on b, so d waits on c alone
     ops.append(op("d", 0, "z", 3, 32, 3, 4, deps=["L0.b#0", "L0.c#0"], cls="memory"))
     assert launch.build(schedule(ops)).by_id()["L0.d#0"].waits == ("L0.c#0",)
+
+
+def test_ops_of_two_plan_streams_on_one_group_share_its_stream_without_waits():
+    # predicted one after the other on the same SMs: one stream (issue order keeps the dep)
+    ops = [op("a", 0, "x", 0, 64, 0, 1), op("c", 0, "y", 1, 64, 1, 2, deps=["L0.a#0"], cls="other")]
+    by = launch.build(schedule(ops)).by_id()
+    assert by["L0.a#0"].key == by["L0.c#0"].key == "64+68/g0" and by["L0.c#0"].waits == ()
 
 
 def test_capacity_edge_between_sequential_ops_that_cannot_share_the_gpu():
@@ -92,9 +100,10 @@ def test_compute_takes_the_front_and_others_the_back():
     ops = [op("a", 0, "x", 0, 96, 0, 2), op("b", 0, "y", 1, 36, 0, 2, cls="memory")]
     ll = launch.build(schedule(ops))
     a, b = ll.by_id()["L0.a#0"], ll.by_id()["L0.b#0"]
-    assert (a.partition.lo, a.partition.hi) == (0, 96) and a.partition.split == ((96, 36), 0)
-    assert (b.partition.lo, b.partition.hi) == (96, 132) and b.partition.split == ((96, 36), 1)
-    assert a.key == "x@sm0-96" and b.key == "y@sm96-132"
+    assert (a.partition.lo, a.partition.hi) == (0, 96) and (a.layout.sizes, a.group) == ((96, 36), 0)
+    assert (b.partition.lo, b.partition.hi) == (96, 132) and (b.layout.sizes, b.group) == ((96, 36), 1)
+    assert a.layout is b.layout or a.layout == b.layout
+    assert a.key == "96+36/g0" and b.key == "96+36/g1"
 
 
 def test_third_concurrent_op_gets_a_middle_group():
@@ -104,7 +113,9 @@ def test_third_concurrent_op_gets_a_middle_group():
     for p, q in itertools.combinations(parts.values(), 2):
         assert not p.overlaps(q)
     # [72, 96) would leave idle [64, 72): four groups, no buildable layout; c takes the whole gap
-    assert parts["L0.c#0"].split == ((64, 32, 36), 1)
+    by = launch.build(schedule(ops)).by_id()
+    assert {by[i].layout.sizes for i in by} == {(64, 32, 36)}
+    assert (by["L0.a#0"].group, by["L0.c#0"].group, by["L0.b#0"].group) == (0, 1, 2)
     assert buildable_layout_of(parts.values()).sizes == (64, 32, 36)
 
 
@@ -118,7 +129,8 @@ def test_third_op_that_fits_the_gap_exactly_gets_a_nested_middle_group():
            op("c", 0, "z", 2, 32, 0, 2, cls="other")]
     ll = launch.build(schedule(ops))
     c = ll.by_id()["L0.c#0"].partition
-    assert (c.lo, c.hi) == (64, 96) and c.split == ((64, 32, 36), 1)
+    assert (c.lo, c.hi) == (64, 96)
+    assert (ll.by_id()["L0.c#0"].layout.sizes, ll.by_id()["L0.c#0"].group) == ((64, 32, 36), 1)
     assert not ll.notes
 
 
@@ -136,8 +148,15 @@ def test_no_four_way_layout_a_fourth_corunner_shares():
 def test_partition_rounding_and_whole_gpu():
     ops = [op("a", 0, "x", 0, 12, 0, 1), op("b", 0, "y", 1, 132, 1, 2, deps=["L0.a#0"])]
     by = launch.build(schedule(ops)).by_id()
-    assert by["L0.a#0"].sms == 16 and by["L0.a#0"].partition.lo == 0
-    assert by["L0.b#0"].partition.is_whole and by["L0.b#0"].partition.split == ((), 0)
+    # 12 SMs is exact as the remainder of (120, 12); 10 is neither a front nor a remainder: rounded to 16
+    assert by["L0.a#0"].sms == 12 and by["L0.a#0"].partition.lo == 120
+    ops = [op("a", 0, "x", 0, 10, 0, 1), op("b", 0, "y", 1, 132, 1, 2, deps=["L0.a#0"])]
+    ll = launch.build(schedule(ops))
+    assert ll.by_id()["L0.a#0"].sms == 16 and ll.by_id()["L0.a#0"].layout.sizes == (16, 116)
+    assert any("L0.a#0 10->16" in n for n in ll.notes), ll.notes      # never silently
+    by = ll.by_id()
+    assert by["L0.b#0"].partition.is_whole and by["L0.b#0"].layout.build == "whole"
+    assert by["L0.b#0"].key == "y@all" and by["L0.a#0"].layout.sizes == (16, 116)
 
 
 def test_stream_wait_when_a_plan_stream_changes_interval():
@@ -205,3 +224,98 @@ def test_sequential_plan_is_one_stream_without_waits():
     assert [l.op for l in seq.launches][:3] == ["norm1", "kqv", "rope_append"]
     assert len(seq.launches) == 2 * 10 and all(l.partition.is_whole for l in seq.launches)
     assert launch.to_dict(seq)["launches"][0]["key"] == "main@all"
+
+
+# ---------------------------------------------------------------------------------------------- layouts
+def corunning(a, b):
+    return (a.stream != b.stream and a.start_ms < b.end_ms - launch.TOLERANCE_MS
+            and b.start_ms < a.end_ms - launch.TOLERANCE_MS)
+
+
+def check_layouts(ll, distinct=True):
+    """Every launch: a buildable layout, its partition is its group; co-runners: one layout, and
+    (distinct=True) different groups."""
+    from nfsearch.layouts import is_buildable
+    for l in ll.launches:
+        assert is_buildable(l.layout.sizes, ll.num_sms, ll.granularity, launch.MAX_GROUPS), l.layout
+        assert (l.partition.lo, l.partition.hi) == l.layout.bounds[l.group]
+    for a, b in itertools.combinations(ll.launches, 2):
+        if corunning(a, b) and not a.partition.is_whole and not b.partition.is_whole:
+            assert a.layout == b.layout, (a.id, a.layout, b.id, b.layout)
+            if distinct:
+                assert a.group != b.group and a.key != b.key, (a.id, b.id)
+                assert not a.partition.overlaps(b.partition)
+
+
+def test_a_w2_like_plan_runs_its_corunners_on_one_layout():
+    # decode attention (32 SMs) beside a chain of front ops of 100 and 92 SMs: placed alone, the 92s
+    # would be [0, 96) of layout (96, 36) and the 100s [0, 100) of (100, 32), two builds whose SMs
+    # may overlap physically; one layout (100, 32) serves the whole co-running set
+    ops = [op("decode_attn", 0, "memory", 0, 32, 0.0, 10.0, cls="memory"),
+           op("norm1", 1, "other", 1, 100, 0.0, 1.0, cls="other"),
+           op("kqv", 1, "compute", 2, 100, 1.0, 3.0, deps=["L0.norm1#1"]),
+           op("rope_append", 1, "other", 3, 92, 3.0, 4.0, deps=["L0.kqv#1"], cls="other"),
+           op("ug", 1, "compute", 4, 100, 4.0, 8.0, deps=["L0.rope_append#1"]),
+           op("act", 1, "other", 5, 92, 8.0, 9.0, deps=["L0.ug#1"], cls="other"),
+           op("o", 0, "compute", 6, 132, 10.0, 11.0, deps=["L0.decode_attn#0", "L0.act#1"])]
+    ll = launch.build(schedule(ops))
+    check_layouts(ll)
+    by = ll.by_id()
+    # 100 SMs is a remainder (not a multiple of 8): the layout is (32, 100), not (100, 32)
+    assert {by[i].layout.sizes for i in by if i != "L0.o#0"} == {(32, 100)}
+    assert by["L0.decode_attn#0"].group == 0 and by["L0.decode_attn#0"].key == "32+100/g0"
+    assert all(by[i].group == 1 for i in ("L0.norm1#1", "L0.kqv#1", "L0.rope_append#1", "L0.act#1"))
+    # the 92-SM ops run on 100 SMs: said, not silent
+    assert any("L0.rope_append#1 92->100" in n for n in ll.notes), ll.notes
+    assert by["L0.o#0"].layout.build == "whole" and ll.layouts[0].sizes == (32, 100)
+    assert launch.to_dict(ll)["launches"][0]["layout"] == [32, 100]
+
+
+def test_corunning_is_transitive_one_build_for_a_chain():
+    # a co-runs with b, b with c (a and c never overlap): one layout for all three
+    ops = [op("a", 0, "x", 0, 64, 0, 2), op("b", 0, "y", 1, 36, 1, 4, cls="memory"),
+           op("c", 0, "x", 2, 96, 2, 5)]
+    ll = launch.build(schedule(ops))
+    check_layouts(ll)
+    assert len({l.layout for l in ll.launches}) == 1
+    assert ll.by_id()["L0.b#0"].group != ll.by_id()["L0.c#0"].group
+
+
+def test_separate_corunning_sets_get_their_own_layouts():
+    ops = [op("a", 0, "x", 0, 64, 0, 1), op("b", 0, "y", 1, 68, 0, 1, cls="memory"),
+           op("c", 0, "x", 2, 100, 2, 3, deps=["L0.a#0", "L0.b#0"]), op("d", 0, "y", 3, 32, 2, 3, cls="memory")]
+    ll = launch.build(schedule(ops))
+    check_layouts(ll)
+    by = ll.by_id()
+    assert by["L0.a#0"].layout.sizes == (64, 68) and by["L0.c#0"].layout.sizes == (32, 100)
+    assert [x.sizes for x in ll.layouts] == [(64, 68), (32, 100)]
+
+
+@pytest.mark.parametrize("batches", [2, 3, 4])
+@pytest.mark.parametrize("workload", [WORKLOAD, Workload("dec", 64, 128), Workload("pre", 0, 1, (32, 48))])
+def test_solved_like_plans_map_every_launch_to_a_buildable_layout(workload, batches):
+    check_layouts(launch.build(equal_split_plan(problem(workload), batches)))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_plans_corunners_share_one_layout(seed):
+    import random
+    rng = random.Random(seed)
+    ops, order = [], 0
+    for stream in ("x", "y", "z")[:rng.choice((2, 3))]:
+        t = rng.uniform(0, 2)
+        for i in range(rng.randint(2, 6)):
+            d = rng.uniform(0.2, 3)
+            sms = rng.choice((16, 24, 32, 48, 64, 92, 100, 108, 124, 132))
+            ops.append(op(f"{stream}op", i, stream, order, sms, round(t, 3), round(t + d, 3),
+                          cls=rng.choice(("compute", "memory", "other"))))
+            order += 1
+            t += d + rng.choice((0, 0, rng.uniform(0, 1)))
+    ops.sort(key=lambda o: o.start_ms)
+    ops = [PlannedOp(**{**o.__dict__, "order": k}) for k, o in enumerate(ops)]
+    ll = launch.build(schedule(ops))
+    check_layouts(ll, distinct=False)
+    shared = [(a.id, b.id) for a, b in itertools.combinations(ll.launches, 2)
+              if corunning(a, b) and not a.partition.is_whole and a.key == b.key]
+    if shared:
+        assert any("share a group" in n for n in ll.notes)

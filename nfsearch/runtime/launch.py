@@ -18,39 +18,41 @@ Three kinds of ordering edges
 Redundant waits are pruned with vector clocks over the stream keys: a wait is dropped when the
 waiting stream already knows (through earlier waits or its own order) that the op is done.
 
-SM intervals (green-context sides)
-----------------------------------
-Green contexts made from one split of the device are disjoint; two DIFFERENT splits overlap
-physically (the front group of split(96) and the front group of split(36) share 36 SMs). So every
-launch gets an explicit SM interval [lo, hi) of the SM line 0..N, and ops that run at the same time
-must get disjoint intervals. An interval is what one split gives:
-    [0, hi)  -> group 0 of split((hi, N-hi))          (a "front" group; hi a multiple of the granularity)
-    [lo, N)  -> group 1 of split((lo, N-lo))          (the "remainder" side of split(lo))
-    [lo, hi) -> group 1 of split((lo, hi-lo, N-hi))   (a middle group: a "nested" layout, the
-                                                       remainder of split(lo) split again)
-(SmPartitions.split rounds every size but the last; the last group takes the remaining SMs.)
-    [0, N)   -> the whole GPU: a plain stream, no green context.
-Every such split is a layout of nfsearch.layouts (fronts multiples of the granularity, remainder
-last). This assumes the driver hands SMs out in one fixed order for every split (granularity-aligned
-groups from the front, remainder last). Measured on an H100 (nfsearch/layouts.py) that holds only
-in part: groups asked together interleave SMs, and 1869 of 18915 line-disjoint interval pairs from
-different layouts shared SMs, so co-runners built from different splits may overlap physically.
-Placement, nano-op by nano-op in issue order, against the ops already placed:
-  compute ops take the lowest free interval (front: a GEMM of 96 SMs gets [0, 96) = front of split(96));
-  other classes take the highest free one (back: decode attention of 36 SMs gets [96, 132) = the
-  remainder of split(96) = split(132 - 36)).
+SM intervals, then one layout per co-running set
+------------------------------------------------
+Placement works on the SM line 0..N: nano-op by nano-op in issue order, against the ops already
+placed, each op gets an interval [lo, hi):
+  an interval of exactly the asked width comes first: a multiple of the granularity anywhere aligned,
+  any other width only as the remainder [N - w, N) (100 SMs is [32, 132), the remainder of (32, 100));
+  among those, and then among widths rounded up to the granularity, compute ops take the lowest free
+  interval (front: a GEMM of 96 SMs gets [0, 96)) and other classes the highest (back: decode
+  attention of 36 SMs gets [96, 132)).
 "Free" means disjoint from the intervals of ops (on other streams) predicted to overlap it in time,
 and buildable together: at every instant the op runs, the intervals of the ops running then, cut
 at their ends (idle SMs between them count as groups), must form a layout of
-``layouts.buildable_layouts`` with at most MAX_GROUPS groups (so three ops side by side on
-132 SMs get e.g. (64, 32, 36), never four groups with an idle gap). A free interval that is not
-buildable together is used only when none is (noted).
-Ops predicted NOT to overlap may share SMs: if timing drifts and they do co-run, they only slow each
-other; where they could not fit side by side at all, a capacity edge keeps them apart. If no
-interval of the asked width is free (rounding, fragmentation), the op gets the widest free aligned
-gap (noted), else it shares SMs (noted).
-Widths round up to the granularity (a front of 12 SMs is 16; a back side is N - lo, e.g. 36 = 132-96).
-The launch's ``sms`` (interval width) is what an SM-bounded kernel is told to use.
+``layouts.buildable_layouts`` with at most MAX_GROUPS groups. A free interval that is not
+buildable together is used only when none is (noted). If no interval of the asked width is free
+(rounding, fragmentation), the op gets the widest free aligned gap (noted), else it shares SMs
+(noted). Widths round up to the granularity (a front of 12 SMs is 16).
+
+The SM line is only a model of what the driver hands out: the same interval gets DIFFERENT physical
+SMs from different splits (measured on an H100, nfsearch/layouts.py: 1869 of 18915 pairs of
+line-disjoint intervals from different layouts shared SMs). Only the groups of ONE build of ONE
+layout are known to be disjoint. So the intervals are then turned into (layout, group) pairs:
+
+* Co-running sets: two launches on different plan streams predicted to overlap in time co-run.
+  A launch runs on one stream, so everything linked by co-running (the connected components of
+  that relation) must take its streams from ONE build: each component gets ONE buildable layout.
+* The layout of a component is chosen among those cut at its intervals' ends (at most MAX_GROUPS
+  groups, buildable); each launch takes the group its interval overlaps most. Chosen: the fewest
+  co-running pairs in one group (normally none), then the least SM-count change weighted by
+  predicted duration. A launch whose group is not the width it asked is noted (never silent); two
+  co-runners left in one group share its stream and run one after the other (noted).
+* Launches of the whole GPU (or alone, predicted beside nothing, asking for every SM) run on a
+  plain stream: layout (N,) "whole", group 0.
+Launches of different components never co-run (by prediction), so they may reuse a build: builds
+are cached per layout, and the stream key of a launch is its (layout, group): ``100+32/g1``.
+The launch's ``sms`` (its group's width) is what an SM-bounded kernel is told to use.
 
 Sequential baselines (``sequential_launches``) are whole ops on one stream and the whole GPU.
 """
@@ -58,9 +60,10 @@ Sequential baselines (``sequential_launches``) are whole ops on one stream and t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import combinations
 
 from nfsearch.errors import NfsearchError
-from nfsearch.layouts import line_layout
+from nfsearch.layouts import Layout, is_buildable, line_layout, make_layout
 
 TOLERANCE_MS = 1e-4
 COMPUTE_CLASSES = ("compute",)
@@ -69,7 +72,7 @@ MAX_GROUPS = 3          # green-context groups side by side (a nested three-way 
 
 @dataclass(frozen=True)
 class Partition:
-    """An SM interval [lo, hi) of a GPU with num_sms SMs, and the split that makes it."""
+    """An SM interval [lo, hi) of the SM line of a GPU with num_sms SMs."""
     lo: int
     hi: int
     num_sms: int
@@ -81,20 +84,6 @@ class Partition:
     @property
     def is_whole(self) -> bool:
         return self.lo == 0 and self.hi == self.num_sms
-
-    @property
-    def split(self) -> tuple[tuple[int, ...], int]:
-        """(sizes for SmPartitions.split, index of the group), or ((), 0) for the whole GPU.
-
-        SmPartitions.split rounds every size but the last, and the last group takes the rest."""
-        n = self.num_sms
-        if self.is_whole:
-            return (), 0
-        if self.lo == 0:
-            return (self.hi, n - self.hi), 0
-        if self.hi == n:
-            return (self.lo, n - self.lo), 1
-        return (self.lo, self.hi - self.lo, n - self.hi), 1
 
     @property
     def label(self) -> str:
@@ -117,12 +106,22 @@ class Launch:
     key: str                         # stream key it is issued on: plan stream + SM interval
     order: int
     sm_count: int                    # asked by the plan
-    partition: Partition
+    partition: Partition             # the bounds of its group in the layout
     waits: tuple[str, ...]           # ids whose completion events this launch waits on
     wait_kinds: tuple[str, ...]      # "data" | "capacity" | "stream", one per wait
     record: bool                     # some later launch waits on this one's event
+    layout: Layout                   # the layout of its co-running set, built once per layout
+    group: int                       # its group in that layout (its stream comes from this group)
     start_ms: float = 0.0
     end_ms: float = 0.0
+
+    def __post_init__(self):
+        if not 0 <= self.group < self.layout.num_groups:
+            raise ValueError(f"launch {self.id}: group {self.group} is not a group of layout {self.layout.sizes}")
+        lo, hi = self.layout.bounds[self.group]
+        if (self.partition.lo, self.partition.hi) != (lo, hi):
+            raise ValueError(f"launch {self.id}: partition [{self.partition.lo}, {self.partition.hi}) is not group "
+                             f"{self.group} [{lo}, {hi}) of layout {self.layout.sizes}")
 
     @property
     def sms(self) -> int:
@@ -149,12 +148,22 @@ class LaunchList:
     def by_id(self) -> dict[str, Launch]:
         return {l.id: l for l in self.launches}
 
+    @property
+    def layouts(self) -> list[Layout]:
+        """The distinct layouts the launches use (one build each), in first-use order."""
+        return list(dict.fromkeys(l.layout for l in self.launches))
+
     def summary(self) -> dict:
         waits = [k for l in self.launches for k in l.wait_kinds]
         return {"launches": len(self.launches), "stream_keys": self.keys,
                 "partitions": sorted({l.partition.label for l in self.launches}),
+                "layouts": [layout_label(x) for x in self.layouts],
                 "waits": {k: waits.count(k) for k in ("data", "capacity", "stream")},
                 "capacity_edges": len(self.capacity_edges), "notes": list(self.notes)}
+
+
+def layout_label(layout: Layout) -> str:
+    return "+".join(str(s) for s in layout.sizes)
 
 
 # ---------------------------------------------------------------------------------------------- build
@@ -170,8 +179,11 @@ def build(schedule, num_sms: int | None = None, granularity: int | None = None,
     by_id = {o.id: o for o in ops}
 
     cap = _capacity_edges(ops, n, notes)
-    parts = _place(ops, n, g, notes)
-    keys = {o.id: f"{o.stream}@{parts[o.id].label}" for o in ops}
+    placed = _place(ops, n, g, notes)
+    groups = assign_layouts(ops, placed, n, g, notes)
+    parts = {i: Partition(*lay.bounds[grp], n) for i, (lay, grp) in groups.items()}
+    keys = {o.id: (f"{o.stream}@all" if groups[o.id][0].build == "whole"
+                   else f"{layout_label(groups[o.id][0])}/g{groups[o.id][1]}") for o in ops}
 
     needs: dict[str, list[tuple[str, str]]] = {}
     last_on_stream: dict[str, str] = {}
@@ -191,7 +203,8 @@ def build(schedule, num_sms: int | None = None, granularity: int | None = None,
                impl=mapped.get(o.impl, o.impl), tokens=tuple(o.tokens), stream=o.stream, key=keys[o.id],
                order=o.order, sm_count=o.sm_count, partition=parts[o.id],
                waits=tuple(d for d, _ in waits[o.id]), wait_kinds=tuple(k for _, k in waits[o.id]),
-               record=o.id in recorded, start_ms=o.start_ms, end_ms=o.end_ms)
+               record=o.id in recorded, layout=groups[o.id][0], group=groups[o.id][1],
+               start_ms=o.start_ms, end_ms=o.end_ms)
         for o in ops)
     edges = tuple((a, b) for b, As in cap.items() for a in As)
     return LaunchList(launches, n, g, schedule.num_layers, tuple(notes), edges)
@@ -207,6 +220,7 @@ def sequential_launches(model, workload, num_layers: int, num_sms: int, impl_of,
     layer = build_layer(model, workload)
     names = list(layer.nodes)          # inserted in the layer's data-flow order (ops.layer_ops)
     whole = Partition(0, num_sms, num_sms)
+    whole_layout = Layout((num_sms,), "whole")
     out, order = [], 0
     for l in range(num_layers):
         for name in names:
@@ -215,7 +229,7 @@ def sequential_launches(model, workload, num_layers: int, num_sms: int, impl_of,
             out.append(Launch(id=f"L{l}.{name}#0", layer=l, op=name, index=0, op_class=op.op_class, impl=impl,
                               tokens=tuple(layer.nodes[name]["token_range"]), stream=stream,
                               key=f"{stream}@all", order=order, sm_count=num_sms, partition=whole,
-                              waits=(), wait_kinds=(), record=False))
+                              waits=(), wait_kinds=(), record=False, layout=whole_layout, group=0))
             order += 1
     return LaunchList(tuple(out), num_sms, 1, num_layers)
 
@@ -325,6 +339,13 @@ def _candidates(width: int, n: int, g: int, front: bool) -> list[Partition]:
         if hi - w >= 0:
             backs.append(Partition(hi - w, hi, n))
     cands = fronts + backs if front else backs + fronts
+    # exact widths first: a group can be a multiple of the granularity anywhere aligned, or any width
+    # as the remainder (last) of a layout; only after them the widths rounded up (e.g. 100 SMs is
+    # exact as [32, 132), the remainder of (32, 100), but rounds to 104 at the front)
+    exact = [c for c in cands if c.sms == width and (c.lo % g == 0) and (c.hi % g == 0 or c.hi == n)]
+    # ... and of those first the ones at an end of the SM line, which cut no idle sliver off it
+    exact.sort(key=lambda c: not (c.lo == 0 or c.hi == n))
+    cands = exact + cands
     seen, out = set(), []
     for c in cands:
         if (c.lo, c.hi) not in seen and c.sms < n:
@@ -382,11 +403,100 @@ def _widest_gap(busy: list[Partition], n: int, g: int, front: bool) -> Partition
     return best
 
 
+# ---------------------------------------------------------------------------------------------- layouts
+def _corun(a, b) -> bool:
+    """Predicted to run side by side: different plan streams, overlapping predicted times."""
+    return (a.stream != b.stream and a.start_ms < b.end_ms - TOLERANCE_MS
+            and b.start_ms < a.end_ms - TOLERANCE_MS)
+
+
+def corun_components(ops, placed: dict[str, Partition]) -> list[list]:
+    """The co-running sets: connected components of "predicted side by side" among the launches
+    that do not take the whole GPU (in issue order, each component in issue order)."""
+    side = [o for o in ops if not placed[o.id].is_whole]
+    parent = {o.id: o.id for o in side}
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    by_start = sorted(side, key=lambda o: o.start_ms)
+    for i, a in enumerate(by_start):
+        for b in by_start[i + 1:]:
+            if b.start_ms >= a.end_ms - TOLERANCE_MS:
+                break
+            if _corun(a, b):
+                parent[root(a.id)] = root(b.id)
+    comps: dict[str, list] = {}
+    for o in side:
+        comps.setdefault(root(o.id), []).append(o)
+    return list(comps.values())
+
+
+def assign_layouts(ops, placed: dict[str, Partition], n: int, g: int, notes: list[str]
+                   ) -> dict[str, tuple[Layout, int]]:
+    """(layout, group) per launch: one buildable layout per co-running set (see the module docstring)."""
+    whole = Layout((n,), "whole")
+    out = {o.id: (whole, 0) for o in ops if placed[o.id].is_whole}
+    resized, shared = [], []
+    for comp in corun_components(ops, placed):
+        layout, group_of = _best_layout(comp, placed, n, g)
+        for o in comp:
+            out[o.id] = (layout, group_of[o.id])
+            got = layout.sizes[group_of[o.id]]
+            if got != o.sm_count:
+                resized.append(f"{o.id} {o.sm_count}->{got}")
+        for a, b in combinations(comp, 2):
+            if group_of[a.id] == group_of[b.id] and _corun(a, b):
+                shared.append(f"{a.id}+{b.id}")
+    if resized:
+        notes.append(f"{len(resized)} launch(es) run on another SM count than the plan asks (rounded to the "
+                     f"granularity, or one layout per co-running set): " + ", ".join(resized[:6]) + (" ..." if len(resized) > 6 else ""))
+    if shared:
+        notes.append(f"{len(shared)} pair(s) predicted side by side share a group (one stream, one after the "
+                     f"other): " + ", ".join(shared[:4]) + (" ..." if len(shared) > 4 else ""))
+    return out
+
+
+def _best_layout(comp, placed: dict[str, Partition], n: int, g: int) -> tuple[Layout, dict[str, int]]:
+    """The layout (cut at the component's interval ends) and group per launch that puts the fewest
+    co-running pairs in one group, then changes the SM counts least (weighted by duration)."""
+    pairs = [(a.id, b.id) for a, b in combinations(comp, 2) if _corun(a, b)]
+    cuts = sorted({x for o in comp for x in (placed[o.id].lo, placed[o.id].hi)} - {0, n})
+    best = None
+    for k in range(MAX_GROUPS):
+        for chosen in combinations(cuts, k):
+            bounds = (0, *chosen, n)
+            sizes = tuple(b - a for a, b in zip(bounds, bounds[1:]))
+            if not is_buildable(sizes, n, g, MAX_GROUPS):
+                continue
+            layout = make_layout(sizes, n, g, MAX_GROUPS)
+            group_of = {o.id: _group_for(placed[o.id], layout) for o in comp}
+            clashes = sum(1 for a, b in pairs if group_of[a] == group_of[b])
+            change = sum((o.end_ms - o.start_ms + TOLERANCE_MS) * abs(layout.sizes[group_of[o.id]] - placed[o.id].sms)
+                         for o in comp)
+            score = (clashes, round(change, 9), layout.num_groups)
+            if best is None or score < best[0]:
+                best = (score, layout, group_of)
+    return best[1], best[2]          # k = 0 (the whole GPU, one group) is always buildable
+
+
+def _group_for(p: Partition, layout: Layout) -> int:
+    """The group of the layout that overlaps p most (ties: the one nearest p's width, then the first)."""
+    def key(i):
+        lo, hi = layout.bounds[i]
+        return (-(min(hi, p.hi) - max(lo, p.lo)), abs((hi - lo) - p.sms), i)
+    return min(range(layout.num_groups), key=key)
+
+
 # ---------------------------------------------------------------------------------------------- json
 def to_dict(ll: LaunchList) -> dict:
     return {"num_sms": ll.num_sms, "granularity": ll.granularity, "num_layers": ll.num_layers,
             "notes": list(ll.notes), "capacity_edges": [list(e) for e in ll.capacity_edges],
             "launches": [{"id": l.id, "op": l.op, "impl": l.impl, "tokens": list(l.tokens), "stream": l.stream,
                           "key": l.key, "order": l.order, "sm_count": l.sm_count, "sms": l.sms,
-                          "partition": [l.partition.lo, l.partition.hi], "waits": list(l.waits),
+                          "partition": [l.partition.lo, l.partition.hi], "layout": list(l.layout.sizes),
+                          "layout_build": l.layout.build, "group": l.group, "waits": list(l.waits),
                           "wait_kinds": list(l.wait_kinds), "record": l.record} for l in ll.launches]}
