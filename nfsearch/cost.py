@@ -1,23 +1,47 @@
 """The cost model and the scheduling problem the search works on.
 
-CostModel: time of a nano-op at an SM count, alone or beside ops of other classes. Co-run times
-come from the profile's measured co-run rows where it has them; otherwise from NanoFlow's published
-A100 curves (NANOFLOW.md): an op of class c given a share R of the SMs, while another class runs
-beside it, progresses at P_c(R) of its full-GPU solo speed, so its co-run time is
-max(solo time at its SM count, full-GPU time / P_c(R)); that source is named in every plan.
+CostModel: time of a nano-op at an SM count, alone or beside other nano-ops. An op beside others is
+its solo time (profile rows) times a STRETCH per partner, the stretches combined additively
+(1 + sum of (stretch - 1): two partners each costing 10% cost 20%). A stretch comes from, in order:
+
+1. the PAIR TABLE of a measured profile (nfsearch/pairs.py, `PairModel` below): the two ops of a
+   pair family launched together on the two sides of a split. From each measured split we derive
+   each side's FULLY-OVERLAPPED time (the side that ends first overlapped its partner all along;
+   the other ran beside it until then and alone on its partition after, so its overlapped rate
+   is what is left once that solo tail is taken out), as a stretch over its time alone on the same
+   partition. Stretches are interpolated linearly in the op's own tokens and SM count and never
+   extrapolated in those; the partner's size and the contexts are taken at the nearest measured
+   value (labelled "partner size clamped" where that differs from the lookup).
+2. the profile's older co-run rows (`co_class`: the op measured beside a class), where they answer;
+3. NanoFlow's published A100 curves (NANOFLOW.md): an op of class c on a share R of the SMs runs at
+   P_c(R) of its full-GPU speed. Analytic profiles use these; for a measured profile they are the
+   labelled fallback outside the measured range.
+Same-class partners without a pair family stretch nothing here: simulate.replay's class ceiling
+caps them. Every lookup's source is counted (`CostModel.source_counts`) and the plan's
+profile.interference string names the sources.
+
+Overheads: a launch on the same stream costs nothing extra (profile times are single kernels timed
+with their own launch gap: the W1 sequential plan ran 1.066 ms/layer on an H100 against 1.071
+predicted); a wait on another stream's event costs `event_wait_ms` (profile metadata
+"overheads": {"event_wait_us": x} where measured, else DEFAULT_EVENT_WAIT_US, labelled default).
 
 Problem bundles model, workload, GPU, profile, layer graph and cost model for the search.
 """
 
+import bisect
+import math
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
 import networkx as nx
 
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import Op, build_layer, op_context
+from nfsearch.pairs import PairPoint, points_from_meta
 from nfsearch.plan import MAX_NUM_LAYERS, PlanGpu, PlanProfile
 from nfsearch.profile import ProfileMiss, ProfileTable, gpu_from_profile, load
 from nfsearch.roofline import analytic_profile, interp, roofline
@@ -32,12 +56,29 @@ PUBLISHED_CURVES = {
     "network": ((0.0, 0.0), (0.1, 0.4), (0.2, 0.6), (0.3, 0.7), (0.4, 0.8), (0.5, 0.9), (1.0, 1.0)),
 }
 PUBLISHED_CURVES["other"] = PUBLISHED_CURVES["memory"]
+CURVES_SOURCE = "published NanoFlow curves (A100)"
+
+# a cross-stream event wait in a CUDA graph: not yet measured on our H100 (issue 10); 4-6 us is what
+# graph replays of event waits typically add, so 5 us is the labelled default
+DEFAULT_EVENT_WAIT_US = 5.0
+# ops that run the same kernel as a measured one (norm2 is norm1's RMSNorm on other data)
+OP_ALIASES = {"norm2": "norm1"}
+MAX_STRETCH = 8.0          # a derived stretch beyond this is a measurement artefact (a stalled side)
+
+SRC_PAIRS = "pair table"
+SRC_PAIRS_CLAMPED = "pair table (partner size clamped)"
+SRC_PAIRS_EDGE = "pair table at the nearest measured size/SMs (outside the measured range)"
+SRC_PAIRS_OTHER = "pair table, worst measured partner of the class (no family for this pair)"
+SRC_ROWS = "co-run rows"
+SRC_CURVES = "A100 curves"
+SRC_CURVES_FALLBACK = "A100 curves (outside the measured pairs)"
+SRC_SAME_CLASS = "same class (replay ceiling)"
 
 
 @dataclass(frozen=True)
 class Interference:
-    """The default model; `source` says where co-run figures come from."""
-    source: str = "published NanoFlow curves (A100)"
+    """The published curves; `source` says where co-run figures come from."""
+    source: str = CURVES_SOURCE
 
     def speed(self, op_class: str, share: float) -> float:
         curve = PUBLISHED_CURVES[op_class]
@@ -47,20 +88,206 @@ class Interference:
         return max(solo_ms, full_gpu_ms / self.speed(op_class, share))
 
 
+@dataclass(frozen=True)
+class Overheads:
+    """Costs the kernels' own times do not hold."""
+    event_wait_ms: float
+    source: str
+
+    def __post_init__(self):
+        if not (math.isfinite(self.event_wait_ms) and 0 <= self.event_wait_ms < 1.0):
+            raise NfsearchError(f"event wait must be in 0..1000 us, not {self.event_wait_ms * 1e3:g} us")
+
+    def describe(self) -> str:
+        return f"cross-stream wait {self.event_wait_ms * 1e3:g} us ({self.source})"
+
+
+def overheads_from_meta(meta: dict) -> Overheads:
+    """The profile's measured overheads ("overheads": {"event_wait_us": x}), else the labelled default."""
+    entry = meta.get("overheads")
+    if isinstance(entry, dict) and "event_wait_us" in entry:
+        value = entry["event_wait_us"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise NfsearchError(f"profile overheads: event_wait_us must be a number, not {value!r}")
+        return Overheads(float(value) / 1e3, "measured")
+    return Overheads(DEFAULT_EVENT_WAIT_US / 1e3, "default, not measured")
+
+
+# ------------------------------------------------------------------------------------ pair model
+class Partner(NamedTuple):
+    """A nano-op running beside another: its op, size and SM count."""
+    op: str
+    num_tokens: int
+    sm_count: int
+
+
+@dataclass(frozen=True)
+class PairSample:
+    """One side of one measured split: the op's fully-overlapped time over its time alone on the
+    same partition, beside a partner of the given size."""
+    num_tokens: int
+    context: int
+    partner_tokens: int
+    partner_context: int
+    sm_count: int
+    stretch: float
+    part_ms: float          # the op alone on the same partition, measured with the pair
+
+
+def side_stretches(p: PairPoint) -> tuple[float, float]:
+    """(stretch of A, stretch of B) fully overlapped, from one measured split.
+
+    Launched together, the side that ends first (at t1) overlapped the other all along: its
+    stretch is t1 / its partition time. The other side did a fraction f = 1 - tail / partition
+    time by t1 (its tail after t1 ran alone at its partition speed), so fully overlapped it would
+    take t1 / f. Stretches are kept in [1, MAX_STRETCH]: a partner never speeds an op up."""
+    def rest(first_ms, last_ms, part_ms):
+        done = 1.0 - (last_ms - first_ms) / part_ms
+        return first_ms / part_ms / done if done > first_ms / part_ms / MAX_STRETCH else MAX_STRETCH
+    if p.corun_a_ms <= p.corun_b_ms:
+        sa, sb = p.corun_a_ms / p.part_a_ms, rest(p.corun_a_ms, p.corun_b_ms, p.part_b_ms)
+    else:
+        sa, sb = rest(p.corun_b_ms, p.corun_a_ms, p.part_a_ms), p.corun_b_ms / p.part_b_ms
+    clamp = lambda s: min(MAX_STRETCH, max(1.0, s))
+    return clamp(sa), clamp(sb)
+
+
+def predict_pair(stretch_a: float, stretch_b: float, solo_a_ms: float, solo_b_ms: float) -> tuple[float, float]:
+    """(end of A, end of B) when both start together: overlapped until the first ends, then the other
+    alone on its partition (the inverse of side_stretches, and what simulate.replay does)."""
+    ta, tb = stretch_a * solo_a_ms, stretch_b * solo_b_ms
+    if ta <= tb:
+        return ta, ta + (1.0 - ta / tb) * solo_b_ms
+    return tb + (1.0 - tb / ta) * solo_a_ms, tb
+
+
+def _nearest(values, x):
+    return min(values, key=lambda v: (abs(v - x), v))
+
+
+def _linear(xs: list, ys: list, x: float) -> tuple | None:
+    """ys (tuples) at x, linear between the sorted xs; None outside [xs[0], xs[-1]] (never extrapolated)."""
+    if x < xs[0] or x > xs[-1]:
+        return None
+    i = bisect.bisect_left(xs, x)
+    if xs[i] == x:
+        return ys[i]
+    w = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+    return tuple(a + (b - a) * w for a, b in zip(ys[i - 1], ys[i]))
+
+
+class PairModel:
+    """Stretches of an op beside a partner op, from a profile's pair table (see the module doc)."""
+
+    def __init__(self, points: list[PairPoint]):
+        self.num_points = len(points)
+        self.samples: dict[tuple[str, str], list[PairSample]] = {}
+        self.partner_class: dict[str, dict[str, str]] = {}
+        for p in points:
+            self.partner_class.setdefault(p.a.op, {})[p.b.op] = p.b.op_class
+            self.partner_class.setdefault(p.b.op, {})[p.a.op] = p.a.op_class
+            sa, sb = side_stretches(p)
+            self.samples.setdefault((p.a.op, p.b.op), []).append(
+                PairSample(p.a.num_tokens, p.a.context, p.b.num_tokens, p.b.context, p.sms_a, sa, p.part_a_ms))
+            self.samples.setdefault((p.b.op, p.a.op), []).append(
+                PairSample(p.b.num_tokens, p.b.context, p.a.num_tokens, p.a.context, p.sms_b, sb, p.part_b_ms))
+        for v in self.samples.values():
+            v.sort(key=lambda s: (s.num_tokens, s.context, s.partner_tokens, s.partner_context, s.sm_count))
+
+    @classmethod
+    def from_profile(cls, profile: ProfileTable) -> "PairModel | None":
+        points = points_from_meta(profile.meta, profile.label)
+        return cls(points) if points else None
+
+    def has(self, op: str, partner_op: str) -> bool:
+        return (OP_ALIASES.get(op, op), OP_ALIASES.get(partner_op, partner_op)) in self.samples
+
+    def stretch(self, op: str, num_tokens: int, context: int, sm_count: int, partner_op: str,
+                partner_tokens: int, partner_context: int, is_clamped: bool = False
+                ) -> tuple[float, float, str] | None:
+        """(stretch, time alone on the partition in ms, source) of `op` beside `partner_op`, both
+        interpolated from the measured splits; None outside the measured range (the op's tokens or
+        SM count beyond the family's measured ones, or no family). Stretch x partition time is the
+        op's fully-overlapped time. `is_clamped`: the op's tokens and SM count are taken at the
+        nearest measured ones instead (a labelled fallback, never the first answer)."""
+        samples = self.samples.get((OP_ALIASES.get(op, op), OP_ALIASES.get(partner_op, partner_op)))
+        if not samples:
+            return None
+        sizes = sorted({s.num_tokens for s in samples})
+        if is_clamped:
+            num_tokens = min(max(num_tokens, sizes[0]), sizes[-1])
+        if not sizes[0] <= num_tokens <= sizes[-1]:
+            return None
+        i = bisect.bisect_left(sizes, num_tokens)
+        bracket = [sizes[i]] if sizes[i] == num_tokens else [sizes[i - 1], sizes[i]]
+        values, clamped = [], False
+        for t in bracket:
+            at_t = [s for s in samples if s.num_tokens == t]
+            ctx = _nearest(sorted({s.context for s in at_t}), context)
+            at_t = [s for s in at_t if s.context == ctx]
+            pctx = _nearest(sorted({s.partner_context for s in at_t}), partner_context)
+            at_t = [s for s in at_t if s.partner_context == pctx]
+            clamped |= ctx != context or pctx != partner_context
+            psizes = sorted({s.partner_tokens for s in at_t})
+            if psizes[0] <= partner_tokens <= psizes[-1]:
+                k = bisect.bisect_left(psizes, partner_tokens)
+                pbracket = [psizes[k]] if psizes[k] == partner_tokens else [psizes[k - 1], psizes[k]]
+            else:
+                pbracket = [_nearest(psizes, partner_tokens)]
+                clamped = True
+            by_partner = []
+            for u in pbracket:
+                line = [s for s in at_t if s.partner_tokens == u]
+                if is_clamped:
+                    sm_count = min(max(sm_count, line[0].sm_count), line[-1].sm_count)
+                v = _linear([s.sm_count for s in line], [(s.stretch, s.part_ms) for s in line], sm_count)
+                if v is None:
+                    return None
+                by_partner.append((u, v))
+            values.append((t, by_partner[0][1] if len(by_partner) == 1 else
+                           _linear([u for u, _ in by_partner], [v for _, v in by_partner], partner_tokens)))
+        value = values[0][1] if len(values) == 1 else _linear([t for t, _ in values], [v for _, v in values],
+                                                              num_tokens)
+        if is_clamped:
+            return value[0], value[1], SRC_PAIRS_EDGE
+        return value[0], value[1], SRC_PAIRS_CLAMPED if clamped else SRC_PAIRS
+
+    def partners_of(self, op: str) -> list[tuple[str, str]]:
+        """(partner op, its class) of every family measured with `op`."""
+        return sorted(self.partner_class.get(OP_ALIASES.get(op, op), {}).items())
+
+
+# ------------------------------------------------------------------------------------ cost model
 class CostModel:
     def __init__(self, profile: ProfileTable, layer: nx.DiGraph, workload: Workload,
-                 interference: Interference | None = None, allow_extrapolation: bool = False):
+                 interference: Interference | None = None, allow_extrapolation: bool = False,
+                 pairs: PairModel | None = None, overheads: Overheads | None = None):
         self.profile = profile
         self.workload = workload
         self.interference = interference or Interference()
         self.is_extrapolating = allow_extrapolation
+        self.pairs = pairs
+        self.overheads = overheads or overheads_from_meta(profile.meta)
         self.ops: dict[str, Op] = {name: layer.nodes[name]["op"] for name in layer.nodes}
+        self.whole_tokens = {name: layer.nodes[name]["token_range"][1] - layer.nodes[name]["token_range"][0]
+                             for name in layer.nodes}
         self.num_sms = int(profile.meta["num_sms"])
+        self.source_counts: Counter = Counter()       # distinct stretch lookups by source
         self.solo_ms = lru_cache(maxsize=None)(self._solo_ms)
         self.corun_ms = lru_cache(maxsize=None)(self._corun_ms)
+        self.stretch = lru_cache(maxsize=None)(self._stretch)
+        self.beside_ms = lru_cache(maxsize=None)(self._beside_ms)
+        self.stretched_ms = lru_cache(maxsize=None)(self._stretched_ms)
+
+    @property
+    def event_wait_ms(self) -> float:
+        return self.overheads.event_wait_ms
 
     def op_class(self, op: str) -> str:
         return self.ops[op].op_class
+
+    def context(self, op: str) -> int:
+        return op_context(self.ops[op], self.workload)
 
     def impl(self, op: str, num_tokens: int, sm_count: int) -> str:
         return self._lookup(op, num_tokens, sm_count)[1]
@@ -69,24 +296,97 @@ class CostModel:
         return self._lookup(op, num_tokens, sm_count)[0]
 
     def _corun_ms(self, op: str, num_tokens: int, sm_count: int, co_class: str) -> float:
-        """Time while an op of `co_class` runs beside it (measured if the table has it)."""
+        """Time while some op of `co_class` runs beside it, by class: the older co-run rows if the
+        table has them, else the published curves (the pair table needs the partner op itself)."""
+        return self.solo_ms(op, num_tokens, sm_count) * self._class_stretch(op, num_tokens, sm_count, co_class)[0]
+
+    def _class_stretch(self, op: str, num_tokens: int, sm_count: int, co_class: str) -> tuple[float, str]:
         solo = self.solo_ms(op, num_tokens, sm_count)
         if co_class == self.op_class(op) or not co_class:
-            return solo
+            return 1.0, SRC_SAME_CLASS
         if co_class in self.profile.rows["co_class"].values and self.profile.impls(op, co_class):
             try:
-                return max(solo, self._lookup(op, num_tokens, sm_count, co_class)[0])
+                row, impl = self._lookup(op, num_tokens, sm_count, co_class)
+                # against the same impl's solo time where the table has it (rows of an older impl)
+                try:
+                    base = self.profile.time_ms(op, num_tokens, sm_count, self.context(op), impl=impl,
+                                                allow_extrapolation=self.is_extrapolating)[0]
+                except ProfileMiss:
+                    base = solo
+                return max(1.0, row / base), SRC_ROWS
             except ProfileMiss:
                 pass
         full = self.solo_ms(op, num_tokens, self.num_sms)
-        return self.interference.corun_ms(self.op_class(op), solo, full, sm_count / self.num_sms)
+        corun = self.interference.corun_ms(self.op_class(op), solo, full, sm_count / self.num_sms)
+        return corun / solo, SRC_CURVES_FALLBACK if self.pairs is not None else SRC_CURVES
 
-    def stretched_ms(self, op: str, num_tokens: int, sm_count: int, co_classes: frozenset[str]) -> float:
-        """Time while ops of `co_classes` run beside it: the worst of the pairwise stretches."""
-        others = [c for c in co_classes if c != self.op_class(op)]
-        if not others:
+    def _stretch(self, op: str, num_tokens: int, sm_count: int, partner: Partner) -> tuple[float, str]:
+        """(stretch, source) of the op beside one partner nano-op."""
+        if self.pairs is not None and partner.op in self.ops:
+            got = self.pairs.stretch(op, num_tokens, self.context(op), sm_count, partner.op,
+                                     partner.num_tokens, self.context(partner.op))
+            if got is not None:
+                stretch, part_ms, source = got
+                # the fully-overlapped time measured with the pair, over this table's solo time (the
+                # two measurements of one op alone differ by up to ~10%: the pair's is the one taken
+                # beside its partner's run); never below 1
+                self.source_counts[source] += 1
+                return max(1.0, stretch * part_ms / self.solo_ms(op, num_tokens, sm_count)), source
+        value, source = self._class_stretch(op, num_tokens, sm_count, self.op_class(partner.op))
+        if source == SRC_CURVES_FALLBACK:
+            # a measured profile: the curves mix partition scaling (already in the solo rows) into
+            # interference, so the pair table's nearest measurement is preferred, labelled
+            got = self._pair_fallback(op, num_tokens, sm_count, partner)
+            if got is not None:
+                value, source = got
+        self.source_counts[source] += 1
+        return value, source
+
+    def _pair_fallback(self, op: str, num_tokens: int, sm_count: int, partner: Partner) -> tuple[float, str] | None:
+        """Outside the measured range: the same family at its nearest measured size and SM count;
+        with no family for this pair, the worst measured partner of the partner's class (any class
+        if none), each at its nearest measured point."""
+        def at_edge(partner_op: str, partner_tokens: int) -> float | None:
+            got = self.pairs.stretch(op, num_tokens, self.context(op), sm_count, partner_op, partner_tokens,
+                                     self.context(partner_op) if partner_op in self.ops else 0, is_clamped=True)
+            if got is None:
+                return None
+            return got[0]          # (over the clamped point's own partition time)
+        value = at_edge(partner.op, partner.num_tokens)
+        if value is not None:
+            return value, SRC_PAIRS_EDGE
+        known = self.pairs.partners_of(op)
+        same = [q for q, c in known if c == self.op_class(partner.op)] or [q for q, _ in known]
+        values = [v for v in (at_edge(q, partner.num_tokens) for q in same) if v is not None]
+        return (max(values), SRC_PAIRS_OTHER) if values else None
+
+    def _beside_ms(self, op: str, num_tokens: int, sm_count: int, partners: tuple[Partner, ...]) -> float:
+        """Time of the op while `partners` (sorted) run beside it: solo x (1 + sum of (stretch - 1))."""
+        solo = self.solo_ms(op, num_tokens, sm_count)
+        extra = sum(self.stretch(op, num_tokens, sm_count, p)[0] - 1.0 for p in partners)
+        return solo * (1.0 + extra)
+
+    def _stretched_ms(self, op: str, num_tokens: int, sm_count: int, co_classes: frozenset[str]) -> float:
+        """Time beside the WORST single partner among the layer's ops of `co_classes` (each whole, on
+        the SMs this op leaves): the pessimistic figure stage 2 plans with."""
+        others = [name for name in self.ops if self.op_class(name) in co_classes and name != op
+                  and self.op_class(name) != self.op_class(op)]
+        if not others or sm_count >= self.num_sms:
             return self.solo_ms(op, num_tokens, sm_count)
-        return max(self.corun_ms(op, num_tokens, sm_count, c) for c in others)
+        rest = self.num_sms - sm_count
+        return max(self.beside_ms(op, num_tokens, sm_count, (Partner(name, self.whole_tokens[name], rest),))
+                   for name in others)
+
+    def describe_sources(self) -> str:
+        """The interference sources, for plans and timelines."""
+        if self.pairs is not None:
+            head = (f"measured pair table ({self.pairs.num_points} splits; interpolated in tokens and SMs, "
+                    f"partner size clamped; outside it the co-run rows, then {CURVES_SOURCE}, labelled)")
+        elif self.profile.has_corun():
+            head = f"measured co-run rows by class; elsewhere {CURVES_SOURCE}"
+        else:
+            head = self.interference.source
+        return f"{head}; {self.overheads.describe()}"
 
     def _lookup(self, op: str, num_tokens: int, sm_count: int, co_class: str = "") -> tuple[float, str]:
         context = op_context(self.ops[op], self.workload)
@@ -113,7 +413,7 @@ class Problem:
 
     def plan_profile(self) -> PlanProfile:
         return PlanProfile(self.profile.fingerprint(), self.profile.meta["source"], self.profile.label,
-                           self.cost.interference.source)
+                           self.cost.describe_sources())
 
 
 def make_problem(model: ModelSpec, workload: Workload, profile: ProfileTable, num_layers: int = 2,
@@ -122,8 +422,8 @@ def make_problem(model: ModelSpec, workload: Workload, profile: ProfileTable, nu
         raise NfsearchError(f"num_layers must be in 1..{MAX_NUM_LAYERS}, not {num_layers}")
     layer = build_layer(model, workload)
     gpu = gpu_from_profile(profile)
-    source = "measured co-run table" if profile.has_corun() else Interference().source
-    cost = CostModel(profile, layer, workload, Interference(source), allow_extrapolation)
+    pairs = None if profile.is_analytic else PairModel.from_profile(profile)
+    cost = CostModel(profile, layer, workload, Interference(), allow_extrapolation, pairs)
     return Problem(model, workload, gpu, profile, layer, cost, num_layers)
 
 
@@ -141,3 +441,47 @@ def default_profile(model: ModelSpec, workload: Workload, gpu_key: str = "h100-s
             if (folder / name).is_file():
                 return load(folder / name)
     return analytic_profile(model, workload, load_gpu(gpu_key))
+
+
+# ------------------------------------------------------------------------------------ held-out check
+@dataclass(frozen=True)
+class HeldOut:
+    """One measured split predicted by a pair model fitted without it."""
+    family: str
+    sms_a: int
+    sms_b: int
+    measured_ms: tuple[float, float, float]       # A's end, B's end, makespan
+    predicted_ms: tuple[float, float, float]
+
+    @property
+    def makespan_error(self) -> float:
+        return abs(self.predicted_ms[2] / self.measured_ms[2] - 1.0)
+
+    @property
+    def side_error(self) -> float:
+        """The worse of the two sides' relative errors."""
+        return max(abs(p / m - 1.0) for p, m in zip(self.predicted_ms[:2], self.measured_ms[:2]))
+
+
+def hold_out_pairs(profile: ProfileTable) -> list[HeldOut]:
+    """Leave-one-out over the pair table: each split not at its family's edge (an edge would need
+    extrapolation) is predicted as the cost model does (stretches interpolated from the other splits
+    x the table's solo times; both start together, the first to end frees the other), and set
+    against what was measured."""
+    points = points_from_meta(profile.meta, profile.label)
+    out = []
+    for p in points:
+        splits = sorted(q.sms_a for q in points if q.family == p.family)
+        if p.sms_a in (splits[0], splits[-1]):
+            continue
+        model = PairModel([q for q in points if q is not p])
+        sides = []
+        for me, sms, other in ((p.a, p.sms_a, p.b), (p.b, p.sms_b, p.a)):
+            stretch, part_ms, _ = model.stretch(me.op, me.num_tokens, me.context, sms, other.op,
+                                                other.num_tokens, other.context)
+            solo = profile.time_ms(me.op, me.num_tokens, sms, me.context)[0]
+            sides.append((max(1.0, stretch * part_ms / solo), solo))
+        end_a, end_b = predict_pair(sides[0][0], sides[1][0], sides[0][1], sides[1][1])
+        out.append(HeldOut(f"{p.a.describe()} x {p.b.describe()}", p.sms_a, p.sms_b,
+                           (p.corun_a_ms, p.corun_b_ms, p.makespan_ms), (end_a, end_b, max(end_a, end_b))))
+    return out

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from nfsearch.cost import CostModel
+from nfsearch.cost import CostModel, Partner
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import build_layer, split_layers
 from nfsearch.plan import PlannedOp, Schedule, check_structure
@@ -62,21 +62,28 @@ def replay(schedule: Schedule, cost: CostModel) -> Replay:
     ops = sorted(schedule.nano_ops, key=lambda o: o.order)
     queues = {s: [o for o in ops if o.stream == s] for s in schedule.streams}
     num_sms = schedule.gpu.num_sms
+    by_id = {o.id: o for o in ops}
+    wait_ms = cost.event_wait_ms
     done: dict[str, float] = {}
     running: dict[str, list] = {}             # id -> [op, remaining fraction, start]
     spans, now = [], 0.0
-    # every step finishes at least one op (the first to end is retired exactly), so len(ops) steps
-    # suffice; the cap only guards that promise
-    for _ in range(len(ops) + 1):
+    # every step either finishes an op (the first to end is retired exactly) or reaches the moment a
+    # waiting op's cross-stream event wait is over, so 2 len(ops) steps suffice; the cap guards that
+    for _ in range(2 * len(ops) + 1):
         if len(done) == len(ops):
             break
-        _start_ready(queues, running, done, num_sms, now)
-        if not running:
+        next_ready = _start_ready(queues, running, done, by_id, num_sms, now, wait_ms)
+        if not running and next_ready is None:
             raise PlanInvalid("plan deadlocks: no nano-op can start (a dependency waits on a later op "
                               "of its own stream, or an op needs more SMs than the GPU has)")
+        if not running:
+            now = next_ready
+            continue
         rates = _rates(running, cost)
         first = min(running, key=lambda i: (running[i][1] / rates[i], running[i][0].order))
         step = running[first][1] / rates[first]
+        if next_ready is not None and next_ready - now < step:
+            step, first = next_ready - now, None
         now += step
         if not math.isfinite(now):
             raise NfsearchError(f"replay time overflowed at nano-op {first} (profile times too large)")
@@ -87,8 +94,8 @@ def replay(schedule: Schedule, cost: CostModel) -> Replay:
                 done[i] = now
                 spans.append(_span(op, start, now))
     else:
-        raise PlanInvalid(f"replay did not finish in {len(ops) + 1} steps")
-    label = f"predicted ({cost.profile.label}, {cost.interference.source})"
+        raise PlanInvalid(f"replay did not finish in {2 * len(ops) + 1} steps")
+    label = f"predicted ({cost.profile.label}, {cost.describe_sources()})"
     return Replay(Timeline(label, tuple(spans), schedule.num_layers), stated_timeline(schedule))
 
 
@@ -97,26 +104,38 @@ def stated_timeline(schedule: Schedule) -> Timeline:
     return Timeline(f"stated by solver {schedule.solver.name}", spans, schedule.num_layers)
 
 
-def _start_ready(queues, running, done, num_sms, now) -> None:
+def _start_ready(queues, running, done, by_id, num_sms, now, wait_ms) -> float | None:
+    """Start every stream head whose inputs are ready and whose SMs are free; an input from another
+    stream is ready `wait_ms` after it ends (the cross-stream event wait). Returns the earliest
+    later moment a head's inputs become ready (None if none waits on a wait)."""
     used = sum(entry[0].sm_count for entry in running.values())
     heads = sorted((q[0] for q in queues.values() if q and q[0].id not in running and not
                     any(r[0].stream == q[0].stream for r in running.values())), key=lambda o: o.order)
+    later = None
     for op in heads:
-        if all(d in done for d in op.deps) and used + op.sm_count <= num_sms:
+        if not all(d in done for d in op.deps):
+            continue
+        ready = max((done[d] + (wait_ms if by_id[d].stream != op.stream else 0.0) for d in op.deps), default=0.0)
+        if ready > now + 1e-12:
+            later = ready if later is None else min(later, ready)
+            continue
+        if used + op.sm_count <= num_sms:
             running[op.id] = [op, 1.0, now]
             used += op.sm_count
             queues[op.stream].pop(0)
+    return later
 
 
 def _rates(running, cost: CostModel) -> dict[str, float]:
-    """Each running op's progress per ms: 1 / its time beside the other classes running, and ops of
-    one class together never faster than the whole GPU running them back to back (the class's
-    ceiling: two bandwidth-bound ops on 64 SMs each do not get twice the memory bandwidth)."""
-    classes = [entry[0].op_class for entry in running.values()]
+    """Each running op's progress per ms: 1 / its time beside the other ops running (the cost model's
+    pair stretches), and ops of one class together never faster than the whole GPU running them
+    back to back (the class's ceiling: two bandwidth-bound ops on 64 SMs each do not get twice the
+    memory bandwidth)."""
     rates = {}
     for i, (op, _, _) in running.items():
-        others = frozenset(c for c in classes if c != op.op_class)
-        time_ms = cost.stretched_ms(op.op, op.num_tokens, op.sm_count, others)
+        partners = tuple(sorted(Partner(o.op, o.num_tokens, o.sm_count)
+                                for j, (o, _, _) in running.items() if j != i))
+        time_ms = cost.beside_ms(op.op, op.num_tokens, op.sm_count, partners)
         # an infinite or NaN time would never finish (replay once looped forever on one)
         if not (isinstance(time_ms, (int, float)) and math.isfinite(time_ms) and time_ms > 0):
             raise NfsearchError(f"profile gives nano-op {i} ({op.op}, {op.num_tokens} tokens, {op.sm_count} SMs) "

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import FAKE_SMS, TINY_MODEL, TINY_WL, fake_profile, fake_time, table_from_points
 from nfsearch.search.baselines import sequential_plan
-from nfsearch.cost import Interference
+from nfsearch.cost import Interference, Overheads
 from nfsearch.plan import PlanGpu, PlannedOp, PlanProfile, Schedule, SolverInfo
 from nfsearch.cost import make_problem
 from nfsearch.errors import NfsearchError
@@ -33,8 +33,12 @@ CLASSES = {"decode_attn": "memory", "prefill_attn": "compute", "kqv": "compute",
            "norm1": "other"}
 
 
-def _cost():
-    return make_problem(TINY_MODEL, TINY_WL, table_from_points(POINTS), num_layers=1).cost
+def _cost(event_wait_ms: float = 0.0):
+    """The fake table's cost model; cross-stream event waits cost nothing unless asked (the hand
+    computations below are of rates alone)."""
+    cost = make_problem(TINY_MODEL, TINY_WL, table_from_points(POINTS), num_layers=1).cost
+    cost.overheads = Overheads(event_wait_ms, "test")
+    return cost
 
 
 def _schedule(*rows) -> Schedule:
@@ -47,8 +51,8 @@ def _schedule(*rows) -> Schedule:
                     PlanProfile("0" * 16, "fake", "fake"), 1, ops, None, SolverInfo("hand"))
 
 
-def _times(schedule):
-    return {s.op: (s.start_ms, s.end_ms) for s in replay(schedule, _cost()).timeline.spans}
+def _times(schedule, event_wait_ms: float = 0.0):
+    return {s.op: (s.start_ms, s.end_ms) for s in replay(schedule, _cost(event_wait_ms)).timeline.spans}
 
 
 def _assert_times(got, want):
@@ -176,6 +180,7 @@ def _cost_from(points, interference=None):
     problem = make_problem(TINY_MODEL, TINY_WL, table_from_points(points), num_layers=1)
     if interference is not None:
         problem.cost.interference = interference
+    problem.cost.overheads = Overheads(0.0, "test")
     return problem.cost
 
 
@@ -235,3 +240,23 @@ def test_same_class_side_by_side_capped_at_the_whole_gpu():
     # same as back to back on the whole GPU.
     got = _times(_schedule(("rope_append", "a", 30, ()), ("norm1", "b", 50, ())))
     _assert_times(got, {"rope_append": (0.0, 0.25), "norm1": (0.0, 0.475)})
+
+
+def test_cross_stream_wait_delays_only_dependants_on_other_streams():
+    # kqv (0.25 ms on 70 SMs) on stream a; rope_append after it on stream a starts at once, norm1
+    # after it on stream b waits for kqv's event: 0.25 + 0.005
+    got = _times(_schedule(("kqv", "a", 70, ()), ("rope_append", "a", 30, ("kqv",)), ("norm1", "b", 50, ("kqv",))),
+                 event_wait_ms=0.005)
+    assert got["rope_append"][0] == pytest.approx(0.25, abs=EXACT)
+    assert got["norm1"][0] == pytest.approx(0.255, abs=EXACT)
+
+
+def test_default_event_wait_is_labelled_and_profile_overrides_it():
+    from nfsearch.cost import DEFAULT_EVENT_WAIT_US, overheads_from_meta
+    default = overheads_from_meta({})
+    assert default.event_wait_ms == pytest.approx(DEFAULT_EVENT_WAIT_US / 1e3) and "default" in default.source
+    measured = overheads_from_meta({"overheads": {"event_wait_us": 3.5}})
+    assert measured.event_wait_ms == pytest.approx(0.0035) and measured.source == "measured"
+    with pytest.raises(NfsearchError):
+        overheads_from_meta({"overheads": {"event_wait_us": "fast"}})
+    assert "cross-stream wait" in make_problem(TINY_MODEL, TINY_WL, table_from_points(POINTS), 1).plan_profile().interference
