@@ -1,0 +1,107 @@
+"""The collectives behind a plan's network nano-ops, through torch.distributed (NCCL on GPUs, gloo on CPU).
+
+A network nano-op reduces a token slice [a, b) of one activation buffer in place across the tensor-
+parallel group: `allreduce_o` the row-parallel O projection's partial sums ("mid"), `allreduce_d` the
+D projection's ("out"). Rows of a [T, H] buffer are contiguous, so a slice is one NCCL call with no
+copy. The collective is issued on the caller's current stream (the executor enters the launch's
+stream first); with async_op=False torch's NCCL group runs it there or joins that stream to its own,
+so either way the launch's events order it against the other nano-ops, also under graph capture.
+
+SM shares: a plan gives a network nano-op an SM count. On a green-context stream the partition bounds
+it; on a plain stream NCCL's CTA limit is the bound the device can build (DESIGN.md), so `Collectives`
+keeps one communicator per CTA limit asked (NCCL_MIN_CTAS = NCCL_MAX_CTAS = n through the
+communicator config) and falls back to the default communicator, with a note, where torch cannot set it.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+
+import torch
+import torch.distributed as dist
+
+# op -> the buffer it reduces in place (runtime.model's per-layer buffers)
+COLLECTIVE_OPS = {"allreduce_o": "mid", "allreduce_d": "out"}
+# NVLink multicast (NVLS) can take a shared host's GPUs out of service: it stays off everywhere
+SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def set_safe_env() -> None:
+    """Before any communicator exists: multicast off (forced, not defaulted: a user's 1 is overridden)."""
+    os.environ.update(SAFE_ENV)
+
+
+class Collectives:
+    """The tensor-parallel group and its communicators by CTA limit (0: NCCL's default)."""
+
+    def __init__(self, group=None, limit_ctas: bool = True):
+        self.group = group or dist.group.WORLD
+        self.backend = dist.get_backend(self.group)
+        self.world_size = dist.get_world_size(self.group)
+        self.is_limiting_ctas = limit_ctas and self.backend == "nccl"
+        self._by_ctas: dict[int, object] = {0: self.group}
+        self.notes: list[str] = []
+
+    def prepare(self, cta_limits) -> None:
+        """Make the communicators for these CTA limits before any capture. Every rank must call it with
+        the same limits in the same order (new_group is itself collective)."""
+        if not self.is_limiting_ctas:
+            return
+        for n in sorted(set(int(c) for c in cta_limits) - set(self._by_ctas)):
+            self._by_ctas[n] = self._new_limited_group(n)
+
+    def _new_limited_group(self, num_ctas: int):
+        try:
+            opts = dist.ProcessGroupNCCL.Options()
+            opts.config.min_ctas = num_ctas
+            opts.config.max_ctas = num_ctas
+            group = dist.new_group(backend="nccl", pg_options=opts)
+        except (AttributeError, RuntimeError, TypeError) as exc:
+            self.notes.append(f"no NCCL communicator with a CTA limit of {num_ctas} ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:120]}); the default communicator runs those ops")
+            return self.group
+        # one all-reduce now, outside any capture: NCCL sets communicators up lazily
+        probe = torch.zeros(1, device=torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(probe, group=group)
+        return group
+
+    def group_for(self, num_sms: int, whole_gpu_sms: int):
+        """The communicator a network nano-op of `num_sms` SMs runs on (the default one on the whole GPU)."""
+        if not self.is_limiting_ctas or num_sms >= whole_gpu_sms:
+            return self.group
+        return self._by_ctas.get(num_sms, self.group)
+
+    def all_reduce_rows(self, buf: torch.Tensor, a: int, b: int, group=None) -> None:
+        """Sum rows [a, b) of `buf` over the group, in place, on the current stream."""
+        dist.all_reduce(buf[a:b], group=group or self.group)
+
+
+def bus_bandwidth_gbps(coll: Collectives, num_tokens: int, hidden_size: int, dtype, device, iters: int = 20,
+                       warmup: int = 5) -> dict:
+    """NCCL bus bandwidth of an all-reduce of [num_tokens, hidden] (the layer's message), measured here:
+    B_net of the bound. Bus bandwidth = 2 (n - 1) / n x bytes / time (NCCL's convention)."""
+    n = coll.world_size
+    x = torch.ones((num_tokens, hidden_size), device=device, dtype=dtype)
+    for _ in range(warmup):
+        dist.all_reduce(x, group=coll.group)
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dist.all_reduce(x, group=coll.group)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        import time
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            dist.all_reduce(x, group=coll.group)
+            times.append((time.perf_counter() - t0) * 1e3)
+    ms = statistics.median(times)
+    num_bytes = x.numel() * x.element_size()
+    return {"all_reduce_ms": ms, "message_bytes": num_bytes, "min_ms": min(times), "max_ms": max(times),
+            "bus_gbps": 2.0 * (n - 1) / n * num_bytes / (ms * 1e6), "world_size": n}

@@ -1,0 +1,460 @@
+"""Tensor-parallel execution: one process per GPU, a plan's nano-ops on every rank, collectives between.
+
+Process start: `spawn_ranks` starts `world_size` processes with torch.multiprocessing (one host), or,
+under torchrun (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT in the environment, one or
+more hosts), `rank_from_env` joins the group the launcher made. Either way NVLink multicast is off
+before the first communicator (collectives.set_safe_env) and the process group is NCCL on GPUs, gloo
+on CPU (the CI test).
+
+Model: every rank builds the plain single-GPU ModelInstance of the whole layer from one seed (so all
+ranks hold the same weights: the TP=1 reference "gathered" without moving a byte), runs the TP=1
+sequential torch reference on it, and `apply_tp` turns it into this rank's shard, Megatron-style:
+
+    KQV  column-parallel   this rank's query heads and KV heads (wqkv columns, bias, KV cache heads)
+    O    row-parallel      wo rows of those heads; partial sums, all-reduced by allreduce_o
+    UG   column-parallel   this rank's slice of gate and of up
+    D    row-parallel      wd rows of that slice; partial sums, all-reduced by allreduce_d
+
+The residual adds that runtime.model fuses into O and D are kept on rank 0 only, so the all-reduce
+sums the residual once. Norms, RoPE and attention run unchanged on the shard (fewer heads).
+
+Run (`execute_rank`): the plan's launch list on every rank through the single-GPU executor's `issue`
+(network nano-ops dispatch to runtime.collectives through the model's op_allreduce_*), checked
+against the reference buffer by buffer (full buffers after each all-reduce, this rank's columns of
+the sharded ones), then timed in one CUDA graph per launch list beside seq-torch and seq-same (each
+with its collectives on its one stream), repeats medians with their spread; ceilings, NCCL bus
+bandwidth (B_net) and the roofline bound with its network term, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import socket
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from nfsearch.errors import NfsearchError
+from nfsearch.graph import TpShard, tp_shard
+from nfsearch.runtime import collectives as coll_mod
+from nfsearch.runtime import launch as launch_mod
+from nfsearch.runtime.model import ModelInstance, rel_error
+
+TOLERANCE = 2e-2
+# buffers whose rows are whole on every rank (after the all-reduces) vs this rank's column shard
+FULL_BUFFERS = ("h1", "mid", "h2", "out")
+SHARDED_BUFFERS = ("qkv", "q", "k", "v", "attn", "ug", "act")
+MAX_CTA_LIMIT = 32          # NCCL's channels: a network op asked for more SMs runs on the default one
+TIMEOUT = datetime.timedelta(minutes=5)
+
+
+# ---------------------------------------------------------------------------------------------- ranks
+@dataclass
+class TpRank:
+    """This process's place in the tensor-parallel group and the GPU state tied to it."""
+    rank: int
+    world_size: int
+    device: torch.device
+    coll: coll_mod.Collectives
+
+    def __post_init__(self):
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside a group of {self.world_size}")
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+
+def init_rank(rank: int, world_size: int, backend: str, master_addr: str = "127.0.0.1",
+              master_port: int = 29500, local_rank: int | None = None) -> TpRank:
+    """Join (or make) the process group: NCCL with one GPU per process, or gloo on the CPU."""
+    coll_mod.set_safe_env()
+    if backend == "nccl":
+        device = torch.device("cuda", rank if local_rank is None else local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    kw = {"device_id": device} if backend == "nccl" else {}
+    dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
+                            world_size=world_size, timeout=TIMEOUT, **kw)
+    return TpRank(rank, world_size, device, coll_mod.Collectives())
+
+
+def rank_from_env(backend: str = "nccl") -> TpRank:
+    """Under torchrun (or any launcher that sets the env:// variables)."""
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    except (KeyError, ValueError) as exc:
+        raise NfsearchError(f"not started by torchrun: {exc} missing or not a number") from None
+    return init_rank(rank, world, backend, addr, port, local)
+
+
+def is_under_launcher() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawned(index, fn, world_size, backend, port, args):
+    tp = init_rank(index, world_size, backend, master_port=port)
+    try:
+        fn(tp, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_ranks(fn, world_size: int, backend: str, args: tuple = ()) -> None:
+    """Run fn(TpRank, *args) in `world_size` new processes on this host; raises if any rank fails."""
+    import torch.multiprocessing as mp
+    coll_mod.set_safe_env()           # inherited by the children before they import NCCL
+    mp.spawn(_spawned, args=(fn, world_size, backend, free_port(), args), nprocs=world_size, join=True)
+
+
+# ---------------------------------------------------------------------------------------------- the model
+class TpModelInstance(ModelInstance):
+    """One rank's shard of a ModelInstance (made by apply_tp, not constructed directly)."""
+    tp: TpRank
+    shard: TpShard
+    whole_gpu_sms: int
+
+    def op_o(self, buf, w, layer, a, b, impl, n):
+        from nfsearch.runtime.kernels import IMPLS
+        IMPLS["o"][impl](buf["attn"][a:b].view(b - a, self.q_size), w.wo, buf["mid"][a:b], n,
+                         residual=buf["x"][a:b] if self.tp.is_first else None)
+
+    def op_d(self, buf, w, layer, a, b, impl, n):
+        from nfsearch.runtime.kernels import IMPLS
+        IMPLS["d"][impl](buf["act"][a:b], w.wd, buf["out"][a:b], n,
+                         residual=buf["mid"][a:b] if self.tp.is_first else None)
+
+    def op_allreduce_o(self, buf, w, layer, a, b, impl, n):
+        self._all_reduce("allreduce_o", buf, a, b, n)
+
+    def op_allreduce_d(self, buf, w, layer, a, b, impl, n):
+        self._all_reduce("allreduce_d", buf, a, b, n)
+
+    def _all_reduce(self, op, buf, a, b, n):
+        coll = self.tp.coll
+        coll.all_reduce_rows(buf[coll_mod.COLLECTIVE_OPS[op]], a, b, coll.group_for(n, self.whole_gpu_sms))
+
+    def shard_columns(self, name: str) -> torch.Tensor:
+        """Indices of the whole layer's columns of buffer `name` that this rank holds."""
+        s, r = self.shard, self.tp.rank
+        q, kv, i = s.q_size, s.kv_size, s.intermediate_size
+        full_q, full_kv = q * s.tp_degree, kv * s.tp_degree
+        ar = lambda lo, n: torch.arange(lo, lo + n)
+        if name == "qkv":
+            return torch.cat([ar(r * q, q), ar(full_q + r * kv, kv), ar(full_q + full_kv + r * kv, kv)])
+        if name in ("q", "attn"):
+            return ar(r * s.num_heads, s.num_heads)
+        if name in ("k", "v"):
+            return ar(r * s.num_kv_heads, s.num_kv_heads)
+        if name == "ug":
+            return torch.cat([ar(r * i, i), ar(i * s.tp_degree + r * i, i)])
+        if name == "act":
+            return ar(r * i, i)
+        raise KeyError(name)
+
+
+def apply_tp(instance: ModelInstance, tp: TpRank, workload, whole_gpu_sms: int = 1) -> TpModelInstance:
+    """This rank's shard of a whole-layer ModelInstance, for a TP workload (tp_degree = world size).
+
+    A new object: its weights and KV caches are contiguous copies of this rank's slices; the
+    instance given is left whole (the reference runs on it)."""
+    if workload.tp_degree != tp.world_size:
+        raise NfsearchError(f"workload {workload.name} is TP={workload.tp_degree} but the group has "
+                            f"{tp.world_size} processes")
+    shard = tp_shard(instance.model, tp.world_size)
+    out = TpModelInstance.__new__(TpModelInstance)
+    out.__dict__.update(instance.__dict__)
+    out.tp, out.shard, out.whole_gpu_sms, out.workload = tp, shard, whole_gpu_sms, workload
+    cols_qkv = out.shard_columns("qkv").to(instance.device)
+    cols_ug = out.shard_columns("ug").to(instance.device)
+    r, qs, inter = tp.rank, shard.q_size, shard.intermediate_size
+    out.layers = [dataclasses.replace(
+        w,
+        wqkv=w.wqkv[:, cols_qkv].contiguous(),
+        bqkv=None if w.bqkv is None else w.bqkv[cols_qkv].contiguous(),
+        wo=w.wo[r * qs:(r + 1) * qs].contiguous(),
+        wug=w.wug[:, cols_ug].contiguous(),
+        wd=w.wd[r * inter:(r + 1) * inter].contiguous()) for w in instance.layers]
+    lo, hi = r * shard.num_kv_heads, (r + 1) * shard.num_kv_heads
+    out.kv_cache = [(k, v) if k is None else (k[:, :, lo:hi].contiguous(), v[:, :, lo:hi].contiguous())
+                    for k, v in instance.kv_cache]
+    out.hq, out.hkv = shard.num_heads, shard.num_kv_heads
+    out.q_size, out.kv_size, out.inter = shard.q_size, shard.kv_size, shard.intermediate_size
+    out._prefill_args = {}            # scratch buffers were sized for the whole layer's heads
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- reference
+def reference_buffers(full: ModelInstance) -> list[dict]:
+    """The TP=1 sequential torch reference on the whole layer (this rank's device, current stream)."""
+    ll = launch_mod.sequential_launches(full.model, full.workload, full.num_layers, 1, "torch", stream="reference")
+    full.prepare(ll.launches)
+    bufs = full.new_buffers(fill=float("nan"))
+    for l in ll.launches:
+        full.run(bufs, l.layer, l.op, *l.tokens, "torch", l.sms)
+    if full.device.type == "cuda":
+        torch.cuda.synchronize(full.device)
+    return bufs
+
+
+def compare(model: TpModelInstance, bufs, ref_bufs, tol: float = TOLERANCE) -> dict:
+    """This rank's buffers against the reference: whole buffers, and this rank's columns of the rest."""
+    errors, first, worst = [], None, 0.0
+    for layer in range(model.num_layers):
+        for name in FULL_BUFFERS + SHARDED_BUFFERS:
+            want = ref_bufs[layer][name]
+            if name in SHARDED_BUFFERS:
+                want = want.index_select(1, model.shard_columns(name).to(want.device))
+            err = rel_error(bufs[layer][name], want)
+            errors.append({"layer": layer, "buffer": name, "rel_error": err})
+            worst = max(worst, err)
+            if first is None and not err <= tol:
+                first = {"layer": layer, "buffer": name, "rel_error": err}
+    return {"passed": first is None, "tolerance": tol, "max_rel_error": worst, "first_divergence": first,
+            "rank": model.tp.rank, "errors": errors}
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def _agree(tp: TpRank, ok: bool) -> bool:
+    """True only when every rank says ok (a capture that failed on one rank must fail on all)."""
+    flag = torch.tensor([0.0 if ok else 1.0], device=tp.device)
+    dist.all_reduce(flag)
+    return float(flag.item()) == 0.0
+
+
+def time_launch_list(tp: TpRank, ctx, model, bufs, ll, iters: int, repeats: int, use_graph: bool = True) -> dict:
+    """Median over `repeats` of the median of `iters` replays of one CUDA graph of the launch list
+    (eager issue if any rank fails to capture). Every rank runs the same calls (collectives inside)."""
+    from nfsearch.runtime import executor
+    from nfsearch.runtime.bench import event_times
+    executor.issue(ctx, model, bufs, ll)             # warm-up outside capture: compiles, makes comms
+    torch.cuda.synchronize(tp.device)
+    fn, how, note = (lambda: executor.issue(ctx, model, bufs, ll)), "eager", None
+    graph, ok = None, False
+    if use_graph:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                executor.issue(ctx, model, bufs, ll)
+            ok = True
+        except Exception as exc:  # noqa: BLE001 - capture failure: every rank falls back to eager, noted
+            note = f"CUDA-graph capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); timed eagerly"
+        torch.cuda.synchronize(tp.device)
+        if _agree(tp, ok):
+            fn, how = graph.replay, "cuda-graph"
+        elif note is None:
+            note = "CUDA-graph capture failed on another rank; timed eagerly"
+    medians, all_times = [], []
+    for _ in range(repeats):
+        times = event_times(fn, iters, warmup=3)
+        medians.append(statistics.median(times))
+        all_times += times
+    out = {"ms": statistics.median(medians), "repeat_ms": medians, "spread_ms": max(medians) - min(medians),
+           "min_ms": min(all_times), "max_ms": max(all_times), "iters": iters, "repeats": repeats, "how": how}
+    if note:
+        out["note"] = note
+    del graph
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- one rank
+def execute_rank(tp: TpRank, schedule, *, mode: str = "green", iters: int = 30, repeats: int = 3,
+                 use_graph: bool = True, tol: float = TOLERANCE, with_baselines: bool = True,
+                 with_ceilings: bool = True, seed: int = 0, dtype=None, progress=None) -> dict:
+    """Check and time a TP plan on this rank. Rank 0's return value is the run report (every rank's
+    correctness and timings gathered into it); other ranks return their own part."""
+    from nfsearch.runtime import baselines, executor
+    say = (progress or (lambda m: None)) if tp.is_first else (lambda m: None)
+    workload = schedule.workload
+    if workload.tp_degree != tp.world_size:
+        raise NfsearchError(f"plan is for TP={workload.tp_degree}; {tp.world_size} processes were started")
+    is_cuda = tp.device.type == "cuda"
+    dtype = dtype or (torch.bfloat16 if is_cuda else torch.float32)
+    ctx = executor.ExecContext(tp.device, mode)
+    try:
+        ll = launch_mod.build(schedule, num_sms=ctx.num_sms if is_cuda else None,
+                              granularity=ctx.granularity if is_cuda else None)
+        t0 = time.time()
+        full = ModelInstance(schedule.model, dataclasses.replace(workload, tp_degree=1), schedule.num_layers,
+                             device=tp.device, dtype=dtype, seed=seed)
+        say(f"whole-layer model ready on every rank ({time.time() - t0:.1f} s); TP=1 reference")
+        ref_bufs = reference_buffers(full)
+        model = apply_tp(full, tp, workload, ctx.num_sms)
+        del full
+        tp.coll.prepare(l.sms for l in ll.launches
+                        if l.op in coll_mod.COLLECTIVE_OPS and l.sms < ctx.num_sms and l.sms <= MAX_CTA_LIMIT)
+        model.prepare(ll.launches)
+        say("running the plan on every rank; checking against the reference")
+        bufs = model.new_buffers(fill=float("nan"))
+        executor.issue(ctx, model, bufs, ll)
+        if is_cuda:
+            torch.cuda.synchronize(tp.device)
+        correctness = compare(model, bufs, ref_bufs, tol)
+        del bufs, ref_bufs
+        mine = {"rank": tp.rank, "correctness": {k: v for k, v in correctness.items() if k != "errors"},
+                "correctness_per_buffer": correctness["errors"], "device": str(tp.device)}
+        if is_cuda:
+            mine["gpu"] = torch.cuda.get_device_name(tp.device)
+        passed = _all_passed(tp, correctness["passed"])
+        if not passed or not is_cuda:
+            return _gather(tp, mine, schedule, ll, ctx, passed)
+        bufs = model.new_buffers()
+        if with_baselines:
+            say("timing seq-torch and seq-same (collectives on their stream)")
+            for name, bl in (("seq_torch", baselines.seq_torch(schedule, ctx.num_sms)),
+                             ("seq_same", baselines.seq_same(schedule, ll, ctx.num_sms))):
+                model.prepare(bl.launches)
+                t = time_launch_list(tp, ctx, model, bufs, bl, iters, repeats, use_graph)
+                mine.setdefault("baselines", {})[name] = {**t, "layer_ms": t["ms"] / schedule.num_layers,
+                                                          "impls": baselines.plan_impls(bl)}
+        say("timing the plan")
+        mine["plan_run"] = time_launch_list(tp, ctx, model, bufs, ll, iters, repeats, use_graph)
+        del bufs
+        say("measuring NCCL bus bandwidth" + (" and the ceilings" if with_ceilings else ""))
+        mine["net"] = coll_mod.bus_bandwidth_gbps(tp.coll, workload.num_tokens, schedule.model.hidden_size,
+                                                  dtype, tp.device)
+        if with_ceilings:
+            from nfsearch.runtime import bench
+            mine["ceilings"] = bench.ceilings(device=str(tp.device))
+        return _gather(tp, mine, schedule, ll, ctx, passed)
+    finally:
+        ctx.close()
+
+
+def _all_passed(tp: TpRank, passed: bool) -> bool:
+    flag = torch.tensor([0.0 if passed else 1.0], device=tp.device)
+    dist.all_reduce(flag)
+    return float(flag.item()) == 0.0
+
+
+def _gather(tp: TpRank, mine: dict, schedule, ll, ctx, passed: bool) -> dict:
+    parts = [None] * tp.world_size
+    dist.all_gather_object(parts, mine)
+    if not tp.is_first:
+        return mine
+    return build_report(schedule, ll, ctx, parts, passed)
+
+
+def build_report(schedule, ll, ctx, parts: list[dict], passed: bool) -> dict:
+    """Rank 0's report: the single-GPU run report's fields, per-rank parts, and the network term."""
+    import platform
+    from nfsearch.roofline import roofline
+    from nfsearch.specs import GpuSpec
+    first = parts[0]
+    report = {
+        "gpu": first.get("gpu", "cpu"), "gpus": [p.get("gpu", "cpu") for p in parts],
+        "tp_degree": len(parts), "num_sms": ctx.num_sms,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                     "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None},
+        "mode": ctx.mode, "model": schedule.model.name, "workload": schedule.workload.name,
+        "num_tokens": schedule.workload.num_tokens, "num_layers": schedule.num_layers,
+        "solver": schedule.solver.name, "plan_profile": schedule.profile.label, "plan_gpu": schedule.gpu.name,
+        "launches": ll.summary(),
+        "correctness": {"passed": passed, "reference": "TP=1 sequential torch on the same weights (every rank "
+                        "builds the whole layer from one seed)",
+                        "max_rel_error": max(p["correctness"]["max_rel_error"] for p in parts),
+                        "per_rank": [p["correctness"] for p in parts]},
+        "correctness_per_buffer": first["correctness_per_buffer"],
+        "env": {k: os.environ.get(k) for k in coll_mod.SAFE_ENV},
+        "notes": list(ll.notes) + ctx.notes,
+    }
+    if "plan_run" not in first:
+        return report
+    report["baselines"] = first.get("baselines", {})
+    report["plan_run"] = first["plan_run"]
+    report["per_rank_plan_ms"] = [p["plan_run"]["ms"] for p in parts]
+    measured = first["plan_run"]["ms"] / schedule.num_layers
+    report["measured_layer_ms"] = measured
+    pred = schedule.predicted.layer_time_ms if schedule.predicted is not None else None
+    report["predicted_layer_ms"] = pred
+    report["prediction_error"] = None if pred is None else (pred - measured) / measured
+    for name, b in report["baselines"].items():
+        report[f"speedup_vs_{name}"] = b["layer_ms"] / measured
+    report["net"] = first["net"]
+    if "ceilings" in first:
+        c = first["ceilings"]
+        report["ceilings"] = c
+        gpu = GpuSpec(key="measured", name=report["gpu"], num_sms=ctx.num_sms, sm_granularity=max(ctx.granularity, 1),
+                      peak_tflops=c["gemm_tflops"], mem_bandwidth_tbps=c["copy_tbps"],
+                      net_bandwidth_gbps=first["net"]["bus_gbps"], figures_source="measured in this run")
+        r = roofline(schedule.model, schedule.workload, gpu)
+        report.update({"bound_ms": r.bound_ms, "bound_compute_ms": r.compute_ms, "bound_mem_ms": r.mem_ms,
+                       "bound_net_ms": r.net_ms, "net_share_of_bound": r.net_ms / r.bound_ms,
+                       "pct_of_bound": r.bound_ms / measured, "optimal_tokens_per_s": r.tokens_per_s})
+    report["tokens_per_s"] = schedule.workload.num_tokens / (measured * 1e-3 * schedule.model.num_layers)
+    report["notes"] += first["plan_run"].get("note", "").split("\n") if "note" in first["plan_run"] else []
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- the whole run
+def _run_worker(tp: TpRank, plan_path: str, out_path: str, kwargs: dict) -> None:
+    from nfsearch import plan
+    schedule = plan.read(plan_path)
+    try:
+        report = execute_rank(tp, schedule, progress=lambda m: print(f"  {m}", flush=True), **kwargs)
+    except Exception as exc:  # noqa: BLE001 - rank 0 writes the error for the parent, then fails
+        if tp.is_first:
+            with open(out_path, "w") as f:
+                json.dump({"error": f"{type(exc).__name__}: {exc}"}, f)
+        raise
+    if tp.is_first:
+        with open(out_path, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+
+
+def run_plan(plan_path: str, **kwargs) -> dict:
+    """`nfsearch run` on a TP plan: one process per GPU (or this one rank under torchrun); rank 0's report.
+
+    Raises NfsearchError with one line when the GPUs are too few or a rank fails."""
+    import tempfile
+    from nfsearch import plan
+    schedule = plan.read(plan_path)
+    n = schedule.workload.tp_degree
+    if is_under_launcher():
+        tp = rank_from_env("nccl")
+        try:
+            return execute_rank(tp, schedule, **kwargs)
+        finally:
+            dist.destroy_process_group()
+    visible = torch.cuda.device_count()
+    if visible < n:
+        raise NfsearchError(f"{plan_path}: the plan is TP={n}; this host shows {visible} GPU(s) "
+                            "(run it with torchrun across hosts, see the README)")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "report.json")
+        try:
+            spawn_ranks(_run_worker, n, "nccl", (str(plan_path), out, kwargs))
+        except Exception as exc:  # noqa: BLE001 - a rank's failure becomes one line
+            detail = _read_json(out).get("error") or str(exc).strip().splitlines()[-1]
+            raise NfsearchError(f"TP run of {plan_path} failed: {detail}") from None
+        report = _read_json(out)
+    if not report.get("correctness", {}).get("passed", False):
+        worst = report.get("correctness", {}).get("max_rel_error")
+        raise NfsearchError(f"TP plan output differs from the TP=1 sequential reference (max rel error "
+                            f"{worst:.3g} > {TOLERANCE:g})")
+    return report
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}

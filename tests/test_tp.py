@@ -1,0 +1,156 @@
+"""Tensor parallelism on the CPU: shard shapes, the layer's collectives, TP plans that verify, the
+analytic network co-run rows, and a two-process gloo run of a TP=2 plan against the TP=1 output."""
+
+from pathlib import Path
+
+import pytest
+
+from nfsearch import plan as plan_mod
+from nfsearch.cost import make_problem
+from nfsearch.errors import NfsearchError
+from nfsearch.graph import build_layer, layer_ops, op_work, split_layers, tp_shard
+from nfsearch.roofline import NET_CORUN_FRACTION, analytic_profile, interp, op_time_ms
+from nfsearch.search.baselines import equal_split_plan
+from nfsearch.simulate import verify
+from nfsearch.specs import ModelSpec, Workload, load_gpu, load_model, load_workload
+
+PLANS = Path(__file__).resolve().parent.parent / "benchmarks" / "plans"
+TINY = ModelSpec("tiny-tp", 64, 4, 2, 16, 128, 2, 1000)
+TINY_WL = Workload("tiny-tp2", 6, 40, (20, 13), tp_degree=2)
+BATCH = dict(num_decode=64, decode_context=256, prefill_lengths=(128,))
+
+
+@pytest.mark.parametrize("model_name", ["llama-3-70b", "llama-2-70b"])
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+def test_shard_shapes_add_up_to_the_whole_layer(model_name, tp):
+    model = load_model(model_name)
+    shard = tp_shard(model, tp)
+    shapes = shard.weight_shapes()
+    H, I = model.hidden_size, model.intermediate_size
+    assert shard.num_heads * tp == model.num_heads and shard.num_kv_heads * tp == model.num_kv_heads
+    # column-parallel: the whole reduction dim, 1/tp of the columns; row-parallel: the reverse
+    assert shapes["wqkv"] == (H, (model.q_size + 2 * model.kv_size) // tp)
+    assert shapes["wug"] == (H, 2 * I // tp)
+    assert shapes["wo"] == (model.q_size // tp, H) and shapes["wd"] == (I // tp, H)
+    assert shard.collectives() == (("allreduce_o", "allreduce_d") if tp > 1 else ())
+    ops = {op.name: op for op in layer_ops(model, Workload("b", tp_degree=tp, **BATCH))}
+    assert (ops["kqv"].gemm_k, ops["kqv"].gemm_n) == shapes["wqkv"]
+    assert (ops["o"].gemm_k, ops["o"].gemm_n) == shapes["wo"]
+    assert (ops["d"].gemm_k, ops["d"].gemm_n) == shapes["wd"]
+
+
+def test_counts_tp_does_not_divide_are_refused():
+    with pytest.raises(NfsearchError, match="key/value heads are not divisible by TP=16"):
+        layer_ops(load_model("llama-3-70b"), Workload("b", tp_degree=16, **BATCH))
+    with pytest.raises(NfsearchError, match="attention heads are not divisible by TP=3"):
+        layer_ops(load_model("llama-3-70b"), Workload("b", tp_degree=3, **BATCH))
+    odd_ffn = ModelSpec("odd-ffn", 64, 4, 2, 16, 129, 2, 1000)
+    with pytest.raises(NfsearchError, match=r"FFN columns \(intermediate_size\) are not divisible by TP=2"):
+        build_layer(odd_ffn, Workload("b", tp_degree=2, **BATCH))
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_collectives_follow_the_row_parallel_gemms(tp):
+    model = load_model("llama-2-70b")
+    wl = Workload("b", tp_degree=tp, **BATCH)
+    g = build_layer(model, wl)
+    net = [n for n in g if g.nodes[n]["op"].op_class == "network"]
+    assert net == ["allreduce_o", "allreduce_d"]
+    assert list(g.successors("o")) == ["allreduce_o"] and list(g.successors("allreduce_o")) == ["norm2"]
+    assert list(g.predecessors("allreduce_d")) == ["d"] and g.out_degree("allreduce_d") == 0
+    work = op_work(g.nodes["allreduce_o"]["op"], model, wl, 2048, 0)
+    assert work.flops == 0 and work.net_bytes == pytest.approx(2 * (tp - 1) / tp * 2 * 2048 * model.hidden_size)
+    # nano-ops of a collective read only the rows the row-parallel GEMM's nano-ops wrote
+    nano = split_layers(g, {"o": (96, 96), "allreduce_o": (64, 128)}, 1, wl)
+    ar = sorted(n for n in nano if n.op == "allreduce_o")
+    assert [sorted(p.index for p in nano.predecessors(n)) for n in ar] == [[0], [0, 1]]
+
+
+def test_analytic_network_corun_is_measured_not_the_a100_curve():
+    model, wl = load_model("llama-3-70b"), load_workload("W4")
+    gpu = load_gpu("h100-sxm")
+    profile = analytic_profile(model, wl, gpu)
+    problem = make_problem(model, wl, profile, 1)
+    op = next(o for o in layer_ops(model, wl) if o.name == "allreduce_o")
+    for sms in (8, 16, 24):
+        solo = op_time_ms(op, model, wl, gpu, 2048, 0, sms)
+        want = max(solo, op_work(op, model, wl, 2048, 0).net_bytes
+                   / (gpu.net_bandwidth_gbps * 1e6 * interp(NET_CORUN_FRACTION, sms)) + 0.010)
+        got = problem.cost.corun_ms("allreduce_o", 2048, sms, "compute")
+        assert got == pytest.approx(want, rel=1e-6)
+        full = problem.cost.solo_ms("allreduce_o", 2048, gpu.num_sms)
+        a100 = problem.cost.interference.corun_ms("network", solo, full, sms / gpu.num_sms)
+        assert got < a100            # the A100 curve would charge the share twice
+    assert profile.meta["corun_source"].startswith("analytic")
+    assert not analytic_profile(model, Workload("one", **BATCH), gpu).has_corun()   # TP=1 tables unchanged
+
+
+@pytest.mark.parametrize("name", ["W4", "W5", "W6", "W4-split", "W6-split"])
+def test_stored_tp_plans_verify(name):
+    schedule = plan_mod.read(PLANS / f"{name}.json")
+    verify(schedule)
+    assert schedule.workload.tp_degree == {"W4": 2, "W5": 8, "W6": 4}[name.split("-")[0]]
+    ops = {o.op for o in schedule.nano_ops}
+    assert {"allreduce_o", "allreduce_d"} <= ops
+    assert schedule.profile.source == "analytic"
+
+
+def tiny_tp_plan(batches: int = 2, workload: Workload = TINY_WL):
+    problem = make_problem(TINY, workload, analytic_profile(TINY, workload, load_gpu("h100-sxm")), 2,
+                           allow_extrapolation=True)
+    schedule = equal_split_plan(problem, batches)
+    verify(schedule)
+    return schedule
+
+
+def test_tiny_plan_has_split_collectives():
+    s = tiny_tp_plan(2)
+    ar = [o for o in s.nano_ops if o.op.startswith("allreduce")]
+    assert len(ar) == 2 * 2 * 2 and all(o.op_class == "network" for o in ar)
+    assert {tuple(o.tokens) for o in ar if o.op == "allreduce_o"} == {(0, 20), (20, 39)}
+
+
+# ---------------------------------------------------------------------------------------------- gloo
+torch = pytest.importorskip("torch")
+
+
+def _gloo_run(tmp_path, schedule, **kwargs):
+    from nfsearch.runtime import tp as tp_mod
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    plan_path, out = tmp_path / "plan.json", tmp_path / "report.json"
+    plan_mod.write(schedule, plan_path)
+    tp_mod.spawn_ranks(tp_mod._run_worker, schedule.workload.tp_degree, "gloo",
+                       (str(plan_path), str(out), kwargs))
+    return tp_mod._read_json(str(out))
+
+
+def test_gloo_tp2_plan_matches_tp1_output(tmp_path):
+    report = _gloo_run(tmp_path, tiny_tp_plan(2))
+    c = report["correctness"]
+    assert c["passed"] and len(c["per_rank"]) == 2
+    assert c["max_rel_error"] < 1e-4, c
+    seen = {(e["layer"], e["buffer"]) for e in report["correctness_per_buffer"]}
+    assert {(1, "out"), (0, "mid"), (1, "ug"), (0, "attn")} <= seen
+    assert report["env"]["NCCL_NVLS_ENABLE"] == "0"
+
+
+def test_apply_tp_shards_weights_and_caches():
+    import dataclasses
+    from nfsearch.runtime.collectives import Collectives
+    from nfsearch.runtime.model import ModelInstance
+    from nfsearch.runtime.tp import TpRank, apply_tp
+    full = ModelInstance(TINY, dataclasses.replace(TINY_WL, tp_degree=1), 1, dtype=torch.float32)
+    shard = tp_shard(TINY, 2)
+    for rank in (0, 1):
+        fake_rank = TpRank.__new__(TpRank)             # no process group: only rank and size are read
+        fake_rank.rank, fake_rank.world_size, fake_rank.device = rank, 2, torch.device("cpu")
+        fake_rank.coll = Collectives.__new__(Collectives)
+        m = apply_tp(full, fake_rank, TINY_WL)
+        w = m.layers[0]
+        assert {k: tuple(getattr(w, k).shape) for k in shard.weight_shapes()} == shard.weight_shapes()
+        assert m.kv_cache[0][0].shape[2] == shard.num_kv_heads
+        # rank r's O rows are the whole layer's rows of its heads
+        assert torch.equal(w.wo, full.layers[0].wo[rank * shard.q_size:(rank + 1) * shard.q_size])
+        bufs = m.new_buffers()
+        assert bufs[0]["ug"].shape[1] == 2 * shard.intermediate_size and bufs[0]["q"].shape[1] == shard.num_heads
