@@ -1,4 +1,7 @@
-"""The executor on CPU tensors with the torch impls: nano-batched plan order == sequential reference."""
+"""The executor on CPU tensors with the torch impls: nano-batched plan order == sequential reference;
+the seq-torch forward computes the same layer; seq-same takes the profile's fastest impls."""
+
+import json
 
 import pytest
 
@@ -8,8 +11,10 @@ from nfsearch.roofline import analytic_profile
 from nfsearch.errors import NfsearchError
 from nfsearch.search.baselines import equal_split_plan, sequential_plan
 from nfsearch.cost import make_problem
-from nfsearch.runtime import executor
+from nfsearch.runtime import executor, launch
+from nfsearch.runtime.model import rel_error
 from nfsearch.runtime.model import ModelInstance
+from nfsearch.runreport import RunReport
 from nfsearch.specs import ModelSpec, Workload, load_gpu
 
 MODEL = ModelSpec("tiny", 256, 4, 2, 64, 512, 2, 1000)
@@ -25,10 +30,12 @@ def plan(batches, workload=WORKLOAD, model=MODEL):
 
 @pytest.mark.parametrize("batches", [0, 2, 3])
 def test_plan_matches_sequential_reference(batches):
-    report, timeline = executor.execute(plan(batches), device="cpu")
-    assert report["correctness"]["passed"], report["correctness"]
-    assert report["correctness"]["max_rel_error"] < 1e-2
-    assert timeline is None and report["gpu"] == "cpu"
+    report = executor.execute(plan(batches), device="cpu")
+    assert isinstance(report, RunReport)
+    assert report.correctness.passed, report.correctness
+    assert report.correctness.max_rel_error < 1e-2
+    assert report.timeline is None and report.gpu == "cpu" and report.mode == "cpu" and report.plan is None
+    assert RunReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report
 
 
 def test_prompt_split_mid_prompt_is_exact_enough():
@@ -36,16 +43,16 @@ def test_prompt_split_mid_prompt_is_exact_enough():
     s = plan(3)
     starts = {o.tokens[0] for o in s.nano_ops if o.op == "prefill_attn"}
     assert starts - {6, 26}, "expected a nano-batch that starts inside a prompt"
-    report, _ = executor.execute(s, device="cpu")
-    errs = [e for e in report["correctness_per_op"] if e["op"] == "prefill_attn"]
-    assert errs and max(e["rel_error"] for e in errs) < 1e-2
+    report = executor.execute(s, device="cpu")
+    errs = [e for e in report.correctness.per_op if e.op == "prefill_attn"]
+    assert errs and max(e.rel_error for e in errs) < 1e-2
 
 
 def test_qkv_bias_and_decode_only_and_prefill_only():
     biased = ModelSpec("tinyb", 256, 4, 2, 64, 512, 2, 1000, has_qkv_bias=True)
     for model, workload in ((biased, WORKLOAD), (MODEL, Workload("dec", 8, 16)), (MODEL, Workload("pre", 0, 1, (9, 7)))):
-        report, _ = executor.execute(plan(2, workload, model), device="cpu")
-        assert report["correctness"]["passed"], (model.name, workload.name, report["correctness"])
+        report = executor.execute(plan(2, workload, model), device="cpu")
+        assert report.correctness.passed, (model.name, workload.name, report.correctness)
 
 
 def test_divergence_names_the_first_wrong_op(monkeypatch):
@@ -90,3 +97,56 @@ def test_torch_decode_and_prefill_match_the_float_references():
     want = ref.prefill_attention_ref(bufs[0]["q"][6:], bufs[0]["k"][6:], bufs[0]["v"][6:], cu)
     got = bufs[0]["attn"][6:]
     assert ((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
+
+
+@pytest.mark.parametrize("workload", [WORKLOAD, Workload("dec", 8, 16), Workload("pre", 0, 1, (9, 7))])
+def test_seq_torch_forward_computes_the_reference_layer_stack(workload):
+    from nfsearch.runtime import baselines
+    biased = ModelSpec("tinyb", 256, 4, 2, 64, 512, 2, 1000, has_qkv_bias=True)
+    for model in (MODEL, biased):
+        s = plan(2, workload, model)
+        ctx = executor.ExecContext("cpu")
+        m = ModelInstance(model, workload, s.num_layers, device="cpu", seed=1)
+        ll = launch.build(s)
+        correctness, ref_out = executor.check(ctx, m, ll)
+        assert correctness.passed
+        out = baselines.torch_forward(m)(m.x0)
+        assert out.shape == ref_out.shape
+        assert rel_error(out, ref_out) < 1e-2, (model.name, workload.name)
+        # a broken forward is caught: the same stack with one norm weight changed differs
+        m.layers[-1].norm2.mul_(1.3)
+        assert rel_error(baselines.torch_forward(m)(m.x0), ref_out) > 3e-2
+
+
+def test_torch_rmsnorm_is_one_bf16_rms_norm():
+    # the seq-torch norm is F.rms_norm in the tensor's dtype (WORKLOADS.md), not a float32 multi-pass
+    m = ModelInstance(MODEL, WORKLOAD, 1, device="cpu")
+    bufs = m.new_buffers()
+    m.run(bufs, 0, "norm1", 0, 39, "torch", 0)
+    want = torch.nn.functional.rms_norm(m.x0, (256,), m.layers[0].norm1, 1e-5)
+    assert torch.equal(bufs[0]["h1"], want)
+
+
+def test_seq_same_takes_the_profiles_fastest_impl_of_each_op_at_the_full_gpu():
+    from nfsearch.cost import default_profile
+    from nfsearch.graph import build_layer, domain_range, op_context
+    from nfsearch.runtime import baselines
+    from nfsearch.specs import load_model, load_workload
+    model, workload = load_model("llama-3-8b"), load_workload("W2")
+    table = default_profile(model, workload)
+    assert not table.is_analytic
+    p = make_problem(model, workload, table, 2)
+    s = equal_split_plan(p, 2)
+    impls, notes = baselines.fastest_impls(s, 132, table)
+    layer = build_layer(model, workload)
+    for name in layer.nodes:
+        op = layer.nodes[name]["op"]
+        lo, hi = domain_range(op, workload)
+        times = {i: table.time_ms(name, hi - lo, 132, op_context(op, workload), impl=i)[0]
+                 for i in table.impls(name)}
+        assert impls[name] == min(times, key=times.get), (name, times)
+    assert not notes
+    # the bundled profile stands in when none is given (the same table: no note)
+    assert baselines.fastest_impls(s, 132)[0] == impls
+    seq = baselines.seq_same(s, 132, impls)
+    assert {l.op: l.impl for l in seq.launches} == impls and all(l.partition.is_whole for l in seq.launches)

@@ -1,6 +1,21 @@
 """Execute a plan on the GPU: launches on their streams with cross-stream event waits, one CUDA graph
 for the whole layer stack, correctness against the sequential torch reference, timing beside the
-seq-torch and seq-same baselines and the measured roofline bound.
+seq-torch, seq-same and seq-compiled baselines (nfsearch.runtime.baselines) and the measured
+roofline bound. Returns a nfsearch.runreport.RunReport.
+
+Streams: every launch carries (layout, group) from nfsearch.runtime.launch: one buildable layout per
+set of launches predicted to run side by side. The stream of a launch is group ``group`` of ONE
+build of its layout (``SmPartitions.build``, cached per layout), so launches whose groups differ in
+one layout run on disjoint SMs (green mode); builds of different layouts may share SMs, and only
+launches predicted NOT to co-run take their streams from different builds. Whole-GPU launches run
+on plain streams. In grid mode the build gives plain streams and the kernels bound their grids to
+the group's SMs.
+
+CUDA graphs: ``issue`` forks from the current stream with an event, each green-context stream
+waits on it, launches wait on the events of the launches they depend on, and every stream used is
+joined back into the current stream at the end: the pattern of ``partitions.capture_graph``, so
+the same code runs eagerly and under capture across green-context streams. Layouts are built and
+kernels compiled by an eager warm-up before any capture.
 
 Everything the run needs lives in one ExecContext (device, SM partitions, a stream per stream key,
 an event per recorded launch); there are no module globals. On a CPU device the same code runs the
@@ -15,17 +30,20 @@ import time
 
 import torch
 
-from nfsearch.runtime import launch as launch_mod
 from nfsearch.errors import NfsearchError
-from nfsearch.runtime.launch import Launch, LaunchList
+from nfsearch.runreport import (Bound, Ceilings, Correctness, LaunchSummary, OpError, RunReport, Timing,
+                                format_table)
+from nfsearch.runtime import launch as launch_mod
 from nfsearch.runtime.bench import event_times
 from nfsearch.runtime.kernels import IMPLS
 from nfsearch.runtime.collectives import COLLECTIVE_OPS
+from nfsearch.runtime.launch import Launch, LaunchList, layout_label
 from nfsearch.runtime.model import OP_OUTPUT, ModelInstance, rel_error
 from nfsearch.runtime.partitions import PartitionError
 from nfsearch.timeline import Span, Timeline
 
 TOLERANCE = 2e-2
+__all__ = ["ExecContext", "ExecutionMismatch", "execute", "format_table", "issue", "check", "resolve_impl"]
 
 
 class ExecutionMismatch(NfsearchError):
@@ -44,7 +62,7 @@ def resolve_impl(op: str, impl: str, device_type: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- context
 class ExecContext:
-    """Device, SM partitions, streams per stream key, events per launch id, notes."""
+    """Device, SM partitions (one build per layout), streams per stream key, events per launch id, notes."""
 
     def __init__(self, device="cuda", mode: str = "green"):
         self.device = torch.device(device)
@@ -55,8 +73,7 @@ class ExecContext:
         self.num_sms, self.granularity = 1, 1
         self._streams: dict[str, object] = {}
         self._events: dict[str, object] = {}
-        self._sm_mismatch_noted = False
-        self._failed_splits: set[str] = set()
+        self._noted: set[str] = set()
         if self.is_cuda:
             from nfsearch.runtime.partitions import SmPartitions
             idx = self.device.index or 0
@@ -71,35 +88,43 @@ class ExecContext:
                                   "SM-bounded grids)")
                 self.mode = "grid"
                 self.partitions = SmPartitions(idx, "grid")
+            # grid mode keeps the green granularity so that plans place as they would in green mode
             self.granularity = self.partitions.granularity if self.mode == "green" else 8
         else:
             self.gpu_name = "cpu"
 
+    def _note_once(self, key: str, text: str) -> None:
+        if key not in self._noted:
+            self._noted.add(key)
+            self.notes.append(text)
+
+    def _plain(self, key: str):
+        if key not in self._streams:
+            self._streams[key] = torch.cuda.Stream(device=self.device)
+        return self._streams[key]
+
+    def build(self, layout):
+        """The streams of one build of `layout` ([(sms, stream), ...]), or None where the driver
+        refuses it (noted once; its launches then run on plain streams with SM-bounded grids)."""
+        try:
+            return self.partitions.build(layout)
+        except PartitionError as exc:
+            self._note_once("build:" + layout_label(layout),
+                            f"no green contexts for layout {layout_label(layout)} ({exc}); its launches run on "
+                            "plain streams with SM-bounded grids")
+            return None
+
     def stream_for(self, l: Launch):
-        """Green mode: the stream of the launch's SM interval (keys on one interval share it: they are
-        predicted not to co-run). Grid mode and whole-GPU launches: one plain stream per key."""
-        if self.mode == "green" and not l.partition.is_whole:
-            sizes, group = l.partition.split
-            try:
-                sms, stream = self.partitions.split(sizes)[group]
-            except PartitionError as exc:
-                # middle groups are built as nested splits (SmPartitions.build); a layout the driver
-                # still refuses runs on a plain stream, its kernels bounded by their grids (num_sms).
-                if l.partition.label not in self._failed_splits:
-                    self._failed_splits.add(l.partition.label)
-                    self.notes.append(f"no green context for {l.partition.label} (split {sizes}: {exc}); "
-                                      "plain stream with an SM-bounded grid")
-                key = "plain@" + l.partition.label
-                if key not in self._streams:
-                    self._streams[key] = torch.cuda.Stream(device=self.device)
-                return self._streams[key]
-            if sms != l.partition.sms and not self._sm_mismatch_noted:
-                self._sm_mismatch_noted = True
-                self.notes.append(f"green group for {l.partition.label} has {sms} SMs, not {l.partition.sms}")
-            return stream
-        if l.key not in self._streams:
-            self._streams[l.key] = torch.cuda.Stream(device=self.device)
-        return self._streams[l.key]
+        """Group `l.group` of the one build of `l.layout`; a plain stream for whole-GPU launches."""
+        if l.layout.build == "whole":
+            return self._plain(l.key)
+        streams = self.build(l.layout)
+        if streams is None:
+            return self._plain("plain@" + l.key)
+        sms, stream = streams[l.group]
+        if sms != l.sms:
+            self._note_once("sms:" + l.key, f"group {l.key} has {sms} SMs, not {l.sms}")
+        return stream
 
     def event(self, launch_id: str):
         if launch_id not in self._events:
@@ -155,9 +180,9 @@ def issue(ctx: ExecContext, model: ModelInstance, bufs, ll: LaunchList, impl: st
 
 
 # ---------------------------------------------------------------------------------------------- correctness
-def check(ctx: ExecContext, model: ModelInstance, ll: LaunchList, tol: float = TOLERANCE) -> dict:
+def check(ctx: ExecContext, model: ModelInstance, ll: LaunchList, tol: float = TOLERANCE):
     """Run the launches once on NaN-poisoned buffers, then the sequential torch reference; compare
-    every op's output layer by layer. Returns {passed, max_rel_error, first_divergence, errors}."""
+    every op's output layer by layer. Returns (Correctness, the reference's final output)."""
     bufs = model.new_buffers(fill=float("nan"))
     issue(ctx, model, bufs, ll)
     _sync(ctx)
@@ -171,19 +196,19 @@ def check(ctx: ExecContext, model: ModelInstance, ll: LaunchList, tol: float = T
     else:
         issue(ctx, model, ref_bufs, ref_ll)
     _sync(ctx)
-    errors, first, worst = [], None, 0.0
+    errors, first, worst = [], "", 0.0
     for layer in range(model.num_layers):
         for op in dict.fromkeys(l.op for l in ref_ll.launches):
             rows = _op_rows(model, op)
             for name in OP_OUTPUT[op]:
                 err = rel_error(bufs[layer][name][rows[0]:rows[1]], ref_bufs[layer][name][rows[0]:rows[1]])
-                errors.append({"layer": layer, "op": op, "buffer": name, "rel_error": err})
+                errors.append(OpError(layer, op, name, err))
                 worst = max(worst, err)
-                if first is None and not err <= tol:
-                    first = {"id": f"L{layer}.{op}", "buffer": name, "rel_error": err}
+                if not first and not err <= tol:
+                    first = f"L{layer}.{op} ({name}): {err:.3g}"
+    ref_out = ref_bufs[-1]["out"].clone()
     del bufs, ref_bufs
-    return {"passed": first is None, "tolerance": tol, "max_rel_error": worst, "first_divergence": first,
-            "errors": errors}
+    return Correctness(not first, tol, worst, first, tuple(errors)), ref_out
 
 
 def _op_rows(model: ModelInstance, op: str) -> tuple[int, int]:
@@ -200,29 +225,42 @@ def _sync(ctx):
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def time_launches(ctx: ExecContext, model: ModelInstance, bufs, ll: LaunchList, iters: int = 30,
-                  use_graph: bool = True, impl: str | None = None) -> dict:
-    """Median ms of one run of the launch list: CUDA-graph replays (eager if capture fails)."""
-    issue(ctx, model, bufs, ll, impl)          # warm-up: compiles the kernels, outside any capture
-    _sync(ctx)
-    how, note, fn = "eager", None, (lambda: issue(ctx, model, bufs, ll, impl))
-    if use_graph:
+class _Variant:
+    """One thing to time: a callable, captured as a CUDA graph where it can be."""
+
+    def __init__(self, label: str, fn, impls: dict[str, str], note: str = ""):
+        self.label, self.fn, self.impls, self.note = label, fn, impls, note
+        self.run, self.how = fn, "eager"
+        self.repeats: list[float] = []
+
+    def prepare(self, ctx: ExecContext, use_graph: bool) -> None:
+        self.fn()                       # warm-up: builds layouts, compiles kernels, outside any capture
+        _sync(ctx)
+        if not use_graph:
+            return
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                issue(ctx, model, bufs, ll, impl)
+                self.fn()
             graph.replay()
             _sync(ctx)
-            how, fn = "cuda-graph", graph.replay
+            self.run, self.how, self.graph = graph.replay, "cuda-graph", graph
         except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager, with a note
-            note = f"CUDA-graph capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); timed eagerly"
             _sync(ctx)
-            graph = None
-    times = event_times(fn, iters, warmup=3)
-    out = {"ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "iters": iters, "how": how}
-    if note:
-        out["note"] = note
-    return out
+            self.note = (self.note + "; " if self.note else "") + (
+                f"CUDA-graph capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); timed eagerly")
+
+    def timing(self, iters: int, num_layers: int) -> Timing:
+        return Timing(self.label, tuple(ms / num_layers for ms in self.repeats), iters, self.how, self.impls,
+                      self.note)
+
+
+def time_variants(ctx: ExecContext, variants: list[_Variant], iters: int, repeats: int) -> None:
+    """`repeats` rounds; in each, every variant is timed as the median of `iters` runs (rounds interleave
+    the variants, so drift of the clock or temperature hits all alike)."""
+    for _ in range(repeats):
+        for v in variants:
+            v.repeats.append(statistics.median(event_times(v.run, iters, warmup=2)))
 
 
 def measure_timeline(ctx: ExecContext, model: ModelInstance, bufs, ll: LaunchList, label: str,
@@ -247,16 +285,21 @@ def measure_timeline(ctx: ExecContext, model: ModelInstance, bufs, ll: LaunchLis
 
 
 # ---------------------------------------------------------------------------------------------- whole run
-def execute(schedule, *, mode: str = "green", iters: int = 30, use_graph: bool = True, timeline: bool = False,
-            tol: float = TOLERANCE, with_baselines: bool = True, with_ceilings: bool = True, seed: int = 0,
-            device: str = "cuda", ctx: ExecContext | None = None, ceilings: dict | None = None,
-            weights_path: str | None = None, progress=None) -> tuple[dict, Timeline | None]:
-    """Check and time a plan on the device. Returns (report dict, measured Timeline or None).
+def execute(schedule, *, mode: str = "green", iters: int = 30, repeats: int = 3, use_graph: bool = True,
+            timeline: bool = False, tol: float = TOLERANCE, with_baselines: bool = True,
+            with_compiled: bool = True, compile_mode: str = "default", with_ceilings: bool = True, seed: int = 0,
+            device: str = "cuda", ctx: ExecContext | None = None, ceilings=None, profile=None,
+            weights_path: str | None = None, progress=None) -> RunReport:
+    """Check and time a plan on the device (with_baselines: seq-torch, seq-same and, with_compiled,
+    seq-compiled beside it); returns a RunReport (its ``timeline`` is the measured per-launch one
+    when asked). `profile`: the plan's profile (seq-same's impls; default: the bundled one).
 
     Raises ExecutionMismatch (naming the first diverging op) when the output is wrong.
     """
     from nfsearch.runtime import baselines, bench
 
+    if repeats < 1 or iters < 1:
+        raise NfsearchError(f"repeats and iters must be >= 1, not {repeats} and {iters}")
     say = progress or (lambda msg: None)
     own_ctx = ctx is None
     ctx = ctx or ExecContext(device, mode)
@@ -267,101 +310,131 @@ def execute(schedule, *, mode: str = "green", iters: int = 30, use_graph: bool =
         model = ModelInstance(schedule.model, schedule.workload, schedule.num_layers, device=ctx.device,
                               seed=seed, weights_path=weights_path)
         model.prepare(ll.launches)
-        say(f"model ready ({time.time() - t_setup:.1f} s); checking correctness")
-        correctness = check(ctx, model, ll, tol)
-        if not correctness["passed"]:
-            f = correctness["first_divergence"]
-            raise ExecutionMismatch(f"plan output differs from the sequential reference: first at {f['id']} "
-                                    f"({f['buffer']}), rel error {f['rel_error']:.3g} > {tol:g}")
-        report = _base_report(schedule, ctx, ll, correctness)
+        if ctx.is_cuda:
+            for layout in ll.layouts:             # build every layout before any capture (fails early)
+                if layout.build != "whole":
+                    ctx.build(layout)
+        say(f"model ready ({time.time() - t_setup:.1f} s; layouts {', '.join(layout_label(x) for x in ll.layouts)});"
+            " checking correctness")
+        correctness, ref_out = check(ctx, model, ll, tol)
+        if not correctness.passed:
+            raise ExecutionMismatch(f"plan output differs from the sequential reference: first at "
+                                    f"{correctness.first_divergence} > {tol:g}")
+        base = _base_fields(schedule, ctx, ll, correctness)
+        notes = list(ll.notes)
         if not ctx.is_cuda:
-            return report, None
+            return RunReport(**base, notes=tuple(notes + ctx.notes))
+
         bufs = model.new_buffers()
+        x0 = bufs[0]["x"]
+        variants, failures = [], []
         if with_baselines:
-            # baselines first: plain streams only, so a failed capture of the plan cannot spoil them
-            say("timing the baselines")
-            for name, bl in (("seq_torch", baselines.seq_torch(schedule, ctx.num_sms)),
-                             ("seq_same", baselines.seq_same(schedule, ll, ctx.num_sms))):
-                model.prepare(bl.launches)
-                t = time_launches(ctx, model, bufs, bl, iters, use_graph)
-                report["baselines"][name] = {**t, "layer_ms": t["ms"] / schedule.num_layers,
-                                             "impls": baselines.plan_impls(bl)}
-        say("timing the plan")
-        plan_t = time_launches(ctx, model, bufs, ll, iters, use_graph)
-        report["plan_run"] = plan_t
-        measured = plan_t["ms"] / schedule.num_layers
-        report["measured_layer_ms"] = measured
-        pred = schedule.predicted.layer_time_ms if schedule.predicted is not None else None
-        report["predicted_layer_ms"] = pred
-        report["prediction_error"] = None if pred is None else (pred - measured) / measured
-        for name, b in report["baselines"].items():
-            report[f"speedup_vs_{name}"] = b["layer_ms"] / measured
-        if with_ceilings:
+            forward = baselines.torch_forward(model)
+            variants.append(_checked(_Variant("seq-torch", lambda: forward(x0), {"layer": "torch (F.rms_norm, "
+                                     "cuBLAS, bf16 RoPE, SDPA)"}), ref_out, tol))
+            impls, same_notes = baselines.fastest_impls(schedule, ctx.num_sms, profile)
+            notes += same_notes
+            same = baselines.seq_same(schedule, ctx.num_sms, impls)
+            model.prepare(same.launches)
+            variants.append(_Variant("seq-same", lambda: issue(ctx, model, bufs, same), impls))
+            if with_compiled:
+                say(f"compiling seq-torch with torch.compile (mode {compile_mode})")
+                v = _compiled(forward, x0, compile_mode, ref_out, tol, failures)
+                say("seq-compiled: " + (v.note if v is not None else failures[-1][1]))
+                if v is not None:
+                    variants.append(v)
+        variants.append(_Variant("plan", lambda: issue(ctx, model, bufs, ll),
+                                 {op: resolve_impl(op, i, "cuda") for op, i in baselines.plan_impls(ll).items()}))
+        kept = []
+        for v in variants:
+            say(f"capturing {v.label}")
+            try:
+                v.prepare(ctx, use_graph)
+                kept.append(v)
+            except Exception as exc:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
+                if v.label == "plan":
+                    raise
+                _sync(ctx)
+                failures.append((v.label, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
+        say(f"timing {', '.join(v.label for v in kept)}: {repeats} rounds of {iters} runs")
+        time_variants(ctx, kept, iters, repeats)
+        timings = {v.label: v.timing(iters, schedule.num_layers) for v in kept}
+        plan_t = timings.pop("plan")
+        if plan_t.note:
+            notes.append("plan: " + plan_t.note)
+        ceil = None
+        if ceilings is not None:
+            ceil = ceilings if isinstance(ceilings, Ceilings) else Ceilings.from_dict(ceilings)
+        elif with_ceilings:
             say("measuring ceilings")
-            ceilings = ceilings or bench.ceilings()
-        if ceilings:
-            report["ceilings"] = ceilings
-            report.update(_bound(schedule, ctx, ceilings, measured))
-        report["tokens_per_s"] = schedule.workload.num_tokens / (measured * 1e-3 * schedule.model.num_layers)
+            ceil = Ceilings.from_dict(bench.ceilings())
         measured_tl = None
         if timeline:
             say("measuring the per-op timeline")
             measured_tl = measure_timeline(ctx, model, bufs, ll, f"measured ({ctx.mode}, eager, {ctx.gpu_name})")
-            report["timeline_layer_ms_eager"] = measured_tl.layer_time_ms
-        report["notes"] = list(ll.notes) + ctx.notes + ([plan_t["note"]] if "note" in plan_t else [])
-        del bufs, model
-        return report, measured_tl
+        pred = schedule.predicted.layer_time_ms if schedule.predicted is not None else None
+        del bufs, model, variants, kept
+        return RunReport(**base, plan=plan_t,
+                         baselines=tuple(timings[k] for k in ("seq-torch", "seq-same", "seq-compiled") if k in timings),
+                         baseline_failures=tuple(failures), predicted_layer_ms=pred if pred else None,
+                         ceilings=ceil, bound=None if ceil is None else _bound(schedule, ctx, ceil),
+                         notes=tuple(notes + ctx.notes), timeline=measured_tl)
     finally:
         if own_ctx:
             ctx.close()
 
 
-def _base_report(schedule, ctx, ll, correctness) -> dict:
+def _checked(variant: _Variant, ref_out, tol: float) -> _Variant:
+    """Run a whole-stack variant once and compare its output with the reference's (noted on the
+    timing: a baseline that computes something else is no baseline)."""
+    out = variant.fn()
+    err = rel_error(out, ref_out)
+    variant.note = f"output vs reference: rel error {err:.2g}" + ("" if err <= tol else f" > {tol:g} (WRONG)")
+    return variant
+
+
+def _compiled(forward, x0, compile_mode: str, ref_out, tol: float, failures: list) -> _Variant | None:
+    """seq-compiled: torch.compile of the seq-torch forward (first call compiles); None on failure."""
+    t0 = time.time()
+    try:
+        fn = torch.compile(forward, mode=None if compile_mode == "default" else compile_mode, dynamic=False)
+        fn(x0)
+        torch.cuda.synchronize()
+    except Exception as exc:  # noqa: BLE001 - torch.compile fails in many ways; one line says which
+        failures.append(("seq-compiled", f"torch.compile failed ({type(exc).__name__}: "
+                                         f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})"))
+        return None
+    v = _checked(_Variant("seq-compiled", lambda: fn(x0), {"layer": f"torch.compile(seq-torch, mode={compile_mode})"}),
+                 ref_out, tol)
+    v.note += f"; compiled in {time.time() - t0:.0f} s"
+    return v
+
+
+def _base_fields(schedule, ctx, ll: LaunchList, correctness: Correctness) -> dict:
     import platform
     versions = {"torch": torch.__version__, "python": platform.python_version()}
     try:
         import triton
         versions["triton"] = triton.__version__
     except Exception:  # noqa: BLE001 - triton missing (CPU): the report just lacks its version
-        versions["triton"] = None
-    return {
-        "gpu": ctx.gpu_name, "num_sms": ctx.num_sms, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "versions": versions, "mode": ctx.mode,
-        "model": schedule.model.name, "workload": schedule.workload.name, "num_tokens": schedule.workload.num_tokens,
-        "num_layers": schedule.num_layers, "solver": schedule.solver.name,
-        "plan_profile": schedule.profile.label, "plan_gpu": schedule.gpu.name,
-        "launches": ll.summary(),
-        "correctness": {k: v for k, v in correctness.items() if k != "errors"},
-        "correctness_per_op": correctness["errors"], "baselines": {},
-    }
+        versions["triton"] = ""
+    waits = [k for l in ll.launches for k in l.wait_kinds]
+    summary = LaunchSummary(len(ll.launches), tuple(ll.keys), tuple(layout_label(x) for x in ll.layouts),
+                            tuple((k, waits.count(k)) for k in ("data", "capacity", "stream")),
+                            len(ll.capacity_edges))
+    return dict(gpu=ctx.gpu_name, num_sms=ctx.num_sms, date=datetime.datetime.now().isoformat(timespec="seconds"),
+                mode=ctx.mode, versions=versions, model=schedule.model.name,
+                model_num_layers=schedule.model.num_layers, workload=schedule.workload.name,
+                num_tokens=schedule.workload.num_tokens, num_layers=schedule.num_layers,
+                solver=schedule.solver.name, plan_profile=schedule.profile.label, plan_gpu=schedule.gpu.name,
+                launches=summary, correctness=correctness)
 
 
-def _bound(schedule, ctx, ceilings: dict, measured_ms: float) -> dict:
+def _bound(schedule, ctx, ceilings: Ceilings) -> Bound:
     from nfsearch.roofline import roofline
     from nfsearch.specs import GpuSpec
     gpu = GpuSpec(key="measured", name=ctx.gpu_name, num_sms=ctx.num_sms, sm_granularity=max(ctx.granularity, 1),
-                  peak_tflops=ceilings["gemm_tflops"], mem_bandwidth_tbps=ceilings["copy_tbps"],
+                  peak_tflops=ceilings.gemm_tflops, mem_bandwidth_tbps=ceilings.copy_tbps,
                   net_bandwidth_gbps=1e9, figures_source="measured in this run")
     r = roofline(schedule.model, schedule.workload, gpu)
-    return {"bound_ms": r.bound_ms, "bound_compute_ms": r.compute_ms, "bound_mem_ms": r.mem_ms,
-            "pct_of_bound": r.bound_ms / measured_ms, "optimal_tokens_per_s": r.tokens_per_s}
-
-
-def format_table(reports: list[dict]) -> str:
-    head = (f"{'workload':<16}{'layer ms':>9}{'pred ms':>9}{'err':>7}{'bound':>8}{'%bound':>8}"
-            f"{'seq-torch':>10}{'x':>6}{'seq-same':>9}{'x':>6}  mode/graph")
-    lines = [head]
-    for r in reports:
-        if "measured_layer_ms" not in r:
-            lines.append(f"{r.get('workload', '?'):<16} FAILED: {r.get('error', '?')[:90]}")
-            continue
-        b = r.get("baselines", {})
-        st, ss = b.get("seq_torch", {}), b.get("seq_same", {})
-        pe = r.get("prediction_error")
-        lines.append(
-            f"{r['workload']:<16}{r['measured_layer_ms']:>9.3f}{(r.get('predicted_layer_ms') or 0):>9.3f}"
-            f"{(pe * 100 if pe is not None else 0):>6.0f}%{r.get('bound_ms', 0):>8.3f}"
-            f"{r.get('pct_of_bound', 0) * 100:>7.0f}%{st.get('layer_ms', 0):>10.3f}"
-            f"{r.get('speedup_vs_seq_torch', 0):>6.2f}{ss.get('layer_ms', 0):>9.3f}"
-            f"{r.get('speedup_vs_seq_same', 0):>6.2f}  {r['mode']}/{r['plan_run']['how']}")
-    return "\n".join(lines)
+    return Bound(r.bound_ms, r.compute_ms, r.mem_ms, r.tokens_per_s)

@@ -23,7 +23,10 @@ Layer (gpt-fast order, residual adds fused into the O and D GEMMs):
 Every decode request has the workload's decode context: the new token is appended at position
 context - 1 and attention reads context tokens. Prompt k/v stay in per-layer buffers (not the cache).
 
-Impl names: "triton" (SM-bounded kernels, need CUDA) and "torch" (library ops; work on CPU).
+Impl names: those of nfsearch.runtime.kernels.IMPLS ("triton", "tma", "flash", "cuda" need CUDA) and
+"torch" (library ops; work on CPU). The "torch" impls are the straightforward bf16 ops of
+WORKLOADS.md's seq-torch: F.rms_norm, cuBLAS, RoPE in bf16, SDPA (they are also the per-op reference
+of the executor's correctness check).
 Two torch impls of the kernels package synchronize the host (rope_append_torch uses nonzero();
 prefill_attention_torch calls cu_seqlens.tolist()), which CUDA-graph capture forbids; this module
 works around both without editing the kernels: rope uses its own slice-based torch version
@@ -171,6 +174,9 @@ class ModelInstance:
         getattr(self, "op_" + op)(bufs[layer], self.layers[layer], layer, a, b, impl, num_sms)
 
     def op_norm1(self, buf, w, layer, a, b, impl, n):
+        if impl == "torch":
+            self._norm_torch(buf["x"][a:b], w.norm1, buf["h1"][a:b])
+            return
         IMPLS["norm1"][impl](buf["x"][a:b], w.norm1, buf["h1"][a:b], n, eps=EPS)
 
     def op_kqv(self, buf, w, layer, a, b, impl, n):
@@ -217,6 +223,9 @@ class ModelInstance:
                          residual=buf["x"][a:b])
 
     def op_norm2(self, buf, w, layer, a, b, impl, n):
+        if impl == "torch":
+            self._norm_torch(buf["mid"][a:b], w.norm2, buf["h2"][a:b])
+            return
         IMPLS["norm2"][impl](buf["mid"][a:b], w.norm2, buf["h2"][a:b], n, eps=EPS)
 
     def op_ug(self, buf, w, layer, a, b, impl, n):
@@ -262,15 +271,24 @@ class ModelInstance:
             q.view(R, self.hkv, G, D), k_cache.transpose(1, 2), v_cache.transpose(1, 2))
         out.copy_(o.reshape(R, HQ, D))
 
+    def _norm_torch(self, x, weight, out):
+        """F.rms_norm in bf16 (one fused kernel on CUDA). The kernels' rmsnorm_torch is a multi-pass
+        float32 version (upcast, square, mean, rsqrt, two products: ~7x slower at 2048 tokens), which
+        made the old seq-torch 17-22% slower than a straightforward layer."""
+        out.copy_(torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, EPS))
+
     def _rope_torch(self, qkv, positions, cos, sin, q_out, k_cache, v_cache, k_out, v_out, a, b):
-        """Torch RoPE + KV append without host syncs: decode rows [a, min(b, R)) append at context-1."""
-        T, D = qkv.shape[0], self.d
-        x = qkv.float().view(T, self.hq + 2 * self.hkv, D)
-        c = cos[positions.long()][:, None, :]
-        s = sin[positions.long()][:, None, :]
-        k = ref._rotate(x[:, self.hq:self.hq + self.hkv], c, s)
-        q_out.copy_(ref._rotate(x[:, :self.hq], c, s))
-        k_out.copy_(k)
+        """Torch RoPE + KV append in bf16 without host syncs (q and k heads rotated in one pass);
+        decode rows [a, min(b, R)) append at context-1."""
+        T, D, half = qkv.shape[0], self.d, self.d // 2
+        x = qkv.view(T, self.hq + 2 * self.hkv, D)
+        c = cos[positions.long()].to(qkv.dtype)[:, None, :]
+        s = sin[positions.long()].to(qkv.dtype)[:, None, :]
+        qk = x[:, :self.hq + self.hkv]
+        x1, x2 = qk[..., :half], qk[..., half:]
+        rot = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+        q_out.copy_(rot[:, :self.hq])
+        k_out.copy_(rot[:, self.hq:])
         v_out.copy_(x[:, self.hq + self.hkv:])
         e = min(b, self.num_decode)
         if a < e:

@@ -1,5 +1,9 @@
-"""GPU: plans run through the executor (SM partitions, event waits, CUDA graph) compute what the
-sequential torch reference computes, and the run report has its fields. Skipped without CUDA."""
+"""GPU: plans run through the executor (one build per co-running layout, event waits, CUDA graph
+across green-context streams) compute what the sequential torch reference computes, the groups
+of every layout a plan uses are physically disjoint, and the run report has its numbers.
+Skipped without CUDA."""
+
+import itertools
 
 import pytest
 
@@ -7,9 +11,10 @@ torch = pytest.importorskip("torch")
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-from nfsearch.roofline import analytic_profile
-from nfsearch.search.baselines import equal_split_plan
 from nfsearch.cost import make_problem
+from nfsearch.roofline import analytic_profile
+from nfsearch.runreport import RunReport
+from nfsearch.search.baselines import equal_split_plan
 from nfsearch.specs import ModelSpec, Workload, load_gpu
 
 MODEL = ModelSpec("small", 1024, 8, 2, 128, 2048, 2, 1000)
@@ -27,14 +32,43 @@ def plan(layers, batches=2):
 def test_plan_runs_correctly_and_reports(layers, batches, mode):
     from nfsearch.runtime import executor
     schedule = plan(layers, batches)
-    report, timeline = executor.execute(schedule, mode=mode, iters=5, timeline=True,
-                                        with_ceilings=layers == 1)
-    assert report["correctness"]["passed"], report["correctness"]
-    assert report["correctness"]["max_rel_error"] < 2e-2
-    for key in ("measured_layer_ms", "predicted_layer_ms", "prediction_error", "speedup_vs_seq_torch",
-                "speedup_vs_seq_same", "tokens_per_s", "gpu", "launches"):
-        assert key in report, key
-    assert report["measured_layer_ms"] > 0 and report["baselines"]["seq_torch"]["layer_ms"] > 0
+    report = executor.execute(schedule, mode=mode, iters=5, repeats=3, timeline=True, with_compiled=False,
+                              with_ceilings=layers == 1)
+    assert isinstance(report, RunReport)
+    assert report.correctness.passed, report.correctness
+    assert report.correctness.max_rel_error < 2e-2
+    assert report.plan is not None and report.plan.how == "cuda-graph", report.notes
+    assert len(report.plan.repeat_layer_ms) == 3 and report.plan.min_layer_ms <= report.measured_layer_ms
+    assert {b.label for b in report.baselines} == {"seq-torch", "seq-same"}, report.baseline_failures
+    torch_t = report.baseline("seq-torch")
+    assert torch_t.how == "cuda-graph" and "WRONG" not in torch_t.note, torch_t.note
+    assert report.speedup("seq-same") > 0 and report.tokens_per_s > 0
     if layers == 1:
-        assert 0 < report["pct_of_bound"] and report["ceilings"]["gemm_tflops"] > 50
-    assert timeline is not None and len(timeline.spans) == len(schedule.nano_ops)
+        assert 0 < report.pct_of_bound and report.ceilings.gemm_tflops > 50
+    assert report.timeline is not None and len(report.timeline.spans) == len(schedule.nano_ops)
+    assert RunReport.from_dict(report.to_dict()) == report
+
+
+def test_groups_of_every_layout_a_plan_uses_are_physically_disjoint():
+    from nfsearch.runtime import executor, launch
+    from nfsearch.runtime.partitions import observed_sm_ids
+    schedule = plan(2, 3)
+    with executor.ExecContext("cuda", "green") as ctx:
+        if ctx.mode != "green":
+            pytest.skip("green contexts unavailable")
+        ll = launch.build(schedule, num_sms=ctx.num_sms, granularity=ctx.granularity)
+        layouts = [x for x in ll.layouts if x.build != "whole"]
+        assert layouts, "the plan should run something side by side"
+        for layout in layouts:
+            groups = ctx.build(layout)
+            assert groups is not None, ctx.notes
+            seen = [observed_sm_ids(stream) for _sms, stream in groups]
+            for (sms, _), ids in zip(groups, seen):
+                assert len(ids) == sms, (layout.sizes, sms, len(ids))
+            for a, b in itertools.combinations(seen, 2):
+                assert not a & b, layout.sizes
+        # co-running launches take their streams from those builds: distinct groups, one layout
+        for a, b in itertools.combinations(ll.launches, 2):
+            co = a.stream != b.stream and a.start_ms < b.end_ms - 1e-4 and b.start_ms < a.end_ms - 1e-4
+            if co and not a.partition.is_whole and not b.partition.is_whole:
+                assert a.layout == b.layout and ctx.stream_for(a) is not ctx.stream_for(b)

@@ -1,0 +1,349 @@
+"""The typed report of one plan run: what `nfsearch run`, `tune` and benchmarks/run_workloads.py
+write, and what reads them back (no torch).
+
+A RunReport holds the run's facts (GPU, plan, correctness, one Timing per timed variant, ceilings,
+bound, notes); the numbers derived from them (measured layer time, speedups, % of bound, tokens/s)
+are properties, and ``to_dict`` writes them beside the facts for readers of the JSON. ``from_dict``
+reads the facts back (the derived keys are ignored and recomputed), so
+``RunReport.from_dict(r.to_dict()) == r``.
+
+Timing: every variant (the plan, seq-torch, seq-same, seq-compiled) is timed in ``repeats`` rounds;
+a round is the median of ``iters`` CUDA-graph replays. The reported time is the median of the
+rounds and the spread their min-max (rounds of the variants interleave, so slow drift of the GPU
+clock hits all of them alike).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, fields
+
+from nfsearch.errors import NfsearchError
+from nfsearch.timeline import Timeline, timeline_from_dict, timeline_to_dict
+
+HOWS = ("cuda-graph", "eager", "cpu")
+BASELINES = ("seq-torch", "seq-same", "seq-compiled")
+WAIT_KINDS = ("data", "capacity", "stream")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise NfsearchError(message)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_ms(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+
+def _pairs(value, where: str) -> tuple[tuple[str, str], ...]:
+    """A {str: str} mapping (JSON) or pairs, as sorted pairs (hashable, one order)."""
+    items = value.items() if isinstance(value, dict) else value
+    out = tuple(sorted((str(k), "" if v is None else str(v)) for k, v in items))
+    _require(len({k for k, _ in out}) == len(out), f"{where}: duplicate names")
+    return out
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One timed variant: per-layer ms of each repeat (each the median of `iters` replays)."""
+    label: str                                   # "plan" or one of BASELINES
+    repeat_layer_ms: tuple[float, ...]
+    iters: int
+    how: str                                     # "cuda-graph" | "eager"
+    impls: tuple[tuple[str, str], ...] = ()      # (op, impl) it ran
+    note: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "repeat_layer_ms", tuple(self.repeat_layer_ms))
+        object.__setattr__(self, "impls", _pairs(self.impls, f"timing {self.label}: impls"))
+        _require(isinstance(self.label, str) and self.label, "a timing needs a label")
+        _require(len(self.repeat_layer_ms) >= 1 and all(_is_ms(x) and x > 0 for x in self.repeat_layer_ms),
+                 f"timing {self.label}: repeat times must be positive finite ms, not {self.repeat_layer_ms!r}")
+        _require(_is_int(self.iters) and self.iters >= 1, f"timing {self.label}: iters must be >= 1")
+        _require(self.how in HOWS, f"timing {self.label}: how must be one of {HOWS}, not {self.how!r}")
+
+    @property
+    def layer_ms(self) -> float:
+        return statistics.median(self.repeat_layer_ms)
+
+    @property
+    def min_layer_ms(self) -> float:
+        return min(self.repeat_layer_ms)
+
+    @property
+    def max_layer_ms(self) -> float:
+        return max(self.repeat_layer_ms)
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median of the repeats."""
+        return (self.max_layer_ms - self.min_layer_ms) / self.layer_ms
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "layer_ms": self.layer_ms, "min_layer_ms": self.min_layer_ms,
+                "max_layer_ms": self.max_layer_ms, "spread": self.spread,
+                "repeat_layer_ms": list(self.repeat_layer_ms), "iters": self.iters, "how": self.how,
+                "impls": dict(self.impls), "note": self.note}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Timing:
+        return cls(d["label"], tuple(d["repeat_layer_ms"]), d["iters"], d["how"], _pairs(d.get("impls", {}), "impls"),
+                   d.get("note", ""))
+
+
+@dataclass(frozen=True)
+class OpError:
+    layer: int
+    op: str
+    buffer: str
+    rel_error: float
+
+
+@dataclass(frozen=True)
+class Correctness:
+    """The plan's output against the sequential torch reference, op by op."""
+    passed: bool
+    tolerance: float
+    max_rel_error: float
+    first_divergence: str = ""                  # "L0.ug (ug): 0.031", empty when passed
+    per_op: tuple[OpError, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "per_op", tuple(self.per_op))
+        _require(isinstance(self.passed, bool), "correctness: passed must be true or false")
+        _require(_is_ms(self.tolerance), "correctness: tolerance must be a finite number >= 0")
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "tolerance": self.tolerance, "max_rel_error": self.max_rel_error,
+                "first_divergence": self.first_divergence,
+                "per_op": [{"layer": e.layer, "op": e.op, "buffer": e.buffer, "rel_error": e.rel_error}
+                           for e in self.per_op]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Correctness:
+        return cls(d["passed"], d["tolerance"], d["max_rel_error"], d.get("first_divergence", ""),
+                   tuple(OpError(e["layer"], e["op"], e["buffer"], e["rel_error"]) for e in d.get("per_op", ())))
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """Measured in the same process: large cuBLAS bf16 GEMM, large device-to-device copy."""
+    gemm_tflops: float
+    copy_tbps: float
+    gemm_shape: str = ""
+    copy_bytes: int = 0
+
+    def __post_init__(self):
+        _require(_is_ms(self.gemm_tflops) and self.gemm_tflops > 0 and _is_ms(self.copy_tbps) and self.copy_tbps > 0,
+                 f"ceilings must be positive, not {self.gemm_tflops!r} TFLOP/s and {self.copy_tbps!r} TB/s")
+
+    def to_dict(self) -> dict:
+        return {"gemm_tflops": self.gemm_tflops, "copy_tbps": self.copy_tbps, "gemm_shape": self.gemm_shape,
+                "copy_bytes": self.copy_bytes}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Ceilings:
+        return cls(d["gemm_tflops"], d["copy_tbps"], d.get("gemm_shape", ""), d.get("copy_bytes", 0))
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The roofline bound of one layer from the measured ceilings (WORKLOADS.md)."""
+    bound_ms: float
+    compute_ms: float
+    mem_ms: float
+    optimal_tokens_per_s: float
+
+    def to_dict(self) -> dict:
+        return {"bound_ms": self.bound_ms, "compute_ms": self.compute_ms, "mem_ms": self.mem_ms,
+                "optimal_tokens_per_s": self.optimal_tokens_per_s}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Bound:
+        return cls(d["bound_ms"], d["compute_ms"], d["mem_ms"], d["optimal_tokens_per_s"])
+
+
+@dataclass(frozen=True)
+class LaunchSummary:
+    num_launches: int
+    stream_keys: tuple[str, ...]
+    layouts: tuple[str, ...]                    # "32+100", one build each
+    waits: tuple[tuple[str, int], ...]          # (kind, count)
+    num_capacity_edges: int
+
+    def __post_init__(self):
+        object.__setattr__(self, "stream_keys", tuple(self.stream_keys))
+        object.__setattr__(self, "layouts", tuple(self.layouts))
+        object.__setattr__(self, "waits", tuple((str(k), int(v)) for k, v in
+                                                (self.waits.items() if isinstance(self.waits, dict) else self.waits)))
+
+    def to_dict(self) -> dict:
+        return {"num_launches": self.num_launches, "stream_keys": list(self.stream_keys),
+                "layouts": list(self.layouts), "waits": dict(self.waits),
+                "num_capacity_edges": self.num_capacity_edges}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LaunchSummary:
+        return cls(d["num_launches"], tuple(d["stream_keys"]), tuple(d["layouts"]), d["waits"],
+                   d["num_capacity_edges"])
+
+
+@dataclass(frozen=True)
+class RunReport:
+    gpu: str
+    num_sms: int
+    date: str
+    mode: str                                    # "green" | "grid" | "cpu"
+    versions: tuple[tuple[str, str], ...]
+    model: str
+    model_num_layers: int                        # of the whole model (tokens/s)
+    workload: str
+    num_tokens: int
+    num_layers: int                              # executed (the plan's unrolled layers)
+    solver: str
+    plan_profile: str
+    plan_gpu: str
+    launches: LaunchSummary
+    correctness: Correctness
+    plan: Timing | None = None
+    baselines: tuple[Timing, ...] = ()
+    baseline_failures: tuple[tuple[str, str], ...] = ()   # (label, one line why)
+    predicted_layer_ms: float | None = None
+    ceilings: Ceilings | None = None
+    bound: Bound | None = None
+    notes: tuple[str, ...] = ()
+    timeline: Timeline | None = None
+    command: str = ""
+    plan_path: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "versions", _pairs(self.versions, "versions"))
+        object.__setattr__(self, "baselines", tuple(self.baselines))
+        object.__setattr__(self, "baseline_failures", tuple((str(a), str(b)) for a, b in self.baseline_failures))
+        object.__setattr__(self, "notes", tuple(str(n) for n in self.notes))
+        _require(self.mode in ("green", "grid", "cpu"), f"run report: mode must be green, grid or cpu, not {self.mode!r}")
+        for key in ("num_sms", "model_num_layers", "num_tokens", "num_layers"):
+            _require(_is_int(getattr(self, key)) and getattr(self, key) >= 1,
+                     f"run report: {key} must be a positive integer, not {getattr(self, key)!r}")
+        labels = [b.label for b in self.baselines]
+        _require(len(set(labels)) == len(labels) and all(b in BASELINES for b in labels),
+                 f"run report: baselines must be distinct names of {BASELINES}, not {labels}")
+        _require(self.plan is None or self.plan.label == "plan", "run report: the plan's timing must be labelled plan")
+        _require(self.predicted_layer_ms is None or (_is_ms(self.predicted_layer_ms) and self.predicted_layer_ms > 0),
+                 f"run report: predicted_layer_ms must be positive, not {self.predicted_layer_ms!r}")
+
+    # ---- derived numbers
+    @property
+    def measured_layer_ms(self) -> float | None:
+        return None if self.plan is None else self.plan.layer_ms
+
+    @property
+    def prediction_error(self) -> float | None:
+        """(predicted - measured) / measured: negative = the model was optimistic."""
+        m = self.measured_layer_ms
+        return None if m is None or self.predicted_layer_ms is None else (self.predicted_layer_ms - m) / m
+
+    def baseline(self, label: str) -> Timing | None:
+        return next((b for b in self.baselines if b.label == label), None)
+
+    def speedup(self, label: str) -> float | None:
+        """Baseline time / plan time (> 1: the plan is faster)."""
+        b, m = self.baseline(label), self.measured_layer_ms
+        return None if b is None or m is None else b.layer_ms / m
+
+    @property
+    def pct_of_bound(self) -> float | None:
+        m = self.measured_layer_ms
+        return None if m is None or self.bound is None else self.bound.bound_ms / m
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        m = self.measured_layer_ms
+        return None if m is None else self.num_tokens / (m * 1e-3 * self.model_num_layers)
+
+    # ---- JSON
+    def to_dict(self) -> dict:
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("versions",):
+                v = dict(v)
+            elif f.name == "baselines":
+                v = {b.label: b.to_dict() for b in v}
+            elif f.name == "baseline_failures":
+                v = dict(v)
+            elif f.name == "notes":
+                v = list(v)
+            elif f.name == "timeline":
+                v = None if v is None else timeline_to_dict(v)
+            elif hasattr(v, "to_dict"):
+                v = v.to_dict()
+            out[f.name] = v
+        out["derived"] = {
+            "measured_layer_ms": self.measured_layer_ms, "prediction_error": self.prediction_error,
+            "pct_of_bound": self.pct_of_bound, "tokens_per_s": self.tokens_per_s,
+            **{f"speedup_vs_{b.label.replace('-', '_')}": self.speedup(b.label) for b in self.baselines}}
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "run report") -> RunReport:
+        try:
+            known = {f.name for f in fields(cls)}
+            unknown = set(d) - known - {"derived"}
+            _require(not unknown, f"unknown keys {sorted(unknown)}")
+            kw = {k: d[k] for k in known if k in d}
+            kw["versions"] = _pairs(d["versions"], "versions")
+            kw["launches"] = LaunchSummary.from_dict(d["launches"])
+            kw["correctness"] = Correctness.from_dict(d["correctness"])
+            kw["plan"] = None if d.get("plan") is None else Timing.from_dict(d["plan"])
+            kw["baselines"] = tuple(Timing.from_dict(b) for b in d.get("baselines", {}).values())
+            kw["baseline_failures"] = tuple(d.get("baseline_failures", {}).items())
+            kw["ceilings"] = None if d.get("ceilings") is None else Ceilings.from_dict(d["ceilings"])
+            kw["bound"] = None if d.get("bound") is None else Bound.from_dict(d["bound"])
+            kw["notes"] = tuple(d.get("notes", ()))
+            kw["timeline"] = None if d.get("timeline") is None else timeline_from_dict(d["timeline"], where)
+            return cls(**kw)
+        except NfsearchError as exc:
+            raise NfsearchError(f"{where}: {exc}") from None
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise NfsearchError(f"{where}: not a run report ({type(exc).__name__}: {exc})") from None
+
+
+# ---------------------------------------------------------------------------------------------- table
+def format_table(reports) -> str:
+    """One line per run: plan, baselines (median, spread), speedups, bound. `reports` are RunReports
+    or dicts (a dict with "error" is a failed run; others are RunReport.to_dict output)."""
+    head = (f"{'workload':<15}{'mode':<6}{'plan ms':>9}{'+-%':>5}{'pred':>7}{'err':>6}{'bound':>7}{'%bnd':>5}"
+            f"{'seq-torch':>10}{'x':>6}{'seq-same':>9}{'x':>6}{'compiled':>9}{'x':>6}")
+    lines = [head]
+    for r in reports:
+        if isinstance(r, dict):
+            if "error" in r:
+                lines.append(f"{r.get('workload', '?'):<15}FAILED: {str(r['error'])[:100]}")
+                continue
+            r = RunReport.from_dict(r)
+        if r.plan is None:
+            lines.append(f"{r.workload:<15}{r.mode:<6} not timed (correct: {r.correctness.passed})")
+            continue
+
+        def cell(label, width):
+            b = r.baseline(label)
+            if b is None:
+                fail = dict(r.baseline_failures).get(label)
+                return f"{'fail' if fail else '-':>{width}}{'':>6}"
+            return f"{b.layer_ms:>{width}.3f}{r.speedup(label):>6.2f}"
+
+        pe, pb = r.prediction_error, r.pct_of_bound
+        lines.append(
+            f"{r.workload:<15}{r.mode:<6}{r.plan.layer_ms:>9.3f}{r.plan.spread * 100:>5.1f}"
+            f"{(r.predicted_layer_ms or float('nan')):>7.3f}"
+            f"{(pe * 100 if pe is not None else float('nan')):>5.0f}%"
+            f"{(r.bound.bound_ms if r.bound else float('nan')):>7.3f}"
+            f"{(pb * 100 if pb is not None else float('nan')):>4.0f}%"
+            f"{cell('seq-torch', 10)}{cell('seq-same', 9)}{cell('seq-compiled', 9)}")
+    return "\n".join(lines)
