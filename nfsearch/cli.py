@@ -365,12 +365,14 @@ def run_cmd(plan_path, num_layers, out_dir, with_timeline, profile_path, mode, i
     require_cuda("nfsearch run")
     check_device(schedule, plan_path, force)
     from nfsearch.runtime import executor
-    report, measured = executor.execute(schedule, mode=mode, iters=iters, use_graph=not no_graph,
-                                        timeline=with_timeline, progress=lambda m: _echo(f"  {m}", err=True))
-    report["command"] = " ".join(["nfsearch"] + sys.argv[1:])
-    report["plan_path"] = str(plan_path)
+    import dataclasses
+    report = executor.execute(schedule, mode=mode, iters=iters, use_graph=not no_graph, timeline=with_timeline,
+                              profile=table if profile_path else None,
+                              progress=lambda m: _echo(f"  {m}", err=True))
+    report = dataclasses.replace(report, command=" ".join(["nfsearch"] + sys.argv[1:]), plan_path=str(plan_path))
+    measured = report.timeline
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "run.json", report)
+    _write_json(out / "run.json", report.to_dict())
     if measured is not None:
         from nfsearch import report as report_mod
         from nfsearch.simulate import stated_timeline
@@ -378,10 +380,10 @@ def run_cmd(plan_path, num_layers, out_dir, with_timeline, profile_path, mode, i
         _write_json(out / "measured.json", timeline_to_dict(measured))
         try:
             report_mod.write_all([stated_timeline(schedule), measured], out / "timeline",
-                                 f"{schedule.model.name} {schedule.workload.name} on {report['gpu']}")
+                                 f"{schedule.model.name} {schedule.workload.name} on {report.gpu}")
         except ImportError as exc:
             _echo(f"note: no Gantt written ({exc}); measured.json has the timeline", err=True)
-    for note in report.get("notes", []):
+    for note in report.notes:
         _echo(f"note: {note}", err=True)
     _echo(executor.format_table([report]))
     _echo(f"wrote {out / 'run.json'}" + (f", {out / 'measured.json'}" if measured is not None else ""))

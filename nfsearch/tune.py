@@ -90,10 +90,11 @@ def run_candidates(candidates: list[Candidate], *, mode: str = "green", iters: i
         for candidate in candidates:
             check_device(candidate.schedule, candidate.name, force)
             try:
-                report, _ = executor.execute(candidate.schedule, ctx=ctx, iters=iters, use_graph=use_graph,
-                                             with_baselines=not trials, ceilings=ceilings)
+                run = executor.execute(candidate.schedule, ctx=ctx, iters=iters, use_graph=use_graph,
+                                       with_baselines=not trials, ceilings=ceilings)
+                report = run.to_dict()
                 ceilings = ceilings or report.get("ceilings") or bench.ceilings()
-                measured = report.get("measured_layer_ms")
+                measured = run.measured_layer_ms
             except NfsearchError as exc:
                 # one wrong or unbuildable candidate must not cost the others their run
                 report, measured = {"workload": candidate.schedule.workload.name, "error": str(exc)}, None
