@@ -11,17 +11,21 @@ Times that are not finite and positive are refused; every replay step retires an
 """
 
 import math
+from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 
 import networkx as nx
 
 from nfsearch.cost import CostModel, Partner
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import build_layer, split_layers
+from nfsearch.layouts import buildable_layouts
 from nfsearch.plan import PlannedOp, Schedule, check_structure
 from nfsearch.timeline import Span, Timeline
 
 TOLERANCE_MS = 1e-4
+MAX_GROUPS = 3          # green-context groups side by side (runtime/launch.py builds at most three)
 
 
 class PlanInvalid(NfsearchError):
@@ -40,10 +44,73 @@ class Replay:
 
 def verify(schedule: Schedule) -> None:
     """Every constraint the executor needs; raises PlanInvalid (or NfsearchError) with one line.
-    The cheap structural checks (caps, ranges, impls, SM grid) come first, before any graph is built."""
+    The cheap structural checks (caps, ranges, impls, positive stated times, SM grid) come first
+    (plan.check_structure), before any graph is built; then the graph, the stated times, and the
+    green-context layouts of ops that run side by side."""
     check_structure(schedule, "plan")
     _check_graph(schedule)
     _check_times(schedule)
+    check_layouts(schedule)
+
+
+def check_layouts(schedule: Schedule, max_groups: int = MAX_GROUPS) -> None:
+    """Ops predicted side by side must run on ONE buildable layout (the executor, runtime/launch.py,
+    gives every co-running set one build of one layout of nfsearch.layouts): for each co-running set
+    (connected by stated overlap on different streams, whole-GPU ops apart) some layout of at most
+    `max_groups` groups must have, for every SM count of the set, at least as many groups of that
+    size as ops of that count run at once."""
+    n, g = schedule.gpu.num_sms, schedule.gpu.sm_granularity
+    layouts = _layout_counts(n, g, max_groups)
+    for comp in _corun_sets(schedule):
+        need = _peak_by_size(comp)
+        if not any(all(counts.get(s, 0) >= c for s, c in need.items()) for counts in layouts):
+            sizes = ", ".join(f"{c} x {s}" if c > 1 else str(s) for s, c in sorted(need.items()))
+            raise PlanInvalid(f"nano-ops {comp[0].id} .. {comp[-1].id} run side by side on SM counts "
+                              f"({sizes}) that no buildable green-context layout of at most {max_groups} "
+                              f"groups on {n} SMs (granularity {g}) gives at once")
+
+
+@lru_cache(maxsize=16)
+def _layout_counts(n: int, g: int, max_groups: int) -> tuple[dict, ...]:
+    return tuple(dict(Counter(layout.sizes)) for layout in buildable_layouts(n, g, max_groups))
+
+
+def _corun_sets(schedule: Schedule) -> list[list[PlannedOp]]:
+    """Connected components of "stated to overlap in time, on different streams" among the ops that
+    do not take the whole GPU, each in issue order."""
+    side = sorted((o for o in schedule.nano_ops if o.sm_count < schedule.gpu.num_sms), key=lambda o: o.start_ms)
+    parent = {o.id: o.id for o in side}
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, a in enumerate(side):
+        for b in side[i + 1:]:
+            if b.start_ms >= a.end_ms - TOLERANCE_MS:
+                break
+            if a.stream != b.stream and a.start_ms < b.end_ms - TOLERANCE_MS:
+                parent[root(a.id)] = root(b.id)
+    comps: dict[str, list] = {}
+    for o in side:
+        comps.setdefault(root(o.id), []).append(o)
+    return [sorted(c, key=lambda o: o.order) for c in comps.values() if len(c) > 1]
+
+
+def _peak_by_size(comp: list[PlannedOp]) -> dict[int, int]:
+    """Per SM count, the most ops of that count running at one instant (by stated times)."""
+    peak: dict[int, int] = {}
+    for s in {o.sm_count for o in comp}:
+        events = sorted([(o.start_ms, 1) for o in comp if o.sm_count == s] +
+                        [(o.end_ms - TOLERANCE_MS, -1) for o in comp if o.sm_count == s])
+        now = best = 0
+        for _, d in events:
+            now += d
+            best = max(best, now)
+        peak[s] = best
+    return peak
 
 
 def check_and_replay(schedule: Schedule, cost: CostModel, is_profile_given: bool) -> Replay:

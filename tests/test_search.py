@@ -77,7 +77,8 @@ def test_solved_plan_states_the_model_bound_apart_from_the_roofline_bound(solved
     data = json.loads(plan_io.to_json(schedule))
     assert "bound_ms" not in data["solver"] and data["solver"]["model_bound_ms"] == schedule.solver.model_bound_ms
     assert data["predicted"]["bound_ms"] == round(schedule.predicted.bound_ms, 6)
-    assert schedule.solver.seed == 3 and schedule.solver.threads == 2 and schedule.solver.time_limit_s == 1.0
+    # the plan states the threads of one stage-2 solve (always 1: --threads only runs structures side by side)
+    assert schedule.solver.seed == 3 and schedule.solver.threads == 1 and schedule.solver.time_limit_s == 1.0
 
 
 def test_sweep_incumbent_and_its_hint_are_feasible(small):
@@ -128,3 +129,29 @@ def test_every_emitted_plan_verifies(num_decode, prompts):
     schedule, _ = solve(problem, solver="cpsat", time_limit_s=0.5, threads=1, seed=0)
     verify(schedule)
     assert schedule.predicted.makespan_ms <= sequential_plan(problem).predicted.makespan_ms + 1e-9
+
+
+def test_threads_never_change_the_plan(small, solved):
+    """--threads runs the top structures' stage-2 solves side by side; each solve is single-threaded
+    and stops on deterministic work, so the plan is byte-identical for 1 and 2 threads."""
+    one, _ = solve(small, solver="cpsat", time_limit_s=1.0, threads=1, seed=3)
+    assert plan_io.to_json(one) == plan_io.to_json(solved[0])
+
+
+def test_stage2_runs_on_the_top_structures(small, solved):
+    from nfsearch.search.solve import TOP_K
+    notes = solved[1]
+    assert sum(note.startswith("stage 2 #") for note in notes) == min(TOP_K, len(sweep(small, 128)))
+
+
+def test_solved_plans_use_only_buildable_layouts(small, solved):
+    """Every SM count of the plan is a group size of some buildable layout, and every co-running
+    set fits one layout (verify's check_layouts)."""
+    from nfsearch.layouts import sm_counts
+    from nfsearch.simulate import check_layouts
+    schedule = solved[0]
+    counts = sm_counts(schedule.gpu.num_sms, schedule.gpu.sm_granularity)
+    assert all(o.sm_count in counts for o in schedule.nano_ops)
+    check_layouts(schedule)
+    for cand in sweep(small, 128):
+        check_layouts(cand.plan)

@@ -17,7 +17,7 @@ from nfsearch.cost import Interference, Overheads
 from nfsearch.plan import PlanGpu, PlannedOp, PlanProfile, Schedule, SolverInfo
 from nfsearch.cost import make_problem
 from nfsearch.errors import NfsearchError
-from nfsearch.simulate import PlanInvalid, check_and_replay, replay, stated_timeline
+from nfsearch.simulate import PlanInvalid, check_and_replay, replay, stated_timeline, verify
 
 EXACT = 1e-9
 
@@ -260,3 +260,54 @@ def test_default_event_wait_is_labelled_and_profile_overrides_it():
     with pytest.raises(NfsearchError):
         overheads_from_meta({"overheads": {"event_wait_us": "fast"}})
     assert "cross-stream wait" in make_problem(TINY_MODEL, TINY_WL, table_from_points(POINTS), 1).plan_profile().interference
+
+
+# ---- buildable layouts -----------------------------------------------------------------------------
+
+def _timed(gpu, *rows):
+    """rows: (op, stream, sm_count, start, end); a schedule with these stated times (no deps)."""
+    ops = tuple(PlannedOp(id=f"L0.{op}#0", layer=0, op=op, index=0, op_class=CLASSES[op], tokens=(0, 128),
+                          stream=stream, order=i, sm_count=sms, impl="fake", deps=(), start_ms=start, end_ms=end)
+                for i, (op, stream, sms, start, end) in enumerate(rows))
+    return Schedule(TINY_MODEL, TINY_WL, gpu, PlanProfile("0" * 16, "fake", "fake"), 1, ops, None, SolverInfo("hand"))
+
+
+def test_check_layouts_accepts_what_one_layout_gives():
+    from nfsearch.simulate import check_layouts
+    gpu = PlanGpu("Fake GPU", FAKE_SMS, 2)
+    check_layouts(_timed(gpu, ("kqv", "a", 30, 0, 1), ("decode_attn", "b", 70, 0, 1)))
+    check_layouts(_timed(gpu, ("kqv", "a", 30, 0, 1), ("decode_attn", "b", 30, 0, 1), ("norm1", "c", 40, 0, 1)))
+    # two ops on 30 one after the other beside one on 70: one layout (30, 70)
+    check_layouts(_timed(gpu, ("kqv", "a", 30, 0, 1), ("norm1", "a", 30, 1, 2), ("decode_attn", "b", 70, 0, 2)))
+
+
+def test_check_layouts_rejects_four_groups_and_two_remainders():
+    from nfsearch.simulate import check_layouts
+    gpu = PlanGpu("Fake GPU", FAKE_SMS, 2)
+    # three ops on 30 SMs side by side leave 10 idle: four groups, the executor builds at most three
+    with pytest.raises(PlanInvalid, match="no buildable green-context layout"):
+        check_layouts(_timed(gpu, ("kqv", "a", 30, 0, 1), ("decode_attn", "b", 30, 0, 1), ("norm1", "c", 30, 0, 1)))
+    # on an H100 (132 SMs, granularity 8) 28 and 36 are both remainders (132 - 104, 132 - 96): no layout
+    # has both, though they fit in SMs
+    h100 = PlanGpu("H100", 132, 8)
+    with pytest.raises(PlanInvalid, match=r"\(28, 36\)"):
+        check_layouts(_timed(h100, ("kqv", "a", 28, 0, 1), ("decode_attn", "b", 36, 0, 1)))
+    check_layouts(_timed(h100, ("kqv", "a", 96, 0, 1), ("decode_attn", "b", 36, 0, 1)))
+    # a chain of overlaps is one co-running set: 100 beside 32, then 96 beside the same 32 -> needs
+    # 100 and 96 and 32 in one layout (228 SMs): refused
+    with pytest.raises(PlanInvalid):
+        check_layouts(_timed(h100, ("kqv", "a", 100, 0, 1), ("decode_attn", "b", 32, 0, 2),
+                             ("norm1", "a", 96, 1, 2)))
+
+
+def test_verify_refuses_zero_stated_time_and_unknown_impl():
+    from dataclasses import replace as dc_replace
+    problem = make_problem(TINY_MODEL, TINY_WL, fake_profile(), num_layers=1)
+    plan = sequential_plan(problem)
+    verify(plan)
+    first = min(plan.nano_ops, key=lambda o: o.order)
+    zero = dc_replace(plan, nano_ops=tuple(dc_replace(o, end_ms=o.start_ms) if o is first else o for o in plan.nano_ops))
+    with pytest.raises(NfsearchError, match="stated duration"):
+        verify(zero)
+    with pytest.raises(NfsearchError, match="unknown impl"):
+        dc_replace(first, impl="warp-drive")

@@ -9,9 +9,6 @@ from nfsearch.profile import ProfileMiss
 UNITS_PER_MS = 1_000              # stage-2 time unit: 1 us
 
 
-OPTION_RADIUS = 8                                 # stage-2 SM options: 132 and the incumbent's share +- this
-
-
 class Durations:
     """Stage-2 model durations in units: solo at the full GPU (nothing fits beside it), else the
     co-run time against the worst other class of the plan (pessimistic). Cached."""
@@ -45,12 +42,10 @@ class Durations:
         except ProfileMiss:
             return math.inf
 
-    def choices(self, op: str, tokens: int, around: int | None) -> tuple[tuple[int, int], ...]:
-        """Pareto-filtered (SM count, units): the full GPU and the grid within OPTION_RADIUS of `around`."""
-        full = self.p.gpu.num_sms
-        pool = [g for g in self.grid if g == full or (around is not None and abs(g - around) <= OPTION_RADIUS)]
+    def choices(self, op: str, tokens: int, allowed) -> tuple[tuple[int, int], ...]:
+        """Pareto-filtered (SM count, units) among the `allowed` SM counts (those the profile answers)."""
         kept, best = [], math.inf
-        for g in sorted(pool):
+        for g in sorted(set(allowed)):
             d = self.units_or_inf(op, tokens, g)
             if d < best:
                 kept.append((g, d))

@@ -1,12 +1,20 @@
 """The search pipeline: stage 1 (structures x SM partitions, replayed), stage 2 (SM allocation by a
-solver backend), then the best by replay of the solver's plan, the incumbent and the baselines.
+solver backend) on the TOP_K best structures, then the best by replay of the solvers' plans, the
+stage-1 incumbents and the baselines, among those simulate.verify accepts (buildable layouts).
 
-Same inputs and seed give a byte-identical plan: everything but CP-SAT is deterministic, and CP-SAT
-stops on deterministic work.
+Objective: the replayed makespan of `num_layers` unrolled layers (default 2), so the second layer's
+overlap with the first counts; the plan's layer time is that makespan / num_layers, the first
+layer's ramp-up included (a steady-state figure would be a little lower, never higher).
+
+Determinism: the same inputs and seed give a byte-identical plan on any machine and for any
+`threads`. Every stage-2 solve is single-threaded and stops on deterministic work (CP-SAT's
+max_deterministic_time, Gurobi's WorkLimit); `threads` only says how many structures are solved at
+once, and the results are combined in a fixed order. Nothing else is random.
 """
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from nfsearch.cost import Problem
@@ -16,10 +24,13 @@ from nfsearch.search.baselines import baselines
 from nfsearch.search.durations import UNITS_PER_MS, Durations
 from nfsearch.search.stage1 import sweep
 from nfsearch.search.stage2 import plan_from_result, stage2_from
-from nfsearch.simulate import verify
+from nfsearch.simulate import PlanInvalid, verify
 from nfsearch.solvers import resolve
 
 Progress = Callable[[str], None] | None
+
+TOP_K = 3                 # structures stage 2 works on (the stage-1 ranking's best)
+SOLVER_THREADS = 1        # threads of ONE stage-2 solve: fixed, so `threads` never changes a result
 
 
 def solve(problem: Problem, solver: str = "auto", time_limit_s: float = 10.0, threads: int = 2, seed: int = 0,
@@ -35,60 +46,94 @@ def solve(problem: Problem, solver: str = "auto", time_limit_s: float = 10.0, th
     notes: list[str] = []
     say = progress or (lambda _msg: None)
 
-    # stage 1 + incumbent: every structure of the family at every compute/memory partition, replayed
+    # stage 1 + incumbents: every structure of the family at every compute/memory partition, replayed
     say("stage 1: structures x SM partitions, each replayed")
     ranked = sweep(problem, chunk)
     if not ranked:
         raise NfsearchError(f"no nano-batch structure with chunk {chunk} can be timed from the profile")
-    inc = ranked[0]
-    notes.append(f"stage 1: {inc.frame.structure.describe()} with overlappers on {inc.memory_sms} SMs: "
-                 f"replay {inc.judge_ms:.4f} ms ({len(ranked)} structures swept)")
+    top = ranked[:TOP_K]
+    notes.append(f"stage 1: {len(ranked)} structures swept; best {top[0].frame.structure.describe()} with "
+                 f"overlappers on {top[0].memory_sms} SMs: replay {top[0].judge_ms:.4f} ms")
     say(notes[-1])
 
-    # stage 2: the incumbent's structure, SM options near its shares, the incumbent as a full hint
+    # stage 2 on each of the top structures, SM options on its own split, its incumbent as a full hint
     durs = Durations(problem)
-    data = stage2_from(problem, inc, durs)
-    backend, why = resolve(solver, data)
-    notes.append(f"stage 2 solver: {why}; {len(data.tasks)} tasks, "
-                 f"{sum(len(t.choices) for t in data.tasks)} (task, SM count) options")
+    datas = [stage2_from(problem, cand, durs) for cand in top]
+    backend, why = resolve(solver, max(datas, key=lambda d: len(d.tasks)))
+    notes.append(f"stage 2 solver: {why}; {len(datas)} structures, {sum(len(d.tasks) for d in datas)} tasks, "
+                 f"{sum(len(t.choices) for d in datas for t in d.tasks)} (task, SM count) options; "
+                 f"{min(threads, len(datas))} at once")
     say(notes[-1])
-    hint_ms = max(data.hint[i][0] + dict(t.choices)[data.hint[i][1]] for i, t in enumerate(data.tasks))
-    # CP-SAT stops on deterministic work (reproducible); a wall-clock backend (Gurobi) gets what is left
-    limit = time_limit_s if backend.name == "cpsat" else max(0.2 * time_limit_s, time_limit_s - (time.perf_counter() - began))
-    result = backend.run(data, limit, threads, seed)
-    settings = backend.settings(time_limit_s, threads, seed)
+    # each structure gets an equal share of the limit (CP-SAT: deterministic work, not the clock)
+    limit = time_limit_s / len(datas)
 
-    entries = []                                       # (replay ms, preference, name, plan)
-    solved = None
-    if result is not None:
-        solved = plan_from_result(problem, inc.frame, data, result, durs)
-        entries.append((solved.predicted.makespan_ms, 0, f"{backend.name} solution", solved))
-        notes.append(f"stage 2: model makespan {result.makespan / UNITS_PER_MS:.4f} ms (hint "
-                     f"{hint_ms / UNITS_PER_MS:.4f}), model bound {result.bound / UNITS_PER_MS:.4f}, gap "
-                     f"{result.gap:.2%} ({result.status}); replay {solved.predicted.makespan_ms:.4f} ms")
+    def run_one(data):
+        return backend.run(data, limit, SOLVER_THREADS, seed)
+
+    if threads > 1 and len(datas) > 1:
+        with ThreadPoolExecutor(max_workers=min(threads, len(datas))) as pool:
+            results = list(pool.map(run_one, datas))
     else:
-        notes.append("stage 2 found no schedule in its limit")
-    say(notes[-1])
-    entries.append((inc.judge_ms, 1, "partition-sweep incumbent", inc.plan))
+        results = [run_one(d) for d in datas]
+    settings = backend.settings(limit, SOLVER_THREADS, seed) + (
+        f"; {len(datas)} structures, each with 1/{len(datas)} of the time limit; --threads solves structures "
+        f"side by side and never changes the result")
+
+    entries = []                                       # (replay ms, preference, name, plan, result, cand)
+    for k, (cand, data, result) in enumerate(zip(top, datas, results)):
+        hint_ms = max(data.hint[i][0] + dict(t.choices)[data.hint[i][1]] for i, t in enumerate(data.tasks))
+        if result is None:
+            notes.append(f"stage 2 #{k + 1} ({cand.frame.structure.describe()}): no schedule in its limit")
+            continue
+        solved = plan_from_result(problem, cand.frame, data, result, durs)
+        entries.append((solved.predicted.makespan_ms, k, f"{backend.name} solution #{k + 1}", solved, result, cand))
+        notes.append(f"stage 2 #{k + 1} ({cand.frame.structure.describe()}, split {cand.memory_sms}+"
+                     f"{problem.gpu.num_sms - cand.memory_sms}): model makespan {result.makespan / UNITS_PER_MS:.4f} ms "
+                     f"(hint {hint_ms / UNITS_PER_MS:.4f}), model bound {result.bound / UNITS_PER_MS:.4f}, gap "
+                     f"{result.gap:.2%} ({result.status}); replay {solved.predicted.makespan_ms:.4f} ms")
+        say(notes[-1])
+    for k, cand in enumerate(top):
+        entries.append((cand.judge_ms, TOP_K + k, f"partition-sweep incumbent #{k + 1}", cand.plan, None, cand))
     for k, (name, plan) in enumerate(sorted(baselines(problem, chunk).items())):
-        entries.append((plan.predicted.makespan_ms, 2 + k, f"{name} baseline", plan))
-    ms, _, source, plan = min(entries, key=lambda e: (round(e[0], 9), e[1]))
+        entries.append((plan.predicted.makespan_ms, 2 * TOP_K + k, f"{name} baseline", plan, None, None))
+
+    entries.sort(key=lambda e: (round(e[0], 9), e[1]))
+    chosen, rejected = None, []
+    for entry in entries:
+        try:
+            verify(entry[3])
+        except PlanInvalid as exc:
+            rejected.append(f"{entry[2]} ({exc})")
+            continue
+        chosen = entry
+        break
+    if rejected:
+        notes.append(f"{len(rejected)} faster candidate(s) refused by verify: " + "; ".join(r[:160] for r in rejected[:3]))
+    if chosen is None:
+        raise NfsearchError("no candidate plan passes simulate.verify (not even the sequential plan)")
+    ms, _, source, plan, result, cand = chosen
     wall = time.perf_counter() - began
     notes.append(f"plan: {source}, {ms:.4f} ms (replay); search wall time {wall:.2f} s")
     say(notes[-1])
     # (wall time goes to the notes, not the plan: the same inputs and seed give a byte-identical plan)
-    status = result.status if result else "no solution"
+    # a plan that is not a stage-2 solution still states what stage 2 reached on the best structure
+    if result is None:
+        k = next((k for k, r in enumerate(results) if r is not None), None)
+        if k is not None:
+            result, cand = results[k], cand or top[k]
+    status = ("fallback" if source.endswith("baseline") else "incumbent" if "incumbent" in source
+              else result.status)
     info = SolverInfo(
-        name=backend.name, status="fallback" if source.endswith("baseline") else status,
-        gap=round(result.gap, 6) if result else None, seed=int(seed), threads=int(threads),
+        name=backend.name, status=status,
+        gap=round(result.gap, 6) if result else None, seed=int(seed), threads=SOLVER_THREADS,
         time_limit_s=float(time_limit_s), note=settings, source=source, choice=why,
         model_makespan_ms=round(result.makespan / UNITS_PER_MS, 6) if result else None,
         # (a backend that proved no bound may report -inf; the plan then states none)
         model_bound_ms=(round(max(0.0, result.bound) / UNITS_PER_MS, 6)
                         if result and math.isfinite(result.bound) else None),
-        gap_scope=("stage-2 model of the chosen structure (pessimistic co-run durations, "
-                   "SM options near the incumbent's)") if result else None,
-        structure=inc.frame.structure.describe(), memory_sms=inc.memory_sms)
+        gap_scope=("stage-2 model of the chosen structure (pessimistic co-run durations, SM options: "
+                   "the structure's two-way split or the whole GPU)") if result else None,
+        structure=(cand or top[0]).frame.structure.describe(), memory_sms=(cand or top[0]).memory_sms)
     schedule = Schedule(plan.model, plan.workload, plan.gpu, plan.profile, plan.num_layers, plan.nano_ops,
                         plan.predicted, info)
     verify(schedule)

@@ -2,9 +2,9 @@
 
 A small family of structures (unsplit; k equal pieces; cuts at the decode/prefill boundary, alone or
 with either side halved; cuts are multiples of `chunk`) is crossed with every compute/memory SM
-partition m: memory and network ops get m SMs, the ops that may run beside them (incomparable in the
-nano-op DAG) get the rest, ops that can never overlap get the whole GPU (each count replaced by the
-fewest SMs that are no slower). The issue order comes from a list schedule at the stage-2 model
+partition m (a multiple of the granularity, so (m, N - m) is a buildable two-way green-context
+layout): memory and network ops get m SMs, the ops that may run beside them (incomparable in the
+nano-op DAG) get the rest, ops that can never overlap get the whole GPU. The issue order comes from a list schedule at the stage-2 model
 durations; every candidate is timed by simulate.replay (the judge); the best is stage 2's incumbent.
 """
 
@@ -100,7 +100,10 @@ def partition_candidate(problem: Problem, frame: Frame, memory_sms: int, durs: D
         want = full
         if frame.group_overlaps[g]:
             want = memory_sms if cost.op_class(n.op) in OVERLAPPERS else full - memory_sms
-        sms[g] = durs.undominated(n.op, n.num_tokens, want)
+        # exactly the two sides of the split (memory_sms, full - memory_sms): every co-running set
+        # then fits the one buildable layout (memory_sms, rest); fewer SMs would not free anything
+        # a partner can use
+        sms[g] = want
     dur = {n: durs.units(n.op, n.num_tokens, sms[group_of(n)]) for n in frame.nano.nodes}
     order = list_order(frame.nano, dur, lambda n: cost.op_class(n.op))
     placement = {n: (cost.op_class(n.op), sms[group_of(n)]) for n in frame.nano.nodes}

@@ -1,7 +1,8 @@
 """Stage 2: an SM-allocation model of the incumbent's structure, solved by a backend (solvers/).
 
-Each nano-op group (same op and nano-batch in every layer) picks an SM count among the full GPU and
-the counts within OPTION_RADIUS of the incumbent's; durations are co-run times against the worst
+Each nano-op group (same op and nano-batch in every layer) picks an SM count: the whole GPU or its
+side of the incumbent's two-way split (m SMs for memory/network ops, N - m for the ops that may run
+beside them), so every plan it gives runs on the buildable layout (m, N - m); durations are co-run times against the worst
 other op class in the plan (solo time at the full GPU), 1 us units; one op at a time per stream; SMs
 capped. The incumbent, timed at these durations, is a complete hint, so the solver only improves on
 it; its gap is the one it proves on this model. The solver's SM counts and order are then timed by
@@ -21,18 +22,20 @@ from nfsearch.solvers import Stage2Data, Stage2Result, Task
 
 
 def stage2_from(problem: Problem, cand: "Candidate", durs: "Durations") -> Stage2Data:
-    """The stage-2 model of a candidate's structure: per group the full GPU and the SM counts within
-    OPTION_RADIUS of the candidate's (groups that never overlap keep the full GPU only); the hint is the
-    candidate's issue order timed at the model durations (feasible in the model)."""
+    """The stage-2 model of a candidate's structure: per group the full GPU or the candidate's count
+    (groups that never overlap keep the full GPU only); the hint is the candidate's issue order timed
+    at the model durations (feasible in the model)."""
     nano, full = cand.frame.nano, problem.gpu.num_sms
     order = topo_order(nano)
     index = {n: i for i, n in enumerate(order)}
     tasks = []
     for n in order:
         g = group_of(n)
-        around = cand.sms[g] if cand.sms[g] < full else None
+        # the group's side of the candidate's split, or the whole GPU: any co-running set then
+        # fits the one buildable layout (m, N - m)
+        allowed = {full, cand.sms[g]}
         tasks.append(Task(id=n.id, group=g, stream=problem.cost.op_class(n.op),
-                          choices=durs.choices(n.op, n.num_tokens, around)))
+                          choices=durs.choices(n.op, n.num_tokens, allowed)))
     edges = tuple(sorted((index[u], index[v]) for u, v in nano.edges))
     issue = [index[n] for n in _nodes_in_issue_order(cand.plan, nano)]
     sms = [cand.sms[t.group] for t in tasks]
