@@ -97,13 +97,13 @@ _BATCH_FLAGS = {"num_decode": "--decode", "decode_context": "--context", "prefil
 
 
 def workload_options(f):
-    """--model, and --workload (W1-W5 or a YAML file) or the flags that describe a dense batch."""
+    """--model, and --workload (W1-W6 or a YAML file) or the flags that describe a dense batch."""
     options = [
         click.option("--model", "model_ref",
                      help="Bundled name (e.g. llama-3-8b), model YAML, or HuggingFace config.json "
                           "(default: the workload's model)."),
         click.option("--workload", "workload_ref",
-                     help="W1-W5 or a workload YAML file; or describe the batch with --decode/--prefill instead."),
+                     help="W1-W6 or a workload YAML file; or describe the batch with --decode/--prefill instead."),
         click.option("--decode", "num_decode", type=click.IntRange(0, 2**20),
                      help="Decode requests in the batch (instead of --workload)."),
         click.option("--context", "decode_context", type=click.IntRange(1, 2**22), default=1024, show_default=True,
@@ -135,7 +135,7 @@ def resolve_specs(model_ref, workload_ref, num_decode, decode_context, prefill, 
     elif num_decode is not None or prefill:
         workload = workload_from_flags(num_decode or 0, decode_context, parse_lengths(prefill, "--prefill"), tp_degree, dtype)
     else:
-        raise NfsearchError("no workload: give --workload W1..W5|FILE or --decode/--prefill flags")
+        raise NfsearchError("no workload: give --workload W1..W6|FILE or --decode/--prefill flags")
     model_ref = model_ref or workload.model
     if not model_ref:
         raise NfsearchError("no model: give --model")
@@ -364,6 +364,18 @@ def run_cmd(plan_path, num_layers, out_dir, with_timeline, profile_path, mode, i
     from nfsearch.runtime.device import check_device, require_cuda
     require_cuda("nfsearch run")
     check_device(schedule, plan_path, force)
+    if schedule.workload.tp_degree > 1:      # one process per GPU, NCCL (nfsearch.runtime.tp)
+        from nfsearch.runtime import tp
+        if with_timeline:
+            raise NfsearchError("--timeline is not measured for tensor-parallel plans yet")
+        report = tp.run_plan(plan_path, mode=mode, iters=iters, use_graph=not no_graph,
+                             progress=lambda m: _echo(f"  {m}", err=True))
+        report["command"] = " ".join(["nfsearch"] + sys.argv[1:])
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "run.json", report)
+        _echo(tp.format_line(report))
+        _echo(f"wrote {out / 'run.json'}")
+        return
     from nfsearch.runtime import executor
     import dataclasses
     report = executor.execute(schedule, mode=mode, iters=iters, use_graph=not no_graph, timeline=with_timeline,

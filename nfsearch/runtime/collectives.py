@@ -82,7 +82,7 @@ def bus_bandwidth_gbps(coll: Collectives, num_tokens: int, hidden_size: int, dty
     """NCCL bus bandwidth of an all-reduce of [num_tokens, hidden] (the layer's message), measured here:
     B_net of the bound. Bus bandwidth = 2 (n - 1) / n x bytes / time (NCCL's convention)."""
     n = coll.world_size
-    x = torch.ones((num_tokens, hidden_size), device=device, dtype=dtype)
+    x = torch.zeros((num_tokens, hidden_size), device=device, dtype=dtype)
     for _ in range(warmup):
         dist.all_reduce(x, group=coll.group)
     times = []

@@ -273,13 +273,67 @@ def time_launch_list(tp: TpRank, ctx, model, bufs, ll, iters: int, repeats: int,
     return out
 
 
+# ---------------------------------------------------------------------------------------------- impls, baselines
+# per-op impls of `--impls fast` (benchmarks/KERNEL_NOTES.md, issue 9: the fastest inside a partition)
+FAST_IMPLS = {"kqv": "tma", "o": "tma", "ug": "tma", "d": "tma", "decode_attn": "tma", "prefill_attn": "flash",
+              "norm1": "cuda", "norm2": "cuda", "act": "cuda", "rope_append": "cuda"}
+IMPL_CHOICES = ("plan", "fast", "torch")
+
+
+def with_impls(schedule, choice: str):
+    """The plan with its compute/memory nano-ops' impls replaced: "plan" keeps them (an analytic plan's
+    "analytic" runs as the executor resolves it), "fast" takes FAST_IMPLS, "torch" the library ops."""
+    if choice not in IMPL_CHOICES:
+        raise NfsearchError(f"impls must be one of {', '.join(IMPL_CHOICES)}, not {choice!r}")
+    if choice == "plan":
+        return schedule
+    table = FAST_IMPLS if choice == "fast" else {op: "torch" for op in FAST_IMPLS}
+    ops = tuple(dataclasses.replace(o, impl=table.get(o.op, o.impl)) for o in schedule.nano_ops)
+    return dataclasses.replace(schedule, nano_ops=ops)
+
+
+def tp_baselines(schedule, ll, num_sms: int, device_type: str) -> dict:
+    """seq-torch and seq-same under TP (WORKLOADS.md): whole ops on one stream and the whole GPU, the
+    layer's collectives on that same stream after the row-parallel GEMMs; seq-torch with the torch ops
+    (cuBLAS, SDPA, F.rms_norm), seq-same with the plan's own impl of each op."""
+    from nfsearch.runtime.executor import resolve_impl
+    counts: dict[str, dict[str, int]] = {}
+    for l in ll.launches:
+        impl = resolve_impl(l.op, l.impl, device_type)
+        counts.setdefault(l.op, {}).setdefault(impl, 0)
+        counts[l.op][impl] += 1
+    same = {op: max(c, key=c.get) for op, c in counts.items()}
+    seq = launch_mod.sequential_launches
+    return {"seq_torch": seq(schedule.model, schedule.workload, schedule.num_layers, num_sms, "torch",
+                             stream="seq-torch"),
+            "seq_same": seq(schedule.model, schedule.workload, schedule.num_layers, num_sms, same,
+                            stream="seq-same")}
+
+
+def impls_of(ll, device_type: str) -> dict[str, str]:
+    from nfsearch.runtime.executor import resolve_impl
+    return {l.op: resolve_impl(l.op, l.impl, device_type) for l in ll.launches}
+
+
+def broadcast_model(full: ModelInstance) -> None:
+    """Rank 0's weights, KV caches and input on every rank (one seed makes them equal already; this
+    makes the TP=1 reference exactly the gathered weights whatever the generator does per device)."""
+    tensors = [full.x0] + [t for k, v in full.kv_cache if k is not None for t in (k, v)]
+    for w in full.layers:
+        tensors += [t for t in dataclasses.astuple(w) if isinstance(t, torch.Tensor)]
+    for t in tensors:
+        dist.broadcast(t, src=0)
+
+
 # ---------------------------------------------------------------------------------------------- one rank
 def execute_rank(tp: TpRank, schedule, *, mode: str = "green", iters: int = 30, repeats: int = 3,
                  use_graph: bool = True, tol: float = TOLERANCE, with_baselines: bool = True,
-                 with_ceilings: bool = True, seed: int = 0, dtype=None, progress=None) -> dict:
+                 with_ceilings: bool = True, seed: int = 0, dtype=None, impls: str = "plan",
+                 progress=None) -> dict:
     """Check and time a TP plan on this rank. Rank 0's return value is the run report (every rank's
     correctness and timings gathered into it); other ranks return their own part."""
-    from nfsearch.runtime import baselines, executor
+    from nfsearch.runtime import executor
+    schedule = with_impls(schedule, impls)
     say = (progress or (lambda m: None)) if tp.is_first else (lambda m: None)
     workload = schedule.workload
     if workload.tp_degree != tp.world_size:
@@ -293,6 +347,7 @@ def execute_rank(tp: TpRank, schedule, *, mode: str = "green", iters: int = 30, 
         t0 = time.time()
         full = ModelInstance(schedule.model, dataclasses.replace(workload, tp_degree=1), schedule.num_layers,
                              device=tp.device, dtype=dtype, seed=seed)
+        broadcast_model(full)
         say(f"whole-layer model ready on every rank ({time.time() - t0:.1f} s); TP=1 reference")
         ref_bufs = reference_buffers(full)
         model = apply_tp(full, tp, workload, ctx.num_sms)
@@ -317,14 +372,14 @@ def execute_rank(tp: TpRank, schedule, *, mode: str = "green", iters: int = 30, 
         bufs = model.new_buffers()
         if with_baselines:
             say("timing seq-torch and seq-same (collectives on their stream)")
-            for name, bl in (("seq_torch", baselines.seq_torch(schedule, ctx.num_sms)),
-                             ("seq_same", baselines.seq_same(schedule, ll, ctx.num_sms))):
+            for name, bl in tp_baselines(schedule, ll, ctx.num_sms, "cuda").items():
                 model.prepare(bl.launches)
                 t = time_launch_list(tp, ctx, model, bufs, bl, iters, repeats, use_graph)
                 mine.setdefault("baselines", {})[name] = {**t, "layer_ms": t["ms"] / schedule.num_layers,
-                                                          "impls": baselines.plan_impls(bl)}
+                                                          "impls": impls_of(bl, "cuda")}
         say("timing the plan")
         mine["plan_run"] = time_launch_list(tp, ctx, model, bufs, ll, iters, repeats, use_graph)
+        mine["plan_run"]["impls"] = impls_of(ll, "cuda")
         del bufs
         say("measuring NCCL bus bandwidth" + (" and the ceilings" if with_ceilings else ""))
         mine["net"] = coll_mod.bus_bandwidth_gbps(tp.coll, workload.num_tokens, schedule.model.hidden_size,
@@ -337,6 +392,13 @@ def execute_rank(tp: TpRank, schedule, *, mode: str = "green", iters: int = 30, 
         ctx.close()
 
 
+def _nccl_version() -> str | None:
+    if not torch.cuda.is_available():
+        return None
+    v = torch.cuda.nccl.version()
+    return ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
 def _all_passed(tp: TpRank, passed: bool) -> bool:
     flag = torch.tensor([0.0 if passed else 1.0], device=tp.device)
     dist.all_reduce(flag)
@@ -344,6 +406,7 @@ def _all_passed(tp: TpRank, passed: bool) -> bool:
 
 
 def _gather(tp: TpRank, mine: dict, schedule, ll, ctx, passed: bool) -> dict:
+    mine["coll_notes"] = list(tp.coll.notes)
     parts = [None] * tp.world_size
     dist.all_gather_object(parts, mine)
     if not tp.is_first:
@@ -362,7 +425,7 @@ def build_report(schedule, ll, ctx, parts: list[dict], passed: bool) -> dict:
         "tp_degree": len(parts), "num_sms": ctx.num_sms,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"torch": torch.__version__, "python": platform.python_version(),
-                     "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None},
+                     "nccl": _nccl_version()},
         "mode": ctx.mode, "model": schedule.model.name, "workload": schedule.workload.name,
         "num_tokens": schedule.workload.num_tokens, "num_layers": schedule.num_layers,
         "solver": schedule.solver.name, "plan_profile": schedule.profile.label, "plan_gpu": schedule.gpu.name,
@@ -373,7 +436,7 @@ def build_report(schedule, ll, ctx, parts: list[dict], passed: bool) -> dict:
                         "per_rank": [p["correctness"] for p in parts]},
         "correctness_per_buffer": first["correctness_per_buffer"],
         "env": {k: os.environ.get(k) for k in coll_mod.SAFE_ENV},
-        "notes": list(ll.notes) + ctx.notes,
+        "notes": list(ll.notes) + ctx.notes + first.get("coll_notes", []),
     }
     if "plan_run" not in first:
         return report
@@ -399,7 +462,8 @@ def build_report(schedule, ll, ctx, parts: list[dict], passed: bool) -> dict:
                        "bound_net_ms": r.net_ms, "net_share_of_bound": r.net_ms / r.bound_ms,
                        "pct_of_bound": r.bound_ms / measured, "optimal_tokens_per_s": r.tokens_per_s})
     report["tokens_per_s"] = schedule.workload.num_tokens / (measured * 1e-3 * schedule.model.num_layers)
-    report["notes"] += first["plan_run"].get("note", "").split("\n") if "note" in first["plan_run"] else []
+    report["notes"] += [f"{name}: {t['note']}" for name, t in
+                        [("plan", first["plan_run"])] + list(report["baselines"].items()) if "note" in t]
     return report
 
 
@@ -425,12 +489,13 @@ def run_plan(plan_path: str, **kwargs) -> dict:
     Raises NfsearchError with one line when the GPUs are too few or a rank fails."""
     import tempfile
     from nfsearch import plan
+    progress = kwargs.pop("progress", None)        # spawned ranks print their own (a callable does not pickle)
     schedule = plan.read(plan_path)
     n = schedule.workload.tp_degree
     if is_under_launcher():
         tp = rank_from_env("nccl")
         try:
-            return execute_rank(tp, schedule, **kwargs)
+            return execute_rank(tp, schedule, progress=progress, **kwargs)
         finally:
             dist.destroy_process_group()
     visible = torch.cuda.device_count()
@@ -450,6 +515,24 @@ def run_plan(plan_path: str, **kwargs) -> dict:
         raise NfsearchError(f"TP plan output differs from the TP=1 sequential reference (max rel error "
                             f"{worst:.3g} > {TOLERANCE:g})")
     return report
+
+
+def format_line(r: dict) -> str:
+    """One line of a TP run report: measured, predicted, baselines, bound with its network term."""
+    label = f"{r.get('plan', r.get('workload', '?'))}" + (f" [{r['impls_choice']}]" if "impls_choice" in r else "")
+    if "error" in r:
+        return f"{label}: FAILED {r['error'][:300]}"
+    if "measured_layer_ms" not in r:
+        return f"{label}: correctness {r['correctness']['passed']} (no timing on {r['gpu']})"
+    b = r.get("baselines", {})
+    st, ss = b.get("seq_torch", {}), b.get("seq_same", {})
+    pred = r.get("predicted_layer_ms") or 0.0
+    return (f"{r['workload']} {label} on {r['tp_degree']}x {r['gpu']}: layer {r['measured_layer_ms']:.3f} ms "
+            f"(spread {r['plan_run']['spread_ms'] / r['num_layers']:.3f}, {r['plan_run']['how']}), predicted "
+            f"{pred:.3f}; seq-torch {st.get('layer_ms', 0):.3f} (x{r.get('speedup_vs_seq_torch', 0):.3f}), "
+            f"seq-same {ss.get('layer_ms', 0):.3f} (x{r.get('speedup_vs_seq_same', 0):.3f}); bound "
+            f"{r.get('bound_ms', 0):.3f} (net {r.get('bound_net_ms', 0):.3f}, bus {r['net']['bus_gbps']:.0f} GB/s) = "
+            f"{r.get('pct_of_bound', 0) * 100:.0f}%; max rel err {r['correctness']['max_rel_error']:.2g}")
 
 
 def _read_json(path: str) -> dict:

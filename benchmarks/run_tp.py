@@ -1,0 +1,123 @@
+"""Tensor-parallel plans on one multi-GPU host: make a two-stream split plan, or run TP plans end to end.
+
+    # a plan whose collectives overlap the other nano-batch's GEMMs (CPU; analytic profile)
+    python benchmarks/run_tp.py make-split --workload W4 --compute-sms 96 -o benchmarks/plans/W4-split.json
+
+    # run plans (one process per GPU each, NCCL, NCCL_NVLS_ENABLE=0), correctness vs TP=1, timings
+    python benchmarks/run_tp.py run benchmarks/plans/W4.json benchmarks/plans/W4-split.json --impls fast --out DIR
+
+`make-split`: every op split into equal nano-batches (multiples of 128 tokens); compute ops (GEMMs,
+prefill attention) on one stream with `--compute-sms` SMs, everything else (decode attention, norms,
+RoPE, the all-reduces) on a second stream with the rest: two groups side by side at most, a layout
+the device can build. The plan is timed by replaying it through the cost model (nfsearch.search).
+
+`run`: each plan (and each --impls choice) through nfsearch.runtime.tp.run_plan; one JSON with the
+GPU names, date, command, and per run: measured layer time (median of --repeats medians of --iters
+CUDA-graph replays, with the spread), predicted time, the roofline bound with its network term
+(measured GEMM peak, copy bandwidth and NCCL bus bandwidth of this run), sequential TP baselines
+(seq-torch and seq-same, collectives on their one stream). A run that fails is recorded with its
+error; the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def two_stream_plan(problem, compute_sms: int, num_batches: int = 2, chunk: int = 128):
+    from nfsearch.graph import split_layers
+    from nfsearch.plan import SolverInfo
+    from nfsearch.search.baselines import equal_sizes
+    from nfsearch.search.listsched import list_order, timed
+    sizes = {name: equal_sizes(*problem.layer.nodes[name]["token_range"], num_batches, chunk)
+             for name in problem.layer.nodes}
+    nano = split_layers(problem.layer, sizes, problem.num_layers, problem.workload)
+    side = problem.gpu.num_sms - compute_sms
+    placement = {n: ("compute", compute_sms) if problem.cost.op_class(n.op) == "compute" else ("side", side)
+                 for n in nano.nodes}
+    dur = {n: problem.cost.solo_ms(n.op, n.num_tokens, placement[n][1]) for n in nano.nodes}
+    order = list_order(nano, dur, lambda n: placement[n][0])
+    return timed(problem, nano, placement, order,
+                 SolverInfo(f"two-stream-split-{num_batches}", note=f"compute on {compute_sms} SMs, the rest on "
+                            f"{side}: made by benchmarks/run_tp.py make-split for execution tests"))
+
+
+def make_split(args) -> None:
+    from nfsearch import plan
+    from nfsearch.cost import default_profile, make_problem
+    from nfsearch.simulate import verify
+    from nfsearch.specs import load_model, load_workload
+    workload = load_workload(args.workload)
+    model = load_model(args.model or workload.model)
+    problem = make_problem(model, workload, default_profile(model, workload), args.layers)
+    schedule = two_stream_plan(problem, args.compute_sms, args.batches)
+    verify(schedule)
+    plan.write(schedule, args.output)
+    from nfsearch.search.listsched import sequential_layer_ms
+    print(f"wrote {args.output}: predicted {schedule.predicted.layer_time_ms:.3f} ms/layer vs sequential "
+          f"{sequential_layer_ms(problem):.3f} ({problem.profile.label})")
+
+
+def run(args) -> None:
+    import torch
+
+    from nfsearch.errors import NfsearchError
+    from nfsearch.runtime import tp
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    result = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "gpus": names,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "torch": torch.__version__, "env": {k: os.environ.get(k) for k in tp.coll_mod.SAFE_ENV},
+              "runs": []}
+    tag = (names[0] if names else "cpu").replace(" ", "_")
+    path = out_dir / f"run_tp_{tag}_{datetime.date.today().isoformat()}.json"
+    for plan_path in args.plans:
+        for impls in args.impls:
+            t0 = time.time()
+            print(f"== {plan_path} impls={impls}", flush=True)
+            try:
+                report = tp.run_plan(plan_path, impls=impls, iters=args.iters, repeats=args.repeats,
+                                     mode=args.mode, progress=lambda m: print(m, flush=True))
+                report = {"plan": str(plan_path), "impls_choice": impls, **report}
+            except NfsearchError as exc:
+                report = {"plan": str(plan_path), "impls_choice": impls, "error": str(exc)}
+            report["wall_s"] = round(time.time() - t0, 1)
+            result["runs"].append(report)
+            print(tp.format_line(report), flush=True)
+            path.write_text(json.dumps(result, indent=1, default=str))     # after every run: a kill keeps it
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("make-split")
+    m.add_argument("--workload", required=True)
+    m.add_argument("--model")
+    m.add_argument("--compute-sms", type=int, default=96)
+    m.add_argument("--batches", type=int, default=2)
+    m.add_argument("--layers", type=int, default=2)
+    m.add_argument("-o", "--output", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("plans", nargs="+")
+    r.add_argument("--impls", nargs="+", default=["fast"], choices=["plan", "fast", "torch"])
+    r.add_argument("--iters", type=int, default=20)
+    r.add_argument("--repeats", type=int, default=3)
+    r.add_argument("--mode", choices=["green", "grid"], default="green")
+    r.add_argument("--out", default="out/run_tp")
+    args = ap.parse_args()
+    (make_split if args.cmd == "make-split" else run)(args)
+
+
+if __name__ == "__main__":
+    main()
