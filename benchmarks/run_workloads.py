@@ -1,19 +1,22 @@
-"""Run the W1-W3 plans on one GPU in one process: correctness, measured layer time, % of the
-measured roofline bound, speedup over seq-torch and seq-same, prediction error.
+"""Run the W1-W3 plans on one GPU in one process: correctness, the plan's measured layer time beside
+seq-torch, seq-same and seq-compiled (each the median of >= 3 interleaved repeats, with the min-max
+spread), the roofline bound from ceilings measured in this run, and the prediction error.
 
     PYTHONPATH=. python benchmarks/run_workloads.py [--plans benchmarks/plans] [--out $OUT]
-        [--only W1,W2] [--extra W2-split] [--iters 30]
+        [--only W1,W2,W3] [--iters 20] [--repeats 3] [--budget-s 300] [--no-grid] [--no-compiled]
 
-Each plan benchmarks/plans/<W>.json runs in grid mode (plain streams, SM-bounded grids; with the
-seq-torch and seq-same baselines) and then in green mode (an SM partition per launch; its eager
-per-op timeline is measured too). Both are checked against the sequential reference. The table
-shows grid mode; the green-mode line follows. Ceilings are measured once per process. Writes <out>/run_<gpu>.json (with the measured
-eager per-op timelines embedded) and prints a short table last.
+Each plan benchmarks/plans/<W>.json runs in green mode (one green-context build per co-running
+layout) with the three baselines, then in grid mode (plain streams, SM-bounded grids) where the
+time budget allows (it reuses the green run's baselines, timed in the same process). seq-compiled
+(torch.compile of seq-torch) is skipped once the budget is half spent. Writes
+<out>/run_<gpu>_<date>.json (GPU name, date, command, ceilings, every RunReport) after every
+workload, and prints a short table last.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -30,83 +33,93 @@ def main(argv=None) -> int:
     ap.add_argument("--plans", default=str(Path(__file__).parent / "plans"))
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--only", default="W1,W2,W3")
-    ap.add_argument("--extra", default="", help="more plan stems to run, comma separated")
-    ap.add_argument("--iters", type=int, default=30)
-    ap.add_argument("--no-green", action="store_true")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--budget-s", type=float, default=300.0,
+                    help="wall seconds: seq-compiled is skipped past half of it, grid mode past 80%%")
+    ap.add_argument("--compile-mode", default="default")
+    ap.add_argument("--no-grid", action="store_true")
+    ap.add_argument("--no-compiled", action="store_true")
     args = ap.parse_args(argv)
+    if args.repeats < 3:
+        ap.error("--repeats must be >= 3 (median and spread of at least three)")
 
     import torch
 
     from nfsearch import plan
-    from nfsearch.timeline import timeline_to_dict
+    from nfsearch.runreport import Ceilings, format_table
     from nfsearch.runtime import bench, executor
 
+    t_start = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name(0)
-    t0 = time.time()
-    ceilings = bench.ceilings()
-    print(f"{gpu}: GEMM {ceilings['gemm_tflops']:.0f} TFLOP/s, copy {ceilings['copy_tbps']:.2f} TB/s "
-          f"({time.time() - t0:.1f} s)", flush=True)
-    record = {"gpu": gpu, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "command": " ".join(["python"] + sys.argv), "ceilings": ceilings, "runs": []}
-    stems = [s for s in args.only.split(",") if s] + [s for s in args.extra.split(",") if s]
-    reports = []
-    for stem in stems:
-        path = Path(args.plans) / f"{stem}.json"
+    date = datetime.datetime.now(datetime.timezone.utc)
+    ceilings = Ceilings.from_dict(bench.ceilings())
+    print(f"{gpu}: GEMM {ceilings.gemm_tflops:.0f} TFLOP/s, copy {ceilings.copy_tbps:.2f} TB/s "
+          f"({time.time() - t_start:.1f} s)", flush=True)
+    record = {"gpu": gpu, "date": date.isoformat(timespec="seconds"),
+              "command": " ".join(["python"] + sys.argv), "ceilings": ceilings.to_dict(),
+              "versions": {"torch": torch.__version__}, "iters": args.iters, "repeats": args.repeats, "runs": []}
+    path = out / f"run_{_slug(gpu)}_{date:%Y-%m-%d}.json"
+    shown = []
+    for stem in [s for s in args.only.split(",") if s]:
+        plan_path = Path(args.plans) / f"{stem}.json"
+        entry = {"stem": stem, "plan_path": str(plan_path)}
         t = time.time()
         try:
-            schedule = plan.read(path)
-            say = (lambda m, stem=stem: print(f"  [{stem}] {m}", flush=True))
-            # grid mode first (plain streams: capture is safe), with the baselines; then green mode
-            report, _ = executor.execute(schedule, mode="grid", iters=args.iters, ceilings=ceilings,
-                                         with_ceilings=False, progress=say)
-            partial = any(o.sm_count < schedule.gpu.num_sms for o in schedule.nano_ops)
-            if not args.no_green and partial:
-                try:
-                    green, tl = executor.execute(schedule, mode="green", iters=args.iters, timeline=True,
-                                                 with_baselines=False, with_ceilings=False, ceilings=ceilings,
-                                                 progress=say)
-                    report["green_mode"] = {k: green.get(k) for k in (
-                        "measured_layer_ms", "plan_run", "pct_of_bound", "prediction_error", "correctness",
-                        "notes", "mode", "timeline_layer_ms_eager")}
-                    report["timeline"] = timeline_to_dict(tl) if tl is not None else None
-                except Exception as exc:  # noqa: BLE001 - keep the grid-mode numbers
-                    report["green_mode"] = {"error": f"{type(exc).__name__}: {exc}",
-                                            "traceback": traceback.format_exc()[-2000:]}
-                    print(report["green_mode"]["traceback"], flush=True)
-            report["best_mode"] = _best_mode(report)
+            schedule = plan.read(plan_path)
+            say = (lambda m, stem=stem: print(f"  [{stem} {time.time() - t_start:5.0f}s] {m}", flush=True))
+            compiled = not args.no_compiled and time.time() - t_start < args.budget_s / 2
+            green = executor.execute(schedule, mode="green", iters=args.iters, repeats=args.repeats,
+                                     ceilings=ceilings, with_compiled=compiled, compile_mode=args.compile_mode,
+                                     progress=say)
+            entry["green"] = dataclasses.replace(green, plan_path=str(plan_path)).to_dict()
+            shown.append(green)
+            if not compiled:
+                entry["seq_compiled_skipped"] = "time budget" if not args.no_compiled else "--no-compiled"
+            if not args.no_grid and time.time() - t_start < 0.8 * args.budget_s:
+                grid = executor.execute(schedule, mode="grid", iters=args.iters, repeats=args.repeats,
+                                        ceilings=ceilings, with_baselines=False, progress=say)
+                grid = dataclasses.replace(grid, plan_path=str(plan_path), baselines=green.baselines,
+                                           notes=grid.notes + ("baselines: the green run's (same process)",))
+                entry["grid"] = grid.to_dict()
+                shown.append(grid)
+            else:
+                entry["grid_skipped"] = "time budget" if not args.no_grid else "--no-grid"
         except Exception as exc:  # noqa: BLE001 - record and go on with the next workload
-            report = {"workload": stem, "error": f"{type(exc).__name__}: {exc}",
-                      "traceback": traceback.format_exc()[-3000:]}
-            print(report["traceback"], flush=True)
-        report["plan_path"] = str(path)
-        report["stem"] = stem
-        report["wall_s"] = round(time.time() - t, 1)
-        reports.append(report)
-        record["runs"].append(report)
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+            entry["traceback"] = traceback.format_exc()[-3000:]
+            print(entry["traceback"], flush=True)
+            shown.append({"workload": stem, "error": entry["error"]})
+        entry["wall_s"] = round(time.time() - t, 1)
+        record["runs"].append(entry)
         torch.cuda.empty_cache()
-        (out / f"run_{_slug(gpu)}.json").write_text(json.dumps(record, indent=1, default=float) + "\n")
-        print(f"  [{stem}] done in {report['wall_s']} s", flush=True)
+        path.write_text(json.dumps(record, indent=1, default=float) + "\n")
+        print(f"  [{stem}] done in {entry['wall_s']} s", flush=True)
+    record["wall_s"] = round(time.time() - t_start, 1)
+    path.write_text(json.dumps(record, indent=1, default=float) + "\n")
 
-    print()
-    print(executor.format_table(reports))
-    for r in reports:
-        g = r.get("green_mode") or {}
-        if g.get("measured_layer_ms"):
-            base = r["baselines"]
-            print(f"{r['stem']}: green mode {g['measured_layer_ms']:.3f} ms/layer ({g['plan_run']['how']}, "
-                  f"x{base['seq_torch']['layer_ms'] / g['measured_layer_ms']:.2f} seq-torch, "
-                  f"x{base['seq_same']['layer_ms'] / g['measured_layer_ms']:.2f} seq-same) vs grid "
-                  f"{r['measured_layer_ms']:.3f} ({r['plan_run']['how']}); best: {r['best_mode']}")
-        if r.get("notes") or g.get("notes"):
-            print(f"  notes: {'; '.join((r.get('notes') or []) + (g.get('notes') or []))[:300]}")
+    print(f"\nwrote {path}")
+    for r in shown:
+        if isinstance(r, dict):
+            continue
+        for note in r.notes:
+            print(f"  note [{r.workload} {r.mode}]: {note[:240]}")
+        for label, why in r.baseline_failures:
+            print(f"  {label} [{r.workload}]: {why}")
+    print(f"\n{gpu}, {date:%Y-%m-%d %H:%M} UTC; ceilings {ceilings.gemm_tflops:.0f} TFLOP/s, "
+          f"{ceilings.copy_tbps:.2f} TB/s; per-layer ms, median of {args.repeats} repeats x {args.iters} graph "
+          "replays (+-% = plan's min-max spread); x = baseline / plan")
+    print(format_table(shown))
+    for r in shown:
+        if isinstance(r, dict) or r.mode != "green":
+            continue
+        spans = ", ".join(f"{b.label} {b.layer_ms:.3f} [{b.min_layer_ms:.3f}-{b.max_layer_ms:.3f}]"
+                          for b in r.baselines)
+        print(f"{r.workload}: plan {r.plan.layer_ms:.3f} [{r.plan.min_layer_ms:.3f}-{r.plan.max_layer_ms:.3f}]; "
+              f"{spans}")
     return 0
-
-
-def _best_mode(report: dict) -> str:
-    green = (report.get("green_mode") or {}).get("measured_layer_ms")
-    return "green" if green and green < report["measured_layer_ms"] else "grid"
 
 
 def _slug(name: str) -> str:

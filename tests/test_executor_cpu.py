@@ -150,3 +150,41 @@ def test_seq_same_takes_the_profiles_fastest_impl_of_each_op_at_the_full_gpu():
     assert baselines.fastest_impls(s, 132)[0] == impls
     seq = baselines.seq_same(s, 132, impls)
     assert {l.op: l.impl for l in seq.launches} == impls and all(l.partition.is_whole for l in seq.launches)
+
+
+def test_the_whole_timed_path_on_the_cpu_gives_a_full_report():
+    # host-clock timing of the same variants the GPU run times: plan, seq-torch, seq-same
+    from nfsearch.runreport import Ceilings, format_table
+    s = plan(2)
+    r = executor.execute(s, device="cpu", time_on_cpu=True, iters=2, repeats=3, with_compiled=False,
+                         ceilings=Ceilings(700.0, 3.0))
+    assert r.correctness.passed and r.plan is not None and r.plan.how == "cpu"
+    assert len(r.plan.repeat_layer_ms) == 3 and r.plan.min_layer_ms <= r.plan.layer_ms <= r.plan.max_layer_ms
+    assert [b.label for b in r.baselines] == ["seq-torch", "seq-same"], r.baseline_failures
+    assert "WRONG" not in r.baseline("seq-torch").note and "rel error" in r.baseline("seq-torch").note
+    assert r.speedup("seq-torch") == pytest.approx(r.baseline("seq-torch").layer_ms / r.measured_layer_ms)
+    assert r.bound is not None and r.bound.bound_ms > 0 and 0 < r.pct_of_bound
+    # an analytic profile names no runtime impl: seq-same keeps the plan's, and says so
+    assert any("seq-same" in n for n in r.notes)
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["derived"]["speedup_vs_seq_same"] == pytest.approx(r.speedup("seq-same"))
+    assert RunReport.from_dict(d) == r
+    table = format_table([r, {"workload": "W9", "error": "boom"}])
+    assert "tiny" in table and "FAILED: boom" in table
+
+
+def test_run_report_refuses_what_is_not_one():
+    from nfsearch.runreport import Timing
+    with pytest.raises(NfsearchError, match="repeat times"):
+        Timing("plan", (1.0, float("nan"), 1.0), 5, "cuda-graph")
+    with pytest.raises(NfsearchError, match="how must be"):
+        Timing("plan", (1.0,), 5, "fast")
+    r = executor.execute(plan(2), device="cpu")
+    d = r.to_dict()
+    with pytest.raises(NfsearchError, match="unknown keys"):
+        RunReport.from_dict({**d, "bogus": 1})
+    with pytest.raises(NfsearchError, match="not a run report"):
+        RunReport.from_dict({k: v for k, v in d.items() if k != "launches"})
+    bad = {**d, "baselines": {"x": Timing("seq-fast", (1.0,), 1, "cpu").to_dict()}}
+    with pytest.raises(NfsearchError, match="baselines must be"):
+        RunReport.from_dict(bad)

@@ -250,17 +250,30 @@ class _Variant:
             self.note = (self.note + "; " if self.note else "") + (
                 f"CUDA-graph capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); timed eagerly")
 
-    def timing(self, iters: int, num_layers: int) -> Timing:
-        return Timing(self.label, tuple(ms / num_layers for ms in self.repeats), iters, self.how, self.impls,
-                      self.note)
+    def timing(self, iters: int, num_layers: int, is_cuda: bool) -> Timing:
+        return Timing(self.label, tuple(ms / num_layers for ms in self.repeats), iters,
+                      self.how if is_cuda else "cpu", self.impls, self.note)
 
 
 def time_variants(ctx: ExecContext, variants: list[_Variant], iters: int, repeats: int) -> None:
     """`repeats` rounds; in each, every variant is timed as the median of `iters` runs (rounds interleave
-    the variants, so drift of the clock or temperature hits all alike)."""
+    the variants, so drift of the clock or temperature hits all alike). CUDA events on the GPU, the
+    host clock on the CPU."""
     for _ in range(repeats):
         for v in variants:
-            v.repeats.append(statistics.median(event_times(v.run, iters, warmup=2)))
+            times = event_times(v.run, iters, warmup=2) if ctx.is_cuda else _host_times(v.run, iters, warmup=1)
+            v.repeats.append(statistics.median(times))
+
+
+def _host_times(fn, iters: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
 
 
 def measure_timeline(ctx: ExecContext, model: ModelInstance, bufs, ll: LaunchList, label: str,
@@ -289,10 +302,12 @@ def execute(schedule, *, mode: str = "green", iters: int = 30, repeats: int = 3,
             timeline: bool = False, tol: float = TOLERANCE, with_baselines: bool = True,
             with_compiled: bool = True, compile_mode: str = "default", with_ceilings: bool = True, seed: int = 0,
             device: str = "cuda", ctx: ExecContext | None = None, ceilings=None, profile=None,
-            weights_path: str | None = None, progress=None) -> RunReport:
+            weights_path: str | None = None, time_on_cpu: bool = False, progress=None) -> RunReport:
     """Check and time a plan on the device (with_baselines: seq-torch, seq-same and, with_compiled,
     seq-compiled beside it); returns a RunReport (its ``timeline`` is the measured per-launch one
     when asked). `profile`: the plan's profile (seq-same's impls; default: the bundled one).
+    On a CPU device only the correctness check runs, unless time_on_cpu (host-clock timing of the
+    same variants, no graphs, no ceilings measured: the CI tests walk the whole path with it).
 
     Raises ExecutionMismatch (naming the first diverging op) when the output is wrong.
     """
@@ -322,8 +337,9 @@ def execute(schedule, *, mode: str = "green", iters: int = 30, repeats: int = 3,
                                     f"{correctness.first_divergence} > {tol:g}")
         base = _base_fields(schedule, ctx, ll, correctness)
         notes = list(ll.notes)
-        if not ctx.is_cuda:
+        if not ctx.is_cuda and not time_on_cpu:
             return RunReport(**base, notes=tuple(notes + ctx.notes))
+        use_graph = use_graph and ctx.is_cuda
 
         bufs = model.new_buffers()
         x0 = bufs[0]["x"]
@@ -358,18 +374,18 @@ def execute(schedule, *, mode: str = "green", iters: int = 30, repeats: int = 3,
                 failures.append((v.label, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
         say(f"timing {', '.join(v.label for v in kept)}: {repeats} rounds of {iters} runs")
         time_variants(ctx, kept, iters, repeats)
-        timings = {v.label: v.timing(iters, schedule.num_layers) for v in kept}
+        timings = {v.label: v.timing(iters, schedule.num_layers, ctx.is_cuda) for v in kept}
         plan_t = timings.pop("plan")
         if plan_t.note:
             notes.append("plan: " + plan_t.note)
         ceil = None
         if ceilings is not None:
             ceil = ceilings if isinstance(ceilings, Ceilings) else Ceilings.from_dict(ceilings)
-        elif with_ceilings:
+        elif with_ceilings and ctx.is_cuda:
             say("measuring ceilings")
             ceil = Ceilings.from_dict(bench.ceilings())
         measured_tl = None
-        if timeline:
+        if timeline and ctx.is_cuda:
             say("measuring the per-op timeline")
             measured_tl = measure_timeline(ctx, model, bufs, ll, f"measured ({ctx.mode}, eager, {ctx.gpu_name})")
         pred = schedule.predicted.layer_time_ms if schedule.predicted is not None else None
@@ -399,7 +415,8 @@ def _compiled(forward, x0, compile_mode: str, ref_out, tol: float, failures: lis
     try:
         fn = torch.compile(forward, mode=None if compile_mode == "default" else compile_mode, dynamic=False)
         fn(x0)
-        torch.cuda.synchronize()
+        if x0.is_cuda:
+            torch.cuda.synchronize(x0.device)
     except Exception as exc:  # noqa: BLE001 - torch.compile fails in many ways; one line says which
         failures.append(("seq-compiled", f"torch.compile failed ({type(exc).__name__}: "
                                          f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})"))
