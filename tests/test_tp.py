@@ -125,13 +125,21 @@ def _gloo_run(tmp_path, schedule, **kwargs):
 
 
 def test_gloo_tp2_plan_matches_tp1_output(tmp_path):
-    report = _gloo_run(tmp_path, tiny_tp_plan(2))
+    report = _gloo_run(tmp_path, tiny_tp_plan(2), time_on_cpu=True, iters=2, repeats=3)
     c = report["correctness"]
     assert c["passed"] and len(c["per_rank"]) == 2
     assert c["max_rel_error"] < 1e-4, c
     seen = {(e["layer"], e["buffer"]) for e in report["correctness_per_buffer"]}
     assert {(1, "out"), (0, "mid"), (1, "ug"), (0, "attn")} <= seen
     assert report["env"]["NCCL_NVLS_ENABLE"] == "0"
+    # the report the GPU run writes, timed here by the host clock: plan, TP baselines, network term
+    assert len(report["plan_run"]["repeat_ms"]) == 3 and report["plan_run"]["how"] == "eager"
+    assert set(report["baselines"]) == {"seq_torch", "seq_same"}
+    assert report["baselines"]["seq_torch"]["impls"]["allreduce_o"] == "collective"
+    assert report["measured_layer_ms"] > 0 and len(report["per_rank_plan_ms"]) == 2
+    assert report["net"]["bus_gbps"] > 0 and report["net"]["world_size"] == 2
+    assert report["speedup_vs_seq_torch"] > 0 and report["predicted_layer_ms"] > 0
+    assert "bound_ms" not in report          # no ceilings are measured on a CPU
 
 
 def test_apply_tp_shards_weights_and_caches():

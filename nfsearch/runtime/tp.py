@@ -240,14 +240,15 @@ def _agree(tp: TpRank, ok: bool) -> bool:
 
 def time_launch_list(tp: TpRank, ctx, model, bufs, ll, iters: int, repeats: int, use_graph: bool = True) -> dict:
     """Median over `repeats` of the median of `iters` replays of one CUDA graph of the launch list
-    (eager issue if any rank fails to capture). Every rank runs the same calls (collectives inside)."""
+    (eager issue if any rank fails to capture). Every rank runs the same calls (collectives inside).
+    On CPU (the gloo test) the launches are issued eagerly and timed by the host clock."""
     from nfsearch.runtime import executor
-    from nfsearch.runtime.bench import event_times
+    is_cuda = tp.device.type == "cuda"
     executor.issue(ctx, model, bufs, ll)             # warm-up outside capture: compiles, makes comms
-    torch.cuda.synchronize(tp.device)
+    _sync(tp)
     fn, how, note = (lambda: executor.issue(ctx, model, bufs, ll)), "eager", None
     graph, ok = None, False
-    if use_graph:
+    if use_graph and is_cuda:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
@@ -255,14 +256,14 @@ def time_launch_list(tp: TpRank, ctx, model, bufs, ll, iters: int, repeats: int,
             ok = True
         except Exception as exc:  # noqa: BLE001 - capture failure: every rank falls back to eager, noted
             note = f"CUDA-graph capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); timed eagerly"
-        torch.cuda.synchronize(tp.device)
+        _sync(tp)
         if _agree(tp, ok):
             fn, how = graph.replay, "cuda-graph"
         elif note is None:
             note = "CUDA-graph capture failed on another rank; timed eagerly"
     medians, all_times = [], []
     for _ in range(repeats):
-        times = event_times(fn, iters, warmup=3)
+        times = _times(fn, iters, is_cuda)
         medians.append(statistics.median(times))
         all_times += times
     out = {"ms": statistics.median(medians), "repeat_ms": medians, "spread_ms": max(medians) - min(medians),
@@ -271,6 +272,25 @@ def time_launch_list(tp: TpRank, ctx, model, bufs, ll, iters: int, repeats: int,
         out["note"] = note
     del graph
     return out
+
+
+def _times(fn, iters: int, is_cuda: bool, warmup: int = 3) -> list[float]:
+    if is_cuda:
+        from nfsearch.runtime.bench import event_times
+        return event_times(fn, iters, warmup=warmup)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _sync(tp: TpRank) -> None:
+    if tp.device.type == "cuda":
+        torch.cuda.synchronize(tp.device)
 
 
 # ---------------------------------------------------------------------------------------------- impls, baselines
@@ -329,9 +349,10 @@ def broadcast_model(full: ModelInstance) -> None:
 def execute_rank(tp: TpRank, schedule, *, mode: str = "green", iters: int = 30, repeats: int = 3,
                  use_graph: bool = True, tol: float = TOLERANCE, with_baselines: bool = True,
                  with_ceilings: bool = True, seed: int = 0, dtype=None, impls: str = "plan",
-                 progress=None) -> dict:
+                 time_on_cpu: bool = False, progress=None) -> dict:
     """Check and time a TP plan on this rank. Rank 0's return value is the run report (every rank's
-    correctness and timings gathered into it); other ranks return their own part."""
+    correctness and timings gathered into it); other ranks return their own part. On CPU only the
+    check runs, unless time_on_cpu (host-clock timings, no ceilings: the CI test of the report)."""
     from nfsearch.runtime import executor
     schedule = with_impls(schedule, impls)
     say = (progress or (lambda m: None)) if tp.is_first else (lambda m: None)
@@ -367,24 +388,24 @@ def execute_rank(tp: TpRank, schedule, *, mode: str = "green", iters: int = 30, 
         if is_cuda:
             mine["gpu"] = torch.cuda.get_device_name(tp.device)
         passed = _all_passed(tp, correctness["passed"])
-        if not passed or not is_cuda:
+        if not passed or not (is_cuda or time_on_cpu):
             return _gather(tp, mine, schedule, ll, ctx, passed)
         bufs = model.new_buffers()
         if with_baselines:
             say("timing seq-torch and seq-same (collectives on their stream)")
-            for name, bl in tp_baselines(schedule, ll, ctx.num_sms, "cuda").items():
+            for name, bl in tp_baselines(schedule, ll, ctx.num_sms, tp.device.type).items():
                 model.prepare(bl.launches)
                 t = time_launch_list(tp, ctx, model, bufs, bl, iters, repeats, use_graph)
                 mine.setdefault("baselines", {})[name] = {**t, "layer_ms": t["ms"] / schedule.num_layers,
-                                                          "impls": impls_of(bl, "cuda")}
+                                                          "impls": impls_of(bl, tp.device.type)}
         say("timing the plan")
         mine["plan_run"] = time_launch_list(tp, ctx, model, bufs, ll, iters, repeats, use_graph)
-        mine["plan_run"]["impls"] = impls_of(ll, "cuda")
+        mine["plan_run"]["impls"] = impls_of(ll, tp.device.type)
         del bufs
         say("measuring NCCL bus bandwidth" + (" and the ceilings" if with_ceilings else ""))
         mine["net"] = coll_mod.bus_bandwidth_gbps(tp.coll, workload.num_tokens, schedule.model.hidden_size,
                                                   dtype, tp.device)
-        if with_ceilings:
+        if with_ceilings and is_cuda:
             from nfsearch.runtime import bench
             mine["ceilings"] = bench.ceilings(device=str(tp.device))
         return _gather(tp, mine, schedule, ll, ctx, passed)
