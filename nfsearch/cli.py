@@ -370,6 +370,8 @@ def run_cmd(plan_path, num_layers, out_dir, with_timeline, profile_path, mode, i
             raise NfsearchError("--timeline is not measured for tensor-parallel plans yet")
         report = tp.run_plan(plan_path, mode=mode, iters=iters, use_graph=not no_graph,
                              progress=lambda m: _echo(f"  {m}", err=True))
+        if report is None:                   # another rank of a torchrun job: rank 0 writes the report
+            return
         report["command"] = " ".join(["nfsearch"] + sys.argv[1:])
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / "run.json", report)

@@ -504,8 +504,9 @@ def _run_worker(tp: TpRank, plan_path: str, out_path: str, kwargs: dict) -> None
             json.dump(report, f, indent=1, default=str)
 
 
-def run_plan(plan_path: str, **kwargs) -> dict:
-    """`nfsearch run` on a TP plan: one process per GPU (or this one rank under torchrun); rank 0's report.
+def run_plan(plan_path: str, **kwargs) -> dict | None:
+    """`nfsearch run` on a TP plan: one process per GPU (or this one rank under torchrun); rank 0's report
+    (None on the other ranks of a torchrun job: rank 0 writes the report).
 
     Raises NfsearchError with one line when the GPUs are too few or a rank fails."""
     import tempfile
@@ -516,7 +517,8 @@ def run_plan(plan_path: str, **kwargs) -> dict:
     if is_under_launcher():
         tp = rank_from_env("nccl")
         try:
-            return execute_rank(tp, schedule, progress=progress, **kwargs)
+            report = execute_rank(tp, schedule, progress=progress, **kwargs)
+            return report if tp.is_first else None
         finally:
             dist.destroy_process_group()
     visible = torch.cuda.device_count()
