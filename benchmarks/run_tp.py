@@ -6,6 +6,9 @@
     # run plans (one process per GPU each, NCCL, NCCL_NVLS_ENABLE=0), correctness vs TP=1, timings
     python benchmarks/run_tp.py run benchmarks/plans/W4.json benchmarks/plans/W4-split.json --impls fast --out DIR
 
+    # all-reduce of [tokens, 8192] bf16 by message size and NCCL CTA limit (0 = NCCL's default)
+    python benchmarks/run_tp.py net --out DIR
+
 `make-split`: every op split into equal nano-batches (multiples of 128 tokens); compute ops (GEMMs,
 prefill attention) on one stream with `--compute-sms` SMs, everything else (decode attention, norms,
 RoPE, the all-reduces) on a second stream with the rest: two groups side by side at most, a layout
@@ -98,6 +101,26 @@ def run(args) -> None:
     print(f"wrote {path}")
 
 
+def net(args) -> None:
+    """All-reduce times by message size and NCCL CTA limit on this host's GPUs (one JSON)."""
+    import torch
+
+    from nfsearch.runtime import tp
+    n = args.gpus or torch.cuda.device_count()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"allreduce_tp{n}_{torch.cuda.get_device_name(0).replace(' ', '_')}.json"
+    tp.spawn_ranks(tp.net_table_worker, n, "nccl", (str(path), args.hidden, args.tokens, args.ctas))
+    data = json.loads(path.read_text())
+    data.update(command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    path.write_text(json.dumps(data, indent=1))
+    for r in data["rows"]:
+        print(f"TP={n} {r['num_tokens']:>5} tokens, CTA limit {r['cta_limit'] or 'default':>7}"
+              f"{'' if r['is_limit_applied'] else ' (not applied)'}: {r['time_ms']:.4f} ms, {r['bus_gbps']:.0f} GB/s")
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -115,8 +138,14 @@ def main() -> None:
     r.add_argument("--repeats", type=int, default=3)
     r.add_argument("--mode", choices=["green", "grid"], default="green")
     r.add_argument("--out", default="out/run_tp")
+    n = sub.add_parser("net")
+    n.add_argument("--gpus", type=int, default=0, help="processes (default: every GPU)")
+    n.add_argument("--hidden", type=int, default=8192)
+    n.add_argument("--tokens", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])
+    n.add_argument("--ctas", type=int, nargs="+", default=[0, 8, 16, 24, 32])
+    n.add_argument("--out", default="out/run_tp")
     args = ap.parse_args()
-    (make_split if args.cmd == "make-split" else run)(args)
+    {"make-split": make_split, "run": run, "net": net}[args.cmd](args)
 
 
 if __name__ == "__main__":

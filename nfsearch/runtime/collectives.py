@@ -105,3 +105,22 @@ def bus_bandwidth_gbps(coll: Collectives, num_tokens: int, hidden_size: int, dty
     num_bytes = x.numel() * x.element_size()
     return {"all_reduce_ms": ms, "message_bytes": num_bytes, "min_ms": min(times), "max_ms": max(times),
             "bus_gbps": 2.0 * (n - 1) / n * num_bytes / (ms * 1e6), "world_size": n}
+
+
+def all_reduce_table(coll: Collectives, hidden_size: int, dtype, device, token_grid, cta_limits,
+                     iters: int = 10) -> list[dict]:
+    """All-reduce of [tokens, hidden] at each token count and NCCL CTA limit (0: NCCL's default), on a
+    GPU with nothing beside it: the solo rows a measured TP profile needs (median of `iters`)."""
+    from nfsearch.runtime.bench import event_times
+    coll.prepare(c for c in cta_limits if c)
+    rows, n = [], coll.world_size
+    for ctas in cta_limits:
+        group = coll.group if not ctas else coll._by_ctas.get(ctas, coll.group)
+        is_limited = not ctas or group is not coll.group
+        for tokens in token_grid:
+            x = torch.zeros((tokens, hidden_size), device=device, dtype=dtype)
+            ms = statistics.median(event_times(lambda: dist.all_reduce(x, group=group), iters, warmup=3))
+            num_bytes = x.numel() * x.element_size()
+            rows.append({"num_tokens": tokens, "cta_limit": ctas, "is_limit_applied": is_limited, "time_ms": ms,
+                         "message_bytes": num_bytes, "bus_gbps": 2.0 * (n - 1) / n * num_bytes / (ms * 1e6)})
+    return rows

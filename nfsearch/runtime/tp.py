@@ -564,3 +564,13 @@ def _read_json(path: str) -> dict:
             return json.load(f)
     except (OSError, ValueError):
         return {}
+
+
+def net_table_worker(tp: TpRank, out_path: str, hidden_size: int, token_grid, cta_limits) -> None:
+    """Rank body of `benchmarks/run_tp.py net`: rank 0 writes the all-reduce table as JSON."""
+    rows = coll_mod.all_reduce_table(tp.coll, hidden_size, torch.bfloat16, tp.device, token_grid, cta_limits)
+    if tp.is_first:
+        with open(out_path, "w") as f:
+            json.dump({"world_size": tp.world_size, "hidden_size": hidden_size, "dtype": "bf16",
+                       "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+                       "nccl": _nccl_version(), "notes": tp.coll.notes, "rows": rows}, f, indent=1)
