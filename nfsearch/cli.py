@@ -83,7 +83,7 @@ def main():
     \b
     analyze -> profile -> solve -> simulate   (no GPU needed with a bundled or --analytic profile)
     run, tune, compare                        (on a CUDA GPU)
-    check                                     (re-solve the golden cases)
+    check [--update]                          (re-solve the golden cases against re-scored goldens)
 
     Without -o, outputs go into ./out/, named after their input.
     """
@@ -305,9 +305,17 @@ def simulate(plan_path, profile_path, out_prefix, allow_extrapolation):
               show_default=True, help="Golden cases file (model, workload, profile -> committed golden plan).")
 @click.option("--tolerance", type=FiniteFloatRange(0.0, 1.0),
               help="Allowed makespan regression as a fraction, e.g. 0.02 (default: the cases file's).")
-def check(cases_file, tolerance):
-    """Re-solve the golden cases; exit 1 with a diff when a plan is invalid or got worse."""
-    from nfsearch.golden import run_check
+@click.option("--update", is_flag=True,
+              help="Replace a golden plan only by a re-solved plan that is better under today's model "
+                   "(or where the golden can no longer be replayed); says what it did per case.")
+def check(cases_file, tolerance, update):
+    """Re-solve the golden cases and compare each with its golden re-scored under today's model;
+    exit 1 with a diff when a plan is invalid or got worse."""
+    from nfsearch.golden import run_check, update_goldens
+    if update:
+        for line in update_goldens(cases_file, progress=lambda msg: _echo(f"  {msg}", err=True)):
+            _echo(line)
+        return
     result = run_check(cases_file, tolerance, progress=lambda msg: _echo(f"  {msg}", err=True))
     _echo(result.report())
     if not result.ok:
