@@ -125,7 +125,8 @@ def _gloo_run(tmp_path, schedule, **kwargs):
 
 
 def test_gloo_tp2_plan_matches_tp1_output(tmp_path):
-    report = _gloo_run(tmp_path, tiny_tp_plan(2), time_on_cpu=True, iters=2, repeats=3)
+    # ranks draw different weights; rank 0's are broadcast, so the check still runs on one model
+    report = _gloo_run(tmp_path, tiny_tp_plan(2), time_on_cpu=True, iters=2, repeats=3, rank_seed_step=1)
     c = report["correctness"]
     assert c["passed"] and len(c["per_rank"]) == 2
     assert c["max_rel_error"] < 1e-4, c

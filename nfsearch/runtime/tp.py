@@ -340,7 +340,8 @@ def broadcast_model(full: ModelInstance) -> None:
     makes the TP=1 reference exactly the gathered weights whatever the generator does per device)."""
     tensors = [full.x0] + [t for k, v in full.kv_cache if k is not None for t in (k, v)]
     for w in full.layers:
-        tensors += [t for t in dataclasses.astuple(w) if isinstance(t, torch.Tensor)]
+        # the fields themselves (dataclasses.astuple would deep-copy them and broadcast into the copies)
+        tensors += [t for t in (getattr(w, f.name) for f in dataclasses.fields(w)) if isinstance(t, torch.Tensor)]
     for t in tensors:
         dist.broadcast(t, src=0)
 
@@ -349,10 +350,12 @@ def broadcast_model(full: ModelInstance) -> None:
 def execute_rank(tp: TpRank, schedule, *, mode: str = "green", iters: int = 30, repeats: int = 3,
                  use_graph: bool = True, tol: float = TOLERANCE, with_baselines: bool = True,
                  with_ceilings: bool = True, seed: int = 0, dtype=None, impls: str = "plan",
-                 time_on_cpu: bool = False, progress=None) -> dict:
+                 time_on_cpu: bool = False, rank_seed_step: int = 0, progress=None) -> dict:
     """Check and time a TP plan on this rank. Rank 0's return value is the run report (every rank's
     correctness and timings gathered into it); other ranks return their own part. On CPU only the
-    check runs, unless time_on_cpu (host-clock timings, no ceilings: the CI test of the report)."""
+    check runs, unless time_on_cpu (host-clock timings, no ceilings: the CI test of the report).
+    rank_seed_step: rank r draws its weights with seed + r * step before rank 0's are broadcast (a
+    test that the check runs on one set of weights whatever each rank drew)."""
     from nfsearch.runtime import executor
     schedule = with_impls(schedule, impls)
     say = (progress or (lambda m: None)) if tp.is_first else (lambda m: None)
@@ -367,7 +370,7 @@ def execute_rank(tp: TpRank, schedule, *, mode: str = "green", iters: int = 30, 
                               granularity=ctx.granularity if is_cuda else None)
         t0 = time.time()
         full = ModelInstance(schedule.model, dataclasses.replace(workload, tp_degree=1), schedule.num_layers,
-                             device=tp.device, dtype=dtype, seed=seed)
+                             device=tp.device, dtype=dtype, seed=seed + tp.rank * rank_seed_step)
         broadcast_model(full)
         say(f"whole-layer model ready on every rank ({time.time() - t0:.1f} s); TP=1 reference")
         ref_bufs = reference_buffers(full)
