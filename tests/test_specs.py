@@ -225,7 +225,9 @@ def _write(tmp_path, name, content):
 def test_deep_nesting_is_refused(tmp_path, suffix, depth):
     text = '{"a": ' + "[" * depth + "]" * depth + "}"       # JSON is also YAML
     path = _write(tmp_path, "m" + suffix, text)
-    _fails(lambda: load_model(path), "nested deeper")
+    message = _fails(lambda: load_model(path))
+    # our depth check, or (PyYAML >= 6.0.4) the scanner's own flow-level limit: one line either way
+    assert "nested deeper" in message or "flow level" in message, message
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
