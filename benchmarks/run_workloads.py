@@ -8,7 +8,8 @@ spread), the roofline bound from ceilings measured in this run, and the predicti
 Each plan benchmarks/plans/<W>.json runs in green mode (one green-context build per co-running
 layout) with the three baselines, then in grid mode (plain streams, SM-bounded grids) where the
 time budget allows (it reuses the green run's baselines, timed in the same process). seq-compiled
-(torch.compile of seq-torch) is skipped once the budget is half spent. Writes
+(torch.compile of seq-torch) is skipped past 55% of the time budget. `--cpu` walks the same path on
+the CPU (host-clock timing, no ceilings measured: a dry run of the script, e.g. on tiny plans). Writes
 <out>/run_<gpu>_<date>.json (GPU name, date, command, ceilings, every RunReport) after every
 workload, and prints a short table last.
 """
@@ -36,10 +37,12 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--budget-s", type=float, default=300.0,
-                    help="wall seconds: seq-compiled is skipped past half of it, grid mode past 80%%")
+                    help="wall seconds: seq-compiled is skipped past 55%% of it, grid mode past 80%%, a workload "
+                         "not started by then is skipped")
     ap.add_argument("--compile-mode", default="default")
     ap.add_argument("--no-grid", action="store_true")
     ap.add_argument("--no-compiled", action="store_true")
+    ap.add_argument("--cpu", action="store_true", help="dry run on the CPU (host clock; ceilings not measured)")
     args = ap.parse_args(argv)
     if args.repeats < 3:
         ap.error("--repeats must be >= 3 (median and spread of at least three)")
@@ -53,9 +56,11 @@ def main(argv=None) -> int:
     t_start = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    gpu = torch.cuda.get_device_name(0)
+    gpu = "cpu" if args.cpu else torch.cuda.get_device_name(0)
     date = datetime.datetime.now(datetime.timezone.utc)
-    ceilings = Ceilings.from_dict(bench.ceilings())
+    ceilings = (Ceilings(1.0, 0.1, "not measured: --cpu dry run") if args.cpu
+                else Ceilings.from_dict(bench.ceilings()))
+    device = dict(device="cpu", time_on_cpu=True) if args.cpu else {}
     print(f"{gpu}: GEMM {ceilings.gemm_tflops:.0f} TFLOP/s, copy {ceilings.copy_tbps:.2f} TB/s "
           f"({time.time() - t_start:.1f} s)", flush=True)
     record = {"gpu": gpu, "date": date.isoformat(timespec="seconds"),
@@ -67,18 +72,23 @@ def main(argv=None) -> int:
         plan_path = Path(args.plans) / f"{stem}.json"
         entry = {"stem": stem, "plan_path": str(plan_path)}
         t = time.time()
+        if t - t_start > args.budget_s:
+            entry["skipped"] = "time budget"
+            record["runs"].append(entry)
+            shown.append({"workload": stem, "error": "skipped: time budget"})
+            continue
         try:
             schedule = plan.read(plan_path)
             say = (lambda m, stem=stem: print(f"  [{stem} {time.time() - t_start:5.0f}s] {m}", flush=True))
-            compiled = not args.no_compiled and time.time() - t_start < args.budget_s / 2
+            compiled = not args.no_compiled and time.time() - t_start < 0.55 * args.budget_s
             green = executor.execute(schedule, mode="green", iters=args.iters, repeats=args.repeats,
                                      ceilings=ceilings, with_compiled=compiled, compile_mode=args.compile_mode,
-                                     progress=say)
+                                     progress=say, **device)
             entry["green"] = dataclasses.replace(green, plan_path=str(plan_path)).to_dict()
             shown.append(green)
             if not compiled:
                 entry["seq_compiled_skipped"] = "time budget" if not args.no_compiled else "--no-compiled"
-            if not args.no_grid and time.time() - t_start < 0.8 * args.budget_s:
+            if not args.no_grid and not args.cpu and time.time() - t_start < 0.8 * args.budget_s:
                 grid = executor.execute(schedule, mode="grid", iters=args.iters, repeats=args.repeats,
                                         ceilings=ceilings, with_baselines=False, progress=say)
                 grid = dataclasses.replace(grid, plan_path=str(plan_path), baselines=green.baselines,
@@ -94,7 +104,8 @@ def main(argv=None) -> int:
             shown.append({"workload": stem, "error": entry["error"]})
         entry["wall_s"] = round(time.time() - t, 1)
         record["runs"].append(entry)
-        torch.cuda.empty_cache()
+        if not args.cpu:
+            torch.cuda.empty_cache()
         path.write_text(json.dumps(record, indent=1, default=float) + "\n")
         print(f"  [{stem}] done in {entry['wall_s']} s", flush=True)
     record["wall_s"] = round(time.time() - t_start, 1)
@@ -108,17 +119,19 @@ def main(argv=None) -> int:
             print(f"  note [{r.workload} {r.mode}]: {note[:240]}")
         for label, why in r.baseline_failures:
             print(f"  {label} [{r.workload}]: {why}")
-    print(f"\n{gpu}, {date:%Y-%m-%d %H:%M} UTC; ceilings {ceilings.gemm_tflops:.0f} TFLOP/s, "
-          f"{ceilings.copy_tbps:.2f} TB/s; per-layer ms, median of {args.repeats} repeats x {args.iters} graph "
-          "replays (+-% = plan's min-max spread); x = baseline / plan")
-    print(format_table(shown))
+    lines = [f"{gpu}, {date:%Y-%m-%d %H:%M} UTC; ceilings {ceilings.gemm_tflops:.0f} TFLOP/s, "
+             f"{ceilings.copy_tbps:.2f} TB/s; per-layer ms, median of {args.repeats} repeats x {args.iters} graph "
+             "replays (+-% = plan's min-max spread); x = baseline / plan", format_table(shown)]
     for r in shown:
         if isinstance(r, dict) or r.mode != "green":
             continue
         spans = ", ".join(f"{b.label} {b.layer_ms:.3f} [{b.min_layer_ms:.3f}-{b.max_layer_ms:.3f}]"
                           for b in r.baselines)
-        print(f"{r.workload}: plan {r.plan.layer_ms:.3f} [{r.plan.min_layer_ms:.3f}-{r.plan.max_layer_ms:.3f}]; "
-              f"{spans}")
+        lines.append(f"{r.workload}: plan {r.plan.layer_ms:.3f} [{r.plan.min_layer_ms:.3f}-"
+                     f"{r.plan.max_layer_ms:.3f}]; {spans}")
+    table = "\n".join(lines)
+    (out / "table.txt").write_text(table + "\n")
+    print("\n" + table)
     return 0
 
 
