@@ -240,14 +240,18 @@ def update_goldens(cases_file: str | Path, progress=None) -> list[str]:
         schedule, _ = solve_problem(case, problem)
         verify(schedule)
         new_ms = schedule.predicted.makespan_ms
+        is_stale = False            # made with another profile: `simulate` would refuse to replay it
         try:
-            golden_ms = rescore(plan_io.read(path), problem)
-            why = None
+            golden = plan_io.read(path)
+            golden_ms = rescore(golden, problem)
+            is_stale = golden.profile.fingerprint != problem.profile.fingerprint()
+            why = "the golden was made with another profile" if is_stale else None
         except GoldenUnreplayable as exc:
             golden_ms, why = None, f"the golden could no longer be replayed ({str(exc)[:160]})"
         except NfsearchError as exc:
             golden_ms, why = None, f"the golden was unreadable ({str(exc)[:160]})"
-        if golden_ms is not None and new_ms >= golden_ms - IMPROVEMENT:
+        is_worse = golden_ms is not None and new_ms > golden_ms + IMPROVEMENT
+        if golden_ms is not None and (is_worse or (not is_stale and new_ms >= golden_ms - IMPROVEMENT)):
             lines.append(f"{case['name']}: kept {path} (re-scored {golden_ms:.4f} ms; the new plan, "
                          f"{new_ms:.4f} ms, is not better under the same model)")
             continue
