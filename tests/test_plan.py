@@ -392,7 +392,7 @@ def test_sections_are_typed_and_round_trip():
     schedule = plan.read(SPLIT2)
     assert isinstance(schedule.gpu, plan.PlanGpu) and schedule.gpu.num_sms == 100
     assert isinstance(schedule.profile, plan.PlanProfile) and schedule.profile.source == "fake"
-    assert isinstance(schedule.predicted, plan.Predicted) and schedule.predicted.layer_time_ms == pytest.approx(4.364583)
+    assert isinstance(schedule.predicted, plan.Predicted) and schedule.predicted.layer_time_ms == pytest.approx(4.424583)
     assert isinstance(schedule.solver, plan.SolverInfo) and schedule.solver.name == "equal-split-2"
     for section in (schedule.gpu, schedule.profile, schedule.predicted, schedule.solver):
         assert type(section).from_dict(section.to_dict()) == section
