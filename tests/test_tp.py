@@ -162,3 +162,22 @@ def test_apply_tp_shards_weights_and_caches():
         assert torch.equal(w.wo, full.layers[0].wo[rank * shard.q_size:(rank + 1) * shard.q_size])
         bufs = m.new_buffers()
         assert bufs[0]["ug"].shape[1] == 2 * shard.intermediate_size and bufs[0]["q"].shape[1] == shard.num_heads
+
+
+def test_tp_baselines_put_the_collectives_on_their_one_stream():
+    from nfsearch.runtime import launch as launch_mod
+    from nfsearch.runtime.tp import impls_of, tp_baselines, with_impls
+    schedule = with_impls(tiny_tp_plan(2), "fast")
+    assert {o.impl for o in schedule.nano_ops if o.op == "ug"} == {"tma"}
+    assert {o.impl for o in schedule.nano_ops if o.op == "allreduce_d"} == {"analytic"}   # collectives kept
+    ll = launch_mod.build(schedule)
+    base = tp_baselines(schedule, ll, 132, "cuda")
+    for name, bl in base.items():
+        ops = [l.op for l in bl.launches if l.layer == 0]
+        assert ops.index("allreduce_o") == ops.index("o") + 1 and ops[-1] == "allreduce_d", (name, ops)
+        assert len({l.stream for l in bl.launches}) == 1 and all(l.sms == 132 for l in bl.launches)
+    assert impls_of(base["seq_torch"], "cuda")["ug"] == "torch"
+    assert impls_of(base["seq_same"], "cuda")["ug"] == "tma"          # the plan's own kernels
+    assert impls_of(base["seq_same"], "cuda")["allreduce_o"] == "collective"
+    with pytest.raises(NfsearchError, match="impls must be one of"):
+        with_impls(schedule, "cublas")
