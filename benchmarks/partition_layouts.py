@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from nfsearch.layouts import Layout, buildable_layouts  # noqa: E402
-from nfsearch.runtime.partitions import PartitionError, SmPartitions, _check, observed_sm_ids  # noqa: E402
+from nfsearch.runtime.partitions import PartitionError, SmPartitions, check_driver, observed_sm_ids  # noqa: E402
 
 
 def probe_layout(lay: Layout) -> dict:
@@ -53,7 +53,7 @@ def probe_flags(parts: SmPartitions) -> list[dict]:
     for flags in (0, 1, 2):
         for count in (1, 4, 12):
             try:
-                groups, nb, rem = _check(cu.cuDevSmResourceSplitByCount(1, parts._sm_res, flags, count))
+                groups, nb, rem = check_driver(cu.cuDevSmResourceSplitByCount(1, parts._sm_res, flags, count))
                 out.append({"flags": flags, "min_count": count, "group": int(groups[0].sm.smCount),
                             "remainder": int(rem.sm.smCount)})
             except Exception as exc:  # noqa: BLE001 - recorded, not fatal
@@ -68,7 +68,7 @@ def main():
     with SmPartitions(mode="green") as parts:
         n, g = parts.num_sms, parts.granularity
         cu = parts._cu
-        driver = int(_check(cu.cuDriverGetVersion()))
+        driver = int(check_driver(cu.cuDriverGetVersion()))
         res = parts._sm_res.sm
         res_fields = {k: int(getattr(res, k)) for k in ("smCount", "minSmPartitionSize", "smCoscheduledAlignment")
                       if hasattr(res, k)}

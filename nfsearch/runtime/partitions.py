@@ -46,7 +46,7 @@ class PartitionError(RuntimeError):
     """The GPU, driver or bindings cannot make the requested SM partitions."""
 
 
-def _check(result):
+def check_driver(result):
     """Unpack a cuda.bindings result tuple, raising PartitionError on a non-zero status."""
     if isinstance(result, tuple):
         err, rest = result[0], result[1:]
@@ -96,12 +96,12 @@ class SmPartitions:
             raise PartitionError("these cuda.bindings have no green-context API (need CUDA >= 12.4)")
         self._cu = cu
         self._torch.cuda.init()
-        _check(cu.cuInit(0))
-        self._dev = _check(cu.cuDeviceGet(self.device))
+        check_driver(cu.cuInit(0))
+        self._dev = check_driver(cu.cuDeviceGet(self.device))
         try:
-            self._sm_res = _check(cu.cuDeviceGetDevResource(self._dev, cu.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
+            self._sm_res = check_driver(cu.cuDeviceGetDevResource(self._dev, cu.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
             # Granularity: the size of the smallest group the driver hands out (8 on Hopper).
-            groups, _n, _rem = _check(cu.cuDevSmResourceSplitByCount(1, self._sm_res, 0, 1))
+            groups, _n, _rem = check_driver(cu.cuDevSmResourceSplitByCount(1, self._sm_res, 0, 1))
             self.granularity = int(groups[0].sm.smCount)
         except PartitionError as exc:
             raise PartitionError(f"green contexts unsupported on this GPU/driver: {exc}") from exc
@@ -109,21 +109,21 @@ class SmPartitions:
 
     def _green_ctx(self, resource):
         cu = self._cu
-        desc = _check(cu.cuDevResourceGenerateDesc([resource], 1))
-        gctx = _check(cu.cuGreenCtxCreate(desc, self._dev, cu.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM))
+        desc = check_driver(cu.cuDevResourceGenerateDesc([resource], 1))
+        gctx = check_driver(cu.cuGreenCtxCreate(desc, self._dev, cu.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM))
         self._handles.append(("ctx", gctx))
         return gctx
 
     def _ctx_sm_resource(self, gctx):
         cu = self._cu
-        return _check(cu.cuGreenCtxGetDevResource(gctx, cu.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
+        return check_driver(cu.cuGreenCtxGetDevResource(gctx, cu.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
 
     def _green_stream(self, resource) -> tuple[int, object]:
         """(SM count the driver reports for the new green context, a torch stream on it)."""
         cu = self._cu
         gctx = self._green_ctx(resource)
         sms = int(self._ctx_sm_resource(gctx).sm.smCount)
-        raw = _check(cu.cuGreenCtxStreamCreate(gctx, cu.CUstream_flags.CU_STREAM_NON_BLOCKING, 0))
+        raw = check_driver(cu.cuGreenCtxStreamCreate(gctx, cu.CUstream_flags.CU_STREAM_NON_BLOCKING, 0))
         self._handles.append(("stream", raw))
         stream = self._torch.cuda.ExternalStream(int(raw), device=self.device)
         self._sms_of[int(stream.cuda_stream)] = sms
@@ -138,7 +138,7 @@ class SmPartitions:
         levels = layout.requests
         for level, (nb, count) in enumerate(levels):
             try:
-                groups, got, rem = _check(cu.cuDevSmResourceSplitByCount(nb, res, 0, count))
+                groups, got, rem = check_driver(cu.cuDevSmResourceSplitByCount(nb, res, 0, count))
             except PartitionError as exc:
                 raise PartitionError(f"layout {layout.sizes} ({layout.build}): split of level {level} into "
                                      f"{nb} x {count} SMs failed: {exc}") from exc
@@ -178,7 +178,7 @@ class SmPartitions:
                 self._streams[n] = self._plain_stream()
             else:
                 cu = self._cu
-                groups, _nb, _rem = _check(cu.cuDevSmResourceSplitByCount(1, self._sm_res, 0, n))
+                groups, _nb, _rem = check_driver(cu.cuDevSmResourceSplitByCount(1, self._sm_res, 0, n))
                 self._streams[n] = self._green_stream(groups[0])[1]
         return self._streams[n]
 
