@@ -74,16 +74,17 @@ def test_model_reproduces_a_measured_split(w2):
 
 def test_held_out_pair_splits_predicted(w2):
     """Leave-one-out over the bundled H100 pair table (700 interior splits). Measured when written:
-    makespan error median 1.4%, 81% of splits within 5%, p90 7.6%; the worse side of each split
-    median 5.4% (short ops beside long ones carry the largest relative errors; the worst splits are
-    those where the table's solo time differs from the one measured with the pair, e.g. ug 512
-    tokens on 92 SMs: 0.252 solo vs 0.21 in the pair run)."""
+    makespan error median 1.3%, 85% of splits within 5%, p90 6.3%, max 20%; the worse side of each
+    split median 4.2%, 57% within 5% (short ops beside long ones carry the largest relative errors;
+    the worst splits are where an impl changes between neighbouring SM counts or the table's solo
+    time differs from the one measured with the pair, e.g. ug 512 tokens on 92 SMs: 0.252 solo vs
+    0.21 in the pair run)."""
     held = hold_out_pairs(w2.profile)
     assert len(held) >= 600
     makespan = [h.makespan_error for h in held]
     assert statistics.median(makespan) <= 0.05
-    assert sum(e <= 0.05 for e in makespan) / len(makespan) >= 0.75
-    assert statistics.median(h.side_error for h in held) <= 0.08
+    assert sum(e <= 0.05 for e in makespan) / len(makespan) >= 0.8
+    assert statistics.median(h.side_error for h in held) <= 0.05
 
 
 def test_sources_are_labelled(w2):
