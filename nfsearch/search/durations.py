@@ -21,6 +21,7 @@ class Durations:
                                          if grid[0] <= problem.gpu.num_sms - g < problem.gpu.num_sms})
         self.cache: dict[tuple, int] = {}
         self.plan_profile = problem.plan_profile()       # (hashes the table: once per search)
+        self.wait_units = math.ceil(problem.cost.event_wait_ms * UNITS_PER_MS - 1e-6)
 
     def units(self, op: str, tokens: int, sms: int) -> int:
         key = (op, tokens, sms)

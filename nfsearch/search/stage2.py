@@ -21,7 +21,7 @@ from nfsearch.search.stage1 import Candidate, Frame, group_of
 from nfsearch.solvers import Stage2Data, Stage2Result, Task
 
 
-def stage2_from(problem: Problem, cand: "Candidate", durs: "Durations") -> Stage2Data:
+def stage2_from(problem: Problem, cand: "Candidate", durs: "Durations", wait: int | None = None) -> Stage2Data:
     """The stage-2 model of a candidate's structure: per group the full GPU or the candidate's count
     (groups that never overlap keep the full GPU only); the hint is the candidate's issue order timed
     at the model durations (feasible in the model)."""
@@ -40,9 +40,10 @@ def stage2_from(problem: Problem, cand: "Candidate", durs: "Durations") -> Stage
     issue = [index[n] for n in _nodes_in_issue_order(cand.plan, nano)]
     sms = [cand.sms[t.group] for t in tasks]
     dur = [dict(t.choices)[sms[i]] for i, t in enumerate(tasks)]
-    starts = model_timing(len(tasks), edges, [t.stream for t in tasks], issue, sms, dur, full)
+    wait = durs.wait_units if wait is None else wait
+    starts = model_timing(len(tasks), edges, [t.stream for t in tasks], issue, sms, dur, full, wait)
     hint = {i: (starts[i], sms[i]) for i in range(len(tasks))}
-    return Stage2Data(tuple(tasks), edges, full, UNITS_PER_MS, hint)
+    return Stage2Data(tuple(tasks), edges, full, UNITS_PER_MS, hint, wait)
 
 
 def _nodes_in_issue_order(plan: Schedule, nano: nx.DiGraph) -> list[NanoOp]:
@@ -50,9 +51,10 @@ def _nodes_in_issue_order(plan: Schedule, nano: nx.DiGraph) -> list[NanoOp]:
     return [by_id[o.id] for o in sorted(plan.nano_ops, key=lambda o: o.order)]
 
 
-def model_timing(n: int, edges, streams, issue, sms, dur, num_sms: int) -> list[int]:
+def model_timing(n: int, edges, streams, issue, sms, dur, num_sms: int, wait: int = 0) -> list[int]:
     """Integer start times as the executor would run `issue` at fixed durations: each stream issues
-    its ops in order; an op starts once its stream is free, its inputs are done and its SMs are free."""
+    its ops in order; an op starts once its stream is free, its inputs are done (an input from
+    another stream `wait` units after it ends: the event wait) and its SMs are free."""
     preds: list[list[int]] = [[] for _ in range(n)]
     for i, j in edges:
         preds[j].append(i)
@@ -68,15 +70,21 @@ def model_timing(n: int, edges, streams, issue, sms, dur, num_sms: int) -> list[
     while left:
         heads = sorted((queues[s][pos[s]] for s in queues if s not in running and pos[s] < len(queues[s])),
                        key=rank.get)
+        later = []
         for i in heads:
-            if all(p in end and end[p] <= now for p in preds[i]) and used + sms[i] <= num_sms:
+            if not all(p in end for p in preds[i]):
+                continue
+            ready = max((end[p] + (wait if streams[p] != streams[i] else 0) for p in preds[i]), default=0)
+            if ready > now:
+                later.append(ready)
+            elif used + sms[i] <= num_sms:
                 starts[i] = now
                 running[streams[i]] = (i, now + dur[i])
                 used += sms[i]
                 pos[streams[i]] += 1
-        if not running:
+        if not running and not later:
             raise NfsearchError("model timing deadlocked (an issue order that breaks a dependency)")
-        now = min(e for _, e in running.values())
+        now = min([e for _, e in running.values()] + later)
         for s, (i, e) in list(running.items()):
             if e == now:
                 del running[s]

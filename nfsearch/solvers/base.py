@@ -33,11 +33,16 @@ class Stage2Data:
     num_sms: int
     units_per_ms: int
     hint: dict = field(default_factory=dict)   # task index -> (start, sm_count): a feasible schedule
+    wait: int = 0                        # units a task waits on an input from ANOTHER stream (event wait)
+
+    def lag(self, i: int, j: int) -> int:
+        """The gap edge (i, j) needs between i's end and j's start: the event wait across streams."""
+        return self.wait if self.tasks[i].stream != self.tasks[j].stream else 0
 
     @property
     def horizon(self) -> int:
         """An upper bound on the makespan: every task one after another at its slowest choice."""
-        return sum(max(d for _, d in t.choices) for t in self.tasks)
+        return sum(max(d for _, d in t.choices) for t in self.tasks) + self.wait * len(self.edges)
 
     def groups(self) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}

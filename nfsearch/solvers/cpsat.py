@@ -28,7 +28,7 @@ def _heads(data: Stage2Data) -> list[int]:
     for i, j in data.edges:
         preds.setdefault(j, []).append(i)
     for j in range(len(data.tasks)):
-        head[j] = max((head[i] + fastest[i] for i in preds.get(j, ())), default=0)
+        head[j] = max((head[i] + fastest[i] + data.lag(i, j) for i in preds.get(j, ())), default=0)
     return head
 
 
@@ -81,7 +81,7 @@ class CpSatSolver(Solver):
 
         # rule: a nano-op starts after the nano-ops it reads from end
         for i, j in data.edges:
-            model.add(start[j] >= end[i])
+            model.add(start[j] >= end[i] + data.lag(i, j))
 
         # rule: the makespan covers every task; redundant energy cut (SM x time) tightens the bound
         for i in range(len(tasks)):

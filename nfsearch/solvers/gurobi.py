@@ -131,7 +131,7 @@ class GurobiSolver(Solver):
 
         # rule: a nano-op starts after the nano-ops it reads from end
         for i, j in data.edges:
-            m.addConstr(start[j] >= end[i])
+            m.addConstr(start[j] >= end[i] + data.lag(i, j))
 
         # rule: the makespan covers every task; energy cut as in the CP-SAT model
         for i in range(len(tasks)):
