@@ -42,7 +42,7 @@ def polish(problem: Problem, plan: Schedule, max_evaluations: int = MAX_EVALUATI
         nonlocal evaluations
         evaluations += 1
         try:
-            candidate = timed(problem, nano, new_placement, new_order, info)
+            candidate = timed(problem, nano, new_placement, new_order, info, plan.profile)
             check_layouts(candidate)
         except (ProfileMiss, PlanInvalid):
             return None

@@ -1,7 +1,7 @@
 """The search pipeline: stage 1 (structures x SM partitions, replayed), stage 2 (SM allocation by a
 solver backend) on the TOP_K best structures, then the best by replay of the solvers' plans, the
 stage-1 incumbents and the baselines, among those simulate.verify accepts (buildable layouts),
-then a replay-judged polish of that plan (search/polish.py).
+then a replay-judged polish (search/polish.py) of the best POLISHED of them; the fastest wins.
 
 Objective: the replayed makespan of `num_layers` unrolled layers (default 2), so the second layer's
 overlap with the first counts; the plan's layer time is that makespan / num_layers, the first
@@ -33,6 +33,8 @@ Progress = Callable[[str], None] | None
 
 TOP_K = 3                 # structures stage 2 works on (the stage-1 ranking's best)
 SOLVER_THREADS = 1        # threads of ONE stage-2 solve: fixed, so `threads` never changes a result
+POLISHED = 3              # best valid candidates the polish works on
+MAX_POLISH_EVALUATIONS = 200   # replays per polished candidate
 
 
 def solve(problem: Problem, solver: str = "auto", time_limit_s: float = 10.0, threads: int = 2, seed: int = 0,
@@ -104,29 +106,36 @@ def solve(problem: Problem, solver: str = "auto", time_limit_s: float = 10.0, th
         entries.append((plan.predicted.makespan_ms, len(datas) + TOP_K + k, f"{name} baseline", plan, None, None))
 
     entries.sort(key=lambda e: (round(e[0], 9), e[1]))
-    chosen, rejected = None, []
+    valid, rejected = [], []
     for entry in entries:
+        if len(valid) == POLISHED:
+            break
         try:
             verify(entry[3])
         except PlanInvalid as exc:
             rejected.append(f"{entry[2]} ({exc})")
             continue
-        chosen = entry
-        break
+        valid.append(entry)
     if rejected:
         notes.append(f"{len(rejected)} faster candidate(s) refused by verify: " + "; ".join(r[:160] for r in rejected[:3]))
-    if chosen is None:
+    if not valid:
         raise NfsearchError("no candidate plan passes simulate.verify (not even the sequential plan)")
-    ms, _, source, plan, result, cand = chosen
-    polished, moves = polish(problem, plan)
-    if moves and polished.predicted.makespan_ms < ms:
-        try:
-            verify(polished)
-            notes.append(f"polish: {moves} replay-judged move(s) take {source} from {ms:.4f} to "
-                         f"{polished.predicted.makespan_ms:.4f} ms")
-            plan, ms, source = polished, polished.predicted.makespan_ms, source + " + polish"
-        except PlanInvalid as exc:
-            notes.append(f"polish: result refused by verify ({exc})")
+    # the replay-judged polish of the best few valid candidates (the best before polishing is not
+    # always the best after it); ties keep the earlier entry
+    finals = []
+    for rank, (ms, pref, source, plan, result, cand) in enumerate(valid):
+        polished, moves = polish(problem, plan, MAX_POLISH_EVALUATIONS)
+        if moves and polished.predicted.makespan_ms < ms:
+            try:
+                verify(polished)
+                notes.append(f"polish: {moves} replay-judged move(s) take {source} from {ms:.4f} to "
+                             f"{polished.predicted.makespan_ms:.4f} ms")
+                finals.append((polished.predicted.makespan_ms, rank, source + " + polish", polished, result, cand))
+                continue
+            except PlanInvalid as exc:
+                notes.append(f"polish of {source}: result refused by verify ({exc})")
+        finals.append((ms, rank, source, plan, result, cand))
+    ms, _, source, plan, result, cand = min(finals, key=lambda e: (round(e[0], 9), e[1]))
     wall = time.perf_counter() - began
     notes.append(f"plan: {source}, {ms:.4f} ms (replay); search wall time {wall:.2f} s")
     say(notes[-1])
