@@ -34,6 +34,7 @@ Progress = Callable[[str], None] | None
 TOP_K = 3                 # structures stage 2 works on (the stage-1 ranking's best)
 SOLVER_THREADS = 1        # threads of ONE stage-2 solve: fixed, so `threads` never changes a result
 POLISHED = 3              # best valid candidates the polish works on
+WITHIN = 0.10             # stage 2 skips structures whose stage-1 plan is this much slower than the best
 MAX_POLISH_EVALUATIONS = 200   # replays per polished candidate
 
 
@@ -55,7 +56,9 @@ def solve(problem: Problem, solver: str = "auto", time_limit_s: float = 10.0, th
     ranked = sweep(problem, chunk)
     if not ranked:
         raise NfsearchError(f"no nano-batch structure with chunk {chunk} can be timed from the profile")
-    top = ranked[:TOP_K]
+    # the best TOP_K structures, leaving out any whose stage-1 plan is more than WITHIN slower than the
+    # best one (stage 2 only re-times SM counts on one split; it does not rescue such structures)
+    top = [c for c in ranked[:TOP_K] if c.judge_ms <= ranked[0].judge_ms * (1 + WITHIN)]
     notes.append(f"stage 1: {len(ranked)} structures swept; best {top[0].frame.structure.describe()} with "
                  f"overlappers on {top[0].memory_sms} SMs: replay {top[0].judge_ms:.4f} ms")
     say(notes[-1])
@@ -72,8 +75,8 @@ def solve(problem: Problem, solver: str = "auto", time_limit_s: float = 10.0, th
                  f"{sum(len(t.choices) for d in datas for t in d.tasks)} (task, SM count) options; "
                  f"{min(threads, len(datas))} at once")
     say(notes[-1])
-    # each structure gets an equal share of the limit (CP-SAT: deterministic work, not the clock)
-    limit = time_limit_s / len(datas)
+    # each model gets 1/(2 TOP_K) of the limit, however many there are (CP-SAT: deterministic work)
+    limit = time_limit_s / (2 * TOP_K)
 
     def run_one(data):
         return backend.run(data, limit, SOLVER_THREADS, seed)
@@ -84,7 +87,7 @@ def solve(problem: Problem, solver: str = "auto", time_limit_s: float = 10.0, th
     else:
         results = [run_one(d) for d in datas]
     settings = backend.settings(limit, SOLVER_THREADS, seed) + (
-        f"; {len(datas)} structures, each with 1/{len(datas)} of the time limit; --threads solves structures "
+        f"; {len(datas)} stage-2 models, each with 1/{2 * TOP_K} of the time limit; --threads solves them "
         f"side by side and never changes the result")
 
     entries = []                                       # (replay ms, preference, name, plan, result, cand)
