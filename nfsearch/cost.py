@@ -13,9 +13,11 @@ its solo time (profile rows) times a STRETCH per partner, the stretches combined
    extrapolated in those; the partner's size and the contexts are taken at the nearest measured
    value (labelled "partner size clamped" where that differs from the lookup).
 2. the profile's older co-run rows (`co_class`: the op measured beside a class), where they answer;
-3. NanoFlow's published A100 curves (NANOFLOW.md): an op of class c on a share R of the SMs runs at
-   P_c(R) of its full-GPU speed. Analytic profiles use these; for a measured profile they are the
-   labelled fallback outside the measured range.
+3. for a measured profile, the pair table at its nearest measured size and SM count, or (no family
+   for this pair) the worst measured partner of the partner's class, each labelled;
+4. NanoFlow's published A100 curves (NANOFLOW.md): an op of class c on a share R of the SMs runs at
+   P_c(R) of its full-GPU speed. Analytic profiles use these; for a measured profile only where
+   nothing above answers (labelled).
 Same-class partners without a pair family stretch nothing here: simulate.replay's class ceiling
 caps them. Every lookup's source is counted (`CostModel.source_counts`) and the plan's
 profile.interference string names the sources.
@@ -404,7 +406,8 @@ class CostModel:
         """The interference sources, for plans and timelines."""
         if self.pairs is not None:
             head = (f"measured pair table ({self.pairs.num_points} splits; interpolated in tokens and SMs, "
-                    f"partner size clamped; outside it the co-run rows, then {CURVES_SOURCE}, labelled)")
+                    f"partner size clamped; outside it, labelled: the co-run rows, the pair table's nearest "
+                    f"measured point or worst partner of the class, last {CURVES_SOURCE})")
         elif self.profile.has_corun():
             head = f"measured co-run rows by class; elsewhere {CURVES_SOURCE}"
         else:
