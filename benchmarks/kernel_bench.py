@@ -8,9 +8,9 @@ Timing: a batch of calls on the measuring stream behind a ~1 ms sleep kernel (so
 the whole batch before the GPU reaches it: launch overhead is not timed), CUDA events around the batch,
 time per call = batch time / calls. Each figure is the median of REPS (>= 3) batches, with min and max.
 Inputs rotate over several copies when one copy would sit in L2. Every impl is checked against the
-torch reference (fresh random inputs, NaN-poisoned outputs) before it is timed; a failed check is
-recorded and the impl is not timed. Results go to DIR/kernels_<gpu>_<date>.json (and a partial file
-after each section); a short table is printed last.
+op's torch impl run on float32 copies (fresh random inputs, NaN-poisoned outputs) before it is timed;
+a failed check is recorded and the impl is not timed. Results go to DIR/kernels_<gpu>_<date>.json
+(and a partial file after each section); a short table is printed last.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import traceback
 
 import torch
 
-from nfsearch.runtime.kernels import IMPLS, decode_attention_tma, gemm_tma, prefill_attention_sdpa
 import importlib
 
-from nfsearch.runtime import reference as ref
+from nfsearch.runtime.kernels import IMPLS, decode_attention_tma, gemm_tma, prefill_attention_sdpa
+from nfsearch.runtime.kernels import torch_ops as ref
 from nfsearch.runtime.partitions import SmPartitions
 
 gt_mod = importlib.import_module("nfsearch.runtime.kernels.gemm_tma")
@@ -49,6 +49,11 @@ TOL = 2e-2
 
 def log(*a):
     print(*a, flush=True)
+
+
+def up(*tensors):
+    """float32 copies: the torch impls run on them are the check's reference."""
+    return [t.float() if t is not None and t.is_floating_point() else t for t in tensors]
 
 
 def rel_err(out, r):
@@ -163,7 +168,7 @@ class Bench:
                 ent = G.setdefault(key, {"M": M, "K": K, "N": N, "flop": 2 * M * N * K})
                 a = torch.randn(M, K, device="cuda", dtype=DT)
                 out = torch.empty(M, N, device="cuda", dtype=DT)
-                r = ref.gemm_ref(a, ws[0])
+                r = ref.gemm_torch(*up(a, ws[0]))
                 fl = 2 * M * N * K
 
                 def run(label, f, sms=self.total, stream=None):
@@ -248,7 +253,7 @@ class Bench:
             nbytes = 2 * kc.numel() * 2 + 2 * q.numel() * 2
             ent["bytes"] = nbytes
             lens_chk = torch.randint(1, C + 1, (Rq,), device="cuda", dtype=torch.int32)
-            r_chk = ref.decode_attention_ref(q, kc, vc, lens_chk)
+            r_chk = ref.decode_attention_torch(*up(q, kc, vc), lens_chk)
 
             def run(label, f, sms=self.total, stream=None):
                 o = torch.full_like(out, float("nan"))
@@ -318,7 +323,7 @@ class Bench:
             cu_cpu = cu.cpu()
             out = torch.empty_like(q)
             fl = sum(2 * L * L * HD * HQ for L in plens)  # causal: half of 4*L*L*D per head
-            r = ref.prefill_attention_ref(q, k, v, cu)
+            r = ref.prefill_attention_torch(*up(q, k, v), cu)
             impls = [("torch", IMPLS["prefill_attn"]["torch"], cu_cpu), ("triton", IMPLS["prefill_attn"]["triton"], cu),
                      ("flash", IMPLS["prefill_attn"]["flash"], cu), ("flash_hostcu", IMPLS["prefill_attn"]["flash"], cu_cpu),
                      ("sdpa_flash", prefill_attention_sdpa, cu_cpu)]
@@ -370,25 +375,25 @@ class Bench:
         def chk_norm(f, n):
             o, rr = torch.full_like(no, float("nan")), torch.full_like(ro, float("nan"))
             f(xs[0], nw, o, n, residual=rs[0], residual_out=rr)
-            rr_ref = torch.empty_like(ro)
-            rf = ref.rmsnorm_ref(xs[0], nw, residual=rs[0], residual_out=rr_ref)
+            rr_ref = torch.empty(ro.shape, device="cuda")
+            rf = ref.rmsnorm_torch(*up(xs[0], nw), residual=rs[0].float(), residual_out=rr_ref)
             return max(rel_err(o, rf), rel_err(rr, rr_ref))
 
         def chk_act(f, n):
             o = torch.full_like(ao, float("nan"))
             f(gu[0], o, n)
-            return rel_err(o, ref.silu_and_mul_ref(gu[0]))
+            return rel_err(o, ref.silu_and_mul_torch(gu[0].float()))
 
         def chk_rope(f, n):
             # unique slots so the cache writes do not collide
             sl = torch.arange(Tt, device="cuda", dtype=torch.int32) % Rq
             p2 = torch.randint(0, C // 4, (Tt,), device="cuda", dtype=torch.int32)
             p2 = (torch.arange(Tt, device="cuda", dtype=torch.int32) // Rq) * (C // 4) + p2  # unique per slot
-            k0, v0 = kc.clone(), vc.clone()
+            k0, v0 = kc.float(), vc.float()
             k1, v1 = kc.clone(), vc.clone()
-            qr = torch.empty_like(qo)
-            kr, vr = torch.empty_like(ko), torch.empty_like(vo)
-            ref.rope_append_ref(qkv[0], p2, cos, sin, qr, k0, v0, sl, kr, vr)
+            qr = torch.empty(qo.shape, device="cuda")
+            kr, vr = torch.empty(ko.shape, device="cuda"), torch.empty(vo.shape, device="cuda")
+            ref.rope_append_torch(qkv[0].float(), p2, cos, sin, qr, k0, v0, sl, k_out=kr, v_out=vr)
             q2 = torch.full_like(qo, float("nan"))
             k2, v2 = torch.full_like(ko, float("nan")), torch.full_like(vo, float("nan"))
             f(qkv[0], p2, cos, sin, q2, k1, v1, sl, n, k_out=k2, v_out=v2)
@@ -404,8 +409,6 @@ class Bench:
         for name, (op, mk, sets, nbytes, chk) in ops.items():
             ent = S.setdefault(name, {"bytes": nbytes, "tokens": Tt})
             for impl, f in IMPLS[op].items():
-                if op == "rope_append" and impl == "torch":
-                    continue  # the host-syncing reference
                 for n in (self.total, 32, 16):
                     if impl == "torch" and n != self.total:
                         continue

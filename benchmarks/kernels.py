@@ -273,7 +273,7 @@ def main():
         gu = [torch.randn(Tt, 2 * INTER, device="cuda", dtype=DT) for _ in range(2)]
         ao = torch.empty(Tt, INTER, device="cuda", dtype=DT)
         qkv = [torch.randn(Tt, (HQ + 2 * HKV) * HD, device="cuda", dtype=DT) for _ in range(4)]
-        from nfsearch.runtime.reference import rope_cos_sin
+        from nfsearch.runtime.kernels import rope_cos_sin
 
         cos, sin = rope_cos_sin(C, HD, device="cuda")
         pos = torch.randint(0, C - 1, (Tt,), device="cuda", dtype=torch.int32)

@@ -82,21 +82,100 @@ def test_activations_stay_order_one():
     assert torch.isfinite(out).all() and 0.3 < out.std().item() < 5
 
 
-def test_torch_decode_and_prefill_match_the_float_references():
-    from nfsearch.runtime import reference as ref
+def _upcast(*tensors):
+    """float32 copies: the torch impls run on them are the higher-precision reference."""
+    return [t.float() if t is not None and t.is_floating_point() else t for t in tensors]
+
+
+def _rel(got, want):
+    return float((got.float() - want.float()).norm() / want.float().norm())
+
+
+def test_torch_decode_and_prefill_match_their_float32_runs():
+    # the model's bf16 torch path (decode unmasked: every context is the cache length) against the
+    # same impls on float32 copies (decode masked by the context lengths)
+    from nfsearch.runtime.kernels import decode_attention_torch, prefill_attention_torch
     m = ModelInstance(MODEL, WORKLOAD, 1, device="cpu", seed=3)
     bufs = m.new_buffers()
     for op, rng in (("norm1", (0, 39)), ("kqv", (0, 39)), ("rope_append", (0, 39)), ("decode_attn", (0, 6)),
                     ("prefill_attn", (6, 39))):
         m.run(bufs, 0, op, *rng, "torch", 0)
     kc, vc = m.kv_cache[0]
-    want = ref.decode_attention_ref(bufs[0]["q"][:6], kc, vc, m.context_lens)
-    got = bufs[0]["attn"][:6]
-    assert ((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
-    cu = torch.tensor([0, 20, 33], dtype=torch.int32)
-    want = ref.prefill_attention_ref(bufs[0]["q"][6:], bufs[0]["k"][6:], bufs[0]["v"][6:], cu)
-    got = bufs[0]["attn"][6:]
-    assert ((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
+    want = decode_attention_torch(*_upcast(bufs[0]["q"][:6], kc, vc), m.context_lens)
+    assert want.dtype == torch.float32 and _rel(bufs[0]["attn"][:6], want) < 1e-2
+    for cu in ([0, 20, 33], torch.tensor([0, 20, 33], dtype=torch.int32)):
+        want = prefill_attention_torch(*_upcast(bufs[0]["q"][6:], bufs[0]["k"][6:], bufs[0]["v"][6:]), cu)
+        assert _rel(bufs[0]["attn"][6:], want) < 1e-2
+    # a masked decode ignores the cache past each context: other values there change nothing
+    lens = torch.tensor([40, 1, 17, 40, 3, 28], dtype=torch.int32)
+    q, k, v = _upcast(bufs[0]["q"][:6], kc, vc)
+    want = decode_attention_torch(q, k, v, lens)
+    past = torch.arange(40)[None, :] >= lens[:, None]
+    k[past], v[past] = 50.0, -70.0
+    assert torch.allclose(decode_attention_torch(q, k, v, lens), want, atol=1e-6)
+    assert _rel(decode_attention_torch(q, k, v, None), want) > 0.5
+
+
+def _rope_inputs(T=9, HQ=4, HKV=2, D=8, R=3, C=6):
+    from nfsearch.runtime.kernels import rope_cos_sin
+    gen = torch.Generator().manual_seed(5)
+    qkv = torch.randn(T, (HQ + 2 * HKV) * D, generator=gen).bfloat16()
+    cos, sin = rope_cos_sin(C, D)
+    kc, vc = torch.randn(R, C, HKV, D, generator=gen).bfloat16(), torch.randn(R, C, HKV, D, generator=gen).bfloat16()
+    return qkv, cos, sin, kc, vc, (HQ, HKV, D)
+
+
+@pytest.mark.parametrize("slots", [[-1, 2, -1, 0, -1, -1, 1, -1, -1],     # appends among tokens that do not
+                                   [-1, 2, 0, -1, -1, -1, 1, -1, -1],     # one that does not after one that does
+                                   [-1] * 9,                              # nothing appends
+                                   [0, 1, 2, -1, -1, -1, -1, -1, -1]])    # decode rows first (the layout)
+def test_torch_rope_append_writes_exactly_the_appending_tokens(slots):
+    from nfsearch.runtime.kernels import rope_append_torch
+    qkv, cos, sin, kc0, vc0, (HQ, HKV, D) = _rope_inputs()
+    T = qkv.shape[0]
+    # positions collide with the appending tokens' entries: a stray write there would show
+    pos = torch.tensor([5, 5, 0, 0, 1, 4, 3, 5, 2], dtype=torch.int32)
+    slot = torch.tensor(slots, dtype=torch.int32)
+    q, k, v = torch.empty(T, HQ, D).bfloat16(), torch.empty(T, HKV, D).bfloat16(), torch.empty(T, HKV, D).bfloat16()
+    kc, vc = kc0.clone(), vc0.clone()
+    assert rope_append_torch(qkv, pos, cos, sin, q, kc, vc, slot, 0, k_out=k, v_out=v) is q
+    # the rotation, written out head by head in float64
+    x = qkv.double().view(T, HQ + 2 * HKV, D)
+    c, s = cos.double()[pos.long()][:, None], sin.double()[pos.long()][:, None]
+    rot = torch.cat([x[..., :D // 2] * c - x[..., D // 2:] * s, x[..., D // 2:] * c + x[..., :D // 2] * s], -1)
+    assert _rel(q, rot[:, :HQ]) < 1e-2 and _rel(k, rot[:, HQ:HQ + HKV]) < 1e-2
+    assert torch.equal(v, qkv.view(T, HQ + 2 * HKV, D)[:, HQ + HKV:])
+    want_k, want_v = kc0.clone(), vc0.clone()
+    for t in range(T):
+        if slots[t] >= 0:
+            want_k[slots[t], pos[t]] = k[t]
+            want_v[slots[t], pos[t]] = v[t]
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+    # no slot mapping: the caches are not touched, q/k/v are the same
+    kc, vc = kc0.clone(), vc0.clone()
+    q2, k2 = torch.empty_like(q), torch.empty_like(k)
+    rope_append_torch(qkv, pos, cos, sin, q2, kc, vc, None, k_out=k2)
+    assert torch.equal(kc, kc0) and torch.equal(vc, vc0) and torch.equal(q2, q) and torch.equal(k2, k)
+
+
+def test_torch_impls_write_out_or_return_a_new_tensor():
+    from nfsearch.runtime.kernels import IMPLS
+    gen = torch.Generator().manual_seed(2)
+    x, r = torch.randn(7, 16, generator=gen).bfloat16(), torch.randn(7, 16, generator=gen).bfloat16()
+    wt, w = torch.rand(16, generator=gen).bfloat16() + 0.5, torch.randn(16, 10, generator=gen).bfloat16()
+    norm, gemm, act = IMPLS["norm1"]["torch"], IMPLS["kqv"]["torch"], IMPLS["act"]["torch"]
+    h, out, ro = norm(x, wt), torch.empty(7, 16).bfloat16(), torch.empty(7, 16).bfloat16()
+    assert norm(x, wt, out, 0) is out and torch.equal(out, h)
+    assert torch.equal(h, torch.nn.functional.rms_norm(x, (16,), wt, 1e-5))
+    # the residual add lands in residual_out (here aliasing the residual) and is what gets normed
+    h = x + r
+    assert torch.equal(norm(x, wt, out, 0, residual=r, residual_out=r), norm(h, wt)) and torch.equal(r, h)
+    y = torch.empty(7, 10).bfloat16()
+    assert gemm(x, w, y, 0) is y and torch.equal(y, x @ w) and torch.equal(gemm(x, w), y)
+    bias = torch.randn(10, generator=gen).bfloat16()
+    assert torch.equal(gemm(x, w, residual=bias), torch.addmm(bias, x, w))
+    a = torch.empty(7, 8).bfloat16()
+    assert act(x, a, 0) is a and torch.equal(a, torch.nn.functional.silu(x[:, :8]) * x[:, 8:])
 
 
 @pytest.mark.parametrize("workload", [WORKLOAD, Workload("dec", 8, 16), Workload("pre", 0, 1, (9, 7))])

@@ -1,11 +1,12 @@
 """The baselines every run measures beside the plan, in the same process (../shared/WORKLOADS.md):
 
 * seq-torch: the fastest straightforward torch a user would write: the whole layer stack as one
-  function on one stream, bf16 throughout, ``F.rms_norm``, cuBLAS GEMMs with fused QKV and
-  gate/up weights (residual adds fused into the O and D GEMMs as ``addmm``), RoPE and the KV-cache
-  append in bf16, SDPA attention (decode: one query per request over its cache, the query heads of
-  a KV head as its query rows; prefill: one causal SDPA per prompt, which torch sends to its
-  flash/cuDNN kernels), captured as one CUDA graph (``torch_forward``).
+  function on one stream, built from the ops' torch impls (kernels/torch_ops.py): bf16 throughout,
+  ``F.rms_norm``, cuBLAS GEMMs with fused QKV and gate/up weights (residual adds fused into the O
+  and D GEMMs as ``addmm``), RoPE and the KV-cache append in bf16, SDPA attention (decode: one query
+  per request over its whole cache, the query heads of a KV head as its query rows, no mask; prefill:
+  one causal SDPA per prompt, which torch sends to its flash/cuDNN kernels), captured as one CUDA
+  graph (``torch_forward``).
 * seq-same: the plan's op set, whole ops at the full GPU, one stream, no nano-batching, one CUDA
   graph, each op with the FASTEST impl the profile has for it at the full GPU (``fastest_impls``),
   so the plan's overlap is measured against the best kernels, not against its partition impls.
@@ -83,50 +84,39 @@ def seq_same(schedule, num_sms: int, impls: dict[str, str], num_layers: int | No
 def torch_forward(model):
     """The seq-torch layer stack of a ModelInstance as a function of the input hidden states:
     ``forward(x) -> out`` over all its layers (writes the new tokens' K/V into the caches, as every
-    variant does). Straightforward bf16 torch; see the module docstring."""
+    variant does). Built from the ops' torch impls (kernels/torch_ops.py), the same functions the
+    executor's reference runs, called as one function with fresh activations; see the module docstring."""
     import torch
-    import torch.nn.functional as F
+
+    from nfsearch.runtime.kernels.torch_ops import (decode_attention_torch, gemm_torch, prefill_attention_torch,
+                                                    rmsnorm_torch, rope_append_torch, silu_and_mul_torch)
 
     m = model
-    H, hq, hkv, d = m.model.hidden_size, m.hq, m.hkv, m.d
-    G, R, ctx, half = hq // hkv, m.num_decode, m.context, m.d // 2
-    prompts = [(s, e) for s, e in m.prompts if e > s]
-    cos, sin = m.cos.to(m.dtype), m.sin.to(m.dtype)
-    pos = m.positions.long()
+    T, R, hq, hkv, d = m.num_tokens, m.num_decode, m.hq, m.hkv, m.d
+    # prompt offsets within the prompt rows, on the host (no sync, no graph break under torch.compile)
+    cu = [0] + [e - R for _s, e in m.prompts]
+    slots = m.slot_mapping if R else None
 
-    def layer(x, w, cache, c, s):
-        T = x.shape[0]
-        h = F.rms_norm(x, (H,), w.norm1, EPS)
-        qkv = h @ w.wqkv if w.bqkv is None else torch.addmm(w.bqkv, h, w.wqkv)
-        qkv = qkv.view(T, hq + 2 * hkv, d)
-        qk, v = qkv[:, :hq + hkv], qkv[:, hq + hkv:]
-        x1, x2 = qk[..., :half], qk[..., half:]
-        qk = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)          # RoPE, q and k heads at once
-        q, k = qk[:, :hq], qk[:, hq:]
-        parts = []
+    def layer(x, w, kc, vc):
+        def new(*shape):
+            return torch.empty(shape, device=x.device, dtype=x.dtype)
+
+        h = rmsnorm_torch(x, w.norm1, eps=EPS)
+        qkv = gemm_torch(h, w.wqkv, residual=w.bqkv)
+        q, k, v = new(T, hq, d), new(T, hkv, d), new(T, hkv, d)
+        rope_append_torch(qkv, m.positions, m.cos, m.sin, q, kc, vc, slots, k_out=k, v_out=v)
+        attn = new(T, hq, d)
         if R:
-            kc, vc = cache
-            kc[:, ctx - 1] = k[:R]
-            vc[:, ctx - 1] = v[:R]
-            o = F.scaled_dot_product_attention(q[:R].view(R, hkv, G, d), kc.transpose(1, 2), vc.transpose(1, 2))
-            parts.append(o.reshape(R, hq * d))
-        for s0, s1 in prompts:
-            o = F.scaled_dot_product_attention(q[s0:s1].transpose(0, 1)[None], k[s0:s1].transpose(0, 1)[None],
-                                               v[s0:s1].transpose(0, 1)[None], is_causal=True, enable_gqa=True)
-            parts.append(o[0].transpose(0, 1).reshape(s1 - s0, hq * d))
-        attn = torch.cat(parts) if len(parts) > 1 else parts[0]
-        mid = torch.addmm(x, attn, w.wo)
-        h2 = F.rms_norm(mid, (H,), w.norm2, EPS)
-        ug = h2 @ w.wug
-        i = ug.shape[1] // 2
-        act = F.silu(ug[:, :i]) * ug[:, i:]
-        return torch.addmm(mid, act, w.wd)
+            decode_attention_torch(q[:R], kc, vc, None, attn[:R])      # every request: its whole cache
+        if T > R:
+            prefill_attention_torch(q[R:], k[R:], v[R:], cu, attn[R:])
+        mid = gemm_torch(attn.view(T, hq * d), w.wo, residual=x)
+        ug = gemm_torch(rmsnorm_torch(mid, w.norm2, eps=EPS), w.wug)
+        return gemm_torch(silu_and_mul_torch(ug), w.wd, residual=mid)
 
     def forward(x):
-        c = cos[pos][:, None, :]
-        s = sin[pos][:, None, :]
-        for w, cache in zip(m.layers, m.kv_cache):
-            x = layer(x, w, cache, c, s)
+        for w, (kc, vc) in zip(m.layers, m.kv_cache):
+            x = layer(x, w, kc, vc)
         return x
 
     return forward

@@ -23,15 +23,14 @@ Layer (gpt-fast order, residual adds fused into the O and D GEMMs):
 Every decode request has the workload's decode context: the new token is appended at position
 context - 1 and attention reads context tokens. Prompt k/v stay in per-layer buffers (not the cache).
 
-Impl names: those of nfsearch.runtime.kernels.IMPLS ("triton", "tma", "flash", "cuda" need CUDA) and
-"torch" (library ops; work on CPU). The "torch" impls are the straightforward bf16 ops of
-WORKLOADS.md's seq-torch: F.rms_norm, cuBLAS, RoPE in bf16, SDPA (they are also the per-op reference
-of the executor's correctness check).
-Two torch impls of the kernels package synchronize the host (rope_append_torch uses nonzero();
-prefill_attention_torch calls cu_seqlens.tolist()), which CUDA-graph capture forbids; this module
-works around both without editing the kernels: rope uses its own slice-based torch version
-(`_rope_torch`), and prefill attention gets its cu_seqlens as a CPU tensor for the torch impl.
-Decode attention's torch impl is `_decode_torch` (SDPA without a mask; see there).
+Impl names: those of nfsearch.runtime.kernels.IMPLS ("triton", "tma", "flash", "cuda" need CUDA;
+"torch" works on the CPU too). The "torch" impls (kernels/torch_ops.py) are the straightforward bf16
+ops of WORKLOADS.md's seq-torch and the per-op reference of the executor's correctness check. Two of
+their arguments are chosen here so that the torch path never syncs the host (CUDA-graph capture
+forbids it): prefill attention gets its offsets on the host, and rope_append gets no slot mapping
+for rows past the decode requests (nothing to append). Decode attention's torch impl gets no
+context lengths: every request attends to its whole cache, and SDPA without a mask keeps its
+fastest kernels.
 """
 
 from __future__ import annotations
@@ -41,8 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nfsearch.runtime import reference as ref
-from nfsearch.runtime.kernels import IMPLS
+from nfsearch.runtime.kernels import IMPLS, rope_cos_sin
 from nfsearch.specs import ModelSpec, Workload
 
 ROPE_THETA = 500000.0
@@ -101,7 +99,7 @@ class ModelInstance:
         self.slot_mapping = slots.to(self.device)
         self.context_lens = torch.full((max(R, 1),), ctx, dtype=torch.int32, device=self.device)[:R]
         max_pos = max([ctx] + [e - s for s, e in self.prompts])
-        self.cos, self.sin = ref.rope_cos_sin(max_pos, D, ROPE_THETA, device=self.device)
+        self.cos, self.sin = rope_cos_sin(max_pos, D, ROPE_THETA, device=self.device)
         # KV caches, one per layer: [R, ctx, Hkv, D], random history (the new token is written at ctx-1)
         self.kv_cache = [(self._randn(gen, (R, ctx, self.hkv, D)), self._randn(gen, (R, ctx, self.hkv, D)))
                          for _ in range(num_layers)] if R else [(None, None)] * num_layers
@@ -174,9 +172,6 @@ class ModelInstance:
         getattr(self, "op_" + op)(bufs[layer], self.layers[layer], layer, a, b, impl, num_sms)
 
     def op_norm1(self, buf, w, layer, a, b, impl, n):
-        if impl == "torch":
-            self._norm_torch(buf["x"][a:b], w.norm1, buf["h1"][a:b])
-            return
         IMPLS["norm1"][impl](buf["x"][a:b], w.norm1, buf["h1"][a:b], n, eps=EPS)
 
     def op_kqv(self, buf, w, layer, a, b, impl, n):
@@ -187,20 +182,20 @@ class ModelInstance:
         kc, vc = self.kv_cache[layer]
         if kc is None:          # no decode requests: a scratch cache that no slot addresses
             kc = vc = buf["k"][:1].unsqueeze(1)
-        args = (buf["qkv"][a:b], self.positions[a:b], self.cos, self.sin, buf["q"][a:b], kc, vc)
-        if impl == "torch":
-            self._rope_torch(*args, buf["k"][a:b], buf["v"][a:b], a, b)
-        else:
-            IMPLS["rope_append"][impl](*args, self.slot_mapping[a:b], n, k_out=buf["k"][a:b], v_out=buf["v"][a:b])
+        slots = self.slot_mapping[a:b]
+        if impl == "torch" and a >= self.num_decode:
+            # only decode rows append; told so, the torch impl leaves the caches alone (it cannot tell
+            # without a host sync, and would rewrite one cache entry that another stream may write)
+            slots = None
+        IMPLS["rope_append"][impl](buf["qkv"][a:b], self.positions[a:b], self.cos, self.sin, buf["q"][a:b], kc, vc,
+                                   slots, n, k_out=buf["k"][a:b], v_out=buf["v"][a:b])
 
     def op_decode_attn(self, buf, w, layer, a, b, impl, n):
         kc, vc = self.kv_cache[layer]
-        if impl == "torch":
-            self._decode_torch(buf["q"][a:b], kc[a:b], vc[a:b], buf["attn"][a:b])
-            return
+        # every request's context is the cache length: the torch impl needs no mask (see the docstring)
+        lens = None if impl == "torch" else self.context_lens[a:b]
         kw = {"max_context": self.context} if impl == "triton" else {}
-        IMPLS["decode_attn"][impl](buf["q"][a:b], kc[a:b], vc[a:b], self.context_lens[a:b], buf["attn"][a:b], n,
-                                   **kw)
+        IMPLS["decode_attn"][impl](buf["q"][a:b], kc[a:b], vc[a:b], lens, buf["attn"][a:b], n, **kw)
 
     def op_prefill_attn(self, buf, w, layer, a, b, impl, n):
         """Causal attention of prompt tokens [a, b). A nano-op that starts inside a prompt runs over that
@@ -223,9 +218,6 @@ class ModelInstance:
                          residual=buf["x"][a:b])
 
     def op_norm2(self, buf, w, layer, a, b, impl, n):
-        if impl == "torch":
-            self._norm_torch(buf["mid"][a:b], w.norm2, buf["h2"][a:b])
-            return
         IMPLS["norm2"][impl](buf["mid"][a:b], w.norm2, buf["h2"][a:b], n, eps=EPS)
 
     def op_ug(self, buf, w, layer, a, b, impl, n):
@@ -259,41 +251,6 @@ class ModelInstance:
                                                        dtype=self.dtype)
             self._prefill_args[key] = (lo, cu_dev, cu_cpu, table, scratch)
         return self._prefill_args[key]
-
-    def _decode_torch(self, q, k_cache, v_cache, out):
-        """SDPA decode attention, as a user would write it: every request here attends to its whole
-        cache (all contexts equal the cache length), so no mask. The kernels' decode_attention_torch
-        passes a boolean mask, which sends SDPA to a slower path (seq-torch W1 ran 1.38 ms/layer vs
-        1.07 in GPU_FACTS); this is the workaround, in this file, without editing the kernels."""
-        R, HQ, D = q.shape
-        G = HQ // self.hkv
-        o = torch.nn.functional.scaled_dot_product_attention(
-            q.view(R, self.hkv, G, D), k_cache.transpose(1, 2), v_cache.transpose(1, 2))
-        out.copy_(o.reshape(R, HQ, D))
-
-    def _norm_torch(self, x, weight, out):
-        """F.rms_norm in bf16 (one fused kernel on CUDA). The kernels' rmsnorm_torch is a multi-pass
-        float32 version (upcast, square, mean, rsqrt, two products: ~7x slower at 2048 tokens), which
-        made the old seq-torch 17-22% slower than a straightforward layer."""
-        out.copy_(torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, EPS))
-
-    def _rope_torch(self, qkv, positions, cos, sin, q_out, k_cache, v_cache, k_out, v_out, a, b):
-        """Torch RoPE + KV append in bf16 without host syncs (q and k heads rotated in one pass);
-        decode rows [a, min(b, R)) append at context-1."""
-        T, D, half = qkv.shape[0], self.d, self.d // 2
-        x = qkv.view(T, self.hq + 2 * self.hkv, D)
-        c = cos[positions.long()].to(qkv.dtype)[:, None, :]
-        s = sin[positions.long()].to(qkv.dtype)[:, None, :]
-        qk = x[:, :self.hq + self.hkv]
-        x1, x2 = qk[..., :half], qk[..., half:]
-        rot = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
-        q_out.copy_(rot[:, :self.hq])
-        k_out.copy_(rot[:, self.hq:])
-        v_out.copy_(x[:, self.hq + self.hkv:])
-        e = min(b, self.num_decode)
-        if a < e:
-            k_cache[a:e, self.context - 1] = k_out[:e - a]
-            v_cache[a:e, self.context - 1] = v_out[:e - a]
 
 
 def rel_error(out: torch.Tensor, want: torch.Tensor) -> float:

@@ -248,7 +248,7 @@ class _Inputs:
             self.x = self.randn(rows, 2 * self.I)
             self.out = t.empty(rows, self.I, device=self.dev, dtype=self.dt)
         elif n == "rope_append":
-            from nfsearch.runtime.reference import rope_cos_sin
+            from nfsearch.runtime.kernels import rope_cos_sin
             rows, C = self.rows(), 16
             self.qkv = self.randn(rows, (self.HQ + 2 * self.HKV) * self.D)
             self.q_out = t.empty(rows, self.HQ, self.D, device=self.dev, dtype=self.dt)

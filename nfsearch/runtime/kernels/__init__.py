@@ -3,7 +3,9 @@
 ``IMPLS[op][impl]`` is a callable; ``impl`` is one of
 
 * ``"triton"``: ours, pointer-based Triton, persistent grid sized by the ``num_sms`` argument;
-* ``"torch"``: cuBLAS / SDPA / torch ops on the full GPU (``num_sms`` ignored);
+* ``"torch"``: the layer as a straightforward torch user writes it, bf16: F.rms_norm, cuBLAS, RoPE by
+  indexing, SDPA (``num_sms`` ignored; ``torch_ops``). These are also the reference every other impl
+  is checked against, and what the seq-torch baseline runs;
 * ``"tma"`` (kqv, o, ug, d, decode_attn): Triton with TMA tensor descriptors; the GEMM runs exactly
   ``num_sms`` persistent programs with a stream-K tail (whole waves on any partition), decode
   attention streams K/V through TMA into shared memory (``gemm_tma``, ``decode_tma``);
@@ -18,7 +20,8 @@ See benchmarks/KERNEL_NOTES.md for which impl wins where. Call signatures by op:
 * ``kqv``, ``o``, ``ug``, ``d``: ``f(a, w, out, num_sms, residual=None)``  (out = a @ w (+ residual))
 * ``rope_append``: ``f(qkv, positions, cos, sin, q_out, k_cache, v_cache, slot_mapping, num_sms,
   k_out=None, v_out=None)``
-* ``decode_attn``: ``f(q, k_cache, v_cache, context_lens, out, num_sms, scale=None)``
+* ``decode_attn``: ``f(q, k_cache, v_cache, context_lens, out, num_sms, scale=None)`` (the torch impl
+  also takes ``context_lens`` None: every request attends to its whole cache)
 * ``prefill_attn``: ``f(q, k, v, cu_seqlens, out, num_sms, scale=None)``
 * ``act``: ``f(x, out, num_sms)``  (SiLU-and-mul, [T, 2I] -> [T, I])
 
@@ -29,15 +32,16 @@ raises a RuntimeError that says so.
 from __future__ import annotations
 
 from ._common import HAVE_TRITON
-from .decode_attention import decode_attention, decode_attention_torch
-from .gemm import gemm, gemm_torch
-from .prefill_attention import prefill_attention, prefill_attention_torch
+from .decode_attention import decode_attention
 from .decode_tma import decode_attention_tma
+from .gemm import gemm
 from .gemm_tma import gemm_tma
+from .prefill_attention import prefill_attention
 from .prefill_flash import prefill_attention_flash, prefill_attention_sdpa
-from .small_ops import (rmsnorm, rmsnorm_torch, rope_append, rope_append_torch, silu_and_mul,
-                        silu_and_mul_torch)
+from .small_ops import rmsnorm, rope_append, silu_and_mul
 from .small_ops_cuda import rmsnorm_cuda, rope_append_cuda, silu_and_mul_cuda
+from .torch_ops import (decode_attention_torch, gemm_torch, prefill_attention_torch, rmsnorm_torch,
+                        rope_append_torch, rope_cos_sin, silu_and_mul_torch)
 
 OPS = ("norm1", "kqv", "rope_append", "decode_attn", "prefill_attn", "o", "norm2", "ug", "act", "d")
 
@@ -54,8 +58,8 @@ IMPLS: dict[str, dict[str, object]] = {
     "d": {"triton": gemm, "torch": gemm_torch, "tma": gemm_tma},
 }
 
-__all__ = ["HAVE_TRITON", "IMPLS", "OPS", "decode_attention", "decode_attention_tma", "decode_attention_torch", "gemm",
-           "gemm_tma", "gemm_torch", "prefill_attention_flash", "prefill_attention_sdpa", "rmsnorm_cuda",
-           "rope_append_cuda", "silu_and_mul_cuda",
-           "prefill_attention", "prefill_attention_torch", "rmsnorm", "rmsnorm_torch", "rope_append",
-           "rope_append_torch", "silu_and_mul", "silu_and_mul_torch"]
+__all__ = ["HAVE_TRITON", "IMPLS", "OPS", "decode_attention", "decode_attention_tma", "decode_attention_torch",
+           "gemm", "gemm_tma", "gemm_torch", "prefill_attention", "prefill_attention_flash",
+           "prefill_attention_sdpa", "prefill_attention_torch", "rmsnorm", "rmsnorm_cuda", "rmsnorm_torch",
+           "rope_append", "rope_append_cuda", "rope_append_torch", "rope_cos_sin", "silu_and_mul",
+           "silu_and_mul_cuda", "silu_and_mul_torch"]

@@ -145,22 +145,3 @@ def decode_attention(q, k_cache, v_cache, context_lens, out, num_sms: int, scale
         _decode_reduce_kernel[(g2,)](opart, lse, out, out.stride(0), out.stride(1), HQ, rows, nsplit, g2,
                                      SP=max(2, next_pow2(nsplit)), D=D, num_warps=4)
     return out
-
-
-def decode_attention_torch(q, k_cache, v_cache, context_lens, out, num_sms: int = 0, scale=None, max_context=None):
-    """Library decode attention: F.scaled_dot_product_attention on the full GPU, masked by context_lens.
-
-    The Hq/Hkv query heads of a kv head are treated as that head's query rows, so no KV is repeated.
-    """
-    import torch.nn.functional as F
-
-    R, HQ, D = q.shape
-    _, T, HKV, _ = k_cache.shape
-    G = HQ // HKV
-    qq = q.view(R, HKV, G, D)
-    kk = k_cache.transpose(1, 2)
-    vv = v_cache.transpose(1, 2)
-    mask = torch.arange(T, device=q.device)[None, :] < context_lens[:, None].to(torch.int64)
-    o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask[:, None, None, :], scale=scale)
-    out.copy_(o.reshape(R, HQ, D))
-    return out

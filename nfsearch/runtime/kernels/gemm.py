@@ -7,7 +7,7 @@ kernel occupies at most that many SMs' worth of CTAs and overlaps with work on t
 
 from __future__ import annotations
 
-from ._common import HAVE_TRITON, programs, require_triton, tl, torch, triton
+from ._common import HAVE_TRITON, programs, require_triton, tl, triton
 
 # (BM, BN, BK, GROUP_M, num_warps, num_stages, programs_per_sm), chosen by M bucket.
 # Large tiles for large M (compute-bound); smaller tiles for small M so that enough tiles exist
@@ -95,13 +95,4 @@ def gemm(a, w, out, num_sms: int, residual=None, config=None):
                           out.stride(0), out.stride(1), r.stride(0), r.stride(1), grid,
                           BM=BM, BN=BN, BK=BK, GROUP_M=GM, HAS_RES=residual is not None, STAGES=stages, EVEN_K=K % BK == 0,
                           num_warps=warps, num_stages=stages)
-    return out
-
-
-def gemm_torch(a, w, out, num_sms: int = 0, residual=None):
-    """Library GEMM (cuBLAS through torch.matmul) on the full GPU; ``num_sms`` is ignored."""
-    if residual is None:
-        torch.matmul(a, w, out=out)
-    else:
-        torch.addmm(residual, a, w, out=out)
     return out

@@ -115,19 +115,3 @@ def prefill_attention(q, k, v, cu_seqlens, out, num_sms: int, scale=None, block_
                              out.stride(0), out.stride(1), n_slots, HQ, scale * LOG2E, grid,
                              G=HQ // HKV, D=D, BM=bm, BN=bn, STAGES=stages, num_warps=warps, num_stages=stages)
     return out
-
-
-def prefill_attention_torch(q, k, v, cu_seqlens, out, num_sms: int = 0, scale=None):
-    """Library prefill attention: one causal F.scaled_dot_product_attention per prompt (host sync on
-    cu_seqlens), full GPU; ``num_sms`` is ignored."""
-    import torch.nn.functional as F
-
-    cu = [int(c) for c in cu_seqlens.tolist()]
-    for s0, s1 in zip(cu[:-1], cu[1:]):
-        if s1 <= s0:
-            continue
-        o = F.scaled_dot_product_attention(q[s0:s1].transpose(0, 1)[None], k[s0:s1].transpose(0, 1)[None],
-                                           v[s0:s1].transpose(0, 1)[None], is_causal=True, scale=scale,
-                                           enable_gqa=True)
-        out[s0:s1] = o[0].transpose(0, 1)
-    return out

@@ -5,7 +5,7 @@ Each runs a persistent grid of ``num_sms * programs_per_sm`` programs striding o
 
 from __future__ import annotations
 
-from ._common import HAVE_TRITON, next_pow2, programs, require_triton, tl, torch, triton
+from ._common import HAVE_TRITON, next_pow2, programs, require_triton, tl, triton
 
 PROGRAMS_PER_SM = 4
 
@@ -145,28 +145,4 @@ def silu_and_mul(x, out, num_sms: int, programs_per_sm=None, block=1024):
     assert tuple(out.shape) == (T, I) and x.stride(1) == 1 and out.stride(1) == 1
     grid = programs(num_sms, programs_per_sm or PROGRAMS_PER_SM, T * triton.cdiv(I, block))
     _silu_mul_kernel[(grid,)](x, out, T, I, x.stride(0), out.stride(0), grid, BLOCK=block, num_warps=4)
-    return out
-
-
-# ---------------------------------------------------------------------------------- torch impls
-def rmsnorm_torch(x, weight, out, num_sms: int = 0, eps: float = 1e-5, residual=None, residual_out=None):
-    """Plain torch ops (several kernels), full GPU."""
-    h = x if residual is None else x + residual
-    if residual_out is not None:
-        residual_out.copy_(h)
-    hf = h.float()
-    out.copy_(hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * weight.float())
-    return out
-
-
-def rope_append_torch(qkv, positions, cos, sin, q_out, k_cache, v_cache, slot_mapping, num_sms: int = 0,
-                      k_out=None, v_out=None):
-    from ..reference import rope_append_ref
-
-    return rope_append_ref(qkv, positions, cos, sin, q_out, k_cache, v_cache, slot_mapping, k_out, v_out)
-
-
-def silu_and_mul_torch(x, out, num_sms: int = 0):
-    i = x.shape[-1] // 2
-    torch.mul(torch.nn.functional.silu(x[:, :i]), x[:, i:], out=out)
     return out
