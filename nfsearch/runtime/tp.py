@@ -476,7 +476,8 @@ def build_report(schedule, ll, ctx, parts: list[dict], passed: bool) -> dict:
         report[f"speedup_vs_{name}"] = b["layer_ms"] / measured
     report["net"] = first["net"]
     if "ceilings" in first:
-        c = first["ceilings"]
+        c = first["ceilings"]                       # bench.ceilings: a dict, or a runreport.Ceilings
+        c = c if isinstance(c, dict) else c.to_dict()
         report["ceilings"] = c
         gpu = GpuSpec(key="measured", name=report["gpu"], num_sms=ctx.num_sms, sm_granularity=max(ctx.granularity, 1),
                       peak_tflops=c["gemm_tflops"], mem_bandwidth_tbps=c["copy_tbps"],
