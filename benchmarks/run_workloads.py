@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     gpu = "cpu" if args.cpu else torch.cuda.get_device_name(0)
     date = datetime.datetime.now(datetime.timezone.utc)
     ceilings = (Ceilings(1.0, 0.1, "not measured: --cpu dry run") if args.cpu
-                else Ceilings.from_dict(bench.ceilings()))
+                else bench.ceilings())
     device = dict(device="cpu", time_on_cpu=True) if args.cpu else {}
     print(f"{gpu}: GEMM {ceilings.gemm_tflops:.0f} TFLOP/s, copy {ceilings.copy_tbps:.2f} TB/s "
           f"({time.time() - t_start:.1f} s)", flush=True)

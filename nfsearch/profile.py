@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Literal
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from nfsearch.errors import NfsearchError
 from nfsearch.files import MAX_INPUT_BYTES, parse_json, read_text, shown, write_atomic
 from nfsearch.graph import OP_CLASSES
+from nfsearch.runreport import Ceilings
 from nfsearch.specs import (
     MAX_CONTEXT,
     MAX_SMS,
@@ -64,6 +65,15 @@ class ProfileMeta(BaseModel):
     figures_source: Text | None = None
     model: Name | None = None
     tp_degree: bounded_int(1, MAX_TP) | None = None
+    ceilings: Ceilings | None = None            # measured profiles (older ones: peak_tflops, mem_bandwidth_tbps)
+
+    @field_validator("ceilings", mode="before")
+    @classmethod
+    def _read_ceilings(cls, value):
+        try:
+            return None if value is None else Ceilings.from_dict(value)
+        except NfsearchError as exc:
+            raise ValueError(str(exc).removeprefix("ceilings").lstrip(": ")) from None
 
 
 def check_meta(meta) -> ProfileMeta:
@@ -341,7 +351,8 @@ def gpu_from_profile(profile: ProfileTable) -> GpuSpec:
     base = known or load_gpu("h100-sxm")
     return GpuSpec(key=info.gpu_key or base.key, name=info.gpu_name, num_sms=info.num_sms,
                    sm_granularity=info.sm_granularity,
-                   peak_tflops=info.peak_tflops or base.peak_tflops,
-                   mem_bandwidth_tbps=info.mem_bandwidth_tbps or base.mem_bandwidth_tbps,
+                   peak_tflops=(info.ceilings.gemm_tflops if info.ceilings else info.peak_tflops) or base.peak_tflops,
+                   mem_bandwidth_tbps=((info.ceilings.copy_tbps if info.ceilings else info.mem_bandwidth_tbps)
+                                       or base.mem_bandwidth_tbps),
                    net_bandwidth_gbps=info.net_bandwidth_gbps or base.net_bandwidth_gbps,
                    figures_source=info.figures_source or info.source)

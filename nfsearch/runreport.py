@@ -20,6 +20,7 @@ import statistics
 from dataclasses import dataclass, fields
 
 from nfsearch.errors import NfsearchError
+from nfsearch.specs import MAX_RATE
 from nfsearch.timeline import Timeline, timeline_from_dict, timeline_to_dict
 
 HOWS = ("cuda-graph", "eager", "cpu")
@@ -132,22 +133,32 @@ class Correctness:
 
 @dataclass(frozen=True)
 class Ceilings:
-    """Measured in the same process: large cuBLAS bf16 GEMM, large device-to-device copy."""
+    """The device's measured ceilings: a large cuBLAS bf16 GEMM and a large device-to-device copy
+    (bytes read + written). The one form of them: runtime.bench.ceilings() measures one for a run
+    report (and tune, TP runs); a measured profile keeps one in its metadata under "ceilings"."""
     gemm_tflops: float
     copy_tbps: float
     gemm_shape: str = ""
     copy_bytes: int = 0
 
     def __post_init__(self):
-        _require(_is_ms(self.gemm_tflops) and self.gemm_tflops > 0 and _is_ms(self.copy_tbps) and self.copy_tbps > 0,
-                 f"ceilings must be positive, not {self.gemm_tflops!r} TFLOP/s and {self.copy_tbps!r} TB/s")
+        _require(all(_is_ms(x) and 0 < x <= MAX_RATE for x in (self.gemm_tflops, self.copy_tbps)),
+                 f"ceilings must be positive rates up to {MAX_RATE:g}, not {self.gemm_tflops!r} TFLOP/s and "
+                 f"{self.copy_tbps!r} TB/s")
+        _require(isinstance(self.gemm_shape, str) and len(self.gemm_shape) <= 200,
+                 "ceilings: gemm_shape must be a short text")
+        _require(_is_int(self.copy_bytes) and self.copy_bytes >= 0, "ceilings: copy_bytes must be an int >= 0")
 
     def to_dict(self) -> dict:
         return {"gemm_tflops": self.gemm_tflops, "copy_tbps": self.copy_tbps, "gemm_shape": self.gemm_shape,
                 "copy_bytes": self.copy_bytes}
 
     @classmethod
-    def from_dict(cls, d: dict) -> Ceilings:
+    def from_dict(cls, d) -> Ceilings:
+        _require(isinstance(d, dict), "ceilings must be a JSON object")
+        unknown = set(d) - {f.name for f in fields(cls)}
+        _require(not unknown, f"ceilings: unknown keys {sorted(map(str, unknown))}")
+        _require("gemm_tflops" in d and "copy_tbps" in d, "ceilings need gemm_tflops and copy_tbps")
         return cls(d["gemm_tflops"], d["copy_tbps"], d.get("gemm_shape", ""), d.get("copy_bytes", 0))
 
 

@@ -93,7 +93,7 @@ def run_candidates(candidates: list[Candidate], *, mode: str = "green", iters: i
                 run = executor.execute(candidate.schedule, ctx=ctx, iters=iters, use_graph=use_graph,
                                        with_baselines=not trials, ceilings=ceilings)
                 report = run.to_dict()
-                ceilings = ceilings or report.get("ceilings") or bench.ceilings()
+                ceilings = ceilings or run.ceilings or bench.ceilings()
                 measured = run.measured_layer_ms
             except NfsearchError as exc:
                 # one wrong or unbuildable candidate must not cost the others their run

@@ -13,8 +13,9 @@ import pytest
 from nfsearch.cost import make_problem
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import op_context
-from nfsearch.profile import load
+from nfsearch.profile import ProfileTable, gpu_from_profile, load
 from nfsearch.runtime import measurements as profiling
+from nfsearch.runreport import Ceilings
 from nfsearch.runtime.measurements import Checkpoint, Measurement, Point, make_plan, run_plan
 from nfsearch.specs import ModelSpec, Workload, load_model, load_workload
 
@@ -307,7 +308,13 @@ def test_table_from_fake_timings(tmp_path):
     meta = table.meta
     assert meta["source"] == "fake" and meta["gpu_name"] == "Fake GPU"
     assert meta["num_sms"] == 132 and meta["sm_granularity"] == 8 and meta["model"] == "llama-3-8b"
-    assert meta["peak_tflops"] > 0 and meta["mem_bandwidth_tbps"] > 0
+    # the measured ceilings, in their one form; the table's GPU figures come from them
+    ceilings = Ceilings.from_dict(meta["ceilings"])
+    assert ceilings.gemm_tflops > 0 and ceilings.copy_tbps > 0 and ceilings.copy_bytes == 1 << 30
+    assert "peak_tflops" not in meta and "mem_bandwidth_tbps" not in meta
+    gpu = gpu_from_profile(table)
+    assert (gpu.peak_tflops, gpu.mem_bandwidth_tbps) == (ceilings.gemm_tflops, ceilings.copy_tbps)
+    assert gpu.figures_source == "fake in this profile run"
     assert "gpu_key" not in meta                    # not a bundled GPU
     assert profiling.assemble_table(plan, results, {**FAKE_DEVICE, "gpu_name": "NVIDIA H200"}).meta["gpu_key"] == "h200"
     assert table.has_corun()
@@ -316,6 +323,25 @@ def test_table_from_fake_timings(tmp_path):
         table.write(tmp_path / f"t{suffix}")
         back = load(tmp_path / f"t{suffix}")
         assert back.fingerprint() == table.fingerprint() and back.meta["grid"] == meta["grid"]
+
+
+def test_profile_ceilings_old_keys_missing_ones_and_bad_ones():
+    plan = _plan(is_quick=True)
+    table, results = _table(plan)
+    rows, meta = table.rows, {k: v for k, v in table.meta.items() if k != "ceilings"}
+    # a profile written before the ceilings had one form: its peak_tflops / mem_bandwidth_tbps are read
+    old = gpu_from_profile(ProfileTable(rows, {**meta, "peak_tflops": 650.0, "mem_bandwidth_tbps": 2.5}))
+    assert (old.peak_tflops, old.mem_bandwidth_tbps) == (650.0, 2.5)
+    # a run whose ceiling points failed keeps its table; the GPU figures fall back to the bundled GPU's
+    no_copy = {k: m for k, m in results.items() if k[:2] != ("ceiling", "copy")}
+    assert profiling.ceilings(no_copy) is None
+    assert "ceilings" not in profiling.assemble_table(plan, no_copy, FAKE_DEVICE).meta
+    assert profiling.ceilings({**results, Point("ceiling", "copy", "torch").key(): Measurement(float("inf"))}) is None
+    for bad, says in (({"gemm_tflops": "700", "copy_tbps": 3.0}, "positive rates"), ("fast", "JSON object"),
+                      ({"gemm_tflops": 700.0}, "need gemm_tflops and copy_tbps"),
+                      ({"gemm_tflops": 700.0, "copy_tbps": 3.0, "x": 1}, "unknown keys")):
+        with pytest.raises(NfsearchError, match=f"profile metadata: ceilings .*{says}"):
+            ProfileTable(rows, {**meta, "ceilings": bad})
 
 
 @pytest.mark.parametrize("wl", ["W1", "W2", "W3"])
@@ -346,7 +372,7 @@ def test_summary_numbers():
     s = profiling.summarize(plan, results, table, 12.5, "nfsearch profile ...")
     assert s["source"] == "fake" and s["wall_s"] == 12.5
     assert s["rows"]["total"] == len(table.rows) and s["rows"]["corun"] > 0
-    assert set(s["ceilings"]) == {"peak_tflops", "mem_bandwidth_tbps"}
+    assert Ceilings.from_dict(s["ceilings"]) == Ceilings.from_dict(table.meta["ceilings"])
     assert s["gemm_at_full_gpu"]["ug"][2048]["cublas_over_triton"] > 0
     assert s["decode_attn_tbps"]["512x1024"]["triton"][64] > 0
     pairs = s["pairs"]

@@ -1,11 +1,14 @@
 """Ceilings measured on the device in the running process: bf16 cuBLAS GEMM peak and the
-device-to-device copy bandwidth (bytes read + bytes written). The roofline bound uses these."""
+device-to-device copy bandwidth (bytes read + bytes written), as a runreport.Ceilings. The roofline
+bound of a run report uses these."""
 
 from __future__ import annotations
 
 import statistics
 
 import torch
+
+from nfsearch.runreport import Ceilings
 
 
 def event_times(fn, iters: int = 20, warmup: int = 3) -> list[float]:
@@ -46,6 +49,10 @@ def copy_bandwidth_tbps(num_bytes: int = 1 << 30, iters: int = 20, device: str =
     return 2.0 * num_bytes / (ms * 1e-3) / 1e12
 
 
-def ceilings(device: str = "cuda") -> dict:
-    return {"gemm_tflops": gemm_peak_tflops(device=device), "copy_tbps": copy_bandwidth_tbps(device=device),
-            "gemm_shape": "8192^3 bf16 torch.matmul", "copy_bytes": 1 << 30}
+GEMM_N = 8192
+COPY_BYTES = 1 << 30
+
+
+def ceilings(device: str = "cuda") -> Ceilings:
+    return Ceilings(gemm_peak_tflops(GEMM_N, device=device), copy_bandwidth_tbps(COPY_BYTES, device=device),
+                    f"{GEMM_N}^3 bf16 torch.matmul", COPY_BYTES)

@@ -301,7 +301,7 @@ def measure_timeline(ctx: ExecContext, model: ModelInstance, bufs, ll: LaunchLis
 def execute(schedule, *, mode: str = "green", iters: int = 30, repeats: int = 3, use_graph: bool = True,
             timeline: bool = False, tol: float = TOLERANCE, with_baselines: bool = True,
             with_compiled: bool = True, compile_mode: str = "default", with_ceilings: bool = True, seed: int = 0,
-            device: str = "cuda", ctx: ExecContext | None = None, ceilings=None, profile=None,
+            device: str = "cuda", ctx: ExecContext | None = None, ceilings: Ceilings | None = None, profile=None,
             weights_path: str | None = None, time_on_cpu: bool = False, progress=None) -> RunReport:
     """Check and time a plan on the device (with_baselines: seq-torch, seq-same and, with_compiled,
     seq-compiled beside it); returns a RunReport (its ``timeline`` is the measured per-launch one
@@ -378,16 +378,24 @@ def execute(schedule, *, mode: str = "green", iters: int = 30, repeats: int = 3,
         plan_t = timings.pop("plan")
         if plan_t.note:
             notes.append("plan: " + plan_t.note)
-        ceil = None
-        if ceilings is not None:
-            ceil = ceilings if isinstance(ceilings, Ceilings) else Ceilings.from_dict(ceilings)
-        elif with_ceilings and ctx.is_cuda:
+        ceil = ceilings
+        if ceil is None and with_ceilings and ctx.is_cuda:
             say("measuring ceilings")
-            ceil = Ceilings.from_dict(bench.ceilings())
+            ceil = bench.ceilings()
         measured_tl = None
         if timeline and ctx.is_cuda:
-            say("measuring the per-op timeline")
-            measured_tl = measure_timeline(ctx, model, bufs, ll, f"measured ({ctx.mode}, eager, {ctx.gpu_name})")
+            say("measuring the per-op timeline (kernel trace of CUDA-graph replays)")
+            from nfsearch.runtime import trace
+            try:
+                measured_tl, facts = trace.measure_graph_timeline(
+                    ctx, model, bufs, ll, f"measured ({ctx.mode}, CUDA-graph replay kernel trace, {ctx.gpu_name})")
+                notes.append(f"timeline: kernel trace of {facts['num_replays']} graph replays, median kept; "
+                             f"matched by {facts['method']}, {facts['num_skipped']} kernels unexpected")
+            except Exception as exc:  # noqa: BLE001 - the profiler fails in many ways; eager timing, labelled
+                _sync(ctx)
+                notes.append(f"timeline: kernel trace failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                             "eager event timing instead")
+                measured_tl = measure_timeline(ctx, model, bufs, ll, f"measured ({ctx.mode}, eager, {ctx.gpu_name})")
         pred = schedule.predicted.layer_time_ms if schedule.predicted is not None else None
         del bufs, model, variants, kept
         return RunReport(**base, plan=plan_t,

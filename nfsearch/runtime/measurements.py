@@ -54,6 +54,7 @@ from nfsearch.errors import NfsearchError
 from nfsearch.graph import Op, layer_ops, op_context, op_work
 from nfsearch.profile import ProfileTable
 from nfsearch.roofline import BW_FRACTION, interp
+from nfsearch.runreport import Ceilings
 from nfsearch.specs import ModelSpec, Workload
 
 FORMAT = 2        # 2: pair points with both sides' sizes, checkpoint rows with the pair's detail
@@ -691,16 +692,18 @@ def gpu_key_for(name: str) -> str:
     return ""                   # not a bundled GPU: the table names it by gpu_name only
 
 
-def ceilings(results: dict[tuple, Measurement]) -> dict:
-    out = {}
-    for key, m in results.items():
-        if key[0] != "ceiling":
-            continue
-        if key[1] == "gemm_bf16":
-            out["peak_tflops"] = round(2.0 * GEMM_CEILING_N ** 3 / m.time_ms / 1e9, 1)
-        elif key[1] == "copy":
-            out["mem_bandwidth_tbps"] = round(2.0 * COPY_CEILING_BYTES / m.time_ms / 1e9, 3)
-    return out
+def ceilings(results: dict[tuple, Measurement]) -> Ceilings | None:
+    """The ceilings of the measured ceiling points; None unless both were measured as real times
+    (a profile run is not lost for want of them: the table's GPU figures then fall back)."""
+    times = {key[1]: m.time_ms for key, m in results.items() if key[0] == "ceiling"}
+    if "gemm_bf16" not in times or "copy" not in times:
+        return None
+    try:
+        return Ceilings(2.0 * GEMM_CEILING_N ** 3 / times["gemm_bf16"] / 1e9,
+                        2.0 * COPY_CEILING_BYTES / times["copy"] / 1e9,
+                        f"{GEMM_CEILING_N}^3 bf16 torch.matmul", COPY_CEILING_BYTES)
+    except (NfsearchError, ZeroDivisionError):
+        return None
 
 
 def assemble_table(plan: Plan, results: dict[tuple, Measurement], device: dict,
@@ -755,7 +758,12 @@ def assemble_table(plan: Plan, results: dict[tuple, Measurement], device: dict,
                  "inputs": ("bf16 random data; norms with the residual add fused; GEMMs without residual; "
                             "prefill_attn over prompts of length `context` (the last one shorter); "
                             "decode_attn with every request at the full context")})
-    meta.update(ceilings(results))
+    measured = ceilings(results)
+    if measured is not None:
+        # the profile's GPU figures (profile.gpu_from_profile reads them; old profiles kept them as
+        # peak_tflops and mem_bandwidth_tbps, which are still read)
+        meta["ceilings"] = measured.to_dict()
+        meta["figures_source"] = f"{meta.get('source', 'measured')} in this profile run"
     if plan.pair_points():
         by_key = {p.key(): p for p in plan.pair_points()}
         meta["pairs"] = pair_table.pairs_meta(
@@ -765,8 +773,6 @@ def assemble_table(plan: Plan, results: dict[tuple, Measurement], device: dict,
         meta["failures"] = len(failures)
     if stopped:
         meta["stopped"] = stopped
-    if "peak_tflops" in meta or "mem_bandwidth_tbps" in meta:
-        meta["figures_source"] = f"{meta.get('source', 'measured')} in this profile run"
     if dropped:
         meta["dropped_groups"] = dropped
     return ProfileTable(df, meta)
@@ -830,7 +836,7 @@ def summarize(plan: Plan, results: dict[tuple, Measurement], table: ProfileTable
            "wall_s": None if wall_s is None else round(wall_s, 1),
            "rows": {"total": len(table.rows), "solo": int((table.rows["co_class"] == "").sum()),
                     "corun": int((table.rows["co_class"] != "").sum())},
-           "ceilings": ceilings(results), "grid": plan.grid, "versions": meta.get("versions"),
+           "ceilings": meta.get("ceilings"), "grid": plan.grid, "versions": meta.get("versions"),
            "failures": len(failures or {}), "dropped_groups": meta.get("dropped_groups", [])}
     full = plan.num_sms
     wl = plan.workload()

@@ -171,8 +171,10 @@ def _stderr(msg: str) -> None:
 
 
 def _print_summary(s: dict, log) -> None:
-    c = s["ceilings"]
-    log(f"\n== {s['gpu']}: cuBLAS 8192^3 {c.get('peak_tflops')} TFLOP/s, copy {c.get('mem_bandwidth_tbps')} TB/s; "
+    from nfsearch.runreport import Ceilings
+    c = Ceilings.from_dict(s["ceilings"]) if s["ceilings"] else None
+    figures = f"cuBLAS {c.gemm_shape} {c.gemm_tflops:.0f} TFLOP/s, copy {c.copy_tbps:.2f} TB/s" if c else "no ceilings"
+    log(f"\n== {s['gpu']}: {figures}; "
         f"{s['rows']['total']} rows ({s['rows']['corun']} co-run), {s['measure_s']} s, {s['failures']} failures ==")
     for op, by_t in s["gemm_at_full_gpu"].items():
         log(f"  {op:>3} triton/cuBLAS TFLOP/s: " + ", ".join(
