@@ -164,7 +164,7 @@ def test_torch_impls_write_out_or_return_a_new_tensor():
     x, r = torch.randn(7, 16, generator=gen).bfloat16(), torch.randn(7, 16, generator=gen).bfloat16()
     wt, w = torch.rand(16, generator=gen).bfloat16() + 0.5, torch.randn(16, 10, generator=gen).bfloat16()
     norm, gemm, act = IMPLS["norm1"]["torch"], IMPLS["kqv"]["torch"], IMPLS["act"]["torch"]
-    h, out, ro = norm(x, wt), torch.empty(7, 16).bfloat16(), torch.empty(7, 16).bfloat16()
+    h, out = norm(x, wt), torch.empty(7, 16).bfloat16()
     assert norm(x, wt, out, 0) is out and torch.equal(out, h)
     assert torch.equal(h, torch.nn.functional.rms_norm(x, (16,), wt, 1e-5))
     # the residual add lands in residual_out (here aliasing the residual) and is what gets normed
