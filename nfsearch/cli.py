@@ -346,7 +346,7 @@ def _run_options(f):
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Output folder (default: out/run-<plan stem>).")
 @click.option("--timeline", "with_timeline", is_flag=True,
-              help="Also measure per-op start/end (eager, events) and write Gantt/Perfetto + measured.json.")
+              help="Also measure per-op start/end (kernel trace of CUDA-graph replays) and write Gantt/Perfetto + measured.json.")
 @click.option("--profile", "profile_path", type=click.Path(dir_okay=False),
               help="Profile the plan must have been made with.")
 @_run_options
@@ -432,6 +432,29 @@ def compare_cmd(plan_path, measured_path, output, worst):
     _echo(format_table(cmp, worst))
     if output is not None:
         _write_json(output, cmp.to_dict())
+
+
+@main.command("calibrate")
+@click.option("--profile", "profile_path", required=True, type=click.Path(dir_okay=False),
+              help="Measured profile the plans were made with (.parquet or .csv); any calibration in it is replaced.")
+@click.option("--run", "runs", required=True, multiple=True, nargs=2, type=click.Path(dir_okay=False),
+              metavar="PLAN MEASURED",
+              help="A plan JSON and the measured.json that `nfsearch run --timeline` wrote for it; repeat for more runs.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Calibrated profile to write (.parquet or .csv): the same rows, the calibration in its metadata.")
+def calibrate_cmd(profile_path, runs, output):
+    """Fold measured plan timelines into a profile as per-op-class co-run stretch factors."""
+    from nfsearch import calibrate, plan
+    from nfsearch.files import read_json
+    from nfsearch.profile import load
+    from nfsearch.timeline import timeline_from_dict
+    _check_outputs([output], (".parquet", ".csv"))
+    profile = load(profile_path)
+    triples = [(plan.read(p), timeline_from_dict(read_json(m), m), f"{p} + {m}") for p, m in runs]
+    table, cal, ratios = calibrate.calibrate(profile, triples)
+    _echo(calibrate.format_report(cal, ratios))
+    table.write(output)
+    _echo(f"wrote {output}: {cal.label}")
 
 
 @main.command("tune")

@@ -41,6 +41,7 @@ from typing import NamedTuple
 
 import networkx as nx
 
+from nfsearch.calibrate import calibration_from_meta
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import Op, build_layer, op_context
 from nfsearch.pairs import PairPoint, points_from_meta
@@ -292,6 +293,8 @@ class CostModel:
         self.is_extrapolating = allow_extrapolation
         self.pairs = pairs
         self.overheads = overheads or overheads_from_meta(profile.meta)
+        # `nfsearch calibrate`'s per-class co-run factors, applied only where the profile has them
+        self.calibration = calibration_from_meta(profile.meta)
         self.ops: dict[str, Op] = {name: layer.nodes[name]["op"] for name in layer.nodes}
         self.whole_tokens = {name: layer.nodes[name]["token_range"][1] - layer.nodes[name]["token_range"][0]
                              for name in layer.nodes}
@@ -389,6 +392,8 @@ class CostModel:
         """Time of the op while `partners` (sorted) run beside it: solo x (1 + sum of (stretch - 1))."""
         solo = self.solo_ms(op, num_tokens, sm_count)
         extra = sum(self.stretch(op, num_tokens, sm_count, p)[0] - 1.0 for p in partners)
+        if partners and self.calibration is not None:
+            return solo * max(1.0, (1.0 + extra) * self.calibration.factor(self.op_class(op)))
         return solo * (1.0 + extra)
 
     def _stretched_ms(self, op: str, num_tokens: int, sm_count: int, co_classes: frozenset[str]) -> float:
@@ -412,7 +417,8 @@ class CostModel:
             head = f"measured co-run rows by class; elsewhere {CURVES_SOURCE}"
         else:
             head = self.interference.source
-        return f"{head}; {self.overheads.describe()}"
+        calibrated = f"; {self.calibration.label}" if self.calibration is not None else ""
+        return f"{head}; {self.overheads.describe()}{calibrated}"
 
     def _lookup(self, op: str, num_tokens: int, sm_count: int, co_class: str = "") -> tuple[float, str]:
         context = op_context(self.ops[op], self.workload)
