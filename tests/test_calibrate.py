@@ -17,7 +17,7 @@ from nfsearch.cli import main
 from nfsearch.cost import Partner, make_problem
 from nfsearch.errors import NfsearchError
 from nfsearch.simulate import replay
-from nfsearch.timeline import Span, Timeline, timeline_to_dict
+from nfsearch.timeline import Timeline, timeline_to_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAN = ROOT / "benchmarks/plans/W2.json"
@@ -74,7 +74,7 @@ def test_cost_model_applies_the_factor_only_when_present(w2):
 
 
 def test_cli_writes_a_calibrated_profile(w2, tmp_path):
-    s, t, predicted = w2
+    _, _, predicted = w2
     measured = tmp_path / "measured.json"
     measured.write_text(json.dumps(timeline_to_dict(slowed(predicted))))
     out = tmp_path / "cal.parquet"
@@ -87,7 +87,7 @@ def test_cli_writes_a_calibrated_profile(w2, tmp_path):
 
 
 def test_cli_refuses_a_timeline_of_another_plan_in_one_line(w2, tmp_path):
-    s, t, predicted = w2
+    _, _, predicted = w2
     short = Timeline("measured elsewhere", predicted.spans[:5], predicted.num_layers)
     measured = tmp_path / "measured.json"
     measured.write_text(json.dumps(timeline_to_dict(short)))

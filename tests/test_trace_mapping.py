@@ -8,8 +8,15 @@ import pytest
 from nfsearch.cost import make_problem
 from nfsearch.roofline import analytic_profile
 from nfsearch.runtime import launch
-from nfsearch.runtime.trace import (Expected, Kernel, TraceError, match_kernels, replays_from_events,
-                                    signatures_from_events, timeline_from_events)
+from nfsearch.runtime.trace import (
+    Expected,
+    Kernel,
+    TraceError,
+    match_kernels,
+    replays_from_events,
+    signatures_from_events,
+    timeline_from_events,
+)
 from nfsearch.search.baselines import equal_split_plan
 from nfsearch.specs import ModelSpec, Workload, load_gpu
 

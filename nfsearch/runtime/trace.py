@@ -295,8 +295,7 @@ def measure_graph_timeline(ctx, model, bufs, ll, label: str, replays: int = DEFA
         for l in ll.launches:               # signatures: each launch alone, on its own stream
             s = ctx.stream_for(l)
             with record_function(RANGE_PREFIX + l.id):
-                s.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(s):
+                with torch.cuda.stream(s):      # (the device was synchronised: nothing to wait on)
                     model.run(bufs, l.layer, l.op, *l.tokens, resolve_impl(l.op, l.impl, "cuda"), l.sms)
                 torch.cuda.synchronize(device)
         graph = torch.cuda.CUDAGraph()
