@@ -4,7 +4,7 @@ seq-torch (executor API: median of >= 3 interleaved repeats with the min-max spr
 per-op timeline from a kernel trace of CUDA-graph replays), all in one process tree.
 
     PYTHONPATH=. python benchmarks/run_unseen.py [--models A/config.json,B/config.json] [--out $OUT]
-        [--quick/--full] [--budget-s 420] [--repeats 3] [--iters 20]
+        [--grid auto|full|quick] [--budget-s 420] [--repeats 3] [--iters 20]
 
 Defaults: a Qwen2-7B config (qkv bias; benchmarks/models/Qwen2-7B/config.json) and Mistral-7B-v0.1
 (tests/fixtures/hf; sliding window 4096, longer than W2's context of 1024, so it changes nothing).
@@ -31,15 +31,19 @@ sys.path.insert(0, str(ROOT))
 DEFAULT_MODELS = (str(ROOT / "benchmarks/models/Qwen2-7B/config.json"),
                   str(ROOT / "tests/fixtures/hf/Mistral-7B-v0.1/config.json"))
 WORKLOAD = "W2"
+FULL_MODEL_S = 210          # profile (full grid, pairs) + solve + run of one 7B model on an H100, with margin
+QUICK_MODEL_S = 110
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated HF config.json paths")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"), help="folder for the JSON and artifacts")
-    ap.add_argument("--full", action="store_true", help="full profile grid (default: --quick, to fit the budget)")
+    ap.add_argument("--grid", choices=("auto", "full", "quick"), default="auto",
+                    help="profile grid; auto: the full grid (~110 s a model on an H100) while the budget leaves "
+                         f"{FULL_MODEL_S} s for this model and {QUICK_MODEL_S} s for each one after it, else --quick")
     ap.add_argument("--budget-s", type=float, default=420.0,
-                    help="wall seconds; a model is not started with less than 150 s left")
+                    help=f"wall seconds; a model is not started with less than {QUICK_MODEL_S} s left")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--run-plan", nargs=4, metavar=("PLAN", "PROFILE", "CEILINGS", "REPORT"),
@@ -70,25 +74,30 @@ def main(argv=None) -> int:
     torch.cuda.empty_cache()            # the children need the memory, not this process
     print(f"{gpu}: GEMM {ceilings.gemm_tflops:.0f} TFLOP/s, copy {ceilings.copy_tbps:.2f} TB/s", flush=True)
     record = {"gpu": gpu, "date": date.isoformat(timespec="seconds"), "command": " ".join(["python"] + sys.argv),
-              "workload": WORKLOAD, "profile_grid": "full" if args.full else "quick",
+              "workload": WORKLOAD, "grid_choice": args.grid,
               "calibrated_on_these_models": False, "ceilings": ceilings.to_dict(),
               "versions": {"torch": torch.__version__}, "iters": args.iters, "repeats": args.repeats, "models": []}
     path = out / f"unseen_{_slug(gpu)}_{date:%Y-%m-%d}.json"
     rows = []
-    for cfg in [m for m in args.models.split(",") if m]:
+    models = [m for m in args.models.split(",") if m]
+    for cfg in models:
         name = Path(cfg).parent.name
         entry = {"model": name, "config": os.path.relpath(cfg, ROOT)}
         record["models"].append(entry)
         left = args.budget_s - (time.time() - t_start)
-        if left < 150:
+        if left < QUICK_MODEL_S:
             entry["skipped"] = f"time budget ({left:.0f} s left)"
             rows.append((name, None, entry["skipped"]))
             continue
+        after = len(models) - 1 - models.index(cfg)
+        grid = args.grid if args.grid != "auto" else (
+            "full" if left >= FULL_MODEL_S + QUICK_MODEL_S * after else "quick")
+        entry["profile_grid"] = grid
         prof_path, plan_path = art / f"{name}.parquet", art / f"{name}-W2.json"
         try:
             cmd = [sys.executable, "-m", "nfsearch", "profile", "--model", cfg, "--workload", WORKLOAD,
-                   *([] if args.full else ["--quick"]), "-o", str(prof_path)]
-            entry["profile"] = _run(cmd, art / f"{name}.profile.log", timeout=left - 90)
+                   *([] if grid == "full" else ["--quick"]), "-o", str(prof_path)]
+            entry["profile"] = _run(cmd, art / f"{name}.profile.log", timeout=left - 60)
             cmd = [sys.executable, "-m", "nfsearch", "solve", "--model", cfg, "--workload", WORKLOAD,
                    "--profile", str(prof_path), "--solver", "cpsat", "-o", str(plan_path)]
             entry["solve"] = _run(cmd, art / f"{name}.solve.log", timeout=120)
@@ -125,14 +134,14 @@ def main(argv=None) -> int:
     for e in record["models"]:
         for note in (e.get("report") or {}).get("notes", []):
             print(f"  note [{e['model']}]: {note[:200]}")
-    print(f"\n{gpu}, {date:%Y-%m-%d %H:%M} UTC, W2, {'full' if args.full else 'quick'} profiles; per-layer ms, "
+    print(f"\n{gpu}, {date:%Y-%m-%d %H:%M} UTC, W2; per-layer ms, "
           f"median of {args.repeats} x {args.iters} graph replays [min-max]; x = baseline / plan; "
           "err = (pred - meas) / meas")
-    print(f"{'model':<18}{'plan':>22}{'pred':>8}{'err':>7}{'seq-same':>22}{'x':>6}{'seq-torch':>22}{'x':>6}"
+    print(f"{'model':<16}{'grid':>6}{'plan':>22}{'pred':>8}{'err':>7}{'seq-same':>22}{'x':>6}{'seq-torch':>22}{'x':>6}"
           f"{'op med err':>11}")
     for name, r, why in rows:
         if r is None:
-            print(f"{name:<18} FAILED/SKIPPED: {why[:150]}")
+            print(f"{name:<16} FAILED/SKIPPED: {why[:150]}")
             continue
         e = next(e for e in record["models"] if e["model"] == name)
 
@@ -140,7 +149,7 @@ def main(argv=None) -> int:
             return f"{t.layer_ms:.3f} [{t.min_layer_ms:.3f}-{t.max_layer_ms:.3f}]" if t is not None else "-"
         same, tor = r.baseline("seq-same"), r.baseline("seq-torch")
         med = e.get("per_op", {}).get("median_abs_rel_error")
-        print(f"{name:<18}{cell(r.plan):>22}{r.predicted_layer_ms or float('nan'):>8.3f}"
+        print(f"{name:<16}{e.get('profile_grid', '?'):>6}{cell(r.plan):>22}{r.predicted_layer_ms or float('nan'):>8.3f}"
               f"{(r.prediction_error or float('nan')) * 100:>6.1f}%{cell(same):>22}"
               f"{(r.speedup('seq-same') or float('nan')):>6.2f}{cell(tor):>22}"
               f"{(r.speedup('seq-torch') or float('nan')):>6.2f}"

@@ -325,14 +325,15 @@ def _commands():
 
 def test_every_verb_is_listed_with_help():
     names = {name for name, _ in _commands()}
-    assert names == {"analyze", "profile", "solve", "simulate", "check", "run", "compare", "tune"}
+    assert names == {"analyze", "profile", "solve", "simulate", "check", "run", "compare", "calibrate", "tune"}
     for name, command in _commands():
         assert (command.help or "").strip(), name
         out = _ok(_run(name, "--help")).stdout
         assert out.startswith(f"Usage: nfsearch {name}"), out
 
 
-@pytest.mark.parametrize("name", ["analyze", "profile", "solve", "simulate", "check", "run", "compare", "tune"])
+@pytest.mark.parametrize("name", ["analyze", "profile", "solve", "simulate", "check", "run", "compare", "calibrate",
+                                  "tune"])
 def test_every_option_has_help(name):
     command = main.commands[name]
     options = [p for p in command.params if isinstance(p, click.Option)]
