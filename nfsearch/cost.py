@@ -41,7 +41,7 @@ from typing import NamedTuple
 
 import networkx as nx
 
-from nfsearch.calibrate import calibration_from_meta
+from nfsearch.calibration import calibration_from_meta
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import Op, build_layer, op_context
 from nfsearch.pairs import PairPoint, points_from_meta

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from nfsearch import calibrate, plan, profile
-from nfsearch.calibrate import Calibration, ClassFactor
+from nfsearch.calibration import Calibration, ClassFactor, calibration_from_meta
 from nfsearch.cli import main
 from nfsearch.cost import Partner, make_problem
 from nfsearch.errors import NfsearchError
@@ -51,7 +51,7 @@ def test_fit_finds_the_co_run_slowdown_beyond_the_solo_error(w2):
     assert any(r.is_corun for r in ratios) and any(not r.is_corun for r in ratios)
     # the calibrated table keeps the rows and the fingerprint; the calibration is in its metadata
     assert table.fingerprint() == t.fingerprint() and len(table.rows) == len(t.rows)
-    assert calibrate.calibration_from_meta(table.meta) == cal
+    assert calibration_from_meta(table.meta) == cal
     # calibrating the calibrated table from the same run gives the same factors (replayed uncalibrated)
     _, again, _ = calibrate.calibrate(table, [(s, slowed(predicted), "test run")])
     assert again.factors == cal.factors
@@ -82,7 +82,7 @@ def test_cli_writes_a_calibrated_profile(w2, tmp_path):
                                   "-o", str(out)])
     assert r.exit_code == 0, r.output
     assert "compute" in r.output and "wrote" in r.output
-    cal = calibrate.calibration_from_meta(profile.load(out).meta)
+    cal = calibration_from_meta(profile.load(out).meta)
     assert cal.factor("compute") == pytest.approx(CORUN_SLOWDOWN / SOLO_SLOWDOWN, rel=1e-6)
 
 
