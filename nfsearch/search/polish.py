@@ -12,7 +12,7 @@ import networkx as nx
 
 from nfsearch.cost import Problem
 from nfsearch.graph import split_layers
-from nfsearch.plan import Schedule, SolverInfo
+from nfsearch.plan import Schedule
 from nfsearch.profile import ProfileMiss
 from nfsearch.search.listsched import timed
 from nfsearch.simulate import PlanInvalid, check_layouts
