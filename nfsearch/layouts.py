@@ -200,3 +200,28 @@ def line_layout(intervals, num_sms: int, granularity: int, max_groups: int = 3) 
     if not is_buildable(sizes, num_sms, granularity, max_groups):
         return None
     return Layout(sizes, _build_of(sizes))
+
+
+def corun_components(ops, tolerance_ms: float) -> list[list]:
+    """The sets of ops that must share one layout: connected components of "on different streams and
+    overlapping in time" (each op has id, stream, start_ms, end_ms). Components come in the order of
+    their first op in `ops`, their ops in `ops` order; a lone op is a component of one."""
+    parent = {o.id: o.id for o in ops}
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    by_start = sorted(ops, key=lambda o: o.start_ms)
+    for i, a in enumerate(by_start):
+        for b in by_start[i + 1:]:
+            if b.start_ms >= a.end_ms - tolerance_ms:
+                break
+            if a.stream != b.stream and a.start_ms < b.end_ms - tolerance_ms:
+                parent[root(a.id)] = root(b.id)
+    comps: dict[str, list] = {}
+    for o in ops:
+        comps.setdefault(root(o.id), []).append(o)
+    return list(comps.values())

@@ -20,7 +20,7 @@ import networkx as nx
 from nfsearch.cost import CostModel, Partner
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import build_layer, split_layers
-from nfsearch.layouts import buildable_layouts
+from nfsearch.layouts import buildable_layouts, corun_components
 from nfsearch.plan import PlannedOp, Schedule, check_structure
 from nfsearch.timeline import Span, Timeline
 
@@ -77,26 +77,9 @@ def _layout_counts(n: int, g: int, max_groups: int) -> tuple[dict, ...]:
 
 def _corun_sets(schedule: Schedule) -> list[list[PlannedOp]]:
     """Connected components of "stated to overlap in time, on different streams" among the ops that
-    do not take the whole GPU, each in issue order."""
+    do not take the whole GPU, each in issue order (lone ops left out)."""
     side = sorted((o for o in schedule.nano_ops if o.sm_count < schedule.gpu.num_sms), key=lambda o: o.start_ms)
-    parent = {o.id: o.id for o in side}
-
-    def root(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, a in enumerate(side):
-        for b in side[i + 1:]:
-            if b.start_ms >= a.end_ms - TOLERANCE_MS:
-                break
-            if a.stream != b.stream and a.start_ms < b.end_ms - TOLERANCE_MS:
-                parent[root(a.id)] = root(b.id)
-    comps: dict[str, list] = {}
-    for o in side:
-        comps.setdefault(root(o.id), []).append(o)
-    return [sorted(c, key=lambda o: o.order) for c in comps.values() if len(c) > 1]
+    return [sorted(c, key=lambda o: o.order) for c in corun_components(side, TOLERANCE_MS) if len(c) > 1]
 
 
 def _peak_by_size(comp: list[PlannedOp]) -> dict[int, int]:

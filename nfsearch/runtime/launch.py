@@ -64,6 +64,7 @@ from itertools import combinations
 
 from nfsearch.errors import NfsearchError
 from nfsearch.layouts import Layout, is_buildable, line_layout, make_layout
+from nfsearch.layouts import corun_components as layout_components  # (launch.py's own takes placements)
 
 TOLERANCE_MS = 1e-4
 COMPUTE_CLASSES = ("compute",)
@@ -413,26 +414,7 @@ def _corun(a, b) -> bool:
 def corun_components(ops, placed: dict[str, Partition]) -> list[list]:
     """The co-running sets: connected components of "predicted side by side" among the launches
     that do not take the whole GPU (in issue order, each component in issue order)."""
-    side = [o for o in ops if not placed[o.id].is_whole]
-    parent = {o.id: o.id for o in side}
-
-    def root(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    by_start = sorted(side, key=lambda o: o.start_ms)
-    for i, a in enumerate(by_start):
-        for b in by_start[i + 1:]:
-            if b.start_ms >= a.end_ms - TOLERANCE_MS:
-                break
-            if _corun(a, b):
-                parent[root(a.id)] = root(b.id)
-    comps: dict[str, list] = {}
-    for o in side:
-        comps.setdefault(root(o.id), []).append(o)
-    return list(comps.values())
+    return layout_components([o for o in ops if not placed[o.id].is_whole], TOLERANCE_MS)
 
 
 def assign_layouts(ops, placed: dict[str, Partition], n: int, g: int, notes: list[str]
