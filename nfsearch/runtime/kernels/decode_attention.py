@@ -26,6 +26,33 @@ LOG2E = 1.4426950408889634
 if HAVE_TRITON:
 
     @triton.jit
+    def softmax_step(sc, vt, m_i, l_i, acc):
+        """One online-softmax step: scores `sc` [GP, BN] (log2 units, masked by the caller) of a
+        block whose values are `vt` [BN, D]; returns the running (max, sum, accumulator)."""
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        p = tl.exp2(sc - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def store_item(acc, l_i, m_i, out_ptr, opart_ptr, lse_ptr, r, qh, s, s_or, s_oh, HKV, NSPLIT, offs_d, gmask,
+                   G: tl.constexpr, D: tl.constexpr, DIRECT: tl.constexpr):
+        """A work item's result: the normalized output (one split), else fp32 partials + log-sum-exp
+        in the partial layout [R, Hq, NSPLIT, D] for _decode_reduce_kernel."""
+        has = l_i > 0
+        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        if DIRECT:
+            tl.store(out_ptr + r * s_or + qh[:, None] * s_oh + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
+                     mask=gmask[:, None])
+        else:
+            row = (r * HKV * G + qh) * NSPLIT + s
+            tl.store(opart_ptr + row[:, None] * D + offs_d[None, :], o, mask=gmask[:, None])
+            lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+            tl.store(lse_ptr + row, lse, mask=gmask)
+
+    @triton.jit
     def _decode_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, out_ptr, opart_ptr, lse_ptr,
                        s_qr, s_qh, s_kr, s_kt, s_kh, s_vr, s_vt, s_vh, s_or, s_oh,
                        R, HKV, NSPLIT, SPLIT_LEN, qk_scale, NP,
@@ -59,22 +86,9 @@ if HAVE_TRITON:
                 vt = tl.load(vb + tok[:, None] * s_vt + offs_d[None, :], mask=tmask[:, None], other=0.0)
                 sc = tl.dot(qt, tl.trans(kt)) * qk_scale
                 sc = tl.where(tmask[None, :], sc, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(sc, 1))
-                p = tl.exp2(sc - m_new[:, None])
-                alpha = tl.exp2(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-                m_i = m_new
-            has = l_i > 0
-            o = acc / tl.where(has, l_i, 1.0)[:, None]
-            if DIRECT:
-                tl.store(out_ptr + r * s_or + qh[:, None] * s_oh + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
-                         mask=gmask[:, None])
-            else:
-                row = (r * HKV * G + qh) * NSPLIT + s  # partial layout [R, Hq, NSPLIT, D]
-                tl.store(opart_ptr + row[:, None] * D + offs_d[None, :], o, mask=gmask[:, None])
-                lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-                tl.store(lse_ptr + row, lse, mask=gmask)
+                m_i, l_i, acc = softmax_step(sc, vt, m_i, l_i, acc)
+            store_item(acc, l_i, m_i, out_ptr, opart_ptr, lse_ptr, r, qh, s, s_or, s_oh, HKV, NSPLIT, offs_d,
+                       gmask, G, D, DIRECT)
 
     @triton.jit
     def _decode_reduce_kernel(opart_ptr, lse_ptr, out_ptr, s_or, s_oh, HQ, n_rows, NSPLIT, NP,

@@ -38,6 +38,7 @@ PROGRAMS_PER_SM = 3  # H100 run 1: (64, 4 warps, 3 stages, 3/SM) best at 48 SMs,
 LOG2E = 1.4426950408889634
 
 if HAVE_TRITON:
+    from .decode_attention import softmax_step, store_item
 
     @triton.jit
     def _decode_tma_kernel(q_ptr, k_desc, v_desc, k_ptr, v_ptr, lens_ptr, out_ptr, opart_ptr, lse_ptr,
@@ -71,12 +72,7 @@ if HAVE_TRITON:
                 kt = k_desc.load([row0 + j * BN, col])
                 vt = v_desc.load([row0 + j * BN, col])
                 sc = tl.dot(qt, tl.trans(kt)) * qk_scale
-                m_new = tl.maximum(m_i, tl.max(sc, 1))
-                p = tl.exp2(sc - m_new[:, None])
-                alpha = tl.exp2(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-                m_i = m_new
+                m_i, l_i, acc = softmax_step(sc, vt, m_i, l_i, acc)
             t0 = start + nfull * BN
             if t0 < end:  # partial last block: masked pointer loads, nothing past the context is read
                 tok = t0 + offs_n
@@ -86,22 +82,9 @@ if HAVE_TRITON:
                 vt = tl.load(v_ptr + base, mask=tmask[:, None], other=0.0)
                 sc = tl.dot(qt, tl.trans(kt)) * qk_scale
                 sc = tl.where(tmask[None, :], sc, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(sc, 1))
-                p = tl.exp2(sc - m_new[:, None])
-                alpha = tl.exp2(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-                m_i = m_new
-            has = l_i > 0
-            o = acc / tl.where(has, l_i, 1.0)[:, None]
-            if DIRECT:
-                tl.store(out_ptr + r * s_or + qh[:, None] * s_oh + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
-                         mask=gmask[:, None])
-            else:
-                rowp = (r * HKV * G + qh) * NSPLIT + s  # partial layout [R, Hq, NSPLIT, D]
-                tl.store(opart_ptr + rowp[:, None] * D + offs_d[None, :], o, mask=gmask[:, None])
-                lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-                tl.store(lse_ptr + rowp, lse, mask=gmask)
+                m_i, l_i, acc = softmax_step(sc, vt, m_i, l_i, acc)
+            store_item(acc, l_i, m_i, out_ptr, opart_ptr, lse_ptr, r, qh, s, s_or, s_oh, HKV, NSPLIT, offs_d,
+                       gmask, G, D, DIRECT)
 
 
 def tma_ok(q, k_cache, v_cache, out) -> bool:
