@@ -53,9 +53,8 @@ def layer_ops(model: ModelSpec, workload: Workload) -> list[Op]:
     this is where the pair is checked (TP divides the heads, contexts fit a sliding window)."""
     check_fits(model, workload)
     tp = workload.tp_degree
-    tp_shard(model, tp)          # the FFN split too: check_fits covers the heads only
-    q, kv, hidden = _shard(model.q_size, tp), _shard(model.kv_size, tp), model.hidden_size
-    inter = _shard(model.intermediate_size, tp)
+    shard = tp_shard(model, tp)          # checks the FFN split too: check_fits covers the heads only
+    q, kv, hidden, inter = shard.q_size, shard.kv_size, model.hidden_size, shard.intermediate_size
     ops = [Op("norm1", "other", "all"),
            Op("kqv", "compute", "all", hidden, q + 2 * kv),
            Op("rope_append", "other", "all")]
