@@ -303,7 +303,10 @@ class Schedule:
         return batches
 
     def with_times(self, times: dict[str, tuple[float, float]], predicted: Predicted) -> "Schedule":
-        ops = tuple(replace(op, start_ms=times[op.id][0], end_ms=times[op.id][1]) for op in self.nano_ops)
+        """The plan with these times, its issue order renumbered to follow them (start time, then the
+        old order): the executor issues by start time, so `order` says what it will do."""
+        timed = sorted(self.nano_ops, key=lambda op: (times[op.id][0], op.order))
+        ops = tuple(replace(op, order=i, start_ms=times[op.id][0], end_ms=times[op.id][1]) for i, op in enumerate(timed))
         return replace(self, nano_ops=ops, predicted=predicted)
 
     def to_dict(self) -> dict:
