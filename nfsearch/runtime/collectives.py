@@ -11,6 +11,10 @@ SM shares: a plan gives a network nano-op an SM count. On a green-context stream
 it; on a plain stream NCCL's CTA limit is the bound the device can build (DESIGN.md), so `Collectives`
 keeps one communicator per CTA limit asked (NCCL_MIN_CTAS = NCCL_MAX_CTAS = n through the
 communicator config) and falls back to the default communicator, with a note, where torch cannot set it.
+
+Impl "ce" (runtime.ce_collectives): the same in-place all-reduce of rows [a, b) with the data moved by
+the copy engines (no SMs) and the sum done by one kernel pass that can also apply the next RMSNorm;
+`prepare_ce` sets it up (symmetric memory, collective) before capture, `all_reduce_rows_ce` runs it.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ class Collectives:
         self.is_limiting_ctas = limit_ctas and self.backend == "nccl"
         self._by_ctas: dict[int, object] = {0: self.group}
         self.notes: list[str] = []
+        self._ce: dict = {}                  # op -> CeAllReduce (impl "ce", made by prepare_ce)
+        self._ce_slots: dict[str, dict[tuple[int, int], int]] = {}
 
     def prepare(self, cta_limits) -> None:
         """Make the communicators for these CTA limits before any capture. Every rank must call it with
@@ -75,6 +81,34 @@ class Collectives:
     def all_reduce_rows(self, buf: torch.Tensor, a: int, b: int, group=None) -> None:
         """Sum rows [a, b) of `buf` over the group, in place, on the current stream."""
         dist.all_reduce(buf[a:b], group=group or self.group)
+
+    # ------------------------------------------------------------------ impl "ce": copy engines
+    def prepare_ce(self, op_rows: dict, num_rows: int, hidden_size: int, dtype, device, sync: str = "memop") -> None:
+        """Set up the copy-engine all-reduce (runtime.ce_collectives) for the network nano-ops whose impl
+        is "ce": `op_rows` maps an op name (allreduce_o, allreduce_d) to the row ranges [(a, b), ...] of
+        its nano-ops. One CeAllReduce per op (its own receive buffer of `num_rows` rows) and one slot per
+        row range: nano-ops of one op on different rows may be in flight at once, the same rows of one
+        op in two layers are ordered by the layer's data dependences. Collective and eager: every rank
+        calls it with the same arguments before any capture."""
+        from nfsearch.runtime.ce_collectives import CeAllReduce
+        for op in sorted(op_rows):
+            ranges = sorted(set((int(a), int(b)) for a, b in op_rows[op]))
+            if op in self._ce or not ranges:
+                continue
+            self._ce[op] = CeAllReduce(self.group, num_rows, hidden_size, dtype, device, num_slots=len(ranges),
+                                       sync=sync)
+            self._ce_slots[op] = {r: i for i, r in enumerate(ranges)}
+            self.notes += self._ce[op].notes
+
+    def all_reduce_rows_ce(self, op: str, buf: torch.Tensor, a: int, b: int, norm_out=None, weight=None,
+                           eps: float = 1e-5, num_sms: int | None = None) -> None:
+        """Rows [a, b) of `buf` summed over the group in place by copy engines (prepare_ce first); with
+        norm_out and weight, the following RMSNorm in the same pass (norm_out = rmsnorm(sum) * weight)."""
+        try:
+            ce, slot = self._ce[op], self._ce_slots[op][(a, b)]
+        except KeyError:
+            raise RuntimeError(f"{op} rows [{a}, {b}) were not given to prepare_ce before the run") from None
+        ce.all_reduce_norm(buf[a:b], a, b, norm_out=norm_out, weight=weight, eps=eps, slot=slot, num_sms=num_sms)
 
 
 def bus_bandwidth_gbps(coll: Collectives, num_tokens: int, hidden_size: int, dtype, device, iters: int = 20,
