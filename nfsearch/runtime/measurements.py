@@ -429,10 +429,57 @@ def pair_families(model: ModelSpec, layer: dict[str, Op], chosen: dict[str, Op],
     return out
 
 
+# ------------------------------------------------------------------------------------ collectives
+# A tensor-parallel profile's network part (runtime/tp_profile.py: one process per GPU, every rank
+# measuring at once): the all-reduces alone at the grid's tokens and SM counts, and beside each GEMM
+# of the layer on the pair table's splits. Its rows and pair points have the single-GPU formats.
+NETWORK_IMPL = "nccl"          # torch.distributed's NCCL all-reduce, as runtime.collectives runs it
+ESTIMATE_BUS_GBPS = 150.0      # for estimates only: an NVLink all-reduce's bus bandwidth (GPU_FACTS.md)
+ESTIMATE_NET_LATENCY_MS = 0.03
+
+
+def network_plan(model: ModelSpec, workload: Workload, num_sms: int, granularity: int, is_quick: bool = False,
+                 impls: dict[str, tuple[str, ...]] | None = None, settings: Settings | None = None,
+                 with_pairs: bool = True, sm_counts: tuple[int, ...] | None = None,
+                 pair_minority_sms: tuple[int, ...] | None = None) -> Plan:
+    """The network part of a TP profile: solo points of each collective (impl NETWORK_IMPL) at the
+    grid's tokens and SM counts, and pair points of each GEMM x each collective (GEMM side A, at
+    the pair table's GEMM sizes and splits). Same grid as `make_plan` gives the shard's other ops;
+    impls: the GEMMs' (the pair sides run their fastest); the collectives get NETWORK_IMPL."""
+    if workload.tp_degree < 2:
+        raise NfsearchError("profile: collectives are measured only under tensor parallelism (--tp 2 or more)")
+    impls = dict(impls if impls is not None else DEFAULT_IMPLS)
+    cover = Workload("cover", 1, 1024, (256,), workload.tp_degree, workload.dtype)
+    layer = layer_ops(model, cover)
+    nets = [op.name for op in layer if op.op_class == "network"]
+    gemms = [op.name for op in layer if op.is_gemm and op.op_class == "compute" and op.name in impls]
+    impls.update({name: (NETWORK_IMPL,) for name in nets})
+    plan = make_plan(model, workload, num_sms, granularity, is_quick, tuple(gemms + nets), impls, settings,
+                     sm_counts, with_pairs, pair_minority_sms)
+    is_net = lambda op: op in nets
+    plan.points = [p for p in plan.points if (p.kind == "solo" and is_net(p.op))
+                   or (p.kind == "pair" and (is_net(p.op) or is_net(p.partner_op)))]
+    plan.grid = {**plan.grid, "ops": nets, "network_ops": nets, "pair_gemms": gemms if with_pairs else [],
+                 "network_impl": NETWORK_IMPL}
+    return plan
+
+
+def combine_ranks(per_rank: list[dict[tuple, Measurement]]) -> dict[tuple, Measurement]:
+    """One measurement per point from every rank's: the slowest rank's (largest time_ms), since a
+    tensor-parallel layer waits for its slowest GPU; a point some rank lacks is left out."""
+    if not per_rank:
+        return {}
+    keys = set(per_rank[0]).intersection(*per_rank[1:])
+    return {k: max((r[k] for r in per_rank), key=lambda m: m.time_ms) for k in sorted(keys)}
+
+
 # ------------------------------------------------------------------------------------ estimates
 def estimate_ms(plan: Plan, op: str, impl: str, num_tokens: int, context: int, sm_count: int) -> float:
     """A rough roofline time of one call (for the ETA and for sizing co-run windows)."""
     work = op_work(plan.ops[op], plan.model, plan.workload(), num_tokens, context)
+    if plan.ops[op].op_class == "network":
+        return work.net_bytes / (ESTIMATE_BUS_GBPS * 1e6 * min(1.0, interp(BW_FRACTION, sm_count) * 1.5)) + \
+            ESTIMATE_NET_LATENCY_MS
     flops_per_ms = 650e9 * sm_count / plan.num_sms
     bytes_per_ms = 2.9e9 * interp(BW_FRACTION, sm_count)
     t = max(work.flops / flops_per_ms, work.num_bytes / bytes_per_ms) + 0.006

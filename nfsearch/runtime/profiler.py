@@ -40,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from nfsearch.runtime import measurements as profiling
@@ -61,6 +62,32 @@ def measure_profile(model, workload, gpu_id: int = 0, is_quick: bool = False, ou
     second run resumes it). ops / sm_counts / pair_minority_sms restrict the grid (tests);
     with_pairs: measure the pair table. progress(done, total, eta_s, what) is called as points finish.
     """
+    log = log or _stderr
+    run = measure_single_gpu(model, workload, gpu_id, is_quick, output, progress, ops, sm_counts, settings, log,
+                             with_pairs, pair_minority_sms)
+    if output:
+        out = Path(output)
+        (out.parent / (out.stem + ".summary.json")).write_text(json.dumps(run.summary, indent=1, default=str))
+        run.table.write(out)
+        if run.checkpoint and not run.is_stopped:
+            run.checkpoint.remove()          # a finished profile leaves no checkpoint (failed points included)
+    return run.table
+
+
+@dataclass
+class SingleGpuRun:
+    """What one GPU's profile run gave: the table, its summary, and the checkpoint (still on disk)."""
+    table: object                    # ProfileTable
+    summary: dict
+    checkpoint: object | None        # measurements.Checkpoint, or None without an output path
+    is_stopped: bool                 # stopped early on a device that no longer answered
+
+
+def measure_single_gpu(model, workload, gpu_id: int = 0, is_quick: bool = False, output=None, progress=None,
+                       ops=None, sm_counts=None, settings=None, log=None, with_pairs: bool = True,
+                       pair_minority_sms=None) -> SingleGpuRun:
+    """measure_profile's measuring part: the table and summary, nothing written but the checkpoint
+    `<output>.partial.csv` (left for the caller to remove once its own output is written)."""
     import torch
 
     from nfsearch.runtime.kernels import IMPLS
@@ -100,13 +127,7 @@ def measure_profile(model, workload, gpu_id: int = 0, is_quick: bool = False, ou
     if failures:
         summary["failure_examples"] = [f"{k}: {v}" for k, v in list(failures.items())[:10]]
     _print_summary(summary, log)
-    if output:
-        out = Path(output)
-        (out.parent / (out.stem + ".summary.json")).write_text(json.dumps(summary, indent=1, default=str))
-        table.write(out)
-        if checkpoint and not run.stopped:
-            checkpoint.remove()          # a finished profile leaves no checkpoint (failed points included)
-    return table
+    return SingleGpuRun(table, summary, checkpoint, bool(run.stopped))
 
 
 def device_meta(torch, parts, gpu_id: int) -> dict:
@@ -336,6 +357,16 @@ class _Measurer:
         self._nvml_ok: bool | None = None
         self.nvml_note = "not read"
 
+    # Hooks for measurements that span processes (runtime/tp_profile.py: collectives on every rank at
+    # once). Here, one GPU: identity and nothing. `key` is the solo call's (op, impl), None for a pair.
+    def _agree_max(self, value: float, key: tuple | None) -> float:
+        """The largest `value` over every process that measures with this one (so that all take the
+        same retry decisions and leads, and issue the same number of calls)."""
+        return value
+
+    def _align(self, key: tuple | None) -> None:
+        """Right before a timed section: wait until every process is there."""
+
     def is_healthy(self) -> bool:
         """Whether the device still runs work and returns results (after a run of failures)."""
         t = self.t
@@ -425,10 +456,11 @@ class _Measurer:
                 host.append(time.perf_counter() - h)
         per_call = min(host[1:] or host or [1e-4])
         per_call = min(per_call, self.host_s.get(host_key, per_call))
-        lead = min(MAX_LEAD_MS, 1.3 * reps * per_call * 1e3 + 0.05)
+        lead = self._agree_max(min(MAX_LEAD_MS, 1.3 * reps * per_call * 1e3 + 0.05), host_key)
         for _attempt in range(3):
             ev = self._events(reps + 2)
             hk = []
+            self._align(host_key)
             with t.cuda.stream(stream):
                 h0 = time.perf_counter()
                 ev[0].record()
@@ -448,6 +480,7 @@ class _Measurer:
                 host_ms = (hk[r] - h0) * 1e3
                 short = max(short, host_ms - cum)
                 cum += times[r]
+            short = self._agree_max(short, host_key)
             if short <= 0:
                 return times
             self.gap_retries += 1
@@ -617,11 +650,12 @@ class _Measurer:
             host.append(time.perf_counter() - h)
         t.cuda.synchronize()
         per_launch = min(host[1:] or host or [1e-4])
-        lead = min(MAX_CORUN_LEAD_MS, 1.5 * reps * per_launch * 1e3 + 0.2)
+        lead = self._agree_max(min(MAX_CORUN_LEAD_MS, 1.5 * reps * per_launch * 1e3 + 0.2), None)
         for _attempt in range(4):
             ev_pre, c0, c1 = self._events(3)
             starts, ends_a, ends_b = self._events(reps), self._events(reps), self._events(reps)
             hk = []
+            self._align(None)
             with t.cuda.stream(s_a):
                 h0 = time.perf_counter()
                 ev_pre.record()
@@ -638,7 +672,8 @@ class _Measurer:
             co_a = [starts[r].elapsed_time(ends_a[r]) for r in range(reps)]
             co_b = [starts[r].elapsed_time(ends_b[r]) for r in range(reps)]
             # each launch was enqueued before the GPU reached its start (host clock from h0, GPU from ev_pre)
-            short = max((hk[r] - h0) * 1e3 - ev_pre.elapsed_time(starts[r]) for r in range(reps))
+            short = self._agree_max(max((hk[r] - h0) * 1e3 - ev_pre.elapsed_time(starts[r]) for r in range(reps)),
+                                    None)
             if short <= 0:
                 spin_ms = c0.elapsed_time(c1)
                 clock = round(CLOCK_CYCLES / spin_ms / 1e3, 1) if spin_ms > 0 else None

@@ -1,0 +1,518 @@
+"""A measured profile of one tensor-parallel shard: `nfsearch profile --tp N` on the first N GPUs.
+
+    measure_tp_profile(model, workload, num_gpus, ...) -> ProfileTable
+
+Two parts, one table:
+
+1. The shard's own ops (norms, GEMMs of the shard shapes, attention over this GPU's heads, ...) on
+   GPU 0 with the single-GPU profiler (profiler.measure_single_gpu: the same grid, co-run rows and
+   pair table as `nfsearch profile`, on the per-GPU shapes of measurements.Plan.tp_degree).
+2. The collectives, which need every rank at once: N processes (runtime.tp.spawn_ranks, one per GPU,
+   NCCL through torch.distributed, NVLink multicast off), each walking the same plan
+   (measurements.network_plan) in lockstep:
+   * solo rows of each network op (allreduce_o, allreduce_d: an all-reduce of [tokens, hidden] in
+     bf16, impl "nccl") at the grid's token counts and SM counts: the all-reduce issued on the
+     green-context stream of S SMs (torch >= 2.7 launches a synchronous collective on the current
+     stream), through the communicator `Collectives.group_for(S)` picks, i.e. with NCCL's CTA limit
+     = S where S <= tp.MAX_CTA_LIMIT (prepared as `nfsearch run` prepares them) and NCCL's default
+     above: exactly how a plan's network nano-op of S SMs runs;
+   * pair points of each GEMM of the layer (kqv, o, ug, d at the pair table's GEMM sizes) x each
+     collective (same token count) on the pair table's two-way splits, GEMM on one green group and
+     all-reduce on the other, launched together on every rank, each timed with CUDA events on its
+     own stream (median of `pair_repeats` launches), with each side alone on its partition and on
+     the whole GPU (so pairs.py reports whether the split beats the two back to back).
+   The timing code is the single-GPU profiler's (profiler._Measurer), with two hooks that span the
+   ranks: every lead and every "enqueued in time?" verdict is the largest over the ranks (so every
+   rank retries together and issues the same collectives), and the ranks meet at a barrier right
+   before each timed section. A point fails on every rank if it fails on one. Per point, the slowest
+   rank's measurement is kept (a TP layer waits for its slowest GPU).
+
+The merged table: the shard's rows + the collectives' solo rows; one pair table (the shard's pairs
+and the collective x GEMM pairs, the same columns); metadata of the shard's profile plus
+"network" (every GPU's name, NCCL version, tp_degree, CTA limits, method, failures) and
+"net_bandwidth_gbps": the highest bus bandwidth among the full-GPU all-reduce rows, which
+profile.gpu_from_profile reads as B_net for the roofline's network term. Rank 0 hands the results
+to the parent process; the parent writes the table (and <stem>.summary.json) only once both parts
+are done, so a failure leaves no output (the shard part's checkpoint stays for a rerun).
+
+On CPU (gloo; the CI test of the rank loop) the same plan runs with real gloo all-reduces and torch
+matmuls timed by the host clock: the plumbing runs, the timings mean nothing (source "fake").
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from nfsearch import pairs as pair_table
+from nfsearch.errors import NfsearchError
+from nfsearch.graph import op_work
+from nfsearch.profile import ProfileTable
+from nfsearch.runtime import measurements as profiling
+from nfsearch.runtime.measurements import NETWORK_IMPL, Measurement, PairDetail, Plan, Point, Settings
+
+NET_SOLO_METHOD = (
+    "collectives: one process per GPU (torch.multiprocessing, NCCL through torch.distributed, "
+    "NCCL_NVLS_ENABLE=0); every rank all-reduces a [tokens, hidden] bf16 slice at once, issued on the "
+    "green-context stream of S SMs (the whole GPU: a plain stream) through the communicator the executor "
+    "uses for S SMs (NCCL CTA limit = S where S <= {max_ctas}, NCCL's default above); timed like a solo row "
+    "(CUDA events between back-to-back calls after a lead; lead and retries agreed over the ranks, a "
+    "barrier before each timed section); per point the slowest rank's median")
+NET_PAIR_METHOD = (
+    "collective x GEMM pairs: the same split and launch method on every rank at once, the GEMM on one "
+    "green group and the all-reduce (impl nccl, as above) on the other; per point the slowest rank's "
+    "makespan with its detail")
+
+
+@dataclass(frozen=True)
+class NetworkRequest:
+    """What every rank measures (picklable: it travels to the spawned processes)."""
+    model: object                    # ModelSpec
+    workload: object                 # Workload (tp_degree = the number of ranks)
+    is_quick: bool = False
+    with_pairs: bool = True
+    settings: Settings | None = None
+    sm_counts: tuple[int, ...] | None = None
+    pair_minority_sms: tuple[int, ...] | None = None
+    progress: object = None          # a picklable progress(done, total, eta_s, what), rank 0 only
+    cpu_num_sms: int = 132           # CPU ranks (gloo test): the SM grid the plan pretends to
+    cpu_granularity: int = 8
+
+    def __post_init__(self):
+        if self.workload.tp_degree < 2:
+            raise ValueError(f"a network profile needs TP >= 2, not {self.workload.tp_degree}")
+
+
+@dataclass
+class NetworkRun:
+    """Rank 0's result of the collectives' measurements, handed to the parent process."""
+    plan: Plan
+    results: dict[tuple, Measurement]
+    failures: dict[tuple, str]
+    stopped: str
+    gpus: list[str]
+    backend: str
+    nccl: str | None
+    cta_limits: list[int]
+    notes: list[str] = field(default_factory=list)
+    measure_s: float = 0.0
+    rank_spread: float = 0.0         # largest (slowest rank / fastest rank - 1) of a point's time
+
+
+# ---------------------------------------------------------------------------------------------- the profile
+def count_gpus() -> int:
+    """CUDA GPUs torch sees here (0 without torch or CUDA)."""
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_gpus(num_gpus: int, num_visible: int) -> None:
+    """One line when the host has fewer CUDA GPUs than the TP degree asks for."""
+    if num_visible < num_gpus:
+        raise NfsearchError(f"nfsearch profile --tp {num_gpus} needs {num_gpus} GPUs; this host has {num_visible}")
+
+
+def measure_tp_profile(model, workload, num_gpus: int, is_quick: bool = False, output=None, progress=None,
+                       with_pairs: bool = True, log=None, settings: Settings | None = None,
+                       pair_minority_sms: tuple[int, ...] | None = None) -> ProfileTable:
+    """The measured profile of `model`'s TP shard (workload.tp_degree = num_gpus) on GPUs 0..num_gpus-1.
+
+    output: the table's path (its summary goes to <stem>.summary.json beside it; both written only
+    when everything was measured); progress(done, total, eta_s, what) as points finish."""
+    import torch
+
+    from nfsearch.runtime.profiler import measure_single_gpu
+    log = log or _stderr
+    if workload.tp_degree != num_gpus or num_gpus < 2:
+        raise NfsearchError(f"profile: a TP profile on {num_gpus} GPUs needs a TP={num_gpus} workload "
+                            f"(this one is TP={workload.tp_degree})")
+    check_gpus(num_gpus, torch.cuda.device_count())
+    t0 = time.time()
+    log(f"TP={num_gpus} profile, part 1 of 2: the shard's ops on GPU 0")
+    shard = measure_single_gpu(model, workload, 0, is_quick, output, progress, settings=settings, log=log,
+                               with_pairs=with_pairs, pair_minority_sms=pair_minority_sms)
+    torch.cuda.empty_cache()         # the ranks below need GPU 0 too
+    log(f"TP={num_gpus} profile, part 2 of 2: the collectives on {num_gpus} GPUs at once")
+    request = NetworkRequest(model, workload, is_quick, with_pairs, settings, None, pair_minority_sms,
+                             progress if _is_picklable(progress) else None)
+    net = measure_network(request, "nccl")
+    table = merge_tables(shard.table, network_table(net, "measured"), net, model, workload)
+    summary = dict(shard.summary)
+    summary["network"] = network_summary(table, net)
+    summary["wall_s"] = round(time.time() - t0, 1)
+    _print_network(summary["network"], table, log)
+    if output:
+        out = Path(output)
+        (out.parent / (out.stem + ".summary.json")).write_text(json.dumps(summary, indent=1, default=str))
+        table.write(out)
+        if shard.checkpoint and not shard.is_stopped:
+            shard.checkpoint.remove()
+    return table
+
+
+def measure_network(request: NetworkRequest, backend: str) -> NetworkRun:
+    """Spawn one process per rank (backend nccl: one per GPU; gloo: CPU) and measure the collectives."""
+    from nfsearch.runtime import tp
+    n = request.workload.tp_degree
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "network.pkl"
+        try:
+            tp.spawn_ranks(network_rank_worker, n, backend, (str(out), request))
+        except Exception as exc:  # noqa: BLE001 - a rank's failure becomes one line
+            got = _read_pickle(out)
+            detail = got.get("error") if isinstance(got, dict) else None
+            detail = detail or (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+            raise NfsearchError(f"profile --tp {n}: measuring the collectives failed: {detail}") from None
+        got = _read_pickle(out)
+    if not isinstance(got, NetworkRun):
+        raise NfsearchError(f"profile --tp {n}: rank 0 returned no collective measurements")
+    return got
+
+
+def network_rank_worker(tp, out_path: str, request: NetworkRequest) -> None:
+    """Rank body (tp: runtime.tp.TpRank): every rank measures; rank 0 writes the NetworkRun (or the error)."""
+    try:
+        run = measure_network_rank(tp, request)
+    except Exception as exc:  # rank 0 hands the error to the parent, then fails
+        if tp.is_first:
+            Path(out_path).write_bytes(pickle.dumps({"error": f"{type(exc).__name__}: {exc}"[:500]}))
+        raise
+    if tp.is_first:
+        Path(out_path).write_bytes(pickle.dumps(run))
+
+
+def measure_network_rank(tp, request: NetworkRequest) -> NetworkRun | None:
+    """This rank's walk of the network plan, in lockstep with the others; rank 0 gets the combined run."""
+    import torch
+    import torch.distributed as dist
+
+    from nfsearch.runtime import tp as tp_mod
+    t0 = time.time()
+    host = dist.new_group(backend="gloo")          # host-side agreement, beside the NCCL communicators
+    is_cuda = tp.device.type == "cuda"
+    say = _stderr if tp.is_first else (lambda msg: None)
+    parts = None
+    if is_cuda:
+        from nfsearch.runtime.kernels import IMPLS
+        from nfsearch.runtime.partitions import SmPartitions
+        torch.manual_seed(0)
+        parts = SmPartitions(tp.device.index, mode="green")
+        num_sms, granularity = parts.num_sms, parts.granularity
+        impls = {op: tuple(IMPLS[op]) for op in IMPLS}
+    else:
+        num_sms, granularity = request.cpu_num_sms, request.cpu_granularity
+        impls = {op: ("torch",) for op in ("kqv", "o", "ug", "d")}
+    try:
+        plan = profiling.network_plan(request.model, request.workload, num_sms, granularity, request.is_quick,
+                                      impls, request.settings, request.with_pairs, request.sm_counts,
+                                      request.pair_minority_sms)
+        ids = [None] * tp.world_size
+        dist.all_gather_object(ids, (plan.identity({}), num_sms, granularity), group=host)
+        if len(set(ids)) != 1:
+            raise RuntimeError(f"the ranks planned different measurements (SM counts {[i[1] for i in ids]})")
+        limits = cta_limits(plan, tp_mod.MAX_CTA_LIMIT)
+        tp.coll.prepare(limits)                    # as execute_rank does: collective, before any timing
+        if is_cuda:
+            from nfsearch.runtime.profiler import _Measurer
+            plan.rotate_bytes = 3.0 * float(getattr(torch.cuda.get_device_properties(tp.device), "L2_cache_size",
+                                                    50 << 20))
+            measurer = _tp_measurer_class(_Measurer)(torch, parts, plan, IMPLS, say, tp, host)
+        else:
+            measurer = _HostMeasurer(plan, tp, host)
+        say(f"collectives on {tp.world_size} ranks ({tp.coll.backend}): {len(plan.points)} points "
+            f"({len(plan.pair_points())} pair points), ~{plan.estimate_s():.0f} s expected; CTA limits "
+            f"{limits or 'none'}")
+        progress = request.progress if tp.is_first else None
+        run = profiling.run_plan(plan, None, agreed(measurer, host, tp.world_size), progress, say,
+                                 is_healthy=lambda: agree_all(_answers(measurer), host))
+    finally:
+        if parts is not None:
+            parts.close()
+    gpu = torch.cuda.get_device_name(tp.device) if is_cuda else "cpu"
+    mine = {"results": run.results, "failures": run.failures, "stopped": run.stopped, "gpu": gpu}
+    every = [None] * tp.world_size
+    dist.all_gather_object(every, mine, group=host)
+    if not tp.is_first:
+        return None
+    per_rank = [e["results"] for e in every]
+    results = profiling.combine_ranks(per_rank)
+    failures: dict[tuple, str] = {}
+    for e in every:
+        failures.update(e["failures"])
+    for k in {k for r in per_rank for k in r} - set(results):
+        failures.setdefault(k, "not measured on every rank")
+    spread = max((max(r[k].time_ms for r in per_rank) / min(r[k].time_ms for r in per_rank) - 1.0
+                  for k in results), default=0.0)
+    return NetworkRun(plan, results, failures, next((e["stopped"] for e in every if e["stopped"]), ""),
+                      [e["gpu"] for e in every], tp.coll.backend, tp_mod._nccl_version() if is_cuda else None,
+                      limits, list(tp.coll.notes), round(time.time() - t0, 1), round(spread, 4))
+
+
+def cta_limits(plan: Plan, max_ctas: int) -> list[int]:
+    """The CTA-limited communicators the plan's collectives need: every SM count a collective runs on
+    below the whole GPU, up to max_ctas (what `nfsearch run` prepares for a plan's network nano-ops)."""
+    nets = set(plan.grid["network_ops"])
+    sms = {p.sm_count for p in plan.points if p.op in nets}
+    sms |= {p.partner_sms for p in plan.points if p.kind == "pair" and p.partner_op in nets}
+    return sorted(s for s in sms if s < plan.num_sms and s <= max_ctas)
+
+
+# ---------------------------------------------------------------------------------------------- agreement
+def agreed(measure, host, world_size: int):
+    """measure(point) that fails on every rank when it fails on any (their collectives stay matched)."""
+    import torch.distributed as dist
+
+    def run(point: Point) -> Measurement:
+        m, err = None, None
+        try:
+            m = measure(point)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - told to every rank below
+            err = f"{type(exc).__name__}: {exc}"[:300]
+        errors = [None] * world_size
+        dist.all_gather_object(errors, err, group=host)
+        bad = [(r, e) for r, e in enumerate(errors) if e]
+        if bad:
+            raise RuntimeError(f"rank {bad[0][0]}: {bad[0][1]}")
+        return m
+
+    return run
+
+
+def agree_max(value: float, host) -> float:
+    import torch
+    import torch.distributed as dist
+    x = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX, group=host)
+    return float(x.item())
+
+
+def agree_all(ok: bool, host) -> bool:
+    return agree_max(0.0 if ok else 1.0, host) == 0.0
+
+
+def _answers(measurer) -> bool:
+    try:
+        return bool(measurer.is_healthy())
+    except Exception:  # noqa: BLE001 - a device that raises does not answer
+        return False
+
+
+def _tp_measurer_class(base):
+    """The single-GPU profiler's _Measurer with collective inputs and the cross-rank hooks."""
+
+    class TpMeasurer(base):
+        def __init__(self, torch, parts, plan, impls, log, tp, host):
+            super().__init__(torch, parts, plan, impls, log, device=str(tp.device))
+            self.tp, self.host = tp, host
+            self.net_ops = set(plan.grid["network_ops"])
+
+        def _inputs(self, op: str):
+            if op in self.net_ops:
+                if op not in self.inputs:
+                    self.inputs[op] = _CollectiveInputs(self.t, self.plan, op, self.tp, self.parts.num_sms, self.dev)
+                return self.inputs[op]
+            return super()._inputs(op)
+
+        def _is_shared(self, key) -> bool:
+            # pairs (key None) always hold a collective here; solo calls only when of a collective
+            return key is None or key[0] in self.net_ops
+
+        def _agree_max(self, value: float, key) -> float:
+            return agree_max(value, self.host) if self._is_shared(key) else value
+
+        def _align(self, key) -> None:
+            if self._is_shared(key):
+                import torch.distributed as dist
+                self.t.cuda.synchronize()
+                dist.barrier(group=self.host)
+
+    return TpMeasurer
+
+
+class _CollectiveInputs:
+    """The all-reduce of a network op: rotating [tokens, hidden] slices of one zero pool (zeros: sums
+    stay finite however often they are reduced); fn(impl, tokens, context, sms) -> (call(i), sets)."""
+
+    def __init__(self, torch, plan: Plan, op: str, tp, whole_gpu_sms: int, device):
+        self.plan, self.op, self.coll, self.whole_gpu_sms = plan, op, tp.coll, whole_gpu_sms
+        rows = max(profiling.rotation_sets(plan, op, t, c) * t for t, c in plan.sizes(op))
+        dtype = torch.bfloat16 if device != "cpu" else torch.float32
+        self.pool = torch.zeros(rows, plan.model.hidden_size, device=device, dtype=dtype)
+
+    def fn(self, impl: str, tok: int, ctx: int, sms: int):
+        if impl != NETWORK_IMPL:
+            raise ValueError(f"no collective impl {impl!r} (only {NETWORK_IMPL})")
+        ns = profiling.rotation_sets(self.plan, self.op, tok, ctx)
+        group = self.coll.group_for(sms, self.whole_gpu_sms)
+        bufs = [self.pool[i * tok:(i + 1) * tok] for i in range(ns)]
+        return (lambda i: self.coll.all_reduce_rows(bufs[i % ns], 0, tok, group)), ns
+
+
+class _HostMeasurer:
+    """CPU ranks (gloo): each point's calls run for real (gloo all-reduces, torch matmuls), timed by the
+    host clock after a barrier. The numbers mean nothing; the rank loop, agreement and hand-over run."""
+
+    def __init__(self, plan: Plan, tp, host):
+        import torch
+        self.t, self.plan, self.tp, self.host = torch, plan, tp, host
+        self.repeats = plan.settings.repeats
+        self.coll_inputs = {op: _CollectiveInputs(torch, plan, op, tp, plan.num_sms, "cpu")
+                            for op in plan.grid["network_ops"]}
+        self.gemms = {}
+
+    def is_healthy(self) -> bool:
+        return True
+
+    def _gemm(self, op: str, tok: int):
+        if op not in self.gemms:
+            o = self.plan.ops[op]
+            self.gemms[op] = (self.t.randn(max(t for t, _ in self.plan.sizes(op)), o.gemm_k), self.t.randn(o.gemm_k, o.gemm_n))
+        a, w = self.gemms[op]
+        return lambda: a[:tok] @ w
+
+    def _time(self, fn, is_shared: bool) -> float:
+        import torch.distributed as dist
+        fn()
+        if is_shared:
+            dist.barrier(group=self.host)
+        times = []
+        for _ in range(self.repeats):
+            h = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - h) * 1e3)
+        return statistics.median(times)
+
+    def __call__(self, p: Point) -> Measurement:
+        if p.kind == "solo":
+            call, _ = self.coll_inputs[p.op].fn(p.impl, p.num_tokens, p.context, p.sm_count)
+            return Measurement(self._time(lambda: call(0), True))
+        if p.kind != "pair":
+            raise ValueError(f"no {p.kind} points in a network plan")
+        gemm = self._gemm(p.op, p.num_tokens)
+        call, _ = self.coll_inputs[p.partner_op].fn(NETWORK_IMPL, p.partner_tokens, p.partner_context, p.partner_sms)
+        part_a, part_b = self._time(gemm, False), self._time(lambda: call(0), True)
+
+        def both():
+            gemm()
+            call(0)
+        together = self._time(both, True)
+        detail = PairDetail("torch", NETWORK_IMPL, part_a, max(together, part_b), part_a, part_b)
+        return Measurement(max(together, part_a, part_b), part_a, part_b, detail)
+
+
+# ---------------------------------------------------------------------------------------------- the table
+def network_table(net: NetworkRun, source: str) -> ProfileTable:
+    """The collectives' rows and pair table (measurements.assemble_table on the network plan)."""
+    device = {"gpu_name": net.gpus[0], "source": source}
+    return profiling.assemble_table(net.plan, net.results, device, net.failures, net.stopped)
+
+
+def bus_bandwidth_gbps(table: ProfileTable, model, workload) -> float | None:
+    """The highest NCCL bus bandwidth (GB/s: 2 (n - 1) / n x bytes / time) among the table's full-GPU
+    rows of collectives; None without any."""
+    from nfsearch.graph import layer_ops
+    nets = {op.name: op for op in layer_ops(model, workload) if op.op_class == "network"}
+    rows = table.rows[(table.rows["op"].isin(list(nets))) & (table.rows["co_class"] == "")
+                      & (table.rows["sm_count"] == int(table.meta["num_sms"]))]
+    rates = [op_work(nets[r.op], model, workload, int(r.num_tokens), 0).net_bytes / (float(r.time_ms) * 1e6)
+             for r in rows.itertuples()]
+    return max(rates) if rates else None
+
+
+def merge_tables(shard: ProfileTable, network: ProfileTable, net: NetworkRun, model, workload) -> ProfileTable:
+    """One table: the shard's rows and pairs with the collectives' rows and pairs (see the module doc)."""
+    for key in ("num_sms", "sm_granularity"):
+        if int(shard.meta[key]) != int(network.meta[key]):
+            raise NfsearchError(f"profile --tp: GPU 0 has {key} {shard.meta[key]}, the ranks "
+                                f"{network.meta[key]}: not one kind of GPU")
+    net_ops = list(net.plan.grid["network_ops"])
+    net_rows = network.rows[network.rows["op"].isin(net_ops)]
+    if net_rows.empty:
+        raise NfsearchError(f"profile --tp: no collective was measured ({len(net.failures)} failures"
+                            + (f"; first: {next(iter(net.failures.values()))}" if net.failures else "") + ")")
+    clash = set(shard.rows["op"]) & set(net_ops)
+    if clash:
+        raise NfsearchError(f"profile --tp: the shard's table already has rows for {', '.join(sorted(clash))}")
+    rows = pd.concat([shard.rows, net_rows], ignore_index=True)
+    meta = dict(shard.meta)
+    shard_points = pair_table.points_from_meta(shard.meta, "shard profile")
+    net_points = pair_table.points_from_meta(network.meta, "collective measurements")
+    if shard_points or net_points:
+        s_entry, n_entry = shard.meta.get("pairs") or {}, network.meta.get("pairs") or {}
+        method = " ".join(m for m in (s_entry.get("method"), NET_PAIR_METHOD if net_points else None) if m)
+        meta["pairs"] = pair_table.pairs_meta(
+            shard_points + net_points, method, int(s_entry.get("failures", 0)) + int(n_entry.get("failures", 0)),
+            list(s_entry.get("failure_examples", [])) + list(n_entry.get("failure_examples", [])))
+    from nfsearch.runtime import tp as tp_mod
+    bus = bus_bandwidth_gbps(ProfileTable(rows, meta), model, workload)
+    meta["network"] = {
+        "tp_degree": workload.tp_degree, "gpus": net.gpus, "backend": net.backend, "nccl": net.nccl,
+        "impl": NETWORK_IMPL, "ops": net_ops, "cta_limits": net.cta_limits,
+        "method": NET_SOLO_METHOD.format(max_ctas=tp_mod.MAX_CTA_LIMIT) + ". " + NET_PAIR_METHOD,
+        "grid": {k: net.plan.grid[k] for k in ("sm_counts", "tokens", "pair_families", "pair_splits")},
+        "bus_bandwidth_gbps": None if bus is None else round(bus, 2),
+        "bus_bandwidth_source": "highest bus bandwidth among the full-GPU all-reduce rows of this profile",
+        "failures": len(net.failures), "stopped": net.stopped or None, "notes": net.notes,
+        "measure_s": net.measure_s, "rank_spread": net.rank_spread,
+        "rows_from": "collectives: the slowest rank per point; other ops: GPU 0"}
+    meta["gpus"] = net.gpus
+    if bus is not None:
+        meta["net_bandwidth_gbps"] = round(bus, 2)     # B_net of the roofline (profile.gpu_from_profile)
+    if net.failures:
+        meta["failures"] = int(meta.get("failures", 0)) + len(net.failures)
+    return ProfileTable(rows, meta)
+
+
+def network_summary(table: ProfileTable, net: NetworkRun) -> dict:
+    """The collectives' key numbers: solo times by tokens and SM count, bus bandwidth, the pair report."""
+    nets = net.plan.grid["network_ops"]
+    solo = table.rows[table.rows["op"].isin(nets) & (table.rows["co_class"] == "")]
+    by_op = {op: {f"{int(r.num_tokens)}@{int(r.sm_count)}": round(float(r.time_ms), 5)
+                  for r in solo[solo["op"] == op].itertuples()} for op in nets}
+    points = pair_table.points_from_meta(table.meta)
+    report = pair_table.make_report(points, True, str(table.meta["gpu_name"]))
+    return {**table.meta["network"], "solo_ms": by_op, "pairs": report.to_dict()}
+
+
+def _print_network(s: dict, table: ProfileTable, log) -> None:
+    log(f"\n== collectives on {s['tp_degree']}x {s['gpus'][0]} (NCCL {s['nccl']}): bus bandwidth "
+        f"{s['bus_bandwidth_gbps']} GB/s, {s['failures']} failures, {s['measure_s']} s ==")
+    for op, at in s["solo_ms"].items():
+        log(f"  {op} ms (tokens@SMs): " + ", ".join(f"{k} {v:.4f}" for k, v in at.items()))
+    points = pair_table.points_from_meta(table.meta)
+    if any(pair_table.is_network_family(p.a, p.b) for p in points):
+        log(pair_table.format_report(pair_table.make_report(points, True, str(table.meta["gpu_name"]))))
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _is_picklable(obj) -> bool:
+    try:
+        pickle.dumps(obj)
+        return True
+    except Exception:  # noqa: BLE001 - lambdas, closures: the ranks then report no progress
+        return False
+
+
+def _read_pickle(path: Path):
+    try:
+        return pickle.loads(path.read_bytes())
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError):
+        return None
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
