@@ -205,6 +205,14 @@ def profile(is_analytic, gpu_key, gpu_id, is_quick, with_pairs, output, **spec):
         from nfsearch.roofline import analytic_profile
         from nfsearch.specs import load_gpu
         table = analytic_profile(model, workload, load_gpu(gpu_key))
+    elif workload.tp_degree > 1:             # the shard on GPU 0, the collectives on GPUs 0..N-1
+        from nfsearch.runtime.tp_profile import check_gpus, count_gpus, measure_tp_profile
+        n = workload.tp_degree
+        check_gpus(n, count_gpus())
+        if gpu_id != 0:
+            raise NfsearchError(f"--tp {n} measures on GPUs 0..{n - 1}; --gpu-id does not apply")
+        table = measure_tp_profile(model, workload, n, is_quick=is_quick, output=output,
+                                   progress=_progress_bar, with_pairs=with_pairs)
     else:
         from nfsearch.runtime.device import require_cuda
         require_cuda("nfsearch profile")
