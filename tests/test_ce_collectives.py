@@ -6,13 +6,14 @@ GPU (marked gpu): the Triton kernel against the torch math; on >= 2 GPUs, the co
 against NCCL (symmetric memory, copy engines, stream memory operations)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
-import torch.nn.functional as F  # noqa: E402
+import torch.nn.functional as F
 
-from nfsearch.runtime.kernels.sum_norm import sum_rmsnorm_torch  # noqa: E402
+from nfsearch.runtime.kernels.sum_norm import sum_rmsnorm_torch
 
 
 def _parts(n, rows, hidden, seed=0, dtype=torch.bfloat16, device="cpu"):
@@ -80,9 +81,10 @@ def test_fused_sum_rejects_bad_shapes():
 
 # ---------------------------------------------------------------------------------------------- gloo
 def _gloo_worker(tp, out_path):
+    import torch.distributed as dist
+
     from nfsearch.runtime import ce_collectives as ce_mod
     from nfsearch.runtime.collectives import Collectives
-    import torch.distributed as dist
 
     rows, hidden = 24, 64
     ce = ce_mod.CeAllReduce(None, rows, hidden, torch.bfloat16, tp.device, num_slots=3)
@@ -118,7 +120,7 @@ def test_gloo_ce_all_reduce_matches_dist_all_reduce(tmp_path):
     out = str(tmp_path / "ce.json")
     tp_mod.spawn_ranks(_gloo_worker, 2, "gloo", (out,))
     for rank in range(2):
-        r = json.loads(open(f"{out}.{rank}").read())
+        r = json.loads(Path(f"{out}.{rank}").read_text())
         d = r["direct"]
         assert d["sync"] == "gloo" and d["world_size"] == 2
         assert d["rel_error_sum"] < 5e-3 and d["rel_error_norm"] < 1e-2
@@ -129,6 +131,7 @@ def test_gloo_ce_all_reduce_matches_dist_all_reduce(tmp_path):
 
 def test_ce_refuses_rows_and_slots_it_was_not_made_for(tmp_path):
     import torch.distributed as dist
+
     from nfsearch.runtime.ce_collectives import CeAllReduce
     if not dist.is_gloo_available():
         pytest.skip("gloo not available")
@@ -188,6 +191,6 @@ def test_gpu_ce_all_reduce_matches_nccl(tmp_path):
     from nfsearch.runtime import tp as tp_mod
     out = str(tmp_path / "ce.json")
     tp_mod.spawn_ranks(_nccl_worker, 2, "nccl", (out,))
-    r = json.loads(open(out).read())
+    r = json.loads(Path(out).read_text())
     assert r["rel_error_sum"] < 5e-3 and r["rel_error_norm"] < 1e-2
     assert r["is_same_on_all_ranks"] and r["untouched_rows_kept"]

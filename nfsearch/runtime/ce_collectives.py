@@ -159,7 +159,7 @@ class CeAllReduce:
             from cuda.bindings import driver as cu
         except ImportError:
             try:
-                from cuda import cuda as cu          # cuda-python < 12.6 names the module so
+                from cuda import cuda as cu  # cuda-python < 12.6 names the module so
             except ImportError:
                 return False, "no cuda.bindings"
         self._cu = cu

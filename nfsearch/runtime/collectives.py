@@ -92,7 +92,7 @@ class Collectives:
         calls it with the same arguments before any capture."""
         from nfsearch.runtime.ce_collectives import CeAllReduce
         for op in sorted(op_rows):
-            ranges = sorted(set((int(a), int(b)) for a, b in op_rows[op]))
+            ranges = sorted({(int(a), int(b)) for a, b in op_rows[op]})
             if op in self._ce or not ranges:
                 continue
             self._ce[op] = CeAllReduce(self.group, num_rows, hidden_size, dtype, device, num_slots=len(ranges),
