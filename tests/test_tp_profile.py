@@ -164,6 +164,21 @@ def test_analyze_pairs_tp_reports_the_collective_families(tmp_path):
     assert len(report.families) == 8 and report.is_network
 
 
+def test_report_of_a_gpu_run_reads_what_each_step_wrote(tmp_path):
+    import json
+    table, plan = _merged()
+    run = tpp.NetworkRun(plan, {}, {}, "", ["NVIDIA H100 80GB HBM3"] * 2, "nccl", "2.28.9", [16])
+    table.write(tmp_path / "x.parquet")
+    (tmp_path / "x.summary.json").write_text(json.dumps({"network": tpp.network_summary(table, run), "wall_s": 99}))
+    pair_table.analyze_pairs(str(tmp_path / "x.parquet"), str(tmp_path / "pairs.json"), 2)
+    (tmp_path / "steps.txt").write_text("profile 0 95\nanalyze 0 2\nsolve 0 14\nrun 2 30\n")
+    data, text = tpp.report_steps(tmp_path)
+    assert [s["step"] for s in data["steps"]] == ["profile", "analyze", "solve", "run"] and data["steps"][3]["rc"] == 2
+    assert data["profile_wall_s"] == 99 and data["run"] is None and data["plan_predicted"] is None
+    assert "bus " in text and "of 8" in text and "run:" not in text
+    assert data["network"]["bus_bandwidth_gbps"] == table.meta["net_bandwidth_gbps"]
+
+
 def test_merge_refuses_other_gpus_and_an_empty_network_part():
     shard = _shard()
     plan = m.network_plan(LLAMA70, W4, 132, 8, is_quick=True)
@@ -192,8 +207,8 @@ def test_profile_tp_without_enough_gpus_is_one_line(tmp_path):
         result = CliRunner().invoke(main, ["profile", *args, "--quick", "-o", str(tmp_path / "x.parquet")])
         assert result.exit_code == 2, result.output
         errors = [line for line in result.output.splitlines() if line.startswith("nfsearch: error:")]
-        assert errors == [f"nfsearch: error: nfsearch profile --tp {n} needs {n} GPUs; this host has "
-                          f"{tpp.count_gpus()}"], result.output
+        want = f"nfsearch: error: nfsearch profile --tp {n} needs {n} GPUs; this host has {tpp.count_gpus()}"
+        assert errors == [want], result.output
         assert "Traceback" not in result.output
     assert list(tmp_path.iterdir()) == []
 

@@ -41,6 +41,7 @@ matmuls timed by the host clock: the plumbing runs, the timings mean nothing (so
 
 from __future__ import annotations
 
+import gc
 import json
 import pickle
 import statistics
@@ -142,6 +143,7 @@ def measure_tp_profile(model, workload, num_gpus: int, is_quick: bool = False, o
     log(f"TP={num_gpus} profile, part 1 of 2: the shard's ops on GPU 0")
     shard = measure_single_gpu(model, workload, 0, is_quick, output, progress, settings=settings, log=log,
                                with_pairs=with_pairs, pair_minority_sms=pair_minority_sms)
+    gc.collect()                     # the shard's inputs (closures hold them in cycles)
     torch.cuda.empty_cache()         # the ranks below need GPU 0 too
     log(f"TP={num_gpus} profile, part 2 of 2: the collectives on {num_gpus} GPUs at once")
     request = NetworkRequest(model, workload, is_quick, with_pairs, settings, None, pair_minority_sms,
@@ -516,3 +518,70 @@ def _read_pickle(path: Path):
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
+
+
+# ---------------------------------------------------------------------------------------------- GPU-run report
+def report_steps(out_dir: str | Path, stem: str = "x") -> tuple[dict, str]:
+    """The results of one profile -> analyze --pairs -> solve -> run sequence in `out_dir` (each step's
+    output where it was written; `steps.txt`: "name rc seconds" per step) as one dict and a short
+    table. Steps that failed or never ran are reported as such."""
+    out = Path(out_dir)
+
+    def read(name: str):
+        try:
+            return json.loads((out / name).read_text())
+        except (OSError, ValueError):
+            return None
+
+    steps = []
+    try:
+        for line in (out / "steps.txt").read_text().splitlines():
+            name, rc, secs = line.split()[:3]
+            steps.append({"step": name, "rc": int(rc), "s": int(secs)})
+    except (OSError, ValueError):
+        pass
+    summary, pairs, plan, run = (read(f"{stem}.summary.json"), read("pairs.json"), read("plan.json"),
+                                 read("run/run.json"))
+    net = (summary or {}).get("network") or {}
+    result = {"steps": steps, "network": net, "pairs_network": pairs, "shard_profile_s": (summary or {}).get("measure_s"),
+              "profile_wall_s": (summary or {}).get("wall_s"), "plan_predicted": (plan or {}).get("predicted"),
+              "run": run}
+    lines = [f"{'step':<9}{'rc':>4}{'s':>6}"] + [f"{s['step']:<9}{s['rc']:>4}{s['s']:>6}" for s in steps]
+    if net:
+        solo = net.get("solo_ms", {}).get("allreduce_o", {})
+        lines.append(f"network: {net.get('tp_degree')}x {(net.get('gpus') or ['?'])[0]}, NCCL {net.get('nccl')}, "
+                     f"bus {net.get('bus_bandwidth_gbps')} GB/s; allreduce_o ms " +
+                     ", ".join(f"{k} {v:.4f}" for k, v in solo.items()))
+    if pairs:
+        best = min(pairs.get("families", []), key=lambda f: f["ratio"], default=None)
+        lines.append(f"collective x GEMM families where the split pays: {pairs.get('num_paying')} of "
+                     f"{pairs.get('num_families')}" + (f"; best {best['family']} {best['best_sms_a']}+"
+                                                       f"{best['best_sms_b']} ratio {best['ratio']}" if best else ""))
+    if plan and plan.get("predicted"):
+        p = plan["predicted"]
+        nets = {o.get("impl") for o in plan.get("nano_ops", []) if str(o.get("op", "")).startswith("allreduce")}
+        lines.append(f"plan: predicted {p['layer_time_ms']:.3f} ms/layer vs sequential "
+                     f"{p['sequential_layer_time_ms']:.3f}; collectives impl {sorted(map(str, nets))}")
+    if run:
+        lines.append(format_run_line(run))
+    text = "\n".join(lines)
+    return result, text
+
+
+def format_run_line(run: dict) -> str:
+    if "measured_layer_ms" not in run:
+        return f"run: correctness {run.get('correctness', {}).get('passed')} (no timing)"
+    b = run.get("baselines", {})
+    return (f"run: measured {run['measured_layer_ms']:.3f} ms/layer, predicted {run.get('predicted_layer_ms') or 0:.3f} "
+            f"(error {100 * (run.get('prediction_error') or 0):+.1f}%); seq-torch "
+            f"{b.get('seq_torch', {}).get('layer_ms', 0):.3f} (x{run.get('speedup_vs_seq_torch', 0):.3f}), seq-same "
+            f"{b.get('seq_same', {}).get('layer_ms', 0):.3f} (x{run.get('speedup_vs_seq_same', 0):.3f}); correctness "
+            f"{run.get('correctness', {}).get('passed')} (max rel err {run.get('correctness', {}).get('max_rel_error', 0):.2g})")
+
+
+if __name__ == "__main__":        # python -m nfsearch.runtime.tp_profile report OUT_DIR: one JSON + a table
+    if len(sys.argv) != 3 or sys.argv[1] != "report":
+        sys.exit("usage: python -m nfsearch.runtime.tp_profile report OUT_DIR")
+    data, table_text = report_steps(sys.argv[2])
+    (Path(sys.argv[2]) / "result.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    print(table_text)
