@@ -34,8 +34,8 @@ if HAVE_TRITON:
         pid = tl.program_id(0)
         offs = tl.arange(0, BH)
         hm = offs < H
-        if HAS_NORM:
-            w = tl.load(w_ptr + offs, mask=hm, other=0.0).to(tl.float32)
+        # loaded even without the norm (w_ptr then points at any H elements): no name bound in a branch
+        w = tl.load(w_ptr + offs, mask=hm, other=0.0).to(tl.float32)
         for t in range(pid, T, NP):
             t64 = t + tl.zeros([], dtype=tl.int64)
             acc = tl.zeros([BH], dtype=tl.float32)
