@@ -1,26 +1,32 @@
 """Fold measured plan timelines back into a profile: `nfsearch calibrate`.
 
-What it corrects: the co-run STRETCH. The pair table says how much two kernels slow each other on
-the two sides of a split, measured pair by pair; a whole plan co-runs nano-ops of many shapes,
-several at once, with cross-stream waits in between, and measured W1-W3 runs show the model
-optimistic there. A solo nano-op's error is the profile's (its own solo rows), so it is not
-folded into the stretch.
+What it corrects, per op class, and the overheads between kernels:
+- the SOLO factor: what a nano-op alone takes inside a replayed plan against what the profiler
+  timed it at. The profiler times each kernel between events with its launch gap; a kernel trace
+  of a graph replay times the kernel alone, and tiny kernels (norms, RoPE) run at about half their
+  profiled time there (H100, 2026-11-27). Applied to every time of the class.
+- the CO-RUN factor: the co-run stretch beyond the pair table's. The pair table says how two kernels
+  slow each other, measured pair by pair in short bursts; a whole plan co-runs nano-ops of many
+  shapes, several at once, for milliseconds.
+- the OVERHEADS: a launch waiting on another stream's event starts `event_wait_us` after that op
+  ends; one following the previous launch of its stream, `launch_gap_us` after it. Medians over
+  every launch whose latest-ending predecessor is of that kind (model-free: read off the measured
+  timeline and the plan's dependencies).
 
-How: each (plan, measured timeline) pair is replayed under the profile's UNCALIBRATED cost model
-(so calibrating twice from the same runs gives the same factors). A nano-op whose replayed span
-shares at least half its time with a nano-op of another stream is CO-RUN; one that shares none is
-SOLO; those in between are left out (their time mixes the two). Per op class (of the stretched
-op):
+How: the overheads first; then each (plan, measured timeline) is replayed under the profile with
+those overheads and no factors (so calibrating twice from the same runs gives the same result).
+A nano-op whose replayed span shares at least half its time with a nano-op of another stream is
+CO-RUN; one that shares none is SOLO; those in between are left out (their time mixes the two):
 
-    factor = median(measured / predicted over its co-run spans) / median(the same over solo spans)
+    solo factor = median(measured / predicted over its solo spans)                 (SOLO_RANGE)
+    factor      = median(measured / predicted over its co-run spans) / the solo median  (FACTOR_RANGE)
 
-the solo median of the class, else of all classes, else 1 (so a profile that is slow or fast
-everywhere does not pass for interference). A class needs MIN_SPANS co-run spans to get a factor;
-factors are clamped to FACTOR_RANGE (a larger one is a broken run, not interference).
+the solo median of the class, else of all classes, else 1. A class needs MIN_SPANS spans of a kind
+to get that factor (else 1).
 
-Where it goes: the profile's metadata, key "calibration" (`Calibration.to_dict`). The cost model
-applies it only when present: a nano-op with partners runs solo x stretch x factor(class) (never
-below solo), and the plan's interference label names the calibration. Torch-free.
+Where it goes: the profile's metadata, key "calibration" (`Calibration.to_dict`); `transfer` carries
+it to another model's profile measured on the same GPU (`calibrate --from`). The cost model applies
+it only when present, and the plan's interference label names it. Torch-free.
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from nfsearch.calibration import CALIBRATION_KEY, FACTOR_RANGE, Calibration, ClassFactor, without_calibration
-from nfsearch.cost import make_problem
+from nfsearch.calibration import (CALIBRATION_KEY, FACTOR_RANGE, MAX_OVERHEAD_US, SOLO_RANGE, Calibration,
+                                  ClassFactor, calibration_from_meta, without_calibration)
+from nfsearch.cost import OP_ALIASES, make_problem
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import OP_CLASSES
 from nfsearch.profile import ProfileMiss, ProfileTable
@@ -38,12 +45,14 @@ from nfsearch.timeline import Timeline
 
 MIN_SPANS = 2
 CORUN_SHARE = 0.5          # share of a span's time beside another stream's span that makes it co-run
+MIN_OVERHEADS = 5          # waits (or gaps) needed to fit one; else 0 (gap) or the profile's (wait)
 
 
 # ------------------------------------------------------------------------------------ fitting
 @dataclass(frozen=True)
 class SpanRatio:
     id: str
+    op: str                     # the kernel's op (norm2 counts as norm1: one RMSNorm kernel)
     op_class: str
     is_corun: bool
     predicted_ms: float
@@ -88,36 +97,95 @@ def span_ratios(predicted: Timeline, measured: Timeline) -> list[SpanRatio]:
         share, m = shares[s.id], got[s.id]
         if s.duration_ms <= 0 or m.duration_ms <= 0 or 0.0 < share < CORUN_SHARE:
             continue
-        out.append(SpanRatio(s.id, s.op_class, share >= CORUN_SHARE, s.duration_ms, m.duration_ms))
+        out.append(SpanRatio(s.id, OP_ALIASES.get(s.op, s.op), s.op_class, share >= CORUN_SHARE, s.duration_ms,
+                             m.duration_ms))
     return out
 
 
-def fit(ratios: list[SpanRatio], sources: list[str]) -> Calibration:
-    """Per-class factors (module doc) from the span ratios of every run."""
+@dataclass(frozen=True)
+class OverheadSamples:
+    waits_us: tuple[float, ...]
+    gaps_us: tuple[float, ...]
+
+
+def overhead_samples(schedule, measured: Timeline) -> OverheadSamples:
+    """For every launch the executor issues with a predecessor (the previous launch of its CUDA
+    stream, and the launches whose events it waits on; runtime.launch builds the same list the
+    executor ran): its measured start minus the end of the predecessor that ended last; a GAP if
+    that one is of its own stream, else a WAIT. Values outside 0..MAX_OVERHEAD_US are left out."""
+    from nfsearch.runtime.launch import build       # pure Python: the executor's launch list
+
+    got = measured.by_id()
+    previous: dict[str, str] = {}
+    waits, gaps = [], []
+    for launch in build(schedule).launches:
+        preds = [(d, False) for d in launch.waits]
+        if launch.key in previous:
+            preds.append((previous[launch.key], True))
+        previous[launch.key] = launch.id
+        if not preds or launch.id not in got or any(d not in got for d, _ in preds):
+            continue
+        last, is_own_stream = max(preds, key=lambda p: got[p[0]].end_ms)
+        value = (got[launch.id].start_ms - got[last].end_ms) * 1e3
+        if -1.0 <= value <= MAX_OVERHEAD_US:          # a little below 0: the trace's clock
+            (gaps if is_own_stream else waits).append(max(value, 0.0))
+    return OverheadSamples(tuple(waits), tuple(gaps))
+
+
+def fit(ratios: list[SpanRatio], sources: list[str], samples: list[OverheadSamples], default_wait_us: float,
+        gpu_name: str = "") -> Calibration:
+    """Per-class factors, per-op factors where an op has spans of its own (a kind it has too few
+    of takes its class's), and the overheads (module doc), from every run's ratios and samples."""
     solo_all = [r.ratio for r in ratios if not r.is_corun]
+    fallback = ClassFactor("compute", 1.0, 0, 0, 1.0, statistics.median(solo_all) if solo_all else 1.0)
     factors = []
     for cls in OP_CLASSES:
-        corun = [r.ratio for r in ratios if r.is_corun and r.op_class == cls]
-        if len(corun) < MIN_SPANS:
-            continue
-        solo = [r.ratio for r in ratios if not r.is_corun and r.op_class == cls]
-        base = statistics.median(solo) if solo else (statistics.median(solo_all) if solo_all else 1.0)
-        raw = statistics.median(corun) / base
-        factors.append(ClassFactor(cls, min(max(raw, FACTOR_RANGE[0]), FACTOR_RANGE[1]), len(corun), len(solo),
-                                   statistics.median(corun), base))
-    return Calibration(tuple(factors), tuple(sources))
+        mine = [r for r in ratios if r.op_class == cls]
+        of_class = _factor(cls, "", mine, fallback)
+        if of_class is not None:
+            factors.append(of_class)
+        for op in sorted({r.op for r in mine}):
+            of_op = _factor(cls, op, [r for r in mine if r.op == op], of_class or fallback)
+            if of_op is not None:
+                factors.append(of_op)
+    waits = [w for s in samples for w in s.waits_us]
+    gaps = [g for s in samples for g in s.gaps_us]
+    wait_us = statistics.median(waits) if len(waits) >= MIN_OVERHEADS else default_wait_us
+    gap_us = statistics.median(gaps) if len(gaps) >= MIN_OVERHEADS else 0.0
+    return Calibration(tuple(factors), tuple(sources), round(wait_us, 3), round(gap_us, 3), len(waits), len(gaps),
+                       gpu_name)
+
+
+def _factor(op_class: str, op: str, ratios: list[SpanRatio], parent: ClassFactor) -> ClassFactor | None:
+    """The factors of one class (op "") or op from its spans; a kind with fewer than MIN_SPANS spans
+    takes `parent`'s (the class's; for a class, 1 and every class's solo median). None with too
+    few of both."""
+    corun = [r.ratio for r in ratios if r.is_corun]
+    solo = [r.ratio for r in ratios if not r.is_corun]
+    if len(corun) < MIN_SPANS and len(solo) < MIN_SPANS:
+        return None
+    base = statistics.median(solo) if len(solo) >= MIN_SPANS else parent.solo_ratio
+    solo_factor = min(max(base, SOLO_RANGE[0]), SOLO_RANGE[1]) if len(solo) >= MIN_SPANS else parent.solo_factor
+    if len(corun) >= MIN_SPANS:
+        corun_ratio = statistics.median(corun)
+        factor = min(max(corun_ratio / base, FACTOR_RANGE[0]), FACTOR_RANGE[1])
+    else:
+        corun_ratio, factor = parent.corun_ratio, parent.factor
+    return ClassFactor(op_class, factor, len(corun), len(solo), corun_ratio, base, solo_factor, op)
 
 
 def calibrate(profile, runs) -> tuple[object, Calibration, list[SpanRatio]]:
     """Fit a calibration of `profile` (a ProfileTable) from `runs`: (Schedule, measured Timeline,
     source line) triples. Returns (the profile with the calibration in its metadata, the
     calibration, the span ratios it was fitted on). The plans must have been made with this
-    profile's measurements (same fingerprint); each is replayed under its uncalibrated model."""
+    profile's measurements (same fingerprint); each is replayed under the fitted overheads and no
+    factors."""
+    from nfsearch.cost import overheads_from_meta
 
     if not runs:
         raise NfsearchError("calibrate needs at least one measured plan run")
     raw = ProfileTable(profile.rows, without_calibration(profile.meta))
-    ratios, sources = [], []
+    samples, sources = [], []
     for schedule, measured, source in runs:
         if schedule.profile.fingerprint != raw.fingerprint():
             raise NfsearchError(f"{source}: plan was made with profile {schedule.profile.fingerprint} "
@@ -126,27 +194,51 @@ def calibrate(profile, runs) -> tuple[object, Calibration, list[SpanRatio]]:
             raise NfsearchError(f"{source}: measured timeline has {measured.num_layers} layers, the plan "
                                 f"{schedule.num_layers}")
         verify(schedule)
+        samples.append(overhead_samples(schedule, measured))
+        sources.append(f"{source}: {schedule.model.name} {schedule.workload.name}, {measured.label}")
+    gpu_name = str(raw.meta.get("gpu_name", ""))
+    default_wait_us = overheads_from_meta(raw.meta).event_wait_ms * 1e3
+    overheads_only = fit([], sources, samples, default_wait_us, gpu_name)
+    timed = ProfileTable(raw.rows, {**raw.meta, CALIBRATION_KEY: overheads_only.to_dict()})
+    ratios = []
+    for schedule, measured, source in runs:
         try:
-            problem = make_problem(schedule.model, schedule.workload, raw, schedule.num_layers)
+            problem = make_problem(schedule.model, schedule.workload, timed, schedule.num_layers)
             predicted = replay(schedule, problem.cost).timeline
         except ProfileMiss as miss:
             raise NfsearchError(f"{source}: the profile cannot time the plan ({miss})") from None
         ratios += span_ratios(predicted, measured)
-        sources.append(f"{source}: {schedule.model.name} {schedule.workload.name}, {measured.label}")
-    cal = fit(ratios, sources)
+    cal = fit(ratios, sources, samples, default_wait_us, gpu_name)
     meta = dict(raw.meta)
     meta[CALIBRATION_KEY] = cal.to_dict()
     return ProfileTable(raw.rows, meta), cal, ratios
 
 
+def transfer(profile, calibrated) -> tuple[object, Calibration]:
+    """`profile` with the calibration of `calibrated` (another model's profile, measured on the same
+    GPU with the same SM count): the factors are of kernels and of the GPU, not of one model."""
+    cal = calibration_from_meta(calibrated.meta)
+    if cal is None:
+        raise NfsearchError(f"{calibrated.label}: has no calibration to carry (run nfsearch calibrate on it first)")
+    for key in ("gpu_name", "num_sms"):
+        if profile.meta.get(key) != calibrated.meta.get(key):
+            raise NfsearchError(f"calibration is of {key} {calibrated.meta.get(key)!r}, the profile's is "
+                                f"{profile.meta.get(key)!r}: calibrate from runs on this GPU instead")
+    meta = dict(profile.meta)
+    meta[CALIBRATION_KEY] = cal.to_dict()
+    return ProfileTable(profile.rows, meta), cal
+
+
 def format_report(cal: Calibration, ratios: list[SpanRatio]) -> str:
-    lines = [f"{'class':<9}{'co-run':>7}{'solo':>6}{'co-run m/p':>12}{'solo m/p':>10}{'factor':>8}"]
+    lines = [f"{'class / op':<13}{'co-run':>7}{'solo':>6}{'co-run m/p':>12}{'solo m/p':>10}{'solo x':>8}{'co-run x':>10}"]
     for f in cal.factors:
-        lines.append(f"{f.op_class:<9}{f.num_corun_spans:>7}{f.num_solo_spans:>6}{f.corun_ratio:>12.3f}"
-                     f"{f.solo_ratio:>10.3f}{f.factor:>8.3f}")
-    left = sorted({r.op_class for r in ratios if r.is_corun} - {f.op_class for f in cal.factors})
+        lines.append(f"{f.op or f.op_class:<13}{f.num_corun_spans:>7}{f.num_solo_spans:>6}{f.corun_ratio:>12.3f}"
+                     f"{f.solo_ratio:>10.3f}{f.solo_factor:>8.3f}{f.factor:>10.3f}")
+    left = sorted({r.op_class for r in ratios} - {f.op_class for f in cal.factors})
     if left:
-        lines.append(f"no factor (fewer than {MIN_SPANS} co-run spans): {', '.join(left)}")
+        lines.append(f"no factor (fewer than {MIN_SPANS} spans): {', '.join(left)}")
+    lines.append(f"cross-stream wait {cal.event_wait_us:.2f} us (median of {cal.num_waits}), launch gap "
+                 f"{cal.launch_gap_us:.2f} us (median of {cal.num_gaps})")
     lines.append(f"{len(ratios)} spans used ({sum(r.is_corun for r in ratios)} co-run, "
                  f"{sum(not r.is_corun for r in ratios)} solo); m/p = median measured / predicted")
     return "\n".join(lines)

@@ -445,19 +445,28 @@ def compare_cmd(plan_path, measured_path, output, worst):
 @main.command("calibrate")
 @click.option("--profile", "profile_path", required=True, type=click.Path(dir_okay=False),
               help="Measured profile the plans were made with (.parquet or .csv); any calibration in it is replaced.")
-@click.option("--run", "runs", required=True, multiple=True, nargs=2, type=click.Path(dir_okay=False),
+@click.option("--run", "runs", multiple=True, nargs=2, type=click.Path(dir_okay=False),
               metavar="PLAN MEASURED",
               help="A plan JSON and the measured.json that `nfsearch run --timeline` wrote for it; repeat for more runs.")
+@click.option("--from", "from_path", type=click.Path(dir_okay=False),
+              help="Instead of --run: carry the calibration of this calibrated profile (another model, same GPU).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Calibrated profile to write (.parquet or .csv): the same rows, the calibration in its metadata.")
-def calibrate_cmd(profile_path, runs, output):
-    """Fold measured plan timelines into a profile as per-op-class co-run stretch factors."""
+def calibrate_cmd(profile_path, runs, from_path, output):
+    """Fold measured plan timelines into a profile: per-op solo and co-run factors, wait and launch gap."""
     from nfsearch import calibrate, plan
     from nfsearch.files import read_json
     from nfsearch.profile import load
     from nfsearch.timeline import timeline_from_dict
+    if bool(runs) == bool(from_path):
+        raise NfsearchError("give either --run PLAN MEASURED (one or more) or --from CALIBRATED_PROFILE")
     _check_outputs([output], (".parquet", ".csv"))
     profile = load(profile_path)
+    if from_path:
+        table, cal = calibrate.transfer(profile, load(from_path))
+        table.write(output)
+        _echo(f"wrote {output}: {cal.label}, carried from {from_path}")
+        return
     triples = [(plan.read(p), timeline_from_dict(read_json(m), m), f"{p} + {m}") for p, m in runs]
     table, cal, ratios = calibrate.calibrate(profile, triples)
     _echo(calibrate.format_report(cal, ratios))

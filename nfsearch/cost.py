@@ -93,20 +93,30 @@ class Interference:
 
 @dataclass(frozen=True)
 class Overheads:
-    """Costs the kernels' own times do not hold."""
+    """Costs the kernels' own times do not hold: a wait on another stream's event, and the gap
+    between two kernels of one stream (0 where the profile's times carry their own launch gap)."""
     event_wait_ms: float
     source: str
+    launch_gap_ms: float = 0.0
 
     def __post_init__(self):
-        if not (math.isfinite(self.event_wait_ms) and 0 <= self.event_wait_ms < 1.0):
-            raise NfsearchError(f"event wait must be in 0..1000 us, not {self.event_wait_ms * 1e3:g} us")
+        for name in ("event_wait_ms", "launch_gap_ms"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 <= value < 1.0):
+                raise NfsearchError(f"{name[:-3].replace('_', ' ')} must be in 0..1000 us, not {value * 1e3:g} us")
 
     def describe(self) -> str:
-        return f"cross-stream wait {self.event_wait_ms * 1e3:g} us ({self.source})"
+        gap = f", launch gap {self.launch_gap_ms * 1e3:.2g} us" if self.launch_gap_ms else ""
+        return f"cross-stream wait {self.event_wait_ms * 1e3:.2g} us{gap} ({self.source})"
 
 
 def overheads_from_meta(meta: dict) -> Overheads:
-    """The profile's measured overheads ("overheads": {"event_wait_us": x}), else the labelled default."""
+    """The overheads `nfsearch calibrate` fitted from measured timelines, else the profile's measured
+    ones ("overheads": {"event_wait_us": x}), else the labelled default."""
+    cal = calibration_from_meta(meta)
+    if cal is not None:
+        return Overheads(cal.event_wait_us / 1e3, f"fitted from {cal.num_waits} waits and {cal.num_gaps} gaps "
+                         f"in {len(cal.sources)} measured plan run(s)", cal.launch_gap_us / 1e3)
     entry = meta.get("overheads")
     if isinstance(entry, dict) and "event_wait_us" in entry:
         value = entry["event_wait_us"]
@@ -282,6 +292,11 @@ class PairModel:
         return sorted(self.partner_class.get(OP_ALIASES.get(op, op), {}).items())
 
 
+def _base_op(op: str) -> str:
+    """The op whose kernel it runs (norm2 runs norm1's RMSNorm): calibration factors are per kernel."""
+    return OP_ALIASES.get(op, op)
+
+
 # ------------------------------------------------------------------------------------ cost model
 class CostModel:
     def __init__(self, profile: ProfileTable, layer: nx.DiGraph, workload: Workload,
@@ -300,6 +315,7 @@ class CostModel:
                              for name in layer.nodes}
         self.num_sms = int(profile.meta["num_sms"])
         self.source_counts: Counter = Counter()       # distinct stretch lookups by source
+        self.raw_solo_ms = lru_cache(maxsize=None)(self._raw_solo_ms)
         self.solo_ms = lru_cache(maxsize=None)(self._solo_ms)
         self.corun_ms = lru_cache(maxsize=None)(self._corun_ms)
         self.stretch = lru_cache(maxsize=None)(self._stretch)
@@ -310,6 +326,10 @@ class CostModel:
     def event_wait_ms(self) -> float:
         return self.overheads.event_wait_ms
 
+    @property
+    def launch_gap_ms(self) -> float:
+        return self.overheads.launch_gap_ms
+
     def op_class(self, op: str) -> str:
         return self.ops[op].op_class
 
@@ -319,8 +339,15 @@ class CostModel:
     def impl(self, op: str, num_tokens: int, sm_count: int) -> str:
         return self._lookup(op, num_tokens, sm_count)[1]
 
-    def _solo_ms(self, op: str, num_tokens: int, sm_count: int) -> float:
+    def _raw_solo_ms(self, op: str, num_tokens: int, sm_count: int) -> float:
+        """The profile's time, as measured (stretches are ratios over it)."""
         return self._lookup(op, num_tokens, sm_count)[0]
+
+    def _solo_ms(self, op: str, num_tokens: int, sm_count: int) -> float:
+        """The time predicted alone: the profile's, times the calibration's solo factor of its class
+        (what the op takes inside a replayed plan against what the profiler timed it at)."""
+        raw = self.raw_solo_ms(op, num_tokens, sm_count)
+        return raw if self.calibration is None else raw * self.calibration.solo_factor(self.op_class(op), _base_op(op))
 
     def _corun_ms(self, op: str, num_tokens: int, sm_count: int, co_class: str) -> float:
         """Time while some op of `co_class` runs beside it, by class: the older co-run rows if the
@@ -328,7 +355,7 @@ class CostModel:
         return self.solo_ms(op, num_tokens, sm_count) * self._class_stretch(op, num_tokens, sm_count, co_class)[0]
 
     def _class_stretch(self, op: str, num_tokens: int, sm_count: int, co_class: str) -> tuple[float, str]:
-        solo = self.solo_ms(op, num_tokens, sm_count)
+        solo = self.raw_solo_ms(op, num_tokens, sm_count)
         if co_class == self.op_class(op) or not co_class:
             return 1.0, SRC_SAME_CLASS
         if co_class in self.profile.rows["co_class"].values and self.profile.impls(op, co_class):
@@ -343,7 +370,7 @@ class CostModel:
                 return max(1.0, row / base), SRC_ROWS
             except ProfileMiss:
                 pass
-        full = self.solo_ms(op, num_tokens, self.num_sms)
+        full = self.raw_solo_ms(op, num_tokens, self.num_sms)
         corun = self.interference.corun_ms(self.op_class(op), solo, full, sm_count / self.num_sms)
         return corun / solo, SRC_CURVES_FALLBACK if self.pairs is not None else SRC_CURVES
 
@@ -357,7 +384,7 @@ class CostModel:
                 if not self.pairs.is_over_solo:
                     # the fully-overlapped time measured with the pair over this table's solo time
                     # (the two measurements of one op alone differ by up to ~10%)
-                    stretch = stretch * part_ms / self.solo_ms(op, num_tokens, sm_count)
+                    stretch = stretch * part_ms / self.raw_solo_ms(op, num_tokens, sm_count)
                 self.source_counts[source] += 1
                 return max(1.0, stretch), source
         value, source = self._class_stretch(op, num_tokens, sm_count, self.op_class(partner.op))
@@ -393,7 +420,7 @@ class CostModel:
         solo = self.solo_ms(op, num_tokens, sm_count)
         extra = sum(self.stretch(op, num_tokens, sm_count, p)[0] - 1.0 for p in partners)
         if partners and self.calibration is not None:
-            return solo * max(1.0, (1.0 + extra) * self.calibration.factor(self.op_class(op)))
+            return solo * max(1.0, (1.0 + extra) * self.calibration.factor(self.op_class(op), _base_op(op)))
         return solo * (1.0 + extra)
 
     def _stretched_ms(self, op: str, num_tokens: int, sm_count: int, co_classes: frozenset[str]) -> float:

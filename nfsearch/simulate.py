@@ -113,8 +113,9 @@ def replay(schedule: Schedule, cost: CostModel) -> Replay:
     queues = {s: [o for o in ops if o.stream == s] for s in schedule.streams}
     num_sms = schedule.gpu.num_sms
     by_id = {o.id: o for o in ops}
-    wait_ms = cost.event_wait_ms
+    wait_ms, gap_ms = cost.event_wait_ms, cost.launch_gap_ms
     done: dict[str, float] = {}
+    free_at: dict[str, float] = {}            # stream -> when its last op ended
     running: dict[str, list] = {}             # id -> [op, remaining fraction, start]
     spans, now = [], 0.0
     # every step either finishes an op (the first to end is retired exactly) or reaches the moment a
@@ -122,7 +123,7 @@ def replay(schedule: Schedule, cost: CostModel) -> Replay:
     for _ in range(2 * len(ops) + 1):
         if len(done) == len(ops):
             break
-        next_ready = _start_ready(queues, running, done, by_id, num_sms, now, wait_ms)
+        next_ready = _start_ready(queues, running, done, by_id, num_sms, now, wait_ms, gap_ms, free_at)
         if not running and next_ready is None:
             raise PlanInvalid("plan deadlocks: no nano-op can start (a dependency waits on a later op "
                               "of its own stream, or an op needs more SMs than the GPU has)")
@@ -142,6 +143,7 @@ def replay(schedule: Schedule, cost: CostModel) -> Replay:
             if entry[1] <= 1e-9:
                 op, _, start = running.pop(i)
                 done[i] = now
+                free_at[op.stream] = now
                 spans.append(_span(op, start, now))
     else:
         raise PlanInvalid(f"replay did not finish in {2 * len(ops) + 1} steps")
@@ -154,10 +156,12 @@ def stated_timeline(schedule: Schedule) -> Timeline:
     return Timeline(f"stated by solver {schedule.solver.name}", spans, schedule.num_layers)
 
 
-def _start_ready(queues, running, done, by_id, num_sms, now, wait_ms) -> float | None:
+def _start_ready(queues, running, done, by_id, num_sms, now, wait_ms, gap_ms=0.0, free_at=None) -> float | None:
     """Start every stream head whose inputs are ready and whose SMs are free; an input from another
-    stream is ready `wait_ms` after it ends (the cross-stream event wait). Returns the earliest
-    later moment a head's inputs become ready (None if none waits on a wait)."""
+    stream is ready `wait_ms` after it ends (the cross-stream event wait), and a head starts
+    `gap_ms` after its stream's previous op ends (the launch gap). Returns the earliest later
+    moment a head becomes ready (None if none waits on a wait or a gap)."""
+    free_at = free_at or {}
     used = sum(entry[0].sm_count for entry in running.values())
     heads = sorted((q[0] for q in queues.values() if q and q[0].id not in running and not
                     any(r[0].stream == q[0].stream for r in running.values())), key=lambda o: o.order)
@@ -166,6 +170,8 @@ def _start_ready(queues, running, done, by_id, num_sms, now, wait_ms) -> float |
         if not all(d in done for d in op.deps):
             continue
         ready = max((done[d] + (wait_ms if by_id[d].stream != op.stream else 0.0) for d in op.deps), default=0.0)
+        if op.stream in free_at:
+            ready = max(ready, free_at[op.stream] + gap_ms)
         if ready > now + 1e-12:
             later = ready if later is None else min(later, ready)
             continue

@@ -12,9 +12,12 @@ How kernels are mapped back (a replayed graph has no Python ranges in it):
    the range) or, failing that, by lying inside the range's time window. Each launch's signature is
    the names of its kernels in order.
 2. REPLAY. In the same session the launches are captured into one CUDA graph exactly as
-   ``executor.issue`` issues them for timing, and the graph is replayed several times, synchronised.
-   Kernel records of one replay carry the correlation of its cudaGraphLaunch (or lie inside the
-   ``nf:replay:<i>`` range when they do not).
+   ``executor.issue`` issues them for timing, and the graph is replayed back to back, as the timing
+   loop replays it: STEADY_REPLAYS replays first (traced, dropped), then the kept ones, with no
+   synchronisation in between. Replays synchronised one by one let the GPU idle between them and
+   run at clocks the timing loop does not see (W3 on an H100, 2026-11-27: 3.21 ms/layer traced that
+   way against 3.69 in the timing loop). Kernel records of one replay carry the correlation of its
+   cudaGraphLaunch (or lie inside the ``nf:replay:<i>`` range when they do not).
 3. MATCH. The replay's kernels, in start order, are handed out greedily: a kernel goes to the
    earliest-issued launch that can be running it: the first unfinished launch of its stream key
    (a stream runs its launches in issue order), whose waits are all finished, and whose next
@@ -46,6 +49,7 @@ GRAPH_LAUNCH_NAMES = ("cudaGraphLaunch", "cuGraphLaunch")
 LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver", "runtime", "driver")
 RANGE_CATEGORIES = ("user_annotation", "cpu_op", "python_function")
 DEFAULT_REPLAYS = 5
+STEADY_REPLAYS = 20         # back-to-back replays before the kept ones (clocks and power settle)
 
 
 class TraceError(NfsearchError):
@@ -250,15 +254,21 @@ def expected_from(launches, signatures: dict[str, list[Kernel]]) -> list[Expecte
             for l in launches]
 
 
-def timeline_from_events(events, launches, label: str, num_layers: int) -> tuple[Timeline, dict]:
-    """The whole mapping on one trace: signatures, replays, a match per replay, the replay with the
-    median makespan kept. Returns (timeline, facts about the trace for the report's notes)."""
+def timeline_from_events(events, launches, label: str, num_layers: int,
+                         num_kept: int | None = None) -> tuple[Timeline, dict]:
+    """The whole mapping on one trace: signatures, replays (the last `num_kept` of them, all when
+    None), a match per replay, the replay with the median makespan kept. Returns (timeline, facts
+    about the trace for the report's notes)."""
     launches = list(launches)
     signatures = signatures_from_events(events, [l.id for l in launches])
     expected = expected_from(launches, signatures)
     replays = replays_from_events(events)
     if not replays:
         raise TraceError("the trace holds no kernels of a graph replay")
+    if num_kept is not None:
+        if len(replays) < num_kept:
+            raise TraceError(f"the trace holds {len(replays)} graph replays, not the {num_kept} kept ones")
+        replays = replays[-num_kept:]
     results = []
     for ks in replays:
         m = match_kernels(ks, expected)
@@ -276,9 +286,10 @@ def timeline_from_events(events, launches, label: str, num_layers: int) -> tuple
 
 
 # ------------------------------------------------------------------------------------ on the GPU
-def measure_graph_timeline(ctx, model, bufs, ll, label: str, replays: int = DEFAULT_REPLAYS) -> tuple[Timeline, dict]:
-    """Trace `replays` CUDA-graph replays of the plan's launches (see the module doc) and map them
-    back to nano-ops. `ctx`, `model`, `bufs`, `ll`: as executor.execute holds them (layouts built,
+def measure_graph_timeline(ctx, model, bufs, ll, label: str, replays: int = DEFAULT_REPLAYS,
+                           steady_replays: int = STEADY_REPLAYS) -> tuple[Timeline, dict]:
+    """Trace `steady_replays` + `replays` back-to-back CUDA-graph replays of the plan's launches (see
+    the module doc), keep the last `replays`, and map them back to nano-ops. `ctx`, `model`, `bufs`, `ll`: as executor.execute holds them (layouts built,
     kernels compiled). Returns (Timeline with one span per launch, facts)."""
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
@@ -303,10 +314,10 @@ def measure_graph_timeline(ctx, model, bufs, ll, label: str, replays: int = DEFA
             issue(ctx, model, bufs, ll)
         graph.replay()                      # first replay: uploads the graph; not used
         torch.cuda.synchronize(device)
-        for i in range(replays):
+        for i in range(steady_replays + replays):     # back to back, as the timing loop runs them
             with record_function(f"{REPLAY_PREFIX}{i}"):
                 graph.replay()
-                torch.cuda.synchronize(device)
+        torch.cuda.synchronize(device)
     fd, path = tempfile.mkstemp(suffix=".json", prefix="nfsearch-trace-")
     os.close(fd)
     try:
@@ -317,14 +328,5 @@ def measure_graph_timeline(ctx, model, bufs, ll, label: str, replays: int = DEFA
         os.unlink(path)
     del graph
     events = data.get("traceEvents", []) if isinstance(data, dict) else data
-    groups = replays_from_events(events)
-    if len(groups) == replays + 1:
-        # the upload replay is the first group; keep the timed ones only
-        events = _drop_first_replay(events, groups[0])
-    return timeline_from_events(events, ll.launches, label, ll.num_layers)
+    return timeline_from_events(events, ll.launches, label, ll.num_layers, num_kept=replays)
 
-
-def _drop_first_replay(events, first: list[Kernel]) -> list[dict]:
-    starts = {(k.name, k.start_us) for k in first}
-    return [e for e in events if not (isinstance(e, dict) and e.get("cat") == "kernel" and
-                                      (str(e.get("name", "")), float(e.get("ts", -1))) in starts)]
