@@ -164,14 +164,17 @@ def test_sequential_plan_is_sum_of_full_gpu_times():
         assert stated[s.id].start_ms == pytest.approx(s.start_ms) and stated[s.id].end_ms == pytest.approx(s.end_ms)
 
 
-def test_sequential_plan_real_model_is_sum_of_solo_times():
+def test_sequential_plan_real_model_is_sum_of_solo_times_and_gaps():
     from nfsearch.cost import default_profile
     from nfsearch.specs import load_model, load_workload
     model, w = load_model("llama-3-8b"), load_workload("W2")
     problem = make_problem(model, w, default_profile(model, w), num_layers=1)
     total = sum(problem.cost.solo_ms(n, e - s, problem.gpu.num_sms)
                 for n, (s, e) in ((n, problem.layer.nodes[n]["token_range"]) for n in problem.layer.nodes))
-    assert replay(sequential_plan(problem), problem.cost).makespan_ms == pytest.approx(total, rel=1e-9)
+    # each op after the first starts the (calibrated) launch gap after the one before it
+    gaps = (len(problem.layer.nodes) - 1) * problem.cost.launch_gap_ms
+    assert problem.cost.launch_gap_ms > 0
+    assert replay(sequential_plan(problem), problem.cost).makespan_ms == pytest.approx(total + gaps, rel=1e-9)
 
 
 # ---- bad profiles and the plan's own profile -------------------------------------------------------

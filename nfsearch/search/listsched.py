@@ -67,8 +67,10 @@ def timed(problem: Problem, nano: nx.DiGraph, placement: dict, order: list[NanoO
 
 
 def sequential_layer_ms(problem: Problem) -> float:
+    """One layer's ops one after another on the whole GPU, each after the launch gap (as replay runs
+    the sequential plan)."""
     cost, sms = problem.cost, problem.gpu.num_sms
-    return sum(cost.solo_ms(name, end - start, sms)
+    return sum(cost.solo_ms(name, end - start, sms) + cost.launch_gap_ms
                for name, (start, end) in ((n, problem.layer.nodes[n]["token_range"]) for n in problem.layer.nodes))
 
 
