@@ -20,6 +20,12 @@ from nfsearch.specs import ModelSpec, Workload, check_fits
 
 OP_CLASSES = ("compute", "memory", "network", "other")
 DOMAINS = ("all", "decode", "prefill")
+# the op groups stage 1 may cut differently (NanoFlow: nano-batch count and sizes per group): the
+# attention block, the output projection with its all-reduce and the norm after it, the FFN
+OP_GROUPS = {"norm1": "attention", "kqv": "attention", "rope_append": "attention", "decode_attn": "attention",
+             "prefill_attn": "attention", "o": "projection", "allreduce_o": "projection", "norm2": "projection",
+             "router": "ffn", "expert_ug": "ffn", "ug": "ffn", "act": "ffn", "expert_d": "ffn", "d": "ffn",
+             "allreduce_d": "ffn"}
 
 
 @dataclass(frozen=True)
