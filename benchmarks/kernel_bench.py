@@ -229,7 +229,7 @@ class Bench:
                     if m and base:
                         m["sms"] = nn
                         m["vs_linear"] = base["ms"] * self.total / (nn * m["ms"])
-                log(f"   partitions: " + ", ".join(
+                log("   partitions: " + ", ".join(
                     f"{n}: tma {ent.get(f'tma_{n}', {}).get('vs_linear', float('nan')):.3f}"
                     f" torch {ent.get(f'torch_{n}', {}).get('vs_linear', float('nan')):.3f}" for n in PART_SMS))
                 self.save()

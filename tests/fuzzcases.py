@@ -1145,7 +1145,7 @@ PROFILE_MUTATIONS = (
        for v in (float("inf"), 1e300, float("nan"), -1.0, 0.0, "abc")]
     + [(f"kqv times={_short(v)}", _rows_set("time_ms", v, which="all", op="kqv"), BAD)
        for v in (float("inf"), 1e300)]
-    + [(f"decode_attn one time inf", _rows_set("time_ms", float("inf"), which="one", op="decode_attn"), BAD),
+    + [("decode_attn one time inf", _rows_set("time_ms", float("inf"), which="one", op="decode_attn"), BAD),
        ("row time_ms=1e-300", _rows_set("time_ms", 1e-300), ANY)]
     + [(f"row sm_count={_short(v)}", _rows_set("sm_count", v), BAD) for v in (0, -8, 10 ** 9, 2.5, "x")]
     + [(f"row num_tokens={_short(v)}", _rows_set("num_tokens", v), BAD) for v in (-1, 0, 2.5, "x")]

@@ -67,7 +67,6 @@ def test_update_replaces_only_by_a_better_plan(tmp_path, monkeypatch):
         lines = update_goldens(cases)
     assert plan.read_text() == before and "kept" in lines[0]
     # a worse golden (the sequential plan) is replaced by the real search's better plan
-    import nfsearch.search
     from nfsearch.search.baselines import sequential_plan
     from nfsearch.golden import problem_for, load_cases
     case = load_cases(cases)[0][0]

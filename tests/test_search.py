@@ -12,7 +12,7 @@ from nfsearch.roofline import analytic_profile
 from nfsearch.errors import NfsearchError
 from nfsearch.search.baselines import sequential_plan
 from nfsearch.cost import make_problem
-from nfsearch.search.durations import UNITS_PER_MS, Durations
+from nfsearch.search.durations import Durations
 from nfsearch.search.baselines import baselines
 from nfsearch.search.stage1 import make_frame, structure_family, sweep
 from nfsearch.search.stage2 import model_timing, stage2_from

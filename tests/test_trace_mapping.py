@@ -5,6 +5,8 @@ the replayed kernels timed as the plan states. No GPU: the events are made here.
 
 import pytest
 
+from nfsearch.errors import NfsearchError
+
 from nfsearch.cost import make_problem
 from nfsearch.roofline import analytic_profile
 from nfsearch.runtime import launch
@@ -166,3 +168,19 @@ def test_greedy_match_respects_stream_order_and_waits():
     assert m2.num_skipped == 1
     with pytest.raises(TraceError):
         Expected("x", "s0", (), ())
+
+
+def test_only_the_last_replays_are_kept(plan_and_launches):
+    """The steady replays come first and are dropped: of scales (2.0, 2.0, 1.0, 1.1, 0.9) only the
+    last three count, so the kept median is 1.0 x the executed times, not 2.0."""
+    s, ll = plan_and_launches
+    want = executed_ms(s, ll).values()
+    stated = max(b for _, b in want) - min(a for a, _ in want)
+    events = events_for(s, ll, (2.0, 2.0, 1.0, 1.1, 0.9))
+    tl, facts = timeline_from_events(events, ll.launches, "m", ll.num_layers, num_kept=3)
+    assert facts["num_replays"] == 3
+    assert tl.makespan_ms == pytest.approx(stated, rel=1e-6)
+    every, _ = timeline_from_events(events, ll.launches, "m", ll.num_layers)
+    assert every.makespan_ms == pytest.approx(1.1 * stated, rel=1e-6)
+    with pytest.raises(NfsearchError, match="not the 9 kept"):
+        timeline_from_events(events, ll.launches, "m", ll.num_layers, num_kept=9)

@@ -397,7 +397,7 @@ def execute(schedule, *, mode: str = "green", iters: int = 30, repeats: int = 3,
                              "eager event timing instead")
                 measured_tl = measure_timeline(ctx, model, bufs, ll, f"measured ({ctx.mode}, eager, {ctx.gpu_name})")
         pred = schedule.predicted.layer_time_ms if schedule.predicted is not None else None
-        del bufs, model, variants, kept
+        bufs = model = variants = kept = None       # let the GPU buffers go (the variants close over them)
         return RunReport(**base, plan=plan_t,
                          baselines=tuple(timings[k] for k in ("seq-torch", "seq-same", "seq-compiled") if k in timings),
                          baseline_failures=tuple(failures), predicted_layer_ms=pred if pred else None,
