@@ -98,7 +98,6 @@ def run_candidates(candidates: list[Candidate], *, mode: str = "green", iters: i
             except NfsearchError as exc:
                 # one wrong or unbuildable candidate must not cost the others their run
                 report, measured = {"workload": candidate.schedule.workload.name, "error": str(exc)}, None
-            report["candidate"] = candidate.name
             trials.append(Trial(candidate.name, candidate.schedule, measured, report))
             say(f"{candidate.name}: " + (f"{measured:.4f} ms/layer" if measured is not None
                                          else f"failed ({report.get('error', 'no time measured')})"))
@@ -118,6 +117,7 @@ def write_result(result: TuneResult, output: str | Path, command: str) -> Path:
     """Write the best plan to `output` and every trial's report beside it as <stem>.tune.json."""
     record_path = Path(output).with_suffix(".tune.json")
     plan.write(result.best.schedule, output)
-    record = {"best": result.best.name, "command": command, "candidates": [t.report for t in result.trials]}
+    record = {"best": result.best.name, "command": command,
+              "candidates": [{"candidate": t.name, **t.report} for t in result.trials]}
     write_text_atomic(record_path, json.dumps(record, indent=1, default=float) + "\n")
     return record_path

@@ -231,7 +231,7 @@ def test_seq_same_takes_the_profiles_fastest_impl_of_each_op_at_the_full_gpu():
     assert {l.op: l.impl for l in seq.launches} == impls and all(l.partition.is_whole for l in seq.launches)
 
 
-def test_the_whole_timed_path_on_the_cpu_gives_a_full_report():
+def test_the_whole_timed_path_on_the_cpu_gives_a_full_report(tmp_path):
     # host-clock timing of the same variants the GPU run times: plan, seq-torch, seq-same
     from nfsearch.runreport import Ceilings, format_table
     s = plan(2)
@@ -248,6 +248,12 @@ def test_the_whole_timed_path_on_the_cpu_gives_a_full_report():
     d = json.loads(json.dumps(r.to_dict()))
     assert d["derived"]["speedup_vs_seq_same"] == pytest.approx(r.speedup("seq-same"))
     assert RunReport.from_dict(d) == r
+    # tune's trials keep the report as the run wrote it (its table reads it back), the record names them
+    from nfsearch import tune
+    result = tune.pick_best([tune.Trial("plan", s, r.measured_layer_ms, d)])
+    assert "plan" in format_table([t.report for t in result.trials])
+    record = json.loads(tune.write_result(result, tmp_path / "best.json", "test").read_text())
+    assert record["candidates"][0]["candidate"] == "plan" and record["best"] == "plan"
     table = format_table([r, {"workload": "W9", "error": "boom"}])
     assert "tiny" in table and "FAILED: boom" in table
 
