@@ -382,17 +382,30 @@ def run_cmd(plan_path, num_layers, out_dir, with_timeline, profile_path, mode, i
     check_device(schedule, plan_path, force)
     if schedule.workload.tp_degree > 1:      # one process per GPU, NCCL (nfsearch.runtime.tp)
         from nfsearch.runtime import tp
-        if with_timeline:
-            raise NfsearchError("--timeline is not measured for tensor-parallel plans yet")
-        report = tp.run_plan(plan_path, mode=mode, iters=iters, use_graph=not no_graph,
+        report = tp.run_plan(plan_path, mode=mode, iters=iters, use_graph=not no_graph, timeline=with_timeline,
                              progress=lambda m: _echo(f"  {m}", err=True))
         if report is None:                   # another rank of a torchrun job: rank 0 writes the report
             return
         report["command"] = " ".join(["nfsearch"] + sys.argv[1:])
+        measured = report.pop("timeline", None)          # rank 0's, timeline_to_dict form
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / "run.json", report)
+        if measured is not None:
+            from nfsearch import report as report_mod
+            from nfsearch.simulate import stated_timeline
+            from nfsearch.timeline import timeline_from_dict
+            _write_json(out / "measured.json", measured)
+            try:
+                report_mod.write_all([stated_timeline(schedule), timeline_from_dict(measured, "rank 0")],
+                                     out / "timeline", f"{schedule.model.name} {schedule.workload.name} on "
+                                     f"{report['tp_degree']}x {report['gpu']} (rank 0)")
+            except ImportError as exc:
+                _echo(f"note: no Gantt written ({exc}); measured.json has the timeline", err=True)
+        for note in report.get("notes", []):
+            if note.startswith("timeline:"):
+                _echo(f"note: {note}", err=True)
         _echo(tp.format_line(report))
-        _echo(f"wrote {out / 'run.json'}")
+        _echo(f"wrote {out / 'run.json'}" + (f", {out / 'measured.json'}" if measured is not None else ""))
         return
     from nfsearch.runtime import executor
     import dataclasses

@@ -24,6 +24,15 @@ against the reference buffer by buffer (full buffers after each all-reduce, this
 the sharded ones), then timed in one CUDA graph per launch list beside seq-torch and seq-same (each
 with its collectives on its one stream), repeats medians with their spread; ceilings, NCCL bus
 bandwidth (B_net) and the roofline bound with its network term, measured in the same run.
+
+Timeline (`execute_rank(timeline=True)`, `run --timeline`): after the plan is timed, EVERY rank runs
+trace.measure_graph_timeline on its own launch list (the same list on every rank) at the same point,
+with `_agree` as its agreement hook: the signature pass issues each network launch once eagerly in
+launch order, then the graph is captured and replayed 1 + STEADY_REPLAYS + DEFAULT_REPLAYS times, the
+same on every rank; a rank that fails a step (profiler start, signature pass, capture) says so at the
+step's end and every rank stops there together. Mapping the trace back is local; the ranks then
+agree once more, and rank 0's timeline goes into the report (key "timeline", timeline_to_dict form)
+only when every rank traced; each rank's traced makespan goes beside it (the skew between ranks).
 """
 
 from __future__ import annotations
@@ -350,12 +359,14 @@ def broadcast_model(full: ModelInstance) -> None:
 def execute_rank(tp: TpRank, schedule, *, mode: str = "green", iters: int = 30, repeats: int = 3,
                  use_graph: bool = True, tol: float = TOLERANCE, with_baselines: bool = True,
                  with_ceilings: bool = True, seed: int = 0, dtype=None, impls: str = "plan",
-                 time_on_cpu: bool = False, rank_seed_step: int = 0, progress=None) -> dict:
+                 time_on_cpu: bool = False, rank_seed_step: int = 0, timeline: bool = False,
+                 progress=None) -> dict:
     """Check and time a TP plan on this rank. Rank 0's return value is the run report (every rank's
     correctness and timings gathered into it); other ranks return their own part. On CPU only the
     check runs, unless time_on_cpu (host-clock timings, no ceilings: the CI test of the report).
     rank_seed_step: rank r draws its weights with seed + r * step before rank 0's are broadcast (a
-    test that the check runs on one set of weights whatever each rank drew)."""
+    test that the check runs on one set of weights whatever each rank drew).
+    timeline: every rank traces the plan's graph replays after timing it (module doc; `trace_rank`)."""
     from nfsearch.runtime import executor
     schedule = with_impls(schedule, impls)
     say = (progress or (lambda m: None)) if tp.is_first else (lambda m: None)
@@ -404,6 +415,9 @@ def execute_rank(tp: TpRank, schedule, *, mode: str = "green", iters: int = 30, 
         say("timing the plan")
         mine["plan_run"] = time_launch_list(tp, ctx, model, bufs, ll, iters, repeats, use_graph)
         mine["plan_run"]["impls"] = impls_of(ll, tp.device.type)
+        if timeline:
+            say("measuring the per-op timeline on every rank (kernel trace of CUDA-graph replays)")
+            mine["trace"] = trace_rank(tp, ctx, model, bufs, ll)
         del bufs
         say("measuring NCCL bus bandwidth" + (" and the ceilings" if with_ceilings else ""))
         mine["net"] = coll_mod.bus_bandwidth_gbps(tp.coll, workload.num_tokens, schedule.model.hidden_size,
@@ -414,6 +428,44 @@ def execute_rank(tp: TpRank, schedule, *, mode: str = "green", iters: int = 30, 
         return _gather(tp, mine, schedule, ll, ctx, passed)
     finally:
         ctx.close()
+
+
+def trace_rank(tp: TpRank, ctx, model, bufs, ll) -> dict:
+    """This rank's kernel trace of the plan's graph replays, in lockstep with the other ranks (module
+    doc). Returns {"makespan_ms", "facts", "is_agreed"} and, on rank 0, "timeline" (timeline_to_dict
+    form); or {"error", "is_agreed"} when this rank's trace failed. is_agreed: every rank traced."""
+    from nfsearch.runtime import trace
+    from nfsearch.timeline import timeline_to_dict
+    gpu = torch.cuda.get_device_name(tp.device) if tp.device.type == "cuda" else "cpu"
+    label = f"measured ({ctx.mode}, CUDA-graph replay kernel trace, {gpu}, TP={tp.world_size} rank {tp.rank})"
+    try:
+        tl, facts = trace.measure_graph_timeline(ctx, model, bufs, ll, label, agree=lambda ok: _agree(tp, ok))
+        out = {"makespan_ms": tl.makespan_ms, "facts": facts}
+        if tp.is_first:
+            out["timeline"] = timeline_to_dict(tl)
+    except Exception as exc:  # noqa: BLE001 - the profiler fails in many ways; the run goes on, noted
+        out = {"error": f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"}
+    _sync(tp)
+    out["is_agreed"] = _agree(tp, "error" not in out)
+    return out
+
+
+def trace_summary(parts: list[dict]) -> tuple[dict | None, dict, str]:
+    """From every rank's part: (rank 0's timeline dict, or None unless every rank traced; the trace
+    facts for the report, with each rank's traced makespan; a note)."""
+    traces = [p.get("trace") or {"error": "no trace"} for p in parts]
+    failed = {i: t["error"] for i, t in enumerate(traces) if "error" in t}
+    if failed:
+        first = min(failed)
+        return None, {"errors": failed}, (f"timeline: kernel trace failed on rank(s) {sorted(failed)} (rank {first}: "
+                                          f"{failed[first]}); no timeline")
+    spans = [t["makespan_ms"] for t in traces]
+    facts = traces[0]["facts"]
+    info = {"per_rank_makespan_ms": spans, "rank_skew_ms": max(spans) - min(spans), "facts": facts}
+    return traces[0]["timeline"], info, (
+        f"timeline: rank 0's kernel trace of {facts['num_replays']} graph replays, median kept; matched by "
+        f"{facts['method']}, {facts['num_skipped']} kernels unexpected; traced makespan per rank "
+        + ", ".join(f"{x:.3f}" for x in spans) + " ms")
 
 
 def _nccl_version() -> str | None:
@@ -489,6 +541,11 @@ def build_report(schedule, ll, ctx, parts: list[dict], passed: bool) -> dict:
     report["tokens_per_s"] = schedule.workload.num_tokens / (measured * 1e-3 * schedule.model.num_layers)
     report["notes"] += [f"{name}: {t['note']}" for name, t in
                         [("plan", first["plan_run"])] + list(report["baselines"].items()) if "note" in t]
+    if "trace" in first:
+        tl, report["trace"], note = trace_summary(parts)
+        report["notes"].append(note)
+        if tl is not None:
+            report["timeline"] = tl
     return report
 
 

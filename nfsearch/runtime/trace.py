@@ -287,10 +287,19 @@ def timeline_from_events(events, launches, label: str, num_layers: int,
 
 # ------------------------------------------------------------------------------------ on the GPU
 def measure_graph_timeline(ctx, model, bufs, ll, label: str, replays: int = DEFAULT_REPLAYS,
-                           steady_replays: int = STEADY_REPLAYS) -> tuple[Timeline, dict]:
+                           steady_replays: int = STEADY_REPLAYS, agree=None) -> tuple[Timeline, dict]:
     """Trace `steady_replays` + `replays` back-to-back CUDA-graph replays of the plan's launches (see
     the module doc), keep the last `replays`, and map them back to nano-ops. `ctx`, `model`, `bufs`, `ll`: as executor.execute holds them (layouts built,
-    kernels compiled). Returns (Timeline with one span per launch, facts)."""
+    kernels compiled). Returns (Timeline with one span per launch, facts).
+
+    `agree` (tensor parallel, runtime.tp): agree(ok) -> whether every rank was ok, called by every
+    rank after each step a rank may fail alone (profiler start, signature pass, capture). A rank's
+    failure inside a step is held until the step ends (a failed launch of the signature pass does
+    not stop the later ones: the other ranks' collectives need this rank's), then every rank raises
+    TraceError together, before the next step issues a collective: the ranks issue the same
+    collectives the same number of times (one per network launch in the signature pass, then the
+    graph's 1 + steady_replays + replays replays) or stop at the same point. Without `agree` a
+    failure raises at once."""
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -301,23 +310,53 @@ def measure_graph_timeline(ctx, model, bufs, ll, label: str, replays: int = DEFA
     if replays < 1:
         raise TraceError(f"replays must be >= 1, not {replays}")
     device = ctx.device
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        torch.cuda.synchronize(device)
-        for l in ll.launches:               # signatures: each launch alone, on its own stream
-            s = ctx.stream_for(l)
-            with record_function(RANGE_PREFIX + l.id):
-                with torch.cuda.stream(s):      # (the device was synchronised: nothing to wait on)
-                    model.run(bufs, l.layer, l.op, *l.tokens, resolve_impl(l.op, l.impl, "cuda"), l.sms)
-                torch.cuda.synchronize(device)
-        graph = torch.cuda.CUDAGraph()
+    failures: list[str] = []
+
+    def attempt(fn, *args) -> None:
+        if agree is None:
+            fn(*args)
+            return
+        try:
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001 - held until every rank has finished the step
+            failures.append(f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}")
+
+    def settle(step: str) -> None:
+        if agree is not None and not agree(not failures):
+            raise TraceError(f"{step} failed " + (f"on this rank ({failures[0]})" if failures else "on another rank"))
+
+    def signature(l) -> None:                 # each launch alone, on its own stream
+        with record_function(RANGE_PREFIX + l.id):
+            with torch.cuda.stream(ctx.stream_for(l)):   # (the device was synchronised: nothing to wait on)
+                model.run(bufs, l.layer, l.op, *l.tokens, resolve_impl(l.op, l.impl, "cuda"), l.sms)
+            torch.cuda.synchronize(device)
+
+    graph = torch.cuda.CUDAGraph()
+
+    def capture() -> None:
         with torch.cuda.graph(graph):
             issue(ctx, model, bufs, ll)
+
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    attempt(prof.start)
+    is_started = not failures
+    try:
+        settle("starting the profiler")
+        torch.cuda.synchronize(device)
+        for l in ll.launches:
+            attempt(signature, l)
+        settle("the signature pass")
+        attempt(capture)
+        settle("the graph capture")
         graph.replay()                      # first replay: uploads the graph; not used
         torch.cuda.synchronize(device)
         for i in range(steady_replays + replays):     # back to back, as the timing loop runs them
             with record_function(f"{REPLAY_PREFIX}{i}"):
                 graph.replay()
         torch.cuda.synchronize(device)
+    finally:
+        if is_started:
+            prof.stop()
     fd, path = tempfile.mkstemp(suffix=".json", prefix="nfsearch-trace-")
     os.close(fd)
     try:
