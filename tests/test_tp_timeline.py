@@ -82,7 +82,7 @@ def test_calibrate_folds_a_tp_plan_timeline_into_network_factors(tmp_path):
     stated = stated_timeline(schedule)
     assert {s.op_class for s in stated.spans} >= {"network", "compute"}
     measured = timeline_from_dict(timeline_to_dict(stretched(stated, 1.2, "measured (synthetic)")))
-    table, cal, ratios = calibrate.calibrate(profile, [(schedule, measured, "W4 TP=2")])
+    _, cal, ratios = calibrate.calibrate(profile, [(schedule, measured, "W4 TP=2")])
     network = [r for r in ratios if r.op_class == "network"]
     assert network and all(r.ratio > 1.0 for r in network)
     assert any(f.op_class == "network" and f.op == "" for f in cal.factors)

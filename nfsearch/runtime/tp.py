@@ -439,7 +439,7 @@ def trace_rank(tp: TpRank, ctx, model, bufs, ll) -> dict:
     gpu = torch.cuda.get_device_name(tp.device) if tp.device.type == "cuda" else "cpu"
     label = f"measured ({ctx.mode}, CUDA-graph replay kernel trace, {gpu}, TP={tp.world_size} rank {tp.rank})"
     try:
-        tl, facts = trace.measure_graph_timeline(ctx, model, bufs, ll, label, agree=lambda ok: _agree(tp, ok))
+        tl, facts = trace.measure_graph_timeline(ctx, model, bufs, ll, label, agree=lambda ok: _agree_synced(tp, ok))
         out = {"makespan_ms": tl.makespan_ms, "facts": facts}
         if tp.is_first:
             out["timeline"] = timeline_to_dict(tl)
@@ -448,6 +448,15 @@ def trace_rank(tp: TpRank, ctx, model, bufs, ll) -> dict:
     _sync(tp)
     out["is_agreed"] = _agree(tp, "error" not in out)
     return out
+
+
+def _agree_synced(tp: TpRank, ok: bool) -> bool:
+    """_agree once this rank's GPU work is done (as time_launch_list does after a capture)."""
+    try:
+        _sync(tp)
+    except Exception:  # noqa: BLE001 - a failed capture may leave an error to report; the vote says it
+        ok = False
+    return _agree(tp, ok)
 
 
 def trace_summary(parts: list[dict]) -> tuple[dict | None, dict, str]:

@@ -365,7 +365,7 @@ def measure_graph_timeline(ctx, model, bufs, ll, label: str, replays: int = DEFA
             data = json.load(f)
     finally:
         os.unlink(path)
-    del graph
+    graph = None                # the graph holds its memory pool; drop it before mapping
     events = data.get("traceEvents", []) if isinstance(data, dict) else data
     return timeline_from_events(events, ll.launches, label, ll.num_layers, num_kept=replays)
 
