@@ -244,10 +244,13 @@ _TIME_LIMIT = FiniteFloatRange(0.0, MAX_TIME_LIMIT_S, min_open=True)
               help="Nano-batch size granularity in tokens.")
 @click.option("--allow-extrapolation", is_flag=True,
               help="Let the profile answer sizes and SM counts outside its measured grid.")
+@click.option("--min-gain", type=FiniteFloatRange(0.0, 1.0, max_open=True), default=0.02, show_default=True,
+              help="Keep an overlapped plan only if predicted at least this much faster than the sequential "
+                   "plan (0.02 = 2%); else write the sequential plan.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Plan JSON to write (default: out/<model>-<workload>.json).")
-def solve(profile_path, solver, time_limit_s, threads, seed, num_layers, chunk, allow_extrapolation, output,
-          **spec):
+def solve(profile_path, solver, time_limit_s, threads, seed, num_layers, chunk, allow_extrapolation, min_gain,
+          output, **spec):
     """Search a schedule (stage 1 structure, stage 2 SM allocation) and write the plan JSON."""
     from nfsearch import plan, search
     model, workload = resolve_specs(**spec)
@@ -258,7 +261,8 @@ def solve(profile_path, solver, time_limit_s, threads, seed, num_layers, chunk, 
     problem = _problem(model, workload, profile_path, num_layers, allow_extrapolation)
     # the stage log goes out live as progress; the returned notes repeat it, so they are not printed
     schedule, _notes = search.solve(problem, solver=solver, time_limit_s=time_limit_s, threads=threads,
-                                    seed=seed, chunk=chunk, progress=lambda msg: _echo(f"  {msg}", err=True))
+                                    seed=seed, chunk=chunk, min_gain=min_gain,
+                                    progress=lambda msg: _echo(f"  {msg}", err=True))
     with _all_or_none([output]):
         plan.write(schedule, output)
     p = schedule.predicted
