@@ -39,6 +39,11 @@ class Structure:
     def describe(self) -> str:
         return ", ".join(f"{op}={'/'.join(map(str, s))}" for op, s in self.sizes if len(s) > 1) or "unsplit"
 
+    @property
+    def key(self) -> tuple:
+        """The same for structures that cut every op alike, whatever their op order."""
+        return tuple(sorted(self.sizes))
+
 
 OVERLAPPERS = frozenset({"memory", "network"})    # classes that take the small side of a partition
 GROUP_PASSES = 2            # coordinate-descent passes over the op groups
@@ -153,7 +158,7 @@ def _structure(problem: Problem, cuts_of: dict, chunk: int) -> Structure:
 def _dedupe(structures: list[Structure]) -> list[Structure]:
     out, seen = [], set()
     for st in structures:
-        key = tuple(sorted(st.sizes))
+        key = st.key
         if key not in seen:
             seen.add(key)
             out.append(st)
@@ -186,7 +191,7 @@ def sweep(problem: Problem, chunk: int) -> list[Candidate]:
     uniform: dict[tuple, int] = {}               # structure key -> its cut set's index
     for i, c in enumerate(cuts):
         st = _structure(problem, {n: c for n in problem.layer.nodes}, chunk)
-        key = tuple(sorted(st.sizes))
+        key = st.key
         if key in best:
             continue
         got = _best_at(problem, st, shares, durs)
@@ -199,7 +204,7 @@ def sweep(problem: Problem, chunk: int) -> list[Candidate]:
     # per-group descent from the best uniform structure, at the best uniform partitions
     groups = sorted({OP_GROUPS.get(n, n) for n in problem.layer.nodes})
     at = list(dict.fromkeys(c.memory_sms for c in ranked))[:GROUP_SHARES]
-    start = uniform[tuple(sorted(ranked[0].frame.structure.sizes))]
+    start = uniform[ranked[0].frame.structure.key]
     choice = {g: start for g in groups}
     incumbent = ranked[0].judge_ms
     for _ in range(GROUP_PASSES):
@@ -210,7 +215,7 @@ def sweep(problem: Problem, chunk: int) -> list[Candidate]:
                     continue
                 trial = {**choice, g: i}
                 st = _structure(problem, {n: cuts[trial[OP_GROUPS.get(n, n)]] for n in problem.layer.nodes}, chunk)
-                key = tuple(sorted(st.sizes))
+                key = st.key
                 got = best.get(key) or _best_at(problem, st, at, durs)
                 if got is None:
                     continue
