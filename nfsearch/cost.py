@@ -22,10 +22,12 @@ Same-class partners without a pair family stretch nothing here: simulate.replay'
 caps them. Every lookup's source is counted (`CostModel.source_counts`) and the plan's
 profile.interference string names the sources.
 
-Overheads: a launch on the same stream costs nothing extra (profile times are single kernels timed
-with their own launch gap: the W1 sequential plan ran 1.066 ms/layer on an H100 against 1.071
-predicted); a wait on another stream's event costs `event_wait_ms` (profile metadata
-"overheads": {"event_wait_us": x} where measured, else DEFAULT_EVENT_WAIT_US, labelled default).
+Overheads: without a calibration, a launch on the same stream costs nothing extra (profile times
+are single kernels timed with their own launch gap) and a wait on another stream's event costs
+`event_wait_ms` (profile metadata "overheads": {"event_wait_us": x} where measured, else
+DEFAULT_EVENT_WAIT_US, labelled default). A calibrated profile (calibration.py) brings its own: the
+wait and the launch gap read off measured timelines (3.1 us and 0.46 us on an H100), and per-op solo
+and co-run factors that `solo_ms` and `beside_ms` apply.
 
 Problem bundles model, workload, GPU, profile, layer graph and cost model for the search.
 """
@@ -61,8 +63,8 @@ PUBLISHED_CURVES = {
 PUBLISHED_CURVES["other"] = PUBLISHED_CURVES["memory"]
 CURVES_SOURCE = "published NanoFlow curves (A100)"
 
-# a cross-stream event wait in a CUDA graph: not yet measured on our H100 (issue 10); 4-6 us is what
-# graph replays of event waits typically add, so 5 us is the labelled default
+# a cross-stream event wait in a CUDA graph where no calibration measured one (an H100's measured
+# timelines gave 2.5-3.1 us; a 2x H200 TP run 4.9 us): 5 us, labelled default
 DEFAULT_EVENT_WAIT_US = 5.0
 # ops that run the same kernel as a measured one (norm2 is norm1's RMSNorm on other data)
 OP_ALIASES = {"norm2": "norm1"}
