@@ -4,7 +4,8 @@
 cover every op exactly, every data dependency is declared, dependencies finish before dependants
 start, one op at a time per stream in issue order, and the SMs in use never exceed the GPU's.
 `replay` then runs the plan as the executor would: each stream issues its ops in order, an op starts
-once its stream is free, its dependencies are done and its SMs are free; ops that run beside ops of
+once its stream is free (plus the cost model's launch gap), its dependencies are done (plus the
+cross-stream event wait for those on other streams) and its SMs are free; ops that run beside ops of
 another class progress at the interference model's stretched rate; ops of one class side by side
 never together go faster than the whole GPU would run them one after another (the class's ceiling).
 Times that are not finite and positive are refused; every replay step retires an op, so it ends.
