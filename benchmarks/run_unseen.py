@@ -6,6 +6,10 @@ per-op timeline from a kernel trace of CUDA-graph replays), all in one process t
     PYTHONPATH=. python benchmarks/run_unseen.py [--models A/config.json,B/config.json] [--out $OUT]
         [--grid auto|full|quick] [--budget-s 420] [--repeats 3] [--iters 20]
 
+The calibration fitted on llama-3-8b W1-W3 (the bundled profile's, `--calibration-from`) is carried
+to each model's fresh profile (`nfsearch calibrate --from`) before the solve: the models are never
+calibrated on, the GPU and its kernels are (`--calibration-from ''` solves uncalibrated).
+
 Defaults: a Qwen2-7B config (qkv bias; benchmarks/models/Qwen2-7B/config.json) and Mistral-7B-v0.1
 (tests/fixtures/hf; sliding window 4096, longer than W2's context of 1024, so it changes nothing).
 Writes <out>/unseen_<gpu>_<date>.json (GPU name, date, command, per model: profile and solve
@@ -46,6 +50,8 @@ def main(argv=None) -> int:
                     help=f"wall seconds; a model is not started with less than {QUICK_MODEL_S} s left")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--calibration-from", default=str(ROOT / "profiles/h100-sxm/llama-3-8b.parquet"),
+                    help="calibrated profile whose calibration each model's profile gets ('' for none)")
     ap.add_argument("--run-plan", nargs=4, metavar=("PLAN", "PROFILE", "CEILINGS", "REPORT"),
                     help="(internal) run one plan in this process and write its RunReport JSON")
     args = ap.parse_args(argv)
@@ -75,7 +81,8 @@ def main(argv=None) -> int:
     print(f"{gpu}: GEMM {ceilings.gemm_tflops:.0f} TFLOP/s, copy {ceilings.copy_tbps:.2f} TB/s", flush=True)
     record = {"gpu": gpu, "date": date.isoformat(timespec="seconds"), "command": " ".join(["python"] + sys.argv),
               "workload": WORKLOAD, "grid_choice": args.grid,
-              "calibrated_on_these_models": False, "ceilings": ceilings.to_dict(),
+              "calibrated_on_these_models": False, "calibration_from": args.calibration_from or None,
+              "ceilings": ceilings.to_dict(),
               "versions": {"torch": torch.__version__}, "iters": args.iters, "repeats": args.repeats, "models": []}
     path = out / f"unseen_{_slug(gpu)}_{date:%Y-%m-%d}.json"
     rows = []
@@ -98,6 +105,11 @@ def main(argv=None) -> int:
             cmd = [sys.executable, "-m", "nfsearch", "profile", "--model", cfg, "--workload", WORKLOAD,
                    *([] if grid == "full" else ["--quick"]), "-o", str(prof_path)]
             entry["profile"] = _run(cmd, art / f"{name}.profile.log", timeout=left - 60)
+            if args.calibration_from:
+                measured_path, prof_path = prof_path, art / f"{name}.calibrated.parquet"
+                cmd = [sys.executable, "-m", "nfsearch", "calibrate", "--profile", str(measured_path),
+                       "--from", args.calibration_from, "-o", str(prof_path)]
+                entry["calibrate"] = _run(cmd, art / f"{name}.calibrate.log", timeout=60)
             cmd = [sys.executable, "-m", "nfsearch", "solve", "--model", cfg, "--workload", WORKLOAD,
                    "--profile", str(prof_path), "--solver", "cpsat", "-o", str(plan_path)]
             entry["solve"] = _run(cmd, art / f"{name}.solve.log", timeout=120)
