@@ -501,18 +501,22 @@ def calibrate_cmd(profile_path, runs, from_path, output):
               help="Solver time limit in seconds when solving the candidates.")
 @click.option("--layers", "num_layers", type=click.IntRange(1, 1000), default=2, show_default=True,
               help="Layers unrolled when solving the candidates.")
+@click.option("--profile", "profile_path", type=click.Path(dir_okay=False),
+              help="Profile to solve the candidates with (default: the bundled table of the model, else analytic).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Best plan JSON; every candidate's report goes beside it as <stem>.tune.json.")
 @_run_options
-def tune_cmd(plans_dir, top_k, time_limit_s, num_layers, output, mode, iters, no_graph, force, **spec):
+def tune_cmd(plans_dir, top_k, time_limit_s, num_layers, profile_path, output, mode, iters, no_graph, force, **spec):
     """Run each candidate plan on the GPU and keep the fastest measured one (all are recorded)."""
     from nfsearch import tune
     _check_outputs([output, Path(output).with_suffix(".tune.json")], (".json",))
+    if plans_dir and profile_path:
+        raise NfsearchError("--profile is for solving the candidates; with --plans they are already solved")
     if plans_dir:
         candidates = tune.read_candidates(plans_dir)
     else:
         model, workload = resolve_specs(**spec)
-        problem = _problem(model, workload, None, num_layers, False)
+        problem = _problem(model, workload, profile_path, num_layers, False)
         candidates = tune.solved_candidates(problem, time_limit_s, progress=lambda m: _echo(f"  {m}", err=True))
     result = tune.run_candidates(candidates[:top_k], mode=mode, iters=iters, use_graph=not no_graph, force=force,
                                  progress=lambda m: _echo(f"  {m}", err=True))

@@ -531,3 +531,11 @@ def test_simulate_writes_all_outputs_or_none(tmp_path, monkeypatch, fake_csv):
     monkeypatch.setattr(report, "perfetto_trace", real)
     _ok(_run("simulate", "p.json", "--profile", fake_csv))
     assert _files(tmp_path / "out") == ["p.sim.html", "p.sim.png", "p.sim.trace.json"]
+
+
+def test_tune_takes_a_profile_only_for_solving(tmp_path):
+    _fails(_run("tune", "--plans", tmp_path, "--profile", tmp_path / "p.parquet", "-o", tmp_path / "best.json"),
+           "with --plans they are already solved")
+    _fails(_run("tune", "--model", "llama-3-8b", "--workload", "W1", "--profile", tmp_path / "absent.parquet",
+                "-o", tmp_path / "best.json"), "no such profile")
+    assert not (tmp_path / "best.json").exists()
