@@ -91,8 +91,8 @@ def op_work(op: Op, model: ModelSpec, workload: Workload, num_tokens: int, conte
     """
     tp, b = workload.tp_degree, workload.dtype_bytes
     hidden, n = model.hidden_size, num_tokens
-    q, kv = _shard(model.q_size, tp), _shard(model.kv_size, tp)
-    heads = max(1, model.num_heads // tp)
+    shard = tp_shard(model, tp)           # this GPU's heads and FFN slice (one place computes them)
+    q, kv, heads = shard.q_size, shard.kv_size, shard.num_heads
     if op.name in ("expert_ug", "expert_d"):
         routed = n * model.num_experts_per_token
         experts_read = min(model.num_experts, routed)
@@ -105,7 +105,7 @@ def op_work(op: Op, model: ModelSpec, workload: Workload, num_tokens: int, conte
     if op.name == "rope_append":
         return Work(6.0 * n * (q + kv), b * n * 2 * (q + 2 * kv))
     if op.name == "act":
-        inter = op_inter(model, tp)
+        inter = shard.intermediate_size
         return Work(4.0 * n * inter, b * 3 * n * inter)
     if op.name == "decode_attn":
         return Work(4.0 * n * context * heads * model.head_dim, b * (2 * n * context * kv + 2 * n * q))
@@ -167,10 +167,6 @@ def tp_shard(model: ModelSpec, tp_degree: int) -> TpShard:
                    model.hidden_size, model.intermediate_size // tp_degree)
 
 
-def op_inter(model: ModelSpec, tp: int) -> int:
-    return _shard(model.intermediate_size, tp)
-
-
 def op_context(op: Op, workload: Workload) -> int:
     """The context a profile row for this op is keyed by (0 for ops without one)."""
     if op.name == "decode_attn":
@@ -187,10 +183,6 @@ def domain_range(op: Op, workload: Workload) -> tuple[int, int]:
     if op.domain == "prefill":
         return (workload.num_decode, workload.num_tokens)
     return (0, workload.num_tokens)
-
-
-def _shard(size: int, tp: int) -> int:
-    return max(1, size // tp)
 
 
 @dataclass(frozen=True, order=True)
