@@ -5,6 +5,7 @@ bound of a run report uses these."""
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
 
@@ -24,6 +25,18 @@ def event_times(fn, iters: int = 20, warmup: int = 3) -> list[float]:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
+    return times
+
+
+def host_times(fn, iters: int = 20, warmup: int = 3) -> list[float]:
+    """Times of fn() in ms by the host clock (CPU runs: nothing to put events on)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
     return times
 
 

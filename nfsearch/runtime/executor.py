@@ -34,7 +34,7 @@ from nfsearch.errors import NfsearchError
 from nfsearch.runreport import (Bound, Ceilings, Correctness, LaunchSummary, OpError, RunReport, Timing,
                                 format_table)
 from nfsearch.runtime import launch as launch_mod
-from nfsearch.runtime.bench import event_times
+from nfsearch.runtime.bench import event_times, host_times
 from nfsearch.runtime.kernels import IMPLS
 from nfsearch.runtime.collectives import COLLECTIVE_OPS
 from nfsearch.runtime.launch import Launch, LaunchList, layout_label
@@ -261,19 +261,8 @@ def time_variants(ctx: ExecContext, variants: list[_Variant], iters: int, repeat
     host clock on the CPU."""
     for _ in range(repeats):
         for v in variants:
-            times = event_times(v.run, iters, warmup=2) if ctx.is_cuda else _host_times(v.run, iters, warmup=1)
+            times = event_times(v.run, iters, warmup=2) if ctx.is_cuda else host_times(v.run, iters, warmup=1)
             v.repeats.append(statistics.median(times))
-
-
-def _host_times(fn, iters: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
 
 
 def measure_timeline(ctx: ExecContext, model: ModelInstance, bufs, ll: LaunchList, label: str,

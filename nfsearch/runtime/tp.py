@@ -284,17 +284,8 @@ def time_launch_list(tp: TpRank, ctx, model, bufs, ll, iters: int, repeats: int,
 
 
 def _times(fn, iters: int, is_cuda: bool, warmup: int = 3) -> list[float]:
-    if is_cuda:
-        from nfsearch.runtime.bench import event_times
-        return event_times(fn, iters, warmup=warmup)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
+    from nfsearch.runtime.bench import event_times, host_times
+    return (event_times if is_cuda else host_times)(fn, iters, warmup=warmup)
 
 
 def _sync(tp: TpRank) -> None:
