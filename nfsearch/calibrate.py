@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from nfsearch.calibration import (CALIBRATION_KEY, FACTOR_RANGE, MAX_OVERHEAD_US, SOLO_RANGE, Calibration,
                                   ClassFactor, calibration_from_meta, without_calibration)
-from nfsearch.cost import OP_ALIASES, make_problem
+from nfsearch.cost import OP_ALIASES, make_problem, overheads_from_meta
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import OP_CLASSES
 from nfsearch.profile import ProfileMiss, ProfileTable
@@ -180,8 +180,6 @@ def calibrate(profile, runs) -> tuple[object, Calibration, list[SpanRatio]]:
     calibration, the span ratios it was fitted on). The plans must have been made with this
     profile's measurements (same fingerprint); each is replayed under the fitted overheads and no
     factors."""
-    from nfsearch.cost import overheads_from_meta
-
     if not runs:
         raise NfsearchError("calibrate needs at least one measured plan run")
     raw = ProfileTable(profile.rows, without_calibration(profile.meta))

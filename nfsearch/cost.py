@@ -43,7 +43,7 @@ from typing import NamedTuple
 
 import networkx as nx
 
-from nfsearch.calibration import calibration_from_meta
+from nfsearch.calibration import Calibration, calibration_from_meta
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import Op, build_layer, op_context
 from nfsearch.pairs import PairPoint, points_from_meta
@@ -112,10 +112,11 @@ class Overheads:
         return f"cross-stream wait {self.event_wait_ms * 1e3:.2g} us{gap} ({self.source})"
 
 
-def overheads_from_meta(meta: dict) -> Overheads:
-    """The overheads `nfsearch calibrate` fitted from measured timelines, else the profile's measured
-    ones ("overheads": {"event_wait_us": x}), else the labelled default."""
-    cal = calibration_from_meta(meta)
+def overheads_from_meta(meta: dict, cal: Calibration | None = None) -> Overheads:
+    """The overheads `nfsearch calibrate` fitted from measured timelines (`cal`, else the one in
+    `meta`), else the profile's measured ones ("overheads": {"event_wait_us": x}), else the labelled
+    default."""
+    cal = cal or calibration_from_meta(meta)
     if cal is not None:
         return Overheads(cal.event_wait_us / 1e3, f"fitted from {cal.num_waits} waits and {cal.num_gaps} gaps "
                          f"in {len(cal.sources)} measured plan run(s)", cal.launch_gap_us / 1e3)
@@ -309,9 +310,9 @@ class CostModel:
         self.interference = interference or Interference()
         self.is_extrapolating = allow_extrapolation
         self.pairs = pairs
-        self.overheads = overheads or overheads_from_meta(profile.meta)
-        # `nfsearch calibrate`'s per-class co-run factors, applied only where the profile has them
+        # `nfsearch calibrate`'s factors and overheads, applied only where the profile has them
         self.calibration = calibration_from_meta(profile.meta)
+        self.overheads = overheads or overheads_from_meta(profile.meta, self.calibration)
         self.ops: dict[str, Op] = {name: layer.nodes[name]["op"] for name in layer.nodes}
         self.whole_tokens = {name: layer.nodes[name]["token_range"][1] - layer.nodes[name]["token_range"][0]
                              for name in layer.nodes}

@@ -157,12 +157,11 @@ def stated_timeline(schedule: Schedule) -> Timeline:
     return Timeline(f"stated by solver {schedule.solver.name}", spans, schedule.num_layers)
 
 
-def _start_ready(queues, running, done, by_id, num_sms, now, wait_ms, gap_ms=0.0, free_at=None) -> float | None:
+def _start_ready(queues, running, done, by_id, num_sms, now, wait_ms, gap_ms, free_at) -> float | None:
     """Start every stream head whose inputs are ready and whose SMs are free; an input from another
     stream is ready `wait_ms` after it ends (the cross-stream event wait), and a head starts
     `gap_ms` after its stream's previous op ends (the launch gap). Returns the earliest later
     moment a head becomes ready (None if none waits on a wait or a gap)."""
-    free_at = free_at or {}
     used = sum(entry[0].sm_count for entry in running.values())
     heads = sorted((q[0] for q in queues.values() if q and q[0].id not in running and not
                     any(r[0].stream == q[0].stream for r in running.values())), key=lambda o: o.order)
