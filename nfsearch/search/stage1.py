@@ -141,8 +141,18 @@ def cut_sets(problem: Problem, chunk: int) -> list[tuple[int, ...]]:
 
 def structure_family(problem: Problem, chunk: int) -> list[Structure]:
     """The uniform structures: every op cut at the same token offsets (those inside its range)."""
-    return _dedupe([_structure(problem, {n: cuts for n in problem.layer.nodes}, chunk)
-                    for cuts in cut_sets(problem, chunk)])
+    return [st for _, st in _uniform(problem, chunk)]
+
+
+def _uniform(problem: Problem, chunk: int) -> list[tuple[int, Structure]]:
+    """(index into cut_sets, structure) of each distinct uniform structure, in cut-set order."""
+    out, seen = [], set()
+    for i, cuts in enumerate(cut_sets(problem, chunk)):
+        st = _structure(problem, {n: cuts for n in problem.layer.nodes}, chunk)
+        if st.key not in seen:
+            seen.add(st.key)
+            out.append((i, st))
+    return out
 
 
 def _structure(problem: Problem, cuts_of: dict, chunk: int) -> Structure:
@@ -153,16 +163,6 @@ def _structure(problem: Problem, cuts_of: dict, chunk: int) -> Structure:
         bounds = [0, *inner, e - s]
         sizes[n] = tuple(b - a for a, b in zip(bounds, bounds[1:]))
     return Structure(tuple((n, sizes[n]) for n in nx.topological_sort(problem.layer)))
-
-
-def _dedupe(structures: list[Structure]) -> list[Structure]:
-    out, seen = [], set()
-    for st in structures:
-        key = st.key
-        if key not in seen:
-            seen.add(key)
-            out.append(st)
-    return out
 
 
 def _best_at(problem: Problem, structure: Structure, shares, durs: Durations) -> Candidate | None:
@@ -189,15 +189,11 @@ def sweep(problem: Problem, chunk: int) -> list[Candidate]:
     cuts = cut_sets(problem, chunk)
     best: dict[tuple, Candidate] = {}
     uniform: dict[tuple, int] = {}               # structure key -> its cut set's index
-    for i, c in enumerate(cuts):
-        st = _structure(problem, {n: c for n in problem.layer.nodes}, chunk)
-        key = st.key
-        if key in best:
-            continue
+    for i, st in _uniform(problem, chunk):
         got = _best_at(problem, st, shares, durs)
         if got is not None:
             got.is_uniform = True
-            best[key], uniform[key] = got, i
+            best[st.key], uniform[st.key] = got, i
     if not best:
         return []
     ranked = sorted(best.values(), key=lambda c: (round(c.judge_ms, 9), len(c.plan.nano_ops)))
