@@ -434,6 +434,8 @@ def pair_families(model: ModelSpec, layer: dict[str, Op], chosen: dict[str, Op],
 # measuring at once): the all-reduces alone at the grid's tokens and SM counts, and beside each GEMM
 # of the layer on the pair table's splits. Its rows and pair points have the single-GPU formats.
 NETWORK_IMPL = "nccl"          # torch.distributed's NCCL all-reduce, as runtime.collectives runs it
+CE_IMPL = "ce"                 # the copy-engine all-reduce (runtime.ce_collectives): data on copy engines
+NETWORK_IMPLS = (NETWORK_IMPL, CE_IMPL)
 ESTIMATE_BUS_GBPS = 150.0      # for estimates only: an NVLink all-reduce's bus bandwidth (GPU_FACTS.md)
 ESTIMATE_NET_LATENCY_MS = 0.03
 
@@ -441,11 +443,16 @@ ESTIMATE_NET_LATENCY_MS = 0.03
 def network_plan(model: ModelSpec, workload: Workload, num_sms: int, granularity: int, is_quick: bool = False,
                  impls: dict[str, tuple[str, ...]] | None = None, settings: Settings | None = None,
                  with_pairs: bool = True, sm_counts: tuple[int, ...] | None = None,
-                 pair_minority_sms: tuple[int, ...] | None = None) -> Plan:
-    """The network part of a TP profile: solo points of each collective (impl NETWORK_IMPL) at the
+                 pair_minority_sms: tuple[int, ...] | None = None,
+                 net_impls: tuple[str, ...] = (NETWORK_IMPL,)) -> Plan:
+    """The network part of a TP profile: solo points of each collective (each of `net_impls`) at the
     grid's tokens and SM counts, and pair points of each GEMM x each collective (GEMM side A, at
     the pair table's GEMM sizes and splits). Same grid as `make_plan` gives the shard's other ops;
-    impls: the GEMMs' (the pair sides run their fastest); the collectives get NETWORK_IMPL."""
+    impls: the GEMMs' (the pair sides run their fastest); the collectives get `net_impls` (a pair's
+    collective side runs the fastest of them alone on its partition, as a GEMM side does)."""
+    if not net_impls or set(net_impls) - set(NETWORK_IMPLS):
+        raise NfsearchError(f"profile: collective impls must be among {', '.join(NETWORK_IMPLS)}, "
+                            f"not {', '.join(net_impls) or 'none'}")
     if workload.tp_degree < 2:
         raise NfsearchError("profile: collectives are measured only under tensor parallelism (--tp 2 or more)")
     impls = dict(impls if impls is not None else DEFAULT_IMPLS)
@@ -453,14 +460,14 @@ def network_plan(model: ModelSpec, workload: Workload, num_sms: int, granularity
     layer = layer_ops(model, cover)
     nets = [op.name for op in layer if op.op_class == "network"]
     gemms = [op.name for op in layer if op.is_gemm and op.op_class == "compute" and op.name in impls]
-    impls.update({name: (NETWORK_IMPL,) for name in nets})
+    impls.update({name: tuple(net_impls) for name in nets})
     plan = make_plan(model, workload, num_sms, granularity, is_quick, tuple(gemms + nets), impls, settings,
                      sm_counts, with_pairs, pair_minority_sms)
     is_net = lambda op: op in nets
     plan.points = [p for p in plan.points if (p.kind == "solo" and is_net(p.op))
                    or (p.kind == "pair" and (is_net(p.op) or is_net(p.partner_op)))]
     plan.grid = {**plan.grid, "ops": nets, "network_ops": nets, "pair_gemms": gemms if with_pairs else [],
-                 "network_impl": NETWORK_IMPL}
+                 "network_impls": list(net_impls)}
     return plan
 
 
