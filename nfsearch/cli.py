@@ -195,12 +195,16 @@ def analyze(gpu_key, pairs_path, json_path, **spec):
 @click.option("--quick", "is_quick", is_flag=True, help="Coarse grid (fewer SM counts and sizes).")
 @click.option("--pairs/--no-pairs", "with_pairs", default=True, show_default=True,
               help="Also measure the pair table (ops launched together on every split; see analyze --pairs).")
+@click.option("--net-impls", default="nccl,ce", show_default=True,
+              help="Collective impls to measure under TP (comma list): nccl (NCCL on an SM share), ce (copy "
+                   "engines, the sum on the SM share; measured where every GPU can set it up).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Profile table to write: .parquet or .csv.")
-def profile(is_analytic, gpu_key, gpu_id, is_quick, with_pairs, output, **spec):
+def profile(is_analytic, gpu_key, gpu_id, is_quick, with_pairs, net_impls, output, **spec):
     """Write a profile table: measured on the GPU, or --analytic from a roofline model."""
     model, workload = resolve_specs(**spec)
     _check_outputs([output], (".parquet", ".csv"))
+    net_impls = _net_impls(net_impls)
     if is_analytic:
         from nfsearch.roofline import analytic_profile
         from nfsearch.specs import load_gpu
@@ -212,7 +216,8 @@ def profile(is_analytic, gpu_key, gpu_id, is_quick, with_pairs, output, **spec):
         if gpu_id != 0:
             raise NfsearchError(f"--tp {n} measures on GPUs 0..{n - 1}; --gpu-id does not apply")
         table = measure_tp_profile(model, workload, n, is_quick=is_quick, output=output,
-                                   progress=_progress_bar, with_pairs=with_pairs)
+                                   progress=_progress_bar, with_pairs=with_pairs,
+                                   net_impls=net_impls)
     else:
         from nfsearch.runtime.device import require_cuda
         require_cuda("nfsearch profile")
@@ -221,6 +226,14 @@ def profile(is_analytic, gpu_key, gpu_id, is_quick, with_pairs, output, **spec):
                                 progress=_progress_bar, with_pairs=with_pairs)
     table.write(output)
     _echo(f"wrote {output}: {len(table.rows)} rows, {table.label}, fingerprint {table.fingerprint()}")
+
+
+def _net_impls(text: str) -> tuple[str, ...]:
+    known = ("nccl", "ce")          # runtime.measurements.NETWORK_IMPLS (torch-free here)
+    impls = tuple(dict.fromkeys(i.strip() for i in text.split(",") if i.strip()))
+    if "nccl" not in impls or set(impls) - set(known):
+        raise NfsearchError(f"--net-impls must list nccl and may add ce, not {text!r}")
+    return impls
 
 
 _TIME_LIMIT = FiniteFloatRange(0.0, MAX_TIME_LIMIT_S, min_open=True)
