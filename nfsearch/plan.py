@@ -23,7 +23,8 @@ SCHEMA_VERSION = 1
 # Impl names a plan may carry. The runtime registry (nfsearch/runtime/kernels IMPLS) may only use
 # names from RUNTIME_IMPLS (a CPU test checks it); profiles nobody measured label their rows with
 # one of NON_MEASURED_IMPLS and the executor maps those to runtime impls. Add a new kernel family here.
-RUNTIME_IMPLS = frozenset({"triton", "torch", "tma", "flash", "cuda", "nccl"})   # nccl: the collectives
+# nccl and ce: the collectives (NCCL on an SM share; copy engines with the sum on the SM share)
+RUNTIME_IMPLS = frozenset({"triton", "torch", "tma", "flash", "cuda", "nccl", "ce"})
 NON_MEASURED_IMPLS = frozenset({"analytic", "fake"})
 KNOWN_IMPLS = RUNTIME_IMPLS | NON_MEASURED_IMPLS
 

@@ -136,11 +136,37 @@ def test_gloo_tp2_plan_matches_tp1_output(tmp_path):
     # the report the GPU run writes, timed here by the host clock: plan, TP baselines, network term
     assert len(report["plan_run"]["repeat_ms"]) == 3 and report["plan_run"]["how"] == "eager"
     assert set(report["baselines"]) == {"seq_torch", "seq_same"}
-    assert report["baselines"]["seq_torch"]["impls"]["allreduce_o"] == "collective"
+    assert report["baselines"]["seq_torch"]["impls"]["allreduce_o"] == "nccl"
     assert report["measured_layer_ms"] > 0 and len(report["per_rank_plan_ms"]) == 2
     assert report["net"]["bus_gbps"] > 0 and report["net"]["world_size"] == 2
     assert report["speedup_vs_seq_torch"] > 0 and report["predicted_layer_ms"] > 0
     assert "bound_ms" not in report          # no ceilings are measured on a CPU
+
+
+def test_gloo_tp2_plan_with_copy_engine_collectives_matches_tp1_output(tmp_path):
+    """Network nano-ops with impl "ce" run through runtime.ce_collectives (on gloo: the same receive
+    layout and summation order, rows gathered instead of copied), in the plan and in seq-same."""
+    import dataclasses
+    schedule = tiny_tp_plan(2)
+    ops = tuple(dataclasses.replace(o, impl="ce") if o.op_class == "network" else o for o in schedule.nano_ops)
+    report = _gloo_run(tmp_path, dataclasses.replace(schedule, nano_ops=ops), time_on_cpu=True, iters=2, repeats=2)
+    c = report["correctness"]
+    assert c["passed"] and c["max_rel_error"] < 1e-4, c
+    assert report["plan_run"]["impls"]["allreduce_o"] == "ce" and report["plan_run"]["impls"]["allreduce_d"] == "ce"
+    assert report["baselines"]["seq_same"]["impls"]["allreduce_d"] == "ce"
+    assert report["baselines"]["seq_torch"]["impls"]["allreduce_d"] == "nccl"
+
+
+def test_ce_rows_are_the_network_launches_with_impl_ce():
+    import dataclasses
+    from nfsearch.runtime import launch as launch_mod
+    from nfsearch.runtime.tp import ce_rows
+    schedule = tiny_tp_plan(2)
+    ops = tuple(dataclasses.replace(o, impl="ce") if o.op == "allreduce_o" else o for o in schedule.nano_ops)
+    ll = launch_mod.build(dataclasses.replace(schedule, nano_ops=ops))
+    rows = ce_rows([ll], "cuda")
+    assert set(rows) == {"allreduce_o"} and set(rows["allreduce_o"]) == {(0, 20), (20, 39)}
+    assert ce_rows([launch_mod.build(schedule)], "cuda") == {}
 
 
 def test_apply_tp_shards_weights_and_caches():
@@ -178,6 +204,6 @@ def test_tp_baselines_put_the_collectives_on_their_one_stream():
         assert len({l.stream for l in bl.launches}) == 1 and all(l.sms == 132 for l in bl.launches)
     assert impls_of(base["seq_torch"], "cuda")["ug"] == "torch"
     assert impls_of(base["seq_same"], "cuda")["ug"] == "tma"          # the plan's own kernels
-    assert impls_of(base["seq_same"], "cuda")["allreduce_o"] == "collective"
+    assert impls_of(base["seq_same"], "cuda")["allreduce_o"] == "nccl"
     with pytest.raises(NfsearchError, match="impls must be one of"):
         with_impls(schedule, "cublas")

@@ -155,6 +155,46 @@ def test_a_plan_solved_on_the_merged_table_runs_its_collectives_as_nccl(tmp_path
     assert plan_mod.read(tmp_path / "plan.json").workload.tp_degree == 2
 
 
+def test_copy_engine_rows_are_chosen_where_they_are_faster_and_the_plan_carries_them(tmp_path):
+    """Hand-made "ce" rows: the copy engines' speed whatever the SM share (150 GB/s of bus bytes +
+    15 us), against NCCL at half speed below 64 SMs: the cost model takes ce on small shares and nccl
+    on the whole GPU, and a solved plan's network nano-ops carry the impl the executor runs."""
+    from nfsearch import plan as plan_mod
+    from nfsearch import search
+    from nfsearch.runtime import launch as launch_mod
+    from nfsearch.runtime.tp import ce_rows
+    plan = m.network_plan(LLAMA70, W4, 132, 8, is_quick=True, net_impls=("nccl", "ce"))
+    solo = [p for p in plan.points if p.kind == "solo"]
+    assert {p.impl for p in solo} == {"nccl", "ce"}
+    assert {(p.op, p.num_tokens, p.sm_count) for p in solo if p.impl == "ce"} == \
+        {(p.op, p.num_tokens, p.sm_count) for p in solo if p.impl == "nccl"}
+    results = _network_results(plan)
+    for p in solo:
+        if p.impl == "ce":
+            net = op_work(next(o for o in layer_ops(LLAMA70, W4) if o.name == p.op), LLAMA70, W4, p.num_tokens,
+                          0).net_bytes
+            results[p.key()] = m.Measurement(net / 150e6 + 0.015)
+    run = tpp.NetworkRun(plan, results, {}, "", ["NVIDIA H100 80GB HBM3"] * 2, "nccl", "2.28.9", [16],
+                         net_impls=("nccl", "ce"))
+    table = tpp.merge_tables(_shard(), tpp.network_table(run, "fake"), run, LLAMA70, W4)
+    assert table.meta["network"]["impls"] == ["nccl", "ce"]
+    # B_net stays NCCL's (the roofline's bus bandwidth), whatever the ce rows say
+    net_bytes = 2048 * 8192 * 2
+    assert table.meta["net_bandwidth_gbps"] == pytest.approx(net_bytes / (net_bytes / 200e6 + LATENCY_MS) / 1e6,
+                                                             rel=1e-3)
+    problem = make_problem(LLAMA70, W4, table, 2)
+    assert problem.cost.impl("allreduce_o", 2048, 16) == "ce"
+    assert problem.cost.impl("allreduce_o", 2048, 132) == "nccl"
+    schedule, _ = search.solve(problem, time_limit_s=1.0, threads=1)
+    plan_mod.write(schedule, tmp_path / "plan.json")
+    again = plan_mod.read(tmp_path / "plan.json")
+    nets = [o for o in again.nano_ops if o.op.startswith("allreduce")]
+    for o in nets:
+        assert o.impl == problem.cost.impl(o.op, o.tokens[1] - o.tokens[0], o.sm_count), o
+    ll = launch_mod.build(again)
+    assert sum(len(r) for r in ce_rows([ll], "cuda").values()) == len([o for o in nets if o.impl == "ce"])
+
+
 def test_analyze_pairs_tp_reports_the_collective_families(tmp_path):
     table, _ = _merged()
     table.write(tmp_path / "tp.parquet")
@@ -235,7 +275,25 @@ def test_rank_loop_runs_across_two_gloo_processes():
     table = tpp.merge_tables(_shard(TINY, TINY_WL), tpp.network_table(run, "fake"), run, TINY, TINY_WL)
     assert {"allreduce_o", "allreduce_d"} <= set(table.rows["op"])
     assert table.meta["network"]["backend"] == "gloo"
+    # both collective impls alone at every SM count (gloo runs "ce" through the same receive layout)
+    net = table.rows[table.rows["op"] == "allreduce_o"]
+    assert set(net["impl"]) == {"nccl", "ce"} and table.meta["network"]["impls"] == ["nccl", "ce"]
+    assert set(net[net["impl"] == "ce"]["sm_count"]) == set(net[net["impl"] == "nccl"]["sm_count"])
     assert len([p for p in pair_table.points_from_meta(table.meta) if p.b.op_class == "network"]) == 16
+
+
+def test_a_request_without_nccl_or_with_an_unknown_impl_is_refused():
+    with pytest.raises(ValueError, match="must include nccl"):
+        tpp.NetworkRequest(TINY, TINY_WL, net_impls=("ce",))
+    with pytest.raises(ValueError, match="must include nccl"):
+        tpp.NetworkRequest(TINY, TINY_WL, net_impls=("nccl", "ucx"))
+
+
+def test_profile_net_impls_is_checked_before_anything_runs(tmp_path):
+    r = CliRunner().invoke(main, ["profile", "--model", "llama-3-70b", "--workload", "W4", "--net-impls", "ce",
+                                  "-o", str(tmp_path / "x.parquet")])
+    assert r.exit_code == 2 and "--net-impls must list nccl" in r.output
+    assert not (tmp_path / "x.parquet").exists()
 
 
 def test_a_failing_rank_fails_the_request_in_one_line():
@@ -262,7 +320,8 @@ def test_tiny_quick_tp_profile_on_two_gpus(tmp_path):
     got = load(out)
     assert got.meta["source"] == "measured" and len(got.meta["gpus"]) == 2 and got.meta["network"]["nccl"]
     net = got.rows[got.rows["op"].str.startswith("allreduce")]
-    assert set(net["impl"]) == {"nccl"} and (net["time_ms"] > 0).all()
+    assert set(net["impl"]) == set(got.meta["network"]["impls"]) and (net["time_ms"] > 0).all()
+    assert "nccl" in set(net["impl"])
     assert got.meta["net_bandwidth_gbps"] > 1.0
     points = [p for p in pair_table.points_from_meta(got.meta) if pair_table.is_network_family(p.a, p.b)]
     assert points and all(p.makespan_ms > 0 for p in points)

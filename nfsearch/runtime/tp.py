@@ -150,14 +150,17 @@ class TpModelInstance(ModelInstance):
                          residual=buf["mid"][a:b] if self.tp.is_first else None)
 
     def op_allreduce_o(self, buf, w, layer, a, b, impl, n):
-        self._all_reduce("allreduce_o", buf, a, b, n)
+        self._all_reduce("allreduce_o", buf, a, b, impl, n)
 
     def op_allreduce_d(self, buf, w, layer, a, b, impl, n):
-        self._all_reduce("allreduce_d", buf, a, b, n)
+        self._all_reduce("allreduce_d", buf, a, b, impl, n)
 
-    def _all_reduce(self, op, buf, a, b, n):
+    def _all_reduce(self, op, buf, a, b, impl, n):
         coll = self.tp.coll
-        coll.all_reduce_rows(buf[coll_mod.COLLECTIVE_OPS[op]], a, b, coll.group_for(n, self.whole_gpu_sms))
+        if impl == "ce":
+            coll.all_reduce_rows_ce(op, buf[coll_mod.COLLECTIVE_OPS[op]], a, b, num_sms=n)
+        else:
+            coll.all_reduce_rows(buf[coll_mod.COLLECTIVE_OPS[op]], a, b, coll.group_for(n, self.whole_gpu_sms))
 
     def shard_columns(self, name: str) -> torch.Tensor:
         """Indices of the whole layer's columns of buffer `name` that this rank holds."""
@@ -330,6 +333,19 @@ def tp_baselines(schedule, ll, num_sms: int, device_type: str) -> dict:
                             stream="seq-same")}
 
 
+def ce_rows(launch_lists, device_type: str) -> dict[str, list[tuple[int, int]]]:
+    """Row ranges [a, b) of every network launch whose impl is "ce", by op, over the launch lists a run
+    times (plan and baselines): Collectives.prepare_ce sets up one receive slot per range, before any
+    capture and on every rank alike."""
+    from nfsearch.runtime.executor import resolve_impl
+    rows: dict[str, list[tuple[int, int]]] = {}
+    for ll in launch_lists:
+        for l in ll.launches:
+            if l.op in coll_mod.COLLECTIVE_OPS and resolve_impl(l.op, l.impl, device_type) == "ce":
+                rows.setdefault(l.op, []).append(tuple(l.tokens))
+    return rows
+
+
 def impls_of(ll, device_type: str) -> dict[str, str]:
     from nfsearch.runtime.executor import resolve_impl
     return {l.op: resolve_impl(l.op, l.impl, device_type) for l in ll.launches}
@@ -378,8 +394,12 @@ def execute_rank(tp: TpRank, schedule, *, mode: str = "green", iters: int = 30, 
         ref_bufs = reference_buffers(full)
         model = apply_tp(full, tp, workload, ctx.num_sms)
         del full
+        baselines = tp_baselines(schedule, ll, ctx.num_sms, tp.device.type) if with_baselines else {}
+        lists = [ll, *baselines.values()]
         tp.coll.prepare(l.sms for l in ll.launches
                         if l.op in coll_mod.COLLECTIVE_OPS and l.sms < ctx.num_sms and l.sms <= MAX_CTA_LIMIT)
+        tp.coll.prepare_ce(ce_rows(lists, tp.device.type), workload.num_tokens, schedule.model.hidden_size,
+                           dtype, tp.device)
         model.prepare(ll.launches)
         say("running the plan on every rank; checking against the reference")
         bufs = model.new_buffers(fill=float("nan"))
@@ -398,7 +418,7 @@ def execute_rank(tp: TpRank, schedule, *, mode: str = "green", iters: int = 30, 
         bufs = model.new_buffers()
         if with_baselines:
             say("timing seq-torch and seq-same (collectives on their stream)")
-            for name, bl in tp_baselines(schedule, ll, ctx.num_sms, tp.device.type).items():
+            for name, bl in baselines.items():
                 model.prepare(bl.launches)
                 t = time_launch_list(tp, ctx, model, bufs, bl, iters, repeats, use_graph)
                 mine.setdefault("baselines", {})[name] = {**t, "layer_ms": t["ms"] / schedule.num_layers,

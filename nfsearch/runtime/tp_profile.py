@@ -11,14 +11,20 @@ Two parts, one table:
    NCCL through torch.distributed, NVLink multicast off), each walking the same plan
    (measurements.network_plan) in lockstep:
    * solo rows of each network op (allreduce_o, allreduce_d: an all-reduce of [tokens, hidden] in
-     bf16, impl "nccl") at the grid's token counts and SM counts: the all-reduce issued on the
+     bf16) with each collective impl at the grid's token counts and SM counts. Impl "nccl": the all-reduce issued on the
      green-context stream of S SMs (torch >= 2.7 launches a synchronous collective on the current
      stream), through the communicator `Collectives.group_for(S)` picks, i.e. with NCCL's CTA limit
      = S where S <= tp.MAX_CTA_LIMIT (prepared as `nfsearch run` prepares them) and NCCL's default
-     above: exactly how a plan's network nano-op of S SMs runs;
+     above: exactly how a plan's network nano-op of S SMs runs. Impl "ce" (runtime.ce_collectives):
+     the rows move on the copy engines (no SM) and only the sum kernel runs on the S SMs, on the same
+     stream, one receive slot per op (calls on one stream are ordered by its flags). "ce" is measured
+     only when every rank can set it up (peer memory, stream memory operations); otherwise the
+     profile says why and has nccl rows only;
    * pair points of each GEMM of the layer (kqv, o, ug, d at the pair table's GEMM sizes) x each
      collective (same token count) on the pair table's two-way splits, GEMM on one green group and
-     all-reduce on the other, launched together on every rank, each timed with CUDA events on its
+     all-reduce on the other (each side the impl fastest alone on its partition, the collective's
+     chosen from times agreed over the ranks so every rank runs the same one, as the cost model
+     chooses), launched together on every rank, each timed with CUDA events on its
      own stream (median of `pair_repeats` launches), with each side alone on its partition and on
      the whole GPU (so pairs.py reports whether the split beats the two back to back).
    The timing code is the single-GPU profiler's (profiler._Measurer), with two hooks that span the
@@ -58,7 +64,8 @@ from nfsearch.errors import NfsearchError
 from nfsearch.graph import op_work
 from nfsearch.profile import ProfileTable
 from nfsearch.runtime import measurements as profiling
-from nfsearch.runtime.measurements import NETWORK_IMPL, Measurement, PairDetail, Plan, Point, Settings
+from nfsearch.runtime.measurements import (CE_IMPL, NETWORK_IMPL, NETWORK_IMPLS, Measurement, PairDetail, Plan,
+                                           Point, Settings)
 
 NET_SOLO_METHOD = (
     "collectives: one process per GPU (torch.multiprocessing, NCCL through torch.distributed, "
@@ -86,10 +93,14 @@ class NetworkRequest:
     progress: object = None          # a picklable progress(done, total, eta_s, what), rank 0 only
     cpu_num_sms: int = 132           # CPU ranks (gloo test): the SM grid the plan pretends to
     cpu_granularity: int = 8
+    net_impls: tuple[str, ...] = NETWORK_IMPLS   # those every rank can set up are measured
 
     def __post_init__(self):
         if self.workload.tp_degree < 2:
             raise ValueError(f"a network profile needs TP >= 2, not {self.workload.tp_degree}")
+        if not self.net_impls or set(self.net_impls) - set(NETWORK_IMPLS) or NETWORK_IMPL not in self.net_impls:
+            raise ValueError(f"collective impls must include {NETWORK_IMPL} and be among {NETWORK_IMPLS}, "
+                             f"not {self.net_impls}")
 
 
 @dataclass
@@ -106,6 +117,7 @@ class NetworkRun:
     notes: list[str] = field(default_factory=list)
     measure_s: float = 0.0
     rank_spread: float = 0.0         # largest (slowest rank / fastest rank - 1) of a point's time
+    net_impls: tuple[str, ...] = (NETWORK_IMPL,)   # the collective impls measured (every rank could run)
 
 
 # ---------------------------------------------------------------------------------------------- the profile
@@ -126,7 +138,8 @@ def check_gpus(num_gpus: int, num_visible: int) -> None:
 
 def measure_tp_profile(model, workload, num_gpus: int, is_quick: bool = False, output=None, progress=None,
                        with_pairs: bool = True, log=None, settings: Settings | None = None,
-                       pair_minority_sms: tuple[int, ...] | None = None) -> ProfileTable:
+                       pair_minority_sms: tuple[int, ...] | None = None,
+                       net_impls: tuple[str, ...] = NETWORK_IMPLS) -> ProfileTable:
     """The measured profile of `model`'s TP shard (workload.tp_degree = num_gpus) on GPUs 0..num_gpus-1.
 
     output: the table's path (its summary goes to <stem>.summary.json beside it; both written only
@@ -147,7 +160,7 @@ def measure_tp_profile(model, workload, num_gpus: int, is_quick: bool = False, o
     torch.cuda.empty_cache()         # the ranks below need GPU 0 too
     log(f"TP={num_gpus} profile, part 2 of 2: the collectives on {num_gpus} GPUs at once")
     request = NetworkRequest(model, workload, is_quick, with_pairs, settings, None, pair_minority_sms,
-                             progress if _is_picklable(progress) else None)
+                             progress if _is_picklable(progress) else None, net_impls=tuple(net_impls))
     net = measure_network(request, "nccl")
     table = merge_tables(shard.table, network_table(net, "measured"), net, model, workload)
     summary = dict(shard.summary)
@@ -216,9 +229,10 @@ def measure_network_rank(tp, request: NetworkRequest) -> NetworkRun | None:
         num_sms, granularity = request.cpu_num_sms, request.cpu_granularity
         impls = {op: ("torch",) for op in ("kqv", "o", "ug", "d")}
     try:
+        net_impls, notes = usable_net_impls(tp, request.net_impls, host)
         plan = profiling.network_plan(request.model, request.workload, num_sms, granularity, request.is_quick,
                                       impls, request.settings, request.with_pairs, request.sm_counts,
-                                      request.pair_minority_sms)
+                                      request.pair_minority_sms, net_impls)
         ids = [None] * tp.world_size
         dist.all_gather_object(ids, (plan.identity({}), num_sms, granularity), group=host)
         if len(set(ids)) != 1:
@@ -258,7 +272,28 @@ def measure_network_rank(tp, request: NetworkRequest) -> NetworkRun | None:
                   for k in results), default=0.0)
     return NetworkRun(plan, results, failures, next((e["stopped"] for e in every if e["stopped"]), ""),
                       [e["gpu"] for e in every], tp.coll.backend, tp_mod._nccl_version() if is_cuda else None,
-                      limits, list(tp.coll.notes), round(time.time() - t0, 1), round(spread, 4))
+                      limits, notes + list(tp.coll.notes), round(time.time() - t0, 1), round(spread, 4),
+                      tuple(net_impls))
+
+
+def usable_net_impls(tp, wanted: tuple[str, ...], host) -> tuple[tuple[str, ...], list[str]]:
+    """The collective impls of `wanted` that every rank can run: "ce" needs peer memory and stream
+    memory operations on every GPU (a trial CeAllReduce of one row, made and dropped here, collective);
+    (impls, notes saying what was dropped and why)."""
+    if CE_IMPL not in wanted:
+        return tuple(wanted), []
+    import torch
+    from nfsearch.runtime.ce_collectives import CeAllReduce
+    dtype = torch.bfloat16 if tp.device.type == "cuda" else torch.float32
+    err = None
+    try:
+        CeAllReduce(tp.coll.group, 1, 8, dtype, tp.device, num_slots=1)
+    except Exception as exc:  # noqa: BLE001 - told to every rank below; the profile keeps nccl
+        err = f"{type(exc).__name__}: {exc}"[:200]
+    if agree_all(err is None, host):
+        return tuple(wanted), []
+    return tuple(i for i in wanted if i != CE_IMPL), [f"impl ce not measured: not every rank could set it up"
+                                                       + (f" (here: {err})" if err else "")]
 
 
 def cta_limits(plan: Plan, max_ctas: int) -> list[int]:
@@ -301,6 +336,15 @@ def agree_max(value: float, host) -> float:
     return float(x.item())
 
 
+def agree_max_list(values: list[float], host) -> list[float]:
+    """Element-wise largest of equally long lists over the ranks."""
+    import torch
+    import torch.distributed as dist
+    x = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX, group=host)
+    return [float(v) for v in x.tolist()]
+
+
 def agree_all(ok: bool, host) -> bool:
     return agree_max(0.0 if ok else 1.0, host) == 0.0
 
@@ -341,25 +385,41 @@ def _tp_measurer_class(base):
                 self.t.cuda.synchronize()
                 dist.barrier(group=self.host)
 
+        def solo(self, fn, stream, nsets, host_key, warm=None, reps=None) -> list[float]:
+            # a collective's times are the slowest rank's, call by call: a pair side's fastest impl
+            # (profiler._fastest) is then the same on every rank, so every rank issues the same collective
+            times = super().solo(fn, stream, nsets, host_key, warm, reps)
+            return agree_max_list(times, self.host) if self._is_shared(host_key) else times
+
     return TpMeasurer
 
 
 class _CollectiveInputs:
     """The all-reduce of a network op: rotating [tokens, hidden] slices of one zero pool (zeros: sums
-    stay finite however often they are reduced); fn(impl, tokens, context, sms) -> (call(i), sets)."""
+    stay finite however often they are reduced); fn(impl, tokens, context, sms) -> (call(i), sets).
+    Impl "ce": one CeAllReduce over the pool's rows (made here, collectively: every rank builds the
+    inputs of an op at the same point of the plan), set i reduced through receive rows of its own."""
 
     def __init__(self, torch, plan: Plan, op: str, tp, whole_gpu_sms: int, device):
         self.plan, self.op, self.coll, self.whole_gpu_sms = plan, op, tp.coll, whole_gpu_sms
         rows = max(profiling.rotation_sets(plan, op, t, c) * t for t, c in plan.sizes(op))
         dtype = torch.bfloat16 if device != "cpu" else torch.float32
         self.pool = torch.zeros(rows, plan.model.hidden_size, device=device, dtype=dtype)
+        self.ce = None
+        if CE_IMPL in plan.impls.get(op, ()):
+            from nfsearch.runtime.ce_collectives import CeAllReduce
+            self.ce = CeAllReduce(tp.coll.group, rows, plan.model.hidden_size, dtype, tp.device, num_slots=1)
 
     def fn(self, impl: str, tok: int, ctx: int, sms: int):
-        if impl != NETWORK_IMPL:
-            raise ValueError(f"no collective impl {impl!r} (only {NETWORK_IMPL})")
         ns = profiling.rotation_sets(self.plan, self.op, tok, ctx)
-        group = self.coll.group_for(sms, self.whole_gpu_sms)
         bufs = [self.pool[i * tok:(i + 1) * tok] for i in range(ns)]
+        if impl == CE_IMPL and self.ce is not None:
+            ce = self.ce
+            return (lambda i: ce.all_reduce_norm(bufs[i % ns], (i % ns) * tok, (i % ns + 1) * tok,
+                                                 num_sms=sms)), ns
+        if impl != NETWORK_IMPL:
+            raise ValueError(f"no collective impl {impl!r} here (this plan's: {self.plan.impls.get(self.op)})")
+        group = self.coll.group_for(sms, self.whole_gpu_sms)
         return (lambda i: self.coll.all_reduce_rows(bufs[i % ns], 0, tok, group)), ns
 
 
@@ -428,7 +488,8 @@ def bus_bandwidth_gbps(table: ProfileTable, model, workload) -> float | None:
     from nfsearch.graph import layer_ops
     nets = {op.name: op for op in layer_ops(model, workload) if op.op_class == "network"}
     rows = table.rows[(table.rows["op"].isin(list(nets))) & (table.rows["co_class"] == "")
-                      & (table.rows["sm_count"] == int(table.meta["num_sms"]))]
+                      & (table.rows["sm_count"] == int(table.meta["num_sms"]))
+                      & (table.rows["impl"] == NETWORK_IMPL)]
     rates = [op_work(nets[r.op], model, workload, int(r.num_tokens), 0).net_bytes / (float(r.time_ms) * 1e6)
              for r in rows.itertuples()]
     return max(rates) if rates else None
@@ -462,7 +523,7 @@ def merge_tables(shard: ProfileTable, network: ProfileTable, net: NetworkRun, mo
     bus = bus_bandwidth_gbps(ProfileTable(rows, meta), model, workload)
     meta["network"] = {
         "tp_degree": workload.tp_degree, "gpus": net.gpus, "backend": net.backend, "nccl": net.nccl,
-        "impl": NETWORK_IMPL, "ops": net_ops, "cta_limits": net.cta_limits,
+        "impls": list(net.net_impls), "ops": net_ops, "cta_limits": net.cta_limits,
         "method": NET_SOLO_METHOD.format(max_ctas=tp_mod.MAX_CTA_LIMIT) + ". " + NET_PAIR_METHOD,
         "grid": {k: net.plan.grid[k] for k in ("sm_counts", "tokens", "pair_families", "pair_splits")},
         "bus_bandwidth_gbps": None if bus is None else round(bus, 2),
