@@ -115,6 +115,21 @@ def test_graph_replay_maps_to_one_span_per_nano_op(plan_and_launches):
         assert got[o.id].duration_ms > 0
 
 
+def test_copies_belong_to_their_nano_op_span(plan_and_launches):
+    """A copy-engine all-reduce runs peer copies, then its sum kernel: the copies are records of
+    category gpu_memcpy, and the nano-op's span starts with them (here every GEMM's first record is
+    made a copy: the spans must still be the stated ones)."""
+    s, ll = plan_and_launches
+    ev = [dict(e, cat="gpu_memcpy", name="Memcpy PtoP (Device -> Device)") if e.get("cat") == "kernel"
+          and e["name"].endswith("_main") else e for e in events_for(s, ll)]
+    tl, facts = timeline_from_events(ev, ll.launches, "measured (test)", ll.num_layers)
+    assert facts["num_skipped"] == 0 and len(tl.spans) == len(s.nano_ops)
+    want, got = executed_ms(s, ll), tl.by_id()
+    first = min(a for a, _ in want.values())
+    for o in s.nano_ops:
+        assert got[o.id].start_ms == pytest.approx(want[o.id][0] - first, abs=1e-9)
+
+
 def test_the_median_replay_is_kept(plan_and_launches):
     s, ll = plan_and_launches
     tl, facts = timeline_from_events(events_for(s, ll, (1.0, 1.3, 0.9)), ll.launches, "m", ll.num_layers)

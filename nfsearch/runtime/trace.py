@@ -48,6 +48,9 @@ REPLAY_PREFIX = "nf:replay:"
 GRAPH_LAUNCH_NAMES = ("cudaGraphLaunch", "cuGraphLaunch")
 LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver", "runtime", "driver")
 RANGE_CATEGORIES = ("user_annotation", "cpu_op", "python_function")
+# device records mapped to launches: kernels, and copies (a copy-engine all-reduce's nano-op is its
+# peer copies and its sum kernel: its span starts with the copies)
+DEVICE_CATEGORIES = ("kernel", "gpu_memcpy")
 DEFAULT_REPLAYS = 5
 STEADY_REPLAYS = 20         # back-to-back replays before the kept ones (clocks and power settle)
 
@@ -149,7 +152,7 @@ def signatures_from_events(events, ids: list[str]) -> dict[str, list[Kernel]]:
                 owner[_correlation(e)] = r[2]
     out: dict[str, list[Kernel]] = {i: [] for i in ids}
     for e in events:
-        if e.get("cat") != "kernel":
+        if e.get("cat") not in DEVICE_CATEGORIES:
             continue
         k = _kernel(e)
         name = owner.get(k.correlation)
@@ -170,7 +173,7 @@ def replays_from_events(events) -> list[list[Kernel]]:
     events = _complete(events)
     launches = sorted((float(e["ts"]), _correlation(e)) for e in events
                       if e.get("name") in GRAPH_LAUNCH_NAMES and _correlation(e) >= 0)
-    kernels = [_kernel(e) for e in events if e.get("cat") == "kernel"]
+    kernels = [_kernel(e) for e in events if e.get("cat") in DEVICE_CATEGORIES]
     by_corr: dict[int, list[Kernel]] = {c: [] for _, c in launches}
     for k in kernels:
         if k.correlation in by_corr:
