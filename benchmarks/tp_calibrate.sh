@@ -3,7 +3,8 @@
 #   solve W4 on the measured TP=2 profile of this GPU kind, run it with --timeline (every rank traces
 #   its CUDA-graph replays; rank 0's timeline is measured.json), run the sequential TP plan the same
 #   way, `nfsearch calibrate` on both, re-solve W4 on the calibrated profile and run that plan too.
-#   usage: benchmarks/tp_calibrate.sh OUT_DIR      (2 GPUs of one host, H100 or H200; about 3 minutes)
+#   usage: benchmarks/tp_calibrate.sh OUT_DIR [PROFILE]   (2 GPUs of one host, H100 or H200; about 3 minutes)
+#   PROFILE: a measured TP=2 profile of this GPU kind (default: the stored one of 2026-11-27 for it)
 #   writes OUT_DIR/summary.json (every run's numbers) and prints a table last.
 set -u
 OUT=${1:?usage: benchmarks/tp_calibrate.sh OUT_DIR}; mkdir -p "$OUT"
@@ -14,6 +15,7 @@ case "$GPU" in
   *H200*) P=$R/llama-3-70b-W4-tp2-H200.parquet ;;
   *) P=$R/llama-3-70b-W4-tp2.parquet ;;
 esac
+P=${2:-$P}
 echo "GPU: $GPU; profile: $P" | tee "$OUT/gpu.txt"; nvidia-smi -L >> "$OUT/gpu.txt" 2>&1
 S=$OUT/steps.txt; : > "$S"
 step() { local n=$1 l=$2; shift 2; local t; t=$(date +%s); timeout -k 10 "$l" "$@"; echo "$n rc=$? $(( $(date +%s) - t ))s" >> "$S"; }
