@@ -298,7 +298,7 @@ def solve(profile_path, solver, time_limit_s, threads, seed, num_layers, chunk, 
 def simulate(plan_path, profile_path, out_prefix, allow_extrapolation):
     """Check a plan's constraints, replay it through the cost model, write Gantt and trace."""
     from nfsearch import plan, report
-    from nfsearch.simulate import check_and_replay
+    from nfsearch.simulate import check_and_replay, power_line
     schedule = plan.read(plan_path)
     if out_prefix is not None:
         if not out_prefix:
@@ -313,8 +313,9 @@ def simulate(plan_path, profile_path, out_prefix, allow_extrapolation):
         _echo(f"note: plan was made with profile {schedule.profile.fingerprint}, replaying with "
                    f"{problem.profile.fingerprint()} ({problem.profile.label})", err=True)
     title = f"{schedule.model.name} {schedule.workload.name} on {schedule.gpu.name}"
+    power = power_line(result, problem.cost)
     with _all_or_none(paths):
-        written = report.write_all([result.timeline], prefix, title)
+        written = report.write_all([result.timeline], prefix, title, (power,))
     p = schedule.predicted
     seq, bound = p.sequential_layer_time_ms, p.bound_ms
     layer = result.timeline.layer_time_ms
@@ -322,6 +323,7 @@ def simulate(plan_path, profile_path, out_prefix, allow_extrapolation):
                f"{schedule.num_layers} layers)")
     _echo(f"replayed layer time {layer:.3f} ms (plan states {p.layer_time_ms:.3f}); "
                f"sequential {seq:.3f} ms -> {seq / layer:.2f}x; roofline bound {bound:.3f} ms -> {bound / layer:.0%}")
+    _echo(power)
     _echo("wrote " + ", ".join(str(path) for path in written.values()))
 
 

@@ -29,6 +29,17 @@ DEFAULT_EVENT_WAIT_US, labelled default). A calibrated profile (calibration.py) 
 wait and the launch gap read off measured timelines (3.1 us and 0.46 us on an H100), and per-op solo
 and co-run factors that `solo_ms` and `beside_ms` apply.
 
+Power: a profile with energy (profile.ProfileEnergy: per op, the board energy per call of a sustained
+back-to-back loop on the whole GPU, and the GPU's power limit and static power) gives a POWER BOUND
+(runreport.PowerBound): one layer's dynamic energy, the sum over its ops of (energy - static power x
+time) at the op's whole token count, cannot be spent faster than limit - static allows. A nano-op of
+n of an op's T tokens costs n/T of the op's energy, so every split of the layer has the same energy:
+overlap shortens the makespan, never the energy. Energies are interpolated linearly in tokens
+between the profile's points; outside them, and at a context the profile did not measure, scaled in
+proportion to the tokens (the context): labelled "scaled". `nfsearch calibrate --energy` fits a
+factor on the dynamic energies (1 without it). The predicted layer time is max(the replayed makespan
+per layer, the bound): simulate, run and solve's margin rule use it; the replay itself does not.
+
 Problem bundles model, workload, GPU, profile, layer graph and cost model for the search.
 """
 
@@ -43,13 +54,14 @@ from typing import NamedTuple
 
 import networkx as nx
 
-from nfsearch.calibration import Calibration, calibration_from_meta
+from nfsearch.calibration import Calibration, calibration_from_meta, energy_calibration_from_meta
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import Op, build_layer, op_context
 from nfsearch.pairs import PairPoint, points_from_meta
 from nfsearch.plan import MAX_NUM_LAYERS, PlanGpu, PlanProfile
-from nfsearch.profile import ProfileMiss, ProfileTable, gpu_from_profile, load
+from nfsearch.profile import ProfileEnergy, ProfileMiss, ProfileTable, gpu_from_profile, load
 from nfsearch.roofline import analytic_profile, interp, roofline
+from nfsearch.runreport import PowerBound
 from nfsearch.specs import GpuSpec, ModelSpec, Workload, load_gpu
 
 
@@ -300,6 +312,91 @@ def _base_op(op: str) -> str:
     return OP_ALIASES.get(op, op)
 
 
+# ------------------------------------------------------------------------------------ energy model
+ENERGY_MEASURED = "measured"
+ENERGY_INTERPOLATED = "interpolated in tokens"
+ENERGY_SCALED = "scaled (outside the measured tokens or context)"
+
+
+class EnergyModel:
+    """Energy of an op from a profile's energy points (the module doc): board energy and loop time per
+    call, interpolated in tokens at the nearest measured context, scaled outside."""
+
+    def __init__(self, energy: ProfileEnergy, factor: float = 1.0, factor_label: str = ""):
+        self.energy = energy
+        self.factor = factor
+        self.factor_label = factor_label or "energy factor 1 (no calibration)"
+        self.points: dict[str, dict[int, list[tuple[int, float, float]]]] = {}
+        for p in energy.points:
+            self.points.setdefault(p.op, {}).setdefault(p.context, []).append((p.num_tokens, p.energy_j, p.time_ms))
+        for by_ctx in self.points.values():
+            for line in by_ctx.values():
+                line.sort()
+
+    @classmethod
+    def from_profile(cls, profile: ProfileTable) -> "EnergyModel | None":
+        if profile.energy is None:
+            return None
+        cal = energy_calibration_from_meta(profile.meta)
+        return cls(profile.energy, cal.factor if cal else 1.0, cal.label if cal else "")
+
+    def op_energy(self, op: str, num_tokens: int, context: int) -> tuple[float, float, str]:
+        """(board energy J, loop time ms, how) of one call of `op` over `num_tokens` at `context`."""
+        by_ctx = self.points.get(op) or self.points.get(OP_ALIASES.get(op, op))
+        if not by_ctx:
+            raise ProfileMiss(f"profile energy has no points for op {op}")
+        ctx = _nearest(sorted(by_ctx), context)
+        line = by_ctx[ctx]
+        tokens = [t for t, _, _ in line]
+        got = _linear(tokens, [(e, t) for _, e, t in line], num_tokens)
+        if got is None:               # outside the measured tokens: in proportion to the tokens
+            edge = line[0] if num_tokens < tokens[0] else line[-1]
+            k = num_tokens / edge[0]
+            energy_j, time_ms, how = edge[1] * k, edge[2] * k, ENERGY_SCALED
+        else:
+            energy_j, time_ms = got
+            how = ENERGY_MEASURED if num_tokens in tokens else ENERGY_INTERPOLATED
+        if ctx != context and ctx > 0 and context > 0:
+            energy_j, time_ms, how = energy_j * context / ctx, time_ms * context / ctx, ENERGY_SCALED
+        return energy_j, time_ms, how
+
+    def dynamic_j(self, op: str, num_tokens: int, context: int) -> tuple[float, str]:
+        """(energy above static power x the factor, how) of one call; never below 0."""
+        energy_j, time_ms, how = self.op_energy(op, num_tokens, context)
+        return self.factor * max(0.0, energy_j - self.energy.static_power_w * time_ms / 1e3), how
+
+    def layer_bound(self, layer: nx.DiGraph, workload: Workload) -> PowerBound:
+        """The power bound of one layer: its ops at their whole token counts (ProfileMiss where an op
+        has no energy)."""
+        total, hows = 0.0, Counter()
+        for name in layer.nodes:
+            lo, hi = layer.nodes[name]["token_range"]
+            value, how = self.dynamic_j(name, hi - lo, op_context(layer.nodes[name]["op"], workload))
+            total += value
+            hows[how] += 1
+        note = (f"{len(self.energy.points)} energy points, ops " + ", ".join(f"{n} {h}" for h, n in sorted(hows.items()))
+                + f"; {self.factor_label}")
+        return PowerBound(total, self.energy.power_limit_w, self.energy.static_power_w, self.factor, note)
+
+
+def no_energy_note(profile: ProfileTable) -> str:
+    return (f"no power bound: the {profile.label} has no energy"
+            + ("" if profile.is_analytic else " (nfsearch profile --energy-only --into it adds it on the GPU)"))
+
+
+def power_bound_of(profile: ProfileTable, model: ModelSpec, workload: Workload) -> tuple[PowerBound | None, str]:
+    """The power bound of one layer of `model` under `workload` from `profile`'s energy, or None and
+    one line saying why there is none."""
+    energy = EnergyModel.from_profile(profile)
+    if energy is None:
+        return None, no_energy_note(profile)
+    try:
+        bound = energy.layer_bound(build_layer(model, workload), workload)
+    except ProfileMiss as miss:
+        return None, f"no power bound: {miss}"
+    return bound, bound.note
+
+
 # ------------------------------------------------------------------------------------ cost model
 class CostModel:
     def __init__(self, profile: ProfileTable, layer: nx.DiGraph, workload: Workload,
@@ -313,6 +410,7 @@ class CostModel:
         # `nfsearch calibrate`'s factors and overheads, applied only where the profile has them
         self.calibration = calibration_from_meta(profile.meta)
         self.overheads = overheads or overheads_from_meta(profile.meta, self.calibration)
+        self.layer = layer
         self.ops: dict[str, Op] = {name: layer.nodes[name]["op"] for name in layer.nodes}
         self.whole_tokens = {name: layer.nodes[name]["token_range"][1] - layer.nodes[name]["token_range"][0]
                              for name in layer.nodes}
@@ -324,6 +422,8 @@ class CostModel:
         self.stretch = lru_cache(maxsize=None)(self._stretch)
         self.beside_ms = lru_cache(maxsize=None)(self._beside_ms)
         self.stretched_ms = lru_cache(maxsize=None)(self._stretched_ms)
+        self.energy = EnergyModel.from_profile(profile)
+        self._power: tuple[PowerBound | None, str] | None = None
 
     @property
     def event_wait_ms(self) -> float:
@@ -437,6 +537,36 @@ class CostModel:
         return max(self.beside_ms(op, num_tokens, sm_count, (Partner(name, self.whole_tokens[name], rest),))
                    for name in others)
 
+    def power_bound(self) -> PowerBound | None:
+        """The power bound of one layer (cost.py's module doc); None without energy (power_note says why)."""
+        if self._power is None:
+            if self.energy is None:
+                self._power = (None, no_energy_note(self.profile))
+            else:
+                try:
+                    bound = self.energy.layer_bound(self.layer, self.workload)
+                    self._power = (bound, bound.note)
+                except ProfileMiss as miss:
+                    self._power = (None, f"no power bound: {miss}")
+        return self._power[0]
+
+    @property
+    def power_note(self) -> str:
+        self.power_bound()
+        return self._power[1]
+
+    def nano_dynamic_j(self, op: str, num_tokens: int) -> float:
+        """Dynamic energy of a nano-op of `num_tokens` of `op`: its share of the whole op's (0 without energy)."""
+        if self.energy is None:
+            return 0.0
+        whole = self.whole_tokens[op]
+        return self.energy.dynamic_j(op, whole, self.context(op))[0] * num_tokens / whole
+
+    def predicted_layer_ms(self, replayed_layer_ms: float) -> float:
+        """max(the replayed layer time, the power bound) (the replay's alone without energy)."""
+        bound = self.power_bound()
+        return replayed_layer_ms if bound is None else bound.layer_ms(replayed_layer_ms)
+
     def describe_sources(self) -> str:
         """The interference sources, for plans and timelines."""
         if self.pairs is not None:
@@ -448,7 +578,8 @@ class CostModel:
         else:
             head = self.interference.source
         calibrated = f"; {self.calibration.label}" if self.calibration is not None else ""
-        return f"{head}; {self.overheads.describe()}{calibrated}"
+        power = f"; power bound from the profile's energy ({self.power_note})" if self.power_bound() else ""
+        return f"{head}; {self.overheads.describe()}{calibrated}{power}"
 
     def _lookup(self, op: str, num_tokens: int, sm_count: int, co_class: str = "") -> tuple[float, str]:
         context = op_context(self.ops[op], self.workload)

@@ -7,6 +7,12 @@ prompt length; 0 elsewhere). Rows with a co_class are co-run times: the op measu
 that class ran beside it on the other SMs (the interference table); rows without one are solo times.
 Metadata (GPU, SM count and granularity, peak rates, versions, source, date) travels with the table:
 in the Parquet schema's key-value metadata, or as the CSV's first line `# nfsearch-profile {json}`.
+
+Energy (optional, metadata key "energy", `ProfileEnergy`): the GPU's enforced power limit, its static
+power, and per op a few points (op, impl, tokens, context) of the board energy per call measured in a
+sustained back-to-back loop on the whole GPU with the op's fastest impl (nfsearch/runtime/power.py
+says how). The cost model builds the power bound from it (cost.py); a table without it has no bound.
+It is metadata, so the fingerprint (rows and required keys) does not change when energy is added.
 """
 
 import bisect
@@ -48,6 +54,11 @@ SOURCES = ("measured", "analytic", "fake")
 MAX_ROWS = 2**22
 MAX_TIME_MS = 1e5               # 100 s for one kernel: beyond it a time is a unit or parse error
 MAX_LABEL_CHARS = 64            # op, impl and co_class names
+ENERGY_KEY = "energy"
+MAX_POWER_W = 1e5               # a board's power limit beyond this is a unit error
+MAX_ENERGY_J = 1e4              # one kernel call
+MAX_CLOCK_MHZ = 1e5
+MAX_ENERGY_POINTS = 10_000
 
 
 class ProfileMeta(BaseModel):
@@ -156,6 +167,158 @@ def check_rows(rows: pd.DataFrame, num_sms: int) -> pd.DataFrame:
     return rows.sort_values(KEY_COLUMNS).reset_index(drop=True)
 
 
+def _positive(value, what: str, high: float, may_be_zero: bool = False) -> float:
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and (value >= 0 if may_be_zero else value > 0) and value <= high)
+    if not ok:
+        raise NfsearchError(f"profile energy: {what} must be a {'' if may_be_zero else 'positive '}number up to "
+                            f"{high:g}, not {value!r}")
+    return float(value)
+
+
+def _optional(value, what: str, high: float) -> float | None:
+    return None if value is None else _positive(value, what, high)
+
+
+@dataclass(frozen=True)
+class EnergyPoint:
+    """One op at one size, run back to back on the whole GPU with `impl` (its fastest there):
+    the board energy per call (static power included), the GPU time per call in that loop (at the
+    clock the loop ran at, which the power cap may have lowered), the loop's mean board power, median
+    SM clock and the share of NVML samples with the SW power cap on."""
+    op: str
+    impl: str
+    num_tokens: int
+    context: int
+    energy_j: float
+    time_ms: float
+    power_w: float
+    sm_clock_mhz: float | None = None
+    capped_share: float = 0.0
+
+    def __post_init__(self):
+        for key in ("op", "impl"):
+            value = getattr(self, key)
+            if not (isinstance(value, str) and value and value.isprintable() and len(value) <= MAX_LABEL_CHARS):
+                raise NfsearchError(f"profile energy: point {key} must be a short name, not {shown(value, 40)!r}")
+        for key, low in (("num_tokens", 1), ("context", 0)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_CONTEXT:
+                raise NfsearchError(f"profile energy: {self.op} {key} must be an integer in {low}..{MAX_CONTEXT}, "
+                                    f"not {value!r}")
+        object.__setattr__(self, "energy_j", _positive(self.energy_j, f"{self.op} energy_j", MAX_ENERGY_J))
+        object.__setattr__(self, "time_ms", _positive(self.time_ms, f"{self.op} time_ms", MAX_TIME_MS))
+        object.__setattr__(self, "power_w", _positive(self.power_w, f"{self.op} power_w", MAX_POWER_W))
+        object.__setattr__(self, "sm_clock_mhz", _optional(self.sm_clock_mhz, f"{self.op} sm_clock_mhz",
+                                                           MAX_CLOCK_MHZ))
+        object.__setattr__(self, "capped_share", _positive(self.capped_share, f"{self.op} capped_share", 1.0,
+                                                           may_be_zero=True))
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.op, self.num_tokens, self.context)
+
+    def to_dict(self) -> dict:
+        return {"op": self.op, "impl": self.impl, "num_tokens": self.num_tokens, "context": self.context,
+                "energy_j": self.energy_j, "time_ms": self.time_ms, "power_w": self.power_w,
+                "sm_clock_mhz": self.sm_clock_mhz, "capped_share": self.capped_share}
+
+
+@dataclass(frozen=True)
+class ProfileEnergy:
+    """The energy part of a profile (module doc): the power limit and static power of the GPU (W),
+    and the op points. `method` and `static_method` say how they were measured."""
+    power_limit_w: float
+    static_power_w: float
+    points: tuple[EnergyPoint, ...]
+    method: str = ""
+    static_method: str = ""
+    idle_power_w: float | None = None
+    static_sm_clock_mhz: float | None = None
+    max_sm_clock_mhz: float | None = None
+    date: str = ""
+    failures: tuple[str, ...] = ()          # points that could not be measured, one line each
+
+    def __post_init__(self):
+        object.__setattr__(self, "points", tuple(self.points))
+        object.__setattr__(self, "failures", tuple(str(f)[:300] for f in self.failures))
+        limit = _positive(self.power_limit_w, "power_limit_w", MAX_POWER_W)
+        static = _positive(self.static_power_w, "static_power_w", MAX_POWER_W)
+        if static >= limit:
+            raise NfsearchError(f"profile energy: static power {static:g} W is not below the power limit {limit:g} W")
+        object.__setattr__(self, "power_limit_w", limit)
+        object.__setattr__(self, "static_power_w", static)
+        for key in ("idle_power_w", "static_sm_clock_mhz", "max_sm_clock_mhz"):
+            object.__setattr__(self, key, _optional(getattr(self, key), key,
+                                                    MAX_POWER_W if key == "idle_power_w" else MAX_CLOCK_MHZ))
+        for key in ("method", "static_method", "date"):
+            value = getattr(self, key)
+            if not isinstance(value, str) or len(value) > 4000:
+                raise NfsearchError(f"profile energy: {key} must be a text, not {shown(value, 40)!r}")
+        if not all(isinstance(p, EnergyPoint) for p in self.points):
+            raise NfsearchError("profile energy: points must be energy points")
+        if not 1 <= len(self.points) <= MAX_ENERGY_POINTS:
+            raise NfsearchError(f"profile energy: needs 1..{MAX_ENERGY_POINTS} points, has {len(self.points)}")
+        keys = [p.key for p in self.points]
+        if len(set(keys)) != len(keys):
+            twice = next(k for k in keys if keys.count(k) > 1)
+            raise NfsearchError(f"profile energy: two points for {twice[0]} at {twice[1]} tokens, context {twice[2]}")
+
+    def merged(self, newer: "ProfileEnergy") -> "ProfileEnergy":
+        """`newer`'s limit, static power and points, with this one's points it did not re-measure."""
+        mine = {p.key: p for p in self.points}
+        mine.update({p.key: p for p in newer.points})
+        return ProfileEnergy(newer.power_limit_w, newer.static_power_w, tuple(sorted(mine.values(), key=lambda p: p.key)),
+                             newer.method, newer.static_method, newer.idle_power_w, newer.static_sm_clock_mhz,
+                             newer.max_sm_clock_mhz, newer.date, newer.failures)
+
+    def to_dict(self) -> dict:
+        return {"power_limit_w": self.power_limit_w, "static_power_w": self.static_power_w,
+                "points": [p.to_dict() for p in self.points], "method": self.method,
+                "static_method": self.static_method, "idle_power_w": self.idle_power_w,
+                "static_sm_clock_mhz": self.static_sm_clock_mhz, "max_sm_clock_mhz": self.max_sm_clock_mhz,
+                "date": self.date, "failures": list(self.failures)}
+
+    @classmethod
+    def from_dict(cls, d) -> "ProfileEnergy":
+        if not isinstance(d, dict):
+            raise NfsearchError("profile energy must be a JSON object")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(str(k) for k in d if k not in known)
+        if unknown:
+            raise NfsearchError(f"profile energy: unknown keys {', '.join(shown(k, 30) for k in unknown[:5])}")
+        for key in ("power_limit_w", "static_power_w", "points"):
+            if key not in d:
+                raise NfsearchError(f"profile energy lacks {key}")
+        points = d["points"]
+        if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
+            raise NfsearchError("profile energy: points must be a list of objects")
+        if len(points) > MAX_ENERGY_POINTS:
+            raise NfsearchError(f"profile energy: more than {MAX_ENERGY_POINTS} points")
+        fields_ = set(EnergyPoint.__dataclass_fields__)
+        parsed = []
+        for p in points:
+            odd = sorted(str(k) for k in p if k not in fields_)
+            if odd:
+                raise NfsearchError(f"profile energy: unknown point keys {', '.join(shown(k, 30) for k in odd[:5])}")
+            try:
+                parsed.append(EnergyPoint(**p))
+            except TypeError:
+                raise NfsearchError("profile energy: a point lacks op, impl, num_tokens, context, energy_j, "
+                                    "time_ms or power_w") from None
+        failures = d.get("failures", [])
+        if not isinstance(failures, list):
+            raise NfsearchError("profile energy: failures must be a list")
+        rest = {k: d[k] for k in known - {"points", "failures", "power_limit_w", "static_power_w"} if k in d}
+        return cls(d["power_limit_w"], d["static_power_w"], tuple(parsed), failures=tuple(failures), **rest)
+
+
+def energy_from_meta(meta: dict) -> ProfileEnergy | None:
+    """The profile's energy (checked), or None where it has none."""
+    entry = meta.get(ENERGY_KEY) if isinstance(meta, dict) else None
+    return None if entry is None else ProfileEnergy.from_dict(entry)
+
+
 class ProfileMiss(NfsearchError):
     """The table cannot answer a lookup (names the op, size and SM count)."""
 
@@ -169,6 +332,7 @@ class ProfileTable:
     def __post_init__(self):
         self.info = check_meta(self.meta)
         self.rows = check_rows(self.rows, self.info.num_sms)
+        self.energy = energy_from_meta(self.meta)        # None: no energy measured, no power bound
         self._slices = {key: ProfileGrid(df) for key, df in self.rows.groupby(["op", "impl", "co_class"])}
 
     @property
@@ -178,6 +342,10 @@ class ProfileTable:
     @property
     def label(self) -> str:
         return f"{self.meta['source']} profile of {self.meta['gpu_name']}"
+
+    def with_energy(self, energy: ProfileEnergy) -> "ProfileTable":
+        """The same rows and metadata with `energy` (same fingerprint: energy is metadata)."""
+        return ProfileTable(self.rows, {**self.meta, ENERGY_KEY: energy.to_dict()})
 
     def fingerprint(self) -> str:
         text = self.rows.to_csv(index=False, float_format="%.6g") + json.dumps(

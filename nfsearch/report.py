@@ -76,9 +76,11 @@ def trace_dict(timelines: list[Timeline]) -> dict:
     return {"traceEvents": events, "displayTimeUnit": "ms"}
 
 
-def write_all(timelines: list[Timeline], out: str | Path, title: str = "") -> dict[str, Path]:
+def write_all(timelines: list[Timeline], out: str | Path, title: str = "", notes: tuple[str, ...] = ()
+              ) -> dict[str, Path]:
     """Write <prefix>.html, <prefix>.png and <prefix>.trace.json. `out` is a prefix, or an existing
-    directory (then the prefix is <dir>/timeline)."""
+    directory (then the prefix is <dir>/timeline). `notes`: lines shown under the summary table of the
+    HTML page (e.g. the power bound)."""
     out = Path(out)
     prefix = out / "timeline" if out.is_dir() else out
     timelines = _checked(timelines)
@@ -91,7 +93,7 @@ def write_all(timelines: list[Timeline], out: str | Path, title: str = "") -> di
         svg = _svg(fig, timelines)
     finally:
         _close(fig)
-    write_text_atomic(paths["html"], _page(timelines, title, svg))
+    write_text_atomic(paths["html"], _page(timelines, title, svg, notes))
     perfetto_trace(timelines, paths["trace"])
     return paths
 
@@ -268,7 +270,7 @@ details{margin:8px 0} summary{cursor:pointer;font-weight:600}
 """
 
 
-def _page(timelines: list[Timeline], title: str, svg: str) -> str:
+def _page(timelines: list[Timeline], title: str, svg: str, notes: tuple[str, ...] = ()) -> str:
     esc = html.escape
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              f"<title>{esc(title or 'nfsearch timeline')}</title><style>{CSS}</style></head><body>",
@@ -281,6 +283,7 @@ def _page(timelines: list[Timeline], title: str, svg: str) -> str:
                      f"<td>{t.layer_time_ms:.4f}</td><td>{t.num_layers}</td><td>{len(t.spans)}</td>"
                      f"<td class=l>{esc(', '.join(t.streams))}</td></tr>")
     parts.append("</table>")
+    parts += [f"<p>{esc(note)}</p>" for note in notes]
     for i, t in enumerate(timelines):
         parts.append(f"<details{' open' if i == 0 else ''}><summary>Spans of {esc(t.label)} "
                      f"({len(t.spans)})</summary><table><tr><th class=l>id</th><th class=l>class</th>"

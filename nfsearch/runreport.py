@@ -179,6 +179,156 @@ class Bound:
         return cls(d["bound_ms"], d["compute_ms"], d["mem_ms"], d["optimal_tokens_per_s"])
 
 
+def _is_float(x, low: float = 0.0, high: float = MAX_RATE, may_be_low: bool = False) -> bool:
+    return (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+            and (x >= low if may_be_low else x > low) and x <= high)
+
+
+POWER_CAPPED_SHARE = 0.5        # a run is power-capped when the SW power cap is on in this share of samples
+
+
+@dataclass(frozen=True)
+class PowerBound:
+    """The power bound of one layer: the layer's dynamic energy (the sum of its ops' energies above
+    static power, from the profile; times the calibrated energy factor) cannot be spent faster than
+    the power the limit leaves above static power, so no schedule runs a layer faster than
+    bound_ms = dynamic_energy_j / (power_limit_w - static_power_w). Overlap does not lower the energy.
+    A predicted layer time is max(the replayed makespan per layer, bound_ms) (cost.py computes it)."""
+    dynamic_energy_j: float
+    power_limit_w: float
+    static_power_w: float
+    energy_factor: float = 1.0
+    note: str = ""                  # where the energies come from
+
+    def __post_init__(self):
+        _require(_is_float(self.dynamic_energy_j, may_be_low=True), f"power bound: dynamic energy must be a "
+                 f"finite number >= 0, not {self.dynamic_energy_j!r}")
+        _require(_is_float(self.power_limit_w) and _is_float(self.static_power_w)
+                 and self.static_power_w < self.power_limit_w,
+                 f"power bound: static power {self.static_power_w!r} W must be positive and below the limit "
+                 f"{self.power_limit_w!r} W")
+        _require(_is_float(self.energy_factor), f"power bound: energy factor must be positive, not {self.energy_factor!r}")
+        _require(isinstance(self.note, str), "power bound: note must be a text")
+
+    @property
+    def headroom_w(self) -> float:
+        return self.power_limit_w - self.static_power_w
+
+    @property
+    def bound_ms(self) -> float:
+        return self.dynamic_energy_j / self.headroom_w * 1e3
+
+    def layer_ms(self, replayed_layer_ms: float) -> float:
+        """The predicted layer time: the replay's, unless the power bound is slower."""
+        return max(replayed_layer_ms, self.bound_ms)
+
+    def is_binding(self, replayed_layer_ms: float) -> bool:
+        return self.bound_ms > replayed_layer_ms
+
+    def describe(self, replayed_layer_ms: float) -> str:
+        """One line: the bound, its terms, and whether it binds this replayed layer time."""
+        terms = (f"{self.dynamic_energy_j:.3f} J dynamic energy per layer / ({self.power_limit_w:.0f} W limit - "
+                 f"{self.static_power_w:.0f} W static)"
+                 + (f", energy factor {self.energy_factor:.3f}" if self.energy_factor != 1.0 else ""))
+        if self.is_binding(replayed_layer_ms):
+            return (f"power-bound: the power bound is {self.bound_ms:.3f} ms per layer ({terms}), "
+                    f"{self.bound_ms / replayed_layer_ms - 1:+.1%} over the replayed {replayed_layer_ms:.3f} ms: "
+                    f"predicted layer time {self.bound_ms:.3f} ms")
+        return (f"not power-bound: the power bound is {self.bound_ms:.3f} ms per layer ({terms}), "
+                f"{1 - self.bound_ms / replayed_layer_ms:.1%} under the replayed {replayed_layer_ms:.3f} ms")
+
+    def to_dict(self) -> dict:
+        return {"dynamic_energy_j": self.dynamic_energy_j, "power_limit_w": self.power_limit_w,
+                "static_power_w": self.static_power_w, "energy_factor": self.energy_factor,
+                "bound_ms": self.bound_ms, "note": self.note}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PowerBound:
+        return cls(d["dynamic_energy_j"], d["power_limit_w"], d["static_power_w"], d.get("energy_factor", 1.0),
+                   d.get("note", ""))
+
+
+def _reasons(value, where: str) -> tuple[tuple[str, float], ...]:
+    items = value.items() if isinstance(value, dict) else value
+    out = tuple(sorted((str(k), float(v)) for k, v in items))
+    _require(all(0.0 <= v <= 1.0 for _, v in out), f"{where}: reason shares must be in 0..1")
+    return out
+
+
+@dataclass(frozen=True)
+class PowerReading:
+    """The plan's power in a run, from NVML (nfsearch/runtime/power.py). Two measurements:
+
+    - a SUSTAINED loop of back-to-back replays of the plan's graph right after the timing rounds,
+      its window on energy-counter updates: energy per layer (board, static included), GPU time per
+      layer in that loop, mean board power, and NVML samples (SM clock, clock-event reasons);
+    - the TIMING rounds themselves (the loop `measured_layer_ms` comes from): the energy counter read
+      before and after each round (its mean power is coarse: the counter moves every few tens of ms)
+      and NVML samples during them.
+
+    `is_power_capped` goes by the timing rounds' samples where there are any (they ran the time that
+    is reported), else the sustained loop's."""
+    energy_per_layer_j: float
+    layer_ms: float
+    power_w: float
+    power_limit_w: float
+    window_s: float
+    num_samples: int
+    capped_share: float
+    sm_clock_mhz: float | None = None               # median of the samples
+    min_sm_clock_mhz: float | None = None
+    max_sm_clock_mhz: float | None = None           # the device's maximum
+    reasons: tuple[tuple[str, float], ...] = ()     # (clock-event reason, share of samples)
+    timing_power_w: float | None = None
+    timing_num_samples: int = 0
+    timing_capped_share: float = 0.0
+    timing_sm_clock_mhz: float | None = None
+    timing_reasons: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "reasons", _reasons(self.reasons, "power reading"))
+        object.__setattr__(self, "timing_reasons", _reasons(self.timing_reasons, "power reading"))
+        for key in ("energy_per_layer_j", "layer_ms", "power_w", "power_limit_w", "window_s"):
+            _require(_is_float(getattr(self, key)), f"power reading: {key} must be positive, not {getattr(self, key)!r}")
+        for key in ("sm_clock_mhz", "min_sm_clock_mhz", "max_sm_clock_mhz", "timing_power_w", "timing_sm_clock_mhz"):
+            value = getattr(self, key)
+            _require(value is None or _is_float(value), f"power reading: {key} must be positive, not {value!r}")
+        for key in ("num_samples", "timing_num_samples"):
+            _require(_is_int(getattr(self, key)) and getattr(self, key) >= 0, f"power reading: {key} must be >= 0")
+        for key in ("capped_share", "timing_capped_share"):
+            _require(_is_float(getattr(self, key), high=1.0, may_be_low=True), f"power reading: {key} must be in 0..1")
+
+    @property
+    def is_power_capped(self) -> bool:
+        if self.timing_num_samples:
+            return self.timing_capped_share >= POWER_CAPPED_SHARE
+        return self.num_samples > 0 and self.capped_share >= POWER_CAPPED_SHARE
+
+    def dynamic_energy_j(self, static_power_w: float) -> float:
+        """Energy per layer above static power (what the power bound's dynamic energy predicts)."""
+        return self.energy_per_layer_j - static_power_w * self.layer_ms / 1e3
+
+    def describe(self) -> str:
+        clock = self.timing_sm_clock_mhz or self.sm_clock_mhz
+        share = self.timing_capped_share if self.timing_num_samples else self.capped_share
+        where = "timing rounds" if self.timing_num_samples else "sustained loop"
+        return (f"{'power-capped' if self.is_power_capped else 'not power-capped'} (SW power cap in {share:.0%} of "
+                f"the {where}' samples); {self.power_w:.0f} W of {self.power_limit_w:.0f} W, "
+                f"SM {clock or float('nan'):.0f} MHz (max {self.max_sm_clock_mhz or float('nan'):.0f}); "
+                f"{self.energy_per_layer_j:.3f} J per layer over {self.layer_ms:.3f} ms (sustained loop)")
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["reasons"], out["timing_reasons"] = dict(self.reasons), dict(self.timing_reasons)
+        out["is_power_capped"] = self.is_power_capped
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PowerReading:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
 @dataclass(frozen=True)
 class LaunchSummary:
     num_launches: int
@@ -231,6 +381,9 @@ class RunReport:
     timeline: Timeline | None = None
     command: str = ""
     plan_path: str = ""
+    replay_layer_ms: float | None = None        # the plan's replayed layer time, where a power bound was applied
+    power_bound: PowerBound | None = None       # predicted: the profile's power bound of one layer
+    power: PowerReading | None = None           # measured: the plan's energy, power, clocks (NVML)
 
     def __post_init__(self):
         object.__setattr__(self, "versions", _pairs(self.versions, "versions"))
@@ -247,6 +400,8 @@ class RunReport:
         _require(self.plan is None or self.plan.label == "plan", "run report: the plan's timing must be labelled plan")
         _require(self.predicted_layer_ms is None or (_is_ms(self.predicted_layer_ms) and self.predicted_layer_ms > 0),
                  f"run report: predicted_layer_ms must be positive, not {self.predicted_layer_ms!r}")
+        _require(self.replay_layer_ms is None or (_is_ms(self.replay_layer_ms) and self.replay_layer_ms > 0),
+                 f"run report: replay_layer_ms must be positive, not {self.replay_layer_ms!r}")
 
     # ---- derived numbers
     @property
@@ -277,6 +432,40 @@ class RunReport:
         m = self.measured_layer_ms
         return None if m is None else self.num_tokens / (m * 1e-3 * self.model_num_layers)
 
+    @property
+    def is_power_bound(self) -> bool | None:
+        """Whether the prediction is the power bound (None: no bound)."""
+        if self.power_bound is None or self.replay_layer_ms is None:
+            return None
+        return self.power_bound.is_binding(self.replay_layer_ms)
+
+    @property
+    def measured_dynamic_energy_j(self) -> float | None:
+        """The sustained loop's energy per layer above the profile's static power."""
+        if self.power is None or self.power_bound is None:
+            return None
+        return self.power.dynamic_energy_j(self.power_bound.static_power_w)
+
+    @property
+    def energy_ratio(self) -> float | None:
+        """Measured over predicted dynamic energy per layer, before any energy factor (what
+        `nfsearch calibrate --energy` fits)."""
+        m, b = self.measured_dynamic_energy_j, self.power_bound
+        if m is None or b.dynamic_energy_j <= 0:
+            return None
+        return m / (b.dynamic_energy_j / b.energy_factor)
+
+    def power_lines(self) -> list[str]:
+        """What the run says about power: the measured reading and the predicted bound (one line each)."""
+        out = []
+        if self.power is not None:
+            out.append(f"power: {self.power.describe()}")
+        if self.power_bound is not None and self.replay_layer_ms is not None:
+            out.append(f"power bound: {self.power_bound.describe(self.replay_layer_ms)}"
+                       + (f"; measured/predicted dynamic energy {self.energy_ratio:.3f}"
+                          if self.energy_ratio is not None else ""))
+        return out
+
     # ---- JSON
     def to_dict(self) -> dict:
         out = {}
@@ -298,6 +487,9 @@ class RunReport:
         out["derived"] = {
             "measured_layer_ms": self.measured_layer_ms, "prediction_error": self.prediction_error,
             "pct_of_bound": self.pct_of_bound, "tokens_per_s": self.tokens_per_s,
+            "is_power_bound": self.is_power_bound,
+            "is_power_capped": None if self.power is None else self.power.is_power_capped,
+            "measured_dynamic_energy_j": self.measured_dynamic_energy_j, "energy_ratio": self.energy_ratio,
             **{f"speedup_vs_{b.label.replace('-', '_')}": self.speedup(b.label) for b in self.baselines}}
         return out
 
@@ -318,6 +510,8 @@ class RunReport:
             kw["bound"] = None if d.get("bound") is None else Bound.from_dict(d["bound"])
             kw["notes"] = tuple(d.get("notes", ()))
             kw["timeline"] = None if d.get("timeline") is None else timeline_from_dict(d["timeline"], where)
+            kw["power_bound"] = None if d.get("power_bound") is None else PowerBound.from_dict(d["power_bound"])
+            kw["power"] = None if d.get("power") is None else PowerReading.from_dict(d["power"])
             return cls(**kw)
         except NfsearchError as exc:
             raise NfsearchError(f"{where}: {exc}") from None
@@ -357,4 +551,5 @@ def format_table(reports) -> str:
             f"{(r.bound.bound_ms if r.bound else float('nan')):>7.3f}"
             f"{(pb * 100 if pb is not None else float('nan')):>4.0f}%"
             f"{cell('seq-torch', 10)}{cell('seq-same', 9)}{cell('seq-compiled', 9)}")
+        lines += [f"{'':<15}{line}" for line in r.power_lines()]
     return "\n".join(lines)

@@ -9,6 +9,10 @@ cross-stream event wait for those on other streams) and its SMs are free; ops th
 another class progress at the interference model's stretched rate; ops of one class side by side
 never together go faster than the whole GPU would run them one after another (the class's ceiling).
 Times that are not finite and positive are refused; every replay step retires an op, so it ends.
+
+Power: where the profile has energy, the replay carries the cost model's power bound of one layer
+(cost.py) and its predicted layer time is max(the replayed makespan per layer, the bound); the
+replayed timeline itself is the kernels' schedule and is not stretched.
 """
 
 import math
@@ -23,6 +27,7 @@ from nfsearch.errors import NfsearchError
 from nfsearch.graph import build_layer, split_layers
 from nfsearch.layouts import buildable_layouts, corun_components
 from nfsearch.plan import PlannedOp, Schedule, check_structure
+from nfsearch.runreport import PowerBound
 from nfsearch.timeline import Span, Timeline
 
 TOLERANCE_MS = 1e-4
@@ -37,10 +42,38 @@ class PlanInvalid(NfsearchError):
 class Replay:
     timeline: Timeline
     stated: Timeline            # the plan's own predicted times
+    power_bound: PowerBound | None = None     # of one layer, where the profile has energy
 
     @property
     def makespan_ms(self) -> float:
         return self.timeline.makespan_ms
+
+    @property
+    def replayed_layer_ms(self) -> float:
+        return self.timeline.layer_time_ms
+
+    @property
+    def layer_time_ms(self) -> float:
+        """The predicted layer time: the replay's, or the power bound where that is slower."""
+        bound = self.power_bound
+        return self.replayed_layer_ms if bound is None else bound.layer_ms(self.replayed_layer_ms)
+
+    @property
+    def is_power_bound(self) -> bool:
+        return self.power_bound is not None and self.power_bound.is_binding(self.replayed_layer_ms)
+
+
+def plan_dynamic_energy_j(schedule: Schedule, cost: CostModel) -> float:
+    """Dynamic energy per layer of the plan's nano-ops (each its share of its op's): the power
+    bound's dynamic energy whatever the split (0 without energy)."""
+    return sum(cost.nano_dynamic_j(op.op, op.num_tokens) for op in schedule.nano_ops) / schedule.num_layers
+
+
+def power_line(result: Replay, cost: CostModel) -> str:
+    """One line: the power bound and whether it binds the replayed plan, or why there is none."""
+    if result.power_bound is None:
+        return cost.power_note
+    return result.power_bound.describe(result.replayed_layer_ms)
 
 
 def verify(schedule: Schedule) -> None:
@@ -149,7 +182,7 @@ def replay(schedule: Schedule, cost: CostModel) -> Replay:
     else:
         raise PlanInvalid(f"replay did not finish in {2 * len(ops) + 1} steps")
     label = f"predicted ({cost.profile.label}, {cost.describe_sources()})"
-    return Replay(Timeline(label, tuple(spans), schedule.num_layers), stated_timeline(schedule))
+    return Replay(Timeline(label, tuple(spans), schedule.num_layers), stated_timeline(schedule), cost.power_bound())
 
 
 def stated_timeline(schedule: Schedule) -> Timeline:
