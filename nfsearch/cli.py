@@ -198,13 +198,32 @@ def analyze(gpu_key, pairs_path, json_path, **spec):
 @click.option("--net-impls", default="nccl,ce", show_default=True,
               help="Collective impls to measure under TP (comma list): nccl (NCCL on an SM share), ce (copy "
                    "engines, the sum on the SM share; measured where every GPU can set it up).")
+@click.option("--energy/--no-energy", "with_energy", default=True, show_default=True,
+              help="Also measure each op's energy per call (NVML) at the token counts of W1-W3 and the workload, "
+                   "the power limit and the static power: the power bound (a few seconds; none without NVML).")
+@click.option("--energy-only", "into_path", type=click.Path(dir_okay=False), metavar="PROFILE",
+              help="Measure only the energy, into a copy of this measured profile of the same GPU (its rows kept).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Profile table to write: .parquet or .csv.")
-def profile(is_analytic, gpu_key, gpu_id, is_quick, with_pairs, net_impls, output, **spec):
+def profile(is_analytic, gpu_key, gpu_id, is_quick, with_pairs, net_impls, with_energy, into_path, output, **spec):
     """Write a profile table: measured on the GPU, or --analytic from a roofline model."""
     model, workload = resolve_specs(**spec)
     _check_outputs([output], (".parquet", ".csv"))
     net_impls = _net_impls(net_impls)
+    if into_path is not None:            # energy only, added to a measured profile (runtime/profiler.add_energy)
+        if is_analytic or not with_energy:
+            raise NfsearchError("--energy-only measures energy on the GPU: not with --analytic or --no-energy")
+        from nfsearch.profile import load
+        base = load(into_path)
+        from nfsearch.runtime.device import require_cuda
+        require_cuda("nfsearch profile --energy-only")
+        from nfsearch.runtime.profiler import add_energy
+        table = add_energy(model, workload, base, gpu_id=gpu_id)
+        table.write(output)
+        points = len(table.energy.points) if table.energy is not None else 0
+        _echo(f"wrote {output}: the {len(table.rows)} rows of {into_path} and {points} energy points, {table.label}, "
+              f"fingerprint {table.fingerprint()}")
+        return
     if is_analytic:
         from nfsearch.roofline import analytic_profile
         from nfsearch.specs import load_gpu
@@ -223,7 +242,7 @@ def profile(is_analytic, gpu_key, gpu_id, is_quick, with_pairs, net_impls, outpu
         require_cuda("nfsearch profile")
         from nfsearch.runtime.profiler import measure_profile
         table = measure_profile(model, workload, gpu_id=gpu_id, is_quick=is_quick, output=output,
-                                progress=_progress_bar, with_pairs=with_pairs)
+                                progress=_progress_bar, with_pairs=with_pairs, with_energy=with_energy)
     table.write(output)
     _echo(f"wrote {output}: {len(table.rows)} rows, {table.label}, fingerprint {table.fingerprint()}")
 

@@ -23,6 +23,11 @@ memory) on the complementary num_sms - n SMs of ONE green-context split (a group
 attention, the remainder for the compute op). The measured op is timed while the other side runs
 back to back for the whole window; its row's co_class is the other side's class.
 
+Energy points (kind "energy", `energy_plan`): each op of the layer at its whole token count in W1-W3
+(for this model) and in the given workload, on the whole GPU with the fastest impl the timing table
+has there; the profiler runs each back to back (nfsearch/runtime/power.py) and the profile keeps the
+energy per call under meta["energy"] (profile.ProfileEnergy).
+
 Pair points (kind "pair", the pair table): two ops of different classes the search may overlap,
 launched together on the two sides of ONE two-way green-context split, at every split on the
 partition grid: the smaller side gets m SMs (m = granularity, 2 x granularity, ... <= num_sms / 2),
@@ -51,8 +56,8 @@ import pandas as pd
 
 from nfsearch import pairs as pair_table
 from nfsearch.errors import NfsearchError
-from nfsearch.graph import Op, layer_ops, op_context, op_work
-from nfsearch.profile import ProfileTable
+from nfsearch.graph import Op, build_layer, layer_ops, op_context, op_work
+from nfsearch.profile import ProfileMiss, ProfileTable
 from nfsearch.roofline import BW_FRACTION, interp
 from nfsearch.runreport import Ceilings
 from nfsearch.specs import ModelSpec, Workload
@@ -228,7 +233,8 @@ class Plan:
 
     def sizes(self, op: str) -> list[tuple[int, int]]:
         """Every (num_tokens, context) at which `op` runs in this plan, backgrounds included."""
-        out = {(p.num_tokens, p.context) for p in self.points if p.op == op and p.kind in ("solo", "corun", "pair")}
+        out = {(p.num_tokens, p.context) for p in self.points
+               if p.op == op and p.kind in ("solo", "corun", "pair", "energy")}
         out |= {(p.partner_tokens, p.partner_context) for p in self.points if p.kind == "pair" and p.partner_op == op}
         if any(p.kind == "corun" for p in self.points):
             if op == MEMORY_BACKGROUND[0]:
@@ -427,6 +433,67 @@ def pair_families(model: ModelSpec, layer: dict[str, Op], chosen: dict[str, Op],
     out += [(side(d, r, c), side(p, pt, pc)) for d in decodes for r, c in decode_sizes
             for p in prefills for pt, pc in PAIR_PREFILL]
     return out
+
+
+# ------------------------------------------------------------------------------------ energy
+ENERGY_WORKLOADS = ("W1", "W2", "W3")       # their token counts are measured for every model, as the grid covers them
+
+
+@dataclass(frozen=True)
+class EnergyRequest:
+    """One energy point to measure: an op over its whole token count (requests for decode attention)
+    at its context, with the impl the timing table finds fastest on the whole GPU (time_ms there)."""
+    op: str
+    impl: str
+    num_tokens: int
+    context: int
+    time_ms: float
+
+    def describe(self) -> str:
+        unit = "req" if self.op == "decode_attn" else "tok"
+        return f"{self.op}/{self.impl} {self.num_tokens} {unit}" + (f" ctx {self.context}" if self.context else "")
+
+
+def energy_requests(model: ModelSpec, workload: Workload, table: ProfileTable) -> tuple[list[EnergyRequest], list[str]]:
+    """The energy points of `model` (module doc): every op at its whole token count in W1-W3 and in
+    `workload` (same TP degree), fastest impl on the whole GPU by `table`; and a note per op that
+    cannot be measured (the table has no row to pick its impl from)."""
+    from nfsearch.specs import load_workload
+    workloads = [load_workload(name) for name in ENERGY_WORKLOADS] + [workload]
+    found: dict[tuple, EnergyRequest] = {}
+    notes: list[str] = []
+    full = table.info.num_sms
+    for wl in workloads:
+        if wl.tp_degree != workload.tp_degree:
+            continue
+        try:
+            layer = build_layer(model, wl)
+        except NfsearchError as exc:          # a standard batch this model cannot take (a sliding window)
+            notes.append(f"{wl.name}: {exc}")
+            continue
+        for name in layer.nodes:
+            lo, hi = layer.nodes[name]["token_range"]
+            ctx = op_context(layer.nodes[name]["op"], wl)
+            key = (name, hi - lo, ctx)
+            if key in found:
+                continue
+            try:
+                ms, impl = table.time_ms(name, hi - lo, full, ctx, allow_extrapolation=True)
+            except ProfileMiss as miss:
+                notes.append(f"{name} {hi - lo} x {ctx}: {miss}")
+                continue
+            found[key] = EnergyRequest(name, impl, hi - lo, ctx, ms)
+    return sorted(found.values(), key=lambda r: (r.op, r.context, r.num_tokens)), notes
+
+
+def energy_plan(model: ModelSpec, workload: Workload, requests: list[EnergyRequest], num_sms: int,
+                granularity: int, impls: dict[str, tuple[str, ...]]) -> Plan:
+    """A measurement plan holding the energy points (so the profiler's inputs are built at their sizes)."""
+    cover = Workload("cover", 1, 1024, (256,), workload.tp_degree, workload.dtype)
+    ops = {op.name: op for op in layer_ops(model, cover)}
+    points = [Point("energy", r.op, r.impl, r.num_tokens, r.context, num_sms) for r in requests]
+    return Plan(model, workload.tp_degree, num_sms, granularity, False, Settings(), ops, points,
+                {"energy_points": [r.describe() for r in requests]}, impls=impls)
 
 
 # ------------------------------------------------------------------------------------ collectives

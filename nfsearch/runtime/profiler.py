@@ -53,8 +53,9 @@ CLOCK_CYCLES = 1_000_000    # the spin kernel that reads the SM clock (~0.5 ms a
 
 def measure_profile(model, workload, gpu_id: int = 0, is_quick: bool = False, output=None, progress=None,
                     ops=None, sm_counts=None, settings=None, log=None, with_pairs: bool = True,
-                    pair_minority_sms=None):
-    """Measure the profile of `model` (grid covering W1-W3 and `workload`) on CUDA device `gpu_id`.
+                    pair_minority_sms=None, with_energy: bool = False):
+    """Measure the profile of `model` (grid covering W1-W3 and `workload`) on CUDA device `gpu_id`;
+    with_energy: then its energy (add_energy: a few seconds; a note and none without NVML).
 
     output: the table's path; the checkpoint `<output>.partial.csv` and the summary
     `<output-stem>.summary.json` go beside it, and the table is written there too (then the
@@ -65,6 +66,13 @@ def measure_profile(model, workload, gpu_id: int = 0, is_quick: bool = False, ou
     log = log or _stderr
     run = measure_single_gpu(model, workload, gpu_id, is_quick, output, progress, ops, sm_counts, settings, log,
                              with_pairs, pair_minority_sms)
+    if with_energy and not run.is_stopped:
+        run.table = add_energy(model, workload, run.table, gpu_id, log)
+        if run.table.energy is not None:
+            run.summary["energy"] = {"power_limit_w": run.table.energy.power_limit_w,
+                                     "static_power_w": run.table.energy.static_power_w,
+                                     "points": len(run.table.energy.points),
+                                     "failures": list(run.table.energy.failures)}
     if output:
         out = Path(output)
         (out.parent / (out.stem + ".summary.json")).write_text(json.dumps(run.summary, indent=1, default=str))
@@ -128,6 +136,127 @@ def measure_single_gpu(model, workload, gpu_id: int = 0, is_quick: bool = False,
         summary["failure_examples"] = [f"{k}: {v}" for k, v in list(failures.items())[:10]]
     _print_summary(summary, log)
     return SingleGpuRun(table, summary, checkpoint, bool(run.stopped))
+
+
+# ------------------------------------------------------------------------------------ energy
+ENERGY_GRAPH_MS = 2.0       # one CUDA graph of an energy point holds calls worth about this much GPU time
+MAX_ENERGY_GRAPH_CALLS = 64
+
+
+def add_energy(model, workload, table, gpu_id: int = 0, log=None, window_s: float | None = None):
+    """`table` with its energy measured on CUDA device `gpu_id` (meta["energy"], profile.ProfileEnergy):
+    each op at the token counts of W1-W3 and `workload` (measurements.energy_requests) run back to back
+    on the whole GPU with its fastest impl, the power limit and the static power (runtime/power.py says
+    how). Points the table already has are replaced, others kept. Without NVML, or for a TP workload,
+    the table comes back as it was and `log` says why (a note, not an error)."""
+    import torch
+
+    from nfsearch.errors import NfsearchError
+    from nfsearch.profile import EnergyPoint, ProfileEnergy
+    from nfsearch.runtime import power
+    from nfsearch.runtime.kernels import IMPLS
+
+    log = log or _stderr
+    window_s = power.WINDOW_S if window_s is None else window_s
+    if workload.tp_degree > 1:
+        log("note: no energy measured: the power bound is for single-GPU plans (this is a TP workload)")
+        return table
+    if table.is_analytic:
+        raise NfsearchError("energy is added to a measured profile, not to an analytic one")
+    torch.cuda.set_device(gpu_id)
+    props = torch.cuda.get_device_properties(gpu_id)
+    name, num_sms = torch.cuda.get_device_name(gpu_id), int(props.multi_processor_count)
+    if name != table.meta["gpu_name"] or num_sms != table.info.num_sms:
+        raise NfsearchError(f"the profile is of {table.meta['gpu_name']} ({table.info.num_sms} SMs), this GPU is "
+                            f"{name} ({num_sms} SMs): energy goes with the timings of the same GPU")
+    device, how = power.open_device(gpu_id)
+    if device is None:
+        log(f"note: {how}")
+        return table
+    t_start = time.time()
+    requests, notes = profiling.energy_requests(model, workload, table)
+    plan = profiling.energy_plan(model, workload, requests, num_sms, table.info.sm_granularity,
+                                 {op: tuple(IMPLS[op]) for op in IMPLS})
+    plan.rotate_bytes = 3.0 * int(getattr(props, "L2_cache_size", 50 << 20))
+    log(f"energy of {model.name} on {name} ({how}): {len(requests)} points, ~{len(requests) * (window_s + 0.4):.0f} s; "
+        f"power limit {device.power_limit_w():.0f} W, SM clock max {device.max_sm_clock_mhz():.0f} MHz")
+    points, failures = [], list(notes)
+    try:
+        for op in dict.fromkeys(r.op for r in requests):
+            inputs = None
+            try:
+                inputs = _Inputs(torch, plan, plan.ops[op], IMPLS)
+                for r in (r for r in requests if r.op == op):
+                    try:
+                        m, way = _energy_point(torch, inputs, r, num_sms, device, window_s)
+                    except Exception as exc:  # noqa: BLE001 - one point lost, not the profile
+                        torch.cuda.synchronize()
+                        failures.append(f"{r.describe()}: {type(exc).__name__}: {str(exc)[:160]}")
+                        log(f"  energy {r.describe()}: FAILED {failures[-1]}")
+                        continue
+                    points.append(EnergyPoint(r.op, r.impl, r.num_tokens, r.context, m.energy_j, m.time_ms,
+                                              m.power_w, m.samples.sm_clock_mhz, round(m.samples.capped_share, 3)))
+                    log(f"  energy {r.describe()} ({way}): {m.describe()}; table {r.time_ms:.4f} ms")
+            except Exception as exc:  # noqa: BLE001 - an op whose inputs cannot be built
+                failures.append(f"{op}: inputs: {type(exc).__name__}: {str(exc)[:160]}")
+                log(f"  energy {op}: FAILED {failures[-1]}")
+            finally:
+                del inputs
+                torch.cuda.empty_cache()
+        if points:
+            try:
+                static = power.measure_static_power(device, window_s)
+            except Exception as exc:  # noqa: BLE001 - no static power, no bound: said, not fatal
+                log(f"note: the static power could not be measured ({type(exc).__name__}: {str(exc)[:160]}); "
+                    "the profile has no energy")
+                return table
+        limit, max_mhz = device.power_limit_w(), device.max_sm_clock_mhz()
+    finally:
+        device.close()
+    if not points:
+        log("note: no energy point could be measured; the profile has no energy")
+        return table
+    log(f"  static power {static.static_power_w:.0f} W at SM {static.sm_clock_mhz or 0:.0f} MHz "
+        f"(idle, nothing queued: {static.idle_power_w or float('nan'):.0f} W); {time.time() - t_start:.0f} s")
+    energy = ProfileEnergy(
+        limit, static.static_power_w, tuple(sorted(points, key=lambda p: p.key)),
+        method=(f"each op back to back on the whole GPU with its fastest impl, {ENERGY_GRAPH_MS:g} ms CUDA graphs "
+                f"of rotating input sets, {power.WARMUP_S:g} s warm-up, then an NVML energy-counter window of "
+                f">= {window_s:g} s between counter updates: energy per call = mean board power x GPU time per "
+                f"call (power.measure_energy)"),
+        static_method=static.method, idle_power_w=static.idle_power_w, static_sm_clock_mhz=static.sm_clock_mhz,
+        max_sm_clock_mhz=max_mhz,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), failures=tuple(failures))
+    if table.energy is not None:
+        energy = table.energy.merged(energy)
+    return table.with_energy(energy)
+
+
+def _energy_point(torch, inputs, r, num_sms: int, device, window_s: float):
+    """The energy measurement of one request: a CUDA graph of k calls (eager where capture fails)."""
+    from nfsearch.runtime import power
+    fn, nsets = inputs.fn(r.impl, r.num_tokens, r.context, num_sms)
+    fn(0)                                   # compiles, outside the capture
+    torch.cuda.synchronize()
+    k = max(1, min(MAX_ENERGY_GRAPH_CALLS, math.ceil(ENERGY_GRAPH_MS / max(r.time_ms, 1e-3))))
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for i in range(k):
+                fn(i % nsets)
+        run, way = graph.replay, f"graph of {k}"
+    except Exception:  # noqa: BLE001 - an impl that cannot be captured runs eagerly (host launch gaps count)
+        torch.cuda.synchronize()
+        graph = None
+
+        def run():
+            for i in range(k):
+                fn(i % nsets)
+        way = f"eager, {k} per chunk"
+    try:
+        return power.measure_energy(run, device, calls_per_fn=k, window_s=window_s), way
+    finally:
+        del graph
 
 
 def device_meta(torch, parts, gpu_id: int) -> dict:
