@@ -27,6 +27,16 @@ to get that factor (else 1).
 Where it goes: the profile's metadata, key "calibration" (`Calibration.to_dict`); `transfer` carries
 it to another model's profile measured on the same GPU (`calibrate --from`). The cost model applies
 it only when present, and the plan's interference label names it. Torch-free.
+
+The ENERGY factor (`calibrate_energy`, `--energy PLAN RUN_JSON`): per run report of `nfsearch run`
+with a power reading (runreport.PowerReading, the sustained loop of the plan's graph), the measured
+dynamic energy per layer (energy per layer - the profile's static power x the loop's time per layer)
+over the profile's predicted dynamic energy of that layer (cost.power_bound_of, no factor); the
+factor is their median over the power-capped runs, else over all (calibration.fit_energy). The op
+energies were measured at whatever clock each op's own loop ran at; a plan at the power cap runs
+at a lower clock and voltage, where each op costs less energy, so the factor is below 1 there.
+Stored under "energy_calibration", apart from the timeline calibration: either may be refitted
+without the other.
 """
 
 from __future__ import annotations
@@ -34,9 +44,10 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from nfsearch.calibration import (CALIBRATION_KEY, FACTOR_RANGE, MAX_OVERHEAD_US, SOLO_RANGE, Calibration,
-                                  ClassFactor, calibration_from_meta, without_calibration)
-from nfsearch.cost import OP_ALIASES, make_problem, overheads_from_meta
+from nfsearch.calibration import (CALIBRATION_KEY, ENERGY_CALIBRATION_KEY, FACTOR_RANGE, MAX_OVERHEAD_US, SOLO_RANGE,
+                                  Calibration, ClassFactor, EnergyCalibration, EnergyRun, calibration_from_meta,
+                                  energy_calibration_from_meta, fit_energy, without_calibration)
+from nfsearch.cost import OP_ALIASES, make_problem, overheads_from_meta, power_bound_of
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import OP_CLASSES
 from nfsearch.profile import ProfileMiss, ProfileTable
@@ -212,19 +223,68 @@ def calibrate(profile, runs) -> tuple[object, Calibration, list[SpanRatio]]:
     return ProfileTable(raw.rows, meta), cal, ratios
 
 
-def transfer(profile, calibrated) -> tuple[object, Calibration]:
+def calibrate_energy(profile, runs) -> tuple[object, EnergyCalibration]:
+    """Fit the energy factor of `profile` (a ProfileTable with energy) from `runs`: (Schedule, RunReport,
+    source line) triples, each report of `nfsearch run` on that plan with a power reading (module doc).
+    Returns the profile with the factor in its metadata (the rest kept) and the fit."""
+    if not runs:
+        raise NfsearchError("an energy calibration needs at least one run report")
+    if profile.energy is None:
+        raise NfsearchError(f"{profile.label} has no energy to calibrate (nfsearch profile --energy-only adds it)")
+    raw = ProfileTable(profile.rows, {k: v for k, v in profile.meta.items() if k != ENERGY_CALIBRATION_KEY})
+    static_w = raw.energy.static_power_w
+    fitted = []
+    for schedule, report, source in runs:
+        if report.power is None:
+            raise NfsearchError(f"{source}: the run report has no power reading (NVML was not available in that run)")
+        if (report.model, report.workload) != (schedule.model.name, schedule.workload.name):
+            raise NfsearchError(f"{source}: the run report is of {report.model} {report.workload}, the plan of "
+                                f"{schedule.model.name} {schedule.workload.name}")
+        if report.gpu != raw.meta["gpu_name"]:
+            raise NfsearchError(f"{source}: the run was on {report.gpu}, the profile is of {raw.meta['gpu_name']}")
+        bound, why = power_bound_of(raw, schedule.model, schedule.workload)
+        if bound is None:
+            raise NfsearchError(f"{source}: {why}")
+        measured = report.power.dynamic_energy_j(static_w)
+        if not measured > 0:
+            raise NfsearchError(f"{source}: the run's energy per layer ({report.power.energy_per_layer_j:.4g} J over "
+                                f"{report.power.layer_ms:.4g} ms) is not above the profile's static power {static_w:.0f} W")
+        fitted.append(EnergyRun(source, measured, bound.dynamic_energy_j, report.power.is_power_capped))
+    ecal = fit_energy(fitted)
+    meta = dict(raw.meta)
+    meta[ENERGY_CALIBRATION_KEY] = ecal.to_dict()
+    return ProfileTable(raw.rows, meta), ecal
+
+
+def format_energy_report(ecal: EnergyCalibration) -> str:
+    lines = [f"{'energy run':<60}{'capped':>7}{'meas. J':>9}{'pred. J':>9}{'m/p':>7}"]
+    for r in ecal.runs:
+        lines.append(f"{r.source[-60:]:<60}{'yes' if r.is_power_capped else 'no':>7}{r.measured_j:>9.4f}"
+                     f"{r.predicted_j:>9.4f}{r.ratio:>7.3f}")
+    lines.append(ecal.label)
+    return "\n".join(lines)
+
+
+def transfer(profile, calibrated) -> tuple[object, Calibration | EnergyCalibration]:
     """`profile` with the calibration of `calibrated` (another model's profile, measured on the same
-    GPU with the same SM count): the factors are of kernels and of the GPU, not of one model."""
+    GPU with the same SM count): the factors are of kernels and of the GPU, not of one model. Its
+    energy factor goes along where it has one (of the GPU's clocks and voltage under the cap); the
+    energy points themselves are of the model and stay. Returns the timeline calibration carried (the
+    energy one where there is only that)."""
     cal = calibration_from_meta(calibrated.meta)
-    if cal is None:
+    ecal = energy_calibration_from_meta(calibrated.meta)
+    if cal is None and ecal is None:
         raise NfsearchError(f"{calibrated.label}: has no calibration to carry (run nfsearch calibrate on it first)")
     for key in ("gpu_name", "num_sms"):
         if profile.meta.get(key) != calibrated.meta.get(key):
             raise NfsearchError(f"calibration is of {key} {calibrated.meta.get(key)!r}, the profile's is "
                                 f"{profile.meta.get(key)!r}: calibrate from runs on this GPU instead")
     meta = dict(profile.meta)
-    meta[CALIBRATION_KEY] = cal.to_dict()
-    return ProfileTable(profile.rows, meta), cal
+    if cal is not None:
+        meta[CALIBRATION_KEY] = cal.to_dict()
+    if ecal is not None:
+        meta[ENERGY_CALIBRATION_KEY] = ecal.to_dict()
+    return ProfileTable(profile.rows, meta), cal or ecal
 
 
 def format_report(cal: Calibration, ratios: list[SpanRatio]) -> str:

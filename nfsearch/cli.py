@@ -501,16 +501,21 @@ def compare_cmd(plan_path, measured_path, output, worst):
               help="A plan JSON and the measured.json that `nfsearch run --timeline` wrote for it; repeat for more runs.")
 @click.option("--from", "from_path", type=click.Path(dir_okay=False),
               help="Instead of --run: carry the calibration of this calibrated profile (another model, same GPU).")
+@click.option("--energy", "energy_runs", multiple=True, nargs=2, type=click.Path(dir_okay=False),
+              metavar="PLAN RUN_JSON",
+              help="A plan JSON and the run.json `nfsearch run` wrote for it (with its power reading): fits the "
+                   "energy factor of the power bound; repeat for more runs; with or without --run.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Calibrated profile to write (.parquet or .csv): the same rows, the calibration in its metadata.")
-def calibrate_cmd(profile_path, runs, from_path, output):
+def calibrate_cmd(profile_path, runs, from_path, energy_runs, output):
     """Fold measured plan timelines into a profile: per-op solo and co-run factors, wait and launch gap."""
     from nfsearch import calibrate, plan
     from nfsearch.files import read_json
     from nfsearch.profile import load
     from nfsearch.timeline import timeline_from_dict
-    if bool(runs) == bool(from_path):
-        raise NfsearchError("give either --run PLAN MEASURED (one or more) or --from CALIBRATED_PROFILE")
+    if (bool(runs) or bool(energy_runs)) == bool(from_path):
+        raise NfsearchError("give either --run PLAN MEASURED and/or --energy PLAN RUN_JSON (one or more), or "
+                            "--from CALIBRATED_PROFILE")
     _check_outputs([output], (".parquet", ".csv"))
     profile = load(profile_path)
     if from_path:
@@ -518,11 +523,20 @@ def calibrate_cmd(profile_path, runs, from_path, output):
         table.write(output)
         _echo(f"wrote {output}: {cal.label}, carried from {from_path}")
         return
-    triples = [(plan.read(p), timeline_from_dict(read_json(m), m), f"{p} + {m}") for p, m in runs]
-    table, cal, ratios = calibrate.calibrate(profile, triples)
-    _echo(calibrate.format_report(cal, ratios))
+    table, labels = profile, []
+    if runs:
+        triples = [(plan.read(p), timeline_from_dict(read_json(m), m), f"{p} + {m}") for p, m in runs]
+        table, cal, ratios = calibrate.calibrate(table, triples)
+        _echo(calibrate.format_report(cal, ratios))
+        labels.append(cal.label)
+    if energy_runs:
+        from nfsearch.runreport import RunReport
+        triples = [(plan.read(p), RunReport.from_dict(read_json(r), r), f"{p} + {r}") for p, r in energy_runs]
+        table, ecal = calibrate.calibrate_energy(table, triples)
+        _echo(calibrate.format_energy_report(ecal))
+        labels.append(ecal.label)
     table.write(output)
-    _echo(f"wrote {output}: {cal.label}")
+    _echo(f"wrote {output}: {'; '.join(labels)}")
 
 
 @main.command("tune")

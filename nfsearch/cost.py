@@ -381,7 +381,7 @@ class EnergyModel:
 
 def no_energy_note(profile: ProfileTable) -> str:
     return (f"no power bound: the {profile.label} has no energy"
-            + ("" if profile.is_analytic else " (nfsearch profile --energy-only --into it adds it on the GPU)"))
+            + ("" if profile.is_analytic else " (nfsearch profile --energy-only PROFILE adds it on the GPU)"))
 
 
 def power_bound_of(profile: ProfileTable, model: ModelSpec, workload: Workload) -> tuple[PowerBound | None, str]:

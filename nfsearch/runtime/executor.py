@@ -24,6 +24,7 @@ launches in plan order with the "torch" impls (used by the CI tests).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import statistics
 import time
@@ -31,8 +32,8 @@ import time
 import torch
 
 from nfsearch.errors import NfsearchError
-from nfsearch.runreport import (Bound, Ceilings, Correctness, LaunchSummary, OpError, RunReport, Timing,
-                                format_table)
+from nfsearch.runreport import (Bound, Ceilings, Correctness, LaunchSummary, OpError, PowerReading, RunReport,
+                                Timing, format_table)
 from nfsearch.runtime import launch as launch_mod
 from nfsearch.runtime.bench import event_times, host_times
 from nfsearch.runtime.kernels import IMPLS
@@ -255,13 +256,15 @@ class _Variant:
                       self.how if is_cuda else "cpu", self.impls, self.note)
 
 
-def time_variants(ctx: ExecContext, variants: list[_Variant], iters: int, repeats: int) -> None:
+def time_variants(ctx: ExecContext, variants: list[_Variant], iters: int, repeats: int, watch=None) -> None:
     """`repeats` rounds; in each, every variant is timed as the median of `iters` runs (rounds interleave
     the variants, so drift of the clock or temperature hits all alike). CUDA events on the GPU, the
-    host clock on the CPU."""
+    host clock on the CPU. `watch(label)`: a context manager around each variant's round (the plan's
+    NVML readings), or None."""
     for _ in range(repeats):
         for v in variants:
-            times = event_times(v.run, iters, warmup=2) if ctx.is_cuda else host_times(v.run, iters, warmup=1)
+            with watch(v.label) if watch is not None else contextlib.nullcontext():
+                times = event_times(v.run, iters, warmup=2) if ctx.is_cuda else host_times(v.run, iters, warmup=1)
             v.repeats.append(statistics.median(times))
 
 
@@ -362,7 +365,25 @@ def execute(schedule, *, mode: str = "green", iters: int = 30, repeats: int = 3,
                 _sync(ctx)
                 failures.append((v.label, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
         say(f"timing {', '.join(v.label for v in kept)}: {repeats} rounds of {iters} runs")
-        time_variants(ctx, kept, iters, repeats)
+        nvml = windows = None
+        if ctx.is_cuda:
+            from nfsearch.runtime import power
+            nvml, why = power.open_device(ctx.device.index or 0)
+            if nvml is None:
+                notes.append(f"power: {why}")
+            else:
+                windows = power.EnergyWindows(nvml)
+        try:
+            time_variants(ctx, kept, iters, repeats, watch=None if windows is None else (
+                lambda label: windows.window() if label == "plan" else contextlib.nullcontext()))
+            reading = None
+            if nvml is not None:
+                say("measuring the plan's energy (back-to-back graph replays, NVML energy counter)")
+                reading = _power_reading(next(v for v in kept if v.label == "plan"), nvml, windows,
+                                         schedule.num_layers, notes)
+        finally:
+            if nvml is not None:
+                nvml.close()
         timings = {v.label: v.timing(iters, schedule.num_layers, ctx.is_cuda) for v in kept}
         plan_t = timings.pop("plan")
         if plan_t.note:
@@ -386,15 +407,64 @@ def execute(schedule, *, mode: str = "green", iters: int = 30, repeats: int = 3,
                              "eager event timing instead")
                 measured_tl = measure_timeline(ctx, model, bufs, ll, f"measured ({ctx.mode}, eager, {ctx.gpu_name})")
         pred = schedule.predicted.layer_time_ms if schedule.predicted is not None else None
+        power_bound, power_note = _power_bound(schedule, profile)
+        if power_bound is None:
+            notes.append(f"power: {power_note}")
         bufs = model = variants = kept = None       # let the GPU buffers go (the variants close over them)
         return RunReport(**base, plan=plan_t,
                          baselines=tuple(timings[k] for k in ("seq-torch", "seq-same", "seq-compiled") if k in timings),
-                         baseline_failures=tuple(failures), predicted_layer_ms=pred if pred else None,
+                         baseline_failures=tuple(failures),
+                         predicted_layer_ms=(power_bound.layer_ms(pred) if pred and power_bound else pred or None),
                          ceilings=ceil, bound=None if ceil is None else _bound(schedule, ctx, ceil),
-                         notes=tuple(notes + ctx.notes), timeline=measured_tl)
+                         notes=tuple(notes + ctx.notes), timeline=measured_tl,
+                         replay_layer_ms=pred if pred and power_bound else None,
+                         power_bound=power_bound if pred else None, power=reading)
     finally:
         if own_ctx:
             ctx.close()
+
+
+PLAN_ENERGY_WINDOW_S = 0.5      # the sustained loop of the plan's graph (runtime/power.py)
+
+
+def _power_reading(plan: _Variant, nvml, windows, num_layers: int, notes: list[str]) -> PowerReading | None:
+    """The plan's PowerReading: a sustained back-to-back loop of its graph (energy per layer, time,
+    power, samples) and what the timing rounds' windows saw; None (noted) where the loop fails."""
+    from nfsearch.runtime import power
+    try:
+        m = power.measure_energy(plan.run, nvml, window_s=PLAN_ENERGY_WINDOW_S)
+    except Exception as exc:  # noqa: BLE001 - the run stands without its energy
+        _sync_quietly()
+        notes.append(f"power: the plan's energy loop failed ({type(exc).__name__}: {str(exc)[:160]})")
+        return None
+    rounds = power.summarize(windows.samples)
+    s = m.samples
+    return PowerReading(
+        energy_per_layer_j=m.energy_j / num_layers, layer_ms=m.time_ms / num_layers, power_w=m.power_w,
+        power_limit_w=m.power_limit_w, window_s=m.window_s, num_samples=s.num_samples,
+        capped_share=round(s.capped_share, 4), sm_clock_mhz=s.sm_clock_mhz, min_sm_clock_mhz=s.min_sm_clock_mhz,
+        max_sm_clock_mhz=m.max_sm_clock_mhz, reasons=s.reasons, timing_power_w=windows.power_w,
+        timing_num_samples=rounds.num_samples, timing_capped_share=round(rounds.capped_share, 4),
+        timing_sm_clock_mhz=rounds.sm_clock_mhz, timing_reasons=rounds.reasons)
+
+
+def _sync_quietly() -> None:
+    try:
+        torch.cuda.synchronize()
+    except Exception:  # noqa: BLE001 - a device error shows again where it matters
+        pass
+
+
+def _power_bound(schedule, profile):
+    """The profile's power bound of one layer of the plan's model and workload (cost.power_bound_of),
+    or None and why."""
+    if profile is None:
+        return None, "no power bound: no profile given (run --profile with a profile that has energy)"
+    from nfsearch.cost import power_bound_of
+    try:
+        return power_bound_of(profile, schedule.model, schedule.workload)
+    except NfsearchError as exc:
+        return None, f"no power bound: {exc}"
 
 
 def _checked(variant: _Variant, ref_out, tol: float) -> _Variant:
