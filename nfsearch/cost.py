@@ -57,8 +57,8 @@ import networkx as nx
 from nfsearch.calibration import Calibration, calibration_from_meta, energy_calibration_from_meta
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import Op, build_layer, op_context
-from nfsearch.pairs import PairPoint, points_from_meta
-from nfsearch.plan import MAX_NUM_LAYERS, PlanGpu, PlanProfile
+from nfsearch.pairs import NO_SHARE_TAG, PairPoint, family_op, points_from_meta
+from nfsearch.plan import MAX_NUM_LAYERS, NO_SHARE_IMPLS, PlanGpu, PlanProfile
 from nfsearch.profile import ProfileEnergy, ProfileMiss, ProfileTable, gpu_from_profile, load
 from nfsearch.roofline import analytic_profile, interp, roofline
 from nfsearch.runreport import PowerBound
@@ -90,6 +90,7 @@ SRC_ROWS = "co-run rows"
 SRC_CURVES = "A100 curves"
 SRC_CURVES_FALLBACK = "A100 curves (outside the measured pairs)"
 SRC_SAME_CLASS = "same class (replay ceiling)"
+SRC_NO_SHARE = "no SM share, no pair measured (stretch 1)"
 
 
 @dataclass(frozen=True)
@@ -228,14 +229,16 @@ class PairModel:
         self.samples: dict[tuple[str, str], list[PairSample]] = {}
         self.partner_class: dict[str, dict[str, str]] = {}
         for p in points:
-            self.partner_class.setdefault(p.a.op, {})[p.b.op] = p.b.op_class
-            self.partner_class.setdefault(p.b.op, {})[p.a.op] = p.a.op_class
+            # a side of no SM share (a copy-engine collective) is a family of its own (pairs.family_op)
+            op_a, op_b = family_op(p.a.op, p.sms_a), family_op(p.b.op, p.sms_b)
+            self.partner_class.setdefault(op_a, {})[op_b] = p.b.op_class
+            self.partner_class.setdefault(op_b, {})[op_a] = p.a.op_class
             sa, sb = side_stretches(p)
             sa, part_a = _over_solo(solo_ms, p.a, p.sms_a, sa, p.part_a_ms)
             sb, part_b = _over_solo(solo_ms, p.b, p.sms_b, sb, p.part_b_ms)
-            self.samples.setdefault((p.a.op, p.b.op), []).append(
+            self.samples.setdefault((op_a, op_b), []).append(
                 PairSample(p.a.num_tokens, p.a.context, p.b.num_tokens, p.b.context, p.sms_a, sa, part_a))
-            self.samples.setdefault((p.b.op, p.a.op), []).append(
+            self.samples.setdefault((op_b, op_a), []).append(
                 PairSample(p.b.num_tokens, p.b.context, p.a.num_tokens, p.a.context, p.sms_b, sb, part_b))
         for v in self.samples.values():
             v.sort(key=lambda s: (s.num_tokens, s.context, s.partner_tokens, s.partner_context, s.sm_count))
@@ -246,7 +249,8 @@ class PairModel:
         points = points_from_meta(profile.meta, profile.label) if points is None else points
         if not points:
             return None
-        solo = lambda side, sms: profile.time_ms(side.op, side.num_tokens, sms, side.context)[0]
+        solo = lambda side, sms: (profile.time_ms(side.op, side.num_tokens, sms, side.context)[0] if sms else
+                                  no_share_time_ms(profile, side.op, side.num_tokens, side.context)[0])
         return cls(points, solo)
 
     def has(self, op: str, partner_op: str) -> bool:
@@ -305,6 +309,18 @@ class PairModel:
     def partners_of(self, op: str) -> list[tuple[str, str]]:
         """(partner op, its class) of every family measured with `op`."""
         return sorted(self.partner_class.get(OP_ALIASES.get(op, op), {}).items())
+
+
+def no_share_time_ms(profile: ProfileTable, op: str, num_tokens: int, context: int = 0,
+                     allow_extrapolation: bool = False) -> tuple[float, str]:
+    """(time, impl) of `op` holding no SM share: its fastest no-share impl's row at the whole GPU (how
+    the profiler measures it: alone on a plain stream). ProfileMiss when the profile has none."""
+    impls = [i for i in profile.impls(op) if i in NO_SHARE_IMPLS]
+    if not impls:
+        raise ProfileMiss(f"profile has no rows of a no-SM-share impl ({', '.join(sorted(NO_SHARE_IMPLS))}) "
+                          f"for op {op}")
+    return min(profile.time_ms(op, num_tokens, int(profile.meta["num_sms"]), context, impl=i,
+                               allow_extrapolation=allow_extrapolation) for i in impls)
 
 
 def _base_op(op: str) -> str:
@@ -461,6 +477,8 @@ class CostModel:
         solo = self.raw_solo_ms(op, num_tokens, sm_count)
         if co_class == self.op_class(op) or not co_class:
             return 1.0, SRC_SAME_CLASS
+        if sm_count == 0:         # no SM share: no partition scaling or SM interference to apply
+            return 1.0, SRC_NO_SHARE
         if co_class in self.profile.rows["co_class"].values and self.profile.impls(op, co_class):
             try:
                 row, impl = self._lookup(op, num_tokens, sm_count, co_class)
@@ -480,8 +498,9 @@ class CostModel:
     def _stretch(self, op: str, num_tokens: int, sm_count: int, partner: Partner) -> tuple[float, str]:
         """(stretch, source) of the op beside one partner nano-op."""
         if self.pairs is not None and partner.op in self.ops:
-            got = self.pairs.stretch(op, num_tokens, self.context(op), sm_count, partner.op,
-                                     partner.num_tokens, self.context(partner.op))
+            got = self.pairs.stretch(family_op(op, sm_count), num_tokens, self.context(op), sm_count,
+                                     family_op(partner.op, partner.sm_count), partner.num_tokens,
+                                     self.context(partner.op))
             if got is not None:
                 stretch, part_ms, source = got
                 if not self.pairs.is_over_solo:
@@ -505,15 +524,16 @@ class CostModel:
         with no family for this pair, the worst measured partner of the partner's class (any class
         if none), each at its nearest measured point."""
         def at_edge(partner_op: str, partner_tokens: int) -> float | None:
-            got = self.pairs.stretch(op, num_tokens, self.context(op), sm_count, partner_op, partner_tokens,
-                                     self.context(partner_op) if partner_op in self.ops else 0, is_clamped=True)
+            base = partner_op.removesuffix(NO_SHARE_TAG)
+            got = self.pairs.stretch(family_op(op, sm_count), num_tokens, self.context(op), sm_count, partner_op,
+                                     partner_tokens, self.context(base) if base in self.ops else 0, is_clamped=True)
             if got is None:
                 return None
             return got[0]          # (over the clamped point's own partition time)
-        value = at_edge(partner.op, partner.num_tokens)
+        value = at_edge(family_op(partner.op, partner.sm_count), partner.num_tokens)
         if value is not None:
             return value, SRC_PAIRS_EDGE
-        known = self.pairs.partners_of(op)
+        known = self.pairs.partners_of(family_op(op, sm_count))
         same = [q for q, c in known if c == self.op_class(partner.op)] or [q for q, _ in known]
         values = [v for v in (at_edge(q, partner.num_tokens) for q in same) if v is not None]
         return (max(values), SRC_PAIRS_OTHER) if values else None
@@ -531,7 +551,7 @@ class CostModel:
         the SMs this op leaves): the pessimistic figure stage 2 plans with."""
         others = [name for name in self.ops if self.op_class(name) in co_classes and name != op
                   and self.op_class(name) != self.op_class(op)]
-        if not others or sm_count >= self.num_sms:
+        if not others or sm_count >= self.num_sms or sm_count == 0:     # 0: holds no SM share
             return self.solo_ms(op, num_tokens, sm_count)
         rest = self.num_sms - sm_count
         return max(self.beside_ms(op, num_tokens, sm_count, (Partner(name, self.whole_tokens[name], rest),))
@@ -581,8 +601,16 @@ class CostModel:
         power = f"; power bound from the profile's energy ({self.power_note})" if self.power_bound() else ""
         return f"{head}; {self.overheads.describe()}{calibrated}{power}"
 
+    def has_no_share(self, op: str) -> bool:
+        """Whether the profile has an impl of `op` that holds no SM share (a nano-op of it may take 0 SMs)."""
+        return self.op_class(op) == "network" and any(i in NO_SHARE_IMPLS for i in self.profile.impls(op))
+
     def _lookup(self, op: str, num_tokens: int, sm_count: int, co_class: str = "") -> tuple[float, str]:
         context = op_context(self.ops[op], self.workload)
+        if sm_count == 0:
+            if co_class or self.op_class(op) != "network":
+                raise ProfileMiss(f"op {op} cannot run on 0 SMs (only a network op of a no-SM-share impl)")
+            return no_share_time_ms(self.profile, op, num_tokens, context, self.is_extrapolating)
         return self.profile.time_ms(op, num_tokens, sm_count, context, co_class=co_class,
                                     allow_extrapolation=self.is_extrapolating)
 

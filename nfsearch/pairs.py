@@ -10,6 +10,9 @@ the other `sms_b` SMs of one two-way green-context split:
 * part_a_ms, part_b_ms: each side alone on its own partition (same stream, no partner);
 * full_a_ms, full_b_ms: each side alone on the whole GPU (its fastest impl there);
 * impl_a, impl_b: the impl each side ran, the fastest alone on its partition;
+* a side of 0 SMs holds no share (a copy-engine collective, plan.NO_SHARE_IMPLS, on a plain stream
+  beside the other side on the whole GPU): its family is apart from the same ops on a split
+  (`family_op`);
 * sm_clock_mhz: the SM clock right after the pair ran (a spin kernel's cycles over its time);
   nvml_sm_clock_mhz: what NVML reported then (None where NVML was not available).
 
@@ -30,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from nfsearch.errors import NfsearchError
+from nfsearch.plan import NO_SHARE_IMPLS
 
 GAIN = 0.05          # overlap "pays" when the best split is at least this much faster than back to back
 
@@ -38,6 +42,13 @@ PAIR_COLUMNS = ("op_a", "impl_a", "class_a", "tokens_a", "context_a", "sms_a",
                 "corun_a_ms", "corun_b_ms", "makespan_ms", "part_a_ms", "part_b_ms", "full_a_ms", "full_b_ms",
                 "sm_clock_mhz", "nvml_sm_clock_mhz")
 _TIMES = ("corun_a_ms", "corun_b_ms", "makespan_ms", "part_a_ms", "part_b_ms", "full_a_ms", "full_b_ms")
+NO_SHARE_TAG = "@noshare"
+
+
+def family_op(op: str, sm_count: int) -> str:
+    """The op as pair families name it: a side that holds no SM share (0 SMs) is a family of its own,
+    apart from the same op on a split."""
+    return op + NO_SHARE_TAG if sm_count == 0 else op
 
 
 @dataclass(frozen=True)
@@ -78,8 +89,11 @@ class PairPoint:
     nvml_sm_clock_mhz: float | None = None
 
     def __post_init__(self):
-        if self.sms_a <= 0 or self.sms_b <= 0:
-            raise ValueError(f"pair point needs positive SM counts, got {self.sms_a} + {self.sms_b}")
+        for sms, impl in ((self.sms_a, self.impl_a), (self.sms_b, self.impl_b)):
+            if sms < 0 or (sms == 0 and impl not in NO_SHARE_IMPLS):
+                raise ValueError(f"pair point needs positive SM counts (0 only for impls "
+                                 f"{sorted(NO_SHARE_IMPLS)}), got {self.sms_a} ({self.impl_a}) + "
+                                 f"{self.sms_b} ({self.impl_b})")
         for name in _TIMES:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):

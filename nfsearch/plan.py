@@ -26,6 +26,10 @@ SCHEMA_VERSION = 1
 # nccl and ce: the collectives (NCCL on an SM share; copy engines with the sum on the SM share)
 RUNTIME_IMPLS = frozenset({"triton", "torch", "tma", "flash", "cuda", "nccl", "ce"})
 NON_MEASURED_IMPLS = frozenset({"analytic", "fake"})
+# Network impls that hold no SM share: the copy engines move the rows, and the sum kernel runs on a
+# plain stream beside whatever holds the SMs. Their nano-ops state sm_count 0; the profile's rows of
+# them are at the whole GPU (measured alone on a plain stream), their pairs at (whole GPU, 0).
+NO_SHARE_IMPLS = frozenset({"ce"})
 KNOWN_IMPLS = RUNTIME_IMPLS | NON_MEASURED_IMPLS
 
 PROFILE_SOURCES = ("measured", "analytic", "fake")
@@ -417,7 +421,11 @@ def check_structure(schedule: Schedule, where: str = "plan") -> None:
         if op.sm_count > gpu.num_sms:
             raise NfsearchError(f"{where}: nano-op {op.id} asks for {op.sm_count} SMs, the plan's GPU "
                                 f"{gpu.name} has {gpu.num_sms}")
-        if not gpu.is_on_grid(op.sm_count):
+        if op.sm_count == 0:
+            if op.op_class != "network" or op.impl not in NO_SHARE_IMPLS:
+                raise NfsearchError(f"{where}: nano-op {op.id} asks for 0 SMs; only network nano-ops of impl "
+                                    f"{', '.join(sorted(NO_SHARE_IMPLS))} hold no SM share")
+        elif not gpu.is_on_grid(op.sm_count):
             raise NfsearchError(f"{where}: nano-op {op.id} asks for {op.sm_count} SMs, not on the GPU's "
                                 f"partition grid (a multiple of {gpu.sm_granularity}, or {gpu.num_sms} minus one)")
         for dep in op.deps:

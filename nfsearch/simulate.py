@@ -111,8 +111,9 @@ def _layout_counts(n: int, g: int, max_groups: int) -> tuple[dict, ...]:
 
 def _corun_sets(schedule: Schedule) -> list[list[PlannedOp]]:
     """Connected components of "stated to overlap in time, on different streams" among the ops that
-    do not take the whole GPU, each in issue order (lone ops left out)."""
-    side = sorted((o for o in schedule.nano_ops if o.sm_count < schedule.gpu.num_sms), key=lambda o: o.start_ms)
+    take an SM share short of the whole GPU, each in issue order (lone ops left out)."""
+    # (ops of no SM share, sm_count 0, run on a plain stream: in no layout)
+    side = sorted((o for o in schedule.nano_ops if 0 < o.sm_count < schedule.gpu.num_sms), key=lambda o: o.start_ms)
     return [sorted(c, key=lambda o: o.order) for c in corun_components(side, TOLERANCE_MS) if len(c) > 1]
 
 

@@ -202,7 +202,8 @@ def _bad_plan(tmp_path, change) -> str:
 
 
 @pytest.mark.parametrize("change,match", [
-    (lambda d: d["nano_ops"][3].update(sm_count=0), "plan schema at nano_ops/3/sm_count"),
+    (lambda d: d["nano_ops"][3].update(sm_count=-1), "plan schema at nano_ops/3/sm_count"),
+    (lambda d: d["nano_ops"][3].update(sm_count=0), "asks for 0 SMs; only network nano-ops"),
     (lambda d: d["nano_ops"][3].pop("deps"), "plan schema at nano_ops/3"),
     (lambda d: d.update(num_layers="2"), "plan schema at num_layers"),
     (lambda d: d["nano_ops"][1].update(deps=["L0.kqv#9"]), "unknown L0.kqv#9"),

@@ -116,7 +116,6 @@ def _set(d, value, *path):
     (lambda d: _drop(d, "model", "hidden_size"), "model"),
     (lambda d: _set(d, "two", "num_layers"), "num_layers"),
     (lambda d: _set(d, 2.0, "num_layers"), "num_layers"),
-    (lambda d: _set(d, 0, "nano_ops", 3, "sm_count"), "nano_ops/3/sm_count"),
     (lambda d: _set(d, -1, "nano_ops", 3, "sm_count"), "nano_ops/3/sm_count"),
     (lambda d: _set(d, "96", "nano_ops", 3, "sm_count"), "nano_ops/3/sm_count"),
     (lambda d: _set(d, [0], "nano_ops", 1, "tokens"), "nano_ops/1/tokens"),
@@ -146,6 +145,8 @@ def test_schema_violations_one_line(change, where):
     (lambda d: _op(d, "L0.kqv#0").update(tokens=[5, 5]), "empty token range"),
     (lambda d: _op(d, "L0.kqv#0").update(end_ms=0.0, start_ms=1.0), "ends before"),
     (lambda d: _op(d, "L0.kqv#0").update(sm_count=101), "asks for 101 SMs, the plan's GPU Fake GPU has 100"),
+    # no SM share: only a network nano-op of a copy-engine impl
+    (lambda d: _op(d, "L0.kqv#0").update(sm_count=0), "asks for 0 SMs; only network nano-ops of impl ce"),
     (lambda d: _set(d, 1, "num_layers"), "outside the plan's 1 layers"),
     (lambda d: d["model"].update(num_kv_heads=3), "multiple"),
     (lambda d: d["workload"].update(num_decode=0, prefill_lengths=[]), "no tokens"),
@@ -280,7 +281,8 @@ def _still_valid(schedule: plan.Schedule, ref: plan.Schedule) -> str | None:
     if any(not isinstance(v, int) or isinstance(v, bool) for o in schedule.nano_ops
            for v in (o.layer, o.index, o.order, o.sm_count, *o.tokens)):
         return "non-integer count"
-    if any(not 1 <= o.sm_count <= ref.gpu.num_sms for o in schedule.nano_ops):
+    if any(not (1 <= o.sm_count <= ref.gpu.num_sms or (o.sm_count == 0 and o.impl in plan.NO_SHARE_IMPLS))
+           for o in schedule.nano_ops):
         return "bad sm_count"
     reach = nx.DiGraph()
     reach.add_edges_from((d, o.id) for o in schedule.nano_ops for d in o.deps)

@@ -144,11 +144,13 @@ def test_gloo_tp2_plan_matches_tp1_output(tmp_path):
 
 
 def test_gloo_tp2_plan_with_copy_engine_collectives_matches_tp1_output(tmp_path):
-    """Network nano-ops with impl "ce" run through runtime.ce_collectives (on gloo: the same receive
-    layout and summation order, rows gathered instead of copied), in the plan and in seq-same."""
+    """Network nano-ops with impl "ce" and no SM share (sm_count 0) run through runtime.ce_collectives
+    (on gloo: the same receive layout and summation order, rows gathered instead of copied), in the
+    plan and in seq-same."""
     import dataclasses
     schedule = tiny_tp_plan(2)
-    ops = tuple(dataclasses.replace(o, impl="ce") if o.op_class == "network" else o for o in schedule.nano_ops)
+    ops = tuple(dataclasses.replace(o, impl="ce", sm_count=0) if o.op_class == "network" else o
+                for o in schedule.nano_ops)
     report = _gloo_run(tmp_path, dataclasses.replace(schedule, nano_ops=ops), time_on_cpu=True, iters=2, repeats=2)
     c = report["correctness"]
     assert c["passed"] and c["max_rel_error"] < 1e-4, c

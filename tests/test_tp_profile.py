@@ -155,45 +155,96 @@ def test_a_plan_solved_on_the_merged_table_runs_its_collectives_as_nccl(tmp_path
     assert plan_mod.read(tmp_path / "plan.json").workload.tp_degree == 2
 
 
-def test_copy_engine_rows_are_chosen_where_they_are_faster_and_the_plan_carries_them(tmp_path):
-    """Hand-made "ce" rows: the copy engines' speed whatever the SM share (150 GB/s of bus bytes +
-    15 us), against NCCL at half speed below 64 SMs: the cost model takes ce on small shares and nccl
-    on the whole GPU, and a solved plan's network nano-ops carry the impl the executor runs."""
+def _ce_merged():
+    """A merged W4 table with nccl and ce collectives. Hand-made: ce alone at the whole GPU is NCCL's
+    time + 20% (the copies and the sum kernel); beside a GEMM on the whole GPU, the GEMM takes 1.03x
+    its time alone and the collective 1.0x (the copy engines take no SM)."""
+    plan = m.network_plan(LLAMA70, W4, 132, 8, is_quick=True, net_impls=("nccl", "ce"))
+    results = _network_results(plan)
+    shard = _shard()
+    for p in plan.points:
+        if p.kind == "solo" and p.impl == "ce":
+            results[p.key()] = m.Measurement(1.2 * _allreduce_ms(LLAMA70, W4, p.op, p.num_tokens, 132))
+        if p.kind == "pair" and p.partner_sms == 0:
+            gemm = shard.time_ms(p.op, p.num_tokens, 132, p.context)[0]     # alone, as in the table
+            ce = 1.2 * _allreduce_ms(LLAMA70, W4, p.partner_op, p.partner_tokens, 132)
+            detail = m.PairDetail("tma", "ce", 1.03 * gemm, ce, gemm, ce)
+            results[p.key()] = m.Measurement(max(1.03 * gemm, ce), gemm, ce, detail)
+    run = tpp.NetworkRun(plan, results, {}, "", ["NVIDIA H100 80GB HBM3"] * 2, "nccl", "2.28.9", [16],
+                         net_impls=("nccl", "ce"))
+    return tpp.merge_tables(shard, tpp.network_table(run, "fake"), run, LLAMA70, W4), plan
+
+
+def test_the_copy_engine_collective_is_measured_as_it_runs_holding_no_sm_share():
+    plan = m.network_plan(LLAMA70, W4, 132, 8, is_quick=True, net_impls=("nccl", "ce"))
+    solo = [p for p in plan.points if p.kind == "solo"]
+    nccl = {(p.op, p.num_tokens) for p in solo if p.impl == "nccl"}
+    # ce alone only on the whole GPU (a plain stream); nccl at every SM count of the grid
+    assert {(p.op, p.num_tokens, p.sm_count) for p in solo if p.impl == "ce"} == {(o, t, 132) for o, t in nccl}
+    assert len({p.sm_count for p in solo if p.impl == "nccl"}) > 1
+    split = [p for p in plan.pair_points() if p.partner_sms > 0]
+    no_share = [p for p in plan.pair_points() if p.partner_sms == 0]
+    # one no-share point per GEMM x collective family: the GEMM on the whole GPU, the collective beside
+    assert {(p.op, p.partner_op) for p in no_share} == {(p.op, p.partner_op) for p in split}
+    assert all(p.sm_count == 132 for p in no_share)
+    assert split == m.network_plan(LLAMA70, W4, 132, 8, is_quick=True).pair_points()
+    assert plan.pair_impls("allreduce_o", 0) == ("ce",) and plan.pair_impls("allreduce_o", 16) == ("nccl",)
+    assert tpp.cta_limits(plan, 32) == [16]                     # no CTA limit of 0
+
+
+def test_a_no_share_collective_costs_its_partner_only_the_measured_stretch(tmp_path):
+    from nfsearch.cost import SRC_PAIRS, predict_pair
+    table, _ = _ce_merged()
+    assert table.meta["network"]["impls"] == ["nccl", "ce"]
+    net_bytes = 2048 * 8192 * 2             # B_net stays NCCL's, whatever the ce rows say
+    assert table.meta["net_bandwidth_gbps"] == pytest.approx(net_bytes / (net_bytes / 200e6 + LATENCY_MS) / 1e6,
+                                                             rel=1e-3)
+    table.write(tmp_path / "tp.parquet")
+    table = load(tmp_path / "tp.parquet")                       # pair points of 0 SMs round-trip
+    cost = make_problem(LLAMA70, W4, table, 2).cost
+    ar = _allreduce_ms(LLAMA70, W4, "allreduce_o", 2048, 132)
+    assert cost.has_no_share("allreduce_o") and not cost.has_no_share("kqv")
+    assert cost.impl("allreduce_o", 2048, 0) == "ce" and cost.solo_ms("allreduce_o", 2048, 0) == pytest.approx(1.2 * ar)
+    assert cost.impl("allreduce_o", 2048, 16) == "nccl"      # on a share: NCCL's rows
+    assert cost.impl("allreduce_o", 2048, 132) == "nccl"     # alone on the whole GPU NCCL is faster here
+    # the GEMM on the whole GPU beside it, from the no-share family (not the split pairs): launched
+    # together the pair ends as measured, the GEMM at 1.03x its time alone, the collective at 1.0x
+    s_gemm, source = cost.stretch("ug", 2048, 132, Partner("allreduce_o", 2048, 0))
+    assert source == SRC_PAIRS and s_gemm > 1.0
+    s_ce, source = cost.stretch("allreduce_o", 2048, 0, Partner("ug", 2048, 132))
+    assert s_ce == pytest.approx(1.0, rel=1e-4) and source == SRC_PAIRS
+    gemm = cost.solo_ms("ug", 2048, 132)
+    end_gemm, end_ce = predict_pair(s_gemm, s_ce, gemm, 1.2 * ar)
+    assert end_gemm == pytest.approx(1.03 * gemm, rel=1e-4) and end_ce == pytest.approx(1.2 * ar, rel=1e-4)
+    with pytest.raises(Exception, match="cannot run on 0 SMs"):
+        cost.solo_ms("ug", 2048, 0)
+
+
+def test_the_search_hides_no_share_collectives_under_whole_gpu_gemms(tmp_path):
     from nfsearch import plan as plan_mod
     from nfsearch import search
     from nfsearch.runtime import launch as launch_mod
     from nfsearch.runtime.tp import ce_rows
-    plan = m.network_plan(LLAMA70, W4, 132, 8, is_quick=True, net_impls=("nccl", "ce"))
-    solo = [p for p in plan.points if p.kind == "solo"]
-    assert {p.impl for p in solo} == {"nccl", "ce"}
-    assert {(p.op, p.num_tokens, p.sm_count) for p in solo if p.impl == "ce"} == \
-        {(p.op, p.num_tokens, p.sm_count) for p in solo if p.impl == "nccl"}
-    results = _network_results(plan)
-    for p in solo:
-        if p.impl == "ce":
-            net = op_work(next(o for o in layer_ops(LLAMA70, W4) if o.name == p.op), LLAMA70, W4, p.num_tokens,
-                          0).net_bytes
-            results[p.key()] = m.Measurement(net / 150e6 + 0.015)
-    run = tpp.NetworkRun(plan, results, {}, "", ["NVIDIA H100 80GB HBM3"] * 2, "nccl", "2.28.9", [16],
-                         net_impls=("nccl", "ce"))
-    table = tpp.merge_tables(_shard(), tpp.network_table(run, "fake"), run, LLAMA70, W4)
-    assert table.meta["network"]["impls"] == ["nccl", "ce"]
-    # B_net stays NCCL's (the roofline's bus bandwidth), whatever the ce rows say
-    net_bytes = 2048 * 8192 * 2
-    assert table.meta["net_bandwidth_gbps"] == pytest.approx(net_bytes / (net_bytes / 200e6 + LATENCY_MS) / 1e6,
-                                                             rel=1e-3)
+    from nfsearch.simulate import verify
+    table, _ = _ce_merged()
     problem = make_problem(LLAMA70, W4, table, 2)
-    assert problem.cost.impl("allreduce_o", 2048, 16) == "ce"
-    assert problem.cost.impl("allreduce_o", 2048, 132) == "nccl"
-    schedule, _ = search.solve(problem, time_limit_s=1.0, threads=1)
+    schedule, _ = search.solve(problem, time_limit_s=2.0, threads=1, min_gain=0.0)
     plan_mod.write(schedule, tmp_path / "plan.json")
     again = plan_mod.read(tmp_path / "plan.json")
-    nets = [o for o in again.nano_ops if o.op.startswith("allreduce")]
-    for o in nets:
-        assert o.impl == problem.cost.impl(o.op, o.tokens[1] - o.tokens[0], o.sm_count), o
+    verify(again)
+    nets = [o for o in again.nano_ops if o.op_class == "network"]
+    no_share = [o for o in nets if o.sm_count == 0]
+    assert no_share and all(o.impl == "ce" for o in no_share)
+    # some copy-engine all-reduce runs beside a GEMM that holds every SM
+    whole = [o for o in again.nano_ops if o.op_class == "compute" and o.sm_count == 132]
+    assert any(a.start_ms < b.end_ms and b.start_ms < a.end_ms for a in no_share for b in whole)
+    assert again.predicted.layer_time_ms < again.predicted.sequential_layer_time_ms
     ll = launch_mod.build(again)
-    assert sum(len(r) for r in ce_rows([ll], "cuda").values()) == len([o for o in nets if o.impl == "ce"])
-
+    for l in ll.launches:
+        if l.sm_count == 0:            # a plain stream of the whole device, in no green-context layout
+            assert l.layout.build == "whole" and l.key.endswith("@all") and l.sms == 132
+    assert not any("share" in n and "allreduce" in n for n in ll.notes), ll.notes
+    assert sum(len(r) for r in ce_rows([ll], "cuda").values()) == len(no_share)
 
 def test_analyze_pairs_tp_reports_the_collective_families(tmp_path):
     table, _ = _merged()
@@ -270,16 +321,20 @@ def test_rank_loop_runs_across_two_gloo_processes():
     plan = run.plan
     assert run.gpus == ["cpu", "cpu"] and run.backend == "gloo" and not run.failures and not run.stopped
     assert set(run.results) == {p.key() for p in plan.points}
-    assert {p.kind for p in plan.points} == {"solo", "pair"} and len(plan.pair_points()) == 16
+    # 4 GEMMs x 2 collectives: on the 16+116 and 116+16 splits, and on the whole GPU beside ce (no share)
+    assert {p.kind for p in plan.points} == {"solo", "pair"} and len(plan.pair_points()) == 24
+    assert len([p for p in plan.pair_points() if p.partner_sms == 0]) == 8
     assert all(v.time_ms > 0 for v in run.results.values())
     table = tpp.merge_tables(_shard(TINY, TINY_WL), tpp.network_table(run, "fake"), run, TINY, TINY_WL)
     assert {"allreduce_o", "allreduce_d"} <= set(table.rows["op"])
     assert table.meta["network"]["backend"] == "gloo"
-    # both collective impls alone at every SM count (gloo runs "ce" through the same receive layout)
+    # nccl alone at every SM count, ce alone on the whole GPU (gloo runs "ce" through the same receive
+    # layout and summation order)
     net = table.rows[table.rows["op"] == "allreduce_o"]
     assert set(net["impl"]) == {"nccl", "ce"} and table.meta["network"]["impls"] == ["nccl", "ce"]
-    assert set(net[net["impl"] == "ce"]["sm_count"]) == set(net[net["impl"] == "nccl"]["sm_count"])
-    assert len([p for p in pair_table.points_from_meta(table.meta) if p.b.op_class == "network"]) == 16
+    assert set(net[net["impl"] == "ce"]["sm_count"]) == {132} and set(net[net["impl"] == "nccl"]["sm_count"]) == {16, 132}
+    points = [p for p in pair_table.points_from_meta(table.meta) if p.b.op_class == "network"]
+    assert len(points) == 24 and {p.impl_b for p in points if p.sms_b == 0} == {"ce"}
 
 
 def test_a_request_without_nccl_or_with_an_unknown_impl_is_refused():

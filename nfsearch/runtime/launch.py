@@ -49,7 +49,9 @@ layout are known to be disjoint. So the intervals are then turned into (layout, 
   predicted duration. A launch whose group is not the width it asked is noted (never silent); two
   co-runners left in one group share its stream and run one after the other (noted).
 * Launches of the whole GPU (or alone, predicted beside nothing, asking for every SM) run on a
-  plain stream: layout (N,) "whole", group 0.
+  plain stream: layout (N,) "whole", group 0. So do launches of no SM share (sm_count 0: a
+  copy-engine collective, whose copies take no SM and whose small sum kernel runs wherever SMs are
+  free); they hold no interval, so the ops beside them are placed as if they were not there.
 Launches of different components never co-run (by prediction), so they may reuse a build: builds
 are cached per layout, and the stream key of a launch is its (layout, group): ``100+32/g1``.
 The launch's ``sms`` (its group's width) is what an SM-bounded kernel is told to use.
@@ -306,9 +308,10 @@ def _place(ops, n: int, g: int, notes: list[str]) -> dict[str, Partition]:
     parts: dict[str, Partition] = {}
     placed: list = []
     for o in ops:
-        if o.sm_count >= n:
+        if o.sm_count >= n or o.sm_count == 0:
             parts[o.id] = Partition(0, n, n)
-            placed.append(o)
+            if o.sm_count:            # an op of no SM share (0) holds no interval: others may run anywhere
+                placed.append(o)
             continue
         busy_ops = [a for a in placed if a.stream != o.stream
                     and a.start_ms < o.end_ms - TOLERANCE_MS and o.start_ms < a.end_ms - TOLERANCE_MS]

@@ -57,6 +57,7 @@ import pandas as pd
 from nfsearch import pairs as pair_table
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import Op, build_layer, layer_ops, op_context, op_work
+from nfsearch.plan import NO_SHARE_IMPLS
 from nfsearch.profile import ProfileMiss, ProfileTable
 from nfsearch.roofline import BW_FRACTION, interp
 from nfsearch.runreport import Ceilings
@@ -214,9 +215,13 @@ class Plan:
     rotate_bytes: float = 150e6
     impls: dict[str, tuple[str, ...]] = field(default_factory=dict)   # op -> impl names measured
 
-    def pair_impls(self, op: str) -> tuple[str, ...]:
-        """The impls a pair side chooses among (the fastest alone on its partition runs)."""
-        return tuple(i for i in self.impls.get(op, ()) if (op, i) not in SKIP_IMPLS)
+    def pair_impls(self, op: str, sm_count: int | None = None) -> tuple[str, ...]:
+        """The impls a pair side chooses among (the fastest alone on its partition runs). A collective
+        on 0 SMs (no share) runs a no-share impl (copy engines), on an SM share the others."""
+        impls = tuple(i for i in self.impls.get(op, ()) if (op, i) not in SKIP_IMPLS)
+        if sm_count is None or op not in self.ops or self.ops[op].op_class != "network":
+            return impls
+        return tuple(i for i in impls if (i in NO_SHARE_IMPLS) == (sm_count == 0))
 
     def identity(self, device: dict) -> str:
         """What must match for a checkpoint to be resumed: model, device, kernel code, grid, settings."""
@@ -512,11 +517,13 @@ def network_plan(model: ModelSpec, workload: Workload, num_sms: int, granularity
                  with_pairs: bool = True, sm_counts: tuple[int, ...] | None = None,
                  pair_minority_sms: tuple[int, ...] | None = None,
                  net_impls: tuple[str, ...] = (NETWORK_IMPL,)) -> Plan:
-    """The network part of a TP profile: solo points of each collective (each of `net_impls`) at the
-    grid's tokens and SM counts, and pair points of each GEMM x each collective (GEMM side A, at
-    the pair table's GEMM sizes and splits). Same grid as `make_plan` gives the shard's other ops;
-    impls: the GEMMs' (the pair sides run their fastest); the collectives get `net_impls` (a pair's
-    collective side runs the fastest of them alone on its partition, as a GEMM side does)."""
+    """The network part of a TP profile: solo points of each collective at the grid's tokens and SM
+    counts, and pair points of each GEMM x each collective (GEMM side A, at the pair table's GEMM sizes
+    and splits). Same grid as `make_plan` gives the shard's other ops; impls: the GEMMs' (the pair
+    sides run their fastest); the collectives get `net_impls`. A no-share impl (plan.NO_SHARE_IMPLS,
+    "ce") is measured as it runs in a plan: alone at the whole GPU's SM count (a plain stream), and
+    beside each GEMM family on the whole GPU (pair points of split (num_sms, 0)); the split pairs'
+    collective side runs the fastest of the others."""
     if not net_impls or set(net_impls) - set(NETWORK_IMPLS):
         raise NfsearchError(f"profile: collective impls must be among {', '.join(NETWORK_IMPLS)}, "
                             f"not {', '.join(net_impls) or 'none'}")
@@ -531,8 +538,14 @@ def network_plan(model: ModelSpec, workload: Workload, num_sms: int, granularity
     plan = make_plan(model, workload, num_sms, granularity, is_quick, tuple(gemms + nets), impls, settings,
                      sm_counts, with_pairs, pair_minority_sms)
     is_net = lambda op: op in nets
-    plan.points = [p for p in plan.points if (p.kind == "solo" and is_net(p.op))
+    plan.points = [p for p in plan.points if (p.kind == "solo" and is_net(p.op)
+                                              and (p.impl not in NO_SHARE_IMPLS or p.sm_count == num_sms))
                    or (p.kind == "pair" and (is_net(p.op) or is_net(p.partner_op)))]
+    if with_pairs and set(net_impls) & NO_SHARE_IMPLS:
+        families = dict.fromkeys((p.op, p.num_tokens, p.context, p.co_class, p.partner_op, p.partner_tokens,
+                                  p.partner_context) for p in plan.points if p.kind == "pair" and is_net(p.partner_op))
+        plan.points += [Point("pair", op, "", t, c, num_sms, cls, 0, net, pt, pc)
+                        for op, t, c, cls, net, pt, pc in families]
     plan.grid = {**plan.grid, "ops": nets, "network_ops": nets, "pair_gemms": gemms if with_pairs else [],
                  "network_impls": list(net_impls)}
     return plan
@@ -552,7 +565,8 @@ def estimate_ms(plan: Plan, op: str, impl: str, num_tokens: int, context: int, s
     """A rough roofline time of one call (for the ETA and for sizing co-run windows)."""
     work = op_work(plan.ops[op], plan.model, plan.workload(), num_tokens, context)
     if plan.ops[op].op_class == "network":
-        return work.net_bytes / (ESTIMATE_BUS_GBPS * 1e6 * min(1.0, interp(BW_FRACTION, sm_count) * 1.5)) + \
+        share = interp(BW_FRACTION, sm_count or plan.num_sms)        # 0: no SM share (copy engines)
+        return work.net_bytes / (ESTIMATE_BUS_GBPS * 1e6 * min(1.0, share * 1.5)) + \
             ESTIMATE_NET_LATENCY_MS
     flops_per_ms = 650e9 * sm_count / plan.num_sms
     bytes_per_ms = 2.9e9 * interp(BW_FRACTION, sm_count)
@@ -590,8 +604,9 @@ def pair_solo_estimate_s(plan: Plan) -> float:
     for p in plan.pair_points():
         for op, t, c, sms in ((p.op, p.num_tokens, p.context, p.sm_count),
                               (p.partner_op, p.partner_tokens, p.partner_context, p.partner_sms)):
-            for impl in plan.pair_impls(op):
+            for impl in plan.pair_impls(op, sms):
                 keys.add((op, impl, t, c, sms))
+            for impl in plan.pair_impls(op, plan.num_sms):
                 keys.add((op, impl, t, c, plan.num_sms))
     return sum(0.004 + (s.warmup + s.repeats) * estimate_ms(plan, op, impl, t, c, sms) / 1e3
                for op, impl, t, c, sms in keys)
@@ -1026,7 +1041,7 @@ def fake_measure(plan: Plan, seed: int = 0):
                                                                         p.partner_context, p.partner_sms)
             fx, fy = (est(p.op, p.num_tokens, p.context, plan.num_sms),
                       est(p.partner_op, p.partner_tokens, p.partner_context, plan.num_sms))
-            ia, ib = plan.pair_impls(p.op)[0], plan.pair_impls(p.partner_op)[0]
+            ia, ib = plan.pair_impls(p.op, p.sm_count)[0], plan.pair_impls(p.partner_op, p.partner_sms)[0]
             detail = PairDetail(ia, ib, x * 1.1 * jitter, y * 1.1 * jitter, fx, fy, 1755.0, None)
             return Measurement(max(x, y) * 1.1 * jitter, x, y, detail)
         t = estimate_ms(plan, p.op, p.impl, p.num_tokens, p.context, p.sm_count) * jitter

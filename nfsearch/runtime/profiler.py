@@ -716,9 +716,12 @@ class _Measurer:
         """Side A (p.op) on p.sm_count SMs and side B (p.partner_op) on the other p.partner_sms SMs of
         one split, each with its fastest impl there, launched together (see the module docstring)."""
         full = self.parts.num_sms
-        is_a_small = p.sm_count <= p.partner_sms
-        s_small, s_big = self._split(p.sm_count if is_a_small else p.partner_sms)
-        s_a, s_b = (s_small, s_big) if is_a_small else (s_big, s_small)
+        if p.partner_sms == 0:      # B holds no SM share (a copy-engine collective): A on the whole GPU
+            s_a, s_b = self.parts.stream(full), self._side_stream()
+        else:
+            is_a_small = p.sm_count <= p.partner_sms
+            s_small, s_big = self._split(p.sm_count if is_a_small else p.partner_sms)
+            s_a, s_b = (s_small, s_big) if is_a_small else (s_big, s_small)
         side_a = (p.op, p.num_tokens, p.context)
         side_b = (p.partner_op, p.partner_tokens, p.partner_context)
         impl_a, part_a = self._fastest(*side_a, p.sm_count, s_a)
@@ -731,13 +734,19 @@ class _Measurer:
         detail = profiling.PairDetail(impl_a, impl_b, co_a, co_b, full_a, full_b, clock, self._nvml_clock())
         return Measurement(makespan, part_a, part_b, detail)
 
+    def _side_stream(self):
+        """A plain stream of the whole device beside parts.stream(num_sms) (a no-share pair side)."""
+        if getattr(self, "_plain", None) is None:
+            self._plain = self.t.cuda.Stream(device=self.dev)
+        return self._plain
+
     def _fastest(self, op: str, tok: int, ctx: int, sms: int, stream) -> tuple[str, float]:
         """The impl of `op` fastest alone on `stream` (sms SMs) and its time; cached. Impls that fail
         are skipped (and said once); none running fails every point that needs this side."""
         key = (op, tok, ctx, sms)
         if key not in self.fastest:
             times, errors = {}, []
-            for impl in self.plan.pair_impls(op):
+            for impl in self.plan.pair_impls(op, sms):
                 try:
                     fn, ns = self._fn(op, impl, tok, ctx, sms)
                     ms = statistics.median(self.solo(fn, stream, ns, (op, impl)))

@@ -302,7 +302,7 @@ def cta_limits(plan: Plan, max_ctas: int) -> list[int]:
     nets = set(plan.grid["network_ops"])
     sms = {p.sm_count for p in plan.points if p.op in nets}
     sms |= {p.partner_sms for p in plan.points if p.kind == "pair" and p.partner_op in nets}
-    return sorted(s for s in sms if s < plan.num_sms and s <= max_ctas)
+    return sorted(s for s in sms if 0 < s < plan.num_sms and s <= max_ctas)
 
 
 # ---------------------------------------------------------------------------------------------- agreement
@@ -464,14 +464,15 @@ class _HostMeasurer:
         if p.kind != "pair":
             raise ValueError(f"no {p.kind} points in a network plan")
         gemm = self._gemm(p.op, p.num_tokens)
-        call, _ = self.coll_inputs[p.partner_op].fn(NETWORK_IMPL, p.partner_tokens, p.partner_context, p.partner_sms)
+        impl = CE_IMPL if p.partner_sms == 0 else NETWORK_IMPL
+        call, _ = self.coll_inputs[p.partner_op].fn(impl, p.partner_tokens, p.partner_context, p.partner_sms)
         part_a, part_b = self._time(gemm, False), self._time(lambda: call(0), True)
 
         def both():
             gemm()
             call(0)
         together = self._time(both, True)
-        detail = PairDetail("torch", NETWORK_IMPL, part_a, max(together, part_b), part_a, part_b)
+        detail = PairDetail("torch", impl, part_a, max(together, part_b), part_a, part_b)
         return Measurement(max(together, part_a, part_b), part_a, part_b, detail)
 
 

@@ -3,7 +3,8 @@
 A small family of cut sets (none; k equal pieces; cuts at the decode/prefill boundary, alone or with
 either side halved; cuts are multiples of `chunk`) is applied to every op at once (the uniform
 structures), each crossed with every compute/memory SM partition m (a multiple of the granularity,
-so (m, N - m) is a buildable two-way green-context layout): memory and network ops get m SMs, the
+so (m, N - m) is a buildable two-way green-context layout): memory and network ops get m SMs
+(network ops whose profile has a copy-engine impl get 0: they hold no SM share), the
 ops that may run beside them (incomparable in the nano-op DAG) get the rest, ops that can never
 overlap get the whole GPU. Then, as NanoFlow frames it, the nano-batch count and sizes per op
 GROUP (graph.OP_GROUPS: attention, projection, FFN): from the best uniform structure, one group at a
@@ -113,7 +114,9 @@ def partition_candidate(problem: Problem, frame: Frame, memory_sms: int, durs: D
         if g in sms:
             continue
         want = full
-        if frame.group_overlaps[g]:
+        if frame.group_overlaps[g] and cost.has_no_share(n.op):
+            want = 0            # a copy-engine collective: beside its partners, it takes none of their SMs
+        elif frame.group_overlaps[g]:
             want = memory_sms if cost.op_class(n.op) in OVERLAPPERS else full - memory_sms
         # exactly the two sides of the split (memory_sms, full - memory_sms): every co-running set
         # then fits the one buildable layout (memory_sms, rest); fewer SMs would not free anything
