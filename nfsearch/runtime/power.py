@@ -405,6 +405,7 @@ class EnergyWindows:
         self.device = device
         self.energy_mj = 0
         self.seconds = 0.0
+        self.num_failed = 0             # windows whose energy could not be read
         self.samples: list[NvmlSample] = []
 
     def window(self):
@@ -416,18 +417,31 @@ class EnergyWindows:
 
 
 class _Window:
+    """One window of EnergyWindows. A failed NVML read loses the window's energy, never the work
+    inside it (the timing it wraps goes on)."""
+
     def __init__(self, owner: EnergyWindows):
         self.owner = owner
         self.sampler = Sampler(owner.device)
 
     def __enter__(self):
-        self.t0, self.e0 = time.perf_counter(), self.owner.device.energy_mj()
+        self.t0, self.e0 = time.perf_counter(), self._energy()
         self.sampler.__enter__()
         return self
 
     def __exit__(self, *exc):
         self.sampler.__exit__(*exc)
-        t1, e1 = time.perf_counter(), self.owner.device.energy_mj()
-        self.owner.energy_mj += e1 - self.e0
-        self.owner.seconds += t1 - self.t0
+        t1, e1 = time.perf_counter(), self._energy()
+        if self.e0 is not None and e1 is not None:
+            self.owner.energy_mj += e1 - self.e0
+            self.owner.seconds += t1 - self.t0
+        else:
+            self.owner.num_failed += 1
         self.owner.samples += self.sampler.samples
+        return False
+
+    def _energy(self) -> int | None:
+        try:
+            return self.owner.device.energy_mj()
+        except Exception:  # noqa: BLE001 - see the class doc
+            return None

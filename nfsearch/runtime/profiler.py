@@ -21,7 +21,10 @@ nfsearch/runtime/measurements.py; this module times the points:
   an end event per stream; the next launch waits for both), `pair_repeats` times after a lead that
   lets the host enqueue all of them; the SM clock is read right after (a spin kernel's cycles over
   its event time, and NVML's reading when pynvml is there);
-* ceilings: cuBLAS bf16 GEMM 8192^3 and a 1 GiB device-to-device copy (bytes read + written).
+* ceilings: cuBLAS bf16 GEMM 8192^3 and a 1 GiB device-to-device copy (bytes read + written);
+* energy (`add_energy`, after the timings, or alone with `profile --energy-only`): each op at the W1-W3
+  and workload token counts on the whole GPU with its fastest impl, a CUDA graph of ~2 ms of calls
+  replayed back to back for an NVML energy-counter window (runtime/power.py), then the static power.
 
 Every point is measured on its own: an exception fails that point (recorded in the table's metadata
 and the summary), not the profile; a run of failures stops the profile only when the device no
