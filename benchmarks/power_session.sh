@@ -29,6 +29,10 @@ done
 step calibrate 60 $P calibrate --profile "$E" -o "$OUT/llama-3-8b.energy.cal.parquet" \
     --energy benchmarks/plans/W1.json "$OUT/run-W1/run.json" --energy benchmarks/plans/W2.json "$OUT/run-W2/run.json" \
     --energy benchmarks/plans/W3.json "$OUT/run-W3/run.json" > "$OUT/calibrate.txt" 2>&1
+if python3 -c "import pytest" 2> /dev/null; then          # the GPU test of measure_energy (a matmul loop)
+    step gpu_test 120 python3 -m pytest -q -m gpu tests/test_power.py > "$OUT/gpu_test.txt" 2>&1
+    tail -n 3 "$OUT/gpu_test.txt"
+fi
 cat "$S"; tail -n 35 "$OUT/profile.log"; cat "$OUT/calibrate.txt"
 for W in W1 W2 W3; do tail -n 4 "$OUT/run-$W.txt"; grep -h "^note: power" "$OUT/run-$W.txt" "$OUT/run-$W.log"; done
 python3 - "$OUT" <<'EOF'
