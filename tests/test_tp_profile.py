@@ -381,3 +381,19 @@ def test_tiny_quick_tp_profile_on_two_gpus(tmp_path):
     points = [p for p in pair_table.points_from_meta(got.meta) if pair_table.is_network_family(p.a, p.b)]
     assert points and all(p.makespan_ms > 0 for p in points)
     assert table.fingerprint() == got.fingerprint()
+
+
+def test_a_gemm_that_can_only_run_beside_copy_engine_collectives_keeps_the_whole_gpu():
+    """Stage 1's split: ops that may run beside a share-taking op (decode attention, an NCCL
+    collective) take the rest of the GPU; beside a copy-engine collective (no share) they keep it all."""
+    from nfsearch.search import stage1
+    from nfsearch.search.durations import Durations
+    table, _ = _ce_merged()
+    problem = make_problem(LLAMA70, W4, table, 2)
+    halves = ("o", "allreduce_o", "norm2", "ug", "act", "d", "allreduce_d")
+    whole = {n: (e - s,) for n, (s, e) in ((n, problem.layer.nodes[n]["token_range"]) for n in problem.layer.nodes)}
+    sizes = tuple((n, (1024, 1024) if n in halves else whole[n]) for n in problem.layer.nodes)
+    frame = stage1.make_frame(problem, stage1.Structure(sizes))
+    cand = stage1.partition_candidate(problem, frame, 32, Durations(problem))
+    assert cand.sms["allreduce_o#0"] == 0 and cand.sms["allreduce_d#1"] == 0
+    assert cand.sms["d#1"] == 132 and cand.sms["ug#1"] == 132          # beside only collectives of no share

@@ -57,6 +57,7 @@ class Frame:
     structure: Structure
     nano: nx.DiGraph
     group_overlaps: dict[str, bool]     # group -> some member may run beside an op of the other side
+                                        # (for a copy-engine collective: beside any op)
 
 
 @dataclass
@@ -89,9 +90,11 @@ def make_frame(problem: Problem, structure: Structure) -> Frame:
         for s in nano.successors(n):
             bits |= desc[idx[s]] | (1 << idx[s])
         desc[idx[n]] = bits
+    # the ops that take the small side of a split; a copy-engine collective takes no SMs, so an op that
+    # can only run beside such ops keeps the whole GPU
     small = 0
     for n in order:
-        if problem.cost.op_class(n.op) in OVERLAPPERS:
+        if problem.cost.op_class(n.op) in OVERLAPPERS and not problem.cost.has_no_share(n.op):
             small |= 1 << idx[n]
     everything = (1 << len(order)) - 1
     overlaps: dict[str, bool] = {}
