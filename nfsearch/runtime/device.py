@@ -20,9 +20,14 @@ def check_device(schedule, where: str, force: bool) -> None:
     import torch
     props = torch.cuda.get_device_properties(0)
     sms, name = int(props.multi_processor_count), props.name
-    too_big = [op.id for op in schedule.nano_ops if op.sm_count > sms or op.sm_count < 1]
+    from nfsearch.plan import NO_SHARE_IMPLS
+    too_big = [op.id for op in schedule.nano_ops if op.sm_count > sms]
     if too_big:
         raise NfsearchError(f"{where}: nano-op {too_big[0]} asks for more SMs than this {name} has ({sms})")
+    # 0 SMs: a collective whose impl holds no SM share (plan.check_structure already refuses any other)
+    no_sms = [op.id for op in schedule.nano_ops if op.sm_count < 1 and op.impl not in NO_SHARE_IMPLS]
+    if no_sms:
+        raise NfsearchError(f"{where}: nano-op {no_sms[0]} asks for no SMs and its impl holds a share")
     if (schedule.gpu.num_sms != sms or schedule.gpu.name != name) and not force:
         raise NfsearchError(f"{where}: plan is for {schedule.gpu.name} ({schedule.gpu.num_sms} SMs), "
                             f"this GPU is {name} ({sms} SMs) (--force to run anyway)")
