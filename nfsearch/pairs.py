@@ -22,6 +22,10 @@ with the shortest makespan and sets it against the two run back to back on the w
 (full_a_ms + full_b_ms): overlap pays where that split is at least GAIN (5%) faster. Families with a
 collective (op class "network") are reported apart (`is_network=True`, `analyze --pairs P --tp N`).
 
+A PairPoint is also what measuring a pair gives: the profilers build it as they measure
+(runtime/measurements.py `Plan.pair_point`, carried in `Measurement.pair`, kept whole in the
+checkpoint by `to_json`), so the table is those points as measured.
+
 Torch-free: reads and reports tables, measures nothing.
 """
 
@@ -112,6 +116,15 @@ class PairPoint:
                 self.b.op, self.impl_b, self.b.op_class, self.b.num_tokens, self.b.context, self.sms_b,
                 *(round(float(getattr(self, n)), 6) for n in _TIMES),
                 *(None if v is None else round(float(v), 1) for v in (self.sm_clock_mhz, self.nvml_sm_clock_mhz))]
+
+    def to_json(self) -> str:
+        """Every field at full precision (a profile checkpoint's pair row; to_row rounds)."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> PairPoint:
+        fields = json.loads(text)
+        return cls(PairSide(**fields.pop("a")), PairSide(**fields.pop("b")), **fields)
 
     @classmethod
     def from_row(cls, row) -> PairPoint:

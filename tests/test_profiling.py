@@ -212,15 +212,17 @@ def test_checkpoint_round_trips_values(tmp_path):
     ck = Checkpoint(path, "abc")
     assert ck.open() == {}
     p = Point("pair", "ug", "", 2048, 0, 100, "memory", 32, "decode_attn", 512, 1024)
-    detail = profiling.PairDetail("tma", "triton", 1.2, 0.9, 0.66, 0.7, 1980.0, None)
+    pair = _plan(is_quick=True).pair_point(p, "tma", "triton", corun_a_ms=1.2, corun_b_ms=0.9, makespan_ms=1.25,
+                              part_a_ms=1.0, part_b_ms=0.75, full_a_ms=0.66, full_b_ms=0.7, sm_clock_mhz=1980.0)
     s = Point("solo", "ug", "triton", 2048, 0, 100)
-    ck.append(p, Measurement(1.25, 1.0, 0.75, detail))
+    ck.append(p, Measurement.of_pair(pair))
     ck.append(s, Measurement(0.8))
-    ck.append(Point("pair", "o", "", 512, 0, 8, "memory", 124, "decode_attn", 256, 1024), Measurement(1.0, 1.0, 1.0))
+    ck.append(Point("pair", "o", "", 512, 0, 8, "memory", 124, "decode_attn", 256, 1024), Measurement(1.0, 1.0))
     ck.close()
     back = Checkpoint(path, "abc").open()
-    # a pair row without its detail (a different writer) is not taken as measured
-    assert back == {p.key(): Measurement(1.25, 1.0, 0.75, detail), s.key(): Measurement(0.8)}
+    # a pair row without its pair point (a different writer) is not taken as measured
+    assert back == {p.key(): Measurement(1.25, pair=pair), s.key(): Measurement(0.8)}
+    assert back[p.key()].pair.a.op_class == "compute" and back[p.key()].pair.b.op_class == "memory"
 
 
 def test_failed_points_are_retried_and_groups_dropped(tmp_path):

@@ -168,8 +168,9 @@ def _ce_merged():
         if p.kind == "pair" and p.partner_sms == 0:
             gemm = shard.time_ms(p.op, p.num_tokens, 132, p.context)[0]     # alone, as in the table
             ce = 1.2 * _allreduce_ms(LLAMA70, W4, p.partner_op, p.partner_tokens, 132)
-            detail = m.PairDetail("tma", "ce", 1.03 * gemm, ce, gemm, ce)
-            results[p.key()] = m.Measurement(max(1.03 * gemm, ce), gemm, ce, detail)
+            results[p.key()] = m.Measurement.of_pair(plan.pair_point(
+                p, "tma", "ce", corun_a_ms=1.03 * gemm, corun_b_ms=ce, makespan_ms=max(1.03 * gemm, ce),
+                part_a_ms=gemm, part_b_ms=ce, full_a_ms=gemm, full_b_ms=ce))
     run = tpp.NetworkRun(plan, results, {}, "", ["NVIDIA H100 80GB HBM3"] * 2, "nccl", "2.28.9", [16],
                          net_impls=("nccl", "ce"))
     return tpp.merge_tables(shard, tpp.network_table(run, "fake"), run, LLAMA70, W4), plan

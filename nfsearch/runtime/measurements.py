@@ -63,7 +63,8 @@ from nfsearch.roofline import BW_FRACTION, interp
 from nfsearch.runreport import Ceilings
 from nfsearch.specs import ModelSpec, Workload
 
-FORMAT = 2        # 2: pair points with both sides' sizes, checkpoint rows with the pair's detail
+FORMAT = 3        # 2: pair points with both sides' sizes, checkpoint rows with the pair's detail;
+                  # 3: a checkpoint's pair row holds the pair table's point (pairs.PairPoint.to_json)
 
 # ---------------------------------------------------------------------------------------- the grid
 TOKENS = (128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
@@ -169,36 +170,17 @@ class Point:
 
 
 @dataclass(frozen=True)
-class PairDetail:
-    """What a pair point measured beyond its makespan (times in ms; clocks in MHz, None if unknown)."""
-    impl_a: str
-    impl_b: str
-    corun_a_ms: float
-    corun_b_ms: float
-    full_a_ms: float
-    full_b_ms: float
-    sm_clock_mhz: float | None = None
-    nvml_sm_clock_mhz: float | None = None
-
-    def __post_init__(self):
-        for v in (self.corun_a_ms, self.corun_b_ms, self.full_a_ms, self.full_b_ms):
-            if not (math.isfinite(v) and v > 0):
-                raise ValueError(f"pair detail needs positive finite times, got {self}")
-
-    def to_json(self) -> str:
-        return json.dumps(self.__dict__, sort_keys=True)
+class Measurement:
+    """What measuring one Point gave. A pair point's whole record is the pair table's point itself
+    (pairs.PairPoint: its sides and SM counts come from the Point, its op classes from the plan,
+    the rest from the GPU; `Plan.pair_point` builds it); time_ms is then its makespan."""
+    time_ms: float                  # solo, co-run or pair makespan time; ceilings: the raw time
+    solo_ms: float | None = None    # corun: the op alone on the same split stream
+    pair: pair_table.PairPoint | None = None   # pair: the pair table's point
 
     @classmethod
-    def from_json(cls, text: str) -> PairDetail:
-        return cls(**json.loads(text))
-
-
-@dataclass(frozen=True)
-class Measurement:
-    time_ms: float                  # solo, co-run or pair makespan time; ceilings: the raw time
-    solo_ms: float | None = None    # corun: the op alone on the same split stream; pair: side A alone on its partition
-    partner_ms: float | None = None  # pair: side B alone on its partition
-    pair: PairDetail | None = None  # pair: the rest of what was measured
+    def of_pair(cls, point: pair_table.PairPoint) -> Measurement:
+        return cls(point.makespan_ms, pair=point)
 
 
 @dataclass
@@ -254,6 +236,18 @@ class Plan:
 
     def pair_points(self) -> list[Point]:
         return [p for p in self.points if p.kind == "pair"]
+
+    def pair_point(self, p: Point, impl_a: str, impl_b: str, *, corun_a_ms: float, corun_b_ms: float,
+                   makespan_ms: float, part_a_ms: float, part_b_ms: float, full_a_ms: float, full_b_ms: float,
+                   sm_clock_mhz: float | None = None,
+                   nvml_sm_clock_mhz: float | None = None) -> pair_table.PairPoint:
+        """The pair table's point of the measured pair point `p` (side A p.op on p.sm_count SMs, side B
+        p.partner_op on p.partner_sms): a time that is not positive and finite raises ValueError."""
+        a = pair_table.PairSide(p.op, self.ops[p.op].op_class, p.num_tokens, p.context)
+        b = pair_table.PairSide(p.partner_op, self.ops[p.partner_op].op_class, p.partner_tokens, p.partner_context)
+        return pair_table.PairPoint(a, b, impl_a, impl_b, p.sm_count, p.partner_sms, corun_a_ms, corun_b_ms,
+                                    makespan_ms, part_a_ms, part_b_ms, full_a_ms, full_b_ms, sm_clock_mhz,
+                                    nvml_sm_clock_mhz)
 
 
 def sm_grid(num_sms: int, granularity: int) -> list[int]:
@@ -621,7 +615,7 @@ def rotation_sets(plan: Plan, op: str, num_tokens: int, context: int, max_sets: 
 # ------------------------------------------------------------------------------------ checkpoint
 CHECKPOINT_MARK = "# nfsearch-profile-checkpoint "
 CHECKPOINT_COLUMNS = ("kind", "op", "impl", "num_tokens", "context", "sm_count", "co_class", "partner_sms",
-                      "partner_op", "partner_tokens", "partner_context", "time_ms", "solo_ms", "partner_ms", "pair")
+                      "partner_op", "partner_tokens", "partner_context", "time_ms", "solo_ms", "pair")
 _NUM_KEY = 11
 
 
@@ -684,7 +678,7 @@ class Checkpoint:
 
 def _row(key: tuple, m: Measurement) -> list:
     fmt = lambda v: "" if v is None else repr(float(v))
-    return list(key) + [fmt(m.time_ms), fmt(m.solo_ms), fmt(m.partner_ms), m.pair.to_json() if m.pair else ""]
+    return list(key) + [fmt(m.time_ms), fmt(m.solo_ms), m.pair.to_json() if m.pair else ""]
 
 
 def _parse_rows(body: str) -> dict[tuple, Measurement]:
@@ -700,14 +694,14 @@ def _parse_rows(body: str) -> dict[tuple, Measurement]:
                 continue
             key = (rec[0], rec[1], rec[2], int(rec[3]), int(rec[4]), int(rec[5]), rec[6], int(rec[7]),
                    rec[8], int(rec[9]), int(rec[10]))
-            vals = [float(v) if v else None for v in rec[_NUM_KEY:_NUM_KEY + 3]]
+            vals = [float(v) if v else None for v in rec[_NUM_KEY:_NUM_KEY + 2]]
             if vals[0] is None or not math.isfinite(vals[0]) or vals[0] <= 0:
                 continue
-            detail = PairDetail.from_json(rec[_NUM_KEY + 3]) if rec[_NUM_KEY + 3] else None
-            if key[0] == "pair" and (detail is None or vals[1] is None or vals[2] is None):
+            pair = pair_table.PairPoint.from_json(rec[_NUM_KEY + 2]) if rec[_NUM_KEY + 2] else None
+            if (key[0] == "pair") != (pair is not None):
                 continue
-            done[key] = Measurement(*vals, pair=detail)
-        except (ValueError, TypeError):
+            done[key] = Measurement(*vals, pair=pair)
+        except (ValueError, TypeError, KeyError, AttributeError):     # a malformed row: measured again
             continue
     return done
 
@@ -929,21 +923,8 @@ PAIR_METHOD = (
 
 def pair_points_of(plan: Plan, results: dict[tuple, Measurement]) -> list[pair_table.PairPoint]:
     """The pair table's points measured in `results` (a point of the plan without its measurement is left out)."""
-    out = []
-    for p in plan.pair_points():
-        m = results.get(p.key())
-        if m is None or m.pair is None or m.solo_ms is None or m.partner_ms is None:
-            continue
-        d = m.pair
-        a = pair_table.PairSide(p.op, plan.ops[p.op].op_class, p.num_tokens, p.context)
-        b = pair_table.PairSide(p.partner_op, plan.ops[p.partner_op].op_class, p.partner_tokens, p.partner_context)
-        try:
-            out.append(pair_table.PairPoint(a, b, d.impl_a, d.impl_b, p.sm_count, p.partner_sms, d.corun_a_ms,
-                                            d.corun_b_ms, m.time_ms, m.solo_ms, m.partner_ms, d.full_a_ms,
-                                            d.full_b_ms, d.sm_clock_mhz, d.nvml_sm_clock_mhz))
-        except ValueError:            # a measurement that cannot be a time: left out
-            continue
-    return out
+    measured = (results.get(p.key()) for p in plan.pair_points())
+    return [m.pair for m in measured if m is not None and m.pair is not None]
 
 
 def _largest_rectangles(pts: list[Point], missing: set) -> list[Point]:
@@ -1042,8 +1023,10 @@ def fake_measure(plan: Plan, seed: int = 0):
             fx, fy = (est(p.op, p.num_tokens, p.context, plan.num_sms),
                       est(p.partner_op, p.partner_tokens, p.partner_context, plan.num_sms))
             ia, ib = plan.pair_impls(p.op, p.sm_count)[0], plan.pair_impls(p.partner_op, p.partner_sms)[0]
-            detail = PairDetail(ia, ib, x * 1.1 * jitter, y * 1.1 * jitter, fx, fy, 1755.0, None)
-            return Measurement(max(x, y) * 1.1 * jitter, x, y, detail)
+            return Measurement.of_pair(plan.pair_point(
+                p, ia, ib, corun_a_ms=x * 1.1 * jitter, corun_b_ms=y * 1.1 * jitter,
+                makespan_ms=max(x, y) * 1.1 * jitter, part_a_ms=x, part_b_ms=y, full_a_ms=fx, full_b_ms=fy,
+                sm_clock_mhz=1755.0))
         t = estimate_ms(plan, p.op, p.impl, p.num_tokens, p.context, p.sm_count) * jitter
         if p.kind == "corun":
             return Measurement(t * 1.15, t)

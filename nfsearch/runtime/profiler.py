@@ -734,8 +734,10 @@ class _Measurer:
         fa, na = self._fn(p.op, impl_a, p.num_tokens, p.context, p.sm_count)
         fb, nb = self._fn(p.partner_op, impl_b, p.partner_tokens, p.partner_context, p.partner_sms)
         co_a, co_b, makespan, clock = self._together(fa, na, s_a, fb, nb, s_b)
-        detail = profiling.PairDetail(impl_a, impl_b, co_a, co_b, full_a, full_b, clock, self._nvml_clock())
-        return Measurement(makespan, part_a, part_b, detail)
+        return Measurement.of_pair(self.plan.pair_point(
+            p, impl_a, impl_b, corun_a_ms=co_a, corun_b_ms=co_b, makespan_ms=makespan, part_a_ms=part_a,
+            part_b_ms=part_b, full_a_ms=full_a, full_b_ms=full_b, sm_clock_mhz=clock,
+            nvml_sm_clock_mhz=self._nvml_clock()))
 
     def _side_stream(self):
         """A plain stream of the whole device beside parts.stream(num_sms) (a no-share pair side)."""

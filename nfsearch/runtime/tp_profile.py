@@ -64,7 +64,7 @@ from nfsearch.errors import NfsearchError
 from nfsearch.graph import op_work
 from nfsearch.profile import ProfileTable
 from nfsearch.runtime import measurements as profiling
-from nfsearch.runtime.measurements import (CE_IMPL, NETWORK_IMPL, NETWORK_IMPLS, Measurement, PairDetail, Plan,
+from nfsearch.runtime.measurements import (CE_IMPL, NETWORK_IMPL, NETWORK_IMPLS, Measurement, Plan,
                                            Point, Settings)
 
 NET_SOLO_METHOD = (
@@ -472,8 +472,10 @@ class _HostMeasurer:
             gemm()
             call(0)
         together = self._time(both, True)
-        detail = PairDetail("torch", impl, part_a, max(together, part_b), part_a, part_b)
-        return Measurement(max(together, part_a, part_b), part_a, part_b, detail)
+        return Measurement.of_pair(self.plan.pair_point(
+            p, "torch", impl, corun_a_ms=part_a, corun_b_ms=max(together, part_b),
+            makespan_ms=max(together, part_a, part_b), part_a_ms=part_a, part_b_ms=part_b, full_a_ms=part_a,
+            full_b_ms=part_b))
 
 
 # ---------------------------------------------------------------------------------------------- the table
