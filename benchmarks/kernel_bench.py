@@ -1,6 +1,11 @@
 """One-call check and timing of every kernel impl (issue 9, part 2): per op at the full GPU, the chosen
 impl against the library; per GEMM family the chosen impl at 100/108/116/124 SMs (green-context
 partitions) against linear scaling from its full-GPU time; decode attention TB/s at 16/32/48 SMs.
+--sweep also times config sweeps: the TMA GEMM and decode kernels', and the triton GEMM's (full GPU)
+and triton decode attention's (16 and 48 SMs), whose defaults (gemm.pick_config, decode_attention.py)
+were set from such sweeps (once benchmarks/kernels.py's; its last version: `git show
+9f1daf8:benchmarks/kernels.py`). Times by SM count and co-run pairs are `nfsearch profile`'s (its solo
+rows on the SM grid and its pair table).
 
 Usage (GPU machine): PYTHONUNBUFFERED=1 PYTHONPATH=. python benchmarks/kernel_bench.py [--sweep] [--out DIR]
 
@@ -45,6 +50,13 @@ DEC_SMS = (16, 32, 48)
 REPS = 3
 ROTATE_BYTES = 256 << 20
 TOL = 2e-2
+# --sweep, the triton impls' configs: GEMM (BM, BN, BK, GROUP_M, num_warps, num_stages, programs_per_sm);
+# decode attention (block_n, num_warps, num_stages, programs_per_sm)
+TRITON_GEMM_SWEEP = [(128, 256, 64, 8, 8, 3, 1), (128, 256, 64, 8, 8, 4, 1), (128, 128, 64, 8, 8, 4, 1),
+                     (128, 128, 64, 8, 4, 4, 1), (64, 128, 64, 8, 4, 4, 1), (64, 256, 64, 8, 4, 3, 1)]
+TRITON_DECODE_SWEEP = [(bn, w, s, p) for (bn, w, s) in [(32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 2),
+                                                        (128, 4, 2), (128, 8, 2), (128, 8, 3)]
+                       for p in (3, 4, 6, 8, 16)]
 
 
 def log(*a):
@@ -189,6 +201,18 @@ class Bench:
 
                 base = run("torch", IMPLS[name]["torch"])
                 run("triton", IMPLS[name]["triton"])
+                tbest = None
+                for cfg in (TRITON_GEMM_SWEEP if self.args.sweep else []):
+                    lab = "triton_cfg_" + "_".join(map(str, cfg))
+                    try:
+                        m = run(lab, lambda a_, w_, o_, n_, cfg=cfg: IMPLS[name]["triton"](a_, w_, o_, n_, config=cfg))
+                    except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
+                        ent[lab] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                        continue
+                    if m and (tbest is None or m["ms"] < tbest[1]["ms"]):
+                        tbest = (cfg, m)
+                if tbest:
+                    ent["triton_best"] = {"cfg": list(tbest[0]), "ms": tbest[1]["ms"]}
                 best = None
                 for cfg in [None] + sweep:
                     lab = "tma" if cfg is None else "tma_" + "_".join(str(int(c)) for c in cfg)
@@ -294,6 +318,21 @@ class Bench:
                     log(f"decode {key} best TMA cfg at {sw_n} SMs {bn_[0]}: {bn_[1]['TBps']:.2f} TB/s")
                     if sw_n == 48:
                         best = bn_
+                tbest = None
+                for cfg in TRITON_DECODE_SWEEP:
+                    lab = f"triton_cfg_{'_'.join(map(str, cfg))}_{sw_n}"
+                    try:
+                        m = run(lab, lambda q_, k_, v_, l_, o_, n_, cfg=cfg: IMPLS["decode_attn"]["triton"](
+                            q_, k_, v_, l_, o_, n_, block_n=cfg[0], num_warps=cfg[1], num_stages=cfg[2],
+                            programs_per_sm=cfg[3]), nsw, ssw)
+                    except Exception as exc:  # noqa: BLE001
+                        ent[lab] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                        continue
+                    if m and (tbest is None or m["ms"] < tbest[1]["ms"]):
+                        tbest = (cfg, m)
+                if tbest:
+                    ent[f"triton_best_{sw_n}"] = {"cfg": list(tbest[0]), "TBps": tbest[1]["TBps"]}
+                    log(f"decode {key} best triton cfg at {sw_n} SMs {tbest[0]}: {tbest[1]['TBps']:.2f} TB/s")
             for n in DEC_SMS + (self.total,):
                 nn, st = self.part_stream(n)
                 for lab, f in [("triton", IMPLS["decode_attn"]["triton"]), ("tma", IMPLS["decode_attn"]["tma"])] + (
@@ -465,7 +504,7 @@ def table(R):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--sweep", action="store_true", help="also sweep TMA GEMM and decode configs")
+    ap.add_argument("--sweep", action="store_true", help="also sweep the TMA and triton GEMM and decode configs")
     ap.add_argument("--only", default="", help="comma list of sections (ceilings,gemm,decode,prefill,small)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
