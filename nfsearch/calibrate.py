@@ -41,6 +41,7 @@ without the other.
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 
@@ -143,20 +144,35 @@ def overhead_samples(schedule, measured: Timeline) -> OverheadSamples:
     return OverheadSamples(tuple(waits), tuple(gaps))
 
 
+@dataclass(frozen=True)
+class NoClassData:
+    """The parent of a class with too few spans of a kind: no correction (co-run and solo factors 1).
+    A co-run factor fitted without the class's own solo spans divides its co-run median by
+    solo_ratio, every class's solo median (1 without solo spans)."""
+    solo_ratio: float
+    factor: float = 1.0
+    corun_ratio: float = 1.0
+    solo_factor: float = 1.0
+
+    def __post_init__(self):
+        if not (math.isfinite(self.solo_ratio) and self.solo_ratio > 0):
+            raise NfsearchError(f"calibration: solo_ratio must be a positive number, not {self.solo_ratio!r}")
+
+
 def fit(ratios: list[SpanRatio], sources: list[str], samples: list[OverheadSamples], default_wait_us: float,
         gpu_name: str = "") -> Calibration:
     """Per-class factors, per-op factors where an op has spans of its own (a kind it has too few
     of takes its class's), and the overheads (module doc), from every run's ratios and samples."""
     solo_all = [r.ratio for r in ratios if not r.is_corun]
-    fallback = ClassFactor("compute", 1.0, 0, 0, 1.0, statistics.median(solo_all) if solo_all else 1.0)
+    no_class_data = NoClassData(statistics.median(solo_all) if solo_all else 1.0)
     factors = []
     for cls in OP_CLASSES:
         mine = [r for r in ratios if r.op_class == cls]
-        of_class = _factor(cls, "", mine, fallback)
+        of_class = _factor(cls, "", mine, no_class_data)
         if of_class is not None:
             factors.append(of_class)
         for op in sorted({r.op for r in mine}):
-            of_op = _factor(cls, op, [r for r in mine if r.op == op], of_class or fallback)
+            of_op = _factor(cls, op, [r for r in mine if r.op == op], of_class or no_class_data)
             if of_op is not None:
                 factors.append(of_op)
     waits = [w for s in samples for w in s.waits_us]
@@ -167,10 +183,10 @@ def fit(ratios: list[SpanRatio], sources: list[str], samples: list[OverheadSampl
                        gpu_name)
 
 
-def _factor(op_class: str, op: str, ratios: list[SpanRatio], parent: ClassFactor) -> ClassFactor | None:
+def _factor(op_class: str, op: str, ratios: list[SpanRatio],
+            parent: ClassFactor | NoClassData) -> ClassFactor | None:
     """The factors of one class (op "") or op from its spans; a kind with fewer than MIN_SPANS spans
-    takes `parent`'s (the class's; for a class, 1 and every class's solo median). None with too
-    few of both."""
+    takes `parent`'s (an op's class's, or NoClassData). None with too few of both."""
     corun = [r.ratio for r in ratios if r.is_corun]
     solo = [r.ratio for r in ratios if not r.is_corun]
     if len(corun) < MIN_SPANS and len(solo) < MIN_SPANS:

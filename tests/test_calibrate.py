@@ -167,3 +167,19 @@ def test_calibration_entries_are_checked():
         Calibration((), ("x",), -1.0, 0.5)
     with pytest.raises(NfsearchError, match="solo factor"):
         ClassFactor("other", 1.0, 3, 3, 1.0, 0.1, 0.1)
+
+
+def test_a_class_without_its_own_spans_of_a_kind_takes_no_correction():
+    """NoClassData: a class with co-run spans but too few solo ones divides by every class's solo
+    median and keeps solo factor 1; a class with too few spans of both gets no entry."""
+    SpanRatio = calibrate.SpanRatio
+    ratios = [SpanRatio(f"c{i}", "ug", "compute", False, 1.0, 1.2) for i in range(3)]
+    ratios += [SpanRatio(f"m{i}", "decode_attn", "memory", True, 1.0, 1.8) for i in range(3)]
+    ratios += [SpanRatio("o1", "norm1", "other", False, 1.0, 0.5)]
+    cal = calibrate.fit(ratios, ["test"], [], 5.0)
+    memory = next(f for f in cal.factors if f.op_class == "memory" and not f.op)
+    assert memory.solo_factor == 1.0 and memory.solo_ratio == pytest.approx(1.2)
+    assert memory.factor == pytest.approx(1.8 / 1.2)
+    assert not [f for f in cal.factors if f.op_class == "other"]
+    with pytest.raises(NfsearchError):
+        calibrate.NoClassData(0.0)
