@@ -299,7 +299,10 @@ def solve(profile_path, solver, time_limit_s, threads, seed, num_layers, chunk, 
         plan.write(schedule, output)
     p = schedule.predicted
     layer, seq, bound = p.layer_time_ms, p.sequential_layer_time_ms, p.bound_ms
-    _echo(f"wrote {output}: layer {layer:.3f} ms predicted vs sequential {seq:.3f} ms ({seq / layer:.2f}x); "
+    power = problem.cost.power_bound()
+    capped = "" if power is None or power.bound_ms <= layer else (
+        f"; power-bound at {power.bound_ms:.3f} ms, plan and sequential alike")
+    _echo(f"wrote {output}: layer {layer:.3f} ms replayed vs sequential {seq:.3f} ms ({seq / layer:.2f}x{capped}); "
                f"roofline bound {bound:.3f} ms (the plan reaches {bound / layer:.0%} of it); solver "
                f"{schedule.solver.name}, stage-2 gap {_gap(schedule.solver.gap)}; "
                f"{problem.profile.label}")
