@@ -20,7 +20,8 @@ nfsearch/runtime/measurements.py; this module times the points:
   sides are launched together (a start event on A's stream that B's stream waits on, one call each,
   an end event per stream; the next launch waits for both), `pair_repeats` times after a lead that
   lets the host enqueue all of them; the SM clock is read right after (a spin kernel's cycles over
-  its event time, and NVML's reading when pynvml is there);
+  its event time, and NVML's reading when pynvml is there). A side of 0 SMs (a copy-engine
+  collective, which holds no share) runs on a plain stream beside the other side on the whole GPU;
 * ceilings: cuBLAS bf16 GEMM 8192^3 and a 1 GiB device-to-device copy (bytes read + written);
 * energy (`add_energy`, after the timings, or alone with `profile --energy-only`): each op at the W1-W3
   and workload token counts on the whole GPU with its fastest impl, a CUDA graph of ~2 ms of calls
@@ -487,6 +488,7 @@ class _Measurer:
         self.gap_retries = 0
         self.fastest: dict[tuple, tuple[str, float] | str] = {}   # pair sides: (impl, ms) or why none ran
         self._nvml_ok: bool | None = None
+        self._plain = None                        # a plain stream beside the whole GPU's (_side_stream)
         self.nvml_note = "not read"
 
     # Hooks for measurements that span processes (runtime/tp_profile.py: collectives on every rank at
@@ -741,7 +743,7 @@ class _Measurer:
 
     def _side_stream(self):
         """A plain stream of the whole device beside parts.stream(num_sms) (a no-share pair side)."""
-        if getattr(self, "_plain", None) is None:
+        if self._plain is None:
             self._plain = self.t.cuda.Stream(device=self.dev)
         return self._plain
 
