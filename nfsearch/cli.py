@@ -573,8 +573,13 @@ def tune_cmd(plans_dir, top_k, time_limit_s, num_layers, profile_path, output, m
                                  progress=lambda m: _echo(f"  {m}", err=True))
     with _all_or_none([Path(output), Path(output).with_suffix(".tune.json")]):
         record = tune.write_result(result, output, " ".join(["nfsearch"] + sys.argv[1:]))
-    from nfsearch.runtime import executor
-    _echo(executor.format_table([t.report for t in result.trials]))
+    if result.best.schedule.workload.tp_degree > 1:
+        from nfsearch.runtime import tp
+        for t in result.trials:
+            _echo(f"{t.name}: {tp.format_line(t.report)}")
+    else:
+        from nfsearch.runtime import executor
+        _echo(executor.format_table([t.report for t in result.trials]))
     _echo(f"wrote {output} (best: {result.best.name}, {result.best.measured_layer_ms:.4f} ms/layer) and {record}")
 
 

@@ -2,12 +2,15 @@
 
 The candidates are either plan files from a folder, or the solved plan plus the hand-made baselines of
 one problem. Every candidate's run report is kept (a failed one records its error), so the choice can
-be audited afterwards. The runtime (torch) is imported inside the functions that run plans: reading
-candidates and choosing among measured results work without it.
+be audited afterwards. Tensor-parallel candidates run as `nfsearch run` runs them (runtime.tp.run_plan:
+one process per GPU, each candidate checked against the TP=1 reference), one after another. The
+runtime (torch) is imported inside the functions that run plans: reading candidates and choosing
+among measured results work without it.
 """
 
 import json
 import math
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,8 +83,16 @@ def run_candidates(candidates: list[Candidate], *, mode: str = "green", iters: i
     return all trials with the fastest correct one. A candidate that fails is recorded, not fatal."""
     if not candidates:
         raise NfsearchError("no candidate plans to tune")
+    if len({c.schedule.workload.tp_degree for c in candidates}) > 1:
+        raise NfsearchError("candidate plans mix tensor-parallel degrees: tune one TP degree at a time")
     from nfsearch.runtime.device import check_device, require_cuda
     require_cuda("nfsearch tune")
+    if candidates[0].schedule.workload.tp_degree > 1:
+        from nfsearch.runtime import tp
+        for candidate in candidates:
+            check_device(candidate.schedule, candidate.name, force)
+        return pick_best(run_tp_candidates(candidates, tp.run_plan, mode=mode, iters=iters, use_graph=use_graph,
+                                           progress=progress))
     from nfsearch.runtime import bench, executor
     say = progress or (lambda _msg: None)
     trials: list[Trial] = []
@@ -102,6 +113,28 @@ def run_candidates(candidates: list[Candidate], *, mode: str = "green", iters: i
             say(f"{candidate.name}: " + (f"{measured:.4f} ms/layer" if measured is not None
                                          else f"failed ({report.get('error', 'no time measured')})"))
     return pick_best(trials)
+
+
+def run_tp_candidates(candidates: list[Candidate], run_plan: Callable[..., dict], progress: Progress = None,
+                      **run_kwargs) -> list[Trial]:
+    """Each TP candidate through `run_plan(plan_path, **kwargs)` (runtime.tp.run_plan on the GPUs: it
+    spawns the ranks and returns rank 0's report, raising NfsearchError when a rank fails or the output
+    differs from the TP=1 reference); the baselines are timed with the first candidate only."""
+    say = progress or (lambda _msg: None)
+    trials: list[Trial] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, candidate in enumerate(candidates):
+            path = Path(tmp) / f"{i}.json"
+            plan.write(candidate.schedule, path)
+            try:
+                report = run_plan(str(path), with_baselines=not trials, **run_kwargs)
+                measured = float(report["measured_layer_ms"])
+            except NfsearchError as exc:
+                report, measured = {"workload": candidate.schedule.workload.name, "error": str(exc)}, None
+            trials.append(Trial(candidate.name, candidate.schedule, measured, report))
+            say(f"{candidate.name}: " + (f"{measured:.4f} ms/layer" if measured is not None
+                                         else f"failed ({report.get('error', 'no time measured')})"))
+    return trials
 
 
 def pick_best(trials: list[Trial]) -> TuneResult:

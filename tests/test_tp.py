@@ -209,3 +209,35 @@ def test_tp_baselines_put_the_collectives_on_their_one_stream():
     assert impls_of(base["seq_same"], "cuda")["allreduce_o"] == "nccl"
     with pytest.raises(NfsearchError, match="impls must be one of"):
         with_impls(schedule, "cublas")
+
+
+def test_tune_runs_tp_candidates_and_keeps_the_fastest_correct_one(tmp_path):
+    """tune's TP path with gloo ranks on the CPU (host-clock timings): every candidate runs through the
+    same rank code as `nfsearch run`, checked against the TP=1 reference; the fastest is kept."""
+    import dataclasses
+    from nfsearch import tune
+    from nfsearch.runtime import tp as tp_mod
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+
+    def run_plan_on_gloo(plan_path, **kwargs):
+        out = tmp_path / "report.json"
+        tp_mod.spawn_ranks(tp_mod._run_worker, 2, "gloo",
+                           (plan_path, str(out), {**kwargs, "time_on_cpu": True, "repeats": 2}))
+        report = tp_mod._read_json(str(out))
+        if not report["correctness"]["passed"]:
+            raise NfsearchError("output differs from the TP=1 reference")
+        return report
+
+    split = tiny_tp_plan(2)
+    ce = dataclasses.replace(split, nano_ops=tuple(dataclasses.replace(o, impl="ce", sm_count=0)
+                                                   if o.op_class == "network" else o for o in split.nano_ops))
+    candidates = [tune.Candidate("nccl", split), tune.Candidate("ce", ce)]
+    trials = tune.run_tp_candidates(candidates, run_plan_on_gloo, iters=2, mode="green", use_graph=False)
+    assert [t.name for t in trials] == ["nccl", "ce"] and all(t.measured_layer_ms > 0 for t in trials)
+    assert set(trials[0].report["baselines"]) == {"seq_torch", "seq_same"}   # timed once, with the first
+    assert not trials[1].report.get("baselines")
+    result = tune.pick_best(trials)
+    assert result.best.measured_layer_ms == min(t.measured_layer_ms for t in trials)
+    with pytest.raises(NfsearchError, match="mix tensor-parallel degrees"):
+        tune.run_candidates([tune.Candidate("a", split), tune.Candidate("b", plan_mod.read(PLANS / "W2.json"))])
