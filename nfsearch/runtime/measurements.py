@@ -536,6 +536,8 @@ def network_plan(model: ModelSpec, workload: Workload, num_sms: int, granularity
                                               and (p.impl not in NO_SHARE_IMPLS or p.sm_count == num_sms))
                    or (p.kind == "pair" and (is_net(p.op) or is_net(p.partner_op)))]
     if with_pairs and set(net_impls) & NO_SHARE_IMPLS:
+        # one more point per GEMM x collective family: the GEMM on the whole GPU, the collective beside it
+        # holding no share (split (num_sms, 0)), as a plan runs a copy-engine all-reduce
         families = dict.fromkeys((p.op, p.num_tokens, p.context, p.co_class, p.partner_op, p.partner_tokens,
                                   p.partner_context) for p in plan.points if p.kind == "pair" and is_net(p.partner_op))
         plan.points += [Point("pair", op, "", t, c, num_sms, cls, 0, net, pt, pc)
