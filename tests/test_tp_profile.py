@@ -398,3 +398,26 @@ def test_a_gemm_that_can_only_run_beside_copy_engine_collectives_keeps_the_whole
     cand = stage1.partition_candidate(problem, frame, 32, Durations(problem))
     assert cand.sms["allreduce_o#0"] == 0 and cand.sms["allreduce_d#1"] == 0
     assert cand.sms["d#1"] == 132 and cand.sms["ug#1"] == 132          # beside only collectives of no share
+
+
+def test_cli_solves_and_simulates_a_plan_with_no_share_collectives(tmp_path):
+    """From the CLI: a TP profile with copy-engine rows gives a plan with 0-SM all-reduces that
+    simulate accepts; replayed with a table that has no ce rows it is one line, exit 2."""
+    table, _ = _ce_merged()
+    table.write(tmp_path / "tp.parquet")
+    plan_path = tmp_path / "plan.json"
+    r = CliRunner().invoke(main, ["solve", "--model", "llama-3-70b", "--workload", "W4", "--profile",
+                                  str(tmp_path / "tp.parquet"), "--time-limit", "2", "--min-gain", "0",
+                                  "-o", str(plan_path)])
+    assert r.exit_code == 0, r.output
+    from nfsearch import plan as plan_mod
+    assert any(o.sm_count == 0 and o.impl == "ce" for o in plan_mod.read(plan_path).nano_ops)
+    r = CliRunner().invoke(main, ["simulate", str(plan_path), "--profile", str(tmp_path / "tp.parquet"),
+                                  "-o", str(tmp_path / "sim")])
+    assert r.exit_code == 0 and "valid" in r.output, r.output
+    nccl_only, _ = _merged()
+    nccl_only.write(tmp_path / "nccl.parquet")
+    r = CliRunner().invoke(main, ["simulate", str(plan_path), "--profile", str(tmp_path / "nccl.parquet"),
+                                  "-o", str(tmp_path / "sim2")])
+    assert r.exit_code == 2 and "no rows of a no-SM-share impl (ce) for op allreduce" in r.output
+    assert len(r.output.strip().splitlines()) == 1
