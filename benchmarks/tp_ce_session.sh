@@ -2,8 +2,9 @@
 # W4 (llama-3-70b, TP=2) with the copy-engine all-reduce as a collective impl the search may choose:
 #   profile --tp 2 measuring nccl and ce collectives (alone and beside every GEMM), analyze --pairs,
 #   then benchmarks/tp_calibrate.sh on that profile (solve, run the plan and the sequential plan with
-#   timelines, calibrate, re-solve, run again), and the plan solved with --min-gain 0 (the search's
-#   best overlapped plan even where it predicts under 2% gain), run beside them.
+#   timelines, calibrate, re-solve, run again), the plan solved with --min-gain 0 (the search's
+#   best overlapped plan even where it predicts under 2% gain), run beside them, and `nfsearch tune` on
+#   the measured profile (the solved plan and the hand-made baselines run, the fastest correct kept).
 #   usage: benchmarks/tp_ce_session.sh OUT_DIR     (2 GPUs of one host; about 6 minutes)
 set -u
 OUT=${1:?usage: benchmarks/tp_ce_session.sh OUT_DIR}; mkdir -p "$OUT"
@@ -18,6 +19,8 @@ step solve-any 60 $N solve --model llama-3-70b --workload W4 --profile "$OUT/x.p
     --min-gain 0 -o "$OUT/plan_any.json" > "$OUT/solve_any.log" 2>&1
 step run-any 100 $N run --schedule "$OUT/plan_any.json" --iters 10 --out "$OUT/any_run" > "$OUT/any_run.log" 2>&1
 bash benchmarks/tp_calibrate.sh "$OUT/cal" "$OUT/x.parquet" > "$OUT/calibrate_session.txt" 2>&1
+step tune 300 $N tune --model llama-3-70b --workload W4 --profile "$OUT/x.parquet" --layers 2 --time-limit 5 -k 3 \
+    --iters 10 -o "$OUT/tuned.json" > "$OUT/tune.txt" 2>&1
 cat "$S"; tail -n 8 "$OUT/profile.log"; tail -n 30 "$OUT/pairs.txt"; tail -n 3 "$OUT/solve_any.log" "$OUT/any_run.log"
 python3 - "$OUT" <<'PY'
 import json, sys
@@ -35,3 +38,4 @@ for name, path in (("min-gain 0", out / "any_run" / "run.json"), ("solved", out 
           f"correct {r.get('correctness', {}).get('passed')}")
 PY
 tail -n 8 "$OUT/calibrate_session.txt"
+echo "== tune"; tail -n 5 "$OUT/tune.txt"
