@@ -248,9 +248,9 @@ def profile(is_analytic, gpu_key, gpu_id, is_quick, with_pairs, net_impls, with_
 
 
 def _net_impls(text: str) -> tuple[str, ...]:
-    known = ("nccl", "ce")          # runtime.measurements.NETWORK_IMPLS (torch-free here)
+    from nfsearch.plan import NETWORK_IMPLS
     impls = tuple(dict.fromkeys(i.strip() for i in text.split(",") if i.strip()))
-    if "nccl" not in impls or set(impls) - set(known):
+    if NETWORK_IMPLS[0] not in impls or set(impls) - set(NETWORK_IMPLS):
         raise NfsearchError(f"--net-impls must list nccl and may add ce, not {text!r}")
     return impls
 

@@ -23,8 +23,9 @@ SCHEMA_VERSION = 1
 # Impl names a plan may carry. The runtime registry (nfsearch/runtime/kernels IMPLS) may only use
 # names from RUNTIME_IMPLS (a CPU test checks it); profiles nobody measured label their rows with
 # one of NON_MEASURED_IMPLS and the executor maps those to runtime impls. Add a new kernel family here.
-# nccl and ce: the collectives (NCCL on an SM share; copy engines with the sum on the SM share)
-RUNTIME_IMPLS = frozenset({"triton", "torch", "tma", "flash", "cuda", "nccl", "ce"})
+# The collectives' impls, the default first: NCCL on the nano-op's SM share; the copy engines (no share).
+NETWORK_IMPLS = ("nccl", "ce")
+RUNTIME_IMPLS = frozenset({"triton", "torch", "tma", "flash", "cuda", *NETWORK_IMPLS})
 NON_MEASURED_IMPLS = frozenset({"analytic", "fake"})
 # Network impls that hold no SM share: the copy engines move the rows, and the sum kernel runs on a
 # plain stream beside whatever holds the SMs. Their nano-ops state sm_count 0; the profile's rows of

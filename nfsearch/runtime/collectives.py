@@ -27,9 +27,6 @@ import torch.distributed as dist
 
 # op -> the buffer it reduces in place (runtime.model's per-layer buffers)
 COLLECTIVE_OPS = {"allreduce_o": "mid", "allreduce_d": "out"}
-# a network nano-op's impl: "nccl" (dist.all_reduce, NCCL on the nano-op's SM share) or "ce" (the copy
-# engines move the rows, the sum kernel runs on the SM share: runtime.ce_collectives)
-COLLECTIVE_IMPLS = ("nccl", "ce")
 # NVLink multicast (NVLS) can take a shared host's GPUs out of service: it stays off everywhere
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 

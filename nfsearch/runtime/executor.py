@@ -32,12 +32,13 @@ import time
 import torch
 
 from nfsearch.errors import NfsearchError
+from nfsearch.plan import NETWORK_IMPLS
 from nfsearch.runreport import (Bound, Ceilings, Correctness, LaunchSummary, OpError, PowerReading, RunReport,
                                 Timing, format_table)
 from nfsearch.runtime import launch as launch_mod
 from nfsearch.runtime.bench import event_times, host_times
 from nfsearch.runtime.kernels import IMPLS
-from nfsearch.runtime.collectives import COLLECTIVE_IMPLS, COLLECTIVE_OPS
+from nfsearch.runtime.collectives import COLLECTIVE_OPS
 from nfsearch.runtime.launch import Launch, LaunchList, layout_label
 from nfsearch.runtime.model import OP_OUTPUT, ModelInstance, rel_error
 from nfsearch.runtime.partitions import PartitionError
@@ -55,7 +56,7 @@ def resolve_impl(op: str, impl: str, device_type: str) -> str:
     """The impl to run: the plan's if the registry has it, else our SM-bounded kernels on CUDA and the
     torch impls on CPU (analytic profiles name their impl "analytic")."""
     if op in COLLECTIVE_OPS:          # network nano-ops: the TP model's op_allreduce_* (runtime.collectives)
-        return impl if impl in COLLECTIVE_IMPLS else "nccl"
+        return impl if impl in NETWORK_IMPLS else NETWORK_IMPLS[0]
     if device_type != "cuda":
         return "torch"
     return impl if impl in IMPLS[op] else "triton"

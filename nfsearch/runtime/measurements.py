@@ -57,7 +57,7 @@ import pandas as pd
 from nfsearch import pairs as pair_table
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import Op, build_layer, layer_ops, op_context, op_work
-from nfsearch.plan import NO_SHARE_IMPLS
+from nfsearch.plan import NETWORK_IMPLS, NO_SHARE_IMPLS
 from nfsearch.profile import ProfileMiss, ProfileTable
 from nfsearch.roofline import BW_FRACTION, interp
 from nfsearch.runreport import Ceilings
@@ -499,9 +499,9 @@ def energy_plan(model: ModelSpec, workload: Workload, requests: list[EnergyReque
 # A tensor-parallel profile's network part (runtime/tp_profile.py: one process per GPU, every rank
 # measuring at once): the all-reduces alone at the grid's tokens and SM counts, and beside each GEMM
 # of the layer on the pair table's splits. Its rows and pair points have the single-GPU formats.
-NETWORK_IMPL = "nccl"          # torch.distributed's NCCL all-reduce, as runtime.collectives runs it
-CE_IMPL = "ce"                 # the copy-engine all-reduce (runtime.ce_collectives): data on copy engines
-NETWORK_IMPLS = (NETWORK_IMPL, CE_IMPL)
+# NETWORK_IMPL: torch.distributed's NCCL all-reduce, as runtime.collectives runs it; CE_IMPL: the
+# copy-engine all-reduce (runtime.ce_collectives), data on the copy engines
+NETWORK_IMPL, CE_IMPL = NETWORK_IMPLS
 ESTIMATE_BUS_GBPS = 150.0      # for estimates only: an NVLink all-reduce's bus bandwidth (GPU_FACTS.md)
 ESTIMATE_NET_LATENCY_MS = 0.03
 
