@@ -431,6 +431,9 @@ class CostModel:
         self.whole_tokens = {name: layer.nodes[name]["token_range"][1] - layer.nodes[name]["token_range"][0]
                              for name in layer.nodes}
         self.num_sms = int(profile.meta["num_sms"])
+        # network ops the profile has a no-SM-share impl of (stage 1 asks per nano-op, per structure)
+        self.no_share_ops = frozenset(name for name, op in self.ops.items() if op.op_class == "network"
+                                      and any(i in NO_SHARE_IMPLS for i in profile.impls(name)))
         self.source_counts: Counter = Counter()       # distinct stretch lookups by source
         self.raw_solo_ms = lru_cache(maxsize=None)(self._raw_solo_ms)
         self.solo_ms = lru_cache(maxsize=None)(self._solo_ms)
@@ -603,7 +606,7 @@ class CostModel:
 
     def has_no_share(self, op: str) -> bool:
         """Whether the profile has an impl of `op` that holds no SM share (a nano-op of it may take 0 SMs)."""
-        return self.op_class(op) == "network" and any(i in NO_SHARE_IMPLS for i in self.profile.impls(op))
+        return op in self.no_share_ops
 
     def _lookup(self, op: str, num_tokens: int, sm_count: int, co_class: str = "") -> tuple[float, str]:
         context = op_context(self.ops[op], self.workload)
