@@ -100,18 +100,14 @@ def run_candidates(candidates: list[Candidate], *, mode: str = "green", iters: i
     with executor.ExecContext("cuda", mode) as ctx:
         for candidate in candidates:
             check_device(candidate.schedule, candidate.name, force)
-            try:
+
+            def run_one():
+                nonlocal ceilings
                 run = executor.execute(candidate.schedule, ctx=ctx, iters=iters, use_graph=use_graph,
                                        with_baselines=not trials, ceilings=ceilings)
-                report = run.to_dict()
                 ceilings = ceilings or run.ceilings or bench.ceilings()
-                measured = run.measured_layer_ms
-            except NfsearchError as exc:
-                # one wrong or unbuildable candidate must not cost the others their run
-                report, measured = {"workload": candidate.schedule.workload.name, "error": str(exc)}, None
-            trials.append(Trial(candidate.name, candidate.schedule, measured, report))
-            say(f"{candidate.name}: " + (f"{measured:.4f} ms/layer" if measured is not None
-                                         else f"failed ({report.get('error', 'no time measured')})"))
+                return run.to_dict(), run.measured_layer_ms
+            trials.append(_trial(candidate, run_one, say))
     return pick_best(trials)
 
 
@@ -126,15 +122,24 @@ def run_tp_candidates(candidates: list[Candidate], run_plan: Callable[..., dict]
         for i, candidate in enumerate(candidates):
             path = Path(tmp) / f"{i}.json"
             plan.write(candidate.schedule, path)
-            try:
+
+            def run_one():
                 report = run_plan(str(path), with_baselines=not trials, **run_kwargs)
-                measured = float(report["measured_layer_ms"])
-            except NfsearchError as exc:
-                report, measured = {"workload": candidate.schedule.workload.name, "error": str(exc)}, None
-            trials.append(Trial(candidate.name, candidate.schedule, measured, report))
-            say(f"{candidate.name}: " + (f"{measured:.4f} ms/layer" if measured is not None
-                                         else f"failed ({report.get('error', 'no time measured')})"))
+                return report, float(report["measured_layer_ms"])
+            trials.append(_trial(candidate, run_one, say))
     return trials
+
+
+def _trial(candidate: Candidate, run_one: Callable[[], tuple[dict, float]], say) -> Trial:
+    """The candidate's trial from run_one() -> (report, measured layer ms); a failure (NfsearchError) is
+    recorded as the candidate's error, so one wrong or unbuildable candidate costs the others nothing."""
+    try:
+        report, measured = run_one()
+    except NfsearchError as exc:
+        report, measured = {"workload": candidate.schedule.workload.name, "error": str(exc)}, None
+    say(f"{candidate.name}: " + (f"{measured:.4f} ms/layer" if measured is not None
+                                 else f"failed ({report.get('error', 'no time measured')})"))
+    return Trial(candidate.name, candidate.schedule, measured, report)
 
 
 def pick_best(trials: list[Trial]) -> TuneResult:
