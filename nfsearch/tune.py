@@ -101,9 +101,9 @@ def run_candidates(candidates: list[Candidate], *, mode: str = "green", iters: i
         for candidate in candidates:
             check_device(candidate.schedule, candidate.name, force)
 
-            def run_one():
+            def run_one(schedule=candidate.schedule):
                 nonlocal ceilings
-                run = executor.execute(candidate.schedule, ctx=ctx, iters=iters, use_graph=use_graph,
+                run = executor.execute(schedule, ctx=ctx, iters=iters, use_graph=use_graph,
                                        with_baselines=not trials, ceilings=ceilings)
                 ceilings = ceilings or run.ceilings or bench.ceilings()
                 return run.to_dict(), run.measured_layer_ms
@@ -123,7 +123,7 @@ def run_tp_candidates(candidates: list[Candidate], run_plan: Callable[..., dict]
             path = Path(tmp) / f"{i}.json"
             plan.write(candidate.schedule, path)
 
-            def run_one():
+            def run_one(path=path):
                 report = run_plan(str(path), with_baselines=not trials, **run_kwargs)
                 return report, float(report["measured_layer_ms"])
             trials.append(_trial(candidate, run_one, say))
