@@ -197,7 +197,8 @@ def analyze(gpu_key, pairs_path, json_path, **spec):
               help="Also measure the pair table (ops launched together on every split; see analyze --pairs).")
 @click.option("--net-impls", default="nccl,ce", show_default=True,
               help="Collective impls to measure under TP (comma list): nccl (NCCL on an SM share), ce (copy "
-                   "engines, the sum on the SM share; measured where every GPU can set it up).")
+                   "engines: no SM share, its sum a small kernel on the whole GPU; measured where every GPU "
+                   "can set it up).")
 @click.option("--energy/--no-energy", "with_energy", default=True, show_default=True,
               help="Also measure each op's energy per call (NVML) at the token counts of W1-W3 and the workload, "
                    "the power limit and the static power: the power bound (a few seconds; none without NVML).")
