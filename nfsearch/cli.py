@@ -237,7 +237,7 @@ def profile(is_analytic, gpu_key, gpu_id, is_quick, with_pairs, net_impls, with_
             raise NfsearchError(f"--tp {n} measures on GPUs 0..{n - 1}; --gpu-id does not apply")
         table = measure_tp_profile(model, workload, n, is_quick=is_quick, output=output,
                                    progress=_progress_bar, with_pairs=with_pairs,
-                                   net_impls=net_impls)
+                                   net_impls=net_impls, with_energy=with_energy)
     else:
         from nfsearch.runtime.device import require_cuda
         require_cuda("nfsearch profile")
@@ -245,7 +245,8 @@ def profile(is_analytic, gpu_key, gpu_id, is_quick, with_pairs, net_impls, with_
         table = measure_profile(model, workload, gpu_id=gpu_id, is_quick=is_quick, output=output,
                                 progress=_progress_bar, with_pairs=with_pairs, with_energy=with_energy)
     table.write(output)
-    _echo(f"wrote {output}: {len(table.rows)} rows, {table.label}, fingerprint {table.fingerprint()}")
+    energy = "" if table.energy is None else f", {len(table.energy.points)} energy points"
+    _echo(f"wrote {output}: {len(table.rows)} rows{energy}, {table.label}, fingerprint {table.fingerprint()}")
 
 
 def _net_impls(text: str) -> tuple[str, ...]:
@@ -425,7 +426,7 @@ def run_cmd(plan_path, num_layers, out_dir, with_timeline, profile_path, mode, i
     if schedule.workload.tp_degree > 1:      # one process per GPU, NCCL (nfsearch.runtime.tp)
         from nfsearch.runtime import tp
         report = tp.run_plan(plan_path, mode=mode, iters=iters, use_graph=not no_graph, timeline=with_timeline,
-                             progress=lambda m: _echo(f"  {m}", err=True))
+                             progress=lambda m: _echo(f"  {m}", err=True), profile=table if profile_path else None)
         if report is None:                   # another rank of a torchrun job: rank 0 writes the report
             return
         report["command"] = " ".join(["nfsearch"] + sys.argv[1:])
@@ -447,6 +448,8 @@ def run_cmd(plan_path, num_layers, out_dir, with_timeline, profile_path, mode, i
             if note.startswith("timeline:"):
                 _echo(f"note: {note}", err=True)
         _echo(tp.format_line(report))
+        for line in tp.power_lines(report):
+            _echo(line)
         _echo(f"wrote {out / 'run.json'}" + (f", {out / 'measured.json'}" if measured is not None else ""))
         return
     from nfsearch.runtime import executor

@@ -39,6 +39,10 @@ between the profile's points; outside them, and at a context the profile did not
 proportion to the tokens (the context): labelled "scaled". `nfsearch calibrate --energy` fits a
 factor on the dynamic energies (1 without it). The predicted layer time is max(the replayed makespan
 per layer, the bound): simulate, run and solve's margin rule use it; the replay itself does not.
+Under TP the profile's energy is of one GPU's shard (runtime/tp_profile.py) and every GPU has its own
+power limit, so the bound is per GPU: the shard's dynamic energy per layer over that GPU's headroom.
+Collectives (network ops) are not measured on one GPU: without points of their own they count as no
+dynamic energy, and the bound's note says so (the bound is then on the low side by their share).
 
 Problem bundles model, workload, GPU, profile, layer graph and cost model for the search.
 """
@@ -381,17 +385,28 @@ class EnergyModel:
         energy_j, time_ms, how = self.op_energy(op, num_tokens, context)
         return self.factor * max(0.0, energy_j - self.energy.static_power_w * time_ms / 1e3), how
 
+    def is_unmeasured_network(self, op: Op) -> bool:
+        """A collective without energy points (a TP profile's): it counts as no dynamic energy."""
+        return op.op_class == "network" and not self.points.get(op.name)
+
     def layer_bound(self, layer: nx.DiGraph, workload: Workload) -> PowerBound:
-        """The power bound of one layer: its ops at their whole token counts (ProfileMiss where an op
-        has no energy)."""
-        total, hows = 0.0, Counter()
+        """The power bound of one layer (per GPU under TP): its ops at their whole token counts
+        (ProfileMiss where an op other than an unmeasured collective has no energy)."""
+        total, hows, unmeasured = 0.0, Counter(), []
         for name in layer.nodes:
+            op = layer.nodes[name]["op"]
+            if self.is_unmeasured_network(op):
+                unmeasured.append(name)
+                continue
             lo, hi = layer.nodes[name]["token_range"]
-            value, how = self.dynamic_j(name, hi - lo, op_context(layer.nodes[name]["op"], workload))
+            value, how = self.dynamic_j(name, hi - lo, op_context(op, workload))
             total += value
             hows[how] += 1
-        note = (f"{len(self.energy.points)} energy points, ops " + ", ".join(f"{n} {h}" for h, n in sorted(hows.items()))
-                + f"; {self.factor_label}")
+        per_gpu = f"per GPU: the TP={workload.tp_degree} shard's ops; " if workload.tp_degree > 1 else ""
+        network = (f"; collectives {', '.join(unmeasured)} counted as no dynamic energy (not measured on one GPU)"
+                   if unmeasured else "")
+        note = (f"{per_gpu}{len(self.energy.points)} energy points, ops "
+                + ", ".join(f"{n} {h}" for h, n in sorted(hows.items())) + f"{network}; {self.factor_label}")
         return PowerBound(total, self.energy.power_limit_w, self.energy.static_power_w, self.factor, note)
 
 
@@ -580,7 +595,7 @@ class CostModel:
 
     def nano_dynamic_j(self, op: str, num_tokens: int) -> float:
         """Dynamic energy of a nano-op of `num_tokens` of `op`: its share of the whole op's (0 without energy)."""
-        if self.energy is None:
+        if self.energy is None or self.energy.is_unmeasured_network(self.layer.nodes[op]["op"]):
             return 0.0
         whole = self.whole_tokens[op]
         return self.energy.dynamic_j(op, whole, self.context(op))[0] * num_tokens / whole

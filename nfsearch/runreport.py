@@ -330,6 +330,158 @@ class PowerReading:
 
 
 @dataclass(frozen=True)
+class TimingPower:
+    """What NVML saw on one GPU during one variant's timing rounds only (a TP run's baselines): the
+    energy counter read around each round (a coarse mean power: the counter moves every few tens of
+    ms) and NVML samples in between."""
+    power_w: float | None
+    num_samples: int
+    capped_share: float
+    sm_clock_mhz: float | None = None
+    reasons: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "reasons", _reasons(self.reasons, "timing power"))
+        for key in ("power_w", "sm_clock_mhz"):
+            value = getattr(self, key)
+            _require(value is None or _is_float(value), f"timing power: {key} must be positive, not {value!r}")
+        _require(_is_int(self.num_samples) and self.num_samples >= 0, "timing power: num_samples must be >= 0")
+        _require(_is_float(self.capped_share, high=1.0, may_be_low=True), "timing power: capped_share must be in 0..1")
+
+    @property
+    def is_power_capped(self) -> bool:
+        return self.num_samples > 0 and self.capped_share >= POWER_CAPPED_SHARE
+
+    def describe(self) -> str:
+        return (f"{'power-capped' if self.is_power_capped else 'not power-capped'} (SW power cap in "
+                f"{self.capped_share:.0%} of {self.num_samples} samples), {self.power_w or float('nan'):.0f} W, "
+                f"SM {self.sm_clock_mhz or float('nan'):.0f} MHz")
+
+    def to_dict(self) -> dict:
+        return {"power_w": self.power_w, "num_samples": self.num_samples, "capped_share": self.capped_share,
+                "sm_clock_mhz": self.sm_clock_mhz, "reasons": dict(self.reasons),
+                "is_power_capped": self.is_power_capped}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TimingPower:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class RankPower:
+    """One GPU of a tensor-parallel run: the plan's reading (a sustained loop of its graph, in
+    lockstep with the other ranks, and its timing rounds), the baselines' timing rounds by label, and
+    why a reading is missing."""
+    rank: int
+    gpu: str
+    plan: PowerReading | None = None
+    baselines: tuple[tuple[str, TimingPower], ...] = ()
+    note: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "baselines", tuple(sorted((str(k), v) for k, v in (
+            self.baselines.items() if isinstance(self.baselines, dict) else self.baselines))))
+        _require(_is_int(self.rank) and self.rank >= 0, f"rank power: rank must be an integer >= 0, not {self.rank!r}")
+        _require(isinstance(self.gpu, str) and isinstance(self.note, str), "rank power: gpu and note must be texts")
+        _require(self.plan is None or isinstance(self.plan, PowerReading), "rank power: plan must be a power reading")
+        _require(all(isinstance(v, TimingPower) for _, v in self.baselines),
+                 "rank power: baselines must be timing power readings")
+
+    def to_dict(self) -> dict:
+        return {"rank": self.rank, "gpu": self.gpu, "plan": None if self.plan is None else self.plan.to_dict(),
+                "baselines": {k: v.to_dict() for k, v in self.baselines}, "note": self.note}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RankPower:
+        return cls(d["rank"], d.get("gpu", ""), None if d.get("plan") is None else PowerReading.from_dict(d["plan"]),
+                   tuple((k, TimingPower.from_dict(v)) for k, v in d.get("baselines", {}).items()), d.get("note", ""))
+
+
+@dataclass(frozen=True)
+class TpPower:
+    """The power side of a tensor-parallel run: every rank's readings, and the profile's power bound of
+    one layer on ONE GPU (the shard's ops; every GPU has its own limit, so the bound is per GPU:
+    that rank's dynamic energy per layer over its limit minus static power), applied as on one GPU:
+    predicted layer time = max(replayed, bound)."""
+    ranks: tuple[RankPower, ...]
+    power_bound: PowerBound | None = None
+    replay_layer_ms: float | None = None
+    bound_note: str = ""            # why there is no bound (where there is none)
+
+    def __post_init__(self):
+        object.__setattr__(self, "ranks", tuple(self.ranks))
+        _require(all(isinstance(r, RankPower) for r in self.ranks), "TP power: ranks must be rank power readings")
+        _require([r.rank for r in self.ranks] == sorted({r.rank for r in self.ranks}),
+                 "TP power: ranks must be distinct and in order")
+        _require(self.replay_layer_ms is None or (_is_ms(self.replay_layer_ms) and self.replay_layer_ms > 0),
+                 f"TP power: replay_layer_ms must be positive, not {self.replay_layer_ms!r}")
+        _require(isinstance(self.bound_note, str), "TP power: bound_note must be a text")
+
+    @property
+    def predicted_layer_ms(self) -> float | None:
+        """max(replayed, bound); the replay alone without a bound; None without a replay."""
+        if self.replay_layer_ms is None:
+            return None
+        return self.replay_layer_ms if self.power_bound is None else self.power_bound.layer_ms(self.replay_layer_ms)
+
+    @property
+    def is_power_bound(self) -> bool | None:
+        if self.power_bound is None or self.replay_layer_ms is None:
+            return None
+        return self.power_bound.is_binding(self.replay_layer_ms)
+
+    def energy_ratio(self, rank: int) -> float | None:
+        """A rank's measured dynamic energy per layer (its sustained loop, above the profile's static
+        power) over the bound's (before any energy factor). The bound counts no energy for the
+        collectives, the measured loop holds theirs."""
+        r = next((x for x in self.ranks if x.rank == rank), None)
+        b = self.power_bound
+        if r is None or r.plan is None or b is None or b.dynamic_energy_j <= 0:
+            return None
+        return r.plan.dynamic_energy_j(b.static_power_w) / (b.dynamic_energy_j / b.energy_factor)
+
+    def lines(self) -> list[str]:
+        """One line per rank (its plan reading, else why none; its baselines' timing rounds) and one for the bound."""
+        out = []
+        for r in self.ranks:
+            head = f"power rank {r.rank}" + (f" ({r.gpu})" if r.gpu else "")
+            if r.plan is not None:
+                ratio = self.energy_ratio(r.rank)
+                out.append(f"{head}: {r.plan.describe()}"
+                           + (f"; measured/predicted dynamic energy {ratio:.3f}" if ratio is not None else ""))
+            else:
+                out.append(f"{head}: no reading ({r.note or 'not measured'})")
+            if r.baselines:
+                out.append(f"{'':>{len(head)}}  baselines' timing rounds: "
+                           + "; ".join(f"{k} {v.describe()}" for k, v in r.baselines))
+        if self.power_bound is not None and self.replay_layer_ms is not None:
+            out.append(f"power bound (per GPU): {self.power_bound.describe(self.replay_layer_ms)}")
+        elif self.bound_note:
+            out.append(f"power bound: {self.bound_note}")
+        return out
+
+    def to_dict(self) -> dict:
+        return {"ranks": [r.to_dict() for r in self.ranks],
+                "power_bound": None if self.power_bound is None else self.power_bound.to_dict(),
+                "replay_layer_ms": self.replay_layer_ms, "bound_note": self.bound_note,
+                "predicted_layer_ms": self.predicted_layer_ms, "is_power_bound": self.is_power_bound,
+                "is_power_capped": [None if r.plan is None else r.plan.is_power_capped for r in self.ranks],
+                "energy_ratio": [self.energy_ratio(r.rank) for r in self.ranks]}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "TP power") -> TpPower:
+        try:
+            return cls(tuple(RankPower.from_dict(r) for r in d["ranks"]),
+                       None if d.get("power_bound") is None else PowerBound.from_dict(d["power_bound"]),
+                       d.get("replay_layer_ms"), d.get("bound_note", ""))
+        except NfsearchError as exc:
+            raise NfsearchError(f"{where}: {exc}") from None
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise NfsearchError(f"{where}: not a TP power record ({type(exc).__name__}: {exc})") from None
+
+
+@dataclass(frozen=True)
 class LaunchSummary:
     num_launches: int
     stream_keys: tuple[str, ...]

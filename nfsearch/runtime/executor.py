@@ -438,15 +438,7 @@ def _power_reading(plan: _Variant, nvml, windows, num_layers: int, notes: list[s
         _sync_quietly()
         notes.append(f"power: the plan's energy loop failed ({type(exc).__name__}: {str(exc)[:160]})")
         return None
-    rounds = power.summarize(windows.samples)
-    s = m.samples
-    return PowerReading(
-        energy_per_layer_j=m.energy_j / num_layers, layer_ms=m.time_ms / num_layers, power_w=m.power_w,
-        power_limit_w=m.power_limit_w, window_s=m.window_s, num_samples=s.num_samples,
-        capped_share=round(s.capped_share, 4), sm_clock_mhz=s.sm_clock_mhz, min_sm_clock_mhz=s.min_sm_clock_mhz,
-        max_sm_clock_mhz=m.max_sm_clock_mhz, reasons=s.reasons, timing_power_w=windows.power_w,
-        timing_num_samples=rounds.num_samples, timing_capped_share=round(rounds.capped_share, 4),
-        timing_sm_clock_mhz=rounds.sm_clock_mhz, timing_reasons=rounds.reasons)
+    return power.reading_of(m, windows, num_layers)
 
 
 def _sync_quietly() -> None:

@@ -49,7 +49,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -455,22 +455,24 @@ class EnergyRequest:
 
 def energy_requests(model: ModelSpec, workload: Workload, table: ProfileTable) -> tuple[list[EnergyRequest], list[str]]:
     """The energy points of `model` (module doc): every op at its whole token count in W1-W3 and in
-    `workload` (same TP degree), fastest impl on the whole GPU by `table`; and a note per op that
-    cannot be measured (the table has no row to pick its impl from)."""
+    `workload`, fastest impl on the whole GPU by `table`; and a note per op that cannot be measured
+    (the table has no row to pick its impl from). Under TP (workload.tp_degree > 1) W1-W3's batches
+    are taken at the workload's TP degree (the shard's shapes, as the profile's grid covers them) and
+    the network ops are left out: one GPU alone does not run a collective (profiler.add_energy)."""
     from nfsearch.specs import load_workload
-    workloads = [load_workload(name) for name in ENERGY_WORKLOADS] + [workload]
+    workloads = [replace(load_workload(name), tp_degree=workload.tp_degree) for name in ENERGY_WORKLOADS] + [workload]
     found: dict[tuple, EnergyRequest] = {}
     notes: list[str] = []
     full = table.info.num_sms
     for wl in workloads:
-        if wl.tp_degree != workload.tp_degree:
-            continue
         try:
             layer = build_layer(model, wl)
         except NfsearchError as exc:          # a standard batch this model cannot take (a sliding window)
             notes.append(f"{wl.name}: {exc}")
             continue
         for name in layer.nodes:
+            if layer.nodes[name]["op"].op_class == "network":
+                continue
             lo, hi = layer.nodes[name]["token_range"]
             ctx = op_context(layer.nodes[name]["op"], wl)
             key = (name, hi - lo, ctx)

@@ -16,6 +16,12 @@ between the two reads; time per call = CUDA events at the ends of the chunks ret
 / the calls between them; energy per call = mean power x time per call. A thread samples the SM
 clock, the reasons and the power every SAMPLE_S during the window.
 
+In LOCKSTEP (`lockstep_chunks`, then `measure_energy(..., calls_per_chunk=c, num_chunks=n)`: callables
+that hold collectives, one process per GPU of a tensor-parallel run): every process must issue the same
+calls, so the chunk size and the number of chunks are fixed beforehand (agreed over the processes) and
+all of them are issued whatever the counter does; the window is taken inside them by the same rule,
+and a failed NVML read counts as "the counter has not moved" rather than stopping the loop.
+
 `measure_static_power(device)`: what "static" means here. Idle (nothing queued) is not the floor a
 running layer sits on: with nothing to do the GPU drops its clocks to idle and draws ~70 W on an
 H100. A nearly empty kernel -- one thread spinning on the clock (`torch.cuda._sleep`) -- keeps the
@@ -57,6 +63,8 @@ MIN_WINDOW_S = 0.05
 MAX_WAIT_S = 3.0            # beyond warm-up + window: a counter that has not moved by then gives up
 CAPPED_SHARE = 0.5          # a window is power-capped when the SW power cap is on in this share of samples
 STATIC_SPIN_MS = 1.0        # one spin kernel of the static-power loop
+LOCKSTEP_SLACK_S = 0.4      # lockstep: work beyond warm-up + window, for the counter's update period
+MAX_LOCKSTEP_CHUNKS = 2000
 
 
 class EnergyError(RuntimeError):
@@ -150,6 +158,15 @@ def open_device(cuda_index: int = 0) -> tuple[NvmlDevice | None, str]:
             pass
         return None, f"no NVML power readings for CUDA device {cuda_index} ({_why(exc)}); no energy measured"
     return device, f"NVML device {how}"
+
+
+def _energy_or_none(device: NvmlDevice) -> int | None:
+    """The energy counter, or None where the read fails (a lost read must not stop a loop whose
+    calls other processes wait on; see lockstep in the module doc)."""
+    try:
+        return device.energy_mj()
+    except Exception:  # noqa: BLE001 - NVMLError of one read
+        return None
 
 
 def _why(exc: Exception) -> str:
@@ -280,17 +297,36 @@ class EnergyMeasurement:
                 f"{self.power_limit_w:.0f} W; {clock}; {cap}")
 
 
+def lockstep_chunks(per_fn_ms: float, window_s: float = WINDOW_S, warmup_s: float = WARMUP_S,
+                    chunk_ms: float = CHUNK_MS, slack_s: float = LOCKSTEP_SLACK_S) -> tuple[int, int]:
+    """(calls per chunk, number of chunks) of a lockstep measure_energy (module doc) of a callable that
+    takes `per_fn_ms` (agreed over the processes: the slowest's): enough chunks to cover the warm-up,
+    the window and `slack_s` for the counter's update period."""
+    if not (math.isfinite(per_fn_ms) and per_fn_ms > 0):
+        raise ValueError(f"lockstep_chunks: per_fn_ms must be positive, not {per_fn_ms!r}")
+    per_chunk = max(1, min(MAX_CALLS_PER_CHUNK, math.ceil(chunk_ms / per_fn_ms)))
+    total_ms = (warmup_s + window_s + slack_s) * 1e3
+    return per_chunk, min(MAX_LOCKSTEP_CHUNKS, DEPTH + math.ceil(total_ms / (per_chunk * per_fn_ms)))
+
+
 def measure_energy(fn, device: NvmlDevice, calls_per_fn: int = 1, window_s: float = WINDOW_S,
-                   warmup_s: float = WARMUP_S, chunk_ms: float = CHUNK_MS, max_wait_s: float = MAX_WAIT_S
-                   ) -> EnergyMeasurement:
+                   warmup_s: float = WARMUP_S, chunk_ms: float = CHUNK_MS, max_wait_s: float = MAX_WAIT_S,
+                   calls_per_chunk: int | None = None, num_chunks: int | None = None) -> EnergyMeasurement:
     """Run `fn` back to back (see the module doc) and return the energy and time per call; `fn` does
     `calls_per_fn` calls (a CUDA graph of several launches of one op). Raises EnergyError when the
-    energy counter does not move in time or the GPU was not kept busy."""
+    energy counter does not move in time or the GPU was not kept busy.
+    calls_per_chunk / num_chunks: lockstep (module doc; `lockstep_chunks` gives both): exactly
+    3 + 1 + calls_per_chunk x num_chunks calls of `fn` are issued whatever happens, the error (if
+    any) raised only after the last."""
     import torch
 
+    is_lockstep = num_chunks is not None
     if not (window_s >= MIN_WINDOW_S and warmup_s >= 0 and chunk_ms > 0 and calls_per_fn >= 1):
         raise ValueError(f"measure_energy: window_s >= {MIN_WINDOW_S}, warmup_s >= 0, chunk_ms > 0 and "
                          f"calls_per_fn >= 1 needed, not {window_s}, {warmup_s}, {chunk_ms}, {calls_per_fn}")
+    if is_lockstep != (calls_per_chunk is not None) or (is_lockstep and not (calls_per_chunk >= 1 and num_chunks >= 1)):
+        raise ValueError(f"measure_energy: lockstep needs calls_per_chunk >= 1 and num_chunks >= 1 together, not "
+                         f"{calls_per_chunk}, {num_chunks}")
     fn()
     torch.cuda.synchronize()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -300,32 +336,40 @@ def measure_energy(fn, device: NvmlDevice, calls_per_fn: int = 1, window_s: floa
     b.record()
     b.synchronize()
     per_fn_ms = max(a.elapsed_time(b) / 3, 1e-3)
-    per_chunk = max(1, min(MAX_CALLS_PER_CHUNK, math.ceil(chunk_ms / per_fn_ms)))
+    per_chunk = calls_per_chunk if is_lockstep else max(1, min(MAX_CALLS_PER_CHUNK, math.ceil(chunk_ms / per_fn_ms)))
     inflight: deque = deque()            # (end event, fn calls enqueued by then)
-    queued = 0
+    queued = num_queued = 0
 
     def enqueue():
-        nonlocal queued
+        nonlocal queued, num_queued
         for _ in range(per_chunk):
             fn()
         queued += per_chunk
+        num_queued += 1
         event = torch.cuda.Event(enable_timing=True)
         event.record()
         inflight.append((event, queued))
 
-    limit_w, max_mhz = device.power_limit_w(), device.max_sm_clock_mhz()
+    def may_enqueue() -> bool:
+        return not is_lockstep or num_queued < num_chunks
+
     for _ in range(DEPTH):
-        enqueue()
+        if may_enqueue():
+            enqueue()
     begin = time.perf_counter()
     start = end = None                   # (host time, counter mJ, chunk end event, calls done)
-    last_mj, updates = device.energy_mj(), 0
+    last_mj, updates = _energy_or_none(device), 0
     with Sampler(device) as sampler:
-        while True:
-            enqueue()
+        while inflight:
+            if may_enqueue():
+                enqueue()
             event, done = inflight.popleft()
             event.synchronize()
-            now, mj = time.perf_counter(), device.energy_mj()
-            moved, last_mj = mj != last_mj, mj
+            if end is not None:
+                continue                 # lockstep: the rest is issued and drained, not measured
+            now, mj = time.perf_counter(), _energy_or_none(device)
+            moved = mj is not None and last_mj is not None and mj != last_mj
+            last_mj = mj if mj is not None else last_mj
             if start is None:
                 if moved and now - begin >= warmup_s:
                     start = (now, mj, event, done)
@@ -333,14 +377,20 @@ def measure_energy(fn, device: NvmlDevice, calls_per_fn: int = 1, window_s: floa
                 updates += moved
                 if moved and now - start[0] >= window_s:
                     end = (now, mj, event, done)
-                    break
-            if now - begin > warmup_s + window_s + max_wait_s:
+                    if not is_lockstep:
+                        break
+            if not is_lockstep and now - begin > warmup_s + window_s + max_wait_s:
                 break
     while inflight:
         inflight.popleft()[0].synchronize()
     if start is None or end is None:
-        raise EnergyError(f"the energy counter did not move within {warmup_s + window_s + max_wait_s:.1f} s "
-                          f"of back-to-back work")
+        raise EnergyError(f"the energy counter did not move within {time.perf_counter() - begin:.1f} s "
+                          f"of back-to-back work" + (f" ({num_queued} chunks of {per_chunk} calls, fixed)"
+                                                     if is_lockstep else ""))
+    try:                                 # read after the loop: a lockstep loop has issued every call by now
+        limit_w, max_mhz = device.power_limit_w(), device.max_sm_clock_mhz()
+    except Exception as exc:  # noqa: BLE001 - NVMLError
+        raise EnergyError(f"NVML gave no power limit or clock after the loop ({_why(exc)})") from None
     host_s = end[0] - start[0]
     gpu_ms = start[2].elapsed_time(end[2])
     calls = (end[3] - start[3]) * calls_per_fn
@@ -352,6 +402,29 @@ def measure_energy(fn, device: NvmlDevice, calls_per_fn: int = 1, window_s: floa
                           f"{per_fn_ms:.3f} ms calls); its power is not the callable's")
     return EnergyMeasurement(power_w * time_ms / 1e3, time_ms, power_w, host_s, calls, updates, busy, limit_w,
                              max_mhz, summarize(sampler.between(start[0], end[0])))
+
+
+def reading_of(m: EnergyMeasurement, windows: "EnergyWindows", num_layers: int):
+    """The plan's runreport.PowerReading from its sustained loop `m` (one call = one replay of
+    `num_layers` layers) and the NVML windows around its timing rounds."""
+    from nfsearch.runreport import PowerReading
+    rounds = summarize(windows.samples)
+    s = m.samples
+    return PowerReading(
+        energy_per_layer_j=m.energy_j / num_layers, layer_ms=m.time_ms / num_layers, power_w=m.power_w,
+        power_limit_w=m.power_limit_w, window_s=m.window_s, num_samples=s.num_samples,
+        capped_share=round(s.capped_share, 4), sm_clock_mhz=s.sm_clock_mhz, min_sm_clock_mhz=s.min_sm_clock_mhz,
+        max_sm_clock_mhz=m.max_sm_clock_mhz, reasons=s.reasons, timing_power_w=windows.power_w,
+        timing_num_samples=rounds.num_samples, timing_capped_share=round(rounds.capped_share, 4),
+        timing_sm_clock_mhz=rounds.sm_clock_mhz, timing_reasons=rounds.reasons)
+
+
+def timing_power_of(windows: "EnergyWindows"):
+    """runreport.TimingPower of the windows around one variant's timing rounds (no sustained loop)."""
+    from nfsearch.runreport import TimingPower
+    rounds = summarize(windows.samples)
+    return TimingPower(windows.power_w, rounds.num_samples, round(rounds.capped_share, 4), rounds.sm_clock_mhz,
+                       rounds.reasons)
 
 
 @dataclass(frozen=True)

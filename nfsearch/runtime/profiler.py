@@ -26,6 +26,9 @@ nfsearch/runtime/measurements.py; this module times the points:
 * energy (`add_energy`, after the timings, or alone with `profile --energy-only`): each op at the W1-W3
   and workload token counts on the whole GPU with its fastest impl, a CUDA graph of ~2 ms of calls
   replayed back to back for an NVML energy-counter window (runtime/power.py), then the static power.
+  A TP profile (runtime/tp_profile.py) gets the same on GPU 0 for the shard's ops (their TP shapes);
+  its collectives are not measured (one GPU alone cannot run them; the power bound counts them as no
+  dynamic energy).
 
 Every point is measured on its own: an exception fails that point (recorded in the table's metadata
 and the summary), not the profile; a run of failures stops the profile only when the device no
@@ -73,10 +76,7 @@ def measure_profile(model, workload, gpu_id: int = 0, is_quick: bool = False, ou
     if with_energy and not run.is_stopped:
         run.table = add_energy(model, workload, run.table, gpu_id, log)
         if run.table.energy is not None:
-            run.summary["energy"] = {"power_limit_w": run.table.energy.power_limit_w,
-                                     "static_power_w": run.table.energy.static_power_w,
-                                     "points": len(run.table.energy.points),
-                                     "failures": list(run.table.energy.failures)}
+            run.summary["energy"] = energy_summary(run.table.energy)
     if output:
         out = Path(output)
         (out.parent / (out.stem + ".summary.json")).write_text(json.dumps(run.summary, indent=1, default=str))
@@ -147,26 +147,40 @@ ENERGY_GRAPH_MS = 2.0       # one CUDA graph of an energy point holds calls wort
 MAX_ENERGY_GRAPH_CALLS = 64
 
 
+def energy_summary(energy) -> dict:
+    """The summary.json entry of a profile's energy (profile.ProfileEnergy)."""
+    return {"power_limit_w": energy.power_limit_w, "static_power_w": energy.static_power_w,
+            "points": len(energy.points), "failures": list(energy.failures)}
+
+
 def add_energy(model, workload, table, gpu_id: int = 0, log=None, window_s: float | None = None):
     """`table` with its energy measured on CUDA device `gpu_id` (meta["energy"], profile.ProfileEnergy):
     each op at the token counts of W1-W3 and `workload` (measurements.energy_requests) run back to back
     on the whole GPU with its fastest impl, the power limit and the static power (runtime/power.py says
-    how). Points the table already has are replaced, others kept. Without NVML, or for a TP workload,
-    the table comes back as it was and `log` says why (a note, not an error)."""
+    how). Points the table already has are replaced, others kept. Without NVML the table comes back as
+    it was and `log` says why (a note, not an error).
+
+    A TP workload (the shard profile of runtime/tp_profile.py, or a TP profile with --energy-only): the
+    same on this one GPU for the shard's ops at their TP shapes (graph.tp_shard, as the table's kernel
+    rows); the network ops are left out (their energy is not one GPU's to measure), which the energy's
+    method says and the power bound reads as no dynamic energy (cost.EnergyModel)."""
     import torch
 
     from nfsearch.errors import NfsearchError
+    from nfsearch.graph import layer_ops
     from nfsearch.profile import EnergyPoint, ProfileEnergy
     from nfsearch.runtime import power
     from nfsearch.runtime.kernels import IMPLS
 
     log = log or _stderr
     window_s = power.WINDOW_S if window_s is None else window_s
-    if workload.tp_degree > 1:
-        log("note: no energy measured: the power bound is for single-GPU plans (this is a TP workload)")
-        return table
     if table.is_analytic:
         raise NfsearchError("energy is added to a measured profile, not to an analytic one")
+    table_tp = int(table.meta.get("tp_degree") or 1)
+    if table_tp != workload.tp_degree:
+        raise NfsearchError(f"the profile is of a TP={table_tp} shard, the workload {workload.name} is "
+                            f"TP={workload.tp_degree}: energy is measured at the profile's shapes (give a "
+                            f"TP={table_tp} workload)")
     torch.cuda.set_device(gpu_id)
     props = torch.cuda.get_device_properties(gpu_id)
     name, num_sms = torch.cuda.get_device_name(gpu_id), int(props.multi_processor_count)
@@ -182,8 +196,12 @@ def add_energy(model, workload, table, gpu_id: int = 0, log=None, window_s: floa
     plan = profiling.energy_plan(model, workload, requests, num_sms, table.info.sm_granularity,
                                  {op: tuple(IMPLS[op]) for op in IMPLS})
     plan.rotate_bytes = 3.0 * int(getattr(props, "L2_cache_size", 50 << 20))
-    log(f"energy of {model.name} on {name} ({how}): {len(requests)} points, ~{len(requests) * (window_s + 0.4):.0f} s; "
-        f"power limit {device.power_limit_w():.0f} W, SM clock max {device.max_sm_clock_mhz():.0f} MHz")
+    networks = [op.name for op in layer_ops(model, workload) if op.op_class == "network"]
+    shard = (f" (the TP={workload.tp_degree} shard's ops; collectives {', '.join(networks)} not measured: "
+             f"not one GPU's to measure, the power bound counts them as no dynamic energy)" if networks else "")
+    log(f"energy of {model.name}{shard} on {name} ({how}): {len(requests)} points, "
+        f"~{len(requests) * (window_s + 0.4):.0f} s; power limit {device.power_limit_w():.0f} W, SM clock max "
+        f"{device.max_sm_clock_mhz():.0f} MHz")
     points, failures = [], list(notes)
     try:
         for op in dict.fromkeys(r.op for r in requests):
@@ -227,7 +245,10 @@ def add_energy(model, workload, table, gpu_id: int = 0, log=None, window_s: floa
         method=(f"each op back to back on the whole GPU with its fastest impl, {ENERGY_GRAPH_MS:g} ms CUDA graphs "
                 f"of rotating input sets, {power.WARMUP_S:g} s warm-up, then an NVML energy-counter window of "
                 f">= {window_s:g} s between counter updates: energy per call = mean board power x GPU time per "
-                f"call (power.measure_energy)"),
+                f"call (power.measure_energy)" + (
+                    f"; TP={workload.tp_degree}: the shard's ops at their per-GPU shapes on GPU {gpu_id}; "
+                    f"{', '.join(networks)} not measured (a collective needs every GPU; one GPU's energy of it "
+                    f"is not measured here): the power bound counts them as no dynamic energy" if networks else "")),
         static_method=static.method, idle_power_w=static.idle_power_w, static_sm_clock_mhz=static.sm_clock_mhz,
         max_sm_clock_mhz=max_mhz,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), failures=tuple(failures))

@@ -25,6 +25,16 @@ the sharded ones), then timed in one CUDA graph per launch list beside seq-torch
 with its collectives on its one stream), repeats medians with their spread; ceilings, NCCL bus
 bandwidth (B_net) and the roofline bound with its network term, measured in the same run.
 
+Power (on GPUs): every rank records its own GPU as the single-GPU executor does (runtime/power.py):
+NVML windows around each timing round of the plan and of the baselines (coarse mean power, clock,
+clock-event reasons), then a sustained loop of the plan's graph replays for its energy per layer. That
+loop holds collectives, so it runs in LOCKSTEP: the ranks agree on the chunk size and count from the
+slowest rank's replay time (power.lockstep_chunks) and every rank issues all of them; it runs only
+when every rank has NVML. Rank 0 gathers every rank's runreport.RankPower into the report's "power"
+(runreport.TpPower) with the profile's power bound of one layer PER GPU (the shard's ops, GPU 0's
+limit and static power; the collectives count no dynamic energy), applied as on one GPU: predicted
+layer time = max(the plan's replayed layer time, the bound).
+
 Timeline (`execute_rank(timeline=True)`, `run --timeline`): after the plan is timed, EVERY rank runs
 trace.measure_graph_timeline on its own launch list (the same list on every rank) at the same point,
 with `_agree` as its agreement hook: the signature pass issues each network launch once eagerly in
@@ -37,6 +47,7 @@ only when every rank traced; each rank's traced makespan goes beside it (the ske
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -250,10 +261,21 @@ def _agree(tp: TpRank, ok: bool) -> bool:
     return float(flag.item()) == 0.0
 
 
-def time_launch_list(tp: TpRank, ctx, model, bufs, ll, iters: int, repeats: int, use_graph: bool = True) -> dict:
+def _agree_max(tp: TpRank, value: float) -> float:
+    """The largest `value` over the ranks (every rank gets it)."""
+    x = torch.tensor([float(value)], device=tp.device, dtype=torch.float64)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return float(x.item())
+
+
+def time_launch_list(tp: TpRank, ctx, model, bufs, ll, iters: int, repeats: int, use_graph: bool = True,
+                     watch=None, after=None) -> dict:
     """Median over `repeats` of the median of `iters` replays of one CUDA graph of the launch list
     (eager issue if any rank fails to capture). Every rank runs the same calls (collectives inside).
-    On CPU (the gloo test) the launches are issued eagerly and timed by the host clock."""
+    On CPU (the gloo test) the launches are issued eagerly and timed by the host clock.
+    watch(): a context manager around each round (this rank's NVML window), or None.
+    after(fn, ms): called on every rank once the rounds are done, with the replay and its median
+    time, while the graph still exists (the plan's sustained power loop)."""
     from nfsearch.runtime import executor
     is_cuda = tp.device.type == "cuda"
     executor.issue(ctx, model, bufs, ll)             # warm-up outside capture: compiles, makes comms
@@ -275,15 +297,70 @@ def time_launch_list(tp: TpRank, ctx, model, bufs, ll, iters: int, repeats: int,
             note = "CUDA-graph capture failed on another rank; timed eagerly"
     medians, all_times = [], []
     for _ in range(repeats):
-        times = _times(fn, iters, is_cuda)
+        with watch() if watch is not None else contextlib.nullcontext():
+            times = _times(fn, iters, is_cuda)
         medians.append(statistics.median(times))
         all_times += times
     out = {"ms": statistics.median(medians), "repeat_ms": medians, "spread_ms": max(medians) - min(medians),
            "min_ms": min(all_times), "max_ms": max(all_times), "iters": iters, "repeats": repeats, "how": how}
     if note:
         out["note"] = note
+    if after is not None:
+        after(fn, out["ms"])
     del graph
     return out
+
+
+class RankPowerWatch:
+    """This rank's power readings in a TP run (module doc): the single-GPU executor's NVML windows,
+    sustained loop and PowerReading (runtime/power.py), the loop in lockstep with the other ranks."""
+
+    def __init__(self, tp: TpRank, is_cuda: bool):
+        from nfsearch.runtime import power
+        self.tp, self.windows, self.reading, self.device = tp, {}, None, None
+        if is_cuda:
+            self.device, why = power.open_device(tp.device.index or 0)
+            self.note = "" if self.device is not None else why
+        else:
+            self.note = "no GPU (CPU ranks): no NVML readings"
+
+    def watch(self, label: str):
+        """watch() for time_launch_list: one NVML window per round of `label` (None without NVML)."""
+        if self.device is None:
+            return None
+        from nfsearch.runtime import power
+        return lambda: self.windows.setdefault(label, power.EnergyWindows(self.device)).window()
+
+    def sustained(self, fn, ms: float, num_layers: int) -> None:
+        """The plan's sustained loop (collective: every rank calls it at the same point) and its reading."""
+        from nfsearch.runtime import power
+        from nfsearch.runtime.executor import PLAN_ENERGY_WINDOW_S
+        if not _agree(self.tp, self.device is not None):
+            if self.device is not None:
+                self.note = "another rank has no NVML: no sustained loop (its calls would wait on that rank)"
+            return
+        per_chunk, num_chunks = power.lockstep_chunks(_agree_max(self.tp, ms), window_s=PLAN_ENERGY_WINDOW_S)
+        try:
+            m = power.measure_energy(fn, self.device, window_s=PLAN_ENERGY_WINDOW_S, calls_per_chunk=per_chunk,
+                                     num_chunks=num_chunks)
+        except Exception as exc:  # noqa: BLE001 - the run stands without its energy (every call was issued)
+            _sync(self.tp)
+            self.note = f"the plan's energy loop failed ({type(exc).__name__}: {str(exc)[:160]})"
+            return
+        windows = self.windows.get("plan") or power.EnergyWindows(self.device)
+        self.reading = power.reading_of(m, windows, num_layers)
+
+    def record(self, gpu: str):
+        """This rank's runreport.RankPower (the baselines' timing rounds by label)."""
+        from nfsearch.runreport import RankPower
+        from nfsearch.runtime import power
+        baselines = tuple((label, power.timing_power_of(w)) for label, w in self.windows.items() if label != "plan")
+        return RankPower(self.tp.rank, gpu, self.reading, baselines, "" if self.reading is not None else self.note)
+
+    def close(self) -> None:
+        if self.device is not None:
+            self.device.close()
+            self.device = None
 
 
 def _times(fn, iters: int, is_cuda: bool, warmup: int = 3) -> list[float]:
@@ -367,13 +444,15 @@ def execute_rank(tp: TpRank, schedule, *, mode: str = "green", iters: int = 30, 
                  use_graph: bool = True, tol: float = TOLERANCE, with_baselines: bool = True,
                  with_ceilings: bool = True, seed: int = 0, dtype=None, impls: str = "plan",
                  time_on_cpu: bool = False, rank_seed_step: int = 0, timeline: bool = False,
-                 progress=None) -> dict:
+                 progress=None, power_bound=None, power_note: str = "") -> dict:
     """Check and time a TP plan on this rank. Rank 0's return value is the run report (every rank's
     correctness and timings gathered into it); other ranks return their own part. On CPU only the
     check runs, unless time_on_cpu (host-clock timings, no ceilings: the CI test of the report).
     rank_seed_step: rank r draws its weights with seed + r * step before rank 0's are broadcast (a
     test that the check runs on one set of weights whatever each rank drew).
-    timeline: every rank traces the plan's graph replays after timing it (module doc; `trace_rank`)."""
+    timeline: every rank traces the plan's graph replays after timing it (module doc; `trace_rank`).
+    power_bound / power_note: the profile's runreport.PowerBound of one layer (cost.power_bound_of), or
+    None and why; rank 0's report applies it (module doc)."""
     from nfsearch.runtime import executor
     schedule = with_impls(schedule, impls)
     say = (progress or (lambda m: None)) if tp.is_first else (lambda m: None)
@@ -413,18 +492,27 @@ def execute_rank(tp: TpRank, schedule, *, mode: str = "green", iters: int = 30, 
         if is_cuda:
             mine["gpu"] = torch.cuda.get_device_name(tp.device)
         passed = _all_passed(tp, correctness["passed"])
+        bound = (power_bound, power_note)
         if not passed or not (is_cuda or time_on_cpu):
-            return _gather(tp, mine, schedule, ll, ctx, passed)
+            return _gather(tp, mine, schedule, ll, ctx, passed, bound)
         bufs = model.new_buffers()
-        if with_baselines:
-            say("timing seq-torch and seq-same (collectives on their stream)")
-            for name, bl in baselines.items():
-                model.prepare(bl.launches)
-                t = time_launch_list(tp, ctx, model, bufs, bl, iters, repeats, use_graph)
-                mine.setdefault("baselines", {})[name] = {**t, "layer_ms": t["ms"] / schedule.num_layers,
-                                                          "impls": impls_of(bl, tp.device.type)}
-        say("timing the plan")
-        mine["plan_run"] = time_launch_list(tp, ctx, model, bufs, ll, iters, repeats, use_graph)
+        watcher = RankPowerWatch(tp, is_cuda)
+        try:
+            if with_baselines:
+                say("timing seq-torch and seq-same (collectives on their stream)")
+                for name, bl in baselines.items():
+                    model.prepare(bl.launches)
+                    t = time_launch_list(tp, ctx, model, bufs, bl, iters, repeats, use_graph, watch=watcher.watch(name))
+                    mine.setdefault("baselines", {})[name] = {**t, "layer_ms": t["ms"] / schedule.num_layers,
+                                                              "impls": impls_of(bl, tp.device.type)}
+            say("timing the plan" + (", then its energy (back-to-back graph replays in lockstep, NVML energy "
+                                     "counter on every rank)" if is_cuda else ""))
+            mine["plan_run"] = time_launch_list(
+                tp, ctx, model, bufs, ll, iters, repeats, use_graph, watch=watcher.watch("plan"),
+                after=(lambda fn, ms: watcher.sustained(fn, ms, schedule.num_layers)) if is_cuda else None)
+            mine["power"] = watcher.record(mine.get("gpu", "cpu")).to_dict()
+        finally:
+            watcher.close()
         mine["plan_run"]["impls"] = impls_of(ll, tp.device.type)
         if timeline:
             say("measuring the per-op timeline on every rank (kernel trace of CUDA-graph replays)")
@@ -436,7 +524,7 @@ def execute_rank(tp: TpRank, schedule, *, mode: str = "green", iters: int = 30, 
         if with_ceilings and is_cuda:
             from nfsearch.runtime import bench
             mine["ceilings"] = bench.ceilings(device=str(tp.device))
-        return _gather(tp, mine, schedule, ll, ctx, passed)
+        return _gather(tp, mine, schedule, ll, ctx, passed, bound)
     finally:
         ctx.close()
 
@@ -501,17 +589,19 @@ def _all_passed(tp: TpRank, passed: bool) -> bool:
     return float(flag.item()) == 0.0
 
 
-def _gather(tp: TpRank, mine: dict, schedule, ll, ctx, passed: bool) -> dict:
+def _gather(tp: TpRank, mine: dict, schedule, ll, ctx, passed: bool, bound: tuple = (None, "")) -> dict:
     mine["coll_notes"] = list(tp.coll.notes)
     parts = [None] * tp.world_size
     dist.all_gather_object(parts, mine)
     if not tp.is_first:
         return mine
-    return build_report(schedule, ll, ctx, parts, passed)
+    return build_report(schedule, ll, ctx, parts, passed, *bound)
 
 
-def build_report(schedule, ll, ctx, parts: list[dict], passed: bool) -> dict:
-    """Rank 0's report: the single-GPU run report's fields, per-rank parts, and the network term."""
+def build_report(schedule, ll, ctx, parts: list[dict], passed: bool, power_bound=None, power_note: str = "") -> dict:
+    """Rank 0's report: the single-GPU run report's fields, per-rank parts, and the network term;
+    "power": every rank's readings and the bound (runreport.TpPower), the predicted layer time
+    max(replayed, bound) as on one GPU."""
     import platform
     from nfsearch.roofline import roofline
     from nfsearch.specs import GpuSpec
@@ -541,8 +631,11 @@ def build_report(schedule, ll, ctx, parts: list[dict], passed: bool) -> dict:
     report["per_rank_plan_ms"] = [p["plan_run"]["ms"] for p in parts]
     measured = first["plan_run"]["ms"] / schedule.num_layers
     report["measured_layer_ms"] = measured
-    pred = schedule.predicted.layer_time_ms if schedule.predicted is not None else None
-    report["predicted_layer_ms"] = pred
+    replayed = schedule.predicted.layer_time_ms if schedule.predicted is not None else None
+    report.update(power_fields(parts, replayed, power_bound, power_note))
+    pred = report["predicted_layer_ms"]
+    if report["power"]["power_bound"] is None:
+        report["notes"].append(f"power: {power_note or 'no power bound'}")
     report["prediction_error"] = None if pred is None else (pred - measured) / measured
     for name, b in report["baselines"].items():
         report[f"speedup_vs_{name}"] = b["layer_ms"] / measured
@@ -569,6 +662,25 @@ def build_report(schedule, ll, ctx, parts: list[dict], passed: bool) -> dict:
     return report
 
 
+def power_fields(parts: list[dict], replayed_layer_ms: float | None, power_bound, power_note: str) -> dict:
+    """The report's power keys: "power" (runreport.TpPower: every rank's readings, the bound) and the
+    predicted layer time max(replayed, bound) with the replayed one beside it, as the single-GPU run
+    report has them."""
+    from nfsearch.runreport import RankPower, TpPower
+    ranks = tuple(RankPower.from_dict(p["power"]) for p in parts if p.get("power") is not None)
+    bound = power_bound if replayed_layer_ms else None
+    tp_power = TpPower(ranks, bound, replayed_layer_ms or None, "" if bound is not None else power_note)
+    return {"power": tp_power.to_dict(), "replay_layer_ms": tp_power.replay_layer_ms,
+            "predicted_layer_ms": tp_power.predicted_layer_ms, "is_power_bound": tp_power.is_power_bound,
+            "power_bound_ms": None if bound is None else bound.bound_ms}
+
+
+def power_lines(report: dict) -> list[str]:
+    """What a TP run says about power, per rank and the bound (TpPower.lines); none in a report without."""
+    from nfsearch.runreport import TpPower
+    return TpPower.from_dict(report["power"], "TP run report").lines() if report.get("power") else []
+
+
 # ---------------------------------------------------------------------------------------------- the whole run
 def _run_worker(tp: TpRank, plan_path: str, out_path: str, kwargs: dict) -> None:
     from nfsearch import plan
@@ -587,13 +699,17 @@ def _run_worker(tp: TpRank, plan_path: str, out_path: str, kwargs: dict) -> None
 
 def run_plan(plan_path: str, **kwargs) -> dict | None:
     """`nfsearch run` on a TP plan: one process per GPU (or this one rank under torchrun); rank 0's report
-    (None on the other ranks of a torchrun job: rank 0 writes the report).
+    (None on the other ranks of a torchrun job: rank 0 writes the report). kwargs: execute_rank's, and
+    profile (a ProfileTable: its power bound goes into the report; none without).
 
     Raises NfsearchError with one line when the GPUs are too few or a rank fails."""
     import tempfile
     from nfsearch import plan
+    from nfsearch.runtime.executor import _power_bound
     progress = kwargs.pop("progress", None)        # spawned ranks print their own (a callable does not pickle)
     schedule = plan.read(plan_path)
+    # the bound from the profile, here (the table stays in this process; the ranks get the PowerBound)
+    kwargs["power_bound"], kwargs["power_note"] = _power_bound(schedule, kwargs.pop("profile", None))
     n = schedule.workload.tp_degree
     if is_under_launcher():
         tp = rank_from_env("nccl")

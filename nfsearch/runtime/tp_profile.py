@@ -6,7 +6,10 @@ Two parts, one table:
 
 1. The shard's own ops (norms, GEMMs of the shard shapes, attention over this GPU's heads, ...) on
    GPU 0 with the single-GPU profiler (profiler.measure_single_gpu: the same grid, co-run rows and
-   pair table as `nfsearch profile`, on the per-GPU shapes of measurements.Plan.tp_degree).
+   pair table as `nfsearch profile`, on the per-GPU shapes of measurements.Plan.tp_degree); then,
+   with_energy, their energy on GPU 0 (profiler.add_energy, as `nfsearch profile` measures a single
+   GPU's: the shard's ops at the W1-W3 and workload token counts, the power limit and static power of
+   GPU 0). The collectives get no energy: the power bound is per GPU and counts them as none.
 2. The collectives, which need every rank at once: N processes (runtime.tp.spawn_ranks, one per GPU,
    NCCL through torch.distributed, NVLink multicast off), each walking the same plan
    (measurements.network_plan) in lockstep:
@@ -139,14 +142,15 @@ def check_gpus(num_gpus: int, num_visible: int) -> None:
 def measure_tp_profile(model, workload, num_gpus: int, is_quick: bool = False, output=None, progress=None,
                        with_pairs: bool = True, log=None, settings: Settings | None = None,
                        pair_minority_sms: tuple[int, ...] | None = None,
-                       net_impls: tuple[str, ...] = NETWORK_IMPLS) -> ProfileTable:
+                       net_impls: tuple[str, ...] = NETWORK_IMPLS, with_energy: bool = False) -> ProfileTable:
     """The measured profile of `model`'s TP shard (workload.tp_degree = num_gpus) on GPUs 0..num_gpus-1.
 
     output: the table's path (its summary goes to <stem>.summary.json beside it; both written only
-    when everything was measured); progress(done, total, eta_s, what) as points finish."""
+    when everything was measured); progress(done, total, eta_s, what) as points finish.
+    with_energy: the shard's energy on GPU 0 (module doc; a note and none without NVML)."""
     import torch
 
-    from nfsearch.runtime.profiler import measure_single_gpu
+    from nfsearch.runtime.profiler import add_energy, energy_summary, measure_single_gpu
     log = log or _stderr
     if workload.tp_degree != num_gpus or num_gpus < 2:
         raise NfsearchError(f"profile: a TP profile on {num_gpus} GPUs needs a TP={num_gpus} workload "
@@ -157,7 +161,14 @@ def measure_tp_profile(model, workload, num_gpus: int, is_quick: bool = False, o
     shard = measure_single_gpu(model, workload, 0, is_quick, output, progress, settings=settings, log=log,
                                with_pairs=with_pairs, pair_minority_sms=pair_minority_sms)
     gc.collect()                     # the shard's inputs (closures hold them in cycles)
-    torch.cuda.empty_cache()         # the ranks below need GPU 0 too
+    torch.cuda.empty_cache()         # the energy loops and the ranks below need GPU 0 too
+    if with_energy and not shard.is_stopped:
+        log(f"TP={num_gpus} profile: the shard's energy on GPU 0")
+        shard.table = add_energy(model, workload, shard.table, 0, log)
+        if shard.table.energy is not None:
+            shard.summary["energy"] = energy_summary(shard.table.energy)
+        gc.collect()
+        torch.cuda.empty_cache()
     log(f"TP={num_gpus} profile, part 2 of 2: the collectives on {num_gpus} GPUs at once")
     request = NetworkRequest(model, workload, is_quick, with_pairs, settings, None, pair_minority_sms,
                              progress if _is_picklable(progress) else None, net_impls=tuple(net_impls))
