@@ -370,7 +370,8 @@ def _cuda_gpus() -> int:
 def test_tiny_quick_tp_profile_on_two_gpus(tmp_path):
     out = tmp_path / "tp.parquet"
     table = tpp.measure_tp_profile(TINY, TINY_WL, 2, is_quick=True, output=str(out), with_pairs=True,
-                                   pair_minority_sms=(16,), log=lambda msg: print(msg, file=sys.stderr))
+                                   pair_minority_sms=(16,), log=lambda msg: print(msg, file=sys.stderr),
+                                   with_energy=True)
     assert out.is_file() and (tmp_path / "tp.summary.json").is_file()
     assert not m.checkpoint_path(out).exists()
     got = load(out)
@@ -382,6 +383,17 @@ def test_tiny_quick_tp_profile_on_two_gpus(tmp_path):
     points = [p for p in pair_table.points_from_meta(got.meta) if pair_table.is_network_family(p.a, p.b)]
     assert points and all(p.makespan_ms > 0 for p in points)
     assert table.fingerprint() == got.fingerprint()
+    # the shard's energy on GPU 0 (where NVML answers): every op but the collectives, which count as none
+    from nfsearch.runtime import power
+    device, _ = power.open_device(0)
+    if device is not None:
+        device.close()
+        assert got.energy is not None and got.energy.points, "NVML answers, yet the profile has no energy"
+        assert {p.op for p in got.energy.points} == {op.name for op in layer_ops(TINY, TINY_WL)} - {
+            "allreduce_o", "allreduce_d"}
+        assert "allreduce_o, allreduce_d not measured" in got.energy.method
+        bound = make_problem(TINY, TINY_WL, got, 1).cost.power_bound()
+        assert bound is not None and "counted as no dynamic energy" in bound.note
 
 
 def test_a_gemm_that_can_only_run_beside_copy_engine_collectives_keeps_the_whole_gpu():

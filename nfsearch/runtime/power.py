@@ -404,7 +404,7 @@ def measure_energy(fn, device: NvmlDevice, calls_per_fn: int = 1, window_s: floa
                              max_mhz, summarize(sampler.between(start[0], end[0])))
 
 
-def reading_of(m: EnergyMeasurement, windows: "EnergyWindows", num_layers: int):
+def reading_of(m: EnergyMeasurement, windows: EnergyWindows, num_layers: int):
     """The plan's runreport.PowerReading from its sustained loop `m` (one call = one replay of
     `num_layers` layers) and the NVML windows around its timing rounds."""
     from nfsearch.runreport import PowerReading
@@ -419,7 +419,7 @@ def reading_of(m: EnergyMeasurement, windows: "EnergyWindows", num_layers: int):
         timing_sm_clock_mhz=rounds.sm_clock_mhz, timing_reasons=rounds.reasons)
 
 
-def timing_power_of(windows: "EnergyWindows"):
+def timing_power_of(windows: EnergyWindows):
     """runreport.TimingPower of the windows around one variant's timing rounds (no sustained loop)."""
     from nfsearch.runreport import TimingPower
     rounds = summarize(windows.samples)
