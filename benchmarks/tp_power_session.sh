@@ -71,6 +71,7 @@ else:
             print(f"  {p.op:<4}{p.num_tokens:>6} tok {p.impl:<6}{p.time_ms:>8.4f} ms {p.energy_j * 1e3:>8.2f} mJ "
                   f"{p.power_w:>5.0f} W SM {p.sm_clock_mhz or float('nan'):>5.0f} MHz capped {p.capped_share:.0%}")
 print(f"bound: {bound.describe(schedule.predicted.layer_time_ms) if bound and schedule else note}")
+print(f"bound note: {note}")
 if run is None:
     print(f"run: no report (see {out}/run.log)")
 else:
