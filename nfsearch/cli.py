@@ -152,7 +152,7 @@ _GPU_HELP = "Bundled GPU: h100-sxm, h200 or a100-sxm."
 @click.option("--gpu", "gpu_key", default="h100-sxm", show_default=True, help=_GPU_HELP)
 @click.option("--pairs", "pairs_path", type=click.Path(dir_okay=False),
               help="Instead: the pair table of this measured profile (per pair of ops, the best SM split "
-                   "vs the two back to back on the whole GPU); with --tp N > 1, collectives x GEMMs.")
+                   "vs the two back to back on the whole GPU); with --tp N > 1, collectives x GEMMs and decode attention.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="With --pairs: also write the report as JSON.")
 def analyze(gpu_key, pairs_path, json_path, **spec):
     """FLOPs, bytes, T_compute, T_mem, T_net, TR, the roofline bound and optimal tokens/s of one layer."""

@@ -224,7 +224,7 @@ class PairReport:
         return self.num_paying / len(self.families) if self.families else 0.0
 
     def to_dict(self) -> dict:
-        return {"gpu": self.gpu_name, "kind": "collectives x GEMMs" if self.is_network else "ops",
+        return {"gpu": self.gpu_name, "kind": "collectives x GEMMs and decode attention" if self.is_network else "ops",
                 "gain_threshold": self.gain, "families": [f.to_dict() for f in self.families],
                 "num_families": len(self.families), "num_paying": self.num_paying,
                 "fraction_paying": round(self.fraction_paying, 4), "failures": self.num_failures,
@@ -255,7 +255,7 @@ def make_report(points: list[PairPoint], is_network: bool = False, gpu_name: str
 
 def format_report(report: PairReport) -> str:
     """The report as a text table, one line per family, then the fraction where overlap pays."""
-    kind = "collectives x GEMMs" if report.is_network else "pairs"
+    kind = "collectives x GEMMs and decode attention" if report.is_network else "pairs"
     head = f"{kind} on {report.gpu_name or 'unknown GPU'}: best split vs back to back on the whole GPU"
     cols = ("family", "best split", "impls", "co-run ms", "back-to-back ms", "ratio", "stretch", "pays")
     rows = []

@@ -68,11 +68,16 @@ def test_network_plan_measures_collectives_alone_and_beside_every_gemm():
     assert {p.kind for p in plan.points} == {"solo", "pair"}
     assert {(p.op, p.impl) for p in solo} == {("allreduce_o", "nccl"), ("allreduce_d", "nccl")}
     assert {p.sm_count for p in solo} == {16, 64, 132} and {p.num_tokens for p in solo} == {128, 512, 2048}
-    # GEMM on side A, collective on side B, at the pair table's quick GEMM size and splits
-    assert {(p.op, p.partner_op) for p in pairs} == {(g, n) for g in ("kqv", "o", "ug", "d")
-                                                     for n in ("allreduce_o", "allreduce_d")}
+    # GEMM or attention on side A, collective on side B, at the pair table's quick sizes and splits
+    nets = ("allreduce_o", "allreduce_d")
+    assert {(p.op, p.partner_op) for p in pairs} == {(a, n) for a in ("kqv", "o", "ug", "d", "decode_attn")
+                                                     for n in nets}
     assert {(p.sm_count, p.partner_sms) for p in pairs} == {(16, 116), (116, 16), (48, 84), (84, 48)}
-    assert all(p.co_class == "network" and p.num_tokens == p.partner_tokens == 2048 for p in pairs)
+    assert all(p.co_class == "network" and p.partner_tokens == 2048 for p in pairs)
+    assert {(p.num_tokens, p.context) for p in pairs if p.op in ("kqv", "o", "ug", "d")} == {(2048, 0)}
+    assert {(p.op, p.num_tokens, p.context) for p in pairs if p.op.endswith("attn")} == {
+        ("decode_attn", *m.QUICK_PAIR_DECODE[0])}
+    assert plan.grid["pair_attentions"] == ["decode_attn"]
     assert plan.pair_impls("allreduce_o") == ("nccl",)
     # the communicators `nfsearch run` would prepare for these SM counts
     assert tpp.cta_limits(plan, 32) == [16]
@@ -253,7 +258,7 @@ def test_analyze_pairs_tp_reports_the_collective_families(tmp_path):
     text = pair_table.analyze_pairs(str(tmp_path / "tp.parquet"), str(tmp_path / "pairs.json"), 2)
     assert "collectives x GEMMs" in text and "ug 2048 tok x allreduce_o 2048 tok" in text
     report = pair_table.make_report(pair_table.points_from_meta(table.meta), True)
-    assert len(report.families) == 8 and report.is_network
+    assert len(report.families) == 10 and report.is_network          # 4 GEMMs and decode x 2 collectives
 
 
 def test_report_of_a_gpu_run_reads_what_each_step_wrote(tmp_path):
@@ -267,7 +272,7 @@ def test_report_of_a_gpu_run_reads_what_each_step_wrote(tmp_path):
     data, text = tpp.report_steps(tmp_path)
     assert [s["step"] for s in data["steps"]] == ["profile", "analyze", "solve", "run"] and data["steps"][3]["rc"] == 2
     assert data["profile_wall_s"] == 99 and data["run"] is None and data["plan_predicted"] is None
-    assert "bus " in text and "of 8" in text and "run:" not in text
+    assert "bus " in text and "of 10" in text and "run:" not in text
     assert data["network"]["bus_bandwidth_gbps"] == table.meta["net_bandwidth_gbps"]
 
 

@@ -94,6 +94,7 @@ COMPUTE_BACKGROUND = (("kqv", "o", "ug", "d"), 1024)
 # the pair table's sizes: GEMMs (and small ops, collectives beside them) over these tokens; decode
 # attention (requests, context); prefill attention (tokens, prompt length)
 PAIR_GEMM_TOKENS = (512, 2048)
+ATTENTION_OPS = ("decode_attn",)           # pair sides beside a collective under TP, with the GEMMs
 PAIR_DECODE = ((256, 1024), (512, 1024))
 PAIR_PREFILL = ((1536, 512),)
 QUICK_PAIR_GEMM_TOKENS = (2048,)
@@ -394,7 +395,8 @@ def pair_families(model: ModelSpec, layer: dict[str, Op], chosen: dict[str, Op],
 
     Each GEMM x decode attention (every PAIR_DECODE size), x prefill attention (PAIR_PREFILL), x each
     small op ("other" class, same token count; one of ops with identical work), x each collective
-    ("network" class, same token count); decode x prefill attention. Only ops in `chosen` with an
+    ("network" class, same token count); decode x prefill attention; decode attention (every size
+    above) x each collective at the GEMM sizes. Only ops in `chosen` with an
     impl to run; a GEMM's sizes are PAIR_GEMM_TOKENS (QUICK_ in quick mode).
     """
     def runnable(op: Op) -> bool:
@@ -431,6 +433,10 @@ def pair_families(model: ModelSpec, layer: dict[str, Op], chosen: dict[str, Op],
             out += [(side(g, t), side(n, t)) for n in nets]
     out += [(side(d, r, c), side(p, pt, pc)) for d in decodes for r, c in decode_sizes
             for p in prefills for pt, pc in PAIR_PREFILL]
+    # a collective beside another nano-batch's decode attention (the attention side first, as GEMMs
+    # are; the memory-bound op NanoFlow hides the network beside). Prefill attention beside a collective
+    # is left to the class fallback: PAIR_PREFILL is W2's prompt, off a TP workload's prompts.
+    out += [(side(d, r, c), side(n, t)) for n in nets for t in gemm_tokens for d in decodes for r, c in decode_sizes]
     return out
 
 
@@ -514,11 +520,11 @@ def network_plan(model: ModelSpec, workload: Workload, num_sms: int, granularity
                  pair_minority_sms: tuple[int, ...] | None = None,
                  net_impls: tuple[str, ...] = (NETWORK_IMPL,)) -> Plan:
     """The network part of a TP profile: solo points of each collective at the grid's tokens and SM
-    counts, and pair points of each GEMM x each collective (GEMM side A, at the pair table's GEMM sizes
-    and splits). Same grid as `make_plan` gives the shard's other ops; impls: the GEMMs' (the pair
-    sides run their fastest); the collectives get `net_impls`. A no-share impl (plan.NO_SHARE_IMPLS,
-    "ce") is measured as it runs in a plan: alone at the whole GPU's SM count (a plain stream), and
-    beside each GEMM family on the whole GPU (pair points of split (num_sms, 0)); the split pairs'
+    counts, and pair points of each GEMM and of decode attention x each collective (the compute or
+    memory side A, at the pair table's sizes and splits). Same grid as `make_plan` gives the shard's other ops;
+    impls: the GEMMs' and decode attention's (the pair sides run their fastest); the collectives get
+    `net_impls`. A no-share impl (plan.NO_SHARE_IMPLS, "ce") is measured as it runs in a plan: alone at
+    the whole GPU's SM count (a plain stream), and beside each family's side A on the whole GPU (pair points of split (num_sms, 0)); the split pairs'
     collective side runs the fastest of the others."""
     if not net_impls or set(net_impls) - set(NETWORK_IMPLS):
         raise NfsearchError(f"profile: collective impls must be among {', '.join(NETWORK_IMPLS)}, "
@@ -530,9 +536,10 @@ def network_plan(model: ModelSpec, workload: Workload, num_sms: int, granularity
     layer = layer_ops(model, cover)
     nets = [op.name for op in layer if op.op_class == "network"]
     gemms = [op.name for op in layer if op.is_gemm and op.op_class == "compute" and op.name in impls]
+    attentions = [op.name for op in layer if op.name in ATTENTION_OPS and op.name in impls]
     impls.update({name: tuple(net_impls) for name in nets})
-    plan = make_plan(model, workload, num_sms, granularity, is_quick, tuple(gemms + nets), impls, settings,
-                     sm_counts, with_pairs, pair_minority_sms)
+    plan = make_plan(model, workload, num_sms, granularity, is_quick, tuple(gemms + attentions + nets), impls,
+                     settings, sm_counts, with_pairs, pair_minority_sms)
     is_net = lambda op: op in nets
     plan.points = [p for p in plan.points if (p.kind == "solo" and is_net(p.op)
                                               and (p.impl not in NO_SHARE_IMPLS or p.sm_count == num_sms))
@@ -545,6 +552,7 @@ def network_plan(model: ModelSpec, workload: Workload, num_sms: int, granularity
         plan.points += [Point("pair", op, "", t, c, num_sms, cls, 0, net, pt, pc)
                         for op, t, c, cls, net, pt, pc in families]
     plan.grid = {**plan.grid, "ops": nets, "network_ops": nets, "pair_gemms": gemms if with_pairs else [],
+                 "pair_attentions": attentions if with_pairs else [],
                  "network_impls": list(net_impls)}
     return plan
 

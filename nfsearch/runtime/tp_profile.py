@@ -19,13 +19,14 @@ Two parts, one table:
      stream), through the communicator `Collectives.group_for(S)` picks, i.e. with NCCL's CTA limit
      = S where S <= tp.MAX_CTA_LIMIT (prepared as `nfsearch run` prepares them) and NCCL's default
      above: exactly how a plan's network nano-op of S SMs runs. Impl "ce" (runtime.ce_collectives):
-     the rows move on the copy engines (no SM) and only the sum kernel runs on the S SMs, on the same
-     stream, one receive slot per op (calls on one stream are ordered by its flags). "ce" is measured
+     the rows move on the copy engines (no SM) and the sum kernel runs on a plain stream of the whole
+     GPU, as a plan runs it (measured there only: it holds no SM share), one receive slot per op (calls on one stream are ordered by its flags). "ce" is measured
      only when every rank can set it up (peer memory, stream memory operations); otherwise the
      profile says why and has nccl rows only;
-   * pair points of each GEMM of the layer (kqv, o, ug, d at the pair table's GEMM sizes) x each
-     collective (same token count) on the pair table's two-way splits, GEMM on one green group and
-     all-reduce on the other (each side the impl fastest alone on its partition, the collective's
+   * pair points of each GEMM of the layer (kqv, o, ug, d at the pair table's GEMM sizes) and of
+     decode attention (at the pair table's decode sizes) x each collective (the GEMM's token count;
+     beside decode attention, each GEMM size) on the pair table's two-way splits, that op on one
+     green group and the all-reduce on the other (each side the impl fastest alone on its partition, the collective's
      chosen from times agreed over the ranks so every rank runs the same one, as the cost model
      chooses), launched together on every rank, each timed with CUDA events on its
      own stream (median of `pair_repeats` launches), with each side alone on its partition and on
