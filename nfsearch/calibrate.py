@@ -239,9 +239,33 @@ def calibrate(profile, runs) -> tuple[object, Calibration, list[SpanRatio]]:
     return ProfileTable(raw.rows, meta), cal, ratios
 
 
+@dataclass(frozen=True)
+class EnergyEvidence:
+    """What an energy fit reads of one GPU's run: which plan it ran and that GPU's power reading."""
+    model: str
+    workload: str
+    gpu: str
+    power: object | None          # runreport.PowerReading: the plan's sustained loop
+
+
+def energy_evidence(run: dict, where: str) -> list[tuple[EnergyEvidence, str]]:
+    """The energy evidence in a run.json of `nfsearch run`: one GPU's, or under TP every rank's (each GPU
+    has its own limit and the bound is per GPU, so each rank is one measurement of the same bound)."""
+    from nfsearch.runreport import RunReport, TpPower
+    if run.get("tp_degree", 1) > 1:
+        if run.get("power") is None:
+            raise NfsearchError(f"{where}: the TP run report has no power reading (NVML was not available in that run)")
+        tp_power = TpPower.from_dict(run["power"], where)
+        return [(EnergyEvidence(run.get("model", ""), run.get("workload", ""), r.gpu, r.plan), f"{where} rank {r.rank}")
+                for r in tp_power.ranks]
+    report = RunReport.from_dict(run, where)
+    return [(EnergyEvidence(report.model, report.workload, report.gpu, report.power), where)]
+
+
 def calibrate_energy(profile, runs) -> tuple[object, EnergyCalibration]:
-    """Fit the energy factor of `profile` (a ProfileTable with energy) from `runs`: (Schedule, RunReport,
-    source line) triples, each report of `nfsearch run` on that plan with a power reading (module doc).
+    """Fit the energy factor of `profile` (a ProfileTable with energy) from `runs`: (Schedule,
+    EnergyEvidence, source line) triples, each of `nfsearch run` on that plan with a power reading
+    (module doc; `energy_evidence` reads them from a run.json, one per GPU).
     Returns the profile with the factor in its metadata (the rest kept) and the fit."""
     if not runs:
         raise NfsearchError("an energy calibration needs at least one run report")

@@ -537,8 +537,8 @@ def calibrate_cmd(profile_path, runs, from_path, energy_runs, output):
         _echo(calibrate.format_report(cal, ratios))
         labels.append(cal.label)
     if energy_runs:
-        from nfsearch.runreport import RunReport
-        triples = [(plan.read(p), RunReport.from_dict(read_json(r), r), f"{p} + {r}") for p, r in energy_runs]
+        triples = [(plan.read(p), evidence, f"{p} + {source}") for p, r in energy_runs
+                   for evidence, source in calibrate.energy_evidence(read_json(r), r)]
         table, ecal = calibrate.calibrate_energy(table, triples)
         _echo(calibrate.format_energy_report(ecal))
         labels.append(ecal.label)

@@ -318,3 +318,22 @@ def test_gpu_tp2_run_records_every_ranks_power(tmp_path):
         assert r.plan.timing_num_samples > 0 and {k for k, _ in r.baselines} == {"seq_torch", "seq_same"}
     assert report["predicted_layer_ms"] == pytest.approx(report["replay_layer_ms"])      # no profile, no bound
     assert any(n.startswith("power: no power bound") for n in report["notes"])
+
+
+def test_energy_factor_fits_on_every_rank_of_a_tp_run(w4):
+    """calibrate --energy on a TP run.json: each GPU is one measurement of the same per-GPU bound."""
+    from nfsearch.calibrate import calibrate_energy, energy_evidence
+    schedule, table = w4
+    table, total_j = with_bound_ms(schedule, table, 3.0)          # 1.65 J dynamic per layer per GPU
+    gpu = table.meta["gpu_name"]
+    # dynamic = energy - static x 3 ms = energy - 0.45 J: rank 0 at 1.0x the bound's, rank 1 at 1.1x
+    ranks = (RankPower(0, gpu, reading(total_j + 0.45, 0.9)), RankPower(1, gpu, reading(1.1 * total_j + 0.45, 0.9)))
+    run = {"tp_degree": 2, "model": schedule.model.name, "workload": schedule.workload.name,
+           "power": TpPower(ranks, None, 3.0).to_dict()}
+    evidence = energy_evidence(run, "run.json")
+    assert [source for _, source in evidence] == ["run.json rank 0", "run.json rank 1"]
+    _, ecal = calibrate_energy(table, [(schedule, e, source) for e, source in evidence])
+    assert [round(r.ratio, 6) for r in ecal.runs] == [1.0, 1.1]
+    assert ecal.factor == pytest.approx(1.05)
+    with pytest.raises(NfsearchError, match="no power reading"):
+        energy_evidence({**run, "power": None}, "run.json")
