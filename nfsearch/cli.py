@@ -567,14 +567,16 @@ def tune_cmd(plans_dir, top_k, time_limit_s, num_layers, profile_path, output, m
     _check_outputs([output, Path(output).with_suffix(".tune.json")], (".json",))
     if plans_dir and profile_path:
         raise NfsearchError("--profile is for solving the candidates; with --plans they are already solved")
+    profile = None                      # with --plans the candidates' tables are not at hand: no power bound
     if plans_dir:
         candidates = tune.read_candidates(plans_dir)
     else:
         model, workload = resolve_specs(**spec)
         problem = _problem(model, workload, profile_path, num_layers, False)
         candidates = tune.solved_candidates(problem, time_limit_s, progress=lambda m: _echo(f"  {m}", err=True))
+        profile = problem.profile
     result = tune.run_candidates(candidates[:top_k], mode=mode, iters=iters, use_graph=not no_graph, force=force,
-                                 progress=lambda m: _echo(f"  {m}", err=True))
+                                 progress=lambda m: _echo(f"  {m}", err=True), profile=profile)
     with _all_or_none([Path(output), Path(output).with_suffix(".tune.json")]):
         record = tune.write_result(result, output, " ".join(["nfsearch"] + sys.argv[1:]))
     if result.best.schedule.workload.tp_degree > 1:

@@ -78,9 +78,11 @@ def solved_candidates(problem: Problem, time_limit_s: float, progress: Progress 
 
 
 def run_candidates(candidates: list[Candidate], *, mode: str = "green", iters: int = 30, use_graph: bool = True,
-                   force: bool = False, progress: Progress = None) -> TuneResult:
+                   force: bool = False, progress: Progress = None, profile=None) -> TuneResult:
     """Run each candidate on the CUDA GPU (baselines and ceilings measured once, with the first) and
-    return all trials with the fastest correct one. A candidate that fails is recorded, not fatal."""
+    return all trials with the fastest correct one. A candidate that fails is recorded, not fatal.
+    profile: the table the candidates were solved with; where it has energy, each report's prediction
+    is max(replay, power bound) as `nfsearch run --profile` gives it (the choice is by measured time)."""
     if not candidates:
         raise NfsearchError("no candidate plans to tune")
     if len({c.schedule.workload.tp_degree for c in candidates}) > 1:
@@ -92,7 +94,7 @@ def run_candidates(candidates: list[Candidate], *, mode: str = "green", iters: i
         for candidate in candidates:
             check_device(candidate.schedule, candidate.name, force)
         return pick_best(run_tp_candidates(candidates, tp.run_plan, mode=mode, iters=iters, use_graph=use_graph,
-                                           progress=progress))
+                                           progress=progress, profile=profile))
     from nfsearch.runtime import bench, executor
     say = progress or (lambda _msg: None)
     trials: list[Trial] = []
@@ -104,7 +106,7 @@ def run_candidates(candidates: list[Candidate], *, mode: str = "green", iters: i
             def run_one(schedule=candidate.schedule):
                 nonlocal ceilings
                 run = executor.execute(schedule, ctx=ctx, iters=iters, use_graph=use_graph,
-                                       with_baselines=not trials, ceilings=ceilings)
+                                       with_baselines=not trials, ceilings=ceilings, profile=profile)
                 ceilings = ceilings or run.ceilings or bench.ceilings()
                 return run.to_dict(), run.measured_layer_ms
             trials.append(_trial(candidate, run_one, say))

@@ -337,3 +337,14 @@ def test_energy_factor_fits_on_every_rank_of_a_tp_run(w4):
     assert ecal.factor == pytest.approx(1.05)
     with pytest.raises(NfsearchError, match="no power reading"):
         energy_evidence({**run, "power": None}, "run.json")
+
+
+def test_tp_report_line_says_when_baselines_were_not_timed_with_this_candidate():
+    """tune times the baselines with its first candidate only: the others' lines say so (not 0.000 x0.000)."""
+    from nfsearch.runtime.tp import format_line
+    tuned = json.loads((ROOT / "benchmarks/results/tp_power_2026-11-27/W4_H200x2_b/tune/best.tune.json").read_text())
+    first, later = tuned["candidates"][0], tuned["candidates"][2]
+    assert "seq-torch 3.829 (x1.108)" in format_line(first) and "seq-same 3.487 (x1.009)" in format_line(first)
+    line = format_line(later)
+    assert "seq-torch not timed here" in line and "seq-same not timed here" in line and "x0.000" not in line
+    assert "layer 3.509 ms" in line

@@ -745,12 +745,14 @@ def format_line(r: dict) -> str:
     if "measured_layer_ms" not in r:
         return f"{label}: correctness {r['correctness']['passed']} (no timing on {r['gpu']})"
     b = r.get("baselines", {})
-    st, ss = b.get("seq_torch", {}), b.get("seq_same", {})
+
+    def baseline(name: str, key: str) -> str:
+        ms = b.get(key, {}).get("layer_ms")
+        return f"{name} {ms:.3f} (x{r.get(f'speedup_vs_{key}') or 0:.3f})" if ms else f"{name} not timed here"
     pred = r.get("predicted_layer_ms") or 0.0
     return (f"{r['workload']} {label} on {r['tp_degree']}x {r['gpu']}: layer {r['measured_layer_ms']:.3f} ms "
-            f"(spread {r['plan_run']['spread_ms'] / r['num_layers']:.3f}, {r['plan_run']['how']}), predicted "
-            f"{pred:.3f}; seq-torch {st.get('layer_ms', 0):.3f} (x{r.get('speedup_vs_seq_torch', 0):.3f}), "
-            f"seq-same {ss.get('layer_ms', 0):.3f} (x{r.get('speedup_vs_seq_same', 0):.3f}); bound "
+            f"(spread {r['plan_run']['spread_ms'] / r['num_layers']:.3f} ms, {r['plan_run']['how']}), predicted "
+            f"{pred:.3f}; {baseline('seq-torch', 'seq_torch')}, {baseline('seq-same', 'seq_same')}; bound "
             f"{r.get('bound_ms', 0):.3f} (net {r.get('bound_net_ms', 0):.3f}, bus {r['net']['bus_gbps']:.0f} GB/s) = "
             f"{r.get('pct_of_bound', 0) * 100:.0f}%; max rel err {r['correctness']['max_rel_error']:.2g}")
 
