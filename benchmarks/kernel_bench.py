@@ -1,6 +1,7 @@
 """One-call check and timing of every kernel impl (issue 9, part 2): per op at the full GPU, the chosen
-impl against the library; per GEMM family the chosen impl at 100/108/116/124 SMs (green-context
-partitions) against linear scaling from its full-GPU time; decode attention TB/s at 16/32/48 SMs.
+impl against the library; per GEMM family the TMA kernel, cuBLAS and cuBLASLt told the SM count
+(the "cublaslt" impl) at 64-124 SMs (green-context partitions) against linear scaling of the
+full-GPU time; decode attention TB/s at 16/32/48 SMs.
 --sweep also times config sweeps: the TMA GEMM and decode kernels', and the triton GEMM's (full GPU)
 and triton decode attention's (16 and 48 SMs), whose defaults (gemm.pick_config, decode_attention.py)
 were set from such sweeps (once benchmarks/kernels.py's; its last version: `git show
@@ -45,7 +46,7 @@ DT = torch.bfloat16
 HID, INTER, HQ, HKV, HD = 4096, 14336, 32, 8, 128
 GEMMS = {"kqv": (HID, (HQ + 2 * HKV) * HD), "o": (HID, HID), "ug": (HID, 2 * INTER), "d": (INTER, HID)}
 GEMM_MS = (512, 2048, 4096)
-PART_SMS = (100, 108, 116, 124)
+PART_SMS = (64, 84, 100, 108, 116, 124)
 DEC_SMS = (16, 32, 48)
 REPS = 3
 ROTATE_BYTES = 256 << 20
@@ -201,6 +202,9 @@ class Bench:
 
                 base = run("torch", IMPLS[name]["torch"])
                 run("triton", IMPLS[name]["triton"])
+                has_lt = "cublaslt" in IMPLS[name]
+                if has_lt:
+                    run("cublaslt", IMPLS[name]["cublaslt"])
                 tbest = None
                 for cfg in (TRITON_GEMM_SWEEP if self.args.sweep else []):
                     lab = "triton_cfg_" + "_".join(map(str, cfg))
@@ -229,7 +233,7 @@ class Bench:
                     if base:
                         ent["tma_vs_cublas"] = base["ms"] / ent["tma"]["ms"] if "ms" in ent.get("tma", {}) else None
                         ent["tma_best_vs_cublas"] = base["ms"] / best[1]["ms"]
-                cands = {k: ent[k]["ms"] for k in ("torch", "triton", "tma") if "ms" in ent.get(k, {})}
+                cands = {k: ent[k]["ms"] for k in ("torch", "triton", "tma", "cublaslt") if "ms" in ent.get(k, {})}
                 ent["chosen_full"] = min(cands, key=cands.get) if cands else None
                 log(f"gemm {key}: " + ", ".join(f"{k} {v:.4f}" for k, v in cands.items())
                     + (f" | best tma {best[2]} {best[1]['ms']:.4f} ({ent['tma_best_vs_cublas']:.3f}x cuBLAS)" if best and base else ""))
@@ -249,13 +253,17 @@ class Bench:
                         if m and "ms" in full:
                             m["sms"] = nn
                             m["vs_linear"] = full["ms"] * self.total / (nn * m["ms"])
-                    m = run(f"torch_{n}", IMPLS[name]["torch"], nn, st)
-                    if m and base:
-                        m["sms"] = nn
-                        m["vs_linear"] = base["ms"] * self.total / (nn * m["ms"])
+                    # cuBLAS as it comes (sized for the whole GPU) and told the partition's SM count,
+                    # both against whole-GPU cuBLAS scaled linearly
+                    for lab in ("torch",) + (("cublaslt",) if has_lt else ()):
+                        m = run(f"{lab}_{n}", IMPLS[name][lab], nn, st)
+                        if m and base:
+                            m["sms"] = nn
+                            m["vs_linear"] = base["ms"] * self.total / (nn * m["ms"])
                 log("   partitions: " + ", ".join(
                     f"{n}: tma {ent.get(f'tma_{n}', {}).get('vs_linear', float('nan')):.3f}"
-                    f" torch {ent.get(f'torch_{n}', {}).get('vs_linear', float('nan')):.3f}" for n in PART_SMS))
+                    f" torch {ent.get(f'torch_{n}', {}).get('vs_linear', float('nan')):.3f}"
+                    f" cublaslt {ent.get(f'cublaslt_{n}', {}).get('vs_linear', float('nan')):.3f}" for n in PART_SMS))
                 self.save()
 
     # ------------------------------------------------------------------ decode attention
@@ -476,14 +484,16 @@ class Bench:
 def table(R):
     lines = [f"== {R['gpu']} | {R['date']} | copy {R.get('copy_TBps', 0):.2f} TB/s | cuBLAS 8192^3 "
              f"{R.get('cublas_8192_TFLOPs', 0):.0f} TFLOP/s =="]
-    lines.append("GEMM @132: ms cuBLAS / triton / tma (x cuBLAS) | tma vs linear @100/108/116/124 | cuBLAS vs linear")
+    lines.append("GEMM @132: ms cuBLAS / triton / tma (x cuBLAS) | vs whole-GPU cuBLAS scaled linearly @"
+                 + "/".join(map(str, PART_SMS)) + ": tma | tma stream-K | cuBLAS | cuBLASLt with the SM target")
     for k, e in R.get("gemm", {}).items():
         g = lambda lab, f="ms": e.get(lab, {}).get(f, float("nan"))  # noqa: E731
         lines.append(f"{k:>9}: {g('torch'):.4f} / {g('triton'):.4f} / {g('tma'):.4f} ({g('torch') / g('tma'):.3f}x)"
                      f" best {e.get('tma_best', {}).get('label', '-')} {e.get('tma_best_vs_cublas', float('nan')):.3f}x | "
                      + " ".join(f"{g(f'tma_{n}', 'vs_linear'):.3f}" for n in PART_SMS) + " | sk "
                      + " ".join(f"{g(f'tma_sk_{n}', 'vs_linear'):.3f}" for n in PART_SMS) + " | "
-                     + " ".join(f"{g(f'torch_{n}', 'vs_linear'):.3f}" for n in PART_SMS))
+                     + " ".join(f"{g(f'torch_{n}', 'vs_linear'):.3f}" for n in PART_SMS) + " | lt "
+                     + " ".join(f"{g(f'cublaslt_{n}', 'vs_linear'):.3f}" for n in PART_SMS))
     for k, e in R.get("decode_attn", {}).items():
         g = lambda lab: e.get(lab, {}).get("TBps", float("nan"))  # noqa: E731
         lines.append(f"decode {k} TB/s: SDPA@132 {g('torch'):.2f} | triton " + " ".join(

@@ -25,7 +25,7 @@ SCHEMA_VERSION = 1
 # one of NON_MEASURED_IMPLS and the executor maps those to runtime impls. Add a new kernel family here.
 # The collectives' impls, the default first: NCCL on the nano-op's SM share; the copy engines (no share).
 NETWORK_IMPLS = ("nccl", "ce")
-RUNTIME_IMPLS = frozenset({"triton", "torch", "tma", "flash", "cuda", *NETWORK_IMPLS})
+RUNTIME_IMPLS = frozenset({"triton", "torch", "tma", "cublaslt", "flash", "cuda", *NETWORK_IMPLS})
 NON_MEASURED_IMPLS = frozenset({"analytic", "fake"})
 # Network impls that hold no SM share: the copy engines move the rows, and the sum kernel runs on a
 # plain stream beside whatever holds the SMs. Their nano-ops state sm_count 0; the profile's rows of

@@ -273,3 +273,21 @@ def test_run_report_refuses_what_is_not_one():
     bad = {**d, "baselines": {"x": Timing("seq-fast", (1.0,), 1, "cpu").to_dict()}}
     with pytest.raises(NfsearchError, match="baselines must be"):
         RunReport.from_dict(bad)
+
+
+def test_cublaslt_impl_is_the_torch_gemm_on_the_cpu_and_leaves_torch_settings_alone():
+    """The SM-targeted cuBLASLt GEMM (kernels/gemm_cublaslt.py) is registered for the four GEMMs where
+    torch has the carve-out; on CPU tensors it is the torch GEMM, and it never leaves torch's BLAS
+    backend or carve-out changed."""
+    from nfsearch.plan import RUNTIME_IMPLS
+    from nfsearch.runtime.kernels import HAVE_SM_TARGET, IMPLS, gemm_cublaslt, gemm_torch
+    assert "cublaslt" in RUNTIME_IMPLS
+    assert HAVE_SM_TARGET == all("cublaslt" in IMPLS[op] for op in ("kqv", "o", "ug", "d"))
+    assert not any("cublaslt" in IMPLS[op] for op in ("norm1", "decode_attn", "act"))
+    a, w, r = torch.randn(5, 8), torch.randn(8, 3), torch.randn(5, 3)
+    carveout = torch._C._get_sm_carveout_experimental() if HAVE_SM_TARGET else None
+    assert torch.equal(gemm_cublaslt(a, w, None, 16, residual=r), gemm_torch(a, w, None, 16, residual=r))
+    out = torch.empty(5, 3)
+    assert gemm_cublaslt(a, w, out, 16) is out and torch.equal(out, a @ w)
+    if HAVE_SM_TARGET:
+        assert torch._C._get_sm_carveout_experimental() == carveout

@@ -241,7 +241,7 @@ def test_kernels_in_partitions(mode):
         cur = torch.cuda.current_stream()
         s1.wait_stream(cur)
         s2.wait_stream(cur)
-        for gi, di in [("triton", "triton"), ("tma", "tma")]:
+        for gi, di in [("triton", "triton"), ("tma", "tma")] + ([("cublaslt", "tma")] if "cublaslt" in IMPLS["o"] else []):
             g_out, d_out = _poison((512, 4096)), _poison(q.shape)
             s1.wait_stream(cur)
             s2.wait_stream(cur)
@@ -273,3 +273,31 @@ def test_kernels_in_partitions(mode):
         _rel(out, g_ref)
     finally:
         parts.close()
+
+
+def test_cublaslt_targets_the_partition_and_restores_torch_settings():
+    """The SM-targeted cuBLASLt impl inside a CUDA graph on a partition: right result, and torch's BLAS
+    backend and SM carve-out are what they were before (other torch matmuls must not inherit them)."""
+    from nfsearch.runtime.kernels import IMPLS, gemm_torch
+    if "cublaslt" not in IMPLS["o"]:
+        pytest.skip("this torch has no SM carve-out for cuBLASLt")
+    a = torch.randn(2048, 4096, device="cuda", dtype=DT)
+    w = torch.randn(4096, 4096, device="cuda", dtype=DT) / 64
+    r = torch.randn(2048, 4096, device="cuda", dtype=DT)
+    ref = gemm_torch(*_up(a, w), residual=_up(r)[0])
+    backend, carveout = torch.backends.cuda.preferred_blas_library(), torch._C._get_sm_carveout_experimental()
+    out = _poison((2048, 4096))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        IMPLS["o"]["cublaslt"](a, w, out, 100, residual=r)           # warm-up outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            IMPLS["o"]["cublaslt"](a, w, out, 100, residual=r)
+    torch.cuda.current_stream().wait_stream(stream)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    _rel(out, ref)
+    assert torch.backends.cuda.preferred_blas_library() == backend
+    assert torch._C._get_sm_carveout_experimental() == carveout

@@ -11,6 +11,9 @@
   attention streams K/V through TMA into shared memory (``gemm_tma``, ``decode_tma``);
 * ``"flash"`` (prefill_attn): torch's FlashAttention-2 varlen kernel, one launch for all prompts,
   no host sync when ``cu_seqlens`` is on the GPU (``prefill_flash``);
+* ``"cublaslt"`` (kqv, o, ug, d): the torch call through cuBLASLt with its SM-count target set to
+  ``num_sms`` (torch's SM carve-out), so cuBLAS sizes its kernel for the partition it runs on
+  (``gemm_cublaslt``; registered where torch has the carve-out);
 * ``"cuda"`` (norm1, norm2, act, rope_append): raw CUDA kernels (``small_ops.cu``) compiled by
   NVRTC through ``cupy.RawModule`` and launched on torch's current stream (``small_ops_cuda``).
 
@@ -35,6 +38,7 @@ from ._common import HAVE_TRITON
 from .decode_attention import decode_attention
 from .decode_tma import decode_attention_tma
 from .gemm import gemm
+from .gemm_cublaslt import HAVE_SM_TARGET, gemm_cublaslt
 from .gemm_tma import gemm_tma
 from .prefill_attention import prefill_attention
 from .prefill_flash import prefill_attention_flash, prefill_attention_sdpa
@@ -57,9 +61,12 @@ IMPLS: dict[str, dict[str, object]] = {
     "act": {"triton": silu_and_mul, "torch": silu_and_mul_torch, "cuda": silu_and_mul_cuda},
     "d": {"triton": gemm, "torch": gemm_torch, "tma": gemm_tma},
 }
+if HAVE_SM_TARGET:
+    for _op in ("kqv", "o", "ug", "d"):
+        IMPLS[_op]["cublaslt"] = gemm_cublaslt
 
 __all__ = ["HAVE_TRITON", "IMPLS", "OPS", "decode_attention", "decode_attention_tma", "decode_attention_torch",
-           "gemm", "gemm_tma", "gemm_torch", "prefill_attention", "prefill_attention_flash",
+           "gemm", "gemm_cublaslt", "gemm_tma", "gemm_torch", "prefill_attention", "prefill_attention_flash",
            "prefill_attention_sdpa", "prefill_attention_torch", "rmsnorm", "rmsnorm_cuda", "rmsnorm_torch",
            "rope_append", "rope_append_cuda", "rope_append_torch", "rope_cos_sin", "silu_and_mul",
            "silu_and_mul_cuda", "silu_and_mul_torch"]

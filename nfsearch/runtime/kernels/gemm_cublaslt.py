@@ -1,0 +1,51 @@
+"""The "cublaslt" GEMM impl: cuBLASLt told how many SMs its partition has.
+
+cuBLAS picks its kernel and grid for the SM count the device reports. Launched inside a green
+context of fewer SMs it still sizes for the whole GPU, and the last wave runs nearly empty: on an
+H100 it lost 32% on 124 of 132 SMs for a 70B shard's GEMM (GPU_FACTS.md). cuBLASLt has a matmul
+attribute for exactly this, CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET ("the SMs a concurrent stream
+leaves us"), and torch sets it from its SM carve-out (`torch._C._set_sm_carveout_experimental`:
+target = device SMs - carve-out) on its cuBLASLt path. So this impl runs the same torch call as the
+"torch" impl with cuBLASLt as torch's BLAS backend and a carve-out of (device SMs - num_sms), then
+puts both settings back. The choice is made when the call is issued, so a CUDA graph captures the
+kernel chosen for the partition.
+
+torch names the carve-out experimental: where it is missing (`HAVE_SM_TARGET` False) the impl is not
+registered. On a CPU tensor it is the torch impl (there is no partition to size for).
+"""
+
+from __future__ import annotations
+
+from ._common import torch
+from .torch_ops import gemm_torch
+
+HAVE_SM_TARGET = torch is not None and hasattr(torch._C, "_set_sm_carveout_experimental") \
+    and hasattr(torch._C, "_get_sm_carveout_experimental") and hasattr(torch.backends.cuda, "preferred_blas_library")
+
+_DEVICE_SMS: dict[int, int] = {}
+
+
+def device_sms(device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _DEVICE_SMS:
+        _DEVICE_SMS[index] = int(torch.cuda.get_device_properties(index).multi_processor_count)
+    return _DEVICE_SMS[index]
+
+
+def gemm_cublaslt(a, w, out=None, num_sms: int = 0, residual=None):
+    """out = a @ w (+ residual), one cuBLASLt call whose heuristic targets `num_sms` SMs (0 or the
+    whole device: no target)."""
+    if not a.is_cuda:
+        return gemm_torch(a, w, out, num_sms, residual)
+    if not HAVE_SM_TARGET:
+        raise RuntimeError("gemm_cublaslt: this torch has no SM carve-out for cuBLASLt")
+    whole = device_sms(a.device)
+    carveout = whole - num_sms if 0 < num_sms < whole else None
+    backend, previous = torch.backends.cuda.preferred_blas_library(), torch._C._get_sm_carveout_experimental()
+    torch.backends.cuda.preferred_blas_library("cublaslt")
+    torch._C._set_sm_carveout_experimental(carveout)
+    try:
+        return gemm_torch(a, w, out, num_sms, residual)
+    finally:
+        torch._C._set_sm_carveout_experimental(previous)
+        torch.backends.cuda.preferred_blas_library(backend)
