@@ -202,13 +202,19 @@ def analyze(gpu_key, pairs_path, json_path, **spec):
 @click.option("--energy/--no-energy", "with_energy", default=True, show_default=True,
               help="Also measure each op's energy per call (NVML) at the token counts of W1-W3 and the workload, "
                    "the power limit and the static power: the power bound (a few seconds; none without NVML).")
+@click.option("--opt-in-impls", "opt_in_text", default="", metavar="IMPLS",
+              help="Also measure these impls, which profile leaves out by default (comma list; cublaslt: cuBLASLt "
+                   "told its partition's SM count, faster alone on partitions but more energy per layer in a plan "
+                   "under the power cap on an H100).")
 @click.option("--energy-only", "into_path", type=click.Path(dir_okay=False), metavar="PROFILE",
               help="Measure only the energy, into a copy of this measured profile of the same GPU (its rows kept).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Profile table to write: .parquet or .csv.")
-def profile(is_analytic, gpu_key, gpu_id, is_quick, with_pairs, net_impls, with_energy, into_path, output, **spec):
+def profile(is_analytic, gpu_key, gpu_id, is_quick, with_pairs, net_impls, with_energy, opt_in_text, into_path, output,
+            **spec):
     """Write a profile table: measured on the GPU, or --analytic from a roofline model."""
     model, workload = resolve_specs(**spec)
+    opt_in_impls = _opt_in_impls(opt_in_text)
     _check_outputs([output], (".parquet", ".csv"))
     net_impls = _net_impls(net_impls)
     if into_path is not None:            # energy only, added to a measured profile (runtime/profiler.add_energy)
@@ -237,16 +243,25 @@ def profile(is_analytic, gpu_key, gpu_id, is_quick, with_pairs, net_impls, with_
             raise NfsearchError(f"--tp {n} measures on GPUs 0..{n - 1}; --gpu-id does not apply")
         table = measure_tp_profile(model, workload, n, is_quick=is_quick, output=output,
                                    progress=_progress_bar, with_pairs=with_pairs,
-                                   net_impls=net_impls, with_energy=with_energy)
+                                   net_impls=net_impls, with_energy=with_energy, opt_in_impls=opt_in_impls)
     else:
         from nfsearch.runtime.device import require_cuda
         require_cuda("nfsearch profile")
         from nfsearch.runtime.profiler import measure_profile
         table = measure_profile(model, workload, gpu_id=gpu_id, is_quick=is_quick, output=output,
-                                progress=_progress_bar, with_pairs=with_pairs, with_energy=with_energy)
+                                progress=_progress_bar, with_pairs=with_pairs, with_energy=with_energy,
+                                opt_in_impls=opt_in_impls)
     table.write(output)
     energy = "" if table.energy is None else f", {len(table.energy.points)} energy points"
     _echo(f"wrote {output}: {len(table.rows)} rows{energy}, {table.label}, fingerprint {table.fingerprint()}")
+
+
+def _opt_in_impls(text: str) -> tuple[str, ...]:
+    from nfsearch.plan import OPT_IN_IMPLS
+    impls = tuple(dict.fromkeys(i.strip() for i in text.split(",") if i.strip()))
+    if set(impls) - OPT_IN_IMPLS:
+        raise NfsearchError(f"--opt-in-impls takes {', '.join(sorted(OPT_IN_IMPLS))}, not {text!r}")
+    return impls
 
 
 def _net_impls(text: str) -> tuple[str, ...]:

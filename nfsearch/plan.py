@@ -31,6 +31,11 @@ NON_MEASURED_IMPLS = frozenset({"analytic", "fake"})
 # plain stream beside whatever holds the SMs. Their nano-ops state sm_count 0; the profile's rows of
 # them are at the whole GPU (measured alone on a plain stream), their pairs at (whole GPU, 0).
 NO_SHARE_IMPLS = frozenset({"ce"})
+# Runtime impls a plan may name and the executor runs, which `nfsearch profile` measures only when asked
+# (--opt-in-impls): cuBLASLt told its partition's SM count ran faster alone than the TMA GEMM on 96-120 SMs
+# of an H100, yet a W2 plan using it drew 15% more energy per layer under the power cap and ran 13%
+# slower than the same plan on the TMA GEMM (benchmarks/results/cublaslt_2026-11-27/).
+OPT_IN_IMPLS = frozenset({"cublaslt"})
 KNOWN_IMPLS = RUNTIME_IMPLS | NON_MEASURED_IMPLS
 
 PROFILE_SOURCES = ("measured", "analytic", "fake")

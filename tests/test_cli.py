@@ -540,3 +540,10 @@ def test_tune_takes_a_profile_only_for_solving(tmp_path):
     _fails(_run("tune", "--model", "llama-3-8b", "--workload", "W1", "--profile", tmp_path / "absent.parquet",
                 "-o", tmp_path / "best.json"), "no such profile")
     assert not (tmp_path / "best.json").exists()
+
+
+def test_profile_refuses_an_opt_in_impl_it_does_not_know(tmp_path):
+    out = tmp_path / "p.parquet"
+    r = CliRunner().invoke(main, ["profile", "--model", "llama-3-8b", "--workload", "W2", "--opt-in-impls", "tma",
+                                  "-o", str(out)])
+    assert r.exit_code == 2 and "--opt-in-impls takes cublaslt" in r.output and not out.exists()

@@ -291,3 +291,12 @@ def test_cublaslt_impl_is_the_torch_gemm_on_the_cpu_and_leaves_torch_settings_al
     assert gemm_cublaslt(a, w, out, 16) is out and torch.equal(out, a @ w)
     if HAVE_SM_TARGET:
         assert torch._C._get_sm_carveout_experimental() == carveout
+
+
+def test_profile_measures_opt_in_impls_only_when_asked():
+    from nfsearch.plan import OPT_IN_IMPLS
+    from nfsearch.runtime.kernels import HAVE_SM_TARGET, IMPLS, profiled_impls
+    assert "cublaslt" in OPT_IN_IMPLS
+    default, asked = profiled_impls(), profiled_impls(("cublaslt",))
+    assert set(default) == set(IMPLS) and not any(set(v) & OPT_IN_IMPLS for v in default.values())
+    assert ("cublaslt" in asked["kqv"]) == HAVE_SM_TARGET and asked["norm1"] == default["norm1"]

@@ -60,7 +60,7 @@ CLOCK_CYCLES = 1_000_000    # the spin kernel that reads the SM clock (~0.5 ms a
 
 def measure_profile(model, workload, gpu_id: int = 0, is_quick: bool = False, output=None, progress=None,
                     ops=None, sm_counts=None, settings=None, log=None, with_pairs: bool = True,
-                    pair_minority_sms=None, with_energy: bool = False):
+                    pair_minority_sms=None, with_energy: bool = False, opt_in_impls: tuple[str, ...] = ()):
     """Measure the profile of `model` (grid covering W1-W3 and `workload`) on CUDA device `gpu_id`;
     with_energy: then its energy (add_energy: a few seconds; a note and none without NVML).
 
@@ -69,10 +69,11 @@ def measure_profile(model, workload, gpu_id: int = 0, is_quick: bool = False, ou
     checkpoint is removed, unless the run stopped early on a device that no longer answered: a
     second run resumes it). ops / sm_counts / pair_minority_sms restrict the grid (tests);
     with_pairs: measure the pair table. progress(done, total, eta_s, what) is called as points finish.
+    opt_in_impls: impls of plan.OPT_IN_IMPLS to measure too (not measured unless named).
     """
     log = log or _stderr
     run = measure_single_gpu(model, workload, gpu_id, is_quick, output, progress, ops, sm_counts, settings, log,
-                             with_pairs, pair_minority_sms)
+                             with_pairs, pair_minority_sms, opt_in_impls)
     if with_energy and not run.is_stopped:
         run.table = add_energy(model, workload, run.table, gpu_id, log)
         if run.table.energy is not None:
@@ -97,12 +98,13 @@ class SingleGpuRun:
 
 def measure_single_gpu(model, workload, gpu_id: int = 0, is_quick: bool = False, output=None, progress=None,
                        ops=None, sm_counts=None, settings=None, log=None, with_pairs: bool = True,
-                       pair_minority_sms=None) -> SingleGpuRun:
+                       pair_minority_sms=None, opt_in_impls: tuple[str, ...] = ()) -> SingleGpuRun:
     """measure_profile's measuring part: the table and summary, nothing written but the checkpoint
-    `<output>.partial.csv` (left for the caller to remove once its own output is written)."""
+    `<output>.partial.csv` (left for the caller to remove once its own output is written).
+    opt_in_impls: impls of plan.OPT_IN_IMPLS to measure too (kernels.profiled_impls)."""
     import torch
 
-    from nfsearch.runtime.kernels import IMPLS
+    from nfsearch.runtime.kernels import IMPLS, profiled_impls
     from nfsearch.runtime.partitions import SmPartitions
 
     log = log or _stderr
@@ -113,7 +115,7 @@ def measure_single_gpu(model, workload, gpu_id: int = 0, is_quick: bool = False,
     try:
         device = device_meta(torch, parts, gpu_id)
         plan = profiling.make_plan(model, workload, parts.num_sms, parts.granularity, is_quick=is_quick, ops=ops,
-                                   impls={op: tuple(IMPLS[op]) for op in IMPLS}, settings=settings,
+                                   impls=profiled_impls(opt_in_impls), settings=settings,
                                    sm_counts=sm_counts, with_pairs=with_pairs, pair_minority_sms=pair_minority_sms)
         plan.rotate_bytes = 3.0 * device["l2_bytes"]
         log(f"profile {model.name} on {device['gpu_name']} ({parts.num_sms} SMs, granularity {parts.granularity}): "

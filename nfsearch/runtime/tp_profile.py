@@ -143,7 +143,8 @@ def check_gpus(num_gpus: int, num_visible: int) -> None:
 def measure_tp_profile(model, workload, num_gpus: int, is_quick: bool = False, output=None, progress=None,
                        with_pairs: bool = True, log=None, settings: Settings | None = None,
                        pair_minority_sms: tuple[int, ...] | None = None,
-                       net_impls: tuple[str, ...] = NETWORK_IMPLS, with_energy: bool = False) -> ProfileTable:
+                       net_impls: tuple[str, ...] = NETWORK_IMPLS, with_energy: bool = False,
+                       opt_in_impls: tuple[str, ...] = ()) -> ProfileTable:
     """The measured profile of `model`'s TP shard (workload.tp_degree = num_gpus) on GPUs 0..num_gpus-1.
 
     output: the table's path (its summary goes to <stem>.summary.json beside it; both written only
@@ -160,7 +161,7 @@ def measure_tp_profile(model, workload, num_gpus: int, is_quick: bool = False, o
     t0 = time.time()
     log(f"TP={num_gpus} profile, part 1 of 2: the shard's ops on GPU 0")
     shard = measure_single_gpu(model, workload, 0, is_quick, output, progress, settings=settings, log=log,
-                               with_pairs=with_pairs, pair_minority_sms=pair_minority_sms)
+                               with_pairs=with_pairs, pair_minority_sms=pair_minority_sms, opt_in_impls=opt_in_impls)
     gc.collect()                     # the shard's inputs (closures hold them in cycles)
     torch.cuda.empty_cache()         # the energy loops and the ranks below need GPU 0 too
     if with_energy and not shard.is_stopped:
@@ -231,12 +232,12 @@ def measure_network_rank(tp, request: NetworkRequest) -> NetworkRun | None:
     say = _stderr if tp.is_first else (lambda msg: None)
     parts = None
     if is_cuda:
-        from nfsearch.runtime.kernels import IMPLS
+        from nfsearch.runtime.kernels import IMPLS, profiled_impls
         from nfsearch.runtime.partitions import SmPartitions
         torch.manual_seed(0)
         parts = SmPartitions(tp.device.index, mode="green")
         num_sms, granularity = parts.num_sms, parts.granularity
-        impls = {op: tuple(IMPLS[op]) for op in IMPLS}
+        impls = profiled_impls()          # the pair sides: the impls the shard's profile measures by default
     else:
         num_sms, granularity = request.cpu_num_sms, request.cpu_granularity
         impls = {op: ("torch",) for op in ("kqv", "o", "ug", "d")}

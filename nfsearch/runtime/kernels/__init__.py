@@ -13,7 +13,8 @@
   no host sync when ``cu_seqlens`` is on the GPU (``prefill_flash``);
 * ``"cublaslt"`` (kqv, o, ug, d): the torch call through cuBLASLt with its SM-count target set to
   ``num_sms`` (torch's SM carve-out), so cuBLAS sizes its kernel for the partition it runs on
-  (``gemm_cublaslt``; registered where torch has the carve-out);
+  (``gemm_cublaslt``; registered where torch has the carve-out; `nfsearch profile` measures it only
+  with ``--opt-in-impls cublaslt``, plan.OPT_IN_IMPLS says why);
 * ``"cuda"`` (norm1, norm2, act, rope_append): raw CUDA kernels (``small_ops.cu``) compiled by
   NVRTC through ``cupy.RawModule`` and launched on torch's current stream (``small_ops_cuda``).
 
@@ -65,7 +66,14 @@ if HAVE_SM_TARGET:
     for _op in ("kqv", "o", "ug", "d"):
         IMPLS[_op]["cublaslt"] = gemm_cublaslt
 
-__all__ = ["HAVE_TRITON", "IMPLS", "OPS", "decode_attention", "decode_attention_tma", "decode_attention_torch",
+
+def profiled_impls(opt_in=()) -> dict[str, tuple[str, ...]]:
+    """The impls `nfsearch profile` measures per op: every registered one, but those of
+    plan.OPT_IN_IMPLS only where named in `opt_in`."""
+    from nfsearch.plan import OPT_IN_IMPLS
+    return {op: tuple(i for i in impls if i not in OPT_IN_IMPLS or i in opt_in) for op, impls in IMPLS.items()}
+
+__all__ = ["HAVE_TRITON", "IMPLS", "OPS", "profiled_impls", "decode_attention", "decode_attention_tma", "decode_attention_torch",
            "gemm", "gemm_cublaslt", "gemm_tma", "gemm_torch", "prefill_attention", "prefill_attention_flash",
            "prefill_attention_sdpa", "prefill_attention_torch", "rmsnorm", "rmsnorm_cuda", "rmsnorm_torch",
            "rope_append", "rope_append_cuda", "rope_append_torch", "rope_cos_sin", "silu_and_mul",

@@ -10,6 +10,12 @@ target = device SMs - carve-out) on its cuBLASLt path. So this impl runs the sam
 puts both settings back. The choice is made when the call is issued, so a CUDA graph captures the
 kernel chosen for the partition.
 
+Measured on an H100 (benchmarks/results/cublaslt_2026-11-27/): alone, in the profiler's CUDA graphs,
+it beat the TMA GEMM on 96-120 SMs by up to 15-20% (kqv, o, d at 2048 tokens). In a W2 plan the
+same structure ran 2.24-2.26 ms/layer with it and 1.97-2.00 with the TMA GEMM, and drew 1.58-1.61
+against 1.38-1.40 J per layer: under the power cap the energy decides. So `nfsearch profile` leaves it
+out unless asked (plan.OPT_IN_IMPLS).
+
 torch names the carve-out experimental: where it is missing (`HAVE_SM_TARGET` False) the impl is not
 registered. On a CPU tensor it is the torch impl (there is no partition to size for).
 """
