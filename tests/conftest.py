@@ -75,3 +75,17 @@ def tiny_problem():
 def tiny_split_plan(tiny_problem):
     from nfsearch.search.baselines import equal_split_plan
     return equal_split_plan(tiny_problem, 2)
+
+
+@pytest.fixture
+def nvml_device():
+    """GPU 0's NVML handle (runtime/power.py), closed after the test; skips without torch, CUDA or NVML."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from nfsearch.runtime import power
+    device, note = power.open_device(0)
+    if device is None:
+        pytest.skip(note)
+    with device:
+        yield device

@@ -394,23 +394,19 @@ def test_no_nvml_is_a_note_not_a_crash():
 
 
 @pytest.mark.gpu
-def test_measure_energy_of_a_matmul_loop():
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
+def test_measure_energy_of_a_matmul_loop(nvml_device):
+    import torch
+
     from nfsearch.runtime import power
-    device, note = power.open_device(0)
-    if device is None:
-        pytest.skip(note)
-    with device:
-        a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-        b = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-        c = torch.empty_like(a)
-        m = power.measure_energy(lambda: torch.matmul(a, b, out=c), device, window_s=0.3)
-        limit = device.power_limit_w()
-        assert m.energy_j > 0 and m.time_ms > 0 and m.num_calls > 10
-        assert 0 < m.power_w <= limit * 1.05 + 20, m.describe()
-        assert m.energy_j == pytest.approx(m.power_w * m.time_ms / 1e3)
-        assert m.gpu_busy_share > 0.8 and m.samples.num_samples > 5
-        static = power.measure_static_power(device, window_s=0.2)
-        assert 0 < static.static_power_w < m.power_w <= limit * 1.05 + 20
+    device = nvml_device
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    c = torch.empty_like(a)
+    m = power.measure_energy(lambda: torch.matmul(a, b, out=c), device, window_s=0.3)
+    limit = device.power_limit_w()
+    assert m.energy_j > 0 and m.time_ms > 0 and m.num_calls > 10
+    assert 0 < m.power_w <= limit * 1.05 + 20, m.describe()
+    assert m.energy_j == pytest.approx(m.power_w * m.time_ms / 1e3)
+    assert m.gpu_busy_share > 0.8 and m.samples.num_samples > 5
+    static = power.measure_static_power(device, window_s=0.2)
+    assert 0 < static.static_power_w < m.power_w <= limit * 1.05 + 20

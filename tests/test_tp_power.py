@@ -271,26 +271,22 @@ def test_lockstep_chunks_cover_warmup_window_and_slack():
 
 # ------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
-def test_lockstep_measure_energy_issues_exactly_the_fixed_calls():
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    from nfsearch.runtime import power
-    device, note = power.open_device(0)
-    if device is None:
-        pytest.skip(note)
-    with device:
-        a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-        c = torch.empty_like(a)
-        calls = []
+def test_lockstep_measure_energy_issues_exactly_the_fixed_calls(nvml_device):
+    import torch
 
-        def fn():
-            calls.append(1)
-            torch.matmul(a, a, out=c)
-        per_chunk, num_chunks = power.lockstep_chunks(0.2, window_s=0.3)
-        m = power.measure_energy(fn, device, window_s=0.3, calls_per_chunk=per_chunk, num_chunks=num_chunks)
-        assert len(calls) == 1 + 3 + per_chunk * num_chunks
-        assert m.energy_j > 0 and m.gpu_busy_share > 0.8 and m.samples.num_samples > 5
+    from nfsearch.runtime import power
+    device = nvml_device
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    c = torch.empty_like(a)
+    calls = []
+
+    def fn():
+        calls.append(1)
+        torch.matmul(a, a, out=c)
+    per_chunk, num_chunks = power.lockstep_chunks(0.2, window_s=0.3)
+    m = power.measure_energy(fn, device, window_s=0.3, calls_per_chunk=per_chunk, num_chunks=num_chunks)
+    assert len(calls) == 1 + 3 + per_chunk * num_chunks
+    assert m.energy_j > 0 and m.gpu_busy_share > 0.8 and m.samples.num_samples > 5
 
 
 @pytest.mark.gpu
