@@ -31,6 +31,11 @@ Two parts, one table:
      chooses), launched together on every rank, each timed with CUDA events on its
      own stream (median of `pair_repeats` launches), with each side alone on its partition and on
      the whole GPU (so pairs.py reports whether the split beats the two back to back).
+   * with energy (the shard's was measured, so GPU 0 answers NVML): each all-reduce's energy
+     (measure_collective_energy), every rank issuing the same back-to-back calls in lockstep and
+     reading its own NVML counter; per GPU the largest rank's. Without this the power bound counts
+     the collectives as no dynamic energy, which at TP=4 left 20% of a layer's energy out (W6 on
+     4x H100). Written after the last GPU run: CPU-tested in its parts, not yet run on GPUs.
    The timing code is the single-GPU profiler's (profiler._Measurer), with two hooks that span the
    ranks: every lead and every "enqueued in time?" verdict is the largest over the ranks (so every
    rank retries together and issues the same collectives), and the ranks meet at a barrier right
@@ -38,7 +43,8 @@ Two parts, one table:
    rank's measurement is kept (a TP layer waits for its slowest GPU).
 
 The merged table: the shard's rows + the collectives' solo rows; one pair table (the shard's pairs
-and the collective x GEMM pairs, the same columns); metadata of the shard's profile plus
+and the collective x GEMM pairs, the same columns); the shard's energy with the collectives' points
+added; metadata of the shard's profile plus
 "network" (every GPU's name, NCCL version, tp_degree, CTA limits, method, failures) and
 "net_bandwidth_gbps": the highest bus bandwidth among the full-GPU all-reduce rows, which
 profile.gpu_from_profile reads as B_net for the roofline's network term. Rank 0 hands the results
@@ -51,6 +57,7 @@ matmuls timed by the host clock: the plumbing runs, the timings mean nothing (so
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import pickle
@@ -98,6 +105,7 @@ class NetworkRequest:
     cpu_num_sms: int = 132           # CPU ranks (gloo test): the SM grid the plan pretends to
     cpu_granularity: int = 8
     net_impls: tuple[str, ...] = NETWORK_IMPLS   # those every rank can set up are measured
+    with_energy: bool = False        # also the collectives' energy (measure_collective_energy), CUDA only
 
     def __post_init__(self):
         if self.workload.tp_degree < 2:
@@ -122,6 +130,7 @@ class NetworkRun:
     measure_s: float = 0.0
     rank_spread: float = 0.0         # largest (slowest rank / fastest rank - 1) of a point's time
     net_impls: tuple[str, ...] = (NETWORK_IMPL,)   # the collective impls measured (every rank could run)
+    energy_points: tuple = ()        # profile.EnergyPoint of each collective (measure_collective_energy)
 
 
 # ---------------------------------------------------------------------------------------------- the profile
@@ -173,7 +182,8 @@ def measure_tp_profile(model, workload, num_gpus: int, is_quick: bool = False, o
         torch.cuda.empty_cache()
     log(f"TP={num_gpus} profile, part 2 of 2: the collectives on {num_gpus} GPUs at once")
     request = NetworkRequest(model, workload, is_quick, with_pairs, settings, None, pair_minority_sms,
-                             progress if _is_picklable(progress) else None, net_impls=tuple(net_impls))
+                             progress if _is_picklable(progress) else None, net_impls=tuple(net_impls),
+                             with_energy=with_energy and shard.table.energy is not None)
     net = measure_network(request, "nccl")
     table = merge_tables(shard.table, network_table(net, "measured"), net, model, workload)
     summary = dict(shard.summary)
@@ -265,6 +275,10 @@ def measure_network_rank(tp, request: NetworkRequest) -> NetworkRun | None:
         progress = request.progress if tp.is_first else None
         run = profiling.run_plan(plan, None, agreed(measurer, host, tp.world_size), progress, say,
                                  is_healthy=lambda: agree_all(_answers(measurer), host))
+        energy_points, energy_notes = (), []
+        if is_cuda and request.with_energy and not run.stopped:
+            energy_points, energy_notes = measure_collective_energy(tp, plan, run.results, request.workload, host,
+                                                                    num_sms, measurer._inputs, say)
     finally:
         if parts is not None:
             parts.close()
@@ -285,8 +299,84 @@ def measure_network_rank(tp, request: NetworkRequest) -> NetworkRun | None:
                   for k in results), default=0.0)
     return NetworkRun(plan, results, failures, next((e["stopped"] for e in every if e["stopped"]), ""),
                       [e["gpu"] for e in every], tp.coll.backend, tp_mod._nccl_version() if is_cuda else None,
-                      limits, notes + list(tp.coll.notes), round(time.time() - t0, 1), round(spread, 4),
-                      tuple(net_impls))
+                      limits, notes + list(tp.coll.notes) + energy_notes, round(time.time() - t0, 1), round(spread, 4),
+                      tuple(net_impls), tuple(energy_points))
+
+
+# ---------------------------------------------------------------------------------------------- energy
+COLLECTIVE_ENERGY_TOKENS = 512     # beside the workload's token count: two points to interpolate between
+COLLECTIVE_ENERGY_METHOD = (
+    "Collectives ({ops}): measured afterwards with every GPU at once (one process per GPU): each all-reduce "
+    "at {tokens} tokens with its impl fastest alone on the whole GPU, back to back on every rank in lockstep "
+    "(power.measure_energy with a fixed number of chunks agreed over the ranks), NVML on every rank; per "
+    "GPU, the largest rank's energy (a TP layer waits for its slowest GPU). This replaces 'not measured' above.")
+
+
+def collective_energy_requests(plan: Plan, results: dict, workload, num_sms: int) -> list[tuple[int, str, float]]:
+    """(tokens, impl, time ms) of each all-reduce energy point: the workload's token count and
+    COLLECTIVE_ENERGY_TOKENS where the network plan's inputs cover them, each with the impl fastest alone
+    on the whole GPU by `results` (the slowest rank's solo rows there), as add_energy picks a shard op's.
+    The all-reduces of one layer move the same [tokens, hidden] rows: measured on the first, used for all."""
+    op = plan.grid["network_ops"][0]
+    max_tokens = max(t for t, _ in plan.sizes(op))
+    out = []
+    for tokens in sorted({workload.num_tokens, COLLECTIVE_ENERGY_TOKENS}):
+        times = {p.impl: results[p.key()].time_ms for p in plan.points
+                 if p.kind == "solo" and p.op == op and p.num_tokens == tokens and p.sm_count == num_sms
+                 and p.key() in results}
+        if tokens <= max_tokens and times:
+            impl = min(times, key=times.get)
+            out.append((tokens, impl, times[impl]))
+    return out
+
+
+def measure_collective_energy(tp, plan: Plan, results: dict, workload, host, num_sms: int, inputs_of,
+                              say=None) -> tuple[tuple, list[str]]:
+    """Every rank at once (all must call it at the same point): the energy of each all-reduce of
+    `collective_energy_requests`, issued back to back in lockstep (power.lockstep_chunks: every rank
+    issues the same calls, so no collective waits on a rank that stopped), NVML on every rank. Returns
+    (profile.EnergyPoint of each network op at each request, notes); a point that fails on any rank is a
+    note on all, and without NVML on every rank there are no points (a note)."""
+    import torch
+    import torch.distributed as dist
+
+    from nfsearch.profile import EnergyPoint
+    from nfsearch.runtime import power
+    say = say or (lambda msg: None)
+    device, how = power.open_device(tp.device.index or 0)
+    if not agree_all(device is not None, host):
+        if device is not None:
+            device.close()
+        return (), [f"collectives' energy not measured: NVML does not answer on every rank ({how})"]
+    shared = [collective_energy_requests(plan, results, workload, num_sms) if tp.is_first else None]
+    dist.broadcast_object_list(shared, src=0, group=host)        # rank 0's choice, so every rank issues the same
+    requests = shared[0]
+    nets = list(plan.grid["network_ops"])
+    say(f"collectives' energy on {tp.world_size} GPUs at once: " + ", ".join(f"{t} tok/{i}" for t, i, _ in requests))
+    points, notes = [], []
+    try:
+        for tokens, impl, time_ms in requests:
+            call, num_sets = inputs_of(nets[0]).fn(impl, tokens, 0, num_sms)
+            calls = iter(range(1 << 62))
+            per_chunk, num_chunks = power.lockstep_chunks(agree_max(time_ms, host))
+            try:
+                m = power.measure_energy(lambda call=call, calls=calls, n=num_sets: call(next(calls) % n), device,
+                                         calls_per_chunk=per_chunk, num_chunks=num_chunks)
+                mine = (m.energy_j, m.time_ms, m.power_w, m.samples.sm_clock_mhz, m.samples.capped_share)
+            except Exception as exc:  # noqa: BLE001 - every call was issued; told to every rank below
+                torch.cuda.synchronize(tp.device)
+                mine = f"{type(exc).__name__}: {str(exc)[:160]}"
+            every = [None] * tp.world_size
+            dist.all_gather_object(every, mine, group=host)
+            failed = next((e for e in every if isinstance(e, str)), None)
+            if failed is not None:
+                notes.append(f"collective energy {tokens} tok/{impl}: {failed}")
+                continue
+            energy_j, call_ms, power_w, clock, capped = max(every, key=lambda e: e[0])
+            points += [EnergyPoint(op, impl, tokens, 0, energy_j, call_ms, power_w, clock, capped) for op in nets]
+    finally:
+        device.close()
+    return tuple(points), notes
 
 
 def usable_net_impls(tp, wanted: tuple[str, ...], host) -> tuple[tuple[str, ...], list[str]]:
@@ -552,7 +642,16 @@ def merge_tables(shard: ProfileTable, network: ProfileTable, net: NetworkRun, mo
         meta["net_bandwidth_gbps"] = round(bus, 2)     # B_net of the roofline (profile.gpu_from_profile)
     if net.failures:
         meta["failures"] = int(meta.get("failures", 0)) + len(net.failures)
-    return ProfileTable(rows, meta)
+    table = ProfileTable(rows, meta)
+    if net.energy_points and table.energy is not None:
+        # the collectives' points beside the shard's (GPU 0's limit and static power: the bound is per GPU)
+        energy = table.energy
+        tokens = sorted({p.num_tokens for p in net.energy_points})
+        method = COLLECTIVE_ENERGY_METHOD.format(ops=", ".join(net_ops), tokens=", ".join(map(str, tokens)))
+        table = table.with_energy(dataclasses.replace(
+            energy, points=tuple(sorted(energy.points + tuple(net.energy_points), key=lambda p: p.key)),
+            method=f"{energy.method}. {method}"))
+    return table
 
 
 def network_summary(table: ProfileTable, net: NetworkRun) -> dict:
