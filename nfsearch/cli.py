@@ -215,6 +215,9 @@ def profile(is_analytic, gpu_key, gpu_id, is_quick, with_pairs, net_impls, with_
     """Write a profile table: measured on the GPU, or --analytic from a roofline model."""
     model, workload = resolve_specs(**spec)
     opt_in_impls = _opt_in_impls(opt_in_text)
+    if opt_in_impls and (is_analytic or into_path is not None):
+        raise NfsearchError("--opt-in-impls adds impls to a measured profile's kernels: not with --analytic or "
+                            "--energy-only")
     _check_outputs([output], (".parquet", ".csv"))
     net_impls = _net_impls(net_impls)
     if into_path is not None:            # energy only, added to a measured profile (runtime/profiler.add_energy)
