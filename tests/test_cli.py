@@ -547,6 +547,6 @@ def test_profile_refuses_an_opt_in_impl_it_does_not_know(tmp_path):
     r = CliRunner().invoke(main, ["profile", "--model", "llama-3-8b", "--workload", "W2", "--opt-in-impls", "tma",
                                   "-o", str(out)])
     assert r.exit_code == 2 and "--opt-in-impls takes cublaslt" in r.output and not out.exists()
-    r = CliRunner().invoke(main, ["profile", "--analytic", "--model", "llama-3-8b", "--workload", "W2", "--opt-in-impls", "cublaslt",
-                                  "-o", str(out)])
+    r = CliRunner().invoke(main, ["profile", "--analytic", "--model", "llama-3-8b", "--workload", "W2",
+                                  "--opt-in-impls", "cublaslt", "-o", str(out)])
     assert r.exit_code == 2 and "not with --analytic" in r.output and not out.exists()
