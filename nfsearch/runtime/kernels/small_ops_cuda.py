@@ -13,6 +13,7 @@ resident would leave a late second wave (seen on H100 run 1: 2x slower at 16-32 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from ._common import torch
@@ -67,7 +68,11 @@ def _launch(name, device, grid, block, args):
     streams = _STATE.setdefault("streams", {})
     st = streams.get(sid)
     if st is None:
-        st = streams[sid] = cp.cuda.ExternalStream(sid, device.index or 0)
+        with warnings.catch_warnings():
+            # CuPy 14 deprecates ExternalStream for Stream.from_external (an object with __cuda_stream__);
+            # what torch hands us is the raw handle, which ExternalStream still takes as before
+            warnings.simplefilter("ignore", DeprecationWarning)
+            st = streams[sid] = cp.cuda.ExternalStream(sid, device.index or 0)
     with cp.cuda.Device(device.index or 0):
         _kernel(name)((int(grid),), (int(block),), args, stream=st)
 
