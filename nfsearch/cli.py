@@ -259,9 +259,14 @@ def profile(is_analytic, gpu_key, gpu_id, is_quick, with_pairs, net_impls, with_
     _echo(f"wrote {output}: {len(table.rows)} rows{energy}, {table.label}, fingerprint {table.fingerprint()}")
 
 
+def _impl_names(text: str) -> tuple[str, ...]:
+    """The names of a comma list, in order, each once."""
+    return tuple(dict.fromkeys(i.strip() for i in text.split(",") if i.strip()))
+
+
 def _opt_in_impls(text: str) -> tuple[str, ...]:
     from nfsearch.plan import OPT_IN_IMPLS
-    impls = tuple(dict.fromkeys(i.strip() for i in text.split(",") if i.strip()))
+    impls = _impl_names(text)
     if set(impls) - OPT_IN_IMPLS:
         raise NfsearchError(f"--opt-in-impls takes {', '.join(sorted(OPT_IN_IMPLS))}, not {text!r}")
     return impls
@@ -269,7 +274,7 @@ def _opt_in_impls(text: str) -> tuple[str, ...]:
 
 def _net_impls(text: str) -> tuple[str, ...]:
     from nfsearch.plan import NETWORK_IMPLS
-    impls = tuple(dict.fromkeys(i.strip() for i in text.split(",") if i.strip()))
+    impls = _impl_names(text)
     if NETWORK_IMPLS[0] not in impls or set(impls) - set(NETWORK_IMPLS):
         raise NfsearchError(f"--net-impls must list nccl and may add ce, not {text!r}")
     return impls
