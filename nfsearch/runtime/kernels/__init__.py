@@ -35,6 +35,8 @@ raises a RuntimeError that says so.
 
 from __future__ import annotations
 
+from nfsearch.plan import OPT_IN_IMPLS
+
 from ._common import HAVE_TRITON
 from .decode_attention import decode_attention
 from .decode_tma import decode_attention_tma
@@ -70,11 +72,10 @@ if HAVE_SM_TARGET:
 def profiled_impls(opt_in=()) -> dict[str, tuple[str, ...]]:
     """The impls `nfsearch profile` measures per op: every registered one, but those of
     plan.OPT_IN_IMPLS only where named in `opt_in`."""
-    from nfsearch.plan import OPT_IN_IMPLS
     return {op: tuple(i for i in impls if i not in OPT_IN_IMPLS or i in opt_in) for op, impls in IMPLS.items()}
 
-__all__ = ["HAVE_TRITON", "IMPLS", "OPS", "profiled_impls", "decode_attention", "decode_attention_tma", "decode_attention_torch",
-           "gemm", "gemm_cublaslt", "gemm_tma", "gemm_torch", "prefill_attention", "prefill_attention_flash",
-           "prefill_attention_sdpa", "prefill_attention_torch", "rmsnorm", "rmsnorm_cuda", "rmsnorm_torch",
-           "rope_append", "rope_append_cuda", "rope_append_torch", "rope_cos_sin", "silu_and_mul",
-           "silu_and_mul_cuda", "silu_and_mul_torch"]
+__all__ = ["HAVE_TRITON", "IMPLS", "OPS", "decode_attention", "decode_attention_tma",
+           "decode_attention_torch", "gemm", "gemm_cublaslt", "gemm_tma", "gemm_torch", "prefill_attention",
+           "prefill_attention_flash", "prefill_attention_sdpa", "prefill_attention_torch", "profiled_impls",
+           "rmsnorm", "rmsnorm_cuda", "rmsnorm_torch", "rope_append", "rope_append_cuda",
+           "rope_append_torch", "rope_cos_sin", "silu_and_mul", "silu_and_mul_cuda", "silu_and_mul_torch"]

@@ -28,16 +28,6 @@ from .torch_ops import gemm_torch
 HAVE_SM_TARGET = torch is not None and hasattr(torch._C, "_set_sm_carveout_experimental") \
     and hasattr(torch._C, "_get_sm_carveout_experimental") and hasattr(torch.backends.cuda, "preferred_blas_library")
 
-_DEVICE_SMS: dict[int, int] = {}
-
-
-def device_sms(device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _DEVICE_SMS:
-        _DEVICE_SMS[index] = int(torch.cuda.get_device_properties(index).multi_processor_count)
-    return _DEVICE_SMS[index]
-
-
 def gemm_cublaslt(a, w, out=None, num_sms: int = 0, residual=None):
     """out = a @ w (+ residual), one cuBLASLt call whose heuristic targets `num_sms` SMs (0 or the
     whole device: no target)."""
@@ -45,7 +35,7 @@ def gemm_cublaslt(a, w, out=None, num_sms: int = 0, residual=None):
         return gemm_torch(a, w, out, num_sms, residual)
     if not HAVE_SM_TARGET:
         raise RuntimeError("gemm_cublaslt: this torch has no SM carve-out for cuBLASLt")
-    whole = device_sms(a.device)
+    whole = torch.cuda.get_device_properties(a.device).multi_processor_count     # torch caches these
     carveout = whole - num_sms if 0 < num_sms < whole else None
     backend, previous = torch.backends.cuda.preferred_blas_library(), torch._C._get_sm_carveout_experimental()
     torch.backends.cuda.preferred_blas_library("cublaslt")
