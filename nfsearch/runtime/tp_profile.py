@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import itertools
 import json
 import pickle
 import statistics
@@ -357,7 +358,7 @@ def measure_collective_energy(tp, plan: Plan, results: dict, workload, host, num
     try:
         for tokens, impl, time_ms in requests:
             call, num_sets = inputs_of(nets[0]).fn(impl, tokens, 0, num_sms)
-            calls = iter(range(1 << 62))
+            calls = itertools.count()
             per_chunk, num_chunks = power.lockstep_chunks(agree_max(time_ms, host))
             try:
                 m = power.measure_energy(lambda call=call, calls=calls, n=num_sets: call(next(calls) % n), device,
