@@ -21,11 +21,13 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import sys
 
 import torch
 
 from nfsearch.runtime import power
+from nfsearch.runtime.bench import event_times
 from nfsearch.runtime.kernels import IMPLS
 from nfsearch.runtime.partitions import SmPartitions
 
@@ -60,15 +62,7 @@ def make_call(op: str, impl: str, size: int, sms: int):
 def graph_of(call, stream) -> tuple[object, int]:
     """A CUDA graph of about GRAPH_MS of back-to-back calls on `stream` (its replay enqueues them)."""
     with torch.cuda.stream(stream):
-        call()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(5):
-            call()
-        end.record()
-        end.synchronize()
-        k = max(1, round(GRAPH_MS / max(start.elapsed_time(end) / 5, 1e-3)))
+        k = max(1, round(GRAPH_MS / max(statistics.median(event_times(call, iters=5, warmup=1)), 1e-3)))
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
             for _ in range(k):
