@@ -521,11 +521,12 @@ def network_plan(model: ModelSpec, workload: Workload, num_sms: int, granularity
                  net_impls: tuple[str, ...] = (NETWORK_IMPL,)) -> Plan:
     """The network part of a TP profile: solo points of each collective at the grid's tokens and SM
     counts, and pair points of each GEMM and of decode attention x each collective (the compute or
-    memory side A, at the pair table's sizes and splits). Same grid as `make_plan` gives the shard's other ops;
-    impls: the GEMMs' and decode attention's (the pair sides run their fastest); the collectives get
-    `net_impls`. A no-share impl (plan.NO_SHARE_IMPLS, "ce") is measured as it runs in a plan: alone at
-    the whole GPU's SM count (a plain stream), and beside each family's side A on the whole GPU (pair points of split (num_sms, 0)); the split pairs'
-    collective side runs the fastest of the others."""
+    memory side A, at the pair table's sizes and splits). Same grid as `make_plan` gives the shard's
+    other ops; impls: the GEMMs' and decode attention's (the pair sides run their fastest); the
+    collectives get `net_impls`. A no-share impl (plan.NO_SHARE_IMPLS, "ce") is measured as it runs in
+    a plan: alone at the whole GPU's SM count (a plain stream), and beside each family's side A on the
+    whole GPU (pair points of split (num_sms, 0)); the split pairs' collective side runs the fastest of
+    the others."""
     if not net_impls or set(net_impls) - set(NETWORK_IMPLS):
         raise NfsearchError(f"profile: collective impls must be among {', '.join(NETWORK_IMPLS)}, "
                             f"not {', '.join(net_impls) or 'none'}")

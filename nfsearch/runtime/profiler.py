@@ -27,8 +27,9 @@ nfsearch/runtime/measurements.py; this module times the points:
   and workload token counts on the whole GPU with its fastest impl, a CUDA graph of ~2 ms of calls
   replayed back to back for an NVML energy-counter window (runtime/power.py), then the static power.
   A TP profile (runtime/tp_profile.py) gets the same on GPU 0 for the shard's ops (their TP shapes);
-  its collectives are not measured (one GPU alone cannot run them; the power bound counts them as no
-  dynamic energy).
+  its collectives are not measured here (one GPU alone cannot run them): tp_profile measures them
+  afterwards with every GPU at once, and where it could not the power bound counts them as no
+  dynamic energy.
 
 Every point is measured on its own: an exception fails that point (recorded in the table's metadata
 and the summary), not the profile; a run of failures stops the profile only when the device no
