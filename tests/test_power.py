@@ -410,3 +410,38 @@ def test_measure_energy_of_a_matmul_loop(nvml_device):
     assert m.gpu_busy_share > 0.8 and m.samples.num_samples > 5
     static = power.measure_static_power(device, window_s=0.2)
     assert 0 < static.static_power_w < m.power_w <= limit * 1.05 + 20
+
+
+# ------------------------------------------------------------------ the offline cap model (benchmarks/cap_model.py)
+def _cap_model():
+    import importlib.util
+    import sys
+    spec = importlib.util.spec_from_file_location("cap_model", ROOT / "benchmarks" / "cap_model.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module     # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["W1", "W2", "W3"])
+def test_cap_model_sits_at_the_caps_fixed_point_and_never_beats_the_replay(name):
+    cap = _cap_model()
+    s = plan.read(ROOT / f"benchmarks/plans/{name}.json")
+    problem = make_problem(s.model, s.workload, profile.load(BUNDLED), s.num_layers)
+    energy = problem.cost.energy.energy
+    f_ref = cap.reference_clock_mhz(problem.cost)
+    # the bundled profile's GEMM energy loops ran capped at 1290-1470 MHz for 1.1-1.3x their table times
+    assert 1450 < f_ref < 1750
+    for schedule in (s, sequential_plan(problem)):
+        result = replay(schedule, problem.cost)
+        got = cap.capped_layer(schedule, result.timeline, problem.cost)
+        assert got.layer_ms >= result.replayed_layer_ms - 1e-9
+        power_w = got.dynamic_j / got.layer_ms * 1e3
+        if got.is_capped:   # at the fixed point the plan draws the limit
+            assert power_w == pytest.approx(energy.power_limit_w - energy.static_power_w, rel=1e-3)
+        else:
+            assert power_w <= energy.power_limit_w - energy.static_power_w
+    if name == "W1":        # decode-only: below the cap at the profile's clock
+        assert not got.is_capped
+    else:
+        assert got.is_capped

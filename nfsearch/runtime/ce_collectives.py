@@ -65,6 +65,8 @@ the row bookkeeping, rank order and fused math are tested across processes.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 
@@ -129,7 +131,10 @@ class CeAllReduce:
         except (RuntimeError, AttributeError):   # already chosen by an earlier allocation: keep it
             pass
         if hasattr(symm, "enable_symm_mem_for_group"):
-            symm.enable_symm_mem_for_group(name)
+            # needed by older torch; newer torch (2.11 on the lent GPUs) warns it is no longer needed
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                symm.enable_symm_mem_for_group(name)
         N, R, H = self.world_size, self.max_rows, self.hidden_size
         self.recv = symm.empty((N, R, H), dtype=self.dtype, device=self.device)
         self.recv.zero_()

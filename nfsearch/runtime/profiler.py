@@ -200,8 +200,9 @@ def add_energy(model, workload, table, gpu_id: int = 0, log=None, window_s: floa
                                  {op: tuple(IMPLS[op]) for op in IMPLS})
     plan.rotate_bytes = 3.0 * int(getattr(props, "L2_cache_size", 50 << 20))
     networks = [op.name for op in layer_ops(model, workload) if op.op_class == "network"]
-    shard = (f" (the TP={workload.tp_degree} shard's ops; collectives {', '.join(networks)} not measured: "
-             f"not one GPU's to measure, the power bound counts them as no dynamic energy)" if networks else "")
+    shard = (f" (the TP={workload.tp_degree} shard's ops; collectives {', '.join(networks)} not here: not one "
+             f"GPU's to measure; `profile --tp` measures them next on every GPU at once, otherwise the power "
+             f"bound counts them as no dynamic energy)" if networks else "")
     log(f"energy of {model.name}{shard} on {name} ({how}): {len(requests)} points, "
         f"~{len(requests) * (window_s + 0.4):.0f} s; power limit {device.power_limit_w():.0f} W, SM clock max "
         f"{device.max_sm_clock_mhz():.0f} MHz")
