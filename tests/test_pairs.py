@@ -48,25 +48,28 @@ def test_plan_has_every_pair_family_at_every_split():
         by_family.setdefault(_family(p), set()).add((p.sm_count, p.partner_sms))
     splits = set(pair_splits(132, 8))
     assert all(s == splits for s in by_family.values())
-    assert len(points) == 800 == 50 * 16 and len({p.key() for p in points}) == 800
+    assert len(points) == 1632 == 102 * 16 and len({p.key() for p in points}) == 1632
+    # the fixed sizes, W1-W3's own decode and prefill batches (W3: 256 requests at context 2048, 15
+    # prompts of 256), and GEMMs from 256 tokens (measurements.pair_sizes)
+    decodes, prefills = ((256, 1024), (512, 1024), (256, 2048)), ((1536, 512), (3840, 256))
     expected = set()
     for g in GEMMS:
-        for t in (512, 2048):
-            expected |= {(g, t, 0, "decode_attn", r, 1024) for r in (256, 512)}
-            expected.add((g, t, 0, "prefill_attn", 1536, 512))
+        for t in (256, 512, 2048):
+            expected |= {(g, t, 0, "decode_attn", r, c) for r, c in decodes}
+            expected |= {(g, t, 0, "prefill_attn", pt, pc) for pt, pc in prefills}
             expected |= {(g, t, 0, small, t, 0) for small in ("norm1", "rope_append", "act")}
-    expected |= {("decode_attn", r, 1024, "prefill_attn", 1536, 512) for r in (256, 512)}
+    expected |= {("decode_attn", r, c, "prefill_attn", pt, pc) for r, c in decodes for pt, pc in prefills}
     assert set(by_family) == expected
     kinds = Counter((p.op if p.op == "decode_attn" else "gemm", p.partner_op) for p in points)
-    assert kinds == {("gemm", "decode_attn"): 16 * 16, ("gemm", "prefill_attn"): 8 * 16,
-                     ("gemm", "norm1"): 8 * 16, ("gemm", "rope_append"): 8 * 16, ("gemm", "act"): 8 * 16,
-                     ("decode_attn", "prefill_attn"): 2 * 16}
+    assert kinds == {("gemm", "decode_attn"): 36 * 16, ("gemm", "prefill_attn"): 24 * 16,
+                     ("gemm", "norm1"): 12 * 16, ("gemm", "rope_append"): 12 * 16, ("gemm", "act"): 12 * 16,
+                     ("decode_attn", "prefill_attn"): 6 * 16}
     # the partner's class rides along as co_class; impl is chosen when measured
     assert {(p.partner_op, p.co_class) for p in points} == {
         ("decode_attn", "memory"), ("prefill_attn", "compute"), ("norm1", "other"), ("rope_append", "other"),
         ("act", "other")}
     assert {p.impl for p in points} == {""}
-    assert len(plan.grid["pair_families"]) == 50 and len(plan.grid["pair_splits"]) == 16
+    assert len(plan.grid["pair_families"]) == 102 and len(plan.grid["pair_splits"]) == 16
     # the inputs the profiler builds cover both sides of every pair
     assert (1536, 512) in plan.sizes("prefill_attn") and (256, 1024) in plan.sizes("decode_attn")
 
@@ -81,13 +84,15 @@ def test_norm2_is_measured_once_as_norm1_unless_alone():
 def test_quick_and_no_pairs_plans():
     quick = make_plan(LLAMA, W2, 132, 8, is_quick=True)
     fams = {_family(p) for p in quick.pair_points()}
-    assert len(fams) == 4 + 4 + 12 + 1 and len(quick.pair_points()) == 21 * 4
+    # 4 GEMMs x (256, 2048) tokens x (W2's decode, its prefill, 3 small partners) + decode x prefill
+    assert len(fams) == 8 + 8 + 24 + 1 and len(quick.pair_points()) == 41 * 4
     assert make_plan(LLAMA, W2, 132, 8, with_pairs=False).pair_points() == []
     full = make_plan(LLAMA, W2, 132, 8)
     assert full.identity(FAKE_DEVICE) != make_plan(LLAMA, W2, 132, 8, with_pairs=False).identity(FAKE_DEVICE)
     tiny = make_plan(LLAMA, W2, 132, 8, is_quick=True, ops=("kqv", "decode_attn"), pair_minority_sms=(32,))
-    assert [(p.op, p.sm_count, p.partner_op, p.partner_sms) for p in tiny.pair_points()] == [
-        ("kqv", 32, "decode_attn", 100), ("kqv", 100, "decode_attn", 32)]
+    assert [(p.op, p.num_tokens, p.sm_count, p.partner_op, p.partner_sms) for p in tiny.pair_points()] == [
+        ("kqv", 256, 32, "decode_attn", 100), ("kqv", 256, 100, "decode_attn", 32),
+        ("kqv", 2048, 32, "decode_attn", 100), ("kqv", 2048, 100, "decode_attn", 32)]
 
 
 def test_pair_impls_follow_the_registry():
@@ -182,7 +187,7 @@ def test_table_carries_the_pairs(tmp_path):
     plan, table, path = _fake_table(tmp_path, ".parquet")
     back = load(path)
     points = pairs.points_from_meta(back.meta)
-    assert len(points) == len(plan.pair_points()) == 84
+    assert len(points) == len(plan.pair_points()) == 41 * 4
     assert back.fingerprint() == table.fingerprint()
     assert {p.b.op_class for p in points} == {"memory", "compute", "other"}
     assert all(p.makespan_ms >= max(p.part_a_ms, p.part_b_ms) for p in points)
@@ -216,11 +221,11 @@ def test_cli_prints_the_pair_table(tmp_path):
     lines = result.output.splitlines()
     assert lines[0].startswith("pairs on Fake GPU")
     assert lines[1].split()[:2] == ["family", "best"]
-    assert sum(" x " in line for line in lines[3:]) == 21
+    assert sum(" x " in line for line in lines[3:]) == 41
     assert "ug 2048 tok x decode_attn 512 req ctx 1024" in result.output
     assert "families (" in result.output
     data = json.loads(out.read_text())
-    assert data["num_families"] == 21 and data["profile"] == str(path) and "launched together" in data["method"]
+    assert data["num_families"] == 41 and data["profile"] == str(path) and "launched together" in data["method"]
     # no collectives in this table
     result = _run("analyze", "--pairs", path, "--tp", 2)
     assert result.exit_code == 2 and "no collective x GEMM rows" in result.output

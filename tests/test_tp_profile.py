@@ -74,10 +74,12 @@ def test_network_plan_measures_collectives_alone_and_beside_every_gemm():
     assert {(p.op, p.partner_op) for p in pairs} == {(a, n) for a in ("kqv", "o", "ug", "d", "decode_attn")
                                                      for n in nets}
     assert {(p.sm_count, p.partner_sms) for p in pairs} == {(16, 116), (116, 16), (48, 84), (84, 48)}
-    assert all(p.co_class == "network" and p.partner_tokens == 2048 for p in pairs)
-    assert {(p.num_tokens, p.context) for p in pairs if p.op in ("kqv", "o", "ug", "d")} == {(2048, 0)}
+    # GEMMs from 256 tokens, and decode attention at the quick size and at W4's own batch (pair_sizes)
+    assert all(p.co_class == "network" and p.partner_tokens in (256, 2048) for p in pairs)
+    assert {(p.num_tokens, p.context) for p in pairs if p.op in ("kqv", "o", "ug", "d")} == {(256, 0), (2048, 0)}
+    assert all(p.partner_tokens == p.num_tokens for p in pairs if p.op in ("kqv", "o", "ug", "d"))
     assert {(p.op, p.num_tokens, p.context) for p in pairs if p.op.endswith("attn")} == {
-        ("decode_attn", *m.QUICK_PAIR_DECODE[0])}
+        ("decode_attn", *m.QUICK_PAIR_DECODE[0]), ("decode_attn", W4.num_decode, W4.decode_context)}
     assert plan.grid["pair_attentions"] == ["decode_attn"]
     assert plan.pair_impls("allreduce_o") == ("nccl",)
     # the communicators `nfsearch run` would prepare for these SM counts
@@ -259,7 +261,8 @@ def test_analyze_pairs_tp_reports_the_collective_families(tmp_path):
     text = pair_table.analyze_pairs(str(tmp_path / "tp.parquet"), str(tmp_path / "pairs.json"), 2)
     assert "collectives x GEMMs" in text and "ug 2048 tok x allreduce_o 2048 tok" in text
     report = pair_table.make_report(pair_table.points_from_meta(table.meta), True)
-    assert len(report.families) == 10 and report.is_network          # 4 GEMMs and decode x 2 collectives
+    # (4 GEMMs x 2 sizes + 2 decode batches x the 2 collective sizes) x 2 collectives
+    assert len(report.families) == 24 and report.is_network
 
 
 def test_report_of_a_gpu_run_reads_what_each_step_wrote(tmp_path):
@@ -273,7 +276,7 @@ def test_report_of_a_gpu_run_reads_what_each_step_wrote(tmp_path):
     data, text = tpp.report_steps(tmp_path)
     assert [s["step"] for s in data["steps"]] == ["profile", "analyze", "solve", "run"] and data["steps"][3]["rc"] == 2
     assert data["profile_wall_s"] == 99 and data["run"] is None and data["plan_predicted"] is None
-    assert "bus " in text and "of 10" in text and "run:" not in text
+    assert "bus " in text and "of 24" in text and "run:" not in text
     assert data["network"]["bus_bandwidth_gbps"] == table.meta["net_bandwidth_gbps"]
 
 
@@ -328,9 +331,10 @@ def test_rank_loop_runs_across_two_gloo_processes():
     plan = run.plan
     assert run.gpus == ["cpu", "cpu"] and run.backend == "gloo" and not run.failures and not run.stopped
     assert set(run.results) == {p.key() for p in plan.points}
-    # 4 GEMMs x 2 collectives: on the 16+116 and 116+16 splits, and on the whole GPU beside ce (no share)
-    assert {p.kind for p in plan.points} == {"solo", "pair"} and len(plan.pair_points()) == 24
-    assert len([p for p in plan.pair_points() if p.partner_sms == 0]) == 8
+    # 4 GEMMs x 2 sizes x 2 collectives: on the 16+116 and 116+16 splits, and on the whole GPU beside ce
+    # (no share)
+    assert {p.kind for p in plan.points} == {"solo", "pair"} and len(plan.pair_points()) == 48
+    assert len([p for p in plan.pair_points() if p.partner_sms == 0]) == 16
     assert all(v.time_ms > 0 for v in run.results.values())
     table = tpp.merge_tables(_shard(TINY, TINY_WL), tpp.network_table(run, "fake"), run, TINY, TINY_WL)
     assert {"allreduce_o", "allreduce_d"} <= set(table.rows["op"])
@@ -341,7 +345,7 @@ def test_rank_loop_runs_across_two_gloo_processes():
     assert set(net["impl"]) == {"nccl", "ce"} and table.meta["network"]["impls"] == ["nccl", "ce"]
     assert set(net[net["impl"] == "ce"]["sm_count"]) == {132} and set(net[net["impl"] == "nccl"]["sm_count"]) == {16, 132}
     points = [p for p in pair_table.points_from_meta(table.meta) if p.b.op_class == "network"]
-    assert len(points) == 24 and {p.impl_b for p in points if p.sms_b == 0} == {"ce"}
+    assert len(points) == 48 and {p.impl_b for p in points if p.sms_b == 0} == {"ce"}
 
 
 def test_a_request_without_nccl_or_with_an_unknown_impl_is_refused():

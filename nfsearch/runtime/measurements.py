@@ -98,6 +98,7 @@ ATTENTION_OPS = ("decode_attn",)           # pair sides beside a collective unde
 PAIR_DECODE = ((256, 1024), (512, 1024))
 PAIR_PREFILL = ((1536, 512),)
 QUICK_PAIR_GEMM_TOKENS = (2048,)
+MIN_PAIR_GEMM_TOKENS = 256               # the smallest GEMM size of a profiled workload's pairs
 QUICK_PAIR_DECODE = ((512, 1024),)
 QUICK_PAIR_MINORITY_SMS = (16, 48)       # quick: the smaller side of a split gets one of these
 PAIR_WARMUP = 2                          # pair launches before the timed ones
@@ -353,7 +354,7 @@ def make_plan(model: ModelSpec, workload: Workload, num_sms: int, granularity: i
     pair_fams: list[tuple[pair_table.PairSide, pair_table.PairSide]] = []
     pair_splits_list: list[tuple[int, int]] = []
     if with_pairs:
-        pair_fams = pair_families(model, layer, chosen, impls, is_quick)
+        pair_fams = pair_families(model, layer, chosen, impls, is_quick, workload)
         minority = pair_minority_sms if pair_minority_sms is not None else (
             QUICK_PAIR_MINORITY_SMS if is_quick else None)
         pair_splits_list = pair_splits(num_sms, granularity, minority)
@@ -389,15 +390,44 @@ def pair_splits(num_sms: int, granularity: int, minority: tuple[int, ...] | None
     return out
 
 
+def pair_sizes(workload: Workload | None, is_quick: bool = False
+               ) -> tuple[list[int], list[tuple[int, int]], list[tuple[int, int]]]:
+    """(GEMM tokens, decode (requests, context), prefill (tokens, prompt length)) of the pair table.
+
+    Beside the fixed sizes: the decode attention and prompts' attention of `workload`'s batch and, in
+    the full grid, of W1-W3's (at the workload's TP degree, as the full grid covers them: one table
+    still serves every standard workload of a model), and GEMMs from 256 tokens (two of the search's 128-token chunks), so that a
+    plan's own nano-batches fall between measured sizes instead of being priced at the nearest one.
+    On 2x H100 a W4 plan that overlapped llama-3-70b's 384-token nano-batches beside its 1280-request
+    decode, priced from the quick table's 2048-token and 512-request pairs, ran 10-14% slower than
+    replayed (benchmarks/results/tp_power_2026-11-27/W4_H100x2_tune/)."""
+    from nfsearch.specs import load_workload
+    gemm = sorted({MIN_PAIR_GEMM_TOKENS, *(QUICK_PAIR_GEMM_TOKENS if is_quick else PAIR_GEMM_TOKENS)})
+    decode = list(QUICK_PAIR_DECODE if is_quick else PAIR_DECODE)
+    prefill = list(PAIR_PREFILL)
+    tp = workload.tp_degree if workload is not None else 1
+    batches = [] if is_quick else [replace(load_workload(name), tp_degree=tp) for name in ENERGY_WORKLOADS]
+    for w in batches + ([workload] if workload is not None else []):
+        if w.num_decode and (w.num_decode, w.decode_context) not in decode:
+            decode.append((w.num_decode, w.decode_context))
+        if w.prefill_lengths:
+            size = (w.num_prefill_tokens, round(w.num_prefill_tokens / len(w.prefill_lengths)))
+            if size not in prefill:
+                prefill.append(size)
+    return gemm, decode, prefill
+
+
 def pair_families(model: ModelSpec, layer: dict[str, Op], chosen: dict[str, Op], impls: dict[str, tuple[str, ...]],
-                  is_quick: bool = False) -> list[tuple[pair_table.PairSide, pair_table.PairSide]]:
-    """The pairs of op classes the search may overlap, at the pair table's sizes (side A first).
+                  is_quick: bool = False, workload: Workload | None = None
+                  ) -> list[tuple[pair_table.PairSide, pair_table.PairSide]]:
+    """The pairs of op classes the search may overlap, at the pair table's sizes (side A first:
+    pair_sizes, with `workload`'s own batch).
 
     Each GEMM x decode attention (every PAIR_DECODE size), x prefill attention (PAIR_PREFILL), x each
     small op ("other" class, same token count; one of ops with identical work), x each collective
     ("network" class, same token count); decode x prefill attention; decode attention (every size
     above) x each collective at the GEMM sizes. Only ops in `chosen` with an
-    impl to run; a GEMM's sizes are PAIR_GEMM_TOKENS (QUICK_ in quick mode).
+    impl to run.
     """
     def runnable(op: Op) -> bool:
         return op.name in chosen and any((op.name, i) not in SKIP_IMPLS for i in impls.get(op.name, ()))
@@ -421,18 +451,17 @@ def pair_families(model: ModelSpec, layer: dict[str, Op], chosen: dict[str, Op],
         except ValueError:            # an op without a work model: keep it
             pass
         smalls.append(op)
-    gemm_tokens = QUICK_PAIR_GEMM_TOKENS if is_quick else PAIR_GEMM_TOKENS
-    decode_sizes = QUICK_PAIR_DECODE if is_quick else PAIR_DECODE
+    gemm_tokens, decode_sizes, prefill_sizes = pair_sizes(workload, is_quick)
     side = lambda op, t, c=0: pair_table.PairSide(op.name, op.op_class, t, c)
     out = []
     for g in gemms:
         for t in gemm_tokens:
             out += [(side(g, t), side(d, r, c)) for d in decodes for r, c in decode_sizes]
-            out += [(side(g, t), side(p, pt, pc)) for p in prefills for pt, pc in PAIR_PREFILL]
+            out += [(side(g, t), side(p, pt, pc)) for p in prefills for pt, pc in prefill_sizes]
             out += [(side(g, t), side(s, t)) for s in smalls]
             out += [(side(g, t), side(n, t)) for n in nets]
     out += [(side(d, r, c), side(p, pt, pc)) for d in decodes for r, c in decode_sizes
-            for p in prefills for pt, pc in PAIR_PREFILL]
+            for p in prefills for pt, pc in prefill_sizes]
     # a collective beside another nano-batch's decode attention (the attention side first, as GEMMs
     # are; the memory-bound op NanoFlow hides the network beside). Prefill attention beside a collective
     # is left to the class fallback: PAIR_PREFILL is W2's prompt, off a TP workload's prompts.
