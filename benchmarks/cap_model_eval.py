@@ -86,6 +86,18 @@ def cases() -> list[Case]:
                         base=plan))
     out.append(Case("W4 tune seq-same", "2x H100", "sequential", str(R / tp / "x.parquet"),
                     tune["candidates"][0]["baselines"]["seq_same"]["layer_ms"], base=plan))
+    new = "tp_pairs_2026-11-27/W4_H200x2"
+    x = str(R / new / "session" / "x.parquet")
+    plan = str(R / new / "session" / "plan.json")
+    run = _run(f"{new}/session/run/run.json")
+    out.append(Case("W4 plan (workload pairs)", "2x H200", plan, x, run["measured_layer_ms"]))
+    out.append(Case("W4 seq-same (workload pairs)", "2x H200", "sequential", x,
+                    run["baselines"]["seq_same"]["layer_ms"], base=plan))
+    tune = _run(f"{new}/tune_timeline/tune/best.tune.json")
+    for c in tune["candidates"]:
+        label = c["candidate"]
+        which = plan if label == "solved" else "sequential" if label == "sequential" else "equal-split"
+        out.append(Case(f"W4 tune {label} (workload pairs)", "2x H200", which, x, c["measured_layer_ms"], base=plan))
     return out
 
 
