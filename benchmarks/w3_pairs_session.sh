@@ -8,7 +8,7 @@
 #      with seq-torch / seq-same beside the first (the bundled plan's profile is another: --force)
 #   usage: bash benchmarks/w3_pairs_session.sh OUT_DIR        (one GPU; about 5 minutes)
 set -u
-OUT=${1:?usage: bash benchmarks/w3_pairs_session.sh OUT_DIR}; mkdir -p "$OUT/plans"
+OUT=${1:?usage: bash benchmarks/w3_pairs_session.sh OUT_DIR}; mkdir -p "$OUT/plans" "$OUT/tune"
 N="python3 -m nfsearch"
 S=$OUT/steps.txt; : > "$S"
 step() { local n=$1 l=$2; shift 2; local t; t=$(date +%s); timeout -k 10 "$l" "$@"; echo "$n $? $(( $(date +%s) - t ))" >> "$S"; }
