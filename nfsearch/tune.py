@@ -3,9 +3,13 @@
 The candidates are either plan files from a folder, or the solved plan plus the hand-made baselines of
 one problem. Every candidate's run report is kept (a failed one records its error), so the choice can
 be audited afterwards. Tensor-parallel candidates run as `nfsearch run` runs them (runtime.tp.run_plan:
-one process per GPU, each candidate checked against the TP=1 reference), one after another. The
-runtime (torch) is imported inside the functions that run plans: reading candidates and choosing
-among measured results work without it.
+one process per GPU, each candidate checked against the TP=1 reference), one after another.
+
+On one GPU the candidates that ran correctly are then timed against each other in one process,
+interleaved (executor.time_plans), and the choice goes by those times: candidates timed minutes apart
+see the clock under the power cap and the temperature drift between them. Under TP the choice goes
+by each candidate's own run. The runtime (torch) is imported inside the functions that run plans:
+reading candidates and choosing among measured results work without it.
 """
 
 import json
@@ -110,7 +114,55 @@ def run_candidates(candidates: list[Candidate], *, mode: str = "green", iters: i
                 ceilings = ceilings or run.ceilings or bench.ceilings()
                 return run.to_dict(), run.measured_layer_ms
             trials.append(_trial(candidate, run_one, say))
+        trials = time_against_each_other(trials, lambda plans: executor.time_plans(
+            plans, ctx, iters=iters, repeats=INTERLEAVED_REPEATS, use_graph=use_graph, progress=say))
     return pick_best(trials)
+
+
+INTERLEAVED_REPEATS = 5
+
+
+def time_against_each_other(trials: list[Trial], time_plans: Callable[[dict], tuple[dict, list[str]]]
+                            ) -> list[Trial]:
+    """The trials with the candidates that ran timed again against each other: `time_plans(name ->
+    plan)` -> (name -> Timing, notes) (executor.time_plans). Each such trial's measured time becomes
+    the interleaved median, its report keeps its own run and adds `interleaved` (every candidate's
+    timing, and which time chose); a candidate that ran but failed there is no longer timed. With
+    fewer than two candidates that ran, or when the interleaved timing fails, the trials stay as
+    they were, the reports saying why."""
+    ran = [t for t in trials if t.measured_layer_ms is not None]
+    if len(ran) < 2:
+        return trials
+    try:
+        timings, notes = time_plans({t.name: t.schedule for t in ran})
+    except NfsearchError as exc:
+        why = f"interleaved timing failed ({exc}); chosen by each candidate's own run"
+        return [Trial(t.name, t.schedule, t.measured_layer_ms, {**t.report, "interleaved": {"note": why}})
+                for t in trials]
+    record = {"how": f"{INTERLEAVED_REPEATS} interleaved rounds in one process; tune chose by these",
+              "timings": {name: timing.to_dict() for name, timing in timings.items()}, "notes": notes}
+    out = []
+    for t in trials:
+        if t.measured_layer_ms is None:
+            out.append(t)
+            continue
+        timing = timings.get(t.name)
+        report = {**t.report, "interleaved": record}
+        if timing is None:
+            report["error"] = next((n for n in notes if n.startswith(f"{t.name}:")),
+                                   f"{t.name}: not timed in the interleaved rounds")
+        out.append(Trial(t.name, t.schedule, None if timing is None else timing.layer_ms, report))
+    return out
+
+
+def interleaved_line(result: TuneResult) -> str:
+    """One line: the interleaved times the choice went by, or "" where there were none."""
+    timings = (result.best.report.get("interleaved") or {}).get("timings")
+    if not timings:
+        return ""
+    return "chosen by the interleaved timing: " + "; ".join(
+        f"{name} {t['layer_ms']:.4f} ms [{t['min_layer_ms']:.4f}-{t['max_layer_ms']:.4f}]"
+        for name, t in timings.items())
 
 
 def run_tp_candidates(candidates: list[Candidate], run_plan: Callable[..., dict], progress: Progress = None,

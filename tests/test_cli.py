@@ -496,6 +496,40 @@ def test_tune_candidates_and_pick_best(tmp_path, w2_plans):
         tune.Trial("nan", seq.schedule, float("nan"), {})
 
 
+def test_tune_chooses_by_the_candidates_timed_against_each_other(w2_plans):
+    from nfsearch.runreport import Timing
+    seq, split = tune.read_candidates(w2_plans)
+    # each candidate's own run (minutes apart) put split2 ahead; interleaved in one process, seq wins
+    trials = [tune.Trial("seq", seq.schedule, 2.0, {"candidate": "seq"}),
+              tune.Trial("split2", split.schedule, 1.5, {"candidate": "split2"}),
+              tune.Trial("broken", split.schedule, None, {"candidate": "broken", "error": "mismatch"})]
+    asked = []
+
+    def interleaved(plans):
+        asked.append(sorted(plans))
+        return {"seq": Timing("seq", (1.41, 1.40, 1.42), 30, "cuda-graph"),
+                "split2": Timing("split2", (1.60, 1.62, 1.61), 30, "cuda-graph")}, []
+    got = tune.time_against_each_other(trials, interleaved)
+    assert asked == [["seq", "split2"]]                     # only the candidates that ran
+    result = tune.pick_best(got)
+    assert result.best.name == "seq" and result.best.measured_layer_ms == pytest.approx(1.41)
+    assert got[2] is trials[2]
+    assert result.best.report["interleaved"]["timings"]["split2"]["layer_ms"] == pytest.approx(1.61)
+    assert "seq 1.4100 ms [1.4000-1.4200]; split2 1.6100" in tune.interleaved_line(result)
+    # a candidate that failed the interleaved check is no longer timed, and says why
+    left_out = lambda plans: ({"seq": Timing("seq", (1.4,), 30, "cuda-graph")}, ["split2: left out, output differs"])
+    got = tune.time_against_each_other(trials, left_out)
+    assert got[1].measured_layer_ms is None and got[1].report["error"] == "split2: left out, output differs"
+    # the interleaved timing failing leaves each candidate's own run to choose, noted
+    def broken(plans):
+        raise NfsearchError("out of memory")
+    got = tune.time_against_each_other(trials, broken)
+    assert [t.measured_layer_ms for t in got] == [2.0, 1.5, None]
+    assert "chosen by each candidate's own run" in got[0].report["interleaved"]["note"]
+    # one candidate that ran: nothing to time it against
+    assert tune.time_against_each_other(trials[1:], interleaved) == trials[1:] and len(asked) == 1
+
+
 def test_cli_and_tune_do_not_import_torch():
     code = "import sys, nfsearch.cli, nfsearch.tune; assert 'torch' not in sys.modules, 'torch imported'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

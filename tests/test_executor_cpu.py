@@ -1,6 +1,7 @@
 """The executor on CPU tensors with the torch impls: nano-batched plan order == sequential reference;
 the seq-torch forward computes the same layer; seq-same takes the profile's fastest impls."""
 
+import dataclasses
 import json
 
 import pytest
@@ -300,3 +301,31 @@ def test_profile_measures_opt_in_impls_only_when_asked():
     default, asked = profiled_impls(), profiled_impls(("cublaslt",))
     assert set(default) == set(IMPLS) and not any(set(v) & OPT_IN_IMPLS for v in default.values())
     assert ("cublaslt" in asked["kqv"]) == HAVE_SM_TARGET and asked["norm1"] == default["norm1"]
+
+
+def test_plans_are_timed_against_each_other_in_interleaved_rounds():
+    # host-clock timing on the CPU walks the path the GPU takes: one model, each plan checked, rounds
+    seq, split = plan(0), plan(2)
+    with executor.ExecContext("cpu", "green") as ctx:
+        timings, notes = executor.time_plans({"seq": seq, "split2": split}, ctx, iters=2, repeats=3)
+    assert not notes and set(timings) == {"seq", "split2"}
+    assert all(len(t.repeat_layer_ms) == 3 and t.how == "cpu" for t in timings.values())
+    assert dict(timings["split2"].impls).keys() >= {"kqv", "decode_attn"}
+    other = plan(2, Workload("dec", 8, 16))
+    with executor.ExecContext("cpu", "green") as ctx, pytest.raises(NfsearchError, match="another model, workload"):
+        executor.time_plans({"seq": seq, "other": other}, ctx, iters=1, repeats=1)
+
+
+def test_a_plan_that_computes_something_else_is_left_out_of_the_interleaved_rounds(monkeypatch):
+    seq, split = plan(0), plan(2)
+    original = executor.check
+
+    def wrong_for_split(ctx, model, ll, tol=executor.TOLERANCE):
+        correctness, out = original(ctx, model, ll, tol)
+        if len(ll.launches) > len(seq.nano_ops):          # the split plan has more launches
+            correctness = dataclasses.replace(correctness, passed=False, first_divergence="L0.ug (u): 1")
+        return correctness, out
+    monkeypatch.setattr(executor, "check", wrong_for_split)
+    with executor.ExecContext("cpu", "green") as ctx:
+        timings, notes = executor.time_plans({"seq": seq, "split2": split}, ctx, iters=1, repeats=1)
+    assert set(timings) == {"seq"} and notes == ["split2: left out, output differs from the reference at L0.ug (u): 1"]

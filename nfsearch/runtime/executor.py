@@ -45,7 +45,7 @@ from nfsearch.runtime.partitions import PartitionError
 from nfsearch.timeline import Span, Timeline
 
 TOLERANCE = 2e-2
-__all__ = ["ExecContext", "ExecutionMismatch", "execute", "format_table", "issue", "check", "resolve_impl"]
+__all__ = ["ExecContext", "ExecutionMismatch", "check", "execute", "format_table", "issue", "resolve_impl", "time_plans"]
 
 
 class ExecutionMismatch(NfsearchError):
@@ -423,6 +423,56 @@ def execute(schedule, *, mode: str = "green", iters: int = 30, repeats: int = 3,
     finally:
         if own_ctx:
             ctx.close()
+
+
+def time_plans(schedules: dict, ctx: ExecContext, *, iters: int = 30, repeats: int = 5, use_graph: bool = True,
+               tol: float = TOLERANCE, seed: int = 0, progress=None) -> tuple[dict[str, Timing], list[str]]:
+    """Plans of one problem timed against each other in one process (name -> plan): one model (the
+    same weights and inputs for all), each plan checked against the sequential reference, then
+    `repeats` rounds that interleave them (time_variants). Plans run one after another in separate
+    runs see the clock and the temperature drift between them: on one H100 under the power cap the
+    same W3 plan measured 3.371 and 3.642 ms/layer in two runs minutes apart
+    (benchmarks/results/w3_pairs_2026-11-27/), more than most gaps between candidates.
+    Returns each correct plan's timing and a note for each plan left out."""
+    if not schedules:
+        raise NfsearchError("no plans to time")
+    first = next(iter(schedules.values()))
+    for name, s in schedules.items():
+        if (s.model, s.workload, s.num_layers) != (first.model, first.workload, first.num_layers):
+            raise NfsearchError(f"plan {name} is of another model, workload or layer count than "
+                                f"{next(iter(schedules))}: plans are timed against each other within one problem")
+    say = progress or (lambda msg: None)
+    model = ModelInstance(first.model, first.workload, first.num_layers, device=ctx.device, seed=seed)
+    bufs = model.new_buffers()
+    variants, notes = [], []
+    for name, schedule in schedules.items():
+        ll = launch_mod.build(schedule, num_sms=ctx.num_sms if ctx.is_cuda else None,
+                              granularity=ctx.granularity if ctx.is_cuda else None)
+        model.prepare(ll.launches)
+        if ctx.is_cuda:
+            for layout in ll.layouts:
+                if layout.build != "whole":
+                    ctx.build(layout)
+        correctness, _ = check(ctx, model, ll, tol)
+        if not correctness.passed:
+            notes.append(f"{name}: left out, output differs from the reference at {correctness.first_divergence}")
+            continue
+        variants.append(_Variant(name, lambda ll=ll: issue(ctx, model, bufs, ll),
+                                 {op: resolve_impl(op, i, "cuda" if ctx.is_cuda else "cpu")
+                                  for op, i in _plan_impls(ll).items()}))
+    for v in variants:
+        v.prepare(ctx, use_graph and ctx.is_cuda)
+    say(f"timing {', '.join(v.label for v in variants)} against each other: {repeats} interleaved rounds of "
+        f"{iters} runs")
+    time_variants(ctx, variants, iters, repeats)
+    timings = {v.label: v.timing(iters, first.num_layers, ctx.is_cuda) for v in variants}
+    variants = bufs = model = None          # let the GPU buffers go (the variants close over them)
+    return timings, notes
+
+
+def _plan_impls(ll: LaunchList) -> dict[str, str]:
+    from nfsearch.runtime import baselines
+    return baselines.plan_impls(ll)
 
 
 PLAN_ENERGY_WINDOW_S = 0.5      # the sustained loop of the plan's graph (runtime/power.py)

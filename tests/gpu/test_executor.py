@@ -72,3 +72,18 @@ def test_groups_of_every_layout_a_plan_uses_are_physically_disjoint():
             co = a.stream != b.stream and a.start_ms < b.end_ms - 1e-4 and b.start_ms < a.end_ms - 1e-4
             if co and not a.partition.is_whole and not b.partition.is_whole:
                 assert a.layout == b.layout and ctx.stream_for(a) is not ctx.stream_for(b)
+
+
+def test_tune_times_the_candidates_against_each_other_and_chooses_by_it():
+    from nfsearch import tune
+    from nfsearch.search.baselines import sequential_plan
+    p = make_problem(MODEL, WORKLOAD, analytic_profile(MODEL, WORKLOAD, load_gpu("h100-sxm")), 2,
+                     allow_extrapolation=True)
+    candidates = [tune.Candidate("seq", sequential_plan(p)), tune.Candidate("split2", equal_split_plan(p, 2))]
+    result = tune.run_candidates(candidates, iters=5, force=True)
+    timings = result.best.report["interleaved"]["timings"]
+    assert set(timings) == {"seq", "split2"} and all(len(t["repeat_layer_ms"]) == tune.INTERLEAVED_REPEATS
+                                                     for t in timings.values())
+    # the choice went by the interleaved medians, each candidate's own run stays in its report
+    assert result.best.measured_layer_ms == min(t["layer_ms"] for t in timings.values())
+    assert all(t.report["plan"]["layer_ms"] > 0 for t in result.trials)
