@@ -40,11 +40,14 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Trial:
-    """One candidate's run: its measured layer time (None when it failed) and its full run report."""
+    """One candidate's run: its measured layer time (None when it failed), its full run report and,
+    where the candidates were timed against each other, that record (the measured time is then its
+    interleaved median)."""
     name: str
     schedule: Schedule
     measured_layer_ms: float | None
     report: dict
+    interleaved: dict | None = None
 
     def __post_init__(self):
         if self.measured_layer_ms is not None and not (math.isfinite(self.measured_layer_ms)
@@ -136,9 +139,8 @@ def time_against_each_other(trials: list[Trial], time_plans: Callable[[dict], tu
     try:
         timings, notes = time_plans({t.name: t.schedule for t in ran})
     except NfsearchError as exc:
-        why = f"interleaved timing failed ({exc}); chosen by each candidate's own run"
-        return [Trial(t.name, t.schedule, t.measured_layer_ms, {**t.report, "interleaved": {"note": why}})
-                for t in trials]
+        why = {"note": f"interleaved timing failed ({exc}); chosen by each candidate's own run"}
+        return [Trial(t.name, t.schedule, t.measured_layer_ms, t.report, why) for t in trials]
     record = {"how": f"{INTERLEAVED_REPEATS} interleaved rounds in one process; tune chose by these",
               "timings": {name: timing.to_dict() for name, timing in timings.items()}, "notes": notes}
     out = []
@@ -147,17 +149,17 @@ def time_against_each_other(trials: list[Trial], time_plans: Callable[[dict], tu
             out.append(t)
             continue
         timing = timings.get(t.name)
-        report = {**t.report, "interleaved": record}
         if timing is None:
-            report["error"] = next((n for n in notes if n.startswith(f"{t.name}:")),
-                                   f"{t.name}: not timed in the interleaved rounds")
-        out.append(Trial(t.name, t.schedule, None if timing is None else timing.layer_ms, report))
+            why = next((n for n in notes if n.startswith(f"{t.name}:")), f"{t.name}: not timed in the interleaved rounds")
+            out.append(Trial(t.name, t.schedule, None, {**t.report, "error": why}, record))
+        else:
+            out.append(Trial(t.name, t.schedule, timing.layer_ms, t.report, record))
     return out
 
 
 def interleaved_line(result: TuneResult) -> str:
     """One line: the interleaved times the choice went by, or "" where there were none."""
-    timings = (result.best.report.get("interleaved") or {}).get("timings")
+    timings = (result.best.interleaved or {}).get("timings")
     if not timings:
         return ""
     return "chosen by the interleaved timing: " + "; ".join(
@@ -210,6 +212,8 @@ def write_result(result: TuneResult, output: str | Path, command: str) -> Path:
     record_path = Path(output).with_suffix(".tune.json")
     plan.write(result.best.schedule, output)
     record = {"best": result.best.name, "command": command,
-              "candidates": [{"candidate": t.name, **t.report} for t in result.trials]}
+              "candidates": [{"candidate": t.name, **t.report,
+                              **({"interleaved": t.interleaved} if t.interleaved is not None else {})}
+                             for t in result.trials]}
     write_text_atomic(record_path, json.dumps(record, indent=1, default=float) + "\n")
     return record_path

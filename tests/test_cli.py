@@ -496,7 +496,7 @@ def test_tune_candidates_and_pick_best(tmp_path, w2_plans):
         tune.Trial("nan", seq.schedule, float("nan"), {})
 
 
-def test_tune_chooses_by_the_candidates_timed_against_each_other(w2_plans):
+def test_tune_chooses_by_the_candidates_timed_against_each_other(tmp_path, w2_plans):
     from nfsearch.runreport import Timing
     seq, split = tune.read_candidates(w2_plans)
     # each candidate's own run (minutes apart) put split2 ahead; interleaved in one process, seq wins
@@ -514,7 +514,11 @@ def test_tune_chooses_by_the_candidates_timed_against_each_other(w2_plans):
     result = tune.pick_best(got)
     assert result.best.name == "seq" and result.best.measured_layer_ms == pytest.approx(1.41)
     assert got[2] is trials[2]
-    assert result.best.report["interleaved"]["timings"]["split2"]["layer_ms"] == pytest.approx(1.61)
+    assert result.best.interleaved["timings"]["split2"]["layer_ms"] == pytest.approx(1.61)
+    assert "interleaved" not in result.best.report                 # the run report stays as the run wrote it
+    record = json.loads(tune.write_result(result, tmp_path / "best.json", "nfsearch tune test").read_text())
+    assert record["best"] == "seq" and record["candidates"][0]["interleaved"]["timings"]["seq"]["layer_ms"] == 1.41
+    assert "interleaved" not in record["candidates"][2]
     assert "seq 1.4100 ms [1.4000-1.4200]; split2 1.6100" in tune.interleaved_line(result)
     # a candidate that failed the interleaved check is no longer timed, and says why
     left_out = lambda plans: ({"seq": Timing("seq", (1.4,), 30, "cuda-graph")}, ["split2: left out, output differs"])
@@ -525,7 +529,7 @@ def test_tune_chooses_by_the_candidates_timed_against_each_other(w2_plans):
         raise NfsearchError("out of memory")
     got = tune.time_against_each_other(trials, broken)
     assert [t.measured_layer_ms for t in got] == [2.0, 1.5, None]
-    assert "chosen by each candidate's own run" in got[0].report["interleaved"]["note"]
+    assert "chosen by each candidate's own run" in got[0].interleaved["note"]
     # one candidate that ran: nothing to time it against
     assert tune.time_against_each_other(trials[1:], interleaved) == trials[1:] and len(asked) == 1
 

@@ -81,9 +81,11 @@ def test_tune_times_the_candidates_against_each_other_and_chooses_by_it():
                      allow_extrapolation=True)
     candidates = [tune.Candidate("seq", sequential_plan(p)), tune.Candidate("split2", equal_split_plan(p, 2))]
     result = tune.run_candidates(candidates, iters=5, force=True)
-    timings = result.best.report["interleaved"]["timings"]
+    timings = result.best.interleaved["timings"]
     assert set(timings) == {"seq", "split2"} and all(len(t["repeat_layer_ms"]) == tune.INTERLEAVED_REPEATS
                                                      for t in timings.values())
     # the choice went by the interleaved medians, each candidate's own run stays in its report
     assert result.best.measured_layer_ms == min(t["layer_ms"] for t in timings.values())
     assert all(t.report["plan"]["layer_ms"] > 0 for t in result.trials)
+    from nfsearch.runreport import format_table
+    assert "FAILED" not in format_table([t.report for t in result.trials])
