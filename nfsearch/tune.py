@@ -84,6 +84,9 @@ def solved_candidates(problem: Problem, time_limit_s: float, progress: Progress 
     return [Candidate("solved", best)] + [Candidate(name, s) for name, s in sorted(baselines(problem).items())]
 
 
+INTERLEAVED_REPEATS = 5          # rounds of the candidates timed against each other (executor.time_plans)
+
+
 def run_candidates(candidates: list[Candidate], *, mode: str = "green", iters: int = 30, use_graph: bool = True,
                    force: bool = False, progress: Progress = None, profile=None) -> TuneResult:
     """Run each candidate on the CUDA GPU (baselines and ceilings measured once, with the first) and
@@ -122,24 +125,22 @@ def run_candidates(candidates: list[Candidate], *, mode: str = "green", iters: i
     return pick_best(trials)
 
 
-INTERLEAVED_REPEATS = 5
-
-
 def time_against_each_other(trials: list[Trial], time_plans: Callable[[dict], tuple[dict, list[str]]]
                             ) -> list[Trial]:
     """The trials with the candidates that ran timed again against each other: `time_plans(name ->
     plan)` -> (name -> Timing, notes) (executor.time_plans). Each such trial's measured time becomes
-    the interleaved median, its report keeps its own run and adds `interleaved` (every candidate's
-    timing, and which time chose); a candidate that ran but failed there is no longer timed. With
-    fewer than two candidates that ran, or when the interleaved timing fails, the trials stay as
-    they were, the reports saying why."""
+    the interleaved median and its `interleaved` the record of every candidate's timing (its report
+    stays its own run's); a candidate that ran but failed there is no longer timed, its report's
+    error saying why. With fewer than two candidates that ran the trials stay as they were; when the
+    interleaved timing fails (out of GPU memory for several graphs, say), too, with a note."""
     ran = [t for t in trials if t.measured_layer_ms is not None]
     if len(ran) < 2:
         return trials
     try:
         timings, notes = time_plans({t.name: t.schedule for t in ran})
-    except NfsearchError as exc:
-        why = {"note": f"interleaved timing failed ({exc}); chosen by each candidate's own run"}
+    except (NfsearchError, RuntimeError) as exc:     # (torch's errors, out of memory among them, are RuntimeErrors)
+        why = {"note": f"interleaved timing failed ({str(exc).splitlines()[0][:200]}); chosen by each "
+                       f"candidate's own run"}
         return [Trial(t.name, t.schedule, t.measured_layer_ms, t.report, why) for t in trials]
     record = {"how": f"{INTERLEAVED_REPEATS} interleaved rounds in one process; tune chose by these",
               "timings": {name: timing.to_dict() for name, timing in timings.items()}, "notes": notes}
