@@ -5,11 +5,11 @@ one problem. Every candidate's run report is kept (a failed one records its erro
 be audited afterwards. Tensor-parallel candidates run as `nfsearch run` runs them (runtime.tp.run_plan:
 one process per GPU, each candidate checked against the TP=1 reference), one after another.
 
-On one GPU the candidates that ran correctly are then timed against each other in one process,
-interleaved (executor.time_plans), and the choice goes by those times: candidates timed minutes apart
-see the clock under the power cap and the temperature drift between them. Under TP the choice goes
-by each candidate's own run. The runtime (torch) is imported inside the functions that run plans:
-reading candidates and choosing among measured results work without it.
+The candidates that ran correctly are then timed against each other in one process (under TP, one
+process per GPU), interleaved (executor.time_plans, runtime.tp.time_plans), and the choice goes by
+those times: candidates timed minutes apart see the clock under the power cap and the temperature
+drift between them. The runtime (torch) is imported inside the functions that run plans: reading
+candidates and choosing among measured results work without it.
 """
 
 import json
@@ -103,8 +103,10 @@ def run_candidates(candidates: list[Candidate], *, mode: str = "green", iters: i
         from nfsearch.runtime import tp
         for candidate in candidates:
             check_device(candidate.schedule, candidate.name, force)
-        return pick_best(run_tp_candidates(candidates, tp.run_plan, mode=mode, iters=iters, use_graph=use_graph,
-                                           progress=progress, profile=profile))
+        trials = run_tp_candidates(candidates, tp.run_plan, mode=mode, iters=iters, use_graph=use_graph,
+                                   progress=progress, profile=profile)
+        return pick_best(time_against_each_other(trials, lambda plans: tp.time_plans(
+            plans, mode=mode, iters=iters, repeats=INTERLEAVED_REPEATS, use_graph=use_graph)))
     from nfsearch.runtime import bench, executor
     say = progress or (lambda _msg: None)
     trials: list[Trial] = []

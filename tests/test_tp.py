@@ -241,3 +241,30 @@ def test_tune_runs_tp_candidates_and_keeps_the_fastest_correct_one(tmp_path):
     assert result.best.measured_layer_ms == min(t.measured_layer_ms for t in trials)
     with pytest.raises(NfsearchError, match="mix tensor-parallel degrees"):
         tune.run_candidates([tune.Candidate("a", split), tune.Candidate("b", plan_mod.read(PLANS / "W2.json"))])
+
+
+def test_tp_plans_are_timed_against_each_other_on_gloo_ranks():
+    """runtime.tp.time_plans with two gloo ranks on the CPU (host-clock timings): one model, each plan
+    checked against the TP=1 reference on every rank, then interleaved rounds in lockstep; tune then
+    chooses by those times."""
+    import dataclasses
+    from nfsearch import tune
+    from nfsearch.runtime import tp as tp_mod
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    split = tiny_tp_plan(2)
+    ce = dataclasses.replace(split, nano_ops=tuple(dataclasses.replace(o, impl="ce", sm_count=0)
+                                                   if o.op_class == "network" else o for o in split.nano_ops))
+    timings, notes = tp_mod.time_plans({"nccl": split, "ce": ce}, backend="gloo", time_on_cpu=True, iters=2,
+                                       repeats=3)
+    assert not notes and set(timings) == {"nccl", "ce"}
+    assert all(len(t.repeat_layer_ms) == 3 and t.layer_ms > 0 and t.how == "eager" for t in timings.values())
+    # tune's TP path: the own runs (faked here) are overruled by the interleaved times
+    trials = [tune.Trial("nccl", split, 1.0, {"candidate": "nccl"}), tune.Trial("ce", ce, 9.0, {"candidate": "ce"})]
+    got = tune.time_against_each_other(trials, lambda plans: tp_mod.time_plans(
+        plans, backend="gloo", time_on_cpu=True, iters=2, repeats=2))
+    assert {t.name: t.measured_layer_ms for t in got} == {
+        name: t["layer_ms"] for name, t in got[0].interleaved["timings"].items()}
+    other = tiny_tp_plan(2, Workload("other", 4, 24, (10,), tp_degree=2))
+    with pytest.raises(NfsearchError, match="another model, workload"):
+        tp_mod.time_plans({"a": split, "b": other}, backend="gloo", time_on_cpu=True, iters=1, repeats=1)

@@ -529,6 +529,146 @@ def execute_rank(tp: TpRank, schedule, *, mode: str = "green", iters: int = 30, 
         ctx.close()
 
 
+# ---------------------------------------------------------------------------------------------- plans against each other
+def time_plans_rank(tp: TpRank, schedules: dict, *, mode: str = "green", iters: int = 30, repeats: int = 5,
+                    use_graph: bool = True, tol: float = TOLERANCE, seed: int = 0, dtype=None,
+                    time_on_cpu: bool = False, progress=None) -> dict:
+    """executor.time_plans under TP, on this rank (name -> plan, all of one problem): one whole-layer
+    model (rank 0's weights), each plan checked against the TP=1 reference on every rank, then the
+    plans that passed everywhere timed in interleaved rounds (time_launch_lists), every rank issuing
+    the same graphs in the same order. Returns {"timings": name -> this rank's timing, "notes": why a
+    plan was left out}; on CPU only the checks run, unless time_on_cpu."""
+    from nfsearch.runtime import executor
+    say = (progress or (lambda m: None)) if tp.is_first else (lambda m: None)
+    names = list(schedules)
+    first = schedules[names[0]]
+    for name in names[1:]:
+        s = schedules[name]
+        if (s.model, s.workload, s.num_layers) != (first.model, first.workload, first.num_layers):
+            raise NfsearchError(f"plan {name} is of another model, workload or layer count than {names[0]}: "
+                                f"plans are timed against each other within one problem")
+    workload = first.workload
+    if workload.tp_degree != tp.world_size:
+        raise NfsearchError(f"plans are for TP={workload.tp_degree}; {tp.world_size} processes were started")
+    is_cuda = tp.device.type == "cuda"
+    dtype = dtype or (torch.bfloat16 if is_cuda else torch.float32)
+    ctx = executor.ExecContext(tp.device, mode)
+    try:
+        lists = {name: launch_mod.build(schedules[name], num_sms=ctx.num_sms if is_cuda else None,
+                                        granularity=ctx.granularity if is_cuda else None) for name in names}
+        full = ModelInstance(first.model, dataclasses.replace(workload, tp_degree=1), first.num_layers,
+                             device=tp.device, dtype=dtype, seed=seed)
+        broadcast_model(full)
+        ref_bufs = reference_buffers(full)
+        model = apply_tp(full, tp, workload, ctx.num_sms)
+        del full
+        tp.coll.prepare(l.sms for ll in lists.values() for l in ll.launches
+                        if l.op in coll_mod.COLLECTIVE_OPS and l.sms < ctx.num_sms and l.sms <= MAX_CTA_LIMIT)
+        tp.coll.prepare_ce(ce_rows(list(lists.values()), tp.device.type), workload.num_tokens,
+                           first.model.hidden_size, dtype, tp.device)
+        passed, notes = {}, []
+        for name, ll in lists.items():
+            model.prepare(ll.launches)
+            bufs = model.new_buffers(fill=float("nan"))
+            executor.issue(ctx, model, bufs, ll)
+            _sync(tp)
+            if _all_passed(tp, compare(model, bufs, ref_bufs, tol)["passed"]):
+                passed[name] = ll
+            else:
+                notes.append(f"{name}: left out, output differs from the TP=1 reference on some rank")
+            del bufs
+        del ref_bufs
+        if not passed or not (is_cuda or time_on_cpu):
+            return {"timings": {}, "notes": notes}
+        say(f"timing {', '.join(passed)} against each other: {repeats} interleaved rounds of {iters} runs")
+        timings = time_launch_lists(tp, ctx, model, model.new_buffers(), passed, iters, repeats, use_graph)
+        for t in timings.values():
+            t["layer_ms"] = t["ms"] / first.num_layers
+        return {"timings": timings, "notes": notes}
+    finally:
+        ctx.close()
+
+
+def time_launch_lists(tp: TpRank, ctx, model, bufs, lists: dict, iters: int, repeats: int,
+                      use_graph: bool = True) -> dict:
+    """name -> {ms, repeat_ms, how, iters} of each launch list: one CUDA graph each (eager where a rank
+    fails to capture it), then `repeats` rounds, each timing every list as the median of `iters`
+    replays, in the same order on every rank (the collectives inside pair up)."""
+    from nfsearch.runtime import executor
+    is_cuda = tp.device.type == "cuda"
+    runs, graphs = {}, []
+    for name, ll in lists.items():
+        executor.issue(ctx, model, bufs, ll)         # warm-up outside capture: compiles, makes comms
+        _sync(tp)
+        fn, how = (lambda ll=ll: executor.issue(ctx, model, bufs, ll)), "eager"
+        if use_graph and is_cuda:
+            graph, ok = torch.cuda.CUDAGraph(), False
+            try:
+                with torch.cuda.graph(graph):
+                    executor.issue(ctx, model, bufs, ll)
+                ok = True
+            except Exception:  # noqa: BLE001 - a capture failure on any rank: every rank times it eagerly
+                pass
+            _sync(tp)
+            if _agree(tp, ok):
+                fn, how = graph.replay, "cuda-graph"
+                graphs.append(graph)
+        runs[name] = (fn, how)
+    rounds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, (fn, _how) in runs.items():
+            rounds[name].append(statistics.median(_times(fn, iters, is_cuda)))
+    out = {name: {"ms": statistics.median(r), "repeat_ms": r, "how": runs[name][1], "iters": iters}
+           for name, r in rounds.items()}
+    del graphs
+    return out
+
+
+def _time_plans_worker(tp: TpRank, plan_paths: dict, out_path: str, kwargs: dict) -> None:
+    from nfsearch import plan
+    try:
+        got = time_plans_rank(tp, {name: plan.read(p) for name, p in plan_paths.items()},
+                              progress=lambda m: print(f"  {m}", flush=True), **kwargs)
+    except Exception as exc:  # noqa: BLE001 - rank 0 writes the error for the parent, then fails
+        if tp.is_first:
+            with open(out_path, "w") as f:
+                json.dump({"error": f"{type(exc).__name__}: {exc}"}, f)
+        raise
+    if tp.is_first:
+        with open(out_path, "w") as f:
+            json.dump(got, f, indent=1, default=str)
+
+
+def time_plans(schedules: dict, backend: str = "nccl", **kwargs) -> tuple[dict, list[str]]:
+    """executor.time_plans for TP plans: one process per GPU (or this rank under torchrun) runs
+    time_plans_rank; returns rank 0's name -> runreport.Timing and its notes. kwargs: time_plans_rank's.
+    Raises NfsearchError with one line when a rank fails."""
+    import tempfile
+    from nfsearch import plan
+    from nfsearch.runreport import Timing
+    num_layers = next(iter(schedules.values())).num_layers
+    n = next(iter(schedules.values())).workload.tp_degree
+    if is_under_launcher():
+        tp = rank_from_env(backend)
+        got = time_plans_rank(tp, schedules, **kwargs)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = {}
+            for i, (name, schedule) in enumerate(schedules.items()):
+                paths[name] = os.path.join(tmp, f"{i}.json")
+                plan.write(schedule, paths[name])
+            out = os.path.join(tmp, "timings.json")
+            try:
+                spawn_ranks(_time_plans_worker, n, backend, (paths, out, kwargs))
+            except Exception as exc:  # noqa: BLE001 - a rank's failure becomes one line
+                detail = _read_json(out).get("error") or str(exc).strip().splitlines()[-1]
+                raise NfsearchError(f"TP plans timed against each other failed: {detail}") from None
+            got = _read_json(out)
+    timings = {name: Timing(name, tuple(ms / num_layers for ms in t["repeat_ms"]), t["iters"], t["how"])
+               for name, t in got["timings"].items()}
+    return timings, list(got["notes"])
+
+
 def trace_rank(tp: TpRank, ctx, model, bufs, ll) -> dict:
     """This rank's kernel trace of the plan's graph replays, in lockstep with the other ranks (module
     doc). Returns {"makespan_ms", "facts", "is_agreed"} and, on rank 0, "timeline" (timeline_to_dict
