@@ -602,13 +602,12 @@ def time_launch_lists(tp: TpRank, ctx, model, bufs, lists: dict, iters: int, rep
         _sync(tp)
         fn, how = (lambda ll=ll: executor.issue(ctx, model, bufs, ll)), "eager"
         if use_graph and is_cuda:
-            graph, ok = torch.cuda.CUDAGraph(), False
+            graph, ok = torch.cuda.CUDAGraph(), True
             try:
                 with torch.cuda.graph(graph):
                     executor.issue(ctx, model, bufs, ll)
-                ok = True
             except Exception:  # noqa: BLE001 - a capture failure on any rank: every rank times it eagerly
-                pass
+                ok = False
             _sync(tp)
             if _agree(tp, ok):
                 fn, how = graph.replay, "cuda-graph"
@@ -626,17 +625,9 @@ def time_launch_lists(tp: TpRank, ctx, model, bufs, lists: dict, iters: int, rep
 
 def _time_plans_worker(tp: TpRank, plan_paths: dict, out_path: str, kwargs: dict) -> None:
     from nfsearch import plan
-    try:
-        got = time_plans_rank(tp, {name: plan.read(p) for name, p in plan_paths.items()},
-                              progress=lambda m: print(f"  {m}", flush=True), **kwargs)
-    except Exception as exc:  # noqa: BLE001 - rank 0 writes the error for the parent, then fails
-        if tp.is_first:
-            with open(out_path, "w") as f:
-                json.dump({"error": f"{type(exc).__name__}: {exc}"}, f)
-        raise
-    if tp.is_first:
-        with open(out_path, "w") as f:
-            json.dump(got, f, indent=1, default=str)
+    _write_from_rank_0(tp, out_path, lambda: time_plans_rank(
+        tp, {name: plan.read(p) for name, p in plan_paths.items()},
+        progress=lambda m: print(f"  {m}", flush=True), **kwargs))
 
 
 def time_plans(schedules: dict, backend: str = "nccl", **kwargs) -> tuple[dict, list[str]]:
@@ -644,6 +635,7 @@ def time_plans(schedules: dict, backend: str = "nccl", **kwargs) -> tuple[dict, 
     time_plans_rank; returns rank 0's name -> runreport.Timing and its notes. kwargs: time_plans_rank's.
     Raises NfsearchError with one line when a rank fails."""
     import tempfile
+
     from nfsearch import plan
     from nfsearch.runreport import Timing
     num_layers = next(iter(schedules.values())).num_layers
@@ -825,16 +817,23 @@ def power_lines(report: dict) -> list[str]:
 def _run_worker(tp: TpRank, plan_path: str, out_path: str, kwargs: dict) -> None:
     from nfsearch import plan
     schedule = plan.read(plan_path)
+    _write_from_rank_0(tp, out_path, lambda: execute_rank(
+        tp, schedule, progress=lambda m: print(f"  {m}", flush=True), **kwargs))
+
+
+def _write_from_rank_0(tp: TpRank, out_path: str, work) -> None:
+    """Run `work()` on this rank; rank 0 writes its result as JSON to `out_path`, or the error for the
+    parent process before failing."""
     try:
-        report = execute_rank(tp, schedule, progress=lambda m: print(f"  {m}", flush=True), **kwargs)
-    except Exception as exc:  # noqa: BLE001 - rank 0 writes the error for the parent, then fails
+        result = work()
+    except Exception as exc:
         if tp.is_first:
             with open(out_path, "w") as f:
                 json.dump({"error": f"{type(exc).__name__}: {exc}"}, f)
         raise
     if tp.is_first:
         with open(out_path, "w") as f:
-            json.dump(report, f, indent=1, default=str)
+            json.dump(result, f, indent=1, default=str)
 
 
 def run_plan(plan_path: str, **kwargs) -> dict | None:
