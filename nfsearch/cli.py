@@ -609,8 +609,8 @@ def tune_cmd(plans_dir, top_k, time_limit_s, num_layers, profile_path, output, m
     else:
         from nfsearch.runtime import executor
         _echo(executor.format_table([t.report for t in result.trials]))
-        if tune.interleaved_line(result):
-            _echo(tune.interleaved_line(result))
+    if tune.interleaved_line(result):
+        _echo(tune.interleaved_line(result))
     _echo(f"wrote {output} (best: {result.best.name}, {result.best.measured_layer_ms:.4f} ms/layer) and {record}")
 
 
