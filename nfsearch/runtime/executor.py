@@ -45,7 +45,8 @@ from nfsearch.runtime.partitions import PartitionError
 from nfsearch.timeline import Span, Timeline
 
 TOLERANCE = 2e-2
-__all__ = ["ExecContext", "ExecutionMismatch", "check", "execute", "format_table", "issue", "resolve_impl", "time_plans"]
+__all__ = ["ExecContext", "ExecutionMismatch", "check", "execute", "format_table", "issue", "one_problem",
+           "resolve_impl", "time_plans"]
 
 
 class ExecutionMismatch(NfsearchError):
@@ -434,13 +435,7 @@ def time_plans(schedules: dict, ctx: ExecContext, *, iters: int = 30, repeats: i
     same W3 plan measured 3.371 and 3.642 ms/layer in two runs minutes apart
     (benchmarks/results/w3_pairs_2026-11-27/), more than most gaps between candidates.
     Returns each correct plan's timing and a note for each plan left out."""
-    if not schedules:
-        raise NfsearchError("no plans to time")
-    first = next(iter(schedules.values()))
-    for name, s in schedules.items():
-        if (s.model, s.workload, s.num_layers) != (first.model, first.workload, first.num_layers):
-            raise NfsearchError(f"plan {name} is of another model, workload or layer count than "
-                                f"{next(iter(schedules))}: plans are timed against each other within one problem")
+    first = one_problem(schedules)
     say = progress or (lambda msg: None)
     model = ModelInstance(first.model, first.workload, first.num_layers, device=ctx.device, seed=seed)
     bufs = model.new_buffers()
@@ -468,6 +463,21 @@ def time_plans(schedules: dict, ctx: ExecContext, *, iters: int = 30, repeats: i
     timings = {v.label: v.timing(iters, first.num_layers, ctx.is_cuda) for v in variants}
     variants = bufs = model = None          # let the GPU buffers go (the variants close over them)
     return timings, notes
+
+
+def one_problem(schedules: dict):
+    """The first of `schedules` (name -> plan), after checking that all are of its model, workload and
+    layer count: plans are timed against each other within one problem only."""
+    if not schedules:
+        raise NfsearchError("no plans to time")
+    names = list(schedules)
+    first = schedules[names[0]]
+    for name in names[1:]:
+        s = schedules[name]
+        if (s.model, s.workload, s.num_layers) != (first.model, first.workload, first.num_layers):
+            raise NfsearchError(f"plan {name} is of another model, workload or layer count than {names[0]}: "
+                                f"plans are timed against each other within one problem")
+    return first
 
 
 def _plan_impls(ll: LaunchList) -> dict[str, str]:

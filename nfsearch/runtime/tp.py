@@ -466,19 +466,10 @@ def execute_rank(tp: TpRank, schedule, *, mode: str = "green", iters: int = 30, 
         ll = launch_mod.build(schedule, num_sms=ctx.num_sms if is_cuda else None,
                               granularity=ctx.granularity if is_cuda else None)
         t0 = time.time()
-        full = ModelInstance(schedule.model, dataclasses.replace(workload, tp_degree=1), schedule.num_layers,
-                             device=tp.device, dtype=dtype, seed=seed + tp.rank * rank_seed_step)
-        broadcast_model(full)
-        say(f"whole-layer model ready on every rank ({time.time() - t0:.1f} s); TP=1 reference")
-        ref_bufs = reference_buffers(full)
-        model = apply_tp(full, tp, workload, ctx.num_sms)
-        del full
         baselines = tp_baselines(schedule, ll, ctx.num_sms, tp.device.type) if with_baselines else {}
-        lists = [ll, *baselines.values()]
-        tp.coll.prepare(l.sms for l in ll.launches
-                        if l.op in coll_mod.COLLECTIVE_OPS and l.sms < ctx.num_sms and l.sms <= MAX_CTA_LIMIT)
-        tp.coll.prepare_ce(ce_rows(lists, tp.device.type), workload.num_tokens, schedule.model.hidden_size,
-                           dtype, tp.device)
+        model, ref_bufs = _shard_and_reference(tp, ctx, schedule, [ll, *baselines.values()], dtype,
+                                               seed + tp.rank * rank_seed_step)
+        say(f"whole-layer model ready on every rank ({time.time() - t0:.1f} s); TP=1 reference")
         model.prepare(ll.launches)
         say("running the plan on every rank; checking against the reference")
         bufs = model.new_buffers(fill=float("nan"))
@@ -541,12 +532,7 @@ def time_plans_rank(tp: TpRank, schedules: dict, *, mode: str = "green", iters: 
     from nfsearch.runtime import executor
     say = (progress or (lambda m: None)) if tp.is_first else (lambda m: None)
     names = list(schedules)
-    first = schedules[names[0]]
-    for name in names[1:]:
-        s = schedules[name]
-        if (s.model, s.workload, s.num_layers) != (first.model, first.workload, first.num_layers):
-            raise NfsearchError(f"plan {name} is of another model, workload or layer count than {names[0]}: "
-                                f"plans are timed against each other within one problem")
+    first = executor.one_problem(schedules)
     workload = first.workload
     if workload.tp_degree != tp.world_size:
         raise NfsearchError(f"plans are for TP={workload.tp_degree}; {tp.world_size} processes were started")
@@ -556,16 +542,7 @@ def time_plans_rank(tp: TpRank, schedules: dict, *, mode: str = "green", iters: 
     try:
         lists = {name: launch_mod.build(schedules[name], num_sms=ctx.num_sms if is_cuda else None,
                                         granularity=ctx.granularity if is_cuda else None) for name in names}
-        full = ModelInstance(first.model, dataclasses.replace(workload, tp_degree=1), first.num_layers,
-                             device=tp.device, dtype=dtype, seed=seed)
-        broadcast_model(full)
-        ref_bufs = reference_buffers(full)
-        model = apply_tp(full, tp, workload, ctx.num_sms)
-        del full
-        tp.coll.prepare(l.sms for ll in lists.values() for l in ll.launches
-                        if l.op in coll_mod.COLLECTIVE_OPS and l.sms < ctx.num_sms and l.sms <= MAX_CTA_LIMIT)
-        tp.coll.prepare_ce(ce_rows(list(lists.values()), tp.device.type), workload.num_tokens,
-                           first.model.hidden_size, dtype, tp.device)
+        model, ref_bufs = _shard_and_reference(tp, ctx, first, list(lists.values()), dtype, seed)
         passed, notes = {}, []
         for name, ll in lists.items():
             model.prepare(ll.launches)
@@ -587,6 +564,24 @@ def time_plans_rank(tp: TpRank, schedules: dict, *, mode: str = "green", iters: 
         return {"timings": timings, "notes": notes}
     finally:
         ctx.close()
+
+
+def _shard_and_reference(tp: TpRank, ctx, schedule, lists: list, dtype, seed: int):
+    """(this rank's shard of the whole-layer model, the TP=1 reference's buffers): the whole model drawn
+    from `seed` (rank 0's broadcast to every rank), its reference run, then its shard; the collectives
+    the launch lists use are made ready (NCCL CTA limits, copy-engine buffers)."""
+    workload = schedule.workload
+    full = ModelInstance(schedule.model, dataclasses.replace(workload, tp_degree=1), schedule.num_layers,
+                         device=tp.device, dtype=dtype, seed=seed)
+    broadcast_model(full)
+    ref_bufs = reference_buffers(full)
+    model = apply_tp(full, tp, workload, ctx.num_sms)
+    del full
+    tp.coll.prepare(l.sms for ll in lists for l in ll.launches
+                    if l.op in coll_mod.COLLECTIVE_OPS and l.sms < ctx.num_sms and l.sms <= MAX_CTA_LIMIT)
+    tp.coll.prepare_ce(ce_rows(lists, tp.device.type), workload.num_tokens, schedule.model.hidden_size,
+                       dtype, tp.device)
+    return model, ref_bufs
 
 
 def time_launch_lists(tp: TpRank, ctx, model, bufs, lists: dict, iters: int, repeats: int,
