@@ -345,7 +345,7 @@ def solve(profile_path, solver, time_limit_s, threads, seed, num_layers, chunk, 
 def simulate(plan_path, profile_path, out_prefix, allow_extrapolation):
     """Check a plan's constraints, replay it through the cost model, write Gantt and trace."""
     from nfsearch import plan, report
-    from nfsearch.simulate import check_and_replay, power_line
+    from nfsearch.simulate import check_and_replay, corun_sources, power_line, sources_line
     schedule = plan.read(plan_path)
     if out_prefix is not None:
         if not out_prefix:
@@ -371,6 +371,9 @@ def simulate(plan_path, profile_path, out_prefix, allow_extrapolation):
     _echo(f"replayed layer time {layer:.3f} ms (plan states {p.layer_time_ms:.3f}); "
                f"sequential {seq:.3f} ms -> {seq / layer:.2f}x; roofline bound {bound:.3f} ms -> {bound / layer:.0%}")
     _echo(power)
+    sources = sources_line(corun_sources(schedule, problem.cost))
+    if sources:
+        _echo(sources)
     _echo("wrote " + ", ".join(str(path) for path in written.values()))
 
 

@@ -22,7 +22,7 @@ from functools import lru_cache
 
 import networkx as nx
 
-from nfsearch.cost import CostModel, Partner
+from nfsearch.cost import SRC_PAIRS, SRC_PAIRS_CLAMPED, SRC_ROWS, SRC_SAME_CLASS, CostModel, Partner
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import build_layer, split_layers
 from nfsearch.layouts import buildable_layouts, corun_components
@@ -74,6 +74,33 @@ def power_line(result: Replay, cost: CostModel) -> str:
     if result.power_bound is None:
         return cost.power_note
     return result.power_bound.describe(result.replayed_layer_ms)
+
+
+MEASURED_SOURCES = (SRC_PAIRS, SRC_PAIRS_CLAMPED, SRC_ROWS)
+
+
+def corun_sources(schedule: Schedule, cost: CostModel) -> Counter:
+    """Where a replay of `schedule` takes its co-run stretches from: cost.py's sources, each distinct
+    lookup once (a fresh cost model of the same tables, so the search's own lookups do not count)."""
+    fresh = CostModel(cost.profile, cost.layer, cost.workload, cost.interference, cost.is_extrapolating,
+                      cost.pairs, cost.overheads)
+    replay(schedule, fresh)
+    return Counter({k: n for k, n in fresh.source_counts.items() if k != SRC_SAME_CLASS})
+
+
+def sources_line(counts: Counter) -> str:
+    """One line: how many of a plan's co-run estimates come from measured pairs, the others' sources,
+    and, when fewer than half do, how to measure them ("" for a plan with no co-run). On 2x H100 a W4
+    plan priced wholly from outside its measured pairs ran 10-14% slower than replayed
+    (benchmarks/results/tp_power_2026-11-27/W4_H100x2_tune/)."""
+    total = sum(counts.values())
+    if not total:
+        return ""
+    measured = sum(counts[s] for s in MEASURED_SOURCES)
+    others = "; ".join(f"{n} {src}" for src, n in counts.most_common() if src not in MEASURED_SOURCES)
+    hint = ("; fewer than half measured: `nfsearch profile` with this workload measures the pairs of its "
+            "own batch" if measured * 2 < total else "")
+    return f"co-run estimates: {measured} of {total} from measured pairs" + (f" ({others})" if others else "") + hint
 
 
 def verify(schedule: Schedule) -> None:

@@ -32,7 +32,7 @@ from nfsearch.search.durations import UNITS_PER_MS, Durations
 from nfsearch.search.polish import polish
 from nfsearch.search.stage1 import sweep
 from nfsearch.search.stage2 import plan_from_result, stage2_from
-from nfsearch.simulate import PlanInvalid, verify
+from nfsearch.simulate import PlanInvalid, corun_sources, sources_line, verify
 from nfsearch.solvers import resolve
 
 Progress = Callable[[str], None] | None
@@ -167,6 +167,10 @@ def solve(problem: Problem, solver: str = "auto", time_limit_s: float = 10.0, th
     if power is not None and power.bound_ms * problem.num_layers > ms:
         notes.append(f"power: the plan is power-bound: {power.bound_ms:.4f} ms per layer at the power limit against "
                      f"{ms / problem.num_layers:.4f} replayed; overlap may gain less than replayed (tune measures it)")
+        say(notes[-1])
+    sources = sources_line(corun_sources(plan, problem.cost))
+    if sources:
+        notes.append(sources)
         say(notes[-1])
     wall = time.perf_counter() - began
     notes.append(f"plan: {source}, {ms:.4f} ms (replay); search wall time {wall:.2f} s")
