@@ -51,3 +51,16 @@ def test_tp2_split_plan_matches_tp1_and_is_timed(tmp_path, impls):
     assert set(report["baselines"]) == {"seq_torch", "seq_same"}
     assert report["env"]["NCCL_NVLS_ENABLE"] == "0"
     assert len(report["per_rank_plan_ms"]) == 2
+
+
+def test_tp_plans_are_timed_against_each_other_on_two_gpus():
+    # tune's interleaved timing under TP: both ranks capture each plan's graph and time them in the
+    # same order (the all-reduces inside pair up), each plan checked against the TP=1 reference first
+    from nfsearch.runtime import tp
+    from nfsearch.search.baselines import sequential_plan
+    split = split_plan()
+    problem = make_problem(MODEL, WORKLOAD, analytic_profile(MODEL, WORKLOAD, load_gpu("h100-sxm")), 2,
+                           allow_extrapolation=True)
+    timings, notes = tp.time_plans({"split": split, "sequential": sequential_plan(problem)}, iters=5, repeats=3)
+    assert not notes and set(timings) == {"split", "sequential"}
+    assert all(t.how == "cuda-graph" and len(t.repeat_layer_ms) == 3 and t.layer_ms > 0 for t in timings.values())
