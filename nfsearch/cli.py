@@ -588,7 +588,7 @@ def calibrate_cmd(profile_path, runs, from_path, energy_runs, output):
               help="Best plan JSON; every candidate's report goes beside it as <stem>.tune.json.")
 @_run_options
 def tune_cmd(plans_dir, top_k, time_limit_s, num_layers, profile_path, output, mode, iters, no_graph, force, **spec):
-    """Run each candidate plan on the GPU and keep the fastest measured one (all are recorded)."""
+    """Run each candidate plan on the GPU, time those that ran against each other, keep the fastest."""
     from nfsearch import tune
     _check_outputs([output, Path(output).with_suffix(".tune.json")], (".json",))
     if plans_dir and profile_path:
