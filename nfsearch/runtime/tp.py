@@ -268,21 +268,17 @@ def _agree_max(tp: TpRank, value: float) -> float:
     return float(x.item())
 
 
-def time_launch_list(tp: TpRank, ctx, model, bufs, ll, iters: int, repeats: int, use_graph: bool = True,
-                     watch=None, after=None) -> dict:
-    """Median over `repeats` of the median of `iters` replays of one CUDA graph of the launch list
-    (eager issue if any rank fails to capture). Every rank runs the same calls (collectives inside).
-    On CPU (the gloo test) the launches are issued eagerly and timed by the host clock.
-    watch(): a context manager around each round (this rank's NVML window), or None.
-    after(fn, ms): called on every rank once the rounds are done, with the replay and its median
-    time, while the graph still exists (the plan's sustained power loop)."""
+def _replayable(tp: TpRank, ctx, model, bufs, ll, use_graph: bool):
+    """(fn, how, note, graph) of one launch list on this rank: issued once outside any capture
+    (compiles, makes communicators), then captured as a CUDA graph whose replay is `fn`, or issued
+    eagerly if any rank fails to capture it (every rank then does, so the collectives pair up; `note`
+    says why). On CPU always eager."""
     from nfsearch.runtime import executor
-    is_cuda = tp.device.type == "cuda"
-    executor.issue(ctx, model, bufs, ll)             # warm-up outside capture: compiles, makes comms
+    executor.issue(ctx, model, bufs, ll)
     _sync(tp)
     fn, how, note = (lambda: executor.issue(ctx, model, bufs, ll)), "eager", None
     graph, ok = None, False
-    if use_graph and is_cuda:
+    if use_graph and tp.device.type == "cuda":
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
@@ -295,6 +291,19 @@ def time_launch_list(tp: TpRank, ctx, model, bufs, ll, iters: int, repeats: int,
             fn, how = graph.replay, "cuda-graph"
         elif note is None:
             note = "CUDA-graph capture failed on another rank; timed eagerly"
+    return fn, how, note, graph
+
+
+def time_launch_list(tp: TpRank, ctx, model, bufs, ll, iters: int, repeats: int, use_graph: bool = True,
+                     watch=None, after=None) -> dict:
+    """Median over `repeats` of the median of `iters` replays of one CUDA graph of the launch list
+    (eager issue if any rank fails to capture). Every rank runs the same calls (collectives inside).
+    On CPU (the gloo test) the launches are issued eagerly and timed by the host clock.
+    watch(): a context manager around each round (this rank's NVML window), or None.
+    after(fn, ms): called on every rank once the rounds are done, with the replay and its median
+    time, while the graph still exists (the plan's sustained power loop)."""
+    is_cuda = tp.device.type == "cuda"
+    fn, how, note, graph = _replayable(tp, ctx, model, bufs, ll, use_graph)
     medians, all_times = [], []
     for _ in range(repeats):
         with watch() if watch is not None else contextlib.nullcontext():
@@ -586,35 +595,22 @@ def _shard_and_reference(tp: TpRank, ctx, schedule, lists: list, dtype, seed: in
 
 def time_launch_lists(tp: TpRank, ctx, model, bufs, lists: dict, iters: int, repeats: int,
                       use_graph: bool = True) -> dict:
-    """name -> {ms, repeat_ms, how, iters} of each launch list: one CUDA graph each (eager where a rank
+    """name -> {ms, repeat_ms, how, iters[, note]} of each launch list: one CUDA graph each (eager where a rank
     fails to capture it), then `repeats` rounds, each timing every list as the median of `iters`
     replays, in the same order on every rank (the collectives inside pair up)."""
-    from nfsearch.runtime import executor
     is_cuda = tp.device.type == "cuda"
-    runs, graphs = {}, []
-    for name, ll in lists.items():
-        executor.issue(ctx, model, bufs, ll)         # warm-up outside capture: compiles, makes comms
-        _sync(tp)
-        fn, how = (lambda ll=ll: executor.issue(ctx, model, bufs, ll)), "eager"
-        if use_graph and is_cuda:
-            graph, ok = torch.cuda.CUDAGraph(), True
-            try:
-                with torch.cuda.graph(graph):
-                    executor.issue(ctx, model, bufs, ll)
-            except Exception:  # noqa: BLE001 - a capture failure on any rank: every rank times it eagerly
-                ok = False
-            _sync(tp)
-            if _agree(tp, ok):
-                fn, how = graph.replay, "cuda-graph"
-                graphs.append(graph)
-        runs[name] = (fn, how)
+    runs = {name: _replayable(tp, ctx, model, bufs, ll, use_graph) for name, ll in lists.items()}
     rounds: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        for name, (fn, _how) in runs.items():
+        for name, (fn, *_rest) in runs.items():
             rounds[name].append(statistics.median(_times(fn, iters, is_cuda)))
-    out = {name: {"ms": statistics.median(r), "repeat_ms": r, "how": runs[name][1], "iters": iters}
-           for name, r in rounds.items()}
-    del graphs
+    out = {}
+    for name, r in rounds.items():
+        _fn, how, note, _graph = runs[name]
+        out[name] = {"ms": statistics.median(r), "repeat_ms": r, "how": how, "iters": iters}
+        if note:
+            out[name]["note"] = note
+    del runs                                     # the graphs go with it
     return out
 
 
@@ -651,7 +647,8 @@ def time_plans(schedules: dict, backend: str = "nccl", **kwargs) -> tuple[dict, 
                 detail = _read_json(out).get("error") or str(exc).strip().splitlines()[-1]
                 raise NfsearchError(f"TP plans timed against each other failed: {detail}") from None
             got = _read_json(out)
-    timings = {name: Timing(name, tuple(ms / num_layers for ms in t["repeat_ms"]), t["iters"], t["how"])
+    timings = {name: Timing(name, tuple(ms / num_layers for ms in t["repeat_ms"]), t["iters"], t["how"],
+                            note=t.get("note", ""))
                for name, t in got["timings"].items()}
     return timings, list(got["notes"])
 
