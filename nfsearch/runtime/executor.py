@@ -319,10 +319,7 @@ def execute(schedule, *, mode: str = "green", iters: int = 30, repeats: int = 3,
         model = ModelInstance(schedule.model, schedule.workload, schedule.num_layers, device=ctx.device,
                               seed=seed, weights_path=weights_path)
         model.prepare(ll.launches)
-        if ctx.is_cuda:
-            for layout in ll.layouts:             # build every layout before any capture (fails early)
-                if layout.build != "whole":
-                    ctx.build(layout)
+        _build_layouts(ctx, ll)
         say(f"model ready ({time.time() - t_setup:.1f} s; layouts {', '.join(layout_label(x) for x in ll.layouts)});"
             " checking correctness")
         correctness, ref_out = check(ctx, model, ll, tol)
@@ -353,8 +350,7 @@ def execute(schedule, *, mode: str = "green", iters: int = 30, repeats: int = 3,
                 say("seq-compiled: " + (v.note if v is not None else failures[-1][1]))
                 if v is not None:
                     variants.append(v)
-        variants.append(_Variant("plan", lambda: issue(ctx, model, bufs, ll),
-                                 {op: resolve_impl(op, i, "cuda") for op, i in baselines.plan_impls(ll).items()}))
+        variants.append(_Variant("plan", lambda: issue(ctx, model, bufs, ll), _resolved_impls(ll, "cuda")))
         kept = []
         for v in variants:
             say(f"capturing {v.label}")
@@ -444,17 +440,13 @@ def time_plans(schedules: dict, ctx: ExecContext, *, iters: int = 30, repeats: i
         ll = launch_mod.build(schedule, num_sms=ctx.num_sms if ctx.is_cuda else None,
                               granularity=ctx.granularity if ctx.is_cuda else None)
         model.prepare(ll.launches)
-        if ctx.is_cuda:
-            for layout in ll.layouts:
-                if layout.build != "whole":
-                    ctx.build(layout)
+        _build_layouts(ctx, ll)
         correctness, _ = check(ctx, model, ll, tol)
         if not correctness.passed:
             notes.append(f"{name}: left out, output differs from the reference at {correctness.first_divergence}")
             continue
         variants.append(_Variant(name, lambda ll=ll: issue(ctx, model, bufs, ll),
-                                 {op: resolve_impl(op, i, "cuda" if ctx.is_cuda else "cpu")
-                                  for op, i in _plan_impls(ll).items()}))
+                                 _resolved_impls(ll, "cuda" if ctx.is_cuda else "cpu")))
     for v in variants:
         v.prepare(ctx, use_graph and ctx.is_cuda)
     say(f"timing {', '.join(v.label for v in variants)} against each other: {repeats} interleaved rounds of "
@@ -480,9 +472,19 @@ def one_problem(schedules: dict):
     return first
 
 
-def _plan_impls(ll: LaunchList) -> dict[str, str]:
+def _build_layouts(ctx: ExecContext, ll: LaunchList) -> None:
+    """Build every green-context layout the launch list uses before any capture (fails early); none
+    off the GPU."""
+    if ctx.is_cuda:
+        for layout in ll.layouts:
+            if layout.build != "whole":
+                ctx.build(layout)
+
+
+def _resolved_impls(ll: LaunchList, device_type: str) -> dict[str, str]:
+    """op -> the impl each of the launch list's ops runs on `device_type` (a timing's impls)."""
     from nfsearch.runtime import baselines
-    return baselines.plan_impls(ll)
+    return {op: resolve_impl(op, i, device_type) for op, i in baselines.plan_impls(ll).items()}
 
 
 PLAN_ENERGY_WINDOW_S = 0.5      # the sustained loop of the plan's graph (runtime/power.py)
