@@ -106,6 +106,24 @@ def measure(fn, sets=1, stream=None, est_ms=None, reps=REPS):
     return {"ms": statistics.median(ts), "min": min(ts), "max": max(ts), "reps": ts, "calls": calls}
 
 
+def fastest_config(run, ent, configs, label_of, fn_of, *run_args):
+    """(config, measurement, label) of the fastest of `configs` that ran, or None: each timed as
+    run(label_of(cfg), fn_of(cfg), *run_args); a config that raises (out of shared memory, say) is
+    recorded in `ent` as its error and logged, and the others still run."""
+    best = None
+    for cfg in configs:
+        lab = label_of(cfg)
+        try:
+            m = run(lab, fn_of(cfg), *run_args)
+        except Exception as exc:  # noqa: BLE001 - this config cannot run here; the others may
+            ent[lab] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            log(f"  {lab}: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        if m and (best is None or m["ms"] < best[1]["ms"]):
+            best = (cfg, m, lab)
+    return best
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -205,29 +223,18 @@ class Bench:
                 has_lt = "cublaslt" in IMPLS[name]
                 if has_lt:
                     run("cublaslt", IMPLS[name]["cublaslt"])
-                tbest = None
-                for cfg in (TRITON_GEMM_SWEEP if self.args.sweep else []):
-                    lab = "triton_cfg_" + "_".join(map(str, cfg))
-                    try:
-                        m = run(lab, lambda a_, w_, o_, n_, cfg=cfg: IMPLS[name]["triton"](a_, w_, o_, n_, config=cfg))
-                    except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
-                        ent[lab] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-                        continue
-                    if m and (tbest is None or m["ms"] < tbest[1]["ms"]):
-                        tbest = (cfg, m)
+                tbest = fastest_config(
+                    run, ent, TRITON_GEMM_SWEEP if self.args.sweep else [],
+                    lambda cfg: "triton_cfg_" + "_".join(map(str, cfg)),
+                    lambda cfg: lambda a_, w_, o_, n_: IMPLS[name]["triton"](a_, w_, o_, n_, config=cfg))
                 if tbest:
                     ent["triton_best"] = {"cfg": list(tbest[0]), "ms": tbest[1]["ms"]}
-                best = None
-                for cfg in [None] + sweep:
-                    lab = "tma" if cfg is None else "tma_" + "_".join(str(int(c)) for c in cfg)
-                    try:
-                        m = run(lab, lambda a_, w_, o_, n_, cfg=cfg: gemm_tma(a_, w_, o_, n_, config=cfg))
-                    except Exception as exc:  # noqa: BLE001
-                        ent[lab] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-                        log(f"  {key} {lab}: {type(exc).__name__}: {str(exc)[:200]}")
-                        continue
-                    if m and (best is None or m["ms"] < best[1]["ms"]):
-                        best = (cfg or gt_mod.pick_config(M, N, K, self.total), m, lab)
+                best = fastest_config(
+                    run, ent, [None] + sweep,
+                    lambda cfg: "tma" if cfg is None else "tma_" + "_".join(str(int(c)) for c in cfg),
+                    lambda cfg: lambda a_, w_, o_, n_: gemm_tma(a_, w_, o_, n_, config=cfg))
+                if best and best[0] is None:       # the default: the config gemm_tma picks for this shape
+                    best = (gt_mod.pick_config(M, N, K, self.total), *best[1:])
                 if best:
                     ent["tma_best"] = {"cfg": list(best[0]), "label": best[2], "ms": best[1]["ms"]}
                     if base:
@@ -307,37 +314,21 @@ class Bench:
             best = None
             for sw_n in ((16, 48) if sweep else ()):
                 nsw, ssw = self.part_stream(sw_n)
-                bn_ = None
-                for cfg in sweep:
-                    bn, w, s, p = cfg
-                    lab = f"tma_cfg_{bn}_{w}_{s}_{p}_{sw_n}"
-                    try:
-                        m = run(lab, lambda q_, k_, v_, l_, o_, n_, cfg=cfg: decode_attention_tma(
-                            q_, k_, v_, l_, o_, n_, block_n=cfg[0], num_warps=cfg[1], num_stages=cfg[2],
-                            programs_per_sm=cfg[3]), nsw, ssw)
-                    except Exception as exc:  # noqa: BLE001
-                        ent[lab] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-                        log(f"  decode {lab}: {type(exc).__name__}: {str(exc)[:200]}")
-                        continue
-                    if m and (bn_ is None or m["ms"] < bn_[1]["ms"]):
-                        bn_ = (cfg, m)
+                bn_ = fastest_config(
+                    run, ent, sweep, lambda cfg: f"tma_cfg_{'_'.join(map(str, cfg))}_{sw_n}",
+                    lambda cfg: lambda q_, k_, v_, l_, o_, n_: decode_attention_tma(
+                        q_, k_, v_, l_, o_, n_, block_n=cfg[0], num_warps=cfg[1], num_stages=cfg[2],
+                        programs_per_sm=cfg[3]), nsw, ssw)
                 if bn_:
                     ent[f"tma_best_{sw_n}"] = {"cfg": list(bn_[0]), "TBps": bn_[1]["TBps"]}
                     log(f"decode {key} best TMA cfg at {sw_n} SMs {bn_[0]}: {bn_[1]['TBps']:.2f} TB/s")
                     if sw_n == 48:
                         best = bn_
-                tbest = None
-                for cfg in TRITON_DECODE_SWEEP:
-                    lab = f"triton_cfg_{'_'.join(map(str, cfg))}_{sw_n}"
-                    try:
-                        m = run(lab, lambda q_, k_, v_, l_, o_, n_, cfg=cfg: IMPLS["decode_attn"]["triton"](
-                            q_, k_, v_, l_, o_, n_, block_n=cfg[0], num_warps=cfg[1], num_stages=cfg[2],
-                            programs_per_sm=cfg[3]), nsw, ssw)
-                    except Exception as exc:  # noqa: BLE001
-                        ent[lab] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-                        continue
-                    if m and (tbest is None or m["ms"] < tbest[1]["ms"]):
-                        tbest = (cfg, m)
+                tbest = fastest_config(
+                    run, ent, TRITON_DECODE_SWEEP, lambda cfg: f"triton_cfg_{'_'.join(map(str, cfg))}_{sw_n}",
+                    lambda cfg: lambda q_, k_, v_, l_, o_, n_: IMPLS["decode_attn"]["triton"](
+                        q_, k_, v_, l_, o_, n_, block_n=cfg[0], num_warps=cfg[1], num_stages=cfg[2],
+                        programs_per_sm=cfg[3]), nsw, ssw)
                 if tbest:
                     ent[f"triton_best_{sw_n}"] = {"cfg": list(tbest[0]), "TBps": tbest[1]["TBps"]}
                     log(f"decode {key} best triton cfg at {sw_n} SMs {tbest[0]}: {tbest[1]['TBps']:.2f} TB/s")
