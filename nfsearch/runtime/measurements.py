@@ -396,17 +396,17 @@ def pair_sizes(workload: Workload | None, is_quick: bool = False
 
     Beside the fixed sizes: the decode attention and prompts' attention of `workload`'s batch and, in
     the full grid, of W1-W3's (at the workload's TP degree, as the full grid covers them: one table
-    still serves every standard workload of a model), and GEMMs from 256 tokens (two of the search's 128-token chunks), so that a
-    plan's own nano-batches fall between measured sizes instead of being priced at the nearest one.
+    still serves every standard workload of a model), and GEMMs from 256 tokens (two of the search's
+    128-token chunks), so that a plan's own nano-batches fall between measured sizes instead of being
+    priced at the nearest one.
     On 2x H100 a W4 plan that overlapped llama-3-70b's 384-token nano-batches beside its 1280-request
     decode, priced from the quick table's 2048-token and 512-request pairs, ran 10-14% slower than
     replayed (benchmarks/results/tp_power_2026-11-27/W4_H100x2_tune/)."""
-    from nfsearch.specs import load_workload
     gemm = sorted({MIN_PAIR_GEMM_TOKENS, *(QUICK_PAIR_GEMM_TOKENS if is_quick else PAIR_GEMM_TOKENS)})
     decode = list(QUICK_PAIR_DECODE if is_quick else PAIR_DECODE)
     prefill = list(PAIR_PREFILL)
     tp = workload.tp_degree if workload is not None else 1
-    batches = [] if is_quick else [replace(load_workload(name), tp_degree=tp) for name in ENERGY_WORKLOADS]
+    batches = [] if is_quick else standard_batches(tp)
     for w in batches + ([workload] if workload is not None else []):
         if w.num_decode and (w.num_decode, w.decode_context) not in decode:
             decode.append((w.num_decode, w.decode_context))
@@ -473,6 +473,12 @@ def pair_families(model: ModelSpec, layer: dict[str, Op], chosen: dict[str, Op],
 ENERGY_WORKLOADS = ("W1", "W2", "W3")       # their token counts are measured for every model, as the grid covers them
 
 
+def standard_batches(tp_degree: int) -> list[Workload]:
+    """W1-W3's batches at `tp_degree` (the shard's shapes under TP), which the full grid covers."""
+    from nfsearch.specs import load_workload
+    return [replace(load_workload(name), tp_degree=tp_degree) for name in ENERGY_WORKLOADS]
+
+
 @dataclass(frozen=True)
 class EnergyRequest:
     """One energy point to measure: an op over its whole token count (requests for decode attention)
@@ -494,8 +500,7 @@ def energy_requests(model: ModelSpec, workload: Workload, table: ProfileTable) -
     (the table has no row to pick its impl from). Under TP (workload.tp_degree > 1) W1-W3's batches
     are taken at the workload's TP degree (the shard's shapes, as the profile's grid covers them) and
     the network ops are left out: one GPU alone does not run a collective (profiler.add_energy)."""
-    from nfsearch.specs import load_workload
-    workloads = [replace(load_workload(name), tp_degree=workload.tp_degree) for name in ENERGY_WORKLOADS] + [workload]
+    workloads = standard_batches(workload.tp_degree) + [workload]
     found: dict[tuple, EnergyRequest] = {}
     notes: list[str] = []
     full = table.info.num_sms
