@@ -633,7 +633,10 @@ def time_plans(schedules: dict, backend: str = "nccl", **kwargs) -> tuple[dict, 
     n = next(iter(schedules.values())).workload.tp_degree
     if is_under_launcher():
         tp = rank_from_env(backend)
-        got = time_plans_rank(tp, schedules, **kwargs)
+        try:
+            got = time_plans_rank(tp, schedules, **kwargs)
+        finally:
+            dist.destroy_process_group()      # as run_plan does: the next candidate run starts its own
     else:
         with tempfile.TemporaryDirectory() as tmp:
             paths = {}
