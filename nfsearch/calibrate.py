@@ -31,7 +31,8 @@ it only when present, and the plan's interference label names it. Torch-free.
 The ENERGY factor (`calibrate_energy`, `--energy PLAN RUN_JSON`): per run report of `nfsearch run`
 with a power reading (runreport.PowerReading, the sustained loop of the plan's graph), the measured
 dynamic energy per layer (energy per layer - the profile's static power x the loop's time per layer)
-over the profile's predicted dynamic energy of that layer (cost.power_bound_of, no factor); the
+over the profile's predicted dynamic energy of that plan's layer (simulate.power_bound_for: with pair
+energy points its overlaps priced too; no factor); the
 factor is their median over the power-capped runs, else over all (calibration.fit_energy). The op
 energies were measured at whatever clock each op's own loop ran at; a plan at the power cap runs
 at a lower clock and voltage, where each op costs less energy, so the factor is below 1 there.
@@ -48,11 +49,11 @@ from dataclasses import dataclass
 from nfsearch.calibration import (CALIBRATION_KEY, ENERGY_CALIBRATION_KEY, FACTOR_RANGE, MAX_OVERHEAD_US, SOLO_RANGE,
                                   Calibration, ClassFactor, EnergyCalibration, EnergyRun, calibration_from_meta,
                                   energy_calibration_from_meta, fit_energy, without_calibration)
-from nfsearch.cost import OP_ALIASES, make_problem, overheads_from_meta, power_bound_of
+from nfsearch.cost import OP_ALIASES, make_problem, overheads_from_meta
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import OP_CLASSES
 from nfsearch.profile import ProfileMiss, ProfileTable
-from nfsearch.simulate import replay, verify
+from nfsearch.simulate import power_bound_for, replay, verify
 from nfsearch.timeline import Timeline
 
 MIN_SPANS = 2
@@ -282,7 +283,7 @@ def calibrate_energy(profile, runs) -> tuple[object, EnergyCalibration]:
                                 f"{schedule.model.name} {schedule.workload.name}")
         if report.gpu != raw.meta["gpu_name"]:
             raise NfsearchError(f"{source}: the run was on {report.gpu}, the profile is of {raw.meta['gpu_name']}")
-        bound, why = power_bound_of(raw, schedule.model, schedule.workload)
+        bound, why = power_bound_for(schedule, raw)
         if bound is None:
             raise NfsearchError(f"{source}: {why}")
         measured = report.power.dynamic_energy_j(static_w)

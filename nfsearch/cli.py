@@ -201,7 +201,9 @@ def analyze(gpu_key, pairs_path, json_path, **spec):
                    "can set it up).")
 @click.option("--energy/--no-energy", "with_energy", default=True, show_default=True,
               help="Also measure each op's energy per call (NVML) at the token counts of W1-W3 and the workload, "
-                   "the power limit and the static power: the power bound (a few seconds; none without NVML).")
+                   "the power limit and the static power: the power bound (a few seconds; none without NVML); "
+                   "with the pair table, each pair family's energy at its best split against back to back "
+                   "(about 1.5 s a family; --no-pairs skips it).")
 @click.option("--opt-in-impls", "opt_in_text", default="", metavar="IMPLS",
               help="Also measure these impls, which profile leaves out by default (comma list; cublaslt: cuBLASLt "
                    "told its partition's SM count, faster alone on partitions but more energy per layer in a plan "
@@ -228,11 +230,12 @@ def profile(is_analytic, gpu_key, gpu_id, is_quick, with_pairs, net_impls, with_
         from nfsearch.runtime.device import require_cuda
         require_cuda("nfsearch profile --energy-only")
         from nfsearch.runtime.profiler import add_energy
-        table = add_energy(model, workload, base, gpu_id=gpu_id)
+        table = add_energy(model, workload, base, gpu_id=gpu_id, with_pairs=with_pairs)
         table.write(output)
         points = len(table.energy.points) if table.energy is not None else 0
-        _echo(f"wrote {output}: the {len(table.rows)} rows of {into_path} and {points} energy points, {table.label}, "
-              f"fingerprint {table.fingerprint()}")
+        pair_points = len(table.energy.pair_points) if table.energy is not None else 0
+        _echo(f"wrote {output}: the {len(table.rows)} rows of {into_path}, {points} energy points and "
+              f"{pair_points} pair energy points, {table.label}, fingerprint {table.fingerprint()}")
         return
     if is_analytic:
         from nfsearch.roofline import analytic_profile
@@ -324,9 +327,17 @@ def solve(profile_path, solver, time_limit_s, threads, seed, num_layers, chunk, 
         plan.write(schedule, output)
     p = schedule.predicted
     layer, seq, bound = p.layer_time_ms, p.sequential_layer_time_ms, p.bound_ms
+    from nfsearch.simulate import replay
     power = problem.cost.power_bound()
-    capped = "" if power is None or power.bound_ms <= layer else (
-        f"; power-bound at {power.bound_ms:.3f} ms, plan and sequential alike")
+    own = None if power is None else problem.cost.plan_power_bound(replay(schedule, problem.cost).timeline.spans,
+                                                                    schedule.num_layers)
+    if own is None or own.bound_ms <= layer:
+        capped = ""
+    elif own.bound_ms == power.bound_ms:
+        capped = f"; power-bound at {power.bound_ms:.3f} ms, plan and sequential alike"
+    else:
+        capped = (f"; power-bound at {own.bound_ms:.3f} ms with its overlaps' measured energy, sequential at "
+                  f"{power.bound_ms:.3f}")
     _echo(f"wrote {output}: layer {layer:.3f} ms replayed vs sequential {seq:.3f} ms ({seq / layer:.2f}x{capped}); "
                f"roofline bound {bound:.3f} ms (the plan reaches {bound / layer:.0%} of it); solver "
                f"{schedule.solver.name}, stage-2 gap {_gap(schedule.solver.gap)}; "

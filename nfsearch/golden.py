@@ -35,7 +35,8 @@ from nfsearch.errors import NfsearchError
 from nfsearch.files import read_yaml
 from nfsearch.cost import default_profile, make_problem
 from nfsearch.profile import load as load_profile
-from nfsearch.simulate import replay, verify
+from nfsearch.search.solve import judged_makespan_ms
+from nfsearch.simulate import verify
 from nfsearch.specs import load_gpu, load_model, load_workload
 
 DEFAULT_TOLERANCE = 0.002
@@ -159,10 +160,11 @@ class GoldenUnreplayable(NfsearchError):
 
 
 def rescore(golden, problem) -> float:
-    """The golden plan's makespan replayed under today's model (its SM counts and issue order)."""
+    """The golden plan's makespan under today's model (its SM counts and issue order replayed), as the
+    search judges plans (search.solve.judged_makespan_ms: with pair energy points, its power bound too)."""
     try:
         verify(golden)
-        return replay(golden, problem.cost).makespan_ms
+        return judged_makespan_ms(problem, golden)
     except NfsearchError as exc:
         raise GoldenUnreplayable(str(exc)) from None
 
@@ -185,7 +187,7 @@ def _check_case(case: dict, base: Path, tol: float) -> CaseResult:
         schedule, _ = solve_problem(case, problem)
     except NfsearchError as exc:
         return CaseResult(name, False, golden_ms, None, f"re-solve failed: {exc}", stored_ms=stored_ms)
-    new_ms = schedule.predicted.makespan_ms
+    new_ms = judged_makespan_ms(problem, schedule)
     try:
         verify(schedule)
     except NfsearchError as exc:
@@ -239,7 +241,7 @@ def update_goldens(cases_file: str | Path, progress=None) -> list[str]:
         problem = problem_for(case, base)
         schedule, _ = solve_problem(case, problem)
         verify(schedule)
-        new_ms = schedule.predicted.makespan_ms
+        new_ms = judged_makespan_ms(problem, schedule)
         is_stale = False            # made with another profile: `simulate` would refuse to replay it
         try:
             golden = plan_io.read(path)

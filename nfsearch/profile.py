@@ -13,9 +13,14 @@ power, and per op a few points (op, impl, tokens, context) of the board energy p
 sustained back-to-back loop on the whole GPU with the op's fastest impl (nfsearch/runtime/power.py
 says how). The cost model builds the power bound from it (cost.py); a table without it has no bound.
 It is metadata, so the fingerprint (rows and required keys) does not change when energy is added.
+Energy may also hold pair points (`PairEnergyPoint`): a pair family of the pair table at its best
+split, both sides launched together in a sustained loop, against the same two ops back to back on the
+whole GPU measured the same way: what overlapping them costs in energy, which ops measured alone
+cannot say.
 """
 
 import bisect
+import dataclasses
 import hashlib
 import io
 import json
@@ -58,6 +63,9 @@ ENERGY_KEY = "energy"
 MAX_POWER_W = 1e5               # a board's power limit beyond this is a unit error
 MAX_ENERGY_J = 1e4              # one kernel call
 MAX_CLOCK_MHZ = 1e5
+# an op's dynamic energy goes about as SM clock^this under the power cap: fitted on H100 plans at
+# their 700 W limit (benchmarks/results/energy_2026-11-27/ANALYSIS.md: clock^0.9-1.3)
+ENERGY_CLOCK_EXPONENT = 1.0
 MAX_ENERGY_POINTS = 10_000
 
 
@@ -224,6 +232,86 @@ class EnergyPoint:
                 "sm_clock_mhz": self.sm_clock_mhz, "capped_share": self.capped_share}
 
 
+def _short_name(value, what: str) -> str:
+    if not (isinstance(value, str) and value and value.isprintable() and len(value) <= MAX_LABEL_CHARS):
+        raise NfsearchError(f"profile energy: {what} must be a short name, not {shown(value, 40)!r}")
+    return value
+
+
+def _count(value, what: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise NfsearchError(f"profile energy: {what} must be an integer in {low}..{high}, not {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class PairEnergyPoint:
+    """One pair family at one split (sides A and B each on its SMs, launched together, one call
+    each per launch, launches back to back) and the same two ops back to back on the whole GPU
+    (`b2b_*`, each with its fastest impl there): board energy (static included) and GPU time per
+    launch, mean board power, median SM clock, share of samples at the SW power cap."""
+    op_a: str
+    num_tokens_a: int
+    context_a: int
+    sms_a: int
+    impl_a: str
+    op_b: str
+    num_tokens_b: int
+    context_b: int
+    sms_b: int
+    impl_b: str
+    energy_j: float
+    time_ms: float
+    power_w: float
+    b2b_energy_j: float
+    b2b_time_ms: float
+    b2b_power_w: float
+    sm_clock_mhz: float | None = None
+    capped_share: float = 0.0
+    b2b_sm_clock_mhz: float | None = None
+    b2b_capped_share: float = 0.0
+
+    def __post_init__(self):
+        for side in ("a", "b"):
+            _short_name(getattr(self, f"op_{side}"), f"pair point op_{side}")
+            _short_name(getattr(self, f"impl_{side}"), f"pair point impl_{side}")
+            _count(getattr(self, f"num_tokens_{side}"), f"pair point num_tokens_{side}", 1, MAX_CONTEXT)
+            _count(getattr(self, f"context_{side}"), f"pair point context_{side}", 0, MAX_CONTEXT)
+            _count(getattr(self, f"sms_{side}"), f"pair point sms_{side}", 1, MAX_SMS)
+        what = f"pair {self.op_a} x {self.op_b}"
+        for prefix in ("", "b2b_"):
+            for key, high in (("energy_j", MAX_ENERGY_J), ("time_ms", MAX_TIME_MS), ("power_w", MAX_POWER_W)):
+                name = prefix + key
+                object.__setattr__(self, name, _positive(getattr(self, name), f"{what} {name}", high))
+            name = prefix + "sm_clock_mhz"
+            object.__setattr__(self, name, _optional(getattr(self, name), f"{what} {name}", MAX_CLOCK_MHZ))
+            name = prefix + "capped_share"
+            object.__setattr__(self, name, _positive(getattr(self, name), f"{what} {name}", 1.0, may_be_zero=True))
+
+    @property
+    def key(self) -> tuple:
+        return (self.op_a, self.num_tokens_a, self.context_a, self.op_b, self.num_tokens_b, self.context_b)
+
+    def dynamic_ratio(self, static_power_w: float, alpha: float = ENERGY_CLOCK_EXPONENT) -> float:
+        """The pair's dynamic energy (above static power) over the two back to back's, at one SM
+        clock: above 1, overlapping them costs energy. Each loop settles at its own clock under the
+        power cap, and an op's energy goes about as clock^alpha (voltage falls with the clock), while a
+        layer runs its overlaps and its other ops at one clock: so the pair's energy is taken to the
+        back-to-back loop's clock where both clocks were read."""
+        pair = self.energy_j - static_power_w * self.time_ms / 1e3
+        b2b = self.b2b_energy_j - static_power_w * self.b2b_time_ms / 1e3
+        if pair <= 0 or b2b <= 0:
+            raise NfsearchError(f"profile energy: {self.op_a} x {self.op_b} spends no energy above the "
+                                f"static power {static_power_w:.0f} W")
+        at_one_clock = 1.0
+        if self.sm_clock_mhz and self.b2b_sm_clock_mhz:
+            at_one_clock = (self.b2b_sm_clock_mhz / self.sm_clock_mhz) ** alpha
+        return pair / b2b * at_one_clock
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
 @dataclass(frozen=True)
 class ProfileEnergy:
     """The energy part of a profile (module doc): the power limit and static power of the GPU (W),
@@ -238,9 +326,11 @@ class ProfileEnergy:
     max_sm_clock_mhz: float | None = None
     date: str = ""
     failures: tuple[str, ...] = ()          # points that could not be measured, one line each
+    pair_points: tuple[PairEnergyPoint, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "points", tuple(self.points))
+        object.__setattr__(self, "pair_points", tuple(self.pair_points))
         object.__setattr__(self, "failures", tuple(str(f)[:300] for f in self.failures))
         limit = _positive(self.power_limit_w, "power_limit_w", MAX_POWER_W)
         static = _positive(self.static_power_w, "static_power_w", MAX_POWER_W)
@@ -263,21 +353,33 @@ class ProfileEnergy:
         if len(set(keys)) != len(keys):
             twice = next(k for k in keys if keys.count(k) > 1)
             raise NfsearchError(f"profile energy: two points for {twice[0]} at {twice[1]} tokens, context {twice[2]}")
+        if not all(isinstance(p, PairEnergyPoint) for p in self.pair_points):
+            raise NfsearchError("profile energy: pair_points must be pair energy points")
+        if len(self.pair_points) > MAX_ENERGY_POINTS:
+            raise NfsearchError(f"profile energy: more than {MAX_ENERGY_POINTS} pair points")
+        pair_keys = [p.key for p in self.pair_points]
+        if len(set(pair_keys)) != len(pair_keys):
+            raise NfsearchError(f"profile energy: two pair points for {next(k for k in pair_keys if pair_keys.count(k) > 1)}")
 
     def merged(self, newer: "ProfileEnergy") -> "ProfileEnergy":
-        """`newer`'s limit, static power and points, with this one's points it did not re-measure."""
+        """`newer`'s limit, static power and points, with this one's points (and pair points) it did
+        not re-measure."""
         mine = {p.key: p for p in self.points}
         mine.update({p.key: p for p in newer.points})
+        pairs = {p.key: p for p in self.pair_points}
+        pairs.update({p.key: p for p in newer.pair_points})
         return ProfileEnergy(newer.power_limit_w, newer.static_power_w, tuple(sorted(mine.values(), key=lambda p: p.key)),
                              newer.method, newer.static_method, newer.idle_power_w, newer.static_sm_clock_mhz,
-                             newer.max_sm_clock_mhz, newer.date, newer.failures)
+                             newer.max_sm_clock_mhz, newer.date, newer.failures,
+                             tuple(sorted(pairs.values(), key=lambda p: p.key)))
 
     def to_dict(self) -> dict:
         return {"power_limit_w": self.power_limit_w, "static_power_w": self.static_power_w,
                 "points": [p.to_dict() for p in self.points], "method": self.method,
                 "static_method": self.static_method, "idle_power_w": self.idle_power_w,
                 "static_sm_clock_mhz": self.static_sm_clock_mhz, "max_sm_clock_mhz": self.max_sm_clock_mhz,
-                "date": self.date, "failures": list(self.failures)}
+                "date": self.date, "failures": list(self.failures),
+                "pair_points": [p.to_dict() for p in self.pair_points]}
 
     @classmethod
     def from_dict(cls, d) -> "ProfileEnergy":
@@ -309,8 +411,27 @@ class ProfileEnergy:
         failures = d.get("failures", [])
         if not isinstance(failures, list):
             raise NfsearchError("profile energy: failures must be a list")
-        rest = {k: d[k] for k in known - {"points", "failures", "power_limit_w", "static_power_w"} if k in d}
-        return cls(d["power_limit_w"], d["static_power_w"], tuple(parsed), failures=tuple(failures), **rest)
+        pair_points = d.get("pair_points", [])
+        if not isinstance(pair_points, list) or not all(isinstance(p, dict) for p in pair_points):
+            raise NfsearchError("profile energy: pair_points must be a list of objects")
+        if len(pair_points) > MAX_ENERGY_POINTS:
+            raise NfsearchError(f"profile energy: more than {MAX_ENERGY_POINTS} pair points")
+        pair_fields = set(PairEnergyPoint.__dataclass_fields__)
+        pairs = []
+        for p in pair_points:
+            odd = sorted(str(k) for k in p if k not in pair_fields)
+            if odd:
+                raise NfsearchError(f"profile energy: unknown pair point keys {', '.join(shown(k, 30) for k in odd[:5])}")
+            try:
+                pairs.append(PairEnergyPoint(**p))
+            except TypeError:
+                raise NfsearchError("profile energy: a pair point lacks one of "
+                                    + ", ".join(f for f in pair_fields if PairEnergyPoint.__dataclass_fields__[f].default
+                                                is dataclasses.MISSING)) from None
+        rest = {k: d[k] for k in known - {"points", "failures", "power_limit_w", "static_power_w", "pair_points"}
+                if k in d}
+        return cls(d["power_limit_w"], d["static_power_w"], tuple(parsed), failures=tuple(failures),
+                   pair_points=tuple(pairs), **rest)
 
 
 def energy_from_meta(meta: dict) -> ProfileEnergy | None:

@@ -11,8 +11,9 @@ never together go faster than the whole GPU would run them one after another (th
 Times that are not finite and positive are refused; every replay step retires an op, so it ends.
 
 Power: where the profile has energy, the replay carries the cost model's power bound of one layer
-(cost.py) and its predicted layer time is max(the replayed makespan per layer, the bound); the
-replayed timeline itself is the kernels' schedule and is not stretched.
+(cost.py; with pair energy points, the plan's own: its overlaps priced by the measured pairs) and its
+predicted layer time is max(the replayed makespan per layer, the bound); the replayed timeline itself
+is the kernels' schedule and is not stretched.
 """
 
 import math
@@ -22,7 +23,16 @@ from functools import lru_cache
 
 import networkx as nx
 
-from nfsearch.cost import SRC_PAIRS, SRC_PAIRS_CLAMPED, SRC_ROWS, SRC_SAME_CLASS, CostModel, Partner
+from nfsearch.cost import (
+    SRC_PAIRS,
+    SRC_PAIRS_CLAMPED,
+    SRC_ROWS,
+    SRC_SAME_CLASS,
+    CostModel,
+    Partner,
+    make_problem,
+    power_bound_of,
+)
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import build_layer, split_layers
 from nfsearch.layouts import buildable_layouts, corun_components
@@ -67,6 +77,21 @@ def plan_dynamic_energy_j(schedule: Schedule, cost: CostModel) -> float:
     """Dynamic energy per layer of the plan's nano-ops (each its share of its op's): the power
     bound's dynamic energy whatever the split (0 without energy)."""
     return sum(cost.nano_dynamic_j(op.op, op.num_tokens) for op in schedule.nano_ops) / schedule.num_layers
+
+
+def power_bound_for(schedule: Schedule, profile) -> tuple[PowerBound | None, str]:
+    """The power bound of one layer of `schedule` by `profile`'s energy, and one line on it: the
+    plan's own (its replayed overlaps priced by the profile's pair energy points, cost.plan_power_bound)
+    where the profile has them, else the layer's (cost.power_bound_of); None and why without energy."""
+    bound, note = power_bound_of(profile, schedule.model, schedule.workload)
+    if bound is None or not profile.energy.pair_points:
+        return bound, note
+    try:
+        cost = make_problem(schedule.model, schedule.workload, profile, schedule.num_layers).cost
+        own = replay(schedule, cost).power_bound
+    except NfsearchError as exc:          # a profile that cannot replay this plan: the layer's bound
+        return bound, f"{note}; the plan's overlaps not priced ({str(exc)[:160]})"
+    return own, own.note
 
 
 def power_line(result: Replay, cost: CostModel) -> str:
@@ -210,7 +235,8 @@ def replay(schedule: Schedule, cost: CostModel) -> Replay:
     else:
         raise PlanInvalid(f"replay did not finish in {2 * len(ops) + 1} steps")
     label = f"predicted ({cost.profile.label}, {cost.describe_sources()})"
-    return Replay(Timeline(label, tuple(spans), schedule.num_layers), stated_timeline(schedule), cost.power_bound())
+    return Replay(Timeline(label, tuple(spans), schedule.num_layers), stated_timeline(schedule),
+                  cost.plan_power_bound(spans, schedule.num_layers))
 
 
 def stated_timeline(schedule: Schedule) -> Timeline:

@@ -511,13 +511,13 @@ def _sync_quietly() -> None:
 
 
 def _power_bound(schedule, profile):
-    """The profile's power bound of one layer of the plan's model and workload (cost.power_bound_of),
-    or None and why."""
+    """The profile's power bound of one layer of the plan (simulate.power_bound_for: the plan's own
+    where the profile has pair energy points), or None and why."""
     if profile is None:
         return None, "no power bound: no profile given (run --profile with a profile that has energy)"
-    from nfsearch.cost import power_bound_of
+    from nfsearch.simulate import power_bound_for
     try:
-        return power_bound_of(profile, schedule.model, schedule.workload)
+        return power_bound_for(schedule, profile)
     except NfsearchError as exc:
         return None, f"no power bound: {exc}"
 

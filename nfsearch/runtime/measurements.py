@@ -537,6 +537,18 @@ def energy_plan(model: ModelSpec, workload: Workload, requests: list[EnergyReque
                 {"energy_points": [r.describe() for r in requests]}, impls=impls)
 
 
+def pair_energy_plan(model: ModelSpec, workload: Workload, families: list, num_sms: int, granularity: int,
+                     impls: dict[str, tuple[str, ...]]) -> Plan:
+    """A measurement plan holding the best split of each pair family (pairs.FamilyResult), so the
+    profiler's inputs are built at the pairs' sizes (profiler.add_pair_energy)."""
+    cover = Workload("cover", 1, 1024, (256,), workload.tp_degree, workload.dtype)
+    ops = {op.name: op for op in layer_ops(model, cover)}
+    points = [Point("pair", f.a.op, "", f.a.num_tokens, f.a.context, f.best.sms_a, f.b.op_class, f.best.sms_b,
+                    f.b.op, f.b.num_tokens, f.b.context) for f in families]
+    return Plan(model, workload.tp_degree, num_sms, granularity, False, Settings(), ops, points,
+                {"pair_energy_points": [p.describe() for p in points]}, impls=impls)
+
+
 # ------------------------------------------------------------------------------------ collectives
 # A tensor-parallel profile's network part (runtime/tp_profile.py: one process per GPU, every rank
 # measuring at once): the all-reduces alone at the grid's tokens and SM counts, and beside each GEMM

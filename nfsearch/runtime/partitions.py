@@ -300,13 +300,20 @@ def capture_graph(work, pool=None):
     """One ``torch.cuda.CUDAGraph`` of ``work`` = [(stream, fn), ...] issued across partition streams
     (fork/join with events from a plain capture stream; see the module docstring). Replay with
     ``graph.replay()``; inputs and outputs are the tensors the fns read and write."""
+    return capture_rounds([work], pool)
+
+
+def capture_rounds(rounds, pool=None):
+    """capture_graph of several rounds of work one after another: each round forks from the end of
+    the previous one (all its streams joined) and is issued as ``issue_across`` issues one."""
     import torch
 
     graph = torch.cuda.CUDAGraph()
     capture_stream = torch.cuda.Stream()
     capture_stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.graph(graph, stream=capture_stream, pool=pool):
-        issue_across(work)
+        for work in rounds:
+            issue_across(work)
     torch.cuda.current_stream().wait_stream(capture_stream)
     return graph
 

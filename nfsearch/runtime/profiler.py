@@ -148,6 +148,7 @@ def measure_single_gpu(model, workload, gpu_id: int = 0, is_quick: bool = False,
 # ------------------------------------------------------------------------------------ energy
 ENERGY_GRAPH_MS = 2.0       # one CUDA graph of an energy point holds calls worth about this much GPU time
 MAX_ENERGY_GRAPH_CALLS = 64
+PAIR_ENERGY_OVERHEAD_S = 0.5    # an energy window's cost beyond its length (warm-up, captures, counter updates)
 
 
 def energy_summary(energy) -> dict:
@@ -156,7 +157,8 @@ def energy_summary(energy) -> dict:
             "points": len(energy.points), "failures": list(energy.failures)}
 
 
-def add_energy(model, workload, table, gpu_id: int = 0, log=None, window_s: float | None = None):
+def add_energy(model, workload, table, gpu_id: int = 0, log=None, window_s: float | None = None,
+               with_pairs: bool = True):
     """`table` with its energy measured on CUDA device `gpu_id` (meta["energy"], profile.ProfileEnergy):
     each op at the token counts of W1-W3 and `workload` (measurements.energy_requests) run back to back
     on the whole GPU with its fastest impl, the power limit and the static power (runtime/power.py says
@@ -166,7 +168,10 @@ def add_energy(model, workload, table, gpu_id: int = 0, log=None, window_s: floa
     A TP workload (the shard profile of runtime/tp_profile.py, or a TP profile with --energy-only): the
     same on this one GPU for the shard's ops at their TP shapes (graph.tp_shard, as the table's kernel
     rows); the network ops are left out (their energy is not one GPU's to measure), which the energy's
-    method says and the power bound reads as no dynamic energy (cost.EnergyModel)."""
+    method says and the power bound reads as no dynamic energy (cost.EnergyModel).
+
+    with_pairs, where the table has a pair table: then the energy of overlap (_pair_energy_points),
+    about 1.5 s per pair family."""
     import torch
 
     from nfsearch.errors import NfsearchError
@@ -229,6 +234,11 @@ def add_energy(model, workload, table, gpu_id: int = 0, log=None, window_s: floa
             finally:
                 del inputs
                 torch.cuda.empty_cache()
+        pair_points = []
+        if points and with_pairs:
+            pair_points, pair_failures = _pair_energy_points(torch, model, workload, table, gpu_id, device,
+                                                             window_s, log)
+            failures += pair_failures
         if points:
             try:
                 static = power.measure_static_power(device, window_s)
@@ -255,10 +265,95 @@ def add_energy(model, workload, table, gpu_id: int = 0, log=None, window_s: floa
                     f"is not measured here): the power bound counts them as no dynamic energy" if networks else "")),
         static_method=static.method, idle_power_w=static.idle_power_w, static_sm_clock_mhz=static.sm_clock_mhz,
         max_sm_clock_mhz=max_mhz,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), failures=tuple(failures))
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), failures=tuple(failures),
+        pair_points=tuple(pair_points))
+    for p in pair_points:
+        log(f"  pair energy {p.op_a} {p.num_tokens_a} x {p.op_b} {p.num_tokens_b} at {p.sms_a}+{p.sms_b}: "
+            f"{p.energy_j * 1e3:.3f} mJ in {p.time_ms:.4f} ms ({p.power_w:.0f} W) against back to back "
+            f"{p.b2b_energy_j * 1e3:.3f} mJ in {p.b2b_time_ms:.4f} ms ({p.b2b_power_w:.0f} W)")
     if table.energy is not None:
         energy = table.energy.merged(energy)
     return table.with_energy(energy)
+
+
+def _pair_energy_points(torch, model, workload, table, gpu_id: int, device, window_s: float, log):
+    """The energy of overlap, measured on CUDA device `gpu_id`: each non-network family of the table's
+    pair table at its best split (both sides launched together, each with the impl the pair table ran
+    there), k launches per CUDA graph replayed back to back for an NVML energy window; then the two
+    ops back to back on the whole GPU, each with its fastest impl there, the same way. Returns the
+    points (profile.PairEnergyPoint) and one line per family that failed."""
+    from nfsearch import pairs as pair_table
+    from nfsearch.runtime.kernels import IMPLS
+    from nfsearch.runtime.partitions import SmPartitions
+
+    report = pair_table.make_report(pair_table.points_from_meta(table.meta))
+    families = [f for f in report.families
+                if not pair_table.is_network_family(f.a, f.b) and f.best.sms_a > 0 and f.best.sms_b > 0]
+    if not families:
+        return [], []
+    log(f"energy of overlap: {len(families)} pair families at their best split, and back to back on the "
+        f"whole GPU, ~{len(families) * 2 * (window_s + PAIR_ENERGY_OVERHEAD_S):.0f} s")
+    parts = SmPartitions(gpu_id, mode="green")
+    points, failures = [], []
+    try:
+        plan = profiling.pair_energy_plan(model, workload, families, parts.num_sms, parts.granularity,
+                                          {op: tuple(IMPLS[op]) for op in IMPLS})
+        plan.rotate_bytes = 3.0 * int(getattr(torch.cuda.get_device_properties(gpu_id), "L2_cache_size", 50 << 20))
+        measurer = _Measurer(torch, parts, plan, IMPLS, log)
+        for f in families:
+            try:
+                points.append(_pair_energy_point(torch, measurer, table, f, device, window_s))
+            except Exception as exc:  # noqa: BLE001 - one family lost, not the profile
+                torch.cuda.synchronize()
+                failures.append(f"pair {f.name}: {type(exc).__name__}: {str(exc)[:160]}")
+                log(f"  pair energy {f.name}: FAILED {failures[-1]}")
+    finally:
+        measurer = None
+        parts.close()
+        torch.cuda.empty_cache()
+    return points, failures
+
+
+def _pair_energy_point(torch, measurer, table, family, device, window_s: float):
+    """One family's PairEnergyPoint (_pair_energy_points)."""
+    from nfsearch.profile import PairEnergyPoint
+    from nfsearch.runtime import power
+    from nfsearch.runtime.partitions import capture_rounds
+
+    a, b, best = family.a, family.b, family.best
+    full = measurer.parts.num_sms
+    is_a_small = best.sms_a <= best.sms_b
+    s_small, s_big = measurer._split(best.sms_a if is_a_small else best.sms_b)
+    s_a, s_b = (s_small, s_big) if is_a_small else (s_big, s_small)
+    fa, na = measurer._fn(a.op, best.impl_a, a.num_tokens, a.context, best.sms_a)
+    fb, nb = measurer._fn(b.op, best.impl_b, b.num_tokens, b.context, best.sms_b)
+    s_full = measurer.parts.stream(full)
+    # back to back as seq-same runs them: each op with the impl the table finds fastest on the whole GPU
+    impl_a_full = table.time_ms(a.op, a.num_tokens, full, a.context, allow_extrapolation=True)[1]
+    impl_b_full = table.time_ms(b.op, b.num_tokens, full, b.context, allow_extrapolation=True)[1]
+    ga, nga = measurer._fn(a.op, impl_a_full, a.num_tokens, a.context, full)
+    gb, ngb = measurer._fn(b.op, impl_b_full, b.num_tokens, b.context, full)
+    for fn in (fa, fb, ga, gb):                 # compiles, outside the captures
+        fn(0)
+    torch.cuda.synchronize()
+    k = max(1, min(MAX_ENERGY_GRAPH_CALLS, math.ceil(ENERGY_GRAPH_MS / max(family.back_to_back_ms, 1e-3))))
+    together = capture_rounds([[(s_a, lambda i=i: fa(i % na)), (s_b, lambda i=i: fb(i % nb))] for i in range(k)])
+
+    def one_after_another():
+        for i in range(k):
+            ga(i % nga)
+            gb(i % ngb)
+    in_turn = capture_rounds([[(s_full, one_after_another)]])
+    try:
+        m = power.measure_energy(together.replay, device, calls_per_fn=k, window_s=window_s)
+        m2 = power.measure_energy(in_turn.replay, device, calls_per_fn=k, window_s=window_s)
+    finally:
+        del together, in_turn
+    return PairEnergyPoint(a.op, a.num_tokens, a.context, best.sms_a, best.impl_a,
+                           b.op, b.num_tokens, b.context, best.sms_b, best.impl_b,
+                           m.energy_j, m.time_ms, m.power_w, m2.energy_j, m2.time_ms, m2.power_w,
+                           m.samples.sm_clock_mhz, round(m.samples.capped_share, 3),
+                           m2.samples.sm_clock_mhz, round(m2.samples.capped_share, 3))
 
 
 def _energy_point(torch, inputs, r, num_sms: int, device, window_s: float):

@@ -21,8 +21,8 @@ once, and the results are combined in a fixed order. Nothing else is random.
 
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 from nfsearch.cost import Problem
 from nfsearch.errors import NfsearchError
@@ -32,7 +32,7 @@ from nfsearch.search.durations import UNITS_PER_MS, Durations
 from nfsearch.search.polish import polish
 from nfsearch.search.stage1 import sweep
 from nfsearch.search.stage2 import plan_from_result, stage2_from
-from nfsearch.simulate import PlanInvalid, corun_sources, sources_line, verify
+from nfsearch.simulate import PlanInvalid, corun_sources, replay, sources_line, verify
 from nfsearch.solvers import resolve
 
 Progress = Callable[[str], None] | None
@@ -154,18 +154,23 @@ def solve(problem: Problem, solver: str = "auto", time_limit_s: float = 10.0, th
         finals.append((ms, rank, source, plan, result, cand))
     ms, _, source, plan, result, cand = min(finals, key=lambda e: (round(e[0], 9), e[1]))
     sequential = next((e for e in entries if e[2] == "sequential baseline"), None)
-    # judged on replayed times, not on max(replay, power bound): measured on one H100 (2026-11-27,
-    # benchmarks/results/power_2026-11-27/), W2's overlapped plan ran 1.06x faster than seq-same with
-    # both power-capped at the same bound, while W3's ran 0.96x; the bound cannot tell these apart, so
-    # it predicts a plan's time (and says so below) but does not choose between plans
-    if sequential is not None and source != "sequential baseline" and ms > sequential[0] * (1.0 - min_gain):
-        notes.append(f"margin: {source} is predicted {ms:.4f} ms, less than {min_gain:.0%} under the sequential "
-                     f"plan's {sequential[0]:.4f} ms: the sequential plan is kept (--min-gain)")
-        say(notes[-1])
-        ms, source, plan, result, cand = sequential[0], sequential[2], sequential[3], None, None
-    power = problem.cost.power_bound()
-    if power is not None and power.bound_ms * problem.num_layers > ms:
-        notes.append(f"power: the plan is power-bound: {power.bound_ms:.4f} ms per layer at the power limit against "
+    # judged on max(replay, the plan's power bound) where the profile has pair energy points: each
+    # plan then has its own bound (its overlaps priced; measured on one H100, 2026-11-27, W2's
+    # overlapped plan spent 4-7% less energy per layer than sequential and ran 1.06x faster at the
+    # cap). Without them every split has the layer's one bound, which cannot tell an overlap that pays
+    # at the cap (W2, 1.06x) from one that does not (W3, 0.96x on one board): the replays decide
+    is_own_bound = _has_pair_energy(problem)
+    judged_ms = _judged_layer_ms(problem, plan, ms, is_own_bound)
+    if sequential is not None and source != "sequential baseline":
+        seq_judged_ms = _judged_layer_ms(problem, sequential[3], sequential[0], is_own_bound)
+        if judged_ms > seq_judged_ms * (1.0 - min_gain):
+            notes.append(f"margin: {source} is predicted {judged_ms:.4f} ms per layer, less than {min_gain:.0%} under "
+                         f"the sequential plan's {seq_judged_ms:.4f} ms: the sequential plan is kept (--min-gain)")
+            say(notes[-1])
+            ms, source, plan, result, cand = sequential[0], sequential[2], sequential[3], None, None
+    bound = _plan_bound(problem, plan)
+    if bound is not None and bound.is_binding(ms / problem.num_layers):
+        notes.append(f"power: the plan is power-bound: {bound.bound_ms:.4f} ms per layer at the power limit against "
                      f"{ms / problem.num_layers:.4f} replayed; overlap may gain less than replayed (tune measures it)")
         say(notes[-1])
     sources = sources_line(corun_sources(plan, problem.cost))
@@ -198,3 +203,31 @@ def solve(problem: Problem, solver: str = "auto", time_limit_s: float = 10.0, th
                         plan.predicted, info)
     verify(schedule)
     return schedule, notes
+
+
+
+def _has_pair_energy(problem: Problem) -> bool:
+    energy = problem.cost.energy
+    return energy is not None and bool(energy.energy.pair_points) and problem.cost.power_bound() is not None
+
+
+def _plan_bound(problem: Problem, plan):
+    """The plan's power bound of one layer (cost.plan_power_bound; the layer's without pair energy
+    points), None without energy."""
+    if problem.cost.power_bound() is None:
+        return None
+    return problem.cost.plan_power_bound(replay(plan, problem.cost).timeline.spans, problem.num_layers)
+
+
+def _judged_layer_ms(problem: Problem, plan, replayed_ms: float, is_own_bound: bool) -> float:
+    """What the margin compares: max(the replayed makespan per layer, the plan's power bound) where
+    each plan has its own bound, else the replay's alone (the margin's comment says why)."""
+    layer_ms = replayed_ms / problem.num_layers
+    return _plan_bound(problem, plan).layer_ms(layer_ms) if is_own_bound else layer_ms
+
+
+def judged_makespan_ms(problem: Problem, plan) -> float:
+    """The makespan of `plan` as the search judges plans (its replay's, or with pair energy points
+    max(the replay's, the plan's power bound x layers)): what `nfsearch check` compares."""
+    replayed_ms = replay(plan, problem.cost).makespan_ms
+    return _judged_layer_ms(problem, plan, replayed_ms, _has_pair_energy(problem)) * problem.num_layers

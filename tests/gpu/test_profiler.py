@@ -81,8 +81,11 @@ def test_tiny_pair_measurement(tmp_path):
     measure_profile(load_model("llama-3-8b"), load_workload("W2"), is_quick=True, output=str(out),
                     ops=("kqv", "decode_attn"), sm_counts=(full,), pair_minority_sms=(32,))
     meta = load(out).meta
-    points = pairs.points_from_meta(meta)
+    # the quick pair sizes: the GEMM at 256 and 2048 tokens beside W2's decode batch
+    every = pairs.points_from_meta(meta)
     assert meta["pairs"]["failures"] == 0, meta["pairs"]["failure_examples"]
+    assert sorted({p.a.num_tokens for p in every}) == [256, 2048]
+    points = [p for p in every if p.a.num_tokens == 2048]
     assert sorted((p.sms_a, p.sms_b) for p in points) == [(32, full - 32), (full - 32, 32)]
     for p in points:
         assert (p.a.op, p.a.num_tokens, p.b.op, p.b.num_tokens, p.b.context) == ("kqv", 2048, "decode_attn", 512, 1024)
@@ -100,3 +103,33 @@ def test_tiny_pair_measurement(tmp_path):
     text = pairs.analyze_pairs(str(out))
     assert "kqv 2048 tok x decode_attn 512 req ctx 1024" in text
     assert not profiling.checkpoint_path(out).exists()
+
+
+def test_pair_energy(tmp_path):
+    """add_energy measures the two pair families of a tiny pair table (the GEMM at 256 and 2048 tokens
+    beside decode attention) at their best split and back to back."""
+    from nfsearch.profile import load
+    from nfsearch.runtime import power
+    from nfsearch.runtime.profiler import add_energy, measure_profile
+    from nfsearch.specs import load_model, load_workload
+
+    device, why = power.open_device(0)
+    if device is None:
+        pytest.skip(f"no NVML energy counter: {why}")
+    device.close()
+    full = torch.cuda.get_device_properties(0).multi_processor_count
+    out = tmp_path / "pairs.csv"
+    model, workload = load_model("llama-3-8b"), load_workload("W2")
+    measure_profile(model, workload, is_quick=True, output=str(out), ops=("kqv", "decode_attn"),
+                    sm_counts=(full,), pair_minority_sms=(32,))
+    table = add_energy(model, workload, load(out), window_s=0.1)
+    assert table.energy is not None and len(table.energy.pair_points) == 2, table.energy.failures
+    for p, tokens in zip(table.energy.pair_points, (2048, 256)):
+        assert (p.op_a, p.num_tokens_a, p.op_b, p.num_tokens_b) == ("kqv", tokens, "decode_attn", 512)
+        assert {p.sms_a, p.sms_b} == {32, full - 32}
+        # launched together, the pair is neither much faster than back to back on this split (a
+        # third) nor slower than twice back to back; its dynamic energy within a factor of two of theirs
+        assert 0.3 * p.b2b_time_ms < p.time_ms < 2.0 * p.b2b_time_ms
+        assert 0.5 < p.dynamic_ratio(table.energy.static_power_w) < 2.0
+    back = table.energy.to_dict()
+    assert type(table.energy).from_dict(back).pair_points == table.energy.pair_points

@@ -1,0 +1,161 @@
+"""The energy of overlap: pair energy points (a pair family at its best split in a sustained loop against
+the two ops back to back) in a profile's energy; the ratio of their dynamic energies at one clock; a
+plan's own power bound, its overlaps priced by them; the search's margin, `nfsearch check` and
+`calibrate --energy` judging plans by it.
+
+Energies are made up so that the answers can be worked out by hand; the GPU test of the measurement
+is tests/gpu/test_profiler.py::test_pair_energy."""
+
+import dataclasses
+
+import pytest
+
+from conftest import TINY_MODEL, TINY_WL, fake_profile
+from nfsearch import golden, profile
+from nfsearch.cost import make_problem
+from nfsearch.errors import NfsearchError
+from nfsearch.graph import op_context
+from nfsearch.profile import PairEnergyPoint, ProfileEnergy
+from nfsearch.search import solve
+from nfsearch.search.baselines import sequential_plan
+from nfsearch.search.solve import judged_makespan_ms
+from nfsearch.simulate import power_bound_for, replay
+from nfsearch.timeline import Span
+from test_power import LIMIT_W, STATIC_W, layer_energy
+
+
+def pair_point(op_a="ug", tokens_a=256, op_b="decode_attn", tokens_b=128, context_b=512, ratio=1.0,
+               clock_mhz=None, b2b_clock_mhz=None) -> PairEnergyPoint:
+    """A pair whose loops each last 1 ms: back to back 1 J above static power, the pair `ratio` J."""
+    static_j = STATIC_W * 1e-3
+    return PairEnergyPoint(op_a, tokens_a, 0, 100, "fake", op_b, tokens_b, context_b, 32, "fake",
+                           static_j + ratio, 1.0, (static_j + ratio) * 1e3, static_j + 1.0, 1.0,
+                           (static_j + 1.0) * 1e3, clock_mhz, 1.0, b2b_clock_mhz, 1.0)
+
+
+def with_pairs(table, points):
+    return table.with_energy(dataclasses.replace(table.energy, pair_points=tuple(points)))
+
+
+# ------------------------------------------------------------------------------------ the point
+def test_dynamic_ratio_by_hand_and_at_one_clock():
+    # 0.3 J in 2 ms against 0.5 J in 2.5 ms above 100 W static: (0.3 - 0.2) / (0.5 - 0.25)
+    p = PairEnergyPoint("kqv", 512, 0, 64, "tma", "decode_attn", 256, 1024, 68, "tma", 0.3, 2.0, 150.0,
+                        0.5, 2.5, 200.0)
+    assert p.dynamic_ratio(100.0) == pytest.approx(0.4)
+    # the pair's loop ran at 1500 MHz, back to back at 1800: taken to 1800 MHz, energy ~ clock
+    at_clocks = dataclasses.replace(p, sm_clock_mhz=1500.0, b2b_sm_clock_mhz=1800.0)
+    assert at_clocks.dynamic_ratio(100.0) == pytest.approx(0.4 * 1.2)
+    assert at_clocks.dynamic_ratio(100.0, alpha=2.0) == pytest.approx(0.4 * 1.44)
+    with pytest.raises(NfsearchError, match="no energy above the static power"):
+        p.dynamic_ratio(200.0)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"energy_j": -1.0}, "energy_j must be a positive"),
+    ({"sms_a": 0}, "sms_a must be an integer"),
+    ({"op_b": ""}, "op_b must be a short name"),
+    ({"capped_share": 1.5}, "capped_share"),
+])
+def test_bad_pair_points_are_refused(change, match):
+    with pytest.raises(NfsearchError, match=match):
+        dataclasses.replace(pair_point(), **change)
+
+
+def test_pair_points_round_trip_merge_and_refuse_unknown_keys(tmp_path):
+    table = fake_profile().with_energy(layer_energy(TINY_MODEL, TINY_WL, {"ug": 0.1}))
+    first = with_pairs(table, [pair_point(ratio=0.9), pair_point("kqv", ratio=1.2)])
+    path = tmp_path / "p.parquet"
+    first.write(path)
+    back = profile.load(path)
+    assert back.energy.pair_points == first.energy.pair_points
+    assert back.fingerprint() == table.fingerprint()          # energy is metadata
+    # a newer measurement replaces the points it re-measured and keeps the others
+    newer = dataclasses.replace(first.energy, pair_points=(pair_point(ratio=0.7),))
+    merged = first.energy.merged(newer)
+    assert sorted((p.op_a, round(p.dynamic_ratio(STATIC_W), 6)) for p in merged.pair_points) == [
+        ("kqv", 1.2), ("ug", 0.7)]
+    raw = first.energy.to_dict()
+    raw["pair_points"][0]["surprise"] = 1
+    with pytest.raises(NfsearchError, match="unknown pair point keys surprise"):
+        ProfileEnergy.from_dict(raw)
+    raw["pair_points"] = [pair_point().to_dict()] * 2
+    with pytest.raises(NfsearchError, match="two pair points"):
+        ProfileEnergy.from_dict(raw)
+
+
+# ------------------------------------------------------------------------------------ the plan's bound
+def test_pair_ratio_takes_the_nearest_family_point_in_either_order():
+    table = with_pairs(fake_profile().with_energy(layer_energy(TINY_MODEL, TINY_WL, {"ug": 0.1})),
+                       [pair_point(tokens_a=256, ratio=0.8), pair_point(tokens_a=2048, ratio=1.3)])
+    energy = make_problem(TINY_MODEL, TINY_WL, table).cost.energy
+    assert energy.pair_ratio("ug", 300, 0, "decode_attn", 128, 512) == pytest.approx(0.8)
+    assert energy.pair_ratio("decode_attn", 128, 512, "ug", 1500, 0) == pytest.approx(1.3)
+    assert energy.pair_ratio("kqv", 256, 0, "decode_attn", 128, 512) is None
+
+
+def test_overlap_energy_of_two_spans_by_hand():
+    table = with_pairs(fake_profile().with_energy(layer_energy(TINY_MODEL, TINY_WL, {"ug": 0.4, "decode_attn": 0.2})),
+                       [pair_point(ratio=0.5)])
+    cost = make_problem(TINY_MODEL, TINY_WL, table).cost
+    # ug over all 256 tokens for 2 ms and decode attention over its 128 requests for 1 ms, 1 ms of them at once
+    spans = [Span("L0.ug#0", "ug", 0, "compute", "s0", 100, 256, 0.0, 2.0),
+             Span("L0.decode_attn#0", "decode_attn", 0, "memory", "s1", 32, 128, 1.0, 2.0),
+             Span("L0.kqv#0", "kqv", 0, "compute", "s1", 32, 256, 2.0, 2.5)]     # overlaps nothing
+    extra, num_priced, num_unpriced = cost.overlap_energy_j(spans)
+    # half of ug's 0.4 J and all of decode attention's 0.2 J spent together, at half the energy
+    assert (num_priced, num_unpriced) == (1, 0)
+    assert extra == pytest.approx((0.5 - 1.0) * (0.4 * 0.5 + 0.2 * 1.0))
+    assert cost.overlap_energy_j(spans[:1] + spans[2:]) == (0.0, 0, 0)
+
+
+def overlapped_and_sequential(ratio: float):
+    """The tiny problem with a bound above the sequential plan's layer time, every pair of ops that
+    the overlapped plan runs at once priced at `ratio`: (problem, overlapped plan, sequential plan)."""
+    free = make_problem(TINY_MODEL, TINY_WL, fake_profile(), num_layers=2)
+    overlapped, _ = solve(free, time_limit_s=2.0, min_gain=0.0)
+    seq_ms = sequential_plan(free).predicted.makespan_ms
+    assert overlapped.predicted.makespan_ms < seq_ms * 0.98, "the fake profile must reward overlap"
+    spans = sorted(replay(overlapped, free.cost).timeline.spans, key=lambda s: s.start_ms)
+    together = {(a.op, b.op) for i, a in enumerate(spans) for b in spans[i + 1:]
+                if a.op != b.op and b.start_ms < a.end_ms - 1e-9 and a.start_ms < b.end_ms - 1e-9}
+    assert together
+    sizes = {op: (hi - lo, op_context(free.cost.ops[op], TINY_WL)) for op in free.cost.ops
+             for lo, hi in [free.layer.nodes[op]["token_range"]]}
+    points = {}
+    for a, b in together:
+        key = tuple(sorted((a, b)))
+        points[key] = pair_point(key[0], sizes[key[0]][0], key[1], sizes[key[1]][0], sizes[key[1]][1], ratio=ratio)
+    headroom = LIMIT_W - STATIC_W
+    table = fake_profile().with_energy(layer_energy(TINY_MODEL, TINY_WL, {"ug": 1.2 * seq_ms / 2 / 1e3 * headroom,
+                                                                          "decode_attn": 0.3 * seq_ms / 2 / 1e3 * headroom}))
+    return make_problem(TINY_MODEL, TINY_WL, with_pairs(table, points.values()), num_layers=2), overlapped
+
+
+def test_the_plans_own_bound_chooses_when_the_profile_prices_overlap():
+    # overlap that costs energy: the overlapped plan's bound is above the sequential plan's, so the
+    # search keeps sequential and says why
+    dear, overlapped = overlapped_and_sequential(ratio=2.0)
+    seq = sequential_plan(dear)
+    assert power_bound_for(overlapped, dear.profile)[0].bound_ms > power_bound_for(seq, dear.profile)[0].bound_ms
+    chosen, notes = solve(dear, time_limit_s=2.0, min_gain=0.0)
+    assert chosen.solver.source == "sequential baseline"
+    assert any(n.startswith("margin:") for n in notes), notes
+    # overlap that saves energy: the overlapped plan stays, with a bound below the layer's
+    cheap, overlapped = overlapped_and_sequential(ratio=0.5)
+    chosen, notes = solve(cheap, time_limit_s=2.0, min_gain=0.0)
+    assert chosen.solver.source != "sequential baseline"
+    own, note = power_bound_for(chosen, cheap.profile)
+    assert own.bound_ms < cheap.cost.power_bound().bound_ms and "measured pair energies" in note
+    # `nfsearch check` scores plans the way the search judges them
+    assert judged_makespan_ms(cheap, chosen) == pytest.approx(
+        max(replay(chosen, cheap.cost).makespan_ms, own.bound_ms * 2))
+    assert golden.rescore(chosen, cheap) == pytest.approx(judged_makespan_ms(cheap, chosen))
+
+
+def test_without_pair_points_every_split_has_the_layers_bound():
+    dear, overlapped = overlapped_and_sequential(ratio=2.0)
+    plain = make_problem(TINY_MODEL, TINY_WL, with_pairs(dear.profile, []), num_layers=2)
+    assert (power_bound_for(overlapped, plain.profile)[0].bound_ms
+            == pytest.approx(power_bound_for(sequential_plan(plain), plain.profile)[0].bound_ms))
+    assert judged_makespan_ms(plain, overlapped) == pytest.approx(replay(overlapped, plain.cost).makespan_ms)
