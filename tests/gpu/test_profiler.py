@@ -124,7 +124,7 @@ def test_pair_energy(tmp_path):
                     sm_counts=(full,), pair_minority_sms=(32,))
     table = add_energy(model, workload, load(out), window_s=0.1)
     assert table.energy is not None and len(table.energy.pair_points) == 2, table.energy.failures
-    for p, tokens in zip(table.energy.pair_points, (2048, 256)):
+    for p, tokens in zip(table.energy.pair_points, (256, 2048)):      # sorted by family
         assert (p.op_a, p.num_tokens_a, p.op_b, p.num_tokens_b) == ("kqv", tokens, "decode_attn", 512)
         assert {p.sms_a, p.sms_b} == {32, full - 32}
         # launched together, the pair is neither much faster than back to back on this split (a
