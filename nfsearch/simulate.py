@@ -98,7 +98,9 @@ def power_line(result: Replay, cost: CostModel) -> str:
     """One line: the power bound and whether it binds the replayed plan, or why there is none."""
     if result.power_bound is None:
         return cost.power_note
-    return result.power_bound.describe(result.replayed_layer_ms)
+    # the plan's own bound says what its overlaps added (cost.plan_power_bound's note)
+    overlaps = [part for part in result.power_bound.note.split("; ") if part.startswith("overlaps ")]
+    return result.power_bound.describe(result.replayed_layer_ms) + "".join(f"; {part}" for part in overlaps)
 
 
 MEASURED_SOURCES = (SRC_PAIRS, SRC_PAIRS_CLAMPED, SRC_ROWS)

@@ -159,3 +159,19 @@ def test_without_pair_points_every_split_has_the_layers_bound():
     assert (power_bound_for(overlapped, plain.profile)[0].bound_ms
             == pytest.approx(power_bound_for(sequential_plan(plain), plain.profile)[0].bound_ms))
     assert judged_makespan_ms(plain, overlapped) == pytest.approx(replay(overlapped, plain.cost).makespan_ms)
+
+
+# ------------------------------------------------------------------------------------ CLI
+def test_cli_solve_and_simulate_say_the_plans_own_bound(tmp_path):
+    """The bundled H100 profile carries pair energy: W2's overlapped plan gets a bound of its own,
+    below the sequential plan's, and both commands say so."""
+    from click.testing import CliRunner
+
+    from nfsearch.cli import main
+    out = tmp_path / "w2.json"
+    solved = CliRunner().invoke(main, ["solve", "--workload", "W2", "--time-limit", "3", "-o", str(out)])
+    assert solved.exit_code == 0, solved.output
+    assert "with its overlaps' measured energy, sequential at" in solved.output
+    shown = CliRunner().invoke(main, ["simulate", str(out), "-o", str(tmp_path / "w2.sim")])
+    assert shown.exit_code == 0, shown.output
+    assert "measured pair energies" in shown.output
