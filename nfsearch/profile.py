@@ -392,46 +392,36 @@ class ProfileEnergy:
         for key in ("power_limit_w", "static_power_w", "points"):
             if key not in d:
                 raise NfsearchError(f"profile energy lacks {key}")
-        points = d["points"]
-        if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
-            raise NfsearchError("profile energy: points must be a list of objects")
-        if len(points) > MAX_ENERGY_POINTS:
-            raise NfsearchError(f"profile energy: more than {MAX_ENERGY_POINTS} points")
-        fields_ = set(EnergyPoint.__dataclass_fields__)
-        parsed = []
-        for p in points:
-            odd = sorted(str(k) for k in p if k not in fields_)
-            if odd:
-                raise NfsearchError(f"profile energy: unknown point keys {', '.join(shown(k, 30) for k in odd[:5])}")
-            try:
-                parsed.append(EnergyPoint(**p))
-            except TypeError:
-                raise NfsearchError("profile energy: a point lacks op, impl, num_tokens, context, energy_j, "
-                                    "time_ms or power_w") from None
+        parsed = _parse_points(d["points"], EnergyPoint, "points", "point")
         failures = d.get("failures", [])
         if not isinstance(failures, list):
             raise NfsearchError("profile energy: failures must be a list")
-        pair_points = d.get("pair_points", [])
-        if not isinstance(pair_points, list) or not all(isinstance(p, dict) for p in pair_points):
-            raise NfsearchError("profile energy: pair_points must be a list of objects")
-        if len(pair_points) > MAX_ENERGY_POINTS:
-            raise NfsearchError(f"profile energy: more than {MAX_ENERGY_POINTS} pair points")
-        pair_fields = set(PairEnergyPoint.__dataclass_fields__)
-        pairs = []
-        for p in pair_points:
-            odd = sorted(str(k) for k in p if k not in pair_fields)
-            if odd:
-                raise NfsearchError(f"profile energy: unknown pair point keys {', '.join(shown(k, 30) for k in odd[:5])}")
-            try:
-                pairs.append(PairEnergyPoint(**p))
-            except TypeError:
-                raise NfsearchError("profile energy: a pair point lacks one of "
-                                    + ", ".join(f for f in pair_fields if PairEnergyPoint.__dataclass_fields__[f].default
-                                                is dataclasses.MISSING)) from None
+        pairs = _parse_points(d.get("pair_points", []), PairEnergyPoint, "pair_points", "pair point")
         rest = {k: d[k] for k in known - {"points", "failures", "power_limit_w", "static_power_w", "pair_points"}
                 if k in d}
-        return cls(d["power_limit_w"], d["static_power_w"], tuple(parsed), failures=tuple(failures),
-                   pair_points=tuple(pairs), **rest)
+        return cls(d["power_limit_w"], d["static_power_w"], parsed, failures=tuple(failures), pair_points=pairs,
+                   **rest)
+
+
+def _parse_points(items, point_cls, key: str, what: str) -> tuple:
+    """The `point_cls` objects (EnergyPoint, PairEnergyPoint) of the list of JSON objects `items`
+    found under `key` of a profile's energy; one line naming what is wrong otherwise."""
+    if not isinstance(items, list) or not all(isinstance(p, dict) for p in items):
+        raise NfsearchError(f"profile energy: {key} must be a list of objects")
+    if len(items) > MAX_ENERGY_POINTS:
+        raise NfsearchError(f"profile energy: more than {MAX_ENERGY_POINTS} {what}s")
+    fields_ = point_cls.__dataclass_fields__
+    required = [f for f, spec in fields_.items() if spec.default is dataclasses.MISSING]
+    parsed = []
+    for p in items:
+        odd = sorted(str(k) for k in p if k not in fields_)
+        if odd:
+            raise NfsearchError(f"profile energy: unknown {what} keys {', '.join(shown(k, 30) for k in odd[:5])}")
+        missing = [f for f in required if f not in p]
+        if missing:
+            raise NfsearchError(f"profile energy: a {what} lacks {', '.join(missing)}")
+        parsed.append(point_cls(**p))
+    return tuple(parsed)
 
 
 def energy_from_meta(meta: dict) -> ProfileEnergy | None:
