@@ -275,6 +275,39 @@ def format_report(report: PairReport) -> str:
     return "\n".join(out)
 
 
+def energy_rows(energy, gain: float = GAIN) -> list[dict]:
+    """Per pair energy point of a profile's energy (profile.ProfileEnergy): the pair in a sustained
+    loop at its best split against back to back, at the power limit as the GPU ran them."""
+    rows = []
+    for p in energy.pair_points:
+        a = PairSide(p.op_a, "", p.num_tokens_a, p.context_a).describe()
+        b = PairSide(p.op_b, "", p.num_tokens_b, p.context_b).describe()
+        time_ratio = p.time_ms / p.b2b_time_ms
+        rows.append({"family": f"{a} x {b}",
+                     "split": f"{p.sms_a}+{p.sms_b}", "time_ratio": round(time_ratio, 4),
+                     "energy_ratio": round(p.dynamic_ratio(energy.static_power_w), 4),
+                     "power_w": round(p.power_w), "b2b_power_w": round(p.b2b_power_w),
+                     "capped_share": p.capped_share, "b2b_capped_share": p.b2b_capped_share,
+                     "pays": time_ratio <= 1.0 / (1.0 + gain) + 1e-12})
+    return rows
+
+
+def format_energy_rows(rows: list[dict], gain: float = GAIN) -> str:
+    """The sustained pairs as a text table, then where overlap pays at the power limit."""
+    cols = ("family (sustained, best split)", "split", "time ratio", "energy ratio", "W together / back to back",
+            "pays")
+    lines = [(r["family"], r["split"], f"{r['time_ratio']:.3f}", f"{r['energy_ratio']:.3f}",
+              f"{r['power_w']} / {r['b2b_power_w']}", "yes" if r["pays"] else "no") for r in rows]
+    widths = [max(len(c), *(len(x[i]) for x in lines)) for i, c in enumerate(cols)]
+    line = lambda r: "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+    num_paying = sum(r["pays"] for r in rows)
+    return "\n".join([line(cols), line(tuple("-" * w for w in widths))] + [line(x) for x in lines] + [
+        f"sustained, at the power limit as the GPU ran them: overlap pays (>= {gain:.0%} faster than back to "
+        f"back) in {num_paying} of {len(rows)} families; time ratio = sustained loop together / back to back, "
+        f"energy ratio = dynamic energy together / back to back at one SM clock (what the plan's power bound "
+        f"charges an overlap)"])
+
+
 def analyze_pairs(profile_path: str | None, json_path: str | None = None, tp_degree: int = 1,
                   ignored_flags: tuple[str, ...] = ()) -> str:
     """`nfsearch analyze --pairs PROFILE [--tp N] [--json FILE]`: the report's text (JSON written if asked)."""
@@ -301,10 +334,13 @@ def analyze_pairs(profile_path: str | None, json_path: str | None = None, tp_deg
         raise NfsearchError(f"{profile_path}: no {what} rows (measured with `nfsearch profile` "
                             f"{'on a tensor-parallel setup' if is_network else 'with --pairs'}; "
                             f"this table has {len(points)} pair points)")
+    sustained = energy_rows(table.energy, report.gain) if table.energy is not None and not is_network else []
     if json_path:
         from nfsearch.files import write_text_atomic
         data = report.to_dict()
         data["profile"] = str(profile_path)
         data["method"] = entry.get("method")
+        data["sustained"] = sustained
         write_text_atomic(json_path, json.dumps(data, indent=1) + "\n")
-    return format_report(report)
+    text = format_report(report)
+    return text + "\n\n" + format_energy_rows(sustained, report.gain) if sustained else text

@@ -175,3 +175,25 @@ def test_cli_solve_and_simulate_say_the_plans_own_bound(tmp_path):
     shown = CliRunner().invoke(main, ["simulate", str(out), "-o", str(tmp_path / "w2.sim")])
     assert shown.exit_code == 0, shown.output
     assert "measured pair energies" in shown.output
+
+
+def test_cli_analyze_pairs_adds_the_sustained_pairs(tmp_path):
+    """`analyze --pairs` on a profile with pair energy: the sustained pairs after the burst table, in
+    the JSON too, each pair's time ratio its loops' times and its pays flag by the same 5% rule."""
+    import json
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from nfsearch.cli import main
+    bundled = Path(__file__).resolve().parent.parent / "profiles/h100-sxm/llama-3-8b.parquet"
+    out = tmp_path / "pairs.json"
+    result = CliRunner().invoke(main, ["analyze", "--pairs", str(bundled), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "sustained, at the power limit as the GPU ran them: overlap pays" in result.output
+    rows = json.loads(out.read_text())["sustained"]
+    points = profile.load(bundled).energy.pair_points
+    assert len(rows) == len(points) > 0
+    for row, p in zip(rows, points):
+        assert row["time_ratio"] == pytest.approx(p.time_ms / p.b2b_time_ms, abs=1e-4)
+        assert row["pays"] == (p.time_ms / p.b2b_time_ms <= 1 / 1.05)

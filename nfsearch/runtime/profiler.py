@@ -154,7 +154,7 @@ PAIR_ENERGY_OVERHEAD_S = 0.5    # an energy window's cost beyond its length (war
 def energy_summary(energy) -> dict:
     """The summary.json entry of a profile's energy (profile.ProfileEnergy)."""
     return {"power_limit_w": energy.power_limit_w, "static_power_w": energy.static_power_w,
-            "points": len(energy.points), "failures": list(energy.failures)}
+            "points": len(energy.points), "pair_points": len(energy.pair_points), "failures": list(energy.failures)}
 
 
 def add_energy(model, workload, table, gpu_id: int = 0, log=None, window_s: float | None = None,
