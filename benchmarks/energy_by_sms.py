@@ -10,6 +10,11 @@ of several SM counts (runtime/power.measure_energy: a sustained back-to-back loo
 other SMs idle), with the impl a plan uses there, and the static power.
 
     PYTHONPATH=. python benchmarks/energy_by_sms.py --out DIR      (one GPU, about 1.5 minutes)
+    PYTHONPATH=. python benchmarks/energy_by_sms.py --by-impl --out DIR
+
+--by-impl: each GEMM at 2048 tokens and decode attention at 512 requests on the whole GPU with every
+registered impl instead (does the choice of kernel change the energy of a layer at the power cap?);
+the ratio column is then over the op's torch impl.
 
 Writes DIR/energy_by_sms_<gpu>_<date>.json (GPU name, date, command) and prints a table last: per
 op and SM count, ms per call, J per call, dynamic J (above static x time), W, SM clock, capped share.
@@ -33,11 +38,13 @@ from nfsearch.runtime.partitions import SmPartitions
 
 DT = torch.bfloat16
 HID, INTER, HQ, HKV, HD = 4096, 14336, 32, 8, 128
-GEMMS = {"kqv": (HID, (HQ + 2 * HKV) * HD), "ug": (HID, 2 * INTER), "d": (INTER, HID)}
+GEMMS = {"kqv": (HID, (HQ + 2 * HKV) * HD), "o": (HQ * HD, HID), "ug": (HID, 2 * INTER), "d": (INTER, HID)}
 CASES = [("decode_attn", "tma", 512, (16, 32, 48, 64, 100, 132)),
          ("kqv", "tma", 2048, (84, 100, 116, 132)),
          ("ug", "tma", 2048, (84, 100, 116, 132)),
          ("d", "tma", 2048, (84, 100, 116, 132))]
+IMPL_CASES = ([(op, impl, 2048, (132,)) for op in GEMMS for impl in ("torch", "tma", "triton", "cublaslt")]
+              + [("decode_attn", impl, 512, (132,)) for impl in ("torch", "tma", "triton")])
 GRAPH_MS = 2.0
 
 
@@ -73,7 +80,9 @@ def graph_of(call, stream) -> tuple[object, int]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--by-impl", action="store_true", help="every impl on the whole GPU instead of SM counts")
     args = ap.parse_args()
+    cases = IMPL_CASES if args.by_impl else CASES
     device, how = power.open_device(0)
     if device is None:
         sys.exit(f"energy_by_sms: {how}")
@@ -82,7 +91,10 @@ def main() -> None:
     static = power.measure_static_power(device)
     rows = []
     try:
-        for op, impl, size, counts in CASES:
+        for op, impl, size, counts in cases:
+            if impl not in IMPLS[op]:
+                print(f"  {op}: no impl {impl}", file=sys.stderr)
+                continue
             for n in counts:
                 sms, stream = (parts.num_sms, torch.cuda.Stream()) if n >= parts.num_sms else (parts.round(n), parts.stream(n))
                 graph, k = graph_of(make_call(op, impl, size, sms), stream)
@@ -103,19 +115,20 @@ def main() -> None:
               "static_power_w": static.static_power_w, "how": how, "rows": rows}
     os.makedirs(args.out, exist_ok=True)
     tag = gpu.replace("NVIDIA ", "").replace(" ", "-")
-    path = os.path.join(args.out, f"energy_by_sms_{tag}_{datetime.date.today().isoformat()}.json")
+    kind = "energy_by_impl" if args.by_impl else "energy_by_sms"
+    path = os.path.join(args.out, f"{kind}_{tag}_{datetime.date.today().isoformat()}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {path}; static power {static.static_power_w:.0f} W")
-    print(f"{'op':<12}{'size':>6}{'SMs':>5}{'ms':>9}{'mJ':>9}{'dyn mJ':>9}{'dyn/whole':>10}{'W':>6}{'MHz':>6}{'cap':>5}")
-    for op, impl, size, _ in CASES:
-        mine = [r for r in rows if r["op"] == op]
-        whole = next((r["dynamic_j"] for r in mine if r["sm_count"] == parts.num_sms), None)
-        for r in mine:
-            ratio = r["dynamic_j"] / whole if whole else float("nan")
-            print(f"{op:<12}{size:>6}{r['sm_count']:>5}{r['time_ms']:>9.4f}{r['energy_j'] * 1e3:>9.1f}"
-                  f"{r['dynamic_j'] * 1e3:>9.1f}{ratio:>10.3f}{r['power_w']:>6.0f}{r['sm_clock_mhz'] or 0:>6.0f}"
-                  f"{r['capped_share']:>5.2f}")
+    print(f"{'op':<12}{'impl':>9}{'size':>6}{'SMs':>5}{'ms':>9}{'mJ':>9}{'dyn mJ':>9}{'dyn/ref':>8}{'W':>6}"
+          f"{'MHz':>6}{'cap':>5}")
+    for r in rows:      # ref: the same impl on the whole GPU (by SM count), the op's torch impl (--by-impl)
+        ref = next((q["dynamic_j"] for q in rows if q["op"] == r["op"] and (
+            q["impl"] == "torch" if args.by_impl else (q["impl"] == r["impl"] and q["sm_count"] == parts.num_sms))), None)
+        ratio = r["dynamic_j"] / ref if ref else float("nan")
+        print(f"{r['op']:<12}{r['impl']:>9}{r['size']:>6}{r['sm_count']:>5}{r['time_ms']:>9.4f}{r['energy_j'] * 1e3:>9.1f}"
+              f"{r['dynamic_j'] * 1e3:>9.1f}{ratio:>8.3f}{r['power_w']:>6.0f}{r['sm_clock_mhz'] or 0:>6.0f}"
+              f"{r['capped_share']:>5.2f}")
 
 
 if __name__ == "__main__":
