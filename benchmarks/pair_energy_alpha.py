@@ -2,7 +2,7 @@
 (profile.PairEnergyPoint.dynamic_ratio: the pair's energy taken to the back-to-back loop's clock as
 (clock ratio)^alpha). For each alpha the bundled profile's energy factor is refitted on board A's
 four runs (calibrate --energy, as the bundled factor was), then the layer time is predicted for
-board A's runs (in sample) and for board B's twelve candidates (benchmarks/pair_energy_eval.py).
+board A's runs (in sample) and for boards B and C's twelve candidates each (benchmarks/pair_energy_eval.py).
 nfsearch uses alpha = 1 (profile.ENERGY_CLOCK_EXPONENT, read off earlier H100 runs before these);
 this prints what another choice would have given. CPU only.
 
@@ -12,7 +12,7 @@ this prints what another choice would have given. CPU only.
 import json
 from pathlib import Path
 
-from pair_energy_eval import CASES, R
+from pair_energy_eval import BOARDS, R, load_profile
 
 from nfsearch import plan as plan_io
 from nfsearch import profile as profile_mod
@@ -42,16 +42,19 @@ def main() -> None:
                                                         f"{w}.{k}")]
         table, fit = calibrate_energy(load(BUNDLED), runs)
         board_a = [predicted(table, session / "plans" / f"{w}.{k}.json") / m - 1 for (w, k), m in BOARD_A.items()]
-        board_b = []
-        for case, profile_path in CASES.items():
-            own = table if profile_path.startswith("profiles/") else load(R / profile_path)
-            timings = json.loads((R / case / "best.tune.json").read_text())["candidates"][0]["interleaved"]["timings"]
-            board_b += [predicted(own, R / case / "plans" / f"{name}.json") / t["layer_ms"] - 1
-                        for name, t in timings.items()]
-        print(f"alpha {alpha:g}: factor {fit.factor:.3f}; board A (in sample) "
-              + ", ".join(f"{e:+.1%}" for e in board_a)
-              + f"; board B max |error| {max(map(abs, board_b)):.1%}, mean {sum(map(abs, board_b)) / len(board_b):.2%}, "
-                f"within 5% {sum(abs(e) <= 0.05 for e in board_b)} of {len(board_b)}")
+        text = [f"alpha {alpha:g}: factor {fit.factor:.3f}; board A (in sample) "
+                + ", ".join(f"{e:+.1%}" for e in board_a)]
+        for board, cases in sorted(BOARDS.items()):
+            errors = []
+            for case, folder in cases.items():
+                own = table if case.startswith("llama") else load_profile(R, case)
+                timings = json.loads((R / folder / "best.tune.json").read_text())["candidates"][0]["interleaved"]["timings"]
+                errors += [predicted(own, R / folder / "plans" / f"{name}.json") / t["layer_ms"] - 1
+                           for name, t in timings.items()]
+            text.append(f"board {board} max |error| {max(map(abs, errors)):.1%}, mean "
+                        f"{sum(map(abs, errors)) / len(errors):.2%}, within 5% {sum(abs(e) <= 0.05 for e in errors)} "
+                        f"of {len(errors)}")
+        print("; ".join(text))
     profile_mod.PairEnergyPoint.dynamic_ratio = dynamic_ratio
 
 
