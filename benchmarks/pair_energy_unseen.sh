@@ -20,13 +20,13 @@ config() { case "$1" in Qwen2-7B) echo benchmarks/models/Qwen2-7B/config.json ;;
 three_plans() {   # name model workload profile (plans already in OUT/name/plans: only tune)
   local d=$OUT/$1; mkdir -p "$d/plans"
   if [ -f "$d/plans/a_solved.json" ]; then
-    step "tune_$1" 200 $N tune --model "$2" --workload "$3" --plans "$d/plans" -k 3 --iters 20 -o "$d/best.json" > "$d/tune.txt" 2>&1
+    step "tune_$1" 200 $N tune --model "$2" --workload "$3" --plans "$d/plans" --profile "$4" -k 3 --iters 20 -o "$d/best.json" > "$d/tune.txt" 2>&1
     return
   fi
   step "solve_$1" 60 $N solve --model "$2" --workload "$3" --profile "$4" --time-limit 5 -o "$d/plans/a_solved.json" > "$d/solve.txt" 2>&1
   step "overlapped_$1" 60 $N solve --model "$2" --workload "$3" --profile "$4" --time-limit 5 --min-gain 0 -o "$d/plans/b_overlapped.json" > "$d/overlapped.txt" 2>&1
   step "sequential_$1" 60 $N solve --model "$2" --workload "$3" --profile "$4" --min-gain 0.99 -o "$d/plans/c_sequential.json" > "$d/sequential.txt" 2>&1
-  step "tune_$1" 200 $N tune --model "$2" --workload "$3" --plans "$d/plans" -k 3 --iters 20 -o "$d/best.json" > "$d/tune.txt" 2>&1
+  step "tune_$1" 200 $N tune --model "$2" --workload "$3" --plans "$d/plans" --profile "$4" -k 3 --iters 20 -o "$d/best.json" > "$d/tune.txt" 2>&1
 }
 nvidia-smi --query-gpu=name,power.limit,clocks.max.sm,driver_version,serial --format=csv > "$OUT/gpu.txt" 2>&1
 for part in $PARTS; do

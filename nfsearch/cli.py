@@ -594,7 +594,9 @@ def calibrate_cmd(profile_path, runs, from_path, energy_runs, output):
 @click.option("--layers", "num_layers", type=click.IntRange(1, 1000), default=2, show_default=True,
               help="Layers unrolled when solving the candidates.")
 @click.option("--profile", "profile_path", type=click.Path(dir_okay=False),
-              help="Profile to solve the candidates with (default: the bundled table of the model, else analytic).")
+              help="Profile to solve the candidates with (default: the bundled table of the model, else analytic); "
+                   "with --plans, the table they were made with: each report's prediction then includes its "
+                   "power bound.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Best plan JSON; every candidate's report goes beside it as <stem>.tune.json.")
 @_run_options
@@ -602,11 +604,16 @@ def tune_cmd(plans_dir, top_k, time_limit_s, num_layers, profile_path, output, m
     """Run each candidate plan on the GPU, time those that ran against each other, keep the fastest."""
     from nfsearch import tune
     _check_outputs([output, Path(output).with_suffix(".tune.json")], (".json",))
-    if plans_dir and profile_path:
-        raise NfsearchError("--profile is for solving the candidates; with --plans they are already solved")
-    profile = None                      # with --plans the candidates' tables are not at hand: no power bound
+    profile = None                      # with --plans and no --profile: no power bound in the predictions
     if plans_dir:
         candidates = tune.read_candidates(plans_dir)
+        if profile_path:                # the table the candidates were made with, for their predictions
+            from nfsearch.profile import load
+            profile = load(profile_path)
+            for c in candidates:
+                if c.schedule.profile.fingerprint != profile.fingerprint() and not force:
+                    raise NfsearchError(f"{c.name}: made with profile {c.schedule.profile.fingerprint}, "
+                                        f"{profile_path} is {profile.fingerprint()} (--force to run anyway)")
     else:
         model, workload = resolve_specs(**spec)
         problem = _problem(model, workload, profile_path, num_layers, False)

@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import click
 import pytest
@@ -19,6 +20,8 @@ from nfsearch.errors import NfsearchError
 from nfsearch.profile import load
 from nfsearch.search.baselines import equal_split_plan, sequential_plan
 from nfsearch.specs import load_model, load_workload
+
+ROOT = Path(__file__).resolve().parent.parent
 
 LLAMA_HF = str(FIXTURES / "hf" / "Meta-Llama-3-8B" / "config.json")
 MIXTRAL_HF = str(FIXTURES / "hf" / "Mixtral-8x7B-v0.1" / "config.json")
@@ -572,9 +575,17 @@ def test_simulate_writes_all_outputs_or_none(tmp_path, monkeypatch, fake_csv):
     assert _files(tmp_path / "out") == ["p.sim.html", "p.sim.png", "p.sim.trace.json"]
 
 
-def test_tune_takes_a_profile_only_for_solving(tmp_path):
-    _fails(_run("tune", "--plans", tmp_path, "--profile", tmp_path / "p.parquet", "-o", tmp_path / "best.json"),
-           "with --plans they are already solved")
+def test_tune_takes_a_profile_for_solving_or_for_the_plans_predictions(tmp_path):
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    (plans / "w2.json").write_text((ROOT / "tests/golden/W2.plan.json").read_text())
+    # with --plans the profile must be the one the plans were made with (their predictions' table)
+    _fails(_run("tune", "--plans", plans, "--profile", ROOT / "profiles/h100-sxm/llama-3-8b.analytic.parquet",
+                "-o", tmp_path / "best.json"), "w2: made with profile")
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():     # the right profile passes the check and reaches the GPU's refusal
+        _fails(_run("tune", "--plans", plans, "--profile", ROOT / "profiles/h100-sxm/llama-3-8b.parquet",
+                    "-o", tmp_path / "best.json"), "needs a CUDA GPU")
     _fails(_run("tune", "--model", "llama-3-8b", "--workload", "W1", "--profile", tmp_path / "absent.parquet",
                 "-o", tmp_path / "best.json"), "no such profile")
     assert not (tmp_path / "best.json").exists()
