@@ -38,8 +38,8 @@ unless the profile has pair energy points (profile.PairEnergyPoint: a pair famil
 a sustained loop against the two back to back): then each two nano-ops that a replay runs at once
 cost (r - 1) x the dynamic energy each spends in their overlap more, r the measured pair's dynamic
 energy over back to back's (the family's point nearest in tokens and context), and the bound is the
-plan's own (`overlap_energy_j`; measured on an H100, a GEMM beside decode attention at 0.85-0.99,
-beside a small op 1.05-1.57). Energies are interpolated linearly in tokens
+plan's own (`overlap_energy_j`; measured on an H100 at one clock: a GEMM beside decode attention
+0.88-1.11, beside prefill attention 0.91-1.17, decode beside prefill attention 0.87-0.94). Energies are interpolated linearly in tokens
 between the profile's points; outside them, and at a context the profile did not measure, scaled in
 proportion to the tokens (the context): labelled "scaled". `nfsearch calibrate --energy` fits a
 factor on the dynamic energies (1 without it). The predicted layer time is max(the replayed makespan

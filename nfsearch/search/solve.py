@@ -205,7 +205,6 @@ def solve(problem: Problem, solver: str = "auto", time_limit_s: float = 10.0, th
     return schedule, notes
 
 
-
 def _has_pair_energy(problem: Problem) -> bool:
     energy = problem.cost.energy
     return energy is not None and bool(energy.energy.pair_points) and problem.cost.power_bound() is not None
