@@ -402,6 +402,10 @@ def test_tiny_quick_tp_profile_on_two_gpus(tmp_path):
         assert {p.op for p in got.energy.points} == {op.name for op in layer_ops(TINY, TINY_WL)}, \
             got.meta["network"]["notes"]
         assert "measured afterwards with every GPU at once" in got.energy.method
+        # the shard's pair families (not the collective ones) at their best split, sustained
+        shard_families = {(p.a.op, p.b.op) for p in pair_table.points_from_meta(got.meta)
+                          if not pair_table.is_network_family(p.a, p.b)}
+        assert {(p.op_a, p.op_b) for p in got.energy.pair_points} == shard_families, got.energy.failures
         bound = make_problem(TINY, TINY_WL, got, 1).cost.power_bound()
         assert bound is not None and "counted as no dynamic energy" not in bound.note
 
