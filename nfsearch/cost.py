@@ -351,6 +351,15 @@ class EnergyModel:
         self.energy = energy
         self.factor = factor
         self.factor_label = factor_label or "energy factor 1 (no calibration)"
+        # pair energy point -> its dynamic energy ratio at one clock; a point that spent no energy
+        # above the static power (a bad window) prices nothing rather than failing every replay
+        self.pair_points = {}
+        for p in energy.pair_points:
+            try:
+                self.pair_points[p] = p.dynamic_ratio(energy.static_power_w)
+            except NfsearchError:
+                continue
+        self.pair_ratio = lru_cache(maxsize=None)(self._pair_ratio)   # replays ask the same pairs again
         self.points: dict[str, dict[int, list[tuple[int, float, float]]]] = {}
         for p in energy.points:
             self.points.setdefault(p.op, {}).setdefault(p.context, []).append((p.num_tokens, p.energy_j, p.time_ms))
@@ -390,14 +399,14 @@ class EnergyModel:
         energy_j, time_ms, how = self.op_energy(op, num_tokens, context)
         return self.factor * max(0.0, energy_j - self.energy.static_power_w * time_ms / 1e3), how
 
-    def pair_ratio(self, op_a: str, num_tokens_a: int, context_a: int, op_b: str, num_tokens_b: int,
-                   context_b: int) -> float | None:
+    def _pair_ratio(self, op_a: str, num_tokens_a: int, context_a: int, op_b: str, num_tokens_b: int,
+                    context_b: int) -> float | None:
         """The dynamic energy of `op_a` and `op_b` run together over theirs back to back, from the pair
         energy point of their family (either order) nearest in tokens and context (log distance);
         None where no pair of these two kernels was measured."""
         a, b = _base_op(op_a), _base_op(op_b)
         best = None
-        for p in self.energy.pair_points:
+        for p in self.pair_points:
             for (x, tx, cx, y, ty, cy) in ((p.op_a, p.num_tokens_a, p.context_a, p.op_b, p.num_tokens_b, p.context_b),
                                             (p.op_b, p.num_tokens_b, p.context_b, p.op_a, p.num_tokens_a, p.context_a)):
                 if (_base_op(x), _base_op(y)) != (a, b):
@@ -406,7 +415,7 @@ class EnergyModel:
                        + abs(math.log((cx + 1) / (context_a + 1))) + abs(math.log((cy + 1) / (context_b + 1))))
                 if best is None or far < best[0]:
                     best = (far, p)
-        return None if best is None else best[1].dynamic_ratio(self.energy.static_power_w)
+        return None if best is None else self.pair_points[best[1]]
 
     def is_unmeasured_network(self, op: Op) -> bool:
         """A collective without energy points (a TP profile's): it counts as no dynamic energy."""
@@ -628,7 +637,7 @@ class CostModel:
         `spans` (Span: op, num_tokens, start_ms, end_ms): for each two nano-ops of different ops that
         ran at once, (r - 1) x the share of each one's dynamic energy spent in the overlap, r the
         measured pair energy ratio (EnergyModel.pair_ratio). 0 without pair energy points."""
-        if self.energy is None or not self.energy.energy.pair_points:
+        if self.energy is None or not self.energy.pair_points:
             return 0.0, 0, 0
         extra, num_priced, num_unpriced = 0.0, 0, 0
         spans = sorted(spans, key=lambda sp: sp.start_ms)
@@ -654,7 +663,7 @@ class CostModel:
         (power_bound) plus its overlaps' energy (overlap_energy_j); the layer's where the profile has
         no pair energy points."""
         bound = self.power_bound()
-        if bound is None or not self.energy.energy.pair_points:
+        if bound is None or not self.energy.pair_points:
             return bound
         extra, num_priced, num_unpriced = self.overlap_energy_j(spans)
         unpriced = f", {num_unpriced} without a measured pair (counted as back to back)" if num_unpriced else ""

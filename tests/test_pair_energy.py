@@ -197,3 +197,14 @@ def test_cli_analyze_pairs_adds_the_sustained_pairs(tmp_path):
     for row, p in zip(rows, points):
         assert row["time_ratio"] == pytest.approx(p.time_ms / p.b2b_time_ms, abs=1e-4)
         assert row["pays"] == (p.time_ms / p.b2b_time_ms <= 1 / 1.05)
+
+
+def test_a_pair_point_without_energy_above_static_prices_nothing():
+    """A bad window (the pair spent less than static power x its time) is left out, not an error
+    in every replay."""
+    bad = dataclasses.replace(pair_point(), energy_j=STATIC_W * 1e-3 * 0.5)
+    table = with_pairs(fake_profile().with_energy(layer_energy(TINY_MODEL, TINY_WL, {"ug": 0.4})),
+                       [bad, pair_point("kqv", ratio=1.2)])
+    energy = make_problem(TINY_MODEL, TINY_WL, table).cost.energy
+    assert energy.pair_ratio("ug", 256, 0, "decode_attn", 128, 512) is None
+    assert energy.pair_ratio("kqv", 256, 0, "decode_attn", 128, 512) == pytest.approx(1.2)

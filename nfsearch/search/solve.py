@@ -207,7 +207,7 @@ def solve(problem: Problem, solver: str = "auto", time_limit_s: float = 10.0, th
 
 def _has_pair_energy(problem: Problem) -> bool:
     energy = problem.cost.energy
-    return energy is not None and bool(energy.energy.pair_points) and problem.cost.power_bound() is not None
+    return energy is not None and bool(energy.pair_points) and problem.cost.power_bound() is not None
 
 
 def _plan_bound(problem: Problem, plan):
