@@ -208,3 +208,20 @@ def test_a_pair_point_without_energy_above_static_prices_nothing():
     energy = make_problem(TINY_MODEL, TINY_WL, table).cost.energy
     assert energy.pair_ratio("ug", 256, 0, "decode_attn", 128, 512) is None
     assert energy.pair_ratio("kqv", 256, 0, "decode_attn", 128, 512) == pytest.approx(1.2)
+
+
+def test_tune_also_runs_the_overlapped_plan_the_margin_turned_down():
+    """W3 on the bundled H100 profile: its overlapped plan is predicted within the 2% margin of
+    sequential, so solve keeps sequential; tune runs both (and the sequential baseline only once)."""
+    from nfsearch import tune
+    from nfsearch.cost import default_profile
+    from nfsearch.specs import load_model, load_workload
+
+    model = load_model("llama-3-8b")
+    names = {}
+    for w in ("W2", "W3"):
+        workload = load_workload(w)
+        problem = make_problem(model, workload, default_profile(model, workload), 2)
+        names[w] = [c.name for c in tune.solved_candidates(problem, 3.0)]
+    assert names["W2"][0] == "solved" and "overlapped" not in names["W2"] and "sequential" in names["W2"]
+    assert names["W3"][:2] == ["solved", "overlapped"] and "sequential" not in names["W3"]
