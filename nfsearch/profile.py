@@ -188,6 +188,18 @@ def _optional(value, what: str, high: float) -> float | None:
     return None if value is None else _positive(value, what, high)
 
 
+def _short_name(value, what: str) -> str:
+    if not (isinstance(value, str) and value and value.isprintable() and len(value) <= MAX_LABEL_CHARS):
+        raise NfsearchError(f"profile energy: {what} must be a short name, not {shown(value, 40)!r}")
+    return value
+
+
+def _count(value, what: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise NfsearchError(f"profile energy: {what} must be an integer in {low}..{high}, not {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class EnergyPoint:
     """One op at one size, run back to back on the whole GPU with `impl` (its fastest there):
@@ -206,14 +218,9 @@ class EnergyPoint:
 
     def __post_init__(self):
         for key in ("op", "impl"):
-            value = getattr(self, key)
-            if not (isinstance(value, str) and value and value.isprintable() and len(value) <= MAX_LABEL_CHARS):
-                raise NfsearchError(f"profile energy: point {key} must be a short name, not {shown(value, 40)!r}")
+            _short_name(getattr(self, key), f"point {key}")
         for key, low in (("num_tokens", 1), ("context", 0)):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_CONTEXT:
-                raise NfsearchError(f"profile energy: {self.op} {key} must be an integer in {low}..{MAX_CONTEXT}, "
-                                    f"not {value!r}")
+            _count(getattr(self, key), f"{self.op} {key}", low, MAX_CONTEXT)
         object.__setattr__(self, "energy_j", _positive(self.energy_j, f"{self.op} energy_j", MAX_ENERGY_J))
         object.__setattr__(self, "time_ms", _positive(self.time_ms, f"{self.op} time_ms", MAX_TIME_MS))
         object.__setattr__(self, "power_w", _positive(self.power_w, f"{self.op} power_w", MAX_POWER_W))
@@ -230,18 +237,6 @@ class EnergyPoint:
         return {"op": self.op, "impl": self.impl, "num_tokens": self.num_tokens, "context": self.context,
                 "energy_j": self.energy_j, "time_ms": self.time_ms, "power_w": self.power_w,
                 "sm_clock_mhz": self.sm_clock_mhz, "capped_share": self.capped_share}
-
-
-def _short_name(value, what: str) -> str:
-    if not (isinstance(value, str) and value and value.isprintable() and len(value) <= MAX_LABEL_CHARS):
-        raise NfsearchError(f"profile energy: {what} must be a short name, not {shown(value, 40)!r}")
-    return value
-
-
-def _count(value, what: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise NfsearchError(f"profile energy: {what} must be an integer in {low}..{high}, not {value!r}")
-    return value
 
 
 @dataclass(frozen=True)
