@@ -329,8 +329,7 @@ def solve(profile_path, solver, time_limit_s, threads, seed, num_layers, chunk, 
     layer, seq, bound = p.layer_time_ms, p.sequential_layer_time_ms, p.bound_ms
     from nfsearch.simulate import replay
     power = problem.cost.power_bound()
-    own = None if power is None else problem.cost.plan_power_bound(replay(schedule, problem.cost).timeline.spans,
-                                                                    schedule.num_layers)
+    own = None if power is None else replay(schedule, problem.cost).power_bound
     if own is None or own.bound_ms <= layer:
         capped = ""
     elif own.bound_ms == power.bound_ms:

@@ -18,8 +18,8 @@ is the kernels' schedule and is not stretched.
 
 import math
 from collections import Counter
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
 
 import networkx as nx
 
@@ -52,7 +52,13 @@ class PlanInvalid(NfsearchError):
 class Replay:
     timeline: Timeline
     stated: Timeline            # the plan's own predicted times
-    power_bound: PowerBound | None = None     # of one layer, where the profile has energy
+    cost: CostModel = field(repr=False, compare=False)
+
+    @cached_property
+    def power_bound(self) -> PowerBound | None:
+        """Of one layer, where the profile has energy: the plan's own (cost.plan_power_bound). Asked
+        for, not made with every replay: the search replays hundreds of drafts and judges few."""
+        return self.cost.plan_power_bound(self.timeline.spans, self.timeline.num_layers)
 
     @property
     def makespan_ms(self) -> float:
@@ -237,8 +243,7 @@ def replay(schedule: Schedule, cost: CostModel) -> Replay:
     else:
         raise PlanInvalid(f"replay did not finish in {2 * len(ops) + 1} steps")
     label = f"predicted ({cost.profile.label}, {cost.describe_sources()})"
-    return Replay(Timeline(label, tuple(spans), schedule.num_layers), stated_timeline(schedule),
-                  cost.plan_power_bound(spans, schedule.num_layers))
+    return Replay(Timeline(label, tuple(spans), schedule.num_layers), stated_timeline(schedule), cost)
 
 
 def stated_timeline(schedule: Schedule) -> Timeline:

@@ -32,7 +32,7 @@ from nfsearch.search.durations import UNITS_PER_MS, Durations
 from nfsearch.search.polish import polish
 from nfsearch.search.stage1 import sweep
 from nfsearch.search.stage2 import plan_from_result, stage2_from
-from nfsearch.simulate import PlanInvalid, corun_sources, replay, sources_line, verify
+from nfsearch.simulate import PlanInvalid, Replay, corun_sources, replay, sources_line, verify
 from nfsearch.solvers import resolve
 
 Progress = Callable[[str], None] | None
@@ -160,18 +160,20 @@ def solve(problem: Problem, solver: str = "auto", time_limit_s: float = 10.0, th
     # cap). Without them every split has the layer's one bound, which cannot tell an overlap that pays
     # at the cap (W2, 1.06x) from one that does not (W3, 0.96x on one board): the replays decide
     is_own_bound = _has_pair_energy(problem)
-    judged_ms = _judged_layer_ms(problem, plan, ms, is_own_bound)
+    chosen = replay(plan, problem.cost)
     if sequential is not None and source != "sequential baseline":
-        seq_judged_ms = _judged_layer_ms(problem, sequential[3], sequential[0], is_own_bound)
+        seq = replay(sequential[3], problem.cost)
+        judged_ms, seq_judged_ms = _judged_layer_ms(chosen, is_own_bound), _judged_layer_ms(seq, is_own_bound)
         if judged_ms > seq_judged_ms * (1.0 - min_gain):
             notes.append(f"margin: {source} is predicted {judged_ms:.4f} ms per layer, less than {min_gain:.0%} under "
                          f"the sequential plan's {seq_judged_ms:.4f} ms: the sequential plan is kept (--min-gain)")
             say(notes[-1])
             ms, source, plan, result, cand = sequential[0], sequential[2], sequential[3], None, None
-    bound = _plan_bound(problem, plan)
-    if bound is not None and bound.is_binding(ms / problem.num_layers):
-        notes.append(f"power: the plan is power-bound: {bound.bound_ms:.4f} ms per layer at the power limit against "
-                     f"{ms / problem.num_layers:.4f} replayed; overlap may gain less than replayed (tune measures it)")
+            chosen = seq
+    if chosen.is_power_bound:
+        notes.append(f"power: the plan is power-bound: {chosen.power_bound.bound_ms:.4f} ms per layer at the power "
+                     f"limit against {chosen.replayed_layer_ms:.4f} replayed; overlap may gain less than replayed "
+                     f"(tune measures it)")
         say(notes[-1])
     sources = sources_line(corun_sources(plan, problem.cost))
     if sources:
@@ -210,23 +212,13 @@ def _has_pair_energy(problem: Problem) -> bool:
     return energy is not None and bool(energy.pair_points) and problem.cost.power_bound() is not None
 
 
-def _plan_bound(problem: Problem, plan):
-    """The plan's power bound of one layer (cost.plan_power_bound; the layer's without pair energy
-    points), None without energy."""
-    if problem.cost.power_bound() is None:
-        return None
-    return problem.cost.plan_power_bound(replay(plan, problem.cost).timeline.spans, problem.num_layers)
-
-
-def _judged_layer_ms(problem: Problem, plan, replayed_ms: float, is_own_bound: bool) -> float:
+def _judged_layer_ms(result: Replay, is_own_bound: bool) -> float:
     """What the margin compares: max(the replayed makespan per layer, the plan's power bound) where
     each plan has its own bound, else the replay's alone (the margin's comment says why)."""
-    layer_ms = replayed_ms / problem.num_layers
-    return _plan_bound(problem, plan).layer_ms(layer_ms) if is_own_bound else layer_ms
+    return result.layer_time_ms if is_own_bound else result.replayed_layer_ms
 
 
 def judged_makespan_ms(problem: Problem, plan) -> float:
     """The makespan of `plan` as the search judges plans (its replay's, or with pair energy points
     max(the replay's, the plan's power bound x layers)): what `nfsearch check` compares."""
-    replayed_ms = replay(plan, problem.cost).makespan_ms
-    return _judged_layer_ms(problem, plan, replayed_ms, _has_pair_energy(problem)) * problem.num_layers
+    return _judged_layer_ms(replay(plan, problem.cost), _has_pair_energy(problem)) * problem.num_layers
