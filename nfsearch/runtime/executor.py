@@ -45,8 +45,8 @@ from nfsearch.runtime.partitions import PartitionError
 from nfsearch.timeline import Span, Timeline
 
 TOLERANCE = 2e-2
-__all__ = ["ExecContext", "ExecutionMismatch", "check", "execute", "format_table", "issue", "one_problem",
-           "resolve_impl", "time_plans"]
+__all__ = ["ExecContext", "ExecutionMismatch", "build_launch_list", "check", "execute", "format_table", "issue",
+           "one_problem", "resolve_impl", "time_plans"]
 
 
 class ExecutionMismatch(NfsearchError):
@@ -313,8 +313,7 @@ def execute(schedule, *, mode: str = "green", iters: int = 30, repeats: int = 3,
     own_ctx = ctx is None
     ctx = ctx or ExecContext(device, mode)
     try:
-        ll = launch_mod.build(schedule, num_sms=ctx.num_sms if ctx.is_cuda else None,
-                              granularity=ctx.granularity if ctx.is_cuda else None)
+        ll = build_launch_list(ctx, schedule)
         t_setup = time.time()
         model = ModelInstance(schedule.model, schedule.workload, schedule.num_layers, device=ctx.device,
                               seed=seed, weights_path=weights_path)
@@ -437,8 +436,7 @@ def time_plans(schedules: dict, ctx: ExecContext, *, iters: int = 30, repeats: i
     bufs = model.new_buffers()
     variants, notes = [], []
     for name, schedule in schedules.items():
-        ll = launch_mod.build(schedule, num_sms=ctx.num_sms if ctx.is_cuda else None,
-                              granularity=ctx.granularity if ctx.is_cuda else None)
+        ll = build_launch_list(ctx, schedule)
         model.prepare(ll.launches)
         _build_layouts(ctx, ll)
         correctness, _ = check(ctx, model, ll, tol)
@@ -470,6 +468,12 @@ def one_problem(schedules: dict):
             raise NfsearchError(f"plan {name} is of another model, workload or layer count than {names[0]}: "
                                 f"plans are timed against each other within one problem")
     return first
+
+
+def build_launch_list(ctx: ExecContext, schedule) -> LaunchList:
+    """The plan's launch list for `ctx`: on the GPU at its SM count and partition granularity."""
+    return launch_mod.build(schedule, num_sms=ctx.num_sms if ctx.is_cuda else None,
+                            granularity=ctx.granularity if ctx.is_cuda else None)
 
 
 def _build_layouts(ctx: ExecContext, ll: LaunchList) -> None:

@@ -466,14 +466,10 @@ def execute_rank(tp: TpRank, schedule, *, mode: str = "green", iters: int = 30, 
     schedule = with_impls(schedule, impls)
     say = (progress or (lambda m: None)) if tp.is_first else (lambda m: None)
     workload = schedule.workload
-    if workload.tp_degree != tp.world_size:
-        raise NfsearchError(f"plan is for TP={workload.tp_degree}; {tp.world_size} processes were started")
-    is_cuda = tp.device.type == "cuda"
-    dtype = dtype or (torch.bfloat16 if is_cuda else torch.float32)
-    ctx = executor.ExecContext(tp.device, mode)
+    ctx, dtype = _rank_context(tp, workload, mode, dtype, "plan is")
+    is_cuda = ctx.is_cuda
     try:
-        ll = launch_mod.build(schedule, num_sms=ctx.num_sms if is_cuda else None,
-                              granularity=ctx.granularity if is_cuda else None)
+        ll = executor.build_launch_list(ctx, schedule)
         t0 = time.time()
         baselines = tp_baselines(schedule, ll, ctx.num_sms, tp.device.type) if with_baselines else {}
         model, ref_bufs = _shard_and_reference(tp, ctx, schedule, [ll, *baselines.values()], dtype,
@@ -542,15 +538,10 @@ def time_plans_rank(tp: TpRank, schedules: dict, *, mode: str = "green", iters: 
     say = (progress or (lambda m: None)) if tp.is_first else (lambda m: None)
     names = list(schedules)
     first = executor.one_problem(schedules)
-    workload = first.workload
-    if workload.tp_degree != tp.world_size:
-        raise NfsearchError(f"plans are for TP={workload.tp_degree}; {tp.world_size} processes were started")
-    is_cuda = tp.device.type == "cuda"
-    dtype = dtype or (torch.bfloat16 if is_cuda else torch.float32)
-    ctx = executor.ExecContext(tp.device, mode)
+    ctx, dtype = _rank_context(tp, first.workload, mode, dtype, "plans are")
+    is_cuda = ctx.is_cuda
     try:
-        lists = {name: launch_mod.build(schedules[name], num_sms=ctx.num_sms if is_cuda else None,
-                                        granularity=ctx.granularity if is_cuda else None) for name in names}
+        lists = {name: executor.build_launch_list(ctx, schedules[name]) for name in names}
         model, ref_bufs = _shard_and_reference(tp, ctx, first, list(lists.values()), dtype, seed)
         passed, notes = {}, []
         for name, ll in lists.items():
@@ -573,6 +564,16 @@ def time_plans_rank(tp: TpRank, schedules: dict, *, mode: str = "green", iters: 
         return {"timings": timings, "notes": notes}
     finally:
         ctx.close()
+
+
+def _rank_context(tp: TpRank, workload, mode: str, dtype, what: str):
+    """(this rank's executor.ExecContext, the dtype its plans run in: bf16 on the GPU unless given);
+    plans of another TP degree than the processes started are refused ("{what} for TP=...")."""
+    from nfsearch.runtime import executor
+    if workload.tp_degree != tp.world_size:
+        raise NfsearchError(f"{what} for TP={workload.tp_degree}; {tp.world_size} processes were started")
+    ctx = executor.ExecContext(tp.device, mode)
+    return ctx, dtype or (torch.bfloat16 if ctx.is_cuda else torch.float32)
 
 
 def _shard_and_reference(tp: TpRank, ctx, schedule, lists: list, dtype, seed: int):
