@@ -237,7 +237,7 @@ def add_energy(model, workload, table, gpu_id: int = 0, log=None, window_s: floa
         pair_points = []
         if points and with_pairs:
             pair_points, pair_failures = _pair_energy_points(torch, model, workload, table, gpu_id, device,
-                                                             window_s, log)
+                                                             window_s, log, plan.rotate_bytes)
             failures += pair_failures
         if points:
             try:
@@ -276,12 +276,14 @@ def add_energy(model, workload, table, gpu_id: int = 0, log=None, window_s: floa
     return table.with_energy(energy)
 
 
-def _pair_energy_points(torch, model, workload, table, gpu_id: int, device, window_s: float, log):
+def _pair_energy_points(torch, model, workload, table, gpu_id: int, device, window_s: float, log,
+                        rotate_bytes: float):
     """The energy of overlap, measured on CUDA device `gpu_id`: each non-network family of the table's
     pair table at its best split (both sides launched together, each with the impl the pair table ran
     there), k launches per CUDA graph replayed back to back for an NVML energy window; then the two
     ops back to back on the whole GPU, each with its fastest impl there, the same way. Returns the
-    points (profile.PairEnergyPoint) and one line per family that failed."""
+    points (profile.PairEnergyPoint) and one line per family that failed. rotate_bytes: as the op
+    energy points rotate their inputs (add_energy's plan)."""
     from nfsearch import pairs as pair_table
     from nfsearch.runtime.kernels import IMPLS
     from nfsearch.runtime.partitions import SmPartitions
@@ -298,7 +300,7 @@ def _pair_energy_points(torch, model, workload, table, gpu_id: int, device, wind
     try:
         plan = profiling.pair_energy_plan(model, workload, families, parts.num_sms, parts.granularity,
                                           {op: tuple(IMPLS[op]) for op in IMPLS})
-        plan.rotate_bytes = 3.0 * int(getattr(torch.cuda.get_device_properties(gpu_id), "L2_cache_size", 50 << 20))
+        plan.rotate_bytes = rotate_bytes
         measurer = _Measurer(torch, parts, plan, IMPLS, log)
         for f in families:
             try:
@@ -308,7 +310,7 @@ def _pair_energy_points(torch, model, workload, table, gpu_id: int, device, wind
                 failures.append(f"pair {f.name}: {type(exc).__name__}: {str(exc)[:160]}")
                 log(f"  pair energy {f.name}: FAILED {failures[-1]}")
     finally:
-        measurer = None
+        measurer = None                 # its inputs go before the cache is emptied
         parts.close()
         torch.cuda.empty_cache()
     return points, failures
