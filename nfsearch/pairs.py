@@ -264,15 +264,21 @@ def format_report(report: PairReport) -> str:
         rows.append((f.name, f"{b.sms_a}+{b.sms_b}", f"{b.impl_a}/{b.impl_b}", f"{b.makespan_ms:.4f}",
                      f"{f.back_to_back_ms:.4f}", f"{f.ratio:.3f}", f"{f.stretch:.2f}",
                      "yes" if f.is_paying else "no"))
-    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
-    line = lambda r: "  ".join(v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
-    out = [head, line(cols), line(tuple("-" * w for w in widths))] + [line(r) for r in rows]
+    out = [head, *_text_table(cols, rows, num_left=3)]
     out.append(f"overlap pays (best split >= {report.gain:.0%} faster than back to back) in "
                f"{report.num_paying} of {len(report.families)} families ({report.fraction_paying:.0%})"
                + (f"; {report.num_failures} pair measurements failed" if report.num_failures else ""))
     out.append("ratio = best co-run makespan / back to back; stretch = makespan / slower side alone on its "
                "partition")
     return "\n".join(out)
+
+
+def _text_table(cols: tuple[str, ...], rows: list[tuple[str, ...]], num_left: int) -> list[str]:
+    """Header, rule and rows in columns as wide as their widest cell; the first `num_left` columns
+    flush left, the rest (numbers) flush right."""
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
+    line = lambda r: "  ".join(v.ljust(w) if i < num_left else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+    return [line(cols), line(tuple("-" * w for w in widths))] + [line(r) for r in rows]
 
 
 def energy_rows(energy, gain: float = GAIN) -> list[dict]:
@@ -298,10 +304,8 @@ def format_energy_rows(rows: list[dict], gain: float = GAIN) -> str:
             "pays")
     lines = [(r["family"], r["split"], f"{r['time_ratio']:.3f}", f"{r['energy_ratio']:.3f}",
               f"{r['power_w']} / {r['b2b_power_w']}", "yes" if r["pays"] else "no") for r in rows]
-    widths = [max(len(c), *(len(x[i]) for x in lines)) for i, c in enumerate(cols)]
-    line = lambda r: "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
     num_paying = sum(r["pays"] for r in rows)
-    return "\n".join([line(cols), line(tuple("-" * w for w in widths))] + [line(x) for x in lines] + [
+    return "\n".join(_text_table(cols, lines, num_left=2) + [
         f"sustained, at the power limit as the GPU ran them: overlap pays (>= {gain:.0%} faster than back to "
         f"back) in {num_paying} of {len(rows)} families; time ratio = sustained loop together / back to back, "
         f"energy ratio = dynamic energy together / back to back at one SM clock (what the plan's power bound "
