@@ -289,9 +289,13 @@ def energy_rows(energy, gain: float = GAIN) -> list[dict]:
         a = PairSide(p.op_a, "", p.num_tokens_a, p.context_a).describe()
         b = PairSide(p.op_b, "", p.num_tokens_b, p.context_b).describe()
         time_ratio = p.time_ms / p.b2b_time_ms
+        try:
+            energy_ratio = round(p.dynamic_ratio(energy.static_power_w), 4)
+        except NfsearchError:       # no energy above static power (a bad window): the bound prices nothing
+            energy_ratio = None
         rows.append({"family": f"{a} x {b}",
                      "split": f"{p.sms_a}+{p.sms_b}", "time_ratio": round(time_ratio, 4),
-                     "energy_ratio": round(p.dynamic_ratio(energy.static_power_w), 4),
+                     "energy_ratio": energy_ratio,
                      "power_w": round(p.power_w), "b2b_power_w": round(p.b2b_power_w),
                      "capped_share": p.capped_share, "b2b_capped_share": p.b2b_capped_share,
                      "pays": time_ratio <= 1.0 / (1.0 + gain) + 1e-12})
@@ -302,14 +306,15 @@ def format_energy_rows(rows: list[dict], gain: float = GAIN) -> str:
     """The sustained pairs as a text table, then where overlap pays at the power limit."""
     cols = ("family (sustained, best split)", "split", "time ratio", "energy ratio", "W together / back to back",
             "pays")
-    lines = [(r["family"], r["split"], f"{r['time_ratio']:.3f}", f"{r['energy_ratio']:.3f}",
+    lines = [(r["family"], r["split"], f"{r['time_ratio']:.3f}",
+              "-" if r["energy_ratio"] is None else f"{r['energy_ratio']:.3f}",
               f"{r['power_w']} / {r['b2b_power_w']}", "yes" if r["pays"] else "no") for r in rows]
     num_paying = sum(r["pays"] for r in rows)
     return "\n".join(_text_table(cols, lines, num_left=2) + [
         f"sustained, at the power limit as the GPU ran them: overlap pays (>= {gain:.0%} faster than back to "
         f"back) in {num_paying} of {len(rows)} families; time ratio = sustained loop together / back to back, "
         f"energy ratio = dynamic energy together / back to back at one SM clock (what the plan's power bound "
-        f"charges an overlap)"])
+        f"charges an overlap; '-' where a loop spent no energy above static power, which the bound skips)"])
 
 
 def analyze_pairs(profile_path: str | None, json_path: str | None = None, tp_degree: int = 1,

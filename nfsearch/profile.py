@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from nfsearch.errors import NfsearchError
 from nfsearch.files import MAX_INPUT_BYTES, parse_json, read_text, shown, write_atomic
 from nfsearch.graph import OP_CLASSES
+from nfsearch.plan import NO_SHARE_IMPLS
 from nfsearch.runreport import Ceilings
 from nfsearch.specs import (
     MAX_CONTEXT,
@@ -272,7 +273,9 @@ class PairEnergyPoint:
             _short_name(getattr(self, f"impl_{side}"), f"pair point impl_{side}")
             _count(getattr(self, f"num_tokens_{side}"), f"pair point num_tokens_{side}", 1, MAX_CONTEXT)
             _count(getattr(self, f"context_{side}"), f"pair point context_{side}", 0, MAX_CONTEXT)
-            _count(getattr(self, f"sms_{side}"), f"pair point sms_{side}", 1, MAX_SMS)
+            # 0 SMs: a side that holds no SM share (a copy-engine collective, plan.NO_SHARE_IMPLS)
+            low = 0 if getattr(self, f"impl_{side}") in NO_SHARE_IMPLS else 1
+            _count(getattr(self, f"sms_{side}"), f"pair point sms_{side}", low, MAX_SMS)
         what = f"pair {self.op_a} x {self.op_b}"
         for prefix in ("", "b2b_"):
             for key, high in (("energy_j", MAX_ENERGY_J), ("time_ms", MAX_TIME_MS), ("power_w", MAX_POWER_W)):

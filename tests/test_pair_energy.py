@@ -62,6 +62,15 @@ def test_bad_pair_points_are_refused(change, match):
         dataclasses.replace(pair_point(), **change)
 
 
+def test_only_a_copy_engine_side_may_hold_no_sms():
+    """A collective on the copy engines holds no SM share (a TP profile's pair beside it); any other
+    side of 0 SMs is refused."""
+    ce = dataclasses.replace(pair_point("kqv", 2048, "allreduce_o", 2048, 0), sms_a=132, sms_b=0, impl_b="ce")
+    assert ce.sms_b == 0
+    with pytest.raises(NfsearchError, match="sms_b must be an integer in 1"):
+        dataclasses.replace(ce, impl_b="nccl")
+
+
 def test_pair_points_round_trip_merge_and_refuse_unknown_keys(tmp_path):
     table = fake_profile().with_energy(layer_energy(TINY_MODEL, TINY_WL, {"ug": 0.1}))
     first = with_pairs(table, [pair_point(ratio=0.9), pair_point("kqv", ratio=1.2)])
@@ -208,6 +217,17 @@ def test_a_pair_point_without_energy_above_static_prices_nothing():
     energy = make_problem(TINY_MODEL, TINY_WL, table).cost.energy
     assert energy.pair_ratio("ug", 256, 0, "decode_attn", 128, 512) is None
     assert energy.pair_ratio("kqv", 256, 0, "decode_attn", 128, 512) == pytest.approx(1.2)
+
+
+def test_analyze_shows_a_pair_point_without_energy_above_static_as_unpriced():
+    from nfsearch import pairs
+    bad = dataclasses.replace(pair_point(), energy_j=STATIC_W * 1e-3 * 0.5)
+    energy = dataclasses.replace(layer_energy(TINY_MODEL, TINY_WL, {"ug": 0.4}),
+                                 pair_points=(bad, pair_point("kqv", ratio=1.2)))
+    rows = pairs.energy_rows(energy)
+    assert [r["energy_ratio"] for r in rows] == [None, pytest.approx(1.2)]
+    text = pairs.format_energy_rows(rows)
+    assert " - " in text.splitlines()[2] and "1.200" in text.splitlines()[3]
 
 
 def test_tune_also_runs_the_overlapped_plan_the_margin_turned_down():

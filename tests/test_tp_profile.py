@@ -402,10 +402,16 @@ def test_tiny_quick_tp_profile_on_two_gpus(tmp_path):
         assert {p.op for p in got.energy.points} == {op.name for op in layer_ops(TINY, TINY_WL)}, \
             got.meta["network"]["notes"]
         assert "measured afterwards with every GPU at once" in got.energy.method
-        # the shard's pair families (not the collective ones) at their best split, sustained
-        shard_families = {(p.a.op, p.b.op) for p in pair_table.points_from_meta(got.meta)
-                          if not pair_table.is_network_family(p.a, p.b)}
-        assert {(p.op_a, p.op_b) for p in got.energy.pair_points} == shard_families, got.energy.failures
+        # every pair family at its best split, sustained: the shard's on GPU 0, then the collective
+        # ones (an all-reduce beside a GEMM or decode attention) on both GPUs at once
+        families = {(p.a.op, p.a.num_tokens, p.b.op, p.b.num_tokens) for p in pair_table.points_from_meta(got.meta)}
+        net_families = {f for f in families if f[0].startswith("allreduce") or f[2].startswith("allreduce")}
+        assert net_families
+        assert {(p.op_a, p.num_tokens_a, p.op_b, p.num_tokens_b) for p in got.energy.pair_points} == families, \
+            (got.energy.failures, got.meta["network"]["notes"])
+        assert tpp.COLLECTIVE_PAIR_ENERGY_METHOD in got.energy.method
+        for p in got.energy.pair_points:
+            assert p.energy_j > 0 and p.b2b_energy_j > 0 and p.time_ms > 0
         bound = make_problem(TINY, TINY_WL, got, 1).cost.power_bound()
         assert bound is not None and "counted as no dynamic energy" not in bound.note
 
@@ -493,3 +499,54 @@ def test_merged_profile_counts_the_collectives_energy_in_the_per_gpu_bound():
     # without shard energy (no NVML on GPU 0) the collectives' points have nowhere to go: no energy
     bare = tpp.merge_tables(_shard(), tpp.network_table(run, "fake"), run, LLAMA70, W4)
     assert bare.energy is None
+
+
+def test_collective_pair_families_are_each_collective_family_at_the_slowest_ranks_best_split():
+    plan = m.network_plan(LLAMA70, W4, 132, 8, is_quick=True)
+    rank0 = _network_results(plan)
+    # rank 1 is slower on the first collective family's first split: its time counts there
+    first = next(p for p in plan.pair_points())
+    rank1 = dict(rank0)
+    slow = rank0[first.key()]
+    rank1[first.key()] = dataclasses.replace(slow, time_ms=slow.time_ms * 10,
+                                             pair=dataclasses.replace(slow.pair, makespan_ms=slow.pair.makespan_ms * 10))
+    families = tpp.collective_pair_families(plan, [rank0, rank1])
+    assert families and all(pair_table.is_network_family(f.a, f.b) for f in families)
+    assert len(families) == len({(p.op, p.num_tokens, p.context, p.partner_op, p.partner_tokens)
+                                 for p in plan.pair_points()})
+    combined = m.combine_ranks([rank0, rank1])
+    for f in families:
+        splits = [combined[p.key()].pair for p in plan.pair_points() if combined[p.key()].pair.family == (f.a, f.b)]
+        assert f.best.makespan_ms == min(s.makespan_ms for s in splits)
+    # the same list whatever the order of the ranks (every rank computes it from the gathered results)
+    assert [f.name for f in tpp.collective_pair_families(plan, [rank1, rank0])] == [f.name for f in families]
+
+
+def test_merged_profile_prices_overlap_with_a_collective_by_its_pair_energy():
+    from test_tp_power import shard_energy
+
+    from nfsearch.profile import EnergyPoint, PairEnergyPoint
+    from nfsearch.timeline import Span
+    plan = m.network_plan(LLAMA70, W4, 132, 8, is_quick=True)
+    results = _network_results(plan)
+    shard = _shard().with_energy(shard_energy(LLAMA70, W4, {"kqv": 0.4, "ug": 0.5}))
+    points = tuple(EnergyPoint(op, "nccl", 2048, 0, 0.030 + 150.0 * 0.2e-3, 0.2, 300.0) for op in
+                   ("allreduce_o", "allreduce_d"))
+    # kqv beside an all-reduce that holds no SM share: 1.25x the dynamic energy of the two back to back
+    # (loops of 1 ms each: 1.25 J and 1 J above the shard's static power)
+    static_j = shard.energy.static_power_w * 1e-3
+    beside = PairEnergyPoint("kqv", 2048, 0, 132, "torch", "allreduce_o", 2048, 0, 0, "ce", static_j + 1.25, 1.0,
+                             (static_j + 1.25) * 1e3, static_j + 1.0, 1.0, (static_j + 1.0) * 1e3)
+    run = tpp.NetworkRun(plan, results, {}, "", ["NVIDIA H100 80GB HBM3"] * 2, "nccl", "2.28.9", [16],
+                         energy_points=points, pair_energy_points=(beside,))
+    table = tpp.merge_tables(shard, tpp.network_table(run, "fake"), run, LLAMA70, W4)
+    assert beside in table.energy.pair_points and tpp.COLLECTIVE_PAIR_ENERGY_METHOD in table.energy.method
+    cost = make_problem(LLAMA70, W4, table).cost
+    assert cost.energy.pair_ratio("allreduce_o", 1024, 0, "kqv", 1024, 0) == pytest.approx(1.25)
+    assert cost.energy.pair_ratio("allreduce_o", 2048, 0, "ug", 2048, 0) is None      # no point of that family
+    # kqv over all 2048 tokens for 1 ms, the all-reduce of o over 2048 tokens for 0.5 ms inside it
+    spans = [Span("L0.kqv#0", "kqv", 0, "compute", "s0", 132, 2048, 0.0, 1.0),
+             Span("L0.allreduce_o#0", "allreduce_o", 0, "network", "s1", 0, 2048, 0.25, 0.75)]
+    extra, num_priced, num_unpriced = cost.overlap_energy_j(spans)
+    assert (num_priced, num_unpriced) == (1, 0)
+    assert extra == pytest.approx(0.25 * (0.4 * 0.5 + 0.030 * 1.0))

@@ -9,7 +9,7 @@ Two parts, one table:
    pair table as `nfsearch profile`, on the per-GPU shapes of measurements.Plan.tp_degree); then,
    with_energy, their energy on GPU 0 (profiler.add_energy, as `nfsearch profile` measures a single
    GPU's: the shard's ops at the W1-W3 and workload token counts, the power limit and static power of
-   GPU 0). The collectives get no energy: the power bound is per GPU and counts them as none.
+   GPU 0). The collectives' energy is measured in part 2, which needs every GPU.
 2. The collectives, which need every rank at once: N processes (runtime.tp.spawn_ranks, one per GPU,
    NCCL through torch.distributed, NVLink multicast off), each walking the same plan
    (measurements.network_plan) in lockstep:
@@ -35,7 +35,9 @@ Two parts, one table:
      (measure_collective_energy), every rank issuing the same back-to-back calls in lockstep and
      reading its own NVML counter; per GPU the largest rank's. Without this the power bound counts
      the collectives as no dynamic energy, which at TP=4 left 20% of a layer's energy out (W6 on
-     4x H100). Written after the last GPU run: CPU-tested in its parts, not yet run on GPUs.
+     4x H100). Then, with pairs, the energy of overlap of each collective family at its best split
+     against the two back to back (measure_collective_pair_energy), the same way in lockstep: what a
+     plan's power bound charges an overlap of a collective with a GEMM or decode attention.
    The timing code is the single-GPU profiler's (profiler._Measurer), with two hooks that span the
    ranks: every lead and every "enqueued in time?" verdict is the largest over the ranks (so every
    rank retries together and issues the same collectives), and the ranks meet at a barrier right
@@ -132,6 +134,7 @@ class NetworkRun:
     rank_spread: float = 0.0         # largest (slowest rank / fastest rank - 1) of a point's time
     net_impls: tuple[str, ...] = (NETWORK_IMPL,)   # the collective impls measured (every rank could run)
     energy_points: tuple = ()        # profile.EnergyPoint of each collective (measure_collective_energy)
+    pair_energy_points: tuple = ()   # profile.PairEnergyPoint of each collective family (measure_collective_pair_energy)
 
 
 # ---------------------------------------------------------------------------------------------- the profile
@@ -276,10 +279,14 @@ def measure_network_rank(tp, request: NetworkRequest) -> NetworkRun | None:
         progress = request.progress if tp.is_first else None
         run = profiling.run_plan(plan, None, agreed(measurer, host, tp.world_size), progress, say,
                                  is_healthy=lambda: agree_all(_answers(measurer), host))
-        energy_points, energy_notes = (), []
+        energy_points, energy_notes, pair_energy_points = (), [], ()
         if is_cuda and request.with_energy and not run.stopped:
             energy_points, energy_notes = measure_collective_energy(tp, plan, run.results, request.workload, host,
                                                                     num_sms, measurer._inputs, say)
+            if request.with_pairs:
+                pair_energy_points, pair_notes = measure_collective_pair_energy(tp, plan, run.results, host,
+                                                                                measurer, say)
+                energy_notes += pair_notes
     finally:
         if parts is not None:
             parts.close()
@@ -301,7 +308,7 @@ def measure_network_rank(tp, request: NetworkRequest) -> NetworkRun | None:
     return NetworkRun(plan, results, failures, next((e["stopped"] for e in every if e["stopped"]), ""),
                       [e["gpu"] for e in every], tp.coll.backend, tp_mod._nccl_version() if is_cuda else None,
                       limits, notes + list(tp.coll.notes) + energy_notes, round(time.time() - t0, 1), round(spread, 4),
-                      tuple(net_impls), tuple(energy_points))
+                      tuple(net_impls), tuple(energy_points), tuple(pair_energy_points))
 
 
 # ---------------------------------------------------------------------------------------------- energy
@@ -378,6 +385,126 @@ def measure_collective_energy(tp, plan: Plan, results: dict, workload, host, num
     finally:
         device.close()
     return tuple(points), notes
+
+
+COLLECTIVE_PAIR_ENERGY_METHOD = (
+    "Collective pairs: each collective family of the pair table (an all-reduce beside a GEMM or decode "
+    "attention) at its best split, both sides launched together round after round (each round joins "
+    "both), then the two back to back on the whole GPU (each with its fastest impl there), every rank in "
+    "lockstep (fixed chunks agreed over the ranks), NVML on every rank; per family the rank that spent "
+    "the most in the pair, with its own back to back.")
+
+
+def collective_pair_families(plan: Plan, per_rank_results: list[dict]) -> list:
+    """The collective families (pairs.FamilyResult) of the network plan's pair points, each at its
+    best split by the slowest rank's times (measurements.combine_ranks): the same list on every rank."""
+    points = profiling.pair_points_of(plan, profiling.combine_ranks(per_rank_results))
+    return list(pair_table.make_report(points, is_network=True).families)
+
+
+def measure_collective_pair_energy(tp, plan: Plan, results: dict, host, measurer, say=None
+                                   ) -> tuple[tuple, list[str]]:
+    """Every rank at once (all must call it at the same point, after the network plan ran): the
+    energy of overlap of each collective family (COLLECTIVE_PAIR_ENERGY_METHOD), as
+    profiler._pair_energy_point measures a shard family but issued eagerly in lockstep (a collective
+    is not captured into the rounds). `results`: this rank's measurements of the plan; `measurer`:
+    the TP measurer that ran it (its green partitions, inputs and fastest-impl cache). Returns
+    (profile.PairEnergyPoint per family, notes); a family that fails on any rank is a note on all."""
+    import torch
+    import torch.distributed as dist
+
+    from nfsearch.profile import PairEnergyPoint
+    from nfsearch.runtime import power
+    say = say or (lambda msg: None)
+    every = [None] * tp.world_size
+    dist.all_gather_object(every, results, group=host)
+    families = collective_pair_families(plan, every)
+    if not families:
+        return (), []
+    device, how = power.open_device(tp.device.index or 0)
+    if not agree_all(device is not None, host):
+        if device is not None:
+            device.close()
+        return (), [f"collective pairs' energy not measured: NVML does not answer on every rank ({how})"]
+    say(f"energy of overlap with the collectives on {tp.world_size} GPUs at once: {len(families)} families")
+    full = measurer.parts.num_sms
+    s_full = measurer.parts.stream(full)
+    points, notes = [], []
+    try:
+        for f in families:
+            a, b, best = f.a, f.b, f.best
+            try:
+                together, one_after_another = _pair_loops(torch, measurer, f, s_full)
+                mine = None
+            except Exception as exc:  # noqa: BLE001 - no call issued yet: every rank skips this family below
+                torch.cuda.synchronize(tp.device)
+                together, mine = None, f"{type(exc).__name__}: {str(exc)[:160]}"
+            if agree_all(mine is None, host):
+                try:
+                    measured = []
+                    for fn, ms in ((together, best.makespan_ms), (one_after_another, f.back_to_back_ms)):
+                        per_chunk, num_chunks = power.lockstep_chunks(agree_max(ms, host))
+                        m = power.measure_energy(fn, device, calls_per_chunk=per_chunk, num_chunks=num_chunks)
+                        measured.append((m.energy_j, m.time_ms, m.power_w, m.samples.sm_clock_mhz,
+                                         round(m.samples.capped_share, 3)))
+                    mine = tuple(measured)
+                except Exception as exc:  # noqa: BLE001 - lockstep issued every call; told to every rank below
+                    torch.cuda.synchronize(tp.device)
+                    mine = f"{type(exc).__name__}: {str(exc)[:160]}"
+            else:
+                mine = mine or "another rank could not set this family up"
+            got = [None] * tp.world_size
+            dist.all_gather_object(got, mine, group=host)
+            failed = next((g for g in got if isinstance(g, str)), None)
+            if failed is not None:
+                notes.append(f"collective pair energy {f.name}: {failed}")
+                say(f"  pair energy {f.name}: FAILED {failed}")
+                continue
+            (e, t, w, clock, capped), (e2, t2, w2, clock2, capped2) = max(got, key=lambda g: g[0][0])
+            points.append(PairEnergyPoint(a.op, a.num_tokens, a.context, best.sms_a, best.impl_a,
+                                          b.op, b.num_tokens, b.context, best.sms_b, best.impl_b,
+                                          e, t, w, e2, t2, w2, clock, capped, clock2, capped2))
+            say(f"  pair energy {f.name} at {best.sms_a}+{best.sms_b}: {e * 1e3:.3f} mJ in {t:.4f} ms "
+                f"({w:.0f} W) against back to back {e2 * 1e3:.3f} mJ in {t2:.4f} ms ({w2:.0f} W)")
+    finally:
+        device.close()
+    return tuple(points), notes
+
+
+def _pair_loops(torch, measurer, family, s_full):
+    """(together, one_after_another) of a collective family (measure_collective_pair_energy): each a
+    no-argument call of one round, issued eagerly. Together: side A and side B at the family's best
+    split (a side of 0 SMs on a plain stream, the other on the whole GPU), forked from and joined
+    back into the current stream; one after another: the two on the whole GPU, each with its fastest
+    impl there (the measurer's cache, where the ranks agreed on it), as seq-same runs them."""
+    a, b, best = family.a, family.b, family.best
+    full = measurer.parts.num_sms
+    if 0 in (best.sms_a, best.sms_b):
+        s_a, s_b = (s_full, measurer._side_stream()) if best.sms_b == 0 else (measurer._side_stream(), s_full)
+    else:
+        is_a_small = best.sms_a <= best.sms_b
+        s_small, s_big = measurer._split(best.sms_a if is_a_small else best.sms_b)
+        s_a, s_b = (s_small, s_big) if is_a_small else (s_big, s_small)
+    fa, na = measurer._fn(a.op, best.impl_a, a.num_tokens, a.context, best.sms_a)
+    fb, nb = measurer._fn(b.op, best.impl_b, b.num_tokens, b.context, best.sms_b)
+    impl_a_full = measurer._fastest(a.op, a.num_tokens, a.context, full, s_full)[0]
+    impl_b_full = measurer._fastest(b.op, b.num_tokens, b.context, full, s_full)[0]
+    ga, nga = measurer._fn(a.op, impl_a_full, a.num_tokens, a.context, full)
+    gb, ngb = measurer._fn(b.op, impl_b_full, b.num_tokens, b.context, full)
+    from nfsearch.runtime.partitions import issue_across
+    rounds, in_turn = itertools.count(), itertools.count()
+
+    def together():
+        i = next(rounds)
+        issue_across([(s_a, lambda: fa(i % na)), (s_b, lambda: fb(i % nb))])
+
+    def one_after_another():
+        i = next(in_turn)
+        with torch.cuda.stream(s_full):
+            ga(i % nga)
+            gb(i % ngb)
+        torch.cuda.current_stream().wait_stream(s_full)
+    return together, one_after_another
 
 
 def usable_net_impls(tp, wanted: tuple[str, ...], host) -> tuple[tuple[str, ...], list[str]]:
@@ -649,8 +776,11 @@ def merge_tables(shard: ProfileTable, network: ProfileTable, net: NetworkRun, mo
         energy = table.energy
         tokens = sorted({p.num_tokens for p in net.energy_points})
         method = COLLECTIVE_ENERGY_METHOD.format(ops=", ".join(net_ops), tokens=", ".join(map(str, tokens)))
+        if net.pair_energy_points:
+            method += " " + COLLECTIVE_PAIR_ENERGY_METHOD
         table = table.with_energy(dataclasses.replace(
             energy, points=tuple(sorted(energy.points + tuple(net.energy_points), key=lambda p: p.key)),
+            pair_points=energy.pair_points + tuple(net.pair_energy_points),
             method=f"{energy.method}. {method}"))
     return table
 
