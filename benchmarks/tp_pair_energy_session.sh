@@ -20,18 +20,18 @@ nvidia-smi --query-gpu=index,name,power.limit,clocks.max.sm,driver_version,seria
 for part in $PARTS; do
   case $part in
     tests)
-      step gpu_tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider \
+      step gpu_tests 200 python3 -m pytest -q -m gpu -p no:cacheprovider \
           "tests/test_tp_profile.py::test_tiny_quick_tp_profile_on_two_gpus" > "$OUT/gpu_tests.txt" 2>&1 ;;
     profile)
-      step profile 360 $N profile --model llama-3-70b --workload W4 --quick -o "$X" > "$OUT/profile.txt" 2> "$OUT/profile.log" ;;
+      step profile 330 $N profile --model llama-3-70b --workload W4 --quick -o "$X" > "$OUT/profile.txt" 2> "$OUT/profile.log" ;;
     tune)
-      step solve 60 $N solve --model llama-3-70b --workload W4 --profile "$X" --time-limit 5 \
+      step solve 40 $N solve --model llama-3-70b --workload W4 --profile "$X" --time-limit 5 \
           -o "$OUT/plans/a_solved.json" > "$OUT/solve.txt" 2>&1
-      step overlapped 60 $N solve --model llama-3-70b --workload W4 --profile "$X" --time-limit 5 --min-gain 0 \
+      step overlapped 40 $N solve --model llama-3-70b --workload W4 --profile "$X" --time-limit 5 --min-gain 0 \
           -o "$OUT/plans/b_overlapped.json" > "$OUT/overlapped.txt" 2>&1
-      step sequential 60 $N solve --model llama-3-70b --workload W4 --profile "$X" --min-gain 0.99 \
+      step sequential 30 $N solve --model llama-3-70b --workload W4 --profile "$X" --min-gain 0.99 \
           -o "$OUT/plans/c_sequential.json" > "$OUT/sequential.txt" 2>&1
-      step tune 300 $N tune --model llama-3-70b --workload W4 --plans "$OUT/plans" --profile "$X" -k 3 --iters 20 \
+      step tune 150 $N tune --model llama-3-70b --workload W4 --plans "$OUT/plans" --profile "$X" -k 3 --iters 20 \
           -o "$OUT/best.json" > "$OUT/tune.txt" 2>&1 ;;
   esac
 done

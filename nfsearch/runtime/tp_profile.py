@@ -62,6 +62,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import itertools
+import math
 import json
 import pickle
 import statistics
@@ -389,10 +390,10 @@ def measure_collective_energy(tp, plan: Plan, results: dict, workload, host, num
 
 COLLECTIVE_PAIR_ENERGY_METHOD = (
     "Collective pairs: each collective family of the pair table (an all-reduce beside a GEMM or decode "
-    "attention) at its best split, both sides launched together round after round (each round joins "
-    "both), then the two back to back on the whole GPU (each with its fastest impl there), every rank in "
-    "lockstep (fixed chunks agreed over the ranks), NVML on every rank; per family the rank that spent "
-    "the most in the pair, with its own back to back.")
+    "attention) at its best split, a CUDA graph of rounds of both sides launched together (each round "
+    "joins both), then one of the two back to back on the whole GPU (each with its fastest impl there), "
+    "replayed on every rank in lockstep (fixed chunks agreed over the ranks), NVML on every rank; per "
+    "family the rank that spent the most in the pair, with its own back to back.")
 
 
 def collective_pair_families(plan: Plan, per_rank_results: list[dict]) -> list:
@@ -406,8 +407,7 @@ def measure_collective_pair_energy(tp, plan: Plan, results: dict, host, measurer
                                    ) -> tuple[tuple, list[str]]:
     """Every rank at once (all must call it at the same point, after the network plan ran): the
     energy of overlap of each collective family (COLLECTIVE_PAIR_ENERGY_METHOD), as
-    profiler._pair_energy_point measures a shard family but issued eagerly in lockstep (a collective
-    is not captured into the rounds). `results`: this rank's measurements of the plan; `measurer`:
+    profiler._pair_energy_point measures a shard family, its graphs replayed in lockstep. `results`: this rank's measurements of the plan; `measurer`:
     the TP measurer that ran it (its green partitions, inputs and fastest-impl cache). Returns
     (profile.PairEnergyPoint per family, notes); a family that fails on any rank is a note on all."""
     import torch
@@ -433,18 +433,20 @@ def measure_collective_pair_energy(tp, plan: Plan, results: dict, host, measurer
     try:
         for f in families:
             a, b, best = f.a, f.b, f.best
+            graphs, mine = None, None
             try:
-                together, one_after_another = _pair_loops(torch, measurer, f, s_full)
-                mine = None
-            except Exception as exc:  # noqa: BLE001 - no call issued yet: every rank skips this family below
+                graphs = _pair_graphs(torch, measurer, f, s_full)
+            except Exception as exc:  # noqa: BLE001 - no replay issued yet: every rank skips this family below
                 torch.cuda.synchronize(tp.device)
-                together, mine = None, f"{type(exc).__name__}: {str(exc)[:160]}"
+                mine = f"{type(exc).__name__}: {str(exc)[:160]}"
             if agree_all(mine is None, host):
+                together, in_turn, k = graphs
                 try:
                     measured = []
-                    for fn, ms in ((together, best.makespan_ms), (one_after_another, f.back_to_back_ms)):
-                        per_chunk, num_chunks = power.lockstep_chunks(agree_max(ms, host))
-                        m = power.measure_energy(fn, device, calls_per_chunk=per_chunk, num_chunks=num_chunks)
+                    for graph, ms in ((together, best.makespan_ms), (in_turn, f.back_to_back_ms)):
+                        per_chunk, num_chunks = power.lockstep_chunks(agree_max(k * ms, host))
+                        m = power.measure_energy(graph.replay, device, calls_per_fn=k, calls_per_chunk=per_chunk,
+                                                 num_chunks=num_chunks)
                         measured.append((m.energy_j, m.time_ms, m.power_w, m.samples.sm_clock_mhz,
                                          round(m.samples.capped_share, 3)))
                     mine = tuple(measured)
@@ -452,7 +454,8 @@ def measure_collective_pair_energy(tp, plan: Plan, results: dict, host, measurer
                     torch.cuda.synchronize(tp.device)
                     mine = f"{type(exc).__name__}: {str(exc)[:160]}"
             else:
-                mine = mine or "another rank could not set this family up"
+                mine = mine or "another rank could not capture this family"
+            del graphs
             got = [None] * tp.world_size
             dist.all_gather_object(got, mine, group=host)
             failed = next((g for g in got if isinstance(g, str)), None)
@@ -471,12 +474,17 @@ def measure_collective_pair_energy(tp, plan: Plan, results: dict, host, measurer
     return tuple(points), notes
 
 
-def _pair_loops(torch, measurer, family, s_full):
-    """(together, one_after_another) of a collective family (measure_collective_pair_energy): each a
-    no-argument call of one round, issued eagerly. Together: side A and side B at the family's best
-    split (a side of 0 SMs on a plain stream, the other on the whole GPU), forked from and joined
-    back into the current stream; one after another: the two on the whole GPU, each with its fastest
-    impl there (the measurer's cache, where the ranks agreed on it), as seq-same runs them."""
+def _pair_graphs(torch, measurer, family, s_full):
+    """(together, one_after_another, k) of a collective family (measure_collective_pair_energy): two
+    CUDA graphs of k rounds each, replayed as no-argument calls, as a plan's graph runs its collectives
+    (issued eagerly, the host cost of a collective, a copy-engine one most, left the GPU idle between
+    rounds: measured on 2x H100, 0.51 ms per round of a 0.05 ms pair at 276 W). Together: side A and
+    side B at the family's best split (a side of 0 SMs on a plain stream, the other on the whole GPU),
+    each round forked from the end of the last; one after another: the two on the whole GPU, each with
+    its fastest impl there (the measurer's cache, where the ranks agreed on it), as seq-same runs
+    them. Each callable is issued once outside the capture (compiles, communicators)."""
+    from nfsearch.runtime.partitions import capture_rounds
+    from nfsearch.runtime.profiler import ENERGY_GRAPH_MS, MAX_ENERGY_GRAPH_CALLS
     a, b, best = family.a, family.b, family.best
     full = measurer.parts.num_sms
     if 0 in (best.sms_a, best.sms_b):
@@ -491,20 +499,18 @@ def _pair_loops(torch, measurer, family, s_full):
     impl_b_full = measurer._fastest(b.op, b.num_tokens, b.context, full, s_full)[0]
     ga, nga = measurer._fn(a.op, impl_a_full, a.num_tokens, a.context, full)
     gb, ngb = measurer._fn(b.op, impl_b_full, b.num_tokens, b.context, full)
-    from nfsearch.runtime.partitions import issue_across
-    rounds, in_turn = itertools.count(), itertools.count()
-
-    def together():
-        i = next(rounds)
-        issue_across([(s_a, lambda: fa(i % na)), (s_b, lambda: fb(i % nb))])
+    for fn in (fa, fb, ga, gb):                 # every rank issues the same calls, in this order
+        fn(0)
+    torch.cuda.synchronize()
+    k = max(1, min(MAX_ENERGY_GRAPH_CALLS, math.ceil(ENERGY_GRAPH_MS / max(family.back_to_back_ms, 1e-3))))
+    together = capture_rounds([[(s_a, lambda i=i: fa(i % na)), (s_b, lambda i=i: fb(i % nb))] for i in range(k)])
 
     def one_after_another():
-        i = next(in_turn)
-        with torch.cuda.stream(s_full):
+        for i in range(k):
             ga(i % nga)
             gb(i % ngb)
-        torch.cuda.current_stream().wait_stream(s_full)
-    return together, one_after_another
+    in_turn = capture_rounds([[(s_full, one_after_another)]])
+    return together, in_turn, k
 
 
 def usable_net_impls(tp, wanted: tuple[str, ...], host) -> tuple[tuple[str, ...], list[str]]:
