@@ -245,3 +245,25 @@ def test_tune_also_runs_the_overlapped_plan_the_margin_turned_down():
         names[w] = [c.name for c in tune.solved_candidates(problem, 3.0)]
     assert names["W2"][0] == "solved" and "overlapped" not in names["W2"] and "sequential" in names["W2"]
     assert names["W3"][:2] == ["solved", "overlapped"] and "sequential" not in names["W3"]
+
+
+def test_pair_streams_put_the_smaller_side_first_and_a_no_share_side_beside_the_whole_gpu():
+    """The streams of a pair's two sides (profiler._Measurer._pair_streams, shared by the pair table,
+    the pair energy and the collective pair energy): recorded with a stand-in for the partitions."""
+    from nfsearch.runtime.profiler import _Measurer
+
+    class Parts:
+        num_sms = 132
+
+        def split(self, counts):
+            return [(n, f"green {n}") for n in counts]
+
+        def stream(self, sms):
+            return f"whole {sms}" if sms == self.num_sms else f"green {sms}"
+
+    measurer = object.__new__(_Measurer)
+    measurer.parts, measurer._plain = Parts(), "plain"
+    assert measurer._pair_streams(16, 116) == ("green 16", "green 116")
+    assert measurer._pair_streams(116, 16) == ("green 116", "green 16")
+    assert measurer._pair_streams(132, 0) == ("whole 132", "plain")
+    assert measurer._pair_streams(0, 132) == ("plain", "whole 132")

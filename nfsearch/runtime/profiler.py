@@ -320,19 +320,40 @@ def _pair_energy_point(torch, measurer, table, family, device, window_s: float):
     """One family's PairEnergyPoint (_pair_energy_points)."""
     from nfsearch.profile import PairEnergyPoint
     from nfsearch.runtime import power
+
+    a, b, best = family.a, family.b, family.best
+    full = measurer.parts.num_sms
+    # back to back as seq-same runs them: each op with the impl the table finds fastest on the whole GPU
+    impl_a_full = table.time_ms(a.op, a.num_tokens, full, a.context, allow_extrapolation=True)[1]
+    impl_b_full = table.time_ms(b.op, b.num_tokens, full, b.context, allow_extrapolation=True)[1]
+    together, in_turn, k = pair_energy_graphs(torch, measurer, family, impl_a_full, impl_b_full)
+    try:
+        m = power.measure_energy(together.replay, device, calls_per_fn=k, window_s=window_s)
+        m2 = power.measure_energy(in_turn.replay, device, calls_per_fn=k, window_s=window_s)
+    finally:
+        del together, in_turn
+    return PairEnergyPoint(a.op, a.num_tokens, a.context, best.sms_a, best.impl_a,
+                           b.op, b.num_tokens, b.context, best.sms_b, best.impl_b,
+                           m.energy_j, m.time_ms, m.power_w, m2.energy_j, m2.time_ms, m2.power_w,
+                           m.samples.sm_clock_mhz, round(m.samples.capped_share, 3),
+                           m2.samples.sm_clock_mhz, round(m2.samples.capped_share, 3))
+
+
+def pair_energy_graphs(torch, measurer, family, impl_a_full: str, impl_b_full: str):
+    """(together, in_turn, k) of a pair family's energy loops (_pair_energy_point; under TP
+    tp_profile.measure_collective_pair_energy): two CUDA graphs of k rounds each. Together: side A
+    and side B at the family's best split (measurer._pair_streams), each round forked from the end
+    of the last; in turn: the two one after another on the whole GPU with impl_a_full and impl_b_full
+    (their fastest impls there, as seq-same runs them). Each call is issued once outside the capture
+    (compiles; under TP, makes communicators), every process in the same order."""
     from nfsearch.runtime.partitions import capture_rounds
 
     a, b, best = family.a, family.b, family.best
     full = measurer.parts.num_sms
-    is_a_small = best.sms_a <= best.sms_b
-    s_small, s_big = measurer._split(best.sms_a if is_a_small else best.sms_b)
-    s_a, s_b = (s_small, s_big) if is_a_small else (s_big, s_small)
+    s_a, s_b = measurer._pair_streams(best.sms_a, best.sms_b)
+    s_full = measurer.parts.stream(full)
     fa, na = measurer._fn(a.op, best.impl_a, a.num_tokens, a.context, best.sms_a)
     fb, nb = measurer._fn(b.op, best.impl_b, b.num_tokens, b.context, best.sms_b)
-    s_full = measurer.parts.stream(full)
-    # back to back as seq-same runs them: each op with the impl the table finds fastest on the whole GPU
-    impl_a_full = table.time_ms(a.op, a.num_tokens, full, a.context, allow_extrapolation=True)[1]
-    impl_b_full = table.time_ms(b.op, b.num_tokens, full, b.context, allow_extrapolation=True)[1]
     ga, nga = measurer._fn(a.op, impl_a_full, a.num_tokens, a.context, full)
     gb, ngb = measurer._fn(b.op, impl_b_full, b.num_tokens, b.context, full)
     for fn in (fa, fb, ga, gb):                 # compiles, outside the captures
@@ -346,16 +367,7 @@ def _pair_energy_point(torch, measurer, table, family, device, window_s: float):
             ga(i % nga)
             gb(i % ngb)
     in_turn = capture_rounds([[(s_full, one_after_another)]])
-    try:
-        m = power.measure_energy(together.replay, device, calls_per_fn=k, window_s=window_s)
-        m2 = power.measure_energy(in_turn.replay, device, calls_per_fn=k, window_s=window_s)
-    finally:
-        del together, in_turn
-    return PairEnergyPoint(a.op, a.num_tokens, a.context, best.sms_a, best.impl_a,
-                           b.op, b.num_tokens, b.context, best.sms_b, best.impl_b,
-                           m.energy_j, m.time_ms, m.power_w, m2.energy_j, m2.time_ms, m2.power_w,
-                           m.samples.sm_clock_mhz, round(m.samples.capped_share, 3),
-                           m2.samples.sm_clock_mhz, round(m2.samples.capped_share, 3))
+    return together, in_turn, k
 
 
 def _energy_point(torch, inputs, r, num_sms: int, device, window_s: float):
@@ -843,12 +855,7 @@ class _Measurer:
         """Side A (p.op) on p.sm_count SMs and side B (p.partner_op) on the other p.partner_sms SMs of
         one split, each with its fastest impl there, launched together (see the module docstring)."""
         full = self.parts.num_sms
-        if p.partner_sms == 0:      # B holds no SM share (a copy-engine collective): A on the whole GPU
-            s_a, s_b = self.parts.stream(full), self._side_stream()
-        else:
-            is_a_small = p.sm_count <= p.partner_sms
-            s_small, s_big = self._split(p.sm_count if is_a_small else p.partner_sms)
-            s_a, s_b = (s_small, s_big) if is_a_small else (s_big, s_small)
+        s_a, s_b = self._pair_streams(p.sm_count, p.partner_sms)
         side_a = (p.op, p.num_tokens, p.context)
         side_b = (p.partner_op, p.partner_tokens, p.partner_context)
         impl_a, part_a = self._fastest(*side_a, p.sm_count, s_a)
@@ -862,6 +869,17 @@ class _Measurer:
             p, impl_a, impl_b, corun_a_ms=co_a, corun_b_ms=co_b, makespan_ms=makespan, part_a_ms=part_a,
             part_b_ms=part_b, full_a_ms=full_a, full_b_ms=full_b, sm_clock_mhz=clock,
             nvml_sm_clock_mhz=self._nvml_clock()))
+
+    def _pair_streams(self, sms_a: int, sms_b: int):
+        """(stream of side A, stream of side B) of a split of the GPU: the smaller side's green
+        partition first; a side of 0 SMs (a copy-engine collective, holding no share) on a plain
+        stream beside the other on the whole GPU."""
+        if 0 in (sms_a, sms_b):
+            whole = self.parts.stream(self.parts.num_sms)
+            return (whole, self._side_stream()) if sms_b == 0 else (self._side_stream(), whole)
+        is_a_small = sms_a <= sms_b
+        s_small, s_big = self._split(sms_a if is_a_small else sms_b)
+        return (s_small, s_big) if is_a_small else (s_big, s_small)
 
     def _side_stream(self):
         """A plain stream of the whole device beside parts.stream(num_sms) (a no-share pair side)."""

@@ -62,7 +62,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import itertools
-import math
 import json
 import pickle
 import statistics
@@ -407,7 +406,9 @@ def measure_collective_pair_energy(tp, plan: Plan, results: dict, host, measurer
                                    ) -> tuple[tuple, list[str]]:
     """Every rank at once (all must call it at the same point, after the network plan ran): the
     energy of overlap of each collective family (COLLECTIVE_PAIR_ENERGY_METHOD), as
-    profiler._pair_energy_point measures a shard family, its graphs replayed in lockstep. `results`: this rank's measurements of the plan; `measurer`:
+    profiler._pair_energy_point measures a shard family (profiler.pair_energy_graphs), its graphs
+    replayed in lockstep: issued eagerly, the host cost of a collective, a copy-engine one most, left
+    the GPU idle between rounds (2x H100: 0.51 ms per round of a 0.05 ms pair at 276 W). `results`: this rank's measurements of the plan; `measurer`:
     the TP measurer that ran it (its green partitions, inputs and fastest-impl cache). Returns
     (profile.PairEnergyPoint per family, notes); a family that fails on any rank is a note on all."""
     import torch
@@ -415,6 +416,7 @@ def measure_collective_pair_energy(tp, plan: Plan, results: dict, host, measurer
 
     from nfsearch.profile import PairEnergyPoint
     from nfsearch.runtime import power
+    from nfsearch.runtime.profiler import pair_energy_graphs
     say = say or (lambda msg: None)
     every = [None] * tp.world_size
     dist.all_gather_object(every, results, group=host)
@@ -435,7 +437,11 @@ def measure_collective_pair_energy(tp, plan: Plan, results: dict, host, measurer
             a, b, best = f.a, f.b, f.best
             graphs, mine = None, None
             try:
-                graphs = _pair_graphs(torch, measurer, f, s_full)
+                # back to back: each side's fastest impl on the whole GPU (the measurer's cache, where
+                # the ranks agreed on the collective's)
+                impl_a_full = measurer._fastest(a.op, a.num_tokens, a.context, full, s_full)[0]
+                impl_b_full = measurer._fastest(b.op, b.num_tokens, b.context, full, s_full)[0]
+                graphs = pair_energy_graphs(torch, measurer, f, impl_a_full, impl_b_full)
             except Exception as exc:  # noqa: BLE001 - no replay issued yet: every rank skips this family below
                 torch.cuda.synchronize(tp.device)
                 mine = f"{type(exc).__name__}: {str(exc)[:160]}"
@@ -472,45 +478,6 @@ def measure_collective_pair_energy(tp, plan: Plan, results: dict, host, measurer
     finally:
         device.close()
     return tuple(points), notes
-
-
-def _pair_graphs(torch, measurer, family, s_full):
-    """(together, one_after_another, k) of a collective family (measure_collective_pair_energy): two
-    CUDA graphs of k rounds each, replayed as no-argument calls, as a plan's graph runs its collectives
-    (issued eagerly, the host cost of a collective, a copy-engine one most, left the GPU idle between
-    rounds: measured on 2x H100, 0.51 ms per round of a 0.05 ms pair at 276 W). Together: side A and
-    side B at the family's best split (a side of 0 SMs on a plain stream, the other on the whole GPU),
-    each round forked from the end of the last; one after another: the two on the whole GPU, each with
-    its fastest impl there (the measurer's cache, where the ranks agreed on it), as seq-same runs
-    them. Each callable is issued once outside the capture (compiles, communicators)."""
-    from nfsearch.runtime.partitions import capture_rounds
-    from nfsearch.runtime.profiler import ENERGY_GRAPH_MS, MAX_ENERGY_GRAPH_CALLS
-    a, b, best = family.a, family.b, family.best
-    full = measurer.parts.num_sms
-    if 0 in (best.sms_a, best.sms_b):
-        s_a, s_b = (s_full, measurer._side_stream()) if best.sms_b == 0 else (measurer._side_stream(), s_full)
-    else:
-        is_a_small = best.sms_a <= best.sms_b
-        s_small, s_big = measurer._split(best.sms_a if is_a_small else best.sms_b)
-        s_a, s_b = (s_small, s_big) if is_a_small else (s_big, s_small)
-    fa, na = measurer._fn(a.op, best.impl_a, a.num_tokens, a.context, best.sms_a)
-    fb, nb = measurer._fn(b.op, best.impl_b, b.num_tokens, b.context, best.sms_b)
-    impl_a_full = measurer._fastest(a.op, a.num_tokens, a.context, full, s_full)[0]
-    impl_b_full = measurer._fastest(b.op, b.num_tokens, b.context, full, s_full)[0]
-    ga, nga = measurer._fn(a.op, impl_a_full, a.num_tokens, a.context, full)
-    gb, ngb = measurer._fn(b.op, impl_b_full, b.num_tokens, b.context, full)
-    for fn in (fa, fb, ga, gb):                 # every rank issues the same calls, in this order
-        fn(0)
-    torch.cuda.synchronize()
-    k = max(1, min(MAX_ENERGY_GRAPH_CALLS, math.ceil(ENERGY_GRAPH_MS / max(family.back_to_back_ms, 1e-3))))
-    together = capture_rounds([[(s_a, lambda i=i: fa(i % na)), (s_b, lambda i=i: fb(i % nb))] for i in range(k)])
-
-    def one_after_another():
-        for i in range(k):
-            ga(i % nga)
-            gb(i % ngb)
-    in_turn = capture_rounds([[(s_full, one_after_another)]])
-    return together, in_turn, k
 
 
 def usable_net_impls(tp, wanted: tuple[str, ...], host) -> tuple[tuple[str, ...], list[str]]:
