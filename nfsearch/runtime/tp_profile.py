@@ -406,10 +406,11 @@ def measure_collective_pair_energy(tp, plan: Plan, results: dict, host, measurer
                                    ) -> tuple[tuple, list[str]]:
     """Every rank at once (all must call it at the same point, after the network plan ran): the
     energy of overlap of each collective family (COLLECTIVE_PAIR_ENERGY_METHOD), as
-    profiler._pair_energy_point measures a shard family (profiler.pair_energy_graphs), its graphs
-    replayed in lockstep: issued eagerly, the host cost of a collective, a copy-engine one most, left
-    the GPU idle between rounds (2x H100: 0.51 ms per round of a 0.05 ms pair at 276 W). `results`: this rank's measurements of the plan; `measurer`:
-    the TP measurer that ran it (its green partitions, inputs and fastest-impl cache). Returns
+    profiler._pair_energy_point measures a shard family (profiler.pair_energy_graphs), the graphs
+    replayed in lockstep. Graphs, not eager calls: issued eagerly, the host cost of a collective (a
+    copy-engine one most) left the GPU idle between rounds (2x H100: 0.51 ms per round of a 0.05 ms
+    pair, at 276 W). `results`: this rank's measurements of the plan; `measurer`: the TP measurer
+    that ran it (its green partitions, inputs and fastest-impl cache). Returns
     (profile.PairEnergyPoint per family, notes); a family that fails on any rank is a note on all."""
     import torch
     import torch.distributed as dist
