@@ -350,7 +350,10 @@ class EnergyModel:
     def __init__(self, energy: ProfileEnergy, factor: float = 1.0, factor_label: str = ""):
         self.energy = energy
         self.factor = factor
-        self.factor_label = factor_label or "energy factor 1 (no calibration)"
+        # without a fitted factor the bound runs low: measured dynamic energy was 1.02-1.05x the
+        # profile's (W1-W4 on H100s); a factor fitted on one model carries to others of the GPU
+        self.factor_label = factor_label or ("energy factor 1 (none fitted: `nfsearch calibrate --energy` fits one "
+                                             "from runs, `calibrate --from` carries one from a profile of this GPU)")
         # pair energy point -> its dynamic energy ratio at one clock; a point that spent no energy
         # above the static power (a bad window) prices nothing rather than failing every replay
         self.pair_points = {}
