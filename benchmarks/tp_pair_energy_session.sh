@@ -7,6 +7,8 @@
 #      --min-gain 0.99), timed against each other by `tune --plans` (each report predicted with the profile)
 #   benchmarks/tp_pair_energy_eval.py then scores them with and without the collective pair points.
 #   usage: bash benchmarks/tp_pair_energy_session.sh OUT_DIR [tests|profile|tune ...]   (2 GPUs of one host)
+#   On 2x H100 `profile tune` took 300 s (profile 214 s); the tiny TP test did not finish in 240 s: give
+#   `tests` a call of its own.
 set -u
 OUT=${1:?usage: bash benchmarks/tp_pair_energy_session.sh OUT_DIR [tests|profile|tune ...]}; shift
 PARTS=${*:-tests profile tune}
