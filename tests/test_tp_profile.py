@@ -381,7 +381,7 @@ def test_tiny_quick_tp_profile_on_two_gpus(tmp_path):
     out = tmp_path / "tp.parquet"
     table = tpp.measure_tp_profile(TINY, TINY_WL, 2, is_quick=True, output=str(out), with_pairs=True,
                                    pair_minority_sms=(16,), log=lambda msg: print(msg, file=sys.stderr),
-                                   with_energy=True)
+                                   with_energy=True, energy_window_s=0.1)
     assert out.is_file() and (tmp_path / "tp.summary.json").is_file()
     assert not m.checkpoint_path(out).exists()
     got = load(out)
