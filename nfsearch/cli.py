@@ -609,10 +609,9 @@ def tune_cmd(plans_dir, top_k, time_limit_s, num_layers, profile_path, output, m
         if profile_path:                # the table the candidates were made with, for their predictions
             from nfsearch.profile import load
             profile = load(profile_path)
-            for c in candidates:
-                if c.schedule.profile.fingerprint != profile.fingerprint() and not force:
-                    raise NfsearchError(f"{c.name}: made with profile {c.schedule.profile.fingerprint}, "
-                                        f"{profile_path} is {profile.fingerprint()} (--force to run anyway)")
+            if not force:
+                for c in candidates:
+                    _check_profile(c.schedule, profile, c.name)
     else:
         model, workload = resolve_specs(**spec)
         problem = _problem(model, workload, profile_path, num_layers, False)
@@ -646,7 +645,8 @@ def _problem(model, workload, profile_path, num_layers, allow_extrapolation):
 
 
 def _check_profile(schedule, table, plan_path) -> None:
-    """`run --profile P`: the plan must have been made with P (its times hold for P only)."""
+    """`run --profile P` (and `tune --plans D --profile P`): the plan must have been made with P (its
+    times hold for P only)."""
     planned, got = schedule.profile.fingerprint, table.fingerprint()
     if planned != got:
         raise NfsearchError(f"{plan_path}: made with profile {planned}, {table.label} is {got} "

@@ -201,6 +201,18 @@ def _count(value, what: str, low: int, high: int) -> int:
     return value
 
 
+def _check_loop(point, prefix: str, what: str) -> None:
+    """Check (and store as floats) the readings of one sustained loop of an energy point: the fields
+    `prefix` + energy_j, time_ms, power_w, sm_clock_mhz (optional) and capped_share (0..1)."""
+    for key, high in (("energy_j", MAX_ENERGY_J), ("time_ms", MAX_TIME_MS), ("power_w", MAX_POWER_W)):
+        name = prefix + key
+        object.__setattr__(point, name, _positive(getattr(point, name), f"{what} {name}", high))
+    name = prefix + "sm_clock_mhz"
+    object.__setattr__(point, name, _optional(getattr(point, name), f"{what} {name}", MAX_CLOCK_MHZ))
+    name = prefix + "capped_share"
+    object.__setattr__(point, name, _positive(getattr(point, name), f"{what} {name}", 1.0, may_be_zero=True))
+
+
 @dataclass(frozen=True)
 class EnergyPoint:
     """One op at one size, run back to back on the whole GPU with `impl` (its fastest there):
@@ -222,22 +234,14 @@ class EnergyPoint:
             _short_name(getattr(self, key), f"point {key}")
         for key, low in (("num_tokens", 1), ("context", 0)):
             _count(getattr(self, key), f"{self.op} {key}", low, MAX_CONTEXT)
-        object.__setattr__(self, "energy_j", _positive(self.energy_j, f"{self.op} energy_j", MAX_ENERGY_J))
-        object.__setattr__(self, "time_ms", _positive(self.time_ms, f"{self.op} time_ms", MAX_TIME_MS))
-        object.__setattr__(self, "power_w", _positive(self.power_w, f"{self.op} power_w", MAX_POWER_W))
-        object.__setattr__(self, "sm_clock_mhz", _optional(self.sm_clock_mhz, f"{self.op} sm_clock_mhz",
-                                                           MAX_CLOCK_MHZ))
-        object.__setattr__(self, "capped_share", _positive(self.capped_share, f"{self.op} capped_share", 1.0,
-                                                           may_be_zero=True))
+        _check_loop(self, "", self.op)
 
     @property
     def key(self) -> tuple[str, int, int]:
         return (self.op, self.num_tokens, self.context)
 
     def to_dict(self) -> dict:
-        return {"op": self.op, "impl": self.impl, "num_tokens": self.num_tokens, "context": self.context,
-                "energy_j": self.energy_j, "time_ms": self.time_ms, "power_w": self.power_w,
-                "sm_clock_mhz": self.sm_clock_mhz, "capped_share": self.capped_share}
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 @dataclass(frozen=True)
@@ -276,15 +280,8 @@ class PairEnergyPoint:
             # 0 SMs: a side that holds no SM share (a copy-engine collective, plan.NO_SHARE_IMPLS)
             low = 0 if getattr(self, f"impl_{side}") in NO_SHARE_IMPLS else 1
             _count(getattr(self, f"sms_{side}"), f"pair point sms_{side}", low, MAX_SMS)
-        what = f"pair {self.op_a} x {self.op_b}"
         for prefix in ("", "b2b_"):
-            for key, high in (("energy_j", MAX_ENERGY_J), ("time_ms", MAX_TIME_MS), ("power_w", MAX_POWER_W)):
-                name = prefix + key
-                object.__setattr__(self, name, _positive(getattr(self, name), f"{what} {name}", high))
-            name = prefix + "sm_clock_mhz"
-            object.__setattr__(self, name, _optional(getattr(self, name), f"{what} {name}", MAX_CLOCK_MHZ))
-            name = prefix + "capped_share"
-            object.__setattr__(self, name, _positive(getattr(self, name), f"{what} {name}", 1.0, may_be_zero=True))
+            _check_loop(self, prefix, f"pair {self.op_a} x {self.op_b}")
 
     @property
     def key(self) -> tuple:

@@ -78,6 +78,7 @@ from nfsearch.errors import NfsearchError
 from nfsearch.graph import op_work
 from nfsearch.profile import ProfileTable
 from nfsearch.runtime import measurements as profiling
+from nfsearch.runtime.power import WINDOW_S
 from nfsearch.runtime.measurements import (CE_IMPL, NETWORK_IMPL, NETWORK_IMPLS, Measurement, Plan,
                                            Point, Settings)
 
@@ -109,7 +110,7 @@ class NetworkRequest:
     cpu_granularity: int = 8
     net_impls: tuple[str, ...] = NETWORK_IMPLS   # those every rank can set up are measured
     with_energy: bool = False        # also the collectives' energy (measure_collective_energy), CUDA only
-    energy_window_s: float | None = None   # each energy loop's NVML window (power.WINDOW_S when None)
+    energy_window_s: float = WINDOW_S   # each energy loop's NVML window (runtime/power.py)
 
     def __post_init__(self):
         if self.workload.tp_degree < 2:
@@ -158,14 +159,14 @@ def measure_tp_profile(model, workload, num_gpus: int, is_quick: bool = False, o
                        with_pairs: bool = True, log=None, settings: Settings | None = None,
                        pair_minority_sms: tuple[int, ...] | None = None,
                        net_impls: tuple[str, ...] = NETWORK_IMPLS, with_energy: bool = False,
-                       opt_in_impls: tuple[str, ...] = (), energy_window_s: float | None = None) -> ProfileTable:
+                       opt_in_impls: tuple[str, ...] = (), energy_window_s: float = WINDOW_S) -> ProfileTable:
     """The measured profile of `model`'s TP shard (workload.tp_degree = num_gpus) on GPUs 0..num_gpus-1.
 
     output: the table's path (its summary goes to <stem>.summary.json beside it; both written only
     when everything was measured); progress(done, total, eta_s, what) as points finish.
     with_energy: the shard's energy on GPU 0, then the collectives' and their pairs' on every GPU
     (module doc; a note and none without NVML); energy_window_s: each energy loop's NVML window
-    (power.WINDOW_S by default; the GPU test's shorter)."""
+    (the GPU test's shorter than power.WINDOW_S)."""
     import torch
 
     from nfsearch.runtime.profiler import add_energy, energy_summary, measure_single_gpu
@@ -345,7 +346,7 @@ def collective_energy_requests(plan: Plan, results: dict, workload, num_sms: int
 
 
 def measure_collective_energy(tp, plan: Plan, results: dict, workload, host, num_sms: int, inputs_of,
-                              say=None, window_s: float | None = None) -> tuple[tuple, list[str]]:
+                              say=None, window_s: float = WINDOW_S) -> tuple[tuple, list[str]]:
     """Every rank at once (all must call it at the same point): the energy of each all-reduce of
     `collective_energy_requests`, issued back to back in lockstep (power.lockstep_chunks: every rank
     issues the same calls, so no collective waits on a rank that stopped), NVML on every rank. Returns
@@ -372,11 +373,10 @@ def measure_collective_energy(tp, plan: Plan, results: dict, workload, host, num
         for tokens, impl, time_ms in requests:
             call, num_sets = inputs_of(nets[0]).fn(impl, tokens, 0, num_sms)
             calls = itertools.count()
-            window = power.WINDOW_S if window_s is None else window_s
-            per_chunk, num_chunks = power.lockstep_chunks(agree_max(time_ms, host), window_s=window)
+            per_chunk, num_chunks = power.lockstep_chunks(agree_max(time_ms, host), window_s=window_s)
             try:
                 m = power.measure_energy(lambda call=call, calls=calls, n=num_sets: call(next(calls) % n), device,
-                                         window_s=window, calls_per_chunk=per_chunk, num_chunks=num_chunks)
+                                         window_s=window_s, calls_per_chunk=per_chunk, num_chunks=num_chunks)
                 mine = (m.energy_j, m.time_ms, m.power_w, m.samples.sm_clock_mhz, m.samples.capped_share)
             except Exception as exc:  # noqa: BLE001 - every call was issued; told to every rank below
                 torch.cuda.synchronize(tp.device)
@@ -410,7 +410,7 @@ def collective_pair_families(plan: Plan, per_rank_results: list[dict]) -> list:
 
 
 def measure_collective_pair_energy(tp, plan: Plan, results: dict, host, measurer, say=None,
-                                   window_s: float | None = None) -> tuple[tuple, list[str]]:
+                                   window_s: float = WINDOW_S) -> tuple[tuple, list[str]]:
     """Every rank at once (all must call it at the same point, after the network plan ran): the
     energy of overlap of each collective family (COLLECTIVE_PAIR_ENERGY_METHOD), as
     profiler._pair_energy_point measures a shard family (profiler.pair_energy_graphs), the graphs
@@ -457,10 +457,9 @@ def measure_collective_pair_energy(tp, plan: Plan, results: dict, host, measurer
                 together, in_turn, k = graphs
                 try:
                     measured = []
-                    window = power.WINDOW_S if window_s is None else window_s
                     for graph, ms in ((together, best.makespan_ms), (in_turn, f.back_to_back_ms)):
-                        per_chunk, num_chunks = power.lockstep_chunks(agree_max(k * ms, host), window_s=window)
-                        m = power.measure_energy(graph.replay, device, calls_per_fn=k, window_s=window,
+                        per_chunk, num_chunks = power.lockstep_chunks(agree_max(k * ms, host), window_s=window_s)
+                        m = power.measure_energy(graph.replay, device, calls_per_fn=k, window_s=window_s,
                                                  calls_per_chunk=per_chunk, num_chunks=num_chunks)
                         measured.append((m.energy_j, m.time_ms, m.power_w, m.samples.sm_clock_mhz,
                                          round(m.samples.capped_share, 3)))
