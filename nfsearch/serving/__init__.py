@@ -1,0 +1,1 @@
+"""The engine's host side, torch-free: traces, pages, the scheduler, metrics, model configs."""
