@@ -21,6 +21,7 @@ def _one_case(tmp_path, name="W1"):
     return tmp_path / "cases.yaml", tmp_path / f"{name}.plan.json"
 
 
+@pytest.mark.slow
 def test_goldens_pass():
     result = run_check(GOLDEN / "cases.yaml")
     assert result.ok, result.report()

@@ -77,6 +77,7 @@ def test_model_reproduces_a_measured_split(w2):
     assert end_a == pytest.approx(1.0965, rel=0.05) and end_b == pytest.approx(1.0745, rel=0.05)
 
 
+@pytest.mark.slow
 def test_held_out_pair_splits_predicted(w2):
     """Leave-one-out over the bundled H100 pair table (700 interior splits). Measured when written:
     makespan error median 1.3%, 85% of splits within 5%, p90 6.3%, max 20%; the worse side of each

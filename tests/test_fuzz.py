@@ -25,6 +25,7 @@ def fuzz_results(tmp_path_factory):
     return fuzzcases.run_cases(cases, work / "cases", jobs=max(2, os.cpu_count() or 2), base=base)
 
 
+@pytest.mark.slow
 def test_fuzz_cli_has_no_failures(fuzz_results):
     summary = fuzzcases.summarize(fuzz_results)
     table = fuzzcases.format_table(summary)
@@ -34,6 +35,7 @@ def test_fuzz_cli_has_no_failures(fuzz_results):
         assert summary["total"][column] == 0, f"{column}\n{table}\n{failing}"
 
 
+@pytest.mark.slow
 def test_fuzz_covers_valid_and_bad_inputs(fuzz_results):
     """The fuzz judges both sides: valid inputs that must run and bad ones that must be refused."""
     summary = fuzzcases.summarize(fuzz_results)
@@ -43,6 +45,7 @@ def test_fuzz_covers_valid_and_bad_inputs(fuzz_results):
     assert len(refused) >= 0.9 * summary["by_validity"][BAD]
 
 
+@pytest.mark.slow
 def test_generation_is_deterministic():
     a = [(c.family, c.name, c.validity, c.args) for c in fuzzcases.generate(seed=3, num_random=100)]
     b = [(c.family, c.name, c.validity, c.args) for c in fuzzcases.generate(seed=3, num_random=100)]

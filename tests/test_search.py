@@ -173,6 +173,7 @@ def test_polish_only_keeps_faster_buildable_plans(small):
     check_layouts(polished)
 
 
+@pytest.mark.slow
 def test_an_overlapped_plan_must_beat_sequential_by_the_margin():
     """min_gain: the plan the search finds for W2 on the bundled H100 profile (predicted about 10%
     faster than sequential) is kept under the default margin and replaced by the sequential plan when
