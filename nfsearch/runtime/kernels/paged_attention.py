@@ -1,0 +1,306 @@
+"""Attention over a paged KV cache for the serving engine: decode, chunked prefill ("extend"), KV writes.
+
+KV cache per layer: ``k_cache, v_cache [num_pages, page_size, Hkv, D]`` (bf16 on the GPU); a request's
+token at position ``p`` lives in page ``page_table[p // page_size]``, offset ``p % page_size``.
+
+Every launch's grid and split count come from tensor shapes (batch slots, ``max_pages``, segments, rows)
+and ``num_sms``, never from the lengths in the device buffers, so the calls can be captured in a CUDA
+graph and replayed with new lengths and page tables. ``num_sms`` bounds the persistent grid (an SM
+share); work items past a request's length or a segment's end do nothing.
+
+* decode: split-KV flash decoding. A work item is (request, kv head, split); one program computes all
+  ``Hq / Hkv`` query heads of its kv head, so each K/V byte is read once. One split: the program
+  writes the output; several: fp32 partials + log-sum-exp, reduced by decode_attention's reduce kernel.
+* prefill: flash attention of each chunk's rows against its request's keys 0..row position, read
+  through the page table. A block's rows are ``block_m // G`` tokens x the G query heads of one kv
+  head (GQA without repeated K/V); the keys every row sees run unmasked, the causal edge masked.
+  Items are ordered heaviest block first over all segments (longest key range), for balance.
+
+The torch versions (``*_torch``, paged_attention_torch.py) run on the CPU and are the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._common import HAVE_TRITON, next_pow2, programs, require_triton, tl, torch, triton
+from .paged_attention_torch import paged_decode_attention_torch, paged_prefill_attention_torch, write_kv_torch
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    block_n: int = 64          # tokens per loop step
+    num_warps: int = 4
+    num_stages: int = 3
+    programs_per_sm: int = 3
+    min_items_per_program: int = 4   # split the KV until the grid has this many items per program
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    block_m: int = 128         # query rows (tokens x query heads of one kv head) per block
+    block_n: int = 64          # keys per loop step
+    num_warps: int = 8
+    num_stages: int = 2
+    programs_per_sm: int = 2
+
+
+DECODE_CONFIG = DecodeConfig()
+PREFILL_CONFIG = PrefillConfig()
+WRITE_KV_PROGRAMS_PER_SM = 8
+
+if HAVE_TRITON:
+    from .decode_attention import _decode_reduce_kernel, softmax_step, store_item
+
+    @triton.jit
+    def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, lens_ptr, out_ptr, opart_ptr, lse_ptr,
+                             s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_ob, s_oh, s_pt,
+                             B, HKV, NSPLIT, SPLIT_LEN, qk_scale, NP,
+                             PS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                             BN: tl.constexpr, DIRECT: tl.constexpr, STAGES: tl.constexpr):
+        pid = tl.program_id(0)
+        offs_g = tl.arange(0, GP)
+        offs_d = tl.arange(0, D)
+        offs_n = tl.arange(0, BN)
+        gmask = offs_g < G
+        for item in range(pid, B * HKV * NSPLIT, NP):
+            s = item % NSPLIT
+            h = (item // NSPLIT) % HKV
+            b = item // (NSPLIT * HKV)
+            start = s * SPLIT_LEN
+            end = tl.minimum(start + SPLIT_LEN, tl.load(lens_ptr + b))
+            qh = h * G + offs_g
+            qt = tl.load(q_ptr + b * s_qb + qh[:, None] * s_qh + offs_d[None, :], mask=gmask[:, None], other=0.0)
+            m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([GP], dtype=tl.float32)
+            acc = tl.zeros([GP, D], dtype=tl.float32)
+            pt = pt_ptr + b.to(tl.int64) * s_pt
+            for t0 in tl.range(start, end, BN, num_stages=STAGES):
+                tok = t0 + offs_n
+                tmask = tok < end
+                page = tl.load(pt + tok // PS, mask=tmask, other=0).to(tl.int64)
+                krow = page * s_kp + (tok % PS) * s_kt + h * s_kh
+                vrow = page * s_vp + (tok % PS) * s_vt + h * s_vh
+                kt = tl.load(k_ptr + krow[:, None] + offs_d[None, :], mask=tmask[:, None], other=0.0)
+                vt = tl.load(v_ptr + vrow[:, None] + offs_d[None, :], mask=tmask[:, None], other=0.0)
+                sc = tl.dot(qt, tl.trans(kt)) * qk_scale
+                sc = tl.where(tmask[None, :], sc, float("-inf"))
+                m_i, l_i, acc = softmax_step(sc, vt, m_i, l_i, acc)
+            store_item(acc, l_i, m_i, out_ptr, opart_ptr, lse_ptr, b, qh, s, s_ob, s_oh, HKV, NSPLIT, offs_d,
+                       gmask, G, D, DIRECT)
+
+    @triton.jit
+    def _kv_block(k_ptr, v_ptr, pt, key, kmask, h, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, offs_d, PS: tl.constexpr):
+        """Keys `key` [BN] of one request through its page table row `pt`: (K [BN, D], V [BN, D])."""
+        page = tl.load(pt + key // PS, mask=kmask, other=0).to(tl.int64)
+        krow = page * s_kp + (key % PS) * s_kt + h * s_kh
+        vrow = page * s_vp + (key % PS) * s_vt + h * s_vh
+        kt = tl.load(k_ptr + krow[:, None] + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        vt = tl.load(v_ptr + vrow[:, None] + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        return kt, vt
+
+    @triton.jit
+    def _paged_prefill_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, starts_ptr, lens_ptr, prefix_ptr, out_ptr,
+                              s_qt, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_ot, s_oh, s_pt,
+                              NSEG, HKV, NMB, qk_scale, NP,
+                              PS: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BT: tl.constexpr,
+                              D: tl.constexpr, BN: tl.constexpr, STAGES: tl.constexpr):
+        pid = tl.program_id(0)
+        offs_m = tl.arange(0, BM)
+        offs_d = tl.arange(0, D)
+        offs_n = tl.arange(0, BN)
+        tok_in_block = offs_m // G        # row -> (token, query head of the group)
+        head_in_group = offs_m % G
+        for item in range(pid, NMB * NSEG * HKV, NP):
+            h = item % HKV
+            s = (item // HKV) % NSEG
+            mi = item // (HKV * NSEG)     # 0 = the segment's last (heaviest) block
+            num_rows = tl.load(lens_ptr + s)
+            num_blocks = tl.cdiv(num_rows, BT)
+            is_valid = mi < num_blocks
+            i0 = (num_blocks - 1 - mi) * BT
+            i = i0 + tok_in_block
+            rmask = (tok_in_block < BT) & (i < num_rows) & is_valid
+            start = tl.load(starts_ptr + s)
+            prefix = tl.load(prefix_ptr + s)
+            qh = h * G + head_in_group
+            qoff = (start + i).to(tl.int64) * s_qt + qh * s_qh
+            qt = tl.load(q_ptr + qoff[:, None] + offs_d[None, :], mask=rmask[:, None], other=0.0)
+            pos = prefix + i
+            # keys < prefix + i0 + 1 are seen by every row; the block's causal edge ends at its last row
+            full_end = tl.where(is_valid, (prefix + i0 + 1) // BN * BN, 0)
+            edge_end = tl.where(is_valid, prefix + tl.minimum(i0 + BT, num_rows), 0)
+            pt = pt_ptr + s.to(tl.int64) * s_pt
+            m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([BM], dtype=tl.float32)
+            acc = tl.zeros([BM, D], dtype=tl.float32)
+            for k0 in tl.range(0, full_end, BN, num_stages=STAGES):
+                key = k0 + offs_n
+                kt, vt = _kv_block(k_ptr, v_ptr, pt, key, key < full_end, h, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh,
+                                   offs_d, PS)
+                sc = tl.dot(qt, tl.trans(kt)) * qk_scale
+                m_i, l_i, acc = softmax_step(sc, vt, m_i, l_i, acc)
+            for k0 in tl.range(full_end, edge_end, BN, num_stages=STAGES):
+                key = k0 + offs_n
+                kmask = key < edge_end
+                kt, vt = _kv_block(k_ptr, v_ptr, pt, key, kmask, h, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, offs_d, PS)
+                sc = tl.dot(qt, tl.trans(kt)) * qk_scale
+                sc = tl.where(kmask[None, :] & (key[None, :] <= pos[:, None]), sc, float("-inf"))
+                m_i, l_i, acc = softmax_step(sc, vt, m_i, l_i, acc)
+            o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            ooff = (start + i).to(tl.int64) * s_ot + qh * s_oh
+            tl.store(out_ptr + ooff[:, None] + offs_d[None, :], o.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+
+    @triton.jit
+    def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, s_kt, s_kh, s_vt, s_vh,
+                         s_kcp, s_kct, s_kch, s_vcp, s_vct, s_vch, T, NP,
+                         HKV: tl.constexpr, HP: tl.constexpr, PS: tl.constexpr, D: tl.constexpr):
+        pid = tl.program_id(0)
+        offs_h = tl.arange(0, HP)
+        offs_d = tl.arange(0, D)
+        for t in range(pid, T, NP):
+            slot = tl.load(slot_ptr + t)
+            mask = ((offs_h < HKV) & (slot >= 0))[:, None]
+            slot = tl.maximum(slot, 0).to(tl.int64)
+            page = slot // PS
+            off = slot % PS
+            kv = tl.load(k_ptr + t * s_kt + offs_h[:, None] * s_kh + offs_d[None, :], mask=mask)
+            vv = tl.load(v_ptr + t * s_vt + offs_h[:, None] * s_vh + offs_d[None, :], mask=mask)
+            tl.store(kc_ptr + page * s_kcp + off * s_kct + offs_h[:, None] * s_kch + offs_d[None, :], kv, mask=mask)
+            tl.store(vc_ptr + page * s_vcp + off * s_vct + offs_h[:, None] * s_vch + offs_d[None, :], vv, mask=mask)
+
+
+def device_sms(device) -> int:
+    """SMs of a CUDA device (the default ``num_sms``); 4 for a CPU tensor (Triton's interpreter)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _check_cache(k_cache, v_cache, head_dim: int):
+    if k_cache.shape != v_cache.shape or k_cache.dim() != 4 or k_cache.shape[3] != head_dim:
+        raise ValueError(f"caches must be [num_pages, page_size, Hkv, {head_dim}], got {tuple(k_cache.shape)}")
+    if k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("caches need a contiguous last dimension")
+    if head_dim != next_pow2(head_dim) or head_dim < 16:
+        raise ValueError(f"the Triton kernels take a power-of-two head dim >= 16, not {head_dim}")
+
+
+def decode_splits(num_requests: int, num_kv_heads: int, max_context: int, grid: int, cfg: DecodeConfig):
+    """(num_splits, split_len tokens) from shapes alone: enough items per program for ``grid`` programs."""
+    items = max(1, num_requests * num_kv_heads)
+    max_blocks = max(1, -(-max_context // cfg.block_n))
+    nsplit = max(1, min(-(-cfg.min_items_per_program * grid // items), max_blocks))
+    split_len = -(-max_blocks // nsplit) * cfg.block_n
+    return -(-max(1, max_context) // split_len), split_len
+
+
+def paged_decode_attention(q, k_cache, v_cache, page_tables, context_lens, out, scale, num_sms=None, *,
+                           num_splits=None, config: DecodeConfig | None = None):
+    """out[b] = softmax(q[b] k^T * scale) v over request b's first context_lens[b] cached tokens; GQA.
+
+    q [B, Hq, D]; page_tables [B, max_pages] int32; context_lens [B] int32 (0: out row zeros);
+    out [B, Hq, D]. ``num_splits`` overrides the split count chosen from the shapes. Returns ``out``."""
+    require_triton("paged_decode_attention")
+    cfg = config or DECODE_CONFIG
+    B, HQ, D = q.shape
+    _check_cache(k_cache, v_cache, D)
+    page_size, HKV = k_cache.shape[1], k_cache.shape[2]
+    if HQ % HKV or tuple(out.shape) != (B, HQ, D) or q.stride(2) != 1 or out.stride(2) != 1:
+        raise ValueError(f"q {tuple(q.shape)} / out {tuple(out.shape)} do not fit {HKV} kv heads of dim {D}")
+    if B == 0:
+        return out
+    G = HQ // HKV
+    max_context = page_tables.shape[1] * page_size
+    cap = (num_sms or device_sms(q.device)) * cfg.programs_per_sm
+    nsplit, split_len = decode_splits(B, HKV, max_context, cap, cfg)
+    if num_splits is not None:
+        split_len = -(-max_context // (int(num_splits) * cfg.block_n)) * cfg.block_n
+        nsplit = -(-max_context // split_len)
+    is_direct = nsplit == 1
+    if is_direct:
+        opart = lse = out  # unused
+    else:
+        opart = torch.empty((B, HQ, nsplit, D), device=q.device, dtype=torch.float32)
+        lse = torch.empty((B, HQ, nsplit), device=q.device, dtype=torch.float32)
+    grid = programs(cap, 1, B * HKV * nsplit)
+    _paged_decode_kernel[(grid,)](
+        q, k_cache, v_cache, page_tables, context_lens, out, opart, lse,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), page_tables.stride(0),
+        B, HKV, nsplit, split_len, scale * LOG2E, grid,
+        PS=page_size, G=G, GP=max(16, next_pow2(G)), D=D, BN=cfg.block_n, DIRECT=is_direct,
+        STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if not is_direct:
+        rows = B * HQ
+        grid2 = programs(cap // cfg.programs_per_sm, 8, rows)
+        _decode_reduce_kernel[(grid2,)](opart, lse, out, out.stride(0), out.stride(1), HQ, rows, nsplit, grid2,
+                                        SP=max(2, next_pow2(nsplit)), D=D, num_warps=4)
+    return out
+
+
+def paged_prefill_attention(q, k_cache, v_cache, page_tables, chunk_starts, chunk_lens, prefix_lens, out, scale,
+                            num_sms=None, *, max_chunk_rows=None, config: PrefillConfig | None = None):
+    """Chunked-prefill attention: chunk s owns rows [chunk_starts[s], +chunk_lens[s]) of q [T, Hq, D]; its
+    row i sits at position prefix_lens[s] + i and attends to keys 0..that position of its request,
+    read through page_tables[s] (the chunk's own K/V already written). chunk_lens[s] == 0: padding.
+    Rows outside every chunk are not written. ``max_chunk_rows`` (host int, default T) bounds a
+    chunk's rows, so fewer empty blocks are launched. Returns ``out``."""
+    require_triton("paged_prefill_attention")
+    cfg = config or PREFILL_CONFIG
+    T, HQ, D = q.shape
+    _check_cache(k_cache, v_cache, D)
+    page_size, HKV = k_cache.shape[1], k_cache.shape[2]
+    if HQ % HKV or tuple(out.shape) != (T, HQ, D) or q.stride(2) != 1 or out.stride(2) != 1:
+        raise ValueError(f"q {tuple(q.shape)} / out {tuple(out.shape)} do not fit {HKV} kv heads of dim {D}")
+    G = HQ // HKV
+    if G > cfg.block_m:
+        raise ValueError(f"block_m {cfg.block_m} is smaller than the {G} query heads per kv head")
+    num_segments = chunk_lens.shape[0]
+    max_rows = min(T, int(max_chunk_rows)) if max_chunk_rows is not None else T
+    if num_segments == 0 or max_rows <= 0:
+        return out
+    block_tokens = cfg.block_m // G
+    num_blocks = -(-max_rows // block_tokens)
+    cap = (num_sms or device_sms(q.device)) * cfg.programs_per_sm
+    grid = programs(cap, 1, num_blocks * num_segments * HKV)
+    _paged_prefill_kernel[(grid,)](
+        q, k_cache, v_cache, page_tables, chunk_starts, chunk_lens, prefix_lens, out,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), page_tables.stride(0),
+        num_segments, HKV, num_blocks, scale * LOG2E, grid,
+        PS=page_size, G=G, BM=cfg.block_m, BT=block_tokens, D=D, BN=cfg.block_n, STAGES=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping, num_sms=None):
+    """k_cache.view(-1, Hkv, D)[slot_mapping[t]] = k[t], same for v; slot -1 skipped. k, v [T, Hkv, D]
+    (views with any row stride). Triton on a CUDA device, ``write_kv_torch`` elsewhere."""
+    if HAVE_TRITON and k.is_cuda:
+        return write_kv_triton(k, v, k_cache, v_cache, slot_mapping, num_sms)
+    return write_kv_torch(k, v, k_cache, v_cache, slot_mapping)
+
+
+def write_kv_triton(k, v, k_cache, v_cache, slot_mapping, num_sms=None):
+    """``write_kv`` by a Triton kernel: one program per row on a persistent grid (graph-capturable)."""
+    require_triton("write_kv_triton")
+    T, HKV, D = k.shape
+    _check_cache(k_cache, v_cache, D)
+    if T == 0:
+        return
+    if k.stride(2) != 1 or v.stride(2) != 1:
+        raise ValueError("k and v need a contiguous last dimension")
+    grid = programs(num_sms or device_sms(k.device), WRITE_KV_PROGRAMS_PER_SM, T)
+    _write_kv_kernel[(grid,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0),
+                              v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                              v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), T, grid,
+                              HKV=HKV, HP=next_pow2(HKV), PS=k_cache.shape[1], D=D, num_warps=4)
+
+
+__all__ = ["DECODE_CONFIG", "PREFILL_CONFIG", "DecodeConfig", "PrefillConfig", "decode_splits", "device_sms",
+           "paged_decode_attention", "paged_decode_attention_torch", "paged_prefill_attention",
+           "paged_prefill_attention_torch", "write_kv", "write_kv_torch", "write_kv_triton"]
