@@ -95,18 +95,18 @@ def summarize(records: list[RequestRecord], start_s: float, end_s: float,
         steady_start, steady_end = start_s, end_s
     whole_in, whole_out = _tokens_between(served, start_s, end_s)
     steady_in, steady_out = _tokens_between(served, steady_start, steady_end)
-    whole_rate = 1.0 / (max(end_s - start_s, 1e-12) * num_gpus)
-    steady_rate = 1.0 / (max(steady_end - steady_start, 1e-12) * num_gpus)
+    whole_gpu_s = max(end_s - start_s, 1e-12) * num_gpus
+    steady_gpu_s = max(steady_end - steady_start, 1e-12) * num_gpus
     ttfts = [r.first_token_s - r.arrival_s for r in served if r.first_token_s is not None]
     tpots = [(r.finish_s - r.first_token_s) / (r.num_output_tokens - 1) for r in served
              if r.finish_s is not None and r.first_token_s is not None and r.num_output_tokens > 1]
-    steady_total = (steady_in + steady_out) * steady_rate
+    steady_total = (steady_in + steady_out) / steady_gpu_s
     return BenchSummary(
         num_requests=len(records), num_finished=len(finishes), num_refused=len(records) - len(served),
         duration_s=end_s - start_s, input_tokens=whole_in, output_tokens=whole_out,
-        total_tokens_per_s=(whole_in + whole_out) * whole_rate, output_tokens_per_s=whole_out * whole_rate,
+        total_tokens_per_s=(whole_in + whole_out) / whole_gpu_s, output_tokens_per_s=whole_out / whole_gpu_s,
         steady_start_s=steady_start, steady_end_s=steady_end, is_steady_window=is_steady,
-        steady_total_tokens_per_s=steady_total, steady_output_tokens_per_s=steady_out * steady_rate,
+        steady_total_tokens_per_s=steady_total, steady_output_tokens_per_s=steady_out / steady_gpu_s,
         ttft_s=Percentiles.of(ttfts), tpot_s=Percentiles.of(tpots), num_gpus=num_gpus,
         optimal_tokens_per_s=optimal_tokens_per_s,
         pct_of_optimal=100.0 * steady_total / optimal_tokens_per_s if optimal_tokens_per_s else None)

@@ -11,7 +11,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from nfsearch.errors import NfsearchError
-from nfsearch.serving.batch import Batch, Bucket, SamplingParams, Sequence, SeqStatus
+from nfsearch.serving.batch import Batch, Bucket, SamplingParams, SeqStatus, Sequence
 from nfsearch.serving.pages import DEFAULT_PAGE_SIZE, PageManager
 from nfsearch.serving.traces import Request
 
@@ -175,8 +175,8 @@ class Scheduler:
             n = min(seq.num_tokens - seq.num_computed, budget,
                     self.pages.max_tokens_coverable(seq) - seq.num_computed)
             if n <= 0:
-                # without any row this iteration nothing would ever free a page: make room by preemption
-                if batch.seqs or not self._reserve(seq, seq.num_computed + 1, placed):
+                # with no row placed and nothing in flight, no page would ever be freed: preempt
+                if batch.seqs or self._in_flight or not self._reserve(seq, seq.num_computed + 1, placed):
                     continue
                 n = min(seq.num_tokens - seq.num_computed, budget,
                         self.pages.max_tokens_coverable(seq) - seq.num_computed)
