@@ -86,7 +86,8 @@ def _from_folder(folder: Path) -> ModelConfig:
         raise NfsearchError(f"{where}: expected a JSON object")
     arch = _architecture(raw, where)
     if raw.get("hidden_act", "silu") != "silu":
-        raise NfsearchError(f"{where}: hidden_act '{shown(raw.get('hidden_act'))}' is not supported (silu only)")
+        raise NfsearchError(f"{where}: hidden_act '{shown(raw.get('hidden_act'))}' is not supported "
+                            "(silu only)")
     if raw.get("mlp_bias") or (arch != "Qwen2ForCausalLM" and raw.get("attention_bias")):
         raise NfsearchError(f"{where}: mlp_bias/attention_bias on {arch} is not supported")
     spec = model_from_hf_config(raw, folder.resolve().name, where)
@@ -107,7 +108,8 @@ def _from_folder(folder: Path) -> ModelConfig:
         spec=spec,
         rope_theta=_positive(theta, "rope_theta", where),
         rms_norm_eps=_positive(raw.get("rms_norm_eps", 1e-6), "rms_norm_eps", where),
-        max_position_embeddings=_count(raw.get("max_position_embeddings", 4096), "max_position_embeddings", where),
+        max_position_embeddings=_count(raw.get("max_position_embeddings", 4096), "max_position_embeddings",
+                                       where),
         tie_word_embeddings=_flag(raw.get("tie_word_embeddings", False), "tie_word_embeddings", where),
         rope_scaling=_rope_scaling(scaling, where),
         eos_token_ids=_eos_ids(eos, where_eos),
@@ -140,12 +142,12 @@ def _rope_scaling(raw, where: str) -> RopeScaling | None:
     low = _positive(raw.get("low_freq_factor"), "rope_scaling.low_freq_factor", where)
     high = _positive(raw.get("high_freq_factor"), "rope_scaling.high_freq_factor", where)
     if high <= low:
-        raise NfsearchError(f"{where}: rope_scaling.high_freq_factor ({high}) must exceed low_freq_factor ({low})")
+        raise NfsearchError(f"{where}: rope_scaling.high_freq_factor ({high}) must exceed "
+                            f"low_freq_factor ({low})")
+    key = "original_max_position_embeddings"
+    old_len = _count(raw.get(key), f"rope_scaling.{key}", where)
     return RopeScaling(factor=_positive(raw.get("factor"), "rope_scaling.factor", where),
-                       low_freq_factor=low, high_freq_factor=high,
-                       original_max_position_embeddings=_count(raw.get("original_max_position_embeddings"),
-                                                               "rope_scaling.original_max_position_embeddings",
-                                                               where))
+                       low_freq_factor=low, high_freq_factor=high, original_max_position_embeddings=old_len)
 
 
 def _eos_ids(value, where: str) -> tuple[int, ...]:
@@ -160,7 +162,8 @@ def _eos_ids(value, where: str) -> tuple[int, ...]:
 
 
 def _positive(value, key: str, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not is_number or not math.isfinite(value) or value <= 0:
         raise NfsearchError(f"{where}: {key} must be a positive number (got {shown(repr(value), 40)})")
     return float(value)
 

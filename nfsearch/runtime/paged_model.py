@@ -1,0 +1,168 @@
+"""The whole model over a paged KV cache: embedding -> layers -> final norm -> LM head -> sampling.
+
+One forward is one iteration of the engine: decode rows [0, B) (one token per running request),
+then prefill chunks, all in one dense batch of the bucket's T rows (StepInputs). Every shape comes
+from the bucket and every value from the device buffers, so forward() issues no host sync and no
+Python branch on device values: the engine captures it once per bucket in a CUDA graph. (With
+attn_impl "torch" the attention references read lengths on the host: that path is the CPU path
+and the GPU reference, not captured.)
+
+Layer (residual adds fused into the O and D GEMMs, two residual buffers used in turn):
+    h    = rmsnorm(x) * norm1;  qkv = h @ wqkv (+ bqkv)
+    q, k = rope(qkv at positions);  v          k/v -> cache at slot_mapping
+    attn = decode attention (rows [0, B), page tables, context lens)
+           then prefill attention (chunk rows, causal over prefix + chunk)
+    mid  = attn @ wo + x;  h = rmsnorm(mid) * norm2;  ug = h @ wug;  act = silu(gate) * up
+    x    = act @ wd + mid
+One set of activation buffers serves every layer (sized by max_tokens); the KV cache is one
+allocation, viewed per layer as k_cache, v_cache [num_pages, page_size, Hkv, D].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from nfsearch.runtime.kernels import IMPLS, rope_append_torch
+from nfsearch.runtime.sampling import sample
+from nfsearch.runtime.step_inputs import StepBuffers, StepInputs, make_step_inputs  # noqa: F401 (re-exported)
+from nfsearch.runtime.weights import ModelWeights
+from nfsearch.serving.model_config import ModelConfig
+
+DENSE_OPS = ("norm1", "kqv", "o", "norm2", "ug", "act", "d")
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """[D / 2] float64 inverse frequencies, with LLaMA-3.1's scaling when the config has it: wavelengths
+    longer than original_len / low_freq_factor slowed by `factor`, shorter than original_len /
+    high_freq_factor kept, a linear blend in original_len / wavelength between."""
+    D = cfg.spec.head_dim
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv
+    wavelen = 2 * math.pi / inv
+    old_len = rs.original_max_position_embeddings
+    blend = (old_len / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+    blend = blend.clamp(0, 1)
+    return (1 - blend) * inv / rs.factor + blend * inv
+
+
+def rope_tables(cfg: ModelConfig, max_pos: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_pos, D / 2] float32 (angles in float64), the rotate-half convention."""
+    ang = torch.arange(max_pos, dtype=torch.float64)[:, None] * rope_inv_freq(cfg)[None, :]
+    return ang.cos().float().to(device), ang.sin().float().to(device)
+
+
+def _attention_ops(attn_impl: str):
+    from nfsearch.runtime.kernels import paged_attention as pa
+    if attn_impl == "torch":
+        return pa.paged_decode_attention_torch, pa.paged_prefill_attention_torch, pa.write_kv_torch
+    if attn_impl == "triton":
+        return pa.paged_decode_attention, pa.paged_prefill_attention, pa.write_kv
+    raise ValueError(f"attn_impl must be 'torch' or 'triton', not {attn_impl!r}")
+
+
+class PagedModel:
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights, num_pages: int, page_size: int, device="cpu",
+                 dtype=torch.bfloat16, attn_impl: str = "torch", *, max_tokens: int = 2048,
+                 max_logit_rows: int = 512, op_impls: dict[str, str] | None = None,
+                 num_sms: int | None = None):
+        m = cfg.spec
+        if m.is_moe:
+            raise ValueError(f"model {m.name}: MoE layers are not supported by the engine")
+        self.cfg, self.w, self.device, self.dtype = cfg, weights, torch.device(device), dtype
+        self.num_pages, self.page_size = num_pages, page_size
+        self.max_tokens, self.max_logit_rows = max_tokens, max_logit_rows
+        self.hq, self.hkv, self.d = m.num_heads, m.num_kv_heads, m.head_dim
+        self.scale = self.d ** -0.5
+        self.num_sms = num_sms or (torch.cuda.get_device_properties(self.device).multi_processor_count
+                                   if self.device.type == "cuda" else 1)
+        impls = {op: "torch" for op in DENSE_OPS} | (op_impls or {})
+        self.ops = {op: IMPLS[op][impls[op]] for op in DENSE_OPS}
+        self.decode_attn, self.prefill_attn, self.write_kv = _attention_ops(attn_impl)
+        self.cos, self.sin = rope_tables(cfg, cfg.max_position_embeddings, self.device)
+
+        # KV cache: [layers, 2, pages, page_size, Hkv, D], zeroed (a masked key must not be NaN)
+        self.kv = torch.zeros((m.num_layers, 2, num_pages, page_size, self.hkv, self.d), device=self.device,
+                              dtype=dtype)
+        self.k_caches = [self.kv[i, 0] for i in range(m.num_layers)]
+        self.v_caches = [self.kv[i, 1] for i in range(m.num_layers)]
+        self._alloc_buffers(max_tokens, max_logit_rows)
+
+    def _alloc_buffers(self, T: int, L: int) -> None:
+        m, dev, dt = self.cfg.spec, self.device, self.dtype
+        H, I = m.hidden_size, m.intermediate_size
+        shapes = {"x": (T, H), "mid": (T, H), "h": (T, H), "qkv": (T, m.q_size + 2 * m.kv_size),
+                  "q": (T, self.hq, self.d), "k": (T, self.hkv, self.d), "v": (T, self.hkv, self.d),
+                  "attn": (T, self.hq, self.d), "ug": (T, 2 * I), "act": (T, I),
+                  "last": (L, H), "last_norm": (L, H)}
+        self.buf = {name: torch.zeros(shape, device=dev, dtype=dt) for name, shape in shapes.items()}
+        self.logits_buf = torch.zeros((L, m.vocab_size), device=dev, dtype=torch.float32)
+        # the previous forward's sampled ids: the next decode rows read their input ids here (prev_rows)
+        self.sampled = torch.zeros(L, device=dev, dtype=torch.int64)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.cfg.spec.num_layers * self.hkv * self.d * self.kv.element_size()
+
+    # ------------------------------------------------------------------------------ forward
+    def forward(self, step: StepInputs) -> torch.Tensor:
+        """Sampled token ids [L] int64 (a view of the model's buffer, which the next forward reads
+        through prev_rows and then overwrites)."""
+        logits = self._logits(step)
+        L = logits.shape[0]
+        self.sampled[:L].copy_(sample(logits, step.sampling, step.is_all_greedy))
+        return self.sampled[:L]
+
+    def logits(self, step: StepInputs) -> torch.Tensor:
+        """For tests: [num_logit_rows, vocab] float32 (a copy)."""
+        return self._logits(step)[:step.num_logit_rows].clone()
+
+    def _logits(self, step: StepInputs) -> torch.Tensor:
+        T, L = step.max_tokens, step.logit_rows.shape[0]
+        if T > self.max_tokens or L > self.max_logit_rows:
+            raise ValueError(f"bucket of {T} tokens / {L} logit rows exceeds the model's buffers "
+                             f"({self.max_tokens} / {self.max_logit_rows})")
+        x = self._embed(step, T)
+        for i, w in enumerate(self.w.layers):
+            self._layer(i, w, x, step, T)
+        rows = step.logit_rows.long()
+        last, last_norm = self.buf["last"][:L], self.buf["last_norm"][:L]
+        torch.index_select(x, 0, rows, out=last)
+        self.ops["norm2"](last, self.w.final_norm, last_norm, self.num_sms, eps=self.cfg.rms_norm_eps)
+        logits = self.logits_buf[:L]
+        logits.copy_(torch.matmul(last_norm, self.w.lm_head))
+        return logits
+
+    def _embed(self, step: StepInputs, T: int) -> torch.Tensor:
+        prev = step.prev_rows.long()
+        ids = torch.where(prev >= 0, self.sampled[prev.clamp_min(0)], step.input_ids.long())
+        ids = ids.clamp_(0, self.cfg.spec.vocab_size - 1)      # padding ids stay in range
+        x = self.buf["x"][:T]
+        torch.index_select(self.w.embed, 0, ids, out=x)
+        return x
+
+    def _layer(self, i: int, w, x: torch.Tensor, step: StepInputs, T: int) -> None:
+        b = {k: t[:T] for k, t in self.buf.items()}
+        ops, n, eps = self.ops, self.num_sms, self.cfg.rms_norm_eps
+        ops["norm1"](x, w.norm1, b["h"], n, eps=eps)
+        bias = None if w.bqkv is None else w.bqkv.expand(T, w.bqkv.shape[0])
+        ops["kqv"](b["h"], w.wqkv, b["qkv"], n, residual=bias)
+        rope_append_torch(b["qkv"], step.positions, self.cos, self.sin, b["q"], None, None, None,
+                          k_out=b["k"], v_out=b["v"])
+        kc, vc = self.k_caches[i], self.v_caches[i]
+        self.write_kv(b["k"], b["v"], kc, vc, step.slot_mapping)
+        B = step.max_decode
+        if B:
+            self.decode_attn(b["q"][:B], kc, vc, step.page_tables[:B], step.context_lens, b["attn"][:B],
+                             self.scale)
+        if step.chunk_lens.shape[0]:
+            self.prefill_attn(b["q"], kc, vc, step.page_tables[B:], step.chunk_starts, step.chunk_lens,
+                              step.prefix_lens, b["attn"], self.scale)
+        ops["o"](b["attn"].view(T, -1), w.wo, b["mid"], n, residual=x)
+        ops["norm2"](b["mid"], w.norm2, b["h"], n, eps=eps)
+        ops["ug"](b["h"], w.wug, b["ug"], n)
+        ops["act"](b["ug"], b["act"], n)
+        ops["d"](b["act"], w.wd, x, n, residual=b["mid"])

@@ -1,0 +1,145 @@
+"""A whole model's weights for the engine: from a HuggingFace folder of safetensors, or random.
+
+Layouts are those of runtime.model (GEMM weights stored [in, out], so every GEMM is `x @ w`):
+q/k/v fused into wqkv [H, Q + 2KV], gate/up into wug [H, 2I]. Checkpoint tensors are read one at a
+time onto the target device and fused there, so the peak is one layer beyond the model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nfsearch.errors import NfsearchError
+from nfsearch.files import shown
+from nfsearch.runtime.model import LayerWeights
+from nfsearch.serving.model_config import ModelConfig
+
+RANDOM_STD = 0.02        # HuggingFace's initializer_range: activations stay O(1) over many layers
+
+
+@dataclass
+class ModelWeights:
+    embed: torch.Tensor              # [V, H]
+    layers: list[LayerWeights]
+    final_norm: torch.Tensor         # [H]
+    lm_head: torch.Tensor            # [H, V]; a transposed view of embed when tied
+
+    @property
+    def num_bytes(self) -> int:
+        tensors = [self.embed, self.final_norm]
+        if self.lm_head.data_ptr() != self.embed.data_ptr():
+            tensors.append(self.lm_head)
+        for w in self.layers:
+            tensors += [t for t in (w.norm1, w.wqkv, w.bqkv, w.wo, w.norm2, w.wug, w.wd) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def load_weights(cfg: ModelConfig, folder: str | Path | None = None, device="cpu", dtype=torch.bfloat16,
+                 seed: int = 0) -> ModelWeights:
+    """From `folder`'s *.safetensors (HuggingFace LLaMA/Mistral/Qwen2 names), or random from `seed`."""
+    if folder is None:
+        return random_weights(cfg, device, dtype, seed)
+    return _Checkpoint(Path(folder), torch.device(device), dtype).weights(cfg)
+
+
+def random_weights(cfg: ModelConfig, device="cpu", dtype=torch.bfloat16, seed: int = 0) -> ModelWeights:
+    """Normal(0, 0.02) matrices and unit norms, drawn on the device (fast for 8B), same for a seed."""
+    m, device = cfg.spec, torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    H, I, n_qkv = m.hidden_size, m.intermediate_size, m.q_size + 2 * m.kv_size
+
+    def normal(*shape):
+        return torch.empty(shape, device=device, dtype=dtype).normal_(0.0, RANDOM_STD, generator=gen)
+
+    def ones():
+        return torch.ones(H, device=device, dtype=dtype)
+
+    layers = [LayerWeights(norm1=ones(), wqkv=normal(H, n_qkv),
+                           bqkv=normal(n_qkv) if m.has_qkv_bias else None, wo=normal(m.q_size, H),
+                           norm2=ones(), wug=normal(H, 2 * I), wd=normal(I, H))
+              for _ in range(m.num_layers)]
+    embed = normal(m.vocab_size, H)
+    lm_head = embed.t() if cfg.tie_word_embeddings else normal(H, m.vocab_size)
+    return ModelWeights(embed=embed, layers=layers, final_norm=ones(), lm_head=lm_head)
+
+
+class _Checkpoint:
+    """A folder's safetensors files: tensor name -> file, read on demand."""
+
+    def __init__(self, folder: Path, device: torch.device, dtype):
+        from safetensors import safe_open
+        self.folder, self.device, self.dtype, self._open = folder, device, dtype, safe_open
+        if not folder.is_dir():
+            raise NfsearchError(f"{shown(folder)}: not a folder (expected a HuggingFace model folder)")
+        self.where = {}                  # tensor name -> file
+        index = folder / "model.safetensors.index.json"
+        files = sorted(folder.glob("*.safetensors"))
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                self.where = {name: folder / f for name, f in weight_map.items()}
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise NfsearchError(f"{shown(index)}: malformed (expected a JSON object with a "
+                                    "weight_map)") from None
+        else:
+            for f in files:
+                for name in self._keys(f):
+                    self.where[name] = f
+        if not self.where:
+            raise NfsearchError(f"{shown(folder)}: no *.safetensors weights")
+
+    def _keys(self, path: Path) -> list[str]:
+        try:
+            with self._open(str(path), framework="pt") as f:
+                return list(f.keys())
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own types for a bad file
+            raise NfsearchError(f"{shown(path)}: not a readable safetensors file "
+                                f"({shown(exc, 80)})") from None
+
+    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        path = self.where.get(name)
+        if path is None:
+            raise NfsearchError(f"{shown(self.folder)}: the checkpoint has no tensor {name}")
+        try:
+            with self._open(str(path), framework="pt") as f:
+                t = f.get_tensor(name)
+        except Exception as exc:  # noqa: BLE001 - as in _keys
+            raise NfsearchError(f"{shown(path)}: cannot read tensor {name} ({shown(exc, 80)})") from None
+        if tuple(t.shape) != shape:
+            raise NfsearchError(f"{shown(self.folder)}: tensor {name} has shape {tuple(t.shape)}, "
+                                f"config.json implies {shape}")
+        return t.to(device=self.device, dtype=self.dtype)
+
+    def weights(self, cfg: ModelConfig) -> ModelWeights:
+        m = cfg.spec
+        H, I, Q, KV, V = m.hidden_size, m.intermediate_size, m.q_size, m.kv_size, m.vocab_size
+        layers = []
+        for i in range(m.num_layers):
+            p = f"model.layers.{i}."
+            q, k, v = (self.get(p + f"self_attn.{n}_proj.weight", (size, H))
+                       for n, size in (("q", Q), ("k", KV), ("v", KV)))
+            bqkv = None
+            if m.has_qkv_bias:
+                bqkv = torch.cat([self.get(p + f"self_attn.{n}_proj.bias", (size,))
+                                  for n, size in (("q", Q), ("k", KV), ("v", KV))])
+            gate, up = (self.get(p + f"mlp.{n}_proj.weight", (I, H)) for n in ("gate", "up"))
+            layers.append(LayerWeights(
+                norm1=self.get(p + "input_layernorm.weight", (H,)),
+                wqkv=torch.cat([q, k, v]).t().contiguous(),
+                bqkv=bqkv,
+                wo=self.get(p + "self_attn.o_proj.weight", (H, Q)).t().contiguous(),
+                norm2=self.get(p + "post_attention_layernorm.weight", (H,)),
+                wug=torch.cat([gate, up]).t().contiguous(),
+                wd=self.get(p + "mlp.down_proj.weight", (H, I)).t().contiguous()))
+            del q, k, v, gate, up
+        embed = self.get("model.embed_tokens.weight", (V, H))
+        if cfg.tie_word_embeddings:
+            lm_head = embed.t()
+        else:
+            lm_head = self.get("lm_head.weight", (V, H)).t().contiguous()
+        return ModelWeights(embed=embed, layers=layers, final_norm=self.get("model.norm.weight", (H,)),
+                            lm_head=lm_head)
