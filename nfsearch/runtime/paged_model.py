@@ -157,10 +157,10 @@ class PagedModel:
         B = step.max_decode
         if B:
             self.decode_attn(b["q"][:B], kc, vc, step.page_tables[:B], step.context_lens, b["attn"][:B],
-                             self.scale)
+                             self.scale, num_sms=n)
         if step.chunk_lens.shape[0]:
             self.prefill_attn(b["q"], kc, vc, step.page_tables[B:], step.chunk_starts, step.chunk_lens,
-                              step.prefix_lens, b["attn"], self.scale)
+                              step.prefix_lens, b["attn"], self.scale, num_sms=n)
         ops["o"](b["attn"].view(T, -1), w.wo, b["mid"], n, residual=x)
         ops["norm2"](b["mid"], w.norm2, b["h"], n, eps=eps)
         ops["ug"](b["h"], w.wug, b["ug"], n)
