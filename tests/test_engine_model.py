@@ -240,7 +240,7 @@ def test_greedy_decode_through_prev_rows(llama):
     model = _engine(cfg, folder)
     prompt = [5, 17, 99, 3, 64, 2, 11]
     table = [7, 2, 30, 15, 41, 9]
-    slot = lambda pos: table[pos // PAGE_SIZE] * PAGE_SIZE + pos % PAGE_SIZE   
+    slot = lambda pos: table[pos // PAGE_SIZE] * PAGE_SIZE + pos % PAGE_SIZE
     n = len(prompt)
     step = make_step_inputs(BUCKET, PAGE_SIZE, "cpu", input_ids=prompt, positions=list(range(n)),
                             slot_mapping=[slot(p) for p in range(n)], chunk_starts=[0], chunk_lens=[n],
@@ -276,7 +276,7 @@ def test_step_buffers_match_make_step_inputs():
 # ---------------------------------------------------------------------------------- sampling
 
 def _params(n, temperature=1.0, top_p=1.0, top_k=0, seed=0, step=None):
-    full = lambda v, dt: torch.full((n,), v, dtype=dt)      
+    full = lambda v, dt: torch.full((n,), v, dtype=dt)
     return SamplingTensors(temperature=full(temperature, torch.float32), top_p=full(top_p, torch.float32),
                            top_k=full(top_k, torch.int32), seed=full(seed, torch.int32),
                            step=torch.arange(n, dtype=torch.int32) if step is None else full(step, torch.int32))
@@ -335,6 +335,12 @@ def test_old_style_config_and_generation_eos(tmp_path):
     assert load_model_config(folder / "config.json").eos_token_ids == (128009,)
     bundled = load_model_config("llama-3-8b")
     assert (bundled.rope_theta, bundled.rms_norm_eps, bundled.eos_token_ids) == (500000.0, 1e-5, (128001, 128009))
+
+
+def test_mistral_window_caps_the_context(tmp_path):
+    cfg = load_model_config(_write_config(tmp_path / "m", architectures=["MistralForCausalLM"],
+                                          model_type="mistral", sliding_window=32))
+    assert cfg.architecture == "MistralForCausalLM" and cfg.max_model_len == 32
 
 
 @pytest.mark.parametrize("over, message", [
