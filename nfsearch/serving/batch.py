@@ -3,6 +3,8 @@
 import enum
 from dataclasses import dataclass, field
 
+from nfsearch.serving.pages import PageManager
+
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
@@ -108,3 +110,71 @@ class Batch:
     @property
     def num_prefill_tokens(self) -> int:
         return len(self.input_ids) - self.num_decode
+
+
+class BatchBuilder:
+    """Accumulates one batch's rows (the scheduler allocates each request's pages before adding it)."""
+
+    def __init__(self, batch_id: int, pages: PageManager):
+        self.batch_id, self.pages = batch_id, pages
+        self.seqs: list[Sequence] = []
+        self.num_decode = 0
+        self.input_ids, self.prev_rows, self.positions, self.slot_mapping = [], [], [], []
+        self.context_lens, self.chunk_starts, self.chunk_lens, self.prefix_lens = [], [], [], []
+        self.page_tables, self.logit_rows, self.sample_seqs, self.sample_steps = [], [], [], []
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.chunk_lens)
+
+    def _sample_last_row(self, seq: Sequence) -> None:
+        self.logit_rows.append(len(self.positions) - 1)
+        self.sample_seqs.append(seq)
+        self.sample_steps.append(len(seq.output_ids) + seq.num_pending)
+        seq.num_pending += 1
+        seq.last_sample_batch, seq.last_sample_index = self.batch_id, len(self.sample_seqs) - 1
+
+    def add_decode(self, seq: Sequence) -> None:
+        position = seq.num_computed
+        if seq.num_pending:
+            self.input_ids.append(-1)
+            self.prev_rows.append(seq.last_sample_index)
+        else:
+            self.input_ids.append(seq.token_id(position))
+            self.prev_rows.append(-1)
+        self.positions.append(position)
+        self.slot_mapping.append(self.pages.slot(seq, position))
+        self.context_lens.append(position + 1)
+        self.page_tables.append(list(seq.page_table))
+        self.seqs.append(seq)
+        self.num_decode += 1
+        seq.num_computed += 1
+        self._sample_last_row(seq)
+
+    def add_chunk(self, seq: Sequence, num_tokens: int) -> None:
+        prefix, end = seq.num_computed, seq.num_computed + num_tokens
+        self.chunk_starts.append(len(self.positions))
+        num_prompt = len(seq.prompt_ids)
+        self.input_ids += (seq.prompt_ids[prefix:end] if end <= num_prompt
+                           else [seq.token_id(p) for p in range(prefix, end)])
+        self.prev_rows += [-1] * num_tokens
+        self.positions += range(prefix, end)
+        size, table = self.pages.page_size, seq.page_table
+        self.slot_mapping += [table[p // size] * size + p % size for p in range(prefix, end)]
+        self.chunk_lens.append(num_tokens)
+        self.prefix_lens.append(prefix)
+        self.page_tables.append(list(table))
+        self.seqs.append(seq)
+        seq.num_computed = end
+        if end == seq.num_tokens:     # the chunk completes what is known: sample the next token
+            self._sample_last_row(seq)
+
+    def shape(self) -> tuple[int, int, int, int]:
+        contexts = self.context_lens + [p + n for p, n in zip(self.prefix_lens, self.chunk_lens)]
+        return len(self.positions), self.num_decode, self.num_segments, max(contexts, default=0)
+
+    def build(self, bucket: Bucket) -> Batch:
+        return Batch(self.batch_id, bucket, self.seqs, self.num_decode, self.input_ids, self.prev_rows,
+                     self.positions, self.slot_mapping, self.context_lens, self.chunk_starts, self.chunk_lens,
+                     self.prefix_lens, self.page_tables, self.logit_rows, self.sample_seqs, self.sample_steps,
+                     max_context=self.shape()[3])

@@ -11,7 +11,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from nfsearch.errors import NfsearchError
-from nfsearch.serving.batch import Batch, Bucket, SamplingParams, SeqStatus, Sequence
+from nfsearch.serving.batch import Batch, BatchBuilder, Bucket, SamplingParams, SeqStatus, Sequence
 from nfsearch.serving.pages import DEFAULT_PAGE_SIZE, PageManager
 from nfsearch.serving.traces import Request
 
@@ -128,6 +128,8 @@ class Scheduler:
     def _reserve(self, seq: Sequence, num_tokens_total: int, placed: set) -> bool:
         """Pages for seq up to num_tokens_total, preempting the newest unplaced running requests;
         False when seq itself was the one preempted."""
+        if num_tokens_total <= len(seq.page_table) * self.pages.page_size:
+            return True
         while not self.pages.can_allocate(seq, num_tokens_total):
             victim = next(s for s in reversed(self.running) if s not in placed)
             self._preempt(victim)
@@ -141,7 +143,7 @@ class Scheduler:
         if len(self._in_flight) >= 2:
             raise RuntimeError("schedule: two batches in flight; postprocess the older one first")
         prev_id = self._in_flight[-1].batch_id if self._in_flight else -1
-        batch = _BatchBuilder(self._next_batch_id, self.pages)
+        batch = BatchBuilder(self._next_batch_id, self.pages)
         placed: set = set()
         for seq in list(self.running):        # decode rows, oldest request first
             if (seq.status is SeqStatus.RUNNING and seq.num_tokens - seq.num_computed == 1
@@ -165,7 +167,7 @@ class Scheduler:
         self._in_flight.append(out)
         return out
 
-    def _schedule_prefill(self, batch: "_BatchBuilder", placed: set, now_s: float | None) -> None:
+    def _schedule_prefill(self, batch: BatchBuilder, placed: set, now_s: float | None) -> None:
         budget = self.token_budget - batch.num_decode
         for seq in list(self.running):        # continue prompts already admitted, oldest first
             if budget <= 0 or batch.num_segments >= self.segment_cap:
@@ -184,6 +186,8 @@ class Scheduler:
             batch.add_chunk(seq, n)
             placed.add(seq)
             budget -= n
+        if not self.waiting:
+            return
         peak_pages = sum(self._peak_pages(s) for s in self.running)
         while (self.waiting and budget > 0 and batch.num_segments < self.segment_cap
                and len(self.running) < self.decode_cap):
@@ -238,67 +242,3 @@ class Scheduler:
         self.pages.free(seq)
         (self.running if seq.status is SeqStatus.RUNNING else self.waiting).remove(seq)
         seq.status, seq.finish_reason, seq.finish_s = SeqStatus.FINISHED, reason, now_s
-
-
-class _BatchBuilder:
-    """Accumulates one batch's rows; pages of each request are allocated before it is added."""
-
-    def __init__(self, batch_id: int, pages: PageManager):
-        self.batch_id, self.pages = batch_id, pages
-        self.seqs: list[Sequence] = []
-        self.num_decode = 0
-        self.rows = {k: [] for k in ("input_ids", "prev_rows", "positions", "slot_mapping")}
-        self.context_lens, self.chunk_starts, self.chunk_lens, self.prefix_lens = [], [], [], []
-        self.page_tables, self.logit_rows, self.sample_seqs, self.sample_steps = [], [], [], []
-
-    @property
-    def num_segments(self) -> int:
-        return len(self.chunk_lens)
-
-    def _row(self, seq: Sequence, position: int, input_id: int, prev_row: int) -> None:
-        for key, value in (("input_ids", input_id), ("prev_rows", prev_row), ("positions", position),
-                           ("slot_mapping", self.pages.slot(seq, position))):
-            self.rows[key].append(value)
-
-    def _sample_last_row(self, seq: Sequence) -> None:
-        self.logit_rows.append(len(self.rows["positions"]) - 1)
-        self.sample_seqs.append(seq)
-        self.sample_steps.append(len(seq.output_ids) + seq.num_pending)
-        seq.num_pending += 1
-        seq.last_sample_batch, seq.last_sample_index = self.batch_id, len(self.sample_seqs) - 1
-
-    def add_decode(self, seq: Sequence) -> None:
-        position = seq.num_computed
-        if seq.num_pending:
-            self._row(seq, position, -1, seq.last_sample_index)
-        else:
-            self._row(seq, position, seq.token_id(position), -1)
-        self.context_lens.append(position + 1)
-        self.page_tables.append(list(seq.page_table))
-        self.seqs.append(seq)
-        self.num_decode += 1
-        seq.num_computed += 1
-        self._sample_last_row(seq)
-
-    def add_chunk(self, seq: Sequence, num_tokens: int) -> None:
-        prefix = seq.num_computed
-        self.chunk_starts.append(len(self.rows["positions"]))
-        for position in range(prefix, prefix + num_tokens):
-            self._row(seq, position, seq.token_id(position), -1)
-        self.chunk_lens.append(num_tokens)
-        self.prefix_lens.append(prefix)
-        self.page_tables.append(list(seq.page_table))
-        self.seqs.append(seq)
-        seq.num_computed += num_tokens
-        if seq.num_computed == seq.num_tokens:     # the chunk completes what is known: sample the next token
-            self._sample_last_row(seq)
-
-    def shape(self) -> tuple[int, int, int, int]:
-        contexts = self.context_lens + [p + n for p, n in zip(self.prefix_lens, self.chunk_lens)]
-        return len(self.rows["positions"]), self.num_decode, self.num_segments, max(contexts, default=0)
-
-    def build(self, bucket: Bucket) -> Batch:
-        return Batch(self.batch_id, bucket, self.seqs, self.num_decode, **self.rows,
-                     context_lens=self.context_lens, chunk_starts=self.chunk_starts, chunk_lens=self.chunk_lens,
-                     prefix_lens=self.prefix_lens, page_tables=self.page_tables, logit_rows=self.logit_rows,
-                     sample_seqs=self.sample_seqs, sample_steps=self.sample_steps, max_context=self.shape()[3])
