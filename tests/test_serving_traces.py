@@ -51,6 +51,8 @@ def test_jsonl_lengths_arrivals_and_ids(tmp_path):
                               Request(0, 5, 3, 2.0)]
     assert len(load_trace(str(path), 2).requests) == 2
     assert prompt_ids_for(trace.requests[0], 100) == [4, 5, 6]
+    with pytest.raises(NfsearchError, match="prompt id 6 is outside the model's vocabulary of 6"):
+        prompt_ids_for(trace.requests[0], 6)
 
 
 @pytest.mark.parametrize("line, why", [

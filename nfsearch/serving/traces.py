@@ -192,8 +192,12 @@ def _is_int(value) -> bool:
 
 
 def prompt_ids_for(request: Request, vocab_size: int, seed: int = 0) -> list[int]:
-    """The request's prompt ids: its own, else random ids that depend only on (seed, request_id)."""
+    """The request's prompt ids: its own (checked against the vocabulary), else random ids that
+    depend only on (seed, request_id)."""
     if request.prompt_ids is not None:
+        if max(request.prompt_ids) >= vocab_size:
+            raise NfsearchError(f"request {request.request_id}: prompt id {max(request.prompt_ids)} is "
+                                f"outside the model's vocabulary of {vocab_size}")
         return list(request.prompt_ids)
     rng = random.Random(seed * 1_000_003 + request.request_id)
     return [rng.randrange(vocab_size) for _ in range(request.prompt_len)]
