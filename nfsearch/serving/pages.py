@@ -6,7 +6,8 @@ sequences ended, or one referenced more often than its refcount says.
 """
 
 from collections import Counter, deque
-from typing import Iterable, Protocol
+from collections.abc import Iterable
+from typing import Protocol
 
 DEFAULT_PAGE_SIZE = 16
 
