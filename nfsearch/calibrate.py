@@ -33,7 +33,7 @@ with a power reading (runreport.PowerReading, the sustained loop of the plan's g
 dynamic energy per layer (energy per layer - the profile's static power x the loop's time per layer)
 over the profile's predicted dynamic energy of that plan's layer (simulate.power_bound_for: with pair
 energy points its overlaps priced too; no factor); the
-factor is their median over the power-capped runs, else over all (calibration.fit_energy). The op
+factor is their median over the power-capped runs, else over all (energy.fit_energy). The op
 energies were measured at whatever clock each op's own loop ran at; a plan at the power cap runs
 at a lower clock and voltage, where each op costs less energy, so the factor is below 1 there.
 Stored under "energy_calibration", apart from the timeline calibration: either may be refitted
@@ -46,10 +46,11 @@ import math
 import statistics
 from dataclasses import dataclass
 
-from nfsearch.calibration import (CALIBRATION_KEY, ENERGY_CALIBRATION_KEY, FACTOR_RANGE, MAX_OVERHEAD_US, SOLO_RANGE,
-                                  Calibration, ClassFactor, EnergyCalibration, EnergyRun, calibration_from_meta,
-                                  energy_calibration_from_meta, fit_energy, without_calibration)
+from nfsearch.calibration import (CALIBRATION_KEY, FACTOR_RANGE, MAX_OVERHEAD_US, SOLO_RANGE, Calibration, ClassFactor,
+                                  calibration_from_meta, without_calibration)
 from nfsearch.cost import OP_ALIASES, make_problem, overheads_from_meta
+from nfsearch.energy import (ENERGY_CALIBRATION_KEY, EnergyCalibration, EnergyRun, energy_calibration_from_meta,
+                             fit_energy)
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import OP_CLASSES
 from nfsearch.profile import ProfileMiss, ProfileTable

@@ -8,15 +8,13 @@ two kernels of one stream), all fitted from measured plan timelines.
 profile of another model on the same GPU (`calibrate --from`): the factors are of kernels and of
 the GPU, not of one model's shapes.
 
-The energy factor (`EnergyCalibration`, metadata key "energy_calibration") is kept apart: it is fitted
-from run reports (`calibrate --energy PLAN RUN_JSON`: the executor's measured energy per layer
-against the profile's predicted dynamic energy) and scales the power bound's energies (cost.py).
+The energy factor (`energy.EnergyCalibration`, metadata key "energy_calibration") is kept apart, in
+energy.py beside the power bound it scales.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass
 
 from nfsearch.errors import NfsearchError
@@ -140,87 +138,3 @@ def calibration_from_meta(meta: dict) -> Calibration | None:
 
 def without_calibration(meta: dict) -> dict:
     return {k: v for k, v in meta.items() if k != CALIBRATION_KEY}
-
-
-# ------------------------------------------------------------------------------------ energy
-ENERGY_CALIBRATION_KEY = "energy_calibration"
-ENERGY_FACTOR_RANGE = (0.2, 3.0)
-
-
-@dataclass(frozen=True)
-class EnergyRun:
-    """One measured plan run: its dynamic energy per layer (the executor's sustained loop: energy per
-    layer minus the profile's static power x its time per layer) against the profile's prediction
-    (the sum of its ops' dynamic energies, no factor)."""
-    source: str
-    measured_j: float
-    predicted_j: float
-    is_power_capped: bool
-
-    def __post_init__(self):
-        for key in ("measured_j", "predicted_j"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise NfsearchError(f"energy calibration: {key} of {self.source!r} must be positive, not {value!r}")
-        if not isinstance(self.is_power_capped, bool):
-            raise NfsearchError("energy calibration: is_power_capped must be true or false")
-
-    @property
-    def ratio(self) -> float:
-        return self.measured_j / self.predicted_j
-
-
-@dataclass(frozen=True)
-class EnergyCalibration:
-    """The energy factor the cost model multiplies every op's dynamic energy by (1 without one):
-    the median measured / predicted ratio over the power-capped runs where there are any (the factor
-    matters only where the bound binds, and there the clocks and voltage have fallen, so energy per
-    op with them), else over all runs; clamped to ENERGY_FACTOR_RANGE."""
-    factor: float
-    runs: tuple[EnergyRun, ...]
-    fitted_on: str                      # "power-capped runs" or "all runs"
-
-    def __post_init__(self):
-        object.__setattr__(self, "runs", tuple(self.runs))
-        lo, hi = ENERGY_FACTOR_RANGE
-        if isinstance(self.factor, bool) or not isinstance(self.factor, (int, float)) or not lo <= self.factor <= hi:
-            raise NfsearchError(f"energy calibration: factor must be in {lo:g}..{hi:g}, not {self.factor!r}")
-        if not self.runs:
-            raise NfsearchError("energy calibration: no measured run named")
-        if not isinstance(self.fitted_on, str):
-            raise NfsearchError("energy calibration: fitted_on must be a text")
-
-    @property
-    def label(self) -> str:
-        return f"energy factor {self.factor:.3f} (median measured/predicted over {self.fitted_on}, {len(self.runs)} run(s))"
-
-    def to_dict(self) -> dict:
-        return {"factor": self.factor, "fitted_on": self.fitted_on,
-                "runs": [{"source": r.source, "measured_j": r.measured_j, "predicted_j": r.predicted_j,
-                          "is_power_capped": r.is_power_capped} for r in self.runs]}
-
-    @classmethod
-    def from_dict(cls, d, where: str = "energy calibration") -> EnergyCalibration:
-        try:
-            return cls(d["factor"], tuple(EnergyRun(**r) for r in d["runs"]), d["fitted_on"])
-        except NfsearchError as exc:
-            raise NfsearchError(f"{where}: {exc}") from None
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise NfsearchError(f"{where}: not an energy calibration ({type(exc).__name__}: {exc})") from None
-
-
-def fit_energy(runs: list[EnergyRun]) -> EnergyCalibration:
-    """The energy factor of `runs` (EnergyCalibration's doc)."""
-    if not runs:
-        raise NfsearchError("an energy calibration needs at least one measured run")
-    capped = [r for r in runs if r.is_power_capped]
-    chosen, fitted_on = (capped, "power-capped runs") if capped else (runs, "all runs (none power-capped)")
-    lo, hi = ENERGY_FACTOR_RANGE
-    factor = min(max(statistics.median(r.ratio for r in chosen), lo), hi)
-    return EnergyCalibration(round(factor, 6), tuple(runs), fitted_on)
-
-
-def energy_calibration_from_meta(meta: dict) -> EnergyCalibration | None:
-    """The profile's energy calibration, or None where it has none."""
-    entry = meta.get(ENERGY_CALIBRATION_KEY) if isinstance(meta, dict) else None
-    return None if entry is None else EnergyCalibration.from_dict(entry, "profile energy calibration")

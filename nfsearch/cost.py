@@ -29,12 +29,12 @@ DEFAULT_EVENT_WAIT_US, labelled default). A calibrated profile (calibration.py) 
 wait and the launch gap read off measured timelines (3.1 us and 0.46 us on an H100), and per-op solo
 and co-run factors that `solo_ms` and `beside_ms` apply.
 
-Power: a profile with energy (profile.ProfileEnergy: per op, the board energy per call of a sustained
+Power: a profile with energy (energy.ProfileEnergy: per op, the board energy per call of a sustained
 back-to-back loop on the whole GPU, and the GPU's power limit and static power) gives a POWER BOUND
-(runreport.PowerBound): one layer's dynamic energy, the sum over its ops of (energy - static power x
+(energy.PowerBound): one layer's dynamic energy, the sum over its ops of (energy - static power x
 time) at the op's whole token count, cannot be spent faster than limit - static allows. A nano-op of
 n of an op's T tokens costs n/T of the op's energy, so every split of the layer has the same energy,
-unless the profile has pair energy points (profile.PairEnergyPoint: a pair family at its best split in
+unless the profile has pair energy points (energy.PairEnergyPoint: a pair family at its best split in
 a sustained loop against the two back to back): then each two nano-ops that a replay runs at once
 cost (r - 1) x the dynamic energy each spends in their overlap more, r the measured pair's dynamic
 energy over back to back's (the family's point nearest in tokens and context), and the bound is the
@@ -63,14 +63,14 @@ from typing import NamedTuple
 
 import networkx as nx
 
-from nfsearch.calibration import Calibration, calibration_from_meta, energy_calibration_from_meta
+from nfsearch.calibration import Calibration, calibration_from_meta
+from nfsearch.energy import PowerBound, ProfileEnergy, energy_calibration_from_meta
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import Op, build_layer, op_context
 from nfsearch.pairs import NO_SHARE_TAG, PairPoint, family_op, points_from_meta
 from nfsearch.plan import MAX_NUM_LAYERS, NO_SHARE_IMPLS, PlanGpu, PlanProfile
-from nfsearch.profile import ProfileEnergy, ProfileMiss, ProfileTable, gpu_from_profile, load
+from nfsearch.profile import ProfileMiss, ProfileTable, gpu_from_profile, load
 from nfsearch.roofline import analytic_profile, interp, roofline
-from nfsearch.runreport import PowerBound
 from nfsearch.specs import GpuSpec, ModelSpec, Workload, load_gpu
 
 

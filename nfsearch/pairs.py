@@ -282,7 +282,7 @@ def _text_table(cols: tuple[str, ...], rows: list[tuple[str, ...]], num_left: in
 
 
 def energy_rows(energy, gain: float = GAIN) -> list[dict]:
-    """Per pair energy point of a profile's energy (profile.ProfileEnergy): the pair in a sustained
+    """Per pair energy point of a profile's energy (energy.ProfileEnergy): the pair in a sustained
     loop at its best split against back to back, at the power limit as the GPU ran them."""
     rows = []
     for p in energy.pair_points:

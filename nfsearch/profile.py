@@ -8,19 +8,12 @@ that class ran beside it on the other SMs (the interference table); rows without
 Metadata (GPU, SM count and granularity, peak rates, versions, source, date) travels with the table:
 in the Parquet schema's key-value metadata, or as the CSV's first line `# nfsearch-profile {json}`.
 
-Energy (optional, metadata key "energy", `ProfileEnergy`): the GPU's enforced power limit, its static
-power, and per op a few points (op, impl, tokens, context) of the board energy per call measured in a
-sustained back-to-back loop on the whole GPU with the op's fastest impl (nfsearch/runtime/power.py
-says how). The cost model builds the power bound from it (cost.py); a table without it has no bound.
-It is metadata, so the fingerprint (rows and required keys) does not change when energy is added.
-Energy may also hold pair points (`PairEnergyPoint`): a pair family of the pair table at its best
-split, both sides launched together in a sustained loop, against the same two ops back to back on the
-whole GPU measured the same way: what overlapping them costs in energy, which ops measured alone
-cannot say.
+Energy (optional, metadata key "energy", `energy.ProfileEnergy`): the GPU's power limit, its static
+power and per-op energy points (nfsearch/energy.py). The cost model builds the power bound from it
+(cost.py); a table without it has no bound.
 """
 
 import bisect
-import dataclasses
 import hashlib
 import io
 import json
@@ -32,15 +25,17 @@ from typing import Literal
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from nfsearch.energy import ENERGY_KEY, ProfileEnergy, energy_from_meta
 from nfsearch.errors import NfsearchError
 from nfsearch.files import MAX_INPUT_BYTES, parse_json, read_text, shown, write_atomic
 from nfsearch.graph import OP_CLASSES
-from nfsearch.plan import NO_SHARE_IMPLS
-from nfsearch.runreport import Ceilings
 from nfsearch.specs import (
     MAX_CONTEXT,
+    MAX_LABEL_CHARS,
     MAX_SMS,
+    MAX_TIME_MS,
     MAX_TP,
+    Ceilings,
     GpuSpec,
     Name,
     Rate,
@@ -58,16 +53,6 @@ PARQUET_KEY = b"nfsearch-profile"
 REQUIRED_META = ("gpu_name", "num_sms", "sm_granularity", "source")
 SOURCES = ("measured", "analytic", "fake")
 MAX_ROWS = 2**22
-MAX_TIME_MS = 1e5               # 100 s for one kernel: beyond it a time is a unit or parse error
-MAX_LABEL_CHARS = 64            # op, impl and co_class names
-ENERGY_KEY = "energy"
-MAX_POWER_W = 1e5               # a board's power limit beyond this is a unit error
-MAX_ENERGY_J = 1e4              # one kernel call
-MAX_CLOCK_MHZ = 1e5
-# an op's dynamic energy goes about as SM clock^this under the power cap: fitted on H100 plans at
-# their 700 W limit (benchmarks/results/energy_2026-11-27/ANALYSIS.md: clock^0.9-1.3)
-ENERGY_CLOCK_EXPONENT = 1.0
-MAX_ENERGY_POINTS = 10_000
 
 
 class ProfileMeta(BaseModel):
@@ -174,255 +159,6 @@ def check_rows(rows: pd.DataFrame, num_sms: int) -> pd.DataFrame:
                             f"{first.num_tokens} tokens, context {first.context}, {first.sm_count} SMs"
                             + (f", beside {first.co_class}" if first.co_class else ""))
     return rows.sort_values(KEY_COLUMNS).reset_index(drop=True)
-
-
-def _positive(value, what: str, high: float, may_be_zero: bool = False) -> float:
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-          and (value >= 0 if may_be_zero else value > 0) and value <= high)
-    if not ok:
-        raise NfsearchError(f"profile energy: {what} must be a {'' if may_be_zero else 'positive '}number up to "
-                            f"{high:g}, not {value!r}")
-    return float(value)
-
-
-def _optional(value, what: str, high: float) -> float | None:
-    return None if value is None else _positive(value, what, high)
-
-
-def _short_name(value, what: str) -> str:
-    if not (isinstance(value, str) and value and value.isprintable() and len(value) <= MAX_LABEL_CHARS):
-        raise NfsearchError(f"profile energy: {what} must be a short name, not {shown(value, 40)!r}")
-    return value
-
-
-def _count(value, what: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise NfsearchError(f"profile energy: {what} must be an integer in {low}..{high}, not {value!r}")
-    return value
-
-
-def _check_loop(point, prefix: str, what: str) -> None:
-    """Check (and store as floats) the readings of one sustained loop of an energy point: the fields
-    `prefix` + energy_j, time_ms, power_w, sm_clock_mhz (optional) and capped_share (0..1)."""
-    for key, high in (("energy_j", MAX_ENERGY_J), ("time_ms", MAX_TIME_MS), ("power_w", MAX_POWER_W)):
-        name = prefix + key
-        object.__setattr__(point, name, _positive(getattr(point, name), f"{what} {name}", high))
-    name = prefix + "sm_clock_mhz"
-    object.__setattr__(point, name, _optional(getattr(point, name), f"{what} {name}", MAX_CLOCK_MHZ))
-    name = prefix + "capped_share"
-    object.__setattr__(point, name, _positive(getattr(point, name), f"{what} {name}", 1.0, may_be_zero=True))
-
-
-@dataclass(frozen=True)
-class EnergyPoint:
-    """One op at one size, run back to back on the whole GPU with `impl` (its fastest there):
-    the board energy per call (static power included), the GPU time per call in that loop (at the
-    clock the loop ran at, which the power cap may have lowered), the loop's mean board power, median
-    SM clock and the share of NVML samples with the SW power cap on."""
-    op: str
-    impl: str
-    num_tokens: int
-    context: int
-    energy_j: float
-    time_ms: float
-    power_w: float
-    sm_clock_mhz: float | None = None
-    capped_share: float = 0.0
-
-    def __post_init__(self):
-        for key in ("op", "impl"):
-            _short_name(getattr(self, key), f"point {key}")
-        for key, low in (("num_tokens", 1), ("context", 0)):
-            _count(getattr(self, key), f"{self.op} {key}", low, MAX_CONTEXT)
-        _check_loop(self, "", self.op)
-
-    @property
-    def key(self) -> tuple[str, int, int]:
-        return (self.op, self.num_tokens, self.context)
-
-    def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-
-@dataclass(frozen=True)
-class PairEnergyPoint:
-    """One pair family at one split (sides A and B each on its SMs, launched together, one call
-    each per launch, launches back to back) and the same two ops back to back on the whole GPU
-    (`b2b_*`, each with its fastest impl there): board energy (static included) and GPU time per
-    launch, mean board power, median SM clock, share of samples at the SW power cap."""
-    op_a: str
-    num_tokens_a: int
-    context_a: int
-    sms_a: int
-    impl_a: str
-    op_b: str
-    num_tokens_b: int
-    context_b: int
-    sms_b: int
-    impl_b: str
-    energy_j: float
-    time_ms: float
-    power_w: float
-    b2b_energy_j: float
-    b2b_time_ms: float
-    b2b_power_w: float
-    sm_clock_mhz: float | None = None
-    capped_share: float = 0.0
-    b2b_sm_clock_mhz: float | None = None
-    b2b_capped_share: float = 0.0
-
-    def __post_init__(self):
-        for side in ("a", "b"):
-            _short_name(getattr(self, f"op_{side}"), f"pair point op_{side}")
-            _short_name(getattr(self, f"impl_{side}"), f"pair point impl_{side}")
-            _count(getattr(self, f"num_tokens_{side}"), f"pair point num_tokens_{side}", 1, MAX_CONTEXT)
-            _count(getattr(self, f"context_{side}"), f"pair point context_{side}", 0, MAX_CONTEXT)
-            # 0 SMs: a side that holds no SM share (a copy-engine collective, plan.NO_SHARE_IMPLS)
-            low = 0 if getattr(self, f"impl_{side}") in NO_SHARE_IMPLS else 1
-            _count(getattr(self, f"sms_{side}"), f"pair point sms_{side}", low, MAX_SMS)
-        for prefix in ("", "b2b_"):
-            _check_loop(self, prefix, f"pair {self.op_a} x {self.op_b}")
-
-    @property
-    def key(self) -> tuple:
-        return (self.op_a, self.num_tokens_a, self.context_a, self.op_b, self.num_tokens_b, self.context_b)
-
-    def dynamic_ratio(self, static_power_w: float, alpha: float = ENERGY_CLOCK_EXPONENT) -> float:
-        """The pair's dynamic energy (above static power) over the two back to back's, at one SM
-        clock: above 1, overlapping them costs energy. Each loop settles at its own clock under the
-        power cap, and an op's energy goes about as clock^alpha (voltage falls with the clock), while a
-        layer runs its overlaps and its other ops at one clock: so the pair's energy is taken to the
-        back-to-back loop's clock where both clocks were read."""
-        pair = self.energy_j - static_power_w * self.time_ms / 1e3
-        b2b = self.b2b_energy_j - static_power_w * self.b2b_time_ms / 1e3
-        if pair <= 0 or b2b <= 0:
-            raise NfsearchError(f"profile energy: {self.op_a} x {self.op_b} spends no energy above the "
-                                f"static power {static_power_w:.0f} W")
-        at_one_clock = 1.0
-        if self.sm_clock_mhz and self.b2b_sm_clock_mhz:
-            at_one_clock = (self.b2b_sm_clock_mhz / self.sm_clock_mhz) ** alpha
-        return pair / b2b * at_one_clock
-
-    def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-
-@dataclass(frozen=True)
-class ProfileEnergy:
-    """The energy part of a profile (module doc): the power limit and static power of the GPU (W),
-    and the op points. `method` and `static_method` say how they were measured."""
-    power_limit_w: float
-    static_power_w: float
-    points: tuple[EnergyPoint, ...]
-    method: str = ""
-    static_method: str = ""
-    idle_power_w: float | None = None
-    static_sm_clock_mhz: float | None = None
-    max_sm_clock_mhz: float | None = None
-    date: str = ""
-    failures: tuple[str, ...] = ()          # points that could not be measured, one line each
-    pair_points: tuple[PairEnergyPoint, ...] = ()
-
-    def __post_init__(self):
-        object.__setattr__(self, "points", tuple(self.points))
-        object.__setattr__(self, "pair_points", tuple(self.pair_points))
-        object.__setattr__(self, "failures", tuple(str(f)[:300] for f in self.failures))
-        limit = _positive(self.power_limit_w, "power_limit_w", MAX_POWER_W)
-        static = _positive(self.static_power_w, "static_power_w", MAX_POWER_W)
-        if static >= limit:
-            raise NfsearchError(f"profile energy: static power {static:g} W is not below the power limit {limit:g} W")
-        object.__setattr__(self, "power_limit_w", limit)
-        object.__setattr__(self, "static_power_w", static)
-        for key in ("idle_power_w", "static_sm_clock_mhz", "max_sm_clock_mhz"):
-            object.__setattr__(self, key, _optional(getattr(self, key), key,
-                                                    MAX_POWER_W if key == "idle_power_w" else MAX_CLOCK_MHZ))
-        for key in ("method", "static_method", "date"):
-            value = getattr(self, key)
-            if not isinstance(value, str) or len(value) > 4000:
-                raise NfsearchError(f"profile energy: {key} must be a text, not {shown(value, 40)!r}")
-        if not all(isinstance(p, EnergyPoint) for p in self.points):
-            raise NfsearchError("profile energy: points must be energy points")
-        if not 1 <= len(self.points) <= MAX_ENERGY_POINTS:
-            raise NfsearchError(f"profile energy: needs 1..{MAX_ENERGY_POINTS} points, has {len(self.points)}")
-        keys = [p.key for p in self.points]
-        if len(set(keys)) != len(keys):
-            twice = next(k for k in keys if keys.count(k) > 1)
-            raise NfsearchError(f"profile energy: two points for {twice[0]} at {twice[1]} tokens, context {twice[2]}")
-        if not all(isinstance(p, PairEnergyPoint) for p in self.pair_points):
-            raise NfsearchError("profile energy: pair_points must be pair energy points")
-        if len(self.pair_points) > MAX_ENERGY_POINTS:
-            raise NfsearchError(f"profile energy: more than {MAX_ENERGY_POINTS} pair points")
-        pair_keys = [p.key for p in self.pair_points]
-        if len(set(pair_keys)) != len(pair_keys):
-            raise NfsearchError(f"profile energy: two pair points for {next(k for k in pair_keys if pair_keys.count(k) > 1)}")
-
-    def merged(self, newer: "ProfileEnergy") -> "ProfileEnergy":
-        """`newer`'s limit, static power and points, with this one's points (and pair points) it did
-        not re-measure."""
-        mine = {p.key: p for p in self.points}
-        mine.update({p.key: p for p in newer.points})
-        pairs = {p.key: p for p in self.pair_points}
-        pairs.update({p.key: p for p in newer.pair_points})
-        return ProfileEnergy(newer.power_limit_w, newer.static_power_w, tuple(sorted(mine.values(), key=lambda p: p.key)),
-                             newer.method, newer.static_method, newer.idle_power_w, newer.static_sm_clock_mhz,
-                             newer.max_sm_clock_mhz, newer.date, newer.failures,
-                             tuple(sorted(pairs.values(), key=lambda p: p.key)))
-
-    def to_dict(self) -> dict:
-        return {"power_limit_w": self.power_limit_w, "static_power_w": self.static_power_w,
-                "points": [p.to_dict() for p in self.points], "method": self.method,
-                "static_method": self.static_method, "idle_power_w": self.idle_power_w,
-                "static_sm_clock_mhz": self.static_sm_clock_mhz, "max_sm_clock_mhz": self.max_sm_clock_mhz,
-                "date": self.date, "failures": list(self.failures),
-                "pair_points": [p.to_dict() for p in self.pair_points]}
-
-    @classmethod
-    def from_dict(cls, d) -> "ProfileEnergy":
-        if not isinstance(d, dict):
-            raise NfsearchError("profile energy must be a JSON object")
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(str(k) for k in d if k not in known)
-        if unknown:
-            raise NfsearchError(f"profile energy: unknown keys {', '.join(shown(k, 30) for k in unknown[:5])}")
-        for key in ("power_limit_w", "static_power_w", "points"):
-            if key not in d:
-                raise NfsearchError(f"profile energy lacks {key}")
-        parsed = _parse_points(d["points"], EnergyPoint, "points", "point")
-        failures = d.get("failures", [])
-        if not isinstance(failures, list):
-            raise NfsearchError("profile energy: failures must be a list")
-        pairs = _parse_points(d.get("pair_points", []), PairEnergyPoint, "pair_points", "pair point")
-        rest = {k: d[k] for k in known - {"points", "failures", "power_limit_w", "static_power_w", "pair_points"}
-                if k in d}
-        return cls(d["power_limit_w"], d["static_power_w"], parsed, failures=tuple(failures), pair_points=pairs,
-                   **rest)
-
-
-def _parse_points(items, point_cls, key: str, what: str) -> tuple:
-    """The `point_cls` objects (EnergyPoint, PairEnergyPoint) of the list of JSON objects `items`
-    found under `key` of a profile's energy; one line naming what is wrong otherwise."""
-    if not isinstance(items, list) or not all(isinstance(p, dict) for p in items):
-        raise NfsearchError(f"profile energy: {key} must be a list of objects")
-    if len(items) > MAX_ENERGY_POINTS:
-        raise NfsearchError(f"profile energy: more than {MAX_ENERGY_POINTS} {what}s")
-    fields_ = point_cls.__dataclass_fields__
-    required = [f for f, spec in fields_.items() if spec.default is dataclasses.MISSING]
-    parsed = []
-    for p in items:
-        odd = sorted(str(k) for k in p if k not in fields_)
-        if odd:
-            raise NfsearchError(f"profile energy: unknown {what} keys {', '.join(shown(k, 30) for k in odd[:5])}")
-        missing = [f for f in required if f not in p]
-        if missing:
-            raise NfsearchError(f"profile energy: a {what} lacks {', '.join(missing)}")
-        parsed.append(point_cls(**p))
-    return tuple(parsed)
-
-
-def energy_from_meta(meta: dict) -> ProfileEnergy | None:
-    """The profile's energy (checked), or None where it has none."""
-    entry = meta.get(ENERGY_KEY) if isinstance(meta, dict) else None
-    return None if entry is None else ProfileEnergy.from_dict(entry)
 
 
 class ProfileMiss(NfsearchError):

@@ -19,8 +19,9 @@ import math
 import statistics
 from dataclasses import dataclass, fields
 
+from nfsearch.energy import PowerBound
 from nfsearch.errors import NfsearchError
-from nfsearch.specs import MAX_RATE
+from nfsearch.specs import MAX_RATE, Ceilings
 from nfsearch.timeline import Timeline, timeline_from_dict, timeline_to_dict
 
 HOWS = ("cuda-graph", "eager", "cpu")
@@ -132,37 +133,6 @@ class Correctness:
 
 
 @dataclass(frozen=True)
-class Ceilings:
-    """The device's measured ceilings: a large cuBLAS bf16 GEMM and a large device-to-device copy
-    (bytes read + written). The one form of them: runtime.bench.ceilings() measures one for a run
-    report (and tune, TP runs); a measured profile keeps one in its metadata under "ceilings"."""
-    gemm_tflops: float
-    copy_tbps: float
-    gemm_shape: str = ""
-    copy_bytes: int = 0
-
-    def __post_init__(self):
-        _require(all(_is_ms(x) and 0 < x <= MAX_RATE for x in (self.gemm_tflops, self.copy_tbps)),
-                 f"ceilings must be positive rates up to {MAX_RATE:g}, not {self.gemm_tflops!r} TFLOP/s and "
-                 f"{self.copy_tbps!r} TB/s")
-        _require(isinstance(self.gemm_shape, str) and len(self.gemm_shape) <= 200,
-                 "ceilings: gemm_shape must be a short text")
-        _require(_is_int(self.copy_bytes) and self.copy_bytes >= 0, "ceilings: copy_bytes must be an int >= 0")
-
-    def to_dict(self) -> dict:
-        return {"gemm_tflops": self.gemm_tflops, "copy_tbps": self.copy_tbps, "gemm_shape": self.gemm_shape,
-                "copy_bytes": self.copy_bytes}
-
-    @classmethod
-    def from_dict(cls, d) -> Ceilings:
-        _require(isinstance(d, dict), "ceilings must be a JSON object")
-        unknown = set(d) - {f.name for f in fields(cls)}
-        _require(not unknown, f"ceilings: unknown keys {sorted(map(str, unknown))}")
-        _require("gemm_tflops" in d and "copy_tbps" in d, "ceilings need gemm_tflops and copy_tbps")
-        return cls(d["gemm_tflops"], d["copy_tbps"], d.get("gemm_shape", ""), d.get("copy_bytes", 0))
-
-
-@dataclass(frozen=True)
 class Bound:
     """The roofline bound of one layer from the measured ceilings (WORKLOADS.md)."""
     bound_ms: float
@@ -185,67 +155,6 @@ def _is_float(x, low: float = 0.0, high: float = MAX_RATE, may_be_low: bool = Fa
 
 
 POWER_CAPPED_SHARE = 0.5        # a run is power-capped when the SW power cap is on in this share of samples
-
-
-@dataclass(frozen=True)
-class PowerBound:
-    """The power bound of one layer: the layer's dynamic energy (the sum of its ops' energies above
-    static power, from the profile; times the calibrated energy factor) cannot be spent faster than
-    the power the limit leaves above static power, so no schedule runs a layer faster than
-    bound_ms = dynamic_energy_j / (power_limit_w - static_power_w). Overlap does not lower the energy.
-    A predicted layer time is max(the replayed makespan per layer, bound_ms) (cost.py computes it)."""
-    dynamic_energy_j: float
-    power_limit_w: float
-    static_power_w: float
-    energy_factor: float = 1.0
-    note: str = ""                  # where the energies come from
-
-    def __post_init__(self):
-        _require(_is_float(self.dynamic_energy_j, may_be_low=True), f"power bound: dynamic energy must be a "
-                 f"finite number >= 0, not {self.dynamic_energy_j!r}")
-        _require(_is_float(self.power_limit_w) and _is_float(self.static_power_w)
-                 and self.static_power_w < self.power_limit_w,
-                 f"power bound: static power {self.static_power_w!r} W must be positive and below the limit "
-                 f"{self.power_limit_w!r} W")
-        _require(_is_float(self.energy_factor), f"power bound: energy factor must be positive, not {self.energy_factor!r}")
-        _require(isinstance(self.note, str), "power bound: note must be a text")
-
-    @property
-    def headroom_w(self) -> float:
-        return self.power_limit_w - self.static_power_w
-
-    @property
-    def bound_ms(self) -> float:
-        return self.dynamic_energy_j / self.headroom_w * 1e3
-
-    def layer_ms(self, replayed_layer_ms: float) -> float:
-        """The predicted layer time: the replay's, unless the power bound is slower."""
-        return max(replayed_layer_ms, self.bound_ms)
-
-    def is_binding(self, replayed_layer_ms: float) -> bool:
-        return self.bound_ms > replayed_layer_ms
-
-    def describe(self, replayed_layer_ms: float) -> str:
-        """One line: the bound, its terms, and whether it binds this replayed layer time."""
-        terms = (f"{self.dynamic_energy_j:.3f} J dynamic energy per layer / ({self.power_limit_w:.0f} W limit - "
-                 f"{self.static_power_w:.0f} W static)"
-                 + (f", energy factor {self.energy_factor:.3f}" if self.energy_factor != 1.0 else ""))
-        if self.is_binding(replayed_layer_ms):
-            return (f"power-bound: the power bound is {self.bound_ms:.3f} ms per layer ({terms}), "
-                    f"{self.bound_ms / replayed_layer_ms - 1:+.1%} over the replayed {replayed_layer_ms:.3f} ms: "
-                    f"predicted layer time {self.bound_ms:.3f} ms")
-        return (f"not power-bound: the power bound is {self.bound_ms:.3f} ms per layer ({terms}), "
-                f"{1 - self.bound_ms / replayed_layer_ms:.1%} under the replayed {replayed_layer_ms:.3f} ms")
-
-    def to_dict(self) -> dict:
-        return {"dynamic_energy_j": self.dynamic_energy_j, "power_limit_w": self.power_limit_w,
-                "static_power_w": self.static_power_w, "energy_factor": self.energy_factor,
-                "bound_ms": self.bound_ms, "note": self.note}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PowerBound:
-        return cls(d["dynamic_energy_j"], d["power_limit_w"], d["static_power_w"], d.get("energy_factor", 1.0),
-                   d.get("note", ""))
 
 
 def _reasons(value, where: str) -> tuple[tuple[str, float], ...]:

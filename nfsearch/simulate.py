@@ -33,11 +33,11 @@ from nfsearch.cost import (
     make_problem,
     power_bound_of,
 )
+from nfsearch.energy import PowerBound
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import build_layer, split_layers
 from nfsearch.layouts import buildable_layouts, corun_components
 from nfsearch.plan import PlannedOp, Schedule, check_structure
-from nfsearch.runreport import PowerBound
 from nfsearch.timeline import Span, Timeline
 
 TOLERANCE_MS = 1e-4

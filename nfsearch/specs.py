@@ -1,7 +1,8 @@
 """Model, workload and GPU specs: frozen dataclasses validated on construction, and their loaders.
 
 A model comes from a bundled name, a YAML file or a HuggingFace config.json; a workload from a
-standard id (W1-W5), a YAML file or flags; a GPU from a bundled name.
+standard id (W1-W5), a YAML file or flags; a GPU from a bundled name. `Ceilings` are a GPU's measured
+rates (a GEMM and a copy), the form every run report and measured profile keeps them in.
 
 Each field's type carries its bounds (pydantic `Annotated` types); every construction validates
 the values strictly against them (an int field takes no bool, float or string; a float field no
@@ -10,6 +11,7 @@ with the same types first, so an unknown or missing key, or a bad value, is one 
 file and the key. The bounds keep every later loop and product finite and quick.
 """
 
+import math
 import re
 from dataclasses import MISSING, asdict, dataclass, fields
 from functools import cache
@@ -38,6 +40,8 @@ MAX_TP = 1024
 MAX_SMS = 4096
 MAX_RATE = 1e9              # TFLOP/s, TB/s or GB/s
 MAX_NAME_CHARS = 256
+MAX_TIME_MS = 1e5           # 100 s for one kernel: beyond it a time is a unit or parse error
+MAX_LABEL_CHARS = 64        # op, impl and co_class names of a profile
 
 
 def _check_text(text: str) -> str:
@@ -179,6 +183,47 @@ class GpuSpec:
         """SM counts a partition can have: multiples of the granularity, and the whole GPU."""
         grid = list(range(self.sm_granularity, self.num_sms, self.sm_granularity))
         return grid + [self.num_sms]
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise NfsearchError(message)
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """The device's measured ceilings: a large cuBLAS bf16 GEMM and a large device-to-device copy
+    (bytes read + written). The one form of them: runtime.bench.ceilings() measures one for a run
+    report (and tune, TP runs); a measured profile keeps one in its metadata under "ceilings"."""
+    gemm_tflops: float
+    copy_tbps: float
+    gemm_shape: str = ""
+    copy_bytes: int = 0
+
+    def __post_init__(self):
+        _check(all(_is_number(x) and 0 < x <= MAX_RATE for x in (self.gemm_tflops, self.copy_tbps)),
+               f"ceilings must be positive rates up to {MAX_RATE:g}, not {self.gemm_tflops!r} TFLOP/s and "
+               f"{self.copy_tbps!r} TB/s")
+        _check(isinstance(self.gemm_shape, str) and len(self.gemm_shape) <= 200,
+               "ceilings: gemm_shape must be a short text")
+        _check(isinstance(self.copy_bytes, int) and not isinstance(self.copy_bytes, bool) and self.copy_bytes >= 0,
+               "ceilings: copy_bytes must be an int >= 0")
+
+    def to_dict(self) -> dict:
+        return {"gemm_tflops": self.gemm_tflops, "copy_tbps": self.copy_tbps, "gemm_shape": self.gemm_shape,
+                "copy_bytes": self.copy_bytes}
+
+    @classmethod
+    def from_dict(cls, d) -> "Ceilings":
+        _check(isinstance(d, dict), "ceilings must be a JSON object")
+        unknown = set(d) - {f.name for f in fields(cls)}
+        _check(not unknown, f"ceilings: unknown keys {sorted(map(str, unknown))}")
+        _check("gemm_tflops" in d and "copy_tbps" in d, "ceilings need gemm_tflops and copy_tbps")
+        return cls(d["gemm_tflops"], d["copy_tbps"], d.get("gemm_shape", ""), d.get("copy_bytes", 0))
 
 
 def check_fits(model: ModelSpec, workload: Workload) -> None:

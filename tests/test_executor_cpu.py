@@ -234,7 +234,8 @@ def test_seq_same_takes_the_profiles_fastest_impl_of_each_op_at_the_full_gpu():
 
 def test_the_whole_timed_path_on_the_cpu_gives_a_full_report(tmp_path):
     # host-clock timing of the same variants the GPU run times: plan, seq-torch, seq-same
-    from nfsearch.runreport import Ceilings, format_table
+    from nfsearch.runreport import format_table
+    from nfsearch.specs import Ceilings
     s = plan(2)
     r = executor.execute(s, device="cpu", time_on_cpu=True, iters=2, repeats=3, with_compiled=False,
                          ceilings=Ceilings(700.0, 3.0))

@@ -13,9 +13,9 @@ import pytest
 from conftest import TINY_MODEL, TINY_WL, fake_profile
 from nfsearch import golden, profile
 from nfsearch.cost import make_problem
+from nfsearch.energy import PairEnergyPoint, ProfileEnergy
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import op_context
-from nfsearch.profile import PairEnergyPoint, ProfileEnergy
 from nfsearch.search import solve
 from nfsearch.search.baselines import sequential_plan
 from nfsearch.search.solve import judged_makespan_ms
@@ -230,6 +230,7 @@ def test_analyze_shows_a_pair_point_without_energy_above_static_as_unpriced():
     assert " - " in text.splitlines()[2] and "1.200" in text.splitlines()[3]
 
 
+@pytest.mark.slow
 def test_tune_also_runs_the_overlapped_plan_the_margin_turned_down():
     """W3 on the bundled H100 profile: its overlapped plan is predicted within the 2% margin of
     sequential, so solve keeps sequential; tune runs both (and the sequential baseline only once)."""

@@ -16,15 +16,14 @@ from click.testing import CliRunner
 
 from conftest import TINY_MODEL, TINY_WL, fake_profile
 from nfsearch import calibrate, plan, profile
-from nfsearch.calibration import (ENERGY_CALIBRATION_KEY, EnergyCalibration, EnergyRun, energy_calibration_from_meta,
-                                  fit_energy)
 from nfsearch.cli import main
 from nfsearch.cost import ENERGY_INTERPOLATED, ENERGY_MEASURED, ENERGY_SCALED, EnergyModel, make_problem, power_bound_of
+from nfsearch.energy import (ENERGY_CALIBRATION_KEY, ENERGY_KEY, EnergyCalibration, EnergyPoint, EnergyRun, PowerBound,
+                             ProfileEnergy, energy_calibration_from_meta, fit_energy)
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import build_layer, op_context
-from nfsearch.profile import EnergyPoint, ProfileEnergy, ProfileTable
-from nfsearch.runreport import (Correctness, LaunchSummary, PowerBound, PowerReading, RunReport, Timing,
-                                format_table)
+from nfsearch.profile import ProfileTable
+from nfsearch.runreport import Correctness, LaunchSummary, PowerReading, RunReport, Timing, format_table
 from nfsearch.search import solve
 from nfsearch.search.baselines import equal_split_plan, sequential_plan
 from nfsearch.simulate import check_and_replay, plan_dynamic_energy_j, power_line, replay
@@ -52,7 +51,7 @@ def bundled_without_energy() -> ProfileTable:
     """The bundled H100 profile as it was before its energy was measured (its rows, no energy)."""
     bundled = profile.load(BUNDLED)
     return ProfileTable(bundled.rows, {k: v for k, v in bundled.meta.items()
-                                       if k not in (profile.ENERGY_KEY, "energy_calibration")})
+                                       if k not in (ENERGY_KEY, "energy_calibration")})
 
 
 def tiny_with(dynamic_j: dict) -> ProfileTable:
@@ -137,6 +136,7 @@ def test_predicted_layer_time_is_the_max_of_replay_and_bound():
     assert power_line(result, base.cost).startswith("no power bound")
 
 
+@pytest.mark.slow
 def test_the_bound_does_not_choose_between_plans_but_is_said():
     free = make_problem(TINY_MODEL, TINY_WL, fake_profile(), num_layers=2)
     overlapped, _ = solve(free, time_limit_s=2.0, min_gain=0.0)
@@ -173,7 +173,7 @@ def test_old_profiles_load_without_energy_and_keep_their_fingerprint(tmp_path):
     bundled = profile.load(BUNDLED)          # energy measured on the H100 (power_2026-11-27)
     assert bundled.energy is not None and bundled.energy.power_limit_w == 700.0
     old = profile.ProfileTable(bundled.rows, {k: v for k, v in bundled.meta.items()
-                                              if k not in (profile.ENERGY_KEY, "energy_calibration")})
+                                              if k not in (ENERGY_KEY, "energy_calibration")})
     old.write(tmp_path / "old.parquet")
     again = profile.load(tmp_path / "old.parquet")
     assert again.energy is None and again.fingerprint() == bundled.fingerprint()

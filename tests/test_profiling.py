@@ -15,9 +15,8 @@ from nfsearch.errors import NfsearchError
 from nfsearch.graph import op_context
 from nfsearch.profile import ProfileTable, gpu_from_profile, load
 from nfsearch.runtime import measurements as profiling
-from nfsearch.runreport import Ceilings
 from nfsearch.runtime.measurements import Checkpoint, Measurement, Point, make_plan, run_plan
-from nfsearch.specs import ModelSpec, Workload, load_model, load_workload
+from nfsearch.specs import Ceilings, ModelSpec, Workload, load_model, load_workload
 
 LLAMA = load_model("llama-3-8b")
 TINY_MODEL = ModelSpec("tiny", hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64, intermediate_size=512,

@@ -19,10 +19,11 @@ from click.testing import CliRunner
 from nfsearch import plan as plan_mod
 from nfsearch.cli import main
 from nfsearch.cost import make_problem, power_bound_of
+from nfsearch.energy import EnergyPoint, PowerBound, ProfileEnergy
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import build_layer, op_context
-from nfsearch.profile import EnergyPoint, ProfileEnergy, load
-from nfsearch.runreport import PowerBound, PowerReading, RankPower, TimingPower, TpPower
+from nfsearch.profile import load
+from nfsearch.runreport import PowerReading, RankPower, TimingPower, TpPower
 from nfsearch.simulate import check_and_replay, plan_dynamic_energy_j, power_line
 from nfsearch.specs import load_workload
 

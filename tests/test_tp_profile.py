@@ -478,7 +478,7 @@ def test_merged_profile_counts_the_collectives_energy_in_the_per_gpu_bound():
     from test_tp_power import shard_energy
 
     from nfsearch.cost import power_bound_of
-    from nfsearch.profile import EnergyPoint
+    from nfsearch.energy import EnergyPoint
     plan = m.network_plan(LLAMA70, W4, 132, 8, is_quick=True)
     results = _network_results(plan)
     shard = _shard()
@@ -525,7 +525,7 @@ def test_collective_pair_families_are_each_collective_family_at_the_slowest_rank
 def test_merged_profile_prices_overlap_with_a_collective_by_its_pair_energy():
     from test_tp_power import shard_energy
 
-    from nfsearch.profile import EnergyPoint, PairEnergyPoint
+    from nfsearch.energy import EnergyPoint, PairEnergyPoint
     from nfsearch.timeline import Span
     plan = m.network_plan(LLAMA70, W4, 132, 8, is_quick=True)
     results = _network_results(plan)

@@ -1,5 +1,5 @@
 """Ceilings measured on the device in the running process: bf16 cuBLAS GEMM peak and the
-device-to-device copy bandwidth (bytes read + bytes written), as a runreport.Ceilings. The roofline
+device-to-device copy bandwidth (bytes read + bytes written), as a specs.Ceilings. The roofline
 bound of a run report uses these."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from nfsearch.runreport import Ceilings
+from nfsearch.specs import Ceilings
 
 
 def event_times(fn, iters: int = 20, warmup: int = 3) -> list[float]:

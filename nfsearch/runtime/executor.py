@@ -33,8 +33,8 @@ import torch
 
 from nfsearch.errors import NfsearchError
 from nfsearch.plan import NETWORK_IMPLS
-from nfsearch.runreport import (Bound, Ceilings, Correctness, LaunchSummary, OpError, PowerReading, RunReport,
-                                Timing, format_table)
+from nfsearch.runreport import (Bound, Correctness, LaunchSummary, OpError, PowerReading, RunReport, Timing,
+                                format_table)
 from nfsearch.runtime import launch as launch_mod
 from nfsearch.runtime.bench import event_times, host_times
 from nfsearch.runtime.kernels import IMPLS
@@ -42,6 +42,7 @@ from nfsearch.runtime.collectives import COLLECTIVE_OPS
 from nfsearch.runtime.launch import Launch, LaunchList, layout_label
 from nfsearch.runtime.model import OP_OUTPUT, ModelInstance, rel_error
 from nfsearch.runtime.partitions import PartitionError
+from nfsearch.specs import Ceilings
 from nfsearch.timeline import Span, Timeline
 
 TOLERANCE = 2e-2

@@ -26,7 +26,7 @@ back to back for the whole window; its row's co_class is the other side's class.
 Energy points (kind "energy", `energy_plan`): each op of the layer at its whole token count in W1-W3
 (for this model) and in the given workload, on the whole GPU with the fastest impl the timing table
 has there; the profiler runs each back to back (nfsearch/runtime/power.py) and the profile keeps the
-energy per call under meta["energy"] (profile.ProfileEnergy).
+energy per call under meta["energy"] (energy.ProfileEnergy).
 
 Pair points (kind "pair", the pair table): two ops of different classes the search may overlap,
 launched together on the two sides of ONE two-way green-context split, at every split on the
@@ -60,8 +60,7 @@ from nfsearch.graph import Op, build_layer, layer_ops, op_context, op_work
 from nfsearch.plan import NETWORK_IMPLS, NO_SHARE_IMPLS
 from nfsearch.profile import ProfileMiss, ProfileTable
 from nfsearch.roofline import BW_FRACTION, interp
-from nfsearch.runreport import Ceilings
-from nfsearch.specs import ModelSpec, Workload
+from nfsearch.specs import Ceilings, ModelSpec, Workload
 
 FORMAT = 3        # 2: pair points with both sides' sizes, checkpoint rows with the pair's detail;
                   # 3: a checkpoint's pair row holds the pair table's point (pairs.PairPoint.to_json)

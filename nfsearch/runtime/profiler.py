@@ -152,14 +152,14 @@ PAIR_ENERGY_OVERHEAD_S = 0.5    # an energy window's cost beyond its length (war
 
 
 def energy_summary(energy) -> dict:
-    """The summary.json entry of a profile's energy (profile.ProfileEnergy)."""
+    """The summary.json entry of a profile's energy (energy.ProfileEnergy)."""
     return {"power_limit_w": energy.power_limit_w, "static_power_w": energy.static_power_w,
             "points": len(energy.points), "pair_points": len(energy.pair_points), "failures": list(energy.failures)}
 
 
 def add_energy(model, workload, table, gpu_id: int = 0, log=None, window_s: float | None = None,
                with_pairs: bool = True):
-    """`table` with its energy measured on CUDA device `gpu_id` (meta["energy"], profile.ProfileEnergy):
+    """`table` with its energy measured on CUDA device `gpu_id` (meta["energy"], energy.ProfileEnergy):
     each op at the token counts of W1-W3 and `workload` (measurements.energy_requests) run back to back
     on the whole GPU with its fastest impl, the power limit and the static power (runtime/power.py says
     how). Points the table already has are replaced, others kept. Without NVML the table comes back as
@@ -174,9 +174,9 @@ def add_energy(model, workload, table, gpu_id: int = 0, log=None, window_s: floa
     about 1.5 s per pair family."""
     import torch
 
+    from nfsearch.energy import EnergyPoint, ProfileEnergy
     from nfsearch.errors import NfsearchError
     from nfsearch.graph import layer_ops
-    from nfsearch.profile import EnergyPoint, ProfileEnergy
     from nfsearch.runtime import power
     from nfsearch.runtime.kernels import IMPLS
 
@@ -282,7 +282,7 @@ def _pair_energy_points(torch, model, workload, table, gpu_id: int, device, wind
     pair table at its best split (both sides launched together, each with the impl the pair table ran
     there), k launches per CUDA graph replayed back to back for an NVML energy window; then the two
     ops back to back on the whole GPU, each with its fastest impl there, the same way. Returns the
-    points (profile.PairEnergyPoint) and one line per family that failed. rotate_bytes: as the op
+    points (energy.PairEnergyPoint) and one line per family that failed. rotate_bytes: as the op
     energy points rotate their inputs (add_energy's plan)."""
     from nfsearch import pairs as pair_table
     from nfsearch.runtime.kernels import IMPLS
@@ -318,7 +318,7 @@ def _pair_energy_points(torch, model, workload, table, gpu_id: int, device, wind
 
 def _pair_energy_point(torch, measurer, table, family, device, window_s: float):
     """One family's PairEnergyPoint (_pair_energy_points)."""
-    from nfsearch.profile import PairEnergyPoint
+    from nfsearch.energy import PairEnergyPoint
     from nfsearch.runtime import power
 
     a, b, best = family.a, family.b, family.best
@@ -459,7 +459,7 @@ def _stderr(msg: str) -> None:
 
 
 def _print_summary(s: dict, log) -> None:
-    from nfsearch.runreport import Ceilings
+    from nfsearch.specs import Ceilings
     c = Ceilings.from_dict(s["ceilings"]) if s["ceilings"] else None
     figures = f"cuBLAS {c.gemm_shape} {c.gemm_tflops:.0f} TFLOP/s, copy {c.copy_tbps:.2f} TB/s" if c else "no ceilings"
     log(f"\n== {s['gpu']}: {figures}; "

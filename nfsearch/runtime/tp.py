@@ -460,7 +460,7 @@ def execute_rank(tp: TpRank, schedule, *, mode: str = "green", iters: int = 30, 
     rank_seed_step: rank r draws its weights with seed + r * step before rank 0's are broadcast (a
     test that the check runs on one set of weights whatever each rank drew).
     timeline: every rank traces the plan's graph replays after timing it (module doc; `trace_rank`).
-    power_bound / power_note: the profile's runreport.PowerBound of one layer (cost.power_bound_of), or
+    power_bound / power_note: the profile's energy.PowerBound of one layer (cost.power_bound_of), or
     None and why; rank 0's report applies it (module doc)."""
     from nfsearch.runtime import executor
     schedule = with_impls(schedule, impls)
@@ -769,7 +769,7 @@ def build_report(schedule, ll, ctx, parts: list[dict], passed: bool, power_bound
         report[f"speedup_vs_{name}"] = b["layer_ms"] / measured
     report["net"] = first["net"]
     if "ceilings" in first:
-        c = first["ceilings"]                       # bench.ceilings: a dict, or a runreport.Ceilings
+        c = first["ceilings"]                       # bench.ceilings: a dict, or a specs.Ceilings
         c = c if isinstance(c, dict) else c.to_dict()
         report["ceilings"] = c
         gpu = GpuSpec(key="measured", name=report["gpu"], num_sms=ctx.num_sms, sm_granularity=max(ctx.granularity, 1),

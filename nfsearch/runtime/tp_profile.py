@@ -135,8 +135,8 @@ class NetworkRun:
     measure_s: float = 0.0
     rank_spread: float = 0.0         # largest (slowest rank / fastest rank - 1) of a point's time
     net_impls: tuple[str, ...] = (NETWORK_IMPL,)   # the collective impls measured (every rank could run)
-    energy_points: tuple = ()        # profile.EnergyPoint of each collective (measure_collective_energy)
-    pair_energy_points: tuple = ()   # profile.PairEnergyPoint of each collective family (measure_collective_pair_energy)
+    energy_points: tuple = ()        # energy.EnergyPoint of each collective (measure_collective_energy)
+    pair_energy_points: tuple = ()   # energy.PairEnergyPoint of each collective family (measure_collective_pair_energy)
 
 
 # ---------------------------------------------------------------------------------------------- the profile
@@ -350,12 +350,12 @@ def measure_collective_energy(tp, plan: Plan, results: dict, workload, host, num
     """Every rank at once (all must call it at the same point): the energy of each all-reduce of
     `collective_energy_requests`, issued back to back in lockstep (power.lockstep_chunks: every rank
     issues the same calls, so no collective waits on a rank that stopped), NVML on every rank. Returns
-    (profile.EnergyPoint of each network op at each request, notes); a point that fails on any rank is a
+    (energy.EnergyPoint of each network op at each request, notes); a point that fails on any rank is a
     note on all, and without NVML on every rank there are no points (a note)."""
     import torch
     import torch.distributed as dist
 
-    from nfsearch.profile import EnergyPoint
+    from nfsearch.energy import EnergyPoint
     from nfsearch.runtime import power
     say = say or (lambda msg: None)
     device, how = power.open_device(tp.device.index or 0)
@@ -418,11 +418,11 @@ def measure_collective_pair_energy(tp, plan: Plan, results: dict, host, measurer
     copy-engine one most) left the GPU idle between rounds (2x H100: 0.51 ms per round of a 0.05 ms
     pair, at 276 W). `results`: this rank's measurements of the plan; `measurer`: the TP measurer
     that ran it (its green partitions, inputs and fastest-impl cache). Returns
-    (profile.PairEnergyPoint per family, notes); a family that fails on any rank is a note on all."""
+    (energy.PairEnergyPoint per family, notes); a family that fails on any rank is a note on all."""
     import torch
     import torch.distributed as dist
 
-    from nfsearch.profile import PairEnergyPoint
+    from nfsearch.energy import PairEnergyPoint
     from nfsearch.runtime import power
     from nfsearch.runtime.profiler import pair_energy_graphs
     say = say or (lambda msg: None)
