@@ -1,0 +1,306 @@
+"""The serving engine: a whole model over a paged KV cache serving requests, with NanoFlow's batch
+formation (serving.scheduler), one CUDA graph per bucket and asynchronous CPU scheduling.
+
+Start-up, timed as load / compile / capture:
+1. the config and the weights (random unless a HuggingFace folder is given);
+2. the dense batch and decode slots (given, or from the trace's lengths and the memory an analytic plan
+   leaves: runtime.engine_memory.choose_batch) and the buckets (serving's default_buckets, capped at
+   the trace's longest request); a dense batch or memory setting that cannot fit is refused here,
+   before the weights are loaded;
+3. on the GPU, a dry run of every bucket on a model with a cache of one request (Triton compiles its
+   kernels; the peak of each forward's temporaries is measured); the KV cache gets what the budget
+   leaves (refused, with the numbers, when the longest request would not fit);
+4. the model with its cache, and every bucket's CUDA graph.
+
+The loop (run): launch iteration i, form i+1 on the CPU while the GPU runs i, launch it, and only
+then read i's sampled ids (one event wait, runtime.engine_runner). The scheduler knows which tokens
+are still on the device, so i+1's decode rows read them there; end of sequence is seen one
+iteration late and the extra token is discarded. is_async False reads each iteration before
+forming the next (the same tokens, the reference order).
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from nfsearch.errors import NfsearchError
+from nfsearch.runtime import engine_memory as mem
+from nfsearch.runtime.engine_runner import StepRunner, dry_forward
+from nfsearch.runtime.paged_model import PagedModel
+from nfsearch.runtime.weights import load_weights
+from nfsearch.serving.metrics import BatchStats
+from nfsearch.serving.model_config import load_model_config
+from nfsearch.serving.pages import PageManager
+from nfsearch.serving.scheduler import Scheduler, SchedulerConfig, default_buckets, sequence_from_request
+from nfsearch.serving.traces import Request, prompt_ids_for
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+CPU_KV_TOKENS = 16384            # the CPU's cache without a memory figure (tiny models)
+# The plan's kernels per dense op at the full GPU (benchmarks/KERNEL_NOTES.md: cuBLAS GEMMs, the Triton
+# norm and SiLU-and-mul); "baseline" runs torch for every dense op. Both use the paged attention.
+PLAN_OPS = {"norm1": "triton", "norm2": "triton", "act": "triton"}
+VARIANT_OPS = {"plan": PLAN_OPS, "baseline": {}}
+
+
+@dataclass(frozen=True)
+class TraceShape:
+    mean_prompt_len: float
+    mean_output_len: float
+    max_request_len: int             # longest prompt + output
+
+    @classmethod
+    def of(cls, requests: list[Request]) -> TraceShape:
+        n = max(1, len(requests))
+        return cls(sum(r.prompt_len for r in requests) / n, sum(r.output_len for r in requests) / n,
+                   max((r.prompt_len + r.output_len for r in requests), default=1))
+
+
+@dataclass
+class IterationRecord:
+    variant: str
+    bucket: int                      # index into Engine.buckets
+    num_tokens: int                  # real rows (no padding)
+    num_decode: int
+    num_segments: int
+    launch_s: float                  # from the run's start
+    used_pages: int
+    gpu_ms: float = 0.0              # CUDA events around the replay, read one iteration late
+
+
+@dataclass
+class EngineRun:
+    sequences: list                  # serving.batch.Sequence, every request (refused ones with .error)
+    iterations: list[IterationRecord]
+    wall_s: float
+    num_preemptions: int
+    num_discarded_tokens: int
+    peak_used_pages: int
+    num_host_waits: int
+    num_eager_launches: int
+    start_perf_s: float = 0.0        # host perf_counter at the run's start
+    refused: list = field(default_factory=list)
+    batch_stats: dict = field(default_factory=dict)   # variant -> serving.metrics.BatchStats
+
+
+class Engine:
+    def __init__(self, model: str | Path, *, device: str = "cuda", dtype: str = "bf16",
+                 gpu_memory_utilization: float = 0.90, dense_batch: int | None = None,
+                 max_decode: int | None = None, page_size: int = 16, attn_impl: str | None = None,
+                 use_cuda_graphs: bool | None = None, is_async: bool = True, seed: int = 0,
+                 trace_shape: TraceShape | None = None, num_pages: int | None = None,
+                 memory_bytes: int | None = None, variants: tuple[str, ...] = ("plan",),
+                 predicted_output_len: int | None = None, log=None):
+        t_start = time.perf_counter()
+        self.log = log or (lambda line: None)
+        self.cfg = load_model_config(model)
+        self.folder = Path(model) if Path(model).is_dir() else None
+        self.device, self.is_async, self.seed, self.page_size = torch.device(device), is_async, seed, page_size
+        self.predicted_output_len = predicted_output_len     # admission's output length (None: max_tokens)
+        if self.device.type == "cuda":
+            from nfsearch.runtime.device import require_cuda
+            require_cuda("the engine on device cuda")
+        if dtype not in DTYPES:
+            raise NfsearchError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        self.dtype, self.dtype_name = DTYPES[dtype], dtype
+        self.is_cuda = self.device.type == "cuda"
+        self.attn_impl = attn_impl or ("triton" if self.is_cuda else "torch")
+        self.use_cuda_graphs = self.is_cuda and self.attn_impl != "torch" if use_cuda_graphs is None \
+            else use_cuda_graphs and self.is_cuda
+        if not 0.05 <= gpu_memory_utilization <= 1.0:
+            raise NfsearchError(f"gpu memory utilization {gpu_memory_utilization}: expected 0.05..1.0")
+        self.utilization = gpu_memory_utilization
+        self.trace_shape = trace_shape or TraceShape(512, 512, self.cfg.max_model_len)
+        longest = min(self.trace_shape.max_request_len, self.cfg.max_model_len)
+        self.max_context = -(-longest // page_size) * page_size
+        self.min_pages = -(-longest // page_size)
+        self._choose_batch(dense_batch, max_decode, num_pages, memory_bytes)
+
+        self.weights = load_weights(self.cfg, self.folder, self.device, self.dtype, seed)
+        self._sync()
+        self.load_s = time.perf_counter() - t_start
+        self.compile_s = self._dry_run(num_pages) if self.is_cuda else 0.0
+        self.model = self._new_model(self.num_pages)
+        models = {name: self._variant(name) for name in variants}
+        self.runner = StepRunner(models, self.buckets, page_size, self.device, self.use_cuda_graphs)
+        if self.use_cuda_graphs:
+            self.runner.capture()
+        self.capture_s = self.runner.capture_s
+        self.variants = tuple(variants)
+        self.log(self.describe())
+
+    # ------------------------------------------------------------------------------ start-up
+    def _choose_batch(self, dense_batch, max_decode, num_pages, memory_bytes) -> None:
+        spec, tied = self.cfg.spec, self.cfg.tie_word_embeddings
+        self.dtype_bytes = torch.tensor([], dtype=self.dtype).element_size()
+        self.total_bytes, self.other_bytes = memory_bytes, 0
+        if self.is_cuda and memory_bytes is None:
+            free, total = torch.cuda.mem_get_info(self.device)
+            self.total_bytes, self.other_bytes = total, total - free
+        shape = self.trace_shape
+
+        def analytic(tokens: int, decode: int, what: str) -> mem.MemoryPlan:
+            return mem.estimate_plan(spec, self.dtype_bytes, tied, self.total_bytes, self.utilization,
+                                     self.other_bytes, tokens, decode + 8, self.page_size, self.min_pages, what)
+
+        if num_pages is not None:
+            kv_tokens = num_pages * self.page_size
+        elif self.total_bytes is not None:
+            what = f"dense batch {dense_batch}" if dense_batch else "the model (at a 2048-token batch)"
+            kv_tokens = analytic(dense_batch or 2048, max_decode or 512, what).kv_tokens
+        else:
+            kv_tokens = CPU_KV_TOKENS
+        auto_dense, auto_decode = mem.choose_batch(kv_tokens, shape.mean_prompt_len, shape.mean_output_len,
+                                                   shape.max_request_len)
+        self.dense_batch = dense_batch or auto_dense
+        self.max_decode = min(max_decode or auto_decode, self.dense_batch)
+        self.buckets = default_buckets(self.dense_batch, self.max_decode, self.max_context, self.page_size)
+        top = max(self.buckets)
+        self.max_logit_rows = max(b.max_decode + b.max_segments for b in self.buckets)
+        self.plan = None
+        if self.total_bytes is not None:         # refuse before anything is allocated
+            self.plan = analytic(top.max_tokens, self.max_logit_rows - 8,
+                                 f"dense batch {self.dense_batch} ({top.max_tokens}-token top bucket)")
+        self.num_pages = num_pages or (self.plan.num_pages if self.plan else CPU_KV_TOKENS // self.page_size)
+
+    def _new_model(self, num_pages: int) -> PagedModel:
+        return PagedModel(self.cfg, self.weights, num_pages, self.page_size, self.device, self.dtype,
+                          self.attn_impl, max_tokens=max(b.max_tokens for b in self.buckets),
+                          max_logit_rows=self.max_logit_rows, op_impls=VARIANT_OPS["plan"] if self.is_cuda else None)
+
+    def _variant(self, name: str) -> PagedModel:
+        """A model sharing the engine model's weights, cache and buffers, with the variant's kernels."""
+        if name not in VARIANT_OPS:
+            raise NfsearchError(f"unknown variant {name!r} (known: {', '.join(VARIANT_OPS)})")
+        if name == "plan":
+            return self.model
+        import copy
+
+        from nfsearch.runtime.kernels import IMPLS
+        from nfsearch.runtime.paged_model import DENSE_OPS
+        twin = copy.copy(self.model)
+        twin.ops = {op: IMPLS[op][VARIANT_OPS[name].get(op, "torch")] for op in DENSE_OPS}
+        return twin
+
+    def _dry_run(self, num_pages: int | None) -> float:
+        """Every bucket once on a one-request cache: compiles the kernels and measures activation memory;
+        then the KV plan from what is left. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        base = torch.cuda.memory_allocated(self.device)
+        dry = self._new_model(self.min_pages + 1)
+        static = torch.cuda.memory_allocated(self.device) - base - dry.kv.numel() * dry.kv.element_size()
+        peak = 0
+        for bucket in sorted(self.buckets, reverse=True):
+            self._sync()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            dry_forward(dry, bucket, self.page_size, self.device)
+            self._sync()
+            peak = max(peak, torch.cuda.max_memory_allocated(self.device) - before)
+        del dry
+        gc.collect()
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        weights = torch.cuda.memory_allocated(self.device)
+        other = total - free - torch.cuda.memory_reserved(self.device)
+        self.plan = mem.plan_pages(self.total_bytes if self.total_bytes else total, self.utilization, weights,
+                                   static + peak, other, mem.kv_bytes_per_token(self.cfg.spec, self.dtype_bytes)
+                                   * self.page_size, self.page_size, self.min_pages, True,
+                                   f"dense batch {self.dense_batch}")
+        if num_pages is None:
+            self.num_pages = self.plan.num_pages
+        return time.perf_counter() - t0
+
+    def _sync(self) -> None:
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.num_pages * self.page_size
+
+    def max_concurrency(self) -> int:
+        """Requests of the trace's mean length (prompt + output) the cache holds at once."""
+        per_request = max(1.0, self.trace_shape.mean_prompt_len + self.trace_shape.mean_output_len)
+        return int(self.kv_tokens / per_request)
+
+    def describe(self) -> str:
+        lines = [f"model {self.cfg.spec.name} ({self.cfg.spec.num_layers} layers, {self.dtype_name}) on "
+                 f"{self.device_name()}; attention {self.attn_impl}, CUDA graphs {'on' if self.use_cuda_graphs else 'off'}",
+                 f"KV cache {self.kv_tokens:,} tokens ({self.num_pages:,} pages of {self.page_size}); max concurrency "
+                 f"{self.max_concurrency():,} at the trace's mean prompt + output "
+                 f"({self.trace_shape.mean_prompt_len:.0f} + {self.trace_shape.mean_output_len:.0f} tokens)",
+                 f"dense batch {self.dense_batch} tokens, up to {self.max_decode} decode rows, "
+                 f"{len(self.buckets)} buckets",
+                 f"start-up {self.load_s + self.compile_s + self.capture_s:.1f} s: load {self.load_s:.1f} s, "
+                 f"compile (dry run) {self.compile_s:.1f} s, capture {self.capture_s:.1f} s"]
+        if self.plan is not None:
+            lines.insert(2, self.plan.describe())
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------------------ the loop
+    def run(self, requests: list[Request], *, sampling: dict | None = None, compare_every: int = 0,
+            on_finish=None) -> EngineRun:
+        """Serve `requests` (arrivals honoured) until every one has finished or been refused.
+        compare_every > 0 alternates the engine's variants every that many iterations (same batches
+        stream, one live cache). on_finish(seq) is called as each request ends."""
+        sched = Scheduler(SchedulerConfig(self.dense_batch, self.max_decode, self.buckets, self.page_size,
+                                          self.cfg.max_model_len, self.cfg.eos_token_ids,
+                                          self.predicted_output_len),
+                          PageManager(self.num_pages, self.page_size))
+        vocab = self.cfg.spec.vocab_size
+        # prompts drawn before the clock starts: the run times serving, not the trace's random ids
+        arrivals = deque(sequence_from_request(r, prompt_ids_for(r, vocab, self.seed), **(sampling or {}))
+                         for r in sorted(requests, key=lambda r: r.arrival_s))
+        seqs, records = list(arrivals), []
+        bucket_index = {b: i for i, b in enumerate(self.buckets)}
+        waits0, eager0 = self.runner.num_host_waits, self.runner.num_eager_launches
+        stats = {v: BatchStats() for v in self.variants}
+        in_flight, peak_pages, start = None, 0, time.perf_counter()
+        for k in itertools.count():
+            now = time.perf_counter() - start
+            while arrivals and arrivals[0].arrival_s <= now:
+                seq = arrivals.popleft()
+                if not sched.add(seq) and on_finish:
+                    on_finish(seq)
+            batch = sched.schedule(now) if sched.has_work() else None
+            launched = None
+            if batch is not None:
+                variant = self.variants[(k // compare_every) % len(self.variants)] if compare_every else self.variants[0]
+                launched = (self.runner.launch(batch, variant), IterationRecord(
+                    variant, bucket_index[batch.bucket], batch.num_tokens, batch.num_decode, batch.num_segments,
+                    time.perf_counter() - start, sched.pages.num_used_pages))
+                records.append(launched[1])
+                stats[variant].add(batch)
+                peak_pages = max(peak_pages, sched.pages.num_used_pages)
+            if in_flight is not None:
+                self._read(in_flight, sched, start, on_finish)
+            in_flight = launched
+            if in_flight is not None and not self.is_async:
+                self._read(in_flight, sched, start, on_finish)
+                in_flight = None
+            if in_flight is None and batch is None and not sched.has_work():
+                if not arrivals:
+                    break
+                time.sleep(max(0.0, arrivals[0].arrival_s - (time.perf_counter() - start)))
+        wall_s = time.perf_counter() - start
+        sched.pages.check_no_leaks()
+        return EngineRun(seqs, records, wall_s, sched.num_preemptions, sched.num_discarded_tokens, peak_pages,
+                         self.runner.num_host_waits - waits0, self.runner.num_eager_launches - eager0, start,
+                         list(sched.refused), stats)
+
+    def _read(self, in_flight, sched: Scheduler, start: float, on_finish) -> None:
+        launched, record = in_flight
+        ids, record.gpu_ms = self.runner.read(launched)
+        for seq in sched.postprocess(launched.batch, ids, time.perf_counter() - start):
+            if on_finish:
+                on_finish(seq)
+
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name(self.device) if self.is_cuda else "cpu"

@@ -1,0 +1,133 @@
+"""How much of the GPU the engine's KV cache gets, and the refusals made before anything is allocated.
+
+The budget is total memory x gpu_memory_utilization. Out of it come the weights, the model's static
+activation buffers (sized by the largest bucket), the peak of the temporaries one forward allocates
+(measured by a dry run of every bucket: the CUDA graphs' shared pool holds about that much, since no
+temporary outlives its capture), and what the process holds besides torch's tensors (CUDA context,
+cuBLAS workspaces, other processes). What is left, in whole pages, is the KV cache.
+
+`estimate_*` are analytic (counted from the config): they refuse a dense batch or a memory setting that
+cannot fit before the weights are loaded. `kv_plan` uses the measured numbers after the dry run and
+refuses a cache too small for the longest request before the cache is allocated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from nfsearch.errors import NfsearchError
+from nfsearch.specs import ModelSpec
+
+GIB = 1 << 30
+# Temporaries of one forward beyond the static buffers (rope's index tensors, the LM head's matmul
+# output, decode attention's split partials), as a share of the static buffers: the analytic check
+# before loading only; the planned cache uses the measured peak.
+TEMPORARY_SHARE = 0.5
+# Left free beyond the measured peak: the allocator rounds segments up and fragments a little.
+SAFETY_BYTES = 256 << 20
+
+
+def weights_bytes(spec: ModelSpec, dtype_bytes: int, tied_embeddings: bool) -> int:
+    H, I, V = spec.hidden_size, spec.intermediate_size, spec.vocab_size
+    per_layer = H * (spec.q_size + 2 * spec.kv_size) + spec.q_size * H + 3 * H * I + 2 * H
+    if spec.has_qkv_bias:
+        per_layer += spec.q_size + 2 * spec.kv_size
+    embeddings = V * H * (1 if tied_embeddings else 2)
+    return (spec.num_layers * per_layer + embeddings + H) * dtype_bytes
+
+
+def buffer_bytes(spec: ModelSpec, max_tokens: int, max_logit_rows: int, dtype_bytes: int) -> int:
+    """The model's static activation buffers (runtime.paged_model's, one set for every layer) and its
+    float32 logits."""
+    H, I = spec.hidden_size, spec.intermediate_size
+    qkv = spec.q_size + 2 * spec.kv_size
+    per_token = 3 * H + 2 * qkv + spec.q_size + 3 * I     # x, mid, h; qkv, q/k/v; attn; ug; act
+    return (max_tokens * per_token + 2 * max_logit_rows * H) * dtype_bytes + max_logit_rows * spec.vocab_size * 4
+
+
+def kv_bytes_per_token(spec: ModelSpec, dtype_bytes: int) -> int:
+    return 2 * spec.num_layers * spec.kv_size * dtype_bytes
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    total_bytes: int
+    budget_bytes: int            # total x utilization
+    weights_bytes: int
+    activation_bytes: int        # static buffers + the measured (or estimated) peak of temporaries
+    other_bytes: int             # CUDA context, workspaces, other processes
+    bytes_per_page: int
+    num_pages: int
+    page_size: int
+    is_measured: bool            # activation and other bytes from the dry run (else analytic)
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.num_pages * self.page_size
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.num_pages * self.bytes_per_page
+
+    def describe(self) -> str:
+        return (f"KV cache {self.kv_tokens:,} tokens ({self.num_pages:,} pages of {self.page_size}, "
+                f"{self.kv_bytes / GIB:.2f} GiB) = {self.budget_bytes / GIB:.2f} GiB budget - weights "
+                f"{self.weights_bytes / GIB:.2f} - activations {self.activation_bytes / GIB:.2f} - other "
+                f"{self.other_bytes / GIB:.2f} GiB")
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"kv_tokens": self.kv_tokens}
+
+
+def plan_pages(total_bytes: int, utilization: float, weights: int, activations: int, other: int,
+               bytes_per_page: int, page_size: int, min_pages: int, is_measured: bool,
+               what: str) -> MemoryPlan:
+    """The cache that fits; NfsearchError (with the numbers) when fewer than min_pages fit."""
+    budget = int(total_bytes * utilization)
+    free = budget - weights - activations - other - SAFETY_BYTES
+    num_pages = max(0, free // bytes_per_page)
+    plan = MemoryPlan(total_bytes, budget, weights, activations, other, bytes_per_page, num_pages, page_size,
+                      is_measured)
+    if num_pages < min_pages:
+        need = (min_pages * bytes_per_page + weights + activations + other + SAFETY_BYTES) / total_bytes
+        raise NfsearchError(
+            f"{what} does not fit: {total_bytes / GIB:.1f} GiB x utilization {utilization:g} = "
+            f"{budget / GIB:.2f} GiB, weights {weights / GIB:.2f} + activations {activations / GIB:.2f} + "
+            f"other {other / GIB:.2f} GiB leave {max(free, 0) / GIB:.2f} GiB for the KV cache, "
+            f"{min_pages} pages ({min_pages * bytes_per_page / GIB:.2f} GiB) needed "
+            f"(a smaller --dense-batch{f', or --gpu-memory-utilization >= {need:.2f}' if need <= 1 else ''})")
+    return plan
+
+
+def estimate_plan(spec: ModelSpec, dtype_bytes: int, tied: bool, total_bytes: int, utilization: float,
+                  other_bytes: int, max_tokens: int, max_logit_rows: int, page_size: int,
+                  min_pages: int, what: str) -> MemoryPlan:
+    """The analytic plan: refuses before the weights are loaded."""
+    buffers = buffer_bytes(spec, max_tokens, max_logit_rows, dtype_bytes)
+    return plan_pages(total_bytes, utilization, weights_bytes(spec, dtype_bytes, tied),
+                      int(buffers * (1 + TEMPORARY_SHARE)), other_bytes,
+                      kv_bytes_per_token(spec, dtype_bytes) * page_size, page_size, min_pages, False, what)
+
+
+def choose_batch(kv_tokens: int, mean_prompt_len: float, mean_output_len: float, max_request_len: int,
+                 max_dense_batch: int = 4096) -> tuple[int, int]:
+    """(dense batch, max decode) for a trace's lengths and a cache of kv_tokens.
+
+    Admission reserves each request's prompt + max_tokens, so about kv_tokens / (mean prompt + mean
+    output) requests run at once (never fewer than one of the longest). In steady state each of them
+    needs its prompt prefilled once per output_len iterations, so a balanced iteration carries
+    concurrency x (1 + prompt/output) tokens: all decode rows plus the prefill that replaces the
+    requests finishing.
+    """
+    per_request = max(1.0, mean_prompt_len + mean_output_len)
+    concurrency = max(1, int(kv_tokens / per_request))
+    if kv_tokens < max_request_len:
+        concurrency = 1
+    max_decode = _round_up(min(concurrency, max_dense_batch), 16)
+    dense = concurrency * (1.0 + mean_prompt_len / max(1.0, mean_output_len))
+    dense_batch = min(max_dense_batch, max(64, _round_up(int(dense), 64)))
+    return dense_batch, min(max_decode, dense_batch)
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
