@@ -633,6 +633,41 @@ def tune_cmd(plans_dir, top_k, time_limit_s, num_layers, profile_path, output, m
     _echo(f"wrote {output} (best: {result.best.name}, {result.best.measured_layer_ms:.4f} ms/layer) and {record}")
 
 
+@main.command("bench")
+@click.option("--model", required=True,
+              help="Bundled name or config.json (random weights), or a HuggingFace folder (its weights).")
+@click.option("--trace", "trace_spec", required=True,
+              help="E1|E2|E3|E4, const:IN:OUT, splitwise, lmsys, sharegpt (synthetic) or FILE.jsonl.")
+@click.option("--num-requests", type=click.IntRange(1, 10_000_000), help="Requests (a file: default all).")
+@click.option("--dense-batch", type=click.IntRange(1, 65536), help="Tokens per iteration (default: from memory "
+              "and the trace's lengths).")
+@click.option("--gpu-memory-utilization", "utilization", type=FiniteFloatRange(0.05, 1.0), default=0.9,
+              show_default=True, help="Share of GPU memory for weights, activations and the KV cache.")
+@click.option("--page-size", type=click.IntRange(1, 1024), default=16, show_default=True, help="KV page, tokens.")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True)
+@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), help="Default: bf16 on cuda, fp32 on cpu.")
+@click.option("--compare", "is_compare", is_flag=True,
+              help="Alternate the plan's kernels with a baseline layer every 100 iterations; report both.")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="JSON report (default: ./out/bench-*.json).")
+def bench_cmd(model, trace_spec, num_requests, dense_batch, utilization, page_size, device, dtype, is_compare, seed,
+              output):
+    """Serve a request trace with the engine: tokens/s per GPU against optimal, idle, power, latency."""
+    try:
+        from nfsearch.runtime.bench_engine import BenchOptions, default_output, format_report, run_bench
+    except ImportError as exc:
+        raise NfsearchError(f"nfsearch bench needs torch and the gpu extra ({exc.name} is not installed)") from None
+    output = output or str(OUT_DIR / default_output(model, trace_spec))
+    _check_outputs([output], (".json",), may_create_out=True)
+    report = run_bench(BenchOptions(model, trace_spec, num_requests, dense_batch, utilization, page_size, device,
+                                    dtype, is_compare, seed), echo=_echo)
+    report["command"] = " ".join(["nfsearch"] + sys.argv[1:])
+    _echo(format_report(report))
+    with _all_or_none([Path(output)]):
+        _write_json(output, report)
+    _echo(f"wrote {output}")
+
+
 # ---- helpers ---------------------------------------------------------------------------------------
 
 def _problem(model, workload, profile_path, num_layers, allow_extrapolation):
