@@ -21,7 +21,7 @@ from nfsearch.simulate import replay
 from nfsearch.timeline import Timeline, timeline_to_dict
 
 ROOT = Path(__file__).resolve().parent.parent
-PLAN = ROOT / "benchmarks/plans/W2.json"
+PLAN = ROOT / "tests/fixtures/plans/W2.json"
 PROFILE = ROOT / "profiles/h100-sxm/llama-3-8b.parquet"
 CORUN_SLOWDOWN, SOLO_SLOWDOWN = 1.30, 1.10
 

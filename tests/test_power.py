@@ -179,7 +179,7 @@ def test_old_profiles_load_without_energy_and_keep_their_fingerprint(tmp_path):
     assert again.energy is None and again.fingerprint() == bundled.fingerprint()
     assert again.with_energy(layer_energy(TINY_MODEL, TINY_WL, {})).fingerprint() == bundled.fingerprint()
     analytic = profile.load(ROOT / "profiles/h100-sxm/llama-3-8b.analytic.parquet")
-    w2 = plan.read(ROOT / "benchmarks/plans/W2.json")
+    w2 = plan.read(ROOT / "tests/fixtures/plans/W2.json")
     problem = make_problem(w2.model, w2.workload, analytic)
     assert problem.cost.power_bound() is None and "analytic" in problem.cost.power_note
 
@@ -230,7 +230,7 @@ def h100_energy():
     """The bundled H100 profile with made-up energies for W1-W3 (each op at 600 W over its table time)."""
     from nfsearch.runtime.measurements import energy_requests
     bundled = bundled_without_energy()
-    s = plan.read(ROOT / "benchmarks/plans/W2.json")
+    s = plan.read(ROOT / "tests/fixtures/plans/W2.json")
     requests, notes = energy_requests(s.model, s.workload, bundled)
     assert not notes and {r.op for r in requests} == set(build_layer(s.model, s.workload).nodes)
     points = tuple(EnergyPoint(r.op, r.impl, r.num_tokens, r.context, 0.6 * r.time_ms, r.time_ms, 600.0, 1980.0)
@@ -241,7 +241,7 @@ def h100_energy():
 def test_energy_factor_fit_from_run_reports(h100_energy, tmp_path):
     runs = []
     for name, ratio, capped in (("W1", 1.10, False), ("W2", 0.90, True), ("W3", 0.80, True)):
-        s = plan.read(ROOT / f"benchmarks/plans/{name}.json")
+        s = plan.read(ROOT / f"tests/fixtures/plans/{name}.json")
         bound, _ = power_bound_of(h100_energy, s.model, s.workload)
         layer_ms = 3.0
         # measured dynamic = ratio x predicted: energy per layer = that + static x time
@@ -275,7 +275,7 @@ def test_energy_factor_fit_from_run_reports(h100_energy, tmp_path):
     args = ["calibrate", "--profile", str(tmp_path / "e.parquet"), "-o", str(tmp_path / "cal.parquet")]
     for _, r, name in runs:
         (tmp_path / f"{name}.run.json").write_text(json.dumps(r.to_dict()))
-        args += ["--energy", str(ROOT / f"benchmarks/plans/{name}.json"), str(tmp_path / f"{name}.run.json")]
+        args += ["--energy", str(ROOT / f"tests/fixtures/plans/{name}.json"), str(tmp_path / f"{name}.run.json")]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "energy factor 0.850" in result.output
@@ -298,7 +298,7 @@ def test_energy_calibration_refuses_what_is_not_one():
 
 # ------------------------------------------------------------------------------------ reports
 def test_run_report_carries_power_and_the_bound(h100_energy):
-    s = plan.read(ROOT / "benchmarks/plans/W3.json")
+    s = plan.read(ROOT / "tests/fixtures/plans/W3.json")
     bound, _ = power_bound_of(h100_energy, s.model, s.workload)
     replayed = s.predicted.layer_time_ms
     r = fake_report(s, 2.2, 3.6, True, "NVIDIA H100 80GB HBM3")
@@ -320,7 +320,7 @@ def test_run_report_carries_power_and_the_bound(h100_energy):
 
 
 def test_cli_simulate_says_whether_the_plan_is_power_bound(h100_energy, tmp_path):
-    w3 = ROOT / "benchmarks/plans/W3.json"
+    w3 = ROOT / "tests/fixtures/plans/W3.json"
     h100_energy.write(tmp_path / "e.parquet")
     result = CliRunner().invoke(main, ["simulate", str(w3), "--profile", str(tmp_path / "e.parquet"),
                                        "-o", str(tmp_path / "sim")])
@@ -367,12 +367,12 @@ def test_executor_on_the_cpu_reports_the_bound_of_its_profile():
 def test_energy_requests_cover_w1_to_w3_with_the_fastest_impl():
     from nfsearch.runtime.measurements import energy_plan, energy_requests
     bundled = profile.load(BUNDLED)
-    s = plan.read(ROOT / "benchmarks/plans/W2.json")
+    s = plan.read(ROOT / "tests/fixtures/plans/W2.json")
     requests, notes = energy_requests(s.model, s.workload, bundled)
     assert not notes
     keys = {(r.op, r.num_tokens, r.context) for r in requests}
     for name in ("W1", "W2", "W3"):
-        w = plan.read(ROOT / f"benchmarks/plans/{name}.json").workload
+        w = plan.read(ROOT / f"tests/fixtures/plans/{name}.json").workload
         layer = build_layer(s.model, w)
         for op in layer.nodes:
             lo, hi = layer.nodes[op]["token_range"]
@@ -410,38 +410,3 @@ def test_measure_energy_of_a_matmul_loop(nvml_device):
     assert m.gpu_busy_share > 0.8 and m.samples.num_samples > 5
     static = power.measure_static_power(device, window_s=0.2)
     assert 0 < static.static_power_w < m.power_w <= limit * 1.05 + 20
-
-
-# ------------------------------------------------------------------ the offline cap model (benchmarks/cap_model.py)
-def _cap_model():
-    import importlib.util
-    import sys
-    spec = importlib.util.spec_from_file_location("cap_model", ROOT / "benchmarks" / "cap_model.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module     # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.mark.parametrize("name", ["W1", "W2", "W3"])
-def test_cap_model_sits_at_the_caps_fixed_point_and_never_beats_the_replay(name):
-    cap = _cap_model()
-    s = plan.read(ROOT / f"benchmarks/plans/{name}.json")
-    problem = make_problem(s.model, s.workload, profile.load(BUNDLED), s.num_layers)
-    energy = problem.cost.energy.energy
-    f_ref = cap.reference_clock_mhz(problem.cost)
-    # the bundled profile's GEMM energy loops ran capped at 1290-1470 MHz for 1.1-1.3x their table times
-    assert 1450 < f_ref < 1750
-    for schedule in (s, sequential_plan(problem)):
-        result = replay(schedule, problem.cost)
-        got = cap.capped_layer(schedule, result.timeline, problem.cost)
-        assert got.layer_ms >= result.replayed_layer_ms - 1e-9
-        power_w = got.dynamic_j / got.layer_ms * 1e3
-        if got.is_capped:   # at the fixed point the plan draws the limit
-            assert power_w == pytest.approx(energy.power_limit_w - energy.static_power_w, rel=1e-3)
-        else:
-            assert power_w <= energy.power_limit_w - energy.static_power_w
-    if name == "W1":        # decode-only: below the cap at the profile's clock
-        assert not got.is_capped
-    else:
-        assert got.is_capped

@@ -327,15 +327,15 @@ def test_a_plan_says_how_many_of_its_co_run_estimates_were_measured():
     root = Path(__file__).resolve().parent.parent
     # W4 solved on the quick 2x H100 TP profile: its 384-token nano-batches beside the 1280-request
     # decode fell outside every measured pair (it ran 10-14% slower than replayed)
-    w4 = root / "benchmarks/results/tp_power_2026-11-27/W4_H100x2"
-    s = plan_mod.read(w4 / "plan.json")
-    problem = make_problem(s.model, s.workload, profile_mod.load(w4 / "x.parquet"), s.num_layers)
+    tp = root / "tests/fixtures/tp"
+    s = plan_mod.read(tp / "W4-H100x2-quick.plan.json")
+    problem = make_problem(s.model, s.workload, profile_mod.load(tp / "W4-H100x2-quick.parquet"), s.num_layers)
     counts = corun_sources(s, problem.cost)
     assert sum(counts.values()) == 22 and not any(counts[k] for k in ("pair table", "co-run rows"))
     line = sources_line(counts)
     assert line.startswith("co-run estimates: 0 of 22 from measured pairs") and "fewer than half" in line
     # the bundled W2 plan: most of its co-runs are measured pairs; no hint
-    w2 = plan_mod.read(root / "benchmarks/plans/W2.json")
+    w2 = plan_mod.read(root / "tests/fixtures/plans/W2.json")
     problem = make_problem(w2.model, w2.workload, profile_mod.load(root / "profiles/h100-sxm/llama-3-8b.parquet"),
                            w2.num_layers)
     line = sources_line(corun_sources(w2, problem.cost))

@@ -14,7 +14,7 @@ from nfsearch.search.baselines import equal_split_plan
 from nfsearch.simulate import verify
 from nfsearch.specs import ModelSpec, Workload, load_gpu, load_model, load_workload
 
-PLANS = Path(__file__).resolve().parent.parent / "benchmarks" / "plans"
+PLANS = Path(__file__).resolve().parent / "fixtures" / "plans"
 TINY = ModelSpec("tiny-tp", 64, 4, 2, 16, 128, 2, 1000)
 TINY_WL = Workload("tiny-tp2", 6, 40, (20, 13), tp_degree=2)
 BATCH = dict(num_decode=64, decode_context=256, prefill_lengths=(128,))

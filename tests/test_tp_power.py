@@ -5,7 +5,7 @@ report carries every rank's power readings and reads them back.
 
 The energies and readings here are MADE UP so that the answers can be worked out by hand; they say
 nothing about a GPU. The timing rows are those of the measured 2x H200 W4 profile kept under
-benchmarks/results/tp_2026-11-27 (real, used only as the table the bound is put on). The GPU tests at
+tests/fixtures/tp (real, used only as the table the bound is put on). The GPU tests at
 the end measure real GPUs."""
 
 import dataclasses
@@ -28,9 +28,9 @@ from nfsearch.simulate import check_and_replay, plan_dynamic_energy_j, power_lin
 from nfsearch.specs import load_workload
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks/results/tp_2026-11-27"
-W4_PROFILE = RESULTS / "llama-3-70b-W4-tp2-H200.parquet"
-W4_PLAN = RESULTS / "W4_H200x2_plan.json"
+FIXTURES = ROOT / "tests/fixtures/tp"
+W4_PROFILE = FIXTURES / "W4-H200x2.parquet"
+W4_PLAN = FIXTURES / "W4-H200x2.plan.json"
 LIMIT_W, STATIC_W = 700.0, 150.0
 NETWORK = ("allreduce_o", "allreduce_d")
 
@@ -339,7 +339,7 @@ def test_energy_factor_fits_on_every_rank_of_a_tp_run(w4):
 def test_tp_report_line_says_when_baselines_were_not_timed_with_this_candidate():
     """tune times the baselines with its first candidate only: the others' lines say so (not 0.000 x0.000)."""
     from nfsearch.runtime.tp import format_line
-    tuned = json.loads((ROOT / "benchmarks/results/tp_power_2026-11-27/W4_H200x2_b/tune/best.tune.json").read_text())
+    tuned = json.loads((FIXTURES / "W4-H200x2.tune.json").read_text())
     first, later = tuned["candidates"][0], tuned["candidates"][2]
     assert "seq-torch 3.829 (x1.108)" in format_line(first) and "seq-same 3.487 (x1.009)" in format_line(first)
     line = format_line(later)

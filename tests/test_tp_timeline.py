@@ -21,7 +21,7 @@ from nfsearch.timeline import Timeline, timeline_from_dict, timeline_to_dict
 
 torch = pytest.importorskip("torch")
 
-RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "tp_2026-11-27"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tp"
 TINY = ModelSpec("tiny-tp", 64, 4, 2, 16, 128, 2, 1000)
 TINY_WL = Workload("tiny-tp2", 6, 40, (20, 13), tp_degree=2)
 
@@ -75,10 +75,10 @@ def test_trace_summary_keeps_rank0_timeline_only_when_every_rank_traced():
 
 
 def test_calibrate_folds_a_tp_plan_timeline_into_network_factors(tmp_path):
-    # the W4 plan solved on the measured 2x H200 TP profile (benchmarks/results/tp_2026-11-27)
+    # the W4 plan solved on the measured 2x H200 TP profile (tests/fixtures/tp)
     from nfsearch.profile import load
-    schedule = plan_mod.read(RESULTS / "W4_H200x2_plan.json")
-    profile = load(RESULTS / "llama-3-70b-W4-tp2-H200.parquet")
+    schedule = plan_mod.read(FIXTURES / "W4-H200x2.plan.json")
+    profile = load(FIXTURES / "W4-H200x2.parquet")
     stated = stated_timeline(schedule)
     assert {s.op_class for s in stated.spans} >= {"network", "compute"}
     measured = timeline_from_dict(timeline_to_dict(stretched(stated, 1.2, "measured (synthetic)")))

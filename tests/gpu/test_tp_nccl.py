@@ -3,9 +3,6 @@ two processes (NCCL, multicast off), matches the TP=1 sequential reference on th
 timed in one CUDA graph per rank beside seq-torch / seq-same with their collectives. Skipped with
 fewer than 2 GPUs."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -21,16 +18,32 @@ from nfsearch.specs import ModelSpec, Workload, load_gpu
 
 MODEL = ModelSpec("small-tp", 1024, 8, 4, 128, 2048, 2, 1000)
 WORKLOAD = Workload("small tp2", 32, 256, (100, 60), tp_degree=2)
-RUN_TP = Path(__file__).resolve().parents[2] / "benchmarks" / "run_tp.py"
+
+
+def two_stream_plan(problem, compute_sms: int, num_batches: int = 2, chunk: int = 128):
+    """Every op split into equal nano-batches; compute ops on one stream of `compute_sms` SMs, the rest
+    (decode attention, small ops, the all-reduces) on a second stream with the other SMs."""
+    from nfsearch.graph import split_layers
+    from nfsearch.plan import SolverInfo
+    from nfsearch.search.baselines import equal_sizes
+    from nfsearch.search.listsched import list_order, timed
+    sizes = {name: equal_sizes(*problem.layer.nodes[name]["token_range"], num_batches, chunk)
+             for name in problem.layer.nodes}
+    nano = split_layers(problem.layer, sizes, problem.num_layers, problem.workload)
+    side = problem.gpu.num_sms - compute_sms
+    placement = {n: ("compute", compute_sms) if problem.cost.op_class(n.op) == "compute" else ("side", side)
+                 for n in nano.nodes}
+    dur = {n: problem.cost.solo_ms(n.op, n.num_tokens, placement[n][1]) for n in nano.nodes}
+    order = list_order(nano, dur, lambda n: placement[n][0])
+    return timed(problem, nano, placement, order,
+                 SolverInfo(f"two-stream-split-{num_batches}", note=f"compute on {compute_sms} SMs, the rest on "
+                            f"{side}: made by tests/gpu/test_tp_nccl.py for execution tests"))
 
 
 def split_plan():
-    spec = importlib.util.spec_from_file_location("run_tp", RUN_TP)
-    run_tp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run_tp)
     gpu = load_gpu("h100-sxm")
     problem = make_problem(MODEL, WORKLOAD, analytic_profile(MODEL, WORKLOAD, gpu), 2, allow_extrapolation=True)
-    return run_tp.two_stream_plan(problem, 96, 2, chunk=16)
+    return two_stream_plan(problem, 96, 2, chunk=16)
 
 
 @pytest.mark.parametrize("impls", ["torch", "fast"])
