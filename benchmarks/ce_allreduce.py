@@ -1,4 +1,4 @@
-"""Copy-engine all-reduce + fused RMSNorm against NCCL, alone and beside a GEMM (issue 11, Build 4).
+"""Copy-engine all-reduce + fused RMSNorm against NCCL, alone and beside a GEMM.
 
     python benchmarks/ce_allreduce.py --out "$OUT"            # every visible GPU, one process each
 

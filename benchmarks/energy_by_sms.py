@@ -1,4 +1,4 @@
-"""Does an op's energy depend on how many SMs it runs on? (issue 10: a power bound that could choose plans)
+"""Does an op's energy depend on how many SMs it runs on, or on which kernel runs it?
 
 The power bound of `nfsearch simulate/run` sums each op's energy measured on the whole GPU, so every
 split of a layer gets the same bound. If a memory-bound op spends less energy on a small partition

@@ -1,4 +1,4 @@
-"""Fuzz the nfsearch command line with >= 1,000 seeded cases and print the counts (issue 8).
+"""Fuzz the nfsearch command line with >= 1,000 seeded cases and print the counts.
 
     python benchmarks/fuzz.py [--seed 0] [--random 1200] [--jobs N] [--out results.json]
 

@@ -1,4 +1,4 @@
-"""One-call check and timing of every kernel impl (issue 9, part 2): per op at the full GPU, the chosen
+"""One-call check and timing of every kernel impl: per op at the full GPU, the chosen
 impl against the library; per GEMM family the TMA kernel, cuBLAS and cuBLASLt told the SM count
 (the "cublaslt" impl) at 64-124 SMs (green-context partitions) against linear scaling of the
 full-GPU time; decode attention TB/s at 16/32/48 SMs.

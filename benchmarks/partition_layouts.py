@@ -5,8 +5,8 @@ For every layout of nfsearch.layouts.buildable_layouts (plus a few four-group ne
 driver, run a %smid kernel on each group's stream and record the SM ids it ran on. Reports which
 layouts build, whether their groups are disjoint and of the asked size, whether one interval of the
 SM line gets the same SMs whichever layout built it (what the launch list's interval model assumes),
-the build time, and what the split flags do. Writes a table to stdout and JSON to $OUT (or
-benchmarks/results/).
+the build time, and what the split flags do. Writes a table to stdout and JSON to $OUT (default
+out/).
 
     python benchmarks/partition_layouts.py
 """
@@ -62,7 +62,7 @@ def probe_flags(parts: SmPartitions) -> list[dict]:
 
 
 def main():
-    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    out_dir = Path(os.environ.get("OUT") or "out")
     out_dir.mkdir(parents=True, exist_ok=True)
     props = torch.cuda.get_device_properties(0)
     with SmPartitions(mode="green") as parts:

@@ -1,25 +1,21 @@
-"""Tensor-parallel plans on one multi-GPU host: make a two-stream split plan, or run TP plans end to end.
-
-    # a plan whose collectives overlap the other nano-batch's GEMMs (CPU; analytic profile)
-    python benchmarks/run_tp.py make-split --workload W4 --compute-sms 96 -o benchmarks/plans/W4-split.json
+"""Tensor-parallel plans on one multi-GPU host: run several plans end to end, or time the all-reduce.
 
     # run plans (one process per GPU each, NCCL, NCCL_NVLS_ENABLE=0), correctness vs TP=1, timings
-    python benchmarks/run_tp.py run benchmarks/plans/W4.json benchmarks/plans/W4-split.json --impls fast --out DIR
+    python benchmarks/run_tp.py run PLAN.json [PLAN.json ...] --impls plan fast torch --out DIR
 
     # all-reduce of [tokens, 8192] bf16 by message size and NCCL CTA limit (0 = NCCL's default)
     python benchmarks/run_tp.py net --out DIR
 
-`make-split`: every op split into equal nano-batches (multiples of 128 tokens); compute ops (GEMMs,
-prefill attention) on one stream with `--compute-sms` SMs, everything else (decode attention, norms,
-RoPE, the all-reduces) on a second stream with the rest: two groups side by side at most, a layout
-the device can build. The plan is timed by replaying it through the cost model (nfsearch.search).
-
-`run`: each plan (and each --impls choice) through nfsearch.runtime.tp.run_plan; one JSON with the
-GPU names, date, command, and per run: measured layer time (median of --repeats medians of --iters
+`run`: each plan (and each --impls choice: `plan` runs the impls the plan names, `fast` the fastest
+kernels inside a share, `torch` the library ones) through nfsearch.runtime.tp.run_plan; one JSON with
+the GPU names, date, command, and per run: measured layer time (median of --repeats medians of --iters
 CUDA-graph replays, with the spread), predicted time, the roofline bound with its network term
 (measured GEMM peak, copy bandwidth and NCCL bus bandwidth of this run), sequential TP baselines
 (seq-torch and seq-same, collectives on their one stream). A run that fails is recorded with its
 error; the others still run.
+
+`net`: rank 0 writes DIR/allreduce_tp<N>_<gpu>.json (time and bus bandwidth per message size and CTA
+limit) and prints one line per row.
 """
 
 from __future__ import annotations
@@ -34,40 +30,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-
-def two_stream_plan(problem, compute_sms: int, num_batches: int = 2, chunk: int = 128):
-    from nfsearch.graph import split_layers
-    from nfsearch.plan import SolverInfo
-    from nfsearch.search.baselines import equal_sizes
-    from nfsearch.search.listsched import list_order, timed
-    sizes = {name: equal_sizes(*problem.layer.nodes[name]["token_range"], num_batches, chunk)
-             for name in problem.layer.nodes}
-    nano = split_layers(problem.layer, sizes, problem.num_layers, problem.workload)
-    side = problem.gpu.num_sms - compute_sms
-    placement = {n: ("compute", compute_sms) if problem.cost.op_class(n.op) == "compute" else ("side", side)
-                 for n in nano.nodes}
-    dur = {n: problem.cost.solo_ms(n.op, n.num_tokens, placement[n][1]) for n in nano.nodes}
-    order = list_order(nano, dur, lambda n: placement[n][0])
-    return timed(problem, nano, placement, order,
-                 SolverInfo(f"two-stream-split-{num_batches}", note=f"compute on {compute_sms} SMs, the rest on "
-                            f"{side}: made by benchmarks/run_tp.py make-split for execution tests"))
-
-
-def make_split(args) -> None:
-    from nfsearch import plan
-    from nfsearch.cost import default_profile, make_problem
-    from nfsearch.simulate import verify
-    from nfsearch.specs import load_model, load_workload
-    workload = load_workload(args.workload)
-    model = load_model(args.model or workload.model)
-    problem = make_problem(model, workload, default_profile(model, workload), args.layers)
-    schedule = two_stream_plan(problem, args.compute_sms, args.batches)
-    verify(schedule)
-    plan.write(schedule, args.output)
-    from nfsearch.search.listsched import sequential_layer_ms
-    print(f"wrote {args.output}: predicted {schedule.predicted.layer_time_ms:.3f} ms/layer vs sequential "
-          f"{sequential_layer_ms(problem):.3f} ({problem.profile.label})")
 
 
 def run(args) -> None:
@@ -124,13 +86,6 @@ def net(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("make-split")
-    m.add_argument("--workload", required=True)
-    m.add_argument("--model")
-    m.add_argument("--compute-sms", type=int, default=96)
-    m.add_argument("--batches", type=int, default=2)
-    m.add_argument("--layers", type=int, default=2)
-    m.add_argument("-o", "--output", required=True)
     r = sub.add_parser("run")
     r.add_argument("plans", nargs="+")
     r.add_argument("--impls", nargs="+", default=["fast"], choices=["plan", "fast", "torch"])
@@ -145,7 +100,7 @@ def main() -> None:
     n.add_argument("--ctas", type=int, nargs="+", default=[0, 8, 16, 24, 32])
     n.add_argument("--out", default="out/run_tp")
     args = ap.parse_args()
-    {"make-split": make_split, "run": run, "net": net}[args.cmd](args)
+    {"run": run, "net": net}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Benchmark the search on W1-W4 (bundled H100 profile): wall time, stage-2 gap, makespans.
 
     python benchmarks/solve.py [--workloads W1 W2 W3 W4] [--time-limit 8] [--threads 2] [--seed 0] [--solver cpsat]
+        [--out DIR]
 
-Targets (issue 3): wall <= 10 s on 2 cores, gap <= 1%, makespan below sequential and the best
-equal-split 2-nano-batch plan. Writes benchmarks/results/solve_<date>.json.
+Targets: wall <= 10 s on 2 cores, gap <= 1%, makespan no worse than sequential and the best
+equal-split 2-nano-batch plan. Writes DIR/solve_<solver>_<date>.json (default DIR: out/) and prints
+one JSON line per workload.
 """
 
 import argparse
@@ -31,6 +33,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--solver", default="cpsat")
+    ap.add_argument("--out", default="out", help="folder for the JSON (created)")
     args = ap.parse_args()
     runs = [run_one(name, args) for name in args.workloads]
     result = {
@@ -41,7 +44,7 @@ def main() -> None:
         "time_limit_s": args.time_limit, "threads": args.threads, "seed": args.seed, "solver": args.solver,
         "runs": runs,
     }
-    out = Path(__file__).parent / "results" / f"solve_{args.solver}_{result['date']}.json"
+    out = Path(args.out) / f"solve_{args.solver}_{result['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     for r in runs:

@@ -43,7 +43,7 @@ from nfsearch.serving.traces import Request, prompt_ids_for
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 CPU_KV_TOKENS = 16384            # the CPU's cache without a memory figure (tiny models)
-# The plan's kernels per dense op at the full GPU (benchmarks/KERNEL_NOTES.md: cuBLAS GEMMs, the Triton
+# The plan's kernels per dense op at the full GPU (docs/kernels.md: cuBLAS GEMMs, the Triton
 # norm and SiLU-and-mul); "baseline" runs torch for every dense op. Both use the paged attention.
 PLAN_OPS = {"norm1": "triton", "norm2": "triton", "act": "triton"}
 VARIANT_OPS = {"plan": PLAN_OPS, "baseline": {}}

@@ -383,7 +383,7 @@ def _sync(tp: TpRank) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- impls, baselines
-# per-op impls of `--impls fast` (benchmarks/KERNEL_NOTES.md, issue 9: the fastest inside a partition)
+# per-op impls of `--impls fast` (docs/kernels.md: the fastest inside a partition)
 FAST_IMPLS = {"kqv": "tma", "o": "tma", "ug": "tma", "d": "tma", "decode_attn": "tma", "prefill_attn": "flash",
               "norm1": "cuda", "norm2": "cuda", "act": "cuda", "rope_append": "cuda"}
 IMPL_CHOICES = ("plan", "fast", "torch")

@@ -18,7 +18,7 @@
 * ``"cuda"`` (norm1, norm2, act, rope_append): raw CUDA kernels (``small_ops.cu``) compiled by
   NVRTC through ``cupy.RawModule`` and launched on torch's current stream (``small_ops_cuda``).
 
-See benchmarks/KERNEL_NOTES.md for which impl wins where. Call signatures by op:
+See docs/kernels.md for which impl wins where. Call signatures by op:
 
 * ``norm1``, ``norm2``: ``f(x, weight, out, num_sms, eps=1e-5, residual=None, residual_out=None)``
 * ``kqv``, ``o``, ``ug``, ``d``: ``f(a, w, out, num_sms, residual=None)``  (out = a @ w (+ residual))

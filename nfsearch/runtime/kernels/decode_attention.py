@@ -16,7 +16,7 @@ import math
 
 from ._common import HAVE_TRITON, next_pow2, programs, require_triton, tl, torch, triton
 
-# Defaults; `benchmarks/kernel_bench.py --sweep` sweeps these (see benchmarks/KERNEL_NOTES.md).
+# Defaults; `benchmarks/kernel_bench.py --sweep` sweeps these (see docs/kernels.md).
 BLOCK_N = 64
 NUM_WARPS = 4
 NUM_STAGES = 3

@@ -12,7 +12,7 @@ from ._common import HAVE_TRITON, programs, require_triton, tl, triton
 # (BM, BN, BK, GROUP_M, num_warps, num_stages, programs_per_sm), chosen by M bucket.
 # Large tiles for large M (compute-bound); smaller tiles for small M so that enough tiles exist
 # to spread over the SMs (small-M GEMMs are weight-bandwidth bound).
-# Picked from the sweep in benchmarks/results/kernels_H100-80GB-HBM3_2026-11-27.json (H100, 132 SMs).
+# Picked from a `benchmarks/kernel_bench.py --sweep` run (H100, 132 SMs).
 CONFIGS = {
     "small": (64, 128, 64, 8, 4, 4, 1),    # M <= 256
     "medium": (128, 128, 64, 8, 8, 4, 1),  # M <= 1024, N < 6144

@@ -33,7 +33,7 @@ except Exception:  # noqa: BLE001
     TensorDescriptor = None
     HAVE_TMA = False
 
-# Defaults by shape; benchmarks/kernel_bench.py sweeps alternatives (see benchmarks/KERNEL_NOTES.md).
+# Defaults by shape; benchmarks/kernel_bench.py sweeps alternatives (see docs/kernels.md).
 # H100 runs 1-2 (2026-11-27): data-parallel 128x256x64 / 8 warps / 3 stages reached 0.97-0.99x cuBLAS
 # at M >= 2048 (UG M=4096: 0.90-0.95). The stream-K region runs 2-2.5x slower per K step than the
 # data-parallel loop (as a while loop in run 1 and as a for loop in run 2: cause not found), so no
