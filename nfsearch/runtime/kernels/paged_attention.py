@@ -22,6 +22,7 @@ The torch versions (``*_torch``, paged_attention_torch.py) run on the CPU and ar
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 from ._common import HAVE_TRITON, next_pow2, programs, require_triton, tl, torch, triton
 from .paged_attention_torch import paged_decode_attention_torch, paged_prefill_attention_torch, write_kv_torch
@@ -177,7 +178,12 @@ def device_sms(device) -> int:
     device = torch.device(device)
     if device.type != "cuda":
         return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_sms(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@cache
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _check_cache(k_cache, v_cache, head_dim: int):
