@@ -17,32 +17,33 @@ joined back into the current stream at the end: the pattern of ``partitions.capt
 the same code runs eagerly and under capture across green-context streams. Layouts are built and
 kernels compiled by an eager warm-up before any capture.
 
-Everything the run needs lives in one ExecContext (device, SM partitions, a stream per stream key,
-an event per recorded launch); there are no module globals. On a CPU device the same code runs the
-launches in plan order with the "torch" impls (used by the CI tests).
+Everything the run needs lives in one ExecContext (runtime/context.py: device, SM partitions, a
+stream per stream key, an event per recorded launch); there are no module globals. On a CPU device
+the same code runs the launches in plan order with the "torch" impls (used by the CI tests).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import platform
 import statistics
 import time
 
 import torch
 
 from nfsearch.errors import NfsearchError
-from nfsearch.plan import NETWORK_IMPLS
 from nfsearch.runreport import (Bound, Correctness, LaunchSummary, OpError, PowerReading, RunReport, Timing,
                                 format_table)
+from nfsearch.roofline import roofline
+from nfsearch.runtime import baselines, bench, power, trace
 from nfsearch.runtime import launch as launch_mod
 from nfsearch.runtime.bench import event_times, host_times
-from nfsearch.runtime.kernels import IMPLS
-from nfsearch.runtime.collectives import COLLECTIVE_OPS
-from nfsearch.runtime.launch import Launch, LaunchList, layout_label
+from nfsearch.runtime.context import ExecContext, issue, resolve_impl
+from nfsearch.runtime.launch import LaunchList, layout_label
 from nfsearch.runtime.model import OP_OUTPUT, ModelInstance, rel_error
-from nfsearch.runtime.partitions import PartitionError
-from nfsearch.specs import Ceilings
+from nfsearch.simulate import power_bound_for
+from nfsearch.specs import Ceilings, GpuSpec
 from nfsearch.timeline import Span, Timeline
 
 TOLERANCE = 2e-2
@@ -52,135 +53,6 @@ __all__ = ["ExecContext", "ExecutionMismatch", "build_launch_list", "check", "ex
 
 class ExecutionMismatch(NfsearchError):
     """The nano-batched run does not compute what the sequential reference computes."""
-
-
-def resolve_impl(op: str, impl: str, device_type: str) -> str:
-    """The impl to run: the plan's if the registry has it, else our SM-bounded kernels on CUDA and the
-    torch impls on CPU (analytic profiles name their impl "analytic")."""
-    if op in COLLECTIVE_OPS:          # network nano-ops: the TP model's op_allreduce_* (runtime.collectives)
-        return impl if impl in NETWORK_IMPLS else NETWORK_IMPLS[0]
-    if device_type != "cuda":
-        return "torch"
-    return impl if impl in IMPLS[op] else "triton"
-
-
-# ---------------------------------------------------------------------------------------------- context
-class ExecContext:
-    """Device, SM partitions (one build per layout), streams per stream key, events per launch id, notes."""
-
-    def __init__(self, device="cuda", mode: str = "green"):
-        self.device = torch.device(device)
-        self.is_cuda = self.device.type == "cuda"
-        self.notes: list[str] = []
-        self.partitions = None
-        self.mode = mode if self.is_cuda else "cpu"
-        self.num_sms, self.granularity = 1, 1
-        self._streams: dict[str, object] = {}
-        self._events: dict[str, object] = {}
-        self._noted: set[str] = set()
-        if self.is_cuda:
-            from nfsearch.runtime.partitions import SmPartitions
-            idx = self.device.index or 0
-            props = torch.cuda.get_device_properties(idx)
-            self.gpu_name, self.num_sms = props.name, int(props.multi_processor_count)
-            try:
-                self.partitions = SmPartitions(idx, mode)
-            except PartitionError as exc:
-                if mode != "green":
-                    raise
-                self.notes.append(f"green contexts unavailable ({exc}); running grid mode (plain streams, "
-                                  "SM-bounded grids)")
-                self.mode = "grid"
-                self.partitions = SmPartitions(idx, "grid")
-            # grid mode keeps the green granularity so that plans place as they would in green mode
-            self.granularity = self.partitions.granularity if self.mode == "green" else 8
-        else:
-            self.gpu_name = "cpu"
-
-    def _note_once(self, key: str, text: str) -> None:
-        if key not in self._noted:
-            self._noted.add(key)
-            self.notes.append(text)
-
-    def _plain(self, key: str):
-        if key not in self._streams:
-            self._streams[key] = torch.cuda.Stream(device=self.device)
-        return self._streams[key]
-
-    def build(self, layout):
-        """The streams of one build of `layout` ([(sms, stream), ...]), or None where the driver
-        refuses it (noted once; its launches then run on plain streams with SM-bounded grids)."""
-        try:
-            return self.partitions.build(layout)
-        except PartitionError as exc:
-            self._note_once("build:" + layout_label(layout),
-                            f"no green contexts for layout {layout_label(layout)} ({exc}); its launches run on "
-                            "plain streams with SM-bounded grids")
-            return None
-
-    def stream_for(self, l: Launch):
-        """Group `l.group` of the one build of `l.layout`; a plain stream for whole-GPU launches."""
-        if l.layout.build == "whole":
-            return self._plain(l.key)
-        streams = self.build(l.layout)
-        if streams is None:
-            return self._plain("plain@" + l.key)
-        sms, stream = streams[l.group]
-        if sms != l.sms:
-            self._note_once("sms:" + l.key, f"group {l.key} has {sms} SMs, not {l.sms}")
-        return stream
-
-    def event(self, launch_id: str):
-        if launch_id not in self._events:
-            self._events[launch_id] = torch.cuda.Event()
-        return self._events[launch_id]
-
-    def close(self):
-        if self.partitions is not None:
-            self.partitions.close()
-            self.partitions = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-# ---------------------------------------------------------------------------------------------- issue
-def issue(ctx: ExecContext, model: ModelInstance, bufs, ll: LaunchList, impl: str | None = None,
-          spans: dict | None = None) -> None:
-    """Issue every launch in order. On CUDA: fork from the current stream, wait on events of other
-    streams, record an event where a later launch waits on it, join back at the end (so the same
-    code runs eagerly and under graph capture). `spans` (eager only): id -> (start, end) timing events."""
-    if not ctx.is_cuda:
-        for l in ll.launches:
-            model.run(bufs, l.layer, l.op, *l.tokens, resolve_impl(l.op, impl or l.impl, "cpu"), l.sms)
-        return
-    origin = torch.cuda.current_stream(ctx.device)
-    fork = torch.cuda.Event()
-    fork.record(origin)
-    used: dict[int, object] = {}
-    for l in ll.launches:
-        s = ctx.stream_for(l)
-        if s.cuda_stream not in used:
-            s.wait_event(fork)
-            used[s.cuda_stream] = s
-        for d in l.waits:
-            s.wait_event(ctx.event(d))
-        with torch.cuda.stream(s):
-            if spans is not None:
-                spans[l.id] = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                spans[l.id][0].record(s)
-            model.run(bufs, l.layer, l.op, *l.tokens, resolve_impl(l.op, impl or l.impl, "cuda"), l.sms)
-            if spans is not None:
-                spans[l.id][1].record(s)
-        if l.record:
-            ctx.event(l.id).record(s)
-    for s in used.values():
-        join = torch.cuda.Event()
-        join.record(s)
-        origin.wait_event(join)
 
 
 # ---------------------------------------------------------------------------------------------- correctness
@@ -306,8 +178,6 @@ def execute(schedule, *, mode: str = "green", iters: int = 30, repeats: int = 3,
 
     Raises ExecutionMismatch (naming the first diverging op) when the output is wrong.
     """
-    from nfsearch.runtime import baselines, bench
-
     if repeats < 1 or iters < 1:
         raise NfsearchError(f"repeats and iters must be >= 1, not {repeats} and {iters}")
     say = progress or (lambda msg: None)
@@ -365,7 +235,6 @@ def execute(schedule, *, mode: str = "green", iters: int = 30, repeats: int = 3,
         say(f"timing {', '.join(v.label for v in kept)}: {repeats} rounds of {iters} runs")
         nvml = windows = None
         if ctx.is_cuda:
-            from nfsearch.runtime import power
             nvml, why = power.open_device(ctx.device.index or 0)
             if nvml is None:
                 notes.append(f"power: {why}")
@@ -393,7 +262,6 @@ def execute(schedule, *, mode: str = "green", iters: int = 30, repeats: int = 3,
         measured_tl = None
         if timeline and ctx.is_cuda:
             say("measuring the per-op timeline (kernel trace of CUDA-graph replays)")
-            from nfsearch.runtime import trace
             try:
                 measured_tl, facts = trace.measure_graph_timeline(
                     ctx, model, bufs, ll, f"measured ({ctx.mode}, CUDA-graph replay kernel trace, {ctx.gpu_name})")
@@ -488,7 +356,6 @@ def _build_layouts(ctx: ExecContext, ll: LaunchList) -> None:
 
 def _resolved_impls(ll: LaunchList, device_type: str) -> dict[str, str]:
     """op -> the impl each of the launch list's ops runs on `device_type` (a timing's impls)."""
-    from nfsearch.runtime import baselines
     return {op: resolve_impl(op, i, device_type) for op, i in baselines.plan_impls(ll).items()}
 
 
@@ -498,7 +365,6 @@ PLAN_ENERGY_WINDOW_S = 0.5      # the sustained loop of the plan's graph (runtim
 def _power_reading(plan: _Variant, nvml, windows, num_layers: int, notes: list[str]) -> PowerReading | None:
     """The plan's PowerReading: a sustained back-to-back loop of its graph (energy per layer, time,
     power, samples) and what the timing rounds' windows saw; None (noted) where the loop fails."""
-    from nfsearch.runtime import power
     try:
         m = power.measure_energy(plan.run, nvml, window_s=PLAN_ENERGY_WINDOW_S)
     except Exception as exc:  # noqa: BLE001 - the run stands without its energy
@@ -520,7 +386,6 @@ def _power_bound(schedule, profile):
     where the profile has pair energy points), or None and why."""
     if profile is None:
         return None, "no power bound: no profile given (run --profile with a profile that has energy)"
-    from nfsearch.simulate import power_bound_for
     try:
         return power_bound_for(schedule, profile)
     except NfsearchError as exc:
@@ -555,7 +420,6 @@ def _compiled(forward, x0, compile_mode: str, ref_out, tol: float, failures: lis
 
 
 def _base_fields(schedule, ctx, ll: LaunchList, correctness: Correctness) -> dict:
-    import platform
     versions = {"torch": torch.__version__, "python": platform.python_version()}
     try:
         import triton
@@ -575,8 +439,6 @@ def _base_fields(schedule, ctx, ll: LaunchList, correctness: Correctness) -> dic
 
 
 def _bound(schedule, ctx, ceilings: Ceilings) -> Bound:
-    from nfsearch.roofline import roofline
-    from nfsearch.specs import GpuSpec
     gpu = GpuSpec(key="measured", name=ctx.gpu_name, num_sms=ctx.num_sms, sm_granularity=max(ctx.granularity, 1),
                   peak_tflops=ceilings.gemm_tflops, mem_bandwidth_tbps=ceilings.copy_tbps,
                   net_bandwidth_gbps=1e9, figures_source="measured in this run")

@@ -6,18 +6,18 @@ have, and events recorded between kernels add their own waits; a kernel trace of
 times exactly the kernels the timed plan runs, where and when they run.
 
 How kernels are mapped back (a replayed graph has no Python ranges in it):
-1. SIGNATURES. One profiler session first issues every launch once eagerly, alone, on its own
+1. SIGNATURES. One profiler run first issues every launch once eagerly, alone, on its own
    stream (its green-context group), inside a range named ``nf:<launch id>`` and synchronised, so
    each kernel record is attributed to its launch by CUPTI correlation (the launch API call inside
    the range) or, failing that, by lying inside the range's time window. Each launch's signature is
    the names of its kernels in order.
-2. REPLAY. In the same session the launches are captured into one CUDA graph exactly as
-   ``executor.issue`` issues them for timing, and the graph is replayed back to back, as the timing
-   loop replays it: STEADY_REPLAYS replays first (traced, dropped), then the kept ones, with no
-   synchronisation in between. Replays synchronised one by one let the GPU idle between them and
-   run at clocks the timing loop does not see (W3 on an H100, 2026-11-27: 3.21 ms/layer traced that
-   way against 3.69 in the timing loop). Kernel records of one replay carry the correlation of its
-   cudaGraphLaunch (or lie inside the ``nf:replay:<i>`` range when they do not).
+2. REPLAY. In the same profiler run the launches are captured into one CUDA graph exactly as
+   ``context.issue`` issues them for the executor's timing, and the graph is replayed back to back,
+   as the timing loop replays it: STEADY_REPLAYS replays first (traced, dropped), then the kept
+   ones, with no synchronisation in between. Replays synchronised one by one let the GPU idle
+   between them and run at clocks the timing loop does not see (W3 on an H100 traced that way ran
+   3.21 ms/layer against 3.69 in the timing loop). Kernel records of one replay carry the
+   correlation of its cudaGraphLaunch (or lie inside the ``nf:replay:<i>`` range when they do not).
 3. MATCH. The replay's kernels, in start order, are handed out greedily: a kernel goes to the
    earliest-issued launch that can be running it: the first unfinished launch of its stream key
    (a stream runs its launches in issue order), whose waits are all finished, and whose next
@@ -306,7 +306,7 @@ def measure_graph_timeline(ctx, model, bufs, ll, label: str, replays: int = DEFA
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from nfsearch.runtime.executor import issue, resolve_impl
+    from nfsearch.runtime.context import issue, resolve_impl  # torch: not for the CPU-tested mapping
 
     if not ctx.is_cuda:
         raise TraceError("a kernel trace needs a CUDA device")
