@@ -54,6 +54,8 @@ from nfsearch.energy import (ENERGY_CALIBRATION_KEY, EnergyCalibration, EnergyRu
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import OP_CLASSES
 from nfsearch.profile import ProfileMiss, ProfileTable
+from nfsearch.runreport import RunReport, TpPower
+from nfsearch.runtime.launch import build  # pure Python: the executor's launch list
 from nfsearch.simulate import power_bound_for, replay, verify
 from nfsearch.timeline import Timeline
 
@@ -127,8 +129,6 @@ def overhead_samples(schedule, measured: Timeline) -> OverheadSamples:
     stream, and the launches whose events it waits on; runtime.launch builds the same list the
     executor ran): its measured start minus the end of the predecessor that ended last; a GAP if
     that one is of its own stream, else a WAIT. Values outside 0..MAX_OVERHEAD_US are left out."""
-    from nfsearch.runtime.launch import build       # pure Python: the executor's launch list
-
     got = measured.by_id()
     previous: dict[str, str] = {}
     waits, gaps = [], []
@@ -253,7 +253,6 @@ class EnergyEvidence:
 def energy_evidence(run: dict, where: str) -> list[tuple[EnergyEvidence, str]]:
     """The energy evidence in a run.json of `nfsearch run`: one GPU's, or under TP every rank's (each GPU
     has its own limit and the bound is per GPU, so each rank is one measurement of the same bound)."""
-    from nfsearch.runreport import RunReport, TpPower
     if run.get("tp_degree", 1) > 1:
         if run.get("power") is None:
             raise NfsearchError(f"{where}: the TP run report has no power reading (NVML was not available in that run)")

@@ -5,7 +5,10 @@ must exist); without it, outputs go into ./out/ (created on demand, ignored by g
 command's input.
 """
 
+import dataclasses
+import json
 import math
+import os
 import re
 import sys
 from contextlib import contextmanager
@@ -14,8 +17,21 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+# Light modules only up here: the pipeline stages (pandas, OR-Tools, jsonschema, torch behind them)
+# are imported by the commands that use them, so `nfsearch --help` and a bad flag answer at once.
+from nfsearch import report as report_mod
+from nfsearch.compare import compare, format_table
 from nfsearch.errors import NfsearchError
-from nfsearch.specs import DTYPE_BYTES
+from nfsearch.files import read_json, write_text_atomic
+from nfsearch.specs import (
+    DTYPE_BYTES,
+    load_gpu,
+    load_model,
+    load_workload,
+    parse_lengths,
+    workload_from_flags,
+)
+from nfsearch.timeline import timeline_from_dict, timeline_to_dict
 
 OUT_DIR = Path("out")
 MAX_SEED = 2**31 - 1
@@ -122,7 +138,6 @@ def workload_options(f):
 
 def resolve_specs(model_ref, workload_ref, num_decode, decode_context, prefill, tp_degree, dtype):
     """The model and workload the flags name; refuses batch flags a named workload would ignore."""
-    from nfsearch.specs import load_model, load_workload, parse_lengths, workload_from_flags
     if workload_ref:
         ctx = click.get_current_context()
         given = [flag for name, flag in _BATCH_FLAGS.items()
@@ -164,7 +179,6 @@ def analyze(gpu_key, pairs_path, json_path, **spec):
         _echo(analyze_pairs(pairs_path, json_path, spec["tp_degree"], given))
         return
     from nfsearch.roofline import roofline
-    from nfsearch.specs import load_gpu
     model, workload = resolve_specs(**spec)
     gpu = load_gpu(gpu_key)
     r = roofline(model, workload, gpu)
@@ -239,7 +253,6 @@ def profile(is_analytic, gpu_key, gpu_id, is_quick, with_pairs, net_impls, with_
         return
     if is_analytic:
         from nfsearch.roofline import analytic_profile
-        from nfsearch.specs import load_gpu
         table = analytic_profile(model, workload, load_gpu(gpu_key))
     elif workload.tp_degree > 1:             # the shard on GPU 0, the collectives on GPUs 0..N-1
         from nfsearch.runtime.tp_profile import check_gpus, count_gpus, measure_tp_profile
@@ -354,7 +367,7 @@ def solve(profile_path, solver, time_limit_s, threads, seed, num_layers, chunk, 
               help="Let the profile answer sizes and SM counts outside its measured grid.")
 def simulate(plan_path, profile_path, out_prefix, allow_extrapolation):
     """Check a plan's constraints, replay it through the cost model, write Gantt and trace."""
-    from nfsearch import plan, report
+    from nfsearch import plan
     from nfsearch.simulate import check_and_replay, corun_sources, power_line, sources_line
     schedule = plan.read(plan_path)
     if out_prefix is not None:
@@ -372,7 +385,7 @@ def simulate(plan_path, profile_path, out_prefix, allow_extrapolation):
     title = f"{schedule.model.name} {schedule.workload.name} on {schedule.gpu.name}"
     power = power_line(result, problem.cost)
     with _all_or_none(paths):
-        written = report.write_all([result.timeline], prefix, title, (power,))
+        written = report_mod.write_all([result.timeline], prefix, title, (power,))
     p = schedule.predicted
     seq, bound = p.sequential_layer_time_ms, p.bound_ms
     layer = result.timeline.layer_time_ms
@@ -470,9 +483,7 @@ def run_cmd(plan_path, num_layers, out_dir, with_timeline, profile_path, mode, i
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / "run.json", report)
         if measured is not None:
-            from nfsearch import report as report_mod
             from nfsearch.simulate import stated_timeline
-            from nfsearch.timeline import timeline_from_dict
             _write_json(out / "measured.json", measured)
             try:
                 report_mod.write_all([stated_timeline(schedule), timeline_from_dict(measured, "rank 0")],
@@ -489,7 +500,6 @@ def run_cmd(plan_path, num_layers, out_dir, with_timeline, profile_path, mode, i
         _echo(f"wrote {out / 'run.json'}" + (f", {out / 'measured.json'}" if measured is not None else ""))
         return
     from nfsearch.runtime import executor
-    import dataclasses
     report = executor.execute(schedule, mode=mode, iters=iters, use_graph=not no_graph, timeline=with_timeline,
                               profile=table if profile_path else None,
                               progress=lambda m: _echo(f"  {m}", err=True))
@@ -498,9 +508,7 @@ def run_cmd(plan_path, num_layers, out_dir, with_timeline, profile_path, mode, i
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "run.json", report.to_dict())
     if measured is not None:
-        from nfsearch import report as report_mod
         from nfsearch.simulate import stated_timeline
-        from nfsearch.timeline import timeline_to_dict
         _write_json(out / "measured.json", timeline_to_dict(measured))
         try:
             report_mod.write_all([stated_timeline(schedule), measured], out / "timeline",
@@ -522,10 +530,7 @@ def run_cmd(plan_path, num_layers, out_dir, with_timeline, profile_path, mode, i
 def compare_cmd(plan_path, measured_path, output, worst):
     """Per-op predicted (the plan's times) vs measured (a run's measured.json) error."""
     from nfsearch import plan
-    from nfsearch.compare import compare, format_table
-    from nfsearch.files import read_json
     from nfsearch.simulate import stated_timeline
-    from nfsearch.timeline import timeline_from_dict
     if output is not None:
         _check_outputs([output], (".json",))
     schedule = plan.read(plan_path)
@@ -553,9 +558,7 @@ def compare_cmd(plan_path, measured_path, output, worst):
 def calibrate_cmd(profile_path, runs, from_path, energy_runs, output):
     """Fold measured plan timelines into a profile: per-op solo and co-run factors, wait and launch gap."""
     from nfsearch import calibrate, plan
-    from nfsearch.files import read_json
     from nfsearch.profile import load
-    from nfsearch.timeline import timeline_from_dict
     if (bool(runs) or bool(energy_runs)) == bool(from_path):
         raise NfsearchError("give either --run PLAN MEASURED and/or --energy PLAN RUN_JSON (one or more), or "
                             "--from CALIBRATED_PROFILE")
@@ -722,7 +725,6 @@ def _all_or_none(paths):
 def _check_outputs(paths, suffixes: tuple[str, ...], may_create_out: bool = False) -> None:
     """Refuse before any work or writing: a wrong suffix, a folder in a file's place, a missing or
     unwritable folder. Multi-file outputs are all checked here, so none is left half-made."""
-    import os
     for given in paths:
         text = str(given)
         if not text:
@@ -773,7 +775,4 @@ def _progress_bar(done: int, total: int, eta_s: float, what: str) -> None:
 
 
 def _write_json(path, data) -> None:
-    import json
-
-    from nfsearch.files import write_text_atomic
     write_text_atomic(path, json.dumps(data, indent=1, default=float) + "\n")

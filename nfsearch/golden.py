@@ -35,6 +35,7 @@ from nfsearch.errors import NfsearchError
 from nfsearch.files import read_yaml
 from nfsearch.cost import default_profile, make_problem
 from nfsearch.profile import load as load_profile
+from nfsearch import search
 from nfsearch.search.solve import judged_makespan_ms
 from nfsearch.simulate import verify
 from nfsearch.specs import load_gpu, load_model, load_workload
@@ -136,10 +137,9 @@ def solve_case(case: dict, base: Path):
 
 
 def solve_problem(case: dict, problem):
-    from nfsearch.search import solve
-    return solve(problem, solver=case.get("solver", "cpsat"),
-                 time_limit_s=float(case.get("time_limit_s", 5)), threads=case.get("threads", 2),
-                 seed=case.get("seed", 0), chunk=case.get("chunk", 128))
+    return search.solve(problem, solver=case.get("solver", "cpsat"),
+                        time_limit_s=float(case.get("time_limit_s", 5)), threads=case.get("threads", 2),
+                        seed=case.get("seed", 0), chunk=case.get("chunk", 128))
 
 
 def run_check(cases_file: str | Path, tolerance: float | None = None, progress=None) -> CheckResult:

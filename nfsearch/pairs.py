@@ -37,7 +37,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from nfsearch.errors import NfsearchError
+from nfsearch.files import write_text_atomic
 from nfsearch.plan import NO_SHARE_IMPLS
+from nfsearch.profile import load
 
 GAIN = 0.05          # overlap "pays" when the best split is at least this much faster than back to back
 
@@ -320,7 +322,6 @@ def format_energy_rows(rows: list[dict], gain: float = GAIN) -> str:
 def analyze_pairs(profile_path: str | None, json_path: str | None = None, tp_degree: int = 1,
                   ignored_flags: tuple[str, ...] = ()) -> str:
     """`nfsearch analyze --pairs PROFILE [--tp N] [--json FILE]`: the report's text (JSON written if asked)."""
-    from nfsearch.profile import load
     if not profile_path:
         raise NfsearchError("--json goes with --pairs PROFILE")
     if ignored_flags:
@@ -345,7 +346,6 @@ def analyze_pairs(profile_path: str | None, json_path: str | None = None, tp_deg
                             f"this table has {len(points)} pair points)")
     sustained = energy_rows(table.energy, report.gain) if table.energy is not None and not is_network else []
     if json_path:
-        from nfsearch.files import write_text_atomic
         data = report.to_dict()
         data["profile"] = str(profile_path)
         data["method"] = entry.get("method")

@@ -24,6 +24,9 @@ from nfsearch.cost import Problem
 from nfsearch.errors import NfsearchError
 from nfsearch.files import write_text_atomic
 from nfsearch.plan import Schedule
+from nfsearch.runtime.device import check_device, require_cuda
+from nfsearch.search import solve
+from nfsearch.search.baselines import baselines
 
 Progress = Callable[[str], None] | None
 
@@ -81,8 +84,6 @@ def solved_candidates(problem: Problem, time_limit_s: float, progress: Progress 
     next (solve --min-gain 0), which the GPU may still find faster: measured on H100s at the power cap
     (2026-11-27), W3's ran 1.5-3.2% faster than its sequential twin predicted 0.4% apart; then the
     hand-made baselines it must beat on the GPU too. A plan already among them is not run twice."""
-    from nfsearch.search import solve
-    from nfsearch.search.baselines import baselines
     best, _notes = solve(problem, time_limit_s=time_limit_s, progress=progress)
     candidates = [Candidate("solved", best)]
     if best.solver.source == "sequential baseline":
@@ -110,7 +111,6 @@ def run_candidates(candidates: list[Candidate], *, mode: str = "green", iters: i
         raise NfsearchError("no candidate plans to tune")
     if len({c.schedule.workload.tp_degree for c in candidates}) > 1:
         raise NfsearchError("candidate plans mix tensor-parallel degrees: tune one TP degree at a time")
-    from nfsearch.runtime.device import check_device, require_cuda
     require_cuda("nfsearch tune")
     if candidates[0].schedule.workload.tp_degree > 1:
         from nfsearch.runtime import tp

@@ -16,6 +16,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
+from nfsearch.cost import default_profile
+from nfsearch.graph import build_layer, domain_range, op_context
+from nfsearch.profile import ProfileMiss
 from nfsearch.runtime.launch import LaunchList, sequential_launches
 
 EPS = 1e-5
@@ -26,10 +31,7 @@ def fastest_impls(schedule, num_sms: int, profile=None) -> tuple[dict[str, str],
     (the plan's own when None and the bundled one matches it), and notes on where it came from.
     An op the profile cannot answer, or answers with an impl the runtime lacks (an analytic
     profile), keeps the plan's impl (noted)."""
-    from nfsearch.cost import default_profile
-    from nfsearch.graph import build_layer, domain_range, op_context
-    from nfsearch.profile import ProfileMiss
-    from nfsearch.runtime.kernels import IMPLS
+    from nfsearch.runtime.kernels import IMPLS  # imports torch
 
     notes = []
     if profile is None:
@@ -60,7 +62,6 @@ def fastest_impls(schedule, num_sms: int, profile=None) -> tuple[dict[str, str],
 
 def plan_impls_of(schedule) -> dict[str, str]:
     """Each op's impl in the plan (the most used one where nano-ops differ)."""
-    from collections import Counter
     counts: dict[str, Counter] = {}
     for o in schedule.nano_ops:
         counts.setdefault(o.op, Counter())[o.impl] += 1
@@ -69,7 +70,6 @@ def plan_impls_of(schedule) -> dict[str, str]:
 
 def plan_impls(launches: LaunchList) -> dict[str, str]:
     """Each op's impl in a launch list (the most used one where launches differ)."""
-    from collections import Counter
     counts: dict[str, Counter] = {}
     for l in launches.launches:
         counts.setdefault(l.op, Counter())[l.impl] += 1

@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import os
 import statistics
+import time
 
 import torch
 import torch.distributed as dist
+
+from nfsearch.runtime.bench import event_times
+from nfsearch.runtime.ce_collectives import CeAllReduce
 
 # op -> the buffer it reduces in place (runtime.model's per-layer buffers)
 COLLECTIVE_OPS = {"allreduce_o": "mid", "allreduce_d": "out"}
@@ -90,7 +94,6 @@ class Collectives:
         row range: nano-ops of one op on different rows may be in flight at once, the same rows of one
         op in two layers are ordered by the layer's data dependences. Collective and eager: every rank
         calls it with the same arguments before any capture."""
-        from nfsearch.runtime.ce_collectives import CeAllReduce
         for op in sorted(op_rows):
             ranges = sorted({(int(a), int(b)) for a, b in op_rows[op]})
             if op in self._ce or not ranges:
@@ -130,7 +133,6 @@ def bus_bandwidth_gbps(coll: Collectives, num_tokens: int, hidden_size: int, dty
             end.synchronize()
             times.append(start.elapsed_time(end))
     else:
-        import time
         for _ in range(iters):
             t0 = time.perf_counter()
             dist.all_reduce(x, group=coll.group)
@@ -145,7 +147,6 @@ def all_reduce_table(coll: Collectives, hidden_size: int, dtype, device, token_g
                      iters: int = 10) -> list[dict]:
     """All-reduce of [tokens, hidden] at each token count and NCCL CTA limit (0: NCCL's default), on a
     GPU with nothing beside it: the solo rows a measured TP profile needs (median of `iters`)."""
-    from nfsearch.runtime.bench import event_times
     coll.prepare(c for c in cta_limits if c)
     rows, n = [], coll.world_size
     for ctas in cta_limits:

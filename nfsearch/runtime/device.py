@@ -1,6 +1,7 @@
 """Finding the CUDA GPU, with a one-line error where there is none."""
 
 from nfsearch.errors import NfsearchError
+from nfsearch.plan import NO_SHARE_IMPLS
 
 
 def require_cuda(what: str) -> None:
@@ -20,7 +21,6 @@ def check_device(schedule, where: str, force: bool) -> None:
     import torch
     props = torch.cuda.get_device_properties(0)
     sms, name = int(props.multi_processor_count), props.name
-    from nfsearch.plan import NO_SHARE_IMPLS
     too_big = [op.id for op in schedule.nano_ops if op.sm_count > sms]
     if too_big:
         raise NfsearchError(f"{where}: nano-op {too_big[0]} asks for more SMs than this {name} has ({sms})")

@@ -65,6 +65,7 @@ from dataclasses import dataclass
 from itertools import combinations
 
 from nfsearch.errors import NfsearchError
+from nfsearch.graph import build_layer
 from nfsearch.layouts import Layout, is_buildable, line_layout, make_layout
 from nfsearch.layouts import corun_components as layout_components  # (launch.py's own takes placements)
 
@@ -231,7 +232,6 @@ def sequential_launches(model, workload, num_layers: int, num_sms: int, impl_of,
 
     impl_of: a str (every op) or a dict op -> impl.
     """
-    from nfsearch.graph import build_layer
     layer = build_layer(model, workload)
     names = list(layer.nodes)          # inserted in the layer's data-flow order (ops.layer_ops)
     whole = Partition(0, num_sms, num_sms)

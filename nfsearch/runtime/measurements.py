@@ -47,6 +47,7 @@ import io
 import json
 import math
 import os
+import random
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -60,7 +61,7 @@ from nfsearch.graph import Op, build_layer, layer_ops, op_context, op_work
 from nfsearch.plan import NETWORK_IMPLS, NO_SHARE_IMPLS
 from nfsearch.profile import ProfileMiss, ProfileTable
 from nfsearch.roofline import BW_FRACTION, interp
-from nfsearch.specs import Ceilings, ModelSpec, Workload
+from nfsearch.specs import Ceilings, ModelSpec, Workload, load_workload
 
 FORMAT = 3        # 2: pair points with both sides' sizes, checkpoint rows with the pair's detail;
                   # 3: a checkpoint's pair row holds the pair table's point (pairs.PairPoint.to_json)
@@ -474,7 +475,6 @@ ENERGY_WORKLOADS = ("W1", "W2", "W3")       # their token counts are measured fo
 
 def standard_batches(tp_degree: int) -> list[Workload]:
     """W1-W3's batches at `tp_degree` (the shard's shapes under TP), which the full grid covers."""
-    from nfsearch.specs import load_workload
     return [replace(load_workload(name), tp_degree=tp_degree) for name in ENERGY_WORKLOADS]
 
 
@@ -1066,7 +1066,6 @@ def summarize(plan: Plan, results: dict[tuple, Measurement], table: ProfileTable
 
 def fake_measure(plan: Plan, seed: int = 0):
     """A measure(point) of made-up timings (the rough roofline, jittered): for tests only, never a GPU."""
-    import random
     rng = random.Random(seed)
 
     def measure(p: Point) -> Measurement:

@@ -37,10 +37,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from nfsearch.runtime.kernels import IMPLS, rope_cos_sin
+from nfsearch.runtime.kernels.prefill_attention import BLOCK_M, block_table
 from nfsearch.specs import ModelSpec, Workload
 
 ROPE_THETA = 500000.0
@@ -126,8 +128,6 @@ class ModelInstance:
 
     def _load_safetensors(self, path: str) -> None:
         """HuggingFace LLaMA names (model.layers.{l}.self_attn.q_proj.weight, ...) from a file or folder."""
-        from pathlib import Path
-
         from safetensors.torch import load_file
         files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else [Path(path)]
         tensors = {}
@@ -245,7 +245,6 @@ class ModelInstance:
             cu_dev = cu_cpu.to(self.device)
             table = None
             if self.device.type == "cuda":
-                from nfsearch.runtime.kernels.prefill_attention import BLOCK_M, block_table
                 table = block_table(cu_dev, b - lo, BLOCK_M)
             scratch = None if lo == a else torch.empty((b - lo, self.hq, self.d), device=self.device,
                                                        dtype=self.dtype)

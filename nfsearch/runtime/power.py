@@ -47,6 +47,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from nfsearch.runreport import PowerReading, TimingPower
+
 # clock-event reason bits (nvml.h nvmlClocksEventReason*)
 SW_POWER_CAP = 0x4
 REASON_NAMES = {0x1: "GPU idle", 0x2: "applications clocks", SW_POWER_CAP: "SW power cap", 0x8: "HW slowdown",
@@ -407,7 +409,6 @@ def measure_energy(fn, device: NvmlDevice, calls_per_fn: int = 1, window_s: floa
 def reading_of(m: EnergyMeasurement, windows: EnergyWindows, num_layers: int):
     """The plan's runreport.PowerReading from its sustained loop `m` (one call = one replay of
     `num_layers` layers) and the NVML windows around its timing rounds."""
-    from nfsearch.runreport import PowerReading
     rounds = summarize(windows.samples)
     s = m.samples
     return PowerReading(
@@ -421,7 +422,6 @@ def reading_of(m: EnergyMeasurement, windows: EnergyWindows, num_layers: int):
 
 def timing_power_of(windows: EnergyWindows):
     """runreport.TimingPower of the windows around one variant's timing rounds (no sustained loop)."""
-    from nfsearch.runreport import TimingPower
     rounds = summarize(windows.samples)
     return TimingPower(windows.power_w, rounds.num_samples, round(rounds.capped_share, 4), rounds.sm_clock_mhz,
                        rounds.reasons)

@@ -51,8 +51,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from nfsearch import pairs as pair_table
+from nfsearch.energy import EnergyPoint, PairEnergyPoint, ProfileEnergy
+from nfsearch.errors import NfsearchError
+from nfsearch.graph import layer_ops
 from nfsearch.runtime import measurements as profiling
+from nfsearch.runtime import power
 from nfsearch.runtime.measurements import COMPUTE_BACKGROUND, MEMORY_BACKGROUND, Measurement, Point
+from nfsearch.runtime.partitions import SmPartitions, capture_rounds
+from nfsearch.specs import Ceilings
 
 MAX_LEAD_MS = 80.0          # solo: the host's head start for `repeats` calls
 MAX_CORUN_LEAD_MS = 1000.0  # co-run: up to hundreds of background calls go in first
@@ -106,7 +113,6 @@ def measure_single_gpu(model, workload, gpu_id: int = 0, is_quick: bool = False,
     import torch
 
     from nfsearch.runtime.kernels import IMPLS, profiled_impls
-    from nfsearch.runtime.partitions import SmPartitions
 
     log = log or _stderr
     t_start = time.time()
@@ -174,10 +180,6 @@ def add_energy(model, workload, table, gpu_id: int = 0, log=None, window_s: floa
     about 1.5 s per pair family."""
     import torch
 
-    from nfsearch.energy import EnergyPoint, ProfileEnergy
-    from nfsearch.errors import NfsearchError
-    from nfsearch.graph import layer_ops
-    from nfsearch.runtime import power
     from nfsearch.runtime.kernels import IMPLS
 
     log = log or _stderr
@@ -284,9 +286,7 @@ def _pair_energy_points(torch, model, workload, table, gpu_id: int, device, wind
     ops back to back on the whole GPU, each with its fastest impl there, the same way. Returns the
     points (energy.PairEnergyPoint) and one line per family that failed. rotate_bytes: as the op
     energy points rotate their inputs (add_energy's plan)."""
-    from nfsearch import pairs as pair_table
     from nfsearch.runtime.kernels import IMPLS
-    from nfsearch.runtime.partitions import SmPartitions
 
     report = pair_table.make_report(pair_table.points_from_meta(table.meta))
     families = [f for f in report.families
@@ -318,9 +318,6 @@ def _pair_energy_points(torch, model, workload, table, gpu_id: int, device, wind
 
 def _pair_energy_point(torch, measurer, table, family, device, window_s: float):
     """One family's PairEnergyPoint (_pair_energy_points)."""
-    from nfsearch.energy import PairEnergyPoint
-    from nfsearch.runtime import power
-
     a, b, best = family.a, family.b, family.best
     full = measurer.parts.num_sms
     # back to back as seq-same runs them: each op with the impl the table finds fastest on the whole GPU
@@ -346,8 +343,6 @@ def pair_energy_graphs(torch, measurer, family, impl_a_full: str, impl_b_full: s
     of the last; in turn: the two one after another on the whole GPU with impl_a_full and impl_b_full
     (their fastest impls there, as seq-same runs them). Each call is issued once outside the capture
     (compiles; under TP, makes communicators), every process in the same order."""
-    from nfsearch.runtime.partitions import capture_rounds
-
     a, b, best = family.a, family.b, family.best
     full = measurer.parts.num_sms
     s_a, s_b = measurer._pair_streams(best.sms_a, best.sms_b)
@@ -372,7 +367,6 @@ def pair_energy_graphs(torch, measurer, family, impl_a_full: str, impl_b_full: s
 
 def _energy_point(torch, inputs, r, num_sms: int, device, window_s: float):
     """The energy measurement of one request: a CUDA graph of k calls (eager where capture fails)."""
-    from nfsearch.runtime import power
     fn, nsets = inputs.fn(r.impl, r.num_tokens, r.context, num_sms)
     fn(0)                                   # compiles, outside the capture
     torch.cuda.synchronize()
@@ -459,7 +453,6 @@ def _stderr(msg: str) -> None:
 
 
 def _print_summary(s: dict, log) -> None:
-    from nfsearch.specs import Ceilings
     c = Ceilings.from_dict(s["ceilings"]) if s["ceilings"] else None
     figures = f"cuBLAS {c.gemm_shape} {c.gemm_tflops:.0f} TFLOP/s, copy {c.copy_tbps:.2f} TB/s" if c else "no ceilings"
     log(f"\n== {s['gpu']}: {figures}; "

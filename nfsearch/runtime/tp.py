@@ -52,19 +52,32 @@ import dataclasses
 import datetime
 import json
 import os
+import platform
 import socket
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
+from nfsearch import plan
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import TpShard, tp_shard
+from nfsearch.roofline import roofline
+from nfsearch.runreport import RankPower, Timing, TpPower
+from nfsearch.runtime import bench, executor, power, trace
 from nfsearch.runtime import collectives as coll_mod
 from nfsearch.runtime import launch as launch_mod
+from nfsearch.runtime.bench import event_times, host_times
+from nfsearch.runtime.context import resolve_impl
+from nfsearch.runtime.executor import PLAN_ENERGY_WINDOW_S, _power_bound
+from nfsearch.runtime.kernels import IMPLS
 from nfsearch.runtime.model import ModelInstance, rel_error
+from nfsearch.specs import GpuSpec
+from nfsearch.timeline import timeline_to_dict
 
 TOLERANCE = 2e-2
 # buffers whose rows are whole on every rank (after the all-reduces) vs this rank's column shard
@@ -138,7 +151,6 @@ def _spawned(index, fn, world_size, backend, port, args):
 
 def spawn_ranks(fn, world_size: int, backend: str, args: tuple = ()) -> None:
     """Run fn(TpRank, *args) in `world_size` new processes on this host; raises if any rank fails."""
-    import torch.multiprocessing as mp
     coll_mod.set_safe_env()           # inherited by the children before they import NCCL
     mp.spawn(_spawned, args=(fn, world_size, backend, free_port(), args), nprocs=world_size, join=True)
 
@@ -151,12 +163,10 @@ class TpModelInstance(ModelInstance):
     whole_gpu_sms: int
 
     def op_o(self, buf, w, layer, a, b, impl, n):
-        from nfsearch.runtime.kernels import IMPLS
         IMPLS["o"][impl](buf["attn"][a:b].view(b - a, self.q_size), w.wo, buf["mid"][a:b], n,
                          residual=buf["x"][a:b] if self.tp.is_first else None)
 
     def op_d(self, buf, w, layer, a, b, impl, n):
-        from nfsearch.runtime.kernels import IMPLS
         IMPLS["d"][impl](buf["act"][a:b], w.wd, buf["out"][a:b], n,
                          residual=buf["mid"][a:b] if self.tp.is_first else None)
 
@@ -273,7 +283,6 @@ def _replayable(tp: TpRank, ctx, model, bufs, ll, use_graph: bool):
     (compiles, makes communicators), then captured as a CUDA graph whose replay is `fn`, or issued
     eagerly if any rank fails to capture it (every rank then does, so the collectives pair up; `note`
     says why). On CPU always eager."""
-    from nfsearch.runtime import executor
     executor.issue(ctx, model, bufs, ll)
     _sync(tp)
     fn, how, note = (lambda: executor.issue(ctx, model, bufs, ll)), "eager", None
@@ -325,7 +334,6 @@ class RankPowerWatch:
     sustained loop and PowerReading (runtime/power.py), the loop in lockstep with the other ranks."""
 
     def __init__(self, tp: TpRank, is_cuda: bool):
-        from nfsearch.runtime import power
         self.tp, self.windows, self.reading, self.device = tp, {}, None, None
         if is_cuda:
             self.device, why = power.open_device(tp.device.index or 0)
@@ -337,13 +345,10 @@ class RankPowerWatch:
         """watch() for time_launch_list: one NVML window per round of `label` (None without NVML)."""
         if self.device is None:
             return None
-        from nfsearch.runtime import power
         return lambda: self.windows.setdefault(label, power.EnergyWindows(self.device)).window()
 
     def sustained(self, fn, ms: float, num_layers: int) -> None:
         """The plan's sustained loop (collective: every rank calls it at the same point) and its reading."""
-        from nfsearch.runtime import power
-        from nfsearch.runtime.executor import PLAN_ENERGY_WINDOW_S
         if not _agree(self.tp, self.device is not None):
             if self.device is not None:
                 self.note = "another rank has no NVML: no sustained loop (its calls would wait on that rank)"
@@ -361,8 +366,6 @@ class RankPowerWatch:
 
     def record(self, gpu: str):
         """This rank's runreport.RankPower (the baselines' timing rounds by label)."""
-        from nfsearch.runreport import RankPower
-        from nfsearch.runtime import power
         baselines = tuple((label, power.timing_power_of(w)) for label, w in self.windows.items() if label != "plan")
         return RankPower(self.tp.rank, gpu, self.reading, baselines, "" if self.reading is not None else self.note)
 
@@ -373,7 +376,6 @@ class RankPowerWatch:
 
 
 def _times(fn, iters: int, is_cuda: bool, warmup: int = 3) -> list[float]:
-    from nfsearch.runtime.bench import event_times, host_times
     return (event_times if is_cuda else host_times)(fn, iters, warmup=warmup)
 
 
@@ -405,7 +407,6 @@ def tp_baselines(schedule, ll, num_sms: int, device_type: str) -> dict:
     """seq-torch and seq-same under TP (WORKLOADS.md): whole ops on one stream and the whole GPU, the
     layer's collectives on that same stream after the row-parallel GEMMs; seq-torch with the torch ops
     (cuBLAS, SDPA, F.rms_norm), seq-same with the plan's own impl of each op."""
-    from nfsearch.runtime.executor import resolve_impl
     counts: dict[str, dict[str, int]] = {}
     for l in ll.launches:
         impl = resolve_impl(l.op, l.impl, device_type)
@@ -423,7 +424,6 @@ def ce_rows(launch_lists, device_type: str) -> dict[str, list[tuple[int, int]]]:
     """Row ranges [a, b) of every network launch whose impl is "ce", by op, over the launch lists a run
     times (plan and baselines): Collectives.prepare_ce sets up one receive slot per range, before any
     capture and on every rank alike."""
-    from nfsearch.runtime.executor import resolve_impl
     rows: dict[str, list[tuple[int, int]]] = {}
     for ll in launch_lists:
         for l in ll.launches:
@@ -433,7 +433,6 @@ def ce_rows(launch_lists, device_type: str) -> dict[str, list[tuple[int, int]]]:
 
 
 def impls_of(ll, device_type: str) -> dict[str, str]:
-    from nfsearch.runtime.executor import resolve_impl
     return {l.op: resolve_impl(l.op, l.impl, device_type) for l in ll.launches}
 
 
@@ -462,7 +461,6 @@ def execute_rank(tp: TpRank, schedule, *, mode: str = "green", iters: int = 30, 
     timeline: every rank traces the plan's graph replays after timing it (module doc; `trace_rank`).
     power_bound / power_note: the profile's energy.PowerBound of one layer (cost.power_bound_of), or
     None and why; rank 0's report applies it (module doc)."""
-    from nfsearch.runtime import executor
     schedule = with_impls(schedule, impls)
     say = (progress or (lambda m: None)) if tp.is_first else (lambda m: None)
     workload = schedule.workload
@@ -518,7 +516,6 @@ def execute_rank(tp: TpRank, schedule, *, mode: str = "green", iters: int = 30, 
         mine["net"] = coll_mod.bus_bandwidth_gbps(tp.coll, workload.num_tokens, schedule.model.hidden_size,
                                                   dtype, tp.device)
         if with_ceilings and is_cuda:
-            from nfsearch.runtime import bench
             mine["ceilings"] = bench.ceilings(device=str(tp.device))
         return _gather(tp, mine, schedule, ll, ctx, passed, bound)
     finally:
@@ -534,7 +531,6 @@ def time_plans_rank(tp: TpRank, schedules: dict, *, mode: str = "green", iters: 
     plans that passed everywhere timed in interleaved rounds (time_launch_lists), every rank issuing
     the same graphs in the same order. Returns {"timings": name -> this rank's timing, "notes": why a
     plan was left out}; on CPU only the checks run, unless time_on_cpu."""
-    from nfsearch.runtime import executor
     say = (progress or (lambda m: None)) if tp.is_first else (lambda m: None)
     names = list(schedules)
     first = executor.one_problem(schedules)
@@ -569,7 +565,6 @@ def time_plans_rank(tp: TpRank, schedules: dict, *, mode: str = "green", iters: 
 def _rank_context(tp: TpRank, workload, mode: str, dtype, what: str):
     """(this rank's executor.ExecContext, the dtype its plans run in: bf16 on the GPU unless given);
     plans of another TP degree than the processes started are refused ("{what} for TP=...")."""
-    from nfsearch.runtime import executor
     if workload.tp_degree != tp.world_size:
         raise NfsearchError(f"{what} for TP={workload.tp_degree}; {tp.world_size} processes were started")
     ctx = executor.ExecContext(tp.device, mode)
@@ -616,7 +611,6 @@ def time_launch_lists(tp: TpRank, ctx, model, bufs, lists: dict, iters: int, rep
 
 
 def _time_plans_worker(tp: TpRank, plan_paths: dict, out_path: str, kwargs: dict) -> None:
-    from nfsearch import plan
     _write_from_rank_0(tp, out_path, lambda: time_plans_rank(
         tp, {name: plan.read(p) for name, p in plan_paths.items()},
         progress=lambda m: print(f"  {m}", flush=True), **kwargs))
@@ -626,10 +620,7 @@ def time_plans(schedules: dict, backend: str = "nccl", **kwargs) -> tuple[dict, 
     """executor.time_plans for TP plans: one process per GPU (or this rank under torchrun) runs
     time_plans_rank; returns rank 0's name -> runreport.Timing and its notes. kwargs: time_plans_rank's.
     Raises NfsearchError with one line when a rank fails."""
-    import tempfile
 
-    from nfsearch import plan
-    from nfsearch.runreport import Timing
     num_layers = next(iter(schedules.values())).num_layers
     n = next(iter(schedules.values())).workload.tp_degree
     if is_under_launcher():
@@ -661,8 +652,6 @@ def trace_rank(tp: TpRank, ctx, model, bufs, ll) -> dict:
     """This rank's kernel trace of the plan's graph replays, in lockstep with the other ranks (module
     doc). Returns {"makespan_ms", "facts", "is_agreed"} and, on rank 0, "timeline" (timeline_to_dict
     form); or {"error", "is_agreed"} when this rank's trace failed. is_agreed: every rank traced."""
-    from nfsearch.runtime import trace
-    from nfsearch.timeline import timeline_to_dict
     gpu = torch.cuda.get_device_name(tp.device) if tp.device.type == "cuda" else "cpu"
     label = f"measured ({ctx.mode}, CUDA-graph replay kernel trace, {gpu}, TP={tp.world_size} rank {tp.rank})"
     try:
@@ -730,9 +719,6 @@ def build_report(schedule, ll, ctx, parts: list[dict], passed: bool, power_bound
     """Rank 0's report: the single-GPU run report's fields, per-rank parts, and the network term;
     "power": every rank's readings and the bound (runreport.TpPower), the predicted layer time
     max(replayed, bound) as on one GPU."""
-    import platform
-    from nfsearch.roofline import roofline
-    from nfsearch.specs import GpuSpec
     first = parts[0]
     report = {
         "gpu": first.get("gpu", "cpu"), "gpus": [p.get("gpu", "cpu") for p in parts],
@@ -794,7 +780,6 @@ def power_fields(parts: list[dict], replayed_layer_ms: float | None, power_bound
     """The report's power keys: "power" (runreport.TpPower: every rank's readings, the bound) and the
     predicted layer time max(replayed, bound) with the replayed one beside it, as the single-GPU run
     report has them."""
-    from nfsearch.runreport import RankPower, TpPower
     ranks = tuple(RankPower.from_dict(p["power"]) for p in parts if p.get("power") is not None)
     bound = power_bound if replayed_layer_ms else None
     tp_power = TpPower(ranks, bound, replayed_layer_ms or None, "" if bound is not None else power_note)
@@ -805,13 +790,11 @@ def power_fields(parts: list[dict], replayed_layer_ms: float | None, power_bound
 
 def power_lines(report: dict) -> list[str]:
     """What a TP run says about power, per rank and the bound (TpPower.lines); none in a report without."""
-    from nfsearch.runreport import TpPower
     return TpPower.from_dict(report["power"], "TP run report").lines() if report.get("power") else []
 
 
 # ---------------------------------------------------------------------------------------------- the whole run
 def _run_worker(tp: TpRank, plan_path: str, out_path: str, kwargs: dict) -> None:
-    from nfsearch import plan
     schedule = plan.read(plan_path)
     _write_from_rank_0(tp, out_path, lambda: execute_rank(
         tp, schedule, progress=lambda m: print(f"  {m}", flush=True), **kwargs))
@@ -838,9 +821,6 @@ def run_plan(plan_path: str, **kwargs) -> dict | None:
     profile (a ProfileTable: its power bound goes into the report; none without).
 
     Raises NfsearchError with one line when the GPUs are too few or a rank fails."""
-    import tempfile
-    from nfsearch import plan
-    from nfsearch.runtime.executor import _power_bound
     progress = kwargs.pop("progress", None)        # spawned ranks print their own (a callable does not pickle)
     schedule = plan.read(plan_path)
     # the bound from the profile, here (the table stays in this process; the ranks get the PowerBound)

@@ -74,11 +74,15 @@ from pathlib import Path
 import pandas as pd
 
 from nfsearch import pairs as pair_table
+from nfsearch.energy import EnergyPoint, PairEnergyPoint
 from nfsearch.errors import NfsearchError
-from nfsearch.graph import op_work
+from nfsearch.graph import layer_ops, op_work
 from nfsearch.profile import ProfileTable
 from nfsearch.runtime import measurements as profiling
+from nfsearch.runtime import power
+from nfsearch.runtime.partitions import SmPartitions
 from nfsearch.runtime.power import WINDOW_S
+from nfsearch.runtime.profiler import _Measurer, add_energy, energy_summary, measure_single_gpu, pair_energy_graphs
 from nfsearch.runtime.measurements import (CE_IMPL, NETWORK_IMPL, NETWORK_IMPLS, Measurement, Plan,
                                            Point, Settings)
 
@@ -169,7 +173,6 @@ def measure_tp_profile(model, workload, num_gpus: int, is_quick: bool = False, o
     (the GPU test's shorter than power.WINDOW_S)."""
     import torch
 
-    from nfsearch.runtime.profiler import add_energy, energy_summary, measure_single_gpu
     log = log or _stderr
     if workload.tp_degree != num_gpus or num_gpus < 2:
         raise NfsearchError(f"profile: a TP profile on {num_gpus} GPUs needs a TP={num_gpus} workload "
@@ -252,7 +255,6 @@ def measure_network_rank(tp, request: NetworkRequest) -> NetworkRun | None:
     parts = None
     if is_cuda:
         from nfsearch.runtime.kernels import IMPLS, profiled_impls
-        from nfsearch.runtime.partitions import SmPartitions
         torch.manual_seed(0)
         parts = SmPartitions(tp.device.index, mode="green")
         num_sms, granularity = parts.num_sms, parts.granularity
@@ -272,7 +274,6 @@ def measure_network_rank(tp, request: NetworkRequest) -> NetworkRun | None:
         limits = cta_limits(plan, tp_mod.MAX_CTA_LIMIT)
         tp.coll.prepare(limits)                    # as execute_rank does: collective, before any timing
         if is_cuda:
-            from nfsearch.runtime.profiler import _Measurer
             plan.rotate_bytes = 3.0 * float(getattr(torch.cuda.get_device_properties(tp.device), "L2_cache_size",
                                                     50 << 20))
             measurer = _tp_measurer_class(_Measurer)(torch, parts, plan, IMPLS, say, tp, host)
@@ -355,8 +356,6 @@ def measure_collective_energy(tp, plan: Plan, results: dict, workload, host, num
     import torch
     import torch.distributed as dist
 
-    from nfsearch.energy import EnergyPoint
-    from nfsearch.runtime import power
     say = say or (lambda msg: None)
     device, how = power.open_device(tp.device.index or 0)
     if not agree_all(device is not None, host):
@@ -422,9 +421,6 @@ def measure_collective_pair_energy(tp, plan: Plan, results: dict, host, measurer
     import torch
     import torch.distributed as dist
 
-    from nfsearch.energy import PairEnergyPoint
-    from nfsearch.runtime import power
-    from nfsearch.runtime.profiler import pair_energy_graphs
     say = say or (lambda msg: None)
     every = [None] * tp.world_size
     dist.all_gather_object(every, results, group=host)
@@ -700,7 +696,6 @@ def network_table(net: NetworkRun, source: str) -> ProfileTable:
 def bus_bandwidth_gbps(table: ProfileTable, model, workload) -> float | None:
     """The highest NCCL bus bandwidth (GB/s: 2 (n - 1) / n x bytes / time) among the table's full-GPU
     rows of collectives; None without any."""
-    from nfsearch.graph import layer_ops
     nets = {op.name: op for op in layer_ops(model, workload) if op.op_class == "network"}
     rows = table.rows[(table.rows["op"].isin(list(nets))) & (table.rows["co_class"] == "")
                       & (table.rows["sm_count"] == int(table.meta["num_sms"]))

@@ -6,16 +6,16 @@ else CP-SAT, and says why in one line.
 
 from nfsearch.errors import NfsearchError
 from nfsearch.solvers.base import SOLVER_NAMES, Solver, Stage2Data, Stage2Result, Task
+from nfsearch.solvers.cpsat import CpSatSolver
+from nfsearch.solvers.gurobi import GurobiSolver  # gurobipy itself is imported on use
 
 __all__ = ["SOLVER_NAMES", "Solver", "Stage2Data", "Stage2Result", "Task", "get_solver", "resolve"]
 
 
 def get_solver(name: str) -> Solver:
     if name == "cpsat":
-        from nfsearch.solvers.cpsat import CpSatSolver
         return CpSatSolver()
     if name == "gurobi":
-        from nfsearch.solvers.gurobi import GurobiSolver
         return GurobiSolver()
     raise NfsearchError(f"unknown solver '{name}' (choose one of {', '.join(SOLVER_NAMES)})")
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 
 from ._common import HAVE_TRITON, next_pow2, programs, require_triton, tl, torch, triton
-from .decode_attention import choose_splits
+from .decode_attention import choose_splits, decode_attention
 
 try:  # pragma: no cover - depends on the triton version
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -38,7 +38,7 @@ PROGRAMS_PER_SM = 3  # H100 run 1: (64, 4 warps, 3 stages, 3/SM) best at 48 SMs,
 LOG2E = 1.4426950408889634
 
 if HAVE_TRITON:
-    from .decode_attention import softmax_step, store_item
+    from .decode_attention import _decode_reduce_kernel, softmax_step, store_item
 
     @triton.jit
     def _decode_tma_kernel(q_ptr, k_desc, v_desc, k_ptr, v_ptr, lens_ptr, out_ptr, opart_ptr, lse_ptr,
@@ -100,8 +100,6 @@ def decode_attention_tma(q, k_cache, v_cache, context_lens, out, num_sms: int, s
     """Decode attention over the first context_lens[r] cached tokens (GQA), K/V through TMA.
     Falls back to ``decode_attention`` for caches TMA cannot take. Returns ``out``."""
     require_triton("decode_attention_tma")
-    from .decode_attention import _decode_reduce_kernel, decode_attention
-
     if not HAVE_TMA or not tma_ok(q, k_cache, v_cache, out):
         return decode_attention(q, k_cache, v_cache, context_lens, out, num_sms, scale=scale, max_context=max_context)
     R, HQ, D = q.shape

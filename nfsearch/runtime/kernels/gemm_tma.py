@@ -24,6 +24,7 @@ ignored now (tl.range(flatten=True) on the tile loop did not help in the first H
 from __future__ import annotations
 
 from ._common import HAVE_TRITON, require_triton, tl, torch, triton
+from .gemm import gemm
 
 try:  # pragma: no cover - depends on the triton version
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -186,8 +187,6 @@ def gemm_tma(a, w, out, num_sms: int, residual=None, config=None):
     K2, N = w.shape
     assert K == K2 and tuple(out.shape) == (M, N), (a.shape, w.shape, out.shape)
     if not HAVE_TMA or not tma_ok(a, w, out, residual):
-        from .gemm import gemm
-
         return gemm(a, w, out, num_sms, residual=residual)
     cfg = config or pick_config(M, N, K, num_sms)
     BM, BN, BK, GM, warps, stages = cfg[:6]

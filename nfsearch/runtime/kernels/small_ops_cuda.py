@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 from ._common import torch
+from .small_ops import rmsnorm, rope_append, silu_and_mul
 
 CTAS_PER_SM = 8
 THREADS = 256
@@ -122,8 +123,6 @@ def rmsnorm_cuda(x, weight, out, num_sms: int, eps: float = 1e-5, residual=None,
             if thr % 32 == 0 and 64 <= thr <= 1024 and (pick is None or abs(thr - 256) < abs(pick[1] - 256)):
                 pick = (items, thr)
     if pick is None or not _aligned(x, out, residual, residual_out, weight):
-        from .small_ops import rmsnorm
-
         return rmsnorm(x, weight, out, num_sms, eps=eps, residual=residual, residual_out=residual_out)
     items, thr = pick
     if T == 0:
@@ -144,8 +143,6 @@ def silu_and_mul_cuda(x, out, num_sms: int):
     I = I2 // 2
     assert tuple(out.shape) == (T, I)
     if I % 8 or not _aligned(x, out):
-        from .small_ops import silu_and_mul
-
         return silu_and_mul(x, out, num_sms)
     if T == 0:
         return out
@@ -165,8 +162,6 @@ def rope_append_cuda(qkv, positions, cos, sin, q_out, k_cache, v_cache, slot_map
           and sin.dtype == torch.float32 and cos.stride(1) == 1 and sin.stride() == cos.stride()
           and _aligned(qkv, q_out, k_cache, v_cache, *((k_out, v_out) if has_kv else ())))
     if not ok:
-        from .small_ops import rope_append
-
         return rope_append(qkv, positions, cos, sin, q_out, k_cache, v_cache, slot_mapping, num_sms,
                            k_out=k_out, v_out=v_out)
     if T == 0:
