@@ -4,7 +4,7 @@ What it corrects, per op class, and the overheads between kernels:
 - the SOLO factor: what a nano-op alone takes inside a replayed plan against what the profiler
   timed it at. The profiler times each kernel between events with its launch gap; a kernel trace
   of a graph replay times the kernel alone, and tiny kernels (norms, RoPE) run at about half their
-  profiled time there (H100, 2026-11-27). Applied to every time of the class.
+  profiled time there (on an H100). Applied to every time of the class.
 - the CO-RUN factor: the co-run stretch beyond the pair table's. The pair table says how two kernels
   slow each other, measured pair by pair in short bursts; a whole plan co-runs nano-ops of many
   shapes, several at once, for milliseconds.

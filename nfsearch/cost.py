@@ -15,9 +15,9 @@ its solo time (profile rows) times a STRETCH per partner, the stretches combined
 2. the profile's older co-run rows (`co_class`: the op measured beside a class), where they answer;
 3. for a measured profile, the pair table at its nearest measured size and SM count, or (no family
    for this pair) the worst measured partner of the partner's class, each labelled;
-4. NanoFlow's published A100 curves (NANOFLOW.md): an op of class c on a share R of the SMs runs at
-   P_c(R) of its full-GPU speed. Analytic profiles use these; for a measured profile only where
-   nothing above answers (labelled).
+4. the A100 curves published with NanoFlow (Zhu et al., 2024): an op of class c on a share R of the
+   SMs runs at P_c(R) of its full-GPU speed. Analytic profiles use these; for a measured profile
+   only where nothing above answers (labelled).
 Same-class partners without a pair family stretch nothing here: simulate.replay's class ceiling
 caps them. Every lookup's source is counted (`CostModel.source_counts`) and the plan's
 profile.interference string names the sources.
@@ -38,7 +38,7 @@ unless the profile has pair energy points (energy.PairEnergyPoint: a pair family
 a sustained loop against the two back to back): then each two nano-ops that a replay runs at once
 cost (r - 1) x the dynamic energy each spends in their overlap more, r the measured pair's dynamic
 energy over back to back's (the family's point nearest in tokens and context), and the bound is the
-plan's own (`overlap_energy_j`; measured on an H100 at one clock: a GEMM beside decode attention
+plan's own (`overlap_energy_j`; r on an H100 at one clock: a GEMM beside decode attention
 0.88-1.11, beside prefill attention 0.91-1.17, decode beside prefill attention 0.87-0.94). Energies are interpolated linearly in tokens
 between the profile's points; outside them, and at a context the profile did not measure, scaled in
 proportion to the tokens (the context): labelled "scaled". `nfsearch calibrate --energy` fits a
@@ -84,8 +84,8 @@ PUBLISHED_CURVES = {
 PUBLISHED_CURVES["other"] = PUBLISHED_CURVES["memory"]
 CURVES_SOURCE = "published NanoFlow curves (A100)"
 
-# a cross-stream event wait in a CUDA graph where no calibration measured one (an H100's measured
-# timelines gave 2.5-3.1 us; a 2x H200 TP run 4.9 us): 5 us, labelled default
+# a cross-stream event wait in a CUDA graph where no calibration measured one (measured timelines
+# show 2.5-3.1 us on an H100 and 4.9 us under TP on 2x H200): 5 us, labelled default
 DEFAULT_EVENT_WAIT_US = 5.0
 # ops that run the same kernel as a measured one (norm2 is norm1's RMSNorm on other data)
 OP_ALIASES = {"norm2": "norm1"}

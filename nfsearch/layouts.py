@@ -4,8 +4,8 @@ A layout is an ordered tuple of SM group sizes that sum to the device's SMs. The
 line 0..N the launch list places intervals on: the first group is [0, s0), the next [s0, s0+s1),
 and so on; the LAST group is always the remainder of the split that made the layout.
 
-How the driver splits SMs (CUDA driver API, green contexts; checked on an H100, 132 SMs, 2026-11-27)
----------------------------------------------------------------------------------------------------
+How the driver splits SMs (CUDA driver API, green contexts; as an H100 with 132 SMs does it)
+--------------------------------------------------------------------------------------------
 * ``cuDevSmResourceSplitByCount(nbGroups, input, flags, minCount)`` cuts ``nbGroups`` groups of
   the same size (``minCount`` rounded up to the granularity: 8 SMs on Hopper) off an SM resource
   and returns them plus a remainder of the rest. The remainder need not be a multiple of the
@@ -33,14 +33,15 @@ context instead of the remainder's gives the same size tuples, so it adds nothin
 not buildable on 132 SMs at granularity 8 (a front group of 12), but (120, 12) is. Each size tuple
 appears once, with the build that asks the driver least (whole < split2 < equal-groups < nested).
 
-Measured on an H100 (132 SMs, driver 13.0, benchmarks/partition_layouts.py, 2026-11-27): all 137
-layouts these rules give for max_groups=3, and two four-group ones, build; every green context has
-the SM count asked (driver and a %smid kernel agree) and the groups of one build are disjoint.
-Build time: 3.4-4.5 ms for split2, 5.5-8 ms for equal-groups, 7-11 ms for nested (14 ms for four
-groups). But the SM line is only a model: the SMs an interval gets depend on the call that made it.
-Groups asked together interleave (the front 64 of (64, 64, 4) is SMs 0,1,4,5,...; of (64, 68) and
-of every nested (64, b, rest) it is 0..63), and 21 of the 153 intervals seen got different SM sets
-from different layouts; 1869 of 18915 pairs of intervals that are disjoint on the line shared SMs.
+Why the rules can be trusted, and where the model stops (an H100, 132 SMs, driver 13.0;
+benchmarks/partition_layouts.py checks a GPU): all 137 layouts these rules give for max_groups=3,
+and two four-group ones, build; every green context has the SM count asked (driver and a %smid
+kernel agree) and the groups of one build are disjoint. Build time: 3.4-4.5 ms for split2, 5.5-8 ms
+for equal-groups, 7-11 ms for nested (14 ms for four groups). But the SM line is only a model: the
+SMs an interval gets depend on the call that made it. Groups asked together interleave (the front
+64 of (64, 64, 4) is SMs 0,1,4,5,...; of (64, 68) and of every nested (64, b, rest) it is 0..63),
+and 21 of 153 intervals get different SM sets from different layouts; 1869 of 18915 pairs of
+intervals that are disjoint on the line share SMs.
 Ops meant to run side by side should take their streams from one build of one layout.
 
 ``Layout.requests`` is what to ask the driver, level by level: ((nbGroups, minCount), ...), the

@@ -34,7 +34,7 @@ NO_SHARE_IMPLS = frozenset({"ce"})
 # Runtime impls a plan may name and the executor runs, which `nfsearch profile` measures only when asked
 # (--opt-in-impls): cuBLASLt told its partition's SM count ran faster alone than the TMA GEMM on 96-120 SMs
 # of an H100, yet a W2 plan using it drew 15% more energy per layer under the power cap and ran 13%
-# slower than the same plan on the TMA GEMM (benchmarks/results/cublaslt_2026-11-27/).
+# slower than the same plan on the TMA GEMM (docs/kernels.md).
 OPT_IN_IMPLS = frozenset({"cublaslt"})
 KNOWN_IMPLS = RUNTIME_IMPLS | NON_MEASURED_IMPLS
 

@@ -1,16 +1,16 @@
-"""The one roofline: the bound of one layer (WORKLOADS.md) and the analytic profile built from it.
+"""The one roofline: the bound of one layer (docs/workloads.md) and the analytic profile built from it.
 
 `roofline` gives FLOPs, bytes, network bytes, T_compute, T_mem, T_net and the bound of one layer.
 `analytic_profile` is a profile table of kernel times from the same work over a GPU's rates,
 labelled `analytic`, so everything works before a measured table exists. Time of an op on s SMs:
     max(FLOPs / (peak * s / S / tile_efficiency), bytes / (bandwidth * bw_fraction(s))) + launch
 where bw_fraction(s) is the share of the copy ceiling that a streaming kernel confined to s SMs
-pulls (measured on the lent H100, GPU_FACTS.md) and tile_efficiency counts GEMM tile and wave
+pulls (on an H100, docs/gpu_facts.md) and tile_efficiency counts GEMM tile and wave
 quantisation. Network ops: bytes sent / (bus bandwidth * cta_fraction(s)) + latency.
 
 Network ops also get co-run rows (co_class compute, memory, other): their time beside another class's
 op on the rest of the GPU, from NET_CORUN_FRACTION (all-reduce beside a GEMM in the other green
-context, measured on 2 and 4 H100s, GPU_FACTS.md "Tensor parallel"). Without them the cost model
+context, on 2 and 4 H100s, docs/gpu_facts.md "The network"). Without them the cost model
 would fall back to NanoFlow's A100 network curve and apply it over a solo time that is already
 SM-limited (a 16-SM all-reduce would cost 2.3x its full-GPU time where 1.3x was measured): the double
 penalty that kept every TP plan sequential.
@@ -84,7 +84,7 @@ BW_FRACTION = ((8, 0.24), (16, 0.43), (32, 0.71), (48, 0.86), (64, 0.92), (132, 
 NET_FRACTION = ((4, 0.38), (8, 0.72), (16, 0.86), (32, 1.0))
 LAUNCH_MS = 0.004
 # share of the full-GPU all-reduce speed kept beside a GEMM on the other SMs, n CTAs / SMs (median of
-# TP=2 and TP=4, default and 16-CTA communicators, 2048 x 8192 bf16, GPU_FACTS.md "Tensor parallel")
+# TP=2 and TP=4, default and 16-CTA communicators, 2048 x 8192 bf16; docs/gpu_facts.md "The network")
 NET_CORUN_FRACTION = ((8, 0.54), (16, 0.75), (24, 0.84))
 CO_CLASSES = ("compute", "memory", "other")
 NET_LATENCY_MS = 0.010
@@ -109,7 +109,7 @@ def analytic_profile(model: ModelSpec, workload: Workload, gpu: GpuSpec) -> Prof
             "mem_bandwidth_tbps": gpu.mem_bandwidth_tbps, "net_bandwidth_gbps": gpu.net_bandwidth_gbps,
             "figures_source": gpu.figures_source, "date": datetime.date.today().isoformat()}
     if workload.tp_degree > 1:
-        meta["corun_source"] = "analytic network co-run rows (NET_CORUN_FRACTION, GPU_FACTS.md)"
+        meta["corun_source"] = "analytic network co-run rows (NET_CORUN_FRACTION, docs/gpu_facts.md)"
     df = pd.DataFrame(rows, columns=["op", "impl", "num_tokens", "context", "sm_count", "time_ms", "co_class"])
     return ProfileTable(df, meta)
 

@@ -134,7 +134,7 @@ class Correctness:
 
 @dataclass(frozen=True)
 class Bound:
-    """The roofline bound of one layer from the measured ceilings (WORKLOADS.md)."""
+    """The roofline bound of one layer from the measured ceilings (docs/workloads.md)."""
     bound_ms: float
     compute_ms: float
     mem_ms: float

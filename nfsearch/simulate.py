@@ -123,9 +123,8 @@ def corun_sources(schedule: Schedule, cost: CostModel) -> Counter:
 
 def sources_line(counts: Counter) -> str:
     """One line: how many of a plan's co-run estimates come from measured pairs, the others' sources,
-    and, when fewer than half do, how to measure them ("" for a plan with no co-run). On 2x H100 a W4
-    plan priced wholly from outside its measured pairs ran 10-14% slower than replayed
-    (benchmarks/results/tp_power_2026-11-27/W4_H100x2_tune/)."""
+    and, when fewer than half do, how to measure them ("" for a plan with no co-run): on 2x H100 a W4
+    plan priced wholly from outside its measured pairs runs 10-14% slower than replayed."""
     total = sum(counts.values())
     if not total:
         return ""

@@ -81,9 +81,10 @@ def read_candidates(plans_dir: str | Path) -> list[Candidate]:
 
 def solved_candidates(problem: Problem, time_limit_s: float, progress: Progress = None) -> list[Candidate]:
     """The searched plan first; where solve's margin kept the sequential plan, the best overlapped plan
-    next (solve --min-gain 0), which the GPU may still find faster: measured on H100s at the power cap
-    (2026-11-27), W3's ran 1.5-3.2% faster than its sequential twin predicted 0.4% apart; then the
-    hand-made baselines it must beat on the GPU too. A plan already among them is not run twice."""
+    next (solve --min-gain 0), which the GPU may still find faster: at the power cap the model cannot
+    rank plans predicted within a few percent (W3's overlapped plan, predicted 0.4% from its
+    sequential twin, runs 1.5-3.2% faster on H100s); then the hand-made baselines it must beat on
+    the GPU too. A plan already among them is not run twice."""
     best, _notes = solve(problem, time_limit_s=time_limit_s, progress=progress)
     candidates = [Candidate("solved", best)]
     if best.solver.source == "sequential baseline":

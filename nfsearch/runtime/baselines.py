@@ -1,4 +1,4 @@
-"""The baselines every run measures beside the plan, in the same process (../shared/WORKLOADS.md):
+"""The baselines every run measures beside the plan, in the same process (docs/workloads.md):
 
 * seq-torch: the fastest straightforward torch a user would write: the whole layer stack as one
   function on one stream, built from the ops' torch impls (kernels/torch_ops.py): bf16 throughout,

@@ -1,6 +1,6 @@
 """An all-reduce whose data moves on the copy engines, its sum fused into the next RMSNorm.
 
-NCCL's all-reduce runs as kernels: it takes SMs (16-24 to keep its speed on an H100, GPU_FACTS.md)
+NCCL's all-reduce runs as kernels: it takes SMs (16-24 to keep its speed on an H100, docs/gpu_facts.md)
 from the GEMMs it should hide under. Here the bytes move with cudaMemcpyAsync between GPUs of one host
 (NVLink, copy engines, no SM), and the sum is done by the RMSNorm that follows the all-reduce in the
 layer anyway (kernels/sum_norm.py): one pass reads the N partials and writes the sum and the normed
@@ -55,8 +55,8 @@ set-up that memops work on every rank and falls back to "barrier" otherwise (`no
 
 CUDA graphs: copies, events and kernels are capturable; stream memory operations are captured as
 batch-mem-op nodes by CUDA >= 12 drivers; symmetric memory's barrier is a kernel. Allocation and
-rendezvous happen in __init__, before any capture (they block the host). Whether capture works on the
-lent GPUs is measured by benchmarks/ce_allreduce.py (it falls back to eager timing and says so).
+rendezvous happen in __init__, before any capture (they block the host). Whether capture works on a
+given GPU and driver, benchmarks/ce_allreduce.py finds out (it falls back to eager timing and says so).
 
 On the CPU (gloo) there is no peer memory: `CeAllReduce` gathers the partial rows with
 dist.all_gather into the same receive layout and runs the same sum/norm math (sum_rmsnorm_torch), so
@@ -131,7 +131,7 @@ class CeAllReduce:
         except (RuntimeError, AttributeError):   # already chosen by an earlier allocation: keep it
             pass
         if hasattr(symm, "enable_symm_mem_for_group"):
-            # needed by older torch; newer torch (2.11 on the lent GPUs) warns it is no longer needed
+            # needed by older torch; newer torch (2.11 included) warns it is no longer needed
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
                 symm.enable_symm_mem_for_group(name)

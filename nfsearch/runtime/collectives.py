@@ -8,7 +8,7 @@ stream first); with async_op=False torch's NCCL group runs it there or joins tha
 so either way the launch's events order it against the other nano-ops, also under graph capture.
 
 SM shares: a plan gives a network nano-op an SM count. On a green-context stream the partition bounds
-it; on a plain stream NCCL's CTA limit is the bound the device can build (DESIGN.md), so `Collectives`
+it; on a plain stream NCCL's CTA limit is the only bound the device can build, so `Collectives`
 keeps one communicator per CTA limit asked (NCCL_MIN_CTAS = NCCL_MAX_CTAS = n through the
 communicator config) and falls back to the default communicator, with a note, where torch cannot set it.
 

@@ -295,9 +295,9 @@ def time_plans(schedules: dict, ctx: ExecContext, *, iters: int = 30, repeats: i
     """Plans of one problem timed against each other in one process (name -> plan): one model (the
     same weights and inputs for all), each plan checked against the sequential reference, then
     `repeats` rounds that interleave them (time_variants). Plans run one after another in separate
-    runs see the clock and the temperature drift between them: on one H100 under the power cap the
-    same W3 plan measured 3.371 and 3.642 ms/layer in two runs minutes apart
-    (benchmarks/results/w3_pairs_2026-11-27/), more than most gaps between candidates.
+    runs see the clock and the temperature drift between them: under the power cap one W3 plan can
+    time 3.37 and 3.64 ms/layer on the same H100 in two runs minutes apart, more than most gaps
+    between candidates.
     Returns each correct plan's timing and a note for each plan left out."""
     first = one_problem(schedules)
     say = progress or (lambda msg: None)

@@ -36,7 +36,7 @@ buildable together is used only when none is (noted). If no interval of the aske
 (noted). Widths round up to the granularity (a front of 12 SMs is 16).
 
 The SM line is only a model of what the driver hands out: the same interval gets DIFFERENT physical
-SMs from different splits (measured on an H100, nfsearch/layouts.py: 1869 of 18915 pairs of
+SMs from different splits (on an H100, nfsearch/layouts.py: 1869 of 18915 pairs of
 line-disjoint intervals from different layouts shared SMs). Only the groups of ONE build of ONE
 layout are known to be disjoint. So the intervals are then turned into (layout, group) pairs:
 
@@ -219,9 +219,9 @@ def issue_order(nano_ops) -> list:
 
     Plan streams that share an SM group share one CUDA stream (their key), and a CUDA stream runs
     its kernels in issue order, so issuing by plan order would let a later-planned op take the
-    group first: measured on an H100 (Mistral-7B W2, 2026-11-27), decode attention issued before a
-    RoPE nano-op planned 0.02 ms ahead of it took the 32-SM group for 0.95 ms and the prefill
-    attention waiting on that RoPE slipped by as much. Start order is a topological order of the
+    group first: in a Mistral-7B W2 plan on an H100, decode attention issued before a RoPE nano-op
+    planned 0.02 ms ahead of it takes the 32-SM group for 0.95 ms, and the prefill attention waiting
+    on that RoPE slips by as much. Start order is a topological order of the
     plan (dependencies end before their dependants start; one plan stream runs in order)."""
     return sorted(nano_ops, key=lambda o: (o.start_ms, o.order))
 

@@ -399,9 +399,9 @@ def pair_sizes(workload: Workload | None, is_quick: bool = False
     still serves every standard workload of a model), and GEMMs from 256 tokens (two of the search's
     128-token chunks), so that a plan's own nano-batches fall between measured sizes instead of being
     priced at the nearest one.
-    On 2x H100 a W4 plan that overlapped llama-3-70b's 384-token nano-batches beside its 1280-request
-    decode, priced from the quick table's 2048-token and 512-request pairs, ran 10-14% slower than
-    replayed (benchmarks/results/tp_power_2026-11-27/W4_H100x2_tune/)."""
+    Why: on 2x H100 a W4 plan that overlaps llama-3-70b's 384-token nano-batches beside its
+    1280-request decode, priced from the quick table's 2048-token and 512-request pairs, runs 10-14%
+    slower than replayed."""
     gemm = sorted({MIN_PAIR_GEMM_TOKENS, *(QUICK_PAIR_GEMM_TOKENS if is_quick else PAIR_GEMM_TOKENS)})
     decode = list(QUICK_PAIR_DECODE if is_quick else PAIR_DECODE)
     prefill = list(PAIR_PREFILL)
@@ -555,7 +555,7 @@ def pair_energy_plan(model: ModelSpec, workload: Workload, families: list, num_s
 # NETWORK_IMPL: torch.distributed's NCCL all-reduce, as runtime.collectives runs it; CE_IMPL: the
 # copy-engine all-reduce (runtime.ce_collectives), data on the copy engines
 NETWORK_IMPL, CE_IMPL = NETWORK_IMPLS
-ESTIMATE_BUS_GBPS = 150.0      # for estimates only: an NVLink all-reduce's bus bandwidth (GPU_FACTS.md)
+ESTIMATE_BUS_GBPS = 150.0      # for estimates only: an NVLink all-reduce's bus bandwidth (docs/gpu_facts.md)
 ESTIMATE_NET_LATENCY_MS = 0.03
 
 

@@ -25,7 +25,7 @@ context - 1 and attention reads context tokens. Prompt k/v stay in per-layer buf
 
 Impl names: those of nfsearch.runtime.kernels.IMPLS ("triton", "tma", "flash", "cuda" need CUDA;
 "torch" works on the CPU too). The "torch" impls (kernels/torch_ops.py) are the straightforward bf16
-ops of WORKLOADS.md's seq-torch and the per-op reference of the executor's correctness check. Two of
+ops of seq-torch (docs/workloads.md) and the per-op reference of the executor's correctness check. Two of
 their arguments are chosen here so that the torch path never syncs the host (CUDA-graph capture
 forbids it): prefill attention gets its offsets on the host, and rope_append gets no slot mapping
 for rows past the decode requests (nothing to append). Decode attention's torch impl gets no

@@ -214,9 +214,9 @@ class SmPartitions:
         """Streams on disjoint SM groups: ``[(sms, stream), ...]`` one per requested size.
 
         Sizes are rounded up to the granularity; the last group takes all remaining SMs. Three-way
-        splits are built as nested splits even where the fronts are equal: measured on an H100, the
-        front 64 SMs were SMs 0..63 from every one-group split tried, while groups asked together
-        interleave their SMs (the front 64 of (64, 64, 4) is SMs 0,1,4,5,... against 0..63
+        splits are built as nested splits even where the fronts are equal: on an H100 the front 64
+        SMs are SMs 0..63 from every one-group split, while groups asked together interleave
+        their SMs (the front 64 of (64, 64, 4) is SMs 0,1,4,5,... against 0..63
         from split (64, 68)), so intervals built by different calls would overlap."""
         self._check_open()
         sizes = tuple(int(s) for s in sizes)

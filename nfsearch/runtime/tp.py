@@ -404,7 +404,7 @@ def with_impls(schedule, choice: str):
 
 
 def tp_baselines(schedule, ll, num_sms: int, device_type: str) -> dict:
-    """seq-torch and seq-same under TP (WORKLOADS.md): whole ops on one stream and the whole GPU, the
+    """seq-torch and seq-same under TP (docs/workloads.md): whole ops on one stream and the whole GPU, the
     layer's collectives on that same stream after the row-parallel GEMMs; seq-torch with the torch ops
     (cuBLAS, SDPA, F.rms_norm), seq-same with the plan's own impl of each op."""
     counts: dict[str, dict[str, int]] = {}

@@ -9,7 +9,7 @@ layer's ramp-up included (a steady-state figure would be a little lower, never h
 
 Margin: an overlapped plan is kept only when it is predicted at least `min_gain` faster than the
 sequential plan (default MIN_GAIN); otherwise the sequential plan is returned, and a note says so. A
-predicted gain inside the model's own error is no gain: on 2x H200 (W4, TP=2, 2026-11-27) a plan
+predicted gain inside the model's own error is no gain: on 2x H200 (W4, TP=2) a plan
 predicted 0.2% faster than sequential TP ran 2.5-3.4% slower, while the layer-level error of the
 calibrated model on measured runs was 1.4-4.6% where it held.
 
@@ -155,10 +155,10 @@ def solve(problem: Problem, solver: str = "auto", time_limit_s: float = 10.0, th
     ms, _, source, plan, result, cand = min(finals, key=lambda e: (round(e[0], 9), e[1]))
     sequential = next((e for e in entries if e[2] == "sequential baseline"), None)
     # judged on max(replay, the plan's power bound) where the profile has pair energy points: each
-    # plan then has its own bound (its overlaps priced; measured on one H100, 2026-11-27, W2's
-    # overlapped plan spent 4-7% less energy per layer than sequential and ran 1.06x faster at the
-    # cap). Without them every split has the layer's one bound, which cannot tell an overlap that pays
-    # at the cap (W2, 1.06x) from one that does not (W3, 0.96x on one board): the replays decide
+    # plan then has its own bound (its overlaps priced: on an H100, W2's overlapped plan spends 4-7%
+    # less energy per layer than sequential and runs 1.06x faster at the cap). Without them every
+    # split has the layer's one bound, which cannot tell an overlap that pays at the cap (W2, 1.06x)
+    # from one that does not (W3, 0.96x): the replays decide
     is_own_bound = _has_pair_energy(problem)
     chosen = replay(plan, problem.cost)
     if sequential is not None and source != "sequential baseline":

@@ -14,9 +14,9 @@ from ortools.sat.python import cp_model
 from nfsearch.solvers.base import Solver, Stage2Data, Stage2Result
 
 # CP-SAT's deterministic time against the clock on this model with one worker: about 0.3-1 units per
-# wall second on the 2-core box (measured on the W1-W3 stage-2 models, less while other work loads
-# it), so a time limit of T s becomes max_deterministic_time = DET_PER_SECOND * T, which keeps a
-# solve within about T s even on a loaded box
+# wall second on a 2-core machine for the W1-W3 stage-2 models (less while other work loads it), so
+# a time limit of T s becomes max_deterministic_time = DET_PER_SECOND * T, which keeps a solve within
+# about T s even on a loaded machine
 DET_PER_SECOND = 0.3
 WALL_SAFETY = (3.0, 5.0)          # wall limit = 3 x the time limit + 5 s (a safety net only)
 

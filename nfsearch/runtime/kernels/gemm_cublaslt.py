@@ -2,7 +2,7 @@
 
 cuBLAS picks its kernel and grid for the SM count the device reports. Launched inside a green
 context of fewer SMs it still sizes for the whole GPU, and the last wave runs nearly empty: on an
-H100 it lost 32% on 124 of 132 SMs for a 70B shard's GEMM (GPU_FACTS.md). cuBLASLt has a matmul
+H100 it loses 32% on 124 of 132 SMs for a 70B shard's GEMM (docs/gpu_facts.md). cuBLASLt has a matmul
 attribute for exactly this, CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET ("the SMs a concurrent stream
 leaves us"), and torch sets it from its SM carve-out (`torch._C._set_sm_carveout_experimental`:
 target = device SMs - carve-out) on its cuBLASLt path. So this impl runs the same torch call as the
@@ -10,10 +10,10 @@ target = device SMs - carve-out) on its cuBLASLt path. So this impl runs the sam
 puts both settings back. The choice is made when the call is issued, so a CUDA graph captures the
 kernel chosen for the partition.
 
-Measured on an H100 (benchmarks/results/cublaslt_2026-11-27/): alone, in the profiler's CUDA graphs,
-it beat the TMA GEMM on 96-120 SMs by up to 15-20% (kqv, o, d at 2048 tokens). In a W2 plan the
-same structure ran 2.24-2.26 ms/layer with it and 1.97-2.00 with the TMA GEMM, and drew 1.58-1.61
-against 1.38-1.40 J per layer: under the power cap the energy decides. So `nfsearch profile` leaves it
+Why it is opt-in (docs/kernels.md): on an H100, alone in the profiler's CUDA graphs, it beats the
+TMA GEMM on 96-120 SMs by up to 15-20% (kqv, o, d at 2048 tokens), yet a W2 plan of the same
+structure runs 2.24-2.26 ms/layer with it and 1.97-2.00 with the TMA GEMM, drawing 1.58-1.61 against
+1.38-1.40 J per layer: under the power cap the energy decides. So `nfsearch profile` leaves it
 out unless asked (plan.OPT_IN_IMPLS).
 
 torch names the carve-out experimental: where it is missing (`HAVE_SM_TARGET` False) the impl is not

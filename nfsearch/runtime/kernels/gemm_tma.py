@@ -35,10 +35,10 @@ except Exception:  # noqa: BLE001
     HAVE_TMA = False
 
 # Defaults by shape; benchmarks/kernel_bench.py sweeps alternatives (see docs/kernels.md).
-# H100 runs 1-2 (2026-11-27): data-parallel 128x256x64 / 8 warps / 3 stages reached 0.97-0.99x cuBLAS
-# at M >= 2048 (UG M=4096: 0.90-0.95). The stream-K region runs 2-2.5x slower per K step than the
-# data-parallel loop (as a while loop in run 1 and as a for loop in run 2: cause not found), so no
-# default uses it; small M takes 128x128 tiles. Table set from the run-2 sweep, not re-timed as a table.
+# On an H100, data-parallel 128x256x64 / 8 warps / 3 stages reaches 0.97-0.99x cuBLAS at M >= 2048
+# (UG M=4096: 0.90-0.95). The stream-K region runs 2-2.5x slower per K step than the data-parallel
+# loop (written as a while loop or as a for loop alike; cause not found), so no default uses it;
+# small M takes 128x128 tiles. The table comes from one sweep of the shapes, not re-timed as a whole.
 BIG = (128, 256, 64, 8, 8, 3, False, False)
 BIG_SK = (128, 256, 64, 8, 8, 3, True, False)
 MID = (128, 128, 64, 8, 8, 4, True, False)

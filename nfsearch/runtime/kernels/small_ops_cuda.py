@@ -8,7 +8,7 @@ vector loads need and falls back to the Triton impl otherwise.
 
 Grid: ``num_sms`` times the CTAs that fit on one SM at once (from the kernel's register count, at
 most ``CTAS_PER_SM``), each walking its share with a grid-stride loop: a grid larger than what is
-resident would leave a late second wave (seen on H100 run 1: 2x slower at 16-32 SMs).
+resident would leave a late second wave (2x slower at 16-32 SMs of an H100).
 """
 
 from __future__ import annotations
