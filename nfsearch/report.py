@@ -8,6 +8,7 @@ import html
 import io
 import json
 import re
+import textwrap
 from pathlib import Path
 
 from nfsearch.errors import NfsearchError
@@ -21,6 +22,9 @@ ROW_IN = 0.62                       # height of one stream row
 LEFT, RIGHT = 0.085, 0.99           # axes margins as fractions of the figure width
 LABEL_PT = 7.0                      # font size of the text on bars (a character is ~0.58 of it wide)
 SMALL_PT = 5.5                      # for bars only wide enough for "op#index" in a smaller font
+TITLE_PT = 9.0                      # a subplot's title: its timeline's label and figures
+TITLE_LINES = 3                     # at most; a longer label ends in "…" (the HTML summary has it whole)
+TITLE_LINE_IN = 0.16                # the height of one more title line
 
 
 def gantt_png(timelines: list[Timeline], path: str | Path, title: str = "") -> Path:
@@ -140,22 +144,23 @@ def _figure(timelines: list[Timeline], title: str):
     max_sms = max(s.sm_count for t in timelines for s in t.spans) or 1
     origin = [min(s.start_ms for s in t.spans) for t in timelines]
     x_end = max(t.makespan_ms for t in timelines)
+    axes_width_pt = (RIGHT - LEFT) * FIG_WIDTH_IN * 72
+    subtitles = [_subtitle(t, title_chars(axes_width_pt)) for t in timelines]
+    more_in = TITLE_LINE_IN * (max(s.count("\n") for s in subtitles))    # room for the longest one
     heights = [ROW_IN * len(streams) + 0.55 for _ in timelines]
-    top_in, bottom_in = (0.75 if title else 0.5), 0.55
-    fig = Figure(figsize=(FIG_WIDTH_IN, sum(heights) + top_in + bottom_in + 0.15 * len(timelines)))
+    top_in, bottom_in = (0.75 if title else 0.5) + more_in, 0.55
+    fig = Figure(figsize=(FIG_WIDTH_IN, sum(heights) + top_in + bottom_in
+                          + (0.15 + more_in) * len(timelines)))
     FigureCanvasAgg(fig)
     total_h = fig.get_figheight()
     fig.subplots_adjust(left=LEFT, right=RIGHT, top=1 - top_in / total_h, bottom=bottom_in / total_h,
-                        hspace=0.55 / (sum(heights) / len(heights)))
+                        hspace=(0.55 + more_in) / (sum(heights) / len(heights)))
     axes = fig.subplots(len(timelines), 1, sharex=True, squeeze=False)[:, 0]
-    axes_width_pt = (RIGHT - LEFT) * FIG_WIDTH_IN * 72
     pt_per_ms = axes_width_pt / (x_end * 1.01)
     multi_layer = any(t.num_layers > 1 for t in timelines)
     for k, (ax, timeline, t0) in enumerate(zip(axes, timelines, origin)):
         _draw(ax, timeline, t0, streams, max_sms, pt_per_ms, multi_layer, k)
-        ax.set_title(f"{timeline.label}   —   makespan {timeline.makespan_ms:.3f} ms, "
-                     f"{timeline.layer_time_ms:.3f} ms/layer over {timeline.num_layers} layer(s), "
-                     f"{len(timeline.spans)} spans", fontsize=9, loc="left")
+        ax.set_title(subtitles[k], fontsize=TITLE_PT, loc="left")
     axes[-1].set_xlim(0, x_end * 1.01)
     axes[-1].set_xlabel("time (ms" + (", from each timeline's first start)" if any(origin) else ")"),
                         fontsize=9)
@@ -171,6 +176,29 @@ def _figure(timelines: list[Timeline], title: str):
         fig.suptitle(title, x=LEFT, y=1 - 0.08 / total_h, ha="left", va="top", fontsize=12,
                      fontweight="bold")
     return fig
+
+
+def title_chars(width_pt: float) -> int:
+    """How many characters of a subplot title fit `width_pt` (a wide character is ~0.62 of the size)."""
+    return int(width_pt / (0.62 * TITLE_PT))
+
+
+def _subtitle(timeline: Timeline, width: int) -> str:
+    """A timeline's label and figures, wrapped to `width` characters in at most TITLE_LINES lines:
+    the figures always, the label shortened with "…" where it would need more (labels of calibrated
+    replays run to a thousand characters)."""
+    figures = (f"makespan {timeline.makespan_ms:.3f} ms, {timeline.layer_time_ms:.3f} ms/layer over "
+               f"{timeline.num_layers} layer(s), {len(timeline.spans)} spans")
+    one_line = f"{timeline.label}   —   {figures}"
+    if len(one_line) <= width:
+        return one_line
+    lines = textwrap.wrap(timeline.label, width, max_lines=TITLE_LINES - 1, placeholder=" …",
+                          break_on_hyphens=False) or [""]
+    if len(lines[-1]) + len(figures) + 7 <= width:
+        lines[-1] = f"{lines[-1]}   —   {figures}"
+    else:
+        lines.append(figures)
+    return "\n".join(lines)
 
 
 def _draw(ax, timeline: Timeline, t0: float, streams: list[str], max_sms: int, pt_per_ms: float,

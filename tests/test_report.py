@@ -1,5 +1,6 @@
 """Report writers: PNG, self-contained HTML, Perfetto trace, atomic writes."""
 
+import html
 import json
 import re
 import struct
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from nfsearch import report
 from nfsearch.errors import NfsearchError
 from nfsearch.report import gantt_html, gantt_png, perfetto_trace, write_all
 from nfsearch.timeline import Span, Timeline
@@ -63,6 +65,35 @@ def test_png_many_spans(tmp_path):
                   for k in range(400) for cls in [("compute", "memory", "other")[k % 3]])
     path = gantt_png([Timeline("dense", spans, 10)], tmp_path / "dense.png", "")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_long_labels_wrap_inside_the_figure(tmp_path):
+    """A replay's label can run to a thousand characters: each subplot title stays inside the figure,
+    in at most TITLE_LINES lines, the figures (makespan, ms/layer) kept; the HTML summary has it whole."""
+    from matplotlib.text import Text
+
+    label = "predicted (calibrated " + ", ".join(f"op{k} x1.{k:02d} solo, x0.9{k % 10} co-run" for k in range(40)) + ")"
+    assert len(label) > 900
+    timelines = [_timeline(label), _timeline("short label", shift=0.5)]
+    fig = report._figure(timelines, "a title")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    width = report.title_chars((report.RIGHT - report.LEFT) * report.FIG_WIDTH_IN * 72)
+    titles = [ax.get_title(loc="left") for ax in fig.axes]
+    for text, timeline in zip(titles, timelines):
+        lines = text.split("\n")
+        assert 1 <= len(lines) <= report.TITLE_LINES and all(len(line) <= width for line in lines)
+        assert f"makespan {timeline.makespan_ms:.3f} ms" in lines[-1]
+    assert titles[0].startswith("predicted (calibrated op0") and "…" in titles[0]
+    assert titles[1] == "short label   —   makespan 1.000 ms, 0.500 ms/layer over 2 layer(s), 6 spans"
+    drawn = [a for a in fig.findobj(Text) if a.get_text() in titles]
+    assert len(drawn) == 2
+    for artist in drawn:
+        box = artist.get_window_extent(renderer)
+        assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1
+    report._close(fig)
+    page = gantt_html(timelines, tmp_path / "g.html", "t").read_text()
+    assert html.escape(label) in page
 
 
 def test_html_self_contained(tmp_path):
