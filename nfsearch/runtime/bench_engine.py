@@ -198,7 +198,10 @@ def format_report(r: dict) -> str:
                      + ("" if s["is_steady_window"] else "  (no steady window: whole run)")),
         ("% of optimal (steady)", pct + (f" (P_gemm {r['p_gemm_tflops']:.0f} TFLOP/s)" if r["p_gemm_tflops"] else "")),
         ("mean decode / dense batch", f"{b['mean_decode_batch']:.1f} / {b['mean_dense_batch']:.1f} tokens, "
-                                      f"padding {100 * b['padding_fraction']:.1f}%"),
+                                      f"padding {100 * b['padding_fraction']:.1f}% (whole run)"),
+        ("steady mean decode batch", f"{steady['mean_decode_batch']:.1f} = "
+                                     f"{100 * steady['mean_decode_batch'] / max(e['max_concurrency'], 1):.0f}% of the "
+                                     f"{e['max_concurrency']} requests the KV cache holds"),
         ("TTFT s p50/p90/p99", _pcts(s["ttft_s"], 1.0, "{:.2f}")),
         ("TPOT ms p50/p90/p99", _pcts(s["tpot_s"], 1e3, "{:.1f}")),
         ("KV pages peak", f"{r['kv_pages']['peak_used']:,} of {r['kv_pages']['num_pages']:,} "

@@ -29,7 +29,12 @@ class Window:
     end_s: float
     num_iterations: int
     num_tokens: int
+    num_decode_rows: int
     gpu_busy_s: float
+
+    @property
+    def mean_decode_batch(self) -> float:
+        return self.num_decode_rows / max(self.num_iterations, 1)
 
     @property
     def wall_s(self) -> float:
@@ -41,12 +46,14 @@ class Window:
 
     def to_dict(self) -> dict:
         return asdict(self) | {"wall_s": self.wall_s, "idle_pct": self.idle_pct,
+                               "mean_decode_batch": self.mean_decode_batch,
                                "iterations_per_s": self.num_iterations / self.wall_s}
 
 
 def window(run: EngineRun, start_s: float, end_s: float) -> Window:
     its = [r for r in run.iterations if start_s <= r.launch_s <= end_s]
-    return Window(start_s, end_s, len(its), sum(r.num_tokens for r in its), sum(r.gpu_ms for r in its) / 1e3)
+    return Window(start_s, end_s, len(its), sum(r.num_tokens for r in its), sum(r.num_decode for r in its),
+                  sum(r.gpu_ms for r in its) / 1e3)
 
 
 @dataclass
