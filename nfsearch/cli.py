@@ -647,11 +647,13 @@ def tune_cmd(plans_dir, top_k, time_limit_s, num_layers, profile_path, output, m
 @click.option("--gpu-memory-utilization", "utilization", type=FiniteFloatRange(0.05, 1.0), default=0.9,
               show_default=True, help="Share of GPU memory for weights, activations and the KV cache.")
 @click.option("--page-size", type=click.IntRange(1, 1024), default=16, show_default=True, help="KV page, tokens.")
-@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True)
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
+              help="Where the engine runs: cuda (Triton paged attention, CUDA graphs) or cpu (torch ops).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), help="Default: bf16 on cuda, fp32 on cpu.")
 @click.option("--compare", "is_compare", is_flag=True,
               help="Alternate the plan's kernels with a baseline layer every 100 iterations; report both.")
-@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+              help="Seed of the random weights, the synthetic trace and the prompts' token ids.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="JSON report (default: ./out/bench-*.json).")
 def bench_cmd(model, trace_spec, num_requests, dense_batch, utilization, page_size, device, dtype, is_compare, seed,
               output):
