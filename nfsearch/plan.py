@@ -3,7 +3,13 @@
 A Schedule is what stage 2 of the search, or a hand-made plan, hands to the simulator and the
 executor: every nano-op of the unrolled layers with its stream, issue order, SM count, impl,
 dependencies and predicted start/end, and four typed sections (PlanGpu, PlanProfile, Predicted,
-SolverInfo), each with one JSON form (to_dict/from_dict) that the schema plan-v1.json describes.
+SolverInfo), each with one JSON form (to_dict/from_dict) that the schema plan-v2.json describes.
+
+Version 2 adds a nano-op's `after`: nano-ops of other streams it starts after, though it reads
+nothing of theirs. They carry the cross-stream order the search chose (stage 2 holds a small op
+back so that a whole-GPU op goes first), which the replay and the executor honour like data
+dependencies (an event wait each); without them a stream starts its head as soon as its inputs are
+ready. Version 1 plans (no `after`) still load.
 """
 
 import json
@@ -18,7 +24,8 @@ from nfsearch.errors import NfsearchError
 from nfsearch.files import read_json, write_text_atomic
 from nfsearch.specs import ModelSpec, Workload
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READ_VERSIONS = (1, 2)
 
 # Impl names a plan may carry. The runtime registry (nfsearch/runtime/kernels IMPLS) may only use
 # names from RUNTIME_IMPLS (a CPU test checks it); profiles nobody measured label their rows with
@@ -244,6 +251,7 @@ class PlannedOp:
     deps: tuple[str, ...]
     start_ms: float             # 0/0 in a draft that replay has not timed yet
     end_ms: float
+    after: tuple[str, ...] = ()  # nano-ops of other streams it starts after: an order, not data (v2)
 
     def __post_init__(self):
         for key in ("start_ms", "end_ms"):
@@ -266,13 +274,17 @@ class PlannedOp:
         d = asdict(self)
         d["tokens"] = list(self.tokens)
         d["deps"] = list(self.deps)
+        del d["after"]
+        if self.after:              # (left out where empty: a plan without an order reads as before)
+            d["after"] = list(self.after)
         d["start_ms"] = round(self.start_ms, 6)
         d["end_ms"] = round(self.end_ms, 6)
         return d
 
     @classmethod
     def from_dict(cls, data: dict) -> "PlannedOp":
-        return _from_fields(cls, {**data, "tokens": tuple(data["tokens"]), "deps": tuple(data["deps"])},
+        return _from_fields(cls, {**data, "tokens": tuple(data["tokens"]), "deps": tuple(data["deps"]),
+                                  "after": tuple(data.get("after", ()))},
                             f"nano-op {data.get('id', '?')}")
 
 
@@ -439,6 +451,22 @@ def check_structure(schedule: Schedule, where: str = "plan") -> None:
                 raise NfsearchError(f"{where}: nano-op {op.id} depends on unknown {dep}")
             if by_id[dep].order >= op.order:
                 raise NfsearchError(f"{where}: nano-op {op.id} is issued before its dependency {dep}")
+        _check_after(op, by_id, where)
+
+
+def _check_after(op: PlannedOp, by_id: dict[str, PlannedOp], where: str) -> None:
+    """An op's `after`: known nano-ops of other streams (its own stream's order says the rest),
+    issued earlier, none of them also a data dependency."""
+    for other in op.after:
+        if other not in by_id:
+            raise NfsearchError(f"{where}: nano-op {op.id} starts after unknown {other}")
+        if by_id[other].order >= op.order:
+            raise NfsearchError(f"{where}: nano-op {op.id} is issued before {other}, which it starts after")
+        if by_id[other].stream == op.stream:
+            raise NfsearchError(f"{where}: nano-op {op.id} starts after {other} of its own stream "
+                                f"(its stream's order already says so)")
+        if other in op.deps:
+            raise NfsearchError(f"{where}: nano-op {op.id} names {other} both as a dependency and in 'after'")
 
 
 # JSON Schema counts 2.0 as an integer; a plan's counts and indices must be true integers
@@ -449,7 +477,7 @@ _StrictValidator = jsonschema.validators.extend(
 
 
 def _schema() -> dict:
-    return json.loads((resources.files("nfsearch") / "schema" / "plan-v1.json").read_text())
+    return json.loads((resources.files("nfsearch") / "schema" / "plan-v2.json").read_text())
 
 
 def _short(message: str) -> str:

@@ -46,12 +46,18 @@ def _op(data, op_id):
 
 # ---- round trips ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("path", [SPLIT2, SEQUENTIAL])
-def test_fixture_round_trip_byte_identical(tmp_path, path):
+@pytest.mark.parametrize("path,version", [(SPLIT2, 2), (SEQUENTIAL, 1)])
+def test_fixture_round_trip_byte_identical(tmp_path, path, version):
+    """A plan writes back the same bytes; a version-1 plan (no nano-op 'after': the sequential
+    fixture) loads and writes back as version 2, the same but for the version."""
     schedule = plan.read(path)
     verify(schedule)
     plan.write(schedule, tmp_path / "p.json")
-    assert (tmp_path / "p.json").read_bytes() == path.read_bytes()
+    old = path.read_bytes()
+    assert old.startswith(b'{\n "schema_version": %d,' % version)
+    assert (tmp_path / "p.json").read_bytes() == old.replace(b'"schema_version": 1', b'"schema_version": 2', 1)
+    again = plan.read(tmp_path / "p.json")
+    assert again == schedule and all(o.after == () for o in again.nano_ops)
 
 
 @pytest.mark.parametrize("make", [sequential_plan, lambda p: equal_split_plan(p, 2),
@@ -70,7 +76,9 @@ def test_generated_plan_round_trip(tmp_path, make):
 
 def test_fixtures_are_what_handmade_makes():
     assert plan.to_json(equal_split_plan(_problem(), 2)) == SPLIT2.read_text()
-    assert plan.to_json(sequential_plan(_problem(1))) == SEQUENTIAL.read_text()
+    # (the sequential fixture stays a version-1 plan: the same but for the version)
+    assert plan.to_json(sequential_plan(_problem(1))) == SEQUENTIAL.read_text().replace(
+        '"schema_version": 1', '"schema_version": 2', 1)
 
 
 def test_stated_times_are_replay():
@@ -121,7 +129,7 @@ def _set(d, value, *path):
     (lambda d: _set(d, [0], "nano_ops", 1, "tokens"), "nano_ops/1/tokens"),
     (lambda d: _set(d, "L0.x#0", "nano_ops", 1, "deps"), "nano_ops/1/deps"),
     (lambda d: _set(d, "gpu-ish", "nano_ops", 1, "op_class"), "nano_ops/1/op_class"),
-    (lambda d: _set(d, 2, "schema_version"), "schema_version"),
+    (lambda d: _set(d, 3, "schema_version"), "schema_version"),
     (lambda d: _set(d, 1, "extra"), "(top)"),
     (lambda d: _set(d, True, "nano_ops", 2, "start_ms"), "nano_ops/2/start_ms"),
     (lambda d: _set(d, [], "nano_ops"), "nano_ops"),
@@ -152,6 +160,45 @@ def test_schema_violations_one_line(change, where):
     (lambda d: d["workload"].update(num_decode=0, prefill_lengths=[]), "no tokens"),
 ])
 def test_structure_errors(change, match):
+    data = _data()
+    change(data)
+    with pytest.raises(NfsearchError, match=match) as err:
+        _load(data)
+    assert "\n" not in str(err.value)
+
+
+def _v2(d, op_id="L0.norm1#1", after=("L0.decode_attn#1",)):
+    """Version 2: `op_id` starts after `after` (nano-ops of other streams that end before it starts)."""
+    d["schema_version"] = 2
+    _op(d, op_id)["after"] = list(after)
+
+
+def test_after_round_trips_and_is_checked_against_stated_times(tmp_path):
+    data = _data()
+    _v2(data)
+    schedule = _load(data)
+    assert schedule.by_id()["L0.norm1#1"].after == ("L0.decode_attn#1",)
+    plan.write(schedule, tmp_path / "p.json")
+    again = json.loads((tmp_path / "p.json").read_text())
+    assert again["schema_version"] == 2 and _op(again, "L0.norm1#1")["after"] == ["L0.decode_attn#1"]
+    assert "after" not in _op(again, "L0.kqv#0")          # left out where empty
+    assert plan.read(tmp_path / "p.json") == schedule
+    # stated to start before the op it is ordered after ends: verify refuses it
+    _op(data, "L0.norm1#1").update(start_ms=0.5, end_ms=0.56)        # (decode_attn#1 ends at 0.90)
+    with pytest.raises(PlanInvalid, match="violates its order: L0.norm1#1 starts"):
+        _load(data)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda d: _v2(d, after=["L0.nope#0"]), "starts after unknown L0.nope#0"),
+    (lambda d: _v2(d, after=["L0.kqv#1"]), "issued before L0.kqv#1"),
+    (lambda d: _v2(d, after=["L0.rope_append#0"]), "of its own stream"),
+    (lambda d: _v2(d, "L0.kqv#0", ["L0.norm1#0"]), "both as a dependency and in 'after'"),
+    (lambda d: (_v2(d), d.update(schema_version=1)), "plan schema at"),          # version 1 has no 'after'
+    (lambda d: _v2(d, after=["L0.decode_attn#1", "L0.decode_attn#1"]), "plan schema at nano_ops/9/after"),
+])
+def test_bad_after_refused_one_line(change, match):
+    """'after': known nano-ops of other streams, issued earlier, not also deps; version 2 only."""
     data = _data()
     change(data)
     with pytest.raises(NfsearchError, match=match) as err:
