@@ -111,6 +111,7 @@ class StepRunner:
             for bucket in sorted(self.buffers, reverse=True):
                 self._capture(variant, bucket, is_greedy)
         torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()            # the warm-ups' temporaries: the graphs' pool holds their own
         self.capture_s += time.perf_counter() - t0
 
     def _capture(self, variant: str, bucket: Bucket, is_greedy: bool):
