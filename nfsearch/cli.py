@@ -338,11 +338,11 @@ def solve(profile_path, solver, time_limit_s, threads, seed, num_layers, chunk, 
                                     progress=lambda msg: _echo(f"  {msg}", err=True))
     with _all_or_none([output]):
         plan.write(schedule, output)
+    from nfsearch.simulate import judge
     p = schedule.predicted
-    layer, seq, bound = p.layer_time_ms, p.sequential_layer_time_ms, p.bound_ms
-    from nfsearch.simulate import replay
-    power = problem.cost.power_bound()
-    own = None if power is None else replay(schedule, problem.cost).power_bound
+    seq, bound = p.sequential_layer_time_ms, p.bound_ms
+    judged, power = judge(schedule, problem.cost), problem.cost.power_bound()
+    layer, own = judged.replayed_layer_ms, judged.power_bound
     if own is None or own.bound_ms <= layer:
         capped = ""
     elif own.bound_ms == power.bound_ms:
@@ -350,10 +350,9 @@ def solve(profile_path, solver, time_limit_s, threads, seed, num_layers, chunk, 
     else:
         capped = (f"; power-bound at {own.bound_ms:.3f} ms with its overlaps' measured energy, sequential at "
                   f"{power.bound_ms:.3f}")
-    _echo(f"wrote {output}: layer {layer:.3f} ms replayed vs sequential {seq:.3f} ms ({seq / layer:.2f}x{capped}); "
+    _echo(f"wrote {output}: per layer: {layer:.3f} ms replayed vs sequential {seq:.3f} ms ({seq / layer:.2f}x{capped}); "
                f"roofline bound {bound:.3f} ms (the plan reaches {bound / layer:.0%} of it); solver "
-               f"{schedule.solver.name}, stage-2 gap {_gap(schedule.solver.gap)}; "
-               f"{problem.profile.label}")
+               f"{schedule.solver.name}, {_gap_line(schedule.solver)}; {problem.profile.label}")
 
 
 @main.command()
@@ -368,7 +367,7 @@ def solve(profile_path, solver, time_limit_s, threads, seed, num_layers, chunk, 
 def simulate(plan_path, profile_path, out_prefix, allow_extrapolation):
     """Check a plan's constraints, replay it through the cost model, write Gantt and trace."""
     from nfsearch import plan
-    from nfsearch.simulate import check_and_replay, corun_sources, power_line, sources_line
+    from nfsearch.simulate import check_and_judge, corun_sources, power_line, sources_line
     schedule = plan.read(plan_path)
     if out_prefix is not None:
         if not out_prefix:
@@ -378,20 +377,20 @@ def simulate(plan_path, profile_path, out_prefix, allow_extrapolation):
     paths = [prefix.with_name(prefix.name + suffix) for suffix in (".html", ".png", ".trace.json")]
     _check_outputs(paths, (), may_create_out=out_prefix is None)     # all three before any is written
     problem = _problem(schedule.model, schedule.workload, profile_path, schedule.num_layers, allow_extrapolation)
-    result = check_and_replay(schedule, problem.cost, is_profile_given=profile_path is not None)
+    result = check_and_judge(schedule, problem.cost, is_profile_given=profile_path is not None)
     if problem.profile.fingerprint() != schedule.profile.fingerprint:
         _echo(f"note: plan was made with profile {schedule.profile.fingerprint}, replaying with "
                    f"{problem.profile.fingerprint()} ({problem.profile.label})", err=True)
     title = f"{schedule.model.name} {schedule.workload.name} on {schedule.gpu.name}"
     power = power_line(result, problem.cost)
     with _all_or_none(paths):
-        written = report_mod.write_all([result.timeline], prefix, title, (power,))
+        written = report_mod.write_all([result.replay.timeline], prefix, title, (power,))
     p = schedule.predicted
     seq, bound = p.sequential_layer_time_ms, p.bound_ms
-    layer = result.timeline.layer_time_ms
+    layer = result.replayed_layer_ms
     _echo(f"plan {plan_path}: valid ({len(schedule.nano_ops)} nano-ops, {len(schedule.streams)} streams, "
                f"{schedule.num_layers} layers)")
-    _echo(f"replayed layer time {layer:.3f} ms (plan states {p.layer_time_ms:.3f}); "
+    _echo(f"per layer: replayed layer time {layer:.3f} ms (plan states {p.layer_time_ms:.3f}); "
                f"sequential {seq:.3f} ms -> {seq / layer:.2f}x; roofline bound {bound:.3f} ms -> {bound / layer:.0%}")
     _echo(power)
     sources = sources_line(corun_sources(schedule, problem.cost))
@@ -767,8 +766,11 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "plan"
 
 
-def _gap(gap) -> str:
-    return "n/a" if gap is None else f"{gap:.2%}"
+def _gap_line(info) -> str:
+    """The plan's stage-2 gap, or where a plan with none comes from (a stage-1 incumbent, a baseline)."""
+    if info.gap is not None:
+        return f"stage-2 gap {info.gap:.2%}"
+    return f"no stage-2 gap ({info.source or info.name})"
 
 
 def _progress_bar(done: int, total: int, eta_s: float, what: str) -> None:

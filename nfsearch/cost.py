@@ -674,11 +674,6 @@ class CostModel:
                        note=f"{bound.note}; overlaps {extra / num_layers:+.3f} J per layer from {num_priced} "
                             f"measured pair energies{unpriced}")
 
-    def predicted_layer_ms(self, replayed_layer_ms: float) -> float:
-        """max(the replayed layer time, the power bound) (the replay's alone without energy)."""
-        bound = self.power_bound()
-        return replayed_layer_ms if bound is None else bound.layer_ms(replayed_layer_ms)
-
     def describe_sources(self) -> str:
         """The interference sources, for plans and timelines."""
         if self.pairs is not None:

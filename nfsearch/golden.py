@@ -14,10 +14,15 @@ A cases file (YAML) lists the cases and the tolerance:
         time_limit_s: 5
         threads: 2
         seed: 0
+        plan_from: search             # "search" (default: the plan solve writes) or "stage2": the
+                                      # best stage-2 solution alone, so that a broken stage 2 fails
+                                      # the check even where an incumbent or a baseline would win
 
-Re-scoring: the golden plan's SM counts and issue order are replayed (simulate.replay) with today's
-profile and cost model, so a change of the model moves the golden and the new plan alike and the
-check keeps comparing like with like (the stored predicted time is shown beside it, not used).
+Re-scoring: the golden plan's SM counts and issue order are judged (simulate.judge: its replay, and
+its power bound where the profile prices overlaps, as the search ranks plans) with today's profile
+and cost model, so a change of the model moves the golden and the new plan alike and the check
+keeps comparing like with like (the stored predicted time is shown beside it, not used). Times are
+of the whole plan (all its unrolled layers).
 
 A case fails when the golden plan is unreadable or invalid, when it can no longer be replayed (the
 model's graph or the profile no longer fit it: `check --update` replaces it, and says so), when
@@ -36,8 +41,7 @@ from nfsearch.files import read_yaml
 from nfsearch.cost import default_profile, make_problem
 from nfsearch.profile import load as load_profile
 from nfsearch import search
-from nfsearch.search.solve import judged_makespan_ms
-from nfsearch.simulate import verify
+from nfsearch.simulate import judge, verify
 from nfsearch.specs import load_gpu, load_model, load_workload
 
 DEFAULT_TOLERANCE = 0.002
@@ -71,7 +75,7 @@ class CheckResult:
             figures = ""
             if c.golden_ms is not None and c.new_ms is not None:
                 stored = f" (stored {c.stored_ms:.4f})" if c.stored_ms is not None else ""
-                figures = (f" golden re-scored {c.golden_ms:.4f} ms{stored}, new plan {c.new_ms:.4f} ms "
+                figures = (f" per plan: golden re-scored {c.golden_ms:.4f} ms{stored}, new plan {c.new_ms:.4f} ms "
                            f"({c.new_ms / c.golden_ms - 1:+.2%})")
             lines.append(f"{'ok  ' if c.ok else 'FAIL'} {c.name}:{figures} {c.message}".rstrip())
             lines += [f"     {d}" for d in c.diff]
@@ -103,7 +107,8 @@ def load_cases(cases_file: str | Path) -> tuple[list[dict], float]:
 # case keys and their types (the search checks the values themselves: seeds, threads, limits)
 _CASE_TYPES = {"name": str, "model": str, "workload": str, "plan": str, "profile": str, "gpu": str,
                "solver": str, "time_limit_s": (int, float), "threads": int, "seed": int, "chunk": int,
-               "num_layers": int}
+               "num_layers": int, "plan_from": str}
+PLAN_FROM = ("search", "stage2")
 
 
 _KIND_NAMES = {"time_limit_s": "a number", "threads": "an integer", "seed": "an integer", "chunk": "an integer",
@@ -117,6 +122,8 @@ def _check_case_types(case: dict, where: str) -> None:
             raise NfsearchError(f"{where}: unknown key {key!r} (known: {', '.join(_CASE_TYPES)})")
         if isinstance(value, bool) or not isinstance(value, kind):
             raise NfsearchError(f"{where}: {key} must be {_KIND_NAMES.get(key, 'a string')}, not {value!r}")
+        if key == "plan_from" and value not in PLAN_FROM:
+            raise NfsearchError(f"{where}: plan_from must be one of {', '.join(PLAN_FROM)}, not {value!r}")
 
 
 def problem_for(case: dict, base: Path):
@@ -139,7 +146,13 @@ def solve_case(case: dict, base: Path):
 def solve_problem(case: dict, problem):
     return search.solve(problem, solver=case.get("solver", "cpsat"),
                         time_limit_s=float(case.get("time_limit_s", 5)), threads=case.get("threads", 2),
-                        seed=case.get("seed", 0), chunk=case.get("chunk", 128))
+                        seed=case.get("seed", 0), chunk=case.get("chunk", 128),
+                        only_stage2=case.get("plan_from", "search") == "stage2")
+
+
+def judged_ms(problem, schedule) -> float:
+    """What the check compares, per plan: simulate.judge's ranked time (as the search ranks plans)."""
+    return judge(schedule, problem.cost).ranked_makespan_ms
 
 
 def run_check(cases_file: str | Path, tolerance: float | None = None, progress=None) -> CheckResult:
@@ -160,11 +173,10 @@ class GoldenUnreplayable(NfsearchError):
 
 
 def rescore(golden, problem) -> float:
-    """The golden plan's makespan under today's model (its SM counts and issue order replayed), as the
-    search judges plans (search.solve.judged_makespan_ms: with pair energy points, its power bound too)."""
+    """The golden plan's time under today's model (its SM counts and order judged), per plan."""
     try:
         verify(golden)
-        return judged_makespan_ms(problem, golden)
+        return judged_ms(problem, golden)
     except NfsearchError as exc:
         raise GoldenUnreplayable(str(exc)) from None
 
@@ -187,7 +199,7 @@ def _check_case(case: dict, base: Path, tol: float) -> CaseResult:
         schedule, _ = solve_problem(case, problem)
     except NfsearchError as exc:
         return CaseResult(name, False, golden_ms, None, f"re-solve failed: {exc}", stored_ms=stored_ms)
-    new_ms = judged_makespan_ms(problem, schedule)
+    new_ms = judged_ms(problem, schedule)
     try:
         verify(schedule)
     except NfsearchError as exc:
@@ -241,7 +253,7 @@ def update_goldens(cases_file: str | Path, progress=None) -> list[str]:
         problem = problem_for(case, base)
         schedule, _ = solve_problem(case, problem)
         verify(schedule)
-        new_ms = judged_makespan_ms(problem, schedule)
+        new_ms = judged_ms(problem, schedule)
         is_stale = False            # made with another profile: `simulate` would refuse to replay it
         try:
             golden = plan_io.read(path)

@@ -26,7 +26,7 @@ from nfsearch.timeline import Timeline, timeline_from_dict, timeline_to_dict
 
 HOWS = ("cuda-graph", "eager", "cpu")
 BASELINES = ("seq-torch", "seq-same", "seq-compiled")
-WAIT_KINDS = ("data", "capacity", "stream")
+WAIT_KINDS = ("data", "order", "capacity", "stream")     # a launch's waits (runtime/launch.py)
 
 
 def _require(ok: bool, message: str) -> None:

@@ -4,22 +4,25 @@
 cover every op exactly, every data dependency is declared, dependencies finish before dependants
 start, one op at a time per stream in issue order, and the SMs in use never exceed the GPU's.
 `replay` then runs the plan as the executor would: each stream issues its ops in order, an op starts
-once its stream is free (plus the cost model's launch gap), its dependencies are done (plus the
+once its stream is free (plus the cost model's launch gap), its dependencies and the ops it is
+ordered after (plan v2's `after`: the cross-stream order the search chose) are done (plus the
 cross-stream event wait for those on other streams) and its SMs are free; ops that run beside ops of
 another class progress at the interference model's stretched rate; ops of one class side by side
 never together go faster than the whole GPU would run them one after another (the class's ceiling).
 Times that are not finite and positive are refused; every replay step retires an op, so it ends.
 
-Power: where the profile has energy, the replay carries the cost model's power bound of one layer
-(cost.py; with pair energy points, the plan's own: its overlaps priced by the measured pairs) and its
-predicted layer time is max(the replayed makespan per layer, the bound); the replayed timeline itself
-is the kernels' schedule and is not stretched.
+`judge` gives THE predicted time of a plan, which solve, simulate, check and tune all use: its
+replay, and where the profile has energy the cost model's power bound of one layer (cost.py; with
+pair energy points, the plan's own: its overlaps priced by the measured pairs); the predicted layer
+time is max(the replayed makespan per layer, the bound). The replayed timeline itself is the
+kernels' schedule and is not stretched. The search's margin against the sequential plan is the
+judgement's too (Judgement.beats).
 """
 
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
+from functools import lru_cache
 
 import networkx as nx
 
@@ -54,29 +57,68 @@ class Replay:
     stated: Timeline            # the plan's own predicted times
     cost: CostModel = field(repr=False, compare=False)
 
-    @cached_property
-    def power_bound(self) -> PowerBound | None:
-        """Of one layer, where the profile has energy: the plan's own (cost.plan_power_bound). Asked
-        for, not made with every replay: the search replays hundreds of drafts and judges few."""
-        return self.cost.plan_power_bound(self.timeline.spans, self.timeline.num_layers)
-
     @property
     def makespan_ms(self) -> float:
+        """Of the whole plan (all its layers), replayed."""
         return self.timeline.makespan_ms
 
     @property
     def replayed_layer_ms(self) -> float:
+        """Per layer: the replayed makespan / the plan's layers."""
         return self.timeline.layer_time_ms
 
+
+@dataclass(frozen=True)
+class Judgement:
+    """A plan's predicted time: its replay and, where the profile has energy, the power bound of one
+    layer (the plan's own where the profile has pair energy points: `is_own_bound`)."""
+    replay: Replay
+    power_bound: PowerBound | None
+    is_own_bound: bool
+
     @property
-    def layer_time_ms(self) -> float:
-        """The predicted layer time: the replay's, or the power bound where that is slower."""
+    def replayed_layer_ms(self) -> float:
+        return self.replay.replayed_layer_ms
+
+    @property
+    def layer_ms(self) -> float:
+        """THE predicted time per layer: the replay's, or the power bound where that is slower."""
         bound = self.power_bound
         return self.replayed_layer_ms if bound is None else bound.layer_ms(self.replayed_layer_ms)
 
     @property
+    def makespan_ms(self) -> float:
+        """THE predicted time of the whole plan (all its layers): layer_ms x layers."""
+        return self.layer_ms * self.replay.timeline.num_layers
+
+    @property
     def is_power_bound(self) -> bool:
         return self.power_bound is not None and self.power_bound.is_binding(self.replayed_layer_ms)
+
+    @property
+    def ranked_layer_ms(self) -> float:
+        """What plans are compared by (the margin, `nfsearch check`), per layer: layer_ms where each
+        plan has its own bound; the replay's alone where the bound is the layer's, which every split
+        shares and which so cannot tell an overlap that pays at the cap (W2 on an H100, 1.06x) from
+        one that does not (W3, 0.96x)."""
+        return self.layer_ms if self.is_own_bound else self.replayed_layer_ms
+
+    @property
+    def ranked_makespan_ms(self) -> float:
+        """ranked_layer_ms for the whole plan (all its layers): what the search minimises."""
+        return self.ranked_layer_ms * self.replay.timeline.num_layers
+
+    def beats(self, other: "Judgement", min_gain: float) -> bool:
+        """Whether this plan is predicted at least `min_gain` (a fraction) faster than `other`."""
+        return self.ranked_layer_ms <= other.ranked_layer_ms * (1.0 - min_gain)
+
+
+def judge(schedule: Schedule, cost: CostModel) -> Judgement:
+    """`schedule` replayed through `cost`, with its power bound (the module doc)."""
+    result = replay(schedule, cost)
+    energy = cost.energy
+    is_own = energy is not None and bool(energy.pair_points) and cost.power_bound() is not None
+    return Judgement(result, cost.plan_power_bound(result.timeline.spans, schedule.num_layers), is_own)
 
 
 def plan_dynamic_energy_j(schedule: Schedule, cost: CostModel) -> float:
@@ -94,13 +136,13 @@ def power_bound_for(schedule: Schedule, profile) -> tuple[PowerBound | None, str
         return bound, note
     try:
         cost = make_problem(schedule.model, schedule.workload, profile, schedule.num_layers).cost
-        own = replay(schedule, cost).power_bound
+        own = judge(schedule, cost).power_bound
     except NfsearchError as exc:          # a profile that cannot replay this plan: the layer's bound
         return bound, f"{note}; the plan's overlaps not priced ({str(exc)[:160]})"
     return own, own.note
 
 
-def power_line(result: Replay, cost: CostModel) -> str:
+def power_line(result: Judgement, cost: CostModel) -> str:
     """One line: the power bound and whether it binds the replayed plan, or why there is none."""
     if result.power_bound is None:
         return cost.power_note
@@ -190,8 +232,8 @@ def _peak_by_size(comp: list[PlannedOp]) -> dict[int, int]:
     return peak
 
 
-def check_and_replay(schedule: Schedule, cost: CostModel, is_profile_given: bool) -> Replay:
-    """verify + replay against `cost`. A profile other than the one the plan was made with (another
+def check_and_judge(schedule: Schedule, cost: CostModel, is_profile_given: bool) -> Judgement:
+    """verify + judge (replay, power bound) against `cost`. A profile other than the one the plan was made with (another
     fingerprint) is refused unless the user named it explicitly (`is_profile_given`)."""
     fingerprint = cost.profile.fingerprint()
     if fingerprint != schedule.profile.fingerprint and not is_profile_given:
@@ -199,7 +241,7 @@ def check_and_replay(schedule: Schedule, cost: CostModel, is_profile_given: bool
                             f"({schedule.profile.label}), not {fingerprint} ({cost.profile.label}); "
                             f"name a profile explicitly to replay it with another")
     verify(schedule)
-    return replay(schedule, cost)
+    return judge(schedule, cost)
 
 
 def replay(schedule: Schedule, cost: CostModel) -> Replay:
@@ -251,8 +293,8 @@ def stated_timeline(schedule: Schedule) -> Timeline:
 
 
 def _start_ready(queues, running, done, by_id, num_sms, now, wait_ms, gap_ms, free_at) -> float | None:
-    """Start every stream head whose inputs are ready and whose SMs are free; an input from another
-    stream is ready `wait_ms` after it ends (the cross-stream event wait), and a head starts
+    """Start every stream head whose inputs (and the ops it is ordered after) are ready and whose SMs
+    are free; an input from another stream is ready `wait_ms` after it ends (the cross-stream event wait), and a head starts
     `gap_ms` after its stream's previous op ends (the launch gap). Returns the earliest later
     moment a head becomes ready (None if none waits on a wait or a gap)."""
     used = sum(entry[0].sm_count for entry in running.values())
@@ -260,9 +302,10 @@ def _start_ready(queues, running, done, by_id, num_sms, now, wait_ms, gap_ms, fr
                     any(r[0].stream == q[0].stream for r in running.values())), key=lambda o: o.order)
     later = None
     for op in heads:
-        if not all(d in done for d in op.deps):
+        needs = op.deps + op.after
+        if not all(d in done for d in needs):
             continue
-        ready = max((done[d] + (wait_ms if by_id[d].stream != op.stream else 0.0) for d in op.deps), default=0.0)
+        ready = max((done[d] + (wait_ms if by_id[d].stream != op.stream else 0.0) for d in needs), default=0.0)
         if op.stream in free_at:
             ready = max(ready, free_at[op.stream] + gap_ms)
         if ready > now + 1e-12:
@@ -344,7 +387,7 @@ def _dep_graph(schedule: Schedule) -> nx.DiGraph:
     if cached is None:
         cached = nx.DiGraph()
         cached.add_nodes_from(op.id for op in schedule.nano_ops)
-        cached.add_edges_from((d, op.id) for op in schedule.nano_ops for d in op.deps)
+        cached.add_edges_from((d, op.id) for op in schedule.nano_ops for d in op.deps + op.after)
         ordered = sorted(schedule.nano_ops, key=lambda o: o.order)
         for stream in schedule.streams:
             same = [o.id for o in ordered if o.stream == stream]
@@ -356,9 +399,10 @@ def _dep_graph(schedule: Schedule) -> nx.DiGraph:
 def _check_times(schedule: Schedule) -> None:
     by_id = schedule.by_id()
     for op in schedule.nano_ops:
-        for dep in op.deps:
+        for dep in op.deps + op.after:
             if by_id[dep].end_ms > op.start_ms + TOLERANCE_MS:
-                raise PlanInvalid(f"plan violates its dependencies: {op.id} starts at {op.start_ms:.4f} ms "
+                what = "dependencies" if dep in op.deps else "order"
+                raise PlanInvalid(f"plan violates its {what}: {op.id} starts at {op.start_ms:.4f} ms "
                                   f"before {dep} ends at {by_id[dep].end_ms:.4f} ms")
     ordered = sorted(schedule.nano_ops, key=lambda o: o.order)
     for stream in schedule.streams:

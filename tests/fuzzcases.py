@@ -528,8 +528,12 @@ def _plan_mutations() -> list[tuple]:
         m.append(_set("profile.fingerprint", v, BAD))
     m.append(_set("profile.fingerprint", "0123456789abcdef", BAD))   # another profile's plan: needs --profile
     m.append(_set("profile.source", "guessed", BAD))
-    m.append(_set("schema_version", 2, BAD))
+    m.append(_set("schema_version", 3, BAD))
     m.append(_set("schema_version", "1", BAD))
+    # version 2's 'after' (a nano-op's cross-stream order): unknown ids, wrong types; [] is valid in v2 only
+    for v in (["L0.nope#0"], "L0.norm1#0", [7], None):
+        m.append(_set("op.after", v, BAD))
+    m.append(_set("op.after", [], ANY))
     m.append(_set("unknown_top_key", 1, BAD))
     m.append(_set("model.unknown", 1, BAD))
     m.append(_set("op.unknown", 1, BAD))
@@ -662,8 +666,8 @@ def fam_plan_raw(rng: random.Random, n: int) -> list[Case]:
         "latin1-garbage": bytes(range(256)),
         "nul-bytes": b"\x00" * 64,
         "surrogate-pass-utf8": Maker(lambda b: solved_text(b).replace(b'"name": "', b'"name": "\xed\xb2\x80', 1)),
-        "duplicate-keys": Maker(lambda b: solved_text(b).replace(b'{\n "schema_version": 1,',
-                                                               b'{\n "schema_version": 1,\n "schema_version": 2,', 1)),
+        "duplicate-keys": Maker(lambda b: solved_text(b).replace(b'{\n "schema_version": ',
+                                                               b'{\n "schema_version": 3,\n "schema_version": ', 1)),
         "yaml-not-json": b"schema_version: 1\n",
         "gz": b"\x1f\x8b\x08\x00" + b"\x00" * 20,
     }

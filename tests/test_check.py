@@ -1,5 +1,7 @@
 """Golden regression: the committed goldens pass; a worsened or corrupted golden fails readably."""
 
+import dataclasses
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -25,7 +27,7 @@ def _one_case(tmp_path, name="W1"):
 def test_goldens_pass():
     result = run_check(GOLDEN / "cases.yaml")
     assert result.ok, result.report()
-    assert {c.name for c in result.cases} == {"W1", "W2", "W3", "W4"}
+    assert {c.name for c in result.cases} == {"W1", "W2", "W3", "W4", "W2-stage2"}
 
 
 def test_stored_figure_is_not_what_is_compared(tmp_path):
@@ -57,6 +59,46 @@ def test_worsened_solver_fails_the_check(tmp_path, monkeypatch):
     assert not result.ok
     assert "FAIL W2" in result.report() and "slower than the re-scored golden" in result.report()
     assert result.cases[0].new_ms > result.cases[0].golden_ms
+
+
+def _stage2_case(tmp_path):
+    """The golden case whose plan is stage 2's own (plan_from: stage2), alone in a cases file."""
+    shutil.copy(GOLDEN / "W2-stage2.plan.json", tmp_path / "W2-stage2.plan.json")
+    (tmp_path / "cases.yaml").write_text(
+        "tolerance: 0.002\ncases:\n  - {name: W2-stage2, model: llama-3-8b, workload: W2, profile: default, "
+        "plan: W2-stage2.plan.json, solver: cpsat, time_limit_s: 5, threads: 2, seed: 0, plan_from: stage2}\n")
+    return tmp_path / "cases.yaml"
+
+
+def _crippled_stage2(monkeypatch):
+    """Stage 2 forced to an equal 64/68 SM split (the split side of every structure: 64 SMs for the
+    overlappers, 68 for their partners), whatever split stage 1 found."""
+    solve_mod = importlib.import_module("nfsearch.search.solve")      # (the package's `solve` is the function)
+    real = solve_mod.stage2_from
+
+    def crippled(problem, cand, durs, wait=None):
+        full = problem.gpu.num_sms
+        sms = {g: n if n in (0, full) else 64 if n == cand.memory_sms else full - 64 for g, n in cand.sms.items()}
+        return real(problem, dataclasses.replace(cand, memory_sms=64, sms=sms), durs, wait)
+    monkeypatch.setattr(solve_mod, "stage2_from", crippled)
+
+
+def test_the_stage2_golden_comes_from_stage2():
+    from nfsearch import plan as plan_io
+    golden = plan_io.read(GOLDEN / "W2-stage2.plan.json")
+    assert golden.solver.source.startswith("cpsat solution #") and golden.solver.gap is not None
+    assert any(o.after for o in golden.nano_ops)          # it carries stage 2's cross-stream order
+
+
+def test_a_crippled_stage2_fails_the_check(tmp_path, monkeypatch):
+    """`nfsearch check` sees stage 2: with stage 2 forced to an equal split, its case fails (the
+    search itself would still write a stage-1 incumbent or a baseline, and the other cases pass)."""
+    cases = _stage2_case(tmp_path)
+    _crippled_stage2(monkeypatch)
+    result = run_check(cases)
+    assert not result.ok, result.report()
+    assert "FAIL W2-stage2" in result.report() and "slower than the re-scored golden" in result.report()
+    assert result.cases[0].new_ms > 1.01 * result.cases[0].golden_ms        # (+5% on the model as written)
 
 
 def test_update_replaces_only_by_a_better_plan(tmp_path, monkeypatch):

@@ -26,7 +26,7 @@ from nfsearch.profile import ProfileTable
 from nfsearch.runreport import Correctness, LaunchSummary, PowerReading, RunReport, Timing, format_table
 from nfsearch.search import solve
 from nfsearch.search.baselines import equal_split_plan, sequential_plan
-from nfsearch.simulate import check_and_replay, plan_dynamic_energy_j, power_line, replay
+from nfsearch.simulate import check_and_judge, plan_dynamic_energy_j, power_line, replay
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "profiles/h100-sxm/llama-3-8b.parquet"
@@ -122,17 +122,17 @@ def test_predicted_layer_time_is_the_max_of_replay_and_bound():
         # the whole layer's dynamic energy put on ug, sized for a bound of factor x the replay
         table = tiny_with({"ug": factor * replayed / 1e3 * headroom})
         problem = make_problem(TINY_MODEL, TINY_WL, table, num_layers=2)
-        result = check_and_replay(s, problem.cost, is_profile_given=True)
+        result = check_and_judge(s, problem.cost, is_profile_given=True)
         assert result.replayed_layer_ms == pytest.approx(replayed)     # the kernels' schedule is not stretched
         assert result.power_bound.bound_ms == pytest.approx(factor * replayed)
-        assert result.layer_time_ms == pytest.approx(max(replayed, factor * replayed))
+        assert result.layer_ms == pytest.approx(max(replayed, factor * replayed))
         assert result.is_power_bound is is_bound
-        assert problem.cost.predicted_layer_ms(replayed) == pytest.approx(result.layer_time_ms)
+        assert result.makespan_ms == pytest.approx(result.layer_ms * 2)     # per plan: 2 layers
         line = power_line(result, problem.cost)
         assert line.startswith("power-bound" if is_bound else "not power-bound")
     # without energy: the replay, and one line saying why there is no bound
-    result = check_and_replay(s, base.cost, is_profile_given=True)
-    assert result.power_bound is None and result.layer_time_ms == pytest.approx(replayed)
+    result = check_and_judge(s, base.cost, is_profile_given=True)
+    assert result.power_bound is None and result.layer_ms == pytest.approx(replayed)
     assert power_line(result, base.cost).startswith("no power bound")
 
 

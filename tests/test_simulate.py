@@ -17,7 +17,7 @@ from nfsearch.cost import Interference, Overheads
 from nfsearch.plan import PlanGpu, PlannedOp, PlanProfile, Schedule, SolverInfo
 from nfsearch.cost import make_problem
 from nfsearch.errors import NfsearchError
-from nfsearch.simulate import PlanInvalid, check_and_replay, replay, stated_timeline, verify
+from nfsearch.simulate import PlanInvalid, check_and_judge, replay, stated_timeline, verify
 
 EXACT = 1e-9
 
@@ -223,17 +223,17 @@ def test_replay_retires_ops_that_end_together():
         ("kqv", 0.0, 0.5), ("prefill_attn", 0.0, 0.5), ("rope_append", 0.5, 0.625)]
 
 
-def test_check_and_replay_needs_the_plans_profile_unless_named():
+def test_check_and_judge_needs_the_plans_profile_unless_named():
     problem = make_problem(TINY_MODEL, TINY_WL, fake_profile(), num_layers=2)
     schedule = sequential_plan(problem)
-    assert check_and_replay(schedule, problem.cost, is_profile_given=False).makespan_ms == pytest.approx(
+    assert check_and_judge(schedule, problem.cost, is_profile_given=False).replay.makespan_ms == pytest.approx(
         schedule.predicted.makespan_ms, abs=1e-6)
     other = make_problem(TINY_MODEL, TINY_WL, fake_profile(sms=(10, 50, 100)), num_layers=2)
     assert other.profile.fingerprint() != schedule.profile.fingerprint
     with pytest.raises(NfsearchError, match="made with profile .* name a profile explicitly") as err:
-        check_and_replay(schedule, other.cost, is_profile_given=False)
+        check_and_judge(schedule, other.cost, is_profile_given=False)
     assert "\n" not in str(err.value)
-    assert check_and_replay(schedule, other.cost, is_profile_given=True).makespan_ms > 0
+    assert check_and_judge(schedule, other.cost, is_profile_given=True).replay.makespan_ms > 0
 
 
 def test_same_class_side_by_side_capped_at_the_whole_gpu():

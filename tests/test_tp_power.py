@@ -24,7 +24,7 @@ from nfsearch.errors import NfsearchError
 from nfsearch.graph import build_layer, op_context
 from nfsearch.profile import load
 from nfsearch.runreport import PowerReading, RankPower, TimingPower, TpPower
-from nfsearch.simulate import check_and_replay, plan_dynamic_energy_j, power_line
+from nfsearch.simulate import check_and_judge, plan_dynamic_energy_j, power_line
 from nfsearch.specs import load_workload
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,9 +81,9 @@ def test_a_tp_profile_with_shard_energy_bounds_the_w4_plan_per_gpu(w4):
         assert all(problem.cost.nano_dynamic_j(op, 512) == 0.0 for op in NETWORK)
         # every split has the shard's energy: the plan's nano-ops sum to the bound's
         assert plan_dynamic_energy_j(schedule, problem.cost) == pytest.approx(total_j)
-        result = check_and_replay(schedule, problem.cost, is_profile_given=True)
+        result = check_and_judge(schedule, problem.cost, is_profile_given=True)
         assert result.power_bound.bound_ms == pytest.approx(factor * replayed)
-        assert result.layer_time_ms == pytest.approx(max(result.replayed_layer_ms, factor * replayed))
+        assert result.layer_ms == pytest.approx(max(result.replayed_layer_ms, factor * replayed))
         assert result.is_power_bound is (factor * replayed > result.replayed_layer_ms)
         assert power_line(result, problem.cost).startswith("power-bound" if is_bound else "not power-bound")
 

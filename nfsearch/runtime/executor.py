@@ -40,7 +40,7 @@ from nfsearch.runtime import baselines, bench, power, trace
 from nfsearch.runtime import launch as launch_mod
 from nfsearch.runtime.bench import event_times, host_times
 from nfsearch.runtime.context import ExecContext, issue, resolve_impl
-from nfsearch.runtime.launch import LaunchList, layout_label
+from nfsearch.runtime.launch import WAIT_KINDS, LaunchList, layout_label
 from nfsearch.runtime.model import OP_OUTPUT, ModelInstance, rel_error
 from nfsearch.simulate import power_bound_for
 from nfsearch.specs import Ceilings, GpuSpec
@@ -428,7 +428,7 @@ def _base_fields(schedule, ctx, ll: LaunchList, correctness: Correctness) -> dic
         versions["triton"] = ""
     waits = [k for l in ll.launches for k in l.wait_kinds]
     summary = LaunchSummary(len(ll.launches), tuple(ll.keys), tuple(layout_label(x) for x in ll.layouts),
-                            tuple((k, waits.count(k)) for k in ("data", "capacity", "stream")),
+                            tuple((k, waits.count(k)) for k in WAIT_KINDS),
                             len(ll.capacity_edges))
     return dict(gpu=ctx.gpu_name, num_sms=ctx.num_sms, date=datetime.datetime.now().isoformat(timespec="seconds"),
                 mode=ctx.mode, versions=versions, model=schedule.model.name,

@@ -5,9 +5,13 @@ Schedule, in issue order (stated start time, then plan order: ``issue_order``), 
 op, impl and token range; the plan stream and the stream key it is issued on; the SM interval it
 runs on; and the nano-ops (on other streams) whose completion events it waits on.
 
-Three kinds of ordering edges
------------------------------
+Four kinds of ordering edges
+----------------------------
 * data: the plan's deps (data dependencies only).
+* order: the plan's `after` (plan v2): nano-ops of other streams the search ordered this one after,
+  though it reads nothing of theirs (stage 2 holds a small op back so that a whole-GPU op goes
+  first). Honoured like data: without the wait the small op would take its SMs as soon as its
+  inputs are ready.
 * capacity: the plan's deps do not stop two nano-ops of different streams from running side by side.
   When the plan predicts A (issued earlier, other stream) to END before B STARTS and
   A.sm_count + B.sm_count > the GPU's SMs, they cannot share the GPU, so B also waits on A. Only the
@@ -68,6 +72,7 @@ from nfsearch.errors import NfsearchError
 from nfsearch.graph import build_layer
 from nfsearch.layouts import Layout, is_buildable, line_layout, make_layout
 from nfsearch.layouts import corun_components as layout_components  # (launch.py's own takes placements)
+from nfsearch.runreport import WAIT_KINDS
 
 TOLERANCE_MS = 1e-4
 COMPUTE_CLASSES = ("compute",)
@@ -112,7 +117,7 @@ class Launch:
     sm_count: int                    # asked by the plan
     partition: Partition             # the bounds of its group in the layout
     waits: tuple[str, ...]           # ids whose completion events this launch waits on
-    wait_kinds: tuple[str, ...]      # "data" | "capacity" | "stream", one per wait
+    wait_kinds: tuple[str, ...]      # "data" | "order" | "capacity" | "stream", one per wait
     record: bool                     # some later launch waits on this one's event
     layout: Layout                   # the layout of its co-running set, built once per layout
     group: int                       # its group in that layout (its stream comes from this group)
@@ -162,7 +167,7 @@ class LaunchList:
         return {"launches": len(self.launches), "stream_keys": self.keys,
                 "partitions": sorted({l.partition.label for l in self.launches}),
                 "layouts": [layout_label(x) for x in self.layouts],
-                "waits": {k: waits.count(k) for k in ("data", "capacity", "stream")},
+                "waits": {k: waits.count(k) for k in WAIT_KINDS},
                 "capacity_edges": len(self.capacity_edges), "notes": list(self.notes)}
 
 
@@ -192,7 +197,8 @@ def build(schedule, num_sms: int | None = None, granularity: int | None = None,
     needs: dict[str, list[tuple[str, str]]] = {}
     last_on_stream: dict[str, str] = {}
     for o in ops:
-        wanted = [(d, "data") for d in o.deps] + [(a, "capacity") for a in cap.get(o.id, ())]
+        wanted = ([(d, "data") for d in o.deps] + [(a, "order") for a in o.after]
+                  + [(a, "capacity") for a in cap.get(o.id, ())])
         prev = last_on_stream.get(o.stream)
         if prev is not None and keys[prev] != keys[o.id]:
             wanted.append((prev, "stream"))

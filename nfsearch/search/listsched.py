@@ -49,15 +49,17 @@ def topo_order(nano: nx.DiGraph) -> list[NanoOp]:
 
 
 def timed(problem: Problem, nano: nx.DiGraph, placement: dict, order: list[NanoOp], solver: SolverInfo,
-          plan_profile: PlanProfile | None = None) -> Schedule:
+          plan_profile: PlanProfile | None = None, after: dict | None = None) -> Schedule:
     """A schedule whose predicted times come from replaying it through the cost model.
-    (`plan_profile`: problem.plan_profile(), when the caller already has it: it hashes the table.)"""
-    cost = problem.cost
+    (`plan_profile`: problem.plan_profile(), when the caller already has it: it hashes the table;
+    `after`: nano-op -> the nano-ops of other streams it starts after, the plan's cross-stream order.)"""
+    cost, after = problem.cost, after or {}
     ops = tuple(
         PlannedOp(id=n.id, layer=n.layer, op=n.op, index=n.index, op_class=cost.op_class(n.op),
                   tokens=(n.start, n.end), stream=placement[n][0], order=i, sm_count=placement[n][1],
                   impl=cost.impl(n.op, n.num_tokens, placement[n][1]),
-                  deps=tuple(sorted(p.id for p in nano.predecessors(n))), start_ms=0.0, end_ms=0.0)
+                  deps=tuple(sorted(p.id for p in nano.predecessors(n))), start_ms=0.0, end_ms=0.0,
+                  after=tuple(sorted(a.id for a in after.get(n, ()))))
         for i, n in enumerate(order))
     draft = Schedule(problem.model, problem.workload, problem.plan_gpu(), plan_profile or problem.plan_profile(),
                      problem.num_layers, ops, None, solver)

@@ -8,10 +8,13 @@ overlap with the first counts; the plan's layer time is that makespan / num_laye
 layer's ramp-up included (a steady-state figure would be a little lower, never higher).
 
 Margin: an overlapped plan is kept only when it is predicted at least `min_gain` faster than the
-sequential plan (default MIN_GAIN); otherwise the sequential plan is returned, and a note says so. A
-predicted gain inside the model's own error is no gain: on 2x H200 (W4, TP=2) a plan
-predicted 0.2% faster than sequential TP ran 2.5-3.4% slower, while the layer-level error of the
-calibrated model on measured runs was 1.4-4.6% where it held.
+sequential plan (default MIN_GAIN; simulate.judge: the replay and the power bound); otherwise the
+sequential plan is returned, and a note says so. A predicted gain inside the model's own error is
+no gain: on 2x H200 (W4, TP=2) a plan predicted 0.2% faster than sequential TP ran 2.5-3.4% slower,
+while the layer-level error of the calibrated model on measured runs was 1.4-4.6% where it held.
+
+The plan's solver section describes the plan written: a stage-2 solution states its own solve's
+status and gap; a stage-1 incumbent or a baseline states that it is one, and no gap.
 
 Determinism: the same inputs and seed give a byte-identical plan on any machine and for any
 `threads`. Every stage-2 solve is single-threaded and stops on deterministic work (CP-SAT's
@@ -19,23 +22,22 @@ max_deterministic_time, Gurobi's WorkLimit); `threads` only says how many struct
 once, and the results are combined in a fixed order. Nothing else is random.
 """
 
-import math
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 
 from nfsearch.cost import Problem
 from nfsearch.errors import NfsearchError
-from nfsearch.plan import Schedule, SolverInfo, check_seed, check_threads, check_time_limit
+from nfsearch.plan import Schedule, check_seed, check_threads, check_time_limit
 from nfsearch.search.baselines import baselines
+from nfsearch.search.candidates import (BASELINE, STAGE1, STAGE2, Candidate, Log, Progress, candidate,
+                                        plan_ms, solver_info)
 from nfsearch.search.durations import UNITS_PER_MS, Durations
 from nfsearch.search.polish import polish
-from nfsearch.search.stage1 import sweep
+from nfsearch.search.stage1 import Incumbent, sweep
 from nfsearch.search.stage2 import plan_from_result, stage2_from
-from nfsearch.simulate import PlanInvalid, Replay, corun_sources, replay, sources_line, verify
-from nfsearch.solvers import resolve
-
-Progress = Callable[[str], None] | None
+from nfsearch.simulate import PlanInvalid, corun_sources, judge, sources_line, verify
+from nfsearch.solvers import Solver, Stage2Data, resolve
 
 TOP_K = 3                 # structures stage 2 works on (the stage-1 ranking's best)
 SOLVER_THREADS = 1        # threads of ONE stage-2 solve: fixed, so `threads` never changes a result
@@ -45,10 +47,45 @@ MAX_POLISH_EVALUATIONS = 200   # replays per polished candidate
 MIN_GAIN = 0.02           # predicted gain over the sequential plan an overlapped plan must show
 
 
+@dataclass
+class Stage2Run:
+    """The stage-2 solves of one search: the backend, why it was chosen, its settings line."""
+    backend: Solver
+    why: str
+    settings: str
+    candidates: list[Candidate] = field(default_factory=list)
+
+
 def solve(problem: Problem, solver: str = "auto", time_limit_s: float = 10.0, threads: int = 2, seed: int = 0,
-          chunk: int = 128, progress: Progress = None, min_gain: float = MIN_GAIN) -> tuple[Schedule, list[str]]:
-    """Search a schedule for `problem`; returns it and notes (one line each) on what was done."""
-    # checked here, not only in the CLI: a NaN limit once reached the plan file as invalid JSON
+          chunk: int = 128, progress: Progress = None, min_gain: float = MIN_GAIN,
+          only_stage2: bool = False) -> tuple[Schedule, list[str]]:
+    """Search a schedule for `problem`; returns it and notes (one line each) on what was done.
+    `only_stage2`: the plan is the best stage-2 solution (polished), whatever the incumbents and
+    baselines replay at, with no margin (`nfsearch check` uses it to see stage 2 itself)."""
+    _check_arguments(min_gain, time_limit_s, threads, seed, chunk)
+    began, log = time.perf_counter(), Log(progress)
+    top = _stage1(problem, chunk, log)
+    run = _stage2(problem, top, solver, time_limit_s, threads, seed, log)
+    pool = run.candidates if only_stage2 else run.candidates + _others(problem, top, chunk, len(run.candidates))
+    best = _polished_best(problem, _valid(pool, log), log)
+    _say_why_not_fastest(problem, pool, best, log)
+    if not only_stage2:
+        best = _margin(problem, best, next(c for c in pool if c.source == "sequential baseline"), min_gain, log)
+    sources = sources_line(corun_sources(best.plan, problem.cost))
+    if sources:
+        log.add(sources)
+    # (wall time goes to the notes, not the plan: the same inputs and seed give a byte-identical plan)
+    log.add(f"plan: {best.source}, replay {plan_ms(best.makespan_ms, problem)}, predicted "
+            f"{best.judged.layer_ms:.4f} ms per layer; search wall time {time.perf_counter() - began:.2f} s")
+    info = solver_info(best, run.backend.name, run.why, run.settings, seed, SOLVER_THREADS, time_limit_s, problem)
+    schedule = replace(best.plan, solver=info)
+    verify(schedule)
+    return schedule, log.notes
+
+
+def _check_arguments(min_gain, time_limit_s, threads, seed, chunk) -> None:
+    """Refused before any work, each with one line (the CLI checks them too; the API must as well:
+    a NaN limit once reached the plan file as invalid JSON)."""
     if isinstance(min_gain, bool) or not isinstance(min_gain, (int, float)) or not 0.0 <= min_gain < 1.0:
         raise NfsearchError(f"min_gain must be a number in [0, 1), not {min_gain!r}")
     check_time_limit(time_limit_s)
@@ -56,169 +93,142 @@ def solve(problem: Problem, solver: str = "auto", time_limit_s: float = 10.0, th
     check_seed(seed)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise NfsearchError(f"chunk must be an integer >= 1, not {chunk!r}")
-    began = time.perf_counter()
-    notes: list[str] = []
-    say = progress or (lambda _msg: None)
 
-    # stage 1 + incumbents: every structure of the family at every compute/memory partition, replayed
-    say("stage 1: structures x SM partitions, each replayed")
+
+def _stage1(problem: Problem, chunk: int, log: Log) -> list[Incumbent]:
+    """Every structure of the family at every compute/memory partition, replayed; the best TOP_K,
+    leaving out any more than WITHIN slower than the best (stage 2 only re-times SM counts on one
+    split; it does not rescue such structures), and the best uniform structure too (stage 2 and
+    polish often take it further than a per-group structure that replayed better at stage 1:
+    Qwen2-7B W2 on its H100 profile)."""
+    log.say("stage 1: structures x SM partitions, each replayed")
     ranked = sweep(problem, chunk)
     if not ranked:
         raise NfsearchError(f"no nano-batch structure with chunk {chunk} can be timed from the profile")
-    # the best TOP_K structures, leaving out any whose stage-1 plan is more than WITHIN slower than the
-    # best one (stage 2 only re-times SM counts on one split; it does not rescue such structures)
     top = [c for c in ranked[:TOP_K] if c.judge_ms <= ranked[0].judge_ms * (1 + WITHIN)]
-    # the best uniform structure too (stage 2 and polish often take it further than a per-group
-    # structure that replayed better at stage 1: Qwen2-7B W2 on its H100 profile)
     uniform = next((c for c in ranked if c.is_uniform), None)
     if uniform is not None and uniform not in top and uniform.judge_ms <= ranked[0].judge_ms * (1 + WITHIN):
         top.append(uniform)
-    notes.append(f"stage 1: {len(ranked)} structures swept; best {top[0].frame.structure.describe()} with "
-                 f"overlappers on {top[0].memory_sms} SMs: replay {top[0].judge_ms:.4f} ms")
-    say(notes[-1])
+    log.add(f"stage 1: {len(ranked)} structures swept; best {top[0].frame.structure.describe()} with "
+            f"overlappers on {top[0].memory_sms} SMs: replay {plan_ms(top[0].judge_ms, problem)}")
+    return top
 
-    # stage 2 on each of the top structures, SM options on its own split, its incumbent as a full hint;
-    # each structure twice: with the cross-stream event wait in the model and without it (the model's
-    # durations are pessimistic while the wait is not, and which of the two leads the solver to the
-    # plan replay likes best differs from case to case: W2 without, W3 with, on the bundled profile)
+
+def _stage2(problem: Problem, top: list[Incumbent], solver: str, time_limit_s: float, threads: int, seed: int,
+            log: Log) -> Stage2Run:
+    """Stage 2 on each top structure, SM options on its own split, its incumbent as a full hint; each
+    structure twice: with the cross-stream event wait in the model and without it (the model's
+    durations are pessimistic while the wait is not, and which of the two leads the solver to the
+    plan replay likes best differs from case to case). Each model gets an equal share of the limit."""
     durs = Durations(problem)
     variants = [(cand, wait) for cand in top for wait in dict.fromkeys((durs.wait_units, 0))]
     datas = [stage2_from(problem, cand, durs, wait) for cand, wait in variants]
     backend, why = resolve(solver, max(datas, key=lambda d: len(d.tasks)))
-    notes.append(f"stage 2 solver: {why}; {len(datas)} structures, {sum(len(d.tasks) for d in datas)} tasks, "
-                 f"{sum(len(t.choices) for d in datas for t in d.tasks)} (task, SM count) options; "
-                 f"{min(threads, len(datas))} at once")
-    say(notes[-1])
-    # each model gets an equal share of the limit (CP-SAT: deterministic work)
-    limit = time_limit_s / max(len(datas), 2 * TOP_K)
-
-    def run_one(data):
-        return backend.run(data, limit, SOLVER_THREADS, seed)
-
-    if threads > 1 and len(datas) > 1:
-        with ThreadPoolExecutor(max_workers=min(threads, len(datas))) as pool:
-            results = list(pool.map(run_one, datas))
-    else:
-        results = [run_one(d) for d in datas]
+    log.add(f"stage 2 solver: {why}; {len(datas)} structures, {sum(len(d.tasks) for d in datas)} tasks, "
+            f"{sum(len(t.choices) for d in datas for t in d.tasks)} (task, SM count) options; "
+            f"{min(threads, len(datas))} at once")
+    share = max(len(datas), 2 * TOP_K)
+    limit = time_limit_s / share
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(datas)))) as pool:
+        results = list(pool.map(lambda d: backend.run(d, limit, SOLVER_THREADS, seed), datas))
     settings = backend.settings(limit, SOLVER_THREADS, seed) + (
-        f"; {len(datas)} stage-2 models, each with 1/{max(len(datas), 2 * TOP_K)} of the time limit; --threads solves them "
+        f"; {len(datas)} stage-2 models, each with 1/{share} of the time limit; --threads solves them "
         f"side by side and never changes the result")
-
-    entries = []                                       # (replay ms, preference, name, plan, result, cand)
+    run = Stage2Run(backend, why, settings)
     for k, ((cand, _), data, result) in enumerate(zip(variants, datas, results)):
-        hint_ms = max(data.hint[i][0] + dict(t.choices)[data.hint[i][1]] for i, t in enumerate(data.tasks))
-        if result is None:
-            notes.append(f"stage 2 #{k + 1} ({cand.frame.structure.describe()}, wait {data.wait}): no schedule in its limit")
-            continue
-        solved = plan_from_result(problem, cand.frame, data, result, durs)
-        entries.append((solved.predicted.makespan_ms, k, f"{backend.name} solution #{k + 1}", solved, result, cand))
-        notes.append(f"stage 2 #{k + 1} ({cand.frame.structure.describe()}, split {cand.memory_sms}+"
-                     f"{problem.gpu.num_sms - cand.memory_sms}, event wait {data.wait} units): model makespan {result.makespan / UNITS_PER_MS:.4f} ms "
-                     f"(hint {hint_ms / UNITS_PER_MS:.4f}), model bound {result.bound / UNITS_PER_MS:.4f}, gap "
-                     f"{result.gap:.2%} ({result.status}); replay {solved.predicted.makespan_ms:.4f} ms")
-        say(notes[-1])
-    for k, cand in enumerate(top):
-        entries.append((cand.judge_ms, len(datas) + k, f"partition-sweep incumbent #{k + 1}", cand.plan, None, cand))
-    for k, (name, plan) in enumerate(sorted(baselines(problem, chunk).items())):
-        entries.append((plan.predicted.makespan_ms, len(datas) + TOP_K + k, f"{name} baseline", plan, None, None))
+        _stage2_candidate(problem, k, cand, data, result, durs, run, log)
+    return run
 
-    entries.sort(key=lambda e: (round(e[0], 9), e[1]))
+
+def _stage2_candidate(problem: Problem, k: int, cand: Incumbent, data: Stage2Data, result, durs: Durations,
+                      run: Stage2Run, log: Log) -> None:
+    """The plan of stage-2 solve #k+1 (its SM counts and order, replayed), and one note on it."""
+    name = f"stage 2 #{k + 1} ({cand.frame.structure.describe()}"
+    if result is None:
+        log.add(f"{name}, wait {data.wait}): no schedule in its limit")
+        return
+    solved = plan_from_result(problem, cand.frame, data, result, durs)
+    run.candidates.append(candidate(problem, f"{run.backend.name} solution #{k + 1}", STAGE2, solved, k, result, cand))
+    hint_units = max(data.hint[i][0] + dict(t.choices)[data.hint[i][1]] for i, t in enumerate(data.tasks))
+    ms = lambda units: units / UNITS_PER_MS
+    log.add(f"{name}, split {cand.memory_sms}+{problem.gpu.num_sms - cand.memory_sms}, event wait {data.wait} "
+            f"units), per {problem.num_layers} layers: model makespan {ms(result.makespan):.4f} ms (hint "
+            f"{ms(hint_units):.4f}), model bound {ms(result.bound):.4f}, gap {result.gap:.2%} ({result.status}); "
+            f"replay {solved.predicted.makespan_ms:.4f} ms ({solved.predicted.makespan_ms / ms(result.makespan) - 1:+.1%} "
+            f"on the model, {sum(len(o.after) for o in solved.nano_ops)} cross-stream order edges)")
+
+
+def _others(problem: Problem, top: list[Incumbent], chunk: int, first_rank: int) -> list[Candidate]:
+    """The stage-1 incumbents of the top structures and the baselines, ranked after stage 2's."""
+    out = [candidate(problem, f"partition-sweep incumbent #{k + 1}", STAGE1, inc.plan, first_rank + k, None, inc)
+           for k, inc in enumerate(top)]
+    for k, (name, plan) in enumerate(sorted(baselines(problem, chunk).items())):
+        out.append(candidate(problem, f"{name} baseline", BASELINE, plan, first_rank + TOP_K + k))
+    return out
+
+
+def _valid(pool: list[Candidate], log: Log) -> list[Candidate]:
+    """The POLISHED fastest candidates (by the judge; ties: the earlier) that simulate.verify accepts."""
     valid, rejected = [], []
-    for entry in entries:
+    for cand in sorted(pool, key=Candidate.key):
         if len(valid) == POLISHED:
             break
         try:
-            verify(entry[3])
+            verify(cand.plan)
         except PlanInvalid as exc:
-            rejected.append(f"{entry[2]} ({exc})")
+            rejected.append(f"{cand.source} ({exc})")
             continue
-        valid.append(entry)
+        valid.append(cand)
     if rejected:
-        notes.append(f"{len(rejected)} faster candidate(s) refused by verify: " + "; ".join(r[:160] for r in rejected[:3]))
+        log.add(f"{len(rejected)} faster candidate(s) refused by verify: " + "; ".join(r[:160] for r in rejected[:3]))
     if not valid:
         raise NfsearchError("no candidate plan passes simulate.verify (not even the sequential plan)")
-    # the replay-judged polish of the best few valid candidates (the best before polishing is not
-    # always the best after it); ties keep the earlier entry
+    return valid
+
+
+def _polished_best(problem: Problem, valid: list[Candidate], log: Log) -> Candidate:
+    """The judged polish of each valid candidate (the best before polishing is not always the best
+    after it); the fastest after it, ties keeping the earlier."""
     finals = []
-    for rank, (ms, pref, source, plan, result, cand) in enumerate(valid):
-        polished, moves = polish(problem, plan, MAX_POLISH_EVALUATIONS)
-        if moves and polished.predicted.makespan_ms < ms:
+    for cand in valid:
+        polished, moves = polish(problem, cand.plan, MAX_POLISH_EVALUATIONS)
+        judged = judge(polished, problem.cost)
+        if moves and judged.ranked_makespan_ms < cand.judged.ranked_makespan_ms:
             try:
                 verify(polished)
-                notes.append(f"polish: {moves} replay-judged move(s) take {source} from {ms:.4f} to "
-                             f"{polished.predicted.makespan_ms:.4f} ms")
-                finals.append((polished.predicted.makespan_ms, rank, source + " + polish", polished, result, cand))
+                log.add(f"polish: {moves} judged move(s) take {cand.source} from "
+                        f"{plan_ms(cand.judged.ranked_makespan_ms, problem)} to {judged.ranked_makespan_ms:.4f} ms "
+                        f"(replay {polished.predicted.makespan_ms:.4f})")
+                finals.append(replace(cand, source=cand.source + " + polish", plan=polished, judged=judged))
                 continue
             except PlanInvalid as exc:
-                notes.append(f"polish of {source}: result refused by verify ({exc})")
-        finals.append((ms, rank, source, plan, result, cand))
-    ms, _, source, plan, result, cand = min(finals, key=lambda e: (round(e[0], 9), e[1]))
-    sequential = next((e for e in entries if e[2] == "sequential baseline"), None)
-    # judged on max(replay, the plan's power bound) where the profile has pair energy points: each
-    # plan then has its own bound (its overlaps priced: on an H100, W2's overlapped plan spends 4-7%
-    # less energy per layer than sequential and runs 1.06x faster at the cap). Without them every
-    # split has the layer's one bound, which cannot tell an overlap that pays at the cap (W2, 1.06x)
-    # from one that does not (W3, 0.96x): the replays decide
-    is_own_bound = _has_pair_energy(problem)
-    chosen = replay(plan, problem.cost)
-    if sequential is not None and source != "sequential baseline":
-        seq = replay(sequential[3], problem.cost)
-        judged_ms, seq_judged_ms = _judged_layer_ms(chosen, is_own_bound), _judged_layer_ms(seq, is_own_bound)
-        if judged_ms > seq_judged_ms * (1.0 - min_gain):
-            notes.append(f"margin: {source} is predicted {judged_ms:.4f} ms per layer, less than {min_gain:.0%} under "
-                         f"the sequential plan's {seq_judged_ms:.4f} ms: the sequential plan is kept (--min-gain)")
-            say(notes[-1])
-            ms, source, plan, result, cand = sequential[0], sequential[2], sequential[3], None, None
-            chosen = seq
+                log.add(f"polish of {cand.source}: result refused by verify ({exc})")
+        finals.append(cand)
+    return min(finals, key=Candidate.key)
+
+
+def _say_why_not_fastest(problem: Problem, pool: list[Candidate], best: Candidate, log: Log) -> None:
+    """A note where a candidate that replays faster than the chosen one loses to it on the judge
+    (its own power bound: overlap that costs energy)."""
+    fastest = min(pool, key=lambda c: (round(c.makespan_ms, 9), c.rank))
+    if fastest.makespan_ms < best.makespan_ms - 1e-9 and not best.source.startswith(fastest.source):
+        log.add(f"judge: {fastest.source} replays fastest ({plan_ms(fastest.makespan_ms, problem)}) but is "
+                f"predicted {fastest.judged.ranked_layer_ms:.4f} ms per layer with its own power bound, against "
+                f"{best.judged.ranked_layer_ms:.4f} ms per layer for {best.source}")
+
+
+def _margin(problem: Problem, best: Candidate, sequential: Candidate, min_gain: float, log: Log) -> Candidate:
+    """`best`, unless the judge does not put it at least `min_gain` under the sequential plan."""
+    chosen = best.judged
+    if best is not sequential:
+        seq = sequential.judged
+        if not chosen.beats(seq, min_gain):
+            log.add(f"margin: {best.source} is predicted {chosen.ranked_layer_ms:.4f} ms per layer, less than "
+                    f"{min_gain:.0%} under the sequential plan's {seq.ranked_layer_ms:.4f} ms per layer: the "
+                    f"sequential plan is kept (--min-gain)")
+            best, chosen = sequential, seq
     if chosen.is_power_bound:
-        notes.append(f"power: the plan is power-bound: {chosen.power_bound.bound_ms:.4f} ms per layer at the power "
-                     f"limit against {chosen.replayed_layer_ms:.4f} replayed; overlap may gain less than replayed "
-                     f"(tune measures it)")
-        say(notes[-1])
-    sources = sources_line(corun_sources(plan, problem.cost))
-    if sources:
-        notes.append(sources)
-        say(notes[-1])
-    wall = time.perf_counter() - began
-    notes.append(f"plan: {source}, {ms:.4f} ms (replay); search wall time {wall:.2f} s")
-    say(notes[-1])
-    # (wall time goes to the notes, not the plan: the same inputs and seed give a byte-identical plan)
-    # a plan that is not a stage-2 solution still states what stage 2 reached on the best structure
-    if result is None:
-        k = next((k for k, r in enumerate(results) if r is not None), None)
-        if k is not None:
-            result, cand = results[k], cand or variants[k][0]
-    status = ("fallback" if "baseline" in source else "incumbent" if "incumbent" in source
-              else result.status)
-    info = SolverInfo(
-        name=backend.name, status=status,
-        gap=round(result.gap, 6) if result else None, seed=int(seed), threads=SOLVER_THREADS,
-        time_limit_s=float(time_limit_s), note=settings, source=source, choice=why,
-        model_makespan_ms=round(result.makespan / UNITS_PER_MS, 6) if result else None,
-        # (a backend that proved no bound may report -inf; the plan then states none)
-        model_bound_ms=(round(max(0.0, result.bound) / UNITS_PER_MS, 6)
-                        if result and math.isfinite(result.bound) else None),
-        gap_scope=("stage-2 model of the chosen structure (pessimistic co-run durations, SM options: "
-                   "the structure's two-way split or the whole GPU)") if result else None,
-        structure=(cand or top[0]).frame.structure.describe(), memory_sms=(cand or top[0]).memory_sms)
-    schedule = Schedule(plan.model, plan.workload, plan.gpu, plan.profile, plan.num_layers, plan.nano_ops,
-                        plan.predicted, info)
-    verify(schedule)
-    return schedule, notes
-
-
-def _has_pair_energy(problem: Problem) -> bool:
-    energy = problem.cost.energy
-    return energy is not None and bool(energy.pair_points) and problem.cost.power_bound() is not None
-
-
-def _judged_layer_ms(result: Replay, is_own_bound: bool) -> float:
-    """What the margin compares: max(the replayed makespan per layer, the plan's power bound) where
-    each plan has its own bound, else the replay's alone (the margin's comment says why)."""
-    return result.layer_time_ms if is_own_bound else result.replayed_layer_ms
-
-
-def judged_makespan_ms(problem: Problem, plan) -> float:
-    """The makespan of `plan` as the search judges plans (its replay's, or with pair energy points
-    max(the replay's, the plan's power bound x layers)): what `nfsearch check` compares."""
-    return _judged_layer_ms(replay(plan, problem.cost), _has_pair_energy(problem)) * problem.num_layers
+        log.add(f"power: the plan is power-bound: {chosen.power_bound.bound_ms:.4f} ms per layer at the power "
+                f"limit against {chosen.replayed_layer_ms:.4f} ms per layer replayed; overlap may gain less than "
+                f"replayed (tune measures it)")
+    return best

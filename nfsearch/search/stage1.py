@@ -61,13 +61,20 @@ class Frame:
 
 
 @dataclass
-class Candidate:
-    judge_ms: float                     # simulate.replay makespan of the plan
+class Incumbent:
+    """A structure at its best partition: stage 2's starting point (its hint) and a candidate plan."""
+    judge_ms: float                     # simulate.replay makespan of the plan (all its layers)
     frame: Frame
     memory_sms: int                     # the partition: overlappers get this, their overlap partners the rest
     sms: dict[str, int]                 # group -> SM count
     plan: Schedule                      # replay-timed plan
     is_uniform: bool = False            # every op cut at the same offsets
+
+
+def structure_of(problem: Problem, plan: Schedule) -> Structure:
+    """The nano-batch sizes of any plan of `problem` (a baseline's too), ops in layer order."""
+    sizes = {op: tuple(e - s for s, e in ranges) for op, ranges in plan.nano_batches().items()}
+    return Structure(tuple((n, sizes[n]) for n in nx.topological_sort(problem.layer)))
 
 
 def group_of(n: NanoOp) -> str:
@@ -107,7 +114,7 @@ def make_frame(problem: Problem, structure: Structure) -> Frame:
     return Frame(structure, nano, overlaps)
 
 
-def partition_candidate(problem: Problem, frame: Frame, memory_sms: int, durs: Durations) -> Candidate:
+def partition_candidate(problem: Problem, frame: Frame, memory_sms: int, durs: Durations) -> Incumbent:
     """Overlappers on `memory_sms`, ops that may run beside them on the rest, the others on the full
     GPU; issue order from a list schedule at the model durations; timed by simulate.replay."""
     full, cost = problem.gpu.num_sms, problem.cost
@@ -129,7 +136,7 @@ def partition_candidate(problem: Problem, frame: Frame, memory_sms: int, durs: D
     order = list_order(frame.nano, dur, lambda n: cost.op_class(n.op))
     placement = {n: (cost.op_class(n.op), sms[group_of(n)]) for n in frame.nano.nodes}
     plan = timed(problem, frame.nano, placement, order, SolverInfo("partition-sweep"), durs.plan_profile)
-    return Candidate(plan.predicted.makespan_ms, frame, memory_sms, sms, plan)
+    return Incumbent(plan.predicted.makespan_ms, frame, memory_sms, sms, plan)
 
 
 def cut_sets(problem: Problem, chunk: int) -> list[tuple[int, ...]]:
@@ -171,7 +178,7 @@ def _structure(problem: Problem, cuts_of: dict, chunk: int) -> Structure:
     return Structure(tuple((n, sizes[n]) for n in nx.topological_sort(problem.layer)))
 
 
-def _best_at(problem: Problem, structure: Structure, shares, durs: Durations) -> Candidate | None:
+def _best_at(problem: Problem, structure: Structure, shares, durs: Durations) -> Incumbent | None:
     """The structure's fastest buildable candidate over `shares` (None if none is)."""
     frame, cands = make_frame(problem, structure), []
     for m in shares:
@@ -186,14 +193,14 @@ def _best_at(problem: Problem, structure: Structure, shares, durs: Durations) ->
     return min(cands, key=lambda c: (round(c.judge_ms, 9), c.memory_sms)) if cands else None
 
 
-def sweep(problem: Problem, chunk: int) -> list[Candidate]:
+def sweep(problem: Problem, chunk: int) -> list[Incumbent]:
     """Every uniform structure at every partition, then the per-group descent (module doc); each
     structure's best, best first."""
     durs = Durations(problem)
     full = problem.gpu.num_sms
     shares = [g for g in problem.gpu.sm_grid() if g < full]
     cuts = cut_sets(problem, chunk)
-    best: dict[tuple, Candidate] = {}
+    best: dict[tuple, Incumbent] = {}
     uniform: dict[tuple, int] = {}               # structure key -> its cut set's index
     for i, st in _uniform(problem, chunk):
         got = _best_at(problem, st, shares, durs)
