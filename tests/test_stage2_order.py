@@ -109,3 +109,12 @@ def test_without_its_order_the_solution_replays_far_slower_on_w2(solved_top):
     for data, result, plan in solved:
         free = replace(plan, nano_ops=tuple(replace(o, after=()) for o in plan.nano_ops))
         assert replay(free, problem.cost).makespan_ms > 1.3 * result.makespan / data.units_per_ms
+
+
+def test_the_executor_runs_a_plan_with_an_order_and_gets_the_reference_result():
+    pytest.importorskip("torch")
+    from nfsearch.runtime import executor
+    _, ordered = _tiny_plan(is_ordered=True)
+    report = executor.execute(ordered, device="cpu")
+    assert report.correctness.passed, report.correctness
+    assert dict(report.launches.waits)["order"] == 1
