@@ -17,12 +17,16 @@ A cases file (YAML) lists the cases and the tolerance:
         plan_from: search             # "search" (default: the plan solve writes) or "stage2": the
                                       # best stage-2 solution alone, so that a broken stage 2 fails
                                       # the check even where an incumbent or a baseline would win
+        min_gain: 0.02                # the search's margin over the sequential plan (default solve's)
 
 Re-scoring: the golden plan's SM counts and issue order are judged (simulate.judge: its replay, and
 its power bound where the profile prices overlaps, as the search ranks plans) with today's profile
 and cost model, so a change of the model moves the golden and the new plan alike and the check
 keeps comparing like with like (the stored predicted time is shown beside it, not used). Times are
-of the whole plan (all its unrolled layers).
+of the whole plan (all its unrolled layers). The margin too: a plan that does not clear it over the
+sequential plan under today's model scores as the sequential plan, which the search would write
+instead (so a model change that makes the search keep the sequential plan does not fail the check
+against an overlapped golden; `--update` then replaces that golden).
 
 A case fails when the golden plan is unreadable or invalid, when it can no longer be replayed (the
 model's graph or the profile no longer fit it: `check --update` replaces it, and says so), when
@@ -41,6 +45,8 @@ from nfsearch.files import read_yaml
 from nfsearch.cost import default_profile, make_problem
 from nfsearch.profile import load as load_profile
 from nfsearch import search
+from nfsearch.search.baselines import sequential_plan
+from nfsearch.search.solve import MIN_GAIN
 from nfsearch.simulate import judge, verify
 from nfsearch.specs import load_gpu, load_model, load_workload
 
@@ -107,11 +113,11 @@ def load_cases(cases_file: str | Path) -> tuple[list[dict], float]:
 # case keys and their types (the search checks the values themselves: seeds, threads, limits)
 _CASE_TYPES = {"name": str, "model": str, "workload": str, "plan": str, "profile": str, "gpu": str,
                "solver": str, "time_limit_s": (int, float), "threads": int, "seed": int, "chunk": int,
-               "num_layers": int, "plan_from": str}
+               "num_layers": int, "plan_from": str, "min_gain": (int, float)}
 PLAN_FROM = ("search", "stage2")
 
 
-_KIND_NAMES = {"time_limit_s": "a number", "threads": "an integer", "seed": "an integer", "chunk": "an integer",
+_KIND_NAMES = {"time_limit_s": "a number", "min_gain": "a number", "threads": "an integer", "seed": "an integer", "chunk": "an integer",
                "num_layers": "an integer"}
 
 
@@ -143,16 +149,35 @@ def solve_case(case: dict, base: Path):
     return solve_problem(case, problem_for(case, base))
 
 
+def case_margin(case: dict) -> float | None:
+    """The search's margin over the sequential plan in this case (None: a stage-2 case has none)."""
+    return None if case.get("plan_from", "search") == "stage2" else float(case.get("min_gain", MIN_GAIN))
+
+
 def solve_problem(case: dict, problem):
+    margin = case_margin(case)
     return search.solve(problem, solver=case.get("solver", "cpsat"),
                         time_limit_s=float(case.get("time_limit_s", 5)), threads=case.get("threads", 2),
                         seed=case.get("seed", 0), chunk=case.get("chunk", 128),
-                        only_stage2=case.get("plan_from", "search") == "stage2")
+                        min_gain=MIN_GAIN if margin is None else margin, only_stage2=margin is None)
 
 
-def judged_ms(problem, schedule) -> float:
-    """What the check compares, per plan: simulate.judge's ranked time (as the search ranks plans)."""
-    return judge(schedule, problem.cost).ranked_makespan_ms
+def judged_ms(problem, schedule, min_gain: float | None = None) -> float:
+    """What the check compares, per plan: simulate.judge's ranked time (as the search ranks plans);
+    with a margin, that of the sequential plan where `schedule` does not clear it (module doc)."""
+    return _judged(problem, schedule, min_gain)[0]
+
+
+def _judged(problem, schedule, min_gain: float | None) -> tuple[float, bool]:
+    """judged_ms, and whether it is the sequential plan's because `schedule` (another plan) misses
+    the margin."""
+    judged = judge(schedule, problem.cost)
+    if min_gain is None:
+        return judged.ranked_makespan_ms, False
+    seq = judge(sequential_plan(problem), problem.cost)
+    if judged.beats(seq, min_gain):
+        return judged.ranked_makespan_ms, False
+    return seq.ranked_makespan_ms, abs(judged.ranked_makespan_ms - seq.ranked_makespan_ms) > IMPROVEMENT
 
 
 def run_check(cases_file: str | Path, tolerance: float | None = None, progress=None) -> CheckResult:
@@ -172,11 +197,15 @@ class GoldenUnreplayable(NfsearchError):
     """The golden plan no longer fits today's model (graph, profile) and cannot be re-scored."""
 
 
-def rescore(golden, problem) -> float:
+def rescore(golden, problem, min_gain: float | None = None) -> float:
     """The golden plan's time under today's model (its SM counts and order judged), per plan."""
+    return _rescored(golden, problem, min_gain)[0]
+
+
+def _rescored(golden, problem, min_gain: float | None) -> tuple[float, bool]:
     try:
         verify(golden)
-        return judged_ms(problem, golden)
+        return _judged(problem, golden, min_gain)
     except NfsearchError as exc:
         raise GoldenUnreplayable(str(exc)) from None
 
@@ -190,7 +219,7 @@ def _check_case(case: dict, base: Path, tol: float) -> CaseResult:
     stored_ms = golden.predicted.makespan_ms
     try:
         problem = problem_for(case, base)
-        golden_ms = rescore(golden, problem)
+        golden_ms = rescore(golden, problem, case_margin(case))
     except GoldenUnreplayable as exc:
         return CaseResult(name, False, None, None, f"golden plan {case['plan']} is unusable: it can no longer be "
                           f"replayed under today's model ({exc}); `nfsearch check --update` replaces it",
@@ -199,7 +228,7 @@ def _check_case(case: dict, base: Path, tol: float) -> CaseResult:
         schedule, _ = solve_problem(case, problem)
     except NfsearchError as exc:
         return CaseResult(name, False, golden_ms, None, f"re-solve failed: {exc}", stored_ms=stored_ms)
-    new_ms = judged_ms(problem, schedule)
+    new_ms = judged_ms(problem, schedule, case_margin(case))
     try:
         verify(schedule)
     except NfsearchError as exc:
@@ -242,8 +271,9 @@ def _resolve(ref: str, base: Path) -> str:
 
 def update_goldens(cases_file: str | Path, progress=None) -> list[str]:
     """Re-solve every case; replace its golden plan only where the new plan is better than the golden
-    re-scored under the same (today's) model, or where the golden can no longer be replayed or read.
-    Returns one line per case saying what was done."""
+    re-scored under the same (today's) model, or where the golden can no longer be replayed or read,
+    was made with another profile, or no longer clears the margin over the sequential plan (then the
+    new plan is no worse). Returns one line per case saying what was done."""
     cases, _ = load_cases(cases_file)
     base, lines = Path(cases_file).parent, []
     for case in cases:
@@ -253,13 +283,14 @@ def update_goldens(cases_file: str | Path, progress=None) -> list[str]:
         problem = problem_for(case, base)
         schedule, _ = solve_problem(case, problem)
         verify(schedule)
-        new_ms = judged_ms(problem, schedule)
-        is_stale = False            # made with another profile: `simulate` would refuse to replay it
+        new_ms = judged_ms(problem, schedule, case_margin(case))
+        is_stale = False            # made with another profile, or the search would no longer write it
         try:
             golden = plan_io.read(path)
-            golden_ms = rescore(golden, problem)
-            is_stale = golden.profile.fingerprint != problem.profile.fingerprint()
-            why = "the golden was made with another profile" if is_stale else None
+            golden_ms, is_stale = _rescored(golden, problem, case_margin(case))
+            why = "the golden no longer clears the margin over the sequential plan" if is_stale else None
+            if golden.profile.fingerprint != problem.profile.fingerprint():
+                is_stale, why = True, "the golden was made with another profile"
         except GoldenUnreplayable as exc:
             golden_ms, why = None, f"the golden could no longer be replayed ({str(exc)[:160]})"
         except NfsearchError as exc:

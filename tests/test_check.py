@@ -119,6 +119,36 @@ def test_update_replaces_only_by_a_better_plan(tmp_path, monkeypatch):
     assert plan_io.read(plan).predicted.makespan_ms < sequential_plan(problem_for(case, tmp_path)).predicted.makespan_ms
 
 
+def test_a_golden_that_misses_the_margin_scores_as_the_sequential_plan():
+    """Under a margin the overlapped W2 golden does not clear, the search writes the sequential plan:
+    the golden is scored as that plan, so the check compares like with like."""
+    from nfsearch import plan as plan_io
+    from nfsearch.golden import load_cases, problem_for, rescore
+    from nfsearch.search.baselines import sequential_plan
+    from nfsearch.simulate import judge
+    case = next(c for c in load_cases(GOLDEN / "cases.yaml")[0] if c["name"] == "W2")
+    problem = problem_for(case, GOLDEN)
+    golden = plan_io.read(GOLDEN / "W2.plan.json")
+    seq_ms = judge(sequential_plan(problem), problem.cost).ranked_makespan_ms
+    own_ms = judge(golden, problem.cost).ranked_makespan_ms
+    assert own_ms < seq_ms and rescore(golden, problem) == pytest.approx(own_ms)
+    assert rescore(golden, problem, min_gain=0.0) == pytest.approx(own_ms)
+    assert rescore(golden, problem, min_gain=0.5) == pytest.approx(seq_ms)
+
+
+@pytest.mark.slow
+def test_check_and_update_follow_the_cases_margin(tmp_path):
+    cases, plan = _one_case(tmp_path, "W2")
+    cases.write_text(cases.read_text().replace("seed: 0}", "seed: 0, min_gain: 0.5}"))
+    result = run_check(cases)
+    assert result.ok, result.report()
+    lines = update_goldens(cases)
+    assert "wrote" in lines[0] and "no longer clears the margin" in lines[0], lines
+    from nfsearch import plan as plan_io
+    assert plan_io.read(plan).solver.source == "sequential baseline"
+    assert "kept" in update_goldens(cases)[0]
+
+
 def test_unreplayable_golden_fails_and_update_says_so(tmp_path):
     cases, plan = _one_case(tmp_path, "W1")
     data = json.loads(plan.read_text())
@@ -156,7 +186,8 @@ def test_bad_cases_file(tmp_path):
 @pytest.mark.parametrize("extra,match", [
     ("seed: abc", "seed must be an integer"), ("threads: 2.5", "threads must be an integer"),
     ("time_limit_s: fast", "time_limit_s must be a number"), ("num_layers: true", "num_layers"),
-    ("colour: red", "unknown key 'colour'"),
+    ("colour: red", "unknown key 'colour'"), ("min_gain: lots", "min_gain must be a number"),
+    ("plan_from: stage3", "plan_from must be one of search, stage2"),
 ])
 def test_bad_case_values_are_one_line_errors(tmp_path, extra, match):
     (tmp_path / "c.yaml").write_text(f"cases:\n  - {{name: W1, model: llama-3-8b, workload: W1, plan: p.json, {extra}}}\n")
