@@ -109,7 +109,8 @@ def main():
 
 # the flags that describe a batch; a named --workload already fixes all of them
 _BATCH_FLAGS = {"num_decode": "--decode", "decode_context": "--context", "prefill": "--prefill",
-                "tp_degree": "--tp", "dtype": "--dtype"}
+                "tp_degree": "--tp", "dtype": "--dtype", "decode_contexts": "--decode-contexts",
+                "prefill_prefix": "--prefill-prefix"}
 
 
 def workload_options(f):
@@ -124,8 +125,14 @@ def workload_options(f):
                      help="Decode requests in the batch (instead of --workload)."),
         click.option("--context", "decode_context", type=click.IntRange(1, 2**22), default=1024, show_default=True,
                      help="Average context of a decode request, in tokens."),
+        click.option("--decode-contexts", "decode_contexts", default="",
+                     help="Each decode request's context, comma separated (e.g. 1000,1200,96): the batch an "
+                          "engine forms; --decode may be left out and --context is their mean."),
         click.option("--prefill", "prefill", default="",
-                     help="Prompt lengths in tokens, comma separated (e.g. 512,512)."),
+                     help="Prompt (or prefill chunk) lengths in tokens, comma separated (e.g. 512,512)."),
+        click.option("--prefill-prefix", "prefill_prefix", default="",
+                     help="Per --prefill chunk, the tokens of its request already cached before it (chunked "
+                          "prefill), comma separated (e.g. 0,1024; default none)."),
         click.option("--tp", "tp_degree", type=click.IntRange(1, 64), default=1, show_default=True,
                      help="Tensor-parallel degree."),
         click.option("--dtype", type=click.Choice(sorted(DTYPE_BYTES)), default="bf16", show_default=True,
@@ -136,19 +143,24 @@ def workload_options(f):
     return f
 
 
-def resolve_specs(model_ref, workload_ref, num_decode, decode_context, prefill, tp_degree, dtype):
+def resolve_specs(model_ref, workload_ref, num_decode, decode_context, prefill, tp_degree, dtype,
+                  decode_contexts="", prefill_prefix=""):
     """The model and workload the flags name; refuses batch flags a named workload would ignore."""
+    ctx = click.get_current_context()
+    is_given = lambda name: ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)
     if workload_ref:
-        ctx = click.get_current_context()
-        given = [flag for name, flag in _BATCH_FLAGS.items()
-                 if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)]
+        given = [flag for name, flag in _BATCH_FLAGS.items() if is_given(name)]
         if given:
             raise NfsearchError(f"--workload {workload_ref} fixes the batch, so {', '.join(given)} would be ignored: "
                                 f"drop {'it' if len(given) == 1 else 'them'}, or describe the whole batch with "
                                 f"--decode/--context/--prefill/--tp/--dtype instead of --workload")
         workload = load_workload(workload_ref)
-    elif num_decode is not None or prefill:
-        workload = workload_from_flags(num_decode or 0, decode_context, parse_lengths(prefill, "--prefill"), tp_degree, dtype)
+    elif num_decode is not None or prefill or decode_contexts:
+        contexts = parse_lengths(decode_contexts, "--decode-contexts")
+        prefixes = parse_lengths(prefill_prefix, "--prefill-prefix", may_be_zero=True)
+        context = None if contexts and not is_given("decode_context") else decode_context
+        workload = workload_from_flags(num_decode or 0, context, parse_lengths(prefill, "--prefill"), tp_degree,
+                                       dtype, contexts, prefixes)
     else:
         raise NfsearchError("no workload: give --workload W1..W6|FILE or --decode/--prefill flags")
     model_ref = model_ref or workload.model
@@ -169,7 +181,10 @@ _GPU_HELP = "Bundled GPU: h100-sxm, h200 or a100-sxm."
               help="Instead: the pair table of this measured profile (per pair of ops, the best SM split "
                    "vs the two back to back on the whole GPU); with --tp N > 1, collectives x GEMMs and decode attention.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="With --pairs: also write the report as JSON.")
-def analyze(gpu_key, pairs_path, json_path, **spec):
+@click.option("--profile", "profile_path", type=click.Path(dir_okay=False),
+              help="The roofline on this profile's GPU rates (default: the bundled table's of the model on "
+                   "--gpu, as solve uses; else --gpu's figures): the bound solve and simulate state.")
+def analyze(gpu_key, pairs_path, json_path, profile_path, **spec):
     """FLOPs, bytes, T_compute, T_mem, T_net, TR, the roofline bound and optimal tokens/s of one layer."""
     if pairs_path or json_path:
         from nfsearch.pairs import analyze_pairs
@@ -178,9 +193,12 @@ def analyze(gpu_key, pairs_path, json_path, **spec):
                       and ctx.get_parameter_source(p.name) not in (None, ParameterSource.DEFAULT))
         _echo(analyze_pairs(pairs_path, json_path, spec["tp_degree"], given))
         return
+    from nfsearch.cost import default_gpu
+    from nfsearch.graph import memory_need
+    from nfsearch.profile import gpu_from_profile, load
     from nfsearch.roofline import roofline
     model, workload = resolve_specs(**spec)
-    gpu = load_gpu(gpu_key)
+    gpu = gpu_from_profile(load(profile_path)) if profile_path else default_gpu(model, workload, gpu_key)
     r = roofline(model, workload, gpu)
     batch = (f"{workload.name} ({workload.num_tokens} tokens, {workload.num_decode} decode, "
              f"TP={workload.tp_degree}, {workload.dtype})")
@@ -193,6 +211,7 @@ def analyze(gpu_key, pairs_path, json_path, **spec):
             ("T_compute", f"{r.compute_ms:.3f} ms"), ("T_mem", f"{r.mem_ms:.3f} ms"),
             ("T_net", f"{r.net_ms:.3f} ms"), ("TR = T_mem / T_compute", f"{r.ratio:.2f}"),
             ("roofline bound per layer", f"{r.bound_ms:.3f} ms"),
+            ("memory", memory_need(model, workload).describe(gpu.memory_bytes)),
             ("optimal throughput", f"{r.tokens_per_s:,.0f} tokens/s ({model.num_layers} layers)")]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -316,7 +335,8 @@ _TIME_LIMIT = FiniteFloatRange(0.0, MAX_TIME_LIMIT_S, min_open=True)
 @click.option("--chunk", type=click.IntRange(1, 65536), default=128, show_default=True,
               help="Nano-batch size granularity in tokens.")
 @click.option("--allow-extrapolation", is_flag=True,
-              help="Let the profile answer sizes and SM counts outside its measured grid.")
+              help="No longer needed (accepted, no effect): sizes and contexts outside the profile's "
+                   "measured grid scale by the roofline's shape from the nearest measured point, and say so.")
 @click.option("--min-gain", type=FiniteFloatRange(0.0, 1.0, max_open=True), default=0.02, show_default=True,
               help="Keep an overlapped plan only if predicted at least this much faster than the sequential "
                    "plan (0.02 = 2%); else write the sequential plan.")
@@ -363,7 +383,8 @@ def solve(profile_path, solver, time_limit_s, threads, seed, num_layers, chunk, 
 @click.option("-o", "--output", "out_prefix", type=click.Path(),
               help="Output prefix for .html, .png, .trace.json (default: out/<plan stem>.sim).")
 @click.option("--allow-extrapolation", is_flag=True,
-              help="Let the profile answer sizes and SM counts outside its measured grid.")
+              help="No longer needed (accepted, no effect): sizes and contexts outside the profile's "
+                   "measured grid scale by the roofline's shape from the nearest measured point, and say so.")
 def simulate(plan_path, profile_path, out_prefix, allow_extrapolation):
     """Check a plan's constraints, replay it through the cost model, write Gantt and trace."""
     from nfsearch import plan

@@ -32,16 +32,18 @@ and co-run factors that `solo_ms` and `beside_ms` apply.
 Power: a profile with energy (energy.ProfileEnergy: per op, the board energy per call of a sustained
 back-to-back loop on the whole GPU, and the GPU's power limit and static power) gives a POWER BOUND
 (energy.PowerBound): one layer's dynamic energy, the sum over its ops of (energy - static power x
-time) at the op's whole token count, cannot be spent faster than limit - static allows. A nano-op of
-n of an op's T tokens costs n/T of the op's energy, so every split of the layer has the same energy,
-unless the profile has pair energy points (energy.PairEnergyPoint: a pair family at its best split in
-a sustained loop against the two back to back): then each two nano-ops that a replay runs at once
-cost (r - 1) x the dynamic energy each spends in their overlap more, r the measured pair's dynamic
-energy over back to back's (the family's point nearest in tokens and context), and the bound is the
-plan's own (`overlap_energy_j`; r on an H100 at one clock: a GEMM beside decode attention
-0.88-1.11, beside prefill attention 0.91-1.17, decode beside prefill attention 0.87-0.94). Energies are interpolated linearly in tokens
-between the profile's points; outside them, and at a context the profile did not measure, scaled in
-proportion to the tokens (the context): labelled "scaled". `nfsearch calibrate --energy` fits a
+time) at the op's whole token count, cannot be spent faster than limit - static allows. Every plan
+has its own bound: a nano-op costs the energy of its own token count (`split_energy_j`: a GEMM split
+512 + 1536 reads its weights twice and costs 4-7% more than at 2048 tokens on an H100), and where
+the profile has pair energy points (energy.PairEnergyPoint: a pair family at its best split in a
+sustained loop against the two back to back) each two nano-ops that a replay runs at once cost
+(r - 1) x the dynamic energy each spends in their overlap more, r the measured pair's dynamic
+energy over back to back's (the family's point nearest in tokens and context; `overlap_energy_j`;
+r on an H100 at one clock: a GEMM beside decode attention 0.88-1.11, beside prefill attention
+0.91-1.17, decode beside prefill attention 0.87-0.94). Energies are interpolated linearly in tokens
+between the profile's points; outside them, and at a context the profile did not measure, scaled
+with the op's time (the cost model's lookup: at the measured point's power), labelled "scaled".
+`nfsearch calibrate --energy` fits a
 factor on the dynamic energies (1 without it). The predicted layer time is max(the replayed makespan
 per layer, the bound): simulate, run and solve's margin rule use it; the replay itself does not.
 Under TP the profile's energy is of one GPU's shard (runtime/tp_profile.py) and every GPU has its own
@@ -49,7 +51,13 @@ power limit, so the bound is per GPU: the shard's dynamic energy per layer over 
 Collectives (network ops) are not measured on one GPU: without points of their own they count as no
 dynamic energy, and the bound's note says so (the bound is then on the low side by their share).
 
-Problem bundles model, workload, GPU, profile, layer graph and cost model for the search.
+Outside the profile's measured tokens and contexts a solo time is the nearest measured point's,
+scaled by the op's roofline shape (roofline.op_scaling: linear in work, flat where launch or weight
+reads bound it) and never below the op's own roofline; plans name the ops so priced (`scaled_ops`).
+
+Problem bundles model, workload, GPU, profile, layer graph and cost model for the search; make_problem
+refuses a profile of another model (profile.check_profile_model) and a batch the GPU's memory cannot
+hold (graph.check_memory).
 """
 
 import bisect
@@ -66,11 +74,21 @@ import networkx as nx
 from nfsearch.calibration import Calibration, calibration_from_meta
 from nfsearch.energy import PowerBound, ProfileEnergy, energy_calibration_from_meta
 from nfsearch.errors import NfsearchError
-from nfsearch.graph import Op, build_layer, op_context
+from nfsearch.graph import MemoryNeed, Op, build_layer, check_memory, op_context
 from nfsearch.pairs import NO_SHARE_TAG, PairPoint, family_op, points_from_meta
 from nfsearch.plan import MAX_NUM_LAYERS, NO_SHARE_IMPLS, PlanGpu, PlanProfile
-from nfsearch.profile import ProfileMiss, ProfileTable, gpu_from_profile, load
-from nfsearch.roofline import analytic_profile, interp, roofline
+from nfsearch.profile import (
+    LINEAR,
+    ProfileMiss,
+    ProfileTable,
+    Scaling,
+    check_profile_model,
+    gpu_from_profile,
+    load,
+    model_mismatch,
+    read_meta,
+)
+from nfsearch.roofline import analytic_profile, interp, op_scaling, profile_roofline
 from nfsearch.specs import GpuSpec, ModelSpec, Workload, load_gpu
 
 
@@ -321,7 +339,7 @@ class PairModel:
 
 
 def no_share_time_ms(profile: ProfileTable, op: str, num_tokens: int, context: int = 0,
-                     allow_extrapolation: bool = False) -> tuple[float, str]:
+                     allow_extrapolation: bool = False, scaling: Scaling | None = None) -> tuple[float, str]:
     """(time, impl) of `op` holding no SM share: its fastest no-share impl's row at the whole GPU (how
     the profiler measures it: alone on a plain stream). ProfileMiss when the profile has none."""
     impls = [i for i in profile.impls(op) if i in NO_SHARE_IMPLS]
@@ -329,7 +347,7 @@ def no_share_time_ms(profile: ProfileTable, op: str, num_tokens: int, context: i
         raise ProfileMiss(f"profile has no rows of a no-SM-share impl ({', '.join(sorted(NO_SHARE_IMPLS))}) "
                           f"for op {op}")
     return min(profile.time_ms(op, num_tokens, int(profile.meta["num_sms"]), context, impl=i,
-                               allow_extrapolation=allow_extrapolation) for i in impls)
+                               allow_extrapolation=allow_extrapolation, scaling=scaling) for i in impls)
 
 
 def _base_op(op: str) -> str:
@@ -345,11 +363,18 @@ ENERGY_SCALED = "scaled (outside the measured tokens or context)"
 
 class EnergyModel:
     """Energy of an op from a profile's energy points (the module doc): board energy and loop time per
-    call, interpolated in tokens at the nearest measured context, scaled outside."""
+    call, interpolated in tokens at the nearest measured context, scaled outside.
 
-    def __init__(self, energy: ProfileEnergy, factor: float = 1.0, factor_label: str = ""):
+    `op_time_ms(op, num_tokens, context)`: the op's time on the whole GPU (the cost model's lookup).
+    Given, energy outside the measured tokens and contexts scales with the op's time (a kernel spends
+    about its measured power for as long as it runs: prefill attention of one 32k prompt costs its
+    time at the 3840-token point's power, not 1000x that point's energy); without it, in proportion
+    to the tokens (and the context)."""
+
+    def __init__(self, energy: ProfileEnergy, factor: float = 1.0, factor_label: str = "", op_time_ms=None):
         self.energy = energy
         self.factor = factor
+        self.op_time_ms = op_time_ms
         # without a fitted factor the bound runs low: measured dynamic energy was 1.02-1.05x the
         # profile's (W1-W4 on H100s); a factor fitted on one model carries to others of the GPU
         self.factor_label = factor_label or ("energy factor 1 (none fitted: `nfsearch calibrate --energy` fits one "
@@ -371,11 +396,23 @@ class EnergyModel:
                 line.sort()
 
     @classmethod
-    def from_profile(cls, profile: ProfileTable) -> "EnergyModel | None":
+    def from_profile(cls, profile: ProfileTable, op_time_ms=None) -> "EnergyModel | None":
         if profile.energy is None:
             return None
         cal = energy_calibration_from_meta(profile.meta)
-        return cls(profile.energy, cal.factor if cal else 1.0, cal.label if cal else "")
+        return cls(profile.energy, cal.factor if cal else 1.0, cal.label if cal else "", op_time_ms)
+
+    def _scaled(self, op: str, num_tokens: int, context: int, base_tokens: int, base_context: int) -> float:
+        """How much more energy (op, num_tokens, context) takes than (op, base_tokens, base_context):
+        the ratio of their times where known, else of tokens x context."""
+        if self.op_time_ms is not None:
+            try:
+                base = self.op_time_ms(op, base_tokens, base_context)
+                return self.op_time_ms(op, num_tokens, context) / base
+            except ProfileMiss:
+                pass
+        ratio = num_tokens / base_tokens
+        return ratio * (context / base_context if context > 0 and base_context > 0 else 1.0)
 
     def op_energy(self, op: str, num_tokens: int, context: int) -> tuple[float, float, str]:
         """(board energy J, loop time ms, how) of one call of `op` over `num_tokens` at `context`."""
@@ -386,15 +423,16 @@ class EnergyModel:
         line = by_ctx[ctx]
         tokens = [t for t, _, _ in line]
         got = _linear(tokens, [(e, t) for _, e, t in line], num_tokens)
-        if got is None:               # outside the measured tokens: in proportion to the tokens
+        if got is None:               # outside the measured tokens: from the nearest point, scaled
             edge = line[0] if num_tokens < tokens[0] else line[-1]
-            k = num_tokens / edge[0]
+            k = self._scaled(op, num_tokens, ctx, edge[0], ctx)
             energy_j, time_ms, how = edge[1] * k, edge[2] * k, ENERGY_SCALED
         else:
             energy_j, time_ms = got
             how = ENERGY_MEASURED if num_tokens in tokens else ENERGY_INTERPOLATED
         if ctx != context and ctx > 0 and context > 0:
-            energy_j, time_ms, how = energy_j * context / ctx, time_ms * context / ctx, ENERGY_SCALED
+            k = self._scaled(op, num_tokens, context, num_tokens, ctx)
+            energy_j, time_ms, how = energy_j * k, time_ms * k, ENERGY_SCALED
         return energy_j, time_ms, how
 
     def dynamic_j(self, op: str, num_tokens: int, context: int) -> tuple[float, str]:
@@ -453,14 +491,8 @@ def no_energy_note(profile: ProfileTable) -> str:
 def power_bound_of(profile: ProfileTable, model: ModelSpec, workload: Workload) -> tuple[PowerBound | None, str]:
     """The power bound of one layer of `model` under `workload` from `profile`'s energy, or None and
     one line saying why there is none."""
-    energy = EnergyModel.from_profile(profile)
-    if energy is None:
-        return None, no_energy_note(profile)
-    try:
-        bound = energy.layer_bound(build_layer(model, workload), workload)
-    except ProfileMiss as miss:
-        return None, f"no power bound: {miss}"
-    return bound, bound.note
+    cost = CostModel(profile, build_layer(model, workload), workload)
+    return cost.power_bound(), cost.power_note
 
 
 # ------------------------------------------------------------------------------------ cost model
@@ -471,6 +503,8 @@ class CostModel:
         self.profile = profile
         self.workload = workload
         self.interference = interference or Interference()
+        # kept for callers; a lookup outside the profile's grid scales by the roofline's shape whatever
+        # it says (op_scaling), and only without the model (a hand-built graph) needs it
         self.is_extrapolating = allow_extrapolation
         self.pairs = pairs
         # `nfsearch calibrate`'s factors and overheads, applied only where the profile has them
@@ -491,8 +525,34 @@ class CostModel:
         self.stretch = lru_cache(maxsize=None)(self._stretch)
         self.beside_ms = lru_cache(maxsize=None)(self._beside_ms)
         self.stretched_ms = lru_cache(maxsize=None)(self._stretched_ms)
-        self.energy = EnergyModel.from_profile(profile)
+        self.nano_dynamic_j = lru_cache(maxsize=None)(self._nano_dynamic_j)
+        self.model: ModelSpec | None = layer.graph.get("model")
+        self.gpu = gpu_from_profile(profile)
+        self._scalings: dict[str, Scaling | None] = {}
+        self.energy = EnergyModel.from_profile(profile, self._whole_gpu_ms)
         self._power: tuple[PowerBound | None, str] | None = None
+
+    def scaling(self, op: str) -> Scaling | None:
+        """How lookups of `op` outside the profile's grid scale (roofline.op_scaling); without the
+        model, linear where extrapolation is allowed, else none (ProfileMiss)."""
+        if op not in self._scalings:
+            if self.model is not None:
+                self._scalings[op] = op_scaling(self.ops[op], self.model, self.workload, self.gpu)
+            else:
+                self._scalings[op] = LINEAR if self.is_extrapolating else None
+        return self._scalings[op]
+
+    def _whole_gpu_ms(self, op: str, num_tokens: int, context: int) -> float:
+        """The op's profile time on the whole GPU at any context (the energy model scales by it)."""
+        if op not in self.ops:
+            raise ProfileMiss(f"op {op} is not in this layer")
+        return self.profile.time_ms(op, num_tokens, self.num_sms, context, scaling=self.scaling(op))[0]
+
+    def scaled_ops(self) -> list[str]:
+        """The ops whose whole batch lies outside the profile's measured tokens or contexts (priced by
+        the roofline's shape from the nearest measured point)."""
+        return [name for name in self.ops if self.profile.impls(name) and
+                not self.profile.covers(name, self.whole_tokens[name], self.context(name))]
 
     @property
     def event_wait_ms(self) -> float:
@@ -538,7 +598,7 @@ class CostModel:
                 # against the same impl's solo time where the table has it (rows of an older impl)
                 try:
                     base = self.profile.time_ms(op, num_tokens, sm_count, self.context(op), impl=impl,
-                                                allow_extrapolation=self.is_extrapolating)[0]
+                                                scaling=self.scaling(op))[0]
                 except ProfileMiss:
                     base = solo
                 return max(1.0, row / base), SRC_ROWS
@@ -628,12 +688,25 @@ class CostModel:
         self.power_bound()
         return self._power[1]
 
-    def nano_dynamic_j(self, op: str, num_tokens: int) -> float:
-        """Dynamic energy of a nano-op of `num_tokens` of `op`: its share of the whole op's (0 without energy)."""
+    def _nano_dynamic_j(self, op: str, num_tokens: int) -> float:
+        """Dynamic energy of a nano-op of `num_tokens` of `op`, at its own token count (0 without energy):
+        a split costs what its nano-batches cost, each reading the op's weights again (on an H100 a
+        GEMM split 512 + 1536 takes 4-7% more energy than at 2048 tokens)."""
         if self.energy is None or self.energy.is_unmeasured_network(self.layer.nodes[op]["op"]):
             return 0.0
-        whole = self.whole_tokens[op]
-        return self.energy.dynamic_j(op, whole, self.context(op))[0] * num_tokens / whole
+        return self.energy.dynamic_j(op, num_tokens, self.context(op))[0]
+
+    def split_energy_j(self, spans) -> float:
+        """Dynamic energy the nano-ops of the timeline `spans` spend beyond their ops' whole (unsplit)
+        energies, over all its layers (0 where no op is split, or without energy)."""
+        if self.energy is None:
+            return 0.0
+        layers = {sp.layer for sp in spans}
+        by_op = Counter(sp.op for sp in spans)
+        split = {op for op, n in by_op.items() if n > len(layers)}
+        whole = {op: self.nano_dynamic_j(op, self.whole_tokens[op]) for op in split}
+        return sum(self.nano_dynamic_j(sp.op, sp.num_tokens) for sp in spans if sp.op in split) - \
+            len(layers) * sum(whole.values())
 
     def overlap_energy_j(self, spans) -> tuple[float, int, int]:
         """(extra dynamic energy J, overlaps priced, overlaps without a measured pair) of the timeline
@@ -663,16 +736,24 @@ class CostModel:
 
     def plan_power_bound(self, spans, num_layers: int) -> PowerBound | None:
         """The power bound of one layer of the plan whose replayed timeline is `spans`: the layer's
-        (power_bound) plus its overlaps' energy (overlap_energy_j); the layer's where the profile has
-        no pair energy points."""
+        (power_bound), plus what its nano-batches cost beyond the whole ops (split_energy_j), plus its
+        overlaps' energy where the profile has pair energy points (overlap_energy_j). A plan of whole
+        ops without overlap has the layer's."""
         bound = self.power_bound()
-        if bound is None or not self.energy.pair_points:
+        if bound is None:
             return bound
+        split = self.split_energy_j(spans) / num_layers
         extra, num_priced, num_unpriced = self.overlap_energy_j(spans)
-        unpriced = f", {num_unpriced} without a measured pair (counted as back to back)" if num_unpriced else ""
-        return replace(bound, dynamic_energy_j=max(0.0, bound.dynamic_energy_j + extra / num_layers),
-                       note=f"{bound.note}; overlaps {extra / num_layers:+.3f} J per layer from {num_priced} "
-                            f"measured pair energies{unpriced}")
+        notes = [f"nano-batches {split:+.3f} J per layer over the whole ops"] if split else []
+        if self.energy.pair_points:
+            unpriced = (f", {num_unpriced} without a measured pair (counted as back to back)"
+                        if num_unpriced else "")
+            notes.append(f"overlaps {extra / num_layers:+.3f} J per layer from {num_priced} measured pair "
+                         f"energies{unpriced}")
+        if not notes:
+            return bound
+        return replace(bound, dynamic_energy_j=max(0.0, bound.dynamic_energy_j + split + extra / num_layers),
+                       note="; ".join([bound.note] + notes))
 
     def describe_sources(self) -> str:
         """The interference sources, for plans and timelines."""
@@ -686,7 +767,10 @@ class CostModel:
             head = self.interference.source
         calibrated = f"; {self.calibration.label}" if self.calibration is not None else ""
         power = f"; power bound from the profile's energy ({self.power_note})" if self.power_bound() else ""
-        return f"{head}; {self.overheads.describe()}{calibrated}{power}"
+        scaled = self.scaled_ops()
+        outside = (f"; {', '.join(scaled)} outside the profile's measured sizes: scaled from the nearest "
+                   "measured point by the roofline's shape" if scaled else "")
+        return f"{head}; {self.overheads.describe()}{calibrated}{power}{outside}"
 
     def has_no_share(self, op: str) -> bool:
         """Whether the profile has an impl of `op` that holds no SM share (a nano-op of it may take 0 SMs)."""
@@ -697,9 +781,11 @@ class CostModel:
         if sm_count == 0:
             if co_class or self.op_class(op) != "network":
                 raise ProfileMiss(f"op {op} cannot run on 0 SMs (only a network op of a no-SM-share impl)")
-            return no_share_time_ms(self.profile, op, num_tokens, context, self.is_extrapolating)
+            return no_share_time_ms(self.profile, op, num_tokens, context, scaling=self.scaling(op))
+        # co-run rows answer inside their own grid only (outside it the pair table's nearest point is
+        # preferred, labelled); solo times scale outside the grid by the roofline's shape
         return self.profile.time_ms(op, num_tokens, sm_count, context, co_class=co_class,
-                                    allow_extrapolation=self.is_extrapolating)
+                                    scaling=None if co_class else self.scaling(op))
 
 
 @dataclass(frozen=True)
@@ -711,10 +797,11 @@ class Problem:
     layer: nx.DiGraph
     cost: CostModel
     num_layers: int
+    memory: MemoryNeed | None = None          # what one GPU holds for the batch (graph.memory_need)
 
     @property
     def bound_ms(self) -> float:
-        return roofline(self.model, self.workload, self.gpu).bound_ms
+        return profile_roofline(self.model, self.workload, self.profile).bound_ms
 
     def plan_gpu(self) -> PlanGpu:
         return PlanGpu(self.gpu.name, self.gpu.num_sms, self.gpu.sm_granularity)
@@ -729,10 +816,12 @@ def make_problem(model: ModelSpec, workload: Workload, profile: ProfileTable, nu
     if not 1 <= num_layers <= MAX_NUM_LAYERS:
         raise NfsearchError(f"num_layers must be in 1..{MAX_NUM_LAYERS}, not {num_layers}")
     layer = build_layer(model, workload)
+    check_profile_model(profile, model, workload)
     gpu = gpu_from_profile(profile)
+    memory = check_memory(model, workload, gpu.memory_bytes)
     pairs = None if profile.is_analytic else PairModel.from_profile(profile)
     cost = CostModel(profile, layer, workload, Interference(), allow_extrapolation, pairs)
-    return Problem(model, workload, gpu, profile, layer, cost, num_layers)
+    return Problem(model, workload, gpu, profile, layer, cost, num_layers, memory)
 
 
 
@@ -741,14 +830,35 @@ def profiles_dir() -> Path:
     return Path(str(resources.files("nfsearch"))).parent / "profiles"
 
 
-def default_profile(model: ModelSpec, workload: Workload, gpu_key: str = "h100-sxm") -> ProfileTable:
-    """The bundled measured table for this GPU and model if there is one, else an analytic one."""
+def bundled_profile(model: ModelSpec, workload: Workload, gpu_key: str = "h100-sxm") -> ProfileTable | None:
+    """The bundled table of this GPU for this model: the one named after it, else any that measured its
+    shapes, TP degree and data type (profile.check_profile_model: a Llama-3-8B config.json is priced
+    by llama-3-8b's table); measured tables before analytic ones; None where none fits."""
+    path = bundled_profile_path(model, workload, gpu_key)
+    return None if path is None else load(path)
+
+
+def bundled_profile_path(model: ModelSpec, workload: Workload, gpu_key: str = "h100-sxm") -> Path | None:
+    """bundled_profile's file (read by its metadata alone)."""
     folder = profiles_dir() / gpu_key
-    if workload.tp_degree == 1:
-        for name in (f"{model.name}.parquet", f"{model.name}.analytic.parquet"):
-            if (folder / name).is_file():
-                return load(folder / name)
-    return analytic_profile(model, workload, load_gpu(gpu_key))
+    own = [folder / f"{model.name}.parquet", folder / f"{model.name}.analytic.parquet"]
+    others = sorted(folder.glob("*.parquet"), key=lambda p: (p.name.endswith(".analytic.parquet"), p.name))
+    for path in own + [p for p in others if p not in own]:
+        if path.is_file() and not model_mismatch(read_meta(path), model, workload):
+            return path
+    return None
+
+
+def default_profile(model: ModelSpec, workload: Workload, gpu_key: str = "h100-sxm") -> ProfileTable:
+    """The bundled table for this GPU and model if there is one, else an analytic one."""
+    return bundled_profile(model, workload, gpu_key) or analytic_profile(model, workload, load_gpu(gpu_key))
+
+
+def default_gpu(model: ModelSpec, workload: Workload, gpu_key: str = "h100-sxm") -> GpuSpec:
+    """The GPU rates a plan solved without --profile is priced and bounded with: the bundled table's
+    (its measured ceilings), else the bundled GPU's (what the analytic table is built from)."""
+    path = bundled_profile_path(model, workload, gpu_key)
+    return gpu_from_profile(read_meta(path)) if path is not None else load_gpu(gpu_key)
 
 
 # ------------------------------------------------------------------------------------ held-out check

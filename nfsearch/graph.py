@@ -167,13 +167,88 @@ def tp_shard(model: ModelSpec, tp_degree: int) -> TpShard:
                    model.hidden_size, model.intermediate_size // tp_degree)
 
 
+def shard_signature(model: ModelSpec, tp_degree: int, dtype: str) -> dict:
+    """What a layer's kernel times depend on: one GPU's shapes of the layer, the TP degree (the
+    collectives) and the data type. A profile is of the models whose signature it carries."""
+    shard = tp_shard(model, tp_degree)
+    return {"hidden_size": model.hidden_size, "num_heads": shard.num_heads,
+            "num_kv_heads": shard.num_kv_heads, "head_dim": shard.head_dim, "intermediate_size": shard.intermediate_size,
+            "num_experts": model.num_experts, "num_experts_per_token": model.num_experts_per_token,
+            "has_qkv_bias": model.has_qkv_bias, "tp_degree": tp_degree, "dtype": dtype}
+
+
 def op_context(op: Op, workload: Workload) -> int:
-    """The context a profile row for this op is keyed by (0 for ops without one)."""
+    """The context a profile row for this op is keyed by (0 for ops without one): decode attention's
+    mean context (its time goes with the sum of the contexts), prefill attention's pair-weighted
+    prompt length (Workload.prefill_context: the chunks' own causal pairs, prefixes included, priced
+    as one launch; whole prompts of one length give that length)."""
     if op.name == "decode_attn":
         return workload.decode_context
     if op.name == "prefill_attn":
-        return round(workload.num_prefill_tokens / len(workload.prefill_lengths))
+        return workload.prefill_context
     return 0
+
+
+def batch_work(op: Op, model: ModelSpec, workload: Workload) -> Work:
+    """Work of the whole op over the batch that runs: decode attention over each request's own
+    context, prefill attention over each chunk's causal pairs and its cached prefix's K/V (read once);
+    the roofline sums these exactly, where a profile lookup keys the op by one context (op_context)."""
+    start, end = domain_range(op, workload)
+    n = end - start
+    if op.name == "decode_attn":
+        return op_work(op, model, workload, n, sum(workload.contexts) / n)
+    if op.name == "prefill_attn":
+        work = op_work(op, model, workload, n, 2.0 * workload.prefill_pairs / n - 1.0)
+        kv = tp_shard(model, workload.tp_degree).kv_size
+        return work + Work(0.0, workload.dtype_bytes * 2.0 * kv * sum(workload.prefix_lens))
+    return op_work(op, model, workload, n, op_context(op, workload))
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """What one GPU holds to run the batch: its share of the whole model's weights (every layer, the
+    embedding and the LM head) and the batch's KV cache (per layer, and for all layers)."""
+    weights_bytes: int
+    kv_bytes_per_layer: int
+    num_layers: int
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.kv_bytes_per_layer * self.num_layers
+
+    def describe(self, memory_bytes: int = 0) -> str:
+        gb = lambda x: f"{x / 1e9:.1f} GB"
+        text = (f"weights {gb(self.weights_bytes)} + KV {gb(self.kv_bytes_per_layer)} per layer "
+                f"({gb(self.kv_bytes)} for all {self.num_layers} layers) per GPU")
+        return text + (f", of {gb(memory_bytes)}" if memory_bytes else "")
+
+
+def check_memory(model: ModelSpec, workload: Workload, memory_bytes: int) -> MemoryNeed:
+    """The memory the batch needs; refused where the model's weights and one layer's KV of the batch
+    do not fit `memory_bytes` (0: unknown, not checked). A plan times one layer's batch (its layers
+    run with their own KV), so all layers' KV is reported (MemoryNeed.describe), not required."""
+    need = memory_need(model, workload)
+    if memory_bytes and need.weights_bytes + need.kv_bytes_per_layer > memory_bytes:
+        what = ("its weights" if need.weights_bytes > memory_bytes
+                else "its weights and one layer's KV of the batch")
+        raise NfsearchError(f"model {model.name} at TP={workload.tp_degree} does not fit the GPU's memory "
+                            f"with workload {workload.name}: {what} exceed it ({need.describe(memory_bytes)})")
+    return need
+
+
+def memory_need(model: ModelSpec, workload: Workload) -> MemoryNeed:
+    """One GPU's weights (tensor parallel: its shard; the embedding and LM head split over the GPUs)
+    and the batch's KV cache (Workload.num_kv_tokens of K and V in each layer, its KV heads)."""
+    shard = tp_shard(model, workload.tp_degree)
+    h, i = model.hidden_size, shard.intermediate_size
+    attention = h * (shard.q_size + 2 * shard.kv_size) + shard.q_size * h
+    bias = shard.q_size + 2 * shard.kv_size if model.has_qkv_bias else 0
+    ffn = (model.num_experts * 3 * h * i + h * model.num_experts) if model.is_moe else 3 * h * i
+    per_layer = attention + bias + ffn + 2 * h                      # (+ the two norms' weights)
+    vocab = 2 * model.vocab_size * h // workload.tp_degree          # embedding and LM head, untied
+    b = workload.dtype_bytes
+    kv_per_layer = workload.num_kv_tokens * 2 * shard.kv_size * b
+    return MemoryNeed((per_layer * model.num_layers + vocab + h) * b, kv_per_layer, model.num_layers)
 
 
 def domain_range(op: Op, workload: Workload) -> tuple[int, int]:
@@ -203,8 +278,10 @@ class NanoOp:
 
 
 def build_layer(model: ModelSpec, workload: Workload) -> nx.DiGraph:
+    """The layer's op graph; graph.graph holds the model and workload it is of (the cost model
+    prices work outside a profile's grid from them)."""
     ops = layer_ops(model, workload)
-    graph = nx.DiGraph()
+    graph = nx.DiGraph(model=model, workload=workload)
     for op in ops:
         graph.add_node(op.name, op=op, token_range=domain_range(op, workload))
     attention = [op.name for op in ops if op.name.endswith("_attn")]

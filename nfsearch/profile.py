@@ -18,32 +18,39 @@ import hashlib
 import io
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Strict, ValidationError, field_validator
 
 from nfsearch.energy import ENERGY_KEY, ProfileEnergy, energy_from_meta
 from nfsearch.errors import NfsearchError
 from nfsearch.files import MAX_INPUT_BYTES, parse_json, read_text, shown, write_atomic
-from nfsearch.graph import OP_CLASSES
+from nfsearch.graph import OP_CLASSES, shard_signature
 from nfsearch.specs import (
     MAX_CONTEXT,
     MAX_LABEL_CHARS,
+    MAX_MEMORY_BYTES,
     MAX_SMS,
     MAX_TIME_MS,
     MAX_TP,
     Ceilings,
+    Dtype,
     GpuSpec,
     Name,
     Rate,
     Text,
+    ModelSpec,
+    Workload,
     bounded_int,
+    bundled_names,
     describe,
     gpu_by_name,
     load_gpu,
+    load_model,
 )
 
 COLUMNS = ["op", "impl", "num_tokens", "context", "sm_count", "time_ms"]
@@ -70,6 +77,10 @@ class ProfileMeta(BaseModel):
     figures_source: Text | None = None
     model: Name | None = None
     tp_degree: bounded_int(1, MAX_TP) | None = None
+    dtype: Dtype | None = None                  # of the data measured (None: bf16, what the profiler uses)
+    # the model's per-GPU layer shapes measured (graph.shard_signature; older profiles name the model only)
+    shard: dict[Name, Annotated[int, Strict()] | Annotated[bool, Strict()] | Name] | None = None
+    memory_bytes: bounded_int(1, MAX_MEMORY_BYTES) | None = None      # the device's memory
     ceilings: Ceilings | None = None            # measured profiles (older ones: peak_tflops, mem_bandwidth_tbps)
 
     @field_validator("ceilings", mode="before")
@@ -165,6 +176,27 @@ class ProfileMiss(NfsearchError):
     """The table cannot answer a lookup (names the op, size and SM count)."""
 
 
+@dataclass(frozen=True)
+class Scaling:
+    """How a lookup outside the measured grid (in tokens or context) scales: the time at the nearest
+    measured point x shape(the point asked) / shape(that point), never below floor(the point asked).
+    shape(num_tokens, context, sm_count) is a time of the op's shape (the cost model passes the
+    op's analytic time, roofline.op_scaling); floor(num_tokens, context) its roofline on the GPU."""
+    shape: Callable[[int, float, int], float]
+    floor: Callable[[int, float], float]
+    is_held_below: bool = False         # below the grid: the edge's time (shape not applied)
+
+    def ratio(self, x: tuple[int, float, int], edge: tuple[int, float, int]) -> float:
+        if self.is_held_below and x < edge:
+            return 1.0
+        return self.shape(*x) / self.shape(*edge)
+
+
+# allow_extrapolation without a Scaling (what the runtime asks, to choose among impls): linear in tokens
+# and in context above the grid, the edge's time below it (never less than the smallest size measured)
+LINEAR = Scaling(lambda n, c, s: float(n) * max(c, 1.0), lambda n, c: 0.0, is_held_below=True)
+
+
 @dataclass
 class ProfileTable:
     """A checked table (see check_rows, check_meta); `info` is the metadata's typed view."""
@@ -197,12 +229,21 @@ class ProfileTable:
     def impls(self, op: str, co_class: str = "") -> list[str]:
         return sorted(impl for (o, impl, c) in self._slices if o == op and c == co_class)
 
+    def covers(self, op: str, num_tokens: int, context: int = 0) -> bool:
+        """Whether some impl of `op` measured (solo) the point without scaling it."""
+        return any(self._slices[key].covers(num_tokens, context) for key in self._slices
+                   if key[0] == op and key[2] == "")
+
     def has_corun(self) -> bool:
         return bool((self.rows["co_class"] != "").any())
 
     def time_ms(self, op: str, num_tokens: int, sm_count: int, context: int = 0, impl: str | None = None,
-                co_class: str = "", allow_extrapolation: bool = False) -> tuple[float, str]:
-        """Interpolated time of `op` (the fastest impl unless one is named) and the impl used."""
+                co_class: str = "", allow_extrapolation: bool = False,
+                scaling: Scaling | None = None) -> tuple[float, str]:
+        """Interpolated time of `op` (the fastest impl unless one is named) and the impl used. Outside
+        the measured tokens and contexts: scaled by `scaling` (ProfileGrid), else with
+        `allow_extrapolation` linearly beyond the top and at the edge below the bottom, else ProfileMiss."""
+        scaling = scaling or (LINEAR if allow_extrapolation else None)
         candidates = [impl] if impl else self.impls(op, co_class)
         if not candidates or (op, candidates[0], co_class) not in self._slices:
             what = f"co-run with {co_class}" if co_class else "solo"
@@ -212,7 +253,7 @@ class ProfileTable:
             what = f"({op}/{i}, {num_tokens} tokens, context {context}, {sm_count} SMs)"
             try:
                 times.append((self._slices[(op, i, co_class)].lookup(num_tokens, context, sm_count,
-                                                                     allow_extrapolation, what), i))
+                                                                     scaling, what), i))
             except ProfileMiss as miss:       # another impl may still answer
                 misses.append(miss)
         if not times:
@@ -300,10 +341,10 @@ class ProfileGrid:
     """Times of one (op, impl, co_class) over a grid of contexts x tokens x SM counts, and their
     interpolation: linear in the context, bilinear in tokens and SM counts between grid points.
 
-    With extrapolation allowed, a point outside the grid in tokens or context takes the nearest
-    edge (times above the token grid grow linearly with tokens). SM counts are never extrapolated
-    below the table's smallest: the table's SM grid is what the device partitions into, and a
-    share below it is not one the executor builds."""
+    Outside the grid in tokens or context (where allowed) the time is the nearest measured point's,
+    scaled by a Scaling: a time is never clamped to the table's edge. SM counts are never
+    extrapolated below the table's smallest: the table's SM grid is what the device partitions
+    into, and a share below it is not one the executor builds."""
 
     def __init__(self, df: pd.DataFrame):
         self.points = {(int(r.context), int(r.num_tokens), int(r.sm_count)): float(r.time_ms)
@@ -312,20 +353,38 @@ class ProfileGrid:
         self.tokens = {c: sorted({t for cc, t, _ in self.points if cc == c}) for c in self.contexts}
         self.sms = {c: sorted({s for cc, _, s in self.points if cc == c}) for c in self.contexts}
 
-    def lookup(self, tokens: int, context: int, sms: int, extrapolate: bool, what: str) -> float:
-        lo, hi, w = bracket(self.contexts, context, extrapolate, f"context {context} outside the table for {what}")
-        if lo == hi:
-            return self.at_context(lo, tokens, sms, extrapolate, what)
-        a = self.at_context(lo, tokens, sms, extrapolate, what)
-        b = self.at_context(hi, tokens, sms, extrapolate, what)
-        return a + (b - a) * w
+    def covers(self, tokens: int, context: int) -> bool:
+        """Whether (tokens, context) lies inside the measured grid (no scaling)."""
+        if not self.contexts[0] <= context <= self.contexts[-1]:
+            return False
+        lo, hi, _ = bracket(self.contexts, context, False, "")
+        return all(self.tokens[c][0] <= tokens <= self.tokens[c][-1] for c in {lo, hi})
 
-    def at_context(self, c: int, tokens: int, sms: int, extrapolate: bool, what: str) -> float:
-        t0, t1, wt = bracket(self.tokens[c], tokens, extrapolate, f"no profile entry for {what}")
+    def lookup(self, tokens: int, context: int, sms: int, scaling: Scaling | None, what: str) -> float:
+        edge = min(max(context, self.contexts[0]), self.contexts[-1])
+        if edge != context and scaling is None:
+            raise ProfileMiss(f"context {context} outside the table for {what} (table covers "
+                              f"{self.contexts[0]}..{self.contexts[-1]}; allow extrapolation to go beyond)")
+        lo, hi, w = bracket(self.contexts, edge, False, "")
+        time = self.at_context(lo, tokens, sms, scaling, what)
+        if lo != hi:
+            time += (self.at_context(hi, tokens, sms, scaling, what) - time) * w
+        if edge == context:
+            return time
+        scaled = time * scaling.ratio((tokens, context, sms), (tokens, edge, sms))
+        return max(scaled, scaling.floor(tokens, context))
+
+    def at_context(self, c: int, tokens: int, sms: int, scaling: Scaling | None, what: str) -> float:
+        grid = self.tokens[c]
+        edge = min(max(tokens, grid[0]), grid[-1])
+        if edge != tokens and scaling is None:
+            raise ProfileMiss(f"no profile entry for {what} (table covers {grid[0]}..{grid[-1]}; allow "
+                              "extrapolation to go beyond)")
+        t0, t1, wt = bracket(grid, edge, False, "")
         if sms < self.sms[c][0]:
             raise ProfileMiss(f"no profile entry for {what} (the table's smallest SM count is "
                               f"{self.sms[c][0]}; fewer SMs are never extrapolated)")
-        s0, s1, ws = bracket(self.sms[c], sms, extrapolate, f"no profile entry for {what}")
+        s0, s1, ws = bracket(self.sms[c], sms, scaling is not None, f"no profile entry for {what}")
         corners = {}
         for t in {t0, t1}:
             for s in {s0, s1}:
@@ -335,8 +394,10 @@ class ProfileGrid:
         at_s0 = corners[(t0, s0)] + (corners[(t1, s0)] - corners[(t0, s0)]) * wt
         at_s1 = corners[(t0, s1)] + (corners[(t1, s1)] - corners[(t0, s1)]) * wt
         time = at_s0 + (at_s1 - at_s0) * ws
-        top = self.tokens[c][-1]
-        return time * (tokens / top if tokens > top else 1.0)
+        if edge == tokens:
+            return time
+        scaled = time * scaling.ratio((tokens, c, sms), (edge, c, sms))
+        return max(scaled, scaling.floor(tokens, c))
 
 
 def bracket(grid: list[int], x: int, extrapolate: bool, message: str) -> tuple[int, int, float]:
@@ -354,9 +415,57 @@ def bracket(grid: list[int], x: int, extrapolate: bool, message: str) -> tuple[i
     return lo, hi, (x - lo) / (hi - lo)
 
 
-def gpu_from_profile(profile: ProfileTable) -> GpuSpec:
-    """The GPU a profile was made on, with the profile's own measured rates where it has them."""
-    info = profile.info
+def check_profile_model(profile: ProfileTable, model: ModelSpec, workload: Workload) -> None:
+    """A profile prices only the layer it measured: refuse it for another model's shapes (one GPU's
+    shard under TP), another TP degree or another data type, naming the differences. Its shapes are
+    its metadata's "shard" (graph.shard_signature), else those of the bundled model it names; a
+    profile of a model it cannot resolve must name this model; one that names no model (a hand-made
+    table) is taken as it is."""
+    reason = model_mismatch(profile.info, model, workload)
+    if reason:
+        raise NfsearchError(f"the {profile.label} {reason}")
+
+
+def model_mismatch(info: ProfileMeta, model: ModelSpec, workload: Workload) -> str:
+    """Why a profile of metadata `info` cannot price `model` under `workload` ("" where it can)."""
+    if info.model is None and info.shard is None:
+        return ""
+    tp, dtype = info.tp_degree or 1, info.dtype or "bf16"
+    want = shard_signature(model, workload.tp_degree, workload.dtype)
+    if info.shard is not None:
+        got = dict(info.shard)
+    elif info.model in bundled_names("models"):
+        got = shard_signature(load_model(info.model), tp, dtype)
+    else:
+        got = {**want, "model": info.model, "tp_degree": tp, "dtype": dtype}
+        want = {**want, "model": model.name}
+    differ = [f"{key} {got.get(key)!r} (this one {want[key]!r})" for key in want if got.get(key) != want[key]]
+    if not differ:
+        return ""
+    return (f"measured {info.model or 'another model'} at TP={tp}, {dtype}, not {model.name} at "
+            f"TP={workload.tp_degree}, {workload.dtype}: its {', '.join(differ[:4])} differ; measure this model "
+            "(nfsearch profile) or leave --profile out for the analytic profile")
+
+
+def read_meta(path: str | Path) -> ProfileMeta:
+    """A profile file's checked metadata alone (its rows not read)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+            raw = (pq.read_schema(path).metadata or {}).get(PARQUET_KEY)
+            if raw is None:
+                raise NfsearchError(f"{shown(path)}: parquet file has no nfsearch-profile metadata")
+            return check_meta(_parse_meta(raw.decode("utf-8"), path))
+        first = read_text(path).partition("\n")[0]
+        return check_meta(_parse_meta(first.removeprefix(CSV_MARK), path))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise NfsearchError(f"{shown(path)}: not a readable profile ({type(exc).__name__})") from None
+
+
+def gpu_from_profile(profile: ProfileTable | ProfileMeta) -> GpuSpec:
+    """The GPU a profile (or its metadata) was made on, with its own measured rates where it has them."""
+    info = profile.info if isinstance(profile, ProfileTable) else profile
     known = load_gpu(info.gpu_key) if info.gpu_key else gpu_by_name(info.gpu_name)
     base = known or load_gpu("h100-sxm")
     return GpuSpec(key=info.gpu_key or base.key, name=info.gpu_name, num_sms=info.num_sms,
@@ -365,4 +474,5 @@ def gpu_from_profile(profile: ProfileTable) -> GpuSpec:
                    mem_bandwidth_tbps=((info.ceilings.copy_tbps if info.ceilings else info.mem_bandwidth_tbps)
                                        or base.mem_bandwidth_tbps),
                    net_bandwidth_gbps=info.net_bandwidth_gbps or base.net_bandwidth_gbps,
-                   figures_source=info.figures_source or info.source)
+                   figures_source=info.figures_source or info.source,
+                   memory_bytes=info.memory_bytes or (base.memory_bytes if known else 0))

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from nfsearch.graph import Op, Work, domain_range, layer_ops, op_context, op_work
-from nfsearch.profile import ProfileTable
+from nfsearch.graph import Op, Work, batch_work, layer_ops, op_context, op_work, shard_signature
+from nfsearch.profile import ProfileTable, Scaling, gpu_from_profile
 from nfsearch.specs import GpuSpec, ModelSpec, Workload
 
 
@@ -54,14 +54,17 @@ class Roofline:
 
 
 def layer_work(model: ModelSpec, workload: Workload) -> Work:
+    """The layer's work over the batch that runs (graph.batch_work: each decode request at its own
+    context, each prefill chunk's own pairs)."""
     total = Work()
     for op in layer_ops(model, workload):
-        start, end = domain_range(op, workload)
-        total = total + op_work(op, model, workload, end - start, op_context(op, workload))
+        total = total + batch_work(op, model, workload)
     return total
 
 
 def roofline(model: ModelSpec, workload: Workload, gpu: GpuSpec) -> Roofline:
+    """The roofline of one layer on `gpu`'s rates. The one roofline of a plan is this on the rates of
+    the profile it is priced with (`profile_roofline`): analyze, solve and simulate all print that."""
     work = layer_work(model, workload)
     return Roofline(
         flops=work.flops,
@@ -73,6 +76,30 @@ def roofline(model: ModelSpec, workload: Workload, gpu: GpuSpec) -> Roofline:
         num_tokens=workload.num_tokens,
         num_layers=model.num_layers,
     )
+
+
+def profile_roofline(model: ModelSpec, workload: Workload, profile: ProfileTable) -> Roofline:
+    """The roofline on the rates of the GPU `profile` was made on (its measured ceilings where it has
+    them, profile.gpu_from_profile): the bound every command states for a plan priced with it."""
+    return roofline(model, workload, gpu_from_profile(profile))
+
+
+def op_floor_ms(op: Op, model: ModelSpec, workload: Workload, gpu: GpuSpec, tokens: int,
+                context: float) -> float:
+    """The op's own roofline on the whole GPU: no time of it, measured or scaled, is taken below this
+    outside a profile's grid."""
+    work = op_work(op, model, workload, tokens, context)
+    return max(work.flops / (gpu.peak_tflops * 1e9), work.num_bytes / (gpu.mem_bandwidth_tbps * 1e9),
+               work.net_bytes / (gpu.net_bandwidth_gbps * 1e6))
+
+
+def op_scaling(op: Op, model: ModelSpec, workload: Workload, gpu: GpuSpec) -> Scaling:
+    """How a profile lookup of `op` outside its measured grid scales (profile.Scaling): by the shape of
+    the op's analytic time on the same SM count (linear in tokens and context where it is bound by
+    work, flat where launch or weight reads bound it: a GEMM's weights cost the same for 1 token as
+    for 64), never below the op's roofline on the whole GPU."""
+    return Scaling(lambda n, c, s: op_time_ms(op, model, workload, gpu, n, c, s),
+                   lambda n, c: op_floor_ms(op, model, workload, gpu, n, c))
 
 
 TOKEN_GRID = (64, 128, 256, 384, 512, 640, 768, 1024, 1280, 1536, 2048, 2560, 3072, 4096, 6144, 8192)
@@ -105,9 +132,13 @@ def analytic_profile(model: ModelSpec, workload: Workload, gpu: GpuSpec) -> Prof
                                  for c in CO_CLASSES]
     meta = {"gpu_name": gpu.name, "gpu_key": gpu.key, "num_sms": gpu.num_sms,
             "sm_granularity": gpu.sm_granularity, "source": "analytic", "model": model.name,
-            "tp_degree": workload.tp_degree, "peak_tflops": gpu.peak_tflops,
+            "tp_degree": workload.tp_degree, "dtype": workload.dtype,
+            "shard": shard_signature(model, workload.tp_degree, workload.dtype),
+            "peak_tflops": gpu.peak_tflops,
             "mem_bandwidth_tbps": gpu.mem_bandwidth_tbps, "net_bandwidth_gbps": gpu.net_bandwidth_gbps,
             "figures_source": gpu.figures_source, "date": datetime.date.today().isoformat()}
+    if gpu.memory_bytes:
+        meta["memory_bytes"] = gpu.memory_bytes
     if workload.tp_degree > 1:
         meta["corun_source"] = "analytic network co-run rows (NET_CORUN_FRACTION, docs/gpu_facts.md)"
     df = pd.DataFrame(rows, columns=["op", "impl", "num_tokens", "context", "sm_count", "time_ms", "co_class"])

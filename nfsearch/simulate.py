@@ -117,28 +117,31 @@ def judge(schedule: Schedule, cost: CostModel) -> Judgement:
     """`schedule` replayed through `cost`, with its power bound (the module doc)."""
     result = replay(schedule, cost)
     energy = cost.energy
-    is_own = energy is not None and bool(energy.pair_points) and cost.power_bound() is not None
+    # every plan has its own bound where the profile has energy: its nano-batches' energy at their
+    # own sizes (cost.split_energy_j), and its overlaps' where pair energy points price them
+    is_own = energy is not None and cost.power_bound() is not None
     return Judgement(result, cost.plan_power_bound(result.timeline.spans, schedule.num_layers), is_own)
 
 
 def plan_dynamic_energy_j(schedule: Schedule, cost: CostModel) -> float:
-    """Dynamic energy per layer of the plan's nano-ops (each its share of its op's): the power
-    bound's dynamic energy whatever the split (0 without energy)."""
+    """Dynamic energy per layer of the plan's nano-ops, each at its own token count (0 without
+    energy): the power bound's dynamic energy before overlaps are priced."""
     return sum(cost.nano_dynamic_j(op.op, op.num_tokens) for op in schedule.nano_ops) / schedule.num_layers
 
 
 def power_bound_for(schedule: Schedule, profile) -> tuple[PowerBound | None, str]:
     """The power bound of one layer of `schedule` by `profile`'s energy, and one line on it: the
-    plan's own (its replayed overlaps priced by the profile's pair energy points, cost.plan_power_bound)
-    where the profile has them, else the layer's (cost.power_bound_of); None and why without energy."""
+    plan's own (cost.plan_power_bound: its nano-batches at their own sizes, its replayed overlaps
+    priced by the profile's pair energy points where it has them), else, where the plan cannot be
+    replayed, the layer's (cost.power_bound_of); None and why without energy."""
     bound, note = power_bound_of(profile, schedule.model, schedule.workload)
-    if bound is None or not profile.energy.pair_points:
+    if bound is None:
         return bound, note
     try:
         cost = make_problem(schedule.model, schedule.workload, profile, schedule.num_layers).cost
         own = judge(schedule, cost).power_bound
     except NfsearchError as exc:          # a profile that cannot replay this plan: the layer's bound
-        return bound, f"{note}; the plan's overlaps not priced ({str(exc)[:160]})"
+        return bound, f"{note}; the plan's nano-batches and overlaps not priced ({str(exc)[:160]})"
     return own, own.note
 
 
@@ -146,8 +149,9 @@ def power_line(result: Judgement, cost: CostModel) -> str:
     """One line: the power bound and whether it binds the replayed plan, or why there is none."""
     if result.power_bound is None:
         return cost.power_note
-    # the plan's own bound says what its overlaps added (cost.plan_power_bound's note)
-    overlaps = [part for part in result.power_bound.note.split("; ") if part.startswith("overlaps ")]
+    # the plan's own bound says what its nano-batches and overlaps added (cost.plan_power_bound's note)
+    overlaps = [part for part in result.power_bound.note.split("; ")
+                if part.startswith(("nano-batches ", "overlaps "))]
     return result.power_bound.describe(result.replayed_layer_ms) + "".join(f"; {part}" for part in overlaps)
 
 

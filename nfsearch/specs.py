@@ -40,6 +40,7 @@ MAX_TP = 1024
 MAX_SMS = 4096
 MAX_RATE = 1e9              # TFLOP/s, TB/s or GB/s
 MAX_NAME_CHARS = 256
+MAX_MEMORY_BYTES = 2**50    # one device's memory
 MAX_TIME_MS = 1e5           # 100 s for one kernel: beyond it a time is a unit or parse error
 MAX_LABEL_CHARS = 64        # op, impl and co_class names of a profile
 
@@ -117,16 +118,28 @@ class ModelSpec:
         return data
 
 
+Lengths = Annotated[tuple[bounded_int(1, MAX_CONTEXT), ...], Field(max_length=MAX_TOKENS)]
+Prefixes = Annotated[tuple[bounded_int(0, MAX_CONTEXT), ...], Field(max_length=MAX_TOKENS)]
+
+
 @dataclass(frozen=True)
 class Workload:
-    """One dense batch: decode requests (one token each) followed by prefill prompts."""
+    """One dense batch: decode requests (one token each) followed by prefill chunks.
+
+    The batch an engine iteration forms: each decode request with its own context (`decode_contexts`,
+    tokens attended, the new one included; empty: every request at `decode_context`), and each
+    prefill chunk with its length (`prefill_lengths`) and the tokens of its request already in the KV
+    cache before it (`prefill_prefix_lens`, chunked prefill; empty: none, whole prompts). With
+    per-request contexts, `decode_context` is their mean rounded up (the loaders fill it in)."""
     name: Name
     num_decode: bounded_int(0, MAX_TOKENS)
     decode_context: bounded_int(0, MAX_CONTEXT)
-    prefill_lengths: Annotated[tuple[bounded_int(1, MAX_CONTEXT), ...], Field(max_length=MAX_TOKENS)] = ()
+    prefill_lengths: Lengths = ()
     tp_degree: bounded_int(1, MAX_TP) = 1
     dtype: Dtype = "bf16"
     model: Name | None = None
+    decode_contexts: Lengths = ()
+    prefill_prefix_lens: Prefixes = ()
 
     def __post_init__(self):
         _validate_fields(self, "workload")
@@ -136,10 +149,72 @@ class Workload:
         _require(self.num_tokens > 0, label, "the batch has no tokens")
         _require(self.num_tokens <= MAX_TOKENS, label,
                  f"the batch has {self.num_tokens} tokens, more than {MAX_TOKENS}")
+        if self.decode_contexts:
+            _require(len(self.decode_contexts) == self.num_decode, label,
+                     f"decode_contexts has {len(self.decode_contexts)} contexts for {self.num_decode} decode "
+                     "requests")
+            mean = mean_context(self.decode_contexts)
+            _require(self.decode_context == mean, label, f"decode_context ({self.decode_context}) must be the "
+                     f"mean of decode_contexts rounded up ({mean}), or left out")
+        if self.prefill_prefix_lens:
+            _require(len(self.prefill_prefix_lens) == len(self.prefill_lengths), label,
+                     f"prefill_prefix_lens has {len(self.prefill_prefix_lens)} prefixes for "
+                     f"{len(self.prefill_lengths)} prefill chunks")
+            longest = max(p + n for p, n in zip(self.prefill_prefix_lens, self.prefill_lengths))
+            _require(longest <= MAX_CONTEXT, label,
+                     f"a chunk reaches position {longest}, beyond {MAX_CONTEXT}")
+
+    @classmethod
+    def from_batch_shape(cls, context_lens, chunk_lens=(), prefix_lens=(), *, name: str | None = None,
+                         tp_degree: int = 1, dtype: str = "bf16", model: str | None = None) -> "Workload":
+        """The workload of one engine batch (serving.batch.Batch's context_lens, chunk_lens,
+        prefix_lens): per decode request the tokens it attends, per prefill chunk its length and its
+        request's cached prefix. Raises NfsearchError on a batch no workload describes."""
+        contexts, chunks = tuple(context_lens), tuple(chunk_lens)
+        prefixes = tuple(prefix_lens) if any(prefix_lens) else ()
+        label = name or batch_name(contexts, chunks, prefixes, tp_degree)
+        values = {"name": label, "num_decode": len(contexts),
+                  "decode_context": mean_context(contexts) if contexts else 0, "prefill_lengths": chunks,
+                  "tp_degree": tp_degree, "dtype": dtype, "model": model,
+                  "decode_contexts": contexts if len(set(contexts)) > 1 else (),
+                  "prefill_prefix_lens": prefixes}
+        return spec_from_dict(cls, values, f"batch {label}")
 
     @property
     def num_prefill_tokens(self) -> int:
         return sum(self.prefill_lengths)
+
+    @property
+    def contexts(self) -> tuple[int, ...]:
+        """Each decode request's context (tokens attended)."""
+        return self.decode_contexts or (self.decode_context,) * self.num_decode
+
+    @property
+    def prefix_lens(self) -> tuple[int, ...]:
+        """Each prefill chunk's cached prefix (0: the chunk starts its prompt)."""
+        return self.prefill_prefix_lens or (0,) * len(self.prefill_lengths)
+
+    @property
+    def prefill_pairs(self) -> int:
+        """(query, key) pairs of causal prefill attention over every chunk: token i of a chunk sees its
+        request's cached prefix and the chunk's tokens up to itself."""
+        return sum(n * p + n * (n + 1) // 2 for n, p in zip(self.prefill_lengths, self.prefix_lens))
+
+    @property
+    def prefill_context(self) -> int:
+        """The prompt length that prices the chunks' attention as one launch: the length c at which
+        num_prefill_tokens tokens in prompts of c tokens have the chunks' pairs (T (c + 1) / 2 = pairs),
+        rounded up. Whole prompts of one length: that length; odd lengths count by their squares."""
+        total = self.num_prefill_tokens
+        if not total:
+            return 0
+        return max(1, -(-(2 * self.prefill_pairs - total) // total))
+
+    @property
+    def num_kv_tokens(self) -> int:
+        """Tokens whose K/V the batch keeps in each layer's cache: each decode request's context and each
+        chunk's request up to the chunk's end."""
+        return sum(self.contexts) + sum(p + n for p, n in zip(self.prefix_lens, self.prefill_lengths))
 
     @property
     def num_tokens(self) -> int:
@@ -160,7 +235,29 @@ class Workload:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["prefill_lengths"] = list(self.prefill_lengths)
+        for key in ("decode_contexts", "prefill_prefix_lens"):      # listed only when set (older plans)
+            if d[key]:
+                d[key] = list(d[key])
+            else:
+                del d[key]
         return d
+
+
+def mean_context(contexts) -> int:
+    """The mean of decode contexts, rounded up."""
+    return -(-sum(contexts) // len(contexts))
+
+
+def batch_name(contexts: tuple[int, ...], chunks: tuple[int, ...], prefixes: tuple[int, ...],
+               tp_degree: int) -> str:
+    """A short name of a batch: decode requests and their context range, prefill chunks and tokens."""
+    parts = []
+    if contexts:
+        low, high = min(contexts), max(contexts)
+        parts.append(f"d{len(contexts)}x{low}" + (f"-{high}" if high != low else ""))
+    if chunks:
+        parts.append(f"p{len(chunks)}:{sum(chunks)}" + (f"+prefix{sum(prefixes)}" if prefixes else ""))
+    return f"batch {' '.join(parts) or 'empty'} tp{tp_degree}"
 
 
 @dataclass(frozen=True)
@@ -173,6 +270,7 @@ class GpuSpec:
     mem_bandwidth_tbps: Rate
     net_bandwidth_gbps: Rate
     figures_source: Text = "estimate"
+    memory_bytes: bounded_int(0, MAX_MEMORY_BYTES) = 0      # device memory (gpus/standard.yaml); 0: unknown
 
     def __post_init__(self):
         _validate_fields(self, "gpu")
@@ -239,14 +337,16 @@ def check_fits(model: ModelSpec, workload: Workload) -> None:
             raise NfsearchError(f"model {model.name}'s {count} {what} are not divisible by TP={tp} "
                                 f"(workload {workload.name})")
     window = model.sliding_window
-    if window and workload.num_decode and workload.decode_context > window:
+    if window and workload.num_decode and max(workload.contexts) > window:
         raise NfsearchError(f"model {model.name} attends at most its sliding window of {window} tokens; "
-                            f"decode context {workload.decode_context} is longer (sliding-window attention"
+                            f"decode context {max(workload.contexts)} is longer (sliding-window attention"
                             f" is not modelled: give a context <= {window}, which costs the same)")
-    if window and any(n > window for n in workload.prefill_lengths):
+    reach = [p + n for p, n in zip(workload.prefix_lens, workload.prefill_lengths)]
+    if window and any(r > window for r in reach):
         raise NfsearchError(f"model {model.name} attends at most its sliding window of {window} tokens; "
-                            f"a prompt of {max(workload.prefill_lengths)} tokens is longer (sliding-window "
-                            "prefill is not modelled)")
+                            + (f"a chunk reaching position {max(reach)}" if any(workload.prefix_lens)
+                               else f"a prompt of {max(reach)} tokens")
+                            + " is longer (sliding-window prefill is not modelled)")
 
 
 def bundled_names(kind: str) -> list[str]:
@@ -352,7 +452,7 @@ def standard_workloads() -> dict[str, dict]:
 def load_workload(ref: str) -> Workload:
     """A standard id (W1-W5) or a YAML path."""
     if ref.endswith((".yaml", ".yml")):
-        return spec_from_dict(Workload, read_yaml(ref), f"workload file {shown(ref)}")
+        return spec_from_dict(Workload, complete_batch(read_yaml(ref)), f"workload file {shown(ref)}")
     table = standard_workloads()
     if ref.upper() in table:
         return spec_from_dict(Workload, table[ref.upper()], f"workload {ref.upper()}")
@@ -360,26 +460,56 @@ def load_workload(ref: str) -> Workload:
 
 
 FLAG_NAMES = {"num_decode": "--decode", "decode_context": "--context", "prefill_lengths": "--prefill",
-              "tp_degree": "--tp", "dtype": "--dtype"}
+              "tp_degree": "--tp", "dtype": "--dtype", "decode_contexts": "--decode-contexts",
+              "prefill_prefix_lens": "--prefill-prefix"}
 
 
-def workload_from_flags(num_decode: int, decode_context: int, prefill_lengths: tuple[int, ...],
-                        tp_degree: int, dtype: str) -> Workload:
+def workload_from_flags(num_decode: int, decode_context: int | None, prefill_lengths: tuple[int, ...],
+                        tp_degree: int, dtype: str, decode_contexts: tuple[int, ...] = (),
+                        prefix_lens: tuple[int, ...] = ()) -> Workload:
+    """The workload of the batch flags. With per-request contexts, --decode may be left out (0) and
+    --context (None) is their mean."""
+    as_tuple = lambda x: tuple(x) if isinstance(x, (list, tuple)) else x
     values = {"name": "custom", "num_decode": num_decode, "decode_context": decode_context,
-              "prefill_lengths": tuple(prefill_lengths) if isinstance(prefill_lengths, (list, tuple))
-              else prefill_lengths, "tp_degree": tp_degree, "dtype": dtype}
+              "prefill_lengths": as_tuple(prefill_lengths), "tp_degree": tp_degree, "dtype": dtype,
+              "decode_contexts": as_tuple(decode_contexts), "prefill_prefix_lens": as_tuple(prefix_lens)}
+    values = complete_batch(values)
     checked = _check_mapping(Workload, values, "flags", FLAG_NAMES)
-    values["name"] = (f"custom d{num_decode}x{decode_context}+p{sum(checked['prefill_lengths'])} "
-                      f"tp{tp_degree}")
+    contexts = checked["decode_contexts"]
+    if contexts:
+        decode = f"d{len(contexts)}x{min(contexts)}-{max(contexts)}"
+    else:
+        decode = f"d{checked['num_decode']}x{checked['decode_context']}"
+    prefix = sum(checked["prefill_prefix_lens"])
+    values["name"] = (f"custom {decode}+p{sum(checked['prefill_lengths'])}"
+                      + (f"+prefix{prefix}" if prefix else "") + f" tp{tp_degree}")
     return spec_from_dict(Workload, values, "flags", FLAG_NAMES)
+
+
+def complete_batch(data):
+    """A workload mapping with num_decode and decode_context filled in from decode_contexts where left
+    out (or None), and one context for all dropped (a YAML file or flags may give either)."""
+    if not isinstance(data, dict) or not isinstance(data.get("decode_contexts"), (list, tuple)):
+        return data
+    contexts = tuple(data["decode_contexts"])
+    if not contexts or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in contexts):
+        return data                 # (validation names what is wrong)
+    data = dict(data)
+    if data.get("num_decode") in (None, 0):
+        data["num_decode"] = len(contexts)
+    if data.get("decode_context") is None:
+        data["decode_context"] = mean_context(contexts)
+    if len(set(contexts)) == 1 and data["decode_context"] == contexts[0]:
+        data["decode_contexts"] = ()
+    return data
 
 
 MAX_LENGTH_DIGITS = 8
 
 
-def parse_lengths(text: str, flag: str = "--prefill") -> tuple[int, ...]:
+def parse_lengths(text: str, flag: str = "--prefill", may_be_zero: bool = False) -> tuple[int, ...]:
     """Prompt lengths from comma-separated text ('512,512'; '' gives none). Only ASCII digits are
-    taken: int() would also take '1_000', '٥' and ' +5 '."""
+    taken: int() would also take '1_000', '٥' and ' +5 '. `may_be_zero`: 0 is a length too (prefixes)."""
     if not text.strip():
         return ()
     pieces = text.split(",")
@@ -391,7 +521,7 @@ def parse_lengths(text: str, flag: str = "--prefill") -> tuple[int, ...]:
             raise NfsearchError(f"{flag} must be comma-separated positive integers, got '{shown(text)}' "
                                 f"(bad item '{shown(piece.strip(), 20)}')")
         lengths.append(int(piece))
-    if min(lengths) <= 0:
+    if min(lengths) < (0 if may_be_zero else 1):
         raise NfsearchError(f"{flag}: lengths must be positive, got '{shown(text)}'")
     return tuple(lengths)
 

@@ -44,6 +44,15 @@ def test_stored_figure_is_not_what_is_compared(tmp_path):
     assert case.golden_ms == pytest.approx(untampered, rel=1e-9) != pytest.approx(case.stored_ms, rel=1e-3)
 
 
+def _w2_without_margin(tmp_path):
+    """The W2 case solved without the margin (min_gain 0): at the power cap, with its nano-batches'
+    own energy, its overlapped plan is predicted 1-2% faster than the sequential plan, inside the
+    default margin, so the search would write the sequential plan and a worsened search go unseen."""
+    cases, plan = _one_case(tmp_path, "W2")
+    cases.write_text(cases.read_text().replace("seed: 0}", "seed: 0, min_gain: 0}"))
+    return cases, plan
+
+
 def _worsened_search(monkeypatch):
     """A deliberately worsened solver: the search returns the sequential plan."""
     import nfsearch.search
@@ -52,7 +61,7 @@ def _worsened_search(monkeypatch):
 
 
 def test_worsened_solver_fails_the_check(tmp_path, monkeypatch):
-    cases, _ = _one_case(tmp_path, "W2")
+    cases, _ = _w2_without_margin(tmp_path)
     assert run_check(cases).ok
     _worsened_search(monkeypatch)
     result = run_check(cases)
@@ -103,7 +112,7 @@ def test_a_crippled_stage2_fails_the_check(tmp_path, monkeypatch):
 
 def test_update_replaces_only_by_a_better_plan(tmp_path, monkeypatch):
     from nfsearch import plan as plan_io
-    cases, plan = _one_case(tmp_path, "W2")
+    cases, plan = _w2_without_margin(tmp_path)
     before = plan.read_text()
     with monkeypatch.context() as patch:
         _worsened_search(patch)

@@ -26,7 +26,7 @@ from nfsearch.profile import ProfileTable
 from nfsearch.runreport import Correctness, LaunchSummary, PowerReading, RunReport, Timing, format_table
 from nfsearch.search import solve
 from nfsearch.search.baselines import equal_split_plan, sequential_plan
-from nfsearch.simulate import check_and_judge, plan_dynamic_energy_j, power_line, replay
+from nfsearch.simulate import check_and_judge, plan_dynamic_energy_j, power_bound_for, power_line, replay
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "profiles/h100-sxm/llama-3-8b.parquet"
@@ -242,7 +242,7 @@ def test_energy_factor_fit_from_run_reports(h100_energy, tmp_path):
     runs = []
     for name, ratio, capped in (("W1", 1.10, False), ("W2", 0.90, True), ("W3", 0.80, True)):
         s = plan.read(ROOT / f"tests/fixtures/plans/{name}.json")
-        bound, _ = power_bound_of(h100_energy, s.model, s.workload)
+        bound, _ = power_bound_for(s, h100_energy)      # the plan's own prediction (its nano-batches)
         layer_ms = 3.0
         # measured dynamic = ratio x predicted: energy per layer = that + static x time
         energy = ratio * bound.dynamic_energy_j + 100.0 * layer_ms / 1e3
@@ -258,7 +258,7 @@ def test_energy_factor_fit_from_run_reports(h100_energy, tmp_path):
     assert cal.energy_factor == pytest.approx(0.85)
     assert cal.dynamic_energy_j == pytest.approx(0.85 * raw.dynamic_energy_j)
     # the run report's own ratio is what the fit takes (before any factor)
-    report = dataclasses.replace(runs[2][1], power_bound=cal, replay_layer_ms=2.5)
+    report = dataclasses.replace(runs[2][1], power_bound=power_bound_for(s, table)[0], replay_layer_ms=2.5)
     assert report.energy_ratio == pytest.approx(0.80)
     # fitting again on a calibrated profile gives the same factor (the old factor is not compounded)
     assert calibrate.calibrate_energy(table, runs)[1] == ecal
@@ -326,9 +326,10 @@ def test_cli_simulate_says_whether_the_plan_is_power_bound(h100_energy, tmp_path
                                        "-o", str(tmp_path / "sim")])
     assert result.exit_code == 0, result.output
     s = plan.read(w3)
-    bound, _ = power_bound_of(h100_energy, s.model, s.workload)
+    bound, _ = power_bound_for(s, h100_energy)           # the plan's own: its nano-batches' energy
     line = next(line for line in result.stdout.splitlines() if "power bound is" in line)
     assert f"{bound.bound_ms:.3f} ms per layer" in line
+    assert "nano-batches +" in line and bound.bound_ms > power_bound_of(h100_energy, s.model, s.workload)[0].bound_ms
     assert line.startswith("power-bound" if bound.bound_ms > s.predicted.layer_time_ms else "not power-bound")
     assert "power bound is" in (tmp_path / "sim.html").read_text()
     # a table without energy: no bound, said in one line

@@ -57,6 +57,12 @@ def w4():
     return schedule, load(W4_PROFILE)
 
 
+def plan_j(schedule, profile) -> float:
+    """The plan's own dynamic energy per layer per GPU: each nano-op at its own size (its split's cost)."""
+    return plan_dynamic_energy_j(schedule, make_problem(schedule.model, schedule.workload, profile,
+                                                        schedule.num_layers).cost)
+
+
 def with_bound_ms(schedule, table, bound_ms: float, ops=("kqv", "ug", "d")):
     """The table with made-up shard energy whose bound is `bound_ms` per layer, spread over `ops`."""
     total_j = bound_ms / 1e3 * (LIMIT_W - STATIC_W)
@@ -79,12 +85,15 @@ def test_a_tp_profile_with_shard_energy_bounds_the_w4_plan_per_gpu(w4):
         assert "collectives allreduce_o, allreduce_d counted as no dynamic energy" in note
         problem = make_problem(schedule.model, schedule.workload, profile, schedule.num_layers)
         assert all(problem.cost.nano_dynamic_j(op, 512) == 0.0 for op in NETWORK)
-        # every split has the shard's energy: the plan's nano-ops sum to the bound's
-        assert plan_dynamic_energy_j(schedule, problem.cost) == pytest.approx(total_j)
+        # the plan's bound is its own: the shard's plus what its nano-batches cost at their sizes
+        spans = check_and_judge(schedule, problem.cost, is_profile_given=True).replay.timeline.spans
+        split_j = problem.cost.split_energy_j(spans) / schedule.num_layers
+        assert plan_dynamic_energy_j(schedule, problem.cost) == pytest.approx(total_j + split_j)
+        own_ms = (total_j + split_j) / (LIMIT_W - STATIC_W) * 1e3
         result = check_and_judge(schedule, problem.cost, is_profile_given=True)
-        assert result.power_bound.bound_ms == pytest.approx(factor * replayed)
-        assert result.layer_ms == pytest.approx(max(result.replayed_layer_ms, factor * replayed))
-        assert result.is_power_bound is (factor * replayed > result.replayed_layer_ms)
+        assert result.power_bound.bound_ms == pytest.approx(own_ms)
+        assert result.layer_ms == pytest.approx(max(result.replayed_layer_ms, own_ms))
+        assert result.is_power_bound is (own_ms > result.replayed_layer_ms) is is_bound
         assert power_line(result, problem.cost).startswith("power-bound" if is_bound else "not power-bound")
 
 
@@ -251,7 +260,7 @@ def test_run_plan_takes_the_bound_from_the_profile(w4, monkeypatch):
     with pytest.raises(NfsearchError, match="not started"):
         tp_mod.run_plan(str(W4_PLAN), profile=profile, iters=3)
     assert got["n"] == 2 and "profile" not in got["kwargs"] and got["kwargs"]["iters"] == 3
-    assert got["kwargs"]["power_bound"].dynamic_energy_j == pytest.approx(total_j)
+    assert got["kwargs"]["power_bound"].dynamic_energy_j == pytest.approx(plan_j(schedule, profile))
     with pytest.raises(NfsearchError):
         tp_mod.run_plan(str(W4_PLAN))
     assert got["kwargs"]["power_bound"] is None and got["kwargs"]["power_note"].startswith("no power bound: no profile")
@@ -321,7 +330,8 @@ def test_energy_factor_fits_on_every_rank_of_a_tp_run(w4):
     """calibrate --energy on a TP run.json: each GPU is one measurement of the same per-GPU bound."""
     from nfsearch.calibrate import calibrate_energy, energy_evidence
     schedule, table = w4
-    table, total_j = with_bound_ms(schedule, table, 3.0)          # 1.65 J dynamic per layer per GPU
+    table, _ = with_bound_ms(schedule, table, 3.0)          # 1.65 J dynamic per layer per GPU
+    total_j = plan_j(schedule, table)                       # the plan's own (its nano-batches)
     gpu = table.meta["gpu_name"]
     # dynamic = energy - static x 3 ms = energy - 0.45 J: rank 0 at 1.0x the bound's, rank 1 at 1.1x
     ranks = (RankPower(0, gpu, reading(total_j + 0.45, 0.9)), RankPower(1, gpu, reading(1.1 * total_j + 0.45, 0.9)))
