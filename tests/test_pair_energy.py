@@ -240,8 +240,10 @@ def test_analyze_shows_a_pair_point_without_energy_above_static_as_unpriced():
 
 @pytest.mark.slow
 def test_tune_also_runs_the_overlapped_plan_the_margin_turned_down():
-    """W3 on the bundled H100 profile: its overlapped plan is predicted within the 2% margin of
-    sequential, so solve keeps sequential; tune runs both (and the sequential baseline only once)."""
+    """W2 on the bundled H100 profile: its overlapped plan is predicted within the margin of
+    sequential (1-2% at the power cap, its nano-batches' own energy counted), so solve keeps
+    sequential; tune runs both (and the sequential baseline only once). W3's sequential plan ranks
+    first outright: no overlapped plan was turned down."""
     from nfsearch import tune
     from nfsearch.cost import default_profile
     from nfsearch.specs import load_model, load_workload
@@ -252,8 +254,8 @@ def test_tune_also_runs_the_overlapped_plan_the_margin_turned_down():
         workload = load_workload(w)
         problem = make_problem(model, workload, default_profile(model, workload), 2)
         names[w] = [c.name for c in tune.solved_candidates(problem, 3.0)]
-    assert names["W2"][0] == "solved" and "overlapped" not in names["W2"] and "sequential" in names["W2"]
-    assert names["W3"][:2] == ["solved", "overlapped"] and "sequential" not in names["W3"]
+    assert names["W2"][:2] == ["solved", "overlapped"] and "sequential" not in names["W2"], names
+    assert names["W3"][0] == "solved" and "overlapped" not in names["W3"], names
 
 
 def test_pair_streams_put_the_smaller_side_first_and_a_no_share_side_beside_the_whole_gpu():

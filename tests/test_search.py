@@ -176,15 +176,15 @@ def test_polish_only_keeps_faster_buildable_plans(small):
 
 @pytest.mark.slow
 def test_an_overlapped_plan_must_beat_sequential_by_the_margin():
-    """min_gain: the plan the search finds for W2 on the bundled H100 profile (predicted about 10%
-    faster than sequential) is kept under the default margin and replaced by the sequential plan when
-    the margin exceeds its predicted gain."""
+    """min_gain: the overlapped plan the search finds for W2 on the bundled H100 profile without a
+    margin is replaced by the sequential plan when the margin exceeds its predicted gain (at the power
+    cap, its nano-batches' own energy counted, 1-2%: inside the default margin too)."""
     from nfsearch.cost import default_profile
     from nfsearch.specs import load_workload
     model, workload = load_model("llama-3-8b"), load_workload("W2")
     small = make_problem(model, workload, default_profile(model, workload))
     seq_ms = sequential_plan(small).predicted.makespan_ms
-    kept, _ = solve(small, solver="cpsat", time_limit_s=1.0, threads=1, seed=0)
+    kept, _ = solve(small, solver="cpsat", time_limit_s=1.0, threads=1, seed=0, min_gain=0.0)
     gain = 1.0 - kept.predicted.makespan_ms / seq_ms
     assert gain > 0.01, "the test needs a problem where overlap is predicted to pay"
     assert kept.solver.source != "sequential baseline"
