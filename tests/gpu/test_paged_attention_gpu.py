@@ -92,6 +92,8 @@ def _prefill_case(page_size, hq, hkv, d, segs, num_rows):
     (16, 32, 8, 128, [(0, 600, 0)], 600),
     (32, 28, 4, 128, [(3, 100, 31), (103, 250, 0)], 360),     # G = 7: rows of a block not a power of two
     (64, 8, 8, 64, [(0, 129, 64), (129, 70, 1000)], 199),
+    (16, 32, 8, 128, [(0, 0, 0), (5, 50, 300), (0, 0, 0), (55, 7, 0), (0, 0, 0)], 64),   # padding between
+    (16, 32, 8, 128, [(0, 0, 0), (0, 0, 0)], 16),                                         # nothing to do
 ])
 def test_prefill_matches_torch(num_sms, page_size, hq, hkv, d, segs, num_rows):
     from nfsearch.runtime.kernels.paged_attention import (

@@ -24,10 +24,11 @@ def write_kv_torch(k, v, k_cache, v_cache, slot_mapping):
     for src, cache in ((k, k_cache), (v, v_cache)):
         flat = cache.view(-1, *cache.shape[2:])          # [num_pages * page_size, Hkv, D]
         valid = slot_mapping >= 0                         # [T]
-        first = torch.argmax(valid.to(torch.int32))      # first valid row, 0 if none
+        first = torch.argmax(valid.to(torch.int32)).view(1)   # first valid row, 0 if none
         any_valid = valid.any()
-        anchor_slot = torch.where(any_valid, slot_mapping[first], 0).to(torch.long)
-        anchor_val = torch.where(any_valid, src[first].to(cache.dtype), flat[0])
+        # index_select, not t[first]: a 0-d tensor index is read on the host, which a capture refuses
+        anchor_slot = torch.where(any_valid, slot_mapping.index_select(0, first)[0], 0).to(torch.long)
+        anchor_val = torch.where(any_valid, src.index_select(0, first)[0].to(cache.dtype), flat[0])
         idx = torch.where(valid, slot_mapping.to(torch.long), anchor_slot)
         vals = torch.where(valid[:, None, None], src.to(cache.dtype), anchor_val[None])
         flat.index_copy_(0, idx, vals)
