@@ -124,6 +124,7 @@ def _gloo_run(tmp_path, schedule, **kwargs):
     return tp_mod._read_json(str(out))
 
 
+@pytest.mark.slow
 def test_gloo_tp2_plan_matches_tp1_output(tmp_path):
     # ranks draw different weights; rank 0's are broadcast, so the check still runs on one model
     report = _gloo_run(tmp_path, tiny_tp_plan(2), time_on_cpu=True, iters=2, repeats=3, rank_seed_step=1)
@@ -143,6 +144,7 @@ def test_gloo_tp2_plan_matches_tp1_output(tmp_path):
     assert "bound_ms" not in report          # no ceilings are measured on a CPU
 
 
+@pytest.mark.slow
 def test_gloo_tp2_plan_with_copy_engine_collectives_matches_tp1_output(tmp_path):
     """Network nano-ops with impl "ce" and no SM share (sm_count 0) run through runtime.ce_collectives
     (on gloo: the same receive layout and summation order, rows gathered instead of copied), in the
@@ -211,6 +213,7 @@ def test_tp_baselines_put_the_collectives_on_their_one_stream():
         with_impls(schedule, "cublas")
 
 
+@pytest.mark.slow
 def test_tune_runs_tp_candidates_and_keeps_the_fastest_correct_one(tmp_path):
     """tune's TP path with gloo ranks on the CPU (host-clock timings): every candidate runs through the
     same rank code as `nfsearch run`, checked against the TP=1 reference; the fastest is kept."""
