@@ -142,7 +142,9 @@ class Engine:
         self.total_bytes, self.other_bytes = memory_bytes, 0
         if self.is_cuda and memory_bytes is None:
             free, total = torch.cuda.mem_get_info(self.device)
-            self.total_bytes, self.other_bytes = total, total - free
+            # memory torch has cached but holds no tensor in is ours to reuse, not another user's
+            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            self.total_bytes, self.other_bytes = total, total - free - cached
         shape = self.trace_shape
 
         def analytic(tokens: int, decode: int, what: str) -> mem.MemoryPlan:

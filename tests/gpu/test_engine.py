@@ -20,6 +20,15 @@ TINY = str(Path(__file__).parent.parent / "fixtures" / "engine-tiny" / "config.j
 UTILIZATION = 0.25
 
 
+@pytest.fixture(autouse=True)
+def _release_engines():
+    """Each test's engine (its cache and graphs) is freed before the next one sizes its own cache."""
+    yield
+    import gc
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def _requests(n: int) -> list[Request]:
     return [Request(i, 5 + (7 * i) % 57, 3 + (5 * i) % 23) for i in range(n)]
 
