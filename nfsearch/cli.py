@@ -694,6 +694,35 @@ def bench_cmd(model, trace_spec, num_requests, dense_batch, utilization, page_si
     _echo(f"wrote {output}")
 
 
+
+@main.command("serve")
+@click.option("--model", required=True,
+              help="Bundled name or config.json (random weights, byte-level tokenizer), or a HuggingFace folder "
+                   "(its weights and tokenizer).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="TCP port (0: any free port, printed at start-up).")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
+              help="Where the engine runs: cuda (Triton paged attention, CUDA graphs) or cpu (torch ops).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), help="Default: bf16 on cuda, fp32 on cpu.")
+@click.option("--dense-batch", type=click.IntRange(1, 65536), help="Tokens per iteration (default: from memory).")
+@click.option("--max-decode", type=click.IntRange(1, 65536), help="Most running requests (default: from memory).")
+@click.option("--gpu-memory-utilization", "utilization", type=FiniteFloatRange(0.05, 1.0), default=0.9,
+              show_default=True, help="Share of GPU memory for weights, activations and the KV cache.")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+              help="Seed of the random weights.")
+def serve_cmd(model, host, port, device, dtype, dense_batch, max_decode, utilization, seed):
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
+    try:
+        from nfsearch.serving.server import serve
+    except ImportError as exc:
+        raise NfsearchError(f"nfsearch serve needs aiohttp ({exc.name} is not installed)") from None
+    engine_kwargs = dict(device=device, dtype=dtype or ("bf16" if device == "cuda" else "fp32"),
+                         dense_batch=dense_batch, max_decode=max_decode, gpu_memory_utilization=utilization,
+                         seed=seed)
+    serve(model, host, port, engine_kwargs, echo=lambda line: _echo(line, err=True))
+
+
 # ---- helpers ---------------------------------------------------------------------------------------
 
 def _problem(model, workload, profile_path, num_layers, allow_extrapolation):

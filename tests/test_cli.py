@@ -333,7 +333,7 @@ def _commands():
 def test_every_verb_is_listed_with_help():
     names = {name for name, _ in _commands()}
     assert names == {"analyze", "profile", "solve", "simulate", "check", "run", "compare", "calibrate", "tune",
-                     "bench"}
+                     "bench", "serve"}
     for name, command in _commands():
         assert (command.help or "").strip(), name
         out = _ok(_run(name, "--help")).stdout
@@ -341,7 +341,7 @@ def test_every_verb_is_listed_with_help():
 
 
 @pytest.mark.parametrize("name", ["analyze", "profile", "solve", "simulate", "check", "run", "compare", "calibrate",
-                                  "tune", "bench"])
+                                  "tune", "bench", "serve"])
 def test_every_option_has_help(name):
     command = main.commands[name]
     options = [p for p in command.params if isinstance(p, click.Option)]
