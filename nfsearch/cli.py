@@ -717,9 +717,9 @@ def serve_cmd(model, host, port, device, dtype, dense_batch, max_decode, utiliza
         from nfsearch.serving.server import serve
     except ImportError as exc:
         raise NfsearchError(f"nfsearch serve needs aiohttp ({exc.name} is not installed)") from None
-    engine_kwargs = dict(device=device, dtype=dtype or ("bf16" if device == "cuda" else "fp32"),
-                         dense_batch=dense_batch, max_decode=max_decode, gpu_memory_utilization=utilization,
-                         seed=seed)
+    engine_kwargs = {"device": device, "dtype": dtype or ("bf16" if device == "cuda" else "fp32"),
+                     "dense_batch": dense_batch, "max_decode": max_decode, "gpu_memory_utilization": utilization,
+                     "seed": seed}
     serve(model, host, port, engine_kwargs, echo=lambda line: _echo(line, err=True))
 
 

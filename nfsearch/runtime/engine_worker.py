@@ -23,8 +23,8 @@ from __future__ import annotations
 import queue
 import time
 
-from nfsearch.serving.scheduler import SamplingParams, Scheduler, SchedulerConfig, SeqStatus, Sequence
 from nfsearch.serving.pages import PageManager
+from nfsearch.serving.scheduler import SamplingParams, Scheduler, SchedulerConfig, SeqStatus, Sequence
 
 
 def worker_main(engine_kwargs: dict, inbox, outbox) -> None:
@@ -37,7 +37,7 @@ def worker_main(engine_kwargs: dict, inbox, outbox) -> None:
             torch.set_num_threads(int(engine_kwargs.pop("num_threads", 1) or 1))
         engine_kwargs.pop("num_threads", None)
         engine = Engine(**engine_kwargs)
-    except Exception as exc:                 # the server reports it and exits
+    except Exception as exc:  # noqa: BLE001 -- any start-up failure: the server reports it and exits
         outbox.put(("fatal", f"{type(exc).__name__}: {exc}"))
         return
     outbox.put(("ready", {"num_pages": engine.num_pages, "page_size": engine.page_size,
@@ -63,6 +63,7 @@ class OnlineLoop:
         self.num_sent: dict[int, int] = {}       # request id -> output tokens already sent
         self.start = time.perf_counter()
         self.num_iterations = 0
+        self.num_cancelled = 0                   # requests finished early by a cancel (client gone, stop string)
         self.is_stopping = False
 
     def now(self) -> float:
@@ -70,7 +71,8 @@ class OnlineLoop:
 
     def run(self, inbox) -> None:
         in_flight = None
-        last_stats = None
+        last_stats = self.stats()
+        self.outbox.put(("stats", last_stats))
         while not self.is_stopping:
             is_idle = in_flight is None and not self.sched.has_work()
             updates = self._drain(inbox, block=is_idle)
@@ -97,7 +99,8 @@ class OnlineLoop:
         pages = self.sched.pages
         return {"num_used_pages": pages.num_used_pages, "num_pages": pages.num_pages,
                 "num_running": len(self.sched.running), "num_waiting": len(self.sched.waiting),
-                "num_live_requests": len(self.live), "num_preemptions": self.sched.num_preemptions}
+                "num_live_requests": len(self.live), "num_preemptions": self.sched.num_preemptions,
+                "num_cancelled": self.num_cancelled}
 
     # ------------------------------------------------------------------------------ messages
     def _drain(self, inbox, block: bool) -> list:
@@ -135,6 +138,7 @@ class OnlineLoop:
             return
         # pending samples of seq in the batch in flight are discarded by postprocess (seq is finished)
         self.sched._finish(seq, "abort", self.now())
+        self.num_cancelled += 1
 
     def _read(self, in_flight) -> list:
         ids, _ = self.engine.runner.read(in_flight)

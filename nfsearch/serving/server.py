@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import multiprocessing as mp
+import queue
 import threading
 import time
 from pathlib import Path
@@ -50,7 +51,7 @@ class EngineClient:
     def __init__(self, engine_kwargs: dict):
         ctx = mp.get_context("spawn")
         self.inbox, self.outbox = ctx.Queue(), ctx.Queue()
-        from nfsearch.runtime.engine_worker import worker_main      # torch is imported in the child only
+        from nfsearch.runtime.engine_worker import worker_main  # torch is imported in the child only
         self.proc = ctx.Process(target=worker_main, args=(engine_kwargs, self.inbox, self.outbox),
                                 daemon=True, name="nfsearch-engine")
         self.proc.start()
@@ -65,7 +66,7 @@ class EngineClient:
         while time.monotonic() < deadline:
             try:
                 kind, payload = self.outbox.get(timeout=0.5)
-            except Exception:
+            except queue.Empty:
                 if not self.proc.is_alive():
                     raise NfsearchError(f"the engine process exited during start-up (code {self.proc.exitcode})")
                 continue

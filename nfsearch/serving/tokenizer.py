@@ -58,7 +58,7 @@ class HFTokenizer:
             raise NfsearchError("a checkpoint's tokenizer needs transformers (pip install transformers)") from None
         try:
             self.tok = AutoTokenizer.from_pretrained(str(folder))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 -- transformers raises many kinds; one line for the user
             raise NfsearchError(f"{folder}: cannot load its tokenizer ({type(exc).__name__}: {exc})") from None
         self.name = str(folder)
 
