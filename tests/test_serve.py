@@ -95,6 +95,30 @@ def test_byte_tokenizer_round_trips_and_streams_whole_characters():
     assert fallback_chat_prompt([{"role": "user", "content": "hi"}]) == "<|user|>\nhi\n<|assistant|>\n"
 
 
+def test_checkpoint_tokenizer_uses_its_chat_template_and_streams_whole_characters(tmp_path):
+    """A folder with a HuggingFace tokenizer (a small byte-level BPE trained here) and a chat template."""
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from nfsearch.serving.tokenizer import HFTokenizer, load_tokenizer
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(["hello world, héllo wörld ✓"] * 10, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
+    fast.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}[assistant] {% endif %}")
+    fast.save_pretrained(tmp_path)
+    tok = load_tokenizer(str(tmp_path))
+    assert isinstance(tok, HFTokenizer)
+    assert tok.decode(tok.chat_prompt_ids([{"role": "user", "content": "hello"}])) == "[user] hello\n[assistant] "
+    ids = tok.encode("héllo wörld ✓")
+    detok = Detokenizer(tok)
+    pieces = [detok.add([i]) for i in ids]
+    assert "".join(pieces) == "héllo wörld ✓" and not any("\ufffd" in p for p in pieces)
+
+
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == ["engine-tiny"]
     status, health = _get(server, "/health")
