@@ -228,3 +228,28 @@ def test_client_leaving_mid_stream_frees_its_pages(server):
     after = _wait_idle(server)
     assert after["num_used_pages"] == 0 and after["num_live_requests"] == 0
     assert after["num_cancelled"] == before["num_cancelled"] + 1
+
+
+def test_online_bench_against_the_server(server, tmp_path):
+    from click.testing import CliRunner
+
+    from nfsearch.cli import main
+    out = tmp_path / "online.json"
+    result = CliRunner().invoke(main, ["bench", "--url", f"http://{server}", "--trace", "const:12:6",
+                                       "--num-requests", "6", "--request-rate", "200", "--max-concurrency", "4",
+                                       "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["num_finished"] == 6 and report["num_failed"] == 0 and report["request_rate"] == 200
+    assert report["output_tokens_per_s"] > 0 and report["ttft_ms"]["p50"] > 0 and report["itl_ms"]["p99"] > 0
+    assert report["tpot_ms"]["mean"] > 0 and report["normalised_latency_ms"]["p90"] > 0
+    assert "ttft_ms" in result.output
+    assert _wait_idle(server)["num_used_pages"] == 0
+
+
+def test_poisson_offsets_have_the_asked_rate():
+    from nfsearch.serving.online_bench import poisson_offsets
+    offsets = poisson_offsets(4000, 50.0, seed=1)
+    assert offsets == sorted(offsets) and offsets[0] == 0.0
+    assert abs(len(offsets) / offsets[-1] - 50.0) < 5.0
+    assert poisson_offsets(3, float("inf"), 0) == [0.0, 0.0, 0.0]

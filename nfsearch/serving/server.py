@@ -196,7 +196,8 @@ async def chat_completions(request):
 async def models(request):
     return web.json_response({"object": "list", "data": [
         {"id": request.app["model_name"], "object": "model", "created": 0, "owned_by": "nfsearch",
-         "max_model_len": request.app["client"].info["max_model_len"]}]})
+         "max_model_len": request.app["client"].info["max_model_len"],
+         "vocab_size": request.app["client"].info["vocab_size"]}]})
 
 
 async def health(request):
