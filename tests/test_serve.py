@@ -200,6 +200,7 @@ def test_concurrent_requests_join_the_batch_and_all_finish(server, client):
     (b'{"prompt": "hi", "max_tokens": 600}', "max_tokens"),
     (json.dumps({"prompt": "x" * 600, "max_tokens": 1}).encode(), "prompt"),
     (b'{"messages": [], "max_tokens": 2}', "messages"),
+    (b'{"prompt": "hi", "presence_penalty": 0.5}', None),
 ])
 def test_bad_input_gets_a_4xx_error_body_and_the_server_keeps_serving(server, client, body, param):
     path = "/v1/chat/completions" if b"messages" in body else "/v1/completions"

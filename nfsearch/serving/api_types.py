@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+
+UNSUPPORTED_AT_DEFAULT = {"logprobs": (None, False, 0), "best_of": (None, 1), "presence_penalty": (0.0,),
+                          "frequency_penalty": (0.0,), "repetition_penalty": (1.0,)}
 
 
 class StreamOptions(BaseModel):
@@ -29,6 +32,19 @@ class _Sampling(BaseModel):
     n: StrictInt = Field(1, ge=1, le=1)         # one choice per request
     user: str | None = None                     # accepted, unused
     return_token_ids: StrictBool = False        # (as vLLM's) choices and chunks also carry the output ids
+    # fields benchmark clients send at their defaults: accepted at those, refused otherwise
+    logprobs: StrictBool | StrictInt | None = None
+    best_of: StrictInt | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        for name, neutral in UNSUPPORTED_AT_DEFAULT.items():
+            if getattr(self, name) not in neutral:
+                raise ValueError(f"{name} is not supported (leave it at {neutral[-1]!r})")
+        return self
 
     @field_validator("stop")
     @classmethod
