@@ -73,8 +73,8 @@ def _save(tmp_path_factory, name, model_cls, config) -> tuple:
     return model, folder
 
 
-COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)
+COMMON = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": VOCAB, "max_position_embeddings": 256}
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +129,8 @@ class Driver:
         """One iteration; returns [(req, position)] of each logit row and the logits [rows, V]."""
         live = [r for r in reqs if r.arrive <= it and r.num_cached < len(r.ids)]
         decode = [r for r in live if r.num_cached >= r.prompt_len][:self.bucket.max_decode]
-        f = dict(input_ids=[], positions=[], slot_mapping=[], context_lens=[], page_tables=[], logit_rows=[],
-                 chunk_starts=[], chunk_lens=[], prefix_lens=[])
+        f = {"input_ids": [], "positions": [], "slot_mapping": [], "context_lens": [], "page_tables": [], "logit_rows": [],
+                 "chunk_starts": [], "chunk_lens": [], "prefix_lens": []}
         owners = []
         for r in decode:
             pos = r.num_cached
@@ -256,10 +256,10 @@ def test_greedy_decode_through_prev_rows(llama):
 
 
 def test_step_buffers_match_make_step_inputs():
-    fields = dict(input_ids=[3, 4, 5], prev_rows=[-1, 0, -1], positions=[9, 0, 1], slot_mapping=[41, 8, 9],
-                  context_lens=[10], page_tables=[[1, 2, 10], [2]], chunk_starts=[1], chunk_lens=[2],
-                  prefix_lens=[0], logit_rows=[0, 2], temperature=[0.0, 0.7], top_p=[1.0, 0.9], top_k=[0, 5],
-                  seed=[1, -(2 ** 40)], sample_step=[3, 0])
+    fields = {"input_ids": [3, 4, 5], "prev_rows": [-1, 0, -1], "positions": [9, 0, 1], "slot_mapping": [41, 8, 9],
+                  "context_lens": [10], "page_tables": [[1, 2, 10], [2]], "chunk_starts": [1], "chunk_lens": [2],
+                  "prefix_lens": [0], "logit_rows": [0, 2], "temperature": [0.0, 0.7], "top_p": [1.0, 0.9], "top_k": [0, 5],
+                  "seed": [1, -(2 ** 40)], "sample_step": [3, 0]}
     want = make_step_inputs(BUCKET, PAGE_SIZE, "cpu", **fields)
     bufs = StepBuffers(BUCKET, PAGE_SIZE, "cpu")
     bufs.fill_(**dict(fields, input_ids=[7] * 20))
@@ -344,10 +344,10 @@ def test_mistral_window_caps_the_context(tmp_path):
 
 
 @pytest.mark.parametrize("over, message", [
-    (dict(architectures=["MixtralForCausalLM"]), "architecture MixtralForCausalLM is not supported"),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling type yarn is not supported"),
-    (dict(rms_norm_eps="small"), "rms_norm_eps"),
-    (dict(hidden_size=None), "hidden_size"),
+    ({"architectures": ["MixtralForCausalLM"]}, "architecture MixtralForCausalLM is not supported"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling type yarn is not supported"),
+    ({"rms_norm_eps": "small"}, "rms_norm_eps"),
+    ({"hidden_size": None}, "hidden_size"),
 ])
 def test_bad_config_is_one_line(tmp_path, over, message):
     with pytest.raises(NfsearchError, match=message) as err:

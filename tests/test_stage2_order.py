@@ -5,18 +5,18 @@ W2 and W3 (bundled H100 profile; before, W2's replayed at 5.17 ms against the mo
 from dataclasses import replace
 
 import pytest
-
 from conftest import TINY_MODEL, TINY_WL, fake_profile
+
 from nfsearch.cost import default_profile, make_problem
 from nfsearch.graph import split_layers
+from nfsearch.plan import SolverInfo
 from nfsearch.runtime import launch
 from nfsearch.search.durations import Durations
 from nfsearch.search.listsched import timed, topo_order
 from nfsearch.search.stage1 import sweep
 from nfsearch.search.stage2 import plan_from_result, solver_order, stage2_from
-from nfsearch.solvers import Stage2Data, Stage2Result, Task, get_solver
-from nfsearch.plan import SolverInfo
 from nfsearch.simulate import replay, verify
+from nfsearch.solvers import Stage2Data, Stage2Result, Task, get_solver
 from nfsearch.specs import load_model, load_workload
 
 MODEL = load_model("llama-3-8b")

@@ -182,10 +182,10 @@ def format_report(r: dict) -> str:
     pct = f"{s['pct_of_optimal']:.1f}% of {s['optimal_tokens_per_s']:,.0f}" if s["pct_of_optimal"] else "-"
     rows = [
         ("GPU", r["gpu"]),
-        ("model / trace", f"{r['model']} {r['dtype']} / {r['trace']['name']} ({r['trace']['num_requests']} requests"
-                          f"{', synthetic' if r['trace']['is_synthetic'] else ''})"),
-        ("KV cache", f"{e['kv_tokens']:,} tokens ({e['num_pages']:,} pages of {e['page_size']}), max concurrency "
-                     f"{e['max_concurrency']:,}"),
+        ("model / trace", (f"{r['model']} {r['dtype']} / {r['trace']['name']} ({r['trace']['num_requests']} requests"
+                          f"{', synthetic' if r['trace']['is_synthetic'] else ''})")),
+        ("KV cache", (f"{e['kv_tokens']:,} tokens ({e['num_pages']:,} pages of {e['page_size']}), max concurrency "
+                     f"{e['max_concurrency']:,}")),
         ("dense batch / decode slots", f"{e['dense_batch']} / {e['max_decode']}, {len(e['buckets'])} buckets"),
         ("start-up s", "load {load:.1f}, compile {compile:.1f}, capture {capture:.1f}".format(**e["startup_s"])),
         ("", f"{'steady':>12} {'whole run':>12}"),
@@ -197,15 +197,15 @@ def format_report(r: dict) -> str:
         ("window s", f"{steady['wall_s']:>12.1f} {whole['wall_s']:>12.1f}"
                      + ("" if s["is_steady_window"] else "  (no steady window: whole run)")),
         ("% of optimal (steady)", pct + (f" (P_gemm {r['p_gemm_tflops']:.0f} TFLOP/s)" if r["p_gemm_tflops"] else "")),
-        ("mean decode / dense batch", f"{b['mean_decode_batch']:.1f} / {b['mean_dense_batch']:.1f} tokens, "
-                                      f"padding {100 * b['padding_fraction']:.1f}% (whole run)"),
-        ("steady mean decode batch", f"{steady['mean_decode_batch']:.1f} = "
+        ("mean decode / dense batch", (f"{b['mean_decode_batch']:.1f} / {b['mean_dense_batch']:.1f} tokens, "
+                                      f"padding {100 * b['padding_fraction']:.1f}% (whole run)")),
+        ("steady mean decode batch", (f"{steady['mean_decode_batch']:.1f} = "
                                      f"{100 * steady['mean_decode_batch'] / max(e['max_concurrency'], 1):.0f}% of the "
-                                     f"{e['max_concurrency']} requests the KV cache holds"),
+                                     f"{e['max_concurrency']} requests the KV cache holds")),
         ("TTFT s p50/p90/p99", _pcts(s["ttft_s"], 1.0, "{:.2f}")),
         ("TPOT ms p50/p90/p99", _pcts(s["tpot_s"], 1e3, "{:.1f}")),
-        ("KV pages peak", f"{r['kv_pages']['peak_used']:,} of {r['kv_pages']['num_pages']:,} "
-                          f"({100 * r['kv_pages']['peak_used_fraction']:.0f}%)"),
+        ("KV pages peak", (f"{r['kv_pages']['peak_used']:,} of {r['kv_pages']['num_pages']:,} "
+                          f"({100 * r['kv_pages']['peak_used_fraction']:.0f}%)")),
         ("preemptions / refused", f"{r['num_preemptions']} / {r['num_refused']}"),
         ("host waits per iteration", f"{r['host_waits_per_iteration']:.2f}"),
     ]
@@ -213,11 +213,11 @@ def format_report(r: dict) -> str:
     if p:
         clock = f"{p['median_sm_clock_mhz']:.0f} MHz" if p["median_sm_clock_mhz"] else "-"
         watts = f"{p['mean_power_w']:.0f} W" if p["mean_power_w"] else "-"
-        rows.append(("power / SM clock (steady)", f"{watts} of {p['power_limit_w']:.0f} W, {clock}, "
-                                                  f"power-capped {100 * p['power_capped_share']:.0f}% of samples"))
+        rows.append(("power / SM clock (steady)", (f"{watts} of {p['power_limit_w']:.0f} W, {clock}, "
+                                                  f"power-capped {100 * p['power_capped_share']:.0f}% of samples")))
         if p.get("joules_per_token"):
-            rows.append(("joules per token", f"{p.get('steady_joules_per_token') or 0:.4f} steady, "
-                                             f"{p['joules_per_token']:.4f} whole run"))
+            rows.append(("joules per token", (f"{p.get('steady_joules_per_token') or 0:.4f} steady, "
+                                             f"{p['joules_per_token']:.4f} whole run")))
     lines = [f"{k:<28} {v}" for k, v in rows]
     lines.append("buckets (tokens/decode/segments/context): hits, " + "; ".join(
         f"{h['max_tokens']}/{h['max_decode']}/{h['max_segments']}/{h['max_context']} {100 * h['fraction']:.0f}%"

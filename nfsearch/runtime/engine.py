@@ -233,15 +233,15 @@ class Engine:
         return int(self.kv_tokens / per_request)
 
     def describe(self) -> str:
-        lines = [f"model {self.cfg.spec.name} ({self.cfg.spec.num_layers} layers, {self.dtype_name}) on "
-                 f"{self.device_name()}; attention {self.attn_impl}, CUDA graphs {'on' if self.use_cuda_graphs else 'off'}",
-                 f"KV cache {self.kv_tokens:,} tokens ({self.num_pages:,} pages of {self.page_size}); max concurrency "
+        lines = [(f"model {self.cfg.spec.name} ({self.cfg.spec.num_layers} layers, {self.dtype_name}) on "
+                 f"{self.device_name()}; attention {self.attn_impl}, CUDA graphs {'on' if self.use_cuda_graphs else 'off'}"),
+                 (f"KV cache {self.kv_tokens:,} tokens ({self.num_pages:,} pages of {self.page_size}); max concurrency "
                  f"{self.max_concurrency():,} at the trace's mean prompt + output "
-                 f"({self.trace_shape.mean_prompt_len:.0f} + {self.trace_shape.mean_output_len:.0f} tokens)",
-                 f"dense batch {self.dense_batch} tokens, up to {self.max_decode} decode rows, "
-                 f"{len(self.buckets)} buckets",
-                 f"start-up {self.load_s + self.compile_s + self.capture_s:.1f} s: load {self.load_s:.1f} s, "
-                 f"compile (dry run) {self.compile_s:.1f} s, capture {self.capture_s:.1f} s"]
+                 f"({self.trace_shape.mean_prompt_len:.0f} + {self.trace_shape.mean_output_len:.0f} tokens)"),
+                 (f"dense batch {self.dense_batch} tokens, up to {self.max_decode} decode rows, "
+                 f"{len(self.buckets)} buckets"),
+                 (f"start-up {self.load_s + self.compile_s + self.capture_s:.1f} s: load {self.load_s:.1f} s, "
+                 f"compile (dry run) {self.compile_s:.1f} s, capture {self.capture_s:.1f} s")]
         if self.plan is not None:
             lines.insert(2, self.plan.describe())
         return "\n".join(lines)

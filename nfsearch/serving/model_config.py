@@ -54,14 +54,14 @@ class ModelConfig:
 
 # Bundled names that run with random weights: the constants of the published checkpoints.
 _BUNDLED = {
-    "llama-3-8b": dict(rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=8192,
-                       eos_token_ids=(128001, 128009)),
-    "llama-3-70b": dict(rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=8192,
-                        eos_token_ids=(128001, 128009)),
-    "llama-2-70b": dict(rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=4096,
-                        eos_token_ids=(2,)),
-    "qwen2-72b": dict(rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=32768,
-                      eos_token_ids=(151643, 151645), architecture="Qwen2ForCausalLM"),
+    "llama-3-8b": {"rope_theta": 500000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 8192,
+                       "eos_token_ids": (128001, 128009)},
+    "llama-3-70b": {"rope_theta": 500000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 8192,
+                        "eos_token_ids": (128001, 128009)},
+    "llama-2-70b": {"rope_theta": 10000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
+                        "eos_token_ids": (2,)},
+    "qwen2-72b": {"rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768,
+                      "eos_token_ids": (151643, 151645), "architecture": "Qwen2ForCausalLM"},
 }
 
 

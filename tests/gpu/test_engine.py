@@ -13,8 +13,8 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from nfsearch.runtime.engine import Engine, TraceShape  # noqa: E402
-from nfsearch.serving.traces import Request  # noqa: E402
+from nfsearch.runtime.engine import Engine, TraceShape
+from nfsearch.serving.traces import Request
 
 TINY = str(Path(__file__).parent.parent / "fixtures" / "engine-tiny" / "config.json")
 UTILIZATION = 0.25
