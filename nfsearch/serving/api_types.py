@@ -109,3 +109,15 @@ def validation_message(exc) -> tuple[str, str | None]:
     if err.get("type") == "extra_forbidden":
         msg = "unknown field"
     return (f"{param}: {msg}" if param else msg), param
+
+
+class ApiError(Exception):
+    """A request the server answers with an error status and an OpenAI-style body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return error_body(self.message, self.kind, self.param, self.code)

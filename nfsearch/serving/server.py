@@ -28,21 +28,17 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from nfsearch.errors import NfsearchError
-from nfsearch.serving.api_types import ChatRequest, CompletionRequest, error_body, validation_message
+from nfsearch.serving.api_types import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    error_body,
+    validation_message,
+)
 from nfsearch.serving.server_stream import Generation
 from nfsearch.serving.tokenizer import load_tokenizer
 
 START_TIMEOUT_S = 600.0
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def response(self) -> web.Response:
-        return web.json_response(error_body(self.message, self.kind, self.param, self.code), status=self.status)
 
 
 class EngineClient:
@@ -59,6 +55,7 @@ class EngineClient:
         self.stats: dict = {"num_used_pages": 0, "num_running": 0, "num_waiting": 0, "num_live_requests": 0}
         self.streams: dict[int, asyncio.Queue] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.is_dead = False
         self._ids = itertools.count(1)
 
     def _wait_ready(self) -> dict:
@@ -82,8 +79,14 @@ class EngineClient:
     def _read(self) -> None:
         while True:
             try:
-                kind, payload = self.outbox.get()
+                kind, payload = self.outbox.get(timeout=1.0)
+            except queue.Empty:
+                if not self.proc.is_alive():
+                    self._fail_all()
+                    return
+                continue
             except (EOFError, OSError):
+                self._fail_all()
                 return
             if kind == "tokens":
                 for update in payload:
@@ -93,7 +96,15 @@ class EngineClient:
             elif kind == "stats":
                 self.stats = payload
 
+    def _fail_all(self) -> None:
+        """The engine process is gone: every open request ends with an error (503), as do new ones."""
+        self.is_dead = True
+        for rid, q in list(self.streams.items()):
+            self.loop.call_soon_threadsafe(q.put_nowait, (rid, [], "dead", "the engine process exited"))
+
     def add(self, prompt_ids: list[int], sampling_for) -> tuple[int, asyncio.Queue]:
+        if self.is_dead or not self.proc.is_alive():
+            raise ApiError(503, "the engine process exited", code="engine_dead", kind="server_error")
         rid = next(self._ids)
         q: asyncio.Queue = asyncio.Queue()
         self.streams[rid] = q
@@ -130,7 +141,7 @@ async def _errors(request, handler):
     try:
         return await handler(request)
     except ApiError as exc:
-        return exc.response()
+        return web.json_response(exc.body(), status=exc.status)
     except web.HTTPException as exc:
         return web.json_response(error_body(exc.reason, "invalid_request_error", None, exc.status),
                                  status=exc.status)

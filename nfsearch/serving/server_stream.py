@@ -8,6 +8,7 @@ import time
 
 from aiohttp import web
 
+from nfsearch.serving.api_types import ApiError
 from nfsearch.serving.tokenizer import Detokenizer
 
 FINISH_REASONS = {"length": "length", "stop": "stop"}
@@ -40,7 +41,8 @@ class Generation:
                 _, new_ids, finish, error = await queue.get()
                 if error is not None:
                     self.is_engine_done = True
-                    from nfsearch.serving.server import ApiError
+                    if finish == "dead":
+                        raise ApiError(503, error, None, "engine_dead", "server_error")
                     raise ApiError(400, error, "prompt", "request_refused")
                 self.ids.extend(new_ids)
                 if finish is not None:
@@ -119,6 +121,12 @@ class Generation:
                                    else "text_completion", "created": self.created,
                                    "model": self.request.app["model_name"], "choices": [], "usage": self.usage()})
             await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except ApiError as exc:
+            if resp is None:
+                raise
+            # an error after the headers went out (the engine died): the last event says so
+            await _send(resp, exc.body())
             await resp.write_eof()
         finally:
             await updates.aclose()         # the client left mid-stream: cancel in the engine, free pages
