@@ -5,6 +5,7 @@ mid-stream freeing its pages."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -26,13 +27,14 @@ TINY = str(Path(__file__).parent / "fixtures" / "engine-tiny" / "config.json")  
 START_TIMEOUT_S = 90
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    log_path = tmp_path_factory.mktemp("serve") / "server.log"
+@contextlib.contextmanager
+def start_server(log_dir: Path, *args: str):
+    """`nfsearch serve` on the tiny model in a subprocess on a free port; yields "host:port" and the process."""
+    log_path = log_dir / "server.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "nfsearch", "serve", "--model", TINY, "--device", "cpu",
-                                 "--port", "0", "--dense-batch", "64", "--max-decode", "16"],
+                                 "--port", "0", "--dense-batch", "64", "--max-decode", "16", *args],
                                 stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         deadline, port = time.monotonic() + START_TIMEOUT_S, None
@@ -44,7 +46,7 @@ def server(tmp_path_factory):
                 pytest.fail(f"server did not start:\n{log_path.read_text()}")
             else:
                 time.sleep(0.1)
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", proc
     finally:
         proc.terminate()
         try:
@@ -52,6 +54,12 @@ def server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with start_server(tmp_path_factory.mktemp("serve")) as (address, _):
+        yield address
 
 
 @pytest.fixture(scope="module")

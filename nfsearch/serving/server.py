@@ -214,7 +214,8 @@ async def models(request):
 async def health(request):
     client = request.app["client"]
     status = "ok" if client.proc.is_alive() else "engine process exited"
-    return web.json_response({"status": status, **client.stats}, status=200 if status == "ok" else 503)
+    return web.json_response({"status": status, "engine_pid": client.proc.pid, **client.stats},
+                             status=200 if status == "ok" else 503)
 
 
 def serve(model: str, host: str, port: int, engine_kwargs: dict, echo=print) -> None:
