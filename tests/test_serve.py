@@ -180,6 +180,9 @@ def test_stop_string_cuts_the_text_and_cancels(server, client):
     stop = full[6:8]
     out = client.completions.create(stop=[stop], **kw)
     assert out.choices[0].text == full[:full.find(stop)] and out.choices[0].finish_reason == "stop"
+    echoed = client.completions.create(stop=[stop, "b"], echo=True, **kw).choices[0].text
+    cut = min(i for i in (full.find(stop), full.find("b")) if i >= 0)   # "b" of the echoed prompt never stops it
+    assert echoed == "abc" + full[:cut]
     chunks = list(client.completions.create(stop=stop, stream=True, **kw))
     assert "".join(c.choices[0].text for c in chunks) == out.choices[0].text
     assert chunks[-1].choices[0].finish_reason == "stop"

@@ -22,7 +22,8 @@ class Generation:
         self.detok = Detokenizer(tokenizer)
         self.stops: list[str] = list(body.stop or [])   # the validator made it a list
         self.hold = max((len(s) for s in self.stops), default=1) - 1   # chars a stop may still complete
-        self.text = echo_text                     # generated (after echo), cut at a stop
+        self.text = echo_text                     # echoed prompt + generated text, cut at a stop
+        self.num_echo = len(echo_text)            # stops are searched in the generated part only
         self.num_emitted = 0                      # chars of self.text already sent
         self.ids: list[int] = []
         self.finish_reason: str | None = None
@@ -58,7 +59,7 @@ class Generation:
             self.client.release(rid, self.is_engine_done)
 
     def _stop_at(self) -> int | None:
-        start = max(0, self.num_emitted - self.hold)
+        start = max(self.num_echo, self.num_emitted - self.hold)
         hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
         return min(hits) if hits else None
 
