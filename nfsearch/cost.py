@@ -390,7 +390,8 @@ class EnergyModel:
         self.pair_ratio = lru_cache(maxsize=None)(self._pair_ratio)   # replays ask the same pairs again
         self.points: dict[str, dict[int, list[tuple[int, float, float]]]] = {}
         for p in energy.points:
-            self.points.setdefault(p.op, {}).setdefault(p.context, []).append((p.num_tokens, p.energy_j, p.time_ms))
+            self.points.setdefault(p.op, {}).setdefault(p.context, []).append(
+                (p.num_tokens, p.energy_within_limit_j(energy.power_limit_w), p.time_ms))
         for by_ctx in self.points.values():
             for line in by_ctx.values():
                 line.sort()

@@ -264,10 +264,11 @@ def test_a_profile_is_used_only_for_the_model_it_measured(bundled):
 
 
 # ------------------------------------------------------------------------------------ energy of a split
-def gemm_energy(static_w: float = 100.0) -> ProfileEnergy:
-    """A GEMM whose energy per token falls with its size (its weights read once a call)."""
-    points = [EnergyPoint("ug", "x", 512, 0, 0.14, 0.18, 780.0),
-              EnergyPoint("ug", "x", 2048, 0, 0.515, 0.766, 672.0)]
+def gemm_energy(static_w: float = 100.0, small_power_w: float = 690.0) -> ProfileEnergy:
+    """A GEMM whose energy per token falls with its size (its weights read once a call), both loops
+    held by the power cap."""
+    points = [EnergyPoint("ug", "x", 512, 0, 0.14, 0.18, small_power_w, capped_share=1.0),
+              EnergyPoint("ug", "x", 2048, 0, 0.515, 0.766, 672.0, capped_share=1.0)]
     return ProfileEnergy(700.0, static_w, tuple(points))
 
 
@@ -276,15 +277,20 @@ def test_a_split_costs_its_nano_batches_own_energy(bundled, llama):
     whole = energy.dynamic_j("ug", 2048, 0)[0]
     split = energy.dynamic_j("ug", 512, 0)[0] + energy.dynamic_j("ug", 1536, 0)[0]
     assert 1.03 < split / whole < 1.08
-    # the bundled profile: W2's golden plan spends +0.034 J per layer on its nano-batches, more than its
-    # overlaps' -0.023 J credit (issue 22)
+    # a capped loop that read more than the enforced limit is priced at the limit (a layer runs at it): the
+    # same point read at 780 W no longer makes the split dearer than the whole
+    capped = EnergyModel(gemm_energy(small_power_w=780.0))
+    assert capped.dynamic_j("ug", 512, 0)[0] == pytest.approx(0.14 * 700 / 780 - 100 * 0.18e-3)
+    assert capped.dynamic_j("ug", 512, 0)[0] + capped.dynamic_j("ug", 1536, 0)[0] < 1.01 * whole
+    # the bundled profile (its 512-token GEMM loops read 766-785 W): W2's golden plan spends +0.002 J
+    # per layer on its nano-batches (+0.034 J at the readings), less than its overlaps' -0.023 J credit
     golden = plan_io.read(FIXTURES / "plans/W2.json")        # the golden W2 plan the issue measured
     problem = make_problem(llama, load_workload("W2"), bundled)
     spans = replay(golden, problem.cost).timeline.spans
-    assert problem.cost.split_energy_j(spans) / 2 == pytest.approx(0.034, abs=0.002)
+    assert problem.cost.split_energy_j(spans) / 2 == pytest.approx(0.0015, abs=0.001)
     own = problem.cost.plan_power_bound(spans, 2)
-    assert "nano-batches +0.034 J per layer" in own.note
-    assert own.bound_ms > problem.cost.power_bound().bound_ms
+    assert "nano-batches +0.002 J per layer" in own.note
+    assert own.bound_ms < problem.cost.power_bound().bound_ms
     # the sequential plan (whole ops) has the layer's bound
     seq = sequential_plan(problem)
     seq_bound = problem.cost.plan_power_bound(replay(seq, problem.cost).timeline.spans, 2)
@@ -305,9 +311,10 @@ def test_energy_outside_the_points_scales_with_time_not_work(bundled, llama):
 
 
 def test_the_default_margin_is_above_the_measured_layer_error():
-    """An overlapped plan must beat the sequential one by more than the model's measured layer errors
-    (1.4-4.6% on H100 runs): a gain inside them is no gain. The CLI's default is the search's."""
+    """An overlapped plan must beat the sequential one by at least the model's measured error on an
+    overlapped / sequential ratio (1.5-3.8% on H100 runs, tests/test_energy_choice.py measures it on
+    the recorded runs): a gain inside it is no gain. The CLI's default is the search's."""
     from nfsearch.search.solve import MIN_GAIN
-    assert MIN_GAIN >= 0.046
+    assert MIN_GAIN >= 0.038
     option = next(p for p in main.commands["solve"].params if p.name == "min_gain")
     assert option.default == MIN_GAIN
