@@ -34,7 +34,8 @@ back-to-back loop on the whole GPU, and the GPU's power limit and static power) 
 (energy.PowerBound): one layer's dynamic energy, the sum over its ops of (energy - static power x
 time) at the op's whole token count, cannot be spent faster than limit - static allows. Every plan
 has its own bound: a nano-op costs the energy of its own token count (`split_energy_j`: a GEMM split
-512 + 1536 reads its weights twice and costs 4-7% more than at 2048 tokens on an H100), and where
+512 + 1536 reads its weights twice and costs at most 2% more than at 2048 tokens on an H100, each point's
+power held to the limit the layer runs at: EnergyPoint.energy_within_limit_j), and where
 the profile has pair energy points (energy.PairEnergyPoint: a pair family at its best split in a
 sustained loop against the two back to back) each two nano-ops that a replay runs at once cost
 (r - 1) x the dynamic energy each spends in their overlap more, r the measured pair's dynamic
@@ -692,7 +693,7 @@ class CostModel:
     def _nano_dynamic_j(self, op: str, num_tokens: int) -> float:
         """Dynamic energy of a nano-op of `num_tokens` of `op`, at its own token count (0 without energy):
         a split costs what its nano-batches cost, each reading the op's weights again (on an H100 a
-        GEMM split 512 + 1536 takes 4-7% more energy than at 2048 tokens)."""
+        GEMM split 512 + 1536 takes at most 2% more energy than at 2048 tokens at the power limit)."""
         if self.energy is None or self.energy.is_unmeasured_network(self.layer.nodes[op]["op"]):
             return 0.0
         return self.energy.dynamic_j(op, num_tokens, self.context(op))[0]

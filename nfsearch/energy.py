@@ -110,9 +110,9 @@ class EnergyPoint:
         """The board energy per call, with the mean power of a loop that the SW power cap held (capped
         samples) taken at the enforced limit where it read more. A layer runs at the limit, which the
         board holds it to; capped short GEMM loops (512 tokens) read 10-12% over it, and priced at
-        that reading a 512 + 1536 split costs 4-7% more per GEMM, which put overlapped plans 3-5
+        that reading a 512 + 1536 split costs 4-7% more per GEMM, which put overlapped plans 3-6
         points further above their measured layers than their sequential twins. At the limit the
-        split costs 0-2% more, and the layers agree."""
+        split costs at most 2% more, and the layers agree (tests/test_energy_choice.py)."""
         if self.capped_share <= 0 or self.power_w <= power_limit_w:
             return self.energy_j
         return self.energy_j * power_limit_w / self.power_w

@@ -14,10 +14,10 @@ no gain. The margin is what the model's error can do to a comparison of two plan
 the predicted overlapped / sequential time ratio against the measured one (interleaved medians)
 was off by 1.5-3.8% on H100s (llama-3-8b W2 and W3, three boards, tests/fixtures/energy_runs holds
 two), and on 2x H200 (W4, TP=2) a plan predicted 0.2% faster than sequential TP ran 2.5-3.4% slower;
-each layer time alone was within 3.6% on the boards the profile's energy calibrates. So the default
+each layer time alone was within 3.7% on two of those boards (A, B). So the default
 margin, 4%, is at least each of those errors: a plan is preferred to the sequential one only by a
 gain the model's own error cannot make up (W2's overlapped plan is predicted 4.7% faster and
-measured 6-7%; W3's best overlapped plan is predicted slower, measured 0-3% faster).
+measured 6-7%; no W3 overlapped plan is predicted faster, and they measured 0-3% faster).
 
 The plan's solver section describes the plan written: a stage-2 solution states its own solve's
 status and gap; a stage-1 incumbent or a baseline states that it is one, and no gap.
