@@ -122,7 +122,7 @@ class Engine:
         self.min_pages = -(-longest // page_size)
         self._choose_batch(dense_batch, max_decode, num_pages, memory_bytes)
 
-        self.weights = load_weights(self.cfg, self.folder, self.device, self.dtype, seed)
+        self.weights = self._load_weights(seed)
         self._sync()
         self.load_s = time.perf_counter() - t_start
         self.compile_s = self._dry_run(num_pages) if self.is_cuda else 0.0
@@ -170,6 +170,10 @@ class Engine:
             self.plan = analytic(top.max_tokens, self.max_logit_rows - 8,
                                  f"dense batch {self.dense_batch} ({top.max_tokens}-token top bucket)")
         self.num_pages = num_pages or (self.plan.num_pages if self.plan else CPU_KV_TOKENS // self.page_size)
+
+    def _load_weights(self, seed: int):
+        """The model's weights on the device (runtime.engine_tp's ranks keep their shard)."""
+        return load_weights(self.cfg, self.folder, self.device, self.dtype, seed)
 
     def _new_model(self, num_pages: int) -> PagedModel:
         return PagedModel(self.cfg, self.weights, num_pages, self.page_size, self.device, self.dtype,

@@ -1,0 +1,178 @@
+"""The engine across tensor-parallel ranks: one process per device, each running the whole loop.
+
+Tensor parallelism is a transformation of the plain model. Each rank keeps its shard of the weights
+(Megatron-style): wqkv column-parallel by its query heads and the KV heads they read, wo row-parallel
+over the same heads, wug column-parallel by its slice of gate and of up, wd row-parallel over that
+slice; norms, embedding and LM head replicated. Its PagedModel is the plain one built on the shard's
+shapes (num_heads / tp, num_kv_heads / tp, intermediate_size / tp), so its paged KV cache holds its KV
+heads only. The O and D GEMMs then give partial sums: each is all-reduced (torch.distributed) and the
+residual added once, after the reduction. Everything after the last layer is replicated.
+
+The loop is Engine.run on every rank: the scheduler is deterministic and sees the same trace and the
+same sampled ids, so every rank forms the same batches and no per-iteration metadata crosses ranks.
+The ids are the same on every rank by construction (same logits after the all-reduces, which hand
+every rank the same bits), but a scheduler that saw different ids would desynchronise the ranks'
+collectives, so each forward also broadcasts rank 0's sampled ids: a few hundred bytes on the
+device, in stream order (no host sync; capturable), against an iteration of milliseconds.
+`is_debug` checks before that broadcast that every rank sampled the same ids (the tests use it).
+
+Arrival times would be read from each rank's own clock, which would split the schedulers: the TP
+engine refuses a trace with arrivals after t=0 (every named and const trace starts at 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+
+from nfsearch.errors import NfsearchError
+from nfsearch.runtime.engine import Engine, EngineRun
+from nfsearch.runtime.model import LayerWeights
+from nfsearch.runtime.paged_model import PagedModel
+from nfsearch.runtime.weights import ModelWeights, load_weights
+from nfsearch.serving.model_config import ModelConfig
+from nfsearch.serving.traces import Request
+
+
+def check_tp(cfg: ModelConfig, tp_degree: int) -> None:
+    """NfsearchError (one line) unless the TP degree divides the heads, KV heads and FFN width."""
+    m = cfg.spec
+    if tp_degree < 1:
+        raise NfsearchError(f"TP degree {tp_degree}: expected 1 or more")
+    for what, count in (("attention heads", m.num_heads), ("KV heads", m.num_kv_heads),
+                        ("FFN width (intermediate_size)", m.intermediate_size)):
+        if count % tp_degree:
+            raise NfsearchError(f"TP degree {tp_degree} does not divide model {m.name}'s {count} {what}")
+
+
+def shard_config(cfg: ModelConfig, tp_degree: int) -> ModelConfig:
+    """The config of one rank's shard: heads, KV heads and FFN width divided by the TP degree."""
+    check_tp(cfg, tp_degree)
+    m = cfg.spec
+    spec = dataclasses.replace(m, num_heads=m.num_heads // tp_degree, num_kv_heads=m.num_kv_heads // tp_degree,
+                               intermediate_size=m.intermediate_size // tp_degree)
+    return dataclasses.replace(cfg, spec=spec)
+
+
+def _cols(t: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
+    """The columns (last dim) in `spans` ([start, stop) each), concatenated, as a new tensor."""
+    return torch.cat([t[..., a:b] for a, b in spans], dim=-1).contiguous()
+
+
+def shard_layer(cfg: ModelConfig, w: LayerWeights, rank: int, tp_degree: int) -> LayerWeights:
+    m = cfg.spec
+    D, Q, KV, I = m.head_dim, m.q_size, m.kv_size, m.intermediate_size
+    q = (rank * Q // tp_degree, (rank + 1) * Q // tp_degree)            # this rank's query heads
+    kv = (rank * KV // tp_degree, (rank + 1) * KV // tp_degree)         # and the KV heads they read
+    assert (q[1] - q[0]) % D == 0 and (kv[1] - kv[0]) % D == 0
+    qkv_spans = [q, (Q + kv[0], Q + kv[1]), (Q + KV + kv[0], Q + KV + kv[1])]
+    f = (rank * I // tp_degree, (rank + 1) * I // tp_degree)            # its slice of gate and of up
+    return LayerWeights(norm1=w.norm1, wqkv=_cols(w.wqkv, qkv_spans),
+                        bqkv=None if w.bqkv is None else _cols(w.bqkv, qkv_spans),
+                        wo=w.wo[q[0]:q[1]].contiguous(), norm2=w.norm2,
+                        wug=_cols(w.wug, [f, (I + f[0], I + f[1])]), wd=w.wd[f[0]:f[1]].contiguous())
+
+
+def shard_weights(cfg: ModelConfig, weights: ModelWeights, rank: int, tp_degree: int) -> ModelWeights:
+    """This rank's shard; each full layer is dropped as soon as its shard exists."""
+    check_tp(cfg, tp_degree)
+    layers = weights.layers
+    for i, w in enumerate(layers):
+        layers[i] = shard_layer(cfg, w, rank, tp_degree)
+    return ModelWeights(embed=weights.embed, layers=layers, final_norm=weights.final_norm,
+                        lm_head=weights.lm_head)
+
+
+class TpPagedModel(PagedModel):
+    """A rank's PagedModel over its shard (built with shard_config's config): O and D all-reduced
+    before their residual, rank 0's sampled ids broadcast."""
+
+    def __init__(self, *args, group=None, is_debug: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.group, self.is_debug = group, is_debug
+        self.num_id_mismatches = 0           # is_debug: forwards whose pre-broadcast ids differed
+        self.ops = dict(self.ops)
+        self.ops["o"] = self._reduced(self.ops["o"])
+        self.ops["d"] = self._reduced(self.ops["d"])
+
+    def _reduced(self, gemm):
+        group = self.group
+
+        def op(a, w, out, num_sms, residual=None):
+            gemm(a, w, out, num_sms)                     # out = partial sum over this rank's heads / FFN slice
+            dist.all_reduce(out, group=group)
+            if residual is not None:
+                out.add_(residual)                       # once, after the reduction
+        return op
+
+    def forward(self, step):
+        ids = super().forward(step)
+        if self.is_debug:
+            ranks = [torch.empty_like(ids) for _ in range(dist.get_world_size(self.group))]
+            dist.all_gather(ranks, ids, group=self.group)
+            self.num_id_mismatches += any(not torch.equal(r, ranks[0]) for r in ranks)
+        dist.broadcast(ids, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
+        return ids
+
+
+class TpEngine(Engine):
+    """Engine on one TP rank (runtime.tp.TpRank): the same arguments as Engine, device = the rank's."""
+
+    def __init__(self, model, tp, *, is_debug: bool = False, **kwargs):
+        self.tp, self.is_debug = tp, is_debug
+        kwargs["device"] = str(tp.device)
+        super().__init__(model, **kwargs)
+
+    def _load_weights(self, seed: int) -> ModelWeights:
+        check_tp(self.cfg, self.tp.world_size)           # refused before anything is read
+        # every rank reads (or draws from the seed) the same full weights and keeps its shard
+        full = load_weights(self.cfg, self.folder, self.device, self.dtype, seed)
+        return shard_weights(self.cfg, full, self.tp.rank, self.tp.world_size)
+
+    def _new_model(self, num_pages: int) -> PagedModel:
+        return TpPagedModel(shard_config(self.cfg, self.tp.world_size), self.weights, num_pages, self.page_size,
+                            self.device, self.dtype, self.attn_impl,
+                            max_tokens=max(b.max_tokens for b in self.buckets), max_logit_rows=self.max_logit_rows,
+                            op_impls=self._op_impls(), is_debug=self.is_debug)
+
+    def _op_impls(self):
+        from nfsearch.runtime.engine import VARIANT_OPS
+        return VARIANT_OPS["plan"] if self.is_cuda else None
+
+    def run(self, requests: list[Request], **kwargs) -> EngineRun:
+        late = [r.request_id for r in requests if r.arrival_s > 0]
+        if late:
+            raise NfsearchError(f"the TP engine serves traces whose requests all arrive at t=0 "
+                                f"({len(late)} arrive later, e.g. request {late[0]})")
+        return super().run(requests, **kwargs)
+
+
+def teacher_forced_logits(engine: Engine, num_forwards: int = 2) -> list[torch.Tensor]:
+    """Logits [logit rows, vocab] of `num_forwards` forwards of the smallest bucket's full dry batch
+    (decode rows at its longest context and prefill chunks, input ids fixed, not sampled): the
+    second forward reads the K/V the first wrote. The same on every rank and on a one-process engine."""
+    from nfsearch.runtime.engine_runner import dry_fields
+    from nfsearch.runtime.step_inputs import make_step_inputs
+    bucket = min(engine.buckets)
+    step = make_step_inputs(bucket, engine.page_size, engine.device, **dry_fields(bucket, engine.page_size))
+    return [engine.model.logits(step).cpu() for _ in range(num_forwards)]
+
+
+def rank_main(tp, model, engine_kwargs: dict, requests: list[Request], sampling: dict | None,
+              out_pattern: str, with_probe: bool = False) -> None:
+    """One rank (runtime.tp.spawn_ranks target): a TpEngine serving `requests`; writes what it saw
+    to out_pattern.format(rank=...) (torch.save): tokens per request, counters, and with_probe the
+    teacher-forced logits (before the run) and its KV cache shard."""
+    torch.set_num_threads(1)            # tiny CPU models: threads of two ranks fight over the cores
+    engine = TpEngine(model, tp, **engine_kwargs)
+    out = {"rank": tp.rank}
+    if with_probe:
+        out["logits"] = teacher_forced_logits(engine)
+        out["kv"] = engine.model.kv.cpu().clone()
+    run = engine.run(requests, sampling=sampling)
+    out.update(tokens={s.seq_id: list(s.output_ids) for s in run.sequences},
+               num_iterations=len(run.iterations), num_preemptions=run.num_preemptions,
+               num_id_mismatches=engine.model.num_id_mismatches)
+    torch.save(out, out_pattern.format(rank=tp.rank))

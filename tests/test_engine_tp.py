@@ -1,0 +1,114 @@
+"""The engine across TP ranks on the CPU: gloo, spawned ranks, fp32. A TP=2 run of a small trace gives
+the same tokens as a one-process engine, every rank samples the same ids before rank 0's broadcast,
+teacher-forced logits match and each rank's KV cache holds its KV heads of the one-process cache;
+TP degrees that do not divide the heads or FFN are refused in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from nfsearch.errors import NfsearchError
+from nfsearch.runtime import engine_tp
+from nfsearch.runtime.engine import Engine, TraceShape
+from nfsearch.runtime.tp import spawn_ranks
+from nfsearch.serving.model_config import load_model_config
+from nfsearch.serving.traces import Request
+
+TINY = str(Path(__file__).parent / "fixtures" / "engine-tiny" / "config.json")   # 4 heads, 2 KV heads, FFN 128
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _requests(n: int) -> list[Request]:
+    """Mixed lengths: batches mix decode rows with prefill chunks of different prefixes."""
+    return [Request(i, 5 + (7 * i) % 37, 3 + (5 * i) % 11) for i in range(n)]
+
+
+def _kwargs(requests, **kw) -> dict:
+    return dict(dtype="fp32", dense_batch=32, max_decode=8, trace_shape=TraceShape.of(requests), **kw)
+
+
+def _tp_run(tmp_path, model, world, requests, sampling, **kw) -> list[dict]:
+    pattern = str(tmp_path / "rank{rank}.pt")
+    spawn_ranks(engine_tp.rank_main, world, "gloo",
+                (model, _kwargs(requests, is_debug=True, **kw), requests, sampling, pattern, True))
+    return [torch.load(pattern.format(rank=r)) for r in range(world)]
+
+
+def _reference(model, requests, sampling, **kw):
+    engine = Engine(model, device="cpu", **_kwargs(requests, **kw))
+    logits = engine_tp.teacher_forced_logits(engine)
+    kv = engine.model.kv.clone()
+    run = engine.run(requests, sampling=sampling)
+    return {s.seq_id: list(s.output_ids) for s in run.sequences}, logits, kv, run
+
+
+def _check(parts, reference, world, hkv):
+    tokens, logits, kv, run = reference
+    for part in parts:
+        assert part["num_id_mismatches"] == 0            # same ids on every rank before the broadcast
+        assert part["tokens"] == tokens
+        assert part["num_iterations"] == len(run.iterations)
+        for mine, ref in zip(part["logits"], logits):
+            torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-4)
+        per_rank = hkv // world                          # its KV heads, [layers, 2, pages, page, Hkv, D]
+        r = part["rank"]
+        torch.testing.assert_close(part["kv"], kv[..., r * per_rank:(r + 1) * per_rank, :], rtol=1e-4, atol=1e-5)
+
+
+def test_tp2_equals_one_process(tmp_path):
+    reqs = _requests(10)
+    sampling = {"temperature": 0.8, "top_k": 20, "seed": 3}      # sampled, not only argmax
+    parts = _tp_run(tmp_path, TINY, 2, reqs, sampling, num_pages=64)
+    _check(parts, _reference(TINY, reqs, sampling, num_pages=64), 2, 2)
+    assert all(len(t) == r.output_len for t, r in zip(parts[0]["tokens"].values(), reqs))
+
+
+@pytest.mark.parametrize("world, what", [(3, "4 attention heads"), (4, "2 KV heads")])
+def test_non_divisible_tp_degree_is_refused(world, what):
+    cfg = load_model_config(TINY)
+    with pytest.raises(NfsearchError, match=f"TP degree {world} does not divide model .*'s {what}") as e:
+        engine_tp.shard_config(cfg, world)
+    assert "\n" not in str(e.value)
+
+
+def test_ffn_width_is_checked(tmp_path):
+    import json
+    cfg = json.loads(Path(TINY).read_text()) | {"num_attention_heads": 6, "num_key_value_heads": 2,
+                                                 "intermediate_size": 129, "head_dim": 16, "hidden_size": 96}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(NfsearchError, match="does not divide .*129 FFN width"):
+        engine_tp.check_tp(load_model_config(str(tmp_path / "config.json")), 2)
+
+
+def test_shards_sum_to_the_full_layer():
+    """In one process: the ranks' partial O and D outputs sum to the full GEMMs (the sharding alone)."""
+    from nfsearch.runtime.weights import load_weights
+    cfg = load_model_config(TINY)
+    full = load_weights(cfg, dtype=torch.float32, seed=5).layers[0]
+    m, world = cfg.spec, 2
+    shards = [engine_tp.shard_layer(cfg, full, r, world) for r in range(world)]
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(3, m.hidden_size, generator=gen)
+    ug = h @ full.wug
+    act = torch.nn.functional.silu(ug[:, :m.intermediate_size]) * ug[:, m.intermediate_size:]
+    parts = []
+    for s in shards:
+        u = h @ s.wug
+        half = u.shape[1] // 2
+        parts.append((torch.nn.functional.silu(u[:, :half]) * u[:, half:]) @ s.wd)
+    torch.testing.assert_close(sum(parts), act @ full.wd, rtol=1e-5, atol=1e-6)
+    q_cols = torch.cat([s.wqkv[:, :m.q_size // world] for s in shards], dim=1)
+    torch.testing.assert_close(q_cols, full.wqkv[:, :m.q_size])
+    attn = torch.randn(3, m.q_size, generator=gen)
+    o_parts = [attn[:, r * m.q_size // world:(r + 1) * m.q_size // world] @ s.wo for r, s in enumerate(shards)]
+    torch.testing.assert_close(sum(o_parts), attn @ full.wo, rtol=1e-5, atol=1e-6)
