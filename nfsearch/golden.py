@@ -17,7 +17,7 @@ A cases file (YAML) lists the cases and the tolerance:
         plan_from: search             # "search" (default: the plan solve writes) or "stage2": the
                                       # best stage-2 solution alone, so that a broken stage 2 fails
                                       # the check even where an incumbent or a baseline would win
-        min_gain: 0.02                # the search's margin over the sequential plan (default solve's)
+        min_gain: 0.04                # the search's margin over the sequential plan (default solve's)
 
 Re-scoring: the golden plan's SM counts and issue order are judged (simulate.judge: its replay, and
 its power bound where the profile prices overlaps, as the search ranks plans) with today's profile
