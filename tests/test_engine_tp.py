@@ -112,3 +112,35 @@ def test_shards_sum_to_the_full_layer():
     attn = torch.randn(3, m.q_size, generator=gen)
     o_parts = [attn[:, r * m.q_size // world:(r + 1) * m.q_size // world] @ s.wo for r, s in enumerate(shards)]
     torch.testing.assert_close(sum(o_parts), attn @ full.wo, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_tp2_checkpoint_folder_with_qkv_bias_and_preemption(tmp_path):
+    """A Qwen2 checkpoint (q/k/v biases, tied embeddings) saved by transformers, each rank sharding it
+    on load; a cache small enough that requests are preempted and recomputed."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=96, num_hidden_layers=2, vocab_size=256,
+                                   max_position_embeddings=512, rope_theta=30000.0, rms_norm_eps=1e-6,
+                                   tie_word_embeddings=True, initializer_range=0.2, eos_token_id=2)
+    torch.manual_seed(0)
+    folder = tmp_path / "qwen2"
+    transformers.Qwen2ForCausalLM(cfg).to(torch.float32).save_pretrained(folder)
+    reqs, sampling = _requests(12), {"temperature": 0.0}
+    reference = _reference(str(folder), reqs, sampling, num_pages=8, predicted_output_len=1)
+    assert reference[3].num_preemptions > 0
+    parts = _tp_run(tmp_path, str(folder), 2, reqs, sampling, num_pages=8, predicted_output_len=1)
+    _check(parts, reference, 2, 2)
+    assert [p["num_preemptions"] for p in parts] == [reference[3].num_preemptions] * 2
+
+
+@pytest.mark.slow
+def test_tp4_equals_one_process(tmp_path):
+    import json
+    config = json.loads(Path(TINY).read_text()) | {"num_attention_heads": 8, "num_key_value_heads": 4,
+                                                    "head_dim": 8}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    reqs, sampling = _requests(8), {"temperature": 0.0}
+    parts = _tp_run(tmp_path, str(path), 4, reqs, sampling, num_pages=64)
+    _check(parts, _reference(str(path), reqs, sampling, num_pages=64), 4, 4)
