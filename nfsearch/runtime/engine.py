@@ -32,6 +32,7 @@ import torch
 
 from nfsearch.errors import NfsearchError
 from nfsearch.runtime import engine_memory as mem
+from nfsearch.runtime import tpot_cap
 from nfsearch.runtime.engine_runner import StepRunner, dry_forward
 from nfsearch.runtime.paged_model import PagedModel
 from nfsearch.runtime.weights import load_weights
@@ -72,6 +73,12 @@ class IterationRecord:
     launch_s: float                  # from the run's start
     used_pages: int
     gpu_ms: float = 0.0              # CUDA events around the replay, read one iteration late
+    host_ms: float = 0.0             # the launch on the host (on the CPU: the whole forward)
+
+    @property
+    def time_ms(self) -> float:
+        """The iteration's measured time: GPU time, else (CPU) the host's."""
+        return self.gpu_ms or self.host_ms
 
 
 @dataclass
@@ -96,7 +103,7 @@ class Engine:
                  use_cuda_graphs: bool | None = None, is_async: bool = True, seed: int = 0,
                  trace_shape: TraceShape | None = None, num_pages: int | None = None,
                  memory_bytes: int | None = None, variants: tuple[str, ...] = ("plan",),
-                 predicted_output_len: int | None = None, log=None):
+                 predicted_output_len: int | None = None, max_tpot_ms: float | None = None, log=None):
         t_start = time.perf_counter()
         self.log = log or (lambda line: None)
         self.cfg = load_model_config(model)
@@ -127,6 +134,8 @@ class Engine:
         self.load_s = time.perf_counter() - t_start
         self.compile_s = self._dry_run(num_pages) if self.is_cuda else 0.0
         self.model = self._new_model(self.num_pages)
+        # --max-tpot: timed forwards of this model choose a smaller dense batch and its buckets
+        self.tpot_cap = tpot_cap.cap_engine(self, max_tpot_ms) if max_tpot_ms is not None else None
         models = {name: self._variant(name) for name in variants}
         self.runner = StepRunner(models, self.buckets, page_size, self.device, self.use_cuda_graphs)
         if self.use_cuda_graphs:
@@ -248,6 +257,8 @@ class Engine:
                  f"compile (dry run) {self.compile_s:.1f} s, capture {self.capture_s:.1f} s")]
         if self.plan is not None:
             lines.insert(2, self.plan.describe())
+        if self.tpot_cap is not None:
+            lines.insert(-1, self.tpot_cap.describe())
         return "\n".join(lines)
 
     # ------------------------------------------------------------------------------ the loop
@@ -279,9 +290,11 @@ class Engine:
             launched = None
             if batch is not None:
                 variant = self.variants[(k // compare_every) % len(self.variants)] if compare_every else self.variants[0]
+                t_launch = time.perf_counter()
                 launched = (self.runner.launch(batch, variant), IterationRecord(
                     variant, bucket_index[batch.bucket], batch.num_tokens, batch.num_decode, batch.num_segments,
-                    time.perf_counter() - start, sched.pages.num_used_pages))
+                    time.perf_counter() - start, sched.pages.num_used_pages,
+                    host_ms=(time.perf_counter() - t_launch) * 1e3))
                 records.append(launched[1])
                 stats[variant].add(batch)
                 peak_pages = max(peak_pages, sched.pages.num_used_pages)
@@ -304,6 +317,8 @@ class Engine:
     def _read(self, in_flight, sched: Scheduler, start: float, on_finish) -> None:
         launched, record = in_flight
         ids, record.gpu_ms = self.runner.read(launched)
+        if self.tpot_cap is not None:
+            tpot_cap.observe_batch(self.tpot_cap, sched, launched.batch, record.time_ms)
         for seq in sched.postprocess(launched.batch, ids, time.perf_counter() - start):
             if on_finish:
                 on_finish(seq)
