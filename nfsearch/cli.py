@@ -682,9 +682,11 @@ def tune_cmd(plans_dir, top_k, time_limit_s, num_layers, profile_path, output, m
               help="Alternate the plan's kernels with a baseline layer every 100 iterations; report both.")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="Seed of the random weights, the synthetic trace and the prompts' token ids.")
+@click.option("--tp", "tp_degree", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Tensor-parallel ranks on this host (one GPU each, NCCL; gloo with --device cpu).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="JSON report (default: ./out/bench-*.json).")
 def bench_cmd(model, url, request_rate, max_concurrency, slo_ms, trace_spec, num_requests, dense_batch, utilization,
-              page_size, device, dtype, is_compare, seed, output):
+              page_size, device, dtype, is_compare, seed, tp_degree, output):
     """Serve a request trace with the engine: tokens/s per GPU against optimal, idle, power, latency."""
     if url:
         return _bench_url(url, request_rate, max_concurrency, slo_ms, trace_spec, num_requests, seed, output)
@@ -696,8 +698,13 @@ def bench_cmd(model, url, request_rate, max_concurrency, slo_ms, trace_spec, num
         raise NfsearchError(f"nfsearch bench needs torch and the gpu extra ({exc.name} is not installed)") from None
     output = output or str(OUT_DIR / default_output(model, trace_spec))
     _check_outputs([output], (".json",), may_create_out=True)
-    report = run_bench(BenchOptions(model, trace_spec, num_requests, dense_batch, utilization, page_size, device,
-                                    dtype, is_compare, seed), echo=_echo)
+    opts = BenchOptions(model, trace_spec, num_requests, dense_batch, utilization, page_size, device, dtype,
+                        is_compare, seed)
+    if tp_degree > 1:
+        from nfsearch.runtime.engine_tp import run_bench_tp
+        report = run_bench_tp(opts, tp_degree)
+    else:
+        report = run_bench(opts, echo=_echo)
     report["command"] = " ".join(["nfsearch"] + sys.argv[1:])
     _echo(format_report(report))
     with _all_or_none([Path(output)]):

@@ -144,3 +144,31 @@ def test_tp4_equals_one_process(tmp_path):
     reqs, sampling = _requests(8), {"temperature": 0.0}
     parts = _tp_run(tmp_path, str(path), 4, reqs, sampling, num_pages=64)
     _check(parts, _reference(str(path), reqs, sampling, num_pages=64), 4, 4)
+
+
+def test_bench_tp_refuses_a_non_divisible_degree_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from nfsearch.cli import main
+    result = CliRunner().invoke(main, ["bench", "--model", TINY, "--trace", "const:16:4", "--num-requests", "2",
+                                       "--device", "cpu", "--tp", "3", "-o", str(tmp_path / "b.json")])
+    assert result.exit_code == 2
+    assert "TP degree 3 does not divide" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_bench_tp2_on_the_cpu(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from nfsearch.cli import main
+    out = tmp_path / "b.json"
+    args = ["bench", "--model", TINY, "--trace", "const:24:6", "--num-requests", "8", "--device", "cpu",
+            "--dense-batch", "64"]
+    result = CliRunner().invoke(main, args + ["--tp", "2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["tp_degree"] == 2 and report["summary"]["num_gpus"] == 2
+    assert report["summary"]["num_finished"] == 8 and report["summary"]["output_tokens"] == 8 * 6
+    assert "x 2 (tensor parallel)" in result.output

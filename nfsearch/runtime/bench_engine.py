@@ -36,9 +36,12 @@ class BenchOptions:
     seed: int = 0
     is_async: bool = True
     with_op_trace: bool | None = None   # None: on the GPU only (eager torch attention on the CPU is slow)
+    max_tpot_ms: float | None = None    # --max-tpot: cap the dense batch so iterations stay under it
+    tp_degree: int = 1               # >1: this process is one TP rank (runtime.engine_tp.run_bench_tp)
 
 
-def run_bench(opts: BenchOptions, echo=print, progress: bool = True) -> dict:
+def run_bench(opts: BenchOptions, echo=print, progress: bool = True, make_engine=Engine) -> dict:
+    """make_engine: Engine's signature (a TP rank passes its TpEngine)."""
     cfg = load_model_config(opts.model)
     trace = load_trace(opts.trace, opts.num_requests, opts.seed, max_context=cfg.max_model_len)
     servable = [r for r in trace.requests if r.prompt_len + r.output_len <= cfg.max_model_len]
@@ -46,10 +49,11 @@ def run_bench(opts: BenchOptions, echo=print, progress: bool = True) -> dict:
         raise NfsearchError(f"trace {trace.name}: no request fits the model's context {cfg.max_model_len}")
     echo(f"trace {trace.name}: {trace.description}")
     variants = ("plan", "baseline") if opts.is_compare else ("plan",)
-    engine = Engine(opts.model, device=opts.device, dtype=opts.dtype or ("bf16" if opts.device == "cuda" else "fp32"),
+    engine = make_engine(opts.model, device=opts.device, dtype=opts.dtype or ("bf16" if opts.device == "cuda" else "fp32"),
                     gpu_memory_utilization=opts.gpu_memory_utilization, dense_batch=opts.dense_batch,
                     page_size=opts.page_size, is_async=opts.is_async, seed=opts.seed,
-                    trace_shape=TraceShape.of(servable), variants=variants, log=echo)
+                    trace_shape=TraceShape.of(servable), variants=variants, log=echo,
+                    **({"max_tpot_ms": opts.max_tpot_ms} if opts.max_tpot_ms else {}))
     nvml = _open_nvml(engine)
     with _Progress(len(trace.requests), progress) as bar:
         sampler, energy0 = _start_power(nvml)
@@ -58,10 +62,11 @@ def run_bench(opts: BenchOptions, echo=print, progress: bool = True) -> dict:
         energy_j = _stop_power(nvml, sampler, energy0)
     p_gemm = es.gpu_peak_flops(engine.device)
     optimal = optimal_tokens_per_s(p_gemm, es.count_params(cfg.spec)) if p_gemm else None
-    summary = summarize([RequestRecord.from_sequence(s) for s in run.sequences], 0.0, run.wall_s, optimal)
+    summary = summarize([RequestRecord.from_sequence(s) for s in run.sequences], 0.0, run.wall_s, optimal,
+                        num_gpus=opts.tp_degree)
     steady = es.window(run, summary.steady_start_s, summary.steady_end_s)
     report = {
-        "gpu": engine.device_name(), "model": cfg.spec.name, "dtype": engine.dtype_name,
+        "gpu": engine.device_name(), "tp_degree": opts.tp_degree, "model": cfg.spec.name, "dtype": engine.dtype_name,
         "trace": {"name": trace.name, "description": trace.description, "is_synthetic": trace.is_synthetic,
                   "num_requests": len(trace.requests)},
         "engine": _engine_dict(engine),
@@ -105,8 +110,19 @@ def _engine_dict(engine: Engine) -> dict:
             "max_decode": engine.max_decode, "attn_impl": engine.attn_impl, "is_cuda": engine.is_cuda,
             "cuda_graphs": engine.use_cuda_graphs, "is_async": engine.is_async,
             "buckets": [asdict(b) for b in engine.buckets],
+            "max_tpot": _tpot_dict(getattr(engine, "tpot_cap", None)),
             "memory": engine.plan.to_dict() if engine.plan else None,
             "startup_s": {"load": engine.load_s, "compile": engine.compile_s, "capture": engine.capture_s}}
+
+
+def _tpot_dict(cap) -> dict | None:
+    """What --max-tpot chose: the cap, the dense batch against the uncapped one, the time model."""
+    if cap is None:
+        return None
+    return {"max_tpot_ms": cap.max_tpot_ms, "dense_batch": cap.dense_batch,
+            "uncapped_dense_batch": cap.uncapped_dense_batch, "max_decode": cap.max_decode,
+            "predicted_ms": cap.predict_ms(cap.dense_batch), "time_model": asdict(cap.time_model),
+            "measured_over_predicted": cap.ratio, "final_token_budget": cap.token_budget}
 
 
 # ------------------------------------------------------------------------------------ power
@@ -181,7 +197,7 @@ def format_report(r: dict) -> str:
     b = r["batches"]["plan"] if "plan" in r["batches"] else next(iter(r["batches"].values()))
     pct = f"{s['pct_of_optimal']:.1f}% of {s['optimal_tokens_per_s']:,.0f}" if s["pct_of_optimal"] else "-"
     rows = [
-        ("GPU", r["gpu"]),
+        ("GPU", r["gpu"] + (f" x {r['tp_degree']} (tensor parallel)" if r.get("tp_degree", 1) > 1 else "")),
         ("model / trace", (f"{r['model']} {r['dtype']} / {r['trace']['name']} ({r['trace']['num_requests']} requests"
                           f"{', synthetic' if r['trace']['is_synthetic'] else ''})")),
         ("KV cache", (f"{e['kv_tokens']:,} tokens ({e['num_pages']:,} pages of {e['page_size']}), max concurrency "

@@ -23,6 +23,7 @@ engine refuses a trace with arrivals after t=0 (every named and const trace star
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 import torch.distributed as dist
@@ -125,17 +126,33 @@ class TpEngine(Engine):
         kwargs["device"] = str(tp.device)
         super().__init__(model, **kwargs)
 
+    # Engine sizes memory (weights, KV bytes per token), the model and its cache from self.cfg: for a
+    # rank that is its shard's config (vocabulary, context, EOS and layer count are the model's).
+    @property
+    def cfg(self) -> ModelConfig:
+        return self._shard_cfg
+
+    @cfg.setter
+    def cfg(self, full: ModelConfig) -> None:
+        self._shard_cfg = shard_config(full, self.tp.world_size)    # refused before anything is read
+        self.full_cfg = full
+
     def _load_weights(self, seed: int) -> ModelWeights:
-        check_tp(self.cfg, self.tp.world_size)           # refused before anything is read
         # every rank reads (or draws from the seed) the same full weights and keeps its shard
-        full = load_weights(self.cfg, self.folder, self.device, self.dtype, seed)
-        return shard_weights(self.cfg, full, self.tp.rank, self.tp.world_size)
+        full = load_weights(self.full_cfg, self.folder, self.device, self.dtype, seed)
+        return shard_weights(self.full_cfg, full, self.tp.rank, self.tp.world_size)
 
     def _new_model(self, num_pages: int) -> PagedModel:
-        return TpPagedModel(shard_config(self.cfg, self.tp.world_size), self.weights, num_pages, self.page_size,
+        return TpPagedModel(self.cfg, self.weights, num_pages, self.page_size,
                             self.device, self.dtype, self.attn_impl,
                             max_tokens=max(b.max_tokens for b in self.buckets), max_logit_rows=self.max_logit_rows,
                             op_impls=self._op_impls(), is_debug=self.is_debug)
+
+    def describe(self) -> str:
+        full, mine = self.full_cfg.spec, self.cfg.spec
+        return (f"tensor parallel: {self.tp.world_size} ranks, each {mine.num_heads} of {full.num_heads} heads, "
+                f"{mine.num_kv_heads} of {full.num_kv_heads} KV heads, FFN {mine.intermediate_size} of "
+                f"{full.intermediate_size}; KV cache and memory below are one rank's\n" + super().describe())
 
     def _op_impls(self):
         from nfsearch.runtime.engine import VARIANT_OPS
@@ -176,3 +193,34 @@ def rank_main(tp, model, engine_kwargs: dict, requests: list[Request], sampling:
                num_iterations=len(run.iterations), num_preemptions=run.num_preemptions,
                num_id_mismatches=engine.model.num_id_mismatches)
     torch.save(out, out_pattern.format(rank=tp.rank))
+
+
+# ------------------------------------------------------------------------------------ nfsearch bench --tp
+def _bench_rank(tp, opts, out_path: str) -> None:
+    from nfsearch.runtime.bench_engine import run_bench
+    if tp.device.type == "cpu":                       # the ranks share the host's cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp.world_size))
+    report = run_bench(opts, echo=print if tp.is_first else (lambda line: None), progress=tp.is_first,
+                       make_engine=lambda model, **kw: TpEngine(model, tp, **kw))
+    if tp.is_first:
+        torch.save(report, out_path)
+
+
+def run_bench_tp(opts, tp_degree: int) -> dict:
+    """`nfsearch bench --tp N`: N ranks on this host (NCCL, one GPU each; gloo on the CPU), each serving
+    the trace through its TpEngine; rank 0's report (tokens/s per GPU over the N GPUs)."""
+    import dataclasses as dc
+    import tempfile
+    from pathlib import Path
+
+    from nfsearch.runtime.tp import spawn_ranks
+    from nfsearch.serving.model_config import load_model_config
+    check_tp(load_model_config(opts.model), tp_degree)           # refused before any process starts
+    backend = "gloo" if opts.device == "cpu" else "nccl"
+    if backend == "nccl" and torch.cuda.device_count() < tp_degree:
+        raise NfsearchError(f"--tp {tp_degree} needs {tp_degree} GPUs on this host; "
+                            f"{torch.cuda.device_count()} visible")
+    with tempfile.TemporaryDirectory() as folder:
+        out_path = str(Path(folder) / "report.pt")
+        spawn_ranks(_bench_rank, tp_degree, backend, (dc.replace(opts, tp_degree=tp_degree), out_path))
+        return torch.load(out_path)
