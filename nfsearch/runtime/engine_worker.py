@@ -63,6 +63,7 @@ class OnlineLoop:
         self.num_sent: dict[int, int] = {}       # request id -> output tokens already sent
         self.start = time.perf_counter()
         self.num_iterations = 0
+        self.host_ms: dict[int, float] = {}     # batch id -> launch time on the host (CPU: the forward)
         self.num_cancelled = 0                   # requests finished early by a cancel (client gone, stop string)
         self.is_stopping = False
 
@@ -77,7 +78,10 @@ class OnlineLoop:
             is_idle = in_flight is None and not self.sched.has_work()
             updates = self._drain(inbox, block=is_idle)
             batch = self.sched.schedule(self.now()) if self.sched.has_work() else None
+            t_launch = time.perf_counter()
             launched = self.engine.runner.launch(batch, self.engine.variants[0]) if batch is not None else None
+            if batch is not None:
+                self.host_ms[batch.batch_id] = (time.perf_counter() - t_launch) * 1e3
             if batch is not None:
                 self.num_iterations += 1
             if in_flight is not None:
@@ -141,7 +145,11 @@ class OnlineLoop:
         self.num_cancelled += 1
 
     def _read(self, in_flight) -> list:
-        ids, _ = self.engine.runner.read(in_flight)
+        ids, gpu_ms = self.engine.runner.read(in_flight)
+        host_ms = self.host_ms.pop(in_flight.batch.batch_id, 0.0)
+        if self.engine.tpot_cap is not None:         # --max-tpot: the budget follows measured times
+            from nfsearch.runtime.tpot_cap import observe_batch   # here: this module stays torch-free
+            observe_batch(self.engine.tpot_cap, self.sched, in_flight.batch, gpu_ms or host_ms)
         self.sched.postprocess(in_flight.batch, ids, self.now())
         updates = []
         for seq in dict.fromkeys(in_flight.batch.sample_seqs):
