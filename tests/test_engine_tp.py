@@ -172,3 +172,18 @@ def test_bench_tp2_on_the_cpu(tmp_path):
     assert report["tp_degree"] == 2 and report["summary"]["num_gpus"] == 2
     assert report["summary"]["num_finished"] == 8 and report["summary"]["output_tokens"] == 8 * 6
     assert "x 2 (tensor parallel)" in result.output
+
+
+def test_tpot_cap_is_refused_under_tp():
+    """Its budget follows each rank's own clock: replicated schedulers would diverge."""
+    from types import SimpleNamespace
+    rank = SimpleNamespace(rank=0, world_size=2, device=torch.device("cpu"))
+    with pytest.raises(NfsearchError, match="TPOT cap"):
+        engine_tp.TpEngine(TINY, rank, dtype="fp32", max_tpot_ms=50.0)
+
+
+def test_late_arrivals_are_refused_under_tp():
+    """Each rank would admit them by its own clock."""
+    engine = object.__new__(engine_tp.TpEngine)
+    with pytest.raises(NfsearchError, match="arrive at t=0"):
+        engine.run([Request(0, 8, 4), Request(1, 8, 4, arrival_s=0.5)])

@@ -122,6 +122,9 @@ class TpEngine(Engine):
     """Engine on one TP rank (runtime.tp.TpRank): the same arguments as Engine, device = the rank's."""
 
     def __init__(self, model, tp, *, is_debug: bool = False, **kwargs):
+        if kwargs.get("max_tpot_ms") is not None:
+            # the cap's token budget follows each rank's own iteration times: the schedulers would split
+            raise NfsearchError("a TPOT cap (max_tpot_ms) is not supported with tensor parallelism")
         self.tp, self.is_debug = tp, is_debug
         kwargs["device"] = str(tp.device)
         super().__init__(model, **kwargs)
