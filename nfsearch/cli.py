@@ -662,8 +662,14 @@ def tune_cmd(plans_dir, top_k, time_limit_s, num_layers, profile_path, output, m
               "Required unless --url.")
 @click.option("--url", help="Bench a running OpenAI-compatible server instead (e.g. http://127.0.0.1:8000): "
               "streaming /v1/completions with Poisson arrivals.")
-@click.option("--request-rate", type=FiniteFloatRange(0.0, 1e6, min_open=True), help="With --url: requests per "
-              "second, Poisson arrivals (default: all at once).")
+@click.option("--request-rate", help="With --url: requests per second, Poisson arrivals (default: all at once); "
+              "a list (1,2,4,8) sweeps the rates.")
+@click.option("--sweep", type=click.Choice(["auto"]), help="With --url: double the rate (from --request-rate, "
+              "default 1) until the SLO breaks.")
+@click.option("--max-duration-s", type=FiniteFloatRange(1.0, 86400.0), default=540.0, show_default=True,
+              help="With a sweep: stop before a rate that would not fit this budget.")
+@click.option("--slo-stat", type=click.Choice(["p90", "mean"]), default="p90", show_default=True,
+              help="With --url: the normalised-latency statistic the SLO bounds.")
 @click.option("--max-concurrency", type=click.IntRange(1, 1_000_000), help="With --url: most requests in flight.")
 @click.option("--slo", "slo_ms", type=FiniteFloatRange(0.0, 1e9, min_open=True), default=200.0, show_default=True,
               help="With --url: normalised-latency SLO (end-to-end ms per output token) for goodput.")
@@ -672,6 +678,8 @@ def tune_cmd(plans_dir, top_k, time_limit_s, num_layers, profile_path, output, m
 @click.option("--num-requests", type=click.IntRange(1, 10_000_000), help="Requests (a file: default all).")
 @click.option("--dense-batch", type=click.IntRange(1, 65536), help="Tokens per iteration (default: from memory "
               "and the trace's lengths).")
+@click.option("--max-tpot", "max_tpot_ms", type=FiniteFloatRange(0.0, 1e6, min_open=True),
+              help="Cap the dense batch so that iterations (the time per output token) stay under this many ms.")
 @click.option("--gpu-memory-utilization", "utilization", type=FiniteFloatRange(0.05, 1.0), default=0.9,
               show_default=True, help="Share of GPU memory for weights, activations and the KV cache.")
 @click.option("--page-size", type=click.IntRange(1, 1024), default=16, show_default=True, help="KV page, tokens.")
@@ -685,11 +693,12 @@ def tune_cmd(plans_dir, top_k, time_limit_s, num_layers, profile_path, output, m
 @click.option("--tp", "tp_degree", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Tensor-parallel ranks on this host (one GPU each, NCCL; gloo with --device cpu).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="JSON report (default: ./out/bench-*.json).")
-def bench_cmd(model, url, request_rate, max_concurrency, slo_ms, trace_spec, num_requests, dense_batch, utilization,
+def bench_cmd(model, url, request_rate, sweep, max_duration_s, slo_stat, max_tpot_ms, max_concurrency, slo_ms, trace_spec, num_requests, dense_batch, utilization,
               page_size, device, dtype, is_compare, seed, tp_degree, output):
     """Serve a request trace with the engine: tokens/s per GPU against optimal, idle, power, latency."""
     if url:
-        return _bench_url(url, request_rate, max_concurrency, slo_ms, trace_spec, num_requests, seed, output)
+        return _bench_url(url, request_rate, max_concurrency, slo_ms, trace_spec, num_requests, seed, output,
+                          sweep, max_duration_s, slo_stat)
     if not model:
         raise NfsearchError("bench needs --model (the engine here) or --url (a running server)")
     try:
@@ -699,7 +708,7 @@ def bench_cmd(model, url, request_rate, max_concurrency, slo_ms, trace_spec, num
     output = output or str(OUT_DIR / default_output(model, trace_spec))
     _check_outputs([output], (".json",), may_create_out=True)
     opts = BenchOptions(model, trace_spec, num_requests, dense_batch, utilization, page_size, device, dtype,
-                        is_compare, seed)
+                        is_compare, seed, max_tpot_ms=max_tpot_ms)
     if tp_degree > 1:
         from nfsearch.runtime.engine_tp import run_bench_tp
         report = run_bench_tp(opts, tp_degree)
@@ -725,11 +734,13 @@ def bench_cmd(model, url, request_rate, max_concurrency, slo_ms, trace_spec, num
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), help="Default: bf16 on cuda, fp32 on cpu.")
 @click.option("--dense-batch", type=click.IntRange(1, 65536), help="Tokens per iteration (default: from memory).")
 @click.option("--max-decode", type=click.IntRange(1, 65536), help="Most running requests (default: from memory).")
+@click.option("--max-tpot", "max_tpot_ms", type=FiniteFloatRange(0.0, 1e6, min_open=True),
+              help="Cap the dense batch so that iterations (the time per output token) stay under this many ms.")
 @click.option("--gpu-memory-utilization", "utilization", type=FiniteFloatRange(0.05, 1.0), default=0.9,
               show_default=True, help="Share of GPU memory for weights, activations and the KV cache.")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="Seed of the random weights.")
-def serve_cmd(model, host, port, device, dtype, dense_batch, max_decode, utilization, seed):
+def serve_cmd(model, host, port, device, dtype, dense_batch, max_decode, max_tpot_ms, utilization, seed):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
     try:
         from nfsearch.serving.server import serve
@@ -737,23 +748,42 @@ def serve_cmd(model, host, port, device, dtype, dense_batch, max_decode, utiliza
         raise NfsearchError(f"nfsearch serve needs aiohttp ({exc.name} is not installed)") from None
     engine_kwargs = {"device": device, "dtype": dtype or ("bf16" if device == "cuda" else "fp32"),
                      "dense_batch": dense_batch, "max_decode": max_decode, "gpu_memory_utilization": utilization,
-                     "seed": seed}
+                     "seed": seed, "max_tpot_ms": max_tpot_ms}
     serve(model, host, port, engine_kwargs, echo=lambda line: _echo(line, err=True))
 
 
-def _bench_url(url, request_rate, max_concurrency, slo_ms, trace_spec, num_requests, seed, output):
-    """`bench --url`: the trace against a running server; latency percentiles and goodput."""
+def _bench_url(url, request_rate, max_concurrency, slo_ms, trace_spec, num_requests, seed, output, sweep=None,
+               max_duration_s=540.0, slo_stat="p90"):
+    """`bench --url`: the trace against a running server; latency percentiles and goodput; with a list of
+    rates or --sweep auto, every rate and the highest meeting the SLO, plotted beside the JSON."""
     from nfsearch.serving.online_bench import format_online, run_online_bench
+    from nfsearch.serving.online_sweep import SweepOptions, format_sweep, parse_rates, run_sweep
     from nfsearch.serving.traces import load_trace
-    output = output or str(OUT_DIR / f"bench-online-{_slug(trace_spec)}.json")
-    _check_outputs([output], (".json",), may_create_out=True)
+    rates = parse_rates(request_rate) if request_rate else None
+    is_sweep = sweep == "auto" or (rates is not None and len(rates) > 1)
+    stem = f"bench-online-{'sweep-' if is_sweep else ''}{_slug(trace_spec)}"
+    output = output or str(OUT_DIR / f"{stem}.json")
+    plots = [Path(output).with_suffix(".png"), Path(output).with_suffix(".html")] if is_sweep else []
+    _check_outputs([output, *map(str, plots)], (".json", ".png", ".html"), may_create_out=True)
     trace = load_trace(trace_spec, num_requests, seed)
-    report = run_online_bench(url, trace.requests, request_rate or float("inf"), max_concurrency, slo_ms, seed)
-    report.update(trace=trace.name, command=" ".join(["nfsearch"] + sys.argv[1:]))
-    _echo(format_online(report))
-    with _all_or_none([Path(output)]):
+    command = " ".join(["nfsearch"] + sys.argv[1:])
+    if is_sweep:
+        opts = SweepOptions(None if sweep == "auto" else rates, rates[0] if rates else 1.0, max_duration_s, slo_ms,
+                            slo_stat, max_concurrency, seed)
+        report = run_sweep(url, trace.requests, opts, echo=lambda line: _echo(line, err=True))
+        report.update(trace=trace.name, command=command)
+        _echo(format_sweep(report))
+    else:
+        report = run_online_bench(url, trace.requests, rates[0] if rates else float("inf"), max_concurrency,
+                                  slo_ms, seed)
+        report.update(trace=trace.name, command=command)
+        _echo(format_online(report))
+    with _all_or_none([Path(output), *plots]):
         _write_json(output, report)
-    _echo(f"wrote {output}")
+        if plots:
+            from nfsearch.serving.sweep_plot import write_plots
+            write_plots(report, *plots)
+    _echo(f"wrote {output}" + "".join(f", {p}" for p in plots))
 
 
 # ---- helpers ---------------------------------------------------------------------------------------

@@ -112,6 +112,9 @@ def test_shards_sum_to_the_full_layer():
     attn = torch.randn(3, m.q_size, generator=gen)
     o_parts = [attn[:, r * m.q_size // world:(r + 1) * m.q_size // world] @ s.wo for r, s in enumerate(shards)]
     torch.testing.assert_close(sum(o_parts), attn @ full.wo, rtol=1e-5, atol=1e-6)
+    for s in shards:                                     # tensors of their own: the full layer can go
+        for t in (s.wqkv, s.wo, s.wug, s.wd):
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 @pytest.mark.slow

@@ -63,6 +63,7 @@ def _cols(t: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
 
 
 def shard_layer(cfg: ModelConfig, w: LayerWeights, rank: int, tp_degree: int) -> LayerWeights:
+    """This rank's shard of a layer, in tensors of its own (no view keeps the full layer alive)."""
     m = cfg.spec
     D, Q, KV, I = m.head_dim, m.q_size, m.kv_size, m.intermediate_size
     q = (rank * Q // tp_degree, (rank + 1) * Q // tp_degree)            # this rank's query heads
@@ -72,18 +73,8 @@ def shard_layer(cfg: ModelConfig, w: LayerWeights, rank: int, tp_degree: int) ->
     f = (rank * I // tp_degree, (rank + 1) * I // tp_degree)            # its slice of gate and of up
     return LayerWeights(norm1=w.norm1, wqkv=_cols(w.wqkv, qkv_spans),
                         bqkv=None if w.bqkv is None else _cols(w.bqkv, qkv_spans),
-                        wo=w.wo[q[0]:q[1]].contiguous(), norm2=w.norm2,
-                        wug=_cols(w.wug, [f, (I + f[0], I + f[1])]), wd=w.wd[f[0]:f[1]].contiguous())
-
-
-def shard_weights(cfg: ModelConfig, weights: ModelWeights, rank: int, tp_degree: int) -> ModelWeights:
-    """This rank's shard; each full layer is dropped as soon as its shard exists."""
-    check_tp(cfg, tp_degree)
-    layers = weights.layers
-    for i, w in enumerate(layers):
-        layers[i] = shard_layer(cfg, w, rank, tp_degree)
-    return ModelWeights(embed=weights.embed, layers=layers, final_norm=weights.final_norm,
-                        lm_head=weights.lm_head)
+                        wo=w.wo[q[0]:q[1]].clone(), norm2=w.norm2,
+                        wug=_cols(w.wug, [f, (I + f[0], I + f[1])]), wd=w.wd[f[0]:f[1]].clone())
 
 
 class TpPagedModel(PagedModel):
@@ -141,9 +132,11 @@ class TpEngine(Engine):
         self.full_cfg = full
 
     def _load_weights(self, seed: int) -> ModelWeights:
-        # every rank reads (or draws from the seed) the same full weights and keeps its shard
-        full = load_weights(self.full_cfg, self.folder, self.device, self.dtype, seed)
-        return shard_weights(self.full_cfg, full, self.tp.rank, self.tp.world_size)
+        # every rank reads (or draws from the seed) the same full layers, keeping its shard of each
+        # as it is made: the peak is the shards plus one full layer
+        cfg, rank, world = self.full_cfg, self.tp.rank, self.tp.world_size
+        return load_weights(cfg, self.folder, self.device, self.dtype, seed,
+                            layer_fn=lambda i, w: shard_layer(cfg, w, rank, world))
 
     def _new_model(self, num_pages: int) -> PagedModel:
         return TpPagedModel(self.cfg, self.weights, num_pages, self.page_size,

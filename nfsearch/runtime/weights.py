@@ -39,14 +39,17 @@ class ModelWeights:
 
 
 def load_weights(cfg: ModelConfig, folder: str | Path | None = None, device="cpu", dtype=torch.bfloat16,
-                 seed: int = 0) -> ModelWeights:
-    """From `folder`'s *.safetensors (HuggingFace LLaMA/Mistral/Qwen2 names), or random from `seed`."""
+                 seed: int = 0, layer_fn=None) -> ModelWeights:
+    """From `folder`'s *.safetensors (HuggingFace LLaMA/Mistral/Qwen2 names), or random from `seed`.
+    layer_fn(index, LayerWeights) -> LayerWeights is applied to each layer as soon as it exists (a
+    tensor-parallel rank keeps its shard: the peak is the shards plus one full layer)."""
     if folder is None:
-        return random_weights(cfg, device, dtype, seed)
-    return _Checkpoint(Path(folder), torch.device(device), dtype).weights(cfg)
+        return random_weights(cfg, device, dtype, seed, layer_fn)
+    return _Checkpoint(Path(folder), torch.device(device), dtype).weights(cfg, layer_fn)
 
 
-def random_weights(cfg: ModelConfig, device="cpu", dtype=torch.bfloat16, seed: int = 0) -> ModelWeights:
+def random_weights(cfg: ModelConfig, device="cpu", dtype=torch.bfloat16, seed: int = 0,
+                   layer_fn=None) -> ModelWeights:
     """Normal(0, 0.02) matrices and unit norms, drawn on the device (fast for 8B), same for a seed."""
     m, device = cfg.spec, torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -58,10 +61,11 @@ def random_weights(cfg: ModelConfig, device="cpu", dtype=torch.bfloat16, seed: i
     def ones():
         return torch.ones(H, device=device, dtype=dtype)
 
-    layers = [LayerWeights(norm1=ones(), wqkv=normal(H, n_qkv),
-                           bqkv=normal(n_qkv) if m.has_qkv_bias else None, wo=normal(m.q_size, H),
-                           norm2=ones(), wug=normal(H, 2 * I), wd=normal(I, H))
-              for _ in range(m.num_layers)]
+    keep = layer_fn or (lambda i, w: w)
+    layers = [keep(i, LayerWeights(norm1=ones(), wqkv=normal(H, n_qkv),
+                                   bqkv=normal(n_qkv) if m.has_qkv_bias else None, wo=normal(m.q_size, H),
+                                   norm2=ones(), wug=normal(H, 2 * I), wd=normal(I, H)))
+              for i in range(m.num_layers)]
     embed = normal(m.vocab_size, H)
     lm_head = embed.t() if cfg.tie_word_embeddings else normal(H, m.vocab_size)
     return ModelWeights(embed=embed, layers=layers, final_norm=ones(), lm_head=lm_head)
@@ -114,7 +118,7 @@ class _Checkpoint:
                                 f"config.json implies {shape}")
         return t.to(device=self.device, dtype=self.dtype)
 
-    def weights(self, cfg: ModelConfig) -> ModelWeights:
+    def weights(self, cfg: ModelConfig, layer_fn=None) -> ModelWeights:
         m = cfg.spec
         H, I, Q, KV, V = m.hidden_size, m.intermediate_size, m.q_size, m.kv_size, m.vocab_size
         layers = []
@@ -136,6 +140,8 @@ class _Checkpoint:
                 wug=torch.cat([gate, up]).t().contiguous(),
                 wd=self.get(p + "mlp.down_proj.weight", (H, I)).t().contiguous()))
             del q, k, v, gate, up
+            if layer_fn is not None:
+                layers[-1] = layer_fn(i, layers[-1])
         embed = self.get("model.embed_tokens.weight", (V, H))
         if cfg.tie_word_embeddings:
             lm_head = embed.t()
