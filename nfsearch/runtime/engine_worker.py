@@ -148,7 +148,7 @@ class OnlineLoop:
         ids, gpu_ms = self.engine.runner.read(in_flight)
         host_ms = self.host_ms.pop(in_flight.batch.batch_id, 0.0)
         if self.engine.tpot_cap is not None:         # --max-tpot: the budget follows measured times
-            from nfsearch.runtime.tpot_cap import observe_batch   # here: this module stays torch-free
+            from nfsearch.runtime.tpot_cap import observe_batch  # here: this module stays torch-free
             observe_batch(self.engine.tpot_cap, self.sched, in_flight.batch, gpu_ms or host_ms)
         self.sched.postprocess(in_flight.batch, ids, self.now())
         updates = []
