@@ -28,6 +28,15 @@ def event_times(fn, iters: int = 20, warmup: int = 3) -> list[float]:
     return times
 
 
+def rotated(items: list, round_index: int) -> list:
+    """`items` starting at item round_index mod n (the order of one timing round: rotating it round by
+    round, no candidate always runs first or last)."""
+    if not items:
+        return []
+    k = round_index % len(items)
+    return list(items[k:]) + list(items[:k])
+
+
 def host_times(fn, iters: int = 20, warmup: int = 3) -> list[float]:
     """Times of fn() in ms by the host clock (CPU runs: nothing to put events on)."""
     for _ in range(warmup):

@@ -38,7 +38,7 @@ from nfsearch.runreport import (Bound, Correctness, LaunchSummary, OpError, Powe
 from nfsearch.roofline import roofline
 from nfsearch.runtime import baselines, bench, power, trace
 from nfsearch.runtime import launch as launch_mod
-from nfsearch.runtime.bench import event_times, host_times
+from nfsearch.runtime.bench import event_times, host_times, rotated
 from nfsearch.runtime.context import ExecContext, issue, resolve_impl
 from nfsearch.runtime.launch import WAIT_KINDS, LaunchList, layout_label
 from nfsearch.runtime.model import OP_OUTPUT, ModelInstance, rel_error
@@ -133,11 +133,14 @@ class _Variant:
 
 def time_variants(ctx: ExecContext, variants: list[_Variant], iters: int, repeats: int, watch=None) -> None:
     """`repeats` rounds; in each, every variant is timed as the median of `iters` runs (rounds interleave
-    the variants, so drift of the clock or temperature hits all alike). CUDA events on the GPU, the
-    host clock on the CPU. `watch(label)`: a context manager around each variant's round (the plan's
-    NVML readings), or None."""
-    for _ in range(repeats):
-        for v in variants:
+    the variants, so drift of the clock or temperature hits all alike). Round r starts at variant
+    r mod n (bench.rotated): no variant always runs first, right after the host's idle gap, or last,
+    after the others have heated the GPU towards its power cap. CUDA events on the GPU, the host
+    clock on the CPU. `watch(label)`: a context manager around each variant's round (NVML
+    readings: give every variant the same one, so none pays for a sampler the others run without),
+    or None."""
+    for r in range(repeats):
+        for v in rotated(variants, r):
             with watch(v.label) if watch is not None else contextlib.nullcontext():
                 times = event_times(v.run, iters, warmup=2) if ctx.is_cuda else host_times(v.run, iters, warmup=1)
             v.repeats.append(statistics.median(times))
@@ -239,14 +242,16 @@ def execute(schedule, *, mode: str = "green", iters: int = 30, repeats: int = 3,
             if nvml is None:
                 notes.append(f"power: {why}")
             else:
-                windows = power.EnergyWindows(nvml)
+                # one window per variant: every round runs under the same NVML sampler (only the plan's
+                # readings are reported), so the sampler's cost does not fall on the plan alone
+                windows = {v.label: power.EnergyWindows(nvml) for v in kept}
         try:
             time_variants(ctx, kept, iters, repeats, watch=None if windows is None else (
-                lambda label: windows.window() if label == "plan" else contextlib.nullcontext()))
+                lambda label: windows[label].window()))
             reading = None
             if nvml is not None:
                 say("measuring the plan's energy (back-to-back graph replays, NVML energy counter)")
-                reading = _power_reading(next(v for v in kept if v.label == "plan"), nvml, windows,
+                reading = _power_reading(next(v for v in kept if v.label == "plan"), nvml, windows["plan"],
                                          schedule.num_layers, notes)
         finally:
             if nvml is not None:

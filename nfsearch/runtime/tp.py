@@ -71,7 +71,7 @@ from nfsearch.runreport import RankPower, Timing, TpPower
 from nfsearch.runtime import bench, executor, power, trace
 from nfsearch.runtime import collectives as coll_mod
 from nfsearch.runtime import launch as launch_mod
-from nfsearch.runtime.bench import event_times, host_times
+from nfsearch.runtime.bench import event_times, host_times, rotated
 from nfsearch.runtime.context import resolve_impl
 from nfsearch.runtime.executor import PLAN_ENERGY_WINDOW_S, _power_bound
 from nfsearch.runtime.kernels import IMPLS
@@ -593,13 +593,14 @@ def time_launch_lists(tp: TpRank, ctx, model, bufs, lists: dict, iters: int, rep
                       use_graph: bool = True) -> dict:
     """name -> {ms, repeat_ms, how, iters[, note]} of each launch list: one CUDA graph each (eager where a rank
     fails to capture it), then `repeats` rounds, each timing every list as the median of `iters`
-    replays, in the same order on every rank (the collectives inside pair up)."""
+    replays, in the same order on every rank (the collectives inside pair up); round r starts at list
+    r mod n (bench.rotated), so no list always runs first or last."""
     is_cuda = tp.device.type == "cuda"
     runs = {name: _replayable(tp, ctx, model, bufs, ll, use_graph) for name, ll in lists.items()}
     rounds: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, (fn, *_rest) in runs.items():
-            rounds[name].append(statistics.median(_times(fn, iters, is_cuda)))
+    for r in range(repeats):
+        for name in rotated(list(runs), r):
+            rounds[name].append(statistics.median(_times(runs[name][0], iters, is_cuda)))
     out = {}
     for name, r in rounds.items():
         _fn, how, note, _graph = runs[name]
