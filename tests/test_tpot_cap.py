@@ -65,3 +65,23 @@ def test_an_impossible_cap_is_refused_in_one_line():
     with pytest.raises(NfsearchError, match="below the shortest iteration") as err:
         _engine(requests, max_tpot_ms=1e-6)
     assert "\n" not in str(err.value)
+
+
+def test_bench_max_tpot_reports_the_cap_and_refuses_an_impossible_one(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from nfsearch.cli import main
+    out = tmp_path / "b.json"
+    base = ["bench", "--model", TINY, "--trace", "const:16:8", "--num-requests", "8", "--device", "cpu",
+            "--dense-batch", "256"]
+    r = CliRunner().invoke(main, [*base, "--max-tpot", "1000", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    cap = json.loads(out.read_text())["engine"]["max_tpot"]
+    assert cap["max_tpot_ms"] == 1000 and cap["uncapped_dense_batch"] == 256 and cap["dense_batch"] <= 256
+    assert "--max-tpot 1000 ms: dense batch" in r.output
+    r = CliRunner().invoke(main, [*base, "--max-tpot", "0.000001", "-o", str(tmp_path / "c.json")])
+    errors = [line for line in r.output.splitlines() if line.startswith("nfsearch: error:")]
+    assert r.exit_code == 2 and len(errors) == 1 and "below the shortest iteration" in errors[0]
+    assert not (tmp_path / "c.json").exists()
