@@ -37,10 +37,10 @@ def _kwargs(requests, **kw) -> dict:
     return dict(dtype="fp32", dense_batch=32, max_decode=8, trace_shape=TraceShape.of(requests), **kw)
 
 
-def _tp_run(tmp_path, model, world, requests, sampling, **kw) -> list[dict]:
+def _tp_run(tmp_path, model, world, requests, sampling, rank_overrides=None, **kw) -> list[dict]:
     pattern = str(tmp_path / "rank{rank}.pt")
     spawn_ranks(engine_tp.rank_main, world, "gloo",
-                (model, _kwargs(requests, is_debug=True, **kw), requests, sampling, pattern, True))
+                (model, _kwargs(requests, is_debug=True, **kw), requests, sampling, pattern, True, rank_overrides))
     return [torch.load(pattern.format(rank=r)) for r in range(world)]
 
 
@@ -58,6 +58,7 @@ def _check(parts, reference, world, hkv):
         assert part["num_id_mismatches"] == 0            # same ids on every rank before the broadcast
         assert part["tokens"] == tokens
         assert part["num_iterations"] == len(run.iterations)
+        assert part["limits"] == parts[0]["limits"]
         for mine, ref in zip(part["logits"], logits):
             torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-4)
         per_rank = hkv // world                          # its KV heads, [layers, 2, pages, page, Hkv, D]
@@ -68,8 +69,10 @@ def _check(parts, reference, world, hkv):
 def test_tp2_equals_one_process(tmp_path):
     reqs = _requests(10)
     sampling = {"temperature": 0.8, "top_k": 20, "seed": 3}      # sampled, not only argmax
-    parts = _tp_run(tmp_path, TINY, 2, reqs, sampling, num_pages=64)
+    # rank 1 would size a larger batch and cache (as more free memory would give): both take rank 0's
+    parts = _tp_run(tmp_path, TINY, 2, reqs, sampling, {1: {"dense_batch": 48, "num_pages": 80}}, num_pages=64)
     _check(parts, _reference(TINY, reqs, sampling, num_pages=64), 2, 2)
+    assert parts[1]["limits"] == (32, 8, 64)
     assert all(len(t) == r.output_len for t, r in zip(parts[0]["tokens"].values(), reqs))
 
 
@@ -190,3 +193,12 @@ def test_late_arrivals_are_refused_under_tp():
     engine = object.__new__(engine_tp.TpEngine)
     with pytest.raises(NfsearchError, match="arrive at t=0"):
         engine.run([Request(0, 8, 4), Request(1, 8, 4, arrival_s=0.5)])
+
+
+@pytest.mark.slow
+def test_a_refusal_on_one_rank_stops_every_rank(tmp_path):
+    """Rank 1 plans against too little memory: it refuses, and rank 0 stops instead of waiting on it."""
+    import torch.multiprocessing as mp
+    reqs = _requests(2)
+    with pytest.raises(mp.ProcessRaisedException, match="refused its start-up|memory"):
+        _tp_run(tmp_path, TINY, 2, reqs, None, {1: {"memory_bytes": 1 << 20}}, num_pages=64)

@@ -101,7 +101,7 @@ class TpPagedModel(PagedModel):
 
     def forward(self, step):
         ids = super().forward(step)
-        if self.is_debug:
+        if self.is_debug and not (ids.is_cuda and torch.cuda.is_current_stream_capturing()):
             ranks = [torch.empty_like(ids) for _ in range(dist.get_world_size(self.group))]
             dist.all_gather(ranks, ids, group=self.group)
             self.num_id_mismatches += any(not torch.equal(r, ranks[0]) for r in ranks)
@@ -130,6 +130,39 @@ class TpEngine(Engine):
     def cfg(self, full: ModelConfig) -> None:
         self._shard_cfg = shard_config(full, self.tp.world_size)    # refused before anything is read
         self.full_cfg = full
+
+    # Each rank sizes the batch and the cache against its own device's free memory; ranks whose
+    # schedulers got different limits would desynchronise their collectives, so all take the smallest.
+    def _choose_batch(self, dense_batch, max_decode, num_pages, memory_bytes) -> None:
+        choose = super()._choose_batch
+        self._on_every_rank(lambda: choose(dense_batch, max_decode, num_pages, memory_bytes))
+        mine = [self.dense_batch, self.max_decode, self.num_pages]
+        agreed = self._agree_min(mine)
+        if agreed != mine:
+            choose(agreed[0], agreed[1], agreed[2], memory_bytes)
+
+    def _dry_run(self, num_pages: int | None) -> float:
+        seconds = self._on_every_rank(lambda: super(TpEngine, self)._dry_run(num_pages))
+        self.num_pages = self._agree_min([self.num_pages])[0]
+        return seconds
+
+    def _agree_min(self, values: list[int]) -> list[int]:
+        t = torch.tensor(values, dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return [int(v) for v in t.tolist()]
+
+    def _on_every_rank(self, fn):
+        """fn(), refused on every rank when it is refused on one (the others would wait on it)."""
+        try:
+            result, error = fn(), None
+        except NfsearchError as exc:
+            result, error = None, exc
+        is_refused_elsewhere = self._agree_min([0 if error else 1])[0] == 0
+        if error is not None:
+            raise error
+        if is_refused_elsewhere:
+            raise NfsearchError("another TP rank refused its start-up (its message is in its output)")
+        return result
 
     def _load_weights(self, seed: int) -> ModelWeights:
         # every rank reads (or draws from the seed) the same full layers, keeping its shard of each
@@ -174,13 +207,14 @@ def teacher_forced_logits(engine: Engine, num_forwards: int = 2) -> list[torch.T
 
 
 def rank_main(tp, model, engine_kwargs: dict, requests: list[Request], sampling: dict | None,
-              out_pattern: str, with_probe: bool = False) -> None:
+              out_pattern: str, with_probe: bool = False, rank_overrides: dict | None = None) -> None:
     """One rank (runtime.tp.spawn_ranks target): a TpEngine serving `requests`; writes what it saw
-    to out_pattern.format(rank=...) (torch.save): tokens per request, counters, and with_probe the
-    teacher-forced logits (before the run) and its KV cache shard."""
+    to out_pattern.format(rank=...) (torch.save): tokens per request, the limits it ran with,
+    counters, and with_probe the teacher-forced logits (before the run) and its KV cache shard.
+    rank_overrides: {rank: engine kwargs} that differ on that rank (as free memory may)."""
     torch.set_num_threads(1)            # tiny CPU models: threads of two ranks fight over the cores
-    engine = TpEngine(model, tp, **engine_kwargs)
-    out = {"rank": tp.rank}
+    engine = TpEngine(model, tp, **engine_kwargs | (rank_overrides or {}).get(tp.rank, {}))
+    out = {"rank": tp.rank, "limits": (engine.dense_batch, engine.max_decode, engine.num_pages)}
     if with_probe:
         out["logits"] = teacher_forced_logits(engine)
         out["kv"] = engine.model.kv.cpu().clone()
