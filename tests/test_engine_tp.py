@@ -202,3 +202,28 @@ def test_a_refusal_on_one_rank_stops_every_rank(tmp_path):
     reqs = _requests(2)
     with pytest.raises(mp.ProcessRaisedException, match="refused its start-up|memory"):
         _tp_run(tmp_path, TINY, 2, reqs, None, {1: {"memory_bytes": 1 << 20}}, num_pages=64)
+
+
+def test_compare_variants_are_reduced_too(monkeypatch):
+    """bench --compare's baseline twin swaps the dense kernels: its O and D must still be all-reduced."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from nfsearch.runtime.tp import free_port
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        reqs = _requests(4)
+        rank = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
+        engine = engine_tp.TpEngine(TINY, rank, variants=("plan", "baseline"), **_kwargs(reqs, num_pages=64))
+        calls = []
+        real = dist.all_reduce
+        monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: calls.append(t.shape) or real(t, *a, **k))
+        run = engine.run(reqs, compare_every=1)
+        num_layers = engine.cfg.spec.num_layers
+        assert {r.variant for r in run.iterations} == {"plan", "baseline"}
+        assert len(calls) == 2 * num_layers * len(run.iterations)
+        plain = Engine(TINY, device="cpu", **_kwargs(reqs, num_pages=64)).run(reqs)
+        assert [s.output_ids for s in run.sequences] == [s.output_ids for s in plain.sequences]
+    finally:
+        dist.destroy_process_group()

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from nfsearch.errors import NfsearchError
-from nfsearch.runtime.engine import Engine, EngineRun
+from nfsearch.runtime.engine import VARIANT_OPS, Engine, EngineRun
 from nfsearch.runtime.model import LayerWeights
 from nfsearch.runtime.paged_model import PagedModel
 from nfsearch.runtime.weights import ModelWeights, load_weights
@@ -85,9 +85,7 @@ class TpPagedModel(PagedModel):
         super().__init__(*args, **kwargs)
         self.group, self.is_debug = group, is_debug
         self.num_id_mismatches = 0           # is_debug: forwards whose pre-broadcast ids differed
-        self.ops = dict(self.ops)
-        self.ops["o"] = self._reduced(self.ops["o"])
-        self.ops["d"] = self._reduced(self.ops["d"])
+        self.ops = self.ops | {op: self._reduced(self.ops[op]) for op in ("o", "d")}
 
     def _reduced(self, gemm):
         group = self.group
@@ -184,8 +182,14 @@ class TpEngine(Engine):
                 f"{full.intermediate_size}; KV cache and memory below are one rank's\n" + super().describe())
 
     def _op_impls(self):
-        from nfsearch.runtime.engine import VARIANT_OPS
         return VARIANT_OPS["plan"] if self.is_cuda else None
+
+    def _variant(self, name: str) -> PagedModel:
+        """Engine's variant (other dense kernels, same weights and cache) with its O and D reduced too."""
+        twin = super()._variant(name)
+        if twin is not self.model:
+            twin.ops = twin.ops | {op: twin._reduced(twin.ops[op]) for op in ("o", "d")}
+        return twin
 
     def run(self, requests: list[Request], **kwargs) -> EngineRun:
         late = [r.request_id for r in requests if r.arrival_s > 0]
