@@ -66,15 +66,15 @@ def _time_forward_ms(model, bucket: Bucket, page_size: int, device, repeats: int
 
 def measure_time_model(model, page_size: int, max_tokens: int, max_decode: int, max_context: int,
                        device, repeats: int = 2) -> IterationTimeModel:
-    """Fit a, b, c, d (least squares, each >= 0) to timed dry forwards: prefill-only batches of 16 up
-    to max_tokens rows, and decode-only batches of two sizes at two contexts. Every shape must fit the
+    """Fit a, b, c, d (least squares, each >= 0) to timed dry forwards: prefill batches of 16 up to
+    max_tokens rows, and decode-only batches of two sizes at two contexts. Every shape must fit the
     model's buffers."""
     points = []                                          # (tokens, kv tokens, decode rows, ms)
-    sizes = sorted({max(MIN_TOKENS, max_tokens >> k) for k in range(3)} | {min(MIN_TOKENS, max_tokens)})
+    sizes = sorted({min(max_tokens, max(MIN_TOKENS, max_tokens >> k)) for k in range(3)} | {min(MIN_TOKENS, max_tokens)})
     context = max(page_size, max_context)
-    for t in sizes:
-        bucket = Bucket(t, 0, min(8, t), context)
-        points.append((t, 0, 0, _time_forward_ms(model, bucket, page_size, device, repeats)))
+    for t in sizes:          # mostly prefill; one decode row, so no kernel ever sees an empty grid
+        bucket = Bucket(t, 1, max(1, min(8, t - 1)), context)
+        points.append((t, context, 1, _time_forward_ms(model, bucket, page_size, device, repeats)))
     big = max(1, min(max_decode, max_tokens, 64))
     for num_decode, ctx in {(max(1, big // 4), context), (max(1, big // 4), max(page_size, context // 4)),
                             (big, max(page_size, context // 4))}:
