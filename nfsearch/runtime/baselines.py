@@ -3,10 +3,12 @@
 * seq-torch: the fastest straightforward torch a user would write: the whole layer stack as one
   function on one stream, built from the ops' torch impls (kernels/torch_ops.py): bf16 throughout,
   ``F.rms_norm``, cuBLAS GEMMs with fused QKV and gate/up weights (residual adds fused into the O
-  and D GEMMs as ``addmm``), RoPE and the KV-cache append in bf16, SDPA attention (decode: one query
-  per request over its whole cache, the query heads of a KV head as its query rows, no mask; prefill:
-  one causal SDPA per prompt, which torch sends to its flash/cuDNN kernels), captured as one CUDA
-  graph (``torch_forward``).
+  and D GEMMs as ``addmm``), RoPE (tables gathered once per forward; q and k rotated into one tensor
+  used through views, v a view of the QKV output) and the KV-cache append of the decode rows (two
+  ``index_put``) in bf16, SDPA attention (decode: one query per request over its whole cache, the
+  query heads of a KV head as its query rows, no mask; prefill: one causal SDPA per run of
+  consecutive equal-length prompts, which torch sends to its flash/cuDNN kernels), each attention
+  output written once into the O GEMM's input, captured as one CUDA graph (``torch_forward``).
 * seq-same: the plan's op set, whole ops at the full GPU, one stream, no nano-batching, one CUDA
   graph, each op with the FASTEST impl the profile has for it at the full GPU (``fastest_impls``),
   so the plan's overlap is measured against the best kernels, not against its partition impls.
@@ -84,39 +86,61 @@ def seq_same(schedule, num_sms: int, impls: dict[str, str], num_layers: int | No
 def torch_forward(model):
     """The seq-torch layer stack of a ModelInstance as a function of the input hidden states:
     ``forward(x) -> out`` over all its layers (writes the new tokens' K/V into the caches, as every
-    variant does). Built from the ops' torch impls (kernels/torch_ops.py), the same functions the
-    executor's reference runs, called as one function with fresh activations; see the module docstring."""
+    variant does), written the way a careful torch user writes it (see the module docstring): the
+    RoPE tables gathered once per forward, q/k rotated into one tensor and used as views (v a view
+    of the QKV output), only the decode rows appended to the cache, every run of equal-length
+    prompts in one causal SDPA, attention written once into the O GEMM's input. The GEMMs, norms
+    and activation are the ops' torch impls (kernels/torch_ops.py)."""
     import torch
 
-    from nfsearch.runtime.kernels.torch_ops import (decode_attention_torch, gemm_torch, prefill_attention_torch,
-                                                    rmsnorm_torch, rope_append_torch, silu_and_mul_torch)
+    from nfsearch.runtime.kernels.torch_ops import (_sdpa, append_kv_torch, gemm_torch, rmsnorm_torch,
+                                                    rope_qkv_torch, rope_tables, silu_and_mul_torch)
 
     m = model
     T, R, hq, hkv, d = m.num_tokens, m.num_decode, m.hq, m.hkv, m.d
-    # prompt offsets within the prompt rows, on the host (no sync, no graph break under torch.compile)
-    cu = [0] + [e - R for _s, e in m.prompts]
-    slots = m.slot_mapping if R else None
+    group = hq // hkv
+    runs = prompt_runs(m.prompts)          # (first row, number of prompts, length), on the host
+    slots = m.slot_mapping[:R].long() if R else None
+    decode_pos = m.positions[:R].long() if R else None
 
-    def layer(x, w, kc, vc):
-        def new(*shape):
-            return torch.empty(shape, device=x.device, dtype=x.dtype)
-
+    def layer(x, w, kc, vc, cos_t, sin_t):
         h = rmsnorm_torch(x, w.norm1, eps=EPS)
         qkv = gemm_torch(h, w.wqkv, residual=w.bqkv)
-        q, k, v = new(T, hq, d), new(T, hkv, d), new(T, hkv, d)
-        rope_append_torch(qkv, m.positions, m.cos, m.sin, q, kc, vc, slots, k_out=k, v_out=v)
-        attn = new(T, hq, d)
+        q, k, v = rope_qkv_torch(qkv, cos_t, sin_t, hq, d)       # views: [T, Hq, D], [T, Hkv, D] x2
+        attn = torch.empty((T, hq, d), device=x.device, dtype=x.dtype)
         if R:
-            decode_attention_torch(q[:R], kc, vc, None, attn[:R])      # every request: its whole cache
-        if T > R:
-            prefill_attention_torch(q[R:], k[R:], v[R:], cu, attn[R:])
+            append_kv_torch(kc, vc, k[:R], v[:R], slots, decode_pos)
+            # one query per request, the query heads of a KV head as its query rows: no mask, no K/V repeat
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q[:R].view(R, hkv, group, d), kc.transpose(1, 2), vc.transpose(1, 2))
+            attn[:R].view(R, hkv, group, d).copy_(o)
+        for a, n, length in runs:
+            b = a + n * length
+            o = _sdpa(q[a:b].view(n, length, hq, d).transpose(1, 2), k[a:b].view(n, length, hkv, d).transpose(1, 2),
+                      v[a:b].view(n, length, hkv, d).transpose(1, 2), is_causal=True)
+            attn[a:b].view(n, length, hq, d).copy_(o.transpose(1, 2))
         mid = gemm_torch(attn.view(T, hq * d), w.wo, residual=x)
         ug = gemm_torch(rmsnorm_torch(mid, w.norm2, eps=EPS), w.wug)
         return gemm_torch(silu_and_mul_torch(ug), w.wd, residual=mid)
 
     def forward(x):
+        cos_t, sin_t = rope_tables(m.cos, m.sin, m.positions, x.dtype)
         for w, (kc, vc) in zip(m.layers, m.kv_cache):
-            x = layer(x, w, kc, vc)
+            x = layer(x, w, kc, vc, cos_t, sin_t)
         return x
 
     return forward
+
+
+def prompt_runs(prompts) -> list[tuple[int, int, int]]:
+    """(first row, number of prompts, length) of each run of consecutive equal-length prompts: one
+    batched causal SDPA per run (W3's 15 prompts of 256 are one call, not 15)."""
+    runs: list[list[int]] = []
+    for s, e in prompts:
+        if e <= s:
+            continue
+        if runs and runs[-1][2] == e - s and runs[-1][0] + runs[-1][1] * runs[-1][2] == s:
+            runs[-1][1] += 1
+        else:
+            runs.append([s, 1, e - s])
+    return [tuple(r) for r in runs]

@@ -99,6 +99,34 @@ def rope_append_torch(qkv, positions, cos, sin, q_out, k_cache, v_cache, slot_ma
     return q_out
 
 
+def rope_tables(cos, sin, positions, dtype):
+    """cos, sin [T, 1, D/2] at ``positions`` in ``dtype``: taken once per batch, since every layer
+    rotates at the same positions."""
+    pos = positions.long()
+    return cos[pos].to(dtype)[:, None, :], sin[pos].to(dtype)[:, None, :]
+
+
+def rope_qkv_torch(qkv, cos_t, sin_t, num_q_heads: int, head_dim: int):
+    """RoPE of qkv[T, (Hq+2Hkv)*D] at the tables of ``rope_tables``, the straightforward way: returns
+    q[T, Hq, D] and k[T, Hkv, D] as views of one new rotated tensor (each half written in place by
+    two elementwise kernels, no concatenation, no copies) and v[T, Hkv, D] as a view of qkv."""
+    T, D, HQ = qkv.shape[0], head_dim, num_q_heads
+    HKV = (qkv.shape[1] // D - HQ) // 2
+    x = qkv.view(T, HQ + 2 * HKV, D)
+    x1, x2 = x[:, :HQ + HKV, :D // 2], x[:, :HQ + HKV, D // 2:]
+    rot = torch.empty((T, HQ + HKV, D), device=qkv.device, dtype=qkv.dtype)
+    torch.addcmul(torch.mul(x1, cos_t), x2, sin_t, value=-1, out=rot[..., :D // 2])
+    torch.addcmul(torch.mul(x2, cos_t), x1, sin_t, out=rot[..., D // 2:])
+    return rot[:, :HQ], rot[:, HQ:], x[:, HQ + HKV:]
+
+
+def append_kv_torch(k_cache, v_cache, k, v, slots, pos):
+    """k/v[N, Hkv, D] of the appending tokens into cache[slots, pos] (long index tensors of N entries:
+    two index_put kernels, no host sync)."""
+    k_cache[slots, pos] = k
+    v_cache[slots, pos] = v
+
+
 def _append_kv(k_cache, v_cache, k, v, pos, slot_mapping):
     """k/v of tokens with a slot >= 0 into cache[slot, pos], with shapes fixed on the host (a boolean
     selection would need the count of appending tokens, a host sync): every token writes, those that
