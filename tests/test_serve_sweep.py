@@ -75,6 +75,14 @@ def test_failed_requests_break_the_slo():
     assert calls == [1.0] and sweep["max_rate_meeting_slo"] is None
 
 
+def test_a_saturated_rate_does_not_count_and_ends_an_auto_sweep():
+    def run_one(url, requests, rate, *args, **kw):        # the server completes at most 10 req/s
+        return _fake_report(rate, 1.0, 1.0) | {"request_throughput": min(rate, 10.0)}
+    sweep = run_sweep("http://x", [None] * 4, SweepOptions(None, 4.0), echo=lambda line: None, run_one=run_one)
+    assert [p["request_rate"] for p in sweep["points"]] == [4, 8, 16, 32]      # 16: 10 >= 8 still counts
+    assert sweep["max_rate_meeting_slo"] == 16 and sweep["stopped"].startswith("saturated at 32/s")
+
+
 def test_sweep_plot_png_and_self_contained_html(tmp_path):
     from nfsearch.serving.sweep_plot import write_plots
     sweep = run_sweep("http://x", [None] * 4, SweepOptions(None, 1.0, slo_ms=100.0),
@@ -92,12 +100,12 @@ def test_bench_url_sweep_against_a_capped_server(tmp_path):
     with start_server(tmp_path, "--max-tpot", "500") as (address, _):
         out = tmp_path / "sweep.json"
         result = CliRunner().invoke(main, ["bench", "--url", f"http://{address}", "--trace", "const:12:6",
-                                           "--num-requests", "4", "--request-rate", "100,200", "--slo", "1000",
+                                           "--num-requests", "4", "--request-rate", "4,8", "--slo", "1000",
                                            "--slo-stat", "mean", "--max-duration-s", "60", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "--max-tpot 500 ms: dense batch" in (tmp_path / "server.log").read_text()
     sweep = json.loads(out.read_text())
-    assert [p["request_rate"] for p in sweep["points"]] == [100, 200]
+    assert [p["request_rate"] for p in sweep["points"]] == [4, 8]
     assert all(p["num_finished"] == 4 for p in sweep["points"]) and sweep["slo_stat"] == "mean"
-    assert sweep["max_rate_meeting_slo"] == 200
+    assert sweep["max_rate_meeting_slo"] == 8 and not any(p["is_saturated"] for p in sweep["points"])
     assert out.with_suffix(".png").stat().st_size > 0 and "<svg" in out.with_suffix(".html").read_text()

@@ -6,7 +6,9 @@ every request finished and that statistic is at most slo_ms. Rates are a given l
 start_rate, doubled until a rate breaks the SLO. Either way the sweep stops before a point that
 would not fit in what is left of max_duration_s (its sending time, n / rate, plus the previous
 point's drain), and each point's requests time out at what is left, so the whole sweep fits a
-bounded call.
+bounded call. A trace has a fixed number of requests, so past the rate the server sustains, a higher
+rate only sends them closer to all at once: a point whose completed requests per second fall under
+half the offered rate is saturated, never counts as meeting the SLO, and ends an auto sweep.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from nfsearch.serving.online_bench import run_online_bench
 
 SLO_STATS = ("p90", "mean")
 MAX_AUTO_POINTS = 16             # 1 req/s doubled 16 times: 65,536 req/s, past any server
+SATURATED_FRACTION = 0.5         # completed / offered requests per second under this: saturated
 
 
 @dataclass
@@ -71,16 +74,18 @@ def run_sweep(url: str, requests: list, opts: SweepOptions, echo=print, run_one=
             stopped = f"the next rate ({rate:g}/s) would not fit the {opts.max_duration_s:g} s budget"
             break
         report = run_one(url, requests, rate, opts.max_concurrency, opts.slo_ms, opts.seed, timeout_s=left_s)
-        report["meets_slo"] = meets_slo(report, opts.slo_ms, opts.slo_stat)
+        report["is_saturated"] = report["request_throughput"] < SATURATED_FRACTION * rate
+        report["meets_slo"] = meets_slo(report, opts.slo_ms, opts.slo_stat) and not report["is_saturated"]
         points.append(report)
         drain_s = max(0.0, report["duration_s"] - len(requests) / rate)
         value = slo_value_ms(report, opts.slo_stat)
         echo(f"  rate {rate:g}/s: normalised latency {opts.slo_stat} "
              f"{'-' if value is None else f'{value:.1f}'} ms/token, {report['num_finished']}/"
              f"{report['num_requests']} finished, {report['output_tokens_per_s']:.1f} output tok/s -> "
-             f"{'meets' if report['meets_slo'] else 'breaks'} the {opts.slo_ms:g} ms SLO")
+             f"{_verdict(report)} the {opts.slo_ms:g} ms SLO")
         if opts.rates is None and not report["meets_slo"]:
-            stopped = "the SLO broke"
+            stopped = (f"saturated at {rate:g}/s ({report['request_throughput']:.2f} req/s completed)"
+                       if report["is_saturated"] else "the SLO broke")
             break
     else:
         if opts.rates is None:
@@ -91,6 +96,10 @@ def run_sweep(url: str, requests: list, opts: SweepOptions, echo=print, run_one=
             "mode": "auto" if opts.rates is None else "list", "max_duration_s": opts.max_duration_s,
             "duration_s": time.perf_counter() - start, "stopped": stopped,
             "max_rate_meeting_slo": max(good) if good else None, "points": points}
+
+
+def _verdict(report: dict) -> str:
+    return "meets" if report["meets_slo"] else "saturated: not counted for" if report["is_saturated"] else "breaks"
 
 
 def format_sweep(sweep: dict) -> str:
@@ -106,7 +115,7 @@ def format_sweep(sweep: dict) -> str:
     for p in sweep["points"]:
         rows.append(f"  {p['request_rate']:>8g} {p['request_throughput']:>8.2f} {p['output_tokens_per_s']:>10.1f} "
                     f"{v(p, 'ttft_ms', 'p90'):>9} {v(p, 'tpot_ms', 'p90'):>9} {v(p, 'normalised_latency_ms', 'mean'):>9} "
-                    f"{v(p, 'normalised_latency_ms', 'p90'):>9}  {'ok' if p['meets_slo'] else 'broken'}")
+                    f"{v(p, 'normalised_latency_ms', 'p90'):>9}  {'ok' if p['meets_slo'] else 'saturated' if p['is_saturated'] else 'broken'}")
     tail = (f"  highest rate under {sweep['slo_ms']:g} ms/token ({sweep['slo_stat']} normalised latency): "
             + (f"{best:g} req/s" if best is not None else "none of the rates tried"))
     return "\n".join([head, *rows, tail])

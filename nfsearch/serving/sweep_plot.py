@@ -63,7 +63,7 @@ def _page(sweep: dict, svg: str) -> str:
         f"<tr><td>{p['request_rate']:g}</td><td>{p['request_throughput']:.2f}</td>"
         f"<td>{p['output_tokens_per_s']:.1f}</td><td>{cell(p, 'ttft_ms', 'p90')}</td>"
         f"<td>{cell(p, 'tpot_ms', 'p90')}</td><td>{cell(p, 'normalised_latency_ms', 'mean')}</td>"
-        f"<td>{cell(p, 'normalised_latency_ms', 'p90')}</td><td>{'ok' if p['meets_slo'] else 'broken'}</td></tr>"
+        f"<td>{cell(p, 'normalised_latency_ms', 'p90')}</td><td>{'ok' if p['meets_slo'] else 'saturated' if p.get('is_saturated') else 'broken'}</td></tr>"
         for p in sweep["points"])
     best = sweep["max_rate_meeting_slo"]
     title = html.escape(f"nfsearch bench --url sweep: {sweep['model']} at {sweep['url']}")
