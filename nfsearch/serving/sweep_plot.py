@@ -12,6 +12,7 @@ def _figure(sweep: dict):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     points = sweep["points"]
     rates = [p["request_rate"] for p in points]
@@ -27,6 +28,7 @@ def _figure(sweep: dict):
         ax.grid(True, alpha=0.3)
         if len(rates) > 1 and max(rates) / min(rates) >= 8:
             ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
     left.set_ylabel("ms per output token")
     left.set_title(f"normalised latency (SLO on the {sweep['slo_stat']})")
     for name, label in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("e2e_ms", "end-to-end")):
