@@ -133,14 +133,11 @@ def torch_forward(model):
 
 
 def prompt_runs(prompts) -> list[tuple[int, int, int]]:
-    """(first row, number of prompts, length) of each run of consecutive equal-length prompts: one
-    batched causal SDPA per run (W3's 15 prompts of 256 are one call, not 15)."""
-    runs: list[list[int]] = []
-    for s, e in prompts:
-        if e <= s:
-            continue
-        if runs and runs[-1][2] == e - s and runs[-1][0] + runs[-1][1] * runs[-1][2] == s:
-            runs[-1][1] += 1
-        else:
-            runs.append([s, 1, e - s])
-    return [tuple(r) for r in runs]
+    """(first row, number of prompts, length) of each run of consecutive equal-length prompts (the
+    packed, contiguous prompt ranges of a workload): one batched causal SDPA per run (W3's 15
+    prompts of 256 are one call, not 15)."""
+    from nfsearch.runtime.kernels.torch_ops import equal_length_runs
+
+    if not prompts:
+        return []
+    return equal_length_runs([prompts[0][0]] + [e for _s, e in prompts])

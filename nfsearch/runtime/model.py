@@ -28,7 +28,7 @@ Impl names: those of nfsearch.runtime.kernels.IMPLS ("triton", "tma", "flash", "
 ops of seq-torch (docs/workloads.md) and the per-op reference of the executor's correctness check. Two of
 their arguments are chosen here so that the torch path never syncs the host (CUDA-graph capture
 forbids it): prefill attention gets its offsets on the host, and rope_append gets no slot mapping
-for rows past the decode requests (nothing to append). Decode attention's torch impl gets no
+(the decode rows of its range append with one index_put per cache after it). Decode attention's torch impl gets no
 context lengths: every request attends to its whole cache, and SDPA without a mask keeps its
 fastest kernels.
 """
@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from nfsearch.runtime.kernels import IMPLS, rope_cos_sin
+from nfsearch.runtime.kernels.torch_ops import append_kv_torch
 from nfsearch.runtime.kernels.prefill_attention import BLOCK_M, block_table
 from nfsearch.specs import ModelSpec, Workload
 
@@ -183,12 +184,17 @@ class ModelInstance:
         if kc is None:          # no decode requests: a scratch cache that no slot addresses
             kc = vc = buf["k"][:1].unsqueeze(1)
         slots = self.slot_mapping[a:b]
-        if impl == "torch" and a >= self.num_decode:
-            # only decode rows append; told so, the torch impl leaves the caches alone (it cannot tell
-            # without a host sync, and would rewrite one cache entry that another stream may write)
+        if impl == "torch":
+            # only decode rows append: the torch impl is told none does (it cannot tell without a host
+            # sync, and would gather and rewrite cache entries for every row), and the decode rows of
+            # [a, b) append here, one index_put per cache
             slots = None
         IMPLS["rope_append"][impl](buf["qkv"][a:b], self.positions[a:b], self.cos, self.sin, buf["q"][a:b], kc, vc,
                                    slots, n, k_out=buf["k"][a:b], v_out=buf["v"][a:b])
+        e = min(b, self.num_decode)
+        if impl == "torch" and a < e:
+            append_kv_torch(kc, vc, buf["k"][a:e], buf["v"][a:e], self.slot_mapping[a:e].long(),
+                            self.positions[a:e].long())
 
     def op_decode_attn(self, buf, w, layer, a, b, impl, n):
         kc, vc = self.kv_cache[layer]

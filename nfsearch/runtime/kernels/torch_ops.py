@@ -85,13 +85,16 @@ def rope_append_torch(qkv, positions, cos, sin, q_out, k_cache, v_cache, slot_ma
     pos = positions.long()
     c = cos[pos].to(qkv.dtype)[:, None, :]
     s = sin[pos].to(qkv.dtype)[:, None, :]
-    qk = x[:, :HQ + HKV]
-    x1, x2 = qk[..., :D // 2], qk[..., D // 2:]
-    rot = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
-    k, v = rot[:, HQ:], x[:, HQ + HKV:]
-    q_out.copy_(rot[:, :HQ])
-    if k_out is not None:
-        k_out.copy_(k)
+    if k_out is None and slot_mapping is not None:
+        k_out = torch.empty((T, HKV, D), device=qkv.device, dtype=qkv.dtype)
+    # each rotated half written straight into its output (no concatenation, no copies of q or k)
+    for dst, lo, hi in ((q_out, 0, HQ), (k_out, HQ, HQ + HKV)):
+        if dst is None:
+            continue
+        x1, x2 = x[:, lo:hi, :D // 2], x[:, lo:hi, D // 2:]
+        torch.addcmul(torch.mul(x1, c), x2, s, value=-1, out=dst[..., :D // 2])
+        torch.addcmul(torch.mul(x2, c), x1, s, out=dst[..., D // 2:])
+    k, v = k_out, x[:, HQ + HKV:]
     if v_out is not None:
         v_out.copy_(v)
     if slot_mapping is not None:
@@ -173,10 +176,24 @@ def prefill_attention_torch(q, k, v, cu_seqlens, out=None, num_sms: int = 0, sca
     cu = [int(c) for c in (cu_seqlens.tolist() if hasattr(cu_seqlens, "tolist") else cu_seqlens)]
     if out is None:
         out = torch.empty_like(q)
+    HQ, HKV, D = q.shape[1], k.shape[1], q.shape[2]
+    for a, n, length in equal_length_runs(cu):
+        b = a + n * length                    # one causal SDPA for n prompts of this length
+        o = _sdpa(q[a:b].reshape(n, length, HQ, D).transpose(1, 2), k[a:b].reshape(n, length, HKV, D).transpose(1, 2),
+                  v[a:b].reshape(n, length, HKV, D).transpose(1, 2), is_causal=True, scale=scale)
+        out[a:b].view(n, length, HQ, D).copy_(o.transpose(1, 2))
+    return out
+
+
+def equal_length_runs(cu) -> list[tuple[int, int, int]]:
+    """(first row, number of prompts, length) of each run of consecutive equal-length prompts of the
+    offsets ``cu`` (host ints); empty prompts are skipped."""
+    runs: list[list[int]] = []
     for s0, s1 in pairwise(cu):
         if s1 <= s0:
             continue
-        o = _sdpa(q[s0:s1].transpose(0, 1)[None], k[s0:s1].transpose(0, 1)[None], v[s0:s1].transpose(0, 1)[None],
-                  is_causal=True, scale=scale)
-        out[s0:s1] = o[0].transpose(0, 1)
-    return out
+        if runs and runs[-1][2] == s1 - s0 and runs[-1][0] + runs[-1][1] * runs[-1][2] == s0:
+            runs[-1][1] += 1
+        else:
+            runs.append([s0, 1, s1 - s0])
+    return [tuple(r) for r in runs]
