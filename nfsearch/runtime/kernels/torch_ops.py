@@ -166,7 +166,10 @@ def decode_attention_torch(q, k_cache, v_cache, context_lens, out=None, num_sms:
         mask = (torch.arange(C, device=q.device)[None, :] < context_lens[:, None].long())[:, None, None, :]
     o = F.scaled_dot_product_attention(q.reshape(R, HKV, HQ // HKV, D), k_cache.transpose(1, 2),
                                        v_cache.transpose(1, 2), attn_mask=mask, scale=scale)
-    return _emit(o.reshape(R, HQ, D), out)
+    if out is None:
+        return o.reshape(R, HQ, D)
+    out.view(R, HKV, HQ // HKV, D).copy_(o)         # one copy (a reshape first would copy twice)
+    return out
 
 
 def prefill_attention_torch(q, k, v, cu_seqlens, out=None, num_sms: int = 0, scale=None):
