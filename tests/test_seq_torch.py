@@ -27,10 +27,10 @@ def _reference(model, workload, seed=1):
     return m, ref_out
 
 
-def test_prompt_runs_batch_consecutive_equal_lengths():
-    assert baselines.prompt_runs([(4, 12), (12, 20), (20, 28), (28, 33), (33, 38), (38, 40)]) == [
-        (4, 3, 8), (28, 2, 5), (38, 1, 2)]
-    assert baselines.prompt_runs([]) == []
+def test_equal_length_runs_batch_consecutive_prompts():
+    assert torch_ops.equal_length_runs([4, 12, 20, 28, 33, 38, 40]) == [(4, 3, 8), (28, 2, 5), (38, 1, 2)]
+    assert torch_ops.equal_length_runs([0, 5, 5, 9]) == [(0, 1, 5), (5, 1, 4)]
+    assert torch_ops.equal_length_runs([0]) == []
 
 
 @pytest.mark.parametrize("workload", [Workload("eq", 4, 24, (8, 8, 8, 5)), Workload("pre", 0, 1, (16, 16)),

@@ -93,51 +93,36 @@ def torch_forward(model):
     and activation are the ops' torch impls (kernels/torch_ops.py)."""
     import torch
 
-    from nfsearch.runtime.kernels.torch_ops import (_sdpa, append_kv_torch, gemm_torch, rmsnorm_torch,
-                                                    rope_qkv_torch, rope_tables, silu_and_mul_torch)
+    from nfsearch.runtime.kernels import torch_ops as ops
 
     m = model
     T, R, hq, hkv, d = m.num_tokens, m.num_decode, m.hq, m.hkv, m.d
     group = hq // hkv
-    runs = prompt_runs(m.prompts)          # (first row, number of prompts, length), on the host
+    cu = [0] + [e - R for _s, e in m.prompts]     # prompt offsets within the prompt rows, on the host
     slots = m.slot_mapping[:R].long() if R else None
     decode_pos = m.positions[:R].long() if R else None
 
     def layer(x, w, kc, vc, cos_t, sin_t):
-        h = rmsnorm_torch(x, w.norm1, eps=EPS)
-        qkv = gemm_torch(h, w.wqkv, residual=w.bqkv)
-        q, k, v = rope_qkv_torch(qkv, cos_t, sin_t, hq, d)       # views: [T, Hq, D], [T, Hkv, D] x2
+        h = ops.rmsnorm_torch(x, w.norm1, eps=EPS)
+        qkv = ops.gemm_torch(h, w.wqkv, residual=w.bqkv)
+        q, k, v = ops.rope_qkv_torch(qkv, cos_t, sin_t, hq, d)       # views: [T, Hq, D], [T, Hkv, D] x2
         attn = torch.empty((T, hq, d), device=x.device, dtype=x.dtype)
         if R:
-            append_kv_torch(kc, vc, k[:R], v[:R], slots, decode_pos)
+            ops.append_kv_torch(kc, vc, k[:R], v[:R], slots, decode_pos)
             # one query per request, the query heads of a KV head as its query rows: no mask, no K/V repeat
             o = torch.nn.functional.scaled_dot_product_attention(
                 q[:R].view(R, hkv, group, d), kc.transpose(1, 2), vc.transpose(1, 2))
             attn[:R].view(R, hkv, group, d).copy_(o)
-        for a, n, length in runs:
-            b = a + n * length
-            o = _sdpa(q[a:b].view(n, length, hq, d).transpose(1, 2), k[a:b].view(n, length, hkv, d).transpose(1, 2),
-                      v[a:b].view(n, length, hkv, d).transpose(1, 2), is_causal=True)
-            attn[a:b].view(n, length, hq, d).copy_(o.transpose(1, 2))
-        mid = gemm_torch(attn.view(T, hq * d), w.wo, residual=x)
-        ug = gemm_torch(rmsnorm_torch(mid, w.norm2, eps=EPS), w.wug)
-        return gemm_torch(silu_and_mul_torch(ug), w.wd, residual=mid)
+        if T > R:
+            ops.prefill_attention_torch(q[R:], k[R:], v[R:], cu, attn[R:])     # one SDPA per equal-length run
+        mid = ops.gemm_torch(attn.view(T, hq * d), w.wo, residual=x)
+        ug = ops.gemm_torch(ops.rmsnorm_torch(mid, w.norm2, eps=EPS), w.wug)
+        return ops.gemm_torch(ops.silu_and_mul_torch(ug), w.wd, residual=mid)
 
     def forward(x):
-        cos_t, sin_t = rope_tables(m.cos, m.sin, m.positions, x.dtype)
+        cos_t, sin_t = ops.rope_tables(m.cos, m.sin, m.positions, x.dtype)
         for w, (kc, vc) in zip(m.layers, m.kv_cache):
             x = layer(x, w, kc, vc, cos_t, sin_t)
         return x
 
     return forward
-
-
-def prompt_runs(prompts) -> list[tuple[int, int, int]]:
-    """(first row, number of prompts, length) of each run of consecutive equal-length prompts (the
-    packed, contiguous prompt ranges of a workload): one batched causal SDPA per run (W3's 15
-    prompts of 256 are one call, not 15)."""
-    from nfsearch.runtime.kernels.torch_ops import equal_length_runs
-
-    if not prompts:
-        return []
-    return equal_length_runs([prompts[0][0]] + [e for _s, e in prompts])

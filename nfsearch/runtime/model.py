@@ -42,8 +42,8 @@ from pathlib import Path
 import torch
 
 from nfsearch.runtime.kernels import IMPLS, rope_cos_sin
-from nfsearch.runtime.kernels.torch_ops import append_kv_torch
 from nfsearch.runtime.kernels.prefill_attention import BLOCK_M, block_table
+from nfsearch.runtime.kernels.torch_ops import append_kv_torch
 from nfsearch.specs import ModelSpec, Workload
 
 ROPE_THETA = 500000.0

@@ -4,7 +4,7 @@ bf16 throughout (the inputs' dtype): ``F.rms_norm`` (the residual add done once,
 ``residual_out`` when given), cuBLAS through ``torch.matmul`` / ``torch.addmm`` (bias or residual
 fused into the GEMM), RoPE and the KV-cache append in the tensors' dtype by indexing, SDPA attention
 (decode: the query heads of a KV head as its query rows, so no K/V is repeated; prefill: one causal
-SDPA per prompt with ``enable_gqa`` where torch has it).
+SDPA per run of consecutive equal-length prompts, with ``enable_gqa`` where torch has it).
 
 These are the only torch versions of the ops. Each is ``IMPLS[op]["torch"]``, the seq-torch
 baseline (``runtime.baselines.torch_forward``) is built from them, the executor's correctness check
