@@ -65,18 +65,29 @@ def plain_forward(m):
     return forward
 
 
-def one_workload(name: str, model, workload, device: str, iters: int, repeats: int, num_layers: int = 2) -> dict:
+def sequential(model, workload, device: str, num_layers: int = 2):
+    """search.baselines.sequential_plan on the bundled profile (the analytic one on the CPU); the
+    search package imports ortools."""
     from nfsearch.cost import default_profile, make_problem
-    from nfsearch.runtime import baselines, executor
-    from nfsearch.runtime.model import ModelInstance, rel_error
     from nfsearch.search.baselines import sequential_plan
 
-    profile = default_profile(model, workload) if device == "cuda" else None
-    if profile is None:
+    if device == "cuda":
+        profile = default_profile(model, workload)
+    else:
         from nfsearch.roofline import analytic_profile
         from nfsearch.specs import load_gpu
         profile = analytic_profile(model, workload, load_gpu("h100-sxm"))
-    s = sequential_plan(make_problem(model, workload, profile, num_layers, allow_extrapolation=device != "cuda"))
+    return sequential_plan(make_problem(model, workload, profile, num_layers, allow_extrapolation=device != "cuda"))
+
+
+def one_workload(name: str, s, device: str, iters: int, repeats: int) -> dict:
+    """Time seq-torch, the plain layer, seq-same and the sequential plan `s` of one workload."""
+    from nfsearch.runtime import baselines, executor
+    from nfsearch.runtime.model import ModelInstance, rel_error
+
+    if len({o.stream for o in s.nano_ops}) != 1 or any(o.index for o in s.nano_ops):
+        raise SystemExit(f"{name}: not a sequential plan (one stream, whole ops)")
+    model, workload, num_layers = s.model, s.workload, s.num_layers
     with executor.ExecContext(device, "grid") as ctx:
         m = ModelInstance(model, workload, num_layers, device=ctx.device, seed=0)
         ll = executor.build_launch_list(ctx, s)
@@ -113,14 +124,28 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--out", default="out")
+    ap.add_argument("--plans", help="folder of sequential plans <W>.json (else solved here: needs ortools); "
+                                    "--write-plans DIR writes them")
+    ap.add_argument("--write-plans", help="write W1-W3's sequential plans (llama-3-8b, bundled profile) and exit")
     ap.add_argument("--cpu", action="store_true", help="dry run on a tiny model (host clock, no graphs)")
     a = ap.parse_args(argv)
+    from nfsearch import plan
     from nfsearch.specs import ModelSpec, Workload, load_model, load_workload
+    names = a.only.split(",")
+    if a.write_plans:
+        Path(a.write_plans).mkdir(parents=True, exist_ok=True)
+        for w in names:
+            plan.write(sequential(load_model("llama-3-8b"), load_workload(w), "cuda"), Path(a.write_plans) / f"{w}.json")
+        print(f"wrote {', '.join(names)} to {a.write_plans}")
+        return 0
     if a.cpu:
-        cases = [("tiny", ModelSpec("tiny", 256, 4, 2, 64, 512, 2, 1000), Workload("tiny", 6, 40, (16, 16, 9)))]
+        cases = [("tiny", sequential(ModelSpec("tiny", 256, 4, 2, 64, 512, 2, 1000), Workload("tiny", 6, 40, (16, 16, 9)),
+                                     "cpu"))]
+    elif a.plans:
+        cases = [(w, plan.read(Path(a.plans) / f"{w}.json")) for w in names]
     else:
-        cases = [(w, load_model("llama-3-8b"), load_workload(w)) for w in a.only.split(",")]
-    rows = [one_workload(n, mdl, w, "cpu" if a.cpu else "cuda", a.iters, a.repeats) for n, mdl, w in cases]
+        cases = [(w, sequential(load_model("llama-3-8b"), load_workload(w), "cuda")) for w in names]
+    rows = [one_workload(n, s, "cpu" if a.cpu else "cuda", a.iters, a.repeats) for n, s in cases]
     gpu = "cpu"
     if not a.cpu:
         import torch
