@@ -28,9 +28,9 @@ Impl names: those of nfsearch.runtime.kernels.IMPLS ("triton", "tma", "flash", "
 ops of seq-torch (docs/workloads.md) and the per-op reference of the executor's correctness check. Two of
 their arguments are chosen here so that the torch path never syncs the host (CUDA-graph capture
 forbids it): prefill attention gets its offsets on the host, and rope_append gets no slot mapping
-(the decode rows of its range append with one index_put per cache after it). Decode attention's torch impl gets no
-context lengths: every request attends to its whole cache, and SDPA without a mask keeps its
-fastest kernels.
+(the decode rows of its range then append with one index_put per cache). Decode attention's torch
+impl gets no context lengths: every request attends to its whole cache, and SDPA without a mask
+keeps its fastest kernels.
 """
 
 from __future__ import annotations
