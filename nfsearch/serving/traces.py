@@ -57,7 +57,7 @@ DISTRIBUTIONS = {
     "lmsys": LengthDist(102, 222, 1.2, 0.9, "LMSYS-Chat-1M"),
     "sharegpt": LengthDist(246, 322, 1.1, 0.9, "ShareGPT"),
 }
-# Engine workloads of WORKLOADS.md: (trace spec, name)
+# The engine workloads of docs/workloads.md: (trace spec, name)
 WORKLOADS = {"E1": ("const:1024:512", "E1 const1024x512"), "E2": ("const:512:512", "E2 const512x512"),
              "E3": ("splitwise", "E3 splitwise"), "E4": ("sharegpt", "E4 sharegpt")}
 
