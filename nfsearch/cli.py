@@ -114,13 +114,13 @@ _BATCH_FLAGS = {"num_decode": "--decode", "decode_context": "--context", "prefil
 
 
 def workload_options(f):
-    """--model, and --workload (W1-W6 or a YAML file) or the flags that describe a dense batch."""
+    """--model, and --workload (W1-W7 or a YAML file) or the flags that describe a dense batch."""
     options = [
         click.option("--model", "model_ref",
                      help="Bundled name (e.g. llama-3-8b), model YAML, or HuggingFace config.json "
                           "(default: the workload's model)."),
         click.option("--workload", "workload_ref",
-                     help="W1-W6 or a workload YAML file; or describe the batch with --decode/--prefill instead."),
+                     help="W1-W7 or a workload YAML file; or describe the batch with --decode/--prefill instead."),
         click.option("--decode", "num_decode", type=click.IntRange(0, 2**20),
                      help="Decode requests in the batch (instead of --workload)."),
         click.option("--context", "decode_context", type=click.IntRange(1, 2**22), default=1024, show_default=True,
@@ -162,7 +162,7 @@ def resolve_specs(model_ref, workload_ref, num_decode, decode_context, prefill, 
         workload = workload_from_flags(num_decode or 0, context, parse_lengths(prefill, "--prefill"), tp_degree,
                                        dtype, contexts, prefixes)
     else:
-        raise NfsearchError("no workload: give --workload W1..W6|FILE or --decode/--prefill flags")
+        raise NfsearchError("no workload: give --workload W1..W7|FILE or --decode/--prefill flags")
     model_ref = model_ref or workload.model
     if not model_ref:
         raise NfsearchError("no model: give --model")
