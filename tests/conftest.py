@@ -14,6 +14,18 @@ from nfsearch.profile import ProfileTable
 from nfsearch.specs import ModelSpec, Workload
 
 FIXTURES = Path(__file__).parent / "fixtures"
+# the engine's tiny random model: 2 layers, hidden 64, 4 heads, 2 KV heads, FFN 128, vocab 256, ctx 512
+ENGINE_TINY = str(FIXTURES / "engine-tiny" / "config.json")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny CPU ops: on shared cores, OpenMP threads waiting on each other cost far more than the work."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 FAKE_SMS = 100
 
 TINY_MODEL = ModelSpec("tiny", hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64,

@@ -5,11 +5,10 @@ with no page leaked, refusals come before anything is allocated, and `nfsearch b
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
+from conftest import ENGINE_TINY as TINY
 
 from nfsearch.cli import main
 from nfsearch.errors import NfsearchError
@@ -17,16 +16,7 @@ from nfsearch.runtime import engine_memory as mem
 from nfsearch.runtime.engine import Engine, TraceShape
 from nfsearch.serving.traces import Request, load_trace
 
-TINY = str(Path(__file__).parent / "fixtures" / "engine-tiny" / "config.json")   # 2 layers, hidden 64, ctx 512
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: on shared cores, OpenMP threads waiting on each other cost far more than the work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _requests(n: int, seed: int = 0) -> list[Request]:

@@ -39,13 +39,7 @@ class Bucket:
 BUCKET = Bucket(max_tokens=20, max_decode=5, max_segments=3, max_context=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: on shared cores, OpenMP threads waiting on each other cost 20x the work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _randomize(model, seed: int) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ENGINE_TINY as TINY
 
 from nfsearch.errors import NfsearchError
 from nfsearch.runtime import engine_tp
@@ -17,15 +18,7 @@ from nfsearch.runtime.tp import spawn_ranks
 from nfsearch.serving.model_config import load_model_config
 from nfsearch.serving.traces import Request
 
-TINY = str(Path(__file__).parent / "fixtures" / "engine-tiny" / "config.json")   # 4 heads, 2 KV heads, FFN 128
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _requests(n: int) -> list[Request]:

@@ -21,9 +21,10 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("aiohttp")
 
+from conftest import ENGINE_TINY as TINY
+
 from nfsearch.serving.tokenizer import ByteTokenizer, Detokenizer, fallback_chat_prompt
 
-TINY = str(Path(__file__).parent / "fixtures" / "engine-tiny" / "config.json")   # vocab 256, ctx 512
 START_TIMEOUT_S = 90
 
 

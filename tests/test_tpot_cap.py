@@ -5,25 +5,15 @@ itself follows the model exactly."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import torch
+from conftest import ENGINE_TINY as TINY
 
 from nfsearch.errors import NfsearchError
 from nfsearch.runtime import tpot_cap
 from nfsearch.runtime.engine import Engine, TraceShape
 from nfsearch.serving.traces import load_trace
 
-TINY = str(Path(__file__).parent / "fixtures" / "engine-tiny" / "config.json")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _engine(requests, **kw) -> Engine:

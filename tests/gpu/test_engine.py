@@ -4,8 +4,6 @@ the utilization budget."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -13,10 +11,11 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
+from conftest import ENGINE_TINY as TINY
+
 from nfsearch.runtime.engine import Engine, TraceShape
 from nfsearch.serving.traces import Request
 
-TINY = str(Path(__file__).parent.parent / "fixtures" / "engine-tiny" / "config.json")
 UTILIZATION = 0.25
 
 

@@ -5,8 +5,6 @@ Skipped with fewer than 2 GPUs."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -14,12 +12,12 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
                                  reason="needs 2 CUDA GPUs")]
 
+from conftest import ENGINE_TINY as TINY
+
 from nfsearch.runtime import engine_tp
 from nfsearch.runtime.engine import Engine, TraceShape
 from nfsearch.runtime.tp import spawn_ranks
 from nfsearch.serving.traces import Request
-
-TINY = str(Path(__file__).parent.parent / "fixtures" / "engine-tiny" / "config.json")
 
 
 def _kwargs(reqs) -> dict:
