@@ -69,10 +69,10 @@ def test_tp2_equals_one_process(tmp_path):
     assert all(len(t) == r.output_len for t, r in zip(parts[0]["tokens"].values(), reqs))
 
 
-@pytest.mark.parametrize("world, what", [(3, "4 attention heads"), (4, "2 KV heads")])
+@pytest.mark.parametrize("world, what", [(3, "4 attention heads"), (4, "2 key/value heads")])
 def test_non_divisible_tp_degree_is_refused(world, what):
     cfg = load_model_config(TINY)
-    with pytest.raises(NfsearchError, match=f"TP degree {world} does not divide model .*'s {what}") as e:
+    with pytest.raises(NfsearchError, match=f"model .*'s {what} are not divisible by TP={world}") as e:
         engine_tp.shard_config(cfg, world)
     assert "\n" not in str(e.value)
 
@@ -82,7 +82,7 @@ def test_ffn_width_is_checked(tmp_path):
     cfg = json.loads(Path(TINY).read_text()) | {"num_attention_heads": 6, "num_key_value_heads": 2,
                                                  "intermediate_size": 129, "head_dim": 16, "hidden_size": 96}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(NfsearchError, match="does not divide .*129 FFN width"):
+    with pytest.raises(NfsearchError, match=r"129 FFN columns \(intermediate_size\) are not divisible by TP=2"):
         engine_tp.check_tp(load_model_config(str(tmp_path / "config.json")), 2)
 
 
@@ -152,7 +152,7 @@ def test_bench_tp_refuses_a_non_divisible_degree_in_one_line(tmp_path):
     result = CliRunner().invoke(main, ["bench", "--model", TINY, "--trace", "const:16:4", "--num-requests", "2",
                                        "--device", "cpu", "--tp", "3", "-o", str(tmp_path / "b.json")])
     assert result.exit_code == 2
-    assert "TP degree 3 does not divide" in result.output and len(result.output.strip().splitlines()) == 1
+    assert "are not divisible by TP=3" in result.output and len(result.output.strip().splitlines()) == 1
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from nfsearch.errors import NfsearchError
+from nfsearch.graph import TpShard, tp_shard
 from nfsearch.runtime.engine import VARIANT_OPS, Engine, EngineRun
 from nfsearch.runtime.model import LayerWeights
 from nfsearch.runtime.paged_model import PagedModel
@@ -37,23 +38,17 @@ from nfsearch.serving.model_config import ModelConfig
 from nfsearch.serving.traces import Request
 
 
-def check_tp(cfg: ModelConfig, tp_degree: int) -> None:
-    """NfsearchError (one line) unless the TP degree divides the heads, KV heads and FFN width."""
-    m = cfg.spec
-    if tp_degree < 1:
-        raise NfsearchError(f"TP degree {tp_degree}: expected 1 or more")
-    for what, count in (("attention heads", m.num_heads), ("KV heads", m.num_kv_heads),
-                        ("FFN width (intermediate_size)", m.intermediate_size)):
-        if count % tp_degree:
-            raise NfsearchError(f"TP degree {tp_degree} does not divide model {m.name}'s {count} {what}")
+def check_tp(cfg: ModelConfig, tp_degree: int) -> TpShard:
+    """One rank's shapes; NfsearchError (one line) unless the TP degree divides the heads, KV heads
+    and FFN width (the per-layer search's rule, graph.tp_shard)."""
+    return tp_shard(cfg.spec, tp_degree)
 
 
 def shard_config(cfg: ModelConfig, tp_degree: int) -> ModelConfig:
     """The config of one rank's shard: heads, KV heads and FFN width divided by the TP degree."""
-    check_tp(cfg, tp_degree)
-    m = cfg.spec
-    spec = dataclasses.replace(m, num_heads=m.num_heads // tp_degree, num_kv_heads=m.num_kv_heads // tp_degree,
-                               intermediate_size=m.intermediate_size // tp_degree)
+    shard = check_tp(cfg, tp_degree)
+    spec = dataclasses.replace(cfg.spec, num_heads=shard.num_heads, num_kv_heads=shard.num_kv_heads,
+                               intermediate_size=shard.intermediate_size)
     return dataclasses.replace(cfg, spec=spec)
 
 
