@@ -58,6 +58,16 @@ if HAVE_TRITON:
     from .decode_attention import _decode_reduce_kernel, softmax_step, store_item
 
     @triton.jit
+    def _kv_block(k_ptr, v_ptr, pt, key, kmask, h, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, offs_d, PS: tl.constexpr):
+        """Keys `key` [BN] of one request through its page table row `pt`: (K [BN, D], V [BN, D])."""
+        page = tl.load(pt + key // PS, mask=kmask, other=0).to(tl.int64)
+        krow = page * s_kp + (key % PS) * s_kt + h * s_kh
+        vrow = page * s_vp + (key % PS) * s_vt + h * s_vh
+        kt = tl.load(k_ptr + krow[:, None] + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        vt = tl.load(v_ptr + vrow[:, None] + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        return kt, vt
+
+    @triton.jit
     def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, lens_ptr, out_ptr, opart_ptr, lse_ptr,
                              s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_ob, s_oh, s_pt,
                              B, HKV, NSPLIT, SPLIT_LEN, qk_scale, NP,
@@ -83,26 +93,12 @@ if HAVE_TRITON:
             for t0 in tl.range(start, end, BN, num_stages=STAGES):
                 tok = t0 + offs_n
                 tmask = tok < end
-                page = tl.load(pt + tok // PS, mask=tmask, other=0).to(tl.int64)
-                krow = page * s_kp + (tok % PS) * s_kt + h * s_kh
-                vrow = page * s_vp + (tok % PS) * s_vt + h * s_vh
-                kt = tl.load(k_ptr + krow[:, None] + offs_d[None, :], mask=tmask[:, None], other=0.0)
-                vt = tl.load(v_ptr + vrow[:, None] + offs_d[None, :], mask=tmask[:, None], other=0.0)
+                kt, vt = _kv_block(k_ptr, v_ptr, pt, tok, tmask, h, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, offs_d, PS)
                 sc = tl.dot(qt, tl.trans(kt)) * qk_scale
                 sc = tl.where(tmask[None, :], sc, float("-inf"))
                 m_i, l_i, acc = softmax_step(sc, vt, m_i, l_i, acc)
             store_item(acc, l_i, m_i, out_ptr, opart_ptr, lse_ptr, b, qh, s, s_ob, s_oh, HKV, NSPLIT, offs_d,
                        gmask, G, D, DIRECT)
-
-    @triton.jit
-    def _kv_block(k_ptr, v_ptr, pt, key, kmask, h, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, offs_d, PS: tl.constexpr):
-        """Keys `key` [BN] of one request through its page table row `pt`: (K [BN, D], V [BN, D])."""
-        page = tl.load(pt + key // PS, mask=kmask, other=0).to(tl.int64)
-        krow = page * s_kp + (key % PS) * s_kt + h * s_kh
-        vrow = page * s_vp + (key % PS) * s_vt + h * s_vh
-        kt = tl.load(k_ptr + krow[:, None] + offs_d[None, :], mask=kmask[:, None], other=0.0)
-        vt = tl.load(v_ptr + vrow[:, None] + offs_d[None, :], mask=kmask[:, None], other=0.0)
-        return kt, vt
 
     @triton.jit
     def _paged_prefill_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, starts_ptr, lens_ptr, prefix_ptr, out_ptr,
@@ -192,6 +188,16 @@ def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _check_shapes(q, out, k_cache, v_cache) -> tuple[int, int]:
+    """(page_size, num_kv_heads) once q [rows, Hq, D], out (same shape) and the caches fit together."""
+    rows, HQ, D = q.shape
+    _check_cache(k_cache, v_cache, D)
+    page_size, HKV = k_cache.shape[1], k_cache.shape[2]
+    if HQ % HKV or tuple(out.shape) != (rows, HQ, D) or q.stride(2) != 1 or out.stride(2) != 1:
+        raise ValueError(f"q {tuple(q.shape)} / out {tuple(out.shape)} do not fit {HKV} kv heads of dim {D}")
+    return page_size, HKV
+
+
 def _check_cache(k_cache, v_cache, head_dim: int):
     if k_cache.shape != v_cache.shape or k_cache.dim() != 4 or k_cache.shape[3] != head_dim:
         raise ValueError(f"caches must be [num_pages, page_size, Hkv, {head_dim}], got {tuple(k_cache.shape)}")
@@ -219,10 +225,7 @@ def paged_decode_attention(q, k_cache, v_cache, page_tables, context_lens, out, 
     require_triton("paged_decode_attention")
     cfg = config or DECODE_CONFIG
     B, HQ, D = q.shape
-    _check_cache(k_cache, v_cache, D)
-    page_size, HKV = k_cache.shape[1], k_cache.shape[2]
-    if HQ % HKV or tuple(out.shape) != (B, HQ, D) or q.stride(2) != 1 or out.stride(2) != 1:
-        raise ValueError(f"q {tuple(q.shape)} / out {tuple(out.shape)} do not fit {HKV} kv heads of dim {D}")
+    page_size, HKV = _check_shapes(q, out, k_cache, v_cache)
     if B == 0:
         return out
     G = HQ // HKV
@@ -264,10 +267,7 @@ def paged_prefill_attention(q, k_cache, v_cache, page_tables, chunk_starts, chun
     require_triton("paged_prefill_attention")
     cfg = config or PREFILL_CONFIG
     T, HQ, D = q.shape
-    _check_cache(k_cache, v_cache, D)
-    page_size, HKV = k_cache.shape[1], k_cache.shape[2]
-    if HQ % HKV or tuple(out.shape) != (T, HQ, D) or q.stride(2) != 1 or out.stride(2) != 1:
-        raise ValueError(f"q {tuple(q.shape)} / out {tuple(out.shape)} do not fit {HKV} kv heads of dim {D}")
+    page_size, HKV = _check_shapes(q, out, k_cache, v_cache)
     G = HQ // HKV
     if G > cfg.block_m:
         raise ValueError(f"block_m {cfg.block_m} is smaller than the {G} query heads per kv head")
