@@ -262,15 +262,18 @@ class Engine:
         return "\n".join(lines)
 
     # ------------------------------------------------------------------------------ the loop
+    def new_scheduler(self) -> Scheduler:
+        """A scheduler over an empty cache of this engine's pages, batch limits and buckets."""
+        return Scheduler(SchedulerConfig(self.dense_batch, self.max_decode, self.buckets, self.page_size,
+                                         self.cfg.max_model_len, self.cfg.eos_token_ids, self.predicted_output_len),
+                         PageManager(self.num_pages, self.page_size))
+
     def run(self, requests: list[Request], *, sampling: dict | None = None, compare_every: int = 0,
             on_finish=None) -> EngineRun:
         """Serve `requests` (arrivals honoured) until every one has finished or been refused.
         compare_every > 0 alternates the engine's variants every that many iterations (same batches
         stream, one live cache). on_finish(seq) is called as each request ends."""
-        sched = Scheduler(SchedulerConfig(self.dense_batch, self.max_decode, self.buckets, self.page_size,
-                                          self.cfg.max_model_len, self.cfg.eos_token_ids,
-                                          self.predicted_output_len),
-                          PageManager(self.num_pages, self.page_size))
+        sched = self.new_scheduler()
         vocab = self.cfg.spec.vocab_size
         # prompts drawn before the clock starts: the run times serving, not the trace's random ids
         arrivals = deque(sequence_from_request(r, prompt_ids_for(r, vocab, self.seed), **(sampling or {}))

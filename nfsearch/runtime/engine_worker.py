@@ -23,8 +23,7 @@ from __future__ import annotations
 import queue
 import time
 
-from nfsearch.serving.pages import PageManager
-from nfsearch.serving.scheduler import SamplingParams, Scheduler, SchedulerConfig, SeqStatus, Sequence
+from nfsearch.serving.scheduler import SamplingParams, SeqStatus, Sequence
 
 
 def worker_main(engine_kwargs: dict, inbox, outbox) -> None:
@@ -55,10 +54,7 @@ def serve_forever(engine, inbox, outbox) -> None:
 class OnlineLoop:
     def __init__(self, engine, outbox):
         self.engine, self.outbox = engine, outbox
-        self.sched = Scheduler(SchedulerConfig(engine.dense_batch, engine.max_decode, engine.buckets,
-                                               engine.page_size, engine.cfg.max_model_len,
-                                               engine.cfg.eos_token_ids, engine.predicted_output_len),
-                               PageManager(engine.num_pages, engine.page_size))
+        self.sched = engine.new_scheduler()
         self.live: dict[int, Sequence] = {}      # request id -> sequence not yet reported finished
         self.num_sent: dict[int, int] = {}       # request id -> output tokens already sent
         self.start = time.perf_counter()
@@ -82,7 +78,6 @@ class OnlineLoop:
             launched = self.engine.runner.launch(batch, self.engine.variants[0]) if batch is not None else None
             if batch is not None:
                 self.host_ms[batch.batch_id] = (time.perf_counter() - t_launch) * 1e3
-            if batch is not None:
                 self.num_iterations += 1
             if in_flight is not None:
                 updates += self._read(in_flight)
