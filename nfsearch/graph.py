@@ -240,15 +240,22 @@ def memory_need(model: ModelSpec, workload: Workload) -> MemoryNeed:
     """One GPU's weights (tensor parallel: its shard; the embedding and LM head split over the GPUs)
     and the batch's KV cache (Workload.num_kv_tokens of K and V in each layer, its KV heads)."""
     shard = tp_shard(model, workload.tp_degree)
+    b = workload.dtype_bytes
+    kv_per_layer = workload.num_kv_tokens * 2 * shard.kv_size * b
+    return MemoryNeed(num_weights(model, workload.tp_degree) * b, kv_per_layer, model.num_layers)
+
+
+def num_weights(model: ModelSpec, tp_degree: int = 1, is_tied: bool = False) -> int:
+    """Parameters one GPU holds: its shard of every layer (GEMMs, QKV bias, router, the two norms),
+    the final norm, and the embedding and LM head (one matrix when tied) split over the GPUs."""
+    shard = tp_shard(model, tp_degree)
     h, i = model.hidden_size, shard.intermediate_size
     attention = h * (shard.q_size + 2 * shard.kv_size) + shard.q_size * h
     bias = shard.q_size + 2 * shard.kv_size if model.has_qkv_bias else 0
     ffn = (model.num_experts * 3 * h * i + h * model.num_experts) if model.is_moe else 3 * h * i
     per_layer = attention + bias + ffn + 2 * h                      # (+ the two norms' weights)
-    vocab = 2 * model.vocab_size * h // workload.tp_degree          # embedding and LM head, untied
-    b = workload.dtype_bytes
-    kv_per_layer = workload.num_kv_tokens * 2 * shard.kv_size * b
-    return MemoryNeed((per_layer * model.num_layers + vocab + h) * b, kv_per_layer, model.num_layers)
+    vocab = (1 if is_tied else 2) * model.vocab_size * h // tp_degree
+    return per_layer * model.num_layers + vocab + h
 
 
 def domain_range(op: Op, workload: Workload) -> tuple[int, int]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from nfsearch.errors import NfsearchError
+from nfsearch.graph import num_weights
 from nfsearch.specs import ModelSpec
 
 GIB = 1 << 30
@@ -28,12 +29,7 @@ SAFETY_BYTES = 256 << 20
 
 
 def weights_bytes(spec: ModelSpec, dtype_bytes: int, tied_embeddings: bool) -> int:
-    H, I, V = spec.hidden_size, spec.intermediate_size, spec.vocab_size
-    per_layer = H * (spec.q_size + 2 * spec.kv_size) + spec.q_size * H + 3 * H * I + 2 * H
-    if spec.has_qkv_bias:
-        per_layer += spec.q_size + 2 * spec.kv_size
-    embeddings = V * H * (1 if tied_embeddings else 2)
-    return (spec.num_layers * per_layer + embeddings + H) * dtype_bytes
+    return num_weights(spec, is_tied=tied_embeddings) * dtype_bytes
 
 
 def buffer_bytes(spec: ModelSpec, max_tokens: int, max_logit_rows: int, dtype_bytes: int) -> int:
