@@ -145,10 +145,6 @@ def problem_for(case: dict, base: Path):
     return make_problem(model, workload, profile, case.get("num_layers", 2))
 
 
-def solve_case(case: dict, base: Path):
-    return solve_problem(case, problem_for(case, base))
-
-
 def case_margin(case: dict) -> float | None:
     """The search's margin over the sequential plan in this case (None: a stage-2 case has none)."""
     return None if case.get("plan_from", "search") == "stage2" else float(case.get("min_gain", MIN_GAIN))

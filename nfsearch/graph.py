@@ -310,10 +310,6 @@ def last_op(graph: nx.DiGraph) -> str:
     return [n for n in nx.topological_sort(graph) if graph.out_degree(n) == 0][-1]
 
 
-def op_of(graph: nx.DiGraph, name: str) -> Op:
-    return graph.nodes[name]["op"]
-
-
 def read_range(op_name: str, start: int, end: int, workload: Workload) -> tuple[int, int]:
     """The token range a nano-op over [start, end) reads from its predecessors.
 
