@@ -240,7 +240,7 @@ def analyze(gpu_key, pairs_path, json_path, profile_path, **spec):
 @click.option("--opt-in-impls", "opt_in_text", default="", metavar="IMPLS",
               help="Also measure these impls, which profile leaves out by default (comma list; cublaslt: cuBLASLt "
                    "told its partition's SM count, faster alone on partitions but more energy per layer in a plan "
-                   "under the power cap on an H100).")
+                   "under the power cap on an H100; fp8: W8A8 e4m3 GEMMs, which change numerics).")
 @click.option("--energy-only", "into_path", type=click.Path(dir_okay=False), metavar="PROFILE",
               help="Measure only the energy, into a copy of this measured profile of the same GPU (its rows kept).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
@@ -688,13 +688,16 @@ def tune_cmd(plans_dir, top_k, time_limit_s, num_layers, profile_path, output, m
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), help="Default: bf16 on cuda, fp32 on cpu.")
 @click.option("--compare", "is_compare", is_flag=True,
               help="Alternate the plan's kernels with a baseline layer every 100 iterations; report both.")
+@click.option("--quantization", type=click.Choice(["fp8"]), help="fp8: W8A8 e4m3 GEMMs (weights per output "
+              "channel, activations per token); changes numerics, stated in the report. An FP8 checkpoint "
+              "runs them anyway.")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="Seed of the random weights, the synthetic trace and the prompts' token ids.")
 @click.option("--tp", "tp_degree", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Tensor-parallel ranks on this host (one GPU each, NCCL; gloo with --device cpu).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="JSON report (default: ./out/bench-*.json).")
 def bench_cmd(model, url, request_rate, sweep, max_duration_s, slo_stat, max_tpot_ms, max_concurrency, slo_ms, trace_spec, num_requests, dense_batch, utilization,
-              page_size, device, dtype, is_compare, seed, tp_degree, output):
+              page_size, device, dtype, is_compare, quantization, seed, tp_degree, output):
     """Serve a request trace with the engine: tokens/s per GPU against optimal, idle, power, latency."""
     if url:
         return _bench_url(url, request_rate, max_concurrency, slo_ms, trace_spec, num_requests, seed, output,
@@ -708,7 +711,7 @@ def bench_cmd(model, url, request_rate, sweep, max_duration_s, slo_stat, max_tpo
     output = output or str(OUT_DIR / default_output(model, trace_spec))
     _check_outputs([output], (".json",), may_create_out=True)
     opts = BenchOptions(model, trace_spec, num_requests, dense_batch, utilization, page_size, device, dtype,
-                        is_compare, seed, max_tpot_ms=max_tpot_ms)
+                        is_compare, seed, max_tpot_ms=max_tpot_ms, quantization=quantization)
     if tp_degree > 1:
         from nfsearch.runtime.engine_tp import run_bench_tp
         report = run_bench_tp(opts, tp_degree)
@@ -740,7 +743,10 @@ def bench_cmd(model, url, request_rate, sweep, max_duration_s, slo_stat, max_tpo
               show_default=True, help="Share of GPU memory for weights, activations and the KV cache.")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="Seed of the random weights.")
-def serve_cmd(model, host, port, device, dtype, dense_batch, max_decode, max_tpot_ms, utilization, seed):
+@click.option("--quantization", type=click.Choice(["fp8"]), help="fp8: W8A8 e4m3 GEMMs (weights per output "
+              "channel, activations per token); changes numerics, stated in the report. An FP8 checkpoint "
+              "runs them anyway.")
+def serve_cmd(model, host, port, device, dtype, dense_batch, max_decode, max_tpot_ms, utilization, seed, quantization):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
     try:
         from nfsearch.serving.server import serve
@@ -748,7 +754,7 @@ def serve_cmd(model, host, port, device, dtype, dense_batch, max_decode, max_tpo
         raise NfsearchError(f"nfsearch serve needs aiohttp ({exc.name} is not installed)") from None
     engine_kwargs = {"device": device, "dtype": dtype or ("bf16" if device == "cuda" else "fp32"),
                      "dense_batch": dense_batch, "max_decode": max_decode, "gpu_memory_utilization": utilization,
-                     "seed": seed, "max_tpot_ms": max_tpot_ms}
+                     "seed": seed, "max_tpot_ms": max_tpot_ms, "quantization": quantization}
     serve(model, host, port, engine_kwargs, echo=lambda line: _echo(line, err=True))
 
 

@@ -32,7 +32,7 @@ READ_VERSIONS = (1, 2)
 # one of NON_MEASURED_IMPLS and the executor maps those to runtime impls. Add a new kernel family here.
 # The collectives' impls, the default first: NCCL on the nano-op's SM share; the copy engines (no share).
 NETWORK_IMPLS = ("nccl", "ce")
-RUNTIME_IMPLS = frozenset({"triton", "torch", "tma", "cublaslt", "flash", "cuda", *NETWORK_IMPLS})
+RUNTIME_IMPLS = frozenset({"triton", "torch", "tma", "cublaslt", "flash", "cuda", "fp8", *NETWORK_IMPLS})
 NON_MEASURED_IMPLS = frozenset({"analytic", "fake"})
 # Network impls that hold no SM share: the copy engines move the rows, and the sum kernel runs on a
 # plain stream beside whatever holds the SMs. Their nano-ops state sm_count 0; the profile's rows of
@@ -41,8 +41,9 @@ NO_SHARE_IMPLS = frozenset({"ce"})
 # Runtime impls a plan may name and the executor runs, which `nfsearch profile` measures only when asked
 # (--opt-in-impls): cuBLASLt told its partition's SM count ran faster alone than the TMA GEMM on 96-120 SMs
 # of an H100, yet a W2 plan using it drew 15% more energy per layer under the power cap and ran 13%
-# slower than the same plan on the TMA GEMM (docs/kernels.md).
-OPT_IN_IMPLS = frozenset({"cublaslt"})
+# slower than the same plan on the TMA GEMM (docs/kernels.md). fp8 (W8A8 e4m3 GEMMs) changes the numerics:
+# a plan may use it only where the user asked for it in the profile.
+OPT_IN_IMPLS = frozenset({"cublaslt", "fp8"})
 KNOWN_IMPLS = RUNTIME_IMPLS | NON_MEASURED_IMPLS
 
 PROFILE_SOURCES = ("measured", "analytic", "fake")

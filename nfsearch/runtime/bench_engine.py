@@ -38,6 +38,7 @@ class BenchOptions:
     with_op_trace: bool | None = None   # None: on the GPU only (eager torch attention on the CPU is slow)
     max_tpot_ms: float | None = None    # --max-tpot: cap the dense batch so iterations stay under it
     tp_degree: int = 1               # >1: this process is one TP rank (runtime.engine_tp.run_bench_tp)
+    quantization: str | None = None  # "fp8": W8A8 e4m3 GEMMs (Engine's quantization)
 
 
 def run_bench(opts: BenchOptions, echo=print, progress: bool = True, make_engine=Engine) -> dict:
@@ -53,7 +54,8 @@ def run_bench(opts: BenchOptions, echo=print, progress: bool = True, make_engine
                     gpu_memory_utilization=opts.gpu_memory_utilization, dense_batch=opts.dense_batch,
                     page_size=opts.page_size, is_async=opts.is_async, seed=opts.seed,
                     trace_shape=TraceShape.of(servable), variants=variants, log=echo,
-                    **({"max_tpot_ms": opts.max_tpot_ms} if opts.max_tpot_ms else {}))
+                    **({"max_tpot_ms": opts.max_tpot_ms} if opts.max_tpot_ms else {}),
+                    **({"quantization": opts.quantization} if opts.quantization else {}))
     nvml = _open_nvml(engine)
     with _Progress(len(trace.requests), progress) as bar:
         sampler, energy0 = _start_power(nvml)
@@ -67,6 +69,8 @@ def run_bench(opts: BenchOptions, echo=print, progress: bool = True, make_engine
     steady = es.window(run, summary.steady_start_s, summary.steady_end_s)
     report = {
         "gpu": engine.device_name(), "tp_degree": opts.tp_degree, "model": cfg.spec.name, "dtype": engine.dtype_name,
+        "gemm": engine.gemm_numerics, "quantization": engine.quantization,
+        "weights_source": engine.weights.fp8_source, "weights_bytes": engine.weights.num_bytes,
         "trace": {"name": trace.name, "description": trace.description, "is_synthetic": trace.is_synthetic,
                   "num_requests": len(trace.requests)},
         "engine": _engine_dict(engine),
@@ -200,6 +204,7 @@ def format_report(r: dict) -> str:
         ("GPU", r["gpu"] + (f" x {r['tp_degree']} (tensor parallel)" if r.get("tp_degree", 1) > 1 else "")),
         ("model / trace", (f"{r['model']} {r['dtype']} / {r['trace']['name']} ({r['trace']['num_requests']} requests"
                           f"{', synthetic' if r['trace']['is_synthetic'] else ''})")),
+        ("GEMMs", r.get("gemm", r["dtype"]) + (f" ({r['weights_source']})" if r.get("weights_source") else "")),
         ("KV cache", (f"{e['kv_tokens']:,} tokens ({e['num_pages']:,} pages of {e['page_size']}), max concurrency "
                      f"{e['max_concurrency']:,}")),
         ("dense batch / decode slots", f"{e['dense_batch']} / {e['max_decode']}, {len(e['buckets'])} buckets"),

@@ -43,11 +43,13 @@ from nfsearch.serving.scheduler import Scheduler, SchedulerConfig, default_bucke
 from nfsearch.serving.traces import Request, prompt_ids_for
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+QUANTIZATIONS = (None, "fp8")    # fp8: W8A8 e4m3 GEMMs (runtime.fp8, kernels.gemm_fp8); opt-in numerics
 CPU_KV_TOKENS = 16384            # the CPU's cache without a memory figure (tiny models)
 # The plan's kernels per dense op at the full GPU (docs/kernels.md: cuBLAS GEMMs, the Triton
 # norm and SiLU-and-mul); "baseline" runs torch for every dense op. Both use the paged attention.
 PLAN_OPS = {"norm1": "triton", "norm2": "triton", "act": "triton"}
 VARIANT_OPS = {"plan": PLAN_OPS, "baseline": {}}
+FP8_GEMM = "fp8-e4m3 w8a8 per-channel/per-token"
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,8 @@ class Engine:
                  use_cuda_graphs: bool | None = None, is_async: bool = True, seed: int = 0,
                  trace_shape: TraceShape | None = None, num_pages: int | None = None,
                  memory_bytes: int | None = None, variants: tuple[str, ...] = ("plan",),
-                 predicted_output_len: int | None = None, max_tpot_ms: float | None = None, log=None):
+                 predicted_output_len: int | None = None, max_tpot_ms: float | None = None,
+                 quantization: str | None = None, log=None):
         t_start = time.perf_counter()
         self.log = log or (lambda line: None)
         self.cfg = load_model_config(model)
@@ -123,6 +126,9 @@ class Engine:
         if not 0.05 <= gpu_memory_utilization <= 1.0:
             raise NfsearchError(f"gpu memory utilization {gpu_memory_utilization}: expected 0.05..1.0")
         self.utilization = gpu_memory_utilization
+        if quantization not in QUANTIZATIONS:
+            raise NfsearchError(f"quantization {quantization!r}: use one of {', '.join(map(str, QUANTIZATIONS))}")
+        self.quantization = quantization
         self.trace_shape = trace_shape or TraceShape(512, 512, self.cfg.max_model_len)
         longest = min(self.trace_shape.max_request_len, self.cfg.max_model_len)
         self.max_context = -(-longest // page_size) * page_size
@@ -130,6 +136,10 @@ class Engine:
         self._choose_batch(dense_batch, max_decode, num_pages, memory_bytes)
 
         self.weights = self._load_weights(seed)
+        if quantization == "fp8" and not self.weights.is_fp8:
+            self.weights.quantize_()          # a subclass's loader (a TP rank's shard) left them bf16
+        if self.weights.is_fp8:               # asked for, or an FP8 checkpoint
+            self.quantization = "fp8"
         self._sync()
         self.load_s = time.perf_counter() - t_start
         self.compile_s = self._dry_run(num_pages) if self.is_cuda else 0.0
@@ -182,7 +192,7 @@ class Engine:
 
     def _load_weights(self, seed: int):
         """The model's weights on the device (runtime.engine_tp's ranks keep their shard)."""
-        return load_weights(self.cfg, self.folder, self.device, self.dtype, seed)
+        return load_weights(self.cfg, self.folder, self.device, self.dtype, seed, quantization=self.quantization)
 
     def _new_model(self, num_pages: int) -> PagedModel:
         return PagedModel(self.cfg, self.weights, num_pages, self.page_size, self.device, self.dtype,
@@ -196,11 +206,8 @@ class Engine:
         if name == "plan":
             return self.model
         import copy
-
-        from nfsearch.runtime.kernels import IMPLS
-        from nfsearch.runtime.paged_model import DENSE_OPS
         twin = copy.copy(self.model)
-        twin.ops = {op: IMPLS[op][VARIANT_OPS[name].get(op, "torch")] for op in DENSE_OPS}
+        twin.ops = twin.dense_ops(VARIANT_OPS[name])
         return twin
 
     def _dry_run(self, num_pages: int | None) -> float:
@@ -245,6 +252,12 @@ class Engine:
         per_request = max(1.0, self.trace_shape.mean_prompt_len + self.trace_shape.mean_output_len)
         return int(self.kv_tokens / per_request)
 
+    @property
+    def gemm_numerics(self) -> str:
+        """What the four GEMMs compute in, for every report: "fp8-e4m3 w8a8 per-channel/per-token" or
+        the model's dtype ("bf16")."""
+        return FP8_GEMM if self.quantization == "fp8" else self.dtype_name
+
     def describe(self) -> str:
         lines = [(f"model {self.cfg.spec.name} ({self.cfg.spec.num_layers} layers, {self.dtype_name}) on "
                  f"{self.device_name()}; attention {self.attn_impl}, CUDA graphs {'on' if self.use_cuda_graphs else 'off'}"),
@@ -257,6 +270,8 @@ class Engine:
                  f"compile (dry run) {self.compile_s:.1f} s, capture {self.capture_s:.1f} s")]
         if self.plan is not None:
             lines.insert(2, self.plan.describe())
+        if self.quantization:
+            lines.insert(1, f"GEMMs {self.gemm_numerics} ({self.weights.fp8_source})")
         if self.tpot_cap is not None:
             lines.insert(-1, self.tpot_cap.describe())
         return "\n".join(lines)

@@ -31,6 +31,7 @@ from nfsearch.runtime.weights import ModelWeights
 from nfsearch.serving.model_config import ModelConfig
 
 DENSE_OPS = ("norm1", "kqv", "o", "norm2", "ug", "act", "d")
+FP8_GEMM_OPS = ("kqv", "o", "ug", "d")
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -79,8 +80,7 @@ class PagedModel:
         self.scale = self.d ** -0.5
         self.num_sms = num_sms or (torch.cuda.get_device_properties(self.device).multi_processor_count
                                    if self.device.type == "cuda" else 1)
-        impls = {op: "torch" for op in DENSE_OPS} | (op_impls or {})
-        self.ops = {op: IMPLS[op][impls[op]] for op in DENSE_OPS}
+        self.ops = self.dense_ops(op_impls)
         self.decode_attn, self.prefill_attn, self.write_kv = _attention_ops(attn_impl)
         self.cos, self.sin = rope_tables(cfg, cfg.max_position_embeddings, self.device)
 
@@ -90,6 +90,14 @@ class PagedModel:
         self.k_caches = [self.kv[i, 0] for i in range(m.num_layers)]
         self.v_caches = [self.kv[i, 1] for i in range(m.num_layers)]
         self._alloc_buffers(max_tokens, max_logit_rows)
+
+    def dense_ops(self, op_impls: dict[str, str] | None) -> dict:
+        """{op: kernel} for the dense ops ("torch" where op_impls names none); with FP8 weights the
+        four GEMMs run the "fp8" impl whatever op_impls says (no other impl reads an Fp8Weight)."""
+        impls = {op: "torch" for op in DENSE_OPS} | (op_impls or {})
+        if self.w.is_fp8:
+            impls |= {op: "fp8" for op in FP8_GEMM_OPS}
+        return {op: IMPLS[op][impls[op]] for op in DENSE_OPS}
 
     def _alloc_buffers(self, T: int, L: int) -> None:
         m, dev, dt = self.cfg.spec, self.device, self.dtype

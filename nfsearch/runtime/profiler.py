@@ -112,7 +112,7 @@ def measure_single_gpu(model, workload, gpu_id: int = 0, is_quick: bool = False,
     opt_in_impls: impls of plan.OPT_IN_IMPLS to measure too (kernels.profiled_impls)."""
     import torch
 
-    from nfsearch.runtime.kernels import IMPLS, profiled_impls
+    from nfsearch.runtime.kernels import IMPL_NOTES, IMPLS, profiled_impls
 
     log = log or _stderr
     t_start = time.time()
@@ -121,6 +121,9 @@ def measure_single_gpu(model, workload, gpu_id: int = 0, is_quick: bool = False,
     parts = SmPartitions(gpu_id, mode="green")
     try:
         device = device_meta(torch, parts, gpu_id)
+        notes = {i: IMPL_NOTES[i] for i in opt_in_impls if i in IMPL_NOTES}
+        if notes:
+            device["impl_notes"] = notes
         plan = profiling.make_plan(model, workload, parts.num_sms, parts.granularity, is_quick=is_quick, ops=ops,
                                    impls=profiled_impls(opt_in_impls), settings=settings,
                                    sm_counts=sm_counts, with_pairs=with_pairs, pair_minority_sms=pair_minority_sms)
@@ -563,7 +566,8 @@ class _Inputs:
         sl = lambda x, i: x[i * tok:(i + 1) * tok]
         n = self.name
         if self.op.is_gemm:
-            sets = [(sl(self.a, i), self.w[i], sl(self.out, i)) for i in range(ns)]
+            from nfsearch.runtime.kernels import weight_for      # fp8 takes its weights quantized, once
+            sets = [(sl(self.a, i), weight_for(impl, self.w[i]), sl(self.out, i)) for i in range(ns)]
             return (lambda i: f(*sets[i % ns], sms)), ns
         if n in ("norm1", "norm2"):
             sets = [(sl(self.x, i), sl(self.out, i), sl(self.res, i), sl(self.res_out, i)) for i in range(ns)]

@@ -15,6 +15,10 @@
   ``num_sms`` (torch's SM carve-out), so cuBLAS sizes its kernel for the partition it runs on
   (``gemm_cublaslt``; registered where torch has the carve-out; `nfsearch profile` measures it only
   with ``--opt-in-impls cublaslt``, plan.OPT_IN_IMPLS says why);
+* ``"fp8"`` (kqv, o, ug, d): W8A8 e4m3, the weight an ``runtime.fp8.Fp8Weight`` (per output channel),
+  the activation quantized per token on the fly, ``torch._scaled_mm`` with rowwise scales on CUDA (a
+  float32 matmul of the dequantized values on the CPU); full grid, ``num_sms`` ignored. Opt-in: it
+  changes numerics (``gemm_fp8``; `nfsearch profile --opt-in-impls fp8`, plan.OPT_IN_IMPLS);
 * ``"cuda"`` (norm1, norm2, act, rope_append): raw CUDA kernels (``small_ops.cu``) compiled by
   NVRTC through ``cupy.RawModule`` and launched on torch's current stream (``small_ops_cuda``).
 
@@ -42,6 +46,8 @@ from .decode_attention import decode_attention
 from .decode_tma import decode_attention_tma
 from .gemm import gemm
 from .gemm_cublaslt import HAVE_SM_TARGET, gemm_cublaslt
+from .gemm_fp8 import IMPL_NOTE as FP8_NOTE
+from .gemm_fp8 import fp8_weight, gemm_fp8
 from .gemm_tma import gemm_tma
 from .prefill_attention import prefill_attention
 from .prefill_flash import prefill_attention_flash, prefill_attention_sdpa
@@ -67,6 +73,17 @@ IMPLS: dict[str, dict[str, object]] = {
 if HAVE_SM_TARGET:
     for _op in ("kqv", "o", "ug", "d"):
         IMPLS[_op]["cublaslt"] = gemm_cublaslt
+GEMM_OPS = ("kqv", "o", "ug", "d")
+for _op in GEMM_OPS:
+    IMPLS[_op]["fp8"] = gemm_fp8
+# what a profile measured with an opt-in impl records about it (its meta's impl_notes)
+IMPL_NOTES = {"fp8": FP8_NOTE}
+
+
+def weight_for(impl: str, w):
+    """The weight a GEMM impl takes for the bf16 weight w [K, N]: fp8 quantizes it (per output
+    channel; cached per tensor), every other impl takes w itself."""
+    return fp8_weight(w) if impl == "fp8" else w
 
 
 def profiled_impls(opt_in=()) -> dict[str, tuple[str, ...]]:
@@ -74,7 +91,7 @@ def profiled_impls(opt_in=()) -> dict[str, tuple[str, ...]]:
     plan.OPT_IN_IMPLS only where named in `opt_in`."""
     return {op: tuple(i for i in impls if i not in OPT_IN_IMPLS or i in opt_in) for op, impls in IMPLS.items()}
 
-__all__ = ["HAVE_TRITON", "IMPLS", "OPS", "decode_attention", "decode_attention_tma",
+__all__ = ["GEMM_OPS", "HAVE_TRITON", "IMPLS", "IMPL_NOTES", "OPS", "gemm_fp8", "weight_for", "decode_attention", "decode_attention_tma",
            "decode_attention_torch", "gemm", "gemm_cublaslt", "gemm_tma", "gemm_torch", "prefill_attention",
            "prefill_attention_flash", "prefill_attention_sdpa", "prefill_attention_torch", "profiled_impls",
            "rmsnorm", "rmsnorm_cuda", "rmsnorm_torch", "rope_append", "rope_append_cuda",
