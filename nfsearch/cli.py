@@ -342,11 +342,22 @@ _TIME_LIMIT = FiniteFloatRange(0.0, MAX_TIME_LIMIT_S, min_open=True)
                    "plan (0.04 = 4%, at least the model's measured errors of 1.5-3.8% on an overlapped / "
                    "sequential ratio); else write the sequential plan.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
-              help="Plan JSON to write (default: out/<model>-<workload>.json).")
+              help="Plan JSON to write (default: out/<model>-<workload>.json, or out/<model>-<trace>.family.json).")
+@click.option("--family", "is_family", is_flag=True,
+              help="One plan per engine bucket for --trace's batches, written as one plan family JSON "
+                   "(--threads: buckets solved at once).")
+@click.option("--trace", "trace_spec", help="With --family: E1-E4, const:IN:OUT, splitwise, lmsys, sharegpt or a .jsonl file.")
+@click.option("--dense-batch", type=click.IntRange(1, 65536),
+              help="With --family: the engine's dense batch (default: from memory, as the engine chooses it).")
+@click.option("--num-requests", type=click.IntRange(1, 10_000_000), help="With --family: requests of the trace (default 2000).")
 def solve(profile_path, solver, time_limit_s, threads, seed, num_layers, chunk, allow_extrapolation, min_gain,
-          output, **spec):
+          output, is_family, trace_spec, dense_batch, num_requests, **spec):
     """Search a schedule (stage 1 structure, stage 2 SM allocation) and write the plan JSON."""
     from nfsearch import plan, search
+    if is_family or trace_spec or dense_batch or num_requests:
+        from nfsearch.family.report import solve_family_cmd
+        return solve_family_cmd(is_family, trace_spec, dense_batch, num_requests, profile_path, time_limit_s, threads,
+                                seed, chunk, min_gain, output, spec, _check_outputs, _all_or_none, _echo)
     model, workload = resolve_specs(**spec)
     if output is None:
         output = str(OUT_DIR / f"{_slug(model.name)}-{_slug(workload.name)}.json")
@@ -389,8 +400,13 @@ def solve(profile_path, solver, time_limit_s, threads, seed, num_layers, chunk, 
 def simulate(plan_path, profile_path, out_prefix, allow_extrapolation):
     """Check a plan's constraints, replay it through the cost model, write Gantt and trace."""
     from nfsearch import plan
+    from nfsearch.family import artifact
     from nfsearch.simulate import check_and_judge, corun_sources, power_line, sources_line
-    schedule = plan.read(plan_path)
+    data = read_json(plan_path)
+    if artifact.is_family(data):
+        from nfsearch.family.report import simulate_family_cmd
+        return simulate_family_cmd(artifact.from_dict(data, plan_path), profile_path, _echo)
+    schedule = plan.from_dict(data, plan_path)
     if out_prefix is not None:
         if not out_prefix:
             raise NfsearchError("output prefix is empty")
