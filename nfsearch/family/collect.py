@@ -61,8 +61,9 @@ class TraceRun:
     refusals: list[str]              # the first few refusal reasons
 
 
-def run_scheduler(requests: list[Request], shape: EngineShape, max_model_len: int) -> TraceRun:
-    """Every batch the engine's scheduler forms for `requests` (all queued at the start)."""
+def run_scheduler(requests: list[Request], shape: EngineShape, max_model_len: int, on_batch=None) -> TraceRun:
+    """Every batch the engine's scheduler forms for `requests` (all queued at the start);
+    on_batch(batch, scheduler) sees each as it is formed."""
     cfg = SchedulerConfig(shape.dense_batch, shape.max_decode, list(shape.buckets), shape.page_size, max_model_len)
     sched = Scheduler(cfg, PageManager(shape.num_pages, shape.page_size))
     seqs = [sequence_from_request(r, [0] * r.prompt_len) for r in sorted(requests, key=lambda r: r.arrival_s)]
@@ -74,6 +75,8 @@ def run_scheduler(requests: list[Request], shape: EngineShape, max_model_len: in
         batch = sched.schedule(0.0) if sched.has_work() else None
         if batch is not None:
             hits[batch.bucket].add(batch)
+            if on_batch is not None:
+                on_batch(batch, sched)
             num_iterations += 1
         if in_flight is not None:
             sched.postprocess(in_flight, [0] * len(in_flight.sample_seqs), 0.0)
