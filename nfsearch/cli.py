@@ -707,13 +707,16 @@ def tune_cmd(plans_dir, top_k, time_limit_s, num_layers, profile_path, output, m
 @click.option("--quantization", type=click.Choice(["fp8"]), help="fp8: W8A8 e4m3 GEMMs (weights per output "
               "channel, activations per token); changes numerics, stated in the report. An FP8 checkpoint "
               "runs them anyway.")
+@click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp8"]), default="auto", show_default=True,
+              help="auto: the model's dtype; fp8: e4m3 K/V with a float32 scale per token and KV head (about "
+              "twice the tokens in the same memory, half the decode bytes; changes numerics, stated in the report).")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="Seed of the random weights, the synthetic trace and the prompts' token ids.")
 @click.option("--tp", "tp_degree", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Tensor-parallel ranks on this host (one GPU each, NCCL; gloo with --device cpu).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="JSON report (default: ./out/bench-*.json).")
 def bench_cmd(model, url, request_rate, sweep, max_duration_s, slo_stat, max_tpot_ms, max_concurrency, slo_ms, trace_spec, num_requests, dense_batch, utilization,
-              page_size, device, dtype, is_compare, quantization, seed, tp_degree, output):
+              page_size, device, dtype, is_compare, quantization, kv_cache_dtype, seed, tp_degree, output):
     """Serve a request trace with the engine: tokens/s per GPU against optimal, idle, power, latency."""
     if url:
         return _bench_url(url, request_rate, max_concurrency, slo_ms, trace_spec, num_requests, seed, output,
@@ -727,7 +730,8 @@ def bench_cmd(model, url, request_rate, sweep, max_duration_s, slo_stat, max_tpo
     output = output or str(OUT_DIR / default_output(model, trace_spec))
     _check_outputs([output], (".json",), may_create_out=True)
     opts = BenchOptions(model, trace_spec, num_requests, dense_batch, utilization, page_size, device, dtype,
-                        is_compare, seed, max_tpot_ms=max_tpot_ms, quantization=quantization)
+                        is_compare, seed, max_tpot_ms=max_tpot_ms, quantization=quantization,
+                        kv_cache_dtype=kv_cache_dtype)
     if tp_degree > 1:
         from nfsearch.runtime.engine_tp import run_bench_tp
         report = run_bench_tp(opts, tp_degree)
@@ -762,7 +766,10 @@ def bench_cmd(model, url, request_rate, sweep, max_duration_s, slo_stat, max_tpo
 @click.option("--quantization", type=click.Choice(["fp8"]), help="fp8: W8A8 e4m3 GEMMs (weights per output "
               "channel, activations per token); changes numerics, stated in the report. An FP8 checkpoint "
               "runs them anyway.")
-def serve_cmd(model, host, port, device, dtype, dense_batch, max_decode, max_tpot_ms, utilization, seed, quantization):
+@click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp8"]), default="auto", show_default=True,
+              help="auto: the model's dtype; fp8: e4m3 K/V with a float32 scale per token and KV head.")
+def serve_cmd(model, host, port, device, dtype, dense_batch, max_decode, max_tpot_ms, utilization, seed, quantization,
+              kv_cache_dtype):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
     try:
         from nfsearch.serving.server import serve
@@ -770,7 +777,8 @@ def serve_cmd(model, host, port, device, dtype, dense_batch, max_decode, max_tpo
         raise NfsearchError(f"nfsearch serve needs aiohttp ({exc.name} is not installed)") from None
     engine_kwargs = {"device": device, "dtype": dtype or ("bf16" if device == "cuda" else "fp32"),
                      "dense_batch": dense_batch, "max_decode": max_decode, "gpu_memory_utilization": utilization,
-                     "seed": seed, "max_tpot_ms": max_tpot_ms, "quantization": quantization}
+                     "seed": seed, "max_tpot_ms": max_tpot_ms, "quantization": quantization,
+                     "kv_cache_dtype": kv_cache_dtype}
     serve(model, host, port, engine_kwargs, echo=lambda line: _echo(line, err=True))
 
 

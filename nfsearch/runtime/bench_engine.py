@@ -39,6 +39,7 @@ class BenchOptions:
     max_tpot_ms: float | None = None    # --max-tpot: cap the dense batch so iterations stay under it
     tp_degree: int = 1               # >1: this process is one TP rank (runtime.engine_tp.run_bench_tp)
     quantization: str | None = None  # "fp8": W8A8 e4m3 GEMMs (Engine's quantization)
+    kv_cache_dtype: str = "auto"     # "auto": the model's dtype; "fp8": e4m3 + per-(token, kv head) scales
 
 
 def run_bench(opts: BenchOptions, echo=print, progress: bool = True, make_engine=Engine) -> dict:
@@ -55,7 +56,8 @@ def run_bench(opts: BenchOptions, echo=print, progress: bool = True, make_engine
                     page_size=opts.page_size, is_async=opts.is_async, seed=opts.seed,
                     trace_shape=TraceShape.of(servable), variants=variants, log=echo,
                     **({"max_tpot_ms": opts.max_tpot_ms} if opts.max_tpot_ms else {}),
-                    **({"quantization": opts.quantization} if opts.quantization else {}))
+                    **({"quantization": opts.quantization} if opts.quantization else {}),
+                    **({"kv_cache_dtype": opts.kv_cache_dtype} if opts.kv_cache_dtype != "auto" else {}))
     nvml = _open_nvml(engine)
     with _Progress(len(trace.requests), progress) as bar:
         sampler, energy0 = _start_power(nvml)
@@ -69,7 +71,7 @@ def run_bench(opts: BenchOptions, echo=print, progress: bool = True, make_engine
     steady = es.window(run, summary.steady_start_s, summary.steady_end_s)
     report = {
         "gpu": engine.device_name(), "tp_degree": opts.tp_degree, "model": cfg.spec.name, "dtype": engine.dtype_name,
-        "gemm": engine.gemm_numerics, "quantization": engine.quantization,
+        "gemm": engine.gemm_numerics, "quantization": engine.quantization, "kv_cache_dtype": engine.kv_dtype_name,
         "weights_source": engine.weights.fp8_source, "weights_bytes": engine.weights.num_bytes,
         "trace": {"name": trace.name, "description": trace.description, "is_synthetic": trace.is_synthetic,
                   "num_requests": len(trace.requests)},
@@ -110,6 +112,7 @@ def engine_ops() -> dict:
 
 def _engine_dict(engine: Engine) -> dict:
     return {"kv_tokens": engine.kv_tokens, "num_pages": engine.num_pages, "page_size": engine.page_size,
+            "kv_dtype": engine.kv_dtype_name, "kv_bytes_per_token": engine.kv_token_bytes,
             "max_concurrency": engine.max_concurrency(), "dense_batch": engine.dense_batch,
             "max_decode": engine.max_decode, "attn_impl": engine.attn_impl, "is_cuda": engine.is_cuda,
             "cuda_graphs": engine.use_cuda_graphs, "is_async": engine.is_async,
@@ -205,8 +208,8 @@ def format_report(r: dict) -> str:
         ("model / trace", (f"{r['model']} {r['dtype']} / {r['trace']['name']} ({r['trace']['num_requests']} requests"
                           f"{', synthetic' if r['trace']['is_synthetic'] else ''})")),
         ("GEMMs", r.get("gemm", r["dtype"]) + (f" ({r['weights_source']})" if r.get("weights_source") else "")),
-        ("KV cache", (f"{e['kv_tokens']:,} tokens ({e['num_pages']:,} pages of {e['page_size']}), max concurrency "
-                     f"{e['max_concurrency']:,}")),
+        ("KV cache", (f"{e.get('kv_dtype', r['dtype'])} {e['kv_tokens']:,} tokens ({e['num_pages']:,} pages of "
+                     f"{e['page_size']}), max concurrency {e['max_concurrency']:,}")),
         ("dense batch / decode slots", f"{e['dense_batch']} / {e['max_decode']}, {len(e['buckets'])} buckets"),
         ("start-up s", "load {load:.1f}, compile {compile:.1f}, capture {capture:.1f}".format(**e["startup_s"])),
         ("", f"{'steady':>12} {'whole run':>12}"),

@@ -32,6 +32,7 @@ import torch
 
 from nfsearch.errors import NfsearchError
 from nfsearch.runtime import engine_memory as mem
+from nfsearch.runtime import engine_plans
 from nfsearch.runtime import tpot_cap
 from nfsearch.runtime.engine_runner import StepRunner, dry_forward
 from nfsearch.runtime.paged_model import PagedModel
@@ -44,6 +45,7 @@ from nfsearch.serving.traces import Request, prompt_ids_for
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 QUANTIZATIONS = (None, "fp8")    # fp8: W8A8 e4m3 GEMMs (runtime.fp8, kernels.gemm_fp8); opt-in numerics
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}    # None: the model's dtype
 CPU_KV_TOKENS = 16384            # the CPU's cache without a memory figure (tiny models)
 # The plan's kernels per dense op at the full GPU (docs/kernels.md: cuBLAS GEMMs, the Triton
 # norm and SiLU-and-mul); "baseline" runs torch for every dense op. Both use the paged attention.
@@ -106,7 +108,7 @@ class Engine:
                  trace_shape: TraceShape | None = None, num_pages: int | None = None,
                  memory_bytes: int | None = None, variants: tuple[str, ...] = ("plan",),
                  predicted_output_len: int | None = None, max_tpot_ms: float | None = None,
-                 quantization: str | None = None, log=None):
+                 quantization: str | None = None, plans: str | None = None, log=None, kv_cache_dtype: str = "auto"):
         t_start = time.perf_counter()
         self.log = log or (lambda line: None)
         self.cfg = load_model_config(model)
@@ -119,6 +121,11 @@ class Engine:
         if dtype not in DTYPES:
             raise NfsearchError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
         self.dtype, self.dtype_name = DTYPES[dtype], dtype
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise NfsearchError(f"kv cache dtype {kv_cache_dtype!r}: use one of {', '.join(KV_CACHE_DTYPES)}")
+        # "auto": the model's dtype; "fp8": e4m3 with a float32 scale per (token, kv head)
+        self.kv_dtype = KV_CACHE_DTYPES[kv_cache_dtype] or self.dtype
+        self.kv_dtype_name = dtype if kv_cache_dtype == "auto" else kv_cache_dtype
         self.is_cuda = self.device.type == "cuda"
         self.attn_impl = attn_impl or ("triton" if self.is_cuda else "torch")
         self.use_cuda_graphs = self.is_cuda and self.attn_impl != "torch" if use_cuda_graphs is None \
@@ -133,6 +140,9 @@ class Engine:
         longest = min(self.trace_shape.max_request_len, self.cfg.max_model_len)
         self.max_context = -(-longest // page_size) * page_size
         self.min_pages = -(-longest // page_size)
+        self.family, self.bucket_kernels = None, []
+        if plans is not None:        # a plan family (runtime.engine_plans): its dense batch and decode slots
+            self.family, dense_batch, max_decode = engine_plans.read_family(plans, dense_batch, max_decode)
         self._choose_batch(dense_batch, max_decode, num_pages, memory_bytes)
 
         self.weights = self._load_weights(seed)
@@ -148,6 +158,8 @@ class Engine:
         self.tpot_cap = tpot_cap.cap_engine(self, max_tpot_ms) if max_tpot_ms is not None else None
         models = {name: self._variant(name) for name in variants}
         self.runner = StepRunner(models, self.buckets, page_size, self.device, self.use_cuda_graphs)
+        if self.family is not None:  # each bucket's graph with its plan's kernels
+            self.bucket_kernels = engine_plans.apply_family(self, self.family)
         if self.use_cuda_graphs:
             self.runner.capture()
         self.capture_s = self.runner.capture_s
@@ -158,6 +170,9 @@ class Engine:
     def _choose_batch(self, dense_batch, max_decode, num_pages, memory_bytes) -> None:
         spec, tied = self.cfg.spec, self.cfg.tie_word_embeddings
         self.dtype_bytes = torch.tensor([], dtype=self.dtype).element_size()
+        self.kv_token_bytes = mem.kv_bytes_per_token(
+            spec, torch.tensor([], dtype=self.kv_dtype).element_size(),
+            mem.FP8_SCALE_BYTES if self.kv_dtype == torch.float8_e4m3fn else 0)
         self.total_bytes, self.other_bytes = memory_bytes, 0
         if self.is_cuda and memory_bytes is None:
             free, total = torch.cuda.mem_get_info(self.device)
@@ -168,7 +183,8 @@ class Engine:
 
         def analytic(tokens: int, decode: int, what: str) -> mem.MemoryPlan:
             return mem.estimate_plan(spec, self.dtype_bytes, tied, self.total_bytes, self.utilization,
-                                     self.other_bytes, tokens, decode + 8, self.page_size, self.min_pages, what)
+                                     self.other_bytes, tokens, decode + 8, self.page_size, self.min_pages, what,
+                                     kv_token_bytes=self.kv_token_bytes)
 
         if num_pages is not None:
             kv_tokens = num_pages * self.page_size
@@ -197,7 +213,8 @@ class Engine:
     def _new_model(self, num_pages: int) -> PagedModel:
         return PagedModel(self.cfg, self.weights, num_pages, self.page_size, self.device, self.dtype,
                           self.attn_impl, max_tokens=max(b.max_tokens for b in self.buckets),
-                          max_logit_rows=self.max_logit_rows, op_impls=VARIANT_OPS["plan"] if self.is_cuda else None)
+                          max_logit_rows=self.max_logit_rows, op_impls=VARIANT_OPS["plan"] if self.is_cuda else None,
+                          kv_dtype=self.kv_dtype)
 
     def _variant(self, name: str) -> PagedModel:
         """A model sharing the engine model's weights, cache and buffers, with the variant's kernels."""
@@ -216,7 +233,7 @@ class Engine:
         t0 = time.perf_counter()
         base = torch.cuda.memory_allocated(self.device)
         dry = self._new_model(self.min_pages + 1)
-        static = torch.cuda.memory_allocated(self.device) - base - dry.kv.numel() * dry.kv.element_size()
+        static = torch.cuda.memory_allocated(self.device) - base - dry.kv_num_bytes
         peak = 0
         for bucket in sorted(self.buckets, reverse=True):
             self._sync()
@@ -232,8 +249,8 @@ class Engine:
         weights = torch.cuda.memory_allocated(self.device)
         other = total - free - torch.cuda.memory_reserved(self.device)
         self.plan = mem.plan_pages(self.total_bytes if self.total_bytes else total, self.utilization, weights,
-                                   static + peak, other, mem.kv_bytes_per_token(self.cfg.spec, self.dtype_bytes)
-                                   * self.page_size, self.page_size, self.min_pages, True,
+                                   static + peak, other, self.kv_token_bytes * self.page_size, self.page_size,
+                                   self.min_pages, True,
                                    f"dense batch {self.dense_batch}")
         if num_pages is None:
             self.num_pages = self.plan.num_pages
@@ -261,7 +278,8 @@ class Engine:
     def describe(self) -> str:
         lines = [(f"model {self.cfg.spec.name} ({self.cfg.spec.num_layers} layers, {self.dtype_name}) on "
                  f"{self.device_name()}; attention {self.attn_impl}, CUDA graphs {'on' if self.use_cuda_graphs else 'off'}"),
-                 (f"KV cache {self.kv_tokens:,} tokens ({self.num_pages:,} pages of {self.page_size}); max concurrency "
+                 (f"KV cache {self.kv_dtype_name} {self.kv_tokens:,} tokens ({self.num_pages:,} pages of "
+                  f"{self.page_size}, {self.kv_token_bytes:,} bytes per token); max concurrency "
                  f"{self.max_concurrency():,} at the trace's mean prompt + output "
                  f"({self.trace_shape.mean_prompt_len:.0f} + {self.trace_shape.mean_output_len:.0f} tokens)"),
                  (f"dense batch {self.dense_batch} tokens, up to {self.max_decode} decode rows, "

@@ -41,8 +41,15 @@ def buffer_bytes(spec: ModelSpec, max_tokens: int, max_logit_rows: int, dtype_by
     return (max_tokens * per_token + 2 * max_logit_rows * H) * dtype_bytes + max_logit_rows * spec.vocab_size * 4
 
 
-def kv_bytes_per_token(spec: ModelSpec, dtype_bytes: int) -> int:
-    return 2 * spec.num_layers * spec.kv_size * dtype_bytes
+# An fp8 KV cache stores one float32 scale per (token, kv head) for K and for V
+# (runtime/kernels/paged_attention_torch.py says why): 4 bytes per head_dim bytes of fp8.
+FP8_SCALE_BYTES = 4
+
+
+def kv_bytes_per_token(spec: ModelSpec, dtype_bytes: int, scale_bytes: int = 0) -> int:
+    """K and V of one token in every layer: dtype_bytes per element (the cache's dtype, not the
+    model's) plus scale_bytes per kv head (FP8_SCALE_BYTES for an fp8 cache)."""
+    return 2 * spec.num_layers * (spec.kv_size * dtype_bytes + spec.num_kv_heads * scale_bytes)
 
 
 @dataclass(frozen=True)
@@ -97,12 +104,14 @@ def plan_pages(total_bytes: int, utilization: float, weights: int, activations: 
 
 def estimate_plan(spec: ModelSpec, dtype_bytes: int, tied: bool, total_bytes: int, utilization: float,
                   other_bytes: int, max_tokens: int, max_logit_rows: int, page_size: int,
-                  min_pages: int, what: str) -> MemoryPlan:
-    """The analytic plan: refuses before the weights are loaded."""
+                  min_pages: int, what: str, kv_token_bytes: int | None = None) -> MemoryPlan:
+    """The analytic plan: refuses before the weights are loaded. kv_token_bytes: one token's K/V
+    (kv_bytes_per_token of the cache's dtype); None: a cache in the model's dtype."""
     buffers = buffer_bytes(spec, max_tokens, max_logit_rows, dtype_bytes)
+    kv_token_bytes = kv_token_bytes or kv_bytes_per_token(spec, dtype_bytes)
     return plan_pages(total_bytes, utilization, weights_bytes(spec, dtype_bytes, tied),
                       int(buffers * (1 + TEMPORARY_SHARE)), other_bytes,
-                      kv_bytes_per_token(spec, dtype_bytes) * page_size, page_size, min_pages, False, what)
+                      kv_token_bytes * page_size, page_size, min_pages, False, what)
 
 
 def choose_batch(kv_tokens: int, mean_prompt_len: float, mean_output_len: float, max_request_len: int,

@@ -168,7 +168,7 @@ class TpEngine(Engine):
         return TpPagedModel(self.cfg, self.weights, num_pages, self.page_size,
                             self.device, self.dtype, self.attn_impl,
                             max_tokens=max(b.max_tokens for b in self.buckets), max_logit_rows=self.max_logit_rows,
-                            op_impls=self._op_impls(), is_debug=self.is_debug)
+                            op_impls=self._op_impls(), is_debug=self.is_debug, kv_dtype=self.kv_dtype)
 
     def describe(self) -> str:
         full, mine = self.full_cfg.spec, self.cfg.spec

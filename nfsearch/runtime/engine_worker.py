@@ -42,7 +42,8 @@ def worker_main(engine_kwargs: dict, inbox, outbox) -> None:
     outbox.put(("ready", {"num_pages": engine.num_pages, "page_size": engine.page_size,
                           "max_model_len": engine.cfg.max_model_len, "dense_batch": engine.dense_batch,
                           "vocab_size": engine.cfg.spec.vocab_size, "eos_token_ids": list(engine.cfg.eos_token_ids),
-                          "gemm": engine.gemm_numerics, "description": engine.describe()}))
+                          "gemm": engine.gemm_numerics, "kv_cache_dtype": engine.kv_dtype_name,
+                          "description": engine.describe()}))
     serve_forever(engine, inbox, outbox)
 
 

@@ -15,7 +15,9 @@ Layer (residual adds fused into the O and D GEMMs, two residual buffers used in 
     mid  = attn @ wo + x;  h = rmsnorm(mid) * norm2;  ug = h @ wug;  act = silu(gate) * up
     x    = act @ wd + mid
 One set of activation buffers serves every layer (sized by max_tokens); the KV cache is one
-allocation, viewed per layer as k_cache, v_cache [num_pages, page_size, Hkv, D].
+allocation, viewed per layer as k_cache, v_cache [num_pages, page_size, Hkv, D]. With kv_dtype
+float8_e4m3fn the cache holds fp8 and a second allocation holds one float32 scale per (token, kv
+head) for K and V, viewed per layer as [num_pages, page_size, Hkv] (kernels/paged_attention_torch.py).
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class PagedModel:
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, num_pages: int, page_size: int, device="cpu",
                  dtype=torch.bfloat16, attn_impl: str = "torch", *, max_tokens: int = 2048,
                  max_logit_rows: int = 512, op_impls: dict[str, str] | None = None,
-                 num_sms: int | None = None):
+                 num_sms: int | None = None, kv_dtype: torch.dtype | None = None):
         m = cfg.spec
         if m.is_moe:
             raise ValueError(f"model {m.name}: MoE layers are not supported by the engine")
@@ -85,10 +87,19 @@ class PagedModel:
         self.cos, self.sin = rope_tables(cfg, cfg.max_position_embeddings, self.device)
 
         # KV cache: [layers, 2, pages, page_size, Hkv, D], zeroed (a masked key must not be NaN)
+        self.kv_dtype = kv_dtype or dtype
+        if self.kv_dtype not in (dtype, torch.float8_e4m3fn):
+            raise ValueError(f"kv_dtype must be the model's dtype or torch.float8_e4m3fn, not {self.kv_dtype}")
         self.kv = torch.zeros((m.num_layers, 2, num_pages, page_size, self.hkv, self.d), device=self.device,
-                              dtype=dtype)
+                              dtype=self.kv_dtype)
         self.k_caches = [self.kv[i, 0] for i in range(m.num_layers)]
         self.v_caches = [self.kv[i, 1] for i in range(m.num_layers)]
+        # fp8: scales [layers, 2, pages, page_size, Hkv] float32 (ones: a zeroed row dequantizes to 0)
+        self.kv_scales = (torch.ones((m.num_layers, 2, num_pages, page_size, self.hkv), device=self.device,
+                                     dtype=torch.float32) if self.is_fp8_kv else None)
+        self.kv_scale_kwargs = [{} if self.kv_scales is None else
+                                {"k_scales": self.kv_scales[i, 0], "v_scales": self.kv_scales[i, 1]}
+                                for i in range(m.num_layers)]
         self._alloc_buffers(max_tokens, max_logit_rows)
 
     def dense_ops(self, op_impls: dict[str, str] | None) -> dict:
@@ -112,8 +123,20 @@ class PagedModel:
         self.sampled = torch.zeros(L, device=dev, dtype=torch.int64)
 
     @property
+    def is_fp8_kv(self) -> bool:
+        return self.kv_dtype == torch.float8_e4m3fn
+
+    @property
     def kv_bytes_per_token(self) -> int:
-        return 2 * self.cfg.spec.num_layers * self.hkv * self.d * self.kv.element_size()
+        """K and V of one token in every layer, fp8 scales included."""
+        scale_bytes = 4 if self.is_fp8_kv else 0
+        return 2 * self.cfg.spec.num_layers * self.hkv * (self.d * self.kv.element_size() + scale_bytes)
+
+    @property
+    def kv_num_bytes(self) -> int:
+        """The cache's device bytes: K/V and (fp8) their scales."""
+        scales = 0 if self.kv_scales is None else self.kv_scales.numel() * 4
+        return self.kv.numel() * self.kv.element_size() + scales
 
     # ------------------------------------------------------------------------------ forward
     def forward(self, step: StepInputs) -> torch.Tensor:
@@ -160,15 +183,15 @@ class PagedModel:
         ops["kqv"](b["h"], w.wqkv, b["qkv"], n, residual=bias)
         rope_append_torch(b["qkv"], step.positions, self.cos, self.sin, b["q"], None, None, None,
                           k_out=b["k"], v_out=b["v"])
-        kc, vc = self.k_caches[i], self.v_caches[i]
-        self.write_kv(b["k"], b["v"], kc, vc, step.slot_mapping)
+        kc, vc, kv_scales = self.k_caches[i], self.v_caches[i], self.kv_scale_kwargs[i]
+        self.write_kv(b["k"], b["v"], kc, vc, step.slot_mapping, **kv_scales)
         B = step.max_decode
         if B:
             self.decode_attn(b["q"][:B], kc, vc, step.page_tables[:B], step.context_lens, b["attn"][:B],
-                             self.scale, num_sms=n)
+                             self.scale, num_sms=n, **kv_scales)
         if step.chunk_lens.shape[0]:
             self.prefill_attn(b["q"], kc, vc, step.page_tables[B:], step.chunk_starts, step.chunk_lens,
-                              step.prefix_lens, b["attn"], self.scale, num_sms=n)
+                              step.prefix_lens, b["attn"], self.scale, num_sms=n, **kv_scales)
         ops["o"](b["attn"].view(T, -1), w.wo, b["mid"], n, residual=x)
         ops["norm2"](b["mid"], w.norm2, b["h"], n, eps=eps)
         ops["ug"](b["h"], w.wug, b["ug"], n)

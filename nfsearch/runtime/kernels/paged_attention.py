@@ -18,6 +18,13 @@ share); work items past a request's length or a segment's end do nothing.
   heaviest (last) block first; the grid is sized from the shapes and strides over them.
 
 The torch versions (``*_torch``, paged_attention_torch.py) run on the CPU and are the reference.
+
+FP8 caches (``torch.float8_e4m3fn``, ``--kv-cache-dtype fp8``): every kernel takes ``k_scales,
+v_scales [num_pages, page_size, Hkv]`` float32, one scale per (token, kv head), written by write_kv
+with the row (paged_attention_torch.py says why that grain). The dtype is a trace-time constant
+(``FP8: tl.constexpr``): the bf16 kernels compile exactly as before. With fp8 the attention kernels
+load half the K/V bytes (the same vectorised row loads) plus one scale per key, widen the fp8 tile to
+q's dtype (exact) and apply the scales per score column (K) and per probability column (V).
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from dataclasses import dataclass
 from functools import cache
 
 from ._common import HAVE_TRITON, next_pow2, programs, require_triton, tl, torch, triton
-from .paged_attention_torch import paged_decode_attention_torch, paged_prefill_attention_torch, write_kv_torch
+from .paged_attention_torch import (FP8_MAX, is_fp8, paged_decode_attention_torch, paged_prefill_attention_torch,
+                                    write_kv_torch)
 
 LOG2E = 1.4426950408889634
 
@@ -57,22 +65,58 @@ WRITE_KV_PROGRAMS_PER_SM = 8
 if HAVE_TRITON:
     from .decode_attention import _decode_reduce_kernel, softmax_step, store_item
 
+    FP8_LIMIT = tl.constexpr(FP8_MAX)
+    RNE_MAGIC = tl.constexpr(12582912.0)      # 1.5 x 2^23: y + it - it is y rounded to an integer (|y| < 2^22)
+
     @triton.jit
-    def _kv_block(k_ptr, v_ptr, pt, key, kmask, h, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, offs_d, PS: tl.constexpr):
-        """Keys `key` [BN] of one request through its page table row `pt`: (K [BN, D], V [BN, D])."""
+    def _kv_block(k_ptr, v_ptr, ks_ptr, vs_ptr, pt, key, kmask, h, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_sp, s_st,
+                  offs_d, PS: tl.constexpr, FP8: tl.constexpr):
+        """Keys `key` [BN] of one request through its page table row `pt`: (K [BN, D], V [BN, D], K scales,
+        V scales): the scales [BN] of an fp8 cache (0 where masked), else 1.0."""
         page = tl.load(pt + key // PS, mask=kmask, other=0).to(tl.int64)
         krow = page * s_kp + (key % PS) * s_kt + h * s_kh
         vrow = page * s_vp + (key % PS) * s_vt + h * s_vh
         kt = tl.load(k_ptr + krow[:, None] + offs_d[None, :], mask=kmask[:, None], other=0.0)
         vt = tl.load(v_ptr + vrow[:, None] + offs_d[None, :], mask=kmask[:, None], other=0.0)
-        return kt, vt
+        if FP8:
+            srow = page * s_sp + (key % PS) * s_st + h
+            ks = tl.load(ks_ptr + srow, mask=kmask, other=0.0)
+            vs = tl.load(vs_ptr + srow, mask=kmask, other=0.0)
+        else:
+            ks = 1.0
+            vs = 1.0
+        return kt, vt, ks, vs
 
     @triton.jit
-    def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, lens_ptr, out_ptr, opart_ptr, lse_ptr,
-                             s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_ob, s_oh, s_pt,
+    def _scores(qt, kt, ks, qk_scale, FP8: tl.constexpr):
+        """q k^T x qk_scale [M, BN] fp32; an fp8 K tile is widened to q's dtype and scaled per column."""
+        if FP8:
+            sc = tl.dot(qt, tl.trans(kt.to(qt.dtype))) * (ks * qk_scale)[None, :]
+        else:
+            sc = tl.dot(qt, tl.trans(kt)) * qk_scale
+        return sc
+
+    @triton.jit
+    def _attend_step(sc, vt, vs, m_i, l_i, acc, FP8: tl.constexpr):
+        """softmax_step; with an fp8 V tile (already widened) the probabilities are scaled per key
+        column before the PV product (the row sums l_i stay unscaled)."""
+        if FP8:
+            m_new = tl.maximum(m_i, tl.max(sc, 1))
+            p = tl.exp2(sc - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot((p * vs[None, :]).to(vt.dtype), vt)
+            m_i = m_new
+        else:
+            m_i, l_i, acc = softmax_step(sc, vt, m_i, l_i, acc)
+        return m_i, l_i, acc
+
+    @triton.jit
+    def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pt_ptr, lens_ptr, out_ptr, opart_ptr, lse_ptr,
+                             s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_sp, s_st, s_ob, s_oh, s_pt,
                              B, HKV, NSPLIT, SPLIT_LEN, qk_scale, NP,
                              PS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                             BN: tl.constexpr, DIRECT: tl.constexpr, STAGES: tl.constexpr):
+                             BN: tl.constexpr, DIRECT: tl.constexpr, STAGES: tl.constexpr, FP8: tl.constexpr):
         pid = tl.program_id(0)
         offs_g = tl.arange(0, GP)
         offs_d = tl.arange(0, D)
@@ -93,19 +137,21 @@ if HAVE_TRITON:
             for t0 in tl.range(start, end, BN, num_stages=STAGES):
                 tok = t0 + offs_n
                 tmask = tok < end
-                kt, vt = _kv_block(k_ptr, v_ptr, pt, tok, tmask, h, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, offs_d, PS)
-                sc = tl.dot(qt, tl.trans(kt)) * qk_scale
+                kt, vt, ks, vs = _kv_block(k_ptr, v_ptr, ks_ptr, vs_ptr, pt, tok, tmask, h, s_kp, s_kt, s_kh,
+                                           s_vp, s_vt, s_vh, s_sp, s_st, offs_d, PS, FP8)
+                sc = _scores(qt, kt, ks, qk_scale, FP8)
                 sc = tl.where(tmask[None, :], sc, float("-inf"))
-                m_i, l_i, acc = softmax_step(sc, vt, m_i, l_i, acc)
+                m_i, l_i, acc = _attend_step(sc, vt.to(qt.dtype), vs, m_i, l_i, acc, FP8)
             store_item(acc, l_i, m_i, out_ptr, opart_ptr, lse_ptr, b, qh, s, s_ob, s_oh, HKV, NSPLIT, offs_d,
                        gmask, G, D, DIRECT)
 
     @triton.jit
-    def _paged_prefill_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, starts_ptr, lens_ptr, prefix_ptr, out_ptr,
-                              s_qt, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_ot, s_oh, s_pt,
+    def _paged_prefill_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pt_ptr, starts_ptr, lens_ptr, prefix_ptr, out_ptr,
+                              s_qt, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_sp, s_st, s_ot, s_oh, s_pt,
                               NSEG, HKV, qk_scale, NP,
                               PS: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BT: tl.constexpr,
-                              D: tl.constexpr, BN: tl.constexpr, SP: tl.constexpr, STAGES: tl.constexpr):
+                              D: tl.constexpr, BN: tl.constexpr, SP: tl.constexpr, STAGES: tl.constexpr,
+                              FP8: tl.constexpr):
         pid = tl.program_id(0)
         offs_m = tl.arange(0, BM)
         offs_d = tl.arange(0, D)
@@ -141,36 +187,66 @@ if HAVE_TRITON:
             acc = tl.zeros([BM, D], dtype=tl.float32)
             for k0 in tl.range(0, full_end, BN, num_stages=STAGES):
                 key = k0 + offs_n
-                kt, vt = _kv_block(k_ptr, v_ptr, pt, key, key < full_end, h, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh,
-                                   offs_d, PS)
-                sc = tl.dot(qt, tl.trans(kt)) * qk_scale
-                m_i, l_i, acc = softmax_step(sc, vt, m_i, l_i, acc)
+                kt, vt, ks, vs = _kv_block(k_ptr, v_ptr, ks_ptr, vs_ptr, pt, key, key < full_end, h, s_kp, s_kt,
+                                           s_kh, s_vp, s_vt, s_vh, s_sp, s_st, offs_d, PS, FP8)
+                sc = _scores(qt, kt, ks, qk_scale, FP8)
+                m_i, l_i, acc = _attend_step(sc, vt.to(qt.dtype), vs, m_i, l_i, acc, FP8)
             for k0 in tl.range(full_end, edge_end, BN, num_stages=STAGES):
                 key = k0 + offs_n
                 kmask = key < edge_end
-                kt, vt = _kv_block(k_ptr, v_ptr, pt, key, kmask, h, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, offs_d, PS)
-                sc = tl.dot(qt, tl.trans(kt)) * qk_scale
+                kt, vt, ks, vs = _kv_block(k_ptr, v_ptr, ks_ptr, vs_ptr, pt, key, kmask, h, s_kp, s_kt, s_kh,
+                                           s_vp, s_vt, s_vh, s_sp, s_st, offs_d, PS, FP8)
+                sc = _scores(qt, kt, ks, qk_scale, FP8)
                 sc = tl.where(kmask[None, :] & (key[None, :] <= pos[:, None]), sc, float("-inf"))
-                m_i, l_i, acc = softmax_step(sc, vt, m_i, l_i, acc)
+                m_i, l_i, acc = _attend_step(sc, vt.to(qt.dtype), vs, m_i, l_i, acc, FP8)
             o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
             ooff = (start + i).to(tl.int64) * s_ot + qh * s_oh
             tl.store(out_ptr + ooff[:, None] + offs_d[None, :], o.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
 
     @triton.jit
-    def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, s_kt, s_kh, s_vt, s_vh,
-                         s_kcp, s_kct, s_kch, s_vcp, s_vct, s_vch, T, NP,
-                         HKV: tl.constexpr, HP: tl.constexpr, PS: tl.constexpr, D: tl.constexpr):
+    def _to_fp8(x, dtype: tl.constexpr):
+        """Rows x [HP, D] fp32 -> (fp8 [HP, D], scales [HP]): scale = max |row| / 448 (1.0 for a zero
+        row), divisions rounded as torch's (IEEE) so the torch path writes the same bytes."""
+        amax = tl.max(tl.abs(x), 1)
+        sc = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, FP8_LIMIT, tl.float32)), 1.0)
+        xq = tl.math.div_rn(x, tl.broadcast_to(sc[:, None], x.shape))
+        return _round_to_e4m3(tl.clamp(xq, -FP8_LIMIT, FP8_LIMIT)).to(dtype), sc
+
+    @triton.jit
+    def _round_to_e4m3(x):
+        """x (fp32, |x| <= 448) rounded to nearest-even on the e4m3 grid, in fp32 arithmetic, so the
+        cast that follows is exact: the grid step is 2^(e - 3) for |x| in [2^e, 2^(e + 1)), e >= -6,
+        and 2^-9 below (subnormals). (Triton's interpreter casts to fp8 without the carry into the
+        exponent; this way the interpreter, the GPU and torch write the same bytes.)"""
+        e = tl.maximum((x.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121)      # biased exponent, >= 2^-6
+        step = ((e - 3) << 23).to(tl.float32, bitcast=True)
+        inv_step = ((257 - e) << 23).to(tl.float32, bitcast=True)            # 1 / step
+        y = x * inv_step                                                        # |y| < 16, exact
+        return ((y + RNE_MAGIC) - RNE_MAGIC) * step        # fp32 adds round y to an integer, ties even
+
+    @triton.jit
+    def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr, s_kt, s_kh, s_vt, s_vh,
+                         s_kcp, s_kct, s_kch, s_vcp, s_vct, s_vch, s_sp, s_st, T, NP,
+                         HKV: tl.constexpr, HP: tl.constexpr, PS: tl.constexpr, D: tl.constexpr,
+                         FP8: tl.constexpr):
         pid = tl.program_id(0)
         offs_h = tl.arange(0, HP)
         offs_d = tl.arange(0, D)
         for t in range(pid, T, NP):
             slot = tl.load(slot_ptr + t)
-            mask = ((offs_h < HKV) & (slot >= 0))[:, None]
+            hmask = offs_h < tl.where(slot >= 0, HKV, 0)    # (a scalar & a vector trips the interpreter)
+            mask = hmask[:, None]
             slot = tl.maximum(slot, 0).to(tl.int64)
             page = slot // PS
             off = slot % PS
             kv = tl.load(k_ptr + t * s_kt + offs_h[:, None] * s_kh + offs_d[None, :], mask=mask)
             vv = tl.load(v_ptr + t * s_vt + offs_h[:, None] * s_vh + offs_d[None, :], mask=mask)
+            if FP8:
+                kv, ksc = _to_fp8(kv.to(tl.float32), kc_ptr.dtype.element_ty)
+                vv, vsc = _to_fp8(vv.to(tl.float32), vc_ptr.dtype.element_ty)
+                srow = page * s_sp + off * s_st + offs_h
+                tl.store(ks_ptr + srow, ksc, mask=hmask)
+                tl.store(vs_ptr + srow, vsc, mask=hmask)
             tl.store(kc_ptr + page * s_kcp + off * s_kct + offs_h[:, None] * s_kch + offs_d[None, :], kv, mask=mask)
             tl.store(vc_ptr + page * s_vcp + off * s_vct + offs_h[:, None] * s_vch + offs_d[None, :], vv, mask=mask)
 
@@ -207,6 +283,23 @@ def _check_cache(k_cache, v_cache, head_dim: int):
         raise ValueError(f"the Triton kernels take a power-of-two head dim >= 16, not {head_dim}")
 
 
+def _scale_args(k_cache, v_cache, k_scales, v_scales):
+    """(k scales, v scales, page stride, token stride, is_fp8) for the kernels; a bf16 cache passes its
+    own tensors as unused scale pointers."""
+    if k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"K cache {k_cache.dtype} and V cache {v_cache.dtype} differ")
+    if not is_fp8(k_cache):
+        return k_cache, v_cache, 0, 0, False
+    want = tuple(k_cache.shape[:3])
+    for t in (k_scales, v_scales):
+        if t is None or tuple(t.shape) != want or t.dtype != torch.float32 or t.stride(2) != 1:
+            raise ValueError(f"an fp8 cache needs float32 k_scales and v_scales {list(want)} "
+                             f"(contiguous heads), got {None if t is None else (tuple(t.shape), t.dtype)}")
+    if k_scales.stride() != v_scales.stride():
+        raise ValueError("k_scales and v_scales need the same strides")
+    return k_scales, v_scales, k_scales.stride(0), k_scales.stride(1), True
+
+
 def decode_splits(num_requests: int, num_kv_heads: int, max_context: int, grid: int, cfg: DecodeConfig):
     """(num_splits, split_len tokens) from shapes alone: enough items per program for ``grid`` programs."""
     items = max(1, num_requests * num_kv_heads)
@@ -217,15 +310,17 @@ def decode_splits(num_requests: int, num_kv_heads: int, max_context: int, grid: 
 
 
 def paged_decode_attention(q, k_cache, v_cache, page_tables, context_lens, out, scale, num_sms=None, *,
-                           num_splits=None, config: DecodeConfig | None = None):
+                           num_splits=None, config: DecodeConfig | None = None, k_scales=None, v_scales=None):
     """out[b] = softmax(q[b] k^T * scale) v over request b's first context_lens[b] cached tokens; GQA.
 
     q [B, Hq, D]; page_tables [B, max_pages] int32; context_lens [B] int32 (0: out row zeros);
-    out [B, Hq, D]. ``num_splits`` overrides the split count chosen from the shapes. Returns ``out``."""
+    out [B, Hq, D]. ``num_splits`` overrides the split count chosen from the shapes. k_scales,
+    v_scales [num_pages, page_size, Hkv] float32 with an fp8 cache. Returns ``out``."""
     require_triton("paged_decode_attention")
     cfg = config or DECODE_CONFIG
     B, HQ, D = q.shape
     page_size, HKV = _check_shapes(q, out, k_cache, v_cache)
+    ks, vs, s_sp, s_st, fp8 = _scale_args(k_cache, v_cache, k_scales, v_scales)
     if B == 0:
         return out
     G = HQ // HKV
@@ -243,12 +338,12 @@ def paged_decode_attention(q, k_cache, v_cache, page_tables, context_lens, out, 
         lse = torch.empty((B, HQ, nsplit), device=q.device, dtype=torch.float32)
     grid = programs(cap, 1, B * HKV * nsplit)
     _paged_decode_kernel[(grid,)](
-        q, k_cache, v_cache, page_tables, context_lens, out, opart, lse,
+        q, k_cache, v_cache, ks, vs, page_tables, context_lens, out, opart, lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), page_tables.stride(0),
-        B, HKV, nsplit, split_len, scale * LOG2E, grid,
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), s_sp, s_st, out.stride(0), out.stride(1),
+        page_tables.stride(0), B, HKV, nsplit, split_len, scale * LOG2E, grid,
         PS=page_size, G=G, GP=max(16, next_pow2(G)), D=D, BN=cfg.block_n, DIRECT=is_direct,
-        STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        STAGES=cfg.num_stages, FP8=fp8, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if not is_direct:
         rows = B * HQ
         grid2 = programs(cap // cfg.programs_per_sm, 8, rows)
@@ -258,16 +353,19 @@ def paged_decode_attention(q, k_cache, v_cache, page_tables, context_lens, out, 
 
 
 def paged_prefill_attention(q, k_cache, v_cache, page_tables, chunk_starts, chunk_lens, prefix_lens, out, scale,
-                            num_sms=None, *, max_chunk_rows=None, config: PrefillConfig | None = None):
+                            num_sms=None, *, max_chunk_rows=None, config: PrefillConfig | None = None,
+                            k_scales=None, v_scales=None):
     """Chunked-prefill attention: chunk s owns rows [chunk_starts[s], +chunk_lens[s]) of q [T, Hq, D]; its
     row i sits at position prefix_lens[s] + i and attends to keys 0..that position of its request,
     read through page_tables[s] (the chunk's own K/V already written). chunk_lens[s] == 0: padding.
     Rows outside every chunk are not written. ``max_chunk_rows`` (host int, default T) bounds a
-    chunk's rows; it only sizes the grid (no more programs than blocks). Returns ``out``."""
+    chunk's rows; it only sizes the grid (no more programs than blocks). k_scales, v_scales as in
+    paged_decode_attention. Returns ``out``."""
     require_triton("paged_prefill_attention")
     cfg = config or PREFILL_CONFIG
     T, HQ, D = q.shape
     page_size, HKV = _check_shapes(q, out, k_cache, v_cache)
+    ks, vs, s_sp, s_st, fp8 = _scale_args(k_cache, v_cache, k_scales, v_scales)
     G = HQ // HKV
     if G > cfg.block_m:
         raise ValueError(f"block_m {cfg.block_m} is smaller than the {G} query heads per kv head")
@@ -280,40 +378,44 @@ def paged_prefill_attention(q, k_cache, v_cache, page_tables, chunk_starts, chun
     cap = (num_sms or device_sms(q.device)) * cfg.programs_per_sm
     grid = programs(cap, 1, num_blocks * num_segments * HKV)
     _paged_prefill_kernel[(grid,)](
-        q, k_cache, v_cache, page_tables, chunk_starts, chunk_lens, prefix_lens, out,
+        q, k_cache, v_cache, ks, vs, page_tables, chunk_starts, chunk_lens, prefix_lens, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), page_tables.stride(0),
-        num_segments, HKV, scale * LOG2E, grid,
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), s_sp, s_st, out.stride(0), out.stride(1),
+        page_tables.stride(0), num_segments, HKV, scale * LOG2E, grid,
         PS=page_size, G=G, BM=cfg.block_m, BT=block_tokens, D=D, BN=cfg.block_n, SP=max(2, next_pow2(num_segments)),
-        STAGES=cfg.num_stages,
+        STAGES=cfg.num_stages, FP8=fp8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
-def write_kv(k, v, k_cache, v_cache, slot_mapping, num_sms=None):
+def write_kv(k, v, k_cache, v_cache, slot_mapping, num_sms=None, *, k_scales=None, v_scales=None):
     """k_cache.view(-1, Hkv, D)[slot_mapping[t]] = k[t], same for v; slot -1 skipped. k, v [T, Hkv, D]
-    (views with any row stride). Triton on a CUDA device, ``write_kv_torch`` elsewhere."""
+    (views with any row stride). An fp8 cache gets each (token, kv head) row quantized with its own
+    scale, stored in k_scales / v_scales [num_pages, page_size, Hkv] float32. Triton on a CUDA device,
+    ``write_kv_torch`` elsewhere."""
     if HAVE_TRITON and k.is_cuda:
-        return write_kv_triton(k, v, k_cache, v_cache, slot_mapping, num_sms)
-    return write_kv_torch(k, v, k_cache, v_cache, slot_mapping)
+        return write_kv_triton(k, v, k_cache, v_cache, slot_mapping, num_sms, k_scales=k_scales, v_scales=v_scales)
+    return write_kv_torch(k, v, k_cache, v_cache, slot_mapping, k_scales, v_scales)
 
 
-def write_kv_triton(k, v, k_cache, v_cache, slot_mapping, num_sms=None):
+def write_kv_triton(k, v, k_cache, v_cache, slot_mapping, num_sms=None, *, k_scales=None, v_scales=None):
     """``write_kv`` by a Triton kernel: one program per row on a persistent grid (graph-capturable)."""
     require_triton("write_kv_triton")
     T, HKV, D = k.shape
     _check_cache(k_cache, v_cache, D)
+    ks, vs, s_sp, s_st, fp8 = _scale_args(k_cache, v_cache, k_scales, v_scales)
     if T == 0:
         return
     if k.stride(2) != 1 or v.stride(2) != 1:
         raise ValueError("k and v need a contiguous last dimension")
     grid = programs(num_sms or device_sms(k.device), WRITE_KV_PROGRAMS_PER_SM, T)
-    _write_kv_kernel[(grid,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0),
+    _write_kv_kernel[(grid,)](k, v, k_cache, v_cache, ks, vs, slot_mapping, k.stride(0), k.stride(1), v.stride(0),
                               v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                              v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), T, grid,
-                              HKV=HKV, HP=next_pow2(HKV), PS=k_cache.shape[1], D=D, num_warps=4)
+                              v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), s_sp, s_st, T, grid,
+                              HKV=HKV, HP=next_pow2(HKV), PS=k_cache.shape[1], D=D, FP8=fp8, num_warps=4)
 
 
-__all__ = ["DECODE_CONFIG", "PREFILL_CONFIG", "DecodeConfig", "PrefillConfig", "decode_splits", "device_sms",
+__all__ = ["DECODE_CONFIG", "FP8_MAX", "PREFILL_CONFIG", "DecodeConfig", "PrefillConfig", "decode_splits", "device_sms",
+           "is_fp8",
            "paged_decode_attention", "paged_decode_attention_torch", "paged_prefill_attention",
            "paged_prefill_attention_torch", "write_kv", "write_kv_torch", "write_kv_triton"]
