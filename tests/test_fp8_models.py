@@ -25,7 +25,7 @@ import shutil
 
 import pytest
 import torch
-from test_engine_model import BUCKET, COMMON, PAGE_SIZE, Driver, _randomize, _requests, _save
+from test_engine_model import BUCKET, COMMON, PAGE_SIZE, Driver, _requests, _save
 
 from nfsearch.errors import NfsearchError
 from nfsearch.runtime import fp8

@@ -72,7 +72,7 @@ def load_weights(cfg: ModelConfig, folder: str | Path | None = None, device="cpu
                             "(quantize a bf16 checkpoint on load instead: --quantization fp8)")
     keep = layer_fn
     if quantization == "fp8":
-        keep = lambda i, w: fp8.quantize_layer(layer_fn(i, w) if layer_fn else w)   # noqa: E731
+        keep = lambda i, w: fp8.quantize_layer(layer_fn(i, w) if layer_fn else w)
     if folder is None:
         weights = random_weights(cfg, device, dtype, seed, keep)
     else:

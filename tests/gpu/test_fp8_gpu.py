@@ -105,11 +105,11 @@ def test_time_of_the_8b_gemms_bf16_and_fp8(capsys):
         out = torch.empty(2048, N, device="cuda", dtype=torch.bfloat16)
         qw = fp8.quantize_weight(w)
         q_a, s_a = fp8.quantize_rows(a)
-        t_bf16 = time_ms(lambda: gemm_torch(a, w, out))
-        t_fp8 = time_ms(lambda: gemm_fp8(a, qw, out, 132))
-        t_quant = time_ms(lambda: fp8.quantize_rows(a))
-        t_tensorwise = time_ms(lambda: torch._scaled_mm(q_a, qw.mat2, scale_a=s_a[:1, 0], scale_b=qw.scale[0, :1],
-                                                        out_dtype=torch.bfloat16, use_fast_accum=True))
+        t_bf16 = time_ms(lambda a=a, w=w, out=out: gemm_torch(a, w, out))
+        t_fp8 = time_ms(lambda a=a, qw=qw, out=out: gemm_fp8(a, qw, out, 132))
+        t_quant = time_ms(lambda a=a: fp8.quantize_rows(a))
+        t_tensorwise = time_ms(lambda q_a=q_a, s_a=s_a, qw=qw: torch._scaled_mm(
+            q_a, qw.mat2, scale_a=s_a[:1, 0], scale_b=qw.scale[0, :1], out_dtype=torch.bfloat16, use_fast_accum=True))
         ratio[op] = t_bf16 / t_fp8
         lines.append(f"{op} 2048x{K}x{N}: bf16 {t_bf16:.3f} ms, fp8 (quantize + rowwise) {t_fp8:.3f} ms "
                      f"({t_bf16 / t_fp8:.2f}x), of which quantize {t_quant:.3f} ms; per-tensor _scaled_mm alone "

@@ -91,8 +91,9 @@ def profiled_impls(opt_in=()) -> dict[str, tuple[str, ...]]:
     plan.OPT_IN_IMPLS only where named in `opt_in`."""
     return {op: tuple(i for i in impls if i not in OPT_IN_IMPLS or i in opt_in) for op, impls in IMPLS.items()}
 
-__all__ = ["GEMM_OPS", "HAVE_TRITON", "IMPLS", "IMPL_NOTES", "OPS", "gemm_fp8", "weight_for", "decode_attention", "decode_attention_tma",
-           "decode_attention_torch", "gemm", "gemm_cublaslt", "gemm_tma", "gemm_torch", "prefill_attention",
-           "prefill_attention_flash", "prefill_attention_sdpa", "prefill_attention_torch", "profiled_impls",
-           "rmsnorm", "rmsnorm_cuda", "rmsnorm_torch", "rope_append", "rope_append_cuda",
-           "rope_append_torch", "rope_cos_sin", "silu_and_mul", "silu_and_mul_cuda", "silu_and_mul_torch"]
+__all__ = ["GEMM_OPS", "HAVE_TRITON", "IMPLS", "IMPL_NOTES", "OPS", "decode_attention",
+           "decode_attention_tma", "decode_attention_torch", "gemm", "gemm_cublaslt", "gemm_fp8", "gemm_tma",
+           "gemm_torch", "prefill_attention", "prefill_attention_flash", "prefill_attention_sdpa",
+           "prefill_attention_torch", "profiled_impls", "rmsnorm", "rmsnorm_cuda", "rmsnorm_torch",
+           "rope_append", "rope_append_cuda", "rope_append_torch", "rope_cos_sin", "silu_and_mul",
+           "silu_and_mul_cuda", "silu_and_mul_torch", "weight_for"]

@@ -43,8 +43,8 @@ def fp8_weight(w):
     hit = _CACHE.get(id(w))
     if hit is not None and hit[0]() is w and hit[1] == w._version:
         return hit[2]
-    q = quantize_weight(w)
-    _CACHE[id(w)] = (weakref.ref(w, lambda _, key=id(w): _CACHE.pop(key, None)), w._version, q)
+    q, key = quantize_weight(w), id(w)
+    _CACHE[key] = (weakref.ref(w, lambda _: _CACHE.pop(key, None)), w._version, q)
     return q
 
 
