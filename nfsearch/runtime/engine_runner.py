@@ -92,6 +92,8 @@ class StepRunner:
         self.use_graphs = use_cuda_graphs and self.is_cuda
         self.buffers = {b: StepBuffers(b, page_size, self.device) for b in buckets}
         self.graphs: dict[tuple[str, Bucket, bool], torch.cuda.CUDAGraph] = {}
+        # (variant, bucket) -> a model with that bucket's own kernels (runtime.engine_plans); else models[variant]
+        self.bucket_models: dict[tuple[str, Bucket], object] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         max_sampled = max(b.max_decode + b.max_segments for b in buckets)
         self._host_ids = [torch.zeros(max_sampled, dtype=torch.int64, pin_memory=self.is_cuda) for _ in range(2)]
@@ -115,7 +117,7 @@ class StepRunner:
         self.capture_s += time.perf_counter() - t0
 
     def _capture(self, variant: str, bucket: Bucket, is_greedy: bool):
-        model, buffers = self.models[variant], self.buffers[bucket]
+        model, buffers = self.model_for(variant, bucket), self.buffers[bucket]
         step = buffers.fill_(**dry_fields(bucket, self.page_size, is_greedy))
         model.forward(step)                         # warm-up: kernels compiled, workspaces allocated
         torch.cuda.synchronize(self.device)
@@ -125,10 +127,13 @@ class StepRunner:
         self.graphs[(variant, bucket, is_greedy)] = graph
         return graph
 
+    def model_for(self, variant: str, bucket: Bucket):
+        return self.bucket_models.get((variant, bucket), self.models[variant])
+
     # ------------------------------------------------------------------------------ launch and read
     def launch(self, batch: Batch, variant: str) -> Launched:
         slot, self._slot = self._slot, 1 - self._slot
-        model = self.models[variant]
+        model = self.model_for(variant, batch.bucket)
         step = self.buffers[batch.bucket].fill_(**batch_fields(batch))
         n = len(batch.sample_seqs)
         launch_s = time.perf_counter()
@@ -165,7 +170,7 @@ class StepRunner:
     def run_dry(self, variant: str, bucket: Bucket) -> None:
         """One eager forward of a full dry batch (warm-up; the bench's op trace)."""
         step = self.buffers[bucket].fill_(**dry_fields(bucket, self.page_size))
-        self.models[variant].forward(step)
+        self.model_for(variant, bucket).forward(step)
 
 
 def dry_forward(model, bucket: Bucket, page_size: int, device) -> None:

@@ -1,0 +1,125 @@
+"""A plan family in the engine (`nfsearch bench --plans FAMILY.json`): each bucket's graph runs the
+dense-op kernels its plan names.
+
+The family (nfsearch.family) holds one plan per engine bucket. Here each bucket gets a model of its
+own: a shallow copy of the engine's PagedModel (same weights, KV cache, buffers and sampled ids) whose
+dense ops (norm1, kqv, o, norm2, ug, act, d) are the impls the bucket's plan names; the runner
+captures and launches each bucket with its model. Attention stays the engine's paged kernels and
+RoPE its own: the plan's decode_attn/prefill_attn/rope_append impls were measured on contiguous
+layouts and have no paged counterpart here. Each op runs whole, one after another, at the full GPU:
+a plan that splits or overlaps ops runs its impls sequentially (overlap inside the engine's graphs is
+not built), and the engine says so per bucket.
+
+A family made for another model, dense batch or bucket set is refused before anything is built
+(Family.check_engine); the engine takes the family's dense batch and decode slots unless given.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from dataclasses import dataclass
+
+from nfsearch.errors import NfsearchError
+from nfsearch.family import artifact
+from nfsearch.family.artifact import Family
+from nfsearch.plan import Schedule
+from nfsearch.serving.batch import Bucket
+
+DENSE_OPS = ("norm1", "kqv", "o", "norm2", "ug", "act", "d")   # runtime.paged_model.DENSE_OPS
+ENGINE_OWN_OPS = ("rope_append", "decode_attn", "prefill_attn")  # the engine's paged kernels run these
+
+
+@dataclass(frozen=True)
+class BucketKernels:
+    bucket: Bucket
+    op_impls: dict[str, str]         # dense op -> impl name (kernels.IMPLS)
+    is_sequential: bool              # the plan runs each op whole on one stream at the full GPU
+
+    def describe(self) -> str:
+        b = self.bucket
+        impls = ", ".join(f"{op} {impl}" for op, impl in self.op_impls.items())
+        how = "" if self.is_sequential else " (its plan overlaps ops: run sequentially with its impls)"
+        return f"bucket {b.max_tokens}/{b.max_decode}/{b.max_segments}/{b.max_context}: {impls}{how}"
+
+
+def read_family(path: str, dense_batch: int | None, max_decode: int | None) -> tuple[Family, int, int]:
+    """The family, and the dense batch and decode slots the engine should take (given ones kept, so a
+    mismatch is refused later with the reason)."""
+    family = artifact.read(path)
+    return family, dense_batch or family.engine.dense_batch, max_decode or family.engine.max_decode
+
+
+def plan_kernels(plan: Schedule, bucket: Bucket, impls: dict[str, dict]) -> BucketKernels:
+    """The dense-op impls a bucket's plan names: one per op (every nano-op of an op the same impl)."""
+    named: dict[str, set[str]] = {}
+    for op in plan.nano_ops:
+        named.setdefault(op.op, set()).add(op.impl)
+    chosen = {}
+    for op in DENSE_OPS:
+        options = named.get(op, set())
+        if len(options) != 1:
+            raise NfsearchError(f"bucket {bucket}: its plan names {len(options)} impls for {op} "
+                                f"({', '.join(sorted(options)) or 'none'}); the engine runs one per op")
+        impl = options.pop()
+        if impl not in impls[op]:
+            raise NfsearchError(f"bucket {bucket}: its plan's {op} impl {impl!r} is not one the engine has "
+                                f"({', '.join(sorted(impls[op]))})")
+        if impl == "cuda" and importlib.util.find_spec("cupy") is None:
+            raise NfsearchError(f"bucket {bucket}: its plan's {op} impl 'cuda' needs cupy, not installed here")
+        chosen[op] = impl
+    sms = plan.gpu.num_sms
+    is_sequential = len(plan.streams) == 1 and all(o.sm_count == sms for o in plan.nano_ops) and \
+        all(o.index == 0 for o in plan.nano_ops)
+    return BucketKernels(bucket, chosen, is_sequential)
+
+
+def apply_family(engine, family: Family) -> list[BucketKernels]:
+    """Check the family against the engine, then give each bucket of its runner a model with the bucket
+    plan's kernels (before capture). Returns what each bucket runs."""
+    from nfsearch.runtime.kernels import IMPLS
+    family.check_engine(engine.cfg.spec.name, engine.dense_batch, list(engine.buckets))
+    if engine.quantization:
+        raise NfsearchError(f"--plans with --quantization {engine.quantization}: the family's plans name "
+                            f"bf16 GEMM impls")
+    kernels = [plan_kernels(b.plan, b.bucket, IMPLS) for b in family.buckets]
+    model = engine.runner.models["plan"]          # --compare's baseline keeps its own kernels
+    for k in kernels:
+        twin = copy.copy(model)
+        # on the CPU the GPU kernels cannot run: every bucket keeps the torch ops (the wiring is the same)
+        twin.ops = model.dense_ops(k.op_impls if engine.is_cuda else None)
+        engine.runner.bucket_models[("plan", k.bucket)] = twin
+        engine.log(k.describe())
+    return kernels
+
+
+def family_report(engine, run) -> dict:
+    """Per bucket: the family's predicted iteration time and hit share beside the run's measured ones
+    (GPU time from CUDA events; the host's on the CPU)."""
+    rows = []
+    for k, b in enumerate(engine.buckets):
+        planned = next(p for p in engine.family.buckets if p.bucket == b)
+        times = [it.time_ms for it in run.iterations if it.bucket == k]
+        rows.append({"bucket": [b.max_tokens, b.max_decode, b.max_segments, b.max_context],
+                     "predicted_fraction": planned.num_iterations / max(1, engine.family.num_iterations),
+                     "measured_fraction": len(times) / max(1, len(run.iterations)),
+                     "predicted_ms": planned.prediction.iteration_ms,
+                     "sequential_predicted_ms": planned.prediction.sequential_iteration_ms,
+                     "floor_ms": planned.prediction.floor_ms,
+                     "measured_ms": sum(times) / len(times) if times else None,
+                     "kernels": next(x.op_impls for x in engine.bucket_kernels if x.bucket == b)})
+    return {"trace": engine.family.trace["name"], "num_requests": engine.family.trace["num_requests"],
+            "predicted_tokens_per_s": engine.family.prediction.tokens_per_s, "buckets": rows}
+
+
+def format_family(report: dict, measured_tokens_per_s: float) -> list[str]:
+    lines = [(f"plan family ({report['trace']}, {report['num_requests']} requests): predicted "
+              f"{report['predicted_tokens_per_s']:,.0f} tokens/s, measured {measured_tokens_per_s:,.0f} (whole run)"),
+             f"{'bucket':>20} {'hits pred/meas':>15} {'ms pred':>8} {'ms meas':>8} {'floor':>7}"]
+    for r in report["buckets"]:
+        name = "/".join(str(x) for x in r["bucket"])
+        meas = f"{r['measured_ms']:.2f}" if r["measured_ms"] is not None else "-"
+        floor = f"{r['floor_ms']:.2f}" if r["floor_ms"] is not None else "-"
+        hits = f"{100 * r['predicted_fraction']:.0f}%/{100 * r['measured_fraction']:.0f}%"
+        lines.append(f"{name:>20} {hits:>15} {r['predicted_ms']:>8.2f} {meas:>8} {floor:>7}")
+    return lines
