@@ -1,11 +1,14 @@
 """Paged attention kernels vs torch on contiguous caches (LLaMA-3-8B heads: Hq 32, Hkv 8, D 128, bf16).
 
-Decode: achieved bandwidth = K+V bytes of the real contexts / median time. Prefill: causal TFLOP/s
-(4 * D * Hq * sum over rows of keys seen). SM shares run inside green contexts (SM-accurate) with
+Decode: achieved bandwidth = K+V bytes of the real contexts / median time (an fp8 cache: the fp8 K/V
+plus its float32 scale per token and kv head, the bytes the kernel actually reads). Prefill: causal
+TFLOP/s (4 * D * Hq * sum over rows of keys seen). bf16 and fp8 caches (--kv-cache-dtype fp8) side by
+side at 300x1280 and 1024x1024. SM shares run inside green contexts (SM-accurate) with
 num_sms = the share. Usage: python benchmarks/paged_attention.py [--budget-s S] [--out DIR] [--dry]
 """
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -53,6 +56,17 @@ def copy_ceiling():
     return 2 * (1 << 31) / ms / 1e9
 
 
+def to_fp8_cache(kc, vc):
+    """(fp8 K, fp8 V, {k_scales, v_scales}) of bf16 caches [pages, ps, Hkv, D], quantized by write_kv."""
+    k8, v8 = torch.zeros(kc.shape, device=kc.device, dtype=torch.float8_e4m3fn), None
+    v8 = torch.zeros_like(k8)
+    ks = torch.ones(kc.shape[:3], device=kc.device)
+    vs = torch.ones_like(ks)
+    slots = torch.arange(kc.shape[0] * kc.shape[1], device=kc.device)
+    pa.write_kv(kc.view(-1, HKV, D), vc.view(-1, HKV, D), k8, v8, slots, k_scales=ks, v_scales=vs)
+    return k8, v8, {"k_scales": ks, "v_scales": vs}
+
+
 class Decode:
     def __init__(self, B, ctx, ps=16):
         if DRY:
@@ -61,15 +75,25 @@ class Decode:
         npages = B * ctx // ps
         self.kc = torch.randn(npages, ps, HKV, D, device=DEV, dtype=DT)
         self.vc = torch.randn_like(self.kc)
+        self.scales = {}
         self.pt = torch.randperm(npages, device=DEV).to(torch.int32).view(B, ctx // ps)
         self.cl = torch.full((B,), ctx, dtype=torch.int32, device=DEV)
         self.q = torch.randn(B, HQ, D, device=DEV, dtype=DT)
         self.out = torch.empty_like(self.q)
         self.bytes = B * ctx * HKV * D * 2 * 2
 
+    def fp8(self):
+        """The same requests over an fp8 copy of the cache: it reads 1-byte K/V plus a 4-byte scale per
+        token and kv head."""
+        twin = copy.copy(self)
+        twin.kc, twin.vc, twin.scales = to_fp8_cache(self.kc, self.vc)
+        twin.out = torch.empty_like(self.out)
+        twin.bytes = self.B * self.ctx * HKV * 2 * (D + 4)
+        return twin
+
     def run(self, num_sms, cfg=None, num_splits=None):
         return lambda: pa.paged_decode_attention(self.q, self.kc, self.vc, self.pt, self.cl, self.out, SCALE,
-                                                 num_sms=num_sms, num_splits=num_splits, config=cfg)
+                                                 num_sms=num_sms, num_splits=num_splits, config=cfg, **self.scales)
 
     def contiguous(self):
         """Same data, contiguous [B, ctx, Hkv, D]; the SDPA baseline (the G query heads of a kv head as
@@ -128,8 +152,24 @@ def decode_rows(streams, full, args, best=None):
                 log(f"  {name} (project kernel, same data) at {full} SMs: {dec.tbps(ms):.3f} TB/s")
             except Exception as exc:  # noqa: BLE001
                 log(f"  {name} failed: {exc!r}")
-        del k, v, dec
-        torch.cuda.empty_cache()
+        del k, v
+        fp8 = dec.fp8()
+        fp8.run(full)()
+        dec.run(full)()                  # dec.out again (the contiguous kernels above wrote into it)
+        ref = pa.paged_decode_attention_torch(fp8.q, fp8.kc, fp8.vc, fp8.pt, fp8.cl, torch.empty_like(fp8.q), SCALE,
+                                              **fp8.scales) if DRY or B * ctx <= 300 * 1280 else None
+        log(f"decode {B}x{ctx} fp8 cache: vs the bf16 cache rel err {rel(fp8.out, dec.out):.2e}"
+            + (f", vs torch fp8 reference {rel(fp8.out, ref):.2e}" if ref is not None else ""))
+        for sms in (full, 64, 32):
+            t_bf16 = timed(dec.run(sms), streams[sms])
+            t_fp8 = timed(fp8.run(sms), streams[sms])
+            ROWS.append(dict(kind="decode_fp8", shape=f"{B}x{ctx}", sms=sms, bf16_tbps=dec.tbps(t_bf16),
+                             fp8_tbps=fp8.tbps(t_fp8), bf16_ms=t_bf16, fp8_ms=t_fp8, speedup=t_bf16 / t_fp8,
+                             bf16_bytes=dec.bytes, fp8_bytes=fp8.bytes))
+            log(ROWS[-1])
+        del dec, fp8
+        if not DRY:
+            torch.cuda.empty_cache()
 
 
 def decode_sweep(streams, full, args):
@@ -178,6 +218,7 @@ class Prefill:
         self.lens = torch.tensor([n] + z, dtype=torch.int32, device=DEV)
         self.prefixes = torch.tensor([prefix] + z, dtype=torch.int32, device=DEV)
         self.flops = 4 * D * HQ * sum(prefix + i + 1 for i in range(n))
+        self.scales = {}
         self.k = self.kc[self.pt[0].long()].reshape(-1, HKV, D)[:kv].contiguous()
         self.v = self.vc[self.pt[0].long()].reshape(-1, HKV, D)[:kv].contiguous()
         self.cu_q = torch.tensor([0, n], dtype=torch.int32, device=DEV)
@@ -185,7 +226,15 @@ class Prefill:
 
     def run(self, num_sms, cfg=None):
         return lambda: pa.paged_prefill_attention(self.q, self.kc, self.vc, self.pt, self.starts, self.lens,
-                                                  self.prefixes, self.out, SCALE, num_sms=num_sms, config=cfg)
+                                                  self.prefixes, self.out, SCALE, num_sms=num_sms, config=cfg,
+                                                  **self.scales)
+
+    def fp8(self):
+        """The same chunk over an fp8 copy of the cache."""
+        twin = copy.copy(self)
+        twin.kc, twin.vc, twin.scales = to_fp8_cache(self.kc, self.vc)
+        twin.out = torch.empty_like(self.out)
+        return twin
 
     def flash(self):
         if DRY:
@@ -211,6 +260,12 @@ def prefill_rows(streams, full, args):
             ROWS.append(dict(kind="prefill", shape=f"600 over {prefix}", sms=sms, paged_tflops=pre.tflops(t_def),
                              flash_tflops=pre.tflops(t_fl), paged_ms=t_def, flash_ms=t_fl))
             log(ROWS[-1])
+        fp8 = pre.fp8()
+        fp8.run(full)()
+        t_bf16, t_fp8 = timed(pre.run(full)), timed(fp8.run(full))
+        ROWS.append(dict(kind="prefill_fp8", shape=f"600 over {prefix}", sms=full, bf16_ms=t_bf16, fp8_ms=t_fp8,
+                         fp8_tflops=fp8.tflops(t_fp8), fp8_vs_bf16_rel_err=rel(fp8.out[:pre.n], pre.out[:pre.n])))
+        log(ROWS[-1])
     eng = Prefill(1024, num_rows=2048, num_segments=8)     # an engine bucket: 2048 rows, 8 segments, 1 used
     log(f"prefill 600 over 1024 in a 2048-row 8-segment bucket at {full} SMs: "
         f"{eng.tflops(timed(eng.run(full))):.1f} TFLOP/s")
@@ -236,6 +291,18 @@ def print_tables(name):
         if r["kind"] == "decode":
             print(f"| {r['shape']} | {r['sms']} | {r['paged_tbps']:.2f} | {r['sdpa_tbps']:.2f} | {r['paged_ms']:.3f} "
                   f"| {r['sdpa_ms']:.3f} |")
+    print(f"\n{name}: decode bf16 vs fp8 KV cache (TB/s at the bytes each reads: fp8 = 1-byte K/V + 4-byte "
+          "scale per token and kv head)")
+    print("| shape | SMs | bf16 TB/s | fp8 TB/s | bf16 ms | fp8 ms | bf16/fp8 time |")
+    print("|---|---|---|---|---|---|---|")
+    for r in ROWS:
+        if r["kind"] == "decode_fp8":
+            print(f"| {r['shape']} | {r['sms']} | {r['bf16_tbps']:.2f} | {r['fp8_tbps']:.2f} | {r['bf16_ms']:.3f} "
+                  f"| {r['fp8_ms']:.3f} | {r['speedup']:.2f}x |")
+    for r in ROWS:
+        if r["kind"] == "prefill_fp8":
+            print(f"prefill {r['shape']} at {r['sms']} SMs: bf16 {r['bf16_ms']:.3f} ms, fp8 cache {r['fp8_ms']:.3f} ms "
+                  f"({r['fp8_tflops']:.1f} TFLOP/s), fp8 vs bf16 rel err {r['fp8_vs_bf16_rel_err']:.2e}")
     print(f"\n{name}: prefill TFLOP/s (causal flops / median time), one 600-token chunk, default config")
     print("| chunk | SMs | paged | flash contiguous | paged ms | flash ms |")
     print("|---|---|---|---|---|---|")
