@@ -714,9 +714,12 @@ def tune_cmd(plans_dir, top_k, time_limit_s, num_layers, profile_path, output, m
               help="Seed of the random weights, the synthetic trace and the prompts' token ids.")
 @click.option("--tp", "tp_degree", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Tensor-parallel ranks on this host (one GPU each, NCCL; gloo with --device cpu).")
+@click.option("--plans", "plans_path", type=click.Path(dir_okay=False),
+              help="A plan family (solve --family): each bucket's graph runs its plan's kernels; refused when made "
+                   "for another model, dense batch or buckets.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="JSON report (default: ./out/bench-*.json).")
 def bench_cmd(model, url, request_rate, sweep, max_duration_s, slo_stat, max_tpot_ms, max_concurrency, slo_ms, trace_spec, num_requests, dense_batch, utilization,
-              page_size, device, dtype, is_compare, quantization, kv_cache_dtype, seed, tp_degree, output):
+              page_size, device, dtype, is_compare, quantization, kv_cache_dtype, seed, tp_degree, plans_path, output):
     """Serve a request trace with the engine: tokens/s per GPU against optimal, idle, power, latency."""
     if url:
         return _bench_url(url, request_rate, max_concurrency, slo_ms, trace_spec, num_requests, seed, output,
@@ -727,11 +730,13 @@ def bench_cmd(model, url, request_rate, sweep, max_duration_s, slo_stat, max_tpo
         from nfsearch.runtime.bench_engine import BenchOptions, default_output, format_report, run_bench
     except ImportError as exc:
         raise NfsearchError(f"nfsearch bench needs torch and the gpu extra ({exc.name} is not installed)") from None
+    if plans_path and tp_degree > 1:
+        raise NfsearchError("--plans runs the engine on one GPU (a plan family is solved for TP 1)")
     output = output or str(OUT_DIR / default_output(model, trace_spec))
     _check_outputs([output], (".json",), may_create_out=True)
     opts = BenchOptions(model, trace_spec, num_requests, dense_batch, utilization, page_size, device, dtype,
                         is_compare, seed, max_tpot_ms=max_tpot_ms, quantization=quantization,
-                        kv_cache_dtype=kv_cache_dtype)
+                        kv_cache_dtype=kv_cache_dtype, plans=plans_path)
     if tp_degree > 1:
         from nfsearch.runtime.engine_tp import run_bench_tp
         report = run_bench_tp(opts, tp_degree)

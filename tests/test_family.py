@@ -242,3 +242,80 @@ def test_e1_family_solves_within_two_minutes_on_two_cores():
     top = max(fam.buckets, key=lambda b: b.num_iterations)
     assert top.bucket.max_tokens == 896 and top.num_iterations / fam.num_iterations > 0.3
     assert 10_000 < fam.prediction.tokens_per_s < 50_000
+
+
+# ---------------------------------------------------------------------------------- the engine side
+TINY_TRACE = "const:20:6"
+
+
+@pytest.fixture(scope="module")
+def tiny_family_path(tmp_path_factory):
+    """A family for the tiny engine model (analytic H100 profile) at the CPU engine's cache size."""
+    fam = solve_family(TINY_TRACE, ENGINE_TINY, dense_batch=64, num_requests=12, time_limit_s=1.0, num_workers=2,
+                       num_pages=1024)
+    path = tmp_path_factory.mktemp("family") / "tiny.family.json"
+    artifact.write(fam, path)
+    return path
+
+
+def _tiny_engine(**kw):
+    from nfsearch.runtime.engine import Engine, TraceShape
+    reqs = load_trace(TINY_TRACE, 12).requests
+    return reqs, Engine(ENGINE_TINY, device="cpu", dtype="fp32", trace_shape=TraceShape.of(reqs), **kw)
+
+
+def test_engine_runs_a_family_bucket_by_bucket(tiny_family_path, one_torch_thread):
+    """Each bucket's launches go to the model carrying its plan's kernels; the tokens are the plain
+    engine's; the bucket hits the family predicted are the ones the engine forms."""
+    from nfsearch.runtime.engine_plans import family_report
+    reqs, engine = _tiny_engine(plans=str(tiny_family_path))
+    assert engine.dense_batch == 64 and len(engine.bucket_kernels) == len(engine.buckets)
+    assert set(engine.runner.bucket_models) == {("plan", b) for b in engine.buckets}
+    used, launch = [], engine.runner.launch
+
+    def spy(batch, variant):
+        used.append(engine.runner.model_for(variant, batch.bucket) is engine.runner.bucket_models[(variant, batch.bucket)])
+        return launch(batch, variant)
+
+    engine.runner.launch = spy
+    run = engine.run(reqs)
+    assert used and all(used)
+    _, plain = _tiny_engine(dense_batch=64, max_decode=engine.max_decode)
+    again = plain.run(reqs)
+    assert [s.output_ids for s in run.sequences] == [s.output_ids for s in again.sequences]
+    report = family_report(engine, run)
+    for row in report["buckets"]:
+        assert math.isclose(row["predicted_fraction"], row["measured_fraction"])
+        assert (row["measured_ms"] is None) == (row["measured_fraction"] == 0)
+
+
+def test_engine_refuses_a_family_made_for_another_engine(tiny_family_path, small_family, tmp_path, one_torch_thread):
+    with pytest.raises(NfsearchError, match="dense batch 64, the engine has 128"):
+        _tiny_engine(plans=str(tiny_family_path), dense_batch=128)
+    other = tmp_path / "llama.family.json"
+    artifact.write(small_family, other)
+    with pytest.raises(NfsearchError, match="made for model llama-3-8b, not engine-tiny"):
+        _tiny_engine(plans=str(other))
+
+
+def test_plan_kernels_name_one_impl_per_dense_op(small_family):
+    from nfsearch.runtime.engine_plans import DENSE_OPS, plan_kernels
+    impls = {op: {"torch": 0, "triton": 0, "tma": 0, "cuda": 0} for op in DENSE_OPS}
+    b = small_family.buckets[-1]
+    k = plan_kernels(b.plan, b.bucket, impls, {})
+    assert set(k.op_impls) == set(DENSE_OPS)
+    assert k.op_impls == {op.op: op.impl for op in b.plan.nano_ops if op.op in DENSE_OPS}
+    assert k.is_sequential == (len(b.plan.streams) == 1)
+    with pytest.raises(NfsearchError, match="is not one the engine has"):
+        plan_kernels(b.plan, b.bucket, {op: {"torch": 0} for op in DENSE_OPS} | {"kqv": {}}, {})
+
+
+def test_bench_cli_takes_plans(tiny_family_path, tmp_path, one_torch_thread):
+    res = CliRunner().invoke(main, ["bench", "--model", ENGINE_TINY, "--trace", TINY_TRACE, "--num-requests", "12",
+                                    "--device", "cpu", "--plans", str(tiny_family_path), "-o", str(tmp_path / "b.json")])
+    assert res.exit_code == 0, res.output
+    assert "plan family (const:20:6, 12 requests): predicted" in res.output
+    assert json.loads((tmp_path / "b.json").read_text())["family"]["buckets"]
+    res = CliRunner().invoke(main, ["bench", "--model", ENGINE_TINY, "--trace", TINY_TRACE, "--num-requests", "12",
+                                    "--device", "cpu", "--plans", str(tiny_family_path), "--tp", "2"])
+    assert res.exit_code == 2 and "one GPU" in res.output

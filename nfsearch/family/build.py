@@ -114,7 +114,8 @@ def nominal_composition(bucket: Bucket, found: dict[Bucket, Composition]) -> Com
 def solve_family(trace_spec: str, model_ref: str, *, dense_batch: int | None = None,
                  num_requests: int | None = DEFAULT_NUM_REQUESTS, seed: int = 0, profile_path: str | None = None,
                  time_limit_s: float = 8.0, num_workers: int | None = None, chunk: int = 128,
-                 min_gain: float = 0.04, progress=None) -> Family:
+                 min_gain: float = 0.04, num_pages: int | None = None, progress=None) -> Family:
+    """num_pages: the KV cache in pages instead of what the profile's GPU memory leaves (as Engine's)."""
     say = progress or (lambda line: None)
     began = time.perf_counter()
     cfg = load_model_config(model_ref)
@@ -126,7 +127,8 @@ def solve_family(trace_spec: str, model_ref: str, *, dense_batch: int | None = N
     gpu = gpu_from_profile(load(path)) if path else load_gpu("h100-sxm")
     if not gpu.memory_bytes:
         raise NfsearchError(f"the profile's GPU {gpu.name} states no memory size: the engine's batch cannot be sized")
-    shape = engine_shape(cfg, TraceLengths.of(requests), gpu.memory_bytes, dense_batch=dense_batch)
+    shape = engine_shape(cfg, TraceLengths.of(requests), gpu.memory_bytes, dense_batch=dense_batch,
+                         num_pages=num_pages)
     run = run_scheduler(requests, shape, cfg.max_model_len)
     say(f"trace {trace.name}: {len(requests)} requests; engine: dense batch {shape.dense_batch}, {shape.max_decode} "
         f"decode rows, {len(shape.buckets)} buckets, KV {shape.num_pages * shape.page_size:,} tokens; scheduler: "

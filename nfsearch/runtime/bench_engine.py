@@ -39,6 +39,7 @@ class BenchOptions:
     max_tpot_ms: float | None = None    # --max-tpot: cap the dense batch so iterations stay under it
     tp_degree: int = 1               # >1: this process is one TP rank (runtime.engine_tp.run_bench_tp)
     quantization: str | None = None  # "fp8": W8A8 e4m3 GEMMs (Engine's quantization)
+    plans: str | None = None         # a plan family file: each bucket's graph with its plan's kernels
     kv_cache_dtype: str = "auto"     # "auto": the model's dtype; "fp8": e4m3 + per-(token, kv head) scales
 
 
@@ -57,6 +58,7 @@ def run_bench(opts: BenchOptions, echo=print, progress: bool = True, make_engine
                     trace_shape=TraceShape.of(servable), variants=variants, log=echo,
                     **({"max_tpot_ms": opts.max_tpot_ms} if opts.max_tpot_ms else {}),
                     **({"quantization": opts.quantization} if opts.quantization else {}),
+                    **({"plans": opts.plans} if opts.plans else {}),
                     **({"kv_cache_dtype": opts.kv_cache_dtype} if opts.kv_cache_dtype != "auto" else {}))
     nvml = _open_nvml(engine)
     with _Progress(len(trace.requests), progress) as bar:
@@ -98,6 +100,9 @@ def run_bench(opts: BenchOptions, echo=print, progress: bool = True, make_engine
                 "baseline: torch (cuBLAS GEMMs, F.rms_norm, torch SiLU) for every dense op. Both: the same "
                 "paged Triton attention, RoPE, sampling, buckets, graphs, cache and batches."),
             "steady": [v.to_dict() for v in es.variant_stats(run, summary.steady_start_s, summary.steady_end_s)]}
+    if getattr(engine, "family", None) is not None:
+        from nfsearch.runtime.engine_plans import family_report
+        report["family"] = family_report(engine, run)
     if opts.with_op_trace or (opts.with_op_trace is None and engine.is_cuda):
         report["op_trace"] = es.op_trace(engine)
     if nvml is not None:
@@ -256,6 +261,9 @@ def format_report(r: dict) -> str:
                      f"iterations, GPU {v['gpu_ms_per_iteration']:.2f} ms/iteration, {v['gpu_us_per_token']:.2f} us/token")
     if r.get("compare"):
         lines.append("compare: " + r["compare"]["what_differs"])
+    if r.get("family"):
+        from nfsearch.runtime.engine_plans import format_family
+        lines += format_family(r["family"], r["summary"]["total_tokens_per_s"])
     return "\n".join(lines)
 
 

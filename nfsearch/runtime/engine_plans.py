@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from nfsearch.errors import NfsearchError
 from nfsearch.family import artifact
 from nfsearch.family.artifact import Family
-from nfsearch.plan import Schedule
+from nfsearch.plan import NON_MEASURED_IMPLS, Schedule
 from nfsearch.serving.batch import Bucket
 
 DENSE_OPS = ("norm1", "kqv", "o", "norm2", "ug", "act", "d")   # runtime.paged_model.DENSE_OPS
@@ -50,23 +50,23 @@ def read_family(path: str, dense_batch: int | None, max_decode: int | None) -> t
     return family, dense_batch or family.engine.dense_batch, max_decode or family.engine.max_decode
 
 
-def plan_kernels(plan: Schedule, bucket: Bucket, impls: dict[str, dict]) -> BucketKernels:
-    """The dense-op impls a bucket's plan names: one per op (every nano-op of an op the same impl)."""
+def plan_kernels(plan: Schedule, bucket: Bucket, impls: dict[str, dict], defaults: dict[str, str]) -> BucketKernels:
+    """The dense-op impls a bucket's plan names: one per op (every nano-op of an op the same impl). A
+    profile that measured nothing (impl "analytic" or "fake") names none: the engine's own (`defaults`)."""
     named: dict[str, set[str]] = {}
     for op in plan.nano_ops:
         named.setdefault(op.op, set()).add(op.impl)
-    chosen = {}
+    chosen, where = {}, f"bucket {bucket.max_tokens}/{bucket.max_decode}/{bucket.max_segments}/{bucket.max_context}"
     for op in DENSE_OPS:
         options = named.get(op, set())
         if len(options) != 1:
-            raise NfsearchError(f"bucket {bucket}: its plan names {len(options)} impls for {op} "
+            raise NfsearchError(f"{where}: its plan names {len(options)} impls for {op} "
                                 f"({', '.join(sorted(options)) or 'none'}); the engine runs one per op")
         impl = options.pop()
+        impl = defaults.get(op, "torch") if impl in NON_MEASURED_IMPLS else impl
         if impl not in impls[op]:
-            raise NfsearchError(f"bucket {bucket}: its plan's {op} impl {impl!r} is not one the engine has "
+            raise NfsearchError(f"{where}: its plan's {op} impl {impl!r} is not one the engine has "
                                 f"({', '.join(sorted(impls[op]))})")
-        if impl == "cuda" and importlib.util.find_spec("cupy") is None:
-            raise NfsearchError(f"bucket {bucket}: its plan's {op} impl 'cuda' needs cupy, not installed here")
         chosen[op] = impl
     sms = plan.gpu.num_sms
     is_sequential = len(plan.streams) == 1 and all(o.sm_count == sms for o in plan.nano_ops) and \
@@ -77,12 +77,15 @@ def plan_kernels(plan: Schedule, bucket: Bucket, impls: dict[str, dict]) -> Buck
 def apply_family(engine, family: Family) -> list[BucketKernels]:
     """Check the family against the engine, then give each bucket of its runner a model with the bucket
     plan's kernels (before capture). Returns what each bucket runs."""
+    from nfsearch.runtime.engine import PLAN_OPS
     from nfsearch.runtime.kernels import IMPLS
     family.check_engine(engine.cfg.spec.name, engine.dense_batch, list(engine.buckets))
     if engine.quantization:
         raise NfsearchError(f"--plans with --quantization {engine.quantization}: the family's plans name "
                             f"bf16 GEMM impls")
-    kernels = [plan_kernels(b.plan, b.bucket, IMPLS) for b in family.buckets]
+    kernels = [plan_kernels(b.plan, b.bucket, IMPLS, PLAN_OPS) for b in family.buckets]
+    if engine.is_cuda and any("cuda" in k.op_impls.values() for k in kernels) and importlib.util.find_spec("cupy") is None:
+        raise NfsearchError("the family's plans name 'cuda' kernels (small_ops.cu), which need cupy: not installed here")
     model = engine.runner.models["plan"]          # --compare's baseline keeps its own kernels
     for k in kernels:
         twin = copy.copy(model)
