@@ -14,6 +14,14 @@ Layer (residual adds fused into the O and D GEMMs, two residual buffers used in 
            then prefill attention (chunk rows, causal over prefix + chunk)
     mid  = attn @ wo + x;  h = rmsnorm(mid) * norm2;  ug = h @ wug;  act = silu(gate) * up
     x    = act @ wd + mid
+With FP8 weights (and fuse_fp8_quant, the default) the four GEMMs take e4m3 activations made by the
+op before them (kernels/quant_fp8.py), and the residual adds move into the next RMSNorm:
+    qh   = quant(rmsnorm(x (+ mid of the layer before)));  qkv = qh @ wqkv (+ bqkv)
+    ...  attention as above ...
+    mid  = quant(attn) @ wo;  qh = quant(rmsnorm(mid += x));  ug = qh @ wug
+    x    = quant(silu(gate) * up) @ wd      (+ mid: in the next layer's norm, or at the last layer's end)
+so each quantization costs no kernel of its own (the attention output's is one pass) and each residual
+add is a second input of the norm kernel, not a pass of its own.
 One set of activation buffers serves every layer (sized by max_tokens); the KV cache is one
 allocation, viewed per layer as k_cache, v_cache [num_pages, page_size, Hkv, D]. With kv_dtype
 float8_e4m3fn the cache holds fp8 and a second allocation holds one float32 scale per (token, kv
@@ -26,7 +34,7 @@ import math
 
 import torch
 
-from nfsearch.runtime.kernels import IMPLS, rope_append_torch
+from nfsearch.runtime.kernels import IMPLS, quant_fp8, rope_append_torch
 from nfsearch.runtime.sampling import sample
 from nfsearch.runtime.step_inputs import StepBuffers, StepInputs, make_step_inputs  # noqa: F401 (re-exported)
 from nfsearch.runtime.weights import ModelWeights
@@ -68,6 +76,8 @@ def _attention_ops(attn_impl: str):
 
 
 class PagedModel:
+    fuse_fp8_quant = True           # FP8 weights: quantize inside the norm / SiLU kernels (False: in the GEMM)
+
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, num_pages: int, page_size: int, device="cpu",
                  dtype=torch.bfloat16, attn_impl: str = "torch", *, max_tokens: int = 2048,
                  max_logit_rows: int = 512, op_impls: dict[str, str] | None = None,
@@ -121,6 +131,7 @@ class PagedModel:
         self.logits_buf = torch.zeros((L, m.vocab_size), device=dev, dtype=torch.float32)
         # the previous forward's sampled ids: the next decode rows read their input ids here (prev_rows)
         self.sampled = torch.zeros(L, device=dev, dtype=torch.int64)
+        self._alloc_fp8_buffers(T)
 
     @property
     def is_fp8_kv(self) -> bool:
@@ -178,9 +189,12 @@ class PagedModel:
     def _layer(self, i: int, w, x: torch.Tensor, step: StepInputs, T: int) -> None:
         b = {k: t[:T] for k, t in self.buf.items()}
         ops, n, eps = self.ops, self.num_sms, self.cfg.rms_norm_eps
-        ops["norm1"](x, w.norm1, b["h"], n, eps=eps)
-        bias = None if w.bqkv is None else w.bqkv.expand(T, w.bqkv.shape[0])
-        ops["kqv"](b["h"], w.wqkv, b["qkv"], n, residual=bias)
+        if self.is_fp8_fused:
+            self._fp8_qkv(i, w, x, b, T)
+        else:
+            ops["norm1"](x, w.norm1, b["h"], n, eps=eps)
+            bias = None if w.bqkv is None else w.bqkv.expand(T, w.bqkv.shape[0])
+            ops["kqv"](b["h"], w.wqkv, b["qkv"], n, residual=bias)
         rope_append_torch(b["qkv"], step.positions, self.cos, self.sin, b["q"], None, None, None,
                           k_out=b["k"], v_out=b["v"])
         kc, vc, kv_scales = self.k_caches[i], self.v_caches[i], self.kv_scale_kwargs[i]
@@ -192,8 +206,55 @@ class PagedModel:
         if step.chunk_lens.shape[0]:
             self.prefill_attn(b["q"], kc, vc, step.page_tables[B:], step.chunk_starts, step.chunk_lens,
                               step.prefix_lens, b["attn"], self.scale, num_sms=n, **kv_scales)
+        if self.is_fp8_fused:
+            self._fp8_mlp(i, w, x, b, T)
+            return
         ops["o"](b["attn"].view(T, -1), w.wo, b["mid"], n, residual=x)
         ops["norm2"](b["mid"], w.norm2, b["h"], n, eps=eps)
         ops["ug"](b["h"], w.wug, b["ug"], n)
         ops["act"](b["ug"], b["act"], n)
         ops["d"](b["act"], w.wd, x, n, residual=b["mid"])
+
+    # ------------------------------------------------------------------------------ FP8 dense ops
+    @property
+    def is_fp8_fused(self) -> bool:
+        """FP8 weights with the quantization fused into the ops before each GEMM."""
+        return self.fuse_fp8_quant and self.w.is_fp8
+
+    def _alloc_fp8_buffers(self, T: int) -> None:
+        """FP8 weights: one e4m3 buffer for whichever activation the next GEMM reads (each is consumed
+        before the next is made), flat so that every [T, K] view of it is contiguous, and its per-token
+        scales [T, 1]."""
+        if not self.w.is_fp8:
+            self.fp8_buf = self.fp8_scales = None
+            return
+        m = self.cfg.spec
+        width = max(m.hidden_size, self.hq * self.d, m.intermediate_size)
+        self.fp8_buf = torch.zeros(T * width, device=self.device, dtype=torch.float8_e4m3fn)
+        self.fp8_scales = torch.ones((T, 1), device=self.device, dtype=torch.float32)
+
+    def _fp8_out(self, T: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(e4m3 [T, K], scales [T, 1]): static views for a quantized activation."""
+        return self.fp8_buf[:T * K].view(T, K), self.fp8_scales[:T]
+
+    def _fp8_qkv(self, i: int, w, x: torch.Tensor, b: dict, T: int) -> None:
+        """qkv = quant(rmsnorm(x)) @ wqkv (+ bqkv). Past layer 0, x holds the last layer's D GEMM output
+        and mid its residual: the norm kernel adds them and writes the sum back to x."""
+        n, eps, H = self.num_sms, self.cfg.rms_norm_eps, x.shape[1]
+        res = {} if i == 0 else {"residual": b["mid"], "residual_out": x}
+        a = quant_fp8.rmsnorm_quant(x, w.norm1, *self._fp8_out(T, H), n, eps, **res)
+        bias = None if w.bqkv is None else w.bqkv.expand(T, w.bqkv.shape[0])
+        self.ops["kqv"](a, w.wqkv, b["qkv"], n, residual=bias)
+
+    def _fp8_mlp(self, i: int, w, x: torch.Tensor, b: dict, T: int) -> None:
+        """O GEMM, norm2, up/gate GEMM, SiLU, D GEMM with e4m3 activations; leaves x = the D GEMM output,
+        whose residual (mid) the next layer's norm adds (the last layer adds it here)."""
+        ops, n, eps = self.ops, self.num_sms, self.cfg.rms_norm_eps
+        attn = b["attn"].view(T, -1)
+        ops["o"](quant_fp8.quantize_rows_into(attn, *self._fp8_out(T, attn.shape[1]), n), w.wo, b["mid"], n)
+        a = quant_fp8.rmsnorm_quant(b["mid"], w.norm2, *self._fp8_out(T, x.shape[1]), n, eps, residual=x,
+                                    residual_out=b["mid"])
+        ops["ug"](a, w.wug, b["ug"], n)
+        ops["d"](quant_fp8.silu_mul_quant(b["ug"], *self._fp8_out(T, b["act"].shape[1]), n), w.wd, x, n)
+        if i == len(self.w.layers) - 1:
+            x.add_(b["mid"])

@@ -3,7 +3,12 @@
 out = a @ W (+ residual) computed as
     q_a, s_a = quantize_rows(a)                    # [M, K] e4m3, [M, 1] float32: on the device, no sync
     out      = (q_a @ q_w) * s_a * s_w             # s_w [1, N]: the scales applied in the GEMM's epilogue
-    out     += residual                            # after the GEMM, in out's dtype
+    out     += residual                            # after the GEMM, in out's dtype (a bias vector: in
+                                                   # the GEMM's epilogue, _scaled_mm's `bias`)
+Pre-quantized activations: gemm_fp8(Fp8Rows(q_a, s_a), w, out) takes e4m3 rows and their [M, 1]
+scales (kernels.quant_fp8 fuses the quantization into the RMSNorm / SiLU-and-mul before the GEMM, or
+does it in one pass), so the call is the GEMM alone. One argument rather than a keyword, so wrappers
+of the GEMM ops with the plain signature (engine_tp's all-reduce) pass it through untouched.
 On CUDA the GEMM is one torch._scaled_mm with rowwise scales (out_dtype bf16, fp32 accumulation;
 USE_FAST_ACCUM picks the tensor cores' fast FP8 accumulation). On the CPU it is the same
 quantization followed by a float32 matmul of the dequantized e4m3 values, so CPU tests check the
@@ -28,6 +33,7 @@ from __future__ import annotations
 import weakref
 
 from ._common import torch
+from .quant_fp8 import Fp8Rows
 
 USE_FAST_ACCUM = True
 IMPL_NOTE = ("fp8: W8A8 e4m3 (weights per output channel, activations per token, dynamic), torch._scaled_mm "
@@ -49,25 +55,48 @@ def fp8_weight(w):
 
 
 def gemm_fp8(a, w, out=None, num_sms: int = 0, residual=None):
-    """out[M, N] = a[M, K] @ w (+ residual, an [M, N] tensor or an [N] bias), W8A8 e4m3."""
-    from nfsearch.runtime.fp8 import quantize_rows
+    """out[M, N] = a[M, K] @ w (+ residual, an [M, N] tensor or an [N] bias), W8A8 e4m3. `a` is a
+    tensor (quantized per token here) or a quant_fp8.Fp8Rows (e4m3 rows + scales: only the GEMM runs;
+    the output dtype is out's, bf16 when out is None)."""
     wq = fp8_weight(w)
-    q_a, s_a = quantize_rows(a)
-    if a.is_cuda:
-        dtype = torch.bfloat16
-        target = out if out is not None and out.dtype == dtype and out.is_contiguous() else None
-        y = torch._scaled_mm(q_a, wq.mat2, scale_a=s_a, scale_b=wq.scale, out_dtype=dtype,
+    if isinstance(a, Fp8Rows):
+        q_a, s_a = a.data, a.scale
+        dtype = out.dtype if out is not None else torch.bfloat16
+    elif a.dtype == torch.float8_e4m3fn:
+        raise ValueError("gemm_fp8: pass an e4m3 activation as quant_fp8.Fp8Rows(data, scale)")
+    else:
+        from nfsearch.runtime.fp8 import quantize_rows
+        q_a, s_a = quantize_rows(a)
+        dtype = a.dtype
+    if q_a.is_cuda:
+        bias, residual = _split_bias(residual, torch.bfloat16)
+        target = out if out is not None and out.dtype == torch.bfloat16 and out.is_contiguous() else None
+        y = torch._scaled_mm(q_a, wq.mat2, scale_a=s_a, scale_b=wq.scale, bias=bias, out_dtype=torch.bfloat16,
                              use_fast_accum=USE_FAST_ACCUM, **({"out": target} if target is not None else {}))
     else:
         y = (q_a.float() @ wq.mat2.float()) * s_a * wq.scale
     if out is None:
-        out = y.to(a.dtype) if residual is None else torch.add(y.to(a.dtype), residual)
+        out = y.to(dtype) if residual is None else torch.add(y.to(dtype), residual)
         return out
     if y is not out:
         out.copy_(y)
     if residual is not None:
         out.add_(residual)
     return out
+
+
+def _split_bias(residual, dtype):
+    """(bias [N] for _scaled_mm's epilogue, what is left to add after): a bias vector (1-D, or an [M, N]
+    view of one with row stride 0, as PagedModel passes bqkv) of the output dtype goes into the GEMM;
+    _scaled_mm takes only an [N] vector (it checks bias.numel() == N), so a real [M, N] residual stays
+    an add after the GEMM."""
+    if residual is None or residual.dtype != dtype:
+        return None, residual
+    if residual.dim() == 1:
+        return residual.contiguous(), None
+    if residual.dim() == 2 and residual.stride(0) == 0:
+        return residual[0].contiguous(), None
+    return None, residual
 
 
 def scaled_mm_reference(q_a, s_a, wq):
