@@ -64,7 +64,7 @@ if HAVE_TRITON:
     @triton.jit
     def _scale_of(amax):
         """max(amax, MIN_AMAX) / 448, IEEE-rounded as torch's division."""
-        return tl.math.div_rn(tl.maximum(amax, AMAX_FLOOR), FP8_LIMIT)
+        return tl.math.div_rn(tl.maximum(amax, AMAX_FLOOR), tl.full(amax.shape, FP8_LIMIT, tl.float32))
 
     @triton.jit
     def _store_q(y, scale, q_ptrs, mask):
@@ -104,7 +104,7 @@ if HAVE_TRITON:
                 if HAS_RESOUT:
                     tl.store(resout_ptr + t64 * s_ro + offs, h.to(resout_ptr.dtype.element_ty), mask=hm)
             ms = tl.sum(h * h, 0) / H + eps
-            rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(ms))
+            rstd = tl.math.div_rn(tl.full(ms.shape, 1.0, tl.float32), tl.math.sqrt_rn(ms))
             y = _rounded(h * rstd * w, x_ptr.dtype.element_ty)
             scale = _scale_of(tl.max(tl.abs(y), 0))
             _store_q(y, scale, q_ptr + t64 * s_q + offs, hm)
@@ -117,7 +117,7 @@ if HAVE_TRITON:
         g = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if SILU:
             u = tl.load(row_ptr + W + offs, mask=mask, other=0.0).to(tl.float32)
-            g = tl.math.div_rn(g, 1.0 + tl.exp(-g)) * u
+            g = tl.math.div_rn(g, tl.exp(-g) + 1.0) * u
         return _rounded(g, row_ptr.dtype.element_ty)
 
     @triton.jit
