@@ -41,7 +41,6 @@ MIN_AMAX = 1e-12                   # runtime.fp8.MIN_AMAX: a zero row gets a tin
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-
 @dataclass
 class Fp8Rows:
     """An activation already in e4m3, as gemm_fp8 takes it in place of a bf16 tensor."""
