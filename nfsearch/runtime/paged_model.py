@@ -168,8 +168,15 @@ class PagedModel:
             raise ValueError(f"bucket of {T} tokens / {L} logit rows exceeds the model's buffers "
                              f"({self.max_tokens} / {self.max_logit_rows})")
         x = self._embed(step, T)
+        self._layers(x, step, T)
+        return self._lm_head(x, step, L)
+
+    def _layers(self, x: torch.Tensor, step: StepInputs, T: int) -> None:
+        """Every layer over the T rows of x in place (runtime.engine_overlap overrides it)."""
         for i, w in enumerate(self.w.layers):
             self._layer(i, w, x, step, T)
+
+    def _lm_head(self, x: torch.Tensor, step: StepInputs, L: int) -> torch.Tensor:
         rows = step.logit_rows.long()
         last, last_norm = self.buf["last"][:L], self.buf["last_norm"][:L]
         torch.index_select(x, 0, rows, out=last)
