@@ -18,7 +18,7 @@ from nfsearch.runtime.launch import Launch, LaunchList, layout_label
 from nfsearch.runtime.model import ModelInstance
 from nfsearch.runtime.partitions import PartitionError, SmPartitions
 
-__all__ = ["ExecContext", "issue", "resolve_impl"]
+__all__ = ["ExecContext", "StreamFork", "issue", "resolve_impl"]
 
 
 def resolve_impl(op: str, impl: str, device_type: str) -> str:
@@ -123,15 +123,9 @@ def issue(ctx: ExecContext, model: ModelInstance, bufs, ll: LaunchList, impl: st
         for l in ll.launches:
             model.run(bufs, l.layer, l.op, *l.tokens, resolve_impl(l.op, impl or l.impl, "cpu"), l.sms)
         return
-    origin = torch.cuda.current_stream(ctx.device)
-    fork = torch.cuda.Event()
-    fork.record(origin)
-    used: dict[int, object] = {}
+    fork = StreamFork(ctx.device)
     for l in ll.launches:
-        s = ctx.stream_for(l)
-        if s.cuda_stream not in used:
-            s.wait_event(fork)
-            used[s.cuda_stream] = s
+        s = fork.enter(ctx.stream_for(l))
         for d in l.waits:
             s.wait_event(ctx.event(d))
         with torch.cuda.stream(s):
@@ -143,7 +137,31 @@ def issue(ctx: ExecContext, model: ModelInstance, bufs, ll: LaunchList, impl: st
                 spans[l.id][1].record(s)
         if l.record:
             ctx.event(l.id).record(s)
-    for s in used.values():
-        join = torch.cuda.Event()
-        join.record(s)
-        origin.wait_event(join)
+    fork.join()
+
+
+class StreamFork:
+    """Side streams forked from the current stream and joined back into it: each stream waits on the
+    fork event before its first launch, and the current stream waits on every stream used at the
+    end. The same code runs eagerly and under CUDA-graph capture (a captured side stream must fork
+    from the capturing stream and join it again). Used by `issue` and the engine's overlapped
+    buckets (runtime.engine_overlap)."""
+
+    def __init__(self, device):
+        self.origin = torch.cuda.current_stream(device)
+        self.fork = torch.cuda.Event()
+        self.fork.record(self.origin)
+        self.used: dict[int, object] = {}
+
+    def enter(self, stream):
+        """`stream`, made to wait on the fork the first time it is used."""
+        if stream.cuda_stream not in self.used:
+            stream.wait_event(self.fork)
+            self.used[stream.cuda_stream] = stream
+        return stream
+
+    def join(self) -> None:
+        for s in self.used.values():
+            done = torch.cuda.Event()
+            done.record(s)
+            self.origin.wait_event(done)

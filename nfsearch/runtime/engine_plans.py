@@ -6,9 +6,9 @@ own: a shallow copy of the engine's PagedModel (same weights, KV cache, buffers 
 dense ops (norm1, kqv, o, norm2, ug, act, d) are the impls the bucket's plan names; the runner
 captures and launches each bucket with its model. Attention stays the engine's paged kernels and
 RoPE its own: the plan's decode_attn/prefill_attn/rope_append impls were measured on contiguous
-layouts and have no paged counterpart here. Each op runs whole, one after another, at the full GPU:
-a plan that splits or overlaps ops runs its impls sequentially (overlap inside the engine's graphs is
-not built), and the engine says so per bucket.
+layouts and have no paged counterpart here. A sequential plan runs each op whole at the full GPU; a
+plan that splits or overlaps ops runs its nano-ops on their streams and SM shares inside the bucket's
+graph (runtime.engine_overlap), unless the engine is asked to run every plan sequentially.
 
 A family made for another model, dense batch or bucket set is refused before anything is built
 (Family.check_engine); the engine takes the family's dense batch and decode slots unless given.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nfsearch.errors import NfsearchError
 from nfsearch.family import artifact
@@ -35,12 +35,16 @@ class BucketKernels:
     bucket: Bucket
     op_impls: dict[str, str]         # dense op -> impl name (kernels.IMPLS)
     is_sequential: bool              # the plan runs each op whole on one stream at the full GPU
+    is_overlapped: bool = False      # its nano-ops run on their streams (runtime.engine_overlap)
+    notes: tuple[str, ...] = ()      # what the overlapped program could not keep of the plan
 
     def describe(self) -> str:
         b = self.bucket
         impls = ", ".join(f"{op} {impl}" for op, impl in self.op_impls.items())
-        how = "" if self.is_sequential else " (its plan overlaps ops: run sequentially with its impls)"
-        return f"bucket {b.max_tokens}/{b.max_decode}/{b.max_segments}/{b.max_context}: {impls}{how}"
+        how = "" if self.is_sequential else (" (overlapped: its nano-ops on their streams and SM shares)"
+                                             if self.is_overlapped else " (its plan overlaps ops: run sequentially)")
+        notes = "".join(f"; {n}" for n in self.notes)
+        return f"bucket {b.max_tokens}/{b.max_decode}/{b.max_segments}/{b.max_context}: {impls}{how}{notes}"
 
 
 def read_family(path: str, dense_batch: int | None, max_decode: int | None) -> tuple[Family, int, int]:
@@ -74,9 +78,11 @@ def plan_kernels(plan: Schedule, bucket: Bucket, impls: dict[str, dict], default
     return BucketKernels(bucket, chosen, is_sequential)
 
 
-def apply_family(engine, family: Family) -> list[BucketKernels]:
+def apply_family(engine, family: Family, is_overlapped: bool = True) -> list[BucketKernels]:
     """Check the family against the engine, then give each bucket of its runner a model with the bucket
-    plan's kernels (before capture). Returns what each bucket runs."""
+    plan's kernels (before capture), running an overlapped plan's nano-ops on their streams unless
+    is_overlapped is False (then each op whole, in sequence). Returns what each bucket runs."""
+    from nfsearch.runtime.engine_overlap import overlapped_model
     from nfsearch.runtime.engine import PLAN_OPS
     from nfsearch.runtime.kernels import IMPLS
     family.check_engine(engine.cfg.spec.name, engine.dense_batch, list(engine.buckets))
@@ -87,10 +93,14 @@ def apply_family(engine, family: Family) -> list[BucketKernels]:
     if engine.is_cuda and any("cuda" in k.op_impls.values() for k in kernels) and importlib.util.find_spec("cupy") is None:
         raise NfsearchError("the family's plans name 'cuda' kernels (small_ops.cu), which need cupy: not installed here")
     model = engine.runner.models["plan"]          # --compare's baseline keeps its own kernels
-    for k in kernels:
+    plans = {b.bucket: b.plan for b in family.buckets}
+    for n, k in enumerate(kernels):
         twin = copy.copy(model)
         # on the CPU the GPU kernels cannot run: every bucket keeps the torch ops (the wiring is the same)
         twin.ops = model.dense_ops(k.op_impls if engine.is_cuda else None)
+        if is_overlapped and not k.is_sequential:
+            twin = overlapped_model(twin, plans[k.bucket], k.bucket, k.op_impls)
+            kernels[n] = k = replace(k, is_overlapped=True, notes=twin.program.notes)
         engine.runner.bucket_models[("plan", k.bucket)] = twin
         engine.log(k.describe())
     return kernels
@@ -110,7 +120,8 @@ def family_report(engine, run) -> dict:
                      "sequential_predicted_ms": planned.prediction.sequential_iteration_ms,
                      "floor_ms": planned.prediction.floor_ms,
                      "measured_ms": sum(times) / len(times) if times else None,
-                     "kernels": next(x.op_impls for x in engine.bucket_kernels if x.bucket == b)})
+                     "kernels": next(x.op_impls for x in engine.bucket_kernels if x.bucket == b),
+                     "is_overlapped": next(x.is_overlapped for x in engine.bucket_kernels if x.bucket == b)})
     return {"trace": engine.family.trace["name"], "num_requests": engine.family.trace["num_requests"],
             "predicted_tokens_per_s": engine.family.prediction.tokens_per_s, "buckets": rows}
 

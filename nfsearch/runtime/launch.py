@@ -205,7 +205,7 @@ def build(schedule, num_sms: int | None = None, granularity: int | None = None,
         last_on_stream[o.stream] = o.id
         needs[o.id] = [(d, kind) for d, kind in wanted if keys[d] != keys[o.id]]
 
-    waits = _prune(ops, keys, needs, rank)
+    waits = prune_waits(ops, keys, needs, rank)
     recorded = {d for ws in waits.values() for d, _ in ws}
     mapped = impl_map or {}
     launches = tuple(
@@ -280,8 +280,10 @@ def _capacity_edges(ops, n: int, notes: list[str]) -> dict[str, tuple[str, ...]]
     return edges
 
 
-def _prune(ops, keys, needs, rank) -> dict[str, list[tuple[str, str]]]:
-    """Drop waits implied by earlier waits (vector clocks over stream keys)."""
+def prune_waits(ops, keys, needs, rank) -> dict[str, list[tuple[str, str]]]:
+    """Drop waits implied by earlier waits (vector clocks over stream keys). ops: in issue order (each
+    with an .id); keys: id -> the stream it is issued on; needs: id -> [(earlier id, kind)] on other
+    streams; rank: id -> issue position. Also the engine's overlapped buckets (runtime.overlap_program)."""
     clocks: dict[str, dict[str, int]] = {}
     key_clock: dict[str, dict[str, int]] = {}
     pos_in_key: dict[str, int] = {}
