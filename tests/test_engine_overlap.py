@@ -90,7 +90,8 @@ def _mixed_fields(bucket, page_size: int) -> dict:
         f["prefix_lens"].append(prefix)
         request(len(contexts) + k, prefix, n)
     n = len(f["logit_rows"])
-    return f | dict(temperature=[0.0] * n, top_p=[1.0] * n, top_k=[0] * n, seed=list(range(n)), sample_step=[0] * n)
+    return f | {"temperature": [0.0] * n, "top_p": [1.0] * n, "top_k": [0] * n, "seed": list(range(n)),
+                "sample_step": [0] * n}
 
 
 @pytest.fixture(scope="module")

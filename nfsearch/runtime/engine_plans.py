@@ -82,8 +82,8 @@ def apply_family(engine, family: Family, is_overlapped: bool = True) -> list[Buc
     """Check the family against the engine, then give each bucket of its runner a model with the bucket
     plan's kernels (before capture), running an overlapped plan's nano-ops on their streams unless
     is_overlapped is False (then each op whole, in sequence). Returns what each bucket runs."""
-    from nfsearch.runtime.engine_overlap import overlapped_model
     from nfsearch.runtime.engine import PLAN_OPS
+    from nfsearch.runtime.engine_overlap import overlapped_model
     from nfsearch.runtime.kernels import IMPLS
     family.check_engine(engine.cfg.spec.name, engine.dense_batch, list(engine.buckets))
     if engine.quantization:

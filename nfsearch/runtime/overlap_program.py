@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from itertools import pairwise
 
 from nfsearch.errors import NfsearchError
 from nfsearch.runtime.launch import prune_waits
@@ -170,7 +171,7 @@ def _rows(op: str, tokens: list[tuple[int, int]], limit: int) -> list[tuple[int,
     """Engine rows of an op's nano-batches: the plan's cuts, the first from 0 (prefill windows: from row
     0; a dense op starts there anyway) and the last to `limit`."""
     cuts = [0] + [min(a, limit) for a, _ in tokens[1:]] + [limit]
-    rows = list(zip(cuts, cuts[1:]))
+    rows = list(pairwise(cuts))
     if any(b <= a for a, b in rows):
         raise NfsearchError(f"its plan's {op} nano-batches {tokens} do not fit the bucket's {limit} rows")
     return rows
