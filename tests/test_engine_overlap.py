@@ -5,6 +5,7 @@ order the waits allow gives the same logits); split decode attention reads its o
 
 import dataclasses
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,3 +206,20 @@ def test_split_decode_attention_reads_its_page_table_rows(split_engine, monkeypa
         covered += range(row, row + n)
     assert sorted(covered[:len(covered) // 2]) == list(range(bucket.max_decode))
     assert calls[0][0] == 0 and 0 < calls[0][1] < bucket.max_decode      # the first nano-batch: real requests
+
+
+def test_the_gpu_tests_two_bucket_families(one_torch_thread):
+    """tests/gpu/test_engine_overlap_gpu.py's fixture families: two buckets, the larger one split (and
+    nothing else differs), and on the CPU the same tokens."""
+    from nfsearch.runtime.engine import Engine, TraceShape
+    folder = Path(ENGINE_TINY).parent
+    seq, split = (artifact.read(folder / name) for name in ("two-buckets.family.json", "two-buckets-split.family.json"))
+    assert [b.bucket for b in seq.buckets] == [b.bucket for b in split.buckets] and len(seq.buckets) == 2
+    assert [len(b.plan.streams) for b in seq.buckets] == [1, 1]
+    assert [len(b.plan.streams) for b in split.buckets] == [1, 3] and split.buckets[0].plan == seq.buckets[0].plan
+    assert split.buckets[1].plan.to_dict() == split_plan(seq.buckets[1].plan.workload).to_dict()
+    reqs = load_trace("const:8:8", 24).requests
+    runs = [Engine(ENGINE_TINY, device="cpu", dtype="fp32", trace_shape=TraceShape.of(reqs), num_pages=256,
+                   plans=str(folder / name)).run(reqs)
+            for name in ("two-buckets.family.json", "two-buckets-split.family.json")]
+    assert [s.output_ids for s in runs[0].sequences] == [s.output_ids for s in runs[1].sequences]

@@ -4,8 +4,8 @@ same family run sequentially (greedy, same seed); prints each bucket's mean iter
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +17,6 @@ if not torch.cuda.is_available():
 from conftest import ENGINE_TINY as TINY
 
 from nfsearch.family import artifact
-from nfsearch.family.build import solve_family
 from nfsearch.runtime.engine import Engine, TraceShape
 from nfsearch.runtime.engine_overlap import OverlappedModel
 from nfsearch.serving.traces import load_trace
@@ -26,19 +25,17 @@ TRACE = "const:8:8"          # 16-token requests: two buckets (16 and 32 tokens,
 NUM_REQUESTS = 24
 
 
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "engine-tiny"
+# made on the CPU (the device may lack ortools, which the search imports): solve_family(TRACE, TINY,
+# dense_batch=32, num_requests=24, num_pages=256), and the same with the 32-token bucket's plan replaced
+# by tests.test_engine_overlap.split_plan of its workload (tests/test_engine_overlap.py checks both)
+SEQ_FAMILY, SPLIT_FAMILY = FIXTURES / "two-buckets.family.json", FIXTURES / "two-buckets-split.family.json"
+
+
 @pytest.fixture(scope="module")
-def families(tmp_path_factory):
-    from tests.test_engine_overlap import split_plan
-    fam = solve_family(TRACE, TINY, dense_batch=32, num_requests=NUM_REQUESTS, time_limit_s=1.0, num_workers=1,
-                       num_pages=256)
-    assert len(fam.buckets) == 2
-    top = max(fam.buckets, key=lambda b: b.bucket)
-    split = dataclasses.replace(fam, buckets=tuple(dataclasses.replace(b, plan=split_plan(b.plan.workload))
-                                                   if b is top else b for b in fam.buckets))
-    folder = tmp_path_factory.mktemp("family")
-    artifact.write(fam, folder / "seq.json")
-    artifact.write(split, folder / "split.json")
-    return folder / "seq.json", folder / "split.json", top.bucket
+def families():
+    top = max(artifact.read(SPLIT_FAMILY).buckets, key=lambda b: b.bucket)
+    return SEQ_FAMILY, SPLIT_FAMILY, top.bucket
 
 
 def _run(path, reqs):
