@@ -350,14 +350,18 @@ _TIME_LIMIT = FiniteFloatRange(0.0, MAX_TIME_LIMIT_S, min_open=True)
 @click.option("--dense-batch", type=click.IntRange(1, 65536),
               help="With --family: the engine's dense batch (default: from memory, as the engine chooses it).")
 @click.option("--num-requests", type=click.IntRange(1, 10_000_000), help="With --family: requests of the trace (default 2000).")
+@click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp8"]),
+              help="With --family: the engine's KV cache dtype (default auto; fp8 holds more tokens, so the "
+                   "engine may choose another dense batch and buckets).")
 def solve(profile_path, solver, time_limit_s, threads, seed, num_layers, chunk, allow_extrapolation, min_gain,
-          output, is_family, trace_spec, dense_batch, num_requests, **spec):
+          output, is_family, trace_spec, dense_batch, num_requests, kv_cache_dtype, **spec):
     """Search a schedule (stage 1 structure, stage 2 SM allocation) and write the plan JSON."""
     from nfsearch import plan, search
-    if is_family or trace_spec or dense_batch or num_requests:
+    if is_family or trace_spec or dense_batch or num_requests or kv_cache_dtype:
         from nfsearch.family.report import solve_family_cmd
         return solve_family_cmd(is_family, trace_spec, dense_batch, num_requests, profile_path, time_limit_s, threads,
-                                seed, chunk, min_gain, output, spec, _check_outputs, _all_or_none, _echo)
+                                seed, chunk, min_gain, output, spec, _check_outputs, _all_or_none, _echo,
+                                kv_cache_dtype)
     model, workload = resolve_specs(**spec)
     if output is None:
         output = str(OUT_DIR / f"{_slug(model.name)}-{_slug(workload.name)}.json")

@@ -13,8 +13,9 @@ from nfsearch.errors import NfsearchError
 from nfsearch.family import artifact
 from nfsearch.family.build import solve_family
 from nfsearch.family.collect import BucketHits, composition, quantiles, run_scheduler
-from nfsearch.family.engine_shape import TraceLengths, engine_shape
+from nfsearch.family.engine_shape import engine_shape
 from nfsearch.family.predict import BucketPrediction, predict_trace
+from nfsearch.runtime.engine_memory import TraceShape
 from nfsearch.serving.batch import Bucket
 from nfsearch.serving.model_config import load_model_config
 from nfsearch.serving.traces import Request, load_trace
@@ -28,7 +29,7 @@ LLAMA = load_model_config("llama-3-8b")
 
 def _shape(trace: str, num_requests: int, **kw):
     requests = load_trace(trace, num_requests, 0, max_context=LLAMA.max_model_len).requests
-    return requests, engine_shape(LLAMA, TraceLengths.of(requests), H100_BYTES, **kw)
+    return requests, engine_shape(LLAMA, TraceShape.of(requests), H100_BYTES, **kw)
 
 
 # ---------------------------------------------------------------------------------- the engine's shape
@@ -36,19 +37,32 @@ def _mixed(n: int) -> list[Request]:
     return [Request(i, 5 + (7 * i) % 37, 3 + (5 * i) % 11) for i in range(n)]
 
 
-@pytest.mark.parametrize("kw", [{}, {"dense_batch": 96}, {"dense_batch": 64, "max_decode": 16}])
+@pytest.mark.parametrize("kw", [{}, {"dense_batch": 96}, {"dense_batch": 64, "max_decode": 16},
+                                {"kv_cache_dtype": "fp8"}])
 def test_engine_shape_is_the_engines_choice(kw, one_torch_thread):
-    """The torch-free replica gives the dense batch, decode slots, buckets and KV pages Engine chooses."""
-    from nfsearch.runtime.engine import Engine, TraceShape
+    """The family's shape gives the dense batch, decode slots, buckets and KV pages Engine chooses (an fp8
+    cache included: its bytes per token give this model other decode slots and pages)."""
+    from nfsearch.runtime.engine import Engine
     reqs = _mixed(30)
     memory = 320 << 20            # the engine keeps 256 MiB free (engine_memory.SAFETY_BYTES)
     engine = Engine(ENGINE_TINY, device="cpu", dtype="fp32", trace_shape=TraceShape.of(reqs), memory_bytes=memory, **kw)
-    assert TraceLengths.of(reqs) == TraceLengths(*vars(TraceShape.of(reqs)).values())
-    shape = engine_shape(load_model_config(ENGINE_TINY), TraceLengths.of(reqs), memory, dtype_bytes=4, other_bytes=0,
+    shape = engine_shape(load_model_config(ENGINE_TINY), TraceShape.of(reqs), memory, dtype_bytes=4, other_bytes=0,
                          **kw)
     assert (shape.dense_batch, shape.max_decode, shape.num_pages) == (engine.dense_batch, engine.max_decode,
                                                                       engine.num_pages)
     assert list(shape.buckets) == sorted(engine.buckets)
+
+
+def test_fp8_kv_cache_sizes_the_family_like_the_engine():
+    """An fp8 cache: 1 byte per element + a 4-byte scale per (token, kv head) for K and V, 132 bytes a head
+    against bf16's 256 on llama-3-8b (head_dim 128): up to 1.94x the pages (a little less: the larger dense
+    batch it allows takes more activation memory)."""
+    _, bf16 = _shape("E1", 200)
+    _, fp8 = _shape("E1", 200, kv_cache_dtype="fp8")
+    assert 1.85 < fp8.num_pages / bf16.num_pages <= 256 / 132
+    assert fp8.dense_batch > bf16.dense_batch
+    with pytest.raises(NfsearchError, match="kv cache dtype"):
+        _shape("E1", 20, kv_cache_dtype="fp16")
 
 
 def test_engine_shape_on_e1_is_the_measured_engines():
@@ -88,7 +102,7 @@ def test_every_batch_gets_the_smallest_covering_bucket(trace, num_pages):
 
 def test_the_engine_launches_each_batch_in_the_schedulers_bucket(one_torch_thread):
     """The engine runs each batch with the static buffers of the scheduler's bucket: the smallest covering one."""
-    from nfsearch.runtime.engine import Engine, TraceShape
+    from nfsearch.runtime.engine import Engine
     reqs = _mixed(20)
     engine = Engine(ENGINE_TINY, device="cpu", dtype="fp32", trace_shape=TraceShape.of(reqs), dense_batch=64,
                     max_decode=16)
@@ -216,14 +230,18 @@ def test_cli_solve_family_and_simulate_it(tmp_path):
     out = tmp_path / "c.family.json"
     runner = CliRunner()
     res = runner.invoke(main, ["solve", "--family", "--trace", "const:40:8", "--model", "llama-3-8b",
-                               "--dense-batch", "64", "--num-requests", "16", "--time-limit", "1", "-o", str(out)])
+                               "--dense-batch", "64", "--num-requests", "16", "--time-limit", "1",
+                               "--kv-cache-dtype", "fp8", "-o", str(out)])
     assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())["memory"]["kv_cache_dtype"] == "fp8"
     assert "predicted" in res.output and "tokens/s" in res.output and "solved in" in res.output
     assert res.output.count("/8/") >= 2                 # one table row per bucket
     res = runner.invoke(main, ["simulate", str(out)])
     assert res.exit_code == 0, res.output
     assert "each valid" in res.output and "tokens/s" in res.output
     res = runner.invoke(main, ["solve", "--trace", "E1", "--model", "llama-3-8b"])
+    assert res.exit_code == 2 and "--family" in res.output
+    res = runner.invoke(main, ["solve", "--kv-cache-dtype", "fp8", "--model", "llama-3-8b", "--workload", "W1"])
     assert res.exit_code == 2 and "--family" in res.output
     res = runner.invoke(main, ["solve", "--family", "--trace", "E1", "--workload", "W1"])
     assert res.exit_code == 2 and "drop --workload" in res.output
@@ -259,7 +277,7 @@ def tiny_family_path(tmp_path_factory):
 
 
 def _tiny_engine(**kw):
-    from nfsearch.runtime.engine import Engine, TraceShape
+    from nfsearch.runtime.engine import Engine
     reqs = load_trace(TINY_TRACE, 12).requests
     return reqs, Engine(ENGINE_TINY, device="cpu", dtype="fp32", trace_shape=TraceShape.of(reqs), **kw)
 

@@ -24,11 +24,12 @@ from nfsearch.cost import bundled_profile_path, make_problem
 from nfsearch.errors import NfsearchError
 from nfsearch.family.artifact import BucketPlan, Family
 from nfsearch.family.collect import Composition, composition, run_scheduler
-from nfsearch.family.engine_shape import DEFAULT_UTILIZATION, OTHER_BYTES, TraceLengths, engine_shape
+from nfsearch.family.engine_shape import DEFAULT_UTILIZATION, OTHER_BYTES, engine_shape
 from nfsearch.family.predict import BucketPrediction, predict_bucket, predict_trace
 from nfsearch.plan import Schedule
 from nfsearch.profile import ProfileTable, gpu_from_profile, load
 from nfsearch.roofline import analytic_profile
+from nfsearch.runtime.engine_memory import TraceShape
 from nfsearch.serving.batch import Bucket
 from nfsearch.serving.model_config import load_model_config
 from nfsearch.serving.traces import load_trace
@@ -114,8 +115,10 @@ def nominal_composition(bucket: Bucket, found: dict[Bucket, Composition]) -> Com
 def solve_family(trace_spec: str, model_ref: str, *, dense_batch: int | None = None,
                  num_requests: int | None = DEFAULT_NUM_REQUESTS, seed: int = 0, profile_path: str | None = None,
                  time_limit_s: float = 8.0, num_workers: int | None = None, chunk: int = 128,
-                 min_gain: float = 0.04, num_pages: int | None = None, progress=None) -> Family:
-    """num_pages: the KV cache in pages instead of what the profile's GPU memory leaves (as Engine's)."""
+                 min_gain: float = 0.04, num_pages: int | None = None, kv_cache_dtype: str = "auto",
+                 progress=None) -> Family:
+    """num_pages: the KV cache in pages instead of what the profile's GPU memory leaves (as Engine's);
+    kv_cache_dtype: the engine's ("auto": bf16 like the model; "fp8": more pages, so other buckets)."""
     say = progress or (lambda line: None)
     began = time.perf_counter()
     cfg = load_model_config(model_ref)
@@ -127,8 +130,8 @@ def solve_family(trace_spec: str, model_ref: str, *, dense_batch: int | None = N
     gpu = gpu_from_profile(load(path)) if path else load_gpu("h100-sxm")
     if not gpu.memory_bytes:
         raise NfsearchError(f"the profile's GPU {gpu.name} states no memory size: the engine's batch cannot be sized")
-    shape = engine_shape(cfg, TraceLengths.of(requests), gpu.memory_bytes, dense_batch=dense_batch,
-                         num_pages=num_pages)
+    shape = engine_shape(cfg, TraceShape.of(requests), gpu.memory_bytes, kv_cache_dtype=kv_cache_dtype,
+                         dense_batch=dense_batch, num_pages=num_pages)
     run = run_scheduler(requests, shape, cfg.max_model_len)
     say(f"trace {trace.name}: {len(requests)} requests; engine: dense batch {shape.dense_batch}, {shape.max_decode} "
         f"decode rows, {len(shape.buckets)} buckets, KV {shape.num_pages * shape.page_size:,} tokens; scheduler: "
@@ -152,7 +155,7 @@ def solve_family(trace_spec: str, model_ref: str, *, dense_batch: int | None = N
          "description": trace.description},
         shape,
         {"total_bytes": gpu.memory_bytes, "utilization": DEFAULT_UTILIZATION, "other_bytes": OTHER_BYTES,
-         "dtype": "bf16"},
+         "dtype": "bf16", "kv_cache_dtype": kv_cache_dtype},
         {"num_iterations": run.num_iterations, "num_real_tokens": run.num_real_tokens,
          "num_finished": run.num_finished, "num_refused": run.num_refused, "num_preemptions": run.num_preemptions},
         {"fingerprint": profile.fingerprint(), "label": profile.label},

@@ -58,14 +58,16 @@ def rejudged(family: Family, profile: ProfileTable, is_profile_given: bool) -> F
 
 
 def solve_family_cmd(is_family, trace_spec, dense_batch, num_requests, profile_path, time_limit_s, threads, seed,
-                     chunk, min_gain, output, spec: dict, check_outputs, all_or_none, echo) -> None:
+                     chunk, min_gain, output, spec: dict, check_outputs, all_or_none, echo,
+                     kv_cache_dtype: str | None = None) -> None:
     """`nfsearch solve --family --trace T --model M [...]`: solve, write, print the table and the solve time."""
     from pathlib import Path
 
     from nfsearch.family import artifact
     from nfsearch.family.build import DEFAULT_NUM_REQUESTS, solve_family
     if not is_family or not trace_spec:
-        raise NfsearchError("--trace, --dense-batch and --num-requests go with --family, which needs --trace")
+        raise NfsearchError("--trace, --dense-batch, --num-requests and --kv-cache-dtype go with --family, which "
+                            "needs --trace")
     batch_flags = [k for k, v in spec.items() if k not in ("model_ref", "decode_context", "tp_degree", "dtype") and v]
     if batch_flags or spec.get("tp_degree", 1) != 1 or spec.get("dtype", "bf16") != "bf16":
         raise NfsearchError("--family takes its batches from --trace: drop --workload and the batch flags "
@@ -80,7 +82,7 @@ def solve_family_cmd(is_family, trace_spec, dense_batch, num_requests, profile_p
     family = solve_family(trace_spec, model, dense_batch=dense_batch,
                           num_requests=num_requests or DEFAULT_NUM_REQUESTS, seed=seed, profile_path=profile_path,
                           time_limit_s=time_limit_s, num_workers=threads, chunk=chunk, min_gain=min_gain,
-                          progress=lambda line: echo(f"  {line}", err=True))
+                          kv_cache_dtype=kv_cache_dtype or "auto", progress=lambda line: echo(f"  {line}", err=True))
     with all_or_none([output]):
         artifact.write(family, output)
     for line in table(family):

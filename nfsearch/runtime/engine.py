@@ -4,9 +4,9 @@ formation (serving.scheduler), one CUDA graph per bucket and asynchronous CPU sc
 Start-up, timed as load / compile / capture:
 1. the config and the weights (random unless a HuggingFace folder is given);
 2. the dense batch and decode slots (given, or from the trace's lengths and the memory an analytic plan
-   leaves: runtime.engine_memory.choose_batch) and the buckets (serving's default_buckets, capped at
-   the trace's longest request); a dense batch or memory setting that cannot fit is refused here,
-   before the weights are loaded;
+   leaves) and the buckets (serving's default_buckets, capped at the trace's longest request), all
+   worked out torch-free by runtime.engine_memory.size_batch (the plan families use it too); a dense
+   batch or memory setting that cannot fit is refused here, before the weights are loaded;
 3. on the GPU, a dry run of every bucket on a model with a cache of one request (Triton compiles its
    kernels; the peak of each forward's temporaries is measured); the KV cache gets what the budget
    leaves (refused, with the numbers, when the longest request would not fit);
@@ -32,39 +32,25 @@ import torch
 
 from nfsearch.errors import NfsearchError
 from nfsearch.runtime import engine_memory as mem
-from nfsearch.runtime import engine_plans
-from nfsearch.runtime import tpot_cap
+from nfsearch.runtime import engine_plans, tpot_cap
+from nfsearch.runtime.engine_memory import TraceShape  # the engine's argument type, long imported from here
 from nfsearch.runtime.engine_runner import StepRunner, dry_forward
 from nfsearch.runtime.paged_model import PagedModel
 from nfsearch.runtime.weights import load_weights
 from nfsearch.serving.metrics import BatchStats
 from nfsearch.serving.model_config import load_model_config
 from nfsearch.serving.pages import PageManager
-from nfsearch.serving.scheduler import Scheduler, SchedulerConfig, default_buckets, sequence_from_request
+from nfsearch.serving.scheduler import Scheduler, SchedulerConfig, sequence_from_request
 from nfsearch.serving.traces import Request, prompt_ids_for
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 QUANTIZATIONS = (None, "fp8")    # fp8: W8A8 e4m3 GEMMs (runtime.fp8, kernels.gemm_fp8); opt-in numerics
 KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}    # None: the model's dtype
-CPU_KV_TOKENS = 16384            # the CPU's cache without a memory figure (tiny models)
 # The plan's kernels per dense op at the full GPU (docs/kernels.md: cuBLAS GEMMs, the Triton
 # norm and SiLU-and-mul); "baseline" runs torch for every dense op. Both use the paged attention.
 PLAN_OPS = {"norm1": "triton", "norm2": "triton", "act": "triton"}
 VARIANT_OPS = {"plan": PLAN_OPS, "baseline": {}}
 FP8_GEMM = "fp8-e4m3 w8a8 per-channel/per-token"
-
-
-@dataclass(frozen=True)
-class TraceShape:
-    mean_prompt_len: float
-    mean_output_len: float
-    max_request_len: int             # longest prompt + output
-
-    @classmethod
-    def of(cls, requests: list[Request]) -> TraceShape:
-        n = max(1, len(requests))
-        return cls(sum(r.prompt_len for r in requests) / n, sum(r.output_len for r in requests) / n,
-                   max((r.prompt_len + r.output_len for r in requests), default=1))
 
 
 @dataclass
@@ -137,9 +123,6 @@ class Engine:
             raise NfsearchError(f"quantization {quantization!r}: use one of {', '.join(map(str, QUANTIZATIONS))}")
         self.quantization = quantization
         self.trace_shape = trace_shape or TraceShape(512, 512, self.cfg.max_model_len)
-        longest = min(self.trace_shape.max_request_len, self.cfg.max_model_len)
-        self.max_context = -(-longest // page_size) * page_size
-        self.min_pages = -(-longest // page_size)
         self.family, self.bucket_kernels = None, []
         if plans is not None:        # a plan family (runtime.engine_plans): its dense batch and decode slots
             self.family, dense_batch, max_decode = engine_plans.read_family(plans, dense_batch, max_decode)
@@ -168,43 +151,22 @@ class Engine:
 
     # ------------------------------------------------------------------------------ start-up
     def _choose_batch(self, dense_batch, max_decode, num_pages, memory_bytes) -> None:
-        spec, tied = self.cfg.spec, self.cfg.tie_word_embeddings
         self.dtype_bytes = torch.tensor([], dtype=self.dtype).element_size()
-        self.kv_token_bytes = mem.kv_bytes_per_token(
-            spec, torch.tensor([], dtype=self.kv_dtype).element_size(),
-            mem.FP8_SCALE_BYTES if self.kv_dtype == torch.float8_e4m3fn else 0)
+        self.kv_token_bytes = mem.kv_token_bytes(self.cfg.spec, self.dtype_bytes,
+                                                 "fp8" if self.kv_dtype == torch.float8_e4m3fn else "auto")
         self.total_bytes, self.other_bytes = memory_bytes, 0
         if self.is_cuda and memory_bytes is None:
             free, total = torch.cuda.mem_get_info(self.device)
             # memory torch has cached but holds no tensor in is ours to reuse, not another user's
             cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
             self.total_bytes, self.other_bytes = total, total - free - cached
-        shape = self.trace_shape
-
-        def analytic(tokens: int, decode: int, what: str) -> mem.MemoryPlan:
-            return mem.estimate_plan(spec, self.dtype_bytes, tied, self.total_bytes, self.utilization,
-                                     self.other_bytes, tokens, decode + 8, self.page_size, self.min_pages, what,
-                                     kv_token_bytes=self.kv_token_bytes)
-
-        if num_pages is not None:
-            kv_tokens = num_pages * self.page_size
-        elif self.total_bytes is not None:
-            what = f"dense batch {dense_batch}" if dense_batch else "the model (at a 2048-token batch)"
-            kv_tokens = analytic(dense_batch or 2048, max_decode or 512, what).kv_tokens
-        else:
-            kv_tokens = CPU_KV_TOKENS
-        auto_dense, auto_decode = mem.choose_batch(kv_tokens, shape.mean_prompt_len, shape.mean_output_len,
-                                                   shape.max_request_len)
-        self.dense_batch = dense_batch or auto_dense
-        self.max_decode = min(max_decode or auto_decode, self.dense_batch)
-        self.buckets = default_buckets(self.dense_batch, self.max_decode, self.max_context, self.page_size)
-        top = max(self.buckets)
-        self.max_logit_rows = max(b.max_decode + b.max_segments for b in self.buckets)
-        self.plan = None
-        if self.total_bytes is not None:         # refuse before anything is allocated
-            self.plan = analytic(top.max_tokens, self.max_logit_rows - 8,
-                                 f"dense batch {self.dense_batch} ({top.max_tokens}-token top bucket)")
-        self.num_pages = num_pages or (self.plan.num_pages if self.plan else CPU_KV_TOKENS // self.page_size)
+        sizing = mem.size_batch(self.cfg, self.trace_shape, self.total_bytes, dtype_bytes=self.dtype_bytes,
+                                kv_token_bytes=self.kv_token_bytes, utilization=self.utilization,
+                                other_bytes=self.other_bytes, page_size=self.page_size, dense_batch=dense_batch,
+                                max_decode=max_decode, num_pages=num_pages)
+        self.dense_batch, self.max_decode, self.buckets = sizing.dense_batch, sizing.max_decode, sizing.buckets
+        self.max_context, self.min_pages = sizing.max_context, sizing.max_context // self.page_size
+        self.max_logit_rows, self.num_pages, self.plan = sizing.max_logit_rows, sizing.num_pages, sizing.plan
 
     def _load_weights(self, seed: int):
         """The model's weights on the device (runtime.engine_tp's ranks keep their shard)."""

@@ -9,6 +9,10 @@ cuBLAS workspaces, other processes). What is left, in whole pages, is the KV cac
 `estimate_*` are analytic (counted from the config): they refuse a dense batch or a memory setting that
 cannot fit before the weights are loaded. `kv_plan` uses the measured numbers after the dry run and
 refuses a cache too small for the longest request before the cache is allocated.
+
+`size_batch` is the engine's batch sizing (dense batch, decode slots, buckets, analytic KV pages) in
+one torch-free place: Engine._choose_batch and the plan families (family.engine_shape) both call it,
+so a family is solved for the buckets the engine will capture.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from dataclasses import asdict, dataclass
 
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import num_weights
+from nfsearch.serving.batch import Bucket
+from nfsearch.serving.model_config import ModelConfig
+from nfsearch.serving.scheduler import default_buckets
 from nfsearch.specs import ModelSpec
 
 GIB = 1 << 30
@@ -50,6 +57,16 @@ def kv_bytes_per_token(spec: ModelSpec, dtype_bytes: int, scale_bytes: int = 0) 
     """K and V of one token in every layer: dtype_bytes per element (the cache's dtype, not the
     model's) plus scale_bytes per kv head (FP8_SCALE_BYTES for an fp8 cache)."""
     return 2 * spec.num_layers * (spec.kv_size * dtype_bytes + spec.num_kv_heads * scale_bytes)
+
+
+def kv_token_bytes(spec: ModelSpec, dtype_bytes: int, kv_cache_dtype: str = "auto") -> int:
+    """One token's K/V in a cache of kv_cache_dtype: "auto" (the model's dtype_bytes) or "fp8" (e4m3
+    plus its scales)."""
+    if kv_cache_dtype not in ("auto", "fp8"):
+        raise NfsearchError(f"kv cache dtype {kv_cache_dtype!r}: use one of auto, fp8")
+    if kv_cache_dtype == "fp8":
+        return kv_bytes_per_token(spec, 1, FP8_SCALE_BYTES)
+    return kv_bytes_per_token(spec, dtype_bytes)
 
 
 @dataclass(frozen=True)
@@ -112,6 +129,76 @@ def estimate_plan(spec: ModelSpec, dtype_bytes: int, tied: bool, total_bytes: in
     return plan_pages(total_bytes, utilization, weights_bytes(spec, dtype_bytes, tied),
                       int(buffers * (1 + TEMPORARY_SHARE)), other_bytes,
                       kv_token_bytes * page_size, page_size, min_pages, False, what)
+
+
+CPU_KV_TOKENS = 16384            # the CPU's cache without a memory figure (tiny models)
+# The analytic plan that sizes the cache before the batch is known: a batch this large (or the given one)
+ANALYTIC_TOKENS, ANALYTIC_DECODE = 2048, 512
+
+
+@dataclass(frozen=True)
+class TraceShape:
+    """What of a trace sizes the engine's batch and its buckets' contexts."""
+    mean_prompt_len: float
+    mean_output_len: float
+    max_request_len: int             # longest prompt + output
+
+    @classmethod
+    def of(cls, requests: list) -> TraceShape:
+        """requests: serving.traces.Request (anything with prompt_len and output_len)."""
+        n = max(1, len(requests))
+        return cls(sum(r.prompt_len for r in requests) / n, sum(r.output_len for r in requests) / n,
+                   max((r.prompt_len + r.output_len for r in requests), default=1))
+
+
+@dataclass(frozen=True)
+class BatchSizing:
+    dense_batch: int
+    max_decode: int
+    max_context: int                 # the top buckets' context: the longest request, in whole pages
+    buckets: list[Bucket]            # serving.scheduler.default_buckets' order
+    max_logit_rows: int              # the largest bucket's decode slots + segments
+    num_pages: int                   # given, else the analytic plan's (CPU: CPU_KV_TOKENS)
+    plan: MemoryPlan | None          # the analytic plan at the top bucket; None without a memory figure
+
+
+def size_batch(cfg: ModelConfig, trace: TraceShape, total_bytes: int | None, *, dtype_bytes: int,
+               kv_token_bytes: int | None = None, utilization: float = 0.90, other_bytes: int = 0,
+               page_size: int = 16, dense_batch: int | None = None, max_decode: int | None = None,
+               num_pages: int | None = None) -> BatchSizing:
+    """The dense batch, decode slots, buckets and KV pages the engine runs cfg with for this trace:
+    batch limits given or chosen (choose_batch) for the cache an analytic plan leaves at a
+    2048-token batch (or the given one), buckets at the trace's longest request, then the analytic
+    plan of the top bucket, which refuses (NfsearchError) what cannot fit before anything is
+    allocated. total_bytes None (the CPU): a cache of CPU_KV_TOKENS, no plan."""
+    spec, tied = cfg.spec, cfg.tie_word_embeddings
+    longest = min(trace.max_request_len, cfg.max_model_len)
+    min_pages = -(-longest // page_size)
+    max_context = min_pages * page_size
+
+    def analytic(tokens: int, decode: int, what: str) -> MemoryPlan:
+        return estimate_plan(spec, dtype_bytes, tied, total_bytes, utilization, other_bytes, tokens, decode + 8,
+                             page_size, min_pages, what, kv_token_bytes=kv_token_bytes)
+
+    if num_pages is not None:
+        kv_tokens = num_pages * page_size
+    elif total_bytes is not None:
+        what = f"dense batch {dense_batch}" if dense_batch else "the model (at a 2048-token batch)"
+        kv_tokens = analytic(dense_batch or ANALYTIC_TOKENS, max_decode or ANALYTIC_DECODE, what).kv_tokens
+    else:
+        kv_tokens = CPU_KV_TOKENS
+    auto_dense, auto_decode = choose_batch(kv_tokens, trace.mean_prompt_len, trace.mean_output_len,
+                                           trace.max_request_len)
+    dense = dense_batch or auto_dense
+    decode = min(max_decode or auto_decode, dense)
+    buckets = default_buckets(dense, decode, max_context, page_size)
+    top = max(buckets)
+    max_logit_rows = max(b.max_decode + b.max_segments for b in buckets)
+    plan = None
+    if total_bytes is not None:
+        plan = analytic(top.max_tokens, max_logit_rows - 8, f"dense batch {dense} ({top.max_tokens}-token top bucket)")
+    pages = num_pages or (plan.num_pages if plan else CPU_KV_TOKENS // page_size)
+    return BatchSizing(dense, decode, max_context, buckets, max_logit_rows, pages, plan)
 
 
 def choose_batch(kv_tokens: int, mean_prompt_len: float, mean_output_len: float, max_request_len: int,
