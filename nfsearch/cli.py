@@ -777,8 +777,12 @@ def bench_cmd(model, url, request_rate, sweep, max_duration_s, slo_stat, max_tpo
               "runs them anyway.")
 @click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp8"]), default="auto", show_default=True,
               help="auto: the model's dtype; fp8: e4m3 K/V with a float32 scale per token and KV head.")
+@click.option("--plans", "plans_path", type=click.Path(dir_okay=False),
+              help="A plan family (solve --family): each bucket's graph runs its plan's kernels, and the engine takes "
+                   "its dense batch, decode slots and bucket contexts (requests up to its trace's longest); "
+                   "refused when made for another model, dense batch or buckets.")
 def serve_cmd(model, host, port, device, dtype, dense_batch, max_decode, max_tpot_ms, utilization, seed, quantization,
-              kv_cache_dtype):
+              kv_cache_dtype, plans_path):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
     try:
         from nfsearch.serving.server import serve
@@ -787,7 +791,7 @@ def serve_cmd(model, host, port, device, dtype, dense_batch, max_decode, max_tpo
     engine_kwargs = {"device": device, "dtype": dtype or ("bf16" if device == "cuda" else "fp32"),
                      "dense_batch": dense_batch, "max_decode": max_decode, "gpu_memory_utilization": utilization,
                      "seed": seed, "max_tpot_ms": max_tpot_ms, "quantization": quantization,
-                     "kv_cache_dtype": kv_cache_dtype}
+                     "kv_cache_dtype": kv_cache_dtype, "plans": plans_path}
     serve(model, host, port, engine_kwargs, echo=lambda line: _echo(line, err=True))
 
 

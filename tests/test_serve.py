@@ -29,13 +29,13 @@ START_TIMEOUT_S = 90
 
 
 @contextlib.contextmanager
-def start_server(log_dir: Path, *args: str):
+def start_server(log_dir: Path, *args: str, batch_args=("--dense-batch", "64", "--max-decode", "16")):
     """`nfsearch serve` on the tiny model in a subprocess on a free port; yields "host:port" and the process."""
     log_path = log_dir / "server.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "nfsearch", "serve", "--model", TINY, "--device", "cpu",
-                                 "--port", "0", "--dense-batch", "64", "--max-decode", "16", *args],
+                                 "--port", "0", *batch_args, *args],
                                 stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         deadline, port = time.monotonic() + START_TIMEOUT_S, None
@@ -241,6 +241,47 @@ def test_client_leaving_mid_stream_frees_its_pages(server):
     after = _wait_idle(server)
     assert after["num_used_pages"] == 0 and after["num_live_requests"] == 0
     assert after["num_cancelled"] == before["num_cancelled"] + 1
+
+
+FAMILY = str(Path(TINY).parent / "two-buckets.family.json")   # two buckets of const:8:8: dense batch 32, context 16
+
+
+@pytest.fixture(scope="module")
+def plans_server(tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("serve-plans")
+    with start_server(log_dir, "--plans", FAMILY, batch_args=()) as (address, _):
+        yield address, log_dir / "server.log"
+
+
+def test_serve_runs_a_plan_family(plans_server):
+    """`serve --plans`: the engine takes the family's dense batch, decode slots and buckets (its trace's longest
+    request, 16 tokens, bounds a request), says so at start-up, in /v1/models and /health, and gives the offline
+    engine's tokens with the same family."""
+    from nfsearch.runtime.engine import Engine
+    from nfsearch.serving.traces import Request
+    address, log_path = plans_server
+    assert re.search(r"plan family .*two-buckets.family.json, 2 buckets", log_path.read_text())
+    _, models = _get(address, "/v1/models")
+    assert models["data"][0]["plans"] == FAMILY and models["data"][0]["max_model_len"] == 16
+    _, health = _get(address, "/health")
+    assert health["plans"]["trace"] == "const:8:8" and health["plans"]["num_buckets"] == 2
+    client = openai.OpenAI(base_url=f"http://{address}/v1", api_key="none", timeout=30, max_retries=0)
+    prompt_ids = [5, 17, 99, 3, 250, 42, 7]
+    out = client.completions.create(model="engine-tiny", prompt=prompt_ids, max_tokens=8, temperature=0,
+                                    extra_body={"ignore_eos": True, "return_token_ids": True})
+    status, body = _post(address, "/v1/completions", json.dumps({"prompt": "x" * 20, "max_tokens": 1}).encode())
+    assert status == 400 and "context of 16 tokens" in body["error"]["message"]
+    engine = Engine(TINY, device="cpu", dtype="fp32", plans=FAMILY)
+    run = engine.run([Request(0, len(prompt_ids), 8, prompt_ids=tuple(prompt_ids), ignore_eos=True)],
+                     sampling={"temperature": 0.0})
+    assert out.choices[0].model_extra["token_ids"] == run.sequences[0].output_ids
+
+
+def test_serve_refuses_a_family_for_another_dense_batch():
+    res = subprocess.run([sys.executable, "-m", "nfsearch", "serve", "--model", TINY, "--device", "cpu", "--port", "0",
+                          "--plans", FAMILY, "--dense-batch", "64"], capture_output=True, text=True, timeout=60,
+                         check=False)
+    assert res.returncode == 2 and "plan family made for dense batch 32" in res.stderr
 
 
 def test_online_bench_against_the_server(server, tmp_path):

@@ -126,6 +126,8 @@ class Engine:
         self.family, self.bucket_kernels = None, []
         if plans is not None:        # a plan family (runtime.engine_plans): its dense batch and decode slots
             self.family, dense_batch, max_decode = engine_plans.read_family(plans, dense_batch, max_decode)
+            if trace_shape is None:  # no trace (serving): the family's bucket contexts, its longest request
+                self.trace_shape = TraceShape(512, 512, self.family.engine.max_context)
         self._choose_batch(dense_batch, max_decode, num_pages, memory_bytes)
 
         self.weights = self._load_weights(seed)

@@ -39,12 +39,28 @@ def worker_main(engine_kwargs: dict, inbox, outbox) -> None:
     except Exception as exc:  # noqa: BLE001 -- any start-up failure: the server reports it and exits
         outbox.put(("fatal", f"{type(exc).__name__}: {exc}"))
         return
+    plans = plans_info(engine, engine_kwargs.get("plans"))
+    description = engine.describe() + "".join(f"\n{line}" for line in (plans or {}).get("lines", ()))
+    # the top bucket's context bounds a request (a family's buckets stop at its trace's longest request)
     outbox.put(("ready", {"num_pages": engine.num_pages, "page_size": engine.page_size,
-                          "max_model_len": engine.cfg.max_model_len, "dense_batch": engine.dense_batch,
-                          "vocab_size": engine.cfg.spec.vocab_size, "eos_token_ids": list(engine.cfg.eos_token_ids),
-                          "gemm": engine.gemm_numerics, "kv_cache_dtype": engine.kv_dtype_name,
-                          "description": engine.describe()}))
+                          "max_model_len": min(engine.cfg.max_model_len, engine.max_context),
+                          "dense_batch": engine.dense_batch, "vocab_size": engine.cfg.spec.vocab_size,
+                          "eos_token_ids": list(engine.cfg.eos_token_ids), "gemm": engine.gemm_numerics,
+                          "kv_cache_dtype": engine.kv_dtype_name, "plans": plans, "description": description}))
     serve_forever(engine, inbox, outbox)
+
+
+def plans_info(engine, path: str | None) -> dict | None:
+    """The plan family the engine runs (`serve --plans`), for /health and the start-up lines; None without."""
+    family = engine.family
+    if family is None:
+        return None
+    trace = family.trace
+    head = (f"plan family {path} ({trace['name']}, {trace['num_requests']} requests): {len(family.buckets)} bucket "
+            f"plans, predicted {family.prediction.tokens_per_s:,.0f} tokens/s")
+    return {"path": path, "trace": trace["name"], "num_buckets": len(family.buckets),
+            "predicted_tokens_per_s": family.prediction.tokens_per_s,
+            "lines": [head] + [k.describe() for k in engine.bucket_kernels]}
 
 
 def serve_forever(engine, inbox, outbox) -> None:

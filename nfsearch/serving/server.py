@@ -7,9 +7,11 @@ stop strings on that text (a match cancels the request in the engine) and cancel
 client went away, which frees its KV pages.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (stream=true: server-sent events;
-stream_options.include_usage adds a last chunk with usage), GET /v1/models, GET /health (status and
-the engine's counters: num_used_pages, num_running, num_waiting, num_live_requests). Extra request
-field `return_token_ids` (as vLLM's): non-streaming choices and stream chunks carry the ids.
+stream_options.include_usage adds a last chunk with usage), GET /v1/models (`plans`: the plan
+family's path or null), GET /health (status, the engine's counters: num_used_pages, num_running,
+num_waiting, num_live_requests, and `plans`: the family the engine runs, `serve --plans`, with its
+trace, buckets and prediction, or null). Extra request field `return_token_ids` (as vLLM's):
+non-streaming choices and stream chunks carry the ids.
 """
 
 from __future__ import annotations
@@ -208,14 +210,15 @@ async def models(request):
     return web.json_response({"object": "list", "data": [
         {"id": request.app["model_name"], "object": "model", "created": 0, "owned_by": "nfsearch",
          "max_model_len": request.app["client"].info["max_model_len"],
-         "vocab_size": request.app["client"].info["vocab_size"]}]})
+         "vocab_size": request.app["client"].info["vocab_size"],
+         "plans": (request.app["client"].info.get("plans") or {}).get("path")}]})
 
 
 async def health(request):
     client = request.app["client"]
     status = "ok" if client.proc.is_alive() else "engine process exited"
-    return web.json_response({"status": status, "engine_pid": client.proc.pid, **client.stats},
-                             status=200 if status == "ok" else 503)
+    return web.json_response({"status": status, "engine_pid": client.proc.pid, **client.stats,
+                              "plans": client.info.get("plans")}, status=200 if status == "ok" else 503)
 
 
 def serve(model: str, host: str, port: int, engine_kwargs: dict, echo=print) -> None:
@@ -242,7 +245,9 @@ async def _serve_http(client, tokenizer, model_name, host, port, echo) -> None:
     site = web.TCPSite(runner, host, port)
     await site.start()
     bound = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else port
-    echo(f"serving {model_name} on http://{host}:{bound} (tokenizer: {tokenizer.name})")
+    plans = client.info.get("plans")
+    with_plans = f"; plan family {plans['path']}, {plans['num_buckets']} buckets" if plans else ""
+    echo(f"serving {model_name} on http://{host}:{bound} (tokenizer: {tokenizer.name}{with_plans})")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
