@@ -276,7 +276,6 @@ class Engine:
         arrivals = deque(sequence_from_request(r, prompt_ids_for(r, vocab, self.seed), **(sampling or {}))
                          for r in sorted(requests, key=lambda r: r.arrival_s))
         seqs, records = list(arrivals), []
-        bucket_index = {b: i for i, b in enumerate(self.buckets)}
         waits0, eager0 = self.runner.num_host_waits, self.runner.num_eager_launches
         stats = {v: BatchStats() for v in self.variants}
         in_flight, peak_pages, start = None, 0, time.perf_counter()
@@ -286,25 +285,17 @@ class Engine:
                 seq = arrivals.popleft()
                 if not sched.add(seq) and on_finish:
                     on_finish(seq)
-            batch = sched.schedule(now) if sched.has_work() else None
-            launched = None
-            if batch is not None:
-                variant = self.variants[(k // compare_every) % len(self.variants)] if compare_every else self.variants[0]
-                t_launch = time.perf_counter()
-                launched = (self.runner.launch(batch, variant), IterationRecord(
-                    variant, bucket_index[batch.bucket], batch.num_tokens, batch.num_decode, batch.num_segments,
-                    time.perf_counter() - start, sched.pages.num_used_pages,
-                    host_ms=(time.perf_counter() - t_launch) * 1e3))
+            variant = self.variants[(k // compare_every) % len(self.variants)] if compare_every else self.variants[0]
+            in_flight, launched, read = self.step(sched, in_flight, start, variant)
+            if on_finish:
+                for _, done in read:
+                    for seq in done:
+                        on_finish(seq)
+            if launched is not None:
                 records.append(launched[1])
-                stats[variant].add(batch)
-                peak_pages = max(peak_pages, sched.pages.num_used_pages)
-            if in_flight is not None:
-                self._read(in_flight, sched, start, on_finish)
-            in_flight = launched
-            if in_flight is not None and not self.is_async:
-                self._read(in_flight, sched, start, on_finish)
-                in_flight = None
-            if in_flight is None and batch is None and not sched.has_work():
+                stats[variant].add(launched[0].batch)
+                peak_pages = max(peak_pages, launched[1].used_pages)
+            if in_flight is None and launched is None and not sched.has_work():
                 if not arrivals:
                     break
                 time.sleep(max(0.0, arrivals[0].arrival_s - (time.perf_counter() - start)))
@@ -314,14 +305,30 @@ class Engine:
                          self.runner.num_host_waits - waits0, self.runner.num_eager_launches - eager0, start,
                          list(sched.refused), stats)
 
-    def _read(self, in_flight, sched: Scheduler, start: float, on_finish) -> None:
+    def step(self, sched: Scheduler, in_flight, start: float, variant: str) -> tuple:
+        """One iteration of the loop (Engine.run's and the online server's): form the next batch and launch
+        it, and only then read the one in flight (is_async False: read this one at once). in_flight and
+        what is launched: (runner launch, IterationRecord) or None. Returns (in flight now, launched now,
+        [(batch read, the sequences it finished)])."""
+        batch = sched.schedule(time.perf_counter() - start) if sched.has_work() else None
+        launched = None
+        if batch is not None:
+            t_launch = time.perf_counter()
+            launched = (self.runner.launch(batch, variant), IterationRecord(
+                variant, self.buckets.index(batch.bucket), batch.num_tokens, batch.num_decode, batch.num_segments,
+                time.perf_counter() - start, sched.pages.num_used_pages,
+                host_ms=(time.perf_counter() - t_launch) * 1e3))
+        to_read = [x for x in (in_flight, None if self.is_async else launched) if x is not None]
+        read = [(x[0].batch, self.read(x, sched, start)) for x in to_read]
+        return (launched if self.is_async else None), launched, read
+
+    def read(self, in_flight, sched: Scheduler, start: float) -> list:
+        """Wait for an iteration's sampled ids and postprocess them; the sequences it finished."""
         launched, record = in_flight
         ids, record.gpu_ms = self.runner.read(launched)
         if self.tpot_cap is not None:
             tpot_cap.observe_batch(self.tpot_cap, sched, launched.batch, record.time_ms)
-        for seq in sched.postprocess(launched.batch, ids, time.perf_counter() - start):
-            if on_finish:
-                on_finish(seq)
+        return sched.postprocess(launched.batch, ids, time.perf_counter() - start)
 
     def device_name(self) -> str:
         return torch.cuda.get_device_name(self.device) if self.is_cuda else "cpu"

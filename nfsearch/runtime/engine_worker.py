@@ -12,8 +12,8 @@ outbox (engine -> server):
     ("tokens", [(request_id, new_ids, finish_reason | None, error | None), ...])   # one per iteration
     ("stats", {"num_used_pages", "num_running", "num_waiting", "num_iterations", ...})
 
-The loop is Engine.run's (launch i+1 before reading i), with arrivals from the inbox instead of a
-fixed list. A cancelled request is finished between iterations, exactly where postprocess finishes
+Each iteration is Engine.step, the one Engine.run takes (launch i+1 before reading i), with arrivals
+from the inbox instead of a fixed list. A cancelled request is finished between iterations, exactly where postprocess finishes
 one, so its pages may still be written by the batch in flight and are reused only by later batches
 (the same stream order that makes the scheduler's own frees safe).
 """
@@ -76,7 +76,6 @@ class OnlineLoop:
         self.num_sent: dict[int, int] = {}       # request id -> output tokens already sent
         self.start = time.perf_counter()
         self.num_iterations = 0
-        self.host_ms: dict[int, float] = {}     # batch id -> launch time on the host (CPU: the forward)
         self.num_cancelled = 0                   # requests finished early by a cancel (client gone, stop string)
         self.is_stopping = False
 
@@ -90,18 +89,11 @@ class OnlineLoop:
         while not self.is_stopping:
             is_idle = in_flight is None and not self.sched.has_work()
             updates = self._drain(inbox, block=is_idle)
-            batch = self.sched.schedule(self.now()) if self.sched.has_work() else None
-            t_launch = time.perf_counter()
-            launched = self.engine.runner.launch(batch, self.engine.variants[0]) if batch is not None else None
-            if batch is not None:
-                self.host_ms[batch.batch_id] = (time.perf_counter() - t_launch) * 1e3
+            in_flight, launched, read = self.engine.step(self.sched, in_flight, self.start, self.engine.variants[0])
+            for batch, _ in read:
+                updates += self._updates(batch)
+            if launched is not None:
                 self.num_iterations += 1
-            if in_flight is not None:
-                updates += self._read(in_flight)
-            in_flight = launched
-            if in_flight is not None and not self.engine.is_async:
-                updates += self._read(in_flight)
-                in_flight = None
             if updates:
                 self.outbox.put(("tokens", updates))
             stats = self.stats()
@@ -109,7 +101,7 @@ class OnlineLoop:
                 self.outbox.put(("stats", stats))
                 last_stats = stats
         if in_flight is not None:
-            self._read(in_flight)
+            self.engine.read(in_flight, self.sched, self.start)
 
     def stats(self) -> dict:
         pages = self.sched.pages
@@ -156,15 +148,10 @@ class OnlineLoop:
         self.sched._finish(seq, "abort", self.now())
         self.num_cancelled += 1
 
-    def _read(self, in_flight) -> list:
-        ids, gpu_ms = self.engine.runner.read(in_flight)
-        host_ms = self.host_ms.pop(in_flight.batch.batch_id, 0.0)
-        if self.engine.tpot_cap is not None:         # --max-tpot: the budget follows measured times
-            from nfsearch.runtime.tpot_cap import observe_batch  # here: this module stays torch-free
-            observe_batch(self.engine.tpot_cap, self.sched, in_flight.batch, gpu_ms or host_ms)
-        self.sched.postprocess(in_flight.batch, ids, self.now())
+    def _updates(self, batch) -> list:
+        """What a postprocessed batch gave each live request: new ids, and its finish reason once finished."""
         updates = []
-        for seq in dict.fromkeys(in_flight.batch.sample_seqs):
+        for seq in dict.fromkeys(batch.sample_seqs):
             rid = seq.seq_id
             if self.live.get(rid) is not seq:
                 continue                     # cancelled
