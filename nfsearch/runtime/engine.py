@@ -49,7 +49,9 @@ KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}    # None: the mode
 # The plan's kernels per dense op at the full GPU (docs/kernels.md: cuBLAS GEMMs, the Triton
 # norm and SiLU-and-mul); "baseline" runs torch for every dense op. Both use the paged attention.
 PLAN_OPS = {"norm1": "triton", "norm2": "triton", "act": "triton"}
-VARIANT_OPS = {"plan": PLAN_OPS, "baseline": {}}
+# "sequential": a plan family's kernels with each bucket's plan run op by op, no side streams
+# (runtime.engine_plans gives its buckets their kernels; `bench --plans F --compare` alternates it with "plan")
+VARIANT_OPS = {"plan": PLAN_OPS, "baseline": {}, "sequential": PLAN_OPS}
 FP8_GEMM = "fp8-e4m3 w8a8 per-channel/per-token"
 
 
@@ -188,7 +190,7 @@ class Engine:
             return self.model
         import copy
         twin = copy.copy(self.model)
-        twin.ops = twin.dense_ops(VARIANT_OPS[name])
+        twin.ops = twin.dense_ops(VARIANT_OPS[name] if self.is_cuda else None)   # the CPU runs torch ops
         return twin
 
     def _dry_run(self, num_pages: int | None) -> float:

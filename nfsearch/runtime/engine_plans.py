@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+from collections import Counter
 from dataclasses import dataclass, replace
 
 from nfsearch.errors import NfsearchError
@@ -25,6 +26,7 @@ from nfsearch.family import artifact
 from nfsearch.family.artifact import Family
 from nfsearch.plan import NON_MEASURED_IMPLS, Schedule
 from nfsearch.serving.batch import Bucket
+from nfsearch.serving.decode_spread import DecodeSpread
 
 DENSE_OPS = ("norm1", "kqv", "o", "norm2", "ug", "act", "d")   # runtime.paged_model.DENSE_OPS
 ENGINE_OWN_OPS = ("rope_append", "decode_attn", "prefill_attn")  # the engine's paged kernels run these
@@ -37,6 +39,8 @@ class BucketKernels:
     is_sequential: bool              # the plan runs each op whole on one stream at the full GPU
     is_overlapped: bool = False      # its nano-ops run on their streams (runtime.engine_overlap)
     notes: tuple[str, ...] = ()      # what the overlapped program could not keep of the plan
+    decode_ranges: tuple[tuple[int, int], ...] | None = None   # split decode attention's slot ranges,
+                                     # its requests spread over them by KV work (serving.decode_spread)
 
     def describe(self) -> str:
         b = self.bucket
@@ -44,6 +48,9 @@ class BucketKernels:
         how = "" if self.is_sequential else (" (overlapped: its nano-ops on their streams and SM shares)"
                                              if self.is_overlapped else " (its plan overlaps ops: run sequentially)")
         notes = "".join(f"; {n}" for n in self.notes)
+        if self.decode_ranges:
+            notes += "; decode requests spread by KV work over slots " + ", ".join(
+                f"[{a}, {e})" for a, e in self.decode_ranges)
         return f"bucket {b.max_tokens}/{b.max_decode}/{b.max_segments}/{b.max_context}: {impls}{how}{notes}"
 
 
@@ -78,10 +85,14 @@ def plan_kernels(plan: Schedule, bucket: Bucket, impls: dict[str, dict], default
     return BucketKernels(bucket, chosen, is_sequential)
 
 
-def apply_family(engine, family: Family, is_overlapped: bool = True) -> list[BucketKernels]:
+def apply_family(engine, family: Family, is_overlapped: bool = True,
+                 is_decode_spread: bool = True) -> list[BucketKernels]:
     """Check the family against the engine, then give each bucket of its runner a model with the bucket
     plan's kernels (before capture), running an overlapped plan's nano-ops on their streams unless
-    is_overlapped is False (then each op whole, in sequence). Returns what each bucket runs."""
+    is_overlapped is False (then each op whole, in sequence). A bucket whose overlapped plan splits decode
+    attention places its decode requests by KV work (serving.decode_spread) unless is_decode_spread is
+    False. With a "sequential" variant (--compare), each bucket's model there runs the same kernels op by
+    op. Returns what each bucket runs."""
     from nfsearch.runtime.engine import PLAN_OPS
     from nfsearch.runtime.engine_overlap import overlapped_model
     from nfsearch.runtime.kernels import IMPLS
@@ -98,12 +109,29 @@ def apply_family(engine, family: Family, is_overlapped: bool = True) -> list[Buc
         twin = copy.copy(model)
         # on the CPU the GPU kernels cannot run: every bucket keeps the torch ops (the wiring is the same)
         twin.ops = model.dense_ops(k.op_impls if engine.is_cuda else None)
+        if "sequential" in engine.runner.models:  # --compare with a family: its plans run op by op
+            engine.runner.bucket_models[("sequential", k.bucket)] = copy.copy(twin)
         if is_overlapped and not k.is_sequential:
             twin = overlapped_model(twin, plans[k.bucket], k.bucket, k.op_impls)
-            kernels[n] = k = replace(k, is_overlapped=True, notes=twin.program.notes)
+            ranges = decode_ranges(twin.program)
+            if ranges is not None and is_decode_spread:
+                twin.decode_spread = DecodeSpread(ranges, k.bucket.max_tokens)
+            kernels[n] = k = replace(k, is_overlapped=True, notes=twin.program.notes,
+                                     decode_ranges=ranges if is_decode_spread else None)
         engine.runner.bucket_models[("plan", k.bucket)] = twin
         engine.log(k.describe())
     return kernels
+
+
+def decode_ranges(program) -> tuple[tuple[int, int], ...] | None:
+    """The decode slots of each decode-attention nano-batch of an overlapped program (the cut most of its
+    layers share), or None where decode attention runs whole."""
+    by_layer: dict[int, list] = {}
+    for op in program.ops:
+        if op.op == "decode_attn":
+            by_layer.setdefault(op.layer, []).append(op.rows)
+    cuts = Counter(tuple(sorted(rows)) for rows in by_layer.values()).most_common(1)
+    return cuts[0][0] if cuts and len(cuts[0][0]) > 1 else None
 
 
 def family_report(engine, run) -> dict:

@@ -13,7 +13,9 @@ read (already complete then).
 Graphs of every bucket and variant share one memory pool: no temporary outlives its capture, so the
 pool holds about the largest forward's temporaries. Variants ("plan", "baseline") are models that
 share weights, KV cache, buffers and sampled-ids vector and differ only in their kernels.
-On the CPU (or with use_cuda_graphs False) the same calls run eagerly.
+On the CPU (or with use_cuda_graphs False) the same calls run eagerly. A bucket model that splits
+decode attention carries a serving.decode_spread.DecodeSpread: its batches' decode rows are laid out
+over the nano-batches' slots by KV work before the pack (the logit order, so prev_rows, unchanged).
 """
 
 from __future__ import annotations
@@ -134,7 +136,11 @@ class StepRunner:
     def launch(self, batch: Batch, variant: str) -> Launched:
         slot, self._slot = self._slot, 1 - self._slot
         model = self.model_for(variant, batch.bucket)
-        step = self.buffers[batch.bucket].fill_(**batch_fields(batch))
+        fields = batch_fields(batch)
+        spread = getattr(model, "decode_spread", None)   # serving.decode_spread: an overlapped bucket's layout
+        if spread is not None:
+            fields = spread.apply(fields, batch.seqs[:batch.num_decode], batch.num_decode)
+        step = self.buffers[batch.bucket].fill_(**fields)
         n = len(batch.sample_seqs)
         launch_s = time.perf_counter()
         if not self.is_cuda:
