@@ -61,11 +61,12 @@ def test_placement_stays_below_the_rows_prefill_leaves():
 
 def _fields():
     """3 decode requests (the 2nd reads the previous batch's sample 4) then a 3-token chunk sampling its last row."""
-    return dict(input_ids=[11, -1, 13, 20, 21, 22], prev_rows=[-1, 4, -1, -1, -1, -1], positions=[30, 7, 99, 0, 1, 2],
-                slot_mapping=[130, 207, 399, 500, 501, 502], context_lens=[31, 8, 100], chunk_starts=[3],
-                chunk_lens=[3], prefix_lens=[0], logit_rows=[0, 1, 2, 5], temperature=[0.0] * 4, top_p=[1.0] * 4,
-                top_k=[0] * 4, seed=[1, 2, 3, 4], sample_step=[5, 6, 7, 0],
-                page_tables=[[8, 9], [12], [24, 25, 26, 27, 28, 29, 30], [31]])
+    return {"input_ids": [11, -1, 13, 20, 21, 22], "prev_rows": [-1, 4, -1, -1, -1, -1],
+            "positions": [30, 7, 99, 0, 1, 2], "slot_mapping": [130, 207, 399, 500, 501, 502],
+            "context_lens": [31, 8, 100], "chunk_starts": [3], "chunk_lens": [3], "prefix_lens": [0],
+            "logit_rows": [0, 1, 2, 5], "temperature": [0.0] * 4, "top_p": [1.0] * 4, "top_k": [0] * 4,
+            "seed": [1, 2, 3, 4], "sample_step": [5, 6, 7, 0],
+            "page_tables": [[8, 9], [12], [24, 25, 26, 27, 28, 29, 30], [31]]}
 
 
 def test_spread_fields_move_rows_tables_and_logit_rows_together():
