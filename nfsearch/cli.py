@@ -641,10 +641,21 @@ def calibrate_cmd(profile_path, runs, from_path, energy_runs, output):
                    "with --plans, the table they were made with: each report's prediction then includes its "
                    "power bound.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="Best plan JSON; every candidate's report goes beside it as <stem>.tune.json.")
+              help="Best plan JSON; every candidate's report goes beside it as <stem>.tune.json. With --family: "
+                   "the tuned family (the measuring run's bench report beside it as <stem>.bench.json).")
+@click.option("--family", "family_path", type=click.Path(dir_okay=False),
+              help="A plan family (solve --family): per bucket, its plan against the same plan op by op on one "
+                   "live engine (--model, --trace; bench --plans --compare), keeping the faster.")
+@click.option("--trace", "trace_spec", help="With --family: the trace the engine serves (E1-E4, const:IN:OUT, FILE).")
+@click.option("--num-requests", type=click.IntRange(1, 10_000_000), help="With --family: requests of the trace.")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
+              help="With --family: where the engine runs.")
 @_run_options
-def tune_cmd(plans_dir, top_k, time_limit_s, num_layers, profile_path, output, mode, iters, no_graph, force, **spec):
+def tune_cmd(plans_dir, top_k, time_limit_s, num_layers, profile_path, output, family_path, trace_spec, num_requests,
+             device, mode, iters, no_graph, force, **spec):
     """Run each candidate plan on the GPU, time those that ran against each other, keep the fastest."""
+    if family_path or trace_spec:
+        return _tune_family(family_path, spec["model_ref"], trace_spec, num_requests, device, profile_path, output)
     from nfsearch import tune
     _check_outputs([output, Path(output).with_suffix(".tune.json")], (".json",))
     profile = None                      # with --plans and no --profile: no power bound in the predictions
@@ -675,6 +686,29 @@ def tune_cmd(plans_dir, top_k, time_limit_s, num_layers, profile_path, output, m
     if tune.interleaved_line(result):
         _echo(tune.interleaved_line(result))
     _echo(f"wrote {output} (best: {result.best.name}, {result.best.measured_layer_ms:.4f} ms/layer) and {record}")
+
+
+def _tune_family(family_path, model, trace_spec, num_requests, device, profile_path, output):
+    if not (family_path and model and trace_spec):
+        raise NfsearchError("tune --family needs --family FAMILY.json, --model (the engine's) and --trace")
+    _check_outputs([output, Path(output).with_suffix(".bench.json")], (".json",))
+    try:
+        from nfsearch.runtime.family_tune import tune_family
+    except ImportError as exc:
+        raise NfsearchError(f"tune --family needs torch and the gpu extra ({exc.name} is not installed)") from None
+    from nfsearch.family import artifact
+    tuned, report, lines = tune_family(family_path, model, trace_spec, num_requests, device=device,
+                                       profile_path=profile_path, echo=_echo)
+    report["command"] = " ".join(["nfsearch"] + sys.argv[1:])
+    with _all_or_none([Path(output), Path(output).with_suffix(".bench.json")]):
+        artifact.write(tuned, output)
+        _write_json(Path(output).with_suffix(".bench.json"), report)
+    for line in lines:
+        _echo(line)
+    t = tuned.tune
+    _echo(f"wrote {output}: {t['num_sequential']} of {len(tuned.buckets)} buckets keep the sequential plan, "
+          f"{t['num_too_few']} had too few iterations to choose; predicted {tuned.prediction.tokens_per_s:,.0f} "
+          f"tokens/s (was {artifact.read(family_path).prediction.tokens_per_s:,.0f})")
 
 
 @main.command("bench")

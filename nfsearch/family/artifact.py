@@ -37,12 +37,14 @@ class BucketPlan:
     plan_source: str                 # which candidate the search wrote (its last note)
     solve_s: float
     plan: Schedule
+    tune: dict | None = None         # `tune --family`: measured times, the plan kept and why (family.tune)
 
     def to_dict(self) -> dict:
-        return {"bucket": bucket_to_list(self.bucket), "num_iterations": self.num_iterations,
-                "composition": self.composition.to_dict(), "is_nominal": self.is_nominal,
-                "prediction": self.prediction.to_dict(), "plan_source": self.plan_source,
-                "solve_s": self.solve_s, "plan": self.plan.to_dict()}
+        out = {"bucket": bucket_to_list(self.bucket), "num_iterations": self.num_iterations,
+               "composition": self.composition.to_dict(), "is_nominal": self.is_nominal,
+               "prediction": self.prediction.to_dict(), "plan_source": self.plan_source,
+               "solve_s": self.solve_s, "plan": self.plan.to_dict()}
+        return out | ({"tune": self.tune} if self.tune is not None else {})
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class Family:
     buckets: tuple[BucketPlan, ...]  # the engine's buckets, smallest first
     prediction: TracePrediction
     solve: dict                      # wall_s, num_workers, time_limit_s, seed
+    tune: dict | None = None         # `tune --family`: the measuring run (trace, device, ...) and its outcome
 
     @property
     def num_iterations(self) -> int:
@@ -65,7 +68,8 @@ class Family:
         return {"schema_version": SCHEMA_VERSION, "kind": KIND, "model": self.model, "trace": self.trace,
                 "engine": self.engine.to_dict(), "memory": self.memory, "scheduler_run": self.scheduler_run,
                 "profile": self.profile, "buckets": [b.to_dict() for b in self.buckets],
-                "prediction": self.prediction.to_dict(), "solve": self.solve}
+                "prediction": self.prediction.to_dict(), "solve": self.solve} | \
+            ({"tune": self.tune} if self.tune is not None else {})
 
     def check_engine(self, model: str, dense_batch: int, buckets: list[Bucket]) -> None:
         """NfsearchError (one line) unless the family was made for this model, dense batch and buckets."""
@@ -113,7 +117,7 @@ def from_dict(data: dict, where: str = "plan family") -> Family:
         plan = plan_mod.from_dict(b["plan"], f"{where}: bucket {k + 1}'s plan")
         buckets.append(BucketPlan(Bucket(*b["bucket"]), b["num_iterations"], Composition.from_dict(b["composition"]),
                                   b["is_nominal"], BucketPrediction.from_dict(b["prediction"]), b["plan_source"],
-                                  b["solve_s"], plan))
+                                  b["solve_s"], plan, b.get("tune")))
     engine = EngineShape.from_dict(data["engine"])
     if sorted(b.bucket for b in buckets) != sorted(engine.buckets):
         raise NfsearchError(f"{where}: its plans' buckets are not the engine buckets it names")
@@ -121,7 +125,7 @@ def from_dict(data: dict, where: str = "plan family") -> Family:
     return Family(data["model"], data["trace"], engine, data["memory"], data["scheduler_run"], data["profile"],
                   tuple(sorted(buckets, key=lambda b: b.bucket)),
                   TracePrediction(p["tokens_per_s"], p["sequential_tokens_per_s"], p["gpu_s"], p["sequential_gpu_s"]),
-                  data["solve"])
+                  data["solve"], data.get("tune"))
 
 
 _Validator = jsonschema.validators.extend(

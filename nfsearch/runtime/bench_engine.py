@@ -20,6 +20,9 @@ from nfsearch.serving.model_config import load_model_config
 from nfsearch.serving.traces import load_trace
 
 COMPARE_EVERY = 100              # iterations per variant turn under --compare
+FAMILY_COMPARE = ("plan: the family's plans (overlapped where a plan splits or overlaps ops: nano-ops on side "
+                  "streams and SM shares in the bucket's graph); sequential: the same family op by op on one "
+                  "stream (same buckets, kernels per op, graphs, cache and batches)")
 
 
 @dataclass
@@ -41,6 +44,7 @@ class BenchOptions:
     quantization: str | None = None  # "fp8": W8A8 e4m3 GEMMs (Engine's quantization)
     plans: str | None = None         # a plan family file: each bucket's graph with its plan's kernels
     kv_cache_dtype: str = "auto"     # "auto": the model's dtype; "fp8": e4m3 + per-(token, kv head) scales
+    compare_every: int | None = None  # iterations per variant turn under --compare (None: COMPARE_EVERY)
 
 
 def run_bench(opts: BenchOptions, echo=print, progress: bool = True, make_engine=Engine) -> dict:
@@ -51,7 +55,9 @@ def run_bench(opts: BenchOptions, echo=print, progress: bool = True, make_engine
     if not servable:
         raise NfsearchError(f"trace {trace.name}: no request fits the model's context {cfg.max_model_len}")
     echo(f"trace {trace.name}: {trace.description}")
-    variants = ("plan", "baseline") if opts.is_compare else ("plan",)
+    # --compare: the plan's kernels against torch's; with a family, its plans against the same run op by op
+    variants = ("plan", "sequential" if opts.plans else "baseline") if opts.is_compare else ("plan",)
+    every = opts.compare_every or COMPARE_EVERY
     engine = make_engine(opts.model, device=opts.device, dtype=opts.dtype or ("bf16" if opts.device == "cuda" else "fp32"),
                     gpu_memory_utilization=opts.gpu_memory_utilization, dense_batch=opts.dense_batch,
                     page_size=opts.page_size, is_async=opts.is_async, seed=opts.seed,
@@ -63,7 +69,7 @@ def run_bench(opts: BenchOptions, echo=print, progress: bool = True, make_engine
     nvml = _open_nvml(engine)
     with _Progress(len(trace.requests), progress) as bar:
         sampler, energy0 = _start_power(nvml)
-        run = engine.run(trace.requests, compare_every=COMPARE_EVERY if opts.is_compare else 0,
+        run = engine.run(trace.requests, compare_every=every if opts.is_compare else 0,
                          on_finish=bar.update)
         energy_j = _stop_power(nvml, sampler, energy0)
     p_gemm = es.gpu_peak_flops(engine.device)
@@ -94,8 +100,8 @@ def run_bench(opts: BenchOptions, echo=print, progress: bool = True, make_engine
     }
     if opts.is_compare:
         report["compare"] = {
-            "every_iterations": COMPARE_EVERY,
-            "what_differs": ("plan: the engine's kernels per dense op (" + ", ".join(
+            "every_iterations": every,
+            "what_differs": FAMILY_COMPARE if opts.plans else ("plan: the engine's kernels per dense op (" + ", ".join(
                 f"{op} {impl}" for op, impl in sorted(engine_ops().items())) + ", the rest torch/cuBLAS); "
                 "baseline: torch (cuBLAS GEMMs, F.rms_norm, torch SiLU) for every dense op. Both: the same "
                 "paged Triton attention, RoPE, sampling, buckets, graphs, cache and batches."),

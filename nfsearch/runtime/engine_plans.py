@@ -136,20 +136,29 @@ def decode_ranges(program) -> tuple[tuple[int, int], ...] | None:
 
 def family_report(engine, run) -> dict:
     """Per bucket: the family's predicted iteration time and hit share beside the run's measured ones
-    (GPU time from CUDA events; the host's on the CPU)."""
+    (GPU time from CUDA events; the host's on the CPU; measured ms of the "plan" variant). With the
+    "sequential" variant (--compare): each variant's iterations and median ms (family.tune)."""
+    from nfsearch.family.tune import compare_buckets
+    compares = None
+    if "sequential" in engine.runner.models:
+        overlapped = {x.bucket for x in engine.bucket_kernels if x.is_overlapped}
+        compares = compare_buckets(engine.family, list(engine.buckets), overlapped, run.iterations)
     rows = []
     for k, b in enumerate(engine.buckets):
         planned = next(p for p in engine.family.buckets if p.bucket == b)
-        times = [it.time_ms for it in run.iterations if it.bucket == k]
+        hits = [it for it in run.iterations if it.bucket == k]
+        times = [it.time_ms for it in hits if it.variant == "plan"]
         rows.append({"bucket": [b.max_tokens, b.max_decode, b.max_segments, b.max_context],
                      "predicted_fraction": planned.num_iterations / max(1, engine.family.num_iterations),
-                     "measured_fraction": len(times) / max(1, len(run.iterations)),
+                     "measured_fraction": len(hits) / max(1, len(run.iterations)),
                      "predicted_ms": planned.prediction.iteration_ms,
                      "sequential_predicted_ms": planned.prediction.sequential_iteration_ms,
                      "floor_ms": planned.prediction.floor_ms,
                      "measured_ms": sum(times) / len(times) if times else None,
                      "kernels": next(x.op_impls for x in engine.bucket_kernels if x.bucket == b),
                      "is_overlapped": next(x.is_overlapped for x in engine.bucket_kernels if x.bucket == b)})
+        if compares is not None:
+            rows[-1]["compare"] = compares[k].to_dict()
     return {"trace": engine.family.trace["name"], "num_requests": engine.family.trace["num_requests"],
             "predicted_tokens_per_s": engine.family.prediction.tokens_per_s, "buckets": rows}
 
@@ -164,4 +173,8 @@ def format_family(report: dict, measured_tokens_per_s: float) -> list[str]:
         floor = f"{r['floor_ms']:.2f}" if r["floor_ms"] is not None else "-"
         hits = f"{100 * r['predicted_fraction']:.0f}%/{100 * r['measured_fraction']:.0f}%"
         lines.append(f"{name:>20} {hits:>15} {r['predicted_ms']:>8.2f} {meas:>8} {floor:>7}")
+    if all("compare" in r for r in report["buckets"]):
+        from nfsearch.family.tune import BucketCompare, format_compare
+        lines.append("family against itself op by op (--compare), per bucket:")
+        lines += format_compare([BucketCompare.from_dict(r["compare"]) for r in report["buckets"]])
     return lines
