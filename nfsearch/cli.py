@@ -741,7 +741,8 @@ def _tune_family(family_path, model, trace_spec, num_requests, device, profile_p
               help="Where the engine runs: cuda (Triton paged attention, CUDA graphs) or cpu (torch ops).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), help="Default: bf16 on cuda, fp32 on cpu.")
 @click.option("--compare", "is_compare", is_flag=True,
-              help="Alternate the plan's kernels with a baseline layer every 100 iterations; report both.")
+              help="Alternate the plan's kernels with a baseline layer every 100 iterations; report both. With "
+                   "--plans: the family's plans against the same family op by op, per bucket.")
 @click.option("--quantization", type=click.Choice(["fp8"]), help="fp8: W8A8 e4m3 GEMMs (weights per output "
               "channel, activations per token); changes numerics, stated in the report. An FP8 checkpoint "
               "runs them anyway.")
