@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass
 from nfsearch.cost import Problem
 from nfsearch.plan import Schedule
 from nfsearch.profile import gpu_from_profile
-from nfsearch.search.baselines import sequential_plan
 from nfsearch.simulate import judge
 
 LOGIT_BYTES = 4                  # the engine's logits are float32
@@ -67,6 +66,7 @@ def lm_head_ms(problem: Problem, num_logit_rows: int) -> float:
 
 def predict_bucket(problem: Problem, plan: Schedule, num_logit_rows: int) -> BucketPrediction:
     """The bucket's predicted iteration (its plan and the sequential plan of its batch)."""
+    from nfsearch.search.baselines import sequential_plan  # here: the search package imports ortools
     judged = judge(plan, problem.cost)
     sequential = judge(sequential_plan(problem), problem.cost)
     num_layers = problem.model.num_layers
