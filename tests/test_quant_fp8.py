@@ -76,11 +76,12 @@ def test_silu_mul_and_rows_references():
 
 
 def test_out_buffers_are_checked():
+    """Through the dispatching entry point: the torch reference (no triton) checks as the kernel does."""
     x = torch.randn(4, 32)
     with pytest.raises(ValueError, match="q_out"):
-        quant_fp8.quantize_rows_triton(x, torch.empty(4, 32), torch.empty(4, 1), 1)
+        quant_fp8.quantize_rows_into(x, torch.empty(4, 32), torch.empty(4, 1), 1)
     with pytest.raises(ValueError, match="scale_out"):
-        quant_fp8.quantize_rows_triton(x, torch.empty(4, 32, dtype=FP8), torch.empty(4), 1)
+        quant_fp8.quantize_rows_into(x, torch.empty(4, 32, dtype=FP8), torch.empty(4), 1)
 
 
 # ---------------------------------------------------------------------------------- gemm_fp8

@@ -211,6 +211,7 @@ def quantize_rows_triton(x, q_out, scale_out, num_sms: int, programs_per_sm=None
 def _emit_q(y, q_out, scale_out):
     """runtime.fp8.quantize_rows(y) written into (q_out, scale_out)."""
     from nfsearch.runtime.fp8 import quantize_rows
+    _check_out(q_out, scale_out, *y.shape)
     q, s = quantize_rows(y)
     q_out.copy_(q)
     scale_out.copy_(s)
