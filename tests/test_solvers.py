@@ -137,3 +137,19 @@ def test_cpsat_and_gurobi_agree_on_small_w2():
     gu = _solve(data, "gurobi", 60)
     assert cp.status == gu.status == "optimal"
     assert cp.makespan == gu.makespan
+
+
+def test_without_ortools_a_search_is_refused_in_one_line(monkeypatch):
+    """Running or tuning a plan imports the search's modules but needs no solver; a search without
+    OR-Tools (and no Gurobi licence) is refused with the reason, not an AttributeError."""
+    import pytest
+
+    from nfsearch import solvers
+    from nfsearch.errors import NfsearchError
+    from nfsearch.solvers import cpsat
+    monkeypatch.setattr(cpsat, "cp_model", None)
+    monkeypatch.setattr(solvers.GurobiSolver, "available", lambda self, data=None: (False, "not licensed"))
+    with pytest.raises(NfsearchError, match="ortools is not installed"):
+        solvers.resolve("auto")
+    with pytest.raises(NfsearchError, match="ortools is not installed"):
+        solvers.resolve("cpsat")

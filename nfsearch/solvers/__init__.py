@@ -34,4 +34,8 @@ def resolve(name: str, data: Stage2Data | None = None) -> tuple[Solver, str]:
     ok, why = gurobi.available(data)
     if ok:
         return gurobi, "auto: gurobi is installed, licensed and the model fits"
-    return get_solver("cpsat"), f"auto: cpsat ({why})"
+    cpsat = get_solver("cpsat")
+    ok, why_not = cpsat.available(data)
+    if not ok:
+        raise NfsearchError(f"no stage-2 solver: {why_not}; gurobi: {why}")
+    return cpsat, f"auto: cpsat ({why})"

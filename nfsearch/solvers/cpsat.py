@@ -9,7 +9,10 @@ safety net far above it; a run that hits it is flagged (and may not be reproduci
 
 import time
 
-from ortools.sat.python import cp_model
+try:        # a dependency, but only a search needs it: running, tuning or checking a plan does not
+    from ortools.sat.python import cp_model
+except ImportError:
+    cp_model = None
 
 from nfsearch.solvers.base import Solver, Stage2Data, Stage2Result
 
@@ -37,7 +40,7 @@ class CpSatSolver(Solver):
     name = "cpsat"
 
     def available(self, data: Stage2Data | None = None) -> tuple[bool, str]:
-        return True, ""
+        return (True, "") if cp_model is not None else (False, "ortools is not installed (pip install ortools)")
 
     def settings(self, time_limit_s: float, threads: int, seed: int) -> str:
         return (f"cp-sat num_workers={threads}, random_seed={seed}, "
