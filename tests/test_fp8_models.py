@@ -25,7 +25,7 @@ import shutil
 
 import pytest
 import torch
-from test_engine_model import BUCKET, COMMON, PAGE_SIZE, Driver, _requests, _save
+from test_engine_model import BUCKET, PAGE_SIZE, Driver, _requests, llama, llama31, qwen2  # noqa: F401 (the transformers-equivalence checkpoints, as fixtures)
 
 from nfsearch.errors import NfsearchError
 from nfsearch.runtime import fp8
@@ -49,7 +49,7 @@ MIN_TOP1 = 0.80
 
 
 @pytest.fixture(scope="module")
-def hf_llama(llama):
+def hf_llama(llama):  # noqa: F811 (the imported fixture, by pytest's naming)
     return llama
 
 
@@ -213,26 +213,3 @@ def test_fp8_logits_against_float32(which, request):
     assert float((got - ref).abs().max()) > 1e-4                           # FP8 really ran
     assert float(kl.mean()) < MAX_MEAN_KL
     assert top1 >= MIN_TOP1
-
-
-# the transformers-equivalence checkpoints of test_engine_model (same configs, same _save)
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    cfg = transformers.LlamaConfig(**COMMON, rope_theta=10000.0, rms_norm_eps=1e-6, attn_implementation="eager")
-    return _save(tmp_path_factory, "tiny-llama", transformers.LlamaForCausalLM, cfg)
-
-
-@pytest.fixture(scope="module")
-def llama31(tmp_path_factory):
-    scaling = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64}
-    cfg = transformers.LlamaConfig(**COMMON, rope_theta=20000.0, rms_norm_eps=1e-5, rope_scaling=scaling,
-                                   attn_implementation="eager")
-    return _save(tmp_path_factory, "tiny-llama31", transformers.LlamaForCausalLM, cfg)
-
-
-@pytest.fixture(scope="module")
-def qwen2(tmp_path_factory):
-    cfg = transformers.Qwen2Config(**COMMON, rope_theta=50000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
-                                   attn_implementation="eager")
-    return _save(tmp_path_factory, "tiny-qwen2", transformers.Qwen2ForCausalLM, cfg)
