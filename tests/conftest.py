@@ -101,3 +101,22 @@ def nvml_device():
         pytest.skip(note)
     with device:
         yield device
+
+
+def run_interpreted(script: str) -> dict:
+    """tests/<script> in a child process under Triton's interpreter (TRITON_INTERPRET must be set before
+    the kernels load); its stdout is JSON. Skips where triton is not installed."""
+    import importlib.util
+    import json
+    import os
+    import subprocess
+    import sys
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install triton: its interpreter runs on the CPU)")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [
+        str(root), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, str(root / "tests" / script)], check=False, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)

@@ -14,17 +14,12 @@ outlier channels and attention sinks whose effect on fp8 only a real checkpoint 
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import math
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 torch = pytest.importorskip("torch")
+
+from conftest import run_interpreted
+from test_engine_model import llama, qwen2  # noqa: E402,F401 (the tiny transformers checkpoints)
 
 from nfsearch.runtime import engine_memory as mem  # noqa: E402
 from nfsearch.runtime.kernels.paged_attention_torch import (  # noqa: E402
@@ -36,8 +31,6 @@ from nfsearch.runtime.kernels.paged_attention_torch import (  # noqa: E402
     to_fp8,
     write_kv_torch,
 )
-
-from test_engine_model import llama, qwen2  # noqa: E402,F401 (the tiny transformers checkpoints)
 
 FP8 = torch.float8_e4m3fn
 # e4m3 keeps 3 mantissa bits: a normal value rounds within 2^-4 of itself; below 2^-6 x scale
@@ -180,15 +173,7 @@ def test_prefill_over_fp8_prefix_close_to_fp32_attention():
 # ---------------------------------------------------------------------------------- Triton interpreter
 @pytest.fixture(scope="module")
 def interpreted():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed (pip install triton: its interpreter runs on the CPU)")
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [
-        str(root), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, str(root / "tests" / "fp8_kv_interp.py")], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout)
+    return run_interpreted("fp8_kv_interp.py")
 
 
 def test_interpreted_write_kv_writes_the_torch_bytes(interpreted):

@@ -3,18 +3,11 @@ against runtime.fp8's quantizer, the Triton kernels in Triton's interpreter agai
 (bytes and scales), gemm_fp8 on pre-quantized rows, and PagedModel with FP8 weights: the fused path
 against the unfused one (CPU; the GPU side is tests/gpu/test_quant_fp8_gpu.py)."""
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import ENGINE_TINY
+from conftest import ENGINE_TINY, run_interpreted
 from quant_fp8_model import run_steps, tiny_model
 
 from nfsearch.runtime import fp8
@@ -148,15 +141,7 @@ def test_fp8_buffers_are_static_and_used():
 # ---------------------------------------------------------------------------------- Triton interpreter
 @pytest.fixture(scope="module")
 def interpreted():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed (pip install triton: its interpreter runs on the CPU)")
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [
-        str(root), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, str(root / "tests" / "quant_fp8_interp.py")], check=False,
-                          env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout)
+    return run_interpreted("quant_fp8_interp.py")
 
 
 def test_interpreted_kernels_write_the_reference_bytes(interpreted):
