@@ -12,20 +12,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
+from paged_util import capture, rel_error, scattered_tables
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 DT = torch.bfloat16
 FP8 = torch.float8_e4m3fn
-TOL = 2e-2              # Triton against the torch reference on the same fp8 cache (bf16 rounding)
 FP8_TOL = 8e-2          # fp8 cache against a bf16 cache of the same random K/V (e4m3: 3 mantissa bits)
-
-
-def _rel(out, ref, tol=TOL):
-    out, ref = out.float(), ref.float()
-    assert not torch.isnan(out).any(), "NaN in the output (a row left unwritten?)"
-    err = ((out - ref).norm() / ref.norm().clamp_min(1e-6)).item()
-    assert err < tol, f"relative error {err:.3e}"
-    return err
 
 
 @pytest.fixture(autouse=True)
@@ -45,16 +38,6 @@ def _fp8_cache(num_pages, page_size, hkv, d):
     slots = torch.arange(num_pages * page_size, device="cuda")
     write_kv_torch(kb.view(-1, hkv, d), vb.view(-1, hkv, d), k8, v8, slots, ks, vs)
     return kb, vb, k8, v8, ks, vs
-
-
-def _tables(lens, page_size, num_pages, max_pages):
-    perm = torch.randperm(num_pages).tolist()
-    tables = torch.randint(0, num_pages, (len(lens), max_pages), dtype=torch.int32)
-    for r, n in enumerate(lens):
-        need = -(-n // page_size)
-        tables[r, :need] = torch.tensor(perm[:need], dtype=torch.int32)
-        perm = perm[need:]
-    return tables.cuda()
 
 
 def test_write_kv_fp8_matches_torch_bytes():
@@ -84,7 +67,7 @@ def test_decode_fp8_matches_torch_and_bf16(num_sms, page_size, hq, hkv, d, lens)
     max_pages = -(-max(lens) // page_size) + 3
     num_pages = sum(-(-n // page_size) for n in lens) + 7
     kb, vb, k8, v8, ks, vs = _fp8_cache(num_pages, page_size, hkv, d)
-    pt = _tables(lens, page_size, num_pages, max_pages)
+    pt = scattered_tables(lens, page_size, num_pages, max_pages)
     q = torch.randn(len(lens), hq, d, device="cuda", dtype=DT)
     cl = torch.tensor(lens, dtype=torch.int32, device="cuda")
     scale = 1 / math.sqrt(d)
@@ -94,8 +77,8 @@ def test_decode_fp8_matches_torch_and_bf16(num_sms, page_size, hq, hkv, d, lens)
         out = torch.full_like(q, float("nan"))
         paged_decode_attention(q, k8, v8, pt, cl, out, scale, num_sms=num_sms, num_splits=num_splits,
                                k_scales=ks, v_scales=vs)
-        _rel(out, ref)
-        _rel(out, bf16, FP8_TOL)
+        rel_error(out, ref)
+        rel_error(out, bf16, FP8_TOL)
         assert out[cl == 0].abs().sum() == 0
 
 
@@ -104,13 +87,16 @@ def test_decode_fp8_matches_torch_and_bf16(num_sms, page_size, hq, hkv, d, lens)
     ([(0, 600, 0)], 600),
 ])
 def test_prefill_fp8_matches_torch_and_bf16(segs, num_rows):
-    from nfsearch.runtime.kernels.paged_attention import paged_prefill_attention, paged_prefill_attention_torch
+    from nfsearch.runtime.kernels.paged_attention import (
+        paged_prefill_attention,
+        paged_prefill_attention_torch,
+    )
     page_size, hq, hkv, d = 16, 32, 8, 128
     kv_lens = [p + n for _, n, p in segs]
     max_pages = -(-max(kv_lens) // page_size) + 2
     num_pages = sum(-(-n // page_size) for n in kv_lens) + 5
     kb, vb, k8, v8, ks, vs = _fp8_cache(num_pages, page_size, hkv, d)
-    pt = _tables(kv_lens, page_size, num_pages, max_pages)
+    pt = scattered_tables(kv_lens, page_size, num_pages, max_pages)
     q = torch.randn(num_rows, hq, d, device="cuda", dtype=DT)
     starts, lens, prefixes = (torch.tensor(c, dtype=torch.int32, device="cuda") for c in zip(*segs))
     scale = 1 / math.sqrt(d)
@@ -122,20 +108,8 @@ def test_prefill_fp8_matches_torch_and_bf16(segs, num_rows):
     paged_prefill_attention(q, kb, vb, pt, starts, lens, prefixes, bf16, scale)
     owned = ~ref.isnan()
     assert torch.equal(owned, ~out.isnan())
-    _rel(out[owned], ref[owned])
-    _rel(out[owned], bf16[owned], FP8_TOL)
-
-
-def _capture(fn):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
+    rel_error(out[owned], ref[owned])
+    rel_error(out[owned], bf16[owned], FP8_TOL)
 
 
 def test_fp8_graph_replay_with_new_lengths():
@@ -158,14 +132,14 @@ def test_fp8_graph_replay_with_new_lengths():
         pa.paged_decode_attention(qd, kc, vc, pt[:B], cl, od, scale, **sc)
         pa.paged_prefill_attention(qp, kc, vc, pt[B:], starts, lens, prefixes, op, scale, **sc)
 
-    graph = _capture(step)
+    graph = capture(step)
     for trial in range(3):
         dec_lens = torch.randint(1, max_pages * ps + 1, (B,))
         dec_lens[trial] = 0
         chunk = torch.randint(1, 80, (S,))
         pre = torch.randint(0, 200, (S,))
         first = torch.cumsum(chunk, 0) - chunk
-        tables = _tables(dec_lens.tolist() + (pre + chunk).tolist(), ps, num_pages, max_pages)
+        tables = scattered_tables(dec_lens.tolist() + (pre + chunk).tolist(), ps, num_pages, max_pages)
         new_slots = torch.full((T,), -1, dtype=torch.int64)
         for s in range(S):
             for i in range(int(chunk[s])):
@@ -182,12 +156,12 @@ def test_fp8_graph_replay_with_new_lengths():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(kc.view(torch.uint8), refs[0].view(torch.uint8)) and torch.equal(ks, refs[2])
-        _rel(od, pa.paged_decode_attention_torch(qd, kc, vc, pt[:B], cl, torch.empty_like(od), scale, **sc))
+        rel_error(od, pa.paged_decode_attention_torch(qd, kc, vc, pt[:B], cl, torch.empty_like(od), scale, **sc))
         ref = torch.full_like(op, float("nan"))
         pa.paged_prefill_attention_torch(qp, kc, vc, pt[B:], starts, lens, prefixes, ref, scale, **sc)
         owned = ~ref.isnan()
         assert torch.equal(owned, ~op.isnan())
-        _rel(op[owned], ref[owned])
+        rel_error(op[owned], ref[owned])
 
 
 def test_engine_fp8_kv_with_graphs():

@@ -10,11 +10,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
+from paged_util import capture, rel_error, scattered_tables
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 DT = torch.bfloat16
-TOL = 2e-2
 
 
 def _sms():
@@ -23,12 +23,6 @@ def _sms():
     return [torch.cuda.get_device_properties(0).multi_processor_count, 32]
 
 
-def _rel(out, ref):
-    out, ref = out.float(), ref.float()
-    assert not torch.isnan(out).any(), "NaN in the output (a row left unwritten?)"
-    err = ((out - ref).norm() / ref.norm().clamp_min(1e-6)).item()
-    assert err < TOL, f"relative error {err:.3e}"
-    return err
 
 
 def _cache(num_pages, page_size, hkv, d):
@@ -36,15 +30,6 @@ def _cache(num_pages, page_size, hkv, d):
     return k, torch.randn_like(k)
 
 
-def _tables(lens, page_size, num_pages, max_pages):
-    """Scattered page tables [R, max_pages] int32 (junk page ids past each request's pages)."""
-    perm = torch.randperm(num_pages).tolist()
-    tables = torch.randint(0, num_pages, (len(lens), max_pages), dtype=torch.int32)
-    for r, n in enumerate(lens):
-        need = -(-n // page_size)
-        tables[r, :need] = torch.tensor(perm[:need], dtype=torch.int32)
-        perm = perm[need:]
-    return tables.cuda()
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +49,7 @@ def test_decode_matches_torch(num_sms, page_size, hq, hkv, d, lens):
     max_pages = -(-max(lens) // page_size) + 3
     num_pages = sum(-(-n // page_size) for n in lens) + 7
     kc, vc = _cache(num_pages, page_size, hkv, d)
-    pt = _tables(lens, page_size, num_pages, max_pages)
+    pt = scattered_tables(lens, page_size, num_pages, max_pages)
     q = torch.randn(len(lens), hq, d, device="cuda", dtype=DT)
     cl = torch.tensor(lens, dtype=torch.int32, device="cuda")
     scale = 1 / math.sqrt(d)
@@ -72,7 +57,7 @@ def test_decode_matches_torch(num_sms, page_size, hq, hkv, d, lens):
     for num_splits in (None, 1, 5):
         out = torch.full_like(q, float("nan"))
         paged_decode_attention(q, kc, vc, pt, cl, out, scale, num_sms=num_sms, num_splits=num_splits)
-        _rel(out, ref)
+        rel_error(out, ref)
         assert out[cl == 0].abs().sum() == 0, "a padded slot's row is not zero"
 
 
@@ -82,7 +67,7 @@ def _prefill_case(page_size, hq, hkv, d, segs, num_rows):
     max_pages = -(-max(kv_lens) // page_size) + 2
     num_pages = sum(-(-n // page_size) for n in kv_lens) + 5
     kc, vc = _cache(num_pages, page_size, hkv, d)
-    pt = _tables(kv_lens, page_size, num_pages, max_pages)
+    pt = scattered_tables(kv_lens, page_size, num_pages, max_pages)
     q = torch.randn(num_rows, hq, d, device="cuda", dtype=DT)
     starts, lens, prefixes = (torch.tensor(c, dtype=torch.int32, device="cuda") for c in zip(*segs))
     return q, kc, vc, pt, starts, lens, prefixes
@@ -111,7 +96,7 @@ def test_prefill_matches_torch(num_sms, page_size, hq, hkv, d, segs, num_rows):
     paged_prefill_attention(q, kc, vc, pt, starts, lens, prefixes, out, scale, num_sms=num_sms)
     owned = ~ref.isnan()
     assert torch.equal(owned, ~out.isnan()), "rows written differ from the chunks' rows"
-    _rel(out[owned], ref[owned])
+    rel_error(out[owned], ref[owned])
 
 
 def test_write_kv_matches_torch():
@@ -128,16 +113,6 @@ def test_write_kv_matches_torch():
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
 
 
-def _capture(fn):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()                         # compile and warm up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 @pytest.mark.parametrize("num_sms", _sms())
@@ -162,7 +137,7 @@ def test_graph_replay_with_new_lengths(num_sms):
         pa.paged_prefill_attention(qp, kc, vc, pt[B:], starts, lens, prefixes, op,
                                    scale, num_sms=num_sms)
 
-    graph = _capture(step)
+    graph = capture(step)
     for trial in range(3):
         dec_lens = torch.randint(0, max_pages * ps + 1, (B,))
         dec_lens[trial] = 0
@@ -170,7 +145,7 @@ def test_graph_replay_with_new_lengths(num_sms):
         chunk[trial % S] = 0
         pre = torch.randint(0, 200, (S,))
         first = torch.cumsum(chunk, 0) - chunk
-        tables = _tables(dec_lens.tolist() + (pre + chunk).tolist(), ps, num_pages, max_pages)
+        tables = scattered_tables(dec_lens.tolist() + (pre + chunk).tolist(), ps, num_pages, max_pages)
         new_slots = torch.full((T,), -1, dtype=torch.int64)
         for s in range(S):                   # the chunk's own K/V are written by the same step
             for i in range(int(chunk[s])):
@@ -187,12 +162,12 @@ def test_graph_replay_with_new_lengths(num_sms):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
-        _rel(od, pa.paged_decode_attention_torch(qd, kc, vc, pt[:B], cl, torch.empty_like(od), scale))
+        rel_error(od, pa.paged_decode_attention_torch(qd, kc, vc, pt[:B], cl, torch.empty_like(od), scale))
         ref = torch.full_like(op, float("nan"))
         pa.paged_prefill_attention_torch(qp, kc, vc, pt[B:], starts, lens, prefixes, ref, scale)
         owned = ~ref.isnan()
         assert torch.equal(owned, ~op.isnan())
-        _rel(op[owned], ref[owned])
+        rel_error(op[owned], ref[owned])
 
 
 def test_write_kv_torch_captures():
@@ -201,7 +176,7 @@ def test_write_kv_torch_captures():
     kc, vc = _cache(8, 16, 2, 64)
     k, v = torch.randn(5, 2, 64, device="cuda", dtype=DT), torch.randn(5, 2, 64, device="cuda", dtype=DT)
     slots = torch.tensor([-1, 3, -1, 100, 7], device="cuda")
-    graph = _capture(lambda: write_kv_torch(k, v, kc, vc, slots))
+    graph = capture(lambda: write_kv_torch(k, v, kc, vc, slots))
     for new in ([9, -1, -1, 2, 127], [-1, -1, -1, -1, -1]):
         slots.copy_(torch.tensor(new))
         kc_ref, vc_ref = kc.clone(), vc.clone()
