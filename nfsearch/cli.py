@@ -240,14 +240,25 @@ def analyze(gpu_key, pairs_path, json_path, profile_path, **spec):
 @click.option("--opt-in-impls", "opt_in_text", default="", metavar="IMPLS",
               help="Also measure these impls, which profile leaves out by default (comma list; cublaslt: cuBLASLt "
                    "told its partition's SM count, faster alone on partitions but more energy per layer in a plan "
-                   "under the power cap on an H100; fp8: W8A8 e4m3 GEMMs, which change numerics).")
+                   "under the power cap on an H100; fp8: W8A8 e4m3 GEMMs, which change numerics; paged: the "
+                   "engine's paged attention over the default grid, which only plan families price).")
 @click.option("--energy-only", "into_path", type=click.Path(dir_okay=False), metavar="PROFILE",
               help="Measure only the energy, into a copy of this measured profile of the same GPU (its rows kept).")
+@click.option("--family", "family_path", type=click.Path(dir_okay=False), metavar="FAMILY.json",
+              help="Measure only the engine's paged attention (impl paged) at this plan family's bucket shapes, "
+                   "on every SM count (--quick: three) and, with --energy, each bucket's energy, into a copy of "
+                   "--base: the profile `solve --family --profile` prices the engine's attention with.")
+@click.option("--base", "base_path", type=click.Path(dir_okay=False), metavar="PROFILE",
+              help="With --family: the measured profile of this GPU the rows go into (default: the bundled one "
+                   "of the family's model for this GPU).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Profile table to write: .parquet or .csv.")
-def profile(is_analytic, gpu_key, gpu_id, is_quick, with_pairs, net_impls, with_energy, opt_in_text, into_path, output,
-            **spec):
+def profile(is_analytic, gpu_key, gpu_id, is_quick, with_pairs, net_impls, with_energy, opt_in_text, into_path,
+            family_path, base_path, output, **spec):
     """Write a profile table: measured on the GPU, or --analytic from a roofline model."""
+    if family_path is not None or base_path is not None:
+        return _profile_family(family_path, base_path, gpu_id, is_quick, with_energy, output, spec,
+                               is_analytic or into_path is not None or bool(opt_in_text))
     model, workload = resolve_specs(**spec)
     opt_in_impls = _opt_in_impls(opt_in_text)
     if opt_in_impls and (is_analytic or into_path is not None):
@@ -292,6 +303,33 @@ def profile(is_analytic, gpu_key, gpu_id, is_quick, with_pairs, net_impls, with_
     table.write(output)
     energy = "" if table.energy is None else f", {len(table.energy.points)} energy points"
     _echo(f"wrote {output}: {len(table.rows)} rows{energy}, {table.label}, fingerprint {table.fingerprint()}")
+
+
+def _profile_family(family_path, base_path, gpu_id, is_quick, with_energy, output, spec, is_other_mode) -> None:
+    """`nfsearch profile --family FAMILY.json [--base PROFILE] -o OUT`: runtime/paged_profile.py."""
+    ctx = click.get_current_context()
+    given = [flag for name, flag in {**_BATCH_FLAGS, "workload_ref": "--workload"}.items()
+             if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)]
+    if family_path is None:
+        raise NfsearchError("--base goes with --family")
+    if given or is_other_mode:
+        raise NfsearchError("--family takes its shapes from the family: drop "
+                            + (", ".join(given) or "--analytic, --energy-only and --opt-in-impls"))
+    from nfsearch.family import artifact
+    family = artifact.read(family_path)
+    if spec.get("model_ref") and load_model(spec["model_ref"]).name != family.model:
+        raise NfsearchError(f"{family_path} is a family of {family.model}, not {spec['model_ref']}")
+    _check_outputs([output], (".parquet", ".csv"))
+    from nfsearch.runtime.device import require_cuda
+    require_cuda("nfsearch profile --family")
+    from nfsearch.runtime.paged_profile import measure_family_attention
+    table = measure_family_attention(family, base_path, gpu_id=gpu_id, is_quick=is_quick, with_energy=with_energy,
+                                     output=output, progress=_progress_bar, family_path=family_path)
+    table.write(output)
+    runs = table.meta["paged_attention"]["runs"]
+    _echo(f"wrote {output}: {len(table.rows)} rows ({int((table.rows['impl'] == 'paged').sum())} paged attention), "
+          f"{len(table.meta['paged_attention']['energy_points'])} paged energy points, {table.label}, fingerprint "
+          f"{table.fingerprint()}; base {runs[-1]['base']}")
 
 
 def _impl_names(text: str) -> tuple[str, ...]:

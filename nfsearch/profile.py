@@ -30,6 +30,7 @@ from nfsearch.energy import ENERGY_KEY, ProfileEnergy, energy_from_meta
 from nfsearch.errors import NfsearchError
 from nfsearch.files import MAX_INPUT_BYTES, parse_json, read_text, shown, write_atomic
 from nfsearch.graph import OP_CLASSES, shard_signature
+from nfsearch.plan import ENGINE_IMPLS
 from nfsearch.specs import (
     MAX_CONTEXT,
     MAX_LABEL_CHARS,
@@ -199,9 +200,16 @@ LINEAR = Scaling(lambda n, c, s: float(n) * max(c, 1.0), lambda n, c: 0.0, is_he
 
 @dataclass
 class ProfileTable:
-    """A checked table (see check_rows, check_meta); `info` is the metadata's typed view."""
+    """A checked table (see check_rows, check_meta); `info` is the metadata's typed view.
+
+    Rows of plan.ENGINE_IMPLS (the serving engine's paged attention) are kept but left out of the
+    lookups that choose an impl (`impls`, `covers`, `time_ms` without one), unless the table is a plan
+    family's engine view (family.attention.engine_view: `is_engine_view`, the fingerprint of the
+    profile it was made from in `base_fingerprint`)."""
     rows: pd.DataFrame
     meta: dict = field(default_factory=dict)
+    is_engine_view: bool = False
+    base_fingerprint: str | None = None
 
     def __post_init__(self):
         self.info = check_meta(self.meta)
@@ -222,17 +230,20 @@ class ProfileTable:
         return ProfileTable(self.rows, {**self.meta, ENERGY_KEY: energy.to_dict()})
 
     def fingerprint(self) -> str:
+        if self.base_fingerprint is not None:     # a view prices with the rows of the file it came from
+            return self.base_fingerprint
         text = self.rows.to_csv(index=False, float_format="%.6g") + json.dumps(
             {k: self.meta[k] for k in REQUIRED_META}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def impls(self, op: str, co_class: str = "") -> list[str]:
-        return sorted(impl for (o, impl, c) in self._slices if o == op and c == co_class)
+        """The impls a lookup of `op` chooses among (engine-only ones only in an engine view)."""
+        return sorted(impl for (o, impl, c) in self._slices if o == op and c == co_class
+                      and (self.is_engine_view or impl not in ENGINE_IMPLS))
 
     def covers(self, op: str, num_tokens: int, context: int = 0) -> bool:
         """Whether some impl of `op` measured (solo) the point without scaling it."""
-        return any(self._slices[key].covers(num_tokens, context) for key in self._slices
-                   if key[0] == op and key[2] == "")
+        return any(self._slices[(op, impl, "")].covers(num_tokens, context) for impl in self.impls(op))
 
     def has_corun(self) -> bool:
         return bool((self.rows["co_class"] != "").any())

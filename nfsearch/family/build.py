@@ -3,7 +3,8 @@
 trace -> the engine's dense batch and buckets (family.engine_shape) -> the scheduler's batches per
 bucket (family.collect) -> per bucket its mean batch -> Workload.from_batch_shape -> search.solve
 (the bundled profile unless one is named) -> simulate.verify and the bucket's prediction
-(family.predict) -> one Family. A bucket no iteration landed in still gets a plan (the engine captures
+(family.predict; attention priced by the engine's paged kernels where the profile has them measured,
+family.attention) -> one Family. A bucket no iteration landed in still gets a plan (the engine captures
 a graph for every bucket): for the batch of the nearest bucket with hits, fitted to its limits, marked
 nominal; it carries no weight in the trace's prediction.
 
@@ -23,6 +24,7 @@ from pathlib import Path
 from nfsearch.cost import bundled_profile_path, make_problem
 from nfsearch.errors import NfsearchError
 from nfsearch.family.artifact import BucketPlan, Family
+from nfsearch.family.attention import engine_view, pricing
 from nfsearch.family.collect import Composition, composition, run_scheduler
 from nfsearch.family.engine_shape import DEFAULT_UTILIZATION, OTHER_BYTES, engine_shape
 from nfsearch.family.predict import BucketPrediction, predict_bucket, predict_trace
@@ -71,10 +73,12 @@ _PROFILES: dict = {}
 
 
 def _profile(path: str | None, model: ModelSpec, workload: Workload) -> ProfileTable:
+    """The profile the buckets are priced with: the file's engine view (its paged attention rows where
+    it has them, family.attention), else the analytic profile of the bundled H100."""
     if path is None:
         return analytic_profile(model, workload, load_gpu("h100-sxm"))
     if path not in _PROFILES:
-        _PROFILES[path] = load(path)
+        _PROFILES[path] = engine_view(load(path))
     return _PROFILES[path]
 
 
@@ -158,7 +162,7 @@ def solve_family(trace_spec: str, model_ref: str, *, dense_batch: int | None = N
          "dtype": "bf16", "kv_cache_dtype": kv_cache_dtype},
         {"num_iterations": run.num_iterations, "num_real_tokens": run.num_real_tokens,
          "num_finished": run.num_finished, "num_refused": run.num_refused, "num_preemptions": run.num_preemptions},
-        {"fingerprint": profile.fingerprint(), "label": profile.label},
+        {"fingerprint": profile.fingerprint(), "label": profile.label, "attention": pricing(profile)},
         buckets, prediction,
         {"wall_s": round(wall_s, 3), "num_workers": workers, "time_limit_s": time_limit_s, "seed": seed})
 

@@ -12,6 +12,10 @@ layer time, x layers (the LM head not priced). The floor: the layer's energy spe
 
 Whole trace: the scheduler's iterations per bucket x the bucket's predicted iteration time is the
 run's GPU time; the trace's real tokens (prompts and outputs, once each) over it is tokens/s.
+
+Attention: the problem's profile is the family's engine view (family.attention.engine_view), so where
+the profile has the engine's paged kernels measured every figure here prices attention with them;
+`attention_ms` states each attention op's whole time per layer on the whole GPU and its impl.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class BucketPrediction:
     energy_j: float | None           # per iteration (layers only); None without energy in the profile
     floor_ms: float | None           # per iteration: layers at the power limit + LM head roofline
     power_limit_w: float | None
+    attention_ms: dict | None = None  # op -> {"ms", "impl"}: the whole op per layer on the whole GPU
 
     @property
     def iteration_ms(self) -> float:
@@ -45,13 +50,27 @@ class BucketPrediction:
         return self.sequential_layer_ms * self.num_layers + self.lm_head_ms
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"iteration_ms": self.iteration_ms,
-                               "sequential_iteration_ms": self.sequential_iteration_ms}
+        out = asdict(self) | {"iteration_ms": self.iteration_ms,
+                              "sequential_iteration_ms": self.sequential_iteration_ms}
+        if out["attention_ms"] is None:       # older families have none
+            del out["attention_ms"]
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> BucketPrediction:
         return cls(d["layer_ms"], d["sequential_layer_ms"], d["lm_head_ms"], d["num_layers"], d["energy_j"],
-                   d["floor_ms"], d["power_limit_w"])
+                   d["floor_ms"], d["power_limit_w"], d.get("attention_ms"))
+
+
+def attention_ms(problem: Problem) -> dict:
+    """Each attention op of the batch: its whole time per layer on the whole GPU by the problem's profile
+    (calibrated as the cost model prices it) and the impl that gives it."""
+    cost, out = problem.cost, {}
+    for op in ("decode_attn", "prefill_attn"):
+        tokens = cost.whole_tokens.get(op, 0)
+        if tokens > 0:
+            out[op] = {"ms": cost.solo_ms(op, tokens, cost.num_sms), "impl": cost.impl(op, tokens, cost.num_sms)}
+    return out
 
 
 def lm_head_ms(problem: Problem, num_logit_rows: int) -> float:
@@ -78,7 +97,8 @@ def predict_bucket(problem: Problem, plan: Schedule, num_logit_rows: int) -> Buc
         energy_j = num_layers * (own.dynamic_energy_j + own.static_power_w * judged.layer_ms * 1e-3)
         floor_ms = num_layers * floor.bound_ms + head_ms
         limit = floor.power_limit_w
-    return BucketPrediction(judged.layer_ms, sequential.layer_ms, head_ms, num_layers, energy_j, floor_ms, limit)
+    return BucketPrediction(judged.layer_ms, sequential.layer_ms, head_ms, num_layers, energy_j, floor_ms, limit,
+                            attention_ms(problem))
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from dataclasses import replace
 from nfsearch.cost import make_problem
 from nfsearch.errors import NfsearchError
 from nfsearch.family.artifact import Family
+from nfsearch.family.attention import engine_view, pricing
 from nfsearch.family.predict import predict_bucket, predict_trace
 from nfsearch.profile import ProfileTable
 from nfsearch.simulate import check_and_judge
@@ -17,7 +18,7 @@ def table(family: Family) -> list[str]:
     """One line per bucket, then the trace's prediction."""
     total = max(1, family.num_iterations)
     header = (f"{'bucket T/B/S/ctx':>20} {'hits':>6} {'composition (the bucket mean)':<54} {'ms/iter':>8} "
-              f"{'seq':>8} {'x':>5} {'J':>6} {'floor':>7}")
+              f"{'seq':>8} {'x':>5} {'J':>6} {'floor':>7} {'attn/L':>7}")
     lines = [header]
     for b in family.buckets:
         p, k = b.prediction, b.bucket
@@ -26,13 +27,16 @@ def table(family: Family) -> list[str]:
         what = b.composition.describe() + (" (nominal)" if b.is_nominal else "")
         energy = f"{p.energy_j:.2f}" if p.energy_j is not None else "-"
         floor = f"{p.floor_ms:.2f}" if p.floor_ms is not None else "-"
+        attn = f"{sum(a['ms'] for a in p.attention_ms.values()):.3f}" if p.attention_ms else "-"
         lines.append(f"{name:>20} {hits:>6} {what[:54]:<54} {p.iteration_ms:>8.2f} {p.sequential_iteration_ms:>8.2f} "
-                     f"{p.sequential_iteration_ms / p.iteration_ms:>5.2f} {energy:>6} {floor:>7}")
+                     f"{p.sequential_iteration_ms / p.iteration_ms:>5.2f} {energy:>6} {floor:>7} {attn:>7}")
     run, pred = family.scheduler_run, family.prediction
     limit = next((b.prediction.power_limit_w for b in family.buckets if b.prediction.power_limit_w), None)
     lines.append(f"ms/iter: {family.model} layers (judged per-layer time x {family.buckets[0].prediction.num_layers}) + "
                  f"LM head roofline; J: the layers' energy per iteration; floor: that energy at the "
-                 f"{f'{limit:.0f} W ' if limit else ''}power limit + LM head")
+                 f"{f'{limit:.0f} W ' if limit else ''}power limit + LM head; attn/L: attention ms per layer, "
+                 f"whole ops on the whole GPU")
+    lines.append(family.profile.get("attention", {"note": CONTIGUOUS_NOTE})["note"])
     lines.append(f"trace {family.trace['name']} ({run['num_finished']} requests, {run['num_iterations']} iterations, "
                  f"{run['num_real_tokens']:,} tokens): predicted {pred.tokens_per_s:,.0f} tokens/s with the family, "
                  f"{pred.sequential_tokens_per_s:,.0f} with sequential plans ({pred.gpu_s:.1f} s vs "
@@ -40,8 +44,13 @@ def table(family: Family) -> list[str]:
     return lines
 
 
+CONTIGUOUS_NOTE = "attention priced with the contiguous kernels (a family written before paged pricing)"
+
+
 def rejudged(family: Family, profile: ProfileTable, is_profile_given: bool) -> Family:
-    """The family with every bucket's plan verified and its prediction worked out again with `profile`."""
+    """The family with every bucket's plan verified and its prediction worked out again with `profile`
+    (its engine view: the paged attention rows where it has them)."""
+    profile = engine_view(profile)
     buckets = []
     for b in family.buckets:
         plan = b.plan
@@ -54,7 +63,8 @@ def rejudged(family: Family, profile: ProfileTable, is_profile_given: bool) -> F
         buckets.append(replace(b, prediction=predict_bucket(problem, plan, b.composition.num_logit_rows)))
     prediction = predict_trace([(b.num_iterations, b.prediction) for b in buckets],
                                family.scheduler_run["num_real_tokens"])
-    return replace(family, buckets=tuple(buckets), prediction=prediction)
+    return replace(family, buckets=tuple(buckets), prediction=prediction,
+                   profile={**family.profile, "attention": pricing(profile)})
 
 
 def solve_family_cmd(is_family, trace_spec, dense_batch, num_requests, profile_path, time_limit_s, threads, seed,

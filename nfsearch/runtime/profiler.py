@@ -583,24 +583,39 @@ class _Inputs:
         if n == "decode_attn":
             kc, vc, lens = self.kv[ctx]
             sets = [(sl(self.q, i), sl(kc, i), sl(vc, i), lens[:tok], sl(self.out, i)) for i in range(ns)]
+            _prepare(f, sets, sms)
             return (lambda i: f(*sets[i % ns], sms)), ns
         if n == "prefill_attn":
-            lens = [ctx] * (tok // ctx) + ([tok % ctx] if tok % ctx else [])
+            kw = {}
+            if impl == "paged":              # a chunk over its cached prefix (paged_adapters.prefill_chunks)
+                from nfsearch.runtime.kernels.paged_adapters import prefill_chunks
+                lens, kw["prefix_lens"] = prefill_chunks(tok, ctx)
+            else:
+                lens = [ctx] * (tok // ctx) + ([tok % ctx] if tok % ctx else [])
             offsets = [0]
             for x in lens:
                 offsets.append(offsets[-1] + x)
             cu_cpu = self.t.tensor(offsets, dtype=self.t.int32)
-            kw = {}
-            if impl == "torch":
-                cu = cu_cpu                  # the library impl reads prompt offsets on the host: no sync
+            if impl in ("torch", "paged"):
+                cu = cu_cpu                  # read on the host (library impl; paged copy's key): no sync
             else:
                 cu = cu_cpu.to(self.q.device)
                 if "block_table_cache" in inspect.signature(f).parameters:
                     mod = importlib.import_module(f.__module__)
                     kw["block_table_cache"] = mod.block_table(cu, tok, mod.BLOCK_M)
             sets = [(sl(self.q, i), sl(self.k, i), sl(self.v, i), cu, sl(self.out, i)) for i in range(ns)]
+            _prepare(f, sets, sms, **kw)
             return (lambda i: f(*sets[i % ns], sms, **kw)), ns
         raise ValueError(n)
+
+
+def _prepare(f, sets, sms: int, **kw) -> None:
+    """An impl with a `prepare` (the paged adapters: their copy into a paged cache) gets it for every
+    input set now, before any timed call or graph capture."""
+    prepare = getattr(f, "prepare", None)
+    if prepare is not None:
+        for args in sets:
+            prepare(*args, sms, **kw)
 
 
 # ------------------------------------------------------------------------------------ timing

@@ -20,7 +20,12 @@
   float32 matmul of the dequantized values on the CPU); full grid, ``num_sms`` ignored. Opt-in: it
   changes numerics (``gemm_fp8``; `nfsearch profile --opt-in-impls fp8`, plan.OPT_IN_IMPLS);
 * ``"cuda"`` (norm1, norm2, act, rope_append): raw CUDA kernels (``small_ops.cu``) compiled by
-  NVRTC through ``cupy.RawModule`` and launched on torch's current stream (``small_ops_cuda``).
+  NVRTC through ``cupy.RawModule`` and launched on torch's current stream (``small_ops_cuda``);
+* ``"paged"`` (decode_attn, prefill_attn): the serving engine's attention over its paged KV cache
+  (``paged_attention``), behind these signatures: the contiguous K/V copied once into shuffled
+  16-token pages, the engine's kernel on ``num_sms`` (``paged_adapters``). What a plan family prices
+  the engine's attention with; opt-in (`nfsearch profile --family`, or ``--opt-in-impls paged``), and
+  a profile's lookups leave it out except in a family's engine view (plan.ENGINE_IMPLS).
 
 See docs/kernels.md for which impl wins where. Call signatures by op:
 
@@ -30,7 +35,9 @@ See docs/kernels.md for which impl wins where. Call signatures by op:
   k_out=None, v_out=None)``
 * ``decode_attn``: ``f(q, k_cache, v_cache, context_lens, out, num_sms, scale=None)`` (the torch impl
   also takes ``context_lens`` None: every request attends to its whole cache)
-* ``prefill_attn``: ``f(q, k, v, cu_seqlens, out, num_sms, scale=None)``
+* ``prefill_attn``: ``f(q, k, v, cu_seqlens, out, num_sms, scale=None)`` (the paged impl also takes
+  ``prefix_lens``: each prompt is a chunk after that many cached tokens of its request; its profile
+  row (tokens, context) is ``paged_adapters.prefill_chunks``)
 * ``act``: ``f(x, out, num_sms)``  (SiLU-and-mul, [T, 2I] -> [T, I])
 
 Importing this package needs neither triton, cupy nor a GPU; calling a "triton" impl without triton
@@ -49,6 +56,7 @@ from .gemm_cublaslt import HAVE_SM_TARGET, gemm_cublaslt
 from .gemm_fp8 import IMPL_NOTE as FP8_NOTE
 from .gemm_fp8 import fp8_weight, gemm_fp8
 from .gemm_tma import gemm_tma
+from .paged_adapters import paged_decode_attn, paged_prefill_attn
 from .prefill_attention import prefill_attention
 from .prefill_flash import prefill_attention_flash, prefill_attention_sdpa
 from .small_ops import rmsnorm, rope_append, silu_and_mul
@@ -62,8 +70,10 @@ IMPLS: dict[str, dict[str, object]] = {
     "norm1": {"triton": rmsnorm, "torch": rmsnorm_torch, "cuda": rmsnorm_cuda},
     "kqv": {"triton": gemm, "torch": gemm_torch, "tma": gemm_tma},
     "rope_append": {"triton": rope_append, "torch": rope_append_torch, "cuda": rope_append_cuda},
-    "decode_attn": {"triton": decode_attention, "torch": decode_attention_torch, "tma": decode_attention_tma},
-    "prefill_attn": {"triton": prefill_attention, "torch": prefill_attention_torch, "flash": prefill_attention_flash},
+    "decode_attn": {"triton": decode_attention, "torch": decode_attention_torch, "tma": decode_attention_tma,
+                    "paged": paged_decode_attn},
+    "prefill_attn": {"triton": prefill_attention, "torch": prefill_attention_torch, "flash": prefill_attention_flash,
+                     "paged": paged_prefill_attn},
     "o": {"triton": gemm, "torch": gemm_torch, "tma": gemm_tma},
     "norm2": {"triton": rmsnorm, "torch": rmsnorm_torch, "cuda": rmsnorm_cuda},
     "ug": {"triton": gemm, "torch": gemm_torch, "tma": gemm_tma},
@@ -93,7 +103,7 @@ def profiled_impls(opt_in=()) -> dict[str, tuple[str, ...]]:
 
 __all__ = ["GEMM_OPS", "HAVE_TRITON", "IMPLS", "IMPL_NOTES", "OPS", "decode_attention",
            "decode_attention_tma", "decode_attention_torch", "gemm", "gemm_cublaslt", "gemm_fp8", "gemm_tma",
-           "gemm_torch", "prefill_attention", "prefill_attention_flash", "prefill_attention_sdpa",
+           "gemm_torch", "paged_decode_attn", "paged_prefill_attn", "prefill_attention", "prefill_attention_flash", "prefill_attention_sdpa",
            "prefill_attention_torch", "profiled_impls", "rmsnorm", "rmsnorm_cuda", "rmsnorm_torch",
            "rope_append", "rope_append_cuda", "rope_append_torch", "rope_cos_sin", "silu_and_mul",
            "silu_and_mul_cuda", "silu_and_mul_torch", "weight_for"]
