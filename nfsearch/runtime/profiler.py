@@ -566,7 +566,7 @@ class _Inputs:
         sl = lambda x, i: x[i * tok:(i + 1) * tok]
         n = self.name
         if self.op.is_gemm:
-            from nfsearch.runtime.kernels import weight_for      # fp8 takes its weights quantized, once
+            from nfsearch.runtime.kernels import weight_for  # fp8 takes its weights quantized, once
             sets = [(sl(self.a, i), weight_for(impl, self.w[i]), sl(self.out, i)) for i in range(ns)]
             return (lambda i: f(*sets[i % ns], sms)), ns
         if n in ("norm1", "norm2"):

@@ -61,8 +61,15 @@ from .prefill_attention import prefill_attention
 from .prefill_flash import prefill_attention_flash, prefill_attention_sdpa
 from .small_ops import rmsnorm, rope_append, silu_and_mul
 from .small_ops_cuda import rmsnorm_cuda, rope_append_cuda, silu_and_mul_cuda
-from .torch_ops import (decode_attention_torch, gemm_torch, prefill_attention_torch, rmsnorm_torch,
-                        rope_append_torch, rope_cos_sin, silu_and_mul_torch)
+from .torch_ops import (
+    decode_attention_torch,
+    gemm_torch,
+    prefill_attention_torch,
+    rmsnorm_torch,
+    rope_append_torch,
+    rope_cos_sin,
+    silu_and_mul_torch,
+)
 
 OPS = ("norm1", "kqv", "rope_append", "decode_attn", "prefill_attn", "o", "norm2", "ug", "act", "d")
 

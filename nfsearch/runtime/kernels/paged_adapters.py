@@ -26,6 +26,7 @@ made inside a capture: RuntimeError).
 from __future__ import annotations
 
 import weakref
+from itertools import pairwise
 
 from ._common import HAVE_TRITON, torch
 from .paged_attention import paged_decode_attention, paged_prefill_attention
@@ -178,7 +179,7 @@ def prefill_kv(k, v, cu_seqlens, prefix_lens=None) -> PagedKv:
     """The paged copy of the chunks k/v [T, Hkv, D] (chunk p: rows cu[p]:cu[p+1]) after their requests'
     prefixes (random K/V, seeded), with the kernels' chunk fields (chunk_starts, chunk_lens, prefix_lens)."""
     cu = _host_ints(cu_seqlens)
-    lens = [b - a for a, b in zip(cu, cu[1:])]
+    lens = [b - a for a, b in pairwise(cu)]
     prefixes = _host_ints(prefix_lens) if prefix_lens is not None else (0,) * len(lens)
     if len(prefixes) != len(lens) or min(prefixes, default=0) < 0 or min(lens, default=0) < 0:
         raise ValueError(f"prefix_lens {prefixes} do not fit the {len(lens)} chunks of cu_seqlens {cu}")
@@ -190,7 +191,7 @@ def prefill_kv(k, v, cu_seqlens, prefix_lens=None) -> PagedKv:
         caches = []
         for src in (k, v):
             parts = []
-            for (a, b), p in zip(zip(cu, cu[1:]), prefixes):
+            for (a, b), p in zip(pairwise(cu), prefixes):
                 parts.append(torch.randn(p, *src.shape[1:], generator=g).to(src.device, src.dtype))
                 parts.append(src[a:b])
             cache = _empty_cache(num_pages, src)

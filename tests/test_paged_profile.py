@@ -1,0 +1,270 @@
+"""The profile measures what the engine runs (issue 25 item 2): the "paged" impl of decode_attn and
+prefill_attn (kernels/paged_adapters.py), its rows of a plan family's bucket shapes
+(family.attention, `profile --family`), and a family priced with them where a profile has them."""
+
+import dataclasses
+import math
+from itertools import pairwise
+
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+
+from nfsearch.cli import main
+from nfsearch.cost import make_problem
+from nfsearch.energy import EnergyPoint, ProfileEnergy
+from nfsearch.family import attention
+from nfsearch.family.predict import attention_ms, predict_bucket
+from nfsearch.profile import ProfileTable
+from nfsearch.runtime import measurements as m
+from nfsearch.runtime.kernels import IMPLS
+from nfsearch.runtime.kernels import paged_adapters as pa
+from nfsearch.runtime.kernels.paged_attention_torch import gather_kv
+from nfsearch.specs import Workload, load_model
+
+H, HKV, D = 4, 2, 16
+
+
+def _decode_inputs(num_pool=10, rows=(2, 8), context=37, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pool_k = torch.randn(num_pool, context, HKV, D, generator=g)
+    pool_v = torch.randn(num_pool, context, HKV, D, generator=g)
+    a, b = rows
+    q = torch.randn(b - a, H, D, generator=g)
+    return q, pool_k, pool_v, pool_k[a:b], pool_v[a:b]
+
+
+def test_paged_decode_holds_the_contiguous_kv_and_gives_the_contiguous_torch_output():
+    q, _, _, k, v = _decode_inputs()
+    lens = torch.tensor([37, 1, 20, 37, 5, 16], dtype=torch.int32)
+    got = IMPLS["decode_attn"]["paged"](q, k, v, lens, torch.full_like(q, math.nan), 4)
+    want = IMPLS["decode_attn"]["torch"](q, k, v, lens, torch.empty_like(q), 4)
+    assert torch.allclose(got, want, atol=1e-5)
+    kv, first = pa.decode_kv(k, v)
+    assert first == 2 and kv.page_tables.shape == (10, 3)       # the pool's one copy: 10 requests x 3 pages
+    pages = kv.page_tables.flatten().tolist()
+    assert sorted(pages) == list(range(30)) and pages != list(range(30))      # every page once, shuffled
+    for r in range(6):                                          # the paged cache holds exactly the K/V
+        assert torch.equal(gather_kv(kv.k, kv.page_tables[first + r], 37), k[r])
+    whole = IMPLS["decode_attn"]["paged"](q, k, v, None, None, 0)        # None: every request's whole cache
+    assert torch.allclose(whole, IMPLS["decode_attn"]["torch"](q, k, v, None), atol=1e-5)
+
+
+def test_the_copy_is_made_once_again_after_a_write_and_dropped_with_its_pool():
+    q, pool_k, pool_v, k, v = _decode_inputs(seed=1)
+    before = len(pa._CACHE)
+    first = pa.decode_kv(k, v)[0]
+    assert pa.decode_kv(pool_k[0:3], pool_v[0:3])[0] is first      # other rows of the pool: the same copy
+    assert len(pa._CACHE) == before + 1
+    k.mul_(2.0)                                                     # written in place: copied again
+    again = pa.decode_kv(k, v)[0]
+    assert again is not first and torch.equal(gather_kv(again.k, again.page_tables[2], 37), k[0])
+    got = IMPLS["decode_attn"]["paged"](q, k, v, None, None, 0)
+    assert torch.allclose(got, IMPLS["decode_attn"]["torch"](q, k, v, None), atol=1e-5)
+    del q, pool_k, pool_v, k, v, got
+    assert len(pa._CACHE) == before
+
+
+def _prefill_inputs(seed=2, total=30):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(total, H, D, generator=g), torch.randn(total, HKV, D, generator=g),
+            torch.randn(total, HKV, D, generator=g))
+
+
+def test_paged_prefill_without_a_prefix_is_the_contiguous_torch_impl():
+    q, k, v = _prefill_inputs()
+    cu = [0, 10, 25, 30]
+    got = IMPLS["prefill_attn"]["paged"](q, k, v, cu, torch.full_like(q, math.nan), 4)
+    want = IMPLS["prefill_attn"]["torch"](q, k, v, cu, torch.empty_like(q), 4)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_paged_prefill_attends_over_each_chunks_cached_prefix():
+    q, k, v = _prefill_inputs(seed=3)
+    cu, prefixes = [0, 10, 25, 30], [3, 0, 17]
+    got = IMPLS["prefill_attn"]["paged"](q, k, v, torch.tensor(cu), None, 4, prefix_lens=prefixes)
+    kv = pa.prefill_kv(k, v, torch.tensor(cu), prefixes)
+    assert kv.chunk_lens.tolist() == [10, 15, 5] and kv.prefix_lens.tolist() == prefixes
+    for s, (a, b) in enumerate(pairwise(cu)):
+        p = prefixes[s]
+        keys = gather_kv(kv.k, kv.page_tables[s], p + b - a)          # the prefix, then the chunk's own K/V
+        vals = gather_kv(kv.v, kv.page_tables[s], p + b - a)
+        assert torch.equal(keys[p:], k[a:b]) and torch.equal(vals[p:], v[a:b])
+        for i in range(b - a):                                     # row i sees keys 0..p+i, by hand
+            kk, vv = keys[:p + i + 1].repeat_interleave(H // HKV, 1), vals[:p + i + 1].repeat_interleave(H // HKV, 1)
+            w = torch.softmax(torch.einsum("hd,nhd->hn", q[a + i], kk) * D ** -0.5, dim=-1)
+            assert torch.allclose(got[a + i], torch.einsum("hn,nhd->hd", w, vv), atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens,context", [(100, 300), (101, 300), (600, 256), (512, 512), (16, 2000)])
+def test_a_paged_prefill_row_is_a_chunk_over_a_prefix_with_the_rows_pairs(tokens, context):
+    lens, prefixes = pa.prefill_chunks(tokens, context)
+    assert sum(lens) == tokens
+    wl = Workload.from_batch_shape((), lens, prefixes)
+    if context >= tokens:
+        assert lens == [tokens] and prefixes == [(context - tokens) // 2]
+        # the cost model's context of that chunk is the row's (exactly when context - tokens is even)
+        assert wl.prefill_context == context - (context - tokens) % 2
+    else:
+        assert lens[0] == context and set(prefixes) == {0}
+
+
+def test_the_profiler_builds_the_paged_rows_inputs_and_copies_them_before_timing():
+    from nfsearch.runtime.profiler import _Inputs
+    model = load_model("llama-3-8b")
+    plan = m.make_plan(model, Workload("w", 4, 64, (32,)), 132, 4, ops=("decode_attn", "prefill_attn"),
+                       impls={"decode_attn": ("torch", "paged"), "prefill_attn": ("torch", "paged")}, sm_counts=(132,),
+                       with_pairs=False)
+    plan.points = [m.Point("solo", "decode_attn", i, 4, 64, 132) for i in ("torch", "paged")] + \
+        [m.Point("solo", "prefill_attn", i, t, 32, 132) for i in ("torch", "paged") for t in (32, 96)]
+    plan.rotate_bytes = 1.0
+    before = len(pa._CACHE)
+    dec = _Inputs(torch, plan, plan.ops["decode_attn"], IMPLS, device="cpu")
+    fn, _ = dec.fn("paged", 4, 64, 132)
+    assert len(pa._CACHE) == before + 1                              # copied before any call
+    out = fn(0).float()
+    ref, _ = dec.fn("torch", 4, 64, 132)
+    assert torch.allclose(out, ref(0).float(), atol=2e-2)
+    pre = _Inputs(torch, plan, plan.ops["prefill_attn"], IMPLS, device="cpu")
+    paged, _ = pre.fn("paged", 96, 32, 132)                           # 96 > 32: three whole prompts, as torch's
+    contiguous, _ = pre.fn("torch", 96, 32, 132)
+    assert torch.allclose(paged(0).float(), contiguous(0).float(), atol=2e-2)
+    pre.fn("paged", 32, 32, 132)                                     # a chunk of 32 over a prefix of 0
+    pre.fn("paged", 16, 32, 132)                                     # a chunk of 16 over a prefix of 8
+    keys = [k for k in pa._CACHE if k[-1][0] == "prefill"]
+    assert {k[-1][2] for k in keys} >= {(8,), (0,)}
+
+
+# ---------------------------------------------------------------------------------------------- pricing
+OPS_TIME_MS = {"norm1": 0.01, "kqv": 0.1, "rope_append": 0.01, "o": 0.05, "norm2": 0.01, "ug": 0.3, "act": 0.02,
+               "d": 0.15}
+ATTN_MS = {("decode_attn", "triton"): 0.5, ("decode_attn", "paged"): 0.3, ("prefill_attn", "triton"): 0.4,
+           ("prefill_attn", "paged"): 0.25}
+
+
+def _synthetic(with_paged: bool, energy: bool = False) -> ProfileTable:
+    """Every op at one flat time over tokens 16..4096, contexts 64..4096 and SM counts 66 and 132 (so
+    any lookup inside gives that time exactly)."""
+    rows = []
+    for op, ms in OPS_TIME_MS.items():
+        rows += [(op, "triton", t, 0, s, ms) for t in (16, 4096) for s in (66, 132)]
+    for (op, impl), ms in ATTN_MS.items():
+        if impl == "paged" and not with_paged:
+            continue
+        rows += [(op, impl, t, c, s, ms) for t in (16, 4096) for c in (64, 4096) for s in (66, 132)]
+    meta = {"gpu_name": "NVIDIA H100 80GB HBM3", "gpu_key": "h100-sxm", "num_sms": 132, "sm_granularity": 66,
+            "source": "measured", "memory_bytes": 80 * 2**30, "peak_tflops": 700.0, "mem_bandwidth_tbps": 3.0}
+    if energy:
+        pts = [EnergyPoint(op, "triton", 1024, c, 0.01, 0.05, 200.0) for op, c in
+               (("decode_attn", 1024), ("prefill_attn", 512))]
+        meta["energy"] = ProfileEnergy(700.0, 100.0, tuple(pts)).to_dict()
+        if with_paged:
+            meta[attention.META_KEY] = {"runs": [], "energy_points": [
+                EnergyPoint("decode_attn", "paged", 300, 1300, 0.02, 0.06, 330.0).to_dict()]}
+    df = pd.DataFrame(rows, columns=["op", "impl", "num_tokens", "context", "sm_count", "time_ms"])
+    return ProfileTable(df, meta)
+
+
+BATCH = Workload.from_batch_shape((1000,) * 200 + (1500,) * 69, (300, 325), (355, 355), model="llama-3-8b")
+
+
+def test_plain_lookups_never_choose_paged_and_the_engine_view_only_does():
+    plain = _synthetic(True)
+    assert plain.impls("decode_attn") == ["triton"]
+    assert plain.time_ms("decode_attn", 300, 132, 1300) == (0.5, "triton")
+    assert plain.time_ms("decode_attn", 300, 132, 1300, impl="paged") == (0.3, "paged")
+    view = attention.engine_view(plain)
+    assert view.is_engine_view and view.fingerprint() == plain.fingerprint()
+    assert view.impls("decode_attn") == ["paged"] and view.impls("prefill_attn") == ["paged"]
+    assert view.time_ms("prefill_attn", 625, 66, 1023) == (0.25, "paged")
+    assert attention.engine_view(_synthetic(False)) is not None
+    assert not attention.engine_view(_synthetic(False)).is_engine_view
+    assert attention.pricing(view)["impl"] == "paged"
+    note = attention.pricing(_synthetic(False))
+    assert note["impl"] == "contiguous" and "contiguous kernels" in note["note"] and "decode_attn triton" in note["note"]
+
+
+def test_the_family_prices_attention_from_paged_rows_when_present_else_from_the_old_impls():
+    model = load_model("llama-3-8b")
+    paged = make_problem(model, BATCH, attention.engine_view(_synthetic(True)))
+    old = make_problem(model, BATCH, attention.engine_view(_synthetic(False)))
+    assert attention_ms(paged) == {"decode_attn": {"ms": 0.3, "impl": "paged"},
+                                   "prefill_attn": {"ms": 0.25, "impl": "paged"}}
+    assert attention_ms(old) == {"decode_attn": {"ms": 0.5, "impl": "triton"},
+                                 "prefill_attn": {"ms": 0.4, "impl": "triton"}}
+    plain = make_problem(model, BATCH, _synthetic(True))          # a contiguous plan's problem: never paged
+    assert attention_ms(plain) == attention_ms(old)
+    from nfsearch.search.baselines import sequential_plan
+    p_new = predict_bucket(paged, sequential_plan(paged), 271)
+    p_old = predict_bucket(old, sequential_plan(old), 271)
+    # the sequential layer runs each op whole, one after another: only the two attention ops differ
+    assert p_old.sequential_layer_ms - p_new.sequential_layer_ms == pytest.approx(0.2 + 0.15, abs=1e-9)
+    assert p_new.attention_ms["decode_attn"]["impl"] == "paged"
+
+
+def test_the_engine_view_takes_the_paged_energy_points_of_its_paged_ops():
+    view = attention.engine_view(_synthetic(True, energy=True))
+    by_op = {p.op: p for p in view.energy.points}
+    assert by_op["decode_attn"].impl == "paged" and by_op["decode_attn"].num_tokens == 300
+    assert by_op["prefill_attn"].impl == "triton"                     # no paged energy point of it: kept
+    assert {p.impl for p in _synthetic(True, energy=True).energy.points} == {"triton"}
+
+
+# ------------------------------------------------------------------------------------- the family's grid
+def test_the_family_plan_measures_each_buckets_attention_and_merges_into_the_base():
+    model = load_model("llama-3-8b")
+    small = Workload.from_batch_shape((384,) * 56, model="llama-3-8b")
+    plan = attention.family_plan(model, [BATCH, small, BATCH], 132, 66)
+    wanted = {("decode_attn", 269, BATCH.decode_context), ("prefill_attn", 625, BATCH.prefill_context),
+              ("decode_attn", 56, 384)}
+    assert {(s.op, s.num_tokens, s.context) for s in attention.bucket_shapes([BATCH, small])} == wanted
+    assert BATCH.prefill_context == 1023
+    grid = attention.family_grid(attention.bucket_shapes([BATCH, small]))
+    assert grid[("prefill_attn", 1023)] == [157, 313, 625] and grid[("decode_attn", 384)] == [14, 28, 56]
+    assert len(plan.points) == 3 * 3 * 2 and {p.impl for p in plan.points} == {"paged"}
+    assert {p.sm_count for p in plan.points} == {66, 132}
+    results = m.run_plan(plan, None, m.fake_measure(plan)).results
+    table = m.assemble_table(plan, results, {"gpu_name": "NVIDIA H100 80GB HBM3", "source": "measured"})
+    base = _synthetic(False, energy=True)
+    point = EnergyPoint("decode_attn", "paged", 269, BATCH.decode_context, 0.02, 0.06, 330.0)
+    merged = attention.merge_paged(base, table, {"family": "f"}, [point])
+    assert len(merged.rows) == len(base.rows) + 18 and merged.energy == base.energy
+    view = attention.engine_view(merged)
+    ms, impl = view.time_ms("decode_attn", 269, 132, BATCH.decode_context)
+    assert impl == "paged" and ms == results[m.Point("solo", "decode_attn", "paged", 269, BATCH.decode_context,
+                                                     132).key()].time_ms
+    again = attention.merge_paged(merged, table, {"family": "g"}, [])   # the same contexts: replaced, not doubled
+    assert len(again.rows) == len(merged.rows) and len(again.meta[attention.META_KEY]["runs"]) == 2
+    assert again.meta[attention.META_KEY]["energy_points"] == [point.to_dict()]
+    requests, notes = attention.energy_requests(attention.bucket_shapes([BATCH]), table, 132)
+    assert [(r.op, r.impl, r.num_tokens) for r in requests] == [("decode_attn", "paged", 269),
+                                                                 ("prefill_attn", "paged", 625)] and not notes
+
+
+def test_the_family_report_says_how_attention_was_priced(tmp_path):
+    from nfsearch.family import artifact, report
+    fam = artifact.read("tests/fixtures/engine-tiny/two-buckets.family.json")
+    assert "attention" not in fam.profile
+    assert report.CONTIGUOUS_NOTE in report.table(fam)
+    priced = dataclasses.replace(fam, profile={**fam.profile, "attention": attention.pricing(_synthetic(False))})
+    path = tmp_path / "f.family.json"
+    artifact.write(priced, path)                     # the schema takes the record
+    assert any("contiguous kernels" in line for line in report.table(artifact.read(path)))
+
+
+def test_cli_profile_family_flags(tmp_path):
+    runner = CliRunner()
+    fam = "tests/fixtures/engine-tiny/two-buckets.family.json"
+    out = str(tmp_path / "p.csv")
+    res = runner.invoke(main, ["profile", "--family", fam, "--workload", "W1", "-o", out])
+    assert res.exit_code == 2 and "drop --workload" in res.output
+    res = runner.invoke(main, ["profile", "--base", "x.parquet", "-o", out])
+    assert res.exit_code == 2 and "--base goes with --family" in res.output
+    res = runner.invoke(main, ["profile", "--family", fam, "--opt-in-impls", "fp8", "-o", out])
+    assert res.exit_code == 2 and "drop" in res.output
+    res = runner.invoke(main, ["profile", "--family", fam, "--model", "llama-3-8b", "-o", out])
+    assert res.exit_code == 2 and "not llama-3-8b" in res.output
+    if not torch.cuda.is_available():
+        res = runner.invoke(main, ["profile", "--family", fam, "-o", out])
+        assert res.exit_code == 2 and "profile --family" in res.output
