@@ -268,3 +268,75 @@ def test_cli_profile_family_flags(tmp_path):
     if not torch.cuda.is_available():
         res = runner.invoke(main, ["profile", "--family", fam, "-o", out])
         assert res.exit_code == 2 and "profile --family" in res.output
+
+
+# -------------------------------------------------------------------------- profile --family, solve --family
+class _FakeParts:
+    num_sms, granularity = 132, 66
+
+    def __init__(self, *args, **kw):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_profile_family_writes_the_base_with_the_paged_rows(tmp_path, monkeypatch):
+    """`profile --family` end to end with the GPU replaced by made-up timings (measurements.fake_measure)."""
+    import nfsearch.runtime.device as device_mod
+    from nfsearch.runtime import partitions, power, profiler
+    base = tmp_path / "base.csv"
+    _synthetic(False, energy=True).write(base)
+    meta = {"gpu_name": "NVIDIA H100 80GB HBM3", "gpu_key": "h100-sxm", "num_sms": 132, "sm_granularity": 66,
+            "source": "measured", "l2_bytes": 50 << 20, "versions": {}, "code_version": "x"}
+
+    class FakeMeasurer:
+        def __init__(self, torch_mod, parts, plan, impls, log):
+            self.measure = m.fake_measure(plan)
+
+        def __call__(self, point):
+            return self.measure(point)
+
+        def is_healthy(self):
+            return True
+
+    monkeypatch.setattr(device_mod, "require_cuda", lambda what: None)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    monkeypatch.setattr(partitions, "SmPartitions", _FakeParts)
+    monkeypatch.setattr(profiler, "device_meta", lambda *a: dict(meta))
+    monkeypatch.setattr(profiler, "_Measurer", FakeMeasurer)
+    monkeypatch.setattr(power, "open_device", lambda i: (None, "no NVML here"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    out = tmp_path / "paged.csv"
+    fam = "tests/fixtures/engine-tiny/two-buckets.family.json"
+    res = CliRunner().invoke(main, ["profile", "--family", fam, "--base", str(base), "--quick", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "paged attention" in res.output and "base base.csv" in res.output
+    from nfsearch.profile import load
+    merged = load(out)
+    rows = merged.rows[merged.rows["impl"] == "paged"]
+    assert set(rows["op"]) <= {"decode_attn", "prefill_attn"} and set(rows["sm_count"]) == {132}
+    run = merged.meta[attention.META_KEY]["runs"][-1]
+    assert run["family"]["file"] == "two-buckets.family.json" and run["energy_notes"] == ["no energy: no NVML here"]
+    assert run["base"] == "base.csv" and len(merged.rows) == len(load(base).rows) + len(rows)
+    assert not m.checkpoint_path(out).exists()
+
+
+def test_solve_family_prices_with_the_paged_rows_and_simulate_rejudges_without_them(tmp_path):
+    paged, contiguous, out = tmp_path / "paged.csv", tmp_path / "contiguous.csv", tmp_path / "f.family.json"
+    _synthetic(True).write(paged)
+    _synthetic(False).write(contiguous)
+    runner = CliRunner()
+    res = runner.invoke(main, ["solve", "--family", "--trace", "const:40:8", "--model", "llama-3-8b", "--dense-batch",
+                               "64", "--num-requests", "16", "--time-limit", "1", "--profile", str(paged), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "attention priced with the engine's paged kernels" in res.output
+    from nfsearch.family import artifact
+    fam = artifact.read(out)
+    assert fam.profile["attention"]["impl"] == "paged"
+    top = max(fam.buckets, key=lambda b: b.num_iterations)
+    assert {a["impl"] for a in top.prediction.attention_ms.values()} == {"paged"}
+    assert all(o.impl == "paged" for o in top.plan.nano_ops if o.op in attention.ATTENTION_OPS)
+    res = runner.invoke(main, ["simulate", str(out), "--profile", str(contiguous)])
+    assert res.exit_code == 0, res.output
+    assert "attention priced with the contiguous kernels (decode_attn triton, prefill_attn triton)" in res.output
