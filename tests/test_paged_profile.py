@@ -340,3 +340,16 @@ def test_solve_family_prices_with_the_paged_rows_and_simulate_rejudges_without_t
     res = runner.invoke(main, ["simulate", str(out), "--profile", str(contiguous)])
     assert res.exit_code == 0, res.output
     assert "attention priced with the contiguous kernels (decode_attn triton, prefill_attn triton)" in res.output
+
+
+def test_compare_lines_put_each_buckets_paged_attention_beside_the_contiguous():
+    from nfsearch.family import artifact
+    fam = artifact.read("tests/fixtures/engine-tiny/two-buckets.family.json")
+    lines = attention.compare_lines(fam, _synthetic(True, energy=True))
+    decode = [line for line in lines if " decode_attn " in line]
+    prefill = [line for line in lines if " prefill_attn " in line]
+    assert len(decode) == 2 and len(prefill) == 1
+    # both scale alike outside the synthetic grid: the ratio stays the rows' (0.5 / 0.3, 0.4 / 0.25)
+    assert all(" triton  1.67 " in line for line in decode) and " triton  1.60 " in prefill[0]
+    assert "0.0200" in "".join(decode) or "0.0198" in "".join(decode)         # the paged energy point, scaled
+    assert "no paged attention rows" in attention.compare_lines(fam, _synthetic(False))[0]

@@ -178,3 +178,41 @@ def merge_paged(base: ProfileTable, measured: ProfileTable, record: dict,
     runs = list(prior.get("runs", [])) + [record]
     meta = {**base.meta, META_KEY: {"runs": runs, "energy_points": [points[k].to_dict() for k in sorted(points)]}}
     return ProfileTable(pd.concat([old[~replaced], new], ignore_index=True), meta)
+
+
+# ------------------------------------------------------------------------------------------ reporting
+def compare_lines(family, profile: ProfileTable) -> list[str]:
+    """Per bucket of `family`: each attention op's predicted whole time per layer on the whole GPU (and
+    its energy per call, where the profile has energy) by the paged rows against the contiguous ones."""
+    from nfsearch.cost import make_problem
+    from nfsearch.family.predict import attention_ms
+    views = {"paged": engine_view(profile), "contiguous": profile}
+    if not views["paged"].is_engine_view:
+        return [f"the profile has no paged attention rows: {pricing(profile)['note']}"]
+    header = (f"{'bucket T/B/S/ctx':>20} {'hits':>6} {'op':<13} {'shape':>12} {'paged ms':>9} {'contig ms':>10} "
+              f"{'impl':>6} {'x':>5} {'paged J':>8} {'contig J':>8}")
+    lines = [header]
+    total = max(1, family.num_iterations)
+    for b in family.buckets:
+        wl, k = b.plan.workload, b.bucket
+        problems = {name: make_problem(b.plan.model, wl, view) for name, view in views.items()}
+        costs = {name: p.cost for name, p in problems.items()}
+        times = {name: attention_ms(p) for name, p in problems.items()}
+        for op, paged in times["paged"].items():
+            contiguous = times["contiguous"][op]
+            shape = f"{costs['paged'].whole_tokens[op]}@{costs['paged'].context(op)}"
+            joules = []
+            for name in ("paged", "contiguous"):
+                cost = costs[name]
+                try:
+                    joules.append(f"{cost.energy.op_energy(op, cost.whole_tokens[op], cost.context(op))[0]:.4f}"
+                                  if cost.energy is not None else "-")
+                except NfsearchError:
+                    joules.append("-")
+            hits = f"{100 * b.num_iterations / total:.1f}%" if b.num_iterations else "-"
+            lines.append(f"{f'{k.max_tokens}/{k.max_decode}/{k.max_segments}/{k.max_context}':>20} {hits:>6} "
+                         f"{op:<13} {shape:>12} {paged['ms']:>9.4f} {contiguous['ms']:>10.4f} "
+                         f"{contiguous['impl']:>6} {contiguous['ms'] / paged['ms']:>5.2f} {joules[0]:>8} {joules[1]:>8}")
+    lines.append("per layer, the whole op on the whole GPU; x: contiguous / paged; J: energy per call (the paged "
+                 "points where measured, else the profile's points scaled)")
+    return lines
