@@ -97,11 +97,7 @@ class OverlappedModel(PagedModel):
             bias = None if w.bqkv is None else w.bqkv.expand(e - a, w.bqkv.shape[0])
             ops["kqv"](b["h"][a:e], w.wqkv, b["qkv"][a:e], n, residual=bias)
         elif op.op == "rope_append":
-            from nfsearch.runtime.kernels import rope_append_torch
-            rope_append_torch(b["qkv"][a:e], step.positions[a:e], self.cos, self.sin, b["q"][a:e], None, None, None,
-                              k_out=b["k"][a:e], v_out=b["v"][a:e])
-            self.write_kv(b["k"][a:e], b["v"][a:e], self.k_caches[i], self.v_caches[i], step.slot_mapping[a:e],
-                          **self.kv_scale_kwargs[i])
+            self.rope_and_write_kv(i, b, step, a, e, n)
         elif op.op == "decode_attn":
             self.decode_attn(b["q"][a:e], self.k_caches[i], self.v_caches[i], step.page_tables[a:e],
                              step.context_lens[a:e], b["attn"][a:e], self.scale, num_sms=n, **self.kv_scale_kwargs[i])

@@ -257,11 +257,10 @@ def _topological(ops: list[EngineOp], edges, keys) -> list[str] | None:
 
 
 def _unbounded_notes(ops, num_sms: int) -> list[str]:
-    """Ops given less than the whole GPU whose kernel cannot be held to it."""
+    """Ops given less than the whole GPU whose kernel cannot be held to it. rope_append and the attention
+    ops run the engine's own paged Triton kernels (RoPE fused with the K/V write), whose grids take the
+    share as num_sms."""
     loose = sorted({(o.op, o.impl) for o in ops if o.num_sms < num_sms and o.op not in
                     ("decode_attn", "prefill_attn", "rope_append") and o.impl not in BOUNDED_IMPLS})
-    notes = [f"{op} ({impl}) ignores its SM share: it may take every SM beside the ops it overlaps"
-             for op, impl in loose]
-    if any(o.op == "rope_append" and o.num_sms < num_sms for o in ops):
-        notes.append("rope_append runs the engine's torch RoPE and a full-grid K/V write whatever its SM share")
-    return notes
+    return [f"{op} ({impl}) ignores its SM share: it may take every SM beside the ops it overlaps"
+            for op, impl in loose]

@@ -9,7 +9,8 @@ and the GPU reference, not captured.)
 
 Layer (residual adds fused into the O and D GEMMs, two residual buffers used in turn):
     h    = rmsnorm(x) * norm1;  qkv = h @ wqkv (+ bqkv)
-    q, k = rope(qkv at positions);  v          k/v -> cache at slot_mapping
+    q, k = rope(qkv at positions);  v          k/v -> cache at slot_mapping   (one fused kernel
+                                                                         with the Triton attention)
     attn = decode attention (rows [0, B), page tables, context lens)
            then prefill attention (chunk rows, causal over prefix + chunk)
     mid  = attn @ wo + x;  h = rmsnorm(mid) * norm2;  ug = h @ wug;  act = silu(gate) * up
@@ -67,11 +68,14 @@ def rope_tables(cfg: ModelConfig, max_pos: int, device) -> tuple[torch.Tensor, t
 
 
 def _attention_ops(attn_impl: str):
+    """(decode attention, prefill attention, KV write, fused RoPE + KV write or None: RoPE by torch ops
+    into the q, k, v buffers, then the KV write)."""
     from nfsearch.runtime.kernels import paged_attention as pa
+    from nfsearch.runtime.kernels.rope_paged import rope_write_kv
     if attn_impl == "torch":
-        return pa.paged_decode_attention_torch, pa.paged_prefill_attention_torch, pa.write_kv_torch
+        return pa.paged_decode_attention_torch, pa.paged_prefill_attention_torch, pa.write_kv_torch, None
     if attn_impl == "triton":
-        return pa.paged_decode_attention, pa.paged_prefill_attention, pa.write_kv
+        return pa.paged_decode_attention, pa.paged_prefill_attention, pa.write_kv, rope_write_kv
     raise ValueError(f"attn_impl must be 'torch' or 'triton', not {attn_impl!r}")
 
 
@@ -93,7 +97,7 @@ class PagedModel:
         self.num_sms = num_sms or (torch.cuda.get_device_properties(self.device).multi_processor_count
                                    if self.device.type == "cuda" else 1)
         self.ops = self.dense_ops(op_impls)
-        self.decode_attn, self.prefill_attn, self.write_kv = _attention_ops(attn_impl)
+        self.decode_attn, self.prefill_attn, self.write_kv, self.rope_write_kv = _attention_ops(attn_impl)
         self.cos, self.sin = rope_tables(cfg, cfg.max_position_embeddings, self.device)
 
         # KV cache: [layers, 2, pages, page_size, Hkv, D], zeroed (a masked key must not be NaN)
@@ -202,10 +206,8 @@ class PagedModel:
             ops["norm1"](x, w.norm1, b["h"], n, eps=eps)
             bias = None if w.bqkv is None else w.bqkv.expand(T, w.bqkv.shape[0])
             ops["kqv"](b["h"], w.wqkv, b["qkv"], n, residual=bias)
-        rope_append_torch(b["qkv"], step.positions, self.cos, self.sin, b["q"], None, None, None,
-                          k_out=b["k"], v_out=b["v"])
+        self.rope_and_write_kv(i, b, step, 0, T, n)
         kc, vc, kv_scales = self.k_caches[i], self.v_caches[i], self.kv_scale_kwargs[i]
-        self.write_kv(b["k"], b["v"], kc, vc, step.slot_mapping, **kv_scales)
         B = step.max_decode
         if B:
             self.decode_attn(b["q"][:B], kc, vc, step.page_tables[:B], step.context_lens, b["attn"][:B],
@@ -221,6 +223,20 @@ class PagedModel:
         ops["ug"](b["h"], w.wug, b["ug"], n)
         ops["act"](b["ug"], b["act"], n)
         ops["d"](b["act"], w.wd, x, n, residual=b["mid"])
+
+    def rope_and_write_kv(self, i: int, b: dict, step: StepInputs, a: int, e: int, num_sms: int) -> None:
+        """Rows [a, e): q = rope(qkv) into b["q"], rope(k) and v into layer i's cache at slot_mapping. The
+        Triton attention path runs one fused kernel (kernels/rope_paged.py: no k, v buffers written);
+        the torch path rotates into b["q"], b["k"], b["v"] by torch ops, then writes the cache."""
+        kc, vc, kv_scales = self.k_caches[i], self.v_caches[i], self.kv_scale_kwargs[i]
+        qkv, positions, slots = b["qkv"][a:e], step.positions[a:e], step.slot_mapping[a:e]
+        if self.rope_write_kv is not None:
+            self.rope_write_kv(qkv, positions, self.cos, self.sin, b["q"][a:e], kc, vc, slots, num_sms,
+                               **kv_scales)
+            return
+        rope_append_torch(qkv, positions, self.cos, self.sin, b["q"][a:e], None, None, None,
+                          k_out=b["k"][a:e], v_out=b["v"][a:e])
+        self.write_kv(b["k"][a:e], b["v"][a:e], kc, vc, slots, **kv_scales)
 
     # ------------------------------------------------------------------------------ FP8 dense ops
     @property

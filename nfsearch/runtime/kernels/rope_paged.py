@@ -5,7 +5,7 @@ torch kernels writing q, k, v buffers) then ``write_kv`` (a Triton scatter of k 
 cache). ``rope_write_kv`` does both in one Triton kernel: a program per token reads its qkv row
 [(Hq + 2 Hkv) * D] once, writes the rotated q to ``q_out [T, Hq, D]`` and the rotated k and raw v
 straight into ``k_cache, v_cache [num_pages, page_size, Hkv, D]`` at ``slot_mapping[t]`` (slot -1:
-padding, nothing written, not even read). No k or v buffer is written.
+padding: its k and v neither read nor written). No k or v buffer is written.
 
 Rotation: rotate-half (NeoX / HF LLaMA), ``cos, sin [max_pos, D / 2]`` float32 as
 ``paged_model.rope_tables`` builds them. The kernel rounds where rope_append_torch rounds, so both
@@ -13,7 +13,8 @@ write the same bytes: the table entries to qkv's dtype, ``x * cos`` to qkv's dty
 minus ``partner * sin`` (exact in fp32 for bf16 operands) rounded once. Each program rotates whole
 rows [heads, D] (the other half loaded as a second, cached read of the same row), so the FP8 cache's
 per-(token, kv head) quantization reuses ``paged_attention._to_fp8`` unchanged: the same bytes and
-float32 scales as ``write_kv`` of the rotated bf16 k.
+float32 scales as ``write_kv_triton`` of the rotated bf16 k (the same values as torch's, which stores
+-0 where _to_fp8 stores +0 for a negative element that rounds to zero).
 
 The grid is ``num_sms * ROPE_KV_PROGRAMS_PER_SM`` programs (at most T) striding over tokens, fixed by
 T and num_sms: graph-capturable, no host sync. ``rope_write_kv_torch`` (rope_append_torch +
@@ -58,7 +59,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _rope_kv_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
-                        s_x, s_qt, s_qh, s_cos, s_sin, s_kcp, s_kct, s_kch, s_vcp, s_vct, s_vch, s_sp, s_st, T, NP,
+                        s_x, s_qt, s_qh, s_cos, s_sin, s_kcp, s_kct, s_kch, s_vcp, s_vct, s_vch, s_sp, s_st,
+                        T, NP,
                         HQ: tl.constexpr, HKV: tl.constexpr, HQP: tl.constexpr, HKP: tl.constexpr,
                         PS: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr):
         # (named without "write_kv" / "paged": the bench's per-op trace counts it with the other ops)
