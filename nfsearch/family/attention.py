@@ -73,7 +73,8 @@ def engine_view(profile: ProfileTable) -> ProfileTable:
 
 
 def pricing(profile: ProfileTable) -> dict:
-    """The family file's record of how attention was priced: {"impl": "paged" | "contiguous", "note"}."""
+    """The family file's record of how attention was priced: {"impl": "paged" | "mixed" | "contiguous", "note"}
+    ("mixed": one attention op has paged rows, the other not)."""
     ops = paged_ops(profile)
     contiguous = [op for op in ATTENTION_OPS if op not in ops]
     names = lambda op: "/".join(profile.impls(op)) or "none"
