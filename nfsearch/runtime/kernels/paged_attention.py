@@ -222,7 +222,8 @@ if HAVE_TRITON:
         step = ((e - 3) << 23).to(tl.float32, bitcast=True)
         inv_step = ((257 - e) << 23).to(tl.float32, bitcast=True)            # 1 / step
         y = x * inv_step                                                        # |y| < 16, exact
-        return ((y + RNE_MAGIC) - RNE_MAGIC) * step        # fp32 adds round y to an integer, ties even
+        r = ((y + RNE_MAGIC) - RNE_MAGIC) * step            # fp32 adds round y to an integer, ties even
+        return tl.where(r == 0, x * 0.0, r)                 # a negative x rounded to zero stays -0, as torch's
 
     @triton.jit
     def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr, s_kt, s_kh, s_vt, s_vh,
