@@ -13,8 +13,7 @@ write the same bytes: the table entries to qkv's dtype, ``x * cos`` to qkv's dty
 minus ``partner * sin`` (exact in fp32 for bf16 operands) rounded once. Each program rotates whole
 rows [heads, D] (the other half loaded as a second, cached read of the same row), so the FP8 cache's
 per-(token, kv head) quantization reuses ``paged_attention._to_fp8`` unchanged: the same bytes and
-float32 scales as ``write_kv_triton`` of the rotated bf16 k (the same values as torch's, which stores
--0 where _to_fp8 stores +0 for a negative element that rounds to zero).
+float32 scales as ``write_kv_triton`` of the rotated bf16 k, and as torch's.
 
 The grid is ``num_sms * ROPE_KV_PROGRAMS_PER_SM`` programs (at most T) striding over tokens, fixed by
 T and num_sms: graph-capturable, no host sync. ``rope_write_kv_torch`` (rope_append_torch +
