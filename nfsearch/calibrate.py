@@ -48,11 +48,12 @@ from dataclasses import dataclass
 
 from nfsearch.calibration import (CALIBRATION_KEY, FACTOR_RANGE, MAX_OVERHEAD_US, SOLO_RANGE, Calibration, ClassFactor,
                                   calibration_from_meta, without_calibration)
-from nfsearch.cost import OP_ALIASES, make_problem, overheads_from_meta
+from nfsearch.cost import make_problem, overheads_from_meta
 from nfsearch.energy import (ENERGY_CALIBRATION_KEY, EnergyCalibration, EnergyRun, energy_calibration_from_meta,
                              fit_energy)
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import OP_CLASSES
+from nfsearch.pair_model import OP_ALIASES
 from nfsearch.profile import ProfileMiss, ProfileTable
 from nfsearch.runreport import RunReport, TpPower
 from nfsearch.runtime.launch import build  # pure Python: the executor's launch list

@@ -4,7 +4,7 @@ CostModel: time of a nano-op at an SM count, alone or beside other nano-ops. An 
 its solo time (profile rows) times a STRETCH per partner, the stretches combined additively
 (1 + sum of (stretch - 1): two partners each costing 10% cost 20%). A stretch comes from, in order:
 
-1. the PAIR TABLE of a measured profile (nfsearch/pairs.py, `PairModel` below): the two ops of a
+1. the PAIR TABLE of a measured profile (nfsearch/pairs.py, `pair_model.PairModel`): the two ops of a
    pair family launched together on the two sides of a split. From each measured split we derive
    each side's FULLY-OVERLAPPED time (the side that ends first overlapped its partner all along;
    the other ran beside it until then and alone on its partition after, so its overlapped rate
@@ -29,7 +29,7 @@ DEFAULT_EVENT_WAIT_US, labelled default). A calibrated profile (calibration.py) 
 wait and the launch gap read off measured timelines (3.1 us and 0.46 us on an H100), and per-op solo
 and co-run factors that `solo_ms` and `beside_ms` apply.
 
-Power: a profile with energy (energy.ProfileEnergy: per op, the board energy per call of a sustained
+Power (energy_model.EnergyModel): a profile with energy (energy.ProfileEnergy: per op, the board energy per call of a sustained
 back-to-back loop on the whole GPU, and the GPU's power limit and static power) gives a POWER BOUND
 (energy.PowerBound): one layer's dynamic energy, the sum over its ops of (energy - static power x
 time) at the op's whole token count, cannot be spent faster than limit - static allows. Every plan
@@ -61,7 +61,6 @@ refuses a profile of another model (profile.check_profile_model) and a batch the
 hold (graph.check_memory).
 """
 
-import bisect
 import math
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -73,10 +72,12 @@ from typing import NamedTuple
 import networkx as nx
 
 from nfsearch.calibration import Calibration, calibration_from_meta
-from nfsearch.energy import PowerBound, ProfileEnergy, energy_calibration_from_meta
+from nfsearch.energy import PowerBound
+from nfsearch.energy_model import EnergyModel, no_energy_note
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import MemoryNeed, Op, build_layer, check_memory, op_context
-from nfsearch.pairs import NO_SHARE_TAG, PairPoint, family_op, points_from_meta
+from nfsearch.pair_model import SRC_PAIRS_EDGE, PairModel, base_op, no_share_time_ms
+from nfsearch.pairs import NO_SHARE_TAG, family_op
 from nfsearch.plan import MAX_NUM_LAYERS, NO_SHARE_IMPLS, PlanGpu, PlanProfile
 from nfsearch.profile import (
     LINEAR,
@@ -92,7 +93,6 @@ from nfsearch.profile import (
 from nfsearch.roofline import analytic_profile, interp, op_scaling, profile_roofline
 from nfsearch.specs import GpuSpec, ModelSpec, Workload, load_gpu
 
-
 # share R -> normalised speed P(R); GEMM-like compute is linear (P = R)
 PUBLISHED_CURVES = {
     "compute": ((0.0, 0.0), (1.0, 1.0)),
@@ -106,13 +106,6 @@ CURVES_SOURCE = "published NanoFlow curves (A100)"
 # a cross-stream event wait in a CUDA graph where no calibration measured one (measured timelines
 # show 2.5-3.1 us on an H100 and 4.9 us under TP on 2x H200): 5 us, labelled default
 DEFAULT_EVENT_WAIT_US = 5.0
-# ops that run the same kernel as a measured one (norm2 is norm1's RMSNorm on other data)
-OP_ALIASES = {"norm2": "norm1"}
-MAX_STRETCH = 8.0          # a derived stretch beyond this is a measurement artefact (a stalled side)
-
-SRC_PAIRS = "pair table"
-SRC_PAIRS_CLAMPED = "pair table (partner size clamped)"
-SRC_PAIRS_EDGE = "pair table at the nearest measured size/SMs (outside the measured range)"
 SRC_PAIRS_OTHER = "pair table, worst measured partner of the class (no family for this pair)"
 SRC_ROWS = "co-run rows"
 SRC_CURVES = "A100 curves"
@@ -170,324 +163,11 @@ def overheads_from_meta(meta: dict, cal: Calibration | None = None) -> Overheads
     return Overheads(DEFAULT_EVENT_WAIT_US / 1e3, "default, not measured")
 
 
-# ------------------------------------------------------------------------------------ pair model
 class Partner(NamedTuple):
     """A nano-op running beside another: its op, size and SM count."""
     op: str
     num_tokens: int
     sm_count: int
-
-
-@dataclass(frozen=True)
-class PairSample:
-    """One side of one measured split: the op's fully-overlapped time over its time alone on the
-    same partition, beside a partner of the given size."""
-    num_tokens: int
-    context: int
-    partner_tokens: int
-    partner_context: int
-    sm_count: int
-    stretch: float
-    part_ms: float          # the op alone on the same partition, measured with the pair
-
-
-def side_stretches(p: PairPoint) -> tuple[float, float]:
-    """(stretch of A, stretch of B) fully overlapped, from one measured split.
-
-    Launched together, the side that ends first (at t1) overlapped the other all along: its
-    stretch is t1 / its partition time. The other side did a fraction f = 1 - tail / partition
-    time by t1 (its tail after t1 ran alone at its partition speed), so fully overlapped it would
-    take t1 / f. Stretches are kept in [1, MAX_STRETCH]: a partner never speeds an op up."""
-    def rest(first_ms, last_ms, part_ms):
-        done = 1.0 - (last_ms - first_ms) / part_ms
-        return first_ms / part_ms / done if done > first_ms / part_ms / MAX_STRETCH else MAX_STRETCH
-    if p.corun_a_ms <= p.corun_b_ms:
-        sa, sb = p.corun_a_ms / p.part_a_ms, rest(p.corun_a_ms, p.corun_b_ms, p.part_b_ms)
-    else:
-        sa, sb = rest(p.corun_b_ms, p.corun_a_ms, p.part_a_ms), p.corun_b_ms / p.part_b_ms
-    clamp = lambda s: min(MAX_STRETCH, max(1.0, s))
-    return clamp(sa), clamp(sb)
-
-
-def predict_pair(stretch_a: float, stretch_b: float, solo_a_ms: float, solo_b_ms: float) -> tuple[float, float]:
-    """(end of A, end of B) when both start together: overlapped until the first ends, then the other
-    alone on its partition (the inverse of side_stretches, and what simulate.replay does)."""
-    ta, tb = stretch_a * solo_a_ms, stretch_b * solo_b_ms
-    if ta <= tb:
-        return ta, ta + (1.0 - ta / tb) * solo_b_ms
-    return tb + (1.0 - tb / ta) * solo_a_ms, tb
-
-
-def _nearest(values, x):
-    return min(values, key=lambda v: (abs(v - x), v))
-
-
-def _linear(xs: list, ys: list, x: float) -> tuple | None:
-    """ys (tuples) at x, linear between the sorted xs; None outside [xs[0], xs[-1]] (never extrapolated)."""
-    if x < xs[0] or x > xs[-1]:
-        return None
-    i = bisect.bisect_left(xs, x)
-    if xs[i] == x:
-        return ys[i]
-    w = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
-    return tuple(a + (b - a) * w for a, b in zip(ys[i - 1], ys[i]))
-
-
-def _over_solo(solo_ms, side, sms: int, stretch: float, part_ms: float) -> tuple[float, float]:
-    """(stretch, base time) of one split's side restated over the table's solo time, if known."""
-    if solo_ms is None:
-        return stretch, part_ms
-    try:
-        solo = solo_ms(side, sms)
-    except ProfileMiss:
-        return stretch, part_ms
-    return max(1.0, stretch * part_ms / solo), solo
-
-
-class PairModel:
-    """Stretches of an op beside a partner op, from a profile's pair table (see the module doc)."""
-
-    def __init__(self, points: list[PairPoint], solo_ms=None):
-        """`solo_ms(side, sm_count)`: the profile's solo time of a pair side. Given, each split's
-        stretch is restated over that solo time (stretch x its pair-run partition time / the table's
-        solo time) before it is interpolated, so interpolation works on the figure the cost model
-        multiplies by the table's solo times (held out: 86% of splits within 5% instead of 81%)."""
-        self.num_points = len(points)
-        self.is_over_solo = solo_ms is not None
-        self.samples: dict[tuple[str, str], list[PairSample]] = {}
-        self.partner_class: dict[str, dict[str, str]] = {}
-        for p in points:
-            # a side of no SM share (a copy-engine collective) is a family of its own (pairs.family_op)
-            op_a, op_b = family_op(p.a.op, p.sms_a), family_op(p.b.op, p.sms_b)
-            self.partner_class.setdefault(op_a, {})[op_b] = p.b.op_class
-            self.partner_class.setdefault(op_b, {})[op_a] = p.a.op_class
-            sa, sb = side_stretches(p)
-            sa, part_a = _over_solo(solo_ms, p.a, p.sms_a, sa, p.part_a_ms)
-            sb, part_b = _over_solo(solo_ms, p.b, p.sms_b, sb, p.part_b_ms)
-            self.samples.setdefault((op_a, op_b), []).append(
-                PairSample(p.a.num_tokens, p.a.context, p.b.num_tokens, p.b.context, p.sms_a, sa, part_a))
-            self.samples.setdefault((op_b, op_a), []).append(
-                PairSample(p.b.num_tokens, p.b.context, p.a.num_tokens, p.a.context, p.sms_b, sb, part_b))
-        for v in self.samples.values():
-            v.sort(key=lambda s: (s.num_tokens, s.context, s.partner_tokens, s.partner_context, s.sm_count))
-
-    @classmethod
-    def from_profile(cls, profile: ProfileTable, points: list[PairPoint] | None = None) -> "PairModel | None":
-        """The profile's pair table (or `points` of it), stretches restated over its solo times."""
-        points = points_from_meta(profile.meta, profile.label) if points is None else points
-        if not points:
-            return None
-        solo = lambda side, sms: (profile.time_ms(side.op, side.num_tokens, sms, side.context)[0] if sms else
-                                  no_share_time_ms(profile, side.op, side.num_tokens, side.context)[0])
-        return cls(points, solo)
-
-    def has(self, op: str, partner_op: str) -> bool:
-        return (OP_ALIASES.get(op, op), OP_ALIASES.get(partner_op, partner_op)) in self.samples
-
-    def stretch(self, op: str, num_tokens: int, context: int, sm_count: int, partner_op: str,
-                partner_tokens: int, partner_context: int, is_clamped: bool = False
-                ) -> tuple[float, float, str] | None:
-        """(stretch, time alone on the partition in ms, source) of `op` beside `partner_op`, both
-        interpolated from the measured splits; None outside the measured range (the op's tokens or
-        SM count beyond the family's measured ones, or no family). Stretch x partition time is the
-        op's fully-overlapped time (with `is_over_solo`, the partition time is the table's solo time). `is_clamped`: the op's tokens and SM count are taken at the
-        nearest measured ones instead (a labelled fallback, never the first answer)."""
-        samples = self.samples.get((OP_ALIASES.get(op, op), OP_ALIASES.get(partner_op, partner_op)))
-        if not samples:
-            return None
-        sizes = sorted({s.num_tokens for s in samples})
-        if is_clamped:
-            num_tokens = min(max(num_tokens, sizes[0]), sizes[-1])
-        if not sizes[0] <= num_tokens <= sizes[-1]:
-            return None
-        i = bisect.bisect_left(sizes, num_tokens)
-        bracket = [sizes[i]] if sizes[i] == num_tokens else [sizes[i - 1], sizes[i]]
-        values, clamped = [], False
-        for t in bracket:
-            at_t = [s for s in samples if s.num_tokens == t]
-            ctx = _nearest(sorted({s.context for s in at_t}), context)
-            at_t = [s for s in at_t if s.context == ctx]
-            pctx = _nearest(sorted({s.partner_context for s in at_t}), partner_context)
-            at_t = [s for s in at_t if s.partner_context == pctx]
-            clamped |= ctx != context or pctx != partner_context
-            psizes = sorted({s.partner_tokens for s in at_t})
-            if psizes[0] <= partner_tokens <= psizes[-1]:
-                k = bisect.bisect_left(psizes, partner_tokens)
-                pbracket = [psizes[k]] if psizes[k] == partner_tokens else [psizes[k - 1], psizes[k]]
-            else:
-                pbracket = [_nearest(psizes, partner_tokens)]
-                clamped = True
-            by_partner = []
-            for u in pbracket:
-                line = [s for s in at_t if s.partner_tokens == u]
-                if is_clamped:
-                    sm_count = min(max(sm_count, line[0].sm_count), line[-1].sm_count)
-                v = _linear([s.sm_count for s in line], [(s.stretch, s.part_ms) for s in line], sm_count)
-                if v is None:
-                    return None
-                by_partner.append((u, v))
-            values.append((t, by_partner[0][1] if len(by_partner) == 1 else
-                           _linear([u for u, _ in by_partner], [v for _, v in by_partner], partner_tokens)))
-        value = values[0][1] if len(values) == 1 else _linear([t for t, _ in values], [v for _, v in values],
-                                                              num_tokens)
-        if is_clamped:
-            return value[0], value[1], SRC_PAIRS_EDGE
-        return value[0], value[1], SRC_PAIRS_CLAMPED if clamped else SRC_PAIRS
-
-    def partners_of(self, op: str) -> list[tuple[str, str]]:
-        """(partner op, its class) of every family measured with `op`."""
-        return sorted(self.partner_class.get(OP_ALIASES.get(op, op), {}).items())
-
-
-def no_share_time_ms(profile: ProfileTable, op: str, num_tokens: int, context: int = 0,
-                     allow_extrapolation: bool = False, scaling: Scaling | None = None) -> tuple[float, str]:
-    """(time, impl) of `op` holding no SM share: its fastest no-share impl's row at the whole GPU (how
-    the profiler measures it: alone on a plain stream). ProfileMiss when the profile has none."""
-    impls = [i for i in profile.impls(op) if i in NO_SHARE_IMPLS]
-    if not impls:
-        raise ProfileMiss(f"profile has no rows of a no-SM-share impl ({', '.join(sorted(NO_SHARE_IMPLS))}) "
-                          f"for op {op}")
-    return min(profile.time_ms(op, num_tokens, int(profile.meta["num_sms"]), context, impl=i,
-                               allow_extrapolation=allow_extrapolation, scaling=scaling) for i in impls)
-
-
-def _base_op(op: str) -> str:
-    """The op whose kernel it runs (norm2 runs norm1's RMSNorm): calibration factors are per kernel."""
-    return OP_ALIASES.get(op, op)
-
-
-# ------------------------------------------------------------------------------------ energy model
-ENERGY_MEASURED = "measured"
-ENERGY_INTERPOLATED = "interpolated in tokens"
-ENERGY_SCALED = "scaled (outside the measured tokens or context)"
-
-
-class EnergyModel:
-    """Energy of an op from a profile's energy points (the module doc): board energy and loop time per
-    call, interpolated in tokens at the nearest measured context, scaled outside.
-
-    `op_time_ms(op, num_tokens, context)`: the op's time on the whole GPU (the cost model's lookup).
-    Given, energy outside the measured tokens and contexts scales with the op's time (a kernel spends
-    about its measured power for as long as it runs: prefill attention of one 32k prompt costs its
-    time at the 3840-token point's power, not 1000x that point's energy); without it, in proportion
-    to the tokens (and the context)."""
-
-    def __init__(self, energy: ProfileEnergy, factor: float = 1.0, factor_label: str = "", op_time_ms=None):
-        self.energy = energy
-        self.factor = factor
-        self.op_time_ms = op_time_ms
-        # without a fitted factor the bound runs low: measured dynamic energy was 1.02-1.05x the
-        # profile's (W1-W4 on H100s); a factor fitted on one model carries to others of the GPU
-        self.factor_label = factor_label or ("energy factor 1 (none fitted: `nfsearch calibrate --energy` fits one "
-                                             "from runs, `calibrate --from` carries one from a profile of this GPU)")
-        # pair energy point -> its dynamic energy ratio at one clock; a point that spent no energy
-        # above the static power (a bad window) prices nothing rather than failing every replay
-        self.pair_points = {}
-        for p in energy.pair_points:
-            try:
-                self.pair_points[p] = p.dynamic_ratio(energy.static_power_w)
-            except NfsearchError:
-                continue
-        self.pair_ratio = lru_cache(maxsize=None)(self._pair_ratio)   # replays ask the same pairs again
-        self.points: dict[str, dict[int, list[tuple[int, float, float]]]] = {}
-        for p in energy.points:
-            self.points.setdefault(p.op, {}).setdefault(p.context, []).append(
-                (p.num_tokens, p.energy_within_limit_j(energy.power_limit_w), p.time_ms))
-        for by_ctx in self.points.values():
-            for line in by_ctx.values():
-                line.sort()
-
-    @classmethod
-    def from_profile(cls, profile: ProfileTable, op_time_ms=None) -> "EnergyModel | None":
-        if profile.energy is None:
-            return None
-        cal = energy_calibration_from_meta(profile.meta)
-        return cls(profile.energy, cal.factor if cal else 1.0, cal.label if cal else "", op_time_ms)
-
-    def _scaled(self, op: str, num_tokens: int, context: int, base_tokens: int, base_context: int) -> float:
-        """How much more energy (op, num_tokens, context) takes than (op, base_tokens, base_context):
-        the ratio of their times where known, else of tokens x context."""
-        if self.op_time_ms is not None:
-            try:
-                base = self.op_time_ms(op, base_tokens, base_context)
-                return self.op_time_ms(op, num_tokens, context) / base
-            except ProfileMiss:
-                pass
-        ratio = num_tokens / base_tokens
-        return ratio * (context / base_context if context > 0 and base_context > 0 else 1.0)
-
-    def op_energy(self, op: str, num_tokens: int, context: int) -> tuple[float, float, str]:
-        """(board energy J, loop time ms, how) of one call of `op` over `num_tokens` at `context`."""
-        by_ctx = self.points.get(op) or self.points.get(OP_ALIASES.get(op, op))
-        if not by_ctx:
-            raise ProfileMiss(f"profile energy has no points for op {op}")
-        ctx = _nearest(sorted(by_ctx), context)
-        line = by_ctx[ctx]
-        tokens = [t for t, _, _ in line]
-        got = _linear(tokens, [(e, t) for _, e, t in line], num_tokens)
-        if got is None:               # outside the measured tokens: from the nearest point, scaled
-            edge = line[0] if num_tokens < tokens[0] else line[-1]
-            k = self._scaled(op, num_tokens, ctx, edge[0], ctx)
-            energy_j, time_ms, how = edge[1] * k, edge[2] * k, ENERGY_SCALED
-        else:
-            energy_j, time_ms = got
-            how = ENERGY_MEASURED if num_tokens in tokens else ENERGY_INTERPOLATED
-        if ctx != context and ctx > 0 and context > 0:
-            k = self._scaled(op, num_tokens, context, num_tokens, ctx)
-            energy_j, time_ms, how = energy_j * k, time_ms * k, ENERGY_SCALED
-        return energy_j, time_ms, how
-
-    def dynamic_j(self, op: str, num_tokens: int, context: int) -> tuple[float, str]:
-        """(energy above static power x the factor, how) of one call; never below 0."""
-        energy_j, time_ms, how = self.op_energy(op, num_tokens, context)
-        return self.factor * max(0.0, energy_j - self.energy.static_power_w * time_ms / 1e3), how
-
-    def _pair_ratio(self, op_a: str, num_tokens_a: int, context_a: int, op_b: str, num_tokens_b: int,
-                    context_b: int) -> float | None:
-        """The dynamic energy of `op_a` and `op_b` run together over theirs back to back, from the pair
-        energy point of their family (either order) nearest in tokens and context (log distance);
-        None where no pair of these two kernels was measured."""
-        a, b = _base_op(op_a), _base_op(op_b)
-        best = None
-        for p in self.pair_points:
-            for (x, tx, cx, y, ty, cy) in ((p.op_a, p.num_tokens_a, p.context_a, p.op_b, p.num_tokens_b, p.context_b),
-                                            (p.op_b, p.num_tokens_b, p.context_b, p.op_a, p.num_tokens_a, p.context_a)):
-                if (_base_op(x), _base_op(y)) != (a, b):
-                    continue
-                far = (abs(math.log(tx / num_tokens_a)) + abs(math.log(ty / num_tokens_b))
-                       + abs(math.log((cx + 1) / (context_a + 1))) + abs(math.log((cy + 1) / (context_b + 1))))
-                if best is None or far < best[0]:
-                    best = (far, p)
-        return None if best is None else self.pair_points[best[1]]
-
-    def is_unmeasured_network(self, op: Op) -> bool:
-        """A collective without energy points (a TP profile's): it counts as no dynamic energy."""
-        return op.op_class == "network" and not self.points.get(op.name)
-
-    def layer_bound(self, layer: nx.DiGraph, workload: Workload) -> PowerBound:
-        """The power bound of one layer (per GPU under TP): its ops at their whole token counts
-        (ProfileMiss where an op other than an unmeasured collective has no energy)."""
-        total, hows, unmeasured = 0.0, Counter(), []
-        for name in layer.nodes:
-            op = layer.nodes[name]["op"]
-            if self.is_unmeasured_network(op):
-                unmeasured.append(name)
-                continue
-            lo, hi = layer.nodes[name]["token_range"]
-            value, how = self.dynamic_j(name, hi - lo, op_context(op, workload))
-            total += value
-            hows[how] += 1
-        per_gpu = f"per GPU: the TP={workload.tp_degree} shard's ops; " if workload.tp_degree > 1 else ""
-        network = (f"; collectives {', '.join(unmeasured)} counted as no dynamic energy (not measured on one GPU)"
-                   if unmeasured else "")
-        note = (f"{per_gpu}{len(self.energy.points)} energy points, ops "
-                + ", ".join(f"{n} {h}" for h, n in sorted(hows.items())) + f"{network}; {self.factor_label}")
-        return PowerBound(total, self.energy.power_limit_w, self.energy.static_power_w, self.factor, note)
-
-
-def no_energy_note(profile: ProfileTable) -> str:
-    return (f"no power bound: the {profile.label} has no energy"
-            + ("" if profile.is_analytic else " (nfsearch profile --energy-only PROFILE adds it on the GPU)"))
 
 
 def power_bound_of(profile: ProfileTable, model: ModelSpec, workload: Workload) -> tuple[PowerBound | None, str]:
@@ -581,7 +261,7 @@ class CostModel:
         """The time predicted alone: the profile's, times the calibration's solo factor of its class
         (what the op takes inside a replayed plan against what the profiler timed it at)."""
         raw = self.raw_solo_ms(op, num_tokens, sm_count)
-        return raw if self.calibration is None else raw * self.calibration.solo_factor(self.op_class(op), _base_op(op))
+        return raw if self.calibration is None else raw * self.calibration.solo_factor(self.op_class(op), base_op(op))
 
     def _corun_ms(self, op: str, num_tokens: int, sm_count: int, co_class: str) -> float:
         """Time while some op of `co_class` runs beside it, by class: the older co-run rows if the
@@ -658,7 +338,7 @@ class CostModel:
         solo = self.solo_ms(op, num_tokens, sm_count)
         extra = sum(self.stretch(op, num_tokens, sm_count, p)[0] - 1.0 for p in partners)
         if partners and self.calibration is not None:
-            return solo * max(1.0, (1.0 + extra) * self.calibration.factor(self.op_class(op), _base_op(op)))
+            return solo * max(1.0, (1.0 + extra) * self.calibration.factor(self.op_class(op), base_op(op)))
         return solo * (1.0 + extra)
 
     def _stretched_ms(self, op: str, num_tokens: int, sm_count: int, co_classes: frozenset[str]) -> float:
@@ -862,45 +542,3 @@ def default_gpu(model: ModelSpec, workload: Workload, gpu_key: str = "h100-sxm")
     path = bundled_profile_path(model, workload, gpu_key)
     return gpu_from_profile(read_meta(path)) if path is not None else load_gpu(gpu_key)
 
-
-# ------------------------------------------------------------------------------------ held-out check
-@dataclass(frozen=True)
-class HeldOut:
-    """One measured split predicted by a pair model fitted without it."""
-    family: str
-    sms_a: int
-    sms_b: int
-    measured_ms: tuple[float, float, float]       # A's end, B's end, makespan
-    predicted_ms: tuple[float, float, float]
-
-    @property
-    def makespan_error(self) -> float:
-        return abs(self.predicted_ms[2] / self.measured_ms[2] - 1.0)
-
-    @property
-    def side_error(self) -> float:
-        """The worse of the two sides' relative errors."""
-        return max(abs(p / m - 1.0) for p, m in zip(self.predicted_ms[:2], self.measured_ms[:2]))
-
-
-def hold_out_pairs(profile: ProfileTable) -> list[HeldOut]:
-    """Leave-one-out over the pair table: each split not at its family's edge (an edge would need
-    extrapolation) is predicted as the cost model does (stretches interpolated from the other splits
-    x the table's solo times; both start together, the first to end frees the other), and set
-    against what was measured."""
-    points = points_from_meta(profile.meta, profile.label)
-    out = []
-    for p in points:
-        splits = sorted(q.sms_a for q in points if q.family == p.family)
-        if p.sms_a in (splits[0], splits[-1]):
-            continue
-        model = PairModel.from_profile(profile, [q for q in points if q is not p])
-        sides = []
-        for me, sms, other in ((p.a, p.sms_a, p.b), (p.b, p.sms_b, p.a)):
-            stretch, _, _ = model.stretch(me.op, me.num_tokens, me.context, sms, other.op,
-                                          other.num_tokens, other.context)
-            sides.append((max(1.0, stretch), profile.time_ms(me.op, me.num_tokens, sms, me.context)[0]))
-        end_a, end_b = predict_pair(sides[0][0], sides[1][0], sides[0][1], sides[1][1])
-        out.append(HeldOut(f"{p.a.describe()} x {p.b.describe()}", p.sms_a, p.sms_b,
-                           (p.corun_a_ms, p.corun_b_ms, p.makespan_ms), (end_a, end_b, max(end_a, end_b))))
-    return out

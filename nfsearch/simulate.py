@@ -26,20 +26,12 @@ from functools import lru_cache
 
 import networkx as nx
 
-from nfsearch.cost import (
-    SRC_PAIRS,
-    SRC_PAIRS_CLAMPED,
-    SRC_ROWS,
-    SRC_SAME_CLASS,
-    CostModel,
-    Partner,
-    make_problem,
-    power_bound_of,
-)
+from nfsearch.cost import SRC_ROWS, SRC_SAME_CLASS, CostModel, Partner, make_problem, power_bound_of
 from nfsearch.energy import PowerBound
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import build_layer, split_layers
 from nfsearch.layouts import buildable_layouts, corun_components
+from nfsearch.pair_model import SRC_PAIRS, SRC_PAIRS_CLAMPED
 from nfsearch.plan import PlannedOp, Schedule, check_structure
 from nfsearch.timeline import Span, Timeline
 

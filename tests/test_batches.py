@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 
 from nfsearch import plan as plan_io
 from nfsearch.cli import main
-from nfsearch.cost import CostModel, EnergyModel, default_profile, make_problem
+from nfsearch.cost import CostModel, default_profile, make_problem
 from nfsearch.energy import EnergyPoint, ProfileEnergy
+from nfsearch.energy_model import EnergyModel
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import batch_work, build_layer, layer_ops, memory_need, op_context
 from nfsearch.profile import ProfileTable, load

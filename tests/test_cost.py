@@ -7,8 +7,8 @@ import pytest
 
 from nfsearch.calibration import without_calibration
 from nfsearch.profile import ProfileTable
-from nfsearch.cost import (SRC_CURVES, SRC_PAIRS, SRC_PAIRS_EDGE, PairModel, Partner, default_profile,
-                           hold_out_pairs, make_problem, predict_pair, side_stretches)
+from nfsearch.cost import SRC_CURVES, Partner, default_profile, make_problem
+from nfsearch.pair_model import SRC_PAIRS, SRC_PAIRS_EDGE, PairModel, hold_out_pairs, predict_pair, side_stretches
 from nfsearch.pairs import PairPoint, PairSide, points_from_meta
 from nfsearch.roofline import analytic_profile
 from nfsearch.specs import load_gpu, load_model, load_workload

@@ -17,9 +17,10 @@ from click.testing import CliRunner
 from conftest import TINY_MODEL, TINY_WL, fake_profile
 from nfsearch import calibrate, plan, profile
 from nfsearch.cli import main
-from nfsearch.cost import ENERGY_INTERPOLATED, ENERGY_MEASURED, ENERGY_SCALED, EnergyModel, make_problem, power_bound_of
+from nfsearch.cost import make_problem, power_bound_of
 from nfsearch.energy import (ENERGY_CALIBRATION_KEY, ENERGY_KEY, EnergyCalibration, EnergyPoint, EnergyRun, PowerBound,
                              ProfileEnergy, energy_calibration_from_meta, fit_energy)
+from nfsearch.energy_model import ENERGY_INTERPOLATED, ENERGY_MEASURED, ENERGY_SCALED, EnergyModel
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import build_layer, op_context
 from nfsearch.profile import ProfileTable

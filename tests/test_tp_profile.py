@@ -202,7 +202,7 @@ def test_the_copy_engine_collective_is_measured_as_it_runs_holding_no_sm_share()
 
 
 def test_a_no_share_collective_costs_its_partner_only_the_measured_stretch(tmp_path):
-    from nfsearch.cost import SRC_PAIRS, predict_pair
+    from nfsearch.pair_model import SRC_PAIRS, predict_pair
     table, _ = _ce_merged()
     assert table.meta["network"]["impls"] == ["nccl", "ce"]
     net_bytes = 2048 * 8192 * 2             # B_net stays NCCL's, whatever the ce rows say

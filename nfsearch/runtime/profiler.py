@@ -55,6 +55,7 @@ from nfsearch import pairs as pair_table
 from nfsearch.energy import EnergyPoint, PairEnergyPoint, ProfileEnergy
 from nfsearch.errors import NfsearchError
 from nfsearch.graph import layer_ops
+from nfsearch.plan import ENGINE_IMPLS
 from nfsearch.runtime import measurements as profiling
 from nfsearch.runtime import power
 from nfsearch.runtime.measurements import COMPUTE_BACKGROUND, MEMORY_BACKGROUND, Measurement, Point
@@ -177,7 +178,7 @@ def add_energy(model, workload, table, gpu_id: int = 0, log=None, window_s: floa
     A TP workload (the shard profile of runtime/tp_profile.py, or a TP profile with --energy-only): the
     same on this one GPU for the shard's ops at their TP shapes (graph.tp_shard, as the table's kernel
     rows); the network ops are left out (their energy is not one GPU's to measure), which the energy's
-    method says and the power bound reads as no dynamic energy (cost.EnergyModel).
+    method says and the power bound reads as no dynamic energy (energy_model.EnergyModel).
 
     with_pairs, where the table has a pair table: then the energy of overlap (_pair_energy_points),
     about 1.5 s per pair family."""
@@ -583,11 +584,14 @@ class _Inputs:
         if n == "decode_attn":
             kc, vc, lens = self.kv[ctx]
             sets = [(sl(self.q, i), sl(kc, i), sl(vc, i), lens[:tok], sl(self.out, i)) for i in range(ns)]
-            _prepare(f, sets, sms)
-            return (lambda i: f(*sets[i % ns], sms)), ns
+            # the paged impls' page tables as wide as the engine bucket's (its split count follows)
+            kw = {"max_context": self.plan.decode_max_context[ctx]} if impl in ENGINE_IMPLS and \
+                ctx in self.plan.decode_max_context else {}
+            _prepare(f, sets, sms, **kw)
+            return (lambda i: f(*sets[i % ns], sms, **kw)), ns
         if n == "prefill_attn":
             kw = {}
-            if impl == "paged":              # a chunk over its cached prefix (paged_adapters.prefill_chunks)
+            if impl in ENGINE_IMPLS:         # a chunk over its cached prefix (paged_adapters.prefill_chunks)
                 from nfsearch.runtime.kernels.paged_adapters import prefill_chunks
                 lens, kw["prefix_lens"] = prefill_chunks(tok, ctx)
             else:
@@ -596,7 +600,7 @@ class _Inputs:
             for x in lens:
                 offsets.append(offsets[-1] + x)
             cu_cpu = self.t.tensor(offsets, dtype=self.t.int32)
-            if impl in ("torch", "paged"):
+            if impl == "torch" or impl in ENGINE_IMPLS:
                 cu = cu_cpu                  # read on the host (library impl; paged copy's key): no sync
             else:
                 cu = cu_cpu.to(self.q.device)
