@@ -32,7 +32,8 @@ READ_VERSIONS = (1, 2)
 # one of NON_MEASURED_IMPLS and the executor maps those to runtime impls. Add a new kernel family here.
 # The collectives' impls, the default first: NCCL on the nano-op's SM share; the copy engines (no share).
 NETWORK_IMPLS = ("nccl", "ce")
-RUNTIME_IMPLS = frozenset({"triton", "torch", "tma", "cublaslt", "flash", "cuda", "fp8", "paged", *NETWORK_IMPLS})
+RUNTIME_IMPLS = frozenset({"triton", "torch", "tma", "cublaslt", "flash", "cuda", "fp8", "paged", "paged_fp8kv",
+                           *NETWORK_IMPLS})
 NON_MEASURED_IMPLS = frozenset({"analytic", "fake"})
 # Network impls that hold no SM share: the copy engines move the rows, and the sum kernel runs on a
 # plain stream beside whatever holds the SMs. Their nano-ops state sm_count 0; the profile's rows of
@@ -44,12 +45,13 @@ NO_SHARE_IMPLS = frozenset({"ce"})
 # slower than the same plan on the TMA GEMM (docs/kernels.md). fp8 (W8A8 e4m3 GEMMs) changes the numerics:
 # a plan may use it only where the user asked for it in the profile. paged (ENGINE_IMPLS) is measured at a
 # plan family's bucket shapes (`profile --family`): the default grid's contiguous plans never run it.
-OPT_IN_IMPLS = frozenset({"cublaslt", "fp8", "paged"})
+OPT_IN_IMPLS = frozenset({"cublaslt", "fp8", "paged", "paged_fp8kv"})
 # Attention over the serving engine's paged KV cache (runtime/kernels/paged_adapters.py): what the engine
 # runs whatever a plan names, so only a plan family prices attention by it (family.attention.engine_view);
 # a profile's lookups leave these rows out otherwise (profile.ProfileTable.impls), as the contiguous
 # executor's plans must not name them. A profile without them still loads and solves as before.
-ENGINE_IMPLS = frozenset({"paged"})
+# paged_fp8kv: the same over the engine's fp8 KV cache (--kv-cache-dtype fp8), for a family solved so.
+ENGINE_IMPLS = frozenset({"paged", "paged_fp8kv"})
 KNOWN_IMPLS = RUNTIME_IMPLS | NON_MEASURED_IMPLS
 
 PROFILE_SOURCES = ("measured", "analytic", "fake")

@@ -198,6 +198,9 @@ class Plan:
     grid: dict
     rotate_bytes: float = 150e6
     impls: dict[str, tuple[str, ...]] = field(default_factory=dict)   # op -> impl names measured
+    # decode context -> page-table width in tokens for the paged impls (plan.ENGINE_IMPLS): the engine
+    # bucket's context cap, which sets the decode kernel's split count (empty: each context's own)
+    decode_max_context: dict[int, int] = field(default_factory=dict)
 
     def pair_impls(self, op: str, sm_count: int | None = None) -> tuple[str, ...]:
         """The impls a pair side chooses among (the fastest alone on its partition runs). A collective
@@ -213,7 +216,9 @@ class Plan:
                            "device": {k: device.get(k) for k in ("gpu_name", "num_sms", "sm_granularity",
                                                                   "code_version")},
                            "settings": self.settings.__dict__, "rotate_bytes": self.rotate_bytes,
-                           "points": [p.key() for p in self.points]}, sort_keys=True, default=str)
+                           "points": [p.key() for p in self.points],
+                           **({"decode_max_context": sorted(self.decode_max_context.items())}
+                              if self.decode_max_context else {})}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
     def workload(self) -> Workload:

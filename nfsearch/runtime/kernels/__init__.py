@@ -25,7 +25,10 @@
   (``paged_attention``), behind these signatures: the contiguous K/V copied once into shuffled
   16-token pages, the engine's kernel on ``num_sms`` (``paged_adapters``). What a plan family prices
   the engine's attention with; opt-in (`nfsearch profile --family`, or ``--opt-in-impls paged``), and
-  a profile's lookups leave it out except in a family's engine view (plan.ENGINE_IMPLS).
+  a profile's lookups leave it out except in a family's engine view (plan.ENGINE_IMPLS);
+* ``"paged_fp8kv"`` (decode_attn, prefill_attn): the same over the engine's fp8 KV cache
+  (``--kv-cache-dtype fp8``: e4m3 with a float32 scale per token and kv head), what a family solved
+  for an fp8 cache prices attention with (`nfsearch profile --family` of such a family).
 
 See docs/kernels.md for which impl wins where. Call signatures by op:
 
@@ -34,7 +37,8 @@ See docs/kernels.md for which impl wins where. Call signatures by op:
 * ``rope_append``: ``f(qkv, positions, cos, sin, q_out, k_cache, v_cache, slot_mapping, num_sms,
   k_out=None, v_out=None)``
 * ``decode_attn``: ``f(q, k_cache, v_cache, context_lens, out, num_sms, scale=None)`` (the torch impl
-  also takes ``context_lens`` None: every request attends to its whole cache)
+  also takes ``context_lens`` None: every request attends to its whole cache; the paged impls also take
+  ``max_context``: their page tables' width in tokens, the engine bucket's context cap)
 * ``prefill_attn``: ``f(q, k, v, cu_seqlens, out, num_sms, scale=None)`` (the paged impl also takes
   ``prefix_lens``: each prompt is a chunk after that many cached tokens of its request; its profile
   row (tokens, context) is ``paged_adapters.prefill_chunks``)
@@ -56,7 +60,7 @@ from .gemm_cublaslt import HAVE_SM_TARGET, gemm_cublaslt
 from .gemm_fp8 import IMPL_NOTE as FP8_NOTE
 from .gemm_fp8 import fp8_weight, gemm_fp8
 from .gemm_tma import gemm_tma
-from .paged_adapters import paged_decode_attn, paged_prefill_attn
+from .paged_adapters import paged_decode_attn, paged_fp8kv_decode_attn, paged_fp8kv_prefill_attn, paged_prefill_attn
 from .prefill_attention import prefill_attention
 from .prefill_flash import prefill_attention_flash, prefill_attention_sdpa
 from .small_ops import rmsnorm, rope_append, silu_and_mul
@@ -78,9 +82,9 @@ IMPLS: dict[str, dict[str, object]] = {
     "kqv": {"triton": gemm, "torch": gemm_torch, "tma": gemm_tma},
     "rope_append": {"triton": rope_append, "torch": rope_append_torch, "cuda": rope_append_cuda},
     "decode_attn": {"triton": decode_attention, "torch": decode_attention_torch, "tma": decode_attention_tma,
-                    "paged": paged_decode_attn},
+                    "paged": paged_decode_attn, "paged_fp8kv": paged_fp8kv_decode_attn},
     "prefill_attn": {"triton": prefill_attention, "torch": prefill_attention_torch, "flash": prefill_attention_flash,
-                     "paged": paged_prefill_attn},
+                     "paged": paged_prefill_attn, "paged_fp8kv": paged_fp8kv_prefill_attn},
     "o": {"triton": gemm, "torch": gemm_torch, "tma": gemm_tma},
     "norm2": {"triton": rmsnorm, "torch": rmsnorm_torch, "cuda": rmsnorm_cuda},
     "ug": {"triton": gemm, "torch": gemm_torch, "tma": gemm_tma},
@@ -110,7 +114,7 @@ def profiled_impls(opt_in=()) -> dict[str, tuple[str, ...]]:
 
 __all__ = ["GEMM_OPS", "HAVE_TRITON", "IMPLS", "IMPL_NOTES", "OPS", "decode_attention",
            "decode_attention_tma", "decode_attention_torch", "gemm", "gemm_cublaslt", "gemm_fp8", "gemm_tma",
-           "gemm_torch", "paged_decode_attn", "paged_prefill_attn", "prefill_attention", "prefill_attention_flash", "prefill_attention_sdpa",
+           "gemm_torch", "paged_decode_attn", "paged_fp8kv_decode_attn", "paged_fp8kv_prefill_attn", "paged_prefill_attn", "prefill_attention", "prefill_attention_flash", "prefill_attention_sdpa",
            "prefill_attention_torch", "profiled_impls", "rmsnorm", "rmsnorm_cuda", "rmsnorm_torch",
            "rope_append", "rope_append_cuda", "rope_append_torch", "rope_cos_sin", "silu_and_mul",
            "silu_and_mul_cuda", "silu_and_mul_torch", "weight_for"]
