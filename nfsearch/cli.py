@@ -227,7 +227,9 @@ def analyze(gpu_key, pairs_path, json_path, profile_path, **spec):
               help="CUDA device to measure on.")
 @click.option("--quick", "is_quick", is_flag=True, help="Coarse grid (fewer SM counts and sizes).")
 @click.option("--pairs/--no-pairs", "with_pairs", default=True, show_default=True,
-              help="Also measure the pair table (ops launched together on every split; see analyze --pairs).")
+              help="Also measure the pair table (ops launched together on every split; see analyze --pairs). With "
+                   "--family: the paged attention's pairs with the GEMMs (and decode with prefill) at the buckets' "
+                   "shapes on four splits, within --pair-budget.")
 @click.option("--net-impls", default="nccl,ce", show_default=True,
               help="Collective impls to measure under TP (comma list): nccl (NCCL on an SM share), ce (copy "
                    "engines: no SM share, its sum a small kernel on the whole GPU; measured where every GPU "
@@ -240,25 +242,30 @@ def analyze(gpu_key, pairs_path, json_path, profile_path, **spec):
 @click.option("--opt-in-impls", "opt_in_text", default="", metavar="IMPLS",
               help="Also measure these impls, which profile leaves out by default (comma list; cublaslt: cuBLASLt "
                    "told its partition's SM count, faster alone on partitions but more energy per layer in a plan "
-                   "under the power cap on an H100; fp8: W8A8 e4m3 GEMMs, which change numerics; paged: the "
-                   "engine's paged attention over the default grid, which only plan families price).")
+                   "under the power cap on an H100; fp8: W8A8 e4m3 GEMMs, which change numerics; paged, paged_fp8kv: "
+                   "the engine's paged attention (bf16, fp8 KV cache) over the default grid, which only plan "
+                   "families price).")
 @click.option("--energy-only", "into_path", type=click.Path(dir_okay=False), metavar="PROFILE",
               help="Measure only the energy, into a copy of this measured profile of the same GPU (its rows kept).")
 @click.option("--family", "family_path", type=click.Path(dir_okay=False), metavar="FAMILY.json",
-              help="Measure only the engine's paged attention (impl paged) at this plan family's bucket shapes, "
-                   "on every SM count (--quick: three) and, with --energy, each bucket's energy, into a copy of "
+              help="Measure only the engine's paged attention (impl paged, or paged_fp8kv for a family with an fp8 "
+                   "KV cache) at this plan family's bucket shapes, on every SM count (--quick: three), its pairs "
+                   "with the GEMMs (--no-pairs: none) and, with --energy, each bucket's energy, into a copy of "
                    "--base: the profile `solve --family --profile` prices the engine's attention with.")
 @click.option("--base", "base_path", type=click.Path(dir_okay=False), metavar="PROFILE",
               help="With --family: the measured profile of this GPU the rows go into (default: the bundled one "
                    "of the family's model for this GPU).")
+@click.option("--pair-budget", "pair_budget_s", type=click.FloatRange(0), default=None, metavar="SECONDS",
+              help="With --family: estimated GPU seconds for the pair points (default 45); the buckets with the "
+                   "fewest iterations lose their pairs first.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Profile table to write: .parquet or .csv.")
 def profile(is_analytic, gpu_key, gpu_id, is_quick, with_pairs, net_impls, with_energy, opt_in_text, into_path,
-            family_path, base_path, output, **spec):
+            family_path, base_path, pair_budget_s, output, **spec):
     """Write a profile table: measured on the GPU, or --analytic from a roofline model."""
-    if family_path is not None or base_path is not None:
-        return _profile_family(family_path, base_path, gpu_id, is_quick, with_energy, output, spec,
-                               is_analytic or into_path is not None or bool(opt_in_text))
+    if family_path is not None or base_path is not None or pair_budget_s is not None:
+        return _profile_family(family_path, base_path, gpu_id, is_quick, with_energy, with_pairs, pair_budget_s,
+                               output, spec, is_analytic or into_path is not None or bool(opt_in_text))
     model, workload = resolve_specs(**spec)
     opt_in_impls = _opt_in_impls(opt_in_text)
     if opt_in_impls and (is_analytic or into_path is not None):
@@ -305,13 +312,15 @@ def profile(is_analytic, gpu_key, gpu_id, is_quick, with_pairs, net_impls, with_
     _echo(f"wrote {output}: {len(table.rows)} rows{energy}, {table.label}, fingerprint {table.fingerprint()}")
 
 
-def _profile_family(family_path, base_path, gpu_id, is_quick, with_energy, output, spec, is_other_mode) -> None:
-    """`nfsearch profile --family FAMILY.json [--base PROFILE] -o OUT`: runtime/paged_profile.py."""
+def _profile_family(family_path, base_path, gpu_id, is_quick, with_energy, with_pairs, pair_budget_s, output, spec,
+                    is_other_mode) -> None:
+    """`nfsearch profile --family FAMILY.json [--base PROFILE] [--no-pairs | --pair-budget S] -o OUT`:
+    runtime/paged_profile.py."""
     ctx = click.get_current_context()
     given = [flag for name, flag in {**_BATCH_FLAGS, "workload_ref": "--workload"}.items()
              if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)]
     if family_path is None:
-        raise NfsearchError("--base goes with --family")
+        raise NfsearchError(f"{'--base' if base_path is not None else '--pair-budget'} goes with --family")
     if given or is_other_mode:
         raise NfsearchError("--family takes its shapes from the family: drop "
                             + (", ".join(given) or "--analytic, --energy-only and --opt-in-impls"))
@@ -322,14 +331,19 @@ def _profile_family(family_path, base_path, gpu_id, is_quick, with_energy, outpu
     _check_outputs([output], (".parquet", ".csv"))
     from nfsearch.runtime.device import require_cuda
     require_cuda("nfsearch profile --family")
+    from nfsearch.family.attention_plan import PAIR_BUDGET_S
+    from nfsearch.plan import ENGINE_IMPLS
     from nfsearch.runtime.paged_profile import measure_family_attention
     table = measure_family_attention(family, base_path, gpu_id=gpu_id, is_quick=is_quick, with_energy=with_energy,
-                                     output=output, progress=_progress_bar, family_path=family_path)
+                                     output=output, progress=_progress_bar, family_path=family_path,
+                                     with_pairs=with_pairs, pair_budget_s=PAIR_BUDGET_S if pair_budget_s is None
+                                     else pair_budget_s)
     table.write(output)
-    runs = table.meta["paged_attention"]["runs"]
-    _echo(f"wrote {output}: {len(table.rows)} rows ({int((table.rows['impl'] == 'paged').sum())} paged attention), "
-          f"{len(table.meta['paged_attention']['energy_points'])} paged energy points, {table.label}, fingerprint "
-          f"{table.fingerprint()}; base {runs[-1]['base']}")
+    entry = table.meta["paged_attention"]
+    runs, pairs = entry["runs"], (entry.get("pairs") or {}).get("rows", [])
+    _echo(f"wrote {output}: {len(table.rows)} rows ({int(table.rows['impl'].isin(ENGINE_IMPLS).sum())} paged "
+          f"attention, {runs[-1]['impl']} this run), {len(pairs)} paged pair points, {len(entry['energy_points'])} "
+          f"paged energy points, {table.label}, fingerprint {table.fingerprint()}; base {runs[-1]['base']}")
 
 
 def _impl_names(text: str) -> tuple[str, ...]:

@@ -52,6 +52,7 @@ class BucketTask:
     seed: int
     chunk: int
     min_gain: float
+    kv_cache_dtype: str = "auto"     # the engine's: which paged attention rows price it (family.attention)
 
     def workload(self) -> Workload:
         c, b = self.composition, self.bucket
@@ -72,14 +73,14 @@ class BucketResult:
 _PROFILES: dict = {}
 
 
-def _profile(path: str | None, model: ModelSpec, workload: Workload) -> ProfileTable:
-    """The profile the buckets are priced with: the file's engine view (its paged attention rows where
-    it has them, family.attention), else the analytic profile of the bundled H100."""
+def _profile(path: str | None, model: ModelSpec, workload: Workload, kv_cache_dtype: str = "auto") -> ProfileTable:
+    """The profile the buckets are priced with: the file's engine view for this KV cache (its paged
+    attention rows where it has them, family.attention), else the analytic profile of the bundled H100."""
     if path is None:
         return analytic_profile(model, workload, load_gpu("h100-sxm"))
-    if path not in _PROFILES:
-        _PROFILES[path] = engine_view(load(path))
-    return _PROFILES[path]
+    if (path, kv_cache_dtype) not in _PROFILES:
+        _PROFILES[(path, kv_cache_dtype)] = engine_view(load(path), kv_cache_dtype)
+    return _PROFILES[(path, kv_cache_dtype)]
 
 
 def solve_bucket(task: BucketTask, num_layers: int = 2) -> BucketResult:
@@ -87,7 +88,8 @@ def solve_bucket(task: BucketTask, num_layers: int = 2) -> BucketResult:
     from nfsearch import search
     began = time.perf_counter()
     workload = task.workload()
-    problem = make_problem(task.model, workload, _profile(task.profile_path, task.model, workload), num_layers)
+    problem = make_problem(task.model, workload, _profile(task.profile_path, task.model, workload, task.kv_cache_dtype),
+                           num_layers)
     plan, notes = search.solve(problem, time_limit_s=task.time_limit_s, threads=1, seed=task.seed,
                                chunk=task.chunk, min_gain=task.min_gain)
     verify(plan)
@@ -145,14 +147,14 @@ def solve_family(trace_spec: str, model_ref: str, *, dense_batch: int | None = N
         raise NfsearchError(f"trace {trace.name}: the scheduler formed no batch ({run.num_refused} refused: "
                             f"{'; '.join(run.refusals)})")
     tasks = [BucketTask(k, b, found.get(b) or nominal_composition(b, found), cfg.spec, path, time_limit_s, seed,
-                        chunk, min_gain) for k, b in enumerate(shape.buckets)]
+                        chunk, min_gain, kv_cache_dtype) for k, b in enumerate(shape.buckets)]
     workers = max(1, min(len(tasks), num_workers or _num_cpus()))
     results = _solve_all(tasks, workers, say)
     buckets = tuple(BucketPlan(t.bucket, run.hits[t.bucket].num_iterations, t.composition, t.bucket not in found,
                                r.prediction, r.source, round(r.solve_s, 3), r.plan) for t, r in zip(tasks, results))
     prediction = predict_trace([(b.num_iterations, b.prediction) for b in buckets], run.num_real_tokens)
     wall_s = time.perf_counter() - began
-    profile = _profile(path, cfg.spec, tasks[0].workload())
+    profile = _profile(path, cfg.spec, tasks[0].workload(), kv_cache_dtype)
     return Family(
         cfg.spec.name,
         {"spec": trace_spec, "name": trace.name, "num_requests": len(trace.requests), "seed": seed,
@@ -162,7 +164,8 @@ def solve_family(trace_spec: str, model_ref: str, *, dense_batch: int | None = N
          "dtype": "bf16", "kv_cache_dtype": kv_cache_dtype},
         {"num_iterations": run.num_iterations, "num_real_tokens": run.num_real_tokens,
          "num_finished": run.num_finished, "num_refused": run.num_refused, "num_preemptions": run.num_preemptions},
-        {"fingerprint": profile.fingerprint(), "label": profile.label, "attention": pricing(profile)},
+        {"fingerprint": profile.fingerprint(), "label": profile.label,
+         "attention": pricing(profile, kv_cache_dtype)},
         buckets, prediction,
         {"wall_s": round(wall_s, 3), "num_workers": workers, "time_limit_s": time_limit_s, "seed": seed})
 

@@ -8,7 +8,7 @@ from dataclasses import replace
 from nfsearch.cost import make_problem
 from nfsearch.errors import NfsearchError
 from nfsearch.family.artifact import Family
-from nfsearch.family.attention import engine_view, pricing
+from nfsearch.family.attention import engine_view, family_kv_dtype, pricing
 from nfsearch.family.predict import predict_bucket, predict_trace
 from nfsearch.profile import ProfileTable
 from nfsearch.simulate import check_and_judge
@@ -49,8 +49,8 @@ CONTIGUOUS_NOTE = "attention priced with the contiguous kernels (a family writte
 
 def rejudged(family: Family, profile: ProfileTable, is_profile_given: bool) -> Family:
     """The family with every bucket's plan verified and its prediction worked out again with `profile`
-    (its engine view: the paged attention rows where it has them)."""
-    profile = engine_view(profile)
+    (its engine view for the family's KV cache: the paged attention rows where it has them)."""
+    profile = engine_view(profile, family_kv_dtype(family))
     buckets = []
     for b in family.buckets:
         plan = b.plan
@@ -64,7 +64,7 @@ def rejudged(family: Family, profile: ProfileTable, is_profile_given: bool) -> F
     prediction = predict_trace([(b.num_iterations, b.prediction) for b in buckets],
                                family.scheduler_run["num_real_tokens"])
     return replace(family, buckets=tuple(buckets), prediction=prediction,
-                   profile={**family.profile, "attention": pricing(profile)})
+                   profile={**family.profile, "attention": pricing(profile, family_kv_dtype(family))})
 
 
 def solve_family_cmd(is_family, trace_spec, dense_batch, num_requests, profile_path, time_limit_s, threads, seed,

@@ -1,15 +1,19 @@
 """`nfsearch profile --family FAMILY.json`: the engine's paged attention at a plan family's bucket shapes.
 
-What is measured (family.attention.family_plan): each bucket's decode attention (its mean batch's
-requests at their mean context) and prefill attention (its chunks' tokens at their pair-weighted
-context, one chunk over a cached prefix: paged_adapters.prefill_chunks), at the whole op, a half and a
-quarter of it, through the "paged" impl (the engine's kernels on copies in shuffled 16-token pages),
-on every SM count of the partition grid, timed as every profile point is (runtime/profiler.py: the
-green-context stream of that many SMs, rotating input sets, median of back-to-back calls). Then,
-with NVML, the energy of each bucket's whole op on the whole GPU (profiler._energy_point: CUDA graphs
-replayed for an energy-counter window). The rows and energy points go into a copy of a measured
-profile of the same GPU (family.attention.merge_paged), which `nfsearch solve --family --profile`
-then prices the engine's attention with.
+What is measured (family/attention_plan.py): each bucket's decode attention (its mean batch's requests
+at their mean context, page tables as wide as the bucket's context cap) and prefill attention (its
+chunks' tokens at their pair-weighted context, one chunk over a cached prefix:
+paged_adapters.prefill_chunks), at the whole op, a half and a quarter of it, through the impl of the
+family's KV cache ("paged", or "paged_fp8kv" for an fp8 cache: the engine's kernels on copies in
+shuffled 16-token pages), on every SM count of the partition grid, timed as every profile point is
+(runtime/profiler.py: the green-context stream of that many SMs, rotating input sets, median of
+back-to-back calls). Then the pair points of that attention beside the GEMMs (and decode beside
+prefill) at the buckets' shapes on a few splits, the buckets with most iterations first, within a
+budget of estimated GPU time (`--no-pairs`: none), measured as the pair table's points are. Then, with
+NVML, the energy of each bucket's whole op on the whole GPU (profiler._energy_point: CUDA graphs
+replayed for an energy-counter window). The rows, pair points and energy points go into a copy of a
+measured profile of the same GPU (family.attention.merge_paged), which `nfsearch solve --family
+--profile` then prices the engine's attention with.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 
 from nfsearch.energy import EnergyPoint
 from nfsearch.errors import NfsearchError
-from nfsearch.family import attention
+from nfsearch.family import attention, attention_plan
 from nfsearch.profile import ProfileTable
 from nfsearch.runtime import measurements as profiling
 from nfsearch.runtime import power, profiler
@@ -46,8 +50,9 @@ def base_profile(base_path: str | None, model, gpu_name: str) -> tuple[ProfileTa
 
 def measure_family_attention(family, base_path: str | None = None, gpu_id: int = 0, is_quick: bool = False,
                              with_energy: bool = True, output=None, progress=None, log=None,
-                             family_path: str = "") -> ProfileTable:
-    """The base profile with the family's paged attention rows (and energy) merged in (module doc)."""
+                             family_path: str = "", with_pairs: bool = True,
+                             pair_budget_s: float = attention_plan.PAIR_BUDGET_S) -> ProfileTable:
+    """The base profile with the family's paged attention rows, pairs and energy merged in (module doc)."""
     import torch
 
     from nfsearch.runtime.kernels import IMPLS
@@ -58,6 +63,7 @@ def measure_family_attention(family, base_path: str | None = None, gpu_id: int =
     model = family.buckets[0].plan.model
     workloads = [b.plan.workload for b in family.buckets]
     shapes = attention.bucket_shapes(workloads)
+    impl = attention_plan.kv_impl(attention_plan.family_kv_dtype(family))
     torch.cuda.set_device(gpu_id)
     torch.manual_seed(0)
     parts = SmPartitions(gpu_id, mode="green")
@@ -68,11 +74,17 @@ def measure_family_attention(family, base_path: str | None = None, gpu_id: int =
             raise NfsearchError(f"{base_path} is a profile of {base.meta['gpu_name']} ({base.info.num_sms} SMs), this "
                                 f"GPU is {device['gpu_name']} ({parts.num_sms} SMs)")
         label = f"plan family {Path(family_path).name or family.trace['name']} (trace {family.trace['name']})"
-        plan = attention.family_plan(model, workloads, parts.num_sms, parts.granularity, is_quick, label=label)
+        plan, left_out = _plan(family, model, workloads, parts, is_quick, label, impl, base, with_pairs,
+                               pair_budget_s)
         plan.rotate_bytes = 3.0 * device["l2_bytes"]
-        log(f"paged attention of {label} on {device['gpu_name']}: {len(plan.points)} points "
-            f"({', '.join(plan.grid['shapes'])}; {len(plan.grid['sm_counts'])} SM counts), ~{plan.estimate_s():.0f} s "
-            f"of GPU work expected")
+        estimate = attention_plan.wall_estimate(plan, len(shapes) if with_energy else 0)
+        plan.grid["estimate_s"] = estimate
+        log(f"{impl} attention of {label} on {device['gpu_name']}: {len(plan.points)} points "
+            f"({', '.join(plan.grid['shapes'])}; {len(plan.grid['sm_counts'])} SM counts; "
+            f"{len(plan.pair_points())} pair points of {len(plan.grid['pair_families'])} families"
+            f"{'' if with_pairs else ' (--no-pairs)'}); {attention_plan.describe_estimate(estimate)}")
+        if left_out:
+            log(f"pairs of buckets {', '.join(left_out)} left out: over the {pair_budget_s:.0f} s pair budget")
         checkpoint = None
         if output:
             checkpoint = profiling.Checkpoint(profiling.checkpoint_path(output), plan.identity(device), log)
@@ -86,30 +98,44 @@ def measure_family_attention(family, base_path: str | None = None, gpu_id: int =
     table = profiling.assemble_table(plan, run.results, device, run.failures, run.stopped)
     points, notes = [], ["not measured (--no-energy)"]
     if with_energy and not run.stopped:
-        points, notes = _energy(torch, plan, table, shapes, gpu_id, log)
+        points, notes = _energy(torch, plan, table, shapes, gpu_id, log, impl)
     record = {"family": {"file": Path(family_path).name, "model": family.model, "trace": family.trace["name"],
                          "dense_batch": family.engine.dense_batch, "buckets": len(family.buckets)},
               "base": Path(base_path).name, "gpu_name": device["gpu_name"], "date": device["date"],
               "code_version": device["code_version"], "versions": device["versions"], "grid": plan.grid,
-              "inputs": attention.INPUTS,
+              "impl": impl, "kv_cache_dtype": attention_plan.family_kv_dtype(family), "inputs": attention.INPUTS,
+              "pair_points": len(plan.pair_points()), "pair_buckets_left_out": left_out,
               "timing": table.meta["timing"], "failures": len(run.failures), "stopped": run.stopped,
               "dropped_groups": table.meta.get("dropped_groups", []), "energy_notes": notes,
               "measure_s": round(time.time() - began, 1)}
     merged = attention.merge_paged(base, table, record, points)
     if checkpoint and not run.stopped:
         checkpoint.remove()
-    log(f"paged attention: {len(table.rows)} rows, {len(points)} energy points, {len(run.failures)} failures, "
-        f"{time.time() - began:.0f} s")
+    log(f"{impl} attention: {len(table.rows)} rows, {len(profiling.pair_points_of(plan, run.results))} pair points, "
+        f"{len(points)} energy points, {len(run.failures)} failures, {time.time() - began:.0f} s "
+        f"(estimated {estimate['total']:.0f} s)")
     return merged
 
 
-def _energy(torch, plan, table: ProfileTable, shapes, gpu_id: int, log) -> tuple[list[EnergyPoint], list[str]]:
+def _plan(family, model, workloads, parts, is_quick: bool, label: str, impl: str, base: ProfileTable,
+          with_pairs: bool, pair_budget_s: float):
+    """(the measurement plan, the buckets whose pairs were left out for the budget)."""
+    caps = attention_plan.decode_caps(family)
+    gemms = attention_plan.gemm_impls(family, {op: base.impls(op) for op in ("kqv", "o", "ug", "d")})
+    build = lambda pairs: attention_plan.family_plan(model, workloads, parts.num_sms, parts.granularity, is_quick,
+                                                     label=label, impl=impl, caps=caps, pairs=pairs, gemms=gemms)
+    families = attention_plan.pair_families(family, model) if with_pairs else []
+    return attention_plan.fit_pairs(build, families, pair_budget_s)
+
+
+def _energy(torch, plan, table: ProfileTable, shapes, gpu_id: int, log, impl: str
+            ) -> tuple[list[EnergyPoint], list[str]]:
     """Each bucket's whole paged attention op on the whole GPU: its energy per call (NVML)."""
     from nfsearch.runtime.kernels import IMPLS
     device, how = power.open_device(gpu_id)
     if device is None:
         return [], [f"no energy: {how}"]
-    requests, notes = attention.energy_requests(shapes, table, plan.num_sms)
+    requests, notes = attention_plan.energy_requests(shapes, table, plan.num_sms, impl)
     points = []
     try:
         for op in dict.fromkeys(r.op for r in requests):

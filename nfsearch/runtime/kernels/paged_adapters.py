@@ -40,8 +40,12 @@ from itertools import pairwise
 
 from ._common import HAVE_TRITON, torch
 from .paged_attention import paged_decode_attention, paged_prefill_attention
-from .paged_attention_torch import (FP8_DTYPE, paged_decode_attention_torch, paged_prefill_attention_torch,
-                                    write_kv_torch)
+from .paged_attention_torch import (
+    FP8_DTYPE,
+    paged_decode_attention_torch,
+    paged_prefill_attention_torch,
+    write_kv_torch,
+)
 
 PAGE_SIZE = 16              # serving.pages.DEFAULT_PAGE_SIZE: the engine's pages
 SEED = 1234                 # page order and prefix K/V are deterministic
