@@ -261,6 +261,8 @@ def test_cli_profile_family_flags(tmp_path):
     assert res.exit_code == 2 and "drop --workload" in res.output
     res = runner.invoke(main, ["profile", "--base", "x.parquet", "-o", out])
     assert res.exit_code == 2 and "--base goes with --family" in res.output
+    res = runner.invoke(main, ["profile", "--pair-budget", "10", "-o", out])
+    assert res.exit_code == 2 and "--pair-budget goes with --family" in res.output
     res = runner.invoke(main, ["profile", "--family", fam, "--opt-in-impls", "fp8", "-o", out])
     assert res.exit_code == 2 and "drop" in res.output
     res = runner.invoke(main, ["profile", "--family", fam, "--model", "llama-3-8b", "-o", out])
@@ -320,6 +322,13 @@ def test_profile_family_writes_the_base_with_the_paged_rows(tmp_path, monkeypatc
     assert run["family"]["file"] == "two-buckets.family.json" and run["energy_notes"] == ["no energy: no NVML here"]
     assert run["base"] == "base.csv" and len(merged.rows) == len(load(base).rows) + len(rows)
     assert not m.checkpoint_path(out).exists()
+    # the pairs: 17 families of the 10-hit bucket, 8 of the other, on the one split of a 66-SM grid
+    assert run["pair_points"] == 25 and len(attention.paged_pair_points(merged)) == 25
+    assert run["impl"] == "paged" and run["grid"]["estimate_s"]["pairs"] > 0 and "~" in res.output
+    assert merged.meta.get("pairs") == load(base).meta.get("pairs")      # the base's own pair table untouched
+    res = CliRunner().invoke(main, ["profile", "--family", fam, "--base", str(base), "--quick", "--no-pairs",
+                                    "-o", str(out)])
+    assert res.exit_code == 0 and load(out).meta[attention.META_KEY]["runs"][-1]["pair_points"] == 0
 
 
 def test_solve_family_prices_with_the_paged_rows_and_simulate_rejudges_without_them(tmp_path):
@@ -346,8 +355,9 @@ def test_compare_lines_put_each_buckets_paged_attention_beside_the_contiguous():
     from nfsearch.family import artifact
     fam = artifact.read("tests/fixtures/engine-tiny/two-buckets.family.json")
     lines = attention.compare_lines(fam, _synthetic(True, energy=True))
-    decode = [line for line in lines if " decode_attn " in line]
-    prefill = [line for line in lines if " prefill_attn " in line]
+    assert lines[-1].startswith("attention priced with the engine's paged kernels")    # the pricing note
+    decode = [line for line in lines[1:-2] if " decode_attn " in line]
+    prefill = [line for line in lines[1:-2] if " prefill_attn " in line]
     assert len(decode) == 2 and len(prefill) == 1
     # both scale alike outside the synthetic grid: the ratio stays the rows' (0.5 / 0.3, 0.4 / 0.25)
     assert all(" triton  1.67 " in line for line in decode) and " triton  1.60 " in prefill[0]
