@@ -168,11 +168,12 @@ def sequential_maker(family: Family, spec, profile_path: str | None = None):
     from nfsearch.search.baselines import sequential_plan
     from nfsearch.simulate import verify
     path = build._profile_path(profile_path, spec)
+    kv_cache_dtype = family.memory.get("kv_cache_dtype") or "auto"
 
     def make(bp: BucketPlan):
-        task = build.BucketTask(0, bp.bucket, bp.composition, spec, path, 0.0, 0, 128, 0.0)
+        task = build.BucketTask(0, bp.bucket, bp.composition, spec, path, 0.0, 0, 128, 0.0, kv_cache_dtype)
         workload = task.workload()
-        profile = build._profile(path, spec, workload)
+        profile = build._profile(path, spec, workload, kv_cache_dtype)     # its engine view for the family's cache
         # an analytic profile is made per batch (its fingerprint with it): its label must match
         same = profile.label == family.profile["label"] if path is None else \
             profile.fingerprint() == family.profile["fingerprint"]
