@@ -233,3 +233,21 @@ def test_merge_keeps_bf16_and_fp8_runs_apart_and_replaces_a_rerun():
     view = attention.engine_view(merged, "fp8")
     assert view.impls("decode_attn") == ["paged_fp8kv"]
     assert [r[7] for r in view.meta["pairs"]["rows"]] == ["paged_fp8kv"]
+
+
+def test_solve_family_with_an_fp8_cache_prices_attention_with_the_fp8_rows(tmp_path):
+    from click.testing import CliRunner
+
+    from nfsearch.cli import main
+    prof, out = tmp_path / "p.csv", tmp_path / "f.family.json"
+    _profile(("triton", "paged", "paged_fp8kv"), paged_pairs=(("paged_fp8kv", 0.2, 0.33),)).write(prof)
+    res = CliRunner().invoke(main, ["solve", "--family", "--trace", "const:40:8", "--model", "llama-3-8b",
+                                    "--dense-batch", "64", "--num-requests", "16", "--time-limit", "1",
+                                    "--kv-cache-dtype", "fp8", "--profile", str(prof), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    fam = artifact.read(out)
+    assert fam.memory["kv_cache_dtype"] == "fp8" and fam.profile["attention"]["impl"] == "paged"
+    assert "decode_attn paged_fp8kv, prefill_attn paged_fp8kv" in fam.profile["attention"]["note"]
+    assert "ug x decode_attn (paged_fp8kv) from the paged pair points" in fam.profile["attention"]["note"]
+    top = max(fam.buckets, key=lambda b: b.num_iterations)
+    assert {a["impl"] for a in top.prediction.attention_ms.values()} == {"paged_fp8kv"}
