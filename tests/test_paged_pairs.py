@@ -79,7 +79,13 @@ def test_the_engine_view_prices_the_overlap_stretch_from_paged_pair_points_when_
     # over the paged solo time: 1.2 x 0.5 / 0.3 = 2.0, i.e. the contiguous kernel's 0.6 ms beside ug
     old = attention.engine_view(_profile())
     assert _beside(old) == (pytest.approx(0.6, abs=1e-9), pytest.approx(0.6, abs=1e-9))
-    assert "of ug x decode_attn from the contiguous pair table" in attention.pricing(old)["note"]
+    assert "overlap stretches from the contiguous pair table (no paged pair points)" in attention.pricing(old)["note"]
+    # a family measured paged beside one GEMM only: the other families' stretches stay contiguous, named
+    extra = _profile(pairs=(("triton", 0.5, 0.6),), paged_pairs=(("paged", 0.3, 0.36),))
+    extra.meta["pairs"]["rows"].append(PairPoint(PairSide("kqv", "compute", 1024), DECODE, "triton", "triton", 66, 66,
+                                                 0.6, 0.6, 0.6, 0.1, 0.5, 0.1, 0.5).to_row())
+    assert "; of kqv x decode_attn from the contiguous pair table" in attention.pricing(
+        attention.engine_view(extra))["note"]
     # a plain (contiguous) problem never sees the paged pairs: triton 0.5 x 1.2
     plain = make_problem(load_model("llama-3-8b"), BATCH, _profile(paged_pairs=(("paged", 0.3, 0.36),))).cost
     assert plain.beside_ms("decode_attn", 300, 66, (Partner("ug", 1024, 66),)) == pytest.approx(0.6, abs=1e-9)

@@ -173,7 +173,8 @@ def pricing(profile: ProfileTable, kv_cache_dtype: str = "auto") -> dict:
         note += (f"; overlap stretches of {', '.join(f'{fam} ({i})' for fam, i in how['pairs'].items())} from the "
                  f"paged pair points")
     if how["contiguous_pairs"]:
-        note += f"; of {', '.join(how['contiguous_pairs'])} from the contiguous pair table"
+        note += (f"; of {', '.join(how['contiguous_pairs'])} from the contiguous pair table" if how["pairs"] else
+                 "; overlap stretches from the contiguous pair table (no paged pair points)")
     return {"impl": "paged" if not contiguous else "mixed", "note": note}
 
 
