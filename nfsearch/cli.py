@@ -801,6 +801,11 @@ def _tune_family(family_path, model, trace_spec, num_requests, device, profile_p
 @click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp8"]), default="auto", show_default=True,
               help="auto: the model's dtype; fp8: e4m3 K/V with a float32 scale per token and KV head (about "
               "twice the tokens in the same memory, half the decode bytes; changes numerics, stated in the report).")
+@click.option("--numerics", "numerics_text", metavar="LIST",
+              help="Run the trace once per numerics setting, a fresh engine each, in this process: a comma list "
+                   "of bf16 (the model's dtype), fp8 (FP8 GEMMs), fp8kv (FP8 KV cache), fp8+fp8kv (both); one "
+                   "JSON with a report per setting and a side-by-side table. Not with --quantization, "
+                   "--kv-cache-dtype, --compare, --tp, --plans or --url.")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="Seed of the random weights, the synthetic trace and the prompts' token ids.")
 @click.option("--tp", "tp_degree", type=click.IntRange(1, 64), default=1, show_default=True,
@@ -810,8 +815,17 @@ def _tune_family(family_path, model, trace_spec, num_requests, device, profile_p
                    "for another model, dense batch or buckets.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="JSON report (default: ./out/bench-*.json).")
 def bench_cmd(model, url, request_rate, sweep, max_duration_s, slo_stat, max_tpot_ms, max_concurrency, slo_ms, trace_spec, num_requests, dense_batch, utilization,
-              page_size, device, dtype, is_compare, quantization, kv_cache_dtype, seed, tp_degree, plans_path, output):
+              page_size, device, dtype, is_compare, quantization, kv_cache_dtype, numerics_text, seed, tp_degree,
+              plans_path, output):
     """Serve a request trace with the engine: tokens/s per GPU against optimal, idle, power, latency."""
+    if numerics_text is not None:
+        given = click.get_current_context().get_parameter_source("kv_cache_dtype") == ParameterSource.COMMANDLINE
+        clash = [flag for flag, on in (("--quantization", quantization), ("--kv-cache-dtype", given),
+                                       ("--compare", is_compare), ("--tp", tp_degree > 1), ("--plans", plans_path),
+                                       ("--url", url)) if on]
+        if clash:
+            raise NfsearchError(f"--numerics sets the GEMMs and KV cache per setting on one engine: drop "
+                                f"{', '.join(clash)}")
     if url:
         return _bench_url(url, request_rate, max_concurrency, slo_ms, trace_spec, num_requests, seed, output,
                           sweep, max_duration_s, slo_stat)
@@ -823,11 +837,25 @@ def bench_cmd(model, url, request_rate, sweep, max_duration_s, slo_stat, max_tpo
         raise NfsearchError(f"nfsearch bench needs torch and the gpu extra ({exc.name} is not installed)") from None
     if plans_path and tp_degree > 1:
         raise NfsearchError("--plans runs the engine on one GPU (a plan family is solved for TP 1)")
-    output = output or str(OUT_DIR / default_output(model, trace_spec))
+    settings = None
+    if numerics_text is not None:
+        from nfsearch.runtime.bench_numerics import format_numerics, parse_numerics, run_numerics
+        settings = parse_numerics(numerics_text)
+    default = OUT_DIR / default_output(model, trace_spec)
+    output = output or str(default.with_name(f"{default.stem}-numerics.json") if settings else default)
     _check_outputs([output], (".json",), may_create_out=True)
     opts = BenchOptions(model, trace_spec, num_requests, dense_batch, utilization, page_size, device, dtype,
                         is_compare, seed, max_tpot_ms=max_tpot_ms, quantization=quantization,
                         kv_cache_dtype=kv_cache_dtype, plans=plans_path)
+    if settings:
+        report = run_numerics(opts, settings, echo=_echo, on_report=lambda name, r: _echo(
+            f"--- numerics {name}\n{format_report(r)}"))
+        report["command"] = " ".join(["nfsearch"] + sys.argv[1:])
+        _echo(format_numerics(report))
+        with _all_or_none([Path(output)]):
+            _write_json(output, report)
+        _echo(f"wrote {output}")
+        return None
     if tp_degree > 1:
         from nfsearch.runtime.engine_tp import run_bench_tp
         report = run_bench_tp(opts, tp_degree)
