@@ -127,7 +127,7 @@ def test_plain_weight_is_quantized_once_and_requantized_after_a_write():
 
 
 def test_fp8_is_opt_in_for_the_gemms():
-    from nfsearch.cli import _opt_in_impls
+    from nfsearch.cli.profiling import _opt_in_impls
     from nfsearch.plan import OPT_IN_IMPLS, RUNTIME_IMPLS
     assert "fp8" in OPT_IN_IMPLS <= RUNTIME_IMPLS
     assert not any("fp8" in v for v in profiled_impls().values())
