@@ -2,8 +2,9 @@
 
 trace (serving.traces) -> Engine.run (with an NVML sampler on a thread and the board's energy counter
 read at both ends) -> serving.metrics.summarize (whole run and steady window) -> GPU idle, variants,
-power, P_gemm (a large bf16 cuBLAS GEMM measured after the run, same process), the per-op trace of one
-iteration per bucket -> one JSON-able dict and a printed table.
+power, the energy of each bucket (runtime.bucket_energy: the sampled energy counter split by a fit over
+the iterations' GPU timeline), P_gemm (a large bf16 cuBLAS GEMM measured after the run, same process), the
+per-op trace of one iteration per bucket -> one JSON-able dict and a printed table.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import asdict, dataclass
 
 from nfsearch.errors import NfsearchError
 from nfsearch.runtime import engine_stats as es
+from nfsearch.runtime.bucket_energy import bucket_energy
+from nfsearch.runtime.bucket_energy_report import format_lines as energy_lines
 from nfsearch.runtime.engine import Engine, TraceShape
 from nfsearch.serving.metrics import RequestRecord, optimal_tokens_per_s, summarize
 from nfsearch.serving.model_config import load_model_config
@@ -98,6 +101,9 @@ def run_bench(opts: BenchOptions, echo=print, progress: bool = True, make_engine
         "num_refused": len(run.refused),
         "power": _power(nvml, sampler, run, summary, steady, energy_j),
     }
+    report["buckets_energy"] = bucket_energy(run.iterations, sampler.samples if sampler else [], run.start_perf_s,
+                                             run.wall_s, (report["power"] or {}).get("power_limit_w"),
+                                             list(engine.buckets)).to_dict()
     if opts.is_compare:
         report["compare"] = {
             "every_iterations": every,
@@ -267,9 +273,12 @@ def format_report(r: dict) -> str:
                      f"iterations, GPU {v['gpu_ms_per_iteration']:.2f} ms/iteration, {v['gpu_us_per_token']:.2f} us/token")
     if r.get("compare"):
         lines.append("compare: " + r["compare"]["what_differs"])
+    energy = r.get("buckets_energy")
     if r.get("family"):
         from nfsearch.runtime.engine_plans import format_family
-        lines += format_family(r["family"], r["summary"]["total_tokens_per_s"])
+        lines += format_family(r["family"], r["summary"]["total_tokens_per_s"], energy)
+    if energy and (not r.get("family") or len({b["variant"] for b in energy["buckets"]}) > 1):
+        lines += energy_lines(energy)          # a family's table shows the "plan" variant's beside its predictions
     return "\n".join(lines)
 
 

@@ -154,6 +154,7 @@ def family_report(engine, run) -> dict:
                      "predicted_ms": planned.prediction.iteration_ms,
                      "sequential_predicted_ms": planned.prediction.sequential_iteration_ms,
                      "floor_ms": planned.prediction.floor_ms,
+                     "predicted_energy_j": planned.prediction.energy_j,   # layers only (None: no energy profile)
                      "measured_ms": sum(times) / len(times) if times else None,
                      "kernels": next(x.op_impls for x in engine.bucket_kernels if x.bucket == b),
                      "is_overlapped": next(x.is_overlapped for x in engine.bucket_kernels if x.bucket == b)})
@@ -163,18 +164,36 @@ def family_report(engine, run) -> dict:
             "predicted_tokens_per_s": engine.family.prediction.tokens_per_s, "buckets": rows}
 
 
-def format_family(report: dict, measured_tokens_per_s: float) -> list[str]:
+def format_family(report: dict, measured_tokens_per_s: float, energy: dict | None = None) -> list[str]:
+    """The family's table: per bucket, predicted and measured hits and iteration ms, predicted J (layers)
+    and floor beside the measured ones from the bench's "buckets_energy" block (the "plan" variant's)
+    and how close the measured iteration runs to its measured floor."""
+    from nfsearch.runtime.bucket_energy_report import headline, measured, pooled_lines
     lines = [(f"plan family ({report['trace']}, {report['num_requests']} requests): predicted "
               f"{report['predicted_tokens_per_s']:,.0f} tokens/s, measured {measured_tokens_per_s:,.0f} (whole run)"),
-             f"{'bucket':>20} {'hits pred/meas':>15} {'ms pred':>8} {'ms meas':>8} {'floor':>7}"]
+             (f"{'bucket':>20} {'hits pred/meas':>15} {'ms pred':>8} {'ms meas':>8} {'J pred':>7} {'J meas':>7} "
+              f"{'floor pred':>10} {'floor meas':>10} {'ms/floor':>8}")]
     for r in report["buckets"]:
         name = "/".join(str(x) for x in r["bucket"])
-        meas = f"{r['measured_ms']:.2f}" if r["measured_ms"] is not None else "-"
-        floor = f"{r['floor_ms']:.2f}" if r["floor_ms"] is not None else "-"
+        m = measured(energy, r["bucket"]) or {}
         hits = f"{100 * r['predicted_fraction']:.0f}%/{100 * r['measured_fraction']:.0f}%"
-        lines.append(f"{name:>20} {hits:>15} {r['predicted_ms']:>8.2f} {meas:>8} {floor:>7}")
+        lines.append(f"{name:>20} {hits:>15} {r['predicted_ms']:>8.2f} {_num(r['measured_ms'], 2):>8} "
+                     f"{_num(r.get('predicted_energy_j'), 3):>7} {_num(m.get('energy_j'), 3, m):>7} "
+                     f"{_num(r['floor_ms'], 2):>10} {_num(m.get('floor_ms'), 2, m):>10} {_num(m.get('closeness'), 3, m):>8}")
+    if energy:
+        lines += [headline(energy), ("  J pred: the layers only (the LM head is priced at the roofline in floor "
+                                     "pred); J meas: the whole iteration; n/s: not separable (never holds more "
+                                     "than half of a window)")]
+        lines += pooled_lines(energy)
     if all("compare" in r for r in report["buckets"]):
         from nfsearch.family.tune import BucketCompare, format_compare
         lines.append("family against itself op by op (--compare), per bucket:")
         lines += format_compare([BucketCompare.from_dict(r["compare"]) for r in report["buckets"]])
     return lines
+
+
+def _num(value, digits: int, row: dict | None = None) -> str:
+    """A figure, "-" where none, "n/s" where the energy block has the bucket but could not separate it."""
+    if value is not None:
+        return f"{value:.{digits}f}"
+    return "n/s" if row and row.get("power_w") is None else "-"

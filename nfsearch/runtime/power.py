@@ -79,6 +79,7 @@ class NvmlSample:
     sm_clock_mhz: float
     reasons: int
     power_w: float
+    energy_mj: int | None = None   # the board's energy counter at time_s; None where it cannot be read
 
 
 class NvmlDevice:
@@ -118,7 +119,11 @@ class NvmlDevice:
         return name.decode() if isinstance(name, bytes) else str(name)
 
     def sample(self) -> NvmlSample:
-        return NvmlSample(time.perf_counter(), self.sm_clock_mhz(), self.reasons(), self.power_w())
+        """The energy counter (read first, right after the host time stamp: runtime.bucket_energy
+        aligns it with the iterations; None where the read fails), then SM clock, reasons and power."""
+        now = time.perf_counter()
+        energy = _energy_or_none(self)
+        return NvmlSample(now, self.sm_clock_mhz(), self.reasons(), self.power_w(), energy)
 
     def close(self) -> None:
         if self._is_open:
