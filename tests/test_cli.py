@@ -120,6 +120,15 @@ def test_profile_without_analytic_needs_cuda(tmp_path):
     assert _files(tmp_path) == []
 
 
+def test_profile_family_without_cuda_offers_no_analytic_table(tmp_path):
+    """--analytic cannot go with --family, so the error does not offer it (plain profile does)."""
+    line = _fails(_run("profile", "--family", "tests/fixtures/engine-tiny/two-buckets.family.json",
+                       "-o", tmp_path / "p.parquet"), "needs a CUDA GPU")
+    assert "nfsearch profile --family" in line and "--analytic" not in line
+    assert "--analytic" in _fails(_run("profile", "--workload", "W2", "-o", tmp_path / "p.parquet"), "CUDA")
+    assert _files(tmp_path) == []
+
+
 def test_profile_without_torch(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)           # import torch -> ImportError
     _fails(_run("profile", "--workload", "W2", "-o", tmp_path / "p.parquet"), "needs a CUDA GPU")

@@ -89,7 +89,7 @@ def profile(is_analytic, gpu_key, gpu_id, is_quick, with_pairs, net_impls, with_
                                    net_impls=net_impls, with_energy=with_energy, opt_in_impls=opt_in_impls)
     else:
         from nfsearch.runtime.device import require_cuda
-        require_cuda("nfsearch profile")
+        require_cuda("nfsearch profile", hint="use --analytic for a roofline table")
         from nfsearch.runtime.profiler import measure_profile
         table = measure_profile(model, workload, gpu_id=gpu_id, is_quick=is_quick, output=output,
                                 progress=_progress_bar, with_pairs=with_pairs, with_energy=with_energy,

@@ -4,16 +4,17 @@ from nfsearch.errors import NfsearchError
 from nfsearch.plan import NO_SHARE_IMPLS
 
 
-def require_cuda(what: str) -> None:
-    """Raise NfsearchError unless torch is installed and sees a CUDA GPU."""
+def require_cuda(what: str, hint: str = "") -> None:
+    """Raise NfsearchError unless torch is installed and sees a CUDA GPU; `hint`: what the user can do
+    instead, appended to the message."""
     try:
         import torch
     except ImportError:
         raise NfsearchError(f"{what} needs a CUDA GPU and the gpu extra (pip install 'nfsearch[gpu]'); "
                             "torch is not installed") from None
     if not torch.cuda.is_available():
-        raise NfsearchError(f"{what} needs a CUDA GPU; none is visible to torch "
-                            f"(torch {torch.__version__}) — use --analytic for a roofline table")
+        raise NfsearchError(f"{what} needs a CUDA GPU; none is visible to torch (torch {torch.__version__})"
+                            + (f" — {hint}" if hint else ""))
 
 
 def check_device(schedule, where: str, force: bool) -> None:

@@ -105,7 +105,7 @@ class Engine:
         self.predicted_output_len = predicted_output_len     # admission's output length (None: max_tokens)
         if self.device.type == "cuda":
             from nfsearch.runtime.device import require_cuda
-            require_cuda("the engine on device cuda")
+            require_cuda("the engine on device cuda", hint="--device cpu runs it with torch ops")
         if dtype not in DTYPES:
             raise NfsearchError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
         self.dtype, self.dtype_name = DTYPES[dtype], dtype
