@@ -61,6 +61,30 @@ def test_cli_writes_one_json_with_a_report_per_setting_in_order(tmp_path, text):
     assert r.output.index("numerics side by side") > r.output.rindex("total tokens/s per GPU")
 
 
+def test_cli_keeps_the_settings_done_when_a_later_one_fails(tmp_path, monkeypatch):
+    """A run cut short keeps each finished setting in OUTPUT.partial.json (and writes no OUTPUT); a run that
+    ends removes it."""
+    from nfsearch.runtime import bench_numerics
+    real, calls = bench_numerics.run_bench, []
+
+    def second_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise NfsearchError("the GPU fell over")
+        return real(*args, **kwargs)
+
+    out = tmp_path / "n.json"
+    monkeypatch.setattr(bench_numerics, "run_bench", second_fails)
+    r = CliRunner().invoke(main, [*BENCH, "--numerics", "fp8kv,bf16", "-o", str(out)])
+    assert r.exit_code == 2 and "the GPU fell over" in r.output and not out.exists()
+    kept = json.loads((tmp_path / "n.partial.json").read_text())
+    assert kept["is_partial"] and kept["settings"] == ["fp8kv", "bf16"]
+    assert [x["kv_cache_dtype"] for x in kept["numerics"]] == ["fp8"]
+    monkeypatch.setattr(bench_numerics, "run_bench", real)
+    assert CliRunner().invoke(main, [*BENCH, "--numerics", "bf16", "-o", str(out)]).exit_code == 0
+    assert out.exists() and not (tmp_path / "n.partial.json").exists()
+
+
 @pytest.mark.parametrize("extra, what", [
     (["--numerics", "bf16,fp8", "--quantization", "fp8"], "drop --quantization"),
     (["--numerics", "bf16,fp8", "--kv-cache-dtype", "auto"], "drop --kv-cache-dtype"),

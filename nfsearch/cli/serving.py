@@ -61,7 +61,8 @@ from nfsearch.errors import NfsearchError
 @click.option("--numerics", "numerics_text", metavar="LIST",
               help="Run the trace once per numerics setting, a fresh engine each, in this process: a comma list "
                    "of bf16 (the model's dtype), fp8 (FP8 GEMMs), fp8kv (FP8 KV cache), fp8+fp8kv (both); one "
-                   "JSON with a report per setting and a side-by-side table. Not with --quantization, "
+                   "JSON with a report per setting and a side-by-side table (the settings done so far are "
+                   "kept in OUTPUT's .partial.json until the last ends). Not with --quantization, "
                    "--kv-cache-dtype, --compare, --tp, --plans or --url.")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="Seed of the random weights, the synthetic trace and the prompts' token ids.")
@@ -126,12 +127,21 @@ def _refuse_beside_numerics(quantization, is_compare, tp_degree, plans_path, url
 def _bench_numerics(opts, settings, output, format_report) -> None:
     """`bench --numerics`: the trace once per setting (runtime/bench_numerics.py), one JSON and a table."""
     from nfsearch.runtime.bench_numerics import format_numerics, run_numerics
-    report = run_numerics(opts, settings, echo=_echo, on_report=lambda name, r: _echo(
-        f"--- numerics {name}\n{format_report(r)}"))
-    report["command"] = " ".join(["nfsearch"] + sys.argv[1:])
+    command = " ".join(["nfsearch"] + sys.argv[1:])
+    # a setting takes minutes on a GPU: each one done is kept, so a run cut short keeps what it measured
+    partial, done = Path(output).with_suffix(".partial.json"), []
+
+    def on_report(name, r):
+        _echo(f"--- numerics {name}\n{format_report(r)}")
+        done.append(r)
+        _write_json(partial, {"is_partial": True, "settings": list(settings), "numerics": done, "command": command})
+
+    report = run_numerics(opts, settings, echo=_echo, on_report=on_report)
+    report["command"] = command
     _echo(format_numerics(report))
     with _all_or_none([Path(output)]):
         _write_json(output, report)
+    partial.unlink(missing_ok=True)
     _echo(f"wrote {output}")
 
 
