@@ -195,6 +195,52 @@ def test_engine_runs_an_fp8_checkpoint(hf_llama, tmp_path):
     assert [len(s.output_ids) for s in run.sequences] == [5, 5, 5]
 
 
+A100 = "this NVIDIA A100-SXM4-80GB is compute capability 8.0; FP8 needs 8.9 or newer (Ada, Hopper, Blackwell)"
+
+
+def test_fp8_needs_compute_capability_8_9():
+    from nfsearch.runtime.device import fp8_refusal
+    assert fp8_refusal("NVIDIA A100-SXM4-80GB", (8, 0)) == A100
+    assert fp8_refusal("NVIDIA L40S", (8, 9)) is None and fp8_refusal("NVIDIA H100 80GB HBM3", (9, 0)) is None
+
+
+@pytest.mark.parametrize("flags, said", [({"quantization": "fp8"}, "--quantization fp8: "),
+                                         ({"kv_cache_dtype": "fp8"}, "--kv-cache-dtype fp8: "),
+                                         ({"quantization": "fp8", "kv_cache_dtype": "fp8"},
+                                          "--quantization fp8 and --kv-cache-dtype fp8: ")])
+def test_engine_refuses_fp8_where_the_gpu_has_none(hf_llama, monkeypatch, flags, said):
+    """Asked-for FP8 on a GPU without FP8 tensor cores is one line before any weight is loaded."""
+    from nfsearch.runtime import device, engine
+    from nfsearch.runtime.engine import Engine
+    monkeypatch.setattr(device, "fp8_support", lambda d: A100)
+    monkeypatch.setattr(engine, "load_weights", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(NfsearchError) as err:
+        Engine(str(hf_llama[1]), device="cpu", dtype="fp32", num_pages=32, dense_batch=32, max_decode=8, **flags)
+    assert str(err.value) == said + A100
+
+
+def test_an_fp8_checkpoint_runs_dequantized_where_the_gpu_has_no_fp8(hf_llama, tmp_path, monkeypatch):
+    """Its GEMMs run in the model's dtype on the dequantized weights (the reports say so), and give the
+    same logits as the FP8 weights dequantized by hand."""
+    from nfsearch.runtime import device
+    from nfsearch.runtime.engine import Engine
+    from nfsearch.serving.traces import load_trace
+    model, src = hf_llama
+    folder = write_fp8_checkpoint(model, src, tmp_path / "d", "ct-channel")
+    monkeypatch.setattr(device, "fp8_support", lambda d: A100)
+    engine = Engine(str(folder), device="cpu", dtype="fp32", num_pages=32, dense_batch=32, max_decode=8)
+    assert engine.quantization is None and not engine.weights.is_fp8 and engine.gemm_numerics == "fp32"
+    assert "dequantized to float32 on load" in engine.describe()
+    cfg = load_model_config(folder)
+    fp8_weights = load_weights(cfg, folder, dtype=torch.float32)
+    by_hand = [fp8.dequantize_layer(w, torch.float32) for w in fp8_weights.layers]
+    for a, b in zip(engine.weights.layers, by_hand, strict=True):
+        for name in fp8.GEMM_WEIGHTS:
+            assert torch.equal(getattr(a, name), getattr(b, name))
+    run = engine.run(load_trace("const:12:5", 3).requests)
+    assert [len(s.output_ids) for s in run.sequences] == [5, 5, 5]
+
+
 # ------------------------------------------------------------------------------ accuracy
 @pytest.mark.parametrize("which", ["llama", "llama31", "qwen2"])
 def test_fp8_logits_against_float32(which, request):

@@ -88,8 +88,10 @@ def profile(is_analytic, gpu_key, gpu_id, is_quick, with_pairs, net_impls, with_
                                    progress=_progress_bar, with_pairs=with_pairs,
                                    net_impls=net_impls, with_energy=with_energy, opt_in_impls=opt_in_impls)
     else:
-        from nfsearch.runtime.device import require_cuda
+        from nfsearch.runtime.device import fp8_support, require_cuda
         require_cuda("nfsearch profile", hint="use --analytic for a roofline table")
+        if "fp8" in opt_in_impls and (why := fp8_support(f"cuda:{gpu_id}")):
+            raise NfsearchError(f"--opt-in-impls fp8: {why}")
         from nfsearch.runtime.profiler import measure_profile
         table = measure_profile(model, workload, gpu_id=gpu_id, is_quick=is_quick, output=output,
                                 progress=_progress_bar, with_pairs=with_pairs, with_energy=with_energy,
@@ -133,8 +135,10 @@ def _profile_family(family_path, base_path, gpu_id, is_quick, with_energy, with_
     if spec.get("model_ref") and load_model(spec["model_ref"]).name != family.model:
         raise NfsearchError(f"{family_path} is a family of {family.model}, not {spec['model_ref']}")
     _check_outputs([output], (".parquet", ".csv"))
-    from nfsearch.runtime.device import require_cuda
+    from nfsearch.runtime.device import fp8_support, require_cuda
     require_cuda("nfsearch profile --family")
+    if family.memory.get("kv_cache_dtype") == "fp8" and (why := fp8_support(f"cuda:{gpu_id}")):
+        raise NfsearchError(f"{family_path} has an fp8 KV cache: {why}")
     from nfsearch.family.attention_plan import PAIR_BUDGET_S
     from nfsearch.plan import ENGINE_IMPLS
     from nfsearch.runtime.paged_profile import measure_family_attention

@@ -17,6 +17,27 @@ def require_cuda(what: str, hint: str = "") -> None:
                             + (f" — {hint}" if hint else ""))
 
 
+# e4m3 tensor-core GEMMs (torch._scaled_mm) and Triton's fp8e4nv conversions need compute capability 8.9+
+MIN_FP8_CAPABILITY = (8, 9)
+
+
+def fp8_refusal(name: str, capability: tuple[int, int]) -> str | None:
+    """Why a GPU cannot run the FP8 GEMMs and KV cache (None where it can)."""
+    if tuple(capability) >= MIN_FP8_CAPABILITY:
+        return None
+    return (f"this {name} is compute capability {capability[0]}.{capability[1]}; FP8 needs "
+            f"{MIN_FP8_CAPABILITY[0]}.{MIN_FP8_CAPABILITY[1]} or newer (Ada, Hopper, Blackwell)")
+
+
+def fp8_support(device) -> str | None:
+    """fp8_refusal of a torch device; None on the CPU, where the FP8 path is emulated in float32."""
+    import torch
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return fp8_refusal(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device))
+
+
 def check_device(schedule, where: str, force: bool) -> None:
     """One-line errors for plans this GPU cannot run (another GPU; SM counts it cannot partition)."""
     import torch

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from nfsearch.errors import NfsearchError
+from nfsearch.runtime import device as device_mod
 from nfsearch.runtime import engine_memory as mem
 from nfsearch.runtime import engine_plans, tpot_cap
 from nfsearch.runtime.engine_memory import TraceShape  # the engine's argument type, long imported from here
@@ -104,8 +105,7 @@ class Engine:
         self.device, self.is_async, self.seed, self.page_size = torch.device(device), is_async, seed, page_size
         self.predicted_output_len = predicted_output_len     # admission's output length (None: max_tokens)
         if self.device.type == "cuda":
-            from nfsearch.runtime.device import require_cuda
-            require_cuda("the engine on device cuda", hint="--device cpu runs it with torch ops")
+            device_mod.require_cuda("the engine on device cuda", hint="--device cpu runs it with torch ops")
         if dtype not in DTYPES:
             raise NfsearchError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
         self.dtype, self.dtype_name = DTYPES[dtype], dtype
@@ -124,6 +124,11 @@ class Engine:
         if quantization not in QUANTIZATIONS:
             raise NfsearchError(f"quantization {quantization!r}: use one of {', '.join(map(str, QUANTIZATIONS))}")
         self.quantization = quantization
+        fp8_refusal = device_mod.fp8_support(self.device)
+        if fp8_refusal and (quantization == "fp8" or kv_cache_dtype == "fp8"):
+            asked = " and ".join(f for f, on in (("--quantization fp8", quantization == "fp8"),
+                                                 ("--kv-cache-dtype fp8", kv_cache_dtype == "fp8")) if on)
+            raise NfsearchError(f"{asked}: {fp8_refusal}")
         self.trace_shape = trace_shape or TraceShape(512, 512, self.cfg.max_model_len)
         self.family, self.bucket_kernels = None, []
         if plans is not None:        # a plan family (runtime.engine_plans): its dense batch and decode slots
@@ -135,6 +140,9 @@ class Engine:
         self.weights = self._load_weights(seed)
         if quantization == "fp8" and not self.weights.is_fp8:
             self.weights.quantize_()          # a subclass's loader (a TP rank's shard) left them bf16
+        if self.weights.is_fp8 and fp8_refusal:   # an FP8 checkpoint on a GPU without FP8 tensor cores
+            self.weights.dequantize_(self.dtype)
+            self.log(f"the checkpoint's FP8 GEMM weights run in {dtype}: {fp8_refusal}")
         if self.weights.is_fp8:               # asked for, or an FP8 checkpoint
             self.quantization = "fp8"
         self._sync()
@@ -254,7 +262,7 @@ class Engine:
                  f"compile (dry run) {self.compile_s:.1f} s, capture {self.capture_s:.1f} s")]
         if self.plan is not None:
             lines.insert(2, self.plan.describe())
-        if self.quantization:
+        if self.quantization or self.weights.fp8_source:
             lines.insert(1, f"GEMMs {self.gemm_numerics} ({self.weights.fp8_source})")
         if self.tpot_cap is not None:
             lines.insert(-1, self.tpot_cap.describe())

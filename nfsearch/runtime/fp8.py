@@ -141,4 +141,12 @@ def quantize_layer(w):
                                      torch.Tensor) else getattr(w, name) for name in GEMM_WEIGHTS})
 
 
+def dequantize_layer(w, dtype):
+    """runtime.model.LayerWeights with its FP8 GEMM weights dequantized to `dtype` (a GPU without FP8
+    tensor cores runs an FP8 checkpoint this way)."""
+    import dataclasses
+    return dataclasses.replace(w, **{name: getattr(w, name).dequantize(dtype) if isinstance(getattr(w, name),
+                                     Fp8Weight) else getattr(w, name) for name in GEMM_WEIGHTS})
+
+
 GEMM_WEIGHTS = ("wqkv", "wo", "wug", "wd")

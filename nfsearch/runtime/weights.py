@@ -57,6 +57,12 @@ class ModelWeights:
         if self.fp8_source is None:
             self.fp8_source = "quantized on load"
 
+    def dequantize_(self, dtype) -> None:
+        """The FP8 GEMM weights back to `dtype` in place, a layer at a time; fp8_source says so."""
+        for i, w in enumerate(self.layers):
+            self.layers[i] = fp8.dequantize_layer(w, dtype)
+        self.fp8_source = f"{self.fp8_source}, dequantized to {str(dtype).removeprefix('torch.')} on load"
+
 
 def load_weights(cfg: ModelConfig, folder: str | Path | None = None, device="cpu", dtype=torch.bfloat16,
                  seed: int = 0, layer_fn=None, quantization: str | None = None) -> ModelWeights:
