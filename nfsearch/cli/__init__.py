@@ -11,10 +11,10 @@ import click
 # torch behind them) are imported by the commands that use them, so `nfsearch --help` and a bad flag
 # answer at once.
 from nfsearch.cli import gpu_runs, profiling, search, serving
-from nfsearch.cli.common import _Group
+from nfsearch.cli.common import Group
 
 
-@click.group(name="nfsearch", cls=_Group, context_settings={"help_option_names": ["-h", "--help"],
+@click.group(name="nfsearch", cls=Group, context_settings={"help_option_names": ["-h", "--help"],
                                                             "max_content_width": 100})
 @click.version_option(package_name="nfsearch", help="Print the version and exit.")
 def main():

@@ -23,11 +23,11 @@ MAX_TIME_LIMIT_S = 3600.0
 
 # ---- errors and option types ---------------------------------------------------------------------
 
-class _Interrupted(Exception):
+class Interrupted(Exception):
     """Ctrl-C inside a command; carried past click (which would print its own lines) to main."""
 
 
-class _Group(click.Group):
+class Group(click.Group):
     """Every failure a user can cause is one line `nfsearch: error: ...` on stderr: click's usage errors
     and NfsearchError exit 2, an interrupt exits 130; never a traceback or click's multi-line usage."""
 
@@ -35,7 +35,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
-            raise _Interrupted() from None
+            raise Interrupted() from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:                 # a caller that handles click's exceptions itself
@@ -47,21 +47,21 @@ class _Group(click.Group):
             sys.exit(0)
         except click.UsageError as exc:
             where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-            _fail(exc.format_message() + where, 2)
+            fail(exc.format_message() + where, 2)
         except click.ClickException as exc:
-            _fail(exc.format_message(), 2)
+            fail(exc.format_message(), 2)
         except NfsearchError as exc:
-            _fail(str(exc), 2)
-        except (_Interrupted, KeyboardInterrupt, click.exceptions.Abort):
-            _fail("interrupted (outputs are written whole or not at all)", 130)
+            fail(str(exc), 2)
+        except (Interrupted, KeyboardInterrupt, click.exceptions.Abort):
+            fail("interrupted (outputs are written whole or not at all)", 130)
         sys.exit(code if isinstance(code, int) else 0)
 
 
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
-def _fail(message: str, code: int):
-    _echo("nfsearch: error: " + " ".join(str(message).split()), err=True)
+def fail(message: str, code: int):
+    echo("nfsearch: error: " + " ".join(str(message).split()), err=True)
     sys.exit(code)
 
 
@@ -75,15 +75,15 @@ class FiniteFloatRange(click.FloatRange):
         return super().convert(number, param, ctx)
 
 
-_TIME_LIMIT = FiniteFloatRange(0.0, MAX_TIME_LIMIT_S, min_open=True)
+TIME_LIMIT = FiniteFloatRange(0.0, MAX_TIME_LIMIT_S, min_open=True)
 
 
 # ---- model + workload flags ----------------------------------------------------------------------
 
-_GPU_HELP = "Bundled GPU: h100-sxm, h200 or a100-sxm."
+GPU_HELP = "Bundled GPU: h100-sxm, h200 or a100-sxm."
 
 # the flags that describe a batch; a named --workload already fixes all of them
-_BATCH_FLAGS = {"num_decode": "--decode", "decode_context": "--context", "prefill": "--prefill",
+BATCH_FLAGS = {"num_decode": "--decode", "decode_context": "--context", "prefill": "--prefill",
                 "tp_degree": "--tp", "dtype": "--dtype", "decode_contexts": "--decode-contexts",
                 "prefill_prefix": "--prefill-prefix"}
 
@@ -124,7 +124,7 @@ def resolve_specs(model_ref, workload_ref, num_decode, decode_context, prefill, 
     ctx = click.get_current_context()
     is_given = lambda name: ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)
     if workload_ref:
-        given = [flag for name, flag in _BATCH_FLAGS.items() if is_given(name)]
+        given = [flag for name, flag in BATCH_FLAGS.items() if is_given(name)]
         if given:
             raise NfsearchError(f"--workload {workload_ref} fixes the batch, so {', '.join(given)} would be ignored: "
                                 f"drop {'it' if len(given) == 1 else 'them'}, or describe the whole batch with "
@@ -146,19 +146,19 @@ def resolve_specs(model_ref, workload_ref, num_decode, decode_context, prefill, 
 
 # ---- the search problem the flags name -----------------------------------------------------------
 
-def _problem(model, workload, profile_path, num_layers, allow_extrapolation):
+def cli_problem(model, workload, profile_path, num_layers, allow_extrapolation):
     from nfsearch.cost import default_profile, make_problem
     from nfsearch.profile import load
     table = load(profile_path) if profile_path else default_profile(model, workload)
     if table.is_analytic:
-        _echo(f"note: using the {table.label} (no measured table for {model.name})", err=True)
+        echo(f"note: using the {table.label} (no measured table for {model.name})", err=True)
     return make_problem(model, workload, table, num_layers, allow_extrapolation)
 
 
 # ---- outputs -------------------------------------------------------------------------------------
 
 @contextmanager
-def _all_or_none(paths):
+def all_or_none(paths):
     """Write a command's output files together: each is written atomically, and when the writing
     stops part-way (an error, Ctrl-C) the ones made so far are removed, with ./out/ if it was made here."""
     paths = [Path(p) for p in paths]
@@ -180,7 +180,7 @@ def _all_or_none(paths):
         raise
 
 
-def _check_outputs(paths, suffixes: tuple[str, ...], may_create_out: bool = False) -> None:
+def check_outputs(paths, suffixes: tuple[str, ...], may_create_out: bool = False) -> None:
     """Refuse before any work or writing: a wrong suffix, a folder in a file's place, a missing or
     unwritable folder. Multi-file outputs are all checked here, so none is left half-made."""
     for given in paths:
@@ -191,7 +191,7 @@ def _check_outputs(paths, suffixes: tuple[str, ...], may_create_out: bool = Fals
             text.encode("utf-8")
         except UnicodeEncodeError:
             # (bytes that are not UTF-8 in a file name: they could not even be printed back)
-            raise NfsearchError(f"{_printable(text)}: output name is not valid UTF-8") from None
+            raise NfsearchError(f"{printable(text)}: output name is not valid UTF-8") from None
         if text.endswith(("/", os.sep)):
             raise NfsearchError(f"{text}: output names a folder, not a file")
         path = Path(text)
@@ -210,17 +210,17 @@ def _check_outputs(paths, suffixes: tuple[str, ...], may_create_out: bool = Fals
             raise NfsearchError(f"{path}: cannot write (no permission in {parent})")
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
     """Text safe to print: file names may carry undecodable bytes (surrogates) that stdout refuses."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _echo(text: str, err: bool = False, nl: bool = True) -> None:
-    click.echo(_printable(text), err=err, nl=nl)
+def echo(text: str, err: bool = False, nl: bool = True) -> None:
+    click.echo(printable(text), err=err, nl=nl)
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "plan"
 
-def _write_json(path, data) -> None:
+def write_json(path, data) -> None:
     write_text_atomic(path, json.dumps(data, indent=1, default=float) + "\n")

@@ -9,15 +9,15 @@ import click
 
 from nfsearch import report as report_mod
 from nfsearch.cli.common import (
-    _TIME_LIMIT,
     OUT_DIR,
-    _all_or_none,
-    _check_outputs,
-    _echo,
-    _problem,
-    _write_json,
+    TIME_LIMIT,
+    all_or_none,
+    check_outputs,
+    cli_problem,
+    echo,
     resolve_specs,
     workload_options,
+    write_json,
 )
 from nfsearch.compare import compare, format_table
 from nfsearch.errors import NfsearchError
@@ -82,7 +82,7 @@ def _run_out_dir(plan_path, out_dir) -> Path:
     if out.exists() and not out.is_dir():
         raise NfsearchError(f"{out}: cannot write (a file is in the way of the output folder)")
     if out.is_dir():
-        _check_outputs([out / "run.json", out / "measured.json"], ())
+        check_outputs([out / "run.json", out / "measured.json"], ())
     return out
 
 
@@ -90,29 +90,29 @@ def _run_tp(plan_path, schedule, out, mode, iters, no_graph, with_timeline, prof
     """`run` of a TP plan: rank 0 writes run.json (and with --timeline its measured timeline and Gantt)."""
     from nfsearch.runtime import tp
     report = tp.run_plan(plan_path, mode=mode, iters=iters, use_graph=not no_graph, timeline=with_timeline,
-                         progress=lambda m: _echo(f"  {m}", err=True), profile=profile)
+                         progress=lambda m: echo(f"  {m}", err=True), profile=profile)
     if report is None:                   # another rank of a torchrun job: rank 0 writes the report
         return
     report["command"] = " ".join(["nfsearch"] + sys.argv[1:])
     measured = report.pop("timeline", None)          # rank 0's, timeline_to_dict form
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "run.json", report)
+    write_json(out / "run.json", report)
     if measured is not None:
         from nfsearch.simulate import stated_timeline
-        _write_json(out / "measured.json", measured)
+        write_json(out / "measured.json", measured)
         try:
             report_mod.write_all([stated_timeline(schedule), timeline_from_dict(measured, "rank 0")],
                                  out / "timeline", f"{schedule.model.name} {schedule.workload.name} on "
                                  f"{report['tp_degree']}x {report['gpu']} (rank 0)")
         except ImportError as exc:
-            _echo(f"note: no Gantt written ({exc}); measured.json has the timeline", err=True)
+            echo(f"note: no Gantt written ({exc}); measured.json has the timeline", err=True)
     for note in report.get("notes", []):
         if note.startswith("timeline:"):
-            _echo(f"note: {note}", err=True)
-    _echo(tp.format_line(report))
+            echo(f"note: {note}", err=True)
+    echo(tp.format_line(report))
     for line in tp.power_lines(report):
-        _echo(line)
-    _echo(f"wrote {out / 'run.json'}" + (f", {out / 'measured.json'}" if measured is not None else ""))
+        echo(line)
+    echo(f"wrote {out / 'run.json'}" + (f", {out / 'measured.json'}" if measured is not None else ""))
 
 
 def _run_one_gpu(plan_path, schedule, out, mode, iters, no_graph, with_timeline, profile) -> None:
@@ -120,23 +120,23 @@ def _run_one_gpu(plan_path, schedule, out, mode, iters, no_graph, with_timeline,
     timeline and its Gantt beside the plan's."""
     from nfsearch.runtime import executor
     report = executor.execute(schedule, mode=mode, iters=iters, use_graph=not no_graph, timeline=with_timeline,
-                              profile=profile, progress=lambda m: _echo(f"  {m}", err=True))
+                              profile=profile, progress=lambda m: echo(f"  {m}", err=True))
     report = dataclasses.replace(report, command=" ".join(["nfsearch"] + sys.argv[1:]), plan_path=str(plan_path))
     measured = report.timeline
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "run.json", report.to_dict())
+    write_json(out / "run.json", report.to_dict())
     if measured is not None:
         from nfsearch.simulate import stated_timeline
-        _write_json(out / "measured.json", timeline_to_dict(measured))
+        write_json(out / "measured.json", timeline_to_dict(measured))
         try:
             report_mod.write_all([stated_timeline(schedule), measured], out / "timeline",
                                  f"{schedule.model.name} {schedule.workload.name} on {report.gpu}")
         except ImportError as exc:
-            _echo(f"note: no Gantt written ({exc}); measured.json has the timeline", err=True)
+            echo(f"note: no Gantt written ({exc}); measured.json has the timeline", err=True)
     for note in report.notes:
-        _echo(f"note: {note}", err=True)
-    _echo(executor.format_table([report]))
-    _echo(f"wrote {out / 'run.json'}" + (f", {out / 'measured.json'}" if measured is not None else ""))
+        echo(f"note: {note}", err=True)
+    echo(executor.format_table([report]))
+    echo(f"wrote {out / 'run.json'}" + (f", {out / 'measured.json'}" if measured is not None else ""))
 
 
 def _check_profile(schedule, table, plan_path) -> None:
@@ -159,13 +159,13 @@ def compare_cmd(plan_path, measured_path, output, worst):
     from nfsearch import plan
     from nfsearch.simulate import stated_timeline
     if output is not None:
-        _check_outputs([output], (".json",))
+        check_outputs([output], (".json",))
     schedule = plan.read(plan_path)
     measured = timeline_from_dict(read_json(measured_path), measured_path)
     cmp = compare(stated_timeline(schedule), measured)
-    _echo(format_table(cmp, worst))
+    echo(format_table(cmp, worst))
     if output is not None:
-        _write_json(output, cmp.to_dict())
+        write_json(output, cmp.to_dict())
 
 
 @click.command("tune")
@@ -174,7 +174,7 @@ def compare_cmd(plan_path, measured_path, output, worst):
               help="Folder of candidate plan JSONs (default: solve, plus the hand-made baselines).")
 @click.option("-k", "top_k", type=click.IntRange(1, 100), default=3, show_default=True,
               help="Candidates to run at most.")
-@click.option("--time-limit", "time_limit_s", type=_TIME_LIMIT, default=8.0, show_default=True,
+@click.option("--time-limit", "time_limit_s", type=TIME_LIMIT, default=8.0, show_default=True,
               help="Solver time limit in seconds when solving the candidates.")
 @click.option("--layers", "num_layers", type=click.IntRange(1, 1000), default=2, show_default=True,
               help="Layers unrolled when solving the candidates.")
@@ -199,7 +199,7 @@ def tune_cmd(plans_dir, top_k, time_limit_s, num_layers, profile_path, output, f
     if family_path or trace_spec:
         return _tune_family(family_path, spec["model_ref"], trace_spec, num_requests, device, profile_path, output)
     from nfsearch import tune
-    _check_outputs([output, Path(output).with_suffix(".tune.json")], (".json",))
+    check_outputs([output, Path(output).with_suffix(".tune.json")], (".json",))
     profile = None                      # with --plans and no --profile: no power bound in the predictions
     if plans_dir:
         candidates = tune.read_candidates(plans_dir)
@@ -211,43 +211,43 @@ def tune_cmd(plans_dir, top_k, time_limit_s, num_layers, profile_path, output, f
                     _check_profile(c.schedule, profile, c.name)
     else:
         model, workload = resolve_specs(**spec)
-        problem = _problem(model, workload, profile_path, num_layers, False)
-        candidates = tune.solved_candidates(problem, time_limit_s, progress=lambda m: _echo(f"  {m}", err=True))
+        problem = cli_problem(model, workload, profile_path, num_layers, False)
+        candidates = tune.solved_candidates(problem, time_limit_s, progress=lambda m: echo(f"  {m}", err=True))
         profile = problem.profile
     result = tune.run_candidates(candidates[:top_k], mode=mode, iters=iters, use_graph=not no_graph, force=force,
-                                 progress=lambda m: _echo(f"  {m}", err=True), profile=profile)
-    with _all_or_none([Path(output), Path(output).with_suffix(".tune.json")]):
+                                 progress=lambda m: echo(f"  {m}", err=True), profile=profile)
+    with all_or_none([Path(output), Path(output).with_suffix(".tune.json")]):
         record = tune.write_result(result, output, " ".join(["nfsearch"] + sys.argv[1:]))
     if result.best.schedule.workload.tp_degree > 1:
         from nfsearch.runtime import tp
         for t in result.trials:
-            _echo(f"{t.name}: {tp.format_line(t.report)}")
+            echo(f"{t.name}: {tp.format_line(t.report)}")
     else:
         from nfsearch.runtime import executor
-        _echo(executor.format_table([t.report for t in result.trials]))
+        echo(executor.format_table([t.report for t in result.trials]))
     if tune.interleaved_line(result):
-        _echo(tune.interleaved_line(result))
-    _echo(f"wrote {output} (best: {result.best.name}, {result.best.measured_layer_ms:.4f} ms/layer) and {record}")
+        echo(tune.interleaved_line(result))
+    echo(f"wrote {output} (best: {result.best.name}, {result.best.measured_layer_ms:.4f} ms/layer) and {record}")
 
 
 def _tune_family(family_path, model, trace_spec, num_requests, device, profile_path, output):
     if not (family_path and model and trace_spec):
         raise NfsearchError("tune --family needs --family FAMILY.json, --model (the engine's) and --trace")
-    _check_outputs([output, Path(output).with_suffix(".bench.json")], (".json",))
+    check_outputs([output, Path(output).with_suffix(".bench.json")], (".json",))
     try:
         from nfsearch.runtime.family_tune import tune_family
     except ImportError as exc:
         raise NfsearchError(f"tune --family needs torch and the gpu extra ({exc.name} is not installed)") from None
     from nfsearch.family import artifact
     tuned, report, lines = tune_family(family_path, model, trace_spec, num_requests, device=device,
-                                       profile_path=profile_path, echo=_echo)
+                                       profile_path=profile_path, echo=echo)
     report["command"] = " ".join(["nfsearch"] + sys.argv[1:])
-    with _all_or_none([Path(output), Path(output).with_suffix(".bench.json")]):
+    with all_or_none([Path(output), Path(output).with_suffix(".bench.json")]):
         artifact.write(tuned, output)
-        _write_json(Path(output).with_suffix(".bench.json"), report)
+        write_json(Path(output).with_suffix(".bench.json"), report)
     for line in lines:
-        _echo(line)
+        echo(line)
     t = tuned.tune
-    _echo(f"wrote {output}: {t['num_sequential']} of {len(tuned.buckets)} buckets keep the sequential plan, "
+    echo(f"wrote {output}: {t['num_sequential']} of {len(tuned.buckets)} buckets keep the sequential plan, "
           f"{t['num_too_few']} had too few iterations to choose; predicted {tuned.prediction.tokens_per_s:,.0f} "
           f"tokens/s (was {artifact.read(family_path).prediction.tokens_per_s:,.0f})")

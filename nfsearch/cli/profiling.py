@@ -5,10 +5,10 @@ import click
 from click.core import ParameterSource
 
 from nfsearch.cli.common import (
-    _BATCH_FLAGS,
-    _GPU_HELP,
-    _check_outputs,
-    _echo,
+    BATCH_FLAGS,
+    GPU_HELP,
+    check_outputs,
+    echo,
     resolve_specs,
     workload_options,
 )
@@ -22,7 +22,7 @@ from nfsearch.timeline import timeline_from_dict
 @workload_options
 @click.option("--analytic", "is_analytic", is_flag=True,
               help="Write the roofline table of --gpu instead of measuring (no GPU needed).")
-@click.option("--gpu", "gpu_key", default="h100-sxm", show_default=True, help=_GPU_HELP + " Used with --analytic.")
+@click.option("--gpu", "gpu_key", default="h100-sxm", show_default=True, help=GPU_HELP + " Used with --analytic.")
 @click.option("--gpu-id", type=click.IntRange(0, 63), default=0, show_default=True,
               help="CUDA device to measure on.")
 @click.option("--quick", "is_quick", is_flag=True, help="Coarse grid (fewer SM counts and sizes).")
@@ -71,7 +71,7 @@ def profile(is_analytic, gpu_key, gpu_id, is_quick, with_pairs, net_impls, with_
     if opt_in_impls and (is_analytic or into_path is not None):
         raise NfsearchError("--opt-in-impls adds impls to a measured profile's kernels: not with --analytic or "
                             "--energy-only")
-    _check_outputs([output], (".parquet", ".csv"))
+    check_outputs([output], (".parquet", ".csv"))
     net_impls = _net_impls(net_impls)
     if into_path is not None:            # energy only, added to a measured profile (runtime/profiler.add_energy)
         return _profile_energy_only(model, workload, into_path, gpu_id, is_analytic, with_energy, with_pairs, output)
@@ -98,7 +98,7 @@ def profile(is_analytic, gpu_key, gpu_id, is_quick, with_pairs, net_impls, with_
                                 opt_in_impls=opt_in_impls)
     table.write(output)
     energy = "" if table.energy is None else f", {len(table.energy.points)} energy points"
-    _echo(f"wrote {output}: {len(table.rows)} rows{energy}, {table.label}, fingerprint {table.fingerprint()}")
+    echo(f"wrote {output}: {len(table.rows)} rows{energy}, {table.label}, fingerprint {table.fingerprint()}")
 
 
 def _profile_energy_only(model, workload, into_path, gpu_id, is_analytic, with_energy, with_pairs, output) -> None:
@@ -114,7 +114,7 @@ def _profile_energy_only(model, workload, into_path, gpu_id, is_analytic, with_e
     table.write(output)
     points = len(table.energy.points) if table.energy is not None else 0
     pair_points = len(table.energy.pair_points) if table.energy is not None else 0
-    _echo(f"wrote {output}: the {len(table.rows)} rows of {into_path}, {points} energy points and "
+    echo(f"wrote {output}: the {len(table.rows)} rows of {into_path}, {points} energy points and "
           f"{pair_points} pair energy points, {table.label}, fingerprint {table.fingerprint()}")
 
 
@@ -123,7 +123,7 @@ def _profile_family(family_path, base_path, gpu_id, is_quick, with_energy, with_
     """`nfsearch profile --family FAMILY.json [--base PROFILE] [--no-pairs | --pair-budget S] -o OUT`:
     runtime/paged_profile.py."""
     ctx = click.get_current_context()
-    given = [flag for name, flag in {**_BATCH_FLAGS, "workload_ref": "--workload"}.items()
+    given = [flag for name, flag in {**BATCH_FLAGS, "workload_ref": "--workload"}.items()
              if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)]
     if family_path is None:
         raise NfsearchError(f"{'--base' if base_path is not None else '--pair-budget'} goes with --family")
@@ -134,7 +134,7 @@ def _profile_family(family_path, base_path, gpu_id, is_quick, with_energy, with_
     family = artifact.read(family_path)
     if spec.get("model_ref") and load_model(spec["model_ref"]).name != family.model:
         raise NfsearchError(f"{family_path} is a family of {family.model}, not {spec['model_ref']}")
-    _check_outputs([output], (".parquet", ".csv"))
+    check_outputs([output], (".parquet", ".csv"))
     from nfsearch.runtime.device import fp8_support, require_cuda
     require_cuda("nfsearch profile --family")
     if family.memory.get("kv_cache_dtype") == "fp8" and (why := fp8_support(f"cuda:{gpu_id}")):
@@ -149,7 +149,7 @@ def _profile_family(family_path, base_path, gpu_id, is_quick, with_energy, with_
     table.write(output)
     entry = table.meta["paged_attention"]
     runs, pairs = entry["runs"], (entry.get("pairs") or {}).get("rows", [])
-    _echo(f"wrote {output}: {len(table.rows)} rows ({int(table.rows['impl'].isin(ENGINE_IMPLS).sum())} paged "
+    echo(f"wrote {output}: {len(table.rows)} rows ({int(table.rows['impl'].isin(ENGINE_IMPLS).sum())} paged "
           f"attention, {runs[-1]['impl']} this run), {len(pairs)} paged pair points, {len(entry['energy_points'])} "
           f"paged energy points, {table.label}, fingerprint {table.fingerprint()}; base {runs[-1]['base']}")
 
@@ -176,7 +176,7 @@ def _net_impls(text: str) -> tuple[str, ...]:
 
 
 def _progress_bar(done: int, total: int, eta_s: float, what: str) -> None:
-    _echo(f"\r  [{done}/{total}] {done / max(total, 1):4.0%} eta {eta_s:5.0f} s  {what[:50]:<50}",
+    echo(f"\r  [{done}/{total}] {done / max(total, 1):4.0%} eta {eta_s:5.0f} s  {what[:50]:<50}",
                err=True, nl=done >= total)
 
 
@@ -201,24 +201,24 @@ def calibrate_cmd(profile_path, runs, from_path, energy_runs, output):
     if (bool(runs) or bool(energy_runs)) == bool(from_path):
         raise NfsearchError("give either --run PLAN MEASURED and/or --energy PLAN RUN_JSON (one or more), or "
                             "--from CALIBRATED_PROFILE")
-    _check_outputs([output], (".parquet", ".csv"))
+    check_outputs([output], (".parquet", ".csv"))
     profile = load(profile_path)
     if from_path:
         table, cal = calibrate.transfer(profile, load(from_path))
         table.write(output)
-        _echo(f"wrote {output}: {cal.label}, carried from {from_path}")
+        echo(f"wrote {output}: {cal.label}, carried from {from_path}")
         return
     table, labels = profile, []
     if runs:
         triples = [(plan.read(p), timeline_from_dict(read_json(m), m), f"{p} + {m}") for p, m in runs]
         table, cal, ratios = calibrate.calibrate(table, triples)
-        _echo(calibrate.format_report(cal, ratios))
+        echo(calibrate.format_report(cal, ratios))
         labels.append(cal.label)
     if energy_runs:
         triples = [(plan.read(p), evidence, f"{p} + {source}") for p, r in energy_runs
                    for evidence, source in calibrate.energy_evidence(read_json(r), r)]
         table, ecal = calibrate.calibrate_energy(table, triples)
-        _echo(calibrate.format_energy_report(ecal))
+        echo(calibrate.format_energy_report(ecal))
         labels.append(ecal.label)
     table.write(output)
-    _echo(f"wrote {output}: {'; '.join(labels)}")
+    echo(f"wrote {output}: {'; '.join(labels)}")

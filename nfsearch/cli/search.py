@@ -9,17 +9,17 @@ from click.core import ParameterSource
 
 from nfsearch import report as report_mod
 from nfsearch.cli.common import (
-    _GPU_HELP,
-    _TIME_LIMIT,
+    GPU_HELP,
     MAX_SEED,
     OUT_DIR,
+    TIME_LIMIT,
     FiniteFloatRange,
-    _all_or_none,
-    _check_outputs,
-    _echo,
-    _problem,
-    _slug,
+    all_or_none,
+    check_outputs,
+    cli_problem,
+    echo,
     resolve_specs,
+    slug,
     workload_options,
 )
 from nfsearch.errors import NfsearchError
@@ -28,7 +28,7 @@ from nfsearch.files import read_json
 
 @click.command()
 @workload_options
-@click.option("--gpu", "gpu_key", default="h100-sxm", show_default=True, help=_GPU_HELP)
+@click.option("--gpu", "gpu_key", default="h100-sxm", show_default=True, help=GPU_HELP)
 @click.option("--pairs", "pairs_path", type=click.Path(dir_okay=False),
               help="Instead: the pair table of this measured profile (per pair of ops, the best SM split "
                    "vs the two back to back on the whole GPU); with --tp N > 1, collectives x GEMMs and decode attention.")
@@ -43,7 +43,7 @@ def analyze(gpu_key, pairs_path, json_path, profile_path, **spec):
         ctx = click.get_current_context()
         given = tuple(p.opts[0] for p in ctx.command.params if p.name not in ("pairs_path", "json_path", "tp_degree")
                       and ctx.get_parameter_source(p.name) not in (None, ParameterSource.DEFAULT))
-        _echo(analyze_pairs(pairs_path, json_path, spec["tp_degree"], given))
+        echo(analyze_pairs(pairs_path, json_path, spec["tp_degree"], given))
         return
     from nfsearch.cost import default_gpu
     from nfsearch.graph import memory_need
@@ -67,7 +67,7 @@ def analyze(gpu_key, pairs_path, json_path, profile_path, **spec):
             ("optimal throughput", f"{r.tokens_per_s:,.0f} tokens/s ({model.num_layers} layers)")]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        _echo(f"{key:<{width}}  {value}")
+        echo(f"{key:<{width}}  {value}")
 
 
 @click.command()
@@ -76,7 +76,7 @@ def analyze(gpu_key, pairs_path, json_path, profile_path, **spec):
               help="Profile table (default: the bundled H100 table of the model, else an analytic one).")
 @click.option("--solver", type=click.Choice(["auto", "cpsat", "gurobi"]), default="auto", show_default=True,
               help="Stage-2 backend; auto takes Gurobi when licensed, else CP-SAT.")
-@click.option("--time-limit", "time_limit_s", type=_TIME_LIMIT, default=8.0, show_default=True,
+@click.option("--time-limit", "time_limit_s", type=TIME_LIMIT, default=8.0, show_default=True,
               help="Stage-2 time limit in seconds (CP-SAT: deterministic work units of about a second).")
 @click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True,
               help="Solver threads; fix it with --seed for a reproducible plan.")
@@ -112,19 +112,19 @@ def solve(profile_path, solver, time_limit_s, threads, seed, num_layers, chunk, 
     if is_family or trace_spec or dense_batch or num_requests or kv_cache_dtype:
         from nfsearch.family.report import solve_family_cmd
         return solve_family_cmd(is_family, trace_spec, dense_batch, num_requests, profile_path, time_limit_s, threads,
-                                seed, chunk, min_gain, output, spec, _check_outputs, _all_or_none, _echo,
+                                seed, chunk, min_gain, output, spec, check_outputs, all_or_none, echo,
                                 kv_cache_dtype)
     model, workload = resolve_specs(**spec)
     if output is None:
-        output = str(OUT_DIR / f"{_slug(model.name)}-{_slug(workload.name)}.json")
-    _check_outputs([output], (".json",), may_create_out=True)
+        output = str(OUT_DIR / f"{slug(model.name)}-{slug(workload.name)}.json")
+    check_outputs([output], (".json",), may_create_out=True)
     output = Path(output)
-    problem = _problem(model, workload, profile_path, num_layers, allow_extrapolation)
+    problem = cli_problem(model, workload, profile_path, num_layers, allow_extrapolation)
     # the stage log goes out live as progress; the returned notes repeat it, so they are not printed
     schedule, _notes = search.solve(problem, solver=solver, time_limit_s=time_limit_s, threads=threads,
                                     seed=seed, chunk=chunk, min_gain=min_gain,
-                                    progress=lambda msg: _echo(f"  {msg}", err=True))
-    with _all_or_none([output]):
+                                    progress=lambda msg: echo(f"  {msg}", err=True))
+    with all_or_none([output]):
         plan.write(schedule, output)
     from nfsearch.simulate import judge
     p = schedule.predicted
@@ -138,7 +138,7 @@ def solve(profile_path, solver, time_limit_s, threads, seed, num_layers, chunk, 
     else:
         capped = (f"; power-bound at {own.bound_ms:.3f} ms with its overlaps' measured energy, sequential at "
                   f"{power.bound_ms:.3f}")
-    _echo(f"wrote {output}: per layer: {layer:.3f} ms replayed vs sequential {seq:.3f} ms ({seq / layer:.2f}x{capped}); "
+    echo(f"wrote {output}: per layer: {layer:.3f} ms replayed vs sequential {seq:.3f} ms ({seq / layer:.2f}x{capped}); "
                f"roofline bound {bound:.3f} ms (the plan reaches {bound / layer:.0%} of it); solver "
                f"{schedule.solver.name}, {_gap_line(schedule.solver)}; {problem.profile.label}")
 
@@ -168,36 +168,36 @@ def simulate(plan_path, profile_path, out_prefix, allow_extrapolation):
     data = read_json(plan_path)
     if artifact.is_family(data):
         from nfsearch.family.report import simulate_family_cmd
-        return simulate_family_cmd(artifact.from_dict(data, plan_path), profile_path, _echo)
+        return simulate_family_cmd(artifact.from_dict(data, plan_path), profile_path, echo)
     schedule = plan.from_dict(data, plan_path)
     if out_prefix is not None:
         if not out_prefix:
             raise NfsearchError("output prefix is empty")
-        _check_outputs([out_prefix + ".html"], ())               # a name that cannot be printed, as given
+        check_outputs([out_prefix + ".html"], ())               # a name that cannot be printed, as given
     prefix = _simulate_prefix(plan_path, out_prefix)
     paths = [prefix.with_name(prefix.name + suffix) for suffix in (".html", ".png", ".trace.json")]
-    _check_outputs(paths, (), may_create_out=out_prefix is None)     # all three before any is written
-    problem = _problem(schedule.model, schedule.workload, profile_path, schedule.num_layers, allow_extrapolation)
+    check_outputs(paths, (), may_create_out=out_prefix is None)     # all three before any is written
+    problem = cli_problem(schedule.model, schedule.workload, profile_path, schedule.num_layers, allow_extrapolation)
     result = check_and_judge(schedule, problem.cost, is_profile_given=profile_path is not None)
     if problem.profile.fingerprint() != schedule.profile.fingerprint:
-        _echo(f"note: plan was made with profile {schedule.profile.fingerprint}, replaying with "
+        echo(f"note: plan was made with profile {schedule.profile.fingerprint}, replaying with "
                    f"{problem.profile.fingerprint()} ({problem.profile.label})", err=True)
     title = f"{schedule.model.name} {schedule.workload.name} on {schedule.gpu.name}"
     power = power_line(result, problem.cost)
-    with _all_or_none(paths):
+    with all_or_none(paths):
         written = report_mod.write_all([result.replay.timeline], prefix, title, (power,))
     p = schedule.predicted
     seq, bound = p.sequential_layer_time_ms, p.bound_ms
     layer = result.replayed_layer_ms
-    _echo(f"plan {plan_path}: valid ({len(schedule.nano_ops)} nano-ops, {len(schedule.streams)} streams, "
+    echo(f"plan {plan_path}: valid ({len(schedule.nano_ops)} nano-ops, {len(schedule.streams)} streams, "
                f"{schedule.num_layers} layers)")
-    _echo(f"per layer: replayed layer time {layer:.3f} ms (plan states {p.layer_time_ms:.3f}); "
+    echo(f"per layer: replayed layer time {layer:.3f} ms (plan states {p.layer_time_ms:.3f}); "
                f"sequential {seq:.3f} ms -> {seq / layer:.2f}x; roofline bound {bound:.3f} ms -> {bound / layer:.0%}")
-    _echo(power)
+    echo(power)
     sources = sources_line(corun_sources(schedule, problem.cost))
     if sources:
-        _echo(sources)
-    _echo("wrote " + ", ".join(str(path) for path in written.values()))
+        echo(sources)
+    echo("wrote " + ", ".join(str(path) for path in written.values()))
 
 
 def _simulate_prefix(plan_path: str, out_prefix: str | None) -> Path:
@@ -221,10 +221,10 @@ def check(cases_file, tolerance, update):
     exit 1 with a diff when a plan is invalid or got worse."""
     from nfsearch.golden import run_check, update_goldens
     if update:
-        for line in update_goldens(cases_file, progress=lambda msg: _echo(f"  {msg}", err=True)):
-            _echo(line)
+        for line in update_goldens(cases_file, progress=lambda msg: echo(f"  {msg}", err=True)):
+            echo(line)
         return
-    result = run_check(cases_file, tolerance, progress=lambda msg: _echo(f"  {msg}", err=True))
-    _echo(result.report())
+    result = run_check(cases_file, tolerance, progress=lambda msg: echo(f"  {msg}", err=True))
+    echo(result.report())
     if not result.ok:
         sys.exit(1)

@@ -11,11 +11,11 @@ from nfsearch.cli.common import (
     MAX_SEED,
     OUT_DIR,
     FiniteFloatRange,
-    _all_or_none,
-    _check_outputs,
-    _echo,
-    _slug,
-    _write_json,
+    all_or_none,
+    check_outputs,
+    echo,
+    slug,
+    write_json,
 )
 from nfsearch.errors import NfsearchError
 
@@ -95,7 +95,7 @@ def bench_cmd(model, url, request_rate, sweep, max_duration_s, slo_stat, max_tpo
         settings = parse_numerics(numerics_text)
     default = OUT_DIR / default_output(model, trace_spec)
     output = output or str(default.with_name(f"{default.stem}-numerics.json") if settings else default)
-    _check_outputs([output], (".json",), may_create_out=True)
+    check_outputs([output], (".json",), may_create_out=True)
     opts = BenchOptions(model, trace_spec, num_requests, dense_batch, utilization, page_size, device, dtype,
                         is_compare, seed, max_tpot_ms=max_tpot_ms, quantization=quantization,
                         kv_cache_dtype=kv_cache_dtype, plans=plans_path)
@@ -105,12 +105,12 @@ def bench_cmd(model, url, request_rate, sweep, max_duration_s, slo_stat, max_tpo
         from nfsearch.runtime.engine_tp import run_bench_tp
         report = run_bench_tp(opts, tp_degree)
     else:
-        report = run_bench(opts, echo=_echo)
+        report = run_bench(opts, echo=echo)
     report["command"] = " ".join(["nfsearch"] + sys.argv[1:])
-    _echo(format_report(report))
-    with _all_or_none([Path(output)]):
-        _write_json(output, report)
-    _echo(f"wrote {output}")
+    echo(format_report(report))
+    with all_or_none([Path(output)]):
+        write_json(output, report)
+    echo(f"wrote {output}")
 
 
 def _refuse_beside_numerics(quantization, is_compare, tp_degree, plans_path, url) -> None:
@@ -132,17 +132,17 @@ def _bench_numerics(opts, settings, output, format_report) -> None:
     partial, done = Path(output).with_suffix(".partial.json"), []
 
     def on_report(name, r):
-        _echo(f"--- numerics {name}\n{format_report(r)}")
+        echo(f"--- numerics {name}\n{format_report(r)}")
         done.append(r)
-        _write_json(partial, {"is_partial": True, "settings": list(settings), "numerics": done, "command": command})
+        write_json(partial, {"is_partial": True, "settings": list(settings), "numerics": done, "command": command})
 
-    report = run_numerics(opts, settings, echo=_echo, on_report=on_report)
+    report = run_numerics(opts, settings, echo=echo, on_report=on_report)
     report["command"] = command
-    _echo(format_numerics(report))
-    with _all_or_none([Path(output)]):
-        _write_json(output, report)
+    echo(format_numerics(report))
+    with all_or_none([Path(output)]):
+        write_json(output, report)
     partial.unlink(missing_ok=True)
-    _echo(f"wrote {output}")
+    echo(f"wrote {output}")
 
 
 def _bench_url(url, request_rate, max_concurrency, slo_ms, trace_spec, num_requests, seed, output, sweep=None,
@@ -154,29 +154,29 @@ def _bench_url(url, request_rate, max_concurrency, slo_ms, trace_spec, num_reque
     from nfsearch.serving.traces import load_trace
     rates = parse_rates(request_rate) if request_rate else None
     is_sweep = sweep == "auto" or (rates is not None and len(rates) > 1)
-    stem = f"bench-online-{'sweep-' if is_sweep else ''}{_slug(trace_spec)}"
+    stem = f"bench-online-{'sweep-' if is_sweep else ''}{slug(trace_spec)}"
     output = output or str(OUT_DIR / f"{stem}.json")
     plots = [Path(output).with_suffix(".png"), Path(output).with_suffix(".html")] if is_sweep else []
-    _check_outputs([output, *map(str, plots)], (".json", ".png", ".html"), may_create_out=True)
+    check_outputs([output, *map(str, plots)], (".json", ".png", ".html"), may_create_out=True)
     trace = load_trace(trace_spec, num_requests, seed)
     command = " ".join(["nfsearch"] + sys.argv[1:])
     if is_sweep:
         opts = SweepOptions(None if sweep == "auto" else rates, rates[0] if rates else 1.0, max_duration_s, slo_ms,
                             slo_stat, max_concurrency, seed)
-        report = run_sweep(url, trace.requests, opts, echo=lambda line: _echo(line, err=True))
+        report = run_sweep(url, trace.requests, opts, echo=lambda line: echo(line, err=True))
         report.update(trace=trace.name, command=command)
-        _echo(format_sweep(report))
+        echo(format_sweep(report))
     else:
         report = run_online_bench(url, trace.requests, rates[0] if rates else float("inf"), max_concurrency,
                                   slo_ms, seed)
         report.update(trace=trace.name, command=command)
-        _echo(format_online(report))
-    with _all_or_none([Path(output), *plots]):
-        _write_json(output, report)
+        echo(format_online(report))
+    with all_or_none([Path(output), *plots]):
+        write_json(output, report)
         if plots:
             from nfsearch.serving.sweep_plot import write_plots
             write_plots(report, *plots)
-    _echo(f"wrote {output}" + "".join(f", {p}" for p in plots))
+    echo(f"wrote {output}" + "".join(f", {p}" for p in plots))
 
 
 @click.command("serve")
@@ -217,4 +217,4 @@ def serve_cmd(model, host, port, device, dtype, dense_batch, max_decode, max_tpo
                      "dense_batch": dense_batch, "max_decode": max_decode, "gpu_memory_utilization": utilization,
                      "seed": seed, "max_tpot_ms": max_tpot_ms, "quantization": quantization,
                      "kv_cache_dtype": kv_cache_dtype, "plans": plans_path}
-    serve(model, host, port, engine_kwargs, echo=lambda line: _echo(line, err=True))
+    serve(model, host, port, engine_kwargs, echo=lambda line: echo(line, err=True))
