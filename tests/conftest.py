@@ -103,7 +103,7 @@ def nvml_device():
         yield device
 
 
-def run_interpreted(script: str) -> dict:
+def run_interpreted(script: str, timeout_s: float = 120) -> dict:
     """tests/<script> in a child process under Triton's interpreter (TRITON_INTERPRET must be set before
     the kernels load); its stdout is JSON. Skips where triton is not installed."""
     import importlib.util
@@ -117,6 +117,6 @@ def run_interpreted(script: str) -> dict:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [
         str(root), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, str(root / "tests" / script)], check=False, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=timeout_s)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 try:  # pragma: no cover - depends on the machine
     import torch
 except ImportError:  # pragma: no cover
@@ -16,6 +18,16 @@ except Exception:  # noqa: BLE001 - triton missing or broken (e.g. no GPU toolch
     triton = None
     tl = None
     HAVE_TRITON = False
+
+
+# Triton's interpreter runs the kernels on CPU tensors: dispatchers that route CPU tensors to torch take
+# the Triton kernel under it, so CPU tests reach the GPU path
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(t) -> bool:
+    """Whether a dispatcher runs its Triton kernel on tensor t: on a CUDA device, or under the interpreter."""
+    return HAVE_TRITON and (t.is_cuda or INTERPRET)
 
 
 def require_triton(what: str) -> None:

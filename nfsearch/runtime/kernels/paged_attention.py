@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 
-from ._common import HAVE_TRITON, next_pow2, programs, require_triton, tl, torch, triton
+from ._common import HAVE_TRITON, next_pow2, programs, require_triton, tl, torch, triton, use_triton
 from .paged_attention_torch import (FP8_MAX, is_fp8, paged_decode_attention_torch, paged_prefill_attention_torch,
                                     write_kv_torch)
 
@@ -392,9 +392,9 @@ def paged_prefill_attention(q, k_cache, v_cache, page_tables, chunk_starts, chun
 def write_kv(k, v, k_cache, v_cache, slot_mapping, num_sms=None, *, k_scales=None, v_scales=None):
     """k_cache.view(-1, Hkv, D)[slot_mapping[t]] = k[t], same for v; slot -1 skipped. k, v [T, Hkv, D]
     (views with any row stride). An fp8 cache gets each (token, kv head) row quantized with its own
-    scale, stored in k_scales / v_scales [num_pages, page_size, Hkv] float32. Triton on a CUDA device,
-    ``write_kv_torch`` elsewhere."""
-    if HAVE_TRITON and k.is_cuda:
+    scale, stored in k_scales / v_scales [num_pages, page_size, Hkv] float32. Triton on a CUDA device
+    (or under Triton's interpreter), ``write_kv_torch`` elsewhere."""
+    if use_triton(k):
         return write_kv_triton(k, v, k_cache, v_cache, slot_mapping, num_sms, k_scales=k_scales, v_scales=v_scales)
     return write_kv_torch(k, v, k_cache, v_cache, slot_mapping, k_scales, v_scales)
 

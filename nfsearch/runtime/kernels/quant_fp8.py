@@ -28,17 +28,15 @@ reference elsewhere.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-from ._common import HAVE_TRITON, next_pow2, programs, require_triton, tl, torch, triton
+from ._common import HAVE_TRITON, next_pow2, programs, require_triton, tl, torch, triton, use_triton
 
 PROGRAMS_PER_SM = 4
 MAX_ONE_PASS = 16384               # elements of a row one program keeps in registers
 CHUNK = 8192                       # elements per chunk of a two-pass row
 FP8_MAX = 448.0
 MIN_AMAX = 1e-12                   # runtime.fp8.MIN_AMAX: a zero row gets a tiny scale, not 0 / 0
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @dataclass
@@ -154,11 +152,6 @@ def _check_out(q_out, scale_out, T: int, W: int) -> None:
                          f"{q_out.dtype} {list(q_out.shape)}")
     if scale_out.dtype != torch.float32 or tuple(scale_out.shape) != (T, 1) or not scale_out.is_contiguous():
         raise ValueError(f"scale_out must be contiguous float32 [{T}, 1], not {scale_out.dtype} {list(scale_out.shape)}")
-
-
-def use_triton(x) -> bool:
-    """The Triton kernels run on CUDA tensors, or on CPU ones in Triton's interpreter."""
-    return HAVE_TRITON and (x.is_cuda or INTERPRET)
 
 
 # ------------------------------------------------------------------------------------------ Triton

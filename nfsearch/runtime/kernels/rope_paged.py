@@ -22,7 +22,7 @@ write_kv_torch) defines the op on the CPU and is the GPU test's reference.
 
 from __future__ import annotations
 
-from ._common import HAVE_TRITON, next_pow2, programs, require_triton, tl, torch, triton
+from ._common import HAVE_TRITON, next_pow2, programs, require_triton, tl, torch, triton, use_triton
 from .paged_attention import _check_cache, _scale_args, device_sms
 from .paged_attention_torch import write_kv_torch
 from .torch_ops import rope_append_torch
@@ -106,8 +106,8 @@ def rope_write_kv(qkv, positions, cos, sin, q_out, k_cache, v_cache, slot_mappin
     """RoPE of qkv [T, (Hq + 2 Hkv) * D] at positions [T] into q_out [T, Hq, D]; the rotated k and the v
     of each token with ``slot_mapping[t] >= 0`` into k_cache / v_cache [num_pages, page_size, Hkv, D]
     (fp8 caches: quantized per (token, kv head) row, scales into k_scales / v_scales). Triton on a CUDA
-    device, ``rope_write_kv_torch`` elsewhere. Returns ``q_out``."""
-    if HAVE_TRITON and qkv.is_cuda:
+    device (or under Triton's interpreter), ``rope_write_kv_torch`` elsewhere. Returns ``q_out``."""
+    if use_triton(qkv):
         return rope_write_kv_triton(qkv, positions, cos, sin, q_out, k_cache, v_cache, slot_mapping, num_sms,
                                     k_scales=k_scales, v_scales=v_scales)
     return rope_write_kv_torch(qkv, positions, cos, sin, q_out, k_cache, v_cache, slot_mapping,
