@@ -32,6 +32,16 @@ def run(attn_impl: str, flags: dict) -> dict[int, list[int]]:
     return {s.seq_id: list(s.output_ids) for s in engine.run(reqs).sequences}
 
 
+def family_run(attn_impl: str, name: str) -> dict[int, list[int]]:
+    """The GPU tests' two-bucket family (fixtures/engine-tiny): `name` is the sequential one or the one
+    whose larger bucket is split in nano-batches on three streams with SM shares."""
+    from nfsearch.serving.traces import load_trace
+    reqs = load_trace("const:8:8", 24).requests
+    engine = Engine(TINY, device="cpu", dtype="fp32", attn_impl=attn_impl, trace_shape=TraceShape.of(reqs),
+                    num_pages=256, plans=os.path.join(os.path.dirname(TINY), name))
+    return {s.seq_id: list(s.output_ids) for s in engine.run(reqs).sequences}
+
+
 def main() -> dict:
     torch.manual_seed(0)
     result = {}
@@ -41,6 +51,12 @@ def main() -> dict:
         result[name] = {"all_finished": sorted(got) == sorted(ref) and all(len(got[k]) == len(ref[k]) for k in ref),
                         "num_tokens": len(tokens),
                         "token_agreement": sum(a == b for a, b in tokens) / max(1, len(tokens))}
+    ref = family_run("torch", "two-buckets.family.json")
+    got = family_run("triton", "two-buckets-split.family.json")
+    tokens = [(a, b) for k in ref for a, b in zip(ref[k], got.get(k, []))]
+    result["overlapped family"] = {
+        "all_finished": sorted(got) == sorted(ref) and all(len(got[k]) == len(ref[k]) for k in ref),
+        "num_tokens": len(tokens), "token_agreement": sum(a == b for a, b in tokens) / max(1, len(tokens))}
     return result
 
 
