@@ -121,6 +121,26 @@ def test_bench_end_to_end_on_the_cpu(tmp_path):
     assert report["batches"]["plan"]["mean_dense_batch"] > 0 and "total tokens/s per GPU" in r.output
 
 
+def test_a_failing_analysis_after_the_run_keeps_the_run(tmp_path, monkeypatch):
+    """The per-bucket energy fit (one of the blocks computed after the run) raising: the bench still
+    writes the run's numbers, the block records the error and the report says it was not computed."""
+    from nfsearch.runtime import bench_engine
+
+    def broken(*args, **kwargs):
+        raise ValueError("singular fit")
+
+    monkeypatch.setattr(bench_engine, "bucket_energy", broken)
+    out = tmp_path / "b.json"
+    r = CliRunner().invoke(main, ["bench", "--model", TINY, "--trace", "const:24:8", "--num-requests", "8",
+                                  "--device", "cpu", "--dense-batch", "64", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    report = json.loads(out.read_text())
+    assert report["summary"]["num_finished"] == 8
+    assert report["buckets_energy"] == {"error": "ValueError: singular fit"}
+    assert "warning: energy per bucket failed after the run: ValueError: singular fit" in r.output
+    assert "buckets_energy: not computed (ValueError: singular fit)" in r.output
+
+
 def test_malformed_trace_is_one_line_exit_2(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt_len": 10, "output_len": 4}\n{"prompt_len": "ten"}\n')

@@ -107,9 +107,9 @@ def bench_cmd(model, url, request_rate, sweep, max_duration_s, slo_stat, max_tpo
     else:
         report = run_bench(opts, echo=echo)
     report["command"] = " ".join(["nfsearch"] + sys.argv[1:])
-    echo(format_report(report))
-    with all_or_none([Path(output)]):
+    with all_or_none([Path(output)]):        # written before it is formatted: the run is kept whatever follows
         write_json(output, report)
+    echo(format_report(report))
     echo(f"wrote {output}")
 
 

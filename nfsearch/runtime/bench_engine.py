@@ -101,9 +101,9 @@ def run_bench(opts: BenchOptions, echo=print, progress: bool = True, make_engine
         "num_refused": len(run.refused),
         "power": _power(nvml, sampler, run, summary, steady, energy_j),
     }
-    report["buckets_energy"] = bucket_energy(run.iterations, sampler.samples if sampler else [], run.start_perf_s,
-                                             run.wall_s, (report["power"] or {}).get("power_limit_w"),
-                                             list(engine.buckets)).to_dict()
+    report["buckets_energy"] = _analysis("energy per bucket", echo, lambda: bucket_energy(
+        run.iterations, sampler.samples if sampler else [], run.start_perf_s, run.wall_s,
+        (report["power"] or {}).get("power_limit_w"), list(engine.buckets)).to_dict())
     if opts.is_compare:
         report["compare"] = {
             "every_iterations": every,
@@ -114,12 +114,22 @@ def run_bench(opts: BenchOptions, echo=print, progress: bool = True, make_engine
             "steady": [v.to_dict() for v in es.variant_stats(run, summary.steady_start_s, summary.steady_end_s)]}
     if getattr(engine, "family", None) is not None:
         from nfsearch.runtime.engine_plans import family_report
-        report["family"] = family_report(engine, run)
+        report["family"] = _analysis("the family's report", echo, lambda: family_report(engine, run))
     if opts.with_op_trace or (opts.with_op_trace is None and engine.is_cuda):
-        report["op_trace"] = es.op_trace(engine)
+        report["op_trace"] = _analysis("the per-op trace", echo, lambda: es.op_trace(engine))
     if nvml is not None:
         nvml.close()
     return report
+
+
+def _analysis(what: str, echo, compute):
+    """A block computed from a finished run: a failure there is recorded in its place ({"error": ...})
+    and said in one line, so minutes of measured serving are never lost to the analysis after them."""
+    try:
+        return compute()
+    except Exception as exc:  # noqa: BLE001 - any failure of an analysis, the run's own numbers kept
+        echo(f"warning: {what} failed after the run: {type(exc).__name__}: {exc}")
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def engine_ops() -> dict:
@@ -263,7 +273,10 @@ def format_report(r: dict) -> str:
     lines.append("buckets (tokens/decode/segments/context): hits, " + "; ".join(
         f"{h['max_tokens']}/{h['max_decode']}/{h['max_segments']}/{h['max_context']} {100 * h['fraction']:.0f}%"
         for h in b["bucket_hits"]))
-    for t in r.get("op_trace", []):
+    failed = {k: r[k]["error"] for k in ("op_trace", "buckets_energy", "family")
+              if isinstance(r.get(k), dict) and "error" in r[k]}
+    lines += [f"{k}: not computed ({why})" for k, why in failed.items()]
+    for t in ([] if "op_trace" in failed else r.get("op_trace", [])):
         ms = t["ms_by_class"]
         lines.append(f"op trace bucket {t['max_tokens']}/{t['max_decode']}/{t['max_segments']}/{t['max_context']}: "
                      f"gemm {ms['gemm']:.2f} ms, attention {ms['attention']:.2f}, other {ms['other']:.2f}, "
@@ -273,11 +286,11 @@ def format_report(r: dict) -> str:
                      f"iterations, GPU {v['gpu_ms_per_iteration']:.2f} ms/iteration, {v['gpu_us_per_token']:.2f} us/token")
     if r.get("compare"):
         lines.append("compare: " + r["compare"]["what_differs"])
-    energy = r.get("buckets_energy")
-    if r.get("family"):
+    energy = None if "buckets_energy" in failed else r.get("buckets_energy")
+    if r.get("family") and "family" not in failed:
         from nfsearch.runtime.engine_plans import format_family
         lines += format_family(r["family"], r["summary"]["total_tokens_per_s"], energy)
-    if energy and (not r.get("family") or len({b["variant"] for b in energy["buckets"]}) > 1):
+    if energy and (not r.get("family") or "family" in failed or len({b["variant"] for b in energy["buckets"]}) > 1):
         lines += energy_lines(energy)          # a family's table shows the "plan" variant's beside its predictions
     return "\n".join(lines)
 
