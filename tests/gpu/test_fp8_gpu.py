@@ -4,6 +4,8 @@ FP8 engine, and (printed, not asserted) the time of LLaMA-3-8B's four GEMMs in b
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -17,7 +19,8 @@ from conftest import ENGINE_TINY as TINY
 
 from nfsearch.runtime import fp8
 from nfsearch.runtime.kernels import gemm_fp8, gemm_torch
-from nfsearch.runtime.kernels import gemm_fp8 as gemm_fp8_module
+
+gemm_fp8_module = importlib.import_module("nfsearch.runtime.kernels.gemm_fp8")  # kernels.gemm_fp8 is the function
 
 # LLaMA-3-8B's GEMMs (K, N): kqv, o, ug, d
 SHAPES_8B = {"kqv": (4096, 6144), "o": (4096, 4096), "ug": (4096, 28672), "d": (14336, 4096)}
