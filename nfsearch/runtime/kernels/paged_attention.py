@@ -226,6 +226,31 @@ if HAVE_TRITON:
         return tl.where(r == 0, x * 0.0, r)                 # a negative x rounded to zero stays -0, as torch's
 
     @triton.jit
+    def _slot_rows(slot_ptr, t, offs_h, HKV: tl.constexpr, PS: tl.constexpr):
+        """Token t's cache slot as (kv head mask [HP], page, offset): every head masked off for slot -1."""
+        slot = tl.load(slot_ptr + t)
+        hmask = offs_h < tl.where(slot >= 0, HKV, 0)    # (a scalar & a vector trips the interpreter)
+        slot = tl.maximum(slot, 0).to(tl.int64)
+        return hmask, slot // PS, slot % PS
+
+    @triton.jit
+    def _store_kv_rows(kv, vv, kc_ptr, vc_ptr, ks_ptr, vs_ptr, page, off, hmask, offs_h, offs_d,
+                       s_kcp, s_kct, s_kch, s_vcp, s_vct, s_vch, s_sp, s_st, FP8: tl.constexpr):
+        """K and V rows [HP, D] of one token into the paged caches at (page, off); an fp8 cache gets
+        each (token, kv head) row quantized with its own scale, stored in the scale arrays."""
+        mask = hmask[:, None]
+        if FP8:
+            kv, ksc = _to_fp8(kv.to(tl.float32), kc_ptr.dtype.element_ty)
+            vv, vsc = _to_fp8(vv.to(tl.float32), vc_ptr.dtype.element_ty)
+            srow = page * s_sp + off * s_st + offs_h
+            tl.store(ks_ptr + srow, ksc, mask=hmask)
+            tl.store(vs_ptr + srow, vsc, mask=hmask)
+        tl.store(kc_ptr + page * s_kcp + off * s_kct + offs_h[:, None] * s_kch + offs_d[None, :],
+                 kv.to(kc_ptr.dtype.element_ty), mask=mask)
+        tl.store(vc_ptr + page * s_vcp + off * s_vct + offs_h[:, None] * s_vch + offs_d[None, :],
+                 vv.to(vc_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr, s_kt, s_kh, s_vt, s_vh,
                          s_kcp, s_kct, s_kch, s_vcp, s_vct, s_vch, s_sp, s_st, T, NP,
                          HKV: tl.constexpr, HP: tl.constexpr, PS: tl.constexpr, D: tl.constexpr,
@@ -234,22 +259,11 @@ if HAVE_TRITON:
         offs_h = tl.arange(0, HP)
         offs_d = tl.arange(0, D)
         for t in range(pid, T, NP):
-            slot = tl.load(slot_ptr + t)
-            hmask = offs_h < tl.where(slot >= 0, HKV, 0)    # (a scalar & a vector trips the interpreter)
-            mask = hmask[:, None]
-            slot = tl.maximum(slot, 0).to(tl.int64)
-            page = slot // PS
-            off = slot % PS
-            kv = tl.load(k_ptr + t * s_kt + offs_h[:, None] * s_kh + offs_d[None, :], mask=mask)
-            vv = tl.load(v_ptr + t * s_vt + offs_h[:, None] * s_vh + offs_d[None, :], mask=mask)
-            if FP8:
-                kv, ksc = _to_fp8(kv.to(tl.float32), kc_ptr.dtype.element_ty)
-                vv, vsc = _to_fp8(vv.to(tl.float32), vc_ptr.dtype.element_ty)
-                srow = page * s_sp + off * s_st + offs_h
-                tl.store(ks_ptr + srow, ksc, mask=hmask)
-                tl.store(vs_ptr + srow, vsc, mask=hmask)
-            tl.store(kc_ptr + page * s_kcp + off * s_kct + offs_h[:, None] * s_kch + offs_d[None, :], kv, mask=mask)
-            tl.store(vc_ptr + page * s_vcp + off * s_vct + offs_h[:, None] * s_vch + offs_d[None, :], vv, mask=mask)
+            hmask, page, off = _slot_rows(slot_ptr, t, offs_h, HKV, PS)
+            kv = tl.load(k_ptr + t * s_kt + offs_h[:, None] * s_kh + offs_d[None, :], mask=hmask[:, None])
+            vv = tl.load(v_ptr + t * s_vt + offs_h[:, None] * s_vh + offs_d[None, :], mask=hmask[:, None])
+            _store_kv_rows(kv, vv, kc_ptr, vc_ptr, ks_ptr, vs_ptr, page, off, hmask, offs_h, offs_d,
+                           s_kcp, s_kct, s_kch, s_vcp, s_vct, s_vch, s_sp, s_st, FP8)
 
 
 def device_sms(device) -> int:

@@ -30,7 +30,7 @@ from .torch_ops import rope_append_torch
 ROPE_KV_PROGRAMS_PER_SM = 8
 
 if HAVE_TRITON:
-    from .paged_attention import _to_fp8
+    from .paged_attention import _slot_rows, _store_kv_rows
 
     @triton.jit
     def _round_to(x, DT: tl.constexpr):
@@ -81,24 +81,12 @@ if HAVE_TRITON:
             q = _rotate_rows(row, offs_q, offs_d, qmask, c, s, sign, HALF, D)
             tl.store(q_ptr + t64 * s_qt + offs_q[:, None] * s_qh + offs_d[None, :],
                      q.to(q_ptr.dtype.element_ty), mask=qmask)
-            slot = tl.load(slot_ptr + t)
-            hmask = offs_k < tl.where(slot >= 0, HKV, 0)    # (a scalar & a vector trips the interpreter)
+            hmask, page, off = _slot_rows(slot_ptr, t, offs_k, HKV, PS)
             kmask = hmask[:, None]
-            slot = tl.maximum(slot, 0).to(tl.int64)
-            page = slot // PS
-            off = slot % PS
             kv = _rotate_rows(row + HQ * D, offs_k, offs_d, kmask, c, s, sign, HALF, D)
             vv = tl.load(row + (HQ + HKV) * D + offs_k[:, None] * D + offs_d[None, :], mask=kmask)
-            if FP8:
-                kv, ksc = _to_fp8(kv, kc_ptr.dtype.element_ty)
-                vv, vsc = _to_fp8(vv.to(tl.float32), vc_ptr.dtype.element_ty)
-                srow = page * s_sp + off * s_st + offs_k
-                tl.store(ks_ptr + srow, ksc, mask=hmask)
-                tl.store(vs_ptr + srow, vsc, mask=hmask)
-            tl.store(kc_ptr + page * s_kcp + off * s_kct + offs_k[:, None] * s_kch + offs_d[None, :],
-                     kv.to(kc_ptr.dtype.element_ty), mask=kmask)
-            tl.store(vc_ptr + page * s_vcp + off * s_vct + offs_k[:, None] * s_vch + offs_d[None, :],
-                     vv.to(vc_ptr.dtype.element_ty), mask=kmask)
+            _store_kv_rows(kv, vv, kc_ptr, vc_ptr, ks_ptr, vs_ptr, page, off, hmask, offs_k, offs_d,
+                           s_kcp, s_kct, s_kch, s_vcp, s_vct, s_vch, s_sp, s_st, FP8)
 
 
 def rope_write_kv(qkv, positions, cos, sin, q_out, k_cache, v_cache, slot_mapping, num_sms=None, *,
