@@ -5,6 +5,7 @@ plus its float32 scale per token and kv head, the bytes the kernel actually read
 TFLOP/s (4 * D * Hq * sum over rows of keys seen). bf16 and fp8 caches (--kv-cache-dtype fp8) side by
 side at 300x1280 and 1024x1024. SM shares run inside green contexts (SM-accurate) with
 num_sms = the share. Usage: python benchmarks/paged_attention.py [--budget-s S] [--out DIR] [--dry]
+[--sections decode_rows,...,decode_fp8_sweep]
 """
 
 import argparse
@@ -60,8 +61,7 @@ def to_fp8_cache(kc, vc):
     """(fp8 K, fp8 V, {k_scales, v_scales}) of bf16 caches [pages, ps, Hkv, D], quantized by write_kv."""
     k8, v8 = torch.zeros(kc.shape, device=kc.device, dtype=torch.float8_e4m3fn), None
     v8 = torch.zeros_like(k8)
-    ks = torch.ones(kc.shape[:3], device=kc.device)
-    vs = torch.ones_like(ks)
+    ks, vs = (pa.new_kv_scales(*kc.shape[:3], device=kc.device) for _ in range(2))
     slots = torch.arange(kc.shape[0] * kc.shape[1], device=kc.device)
     pa.write_kv(kc.view(-1, HKV, D), vc.view(-1, HKV, D), k8, v8, slots, k_scales=ks, v_scales=vs)
     return k8, v8, {"k_scales": ks, "v_scales": vs}
@@ -196,6 +196,29 @@ def decode_sweep(streams, full, args):
         torch.cuda.empty_cache()
 
 
+def decode_fp8_sweep(streams, full, args):
+    """The decode configs on an fp8 cache at E1's FP8-KV top bucket (576 requests x 1536) and 300x1280,
+    at the full GPU, beside the bf16 cache's default config on the same requests."""
+    for B, ctx in ((576, 1536), (300, 1280)):
+        dec = Decode(B, ctx)
+        t_bf16 = timed(dec.run(full))
+        fp8 = dec.fp8()
+        del dec
+        res = []
+        for c in DECODE_SWEEP:
+            if over_budget(args):
+                return
+            t = timed(fp8.run(full, c))
+            res.append((fp8.tbps(t), c))
+            ROWS.append(dict(kind="decode_fp8_sweep", shape=f"{B}x{ctx}", sms=full, cfg=cfg_name(c), fp8_ms=t,
+                             fp8_tbps=fp8.tbps(t), bf16_default_ms=t_bf16))
+            log(ROWS[-1])
+        BEST[("decode_fp8", f"{B}x{ctx}")] = max(res, key=lambda r: r[0])
+        del fp8
+        if not DRY:
+            torch.cuda.empty_cache()
+
+
 BEST = {}
 
 
@@ -283,6 +306,9 @@ def prefill_sweep(streams, full, args):
         BEST[("prefill", prefix)] = max(res, key=lambda r: r[0])
 
 
+SECTIONS = {f.__name__: f for f in (decode_rows, prefill_rows, decode_sweep, prefill_sweep, decode_fp8_sweep)}
+
+
 def print_tables(name):
     print(f"\n{name}: decode TB/s (K+V bytes / median time), default config; SM shares in green contexts")
     print("| shape | SMs | paged | SDPA contiguous | paged ms | SDPA ms |")
@@ -299,6 +325,10 @@ def print_tables(name):
         if r["kind"] == "decode_fp8":
             print(f"| {r['shape']} | {r['sms']} | {r['bf16_tbps']:.2f} | {r['fp8_tbps']:.2f} | {r['bf16_ms']:.3f} "
                   f"| {r['fp8_ms']:.3f} | {r['speedup']:.2f}x |")
+    for r in ROWS:
+        if r["kind"] == "decode_fp8_sweep":
+            print(f"fp8 decode {r['shape']} at {r['sms']} SMs cfg {r['cfg']}: {r['fp8_ms']:.3f} ms "
+                  f"({r['fp8_tbps']:.2f} TB/s); bf16 cache, default cfg: {r['bf16_default_ms']:.3f} ms")
     for r in ROWS:
         if r["kind"] == "prefill_fp8":
             print(f"prefill {r['shape']} at {r['sms']} SMs: bf16 {r['bf16_ms']:.3f} ms, fp8 cache {r['fp8_ms']:.3f} ms "
@@ -338,6 +368,8 @@ def main():
     ap.add_argument("--budget-s", type=float, default=120.0, help="start no sweep step after this")
     ap.add_argument("--out", default=None)
     ap.add_argument("--dry", action="store_true")
+    ap.add_argument("--sections", default="decode_rows,prefill_rows,decode_sweep,prefill_sweep",
+                    help=f"comma-separated, in order, of: {', '.join(SECTIONS)}")
     args = ap.parse_args()
     if args.dry:
         global DEV, DT, DRY
@@ -360,8 +392,9 @@ def main_body(args, props, parts):
     import traceback
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))   # a timeout still prints the tables
     try:
-        for section in (decode_rows, prefill_rows, decode_sweep, prefill_sweep):
-            if section in (decode_sweep, prefill_sweep) and over_budget(args):
+        for name in args.sections.split(","):
+            section = SECTIONS[name]
+            if name.endswith("sweep") and over_budget(args):
                 log(f"budget spent: {section.__name__} skipped")
                 continue
             try:

@@ -15,8 +15,12 @@ from nfsearch.runtime.kernels import paged_attention as pa  # noqa: E402
 FP8 = torch.float8_e4m3fn
 
 
-def fp8_caches(num_pages, page_size, hkv, d):
+def fp8_caches(num_pages, page_size, hkv, d, is_head_major=False):
+    """(K, V, K scales, V scales); scales contiguous [pages, page_size, Hkv], or the engine's head-major
+    layout (new_kv_scales)."""
     kc = torch.zeros(num_pages, page_size, hkv, d, dtype=FP8)
+    if is_head_major:
+        return kc, kc.clone(), pa.new_kv_scales(num_pages, page_size, hkv), pa.new_kv_scales(num_pages, page_size, hkv)
     ks = torch.ones(num_pages, page_size, hkv)
     return kc, kc.clone(), ks, ks.clone()
 
@@ -36,7 +40,8 @@ def main() -> dict:
     k[8, :, :3] = -1e-6 * k[8].abs().max()       # negatives that round to zero: stored as -0, as torch's
     slots = torch.randperm(P * PS)[:T]
     slots[3], slots[40] = -1, -1
-    tri, ref = fp8_caches(P, PS, HKV, D), fp8_caches(P, PS, HKV, D)
+    # the Triton write into head-major scales, torch's into contiguous ones: same values either way
+    tri, ref = fp8_caches(P, PS, HKV, D, is_head_major=True), fp8_caches(P, PS, HKV, D)
     pa.write_kv_triton(k, v, tri[0], tri[1], slots, 2, k_scales=tri[2], v_scales=tri[3])
     pa.write_kv_torch(k, v, ref[0], ref[1], slots, ref[2], ref[3])
     out = {"write_bytes_equal": bytes_equal(tri[0], ref[0]) and bytes_equal(tri[1], ref[1]),
@@ -45,6 +50,7 @@ def main() -> dict:
     kc, vc, ks, vs = ref
     pt = torch.randperm(P).to(torch.int32).view(2, 7)
     scales = {"k_scales": ks, "v_scales": vs}
+    head_major = {"k_scales": tri[2], "v_scales": tri[3]}      # the kernels read the engine's layout
     # fp32 queries only: the interpreter's bf16 dot is wrong for the bf16 cache too (GPU tests cover bf16)
     for name, dt, in (("fp32", torch.float32),):
         q = torch.randn(3, HQ, D).to(dt)
@@ -54,7 +60,7 @@ def main() -> dict:
         worst = 0.0
         for num_splits in (None, 1, 3):
             got = pa.paged_decode_attention(q, kc, vc, tables, lens, torch.full_like(q, float("nan")), 0.2,
-                                            num_sms=2, num_splits=num_splits, **scales)
+                                            num_sms=2, num_splits=num_splits, **head_major)
             worst = max(worst, float(((got.float() - want.float()).norm() / want.float().norm())))
         out[f"decode_{name}_rel"] = worst
         qp = torch.randn(24, HQ, D).to(dt)
@@ -62,7 +68,7 @@ def main() -> dict:
         want = pa.paged_prefill_attention_torch(qp, kc, vc, pt, starts, clen, pre, torch.zeros_like(qp), 0.2,
                                                 **scales)
         got = pa.paged_prefill_attention(qp, kc, vc, pt, starts, clen, pre, torch.zeros_like(qp), 0.2, num_sms=2,
-                                         **scales)
+                                         **head_major)
         out[f"prefill_{name}_rel"] = float(((got.float() - want.float()).norm() / want.float().norm()))
     return out
 

@@ -181,8 +181,10 @@ def test_interpreted_write_kv_writes_the_torch_bytes(interpreted):
 
 
 def test_interpreted_attention_matches_torch_on_fp8_cache(interpreted):
+    # the kernels take fp8 tiles into fp16 dots (q and the scaled probabilities rounded to fp16's 11
+    # bits, 2^-12 relative each), the reference computes in fp32: a few 1e-4, not 1e-2
     for key in ("decode_fp32_rel", "prefill_fp32_rel"):
-        assert interpreted[key] < 1e-5, (key, interpreted[key])
+        assert interpreted[key] < 1e-3, (key, interpreted[key])
 
 
 # ---------------------------------------------------------------------------------- memory and engine

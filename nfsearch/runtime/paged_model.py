@@ -36,6 +36,7 @@ import math
 import torch
 
 from nfsearch.runtime.kernels import IMPLS, quant_fp8, rope_append_torch
+from nfsearch.runtime.kernels.paged_attention_torch import new_kv_scales
 from nfsearch.runtime.sampling import sample
 from nfsearch.runtime.step_inputs import StepBuffers, StepInputs, make_step_inputs  # noqa: F401 (re-exported)
 from nfsearch.runtime.weights import ModelWeights
@@ -109,8 +110,8 @@ class PagedModel:
         self.k_caches = [self.kv[i, 0] for i in range(m.num_layers)]
         self.v_caches = [self.kv[i, 1] for i in range(m.num_layers)]
         # fp8: scales [layers, 2, pages, page_size, Hkv] float32 (ones: a zeroed row dequantizes to 0)
-        self.kv_scales = (torch.ones((m.num_layers, 2, num_pages, page_size, self.hkv), device=self.device,
-                                     dtype=torch.float32) if self.is_fp8_kv else None)
+        self.kv_scales = (new_kv_scales(num_pages, page_size, self.hkv, lead=(m.num_layers, 2), device=self.device)
+                          if self.is_fp8_kv else None)
         self.kv_scale_kwargs = [{} if self.kv_scales is None else
                                 {"k_scales": self.kv_scales[i, 0], "v_scales": self.kv_scales[i, 1]}
                                 for i in range(m.num_layers)]

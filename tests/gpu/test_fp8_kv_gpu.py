@@ -13,6 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 from paged_util import capture, rel_error, scattered_tables
+from nfsearch.runtime.kernels.paged_attention_torch import new_kv_scales
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -33,8 +34,7 @@ def _fp8_cache(num_pages, page_size, hkv, d):
     vb = torch.randn_like(kb)
     k8 = torch.zeros(kb.shape, device="cuda", dtype=FP8)
     v8 = torch.zeros_like(k8)
-    ks = torch.ones(kb.shape[:3], device="cuda")
-    vs = torch.ones_like(ks)
+    ks, vs = (new_kv_scales(*kb.shape[:3], device="cuda") for _ in range(2))
     slots = torch.arange(num_pages * page_size, device="cuda")
     write_kv_torch(kb.view(-1, hkv, d), vb.view(-1, hkv, d), k8, v8, slots, ks, vs)
     return kb, vb, k8, v8, ks, vs

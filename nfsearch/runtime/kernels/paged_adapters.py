@@ -42,6 +42,7 @@ from ._common import HAVE_TRITON, torch
 from .paged_attention import paged_decode_attention, paged_prefill_attention
 from .paged_attention_torch import (
     FP8_DTYPE,
+    new_kv_scales,
     paged_decode_attention_torch,
     paged_prefill_attention_torch,
     write_kv_torch,
@@ -141,7 +142,7 @@ def _paged_copy(tables, num_pages: int, lengths: list[int], k, v, kv_dtype: str 
     kc, vc = (torch.zeros(shape, device=k.device, dtype=dtype) for _ in range(2))
     ks = vs = None
     if kv_dtype == "fp8":
-        ks, vs = (torch.ones(shape[:3], device=k.device, dtype=torch.float32) for _ in range(2))
+        ks, vs = (new_kv_scales(*shape[:3], device=k.device) for _ in range(2))
     if lengths and sum(lengths):
         write_kv_torch(k, v, kc, vc, _slots(tables, lengths), ks, vs)
     return PagedKv(kc, vc, tables, ks, vs, **fields)

@@ -24,7 +24,9 @@ v_scales [num_pages, page_size, Hkv]`` float32, one scale per (token, kv head), 
 with the row (paged_attention_torch.py says why that grain). The dtype is a trace-time constant
 (``FP8: tl.constexpr``): the bf16 kernels compile exactly as before. With fp8 the attention kernels
 load half the K/V bytes (the same vectorised row loads) plus one scale per key, widen the fp8 tile to
-q's dtype (exact) and apply the scales per score column (K) and per probability column (V).
+fp16 (exact; q is converted to fp16 once per work item) and apply the scales per score column (K)
+and per probability column (V). Scales are read through any strides; the engine stores them head-major
+(``new_kv_scales``), so one kv head's scales of a page are 64 contiguous bytes, not 16 scattered words.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from dataclasses import dataclass
 from functools import cache
 
 from ._common import HAVE_TRITON, next_pow2, programs, require_triton, tl, torch, triton, use_triton
-from .paged_attention_torch import (FP8_MAX, is_fp8, paged_decode_attention_torch, paged_prefill_attention_torch,
-                                    write_kv_torch)
+from .paged_attention_torch import (FP8_MAX, is_fp8, new_kv_scales, paged_decode_attention_torch,  # noqa: F401
+                                    paged_prefill_attention_torch, write_kv_torch)
 
 LOG2E = 1.4426950408889634
 
@@ -69,7 +71,7 @@ if HAVE_TRITON:
     RNE_MAGIC = tl.constexpr(12582912.0)      # 1.5 x 2^23: y + it - it is y rounded to an integer (|y| < 2^22)
 
     @triton.jit
-    def _kv_block(k_ptr, v_ptr, ks_ptr, vs_ptr, pt, key, kmask, h, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_sp, s_st,
+    def _kv_block(k_ptr, v_ptr, ks_ptr, vs_ptr, pt, key, kmask, h, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_sp, s_st, s_sh,
                   offs_d, PS: tl.constexpr, FP8: tl.constexpr):
         """Keys `key` [BN] of one request through its page table row `pt`: (K [BN, D], V [BN, D], K scales,
         V scales): the scales [BN] of an fp8 cache (0 where masked), else 1.0."""
@@ -79,7 +81,7 @@ if HAVE_TRITON:
         kt = tl.load(k_ptr + krow[:, None] + offs_d[None, :], mask=kmask[:, None], other=0.0)
         vt = tl.load(v_ptr + vrow[:, None] + offs_d[None, :], mask=kmask[:, None], other=0.0)
         if FP8:
-            srow = page * s_sp + (key % PS) * s_st + h
+            srow = page * s_sp + (key % PS) * s_st + h * s_sh
             ks = tl.load(ks_ptr + srow, mask=kmask, other=0.0)
             vs = tl.load(vs_ptr + srow, mask=kmask, other=0.0)
         else:
@@ -89,7 +91,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _scores(qt, kt, ks, qk_scale, FP8: tl.constexpr):
-        """q k^T x qk_scale [M, BN] fp32; an fp8 K tile is widened to q's dtype and scaled per column."""
+        """q k^T x qk_scale [M, BN] fp32; an fp8 K tile is widened to q's dtype (fp16, see _fp8_query)
+        and scaled per column."""
         if FP8:
             sc = tl.dot(qt, tl.trans(kt.to(qt.dtype))) * (ks * qk_scale)[None, :]
         else:
@@ -99,21 +102,34 @@ if HAVE_TRITON:
     @triton.jit
     def _attend_step(sc, vt, vs, m_i, l_i, acc, FP8: tl.constexpr):
         """softmax_step; with an fp8 V tile (already widened) the probabilities are scaled per key
-        column before the PV product (the row sums l_i stay unscaled)."""
+        column before the PV product (the row sums l_i stay unscaled). The scales are taken relative
+        to the tile's largest, so the scaled probabilities stay in [0, 1], where fp16 keeps 11 bits,
+        and the product is scaled back once."""
         if FP8:
             m_new = tl.maximum(m_i, tl.max(sc, 1))
             p = tl.exp2(sc - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot((p * vs[None, :]).to(vt.dtype), vt)
+            vmax = tl.max(vs, 0)
+            vmax = tl.where(vmax > 0, vmax, 1.0)
+            acc = acc * alpha[:, None] + tl.dot((p * (vs / vmax)[None, :]).to(vt.dtype), vt) * vmax
             m_i = m_new
         else:
             m_i, l_i, acc = softmax_step(sc, vt, m_i, l_i, acc)
         return m_i, l_i, acc
 
     @triton.jit
+    def _fp8_query(qt, FP8: tl.constexpr):
+        """q as the fp8 tiles' dot partner: fp16 for an fp8 cache. e4m3 -> fp16 is one exact conversion
+        per pair of values (bf16 needs it plus two more), and bf16 q values in fp16's normal range are
+        exact in fp16; q as loaded otherwise."""
+        if FP8:
+            qt = qt.to(tl.float16)
+        return qt
+
+    @triton.jit
     def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pt_ptr, lens_ptr, out_ptr, opart_ptr, lse_ptr,
-                             s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_sp, s_st, s_ob, s_oh, s_pt,
+                             s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_sp, s_st, s_sh, s_ob, s_oh, s_pt,
                              B, HKV, NSPLIT, SPLIT_LEN, qk_scale, NP,
                              PS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                              BN: tl.constexpr, DIRECT: tl.constexpr, STAGES: tl.constexpr, FP8: tl.constexpr):
@@ -130,6 +146,7 @@ if HAVE_TRITON:
             end = tl.minimum(start + SPLIT_LEN, tl.load(lens_ptr + b))
             qh = h * G + offs_g
             qt = tl.load(q_ptr + b * s_qb + qh[:, None] * s_qh + offs_d[None, :], mask=gmask[:, None], other=0.0)
+            qt = _fp8_query(qt, FP8)
             m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
             l_i = tl.zeros([GP], dtype=tl.float32)
             acc = tl.zeros([GP, D], dtype=tl.float32)
@@ -138,7 +155,7 @@ if HAVE_TRITON:
                 tok = t0 + offs_n
                 tmask = tok < end
                 kt, vt, ks, vs = _kv_block(k_ptr, v_ptr, ks_ptr, vs_ptr, pt, tok, tmask, h, s_kp, s_kt, s_kh,
-                                           s_vp, s_vt, s_vh, s_sp, s_st, offs_d, PS, FP8)
+                                           s_vp, s_vt, s_vh, s_sp, s_st, s_sh, offs_d, PS, FP8)
                 sc = _scores(qt, kt, ks, qk_scale, FP8)
                 sc = tl.where(tmask[None, :], sc, float("-inf"))
                 m_i, l_i, acc = _attend_step(sc, vt.to(qt.dtype), vs, m_i, l_i, acc, FP8)
@@ -147,7 +164,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _paged_prefill_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pt_ptr, starts_ptr, lens_ptr, prefix_ptr, out_ptr,
-                              s_qt, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_sp, s_st, s_ot, s_oh, s_pt,
+                              s_qt, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_sp, s_st, s_sh, s_ot, s_oh, s_pt,
                               NSEG, HKV, qk_scale, NP,
                               PS: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BT: tl.constexpr,
                               D: tl.constexpr, BN: tl.constexpr, SP: tl.constexpr, STAGES: tl.constexpr,
@@ -177,6 +194,7 @@ if HAVE_TRITON:
             qh = h * G + head_in_group
             qoff = (start + i).to(tl.int64) * s_qt + qh * s_qh
             qt = tl.load(q_ptr + qoff[:, None] + offs_d[None, :], mask=rmask[:, None], other=0.0)
+            qt = _fp8_query(qt, FP8)
             pos = prefix + i
             # keys < prefix + i0 + 1 are seen by every row; the block's causal edge ends at its last row
             full_end = (prefix + i0 + 1) // BN * BN
@@ -188,14 +206,14 @@ if HAVE_TRITON:
             for k0 in tl.range(0, full_end, BN, num_stages=STAGES):
                 key = k0 + offs_n
                 kt, vt, ks, vs = _kv_block(k_ptr, v_ptr, ks_ptr, vs_ptr, pt, key, key < full_end, h, s_kp, s_kt,
-                                           s_kh, s_vp, s_vt, s_vh, s_sp, s_st, offs_d, PS, FP8)
+                                           s_kh, s_vp, s_vt, s_vh, s_sp, s_st, s_sh, offs_d, PS, FP8)
                 sc = _scores(qt, kt, ks, qk_scale, FP8)
                 m_i, l_i, acc = _attend_step(sc, vt.to(qt.dtype), vs, m_i, l_i, acc, FP8)
             for k0 in tl.range(full_end, edge_end, BN, num_stages=STAGES):
                 key = k0 + offs_n
                 kmask = key < edge_end
                 kt, vt, ks, vs = _kv_block(k_ptr, v_ptr, ks_ptr, vs_ptr, pt, key, kmask, h, s_kp, s_kt, s_kh,
-                                           s_vp, s_vt, s_vh, s_sp, s_st, offs_d, PS, FP8)
+                                           s_vp, s_vt, s_vh, s_sp, s_st, s_sh, offs_d, PS, FP8)
                 sc = _scores(qt, kt, ks, qk_scale, FP8)
                 sc = tl.where(kmask[None, :] & (key[None, :] <= pos[:, None]), sc, float("-inf"))
                 m_i, l_i, acc = _attend_step(sc, vt.to(qt.dtype), vs, m_i, l_i, acc, FP8)
@@ -235,14 +253,14 @@ if HAVE_TRITON:
 
     @triton.jit
     def _store_kv_rows(kv, vv, kc_ptr, vc_ptr, ks_ptr, vs_ptr, page, off, hmask, offs_h, offs_d,
-                       s_kcp, s_kct, s_kch, s_vcp, s_vct, s_vch, s_sp, s_st, FP8: tl.constexpr):
+                       s_kcp, s_kct, s_kch, s_vcp, s_vct, s_vch, s_sp, s_st, s_sh, FP8: tl.constexpr):
         """K and V rows [HP, D] of one token into the paged caches at (page, off); an fp8 cache gets
         each (token, kv head) row quantized with its own scale, stored in the scale arrays."""
         mask = hmask[:, None]
         if FP8:
             kv, ksc = _to_fp8(kv.to(tl.float32), kc_ptr.dtype.element_ty)
             vv, vsc = _to_fp8(vv.to(tl.float32), vc_ptr.dtype.element_ty)
-            srow = page * s_sp + off * s_st + offs_h
+            srow = page * s_sp + off * s_st + offs_h * s_sh
             tl.store(ks_ptr + srow, ksc, mask=hmask)
             tl.store(vs_ptr + srow, vsc, mask=hmask)
         tl.store(kc_ptr + page * s_kcp + off * s_kct + offs_h[:, None] * s_kch + offs_d[None, :],
@@ -252,7 +270,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr, s_kt, s_kh, s_vt, s_vh,
-                         s_kcp, s_kct, s_kch, s_vcp, s_vct, s_vch, s_sp, s_st, T, NP,
+                         s_kcp, s_kct, s_kch, s_vcp, s_vct, s_vch, s_sp, s_st, s_sh, T, NP,
                          HKV: tl.constexpr, HP: tl.constexpr, PS: tl.constexpr, D: tl.constexpr,
                          FP8: tl.constexpr):
         pid = tl.program_id(0)
@@ -263,7 +281,7 @@ if HAVE_TRITON:
             kv = tl.load(k_ptr + t * s_kt + offs_h[:, None] * s_kh + offs_d[None, :], mask=hmask[:, None])
             vv = tl.load(v_ptr + t * s_vt + offs_h[:, None] * s_vh + offs_d[None, :], mask=hmask[:, None])
             _store_kv_rows(kv, vv, kc_ptr, vc_ptr, ks_ptr, vs_ptr, page, off, hmask, offs_h, offs_d,
-                           s_kcp, s_kct, s_kch, s_vcp, s_vct, s_vch, s_sp, s_st, FP8)
+                           s_kcp, s_kct, s_kch, s_vcp, s_vct, s_vch, s_sp, s_st, s_sh, FP8)
 
 
 def device_sms(device) -> int:
@@ -299,20 +317,21 @@ def _check_cache(k_cache, v_cache, head_dim: int):
 
 
 def _scale_args(k_cache, v_cache, k_scales, v_scales):
-    """(k scales, v scales, page stride, token stride, is_fp8) for the kernels; a bf16 cache passes its
-    own tensors as unused scale pointers."""
+    """(k scales, v scales, page stride, token stride, head stride, is_fp8) for the kernels; a bf16 cache
+    passes its own tensors as unused scale pointers. Any strides (new_kv_scales' head-major layout is
+    the fast one for attention)."""
     if k_cache.dtype != v_cache.dtype:
         raise ValueError(f"K cache {k_cache.dtype} and V cache {v_cache.dtype} differ")
     if not is_fp8(k_cache):
-        return k_cache, v_cache, 0, 0, False
+        return k_cache, v_cache, 0, 0, 0, False
     want = tuple(k_cache.shape[:3])
     for t in (k_scales, v_scales):
-        if t is None or tuple(t.shape) != want or t.dtype != torch.float32 or t.stride(2) != 1:
-            raise ValueError(f"an fp8 cache needs float32 k_scales and v_scales {list(want)} "
-                             f"(contiguous heads), got {None if t is None else (tuple(t.shape), t.dtype)}")
+        if t is None or tuple(t.shape) != want or t.dtype != torch.float32:
+            raise ValueError(f"an fp8 cache needs float32 k_scales and v_scales {list(want)}, "
+                             f"got {None if t is None else (tuple(t.shape), t.dtype)}")
     if k_scales.stride() != v_scales.stride():
         raise ValueError("k_scales and v_scales need the same strides")
-    return k_scales, v_scales, k_scales.stride(0), k_scales.stride(1), True
+    return (k_scales, v_scales, *k_scales.stride(), True)
 
 
 def decode_splits(num_requests: int, num_kv_heads: int, max_context: int, grid: int, cfg: DecodeConfig):
@@ -335,7 +354,7 @@ def paged_decode_attention(q, k_cache, v_cache, page_tables, context_lens, out, 
     cfg = config or DECODE_CONFIG
     B, HQ, D = q.shape
     page_size, HKV = _check_shapes(q, out, k_cache, v_cache)
-    ks, vs, s_sp, s_st, fp8 = _scale_args(k_cache, v_cache, k_scales, v_scales)
+    ks, vs, s_sp, s_st, s_sh, fp8 = _scale_args(k_cache, v_cache, k_scales, v_scales)
     if B == 0:
         return out
     G = HQ // HKV
@@ -355,7 +374,7 @@ def paged_decode_attention(q, k_cache, v_cache, page_tables, context_lens, out, 
     _paged_decode_kernel[(grid,)](
         q, k_cache, v_cache, ks, vs, page_tables, context_lens, out, opart, lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), s_sp, s_st, out.stride(0), out.stride(1),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), s_sp, s_st, s_sh, out.stride(0), out.stride(1),
         page_tables.stride(0), B, HKV, nsplit, split_len, scale * LOG2E, grid,
         PS=page_size, G=G, GP=max(16, next_pow2(G)), D=D, BN=cfg.block_n, DIRECT=is_direct,
         STAGES=cfg.num_stages, FP8=fp8, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -380,7 +399,7 @@ def paged_prefill_attention(q, k_cache, v_cache, page_tables, chunk_starts, chun
     cfg = config or PREFILL_CONFIG
     T, HQ, D = q.shape
     page_size, HKV = _check_shapes(q, out, k_cache, v_cache)
-    ks, vs, s_sp, s_st, fp8 = _scale_args(k_cache, v_cache, k_scales, v_scales)
+    ks, vs, s_sp, s_st, s_sh, fp8 = _scale_args(k_cache, v_cache, k_scales, v_scales)
     G = HQ // HKV
     if G > cfg.block_m:
         raise ValueError(f"block_m {cfg.block_m} is smaller than the {G} query heads per kv head")
@@ -395,7 +414,7 @@ def paged_prefill_attention(q, k_cache, v_cache, page_tables, chunk_starts, chun
     _paged_prefill_kernel[(grid,)](
         q, k_cache, v_cache, ks, vs, page_tables, chunk_starts, chunk_lens, prefix_lens, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), s_sp, s_st, out.stride(0), out.stride(1),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), s_sp, s_st, s_sh, out.stride(0), out.stride(1),
         page_tables.stride(0), num_segments, HKV, scale * LOG2E, grid,
         PS=page_size, G=G, BM=cfg.block_m, BT=block_tokens, D=D, BN=cfg.block_n, SP=max(2, next_pow2(num_segments)),
         STAGES=cfg.num_stages, FP8=fp8,
@@ -418,7 +437,7 @@ def write_kv_triton(k, v, k_cache, v_cache, slot_mapping, num_sms=None, *, k_sca
     require_triton("write_kv_triton")
     T, HKV, D = k.shape
     _check_cache(k_cache, v_cache, D)
-    ks, vs, s_sp, s_st, fp8 = _scale_args(k_cache, v_cache, k_scales, v_scales)
+    ks, vs, s_sp, s_st, s_sh, fp8 = _scale_args(k_cache, v_cache, k_scales, v_scales)
     if T == 0:
         return
     if k.stride(2) != 1 or v.stride(2) != 1:
@@ -426,7 +445,7 @@ def write_kv_triton(k, v, k_cache, v_cache, slot_mapping, num_sms=None, *, k_sca
     grid = programs(num_sms or device_sms(k.device), WRITE_KV_PROGRAMS_PER_SM, T)
     _write_kv_kernel[(grid,)](k, v, k_cache, v_cache, ks, vs, slot_mapping, k.stride(0), k.stride(1), v.stride(0),
                               v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                              v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), s_sp, s_st, T, grid,
+                              v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), s_sp, s_st, s_sh, T, grid,
                               HKV=HKV, HP=next_pow2(HKV), PS=k_cache.shape[1], D=D, FP8=fp8, num_warps=4)
 
 

@@ -8,7 +8,8 @@ GPU), gather each request's pages into contiguous K/V and compute softmax in fp3
 cache dtype. ``write_kv_torch`` syncs nothing and can be captured in a CUDA graph.
 
 FP8 caches (``torch.float8_e4m3fn``) carry one float32 scale per (token, kv head) for K and one for
-V: ``k_scales, v_scales [num_pages, page_size, Hkv]``, value = fp8 element x scale. Why this grain:
+V: ``k_scales, v_scales [num_pages, page_size, Hkv]`` (any strides; ``new_kv_scales`` allocates them),
+value = fp8 element x scale. Why this grain:
 a scale per page (or per page and head) would change as decode appends tokens to a page, so every
 append would have to requantize the page's earlier tokens (or fix the scale on its first token and
 saturate later, larger ones); a static per-layer scale needs calibration data the engine does not
@@ -50,6 +51,14 @@ def quantize_fp8(x):
     return to_fp8(x, scales), scales
 
 
+def new_kv_scales(num_pages: int, page_size: int, num_kv_heads: int, *, lead=(), device=None):
+    """Ones [*lead, num_pages, page_size, Hkv] float32 (a zeroed fp8 row dequantizes to 0), stored
+    head-major ([..., Hkv, page_size] in memory): attention reads one kv head's scales of a page, which
+    this layout keeps contiguous."""
+    return torch.ones((*lead, num_pages, num_kv_heads, page_size), device=device,
+                      dtype=torch.float32).transpose(-1, -2)
+
+
 def dequantize_fp8(q, scales):
     return q.float() * scales[..., None].float()
 
@@ -73,21 +82,22 @@ def write_kv_torch(k, v, k_cache, v_cache, slot_mapping, k_scales=None, v_scales
 
 
 def _scatter_rows(src, cache, slot_mapping):
-    """cache.view(-1, *row)[slot_mapping[t]] = src[t] for valid slots, src [T, *row] in cache's dtype.
+    """cache[slot // page_size, slot % page_size] = src[t] for valid slots, src [T, *row] in cache's
+    dtype; cache [num_pages, page_size, *row] with any strides (a view is written in place).
 
     A skipped row is sent to the first valid row's slot carrying that row's own values (duplicate
     indices with equal values are deterministic); when no row is valid, every row rewrites slot 0
     with what it already holds."""
-    flat = cache.view(-1, *cache.shape[2:])              # [num_pages * page_size, *row]
+    page_size = cache.shape[1]
     valid = slot_mapping >= 0                             # [T]
     first = torch.argmax(valid.to(torch.int32)).view(1)   # first valid row, 0 if none
     any_valid = valid.any()
     # index_select, not t[first]: a 0-d tensor index is read on the host, which a capture refuses
     anchor_slot = torch.where(any_valid, slot_mapping.index_select(0, first)[0], 0).to(torch.long)
-    anchor_val = torch.where(any_valid, src.index_select(0, first)[0], flat[0])
+    anchor_val = torch.where(any_valid, src.index_select(0, first)[0], cache[0, 0])
     idx = torch.where(valid, slot_mapping.to(torch.long), anchor_slot)
     vals = torch.where(valid.view(-1, *[1] * (src.dim() - 1)), src, anchor_val[None])
-    flat.index_copy_(0, idx, vals)
+    cache.index_put_((idx // page_size, idx % page_size), vals)
 
 
 def gather_kv(cache, page_table, num_tokens: int):

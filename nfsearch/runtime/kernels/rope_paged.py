@@ -58,7 +58,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _rope_kv_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
-                        s_x, s_qt, s_qh, s_cos, s_sin, s_kcp, s_kct, s_kch, s_vcp, s_vct, s_vch, s_sp, s_st,
+                        s_x, s_qt, s_qh, s_cos, s_sin, s_kcp, s_kct, s_kch, s_vcp, s_vct, s_vch, s_sp, s_st, s_sh,
                         T, NP,
                         HQ: tl.constexpr, HKV: tl.constexpr, HQP: tl.constexpr, HKP: tl.constexpr,
                         PS: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr):
@@ -86,7 +86,7 @@ if HAVE_TRITON:
             kv = _rotate_rows(row + HQ * D, offs_k, offs_d, kmask, c, s, sign, HALF, D)
             vv = tl.load(row + (HQ + HKV) * D + offs_k[:, None] * D + offs_d[None, :], mask=kmask)
             _store_kv_rows(kv, vv, kc_ptr, vc_ptr, ks_ptr, vs_ptr, page, off, hmask, offs_k, offs_d,
-                           s_kcp, s_kct, s_kch, s_vcp, s_vct, s_vch, s_sp, s_st, FP8)
+                           s_kcp, s_kct, s_kch, s_vcp, s_vct, s_vch, s_sp, s_st, s_sh, FP8)
 
 
 def rope_write_kv(qkv, positions, cos, sin, q_out, k_cache, v_cache, slot_mapping, num_sms=None, *,
@@ -128,14 +128,14 @@ def rope_write_kv_triton(qkv, positions, cos, sin, q_out, k_cache, v_cache, slot
                          f"{tuple(q_out.shape)} and {HKV} kv heads of dim {D}")
     if q_out.stride(2) != 1 or cos.stride(1) != 1 or sin.stride(1) != 1 or cos.shape[1] != D // 2:
         raise ValueError(f"q_out and the cos/sin tables [max_pos, {D // 2}] need a contiguous last dimension")
-    ks, vs, s_sp, s_st, fp8 = _scale_args(k_cache, v_cache, k_scales, v_scales)
+    ks, vs, s_sp, s_st, s_sh, fp8 = _scale_args(k_cache, v_cache, k_scales, v_scales)
     if T == 0:
         return q_out
     grid = programs(num_sms or device_sms(qkv.device), ROPE_KV_PROGRAMS_PER_SM, T)
     _rope_kv_kernel[(grid,)](qkv, positions, cos, sin, q_out, k_cache, v_cache, ks, vs, slot_mapping,
                              qkv.stride(0), q_out.stride(0), q_out.stride(1), cos.stride(0), sin.stride(0),
                              k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), s_sp, s_st, T, grid,
+                             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), s_sp, s_st, s_sh, T, grid,
                              HQ=HQ, HKV=HKV, HQP=next_pow2(HQ), HKP=next_pow2(HKV), PS=k_cache.shape[1], D=D,
                              FP8=fp8, num_warps=4)
     return q_out
