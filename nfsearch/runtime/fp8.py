@@ -69,8 +69,10 @@ def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def scale_of(amax: torch.Tensor) -> torch.Tensor:
-    """float32 scale that maps amax to 448."""
-    return amax.float().clamp_min(MIN_AMAX) / FP8_MAX
+    """float32 scale that maps amax to 448: an IEEE-rounded division on every device (a Python-number
+    divisor would be a multiplication by its rounded reciprocal on a GPU; the kernels divide)."""
+    amax = amax.float().clamp_min(MIN_AMAX)
+    return amax / amax.new_full((), FP8_MAX)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,9 +35,11 @@ def is_fp8(cache) -> bool:
 
 
 def fp8_scales(x):
-    """One float32 scale per row of x [..., D]: max |x| / 448 (1.0 for an all-zero row) [...]."""
+    """One float32 scale per row of x [..., D]: max |x| / 448 (1.0 for an all-zero row) [...]. The 448
+    is a tensor on x's device: torch on a GPU divides by a Python number as a multiplication by its
+    rounded reciprocal, one ulp off the IEEE quotient the kernels and the CPU compute for some rows."""
     amax = x.float().abs().amax(-1)
-    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return torch.where(amax > 0, amax / amax.new_full((), FP8_MAX), torch.ones_like(amax))
 
 
 def to_fp8(x, scales):
