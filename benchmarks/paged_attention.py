@@ -10,6 +10,7 @@ num_sms = the share. Usage: python benchmarks/paged_attention.py [--budget-s S] 
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -123,8 +124,9 @@ PREFILL_SWEEP = [pa.PrefillConfig(64, 64, 4, 3, 2), pa.PrefillConfig(128, 64, 8,
 
 
 def cfg_name(c):
-    return "/".join(str(x) for x in (c.block_m if hasattr(c, "block_m") else None, c.block_n, c.num_warps,
+    name = "/".join(str(x) for x in (c.block_m if hasattr(c, "block_m") else None, c.block_n, c.num_warps,
                                      c.num_stages, c.programs_per_sm) if x is not None)
+    return name + (" v16" if getattr(c, "fp8_v_fp16_tile", False) else "")
 
 
 def over_budget(args):
@@ -205,7 +207,7 @@ def decode_fp8_sweep(streams, full, args):
         fp8 = dec.fp8()
         del dec
         res = []
-        for c in DECODE_SWEEP:
+        for c in [dataclasses.replace(c, fp8_v_fp16_tile=v16) for c in DECODE_SWEEP for v16 in (False, True)]:
             if over_budget(args):
                 return
             t = timed(fp8.run(full, c))

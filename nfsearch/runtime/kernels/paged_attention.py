@@ -48,6 +48,10 @@ class DecodeConfig:
     num_stages: int = 3
     programs_per_sm: int = 3
     min_items_per_program: int = 4   # split the KV until the grid has this many items per program
+    # fp8 cache: widen the V tile to fp16 in registers and stage it through shared memory as fp16
+    # (16-bit transposing loads), instead of Triton's default of loading the fp8 tile from shared
+    # memory byte by byte in the PV product's operand layout (8-bit elements have no transposing load)
+    fp8_v_fp16_tile: bool = False
 
 
 @dataclass(frozen=True)
@@ -132,7 +136,8 @@ if HAVE_TRITON:
                              s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_sp, s_st, s_sh, s_ob, s_oh, s_pt,
                              B, HKV, NSPLIT, SPLIT_LEN, qk_scale, NP,
                              PS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                             BN: tl.constexpr, DIRECT: tl.constexpr, STAGES: tl.constexpr, FP8: tl.constexpr):
+                             BN: tl.constexpr, DIRECT: tl.constexpr, STAGES: tl.constexpr, FP8: tl.constexpr,
+                             V16: tl.constexpr):
         pid = tl.program_id(0)
         offs_g = tl.arange(0, GP)
         offs_d = tl.arange(0, D)
@@ -158,6 +163,9 @@ if HAVE_TRITON:
                                            s_vp, s_vt, s_vh, s_sp, s_st, s_sh, offs_d, PS, FP8)
                 sc = _scores(qt, kt, ks, qk_scale, FP8)
                 sc = tl.where(tmask[None, :], sc, float("-inf"))
+                if V16:
+                    # the select pins the widened tile to the load's layout (DecodeConfig.fp8_v_fp16_tile)
+                    vt = tl.where(tmask[:, None], vt.to(qt.dtype), 0.0)
                 m_i, l_i, acc = _attend_step(sc, vt.to(qt.dtype), vs, m_i, l_i, acc, FP8)
             store_item(acc, l_i, m_i, out_ptr, opart_ptr, lse_ptr, b, qh, s, s_ob, s_oh, HKV, NSPLIT, offs_d,
                        gmask, G, D, DIRECT)
@@ -377,7 +385,8 @@ def paged_decode_attention(q, k_cache, v_cache, page_tables, context_lens, out, 
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), s_sp, s_st, s_sh, out.stride(0), out.stride(1),
         page_tables.stride(0), B, HKV, nsplit, split_len, scale * LOG2E, grid,
         PS=page_size, G=G, GP=max(16, next_pow2(G)), D=D, BN=cfg.block_n, DIRECT=is_direct,
-        STAGES=cfg.num_stages, FP8=fp8, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        STAGES=cfg.num_stages, FP8=fp8, V16=fp8 and cfg.fp8_v_fp16_tile, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     if not is_direct:
         rows = B * HQ
         grid2 = programs(cap // cfg.programs_per_sm, 8, rows)
