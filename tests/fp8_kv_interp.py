@@ -58,7 +58,8 @@ def main() -> dict:
         tables = torch.cat([pt, pt[:1]])
         want = pa.paged_decode_attention_torch(q, kc, vc, tables, lens, torch.empty_like(q), 0.2, **scales)
         worst = 0.0
-        configs = (None, pa.DecodeConfig(fp8_v_fp16_tile=True))      # both ways of widening the V tile
+        # the fp8 default (V staged as fp16) and the bf16 default (V loaded as bytes): both ways of widening V
+        configs = (None, pa.DECODE_CONFIG)
         for num_splits, config in [(n, c) for n in (None, 1, 3) for c in configs]:
             got = pa.paged_decode_attention(q, kc, vc, tables, lens, torch.full_like(q, float("nan")), 0.2,
                                             num_sms=2, num_splits=num_splits, config=config, **head_major)
