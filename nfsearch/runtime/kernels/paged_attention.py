@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from functools import cache
 
 from ._common import HAVE_TRITON, next_pow2, programs, require_triton, tl, torch, triton, use_triton
-from .paged_attention_torch import (FP8_MAX, is_fp8, new_kv_scales, paged_decode_attention_torch,  # noqa: F401
+from .paged_attention_torch import (FP8_MAX, is_fp8, new_kv_scales, paged_decode_attention_torch,
                                     paged_prefill_attention_torch, write_kv_torch)
 
 LOG2E = 1.4426950408889634
@@ -461,7 +461,7 @@ def write_kv_triton(k, v, k_cache, v_cache, slot_mapping, num_sms=None, *, k_sca
                               HKV=HKV, HP=next_pow2(HKV), PS=k_cache.shape[1], D=D, FP8=fp8, num_warps=4)
 
 
-__all__ = ["DECODE_CONFIG", "FP8_DECODE_CONFIG", "FP8_MAX", "PREFILL_CONFIG", "DecodeConfig", "PrefillConfig", "decode_splits", "device_sms",
-           "is_fp8",
+__all__ = ["DECODE_CONFIG", "FP8_DECODE_CONFIG", "FP8_MAX", "PREFILL_CONFIG", "DecodeConfig", "PrefillConfig",
+           "decode_splits", "device_sms", "is_fp8", "new_kv_scales",
            "paged_decode_attention", "paged_decode_attention_torch", "paged_prefill_attention",
            "paged_prefill_attention_torch", "write_kv", "write_kv_torch", "write_kv_triton"]
