@@ -67,7 +67,8 @@ class PrefillConfig:
 DECODE_CONFIG = DecodeConfig()
 # fp8 caches: the best of the fp8 sweep on an H100 at 576 requests x 1536 (0.834 ms against 1.173 ms for
 # the bf16 cache's default on the same requests; benchmarks/paged_attention.py --sections decode_fp8_sweep)
-FP8_DECODE_CONFIG = DecodeConfig(block_n=128, num_warps=4, num_stages=3, programs_per_sm=2, fp8_v_fp16_tile=True)
+FP8_DECODE_CONFIG = DecodeConfig(block_n=128, num_warps=4, num_stages=3, programs_per_sm=2,
+                                 fp8_v_fp16_tile=True)
 PREFILL_CONFIG = PrefillConfig()
 WRITE_KV_PROGRAMS_PER_SM = 8
 
@@ -78,8 +79,8 @@ if HAVE_TRITON:
     RNE_MAGIC = tl.constexpr(12582912.0)      # 1.5 x 2^23: y + it - it is y rounded to an integer (|y| < 2^22)
 
     @triton.jit
-    def _kv_block(k_ptr, v_ptr, ks_ptr, vs_ptr, pt, key, kmask, h, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_sp, s_st, s_sh,
-                  offs_d, PS: tl.constexpr, FP8: tl.constexpr):
+    def _kv_block(k_ptr, v_ptr, ks_ptr, vs_ptr, pt, key, kmask, h, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh,
+                  s_sp, s_st, s_sh, offs_d, PS: tl.constexpr, FP8: tl.constexpr):
         """Keys `key` [BN] of one request through its page table row `pt`: (K [BN, D], V [BN, D], K scales,
         V scales): the scales [BN] of an fp8 cache (0 where masked), else 1.0."""
         page = tl.load(pt + key // PS, mask=kmask, other=0).to(tl.int64)
@@ -136,7 +137,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pt_ptr, lens_ptr, out_ptr, opart_ptr, lse_ptr,
-                             s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_sp, s_st, s_sh, s_ob, s_oh, s_pt,
+                             s_qb, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_sp, s_st, s_sh,
+                             s_ob, s_oh, s_pt,
                              B, HKV, NSPLIT, SPLIT_LEN, qk_scale, NP,
                              PS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                              BN: tl.constexpr, DIRECT: tl.constexpr, STAGES: tl.constexpr, FP8: tl.constexpr,
@@ -175,7 +177,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _paged_prefill_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, pt_ptr, starts_ptr, lens_ptr, prefix_ptr, out_ptr,
-                              s_qt, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_sp, s_st, s_sh, s_ot, s_oh, s_pt,
+                              s_qt, s_qh, s_kp, s_kt, s_kh, s_vp, s_vt, s_vh, s_sp, s_st, s_sh,
+                              s_ot, s_oh, s_pt,
                               NSEG, HKV, qk_scale, NP,
                               PS: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, BT: tl.constexpr,
                               D: tl.constexpr, BN: tl.constexpr, SP: tl.constexpr, STAGES: tl.constexpr,
@@ -385,7 +388,8 @@ def paged_decode_attention(q, k_cache, v_cache, page_tables, context_lens, out, 
     _paged_decode_kernel[(grid,)](
         q, k_cache, v_cache, ks, vs, page_tables, context_lens, out, opart, lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), s_sp, s_st, s_sh, out.stride(0), out.stride(1),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), s_sp, s_st, s_sh,
+        out.stride(0), out.stride(1),
         page_tables.stride(0), B, HKV, nsplit, split_len, scale * LOG2E, grid,
         PS=page_size, G=G, GP=max(16, next_pow2(G)), D=D, BN=cfg.block_n, DIRECT=is_direct,
         STAGES=cfg.num_stages, FP8=fp8, V16=fp8 and cfg.fp8_v_fp16_tile, num_warps=cfg.num_warps,
@@ -426,7 +430,8 @@ def paged_prefill_attention(q, k_cache, v_cache, page_tables, chunk_starts, chun
     _paged_prefill_kernel[(grid,)](
         q, k_cache, v_cache, ks, vs, page_tables, chunk_starts, chunk_lens, prefix_lens, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), s_sp, s_st, s_sh, out.stride(0), out.stride(1),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), s_sp, s_st, s_sh,
+        out.stride(0), out.stride(1),
         page_tables.stride(0), num_segments, HKV, scale * LOG2E, grid,
         PS=page_size, G=G, BM=cfg.block_m, BT=block_tokens, D=D, BN=cfg.block_n, SP=max(2, next_pow2(num_segments)),
         STAGES=cfg.num_stages, FP8=fp8,
@@ -457,7 +462,8 @@ def write_kv_triton(k, v, k_cache, v_cache, slot_mapping, num_sms=None, *, k_sca
     grid = programs(num_sms or device_sms(k.device), WRITE_KV_PROGRAMS_PER_SM, T)
     _write_kv_kernel[(grid,)](k, v, k_cache, v_cache, ks, vs, slot_mapping, k.stride(0), k.stride(1), v.stride(0),
                               v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                              v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), s_sp, s_st, s_sh, T, grid,
+                              v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), s_sp, s_st, s_sh,
+                              T, grid,
                               HKV=HKV, HP=next_pow2(HKV), PS=k_cache.shape[1], D=D, FP8=fp8, num_warps=4)
 
 
