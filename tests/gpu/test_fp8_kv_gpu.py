@@ -63,7 +63,8 @@ def test_write_kv_fp8_matches_torch_bytes():
     (64, 8, 8, 64, [129, 64, 3000]),
 ])
 def test_decode_fp8_matches_torch_and_bf16(num_sms, page_size, hq, hkv, d, lens):
-    from nfsearch.runtime.kernels.paged_attention import paged_decode_attention, paged_decode_attention_torch
+    from nfsearch.runtime.kernels.paged_attention import (DECODE_CONFIG, paged_decode_attention,
+                                                          paged_decode_attention_torch)
     max_pages = -(-max(lens) // page_size) + 3
     num_pages = sum(-(-n // page_size) for n in lens) + 7
     kb, vb, k8, v8, ks, vs = _fp8_cache(num_pages, page_size, hkv, d)
@@ -73,10 +74,11 @@ def test_decode_fp8_matches_torch_and_bf16(num_sms, page_size, hq, hkv, d, lens)
     scale = 1 / math.sqrt(d)
     ref = paged_decode_attention_torch(q, k8, v8, pt, cl, torch.empty_like(q), scale, k_scales=ks, v_scales=vs)
     bf16 = paged_decode_attention(q, kb, vb, pt, cl, torch.empty_like(q), scale, num_sms=num_sms)
-    for num_splits in (None, 1, 5):
+    # the fp8 default (V staged as fp16) and the bf16 default's config (V loaded as bytes)
+    for num_splits, config in [(n, c) for n in (None, 1, 5) for c in (None, DECODE_CONFIG)]:
         out = torch.full_like(q, float("nan"))
         paged_decode_attention(q, k8, v8, pt, cl, out, scale, num_sms=num_sms, num_splits=num_splits,
-                               k_scales=ks, v_scales=vs)
+                               config=config, k_scales=ks, v_scales=vs)
         rel_error(out, ref)
         rel_error(out, bf16, FP8_TOL)
         assert out[cl == 0].abs().sum() == 0
