@@ -6,6 +6,7 @@ differ, and a tiny FP8 PagedModel's logits with the Triton kernels against the t
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
@@ -68,12 +69,11 @@ def kernels() -> dict:
         out[f"silu_{dn}_{T}x{W}"] = run(qf.silu_mul_quant_triton, qf.silu_mul_quant_torch, xs, W)
         xh = rows(T, W, dtype, T + W, is_huge=True)
         out[f"rows_{dn}_{T}x{W}"] = run(qf.quantize_rows_triton, qf.quantize_rows_torch, xh, W)
-    # the two-pass path (rows wider than MAX_ONE_PASS), forced on small rows
-    qf.MAX_ONE_PASS, qf.CHUNK = 64, 32
+    # the two-pass path (rows wider than max_one_pass), forced on small rows
+    two_pass = qf.RowsConfig(max_one_pass=64, chunk=32, num_warps=1, programs_per_sm=3)
     x = rows(11, 2 * 150, torch.bfloat16, 5) / 1e3
-    out["silu_two_pass"] = run(qf.silu_mul_quant_triton, qf.silu_mul_quant_torch, x, 150)
-    out["rows_two_pass"] = run(qf.quantize_rows_triton, qf.quantize_rows_torch, x, 300)
-    qf.MAX_ONE_PASS, qf.CHUNK = 16384, 8192
+    out["silu_two_pass"] = run(partial(qf.silu_mul_quant_triton, config=two_pass), qf.silu_mul_quant_torch, x, 150)
+    out["rows_two_pass"] = run(partial(qf.quantize_rows_triton, config=two_pass), qf.quantize_rows_torch, x, 300)
     # in-place residual: residual_out aliases x (what PagedModel's norm1 does)
     x, r = rows(5, 64, torch.bfloat16, 2), rows(5, 64, torch.bfloat16, 3)
     want = (x.float() + r.float()).bfloat16()

@@ -194,3 +194,31 @@ def test_time_of_an_8b_layer_dense_ops(capsys):
         for name, ms in small_ms.items():
             print(f"  {name:42s} {1000 * ms:.1f} us")
     assert times["fp8 fused"] <= 1.02 * times["fp8 unfused"], times
+
+
+SILU_CONFIGS = [quant_fp8.RowsConfig(),                                           # one 16-warp program per row
+                quant_fp8.RowsConfig(num_warps=8, programs_per_sm=2),
+                quant_fp8.RowsConfig(max_one_pass=0, chunk=8192, num_warps=8, programs_per_sm=4),
+                quant_fp8.RowsConfig(max_one_pass=0, chunk=4096, num_warps=4, programs_per_sm=8),
+                quant_fp8.RowsConfig(max_one_pass=0, chunk=2048, num_warps=4, programs_per_sm=8),
+                quant_fp8.RowsConfig(max_one_pass=0, chunk=2048, num_warps=4, programs_per_sm=16)]
+
+
+def test_silu_mul_quant_configs_write_the_same_bytes(capsys):
+    """The row quantizer's configs at the FP8 E1 top bucket's 1,728 rows (8B FFN): every config writes
+    the default's bytes; their times are printed, for choosing the default."""
+    T = 1728
+    ug = _randn(T, 2 * I, seed=40, scale=2).bfloat16()
+    outs, times = [], []
+    for cfg in SILU_CONFIGS:
+        q, s = _bufs(T, I)
+        quant_fp8.silu_mul_quant_triton(ug, q, s, SMS, config=cfg)
+        outs.append((q.view(torch.uint8).clone(), s.clone()))
+        times.append(_graph_ms(lambda cfg=cfg, q=q, s=s: quant_fp8.silu_mul_quant_triton(ug, q, s, SMS, config=cfg)))
+    with capsys.disabled():
+        print(f"\nsilu_mul_quant, {T} x {I}, {torch.cuda.get_device_name()} (ideal at HBM: "
+              f"{T * I * 5 / 3.35e9:.1f} us for its {T * I * 5 / 1e6:.0f} MB):")
+        for cfg, ms in zip(SILU_CONFIGS, times):
+            print(f"  {cfg}: {1000 * ms:.1f} us")
+    for q, s in outs[1:]:
+        assert torch.equal(q, outs[0][0]) and torch.equal(s, outs[0][1])
