@@ -201,6 +201,26 @@ def test_fp8_token_bytes_and_plan_capacity_for_llama3_8b():
     assert abs(ratio - bf16 / fp8) < 1e-3 and ratio > 1.93        # 2 x 128 / (128 + 4)
 
 
+def test_fp8_gemm_weights_size_the_batch_for_the_cache_they_leave():
+    """The engine on an H100 80GB printed weights of 14.99 GiB (bf16) and 8.49 GiB (FP8 GEMMs) and, at
+    utilization 0.9, a 71.26 GiB budget; with FP8 GEMMs + FP8 KV its E1 batch was sized as if the
+    weights were bf16 (576 decode slots for a cache that holds 632 requests)."""
+    from nfsearch.serving.model_config import load_model_config
+    cfg = load_model_config("llama-3-8b")
+    spec = cfg.spec
+    assert abs(mem.weights_bytes(spec, 2, False) / mem.GIB - 14.99) < 0.05
+    assert abs(mem.weights_bytes(spec, 2, False, is_fp8_gemms=True) / mem.GIB - 8.49) < 0.05
+    e1 = mem.TraceShape(1024, 512, 1536)
+    kv_fp8 = mem.kv_bytes_per_token(spec, 1, mem.FP8_SCALE_BYTES)
+    total = int(71.26 / 0.9 * mem.GIB)
+    sized = {fp8: mem.size_batch(cfg, e1, total, dtype_bytes=2, kv_token_bytes=kv_fp8, other_bytes=int(0.67 * mem.GIB),
+                                 is_fp8_gemms=fp8) for fp8 in (False, True)}
+    assert sized[True].plan.weights_bytes < 0.6 * sized[False].plan.weights_bytes
+    concurrency = sized[True].num_pages * 16 // (1024 + 512)
+    assert sized[True].max_decode >= concurrency > sized[False].max_decode
+    assert sized[True].dense_batch >= 3 * concurrency       # decode rows + the prefill that replaces them
+
+
 def _tiny_engine(kv_cache_dtype, **kw):
     from nfsearch.runtime.engine import Engine
     from tests.conftest import ENGINE_TINY

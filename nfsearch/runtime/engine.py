@@ -36,6 +36,7 @@ from nfsearch.runtime import engine_memory as mem
 from nfsearch.runtime import engine_plans, tpot_cap
 from nfsearch.runtime.engine_memory import TraceShape  # the engine's argument type, long imported from here
 from nfsearch.runtime.engine_runner import StepRunner, dry_forward
+from nfsearch.runtime.fp8_checkpoint import checkpoint_format
 from nfsearch.runtime.paged_model import PagedModel
 from nfsearch.runtime.weights import load_weights
 from nfsearch.serving.metrics import BatchStats
@@ -135,7 +136,10 @@ class Engine:
             self.family, dense_batch, max_decode = engine_plans.read_family(plans, dense_batch, max_decode)
             if trace_shape is None:  # no trace (serving): the family's bucket contexts, its longest request
                 self.trace_shape = TraceShape(512, 512, self.family.engine.max_context)
-        self._choose_batch(dense_batch, max_decode, num_pages, memory_bytes)
+        # FP8 GEMM weights take ~0.57x the bf16 bytes: the batch is sized for the cache they leave
+        is_fp8_gemms = not fp8_refusal and (quantization == "fp8" or (
+            self.folder is not None and checkpoint_format(self.folder) is not None))
+        self._choose_batch(dense_batch, max_decode, num_pages, memory_bytes, is_fp8_gemms)
 
         self.weights = self._load_weights(seed)
         if quantization == "fp8" and not self.weights.is_fp8:
@@ -162,7 +166,7 @@ class Engine:
         self.log(self.describe())
 
     # ------------------------------------------------------------------------------ start-up
-    def _choose_batch(self, dense_batch, max_decode, num_pages, memory_bytes) -> None:
+    def _choose_batch(self, dense_batch, max_decode, num_pages, memory_bytes, is_fp8_gemms=False) -> None:
         self.dtype_bytes = torch.tensor([], dtype=self.dtype).element_size()
         self.kv_token_bytes = mem.kv_token_bytes(self.cfg.spec, self.dtype_bytes,
                                                  "fp8" if self.kv_dtype == torch.float8_e4m3fn else "auto")
@@ -175,7 +179,7 @@ class Engine:
         sizing = mem.size_batch(self.cfg, self.trace_shape, self.total_bytes, dtype_bytes=self.dtype_bytes,
                                 kv_token_bytes=self.kv_token_bytes, utilization=self.utilization,
                                 other_bytes=self.other_bytes, page_size=self.page_size, dense_batch=dense_batch,
-                                max_decode=max_decode, num_pages=num_pages)
+                                max_decode=max_decode, num_pages=num_pages, is_fp8_gemms=is_fp8_gemms)
         self.dense_batch, self.max_decode, self.buckets = sizing.dense_batch, sizing.max_decode, sizing.buckets
         self.max_context, self.min_pages = sizing.max_context, sizing.max_context // self.page_size
         self.max_logit_rows, self.num_pages, self.plan = sizing.max_logit_rows, sizing.num_pages, sizing.plan

@@ -35,8 +35,18 @@ TEMPORARY_SHARE = 0.5
 SAFETY_BYTES = 256 << 20
 
 
-def weights_bytes(spec: ModelSpec, dtype_bytes: int, tied_embeddings: bool) -> int:
-    return num_weights(spec, is_tied=tied_embeddings) * dtype_bytes
+def weights_bytes(spec: ModelSpec, dtype_bytes: int, tied_embeddings: bool, is_fp8_gemms: bool = False) -> int:
+    """The weights in the model's dtype; is_fp8_gemms: with the GEMMs in e4m3 (1 byte per element and a
+    float32 scale per output channel, as --quantization fp8 loads them), the rest in the model's dtype."""
+    total = num_weights(spec, is_tied=tied_embeddings) * dtype_bytes
+    if not is_fp8_gemms:
+        return total
+    h, i = spec.hidden_size, spec.intermediate_size
+    experts = spec.num_experts if spec.is_moe else 1
+    gemm_elements = h * (spec.q_size + 2 * spec.kv_size) + spec.q_size * h + experts * 3 * h * i
+    out_channels = spec.q_size + 2 * spec.kv_size + h + experts * (2 * i + h)
+    per_layer = gemm_elements * (dtype_bytes - 1) - out_channels * 4
+    return total - spec.num_layers * per_layer
 
 
 def buffer_bytes(spec: ModelSpec, max_tokens: int, max_logit_rows: int, dtype_bytes: int) -> int:
@@ -121,12 +131,14 @@ def plan_pages(total_bytes: int, utilization: float, weights: int, activations: 
 
 def estimate_plan(spec: ModelSpec, dtype_bytes: int, tied: bool, total_bytes: int, utilization: float,
                   other_bytes: int, max_tokens: int, max_logit_rows: int, page_size: int,
-                  min_pages: int, what: str, kv_token_bytes: int | None = None) -> MemoryPlan:
+                  min_pages: int, what: str, kv_token_bytes: int | None = None,
+                  is_fp8_gemms: bool = False) -> MemoryPlan:
     """The analytic plan: refuses before the weights are loaded. kv_token_bytes: one token's K/V
-    (kv_bytes_per_token of the cache's dtype); None: a cache in the model's dtype."""
+    (kv_bytes_per_token of the cache's dtype); None: a cache in the model's dtype. is_fp8_gemms: the
+    GEMM weights in e4m3 (weights_bytes)."""
     buffers = buffer_bytes(spec, max_tokens, max_logit_rows, dtype_bytes)
     kv_token_bytes = kv_token_bytes or kv_bytes_per_token(spec, dtype_bytes)
-    return plan_pages(total_bytes, utilization, weights_bytes(spec, dtype_bytes, tied),
+    return plan_pages(total_bytes, utilization, weights_bytes(spec, dtype_bytes, tied, is_fp8_gemms),
                       int(buffers * (1 + TEMPORARY_SHARE)), other_bytes,
                       kv_token_bytes * page_size, page_size, min_pages, False, what)
 
@@ -165,12 +177,14 @@ class BatchSizing:
 def size_batch(cfg: ModelConfig, trace: TraceShape, total_bytes: int | None, *, dtype_bytes: int,
                kv_token_bytes: int | None = None, utilization: float = 0.90, other_bytes: int = 0,
                page_size: int = 16, dense_batch: int | None = None, max_decode: int | None = None,
-               num_pages: int | None = None) -> BatchSizing:
+               num_pages: int | None = None, is_fp8_gemms: bool = False) -> BatchSizing:
     """The dense batch, decode slots, buckets and KV pages the engine runs cfg with for this trace:
     batch limits given or chosen (choose_batch) for the cache an analytic plan leaves at a
     2048-token batch (or the given one), buckets at the trace's longest request, then the analytic
     plan of the top bucket, which refuses (NfsearchError) what cannot fit before anything is
-    allocated. total_bytes None (the CPU): a cache of CPU_KV_TOKENS, no plan."""
+    allocated. total_bytes None (the CPU): a cache of CPU_KV_TOKENS, no plan. is_fp8_gemms: the weights
+    the plans count are FP8 GEMMs' (--quantization fp8 or an FP8 checkpoint), about 0.57x an 8B model's
+    bf16 weights, so the cache the batch is sized for is as large as the one the engine allocates."""
     spec, tied = cfg.spec, cfg.tie_word_embeddings
     longest = min(trace.max_request_len, cfg.max_model_len)
     min_pages = -(-longest // page_size)
@@ -178,7 +192,7 @@ def size_batch(cfg: ModelConfig, trace: TraceShape, total_bytes: int | None, *, 
 
     def analytic(tokens: int, decode: int, what: str) -> MemoryPlan:
         return estimate_plan(spec, dtype_bytes, tied, total_bytes, utilization, other_bytes, tokens, decode + 8,
-                             page_size, min_pages, what, kv_token_bytes=kv_token_bytes)
+                             page_size, min_pages, what, kv_token_bytes=kv_token_bytes, is_fp8_gemms=is_fp8_gemms)
 
     if num_pages is not None:
         kv_tokens = num_pages * page_size

@@ -126,13 +126,13 @@ class TpEngine(Engine):
 
     # Each rank sizes the batch and the cache against its own device's free memory; ranks whose
     # schedulers got different limits would desynchronise their collectives, so all take the smallest.
-    def _choose_batch(self, dense_batch, max_decode, num_pages, memory_bytes) -> None:
+    def _choose_batch(self, dense_batch, max_decode, num_pages, memory_bytes, is_fp8_gemms=False) -> None:
         choose = super()._choose_batch
-        self._on_every_rank(lambda: choose(dense_batch, max_decode, num_pages, memory_bytes))
+        self._on_every_rank(lambda: choose(dense_batch, max_decode, num_pages, memory_bytes, is_fp8_gemms))
         mine = [self.dense_batch, self.max_decode, self.num_pages]
         agreed = self._agree_min(mine)
         if agreed != mine:
-            choose(agreed[0], agreed[1], agreed[2], memory_bytes)
+            choose(agreed[0], agreed[1], agreed[2], memory_bytes, is_fp8_gemms)
 
     def _dry_run(self, num_pages: int | None) -> float:
         seconds = self._on_every_rank(lambda: super(TpEngine, self)._dry_run(num_pages))
