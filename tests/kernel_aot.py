@@ -7,7 +7,8 @@ loaded this way: there is no 8-bit ldmatrix.trans), ldmatrix (and .trans), cp.as
 IEEE divisions, and the most frequent conversions. Counts are static (instructions in the code, not
 executions), so compare cases of one kernel, e.g. the fp8 decode with and without `fp8_v_fp16_tile`.
 
-Usage: python benchmarks/kernel_aot.py [--kernels decode,prefill,quant_rows] [--out FILE.json]
+Usage: python tests/kernel_aot.py [--kernels decode,prefill,quant_rows] [--out FILE.json]
+(tests/test_kernel_aot.py asserts on its decode cases)
 """
 
 from __future__ import annotations
