@@ -17,7 +17,7 @@ mat2 = [K, N] column-major, i.e. stored [N, K] row-major (HuggingFace's Linear l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -138,17 +138,18 @@ def concat_out(weights: list[Fp8Weight]) -> Fp8Weight:
 def quantize_layer(w):
     """runtime.model.LayerWeights with its four GEMM weights quantized per channel (norms, bias kept);
     a layer already in FP8 is returned as it is."""
-    import dataclasses
-    return dataclasses.replace(w, **{name: quantize_weight(getattr(w, name)) if isinstance(getattr(w, name),
-                                     torch.Tensor) else getattr(w, name) for name in GEMM_WEIGHTS})
+    return _replace_gemms(w, torch.Tensor, quantize_weight)
 
 
 def dequantize_layer(w, dtype):
     """runtime.model.LayerWeights with its FP8 GEMM weights dequantized to `dtype` (a GPU without FP8
     tensor cores runs an FP8 checkpoint this way)."""
-    import dataclasses
-    return dataclasses.replace(w, **{name: getattr(w, name).dequantize(dtype) if isinstance(getattr(w, name),
-                                     Fp8Weight) else getattr(w, name) for name in GEMM_WEIGHTS})
+    return _replace_gemms(w, Fp8Weight, lambda f: f.dequantize(dtype))
+
+
+def _replace_gemms(w, kind: type, fn):
+    """w with fn(weight) for each of its GEMM weights that is a `kind`; every other field kept."""
+    return replace(w, **{name: fn(getattr(w, name)) for name in GEMM_WEIGHTS if isinstance(getattr(w, name), kind)})
 
 
 GEMM_WEIGHTS = ("wqkv", "wo", "wug", "wd")
