@@ -245,15 +245,24 @@ def memory_need(model: ModelSpec, workload: Workload) -> MemoryNeed:
     return MemoryNeed(num_weights(model, workload.tp_degree) * b, kv_per_layer, model.num_layers)
 
 
+def layer_gemm_weights(model: ModelSpec, tp_degree: int = 1) -> tuple[int, int]:
+    """(elements, output channels) of one layer's four GEMMs (QKV, O, gate|up, down; every expert's) in
+    one GPU's shard."""
+    shard = tp_shard(model, tp_degree)
+    h, i, q, kv = model.hidden_size, shard.intermediate_size, shard.q_size, shard.kv_size
+    experts = model.num_experts if model.is_moe else 1
+    return h * (q + 2 * kv) + q * h + experts * 3 * h * i, q + 2 * kv + h + experts * (2 * i + h)
+
+
 def num_weights(model: ModelSpec, tp_degree: int = 1, is_tied: bool = False) -> int:
     """Parameters one GPU holds: its shard of every layer (GEMMs, QKV bias, router, the two norms),
     the final norm, and the embedding and LM head (one matrix when tied) split over the GPUs."""
     shard = tp_shard(model, tp_degree)
-    h, i = model.hidden_size, shard.intermediate_size
-    attention = h * (shard.q_size + 2 * shard.kv_size) + shard.q_size * h
+    h = model.hidden_size
+    gemms, _ = layer_gemm_weights(model, tp_degree)
     bias = shard.q_size + 2 * shard.kv_size if model.has_qkv_bias else 0
-    ffn = (model.num_experts * 3 * h * i + h * model.num_experts) if model.is_moe else 3 * h * i
-    per_layer = attention + bias + ffn + 2 * h                      # (+ the two norms' weights)
+    router = h * model.num_experts if model.is_moe else 0
+    per_layer = gemms + bias + router + 2 * h                        # (+ the two norms' weights)
     vocab = (1 if is_tied else 2) * model.vocab_size * h // tp_degree
     return per_layer * model.num_layers + vocab + h
 

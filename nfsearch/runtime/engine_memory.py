@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from nfsearch.errors import NfsearchError
-from nfsearch.graph import num_weights
+from nfsearch.graph import layer_gemm_weights, num_weights
 from nfsearch.serving.batch import Bucket
 from nfsearch.serving.model_config import ModelConfig
 from nfsearch.serving.scheduler import default_buckets
@@ -41,10 +41,7 @@ def weights_bytes(spec: ModelSpec, dtype_bytes: int, tied_embeddings: bool, is_f
     total = num_weights(spec, is_tied=tied_embeddings) * dtype_bytes
     if not is_fp8_gemms:
         return total
-    h, i = spec.hidden_size, spec.intermediate_size
-    experts = spec.num_experts if spec.is_moe else 1
-    gemm_elements = h * (spec.q_size + 2 * spec.kv_size) + spec.q_size * h + experts * 3 * h * i
-    out_channels = spec.q_size + 2 * spec.kv_size + h + experts * (2 * i + h)
+    gemm_elements, out_channels = layer_gemm_weights(spec)
     per_layer = gemm_elements * (dtype_bytes - 1) - out_channels * 4
     return total - spec.num_layers * per_layer
 

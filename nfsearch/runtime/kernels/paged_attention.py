@@ -365,10 +365,10 @@ def paged_decode_attention(q, k_cache, v_cache, page_tables, context_lens, out, 
     out [B, Hq, D]. ``num_splits`` overrides the split count chosen from the shapes. k_scales,
     v_scales [num_pages, page_size, Hkv] float32 with an fp8 cache. Returns ``out``."""
     require_triton("paged_decode_attention")
-    cfg = config or (FP8_DECODE_CONFIG if is_fp8(k_cache) else DECODE_CONFIG)
     B, HQ, D = q.shape
     page_size, HKV = _check_shapes(q, out, k_cache, v_cache)
     ks, vs, s_sp, s_st, s_sh, fp8 = _scale_args(k_cache, v_cache, k_scales, v_scales)
+    cfg = config or (FP8_DECODE_CONFIG if fp8 else DECODE_CONFIG)
     if B == 0:
         return out
     G = HQ // HKV
