@@ -105,9 +105,7 @@ def quant_rows_cases(width: int = 14336):
     ptrs = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32"}
     for cfg in (qf.RowsConfig(), qf.RowsConfig(num_warps=8), qf.RowsConfig(max_one_pass=0, chunk=4096, num_warps=4),
                 qf.RowsConfig(max_one_pass=0, chunk=2048, num_warps=4)):
-        one_pass = triton.next_power_of_2(width) <= cfg.max_one_pass
-        block = triton.next_power_of_2(width) if one_pass else cfg.chunk
-        warps = cfg.num_warps or qf._num_warps(block)
+        one_pass, block, warps = qf.rows_layout(width, cfg)
         yield (f"silu_mul_quant {width} block {block} warps {warps}" + (" one pass" if one_pass else " two passes"),
                compile_case(qf._quant_rows_kernel, ptrs, dict(BLOCK=block, ONE_PASS=one_pass, SILU=True), warps))
 

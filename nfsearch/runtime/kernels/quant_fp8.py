@@ -198,12 +198,18 @@ def _quant_rows_launch(x, q_out, scale_out, num_sms, W: int, is_silu: bool, prog
     assert x.stride(1) == 1
     if T == 0:
         return Fp8Rows(q_out, scale_out)
-    one_pass = next_pow2(W) <= cfg.max_one_pass
-    block = next_pow2(W) if one_pass else cfg.chunk
+    one_pass, block, num_warps = rows_layout(W, cfg)
     grid = programs(num_sms, programs_per_sm or cfg.programs_per_sm, T)
     _quant_rows_kernel[(grid,)](x, q_out, scale_out, T, W, x.stride(0), q_out.stride(0), grid, BLOCK=block,
-                                ONE_PASS=one_pass, SILU=is_silu, num_warps=cfg.num_warps or _num_warps(block))
+                                ONE_PASS=one_pass, SILU=is_silu, num_warps=num_warps)
     return Fp8Rows(q_out, scale_out)
+
+
+def rows_layout(W: int, cfg: RowsConfig) -> tuple[bool, int, int]:
+    """(one pass?, block elements, warps) of _quant_rows_kernel for rows of W elements under cfg."""
+    one_pass = next_pow2(W) <= cfg.max_one_pass
+    block = next_pow2(W) if one_pass else cfg.chunk
+    return one_pass, block, cfg.num_warps or _num_warps(block)
 
 
 def silu_mul_quant_triton(x, q_out, scale_out, num_sms: int, programs_per_sm=None, config: RowsConfig | None = None):
