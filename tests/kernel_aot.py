@@ -33,7 +33,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 PTXAS = [Path(triton.__path__[0]) / "backends/nvidia/bin" / name for name in ("ptxas-blackwell", "ptxas")]
 COUNTS = {"ld.shared.b8": r"ld\.shared\.b8", "ldmatrix": r"ldmatrix", "ldmatrix.trans": r"ldmatrix[.\w]*\.trans",
           "cp.async": r"cp\.async\.(?:ca|cg)", "mma.sync": r"mma\.sync", "wgmma": r"wgmma\.mma_async",
-          "div.rn": r"div\.rn"}
+          "div.rn": r"div\.rn", "rne_magic": r"0f4B400000"}     # 1.5 x 2^23: the e4m3 rounding by hand
 NOT_ALIGNED = {"B", "HKV", "NSPLIT", "SPLIT_LEN", "NP", "NSEG", "T", "W", "qk_scale"}   # runtime sizes
 LLAMA3_8B = dict(PS=16, G=4, D=128)          # page size, query heads per kv head, head dim
 
@@ -68,6 +68,7 @@ def report(name: str, kernel) -> dict:
     ptx = kernel.asm["ptx"]
     row = {"case": name, "shared_bytes": kernel.metadata.shared, **registers(ptx)}
     row |= {k: len(re.findall(pattern, ptx)) for k, pattern in COUNTS.items()}
+    row["instructions"] = sum(1 for line in ptx.splitlines() if re.match(r"\s*(@!?%\w+\s+)?[a-z]", line))
     row["conversions"] = dict(Counter(re.findall(r"cvt\.[\w.]+", ptx)).most_common(4))
     return row
 
@@ -119,7 +120,7 @@ def main():
     ap.add_argument("--out", help="write the rows as JSON")
     args = ap.parse_args()
     rows = [report(name, kernel) for k in args.kernels.split(",") for name, kernel in KERNELS[k]()]
-    cols = ["shared_bytes", "registers", "spill_bytes", *COUNTS]
+    cols = ["shared_bytes", "registers", "spill_bytes", "instructions", *COUNTS]
     print("| case | " + " | ".join(cols) + " | top conversions |")
     print("|---" * (len(cols) + 2) + "|")
     for r in rows:
