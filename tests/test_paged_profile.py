@@ -21,6 +21,7 @@ from nfsearch.runtime import measurements as m
 from nfsearch.runtime.kernels import IMPLS
 from nfsearch.runtime.kernels import paged_adapters as pa
 from nfsearch.runtime.kernels.paged_attention_torch import gather_kv
+from nfsearch.serving.batch import Bucket
 from nfsearch.specs import Workload, load_model
 
 H, HKV, D = 4, 2, 16
@@ -143,12 +144,13 @@ ATTN_MS = {("decode_attn", "triton"): 0.5, ("decode_attn", "paged"): 0.3, ("pref
            ("prefill_attn", "paged"): 0.25}
 
 
-def _synthetic(with_paged: bool, energy: bool = False) -> ProfileTable:
+def _synthetic(with_paged: bool, energy: bool = False, dense_ms_per_token: float = 0.0) -> ProfileTable:
     """Every op at one flat time over tokens 16..4096, contexts 64..4096 and SM counts 66 and 132 (so
-    any lookup inside gives that time exactly)."""
+    any lookup inside gives that time exactly); dense_ms_per_token: the dense ops at that much per token
+    instead (linear, so a lookup between gives it exactly too)."""
     rows = []
     for op, ms in OPS_TIME_MS.items():
-        rows += [(op, "triton", t, 0, s, ms) for t in (16, 4096) for s in (66, 132)]
+        rows += [(op, "triton", t, 0, s, dense_ms_per_token * t or ms) for t in (16, 4096) for s in (66, 132)]
     for (op, impl), ms in ATTN_MS.items():
         if impl == "paged" and not with_paged:
             continue
@@ -196,11 +198,29 @@ def test_the_family_prices_attention_from_paged_rows_when_present_else_from_the_
     plain = make_problem(model, BATCH, _synthetic(True))          # a contiguous plan's problem: never paged
     assert attention_ms(plain) == attention_ms(old)
     from nfsearch.search.baselines import sequential_plan
-    p_new = predict_bucket(paged, sequential_plan(paged), 271)
-    p_old = predict_bucket(old, sequential_plan(old), 271)
+    exact = Bucket(BATCH.num_tokens, 269, 2, 1536)                  # no empty rows
+    p_new = predict_bucket(paged, sequential_plan(paged), exact)
+    p_old = predict_bucket(old, sequential_plan(old), exact)
     # the sequential layer runs each op whole, one after another: only the two attention ops differ
     assert p_old.sequential_layer_ms - p_new.sequential_layer_ms == pytest.approx(0.2 + 0.15, abs=1e-9)
     assert p_new.attention_ms["decode_attn"]["impl"] == "paged"
+
+
+def test_a_bucket_prices_its_empty_rows_in_every_op_but_attention():
+    """The engine's graph runs the dense ops over all of the bucket's rows and the LM head over its
+    logit rows: 8 dense ops at 1e-3 ms per token, 894 tokens in a bucket of 1024 rows."""
+    from nfsearch.family.predict import lm_head_ms, padding_cost
+    from nfsearch.search.baselines import sequential_plan
+    problem = make_problem(load_model("llama-3-8b"), BATCH, _synthetic(True, dense_ms_per_token=1e-3))
+    assert BATCH.num_tokens == 894
+    assert padding_cost(problem, 1024) == (pytest.approx(8 * 130 * 1e-3), 0.0)
+    assert padding_cost(problem, 894) == padding_cost(problem, 500) == (0.0, 0.0)
+    plan = sequential_plan(problem)
+    exact = predict_bucket(problem, plan, Bucket(894, 269, 2, 1536))
+    padded = predict_bucket(problem, plan, Bucket(1024, 304, 8, 1536))
+    assert padded.sequential_layer_ms - exact.sequential_layer_ms == pytest.approx(0.13 * 8)
+    assert padded.padding_ms == pytest.approx(1.04) and exact.padding_ms == 0.0
+    assert padded.lm_head_ms == lm_head_ms(problem, 312) > exact.lm_head_ms == lm_head_ms(problem, 271)
 
 
 def test_the_engine_view_takes_the_paged_energy_points_of_its_paged_ops():

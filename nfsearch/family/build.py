@@ -94,7 +94,7 @@ def solve_bucket(task: BucketTask, num_layers: int = 2) -> BucketResult:
                                chunk=task.chunk, min_gain=task.min_gain)
     verify(plan)
     source = next((n[len("plan: "):].split(", replay")[0] for n in reversed(notes) if n.startswith("plan: ")), "")
-    prediction = predict_bucket(problem, plan, task.composition.num_logit_rows)
+    prediction = predict_bucket(problem, plan, task.bucket)
     return BucketResult(task.index, plan, prediction, source, time.perf_counter() - began)
 
 

@@ -1,14 +1,19 @@
 """A family's prediction: per bucket the iteration's time, energy and energy floor, and whole-trace tokens/s.
 
-An iteration is the model's layers and its LM head. The layers: simulate.judge's predicted time per
-layer (replay and power bound) x the model's layers, for the bucket's plan and for the sequential
-plan of the same batch. The LM head (the cost model has no op for it): the roofline of its GEMM over
-the batch's logit rows at the profile's GEMM ceiling (P_gemm) and copy bandwidth; the embedding
-gather, final norm and sampling are left out (each well under 1% of an iteration).
+An iteration is the model's layers and its LM head, at the shapes the engine's CUDA graph of the
+bucket runs (runtime/paged_model.py): every op but attention over all of the bucket's rows, the LM
+head over its logit rows (max decode + max segments), whatever the batch leaves empty. The layers:
+simulate.judge's predicted time per layer (replay and power bound) of the bucket's batch, for the
+bucket's plan and for the sequential plan of the same batch, plus its padding (`padding_cost`: the
+dense ops at the bucket's rows against the batch's tokens, in time and energy; added to an overlapped
+plan's replay as if it ran alone), x the model's layers. The LM head (the cost model has no op for
+it): the roofline of its GEMM at the profile's GEMM ceiling (P_gemm) and copy bandwidth; the
+embedding gather, final norm and sampling are left out (each well under 1% of an iteration).
 
-Energy: per layer, the plan's own power bound's dynamic energy plus static power over the predicted
-layer time, x layers (the LM head not priced). The floor: the layer's energy spent at the power limit
-(cost.power_bound: bound_ms = dynamic J / (limit - static W)) x layers, plus the LM head's roofline.
+Energy: per layer, the plan's own power bound's dynamic energy (with the padding's) plus static power
+over the predicted layer time, x layers (the LM head not priced). The floor: the layer's energy (with
+the padding's) spent at the power limit (cost.power_bound: bound_ms = dynamic J / (limit - static W))
+x layers, plus the LM head's roofline.
 
 Whole trace: the scheduler's iterations per bucket x the bucket's predicted iteration time is the
 run's GPU time; the trace's real tokens (prompts and outputs, once each) over it is tokens/s.
@@ -20,14 +25,15 @@ the profile has the engine's paged kernels measured every figure here prices att
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from nfsearch.cost import Problem
 from nfsearch.plan import Schedule
 from nfsearch.profile import gpu_from_profile
-from nfsearch.simulate import judge
+from nfsearch.simulate import Judgement, judge
 
 LOGIT_BYTES = 4                  # the engine's logits are float32
+ATTENTION_OPS = ("decode_attn", "prefill_attn")
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,7 @@ class BucketPrediction:
     floor_ms: float | None           # per iteration: layers at the power limit + LM head roofline
     power_limit_w: float | None
     attention_ms: dict | None = None  # op -> {"ms", "impl"}: the whole op per layer on the whole GPU
+    padding_ms: float = 0.0          # per layer, in layer_ms: the dense ops over the bucket's empty rows
 
     @property
     def iteration_ms(self) -> float:
@@ -59,14 +66,14 @@ class BucketPrediction:
     @classmethod
     def from_dict(cls, d: dict) -> BucketPrediction:
         return cls(d["layer_ms"], d["sequential_layer_ms"], d["lm_head_ms"], d["num_layers"], d["energy_j"],
-                   d["floor_ms"], d["power_limit_w"], d.get("attention_ms"))
+                   d["floor_ms"], d["power_limit_w"], d.get("attention_ms"), d.get("padding_ms", 0.0))
 
 
 def attention_ms(problem: Problem) -> dict:
     """Each attention op of the batch: its whole time per layer on the whole GPU by the problem's profile
     (calibrated as the cost model prices it) and the impl that gives it."""
     cost, out = problem.cost, {}
-    for op in ("decode_attn", "prefill_attn"):
+    for op in ATTENTION_OPS:
         tokens = cost.whole_tokens.get(op, 0)
         if tokens > 0:
             out[op] = {"ms": cost.solo_ms(op, tokens, cost.num_sms), "impl": cost.impl(op, tokens, cost.num_sms)}
@@ -83,22 +90,49 @@ def lm_head_ms(problem: Problem, num_logit_rows: int) -> float:
     return max(flops / (gpu.peak_tflops * 1e9), num_bytes / (gpu.mem_bandwidth_tbps * 1e9))
 
 
-def predict_bucket(problem: Problem, plan: Schedule, num_logit_rows: int) -> BucketPrediction:
-    """The bucket's predicted iteration (its plan and the sequential plan of its batch)."""
+def padding_cost(problem: Problem, num_rows: int) -> tuple[float, float]:
+    """(ms, dynamic J) per layer that rows beyond the batch's tokens add, up to `num_rows`: each op over
+    the whole batch but attention (and the network) priced at num_rows against the batch's tokens, alone
+    on the whole GPU (0 without energy in the profile)."""
+    cost, tokens = problem.cost, problem.workload.num_tokens
+    if num_rows <= tokens:
+        return 0.0, 0.0
+    ms = joules = 0.0
+    for op in cost.ops:
+        if op in ATTENTION_OPS or cost.op_class(op) == "network" or cost.whole_tokens[op] != tokens:
+            continue
+        ms += cost.solo_ms(op, num_rows, cost.num_sms) - cost.solo_ms(op, tokens, cost.num_sms)
+        joules += cost.nano_dynamic_j(op, num_rows) - cost.nano_dynamic_j(op, tokens)
+    return max(0.0, ms), max(0.0, joules)
+
+
+def _padded(judged: Judgement, pad_ms: float, pad_j: float) -> tuple[float, object]:
+    """(layer ms, power bound) of a judged plan with the padding's time and energy added."""
+    bound = judged.power_bound
+    replayed = judged.replayed_layer_ms + pad_ms
+    if bound is None:
+        return replayed, None
+    bound = replace(bound, dynamic_energy_j=bound.dynamic_energy_j + pad_j)
+    return bound.layer_ms(replayed), bound
+
+
+def predict_bucket(problem: Problem, plan: Schedule, bucket) -> BucketPrediction:
+    """The predicted iteration of `bucket` (serving.batch.Bucket: its rows and logit rows) holding the
+    problem's batch: its plan and the sequential plan of the batch."""
     from nfsearch.search.baselines import sequential_plan  # here: the search package imports ortools
-    judged = judge(plan, problem.cost)
-    sequential = judge(sequential_plan(problem), problem.cost)
+    pad_ms, pad_j = padding_cost(problem, bucket.max_tokens)
+    layer_ms, own = _padded(judge(plan, problem.cost), pad_ms, pad_j)
+    sequential_ms, _ = _padded(judge(sequential_plan(problem), problem.cost), pad_ms, pad_j)
     num_layers = problem.model.num_layers
-    head_ms = lm_head_ms(problem, num_logit_rows)
+    head_ms = lm_head_ms(problem, bucket.max_decode + bucket.max_segments)
     floor = problem.cost.power_bound()
     energy_j = floor_ms = limit = None
-    if judged.power_bound is not None and floor is not None:
-        own = judged.power_bound
-        energy_j = num_layers * (own.dynamic_energy_j + own.static_power_w * judged.layer_ms * 1e-3)
-        floor_ms = num_layers * floor.bound_ms + head_ms
+    if own is not None and floor is not None:
+        energy_j = num_layers * (own.dynamic_energy_j + own.static_power_w * layer_ms * 1e-3)
+        floor_ms = num_layers * replace(floor, dynamic_energy_j=floor.dynamic_energy_j + pad_j).bound_ms + head_ms
         limit = floor.power_limit_w
-    return BucketPrediction(judged.layer_ms, sequential.layer_ms, head_ms, num_layers, energy_j, floor_ms, limit,
-                            attention_ms(problem))
+    return BucketPrediction(layer_ms, sequential_ms, head_ms, num_layers, energy_j, floor_ms, limit,
+                            attention_ms(problem), pad_ms)
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ def rejudged(family: Family, profile: ProfileTable, is_profile_given: bool) -> F
         except NfsearchError as exc:
             k = b.bucket
             raise NfsearchError(f"bucket {k.max_tokens}/{k.max_decode}/{k.max_segments}/{k.max_context}: {exc}") from None
-        buckets.append(replace(b, prediction=predict_bucket(problem, plan, b.composition.num_logit_rows)))
+        buckets.append(replace(b, prediction=predict_bucket(problem, plan, b.bucket)))
     prediction = predict_trace([(b.num_iterations, b.prediction) for b in buckets],
                                family.scheduler_run["num_real_tokens"])
     return replace(family, buckets=tuple(buckets), prediction=prediction,

@@ -183,5 +183,5 @@ def sequential_maker(family: Family, spec, profile_path: str | None = None):
         problem = make_problem(spec, workload, profile, bp.plan.num_layers)
         plan = sequential_plan(problem)
         verify(plan)
-        return plan, predict_bucket(problem, plan, bp.composition.num_logit_rows)
+        return plan, predict_bucket(problem, plan, bp.bucket)
     return make
