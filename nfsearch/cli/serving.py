@@ -71,10 +71,13 @@ from nfsearch.errors import NfsearchError
 @click.option("--plans", "plans_path", type=click.Path(dir_okay=False),
               help="A plan family (solve --family): each bucket's graph runs its plan's kernels; refused when made "
                    "for another model, dense batch or buckets.")
+@click.option("--gemm-choice/--no-gemm-choice", "choose_gemms", default=True, show_default=True,
+              help="On the GPU, time each bucket's GEMMs at its row count with cuBLAS and the Triton TMA GEMM "
+                   "before capture and run the faster (by >= 5%); off: cuBLAS everywhere.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="JSON report (default: ./out/bench-*.json).")
 def bench_cmd(model, url, request_rate, sweep, max_duration_s, slo_stat, max_tpot_ms, max_concurrency, slo_ms,
               trace_spec, num_requests, dense_batch, utilization, page_size, device, dtype, is_compare, quantization,
-              kv_cache_dtype, numerics_text, seed, tp_degree, plans_path, output):
+              kv_cache_dtype, numerics_text, seed, tp_degree, plans_path, choose_gemms, output):
     """Serve a request trace with the engine: tokens/s per GPU against optimal, idle, power, latency."""
     if numerics_text is not None:
         _refuse_beside_numerics(quantization, is_compare, tp_degree, plans_path, url)
@@ -98,7 +101,7 @@ def bench_cmd(model, url, request_rate, sweep, max_duration_s, slo_stat, max_tpo
     check_outputs([output], (".json",), may_create_out=True)
     opts = BenchOptions(model, trace_spec, num_requests, dense_batch, utilization, page_size, device, dtype,
                         is_compare, seed, max_tpot_ms=max_tpot_ms, quantization=quantization,
-                        kv_cache_dtype=kv_cache_dtype, plans=plans_path)
+                        kv_cache_dtype=kv_cache_dtype, plans=plans_path, choose_gemms=choose_gemms)
     if settings:
         return _bench_numerics(opts, settings, output, format_report)
     if tp_degree > 1:

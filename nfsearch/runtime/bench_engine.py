@@ -48,6 +48,7 @@ class BenchOptions:
     plans: str | None = None         # a plan family file: each bucket's graph with its plan's kernels
     kv_cache_dtype: str = "auto"     # "auto": the model's dtype; "fp8": e4m3 + per-(token, kv head) scales
     compare_every: int | None = None  # iterations per variant turn under --compare (None: COMPARE_EVERY)
+    choose_gemms: bool = True        # per bucket rows, cuBLAS or a faster GEMM timed at start-up (gemm_choice)
 
 
 def run_bench(opts: BenchOptions, echo=print, progress: bool = True, make_engine=Engine) -> dict:
@@ -68,7 +69,8 @@ def run_bench(opts: BenchOptions, echo=print, progress: bool = True, make_engine
                     **({"max_tpot_ms": opts.max_tpot_ms} if opts.max_tpot_ms else {}),
                     **({"quantization": opts.quantization} if opts.quantization else {}),
                     **({"plans": opts.plans} if opts.plans else {}),
-                    **({"kv_cache_dtype": opts.kv_cache_dtype} if opts.kv_cache_dtype != "auto" else {}))
+                    **({"kv_cache_dtype": opts.kv_cache_dtype} if opts.kv_cache_dtype != "auto" else {}),
+                    **({} if opts.choose_gemms else {"choose_gemms": False}))
     nvml = _open_nvml(engine)
     with _Progress(len(trace.requests), progress) as bar:
         sampler, energy0 = _start_power(nvml)
@@ -146,7 +148,8 @@ def _engine_dict(engine: Engine) -> dict:
             "buckets": [asdict(b) for b in engine.buckets],
             "max_tpot": _tpot_dict(getattr(engine, "tpot_cap", None)),
             "memory": engine.plan.to_dict() if engine.plan else None,
-            "startup_s": {"load": engine.load_s, "compile": engine.compile_s, "capture": engine.capture_s}}
+            "startup_s": {"load": engine.load_s, "compile": engine.compile_s, "capture": engine.capture_s},
+            "gemm_choice": getattr(engine, "gemm_choice", None)}
 
 
 def _tpot_dict(cap) -> dict | None:

@@ -98,7 +98,8 @@ class Engine:
                  trace_shape: TraceShape | None = None, num_pages: int | None = None,
                  memory_bytes: int | None = None, variants: tuple[str, ...] = ("plan",),
                  predicted_output_len: int | None = None, max_tpot_ms: float | None = None,
-                 quantization: str | None = None, plans: str | None = None, log=None, kv_cache_dtype: str = "auto"):
+                 quantization: str | None = None, plans: str | None = None, log=None, kv_cache_dtype: str = "auto",
+                 choose_gemms: bool = True):
         t_start = time.perf_counter()
         self.log = log or (lambda line: None)
         self.cfg = load_model_config(model)
@@ -159,6 +160,7 @@ class Engine:
         self.runner = StepRunner(models, self.buckets, page_size, self.device, self.use_cuda_graphs)
         if self.family is not None:  # each bucket's graph with its plan's kernels
             self.bucket_kernels = engine_plans.apply_family(self, self.family)
+        self.gemm_choice = self._choose_gemms() if choose_gemms else None
         if self.use_cuda_graphs:
             self.runner.capture()
         self.capture_s = self.runner.capture_s
@@ -183,6 +185,22 @@ class Engine:
         self.dense_batch, self.max_decode, self.buckets = sizing.dense_batch, sizing.max_decode, sizing.buckets
         self.max_context, self.min_pages = sizing.max_context, sizing.max_context // self.page_size
         self.max_logit_rows, self.num_pages, self.plan = sizing.max_logit_rows, sizing.num_pages, sizing.plan
+
+    @property
+    def _gemm_choice_s(self) -> float:
+        return (self.gemm_choice or {}).get("seconds", 0.0)
+
+    def _choose_gemms(self) -> dict | None:
+        """Per bucket rows, cuBLAS or a faster GEMM kernel, timed before capture (runtime.gemm_choice);
+        only the default engine: one GPU, bf16 GEMMs, CUDA graphs, no plan family."""
+        if not self.use_cuda_graphs or self.family is not None or self.weights.is_fp8 or hasattr(self, "tp") \
+                or self.dtype != torch.bfloat16:
+            return None
+        from nfsearch.runtime import gemm_choice
+        t0 = time.perf_counter()
+        rows = sorted({b.max_tokens for b in self.buckets})
+        choices = gemm_choice.measure(torch, self.weights.layers[0], rows, self.model.num_sms, log=self.log)
+        return gemm_choice.apply(self, choices) | {"seconds": time.perf_counter() - t0}
 
     def _load_weights(self, seed: int):
         """The model's weights on the device (runtime.engine_tp's ranks keep their shard)."""
@@ -262,8 +280,10 @@ class Engine:
                  f"({self.trace_shape.mean_prompt_len:.0f} + {self.trace_shape.mean_output_len:.0f} tokens)"),
                  (f"dense batch {self.dense_batch} tokens, up to {self.max_decode} decode rows, "
                  f"{len(self.buckets)} buckets"),
-                 (f"start-up {self.load_s + self.compile_s + self.capture_s:.1f} s: load {self.load_s:.1f} s, "
-                 f"compile (dry run) {self.compile_s:.1f} s, capture {self.capture_s:.1f} s")]
+                 (f"start-up {self.load_s + self.compile_s + self._gemm_choice_s + self.capture_s:.1f} s: load "
+                  f"{self.load_s:.1f} s, compile (dry run) {self.compile_s:.1f} s"
+                  + (f", GEMM choice {self._gemm_choice_s:.1f} s" if self.gemm_choice else "")
+                  + f", capture {self.capture_s:.1f} s")]
         if self.plan is not None:
             lines.insert(2, self.plan.describe())
         if self.quantization or self.weights.fp8_source:

@@ -72,6 +72,24 @@ def test_sampled_requests_repeat_and_compare_variants_run():
     assert same >= 0.95 * sum(r.output_len for r in reqs)   # the variants' norms may round differently
 
 
+def test_gemm_choice_times_each_bucket_rows_and_its_buckets_run_the_choice():
+    from nfsearch.runtime.kernels import IMPLS
+    reqs = _requests(24)
+    eng = _engine(reqs)
+    rows = sorted({b.max_tokens for b in eng.buckets})
+    choices = eng.gemm_choice["choices"]
+    assert sorted({(c["num_rows"], c["op"]) for c in choices}) == sorted((r, op) for r in rows
+                                                                         for op in ("kqv", "o", "ug", "d"))
+    assert all(c["times_ms"]["torch"] > 0 for c in choices)
+    for c in choices:
+        for b in (b for b in eng.buckets if b.max_tokens == c["num_rows"]):
+            assert eng.runner.model_for("plan", b).ops[c["op"]] is IMPLS[c["op"]][c["impl"]]
+    run = eng.run(reqs)
+    assert all(len(s.output_ids) == r.output_len for s, r in zip(run.sequences, reqs))
+    off = _engine(reqs, choose_gemms=False)
+    assert off.gemm_choice is None and not off.runner.bucket_models
+
+
 def test_kv_plan_stays_inside_the_budget():
     reqs = _requests(8)
     eng = _engine(reqs)

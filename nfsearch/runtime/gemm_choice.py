@@ -1,0 +1,126 @@
+"""The GEMM kernel of each bucket, chosen by timing the bucket's own row count at start-up.
+
+The engine's graphs run every GEMM of a bucket at exactly the bucket's rows (runtime/paged_model.py),
+and cuBLAS picks its kernel per shape by heuristics that are sometimes far off: in E1's record on an
+H100 (docs/results.md section 0) the 448-row bucket's GEMMs took 15.4 ms per iteration against 17.8 ms
+for the 896-row bucket, one cuBLAS kernel taking as long at 448 rows as the 896 bucket's at 896. The
+profile cannot see it (its GEMM rows are at 384 and 512). So before the graphs are captured, each
+(bucket rows, GEMM) is timed with each candidate impl on the layer's own weight shapes, alone on the
+whole GPU under a CUDA graph, and a candidate replaces cuBLAS only where it is at least MIN_GAIN
+faster. A candidate that cannot run here (no TMA before Hopper, a compile error) is left out.
+
+Only the default engine chooses (one GPU, bf16 GEMMs, no plan family): a family's plans name their
+kernels, FP8 GEMMs have one impl, and `--compare`'s baseline keeps cuBLAS by definition.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+from dataclasses import asdict, dataclass
+from functools import partial
+
+from nfsearch.runtime.kernels import IMPLS
+
+GEMM_OPS = ("kqv", "o", "ug", "d")
+CANDIDATES = ("tma",)              # beside "torch" (cuBLAS), the engine's own
+MIN_GAIN = 0.05                    # a candidate must be this much faster than cuBLAS to replace it
+NUM_REPLAYS = 20
+HAS_RESIDUAL = {"kqv": False, "o": True, "ug": False, "d": True}
+
+
+@dataclass(frozen=True)
+class GemmChoice:
+    num_rows: int
+    op: str
+    times_ms: dict[str, float]       # impl -> median ms of one call (CUDA events over graph replays)
+    impl: str                        # the chosen one
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def choose(times_ms: dict[str, float], min_gain: float = MIN_GAIN) -> str:
+    """cuBLAS ("torch") unless a candidate is at least min_gain faster (the fastest such)."""
+    base = times_ms["torch"]
+    faster = {impl: ms for impl, ms in times_ms.items() if impl != "torch" and ms <= base * (1 - min_gain)}
+    return min(faster, key=faster.get) if faster else "torch"
+
+
+def gemm_shapes(layer) -> dict[str, tuple[int, int]]:
+    """(K, N) of each GEMM of a layer's weights (runtime/weights.LayerWeights: w is [K, N]) that may
+    choose: the QKV GEMM of a model with a QKV bias keeps cuBLAS (the candidates add [M, N] residuals,
+    not a bias vector)."""
+    shapes = {"kqv": tuple(layer.wqkv.shape), "o": tuple(layer.wo.shape), "ug": tuple(layer.wug.shape),
+              "d": tuple(layer.wd.shape)}
+    if getattr(layer, "bqkv", None) is not None:
+        del shapes["kqv"]
+    return shapes
+
+
+def _replay_ms(torch, fn) -> float:
+    """Median ms of one fn() inside a CUDA graph of NUM_REPLAYS calls, over 3 replays."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()                                      # compile / heuristics outside the graph
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for _ in range(NUM_REPLAYS):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / NUM_REPLAYS)
+    return statistics.median(times)
+
+
+def measure(torch, layer, row_counts, num_sms: int, candidates=CANDIDATES, log=None) -> list[GemmChoice]:
+    """Each GEMM at each row count with cuBLAS and each candidate that runs here; the choice of each."""
+    say = log or (lambda line: None)
+    out = []
+    for op, (k, n) in gemm_shapes(layer).items():
+        w = getattr(layer, {"kqv": "wqkv", "o": "wo", "ug": "wug", "d": "wd"}[op])
+        for rows in sorted(set(row_counts)):
+            a = torch.randn(rows, k, device=w.device, dtype=w.dtype)
+            c = torch.empty(rows, n, device=w.device, dtype=w.dtype)
+            r = torch.randn(rows, n, device=w.device, dtype=w.dtype) if HAS_RESIDUAL[op] else None
+            times = {}
+            for impl in ("torch", *candidates):
+                fn = IMPLS[op][impl]
+                try:
+                    times[impl] = _replay_ms(torch, partial(fn, a, w, c, num_sms, residual=r))
+                except Exception as exc:  # a kernel that cannot run here is left out
+                    if impl == "torch":
+                        raise
+                    say(f"gemm choice: {op} {impl} at {rows} rows left out ({type(exc).__name__}: {str(exc)[:80]})")
+            out.append(GemmChoice(rows, op, times, choose(times)))
+    torch.cuda.empty_cache()        # the inputs and the timing graphs' pools go back before the engine's capture
+    return out
+
+
+def apply(engine, choices: list[GemmChoice]) -> dict:
+    """Give each bucket whose rows chose a kernel other than cuBLAS a model with those kernels (before
+    capture); returns the report's block."""
+    from nfsearch.runtime.engine import PLAN_OPS
+    by_rows: dict[int, dict[str, str]] = {}
+    for c in choices:
+        if c.impl != "torch":
+            by_rows.setdefault(c.num_rows, {})[c.op] = c.impl
+    model = engine.runner.models["plan"]
+    for bucket in engine.buckets:
+        impls = by_rows.get(bucket.max_tokens)
+        if impls:
+            twin = copy.copy(model)
+            twin.ops = model.dense_ops(PLAN_OPS | impls)
+            engine.runner.bucket_models[("plan", bucket)] = twin
+    for rows, impls in sorted(by_rows.items()):
+        engine.log(f"gemm choice: {rows}-row buckets run " + ", ".join(f"{op} {impl}" for op, impl in impls.items())
+                   + " (faster than cuBLAS at that shape by >= 5%)")
+    return {"min_gain": MIN_GAIN, "candidates": list(CANDIDATES), "choices": [c.to_dict() for c in choices]}
