@@ -58,9 +58,9 @@ def gemm_shapes(layer) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def _replay_ms(torch, fn) -> float:
-    """Median ms of one fn() inside a CUDA graph of NUM_REPLAYS calls, over 3 replays."""
-    stream = torch.cuda.Stream()
+def _replay_ms(torch, stream, fn) -> float:
+    """Median ms of one fn() inside a CUDA graph of NUM_REPLAYS calls captured on `stream`, over 3
+    replays (one stream for every timing: the TMA GEMM keeps a workspace per stream)."""
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         fn()                                      # compile / heuristics outside the graph
@@ -84,7 +84,7 @@ def _replay_ms(torch, fn) -> float:
 def measure(torch, layer, row_counts, num_sms: int, candidates=CANDIDATES, log=None) -> list[GemmChoice]:
     """Each GEMM at each row count with cuBLAS and each candidate that runs here; the choice of each."""
     say = log or (lambda line: None)
-    out = []
+    stream, out = torch.cuda.Stream(), []
     for op, (k, n) in gemm_shapes(layer).items():
         w = getattr(layer, {"kqv": "wqkv", "o": "wo", "ug": "wug", "d": "wd"}[op])
         for rows in sorted(set(row_counts)):
@@ -95,7 +95,7 @@ def measure(torch, layer, row_counts, num_sms: int, candidates=CANDIDATES, log=N
             for impl in ("torch", *candidates):
                 fn = IMPLS[op][impl]
                 try:
-                    times[impl] = _replay_ms(torch, partial(fn, a, w, c, num_sms, residual=r))
+                    times[impl] = _replay_ms(torch, stream, partial(fn, a, w, c, num_sms, residual=r))
                 except Exception as exc:  # a kernel that cannot run here is left out
                     if impl == "torch":
                         raise
