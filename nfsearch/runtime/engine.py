@@ -201,7 +201,7 @@ class Engine:
         rows = sorted({b.max_tokens for b in self.buckets})
         try:
             choices = gemm_choice.measure(torch, self.weights.layers[0], rows, self.model.num_sms, log=self.log)
-        except Exception as exc:      # cuBLAS everywhere, as without the choice; the run goes on
+        except Exception as exc:  # noqa: BLE001 - cuBLAS everywhere, as without the choice; the run goes on
             self.log(f"gemm choice skipped: {type(exc).__name__}: {str(exc)[:160]}")
             return None
         return gemm_choice.apply(self, choices) | {"seconds": time.perf_counter() - t0}
