@@ -262,6 +262,31 @@ def test_the_family_plan_measures_each_buckets_attention_and_merges_into_the_bas
                                                                  ("prefill_attn", "paged", 625)] and not notes
 
 
+def test_the_family_plan_times_each_gemm_at_the_buckets_rows_and_the_merge_prices_them():
+    """A made-up 448-row GEMM twice as slow as the flat 0.3 ms of the base around it: the merged profile
+    has it on both SM counts, so a bucket of 448 rows pays it for its empty rows."""
+    from nfsearch.family.predict import padding_cost
+    model = load_model("llama-3-8b")
+    gemms = {"ug": ("triton",)}                              # the base's impl of it (gemm_impls)
+    plan = attention.family_plan(model, [BATCH], 132, 66, gemms=gemms, gemm_rows=(448, 896, 448))
+    solo = [p for p in plan.points if p.op in gemms]
+    assert sorted((p.op, p.num_tokens, p.sm_count) for p in solo) == sorted(
+        ("ug", t, sms) for t in (448, 896) for sms in (66, 132))
+    assert plan.grid["gemm_rows"] == [448, 896]
+    fake = m.fake_measure(plan)
+    results = m.run_plan(plan, None, lambda p: dataclasses.replace(fake(p), time_ms=0.6) if p.op == "ug" and
+                         p.num_tokens == 448 else fake(p)).results
+    table = m.assemble_table(plan, results, {"gpu_name": "NVIDIA H100 80GB HBM3", "source": "measured",
+                                             "num_sms": 132, "sm_granularity": 66})
+    merged = attention.merge_paged(_synthetic(False), table, {"family": "f", "grid": plan.grid})
+    assert merged.time_ms("ug", 448, 132)[0] == merged.time_ms("ug", 448, 66)[0] == pytest.approx(0.6)
+    assert merged.time_ms("ug", 896, 132)[0] < merged.time_ms("ug", 500, 132)[0] < 0.6   # between its rows
+    batch = Workload.from_batch_shape((1000,) * 279, model="llama-3-8b")
+    assert padding_cost(make_problem(model, batch, attention.engine_view(_synthetic(False))), 448)[0] == 0.0
+    priced = padding_cost(make_problem(model, batch, attention.engine_view(merged)), 448)[0]
+    assert priced == pytest.approx(0.6 - merged.time_ms("ug", 279, 132)[0]) and priced > 0.1   # only ug moved
+
+
 def test_the_family_report_says_how_attention_was_priced(tmp_path):
     from nfsearch.family import artifact, report
     fam = artifact.read("tests/fixtures/engine-tiny/two-buckets.family.json")
@@ -340,7 +365,11 @@ def test_profile_family_writes_the_base_with_the_paged_rows(tmp_path, monkeypatc
     assert set(rows["op"]) <= {"decode_attn", "prefill_attn"} and set(rows["sm_count"]) == {132}
     run = merged.meta[attention.META_KEY]["runs"][-1]
     assert run["family"]["file"] == "two-buckets.family.json" and run["energy_notes"] == ["no energy: no NVML here"]
-    assert run["base"] == "base.csv" and len(merged.rows) == len(load(base).rows) + len(rows)
+    # the GEMMs at the buckets' 16 and 32 rows on the whole GPU: 8 rows, 4 of them replacing the base's at 16
+    assert run["grid"]["gemm_rows"] == [16, 32]
+    gemm = merged.rows[merged.rows["op"].isin(attention.GEMM_OPS) & (merged.rows["sm_count"] == 132)]
+    assert sorted(gemm["num_tokens"]) == [16] * 4 + [32] * 4 + [4096] * 4
+    assert run["base"] == "base.csv" and len(merged.rows) == len(load(base).rows) + len(rows) + 4
     assert not m.checkpoint_path(out).exists()
     # the pairs: 17 families of the 10-hit bucket, 8 of the other, on the one split of a 66-SM grid
     assert run["pair_points"] == 25 and len(attention.paged_pair_points(merged)) == 25

@@ -33,6 +33,7 @@ from nfsearch.errors import NfsearchError
 from nfsearch.family.attention_plan import (  # noqa: F401 - re-exported: the plan's names, as before
     ATTENTION_OPS,
     FP8KV_IMPL,
+    GEMM_OPS,
     PAGED_IMPL,
     TOKEN_FRACTIONS,
     AttentionShape,
@@ -181,8 +182,9 @@ def pricing(profile: ProfileTable, kv_cache_dtype: str = "auto") -> dict:
 def merge_paged(base: ProfileTable, measured: ProfileTable, record: dict,
                 energy_points: list[EnergyPoint] = ()) -> ProfileTable:
     """`base` with `measured`'s solo paged attention rows (earlier rows of the same op, impl and context
-    replaced) and `record`, the energy points (merged by impl and key) and the pair points (merged by
-    family, split and paged impl) under meta["paged_attention"]."""
+    replaced), its GEMM rows at the record's grid's `gemm_rows`, and `record`, the energy points (merged
+    by impl and key) and the pair points (merged by family, split and paged impl) under
+    meta["paged_attention"]."""
     rows = measured.rows
     new = rows[rows["impl"].isin(ENGINE_IMPLS) & rows["op"].isin(ATTENTION_OPS) & (rows["co_class"] == "")]
     if new.empty:
@@ -191,6 +193,14 @@ def merge_paged(base: ProfileTable, measured: ProfileTable, record: dict,
     fresh = set(zip(new["op"], new["impl"], new["context"]))
     replaced = pd.Series([k in fresh for k in zip(old["op"], old["impl"], old["context"])], index=old.index,
                          dtype=bool)
+    # the GEMMs at the buckets' row counts on the grid (attention_plan's gemm_rows): beside the base's
+    # own rows of those impls, replacing any at the same tokens and SM count
+    gemm_rows = set((record.get("grid") or {}).get("gemm_rows") or ())
+    gemm = rows[rows["op"].isin(GEMM_OPS) & rows["num_tokens"].isin(gemm_rows) & (rows["co_class"] == "")]
+    keys = set(zip(gemm["op"], gemm["impl"], gemm["num_tokens"], gemm["sm_count"]))
+    replaced |= pd.Series([k in keys for k in zip(old["op"], old["impl"], old["num_tokens"], old["sm_count"])],
+                          index=old.index, dtype=bool)
+    new = pd.concat([new, gemm], ignore_index=True)
     prior = dict(base.meta.get(META_KEY) or {})
     points = {(p.impl, *p.key): p for p in paged_energy_points(base)}
     points.update({(p.impl, *p.key): p for p in energy_points})

@@ -121,9 +121,11 @@ def _plan(family, model, workloads, parts, is_quick: bool, label: str, impl: str
           with_pairs: bool, pair_budget_s: float):
     """(the measurement plan, the buckets whose pairs were left out for the budget)."""
     caps = attention_plan.decode_caps(family)
-    gemms = attention_plan.gemm_impls(family, {op: base.impls(op) for op in ("kqv", "o", "ug", "d")})
+    gemms = attention_plan.gemm_impls(family, {op: base.impls(op) for op in attention_plan.GEMM_OPS})
+    rows = tuple(sorted({b.bucket.max_tokens for b in family.buckets}))
     build = lambda pairs: attention_plan.family_plan(model, workloads, parts.num_sms, parts.granularity, is_quick,
-                                                     label=label, impl=impl, caps=caps, pairs=pairs, gemms=gemms)
+                                                     label=label, impl=impl, caps=caps, pairs=pairs, gemms=gemms,
+                                                     gemm_rows=rows)
     families = attention_plan.pair_families(family, model) if with_pairs else []
     return attention_plan.fit_pairs(build, families, pair_budget_s)
 
