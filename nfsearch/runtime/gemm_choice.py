@@ -4,10 +4,11 @@ The engine's graphs run every GEMM of a bucket at exactly the bucket's rows (run
 and cuBLAS picks its kernel per shape by heuristics that are sometimes far off: in E1's record on an
 H100 (docs/results.md section 0) the 448-row bucket's GEMMs took 15.4 ms per iteration against 17.8 ms
 for the 896-row bucket, one cuBLAS kernel taking as long at 448 rows as the 896 bucket's at 896. The
-profile cannot see it (its GEMM rows are at 384 and 512). So before the graphs are captured, each
-(bucket rows, GEMM) is timed with each candidate impl on the layer's own weight shapes, alone on the
-whole GPU under a CUDA graph, and a candidate replaces cuBLAS only where it is at least MIN_GAIN
-faster. A candidate that cannot run here (no TMA before Hopper, a compile error) is left out.
+bundled profile's GEMM rows are at 384 and 512; `profile --family` adds each bucket's own). So before
+the graphs are captured, each (bucket rows, GEMM) is timed with each candidate impl on the layer's own
+weights, alone on the whole GPU under a CUDA graph, and a candidate replaces cuBLAS only where it is at
+least MIN_GAIN faster. A candidate that raises here is left out (before Hopper the TMA GEMM runs its
+pointer-based fallback, which is timed like any other).
 
 Only the default engine chooses (one GPU, bf16 GEMMs, no plan family): a family's plans name their
 kernels, FP8 GEMMs have one impl, and `--compare`'s baseline keeps cuBLAS by definition.
@@ -22,7 +23,7 @@ from functools import partial
 
 from nfsearch.runtime.kernels import IMPLS
 
-GEMM_OPS = ("kqv", "o", "ug", "d")
+WEIGHTS = {"kqv": "wqkv", "o": "wo", "ug": "wug", "d": "wd"}     # GEMM op -> its LayerWeights field
 CANDIDATES = ("tma",)              # beside "torch" (cuBLAS), the engine's own
 MIN_GAIN = 0.05                    # a candidate must be this much faster than cuBLAS to replace it
 NUM_REPLAYS = 20
@@ -51,8 +52,7 @@ def gemm_shapes(layer) -> dict[str, tuple[int, int]]:
     """(K, N) of each GEMM of a layer's weights (runtime/weights.LayerWeights: w is [K, N]) that may
     choose: the QKV GEMM of a model with a QKV bias keeps cuBLAS (the candidates add [M, N] residuals,
     not a bias vector)."""
-    shapes = {"kqv": tuple(layer.wqkv.shape), "o": tuple(layer.wo.shape), "ug": tuple(layer.wug.shape),
-              "d": tuple(layer.wd.shape)}
+    shapes = {op: tuple(getattr(layer, name).shape) for op, name in WEIGHTS.items()}
     if getattr(layer, "bqkv", None) is not None:
         del shapes["kqv"]
     return shapes
@@ -86,7 +86,7 @@ def measure(torch, layer, row_counts, num_sms: int, candidates=CANDIDATES, log=N
     say = log or (lambda line: None)
     stream, out = torch.cuda.Stream(), []
     for op, (k, n) in gemm_shapes(layer).items():
-        w = getattr(layer, {"kqv": "wqkv", "o": "wo", "ug": "wug", "d": "wd"}[op])
+        w = getattr(layer, WEIGHTS[op])
         for rows in sorted(set(row_counts)):
             a = torch.randn(rows, k, device=w.device, dtype=w.dtype)
             c = torch.empty(rows, n, device=w.device, dtype=w.dtype)
