@@ -59,3 +59,12 @@ def test_bench_cli_takes_no_gemm_choice(tmp_path):
     assert res.exit_code == 0, res.output
     import json
     assert json.loads(out.read_text())["engine"]["gemm_choice"] is None
+
+
+def test_a_qkv_bias_keeps_cublas_for_the_qkv_gemm():
+    from types import SimpleNamespace
+
+    import torch
+    w = {name: torch.empty(8, 16) for name in ("wqkv", "wo", "wug", "wd")}
+    assert set(gemm_choice.gemm_shapes(SimpleNamespace(**w, bqkv=None))) == {"kqv", "o", "ug", "d"}
+    assert set(gemm_choice.gemm_shapes(SimpleNamespace(**w, bqkv=torch.empty(16)))) == {"o", "ug", "d"}
