@@ -287,6 +287,26 @@ def test_the_family_plan_times_each_gemm_at_the_buckets_rows_and_the_merge_price
     assert priced == pytest.approx(0.6 - merged.time_ms("ug", 279, 132)[0]) and priced > 0.1   # only ug moved
 
 
+def test_a_bucket_plan_names_the_impl_fastest_at_the_buckets_rows():
+    """ug: triton a flat 0.3 ms, torch 0.5 ms at 16 tokens falling to 0.2 at 448: the search picks triton
+    for the 279-token batch (torch ~0.317 there); the 448-row bucket's graph runs torch."""
+    from nfsearch.family.build import whole_ops_at_rows
+    from nfsearch.search.baselines import sequential_plan
+    base = _synthetic(False)
+    extra = pd.DataFrame([("ug", "torch", t, 0, sms, ms) for t, ms in ((16, 0.5), (448, 0.2), (4096, 0.2))
+                          for sms in (66, 132)], columns=list(base.rows.columns[:6]))
+    profile = ProfileTable(pd.concat([base.rows, extra.assign(co_class="")], ignore_index=True), base.meta)
+    batch = Workload.from_batch_shape((1000,) * 279, model="llama-3-8b")
+    problem = make_problem(load_model("llama-3-8b"), batch, profile)
+    plan = sequential_plan(problem)
+    assert {o.impl for o in plan.nano_ops if o.op == "ug"} == {"triton"}
+    at_rows = whole_ops_at_rows(plan, problem, 448)
+    assert {o.impl for o in at_rows.nano_ops if o.op == "ug"} == {"torch"}
+    assert [(o.id, o.impl) for o in at_rows.nano_ops if o.op != "ug"] == \
+        [(o.id, o.impl) for o in plan.nano_ops if o.op != "ug"]
+    assert whole_ops_at_rows(plan, problem, 279) is plan           # no empty rows: as the search chose
+
+
 def test_the_family_report_says_how_attention_was_priced(tmp_path):
     from nfsearch.family import artifact, report
     fam = artifact.read("tests/fixtures/engine-tiny/two-buckets.family.json")

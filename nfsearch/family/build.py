@@ -2,7 +2,9 @@
 
 trace -> the engine's dense batch and buckets (family.engine_shape) -> the scheduler's batches per
 bucket (family.collect) -> per bucket its mean batch -> Workload.from_batch_shape -> search.solve
-(the bundled profile unless one is named) -> simulate.verify and the bucket's prediction
+(the bundled profile unless one is named) -> each dense op run whole named with the impl fastest at
+the bucket's rows, which the engine's graph runs it at (whole_ops_at_rows) -> simulate.verify and
+the bucket's prediction
 (family.predict; attention priced by the engine's paged kernels where the profile has them measured,
 family.attention) -> one Family. A bucket no iteration landed in still gets a plan (the engine captures
 a graph for every bucket): for the batch of the nearest bucket with hits, fitted to its limits, marked
@@ -32,6 +34,7 @@ from nfsearch.plan import Schedule
 from nfsearch.profile import ProfileTable, gpu_from_profile, load
 from nfsearch.roofline import analytic_profile
 from nfsearch.runtime.engine_memory import TraceShape
+from nfsearch.runtime.engine_plans import DENSE_OPS  # the ops whose kernels a bucket's plan names
 from nfsearch.serving.batch import Bucket
 from nfsearch.serving.model_config import load_model_config
 from nfsearch.serving.traces import load_trace
@@ -92,10 +95,28 @@ def solve_bucket(task: BucketTask, num_layers: int = 2) -> BucketResult:
                            num_layers)
     plan, notes = search.solve(problem, time_limit_s=task.time_limit_s, threads=1, seed=task.seed,
                                chunk=task.chunk, min_gain=task.min_gain)
+    plan = whole_ops_at_rows(plan, problem, task.bucket.max_tokens)
     verify(plan)
     source = next((n[len("plan: "):].split(", replay")[0] for n in reversed(notes) if n.startswith("plan: ")), "")
     prediction = predict_bucket(problem, plan, task.bucket)
     return BucketResult(task.index, plan, prediction, source, time.perf_counter() - began)
+
+
+def whole_ops_at_rows(plan: Schedule, problem, num_rows: int) -> Schedule:
+    """The plan with each dense op it runs whole (never split) naming the impl fastest at the bucket's
+    `num_rows` on its SM count: the engine's graph runs it over all of the bucket's rows, not only the
+    batch's tokens the search chose the impl at (family.predict prices those rows by the same lookup)."""
+    from dataclasses import replace
+    tokens = problem.workload.num_tokens
+    by_op: dict[str, list] = {}
+    for o in plan.nano_ops:
+        by_op.setdefault(o.op, []).append(o)
+    chosen = {op: problem.cost.impl(op, num_rows, ops[0].sm_count) for op, ops in by_op.items()
+              if op in DENSE_OPS and num_rows > tokens and len({o.sm_count for o in ops}) == 1
+              and all(o.num_tokens == tokens for o in ops)}
+    if not any(o.impl != chosen[o.op] for o in plan.nano_ops if o.op in chosen):
+        return plan
+    return replace(plan, nano_ops=tuple(replace(o, impl=chosen.get(o.op, o.impl)) for o in plan.nano_ops))
 
 
 def nominal_composition(bucket: Bucket, found: dict[Bucket, Composition]) -> Composition:
