@@ -221,6 +221,11 @@ def test_a_bucket_prices_its_empty_rows_in_every_op_but_attention():
     assert padded.sequential_layer_ms - exact.sequential_layer_ms == pytest.approx(0.13 * 8)
     assert padded.padding_ms == pytest.approx(1.04) and exact.padding_ms == 0.0
     assert padded.lm_head_ms == lm_head_ms(problem, 312) > exact.lm_head_ms == lm_head_ms(problem, 271)
+    # energy points for attention only: no power bound, so the padding has a time and no energy
+    partial = make_problem(load_model("llama-3-8b"), BATCH, _synthetic(True, energy=True, dense_ms_per_token=1e-3))
+    assert partial.cost.power_bound() is None
+    assert padding_cost(partial, 1024) == (pytest.approx(1.04), 0.0)
+    assert predict_bucket(partial, plan, Bucket(1024, 304, 8, 1536)).energy_j is None
 
 
 def test_the_engine_view_takes_the_paged_energy_points_of_its_paged_ops():
@@ -280,6 +285,10 @@ def test_the_family_plan_times_each_gemm_at_the_buckets_rows_and_the_merge_price
                                              "num_sms": 132, "sm_granularity": 66})
     merged = attention.merge_paged(_synthetic(False), table, {"family": "f", "grid": plan.grid})
     assert merged.time_ms("ug", 448, 132)[0] == merged.time_ms("ug", 448, 66)[0] == pytest.approx(0.6)
+    r = table.rows
+    partial = ProfileTable(r[~((r["op"] == "ug") & (r["num_tokens"] == 448) & (r["sm_count"] == 66))], table.meta)
+    kept = attention.merge_paged(_synthetic(False), partial, {"family": "f", "grid": plan.grid})
+    assert 448 not in set(kept.rows.loc[kept.rows["op"] == "ug", "num_tokens"])   # not on every SM count
     assert merged.time_ms("ug", 896, 132)[0] < merged.time_ms("ug", 500, 132)[0] < 0.6   # between its rows
     batch = Workload.from_batch_shape((1000,) * 279, model="llama-3-8b")
     assert padding_cost(make_problem(model, batch, attention.engine_view(_synthetic(False))), 448)[0] == 0.0
@@ -385,11 +394,13 @@ def test_profile_family_writes_the_base_with_the_paged_rows(tmp_path, monkeypatc
     assert set(rows["op"]) <= {"decode_attn", "prefill_attn"} and set(rows["sm_count"]) == {132}
     run = merged.meta[attention.META_KEY]["runs"][-1]
     assert run["family"]["file"] == "two-buckets.family.json" and run["energy_notes"] == ["no energy: no NVML here"]
-    # the GEMMs at the buckets' 16 and 32 rows on the whole GPU: 8 rows, 4 of them replacing the base's at 16
+    # the GEMMs at the buckets' 16 and 32 rows on the base's 66 and 132 SMs (--quick or not): 16 rows,
+    # 8 of them replacing the base's at 16
     assert run["grid"]["gemm_rows"] == [16, 32]
-    gemm = merged.rows[merged.rows["op"].isin(attention.GEMM_OPS) & (merged.rows["sm_count"] == 132)]
-    assert sorted(gemm["num_tokens"]) == [16] * 4 + [32] * 4 + [4096] * 4
-    assert run["base"] == "base.csv" and len(merged.rows) == len(load(base).rows) + len(rows) + 4
+    for sms in (66, 132):
+        gemm = merged.rows[merged.rows["op"].isin(attention.GEMM_OPS) & (merged.rows["sm_count"] == sms)]
+        assert sorted(gemm["num_tokens"]) == [16] * 4 + [32] * 4 + [4096] * 4
+    assert run["base"] == "base.csv" and len(merged.rows) == len(load(base).rows) + len(rows) + 8
     assert not m.checkpoint_path(out).exists()
     # the pairs: 17 families of the 10-hit bucket, 8 of the other, on the one split of a 66-SM grid
     assert run["pair_points"] == 25 and len(attention.paged_pair_points(merged)) == 25

@@ -197,9 +197,16 @@ def merge_paged(base: ProfileTable, measured: ProfileTable, record: dict,
     # own rows of those impls, replacing any at the same tokens and SM count
     gemm_rows = set((record.get("grid") or {}).get("gemm_rows") or ())
     gemm = rows[rows["op"].isin(GEMM_OPS) & rows["num_tokens"].isin(gemm_rows) & (rows["co_class"] == "")]
+    solo = old["co_class"] == ""
+    # a row count goes in only on every SM count the base has of that op and impl (lookups need each
+    # corner of the tokens x SM grid)
+    base_sms = {key: set(g["sm_count"]) for key, g in old[solo & old["op"].isin(GEMM_OPS)].groupby(["op", "impl"])}
+    if not gemm.empty:
+        gemm = gemm.groupby(["op", "impl", "num_tokens"]).filter(
+            lambda g: base_sms.get(g.name[:2], set()) <= set(g["sm_count"]))
     keys = set(zip(gemm["op"], gemm["impl"], gemm["num_tokens"], gemm["sm_count"]))
-    replaced |= pd.Series([k in keys for k in zip(old["op"], old["impl"], old["num_tokens"], old["sm_count"])],
-                          index=old.index, dtype=bool)
+    replaced |= solo & pd.Series([k in keys for k in zip(old["op"], old["impl"], old["num_tokens"],
+                                                          old["sm_count"])], index=old.index, dtype=bool)
     new = pd.concat([new, gemm], ignore_index=True)
     prior = dict(base.meta.get(META_KEY) or {})
     points = {(p.impl, *p.key): p for p in paged_energy_points(base)}

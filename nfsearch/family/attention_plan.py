@@ -16,7 +16,7 @@
   (runtime/profiler.py: each side's fastest impl alone on its partition, then both launched
   together); a GEMM side chooses among the base profile's impls of it (`gemm_impls`).
 * GEMM rows (`gemm_rows`): each GEMM whole at each bucket's row count, with each impl the base profile
-  has of it, on every SM count of the grid (a profile's SM counts share its token grid). The engine's
+  has of it, on every SM count the base has of the GEMMs (a profile's SM counts share its token grid). The engine's
   graphs run every GEMM at the bucket's rows however few the batch fills, and cuBLAS's kernel choice is per shape: the profile's grid (multiples of 128, then
   wider) can miss a row count where its pick is slow (E1's 448 rows on an H100).
 * The budget (`fit_pairs`): buckets' pairs are taken in order of iterations while the pairs'
@@ -196,11 +196,13 @@ def gemm_impls(family, measured: dict[str, list[str]] | None = None) -> dict[str
 def family_plan(model: ModelSpec, workloads: list[Workload], num_sms: int, granularity: int,
                 is_quick: bool = False, settings=None, label: str = "plan family", *, impl: str = PAGED_IMPL,
                 caps: dict[int, int] | None = None, pairs: list[PairFamily] = (),
-                gemms: dict[str, tuple[str, ...]] | None = None, gemm_rows: tuple[int, ...] = ()) -> m.Plan:
+                gemms: dict[str, tuple[str, ...]] | None = None, gemm_rows: tuple[int, ...] = (),
+                gemm_sms: tuple[int, ...] = ()) -> m.Plan:
     """measurements.Plan of `impl` at the buckets' shapes on every SM count of the grid (quick: 2 and 8
     granules and the whole GPU), decode page tables `caps` wide, the `pairs` (GEMM sides among `gemms`'
-    impls) on attention_splits, and each of `gemms`' impls whole on the whole GPU at each of `gemm_rows`
-    (the buckets' row counts, which the engine's graphs run every GEMM at: module doc)."""
+    impls) on attention_splits, and each of `gemms`' impls whole at each of `gemm_rows` (the buckets' row
+    counts, which the engine's graphs run every GEMM at: module doc) on `gemm_sms` (the base profile's
+    SM counts of the GEMMs, quick or not; default: the whole grid)."""
     grid_sms = m.sm_grid(num_sms, granularity)
     if is_quick:
         grid_sms = sorted({s for s in (2 * granularity, 8 * granularity, num_sms) if s <= num_sms})
@@ -211,8 +213,9 @@ def family_plan(model: ModelSpec, workloads: list[Workload], num_sms: int, granu
     points = [m.Point("solo", op, impl, t, ctx, sms) for (op, ctx), tokens in grid.items()
               for sms in sorted(grid_sms, reverse=True) for t in tokens]
     points += pair_points(list(pairs), num_sms, granularity)
+    gemm_sms = sorted(set(gemm_sms) or set(m.sm_grid(num_sms, granularity)), reverse=True)
     points += [m.Point("solo", op, i, t, 0, sms) for op, op_impls in sorted((gemms or {}).items())
-               for i in op_impls for sms in sorted(grid_sms, reverse=True) for t in sorted(set(gemm_rows))]
+               for i in op_impls for sms in gemm_sms for t in sorted(set(gemm_rows))]
     cover = Workload("cover", 1, 1024, (256,), 1, "bf16")
     ops = {op.name: op for op in layer_ops(model, cover)}
     impls = {op: (impl,) for op in ATTENTION_OPS} | {op: tuple(i) for op, i in (gemms or {}).items()}

@@ -93,16 +93,18 @@ def lm_head_ms(problem: Problem, num_logit_rows: int) -> float:
 def padding_cost(problem: Problem, num_rows: int) -> tuple[float, float]:
     """(ms, dynamic J) per layer that rows beyond the batch's tokens add, up to `num_rows`: each op over
     the whole batch but attention (and the network) priced at num_rows against the batch's tokens, alone
-    on the whole GPU (0 without energy in the profile)."""
+    on the whole GPU (no energy where the profile cannot bound the layer's power)."""
     cost, tokens = problem.cost, problem.workload.num_tokens
     if num_rows <= tokens:
         return 0.0, 0.0
+    has_energy = cost.power_bound() is not None      # energy points for every op of the layer
     ms = joules = 0.0
     for op in cost.ops:
         if op in ATTENTION_OPS or cost.op_class(op) == "network" or cost.whole_tokens[op] != tokens:
             continue
         ms += cost.solo_ms(op, num_rows, cost.num_sms) - cost.solo_ms(op, tokens, cost.num_sms)
-        joules += cost.nano_dynamic_j(op, num_rows) - cost.nano_dynamic_j(op, tokens)
+        if has_energy:
+            joules += cost.nano_dynamic_j(op, num_rows) - cost.nano_dynamic_j(op, tokens)
     return max(0.0, ms), max(0.0, joules)
 
 

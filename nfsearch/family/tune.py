@@ -181,7 +181,7 @@ def sequential_maker(family: Family, spec, profile_path: str | None = None):
             raise NfsearchError(f"the family was solved with profile {family.profile['label']!r}, not "
                                 f"{profile.label!r}: pass the family's profile (--profile)")
         problem = make_problem(spec, workload, profile, bp.plan.num_layers)
-        plan = sequential_plan(problem)
+        plan = build.whole_ops_at_rows(sequential_plan(problem), problem, bp.bucket.max_tokens)
         verify(plan)
         return plan, predict_bucket(problem, plan, bp.bucket)
     return make

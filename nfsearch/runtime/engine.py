@@ -200,11 +200,12 @@ class Engine:
         t0 = time.perf_counter()
         rows = sorted({b.max_tokens for b in self.buckets})
         try:
-            choices = gemm_choice.measure(torch, self.weights.layers[0], rows, self.model.num_sms, log=self.log)
+            choices = gemm_choice.measure(torch, self.weights.layers, rows, self.model.num_sms, log=self.log)
+            return gemm_choice.apply(self, choices) | {"seconds": time.perf_counter() - t0}
         except Exception as exc:  # noqa: BLE001 - cuBLAS everywhere, as without the choice; the run goes on
+            self.runner.bucket_models = {k: v for k, v in self.runner.bucket_models.items() if k[0] != "plan"}
             self.log(f"gemm choice skipped: {type(exc).__name__}: {str(exc)[:160]}")
             return None
-        return gemm_choice.apply(self, choices) | {"seconds": time.perf_counter() - t0}
 
     def _load_weights(self, seed: int):
         """The model's weights on the device (runtime.engine_tp's ranks keep their shard)."""

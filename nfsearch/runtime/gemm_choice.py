@@ -7,8 +7,7 @@ for the 896-row bucket, one cuBLAS kernel taking as long at 448 rows as the 896 
 bundled profile's GEMM rows are at 384 and 512; `profile --family` adds each bucket's own). So before
 the graphs are captured, each (bucket rows, GEMM) is timed with each candidate impl on the layer's own
 weights, alone on the whole GPU under a CUDA graph, and a candidate replaces cuBLAS only where it is at
-least MIN_GAIN faster. A candidate that raises here is left out (before Hopper the TMA GEMM runs its
-pointer-based fallback, which is timed like any other).
+least MIN_GAIN faster. A candidate that raises here is left out.
 
 Only the default engine chooses (one GPU, bf16 GEMMs, no plan family): a family's plans name their
 kernels, FP8 GEMMs have one impl, and `--compare`'s baseline keeps cuBLAS by definition.
@@ -58,17 +57,17 @@ def gemm_shapes(layer) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def _replay_ms(torch, stream, fn) -> float:
-    """Median ms of one fn() inside a CUDA graph of NUM_REPLAYS calls captured on `stream`, over 3
-    replays (one stream for every timing: the TMA GEMM keeps a workspace per stream)."""
+def _replay_ms(torch, stream, calls) -> float:
+    """Median ms of one call inside a CUDA graph of `calls` (one after another, each once) captured on
+    `stream`, over 3 replays (one stream for every timing: the TMA GEMM keeps a workspace per stream)."""
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        fn()                                      # compile / heuristics outside the graph
+        calls[0]()                                # compile / heuristics outside the graph
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=stream):
-        for _ in range(NUM_REPLAYS):
-            fn()
+        for call in calls:
+            call()
     graph.replay()
     times = []
     for _ in range(3):
@@ -77,31 +76,39 @@ def _replay_ms(torch, stream, fn) -> float:
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / NUM_REPLAYS)
+        times.append(start.elapsed_time(end) / len(calls))
     return statistics.median(times)
 
 
-def measure(torch, layer, row_counts, num_sms: int, candidates=CANDIDATES, log=None) -> list[GemmChoice]:
-    """Each GEMM at each row count with cuBLAS and each candidate that runs here; the choice of each."""
+def measure(torch, layers, row_counts, num_sms: int, candidates=CANDIDATES, log=None) -> list[GemmChoice]:
+    """Each GEMM at each row count with cuBLAS and each candidate that runs here; the choice of each.
+    The NUM_REPLAYS calls of a timing read the layers' weights in turn, as the engine's layers do: one
+    weight replayed would sit in L2 (an 8B model's O and QKV weights fit in an H100's 50 MiB)."""
     say = log or (lambda line: None)
     stream, out = torch.cuda.Stream(), []
-    for op, (k, n) in gemm_shapes(layer).items():
-        w = getattr(layer, WEIGHTS[op])
-        for rows in sorted(set(row_counts)):
-            a = torch.randn(rows, k, device=w.device, dtype=w.dtype)
-            c = torch.empty(rows, n, device=w.device, dtype=w.dtype)
-            r = torch.randn(rows, n, device=w.device, dtype=w.dtype) if HAS_RESIDUAL[op] else None
-            times = {}
-            for impl in ("torch", *candidates):
-                fn = IMPLS[op][impl]
-                try:
-                    times[impl] = _replay_ms(torch, stream, partial(fn, a, w, c, num_sms, residual=r))
-                except Exception as exc:  # a kernel that cannot run here is left out
-                    if impl == "torch":
-                        raise
-                    say(f"gemm choice: {op} {impl} at {rows} rows left out ({type(exc).__name__}: {str(exc)[:80]})")
-            out.append(GemmChoice(rows, op, times, choose(times)))
-    torch.cuda.empty_cache()        # the inputs and the timing graphs' pools go back before the engine's capture
+    try:
+        for op, (k, n) in gemm_shapes(layers[0]).items():
+            weights = [getattr(layer, WEIGHTS[op]) for layer in layers]
+            w0 = weights[0]
+            for rows in sorted(set(row_counts)):
+                a = torch.randn(rows, k, device=w0.device, dtype=w0.dtype)
+                c = torch.empty(rows, n, device=w0.device, dtype=w0.dtype)
+                r = torch.randn(rows, n, device=w0.device, dtype=w0.dtype) if HAS_RESIDUAL[op] else None
+                times = {}
+                for impl in ("torch", *candidates):
+                    fn = IMPLS[op][impl]
+                    calls = [partial(fn, a, weights[i % len(weights)], c, num_sms, residual=r)
+                             for i in range(NUM_REPLAYS)]
+                    try:
+                        times[impl] = _replay_ms(torch, stream, calls)
+                    except Exception as exc:  # a kernel that cannot run here is left out
+                        if impl == "torch":
+                            raise
+                        say(f"gemm choice: {op} {impl} at {rows} rows left out ({type(exc).__name__}: "
+                            f"{str(exc)[:80]})")
+                out.append(GemmChoice(rows, op, times, choose(times)))
+    finally:
+        torch.cuda.empty_cache()    # the inputs and the timing graphs' pools go back before the engine's capture
     return out
 
 

@@ -123,9 +123,11 @@ def _plan(family, model, workloads, parts, is_quick: bool, label: str, impl: str
     caps = attention_plan.decode_caps(family)
     gemms = attention_plan.gemm_impls(family, {op: base.impls(op) for op in attention_plan.GEMM_OPS})
     rows = tuple(sorted({b.bucket.max_tokens for b in family.buckets}))
+    solo = base.rows[(base.rows["co_class"] == "") & base.rows["op"].isin(attention_plan.GEMM_OPS)]
+    sms = tuple(sorted(set(solo["sm_count"])))
     build = lambda pairs: attention_plan.family_plan(model, workloads, parts.num_sms, parts.granularity, is_quick,
                                                      label=label, impl=impl, caps=caps, pairs=pairs, gemms=gemms,
-                                                     gemm_rows=rows)
+                                                     gemm_rows=rows, gemm_sms=sms)
     families = attention_plan.pair_families(family, model) if with_pairs else []
     return attention_plan.fit_pairs(build, families, pair_budget_s)
 
