@@ -223,10 +223,7 @@ class Engine:
             raise NfsearchError(f"unknown variant {name!r} (known: {', '.join(VARIANT_OPS)})")
         if name == "plan":
             return self.model
-        import copy
-        twin = copy.copy(self.model)
-        twin.ops = twin.dense_ops(VARIANT_OPS[name] if self.is_cuda else None)   # the CPU runs torch ops
-        return twin
+        return self.model.with_ops(VARIANT_OPS[name] if self.is_cuda else None)   # the CPU runs torch ops
 
     def _dry_run(self, num_pages: int | None) -> float:
         """Every bucket once on a one-request cache: compiles the kernels and measures activation memory;

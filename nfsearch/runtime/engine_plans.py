@@ -106,9 +106,8 @@ def apply_family(engine, family: Family, is_overlapped: bool = True,
     model = engine.runner.models["plan"]          # --compare's baseline keeps its own kernels
     plans = {b.bucket: b.plan for b in family.buckets}
     for n, k in enumerate(kernels):
-        twin = copy.copy(model)
         # on the CPU the GPU kernels cannot run: every bucket keeps the torch ops (the wiring is the same)
-        twin.ops = model.dense_ops(k.op_impls if engine.is_cuda else None)
+        twin = model.with_ops(k.op_impls if engine.is_cuda else None)
         if "sequential" in engine.runner.models:  # --compare with a family: its plans run op by op
             engine.runner.bucket_models[("sequential", k.bucket)] = copy.copy(twin)
         if is_overlapped and not k.is_sequential:

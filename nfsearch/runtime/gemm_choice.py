@@ -15,14 +15,15 @@ kernels, FP8 GEMMs have one impl, and `--compare`'s baseline keeps cuBLAS by def
 
 from __future__ import annotations
 
-import copy
 import statistics
 from dataclasses import asdict, dataclass
 from functools import partial
 
+from nfsearch.runtime.fp8 import GEMM_WEIGHTS
 from nfsearch.runtime.kernels import IMPLS
+from nfsearch.runtime.paged_model import FP8_GEMM_OPS
 
-WEIGHTS = {"kqv": "wqkv", "o": "wo", "ug": "wug", "d": "wd"}     # GEMM op -> its LayerWeights field
+WEIGHTS = dict(zip(FP8_GEMM_OPS, GEMM_WEIGHTS))      # GEMM op -> its LayerWeights field
 CANDIDATES = ("tma",)              # beside "torch" (cuBLAS), the engine's own
 MIN_GAIN = 0.05                    # a candidate must be this much faster than cuBLAS to replace it
 NUM_REPLAYS = 20
@@ -124,10 +125,8 @@ def apply(engine, choices: list[GemmChoice]) -> dict:
     for bucket in engine.buckets:
         impls = by_rows.get(bucket.max_tokens)
         if impls:
-            twin = copy.copy(model)
-            twin.ops = model.dense_ops(PLAN_OPS | impls)
-            engine.runner.bucket_models[("plan", bucket)] = twin
+            engine.runner.bucket_models[("plan", bucket)] = model.with_ops(PLAN_OPS | impls)
     for rows, impls in sorted(by_rows.items()):
         engine.log(f"gemm choice: {rows}-row buckets run " + ", ".join(f"{op} {impl}" for op, impl in impls.items())
-                   + " (faster than cuBLAS at that shape by >= 5%)")
+                   + f" (faster than cuBLAS at that shape by >= {MIN_GAIN:.0%})")
     return {"min_gain": MIN_GAIN, "candidates": list(CANDIDATES), "choices": [c.to_dict() for c in choices]}

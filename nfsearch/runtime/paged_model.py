@@ -31,6 +31,7 @@ head) for K and V, viewed per layer as [num_pages, page_size, Hkv] (kernels/page
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -124,6 +125,13 @@ class PagedModel:
         if self.w.is_fp8:
             impls |= {op: "fp8" for op in FP8_GEMM_OPS}
         return {op: IMPLS[op][impls[op]] for op in DENSE_OPS}
+
+    def with_ops(self, op_impls: dict[str, str] | None) -> PagedModel:
+        """A model sharing this one's weights, KV cache, buffers and sampled ids, running the dense ops
+        `op_impls` names (dense_ops)."""
+        twin = copy.copy(self)
+        twin.ops = self.dense_ops(op_impls)
+        return twin
 
     def _alloc_buffers(self, T: int, L: int) -> None:
         m, dev, dt = self.cfg.spec, self.device, self.dtype
