@@ -16,9 +16,10 @@
   (runtime/profiler.py: each side's fastest impl alone on its partition, then both launched
   together); a GEMM side chooses among the base profile's impls of it (`gemm_impls`).
 * GEMM rows (`gemm_rows`): each GEMM whole at each bucket's row count, with each impl the base profile
-  has of it, on every SM count the base has of the GEMMs (a profile's SM counts share its token grid). The engine's
-  graphs run every GEMM at the bucket's rows however few the batch fills, and cuBLAS's kernel choice is per shape: the profile's grid (multiples of 128, then
-  wider) can miss a row count where its pick is slow (E1's 448 rows on an H100).
+  has of it, on every SM count the base has of the GEMMs (a profile's SM counts share its token grid).
+  The engine's graphs run every GEMM at the bucket's rows however few the batch fills, and cuBLAS's
+  kernel choice is per shape: the profile's grid (multiples of 128, then wider) can miss a row count
+  where its pick is slow (E1's 448 rows on an H100).
 * The budget (`fit_pairs`): buckets' pairs are taken in order of iterations while the pairs'
   estimated wall time stays within a budget; `wall_estimate` is the whole run's, by part.
 

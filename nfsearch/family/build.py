@@ -108,11 +108,13 @@ def whole_ops_at_rows(plan: Schedule, problem, num_rows: int) -> Schedule:
     batch's tokens the search chose the impl at (family.predict prices those rows by the same lookup)."""
     from dataclasses import replace
     tokens = problem.workload.num_tokens
+    if num_rows <= tokens:
+        return plan
     by_op: dict[str, list] = {}
     for o in plan.nano_ops:
         by_op.setdefault(o.op, []).append(o)
     chosen = {op: problem.cost.impl(op, num_rows, ops[0].sm_count) for op, ops in by_op.items()
-              if op in DENSE_OPS and num_rows > tokens and len({o.sm_count for o in ops}) == 1
+              if op in DENSE_OPS and len({o.sm_count for o in ops}) == 1
               and all(o.num_tokens == tokens for o in ops)}
     if not any(o.impl != chosen[o.op] for o in plan.nano_ops if o.op in chosen):
         return plan

@@ -28,12 +28,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from nfsearch.cost import Problem
+from nfsearch.family.attention_plan import ATTENTION_OPS
 from nfsearch.plan import Schedule
 from nfsearch.profile import gpu_from_profile
 from nfsearch.simulate import Judgement, judge
 
 LOGIT_BYTES = 4                  # the engine's logits are float32
-ATTENTION_OPS = ("decode_attn", "prefill_attn")
 
 
 @dataclass(frozen=True)

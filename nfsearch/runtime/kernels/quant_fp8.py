@@ -67,11 +67,10 @@ class Fp8Rows:
 
 
 if HAVE_TRITON:
-    from .paged_attention import SOFT_E4M3, _round_to_e4m3
+    from .paged_attention import _round_to_e4m3
 
     FP8_LIMIT = tl.constexpr(FP8_MAX)
     AMAX_FLOOR = tl.constexpr(MIN_AMAX)
-    SIGN_BIT = tl.constexpr(-(1 << 31))          # 0x80000000 as an int32
     BF16_MASK = tl.constexpr(-(1 << 16))         # 0xFFFF0000 as an int32
 
     @triton.jit
@@ -83,10 +82,7 @@ if HAVE_TRITON:
     def _store_q(y, scale, q_ptrs, mask):
         """saturate(y / scale) as e4m3 at q_ptrs (y fp32, scale a scalar)."""
         q = tl.clamp(tl.math.div_rn(y, tl.full(y.shape, 1.0, tl.float32) * scale), -FP8_LIMIT, FP8_LIMIT)
-        if SOFT_E4M3:      # the interpreter: round |q| on the e4m3 grid by hand, then put the sign back
-            # (a value that rounds to zero keeps its sign: -0 is 0x80 in torch's cast too)
-            sign = q.to(tl.int32, bitcast=True) & SIGN_BIT
-            q = (_round_to_e4m3(tl.abs(q)).to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+        q = _round_to_e4m3(q)      # by hand under the interpreter only; on a GPU the cast rounds
         tl.store(q_ptrs, q.to(q_ptrs.dtype.element_ty), mask=mask)
 
     @triton.jit
